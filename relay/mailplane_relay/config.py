@@ -1,0 +1,644 @@
+"""The relay configuration: the versioned contract between the operator and the relay.
+
+The relay owns this module; the operator imports it to render configuration. It imports neither
+side (enforced by import-linter), only pydantic and the standard library.
+
+A configuration is a set of YAML documents, read from one file or from every ``*.yaml``/``*.yml``
+file of a directory (hidden files and folders, such as the ``..data`` links Kubernetes makes when
+it mounts a Secret, are skipped). Exactly one document has ``kind: RelayConfig`` and holds the
+settings; any number of ``kind: RelayCredentials`` and ``kind: RelayDomains`` documents add
+credentials and sending domains, so that a pool with thousands of them can be spread over several
+Secrets, each under the 1 MiB limit. All documents carry ``apiVersion: mailplane.io/v1alpha1``.
+
+Every default lives here, in the field declarations. ``docs/relay-config.md`` documents each field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+API_VERSION = "mailplane.io/v1alpha1"
+KIND_CONFIG = "RelayConfig"
+KIND_CREDENTIALS = "RelayCredentials"
+KIND_DOMAINS = "RelayDomains"
+KINDS = (KIND_CONFIG, KIND_CREDENTIALS, KIND_DOMAINS)
+
+_DOMAIN_RE = re.compile(
+    r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$"
+)
+_USERNAME_RE = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+_SELECTOR_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the field and the fix."""
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``90s``, ``15m``, ``6h``, ``5d``, ``250ms``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '15m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value.strip())
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a duration: use a number of seconds or a number with a "
+                "unit ms, s, m, h or d, e.g. '90s', '15m', '5d'"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError("a duration must be a number of seconds or a string like '15m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def is_domain(name: str) -> bool:
+    return bool(_DOMAIN_RE.match(name))
+
+
+Duration = Annotated[float, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _as_seconds(_cls: type, value: object) -> float:
+    return parse_duration(value)
+
+
+def _durations(*names: str) -> Any:
+    """A validator that accepts '90s', '15m', '5d' or a number of seconds for these fields."""
+    return field_validator(*names, mode="before")(classmethod(_as_seconds))
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+class Listener(_Model):
+    """One SMTP listener. ``starttls``: plain connect, STARTTLS required before AUTH/MAIL
+    (production port 587); ``implicit``: TLS from the first byte (production port 465)."""
+
+    name: str = Field(pattern=r"^[a-z0-9-]{1,32}$")
+    address: str = "0.0.0.0"
+    port: int = Field(ge=0, le=65535)
+    tls: Literal["starttls", "implicit"]
+
+
+def _default_listeners() -> tuple[Listener, ...]:
+    return (
+        Listener(name="submission", port=587, tls="starttls"),
+        Listener(name="submissions", port=465, tls="implicit"),
+    )
+
+
+class TLSSettings(_Model):
+    """Certificate and key files (PEM). Re-read when they change: cert-manager renews in place."""
+
+    cert_file: str = Field(alias="certFile")
+    key_file: str = Field(alias="keyFile")
+    min_version: Literal["1.2", "1.3"] = Field("1.2", alias="minVersion")
+    reload_interval: Duration = Field(10.0, alias="reloadInterval")
+
+    _d = _durations("reload_interval")
+
+
+class HTTPSettings(_Model):
+    """The operations port: ``/metrics``, ``/livez``, ``/readyz``."""
+
+    address: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class SpoolSettings(_Model):
+    """The durable queue. A message is fsynced (file and directory) before the 250 reply.
+    ``groupCommitWindow`` lets one fsync of the directory cover messages that arrive together."""
+
+    directory: str = "/var/lib/mailplane/spool"
+    group_commit_window: Duration = Field(0.002, alias="groupCommitWindow")
+    fsync: bool = True
+
+    _d = _durations("group_commit_window")
+
+
+class SmarthostSettings(_Model):
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username: str | None = None
+    password_file: str | None = Field(None, alias="passwordFile")
+    verify_tls: bool = Field(True, alias="verifyTls")
+    ca_file: str | None = Field(None, alias="caFile")
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> SmarthostSettings:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError(
+                "delivery.smarthost.username and delivery.smarthost.passwordFile go together: "
+                "set both for AUTH to the smarthost, or neither"
+            )
+        return self
+
+
+class ResolverSettings(_Model):
+    """DNS used for MX lookups. Empty ``nameservers``: the system resolver."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = Field(53, ge=1, le=65535)
+    timeout: Duration = 5.0
+
+    _d = _durations("timeout")
+
+
+class DeliverySettings(_Model):
+    mode: Literal["mx", "smarthost"] = "mx"
+    smarthost: SmarthostSettings | None = None
+    mx_port: int = Field(25, alias="mxPort", ge=1, le=65535)
+    resolver: ResolverSettings = ResolverSettings()
+    opportunistic_tls: bool = Field(True, alias="opportunisticTls")
+    connect_timeout: Duration = Field(30.0, alias="connectTimeout")
+    command_timeout: Duration = Field(60.0, alias="commandTimeout")
+    message_deadline: Duration = Field(600.0, alias="messageDeadline")
+    concurrency_per_destination: int = Field(20, alias="concurrencyPerDestination", ge=1)
+    max_concurrency: int = Field(200, alias="maxConcurrency", ge=1)
+    max_messages_per_connection: int = Field(100, alias="maxMessagesPerConnection", ge=1)
+    idle_connection_timeout: Duration = Field(30.0, alias="idleConnectionTimeout")
+    helo_name: str | None = Field(None, alias="heloName")
+
+    _d = _durations("connect_timeout", "command_timeout", "message_deadline",
+                    "idle_connection_timeout")
+
+    @model_validator(mode="after")
+    def _smarthost_needed(self) -> DeliverySettings:
+        if self.mode == "smarthost" and self.smarthost is None:
+            raise ValueError(
+                "delivery.mode is 'smarthost' but delivery.smarthost is missing: add "
+                "delivery.smarthost.host (and port), or use mode 'mx'"
+            )
+        return self
+
+
+class QueueSettings(_Model):
+    """Retry policy: attempt ``n`` (from 1) waits ``min(retryInitial * retryFactor**(n-1),
+    retryMax)`` scaled by a random factor in ``[1 - retryJitter, 1 + retryJitter]``; a message
+    older than ``maxLifetime`` expires instead of being retried."""
+
+    retry_initial: Duration = Field(60.0, alias="retryInitial")
+    retry_factor: float = Field(2.0, alias="retryFactor", ge=1.0)
+    retry_max: Duration = Field(3600.0, alias="retryMax")
+    retry_jitter: float = Field(0.2, alias="retryJitter", ge=0.0, le=1.0)
+    max_lifetime: Duration = Field(5 * 86400.0, alias="maxLifetime")
+    dsn: bool = True
+
+    _d = _durations("retry_initial", "retry_max", "max_lifetime")
+
+    @model_validator(mode="after")
+    def _order(self) -> QueueSettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError(
+                f"queue.retryMax ({self.retry_max}s) is shorter than queue.retryInitial "
+                f"({self.retry_initial}s): raise retryMax or lower retryInitial"
+            )
+        return self
+
+
+class LimitSettings(_Model):
+    max_message_size: int = Field(25 * 1024 * 1024, alias="maxMessageSize", ge=1024)
+    max_recipients: int = Field(100, alias="maxRecipients", ge=1)
+    max_line_length: int = Field(998, alias="maxLineLength", ge=78)
+    default_rate_per_minute: int | None = Field(None, alias="defaultRatePerMinute", ge=1)
+    default_daily_quota: int | None = Field(None, alias="defaultDailyQuota", ge=1)
+    max_sessions: int = Field(1000, alias="maxSessions", ge=1)
+    session_timeout: Duration = Field(300.0, alias="sessionTimeout")
+    auth_failure_delay: Duration = Field(1.0, alias="authFailureDelay")
+    auth_failure_limit: int = Field(5, alias="authFailureLimit", ge=1)
+    auth_failure_window: Duration = Field(300.0, alias="authFailureWindow")
+
+    _d = _durations("session_timeout", "auth_failure_delay", "auth_failure_window")
+
+
+class RetentionSettings(_Model):
+    message_log: Duration = Field(90 * 86400.0, alias="messageLog")
+    suppression: Duration = Field(365 * 86400.0, alias="suppression")
+    purge_interval: Duration = Field(3600.0, alias="purgeInterval")
+
+    _d = _durations("message_log", "suppression", "purge_interval")
+
+
+class MessageLogSettings(_Model):
+    """Metadata-only log of every state change, SQLite in WAL mode, written in batches."""
+
+    path: str = "/var/lib/mailplane/messagelog.sqlite3"
+    flush_interval: Duration = Field(0.2, alias="flushInterval")
+
+    _d = _durations("flush_interval")
+
+
+# --------------------------------------------------------------------------------------------
+# Domains and credentials
+# --------------------------------------------------------------------------------------------
+
+
+class DKIMKey(_Model):
+    selector: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    private_key: str | None = Field(None, alias="privateKey", repr=False)
+    private_key_file: str | None = Field(None, alias="privateKeyFile")
+    headers: tuple[str, ...] = (
+        "from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
+        "content-type", "content-transfer-encoding", "list-unsubscribe",
+    )
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        if not _SELECTOR_RE.match(v):
+            raise ValueError(f"DKIM selector {v!r} must be a DNS label (a-z, 0-9, '-')")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DKIMKey:
+        if (self.private_key is None) == (self.private_key_file is None):
+            raise ValueError("set exactly one of dkim.privateKey (PEM) and dkim.privateKeyFile")
+        return self
+
+    def load_pem(self, base: Path | None = None) -> bytes:
+        if self.private_key is not None:
+            return self.private_key.encode()
+        assert self.private_key_file is not None
+        path = Path(self.private_key_file)
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return path.read_bytes()
+
+
+class Domain(_Model):
+    name: str
+    dkim: DKIMKey | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower().rstrip(".")
+            if not is_domain(v):
+                raise ValueError(f"{v!r} is not a domain name such as 'example.com'")
+        return v
+
+
+class PasswordHash(str):
+    """``sha256$<salt-hex>$<digest-hex>`` or ``scrypt$<n>$<r>$<p>$<salt-hex>$<digest-hex>``."""
+
+
+def hash_password(password: str, *, scheme: str = "sha256", salt: bytes | None = None) -> str:
+    """Hash a password for the relay configuration.
+
+    ``sha256`` is for the operator's generated 256-bit random passwords: a brute force of 2**256
+    is out of reach whatever the hash, and a fast hash keeps AUTH from being a CPU denial of
+    service. ``scrypt`` is for passwords a human chose.
+    """
+    salt = salt if salt is not None else os.urandom(16)
+    if scheme == "sha256":
+        digest = hashlib.sha256(salt + password.encode()).hexdigest()
+        return f"sha256${salt.hex()}${digest}"
+    if scheme == "scrypt":
+        n, r, p = 2**14, 8, 1
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p).hex()
+        return f"scrypt${n}${r}${p}${salt.hex()}${digest}"
+    raise ValueError(f"unknown password hash scheme {scheme!r}: use 'sha256' or 'scrypt'")
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    parts = encoded.split("$")
+    try:
+        if parts[0] == "sha256" and len(parts) == 3:
+            salt = bytes.fromhex(parts[1])
+            digest = hashlib.sha256(salt + password.encode()).hexdigest()
+            return hmac.compare_digest(digest, parts[2])
+        if parts[0] == "scrypt" and len(parts) == 6:
+            n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+            salt = bytes.fromhex(parts[4])
+            digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p).hex()
+            return hmac.compare_digest(digest, parts[5])
+    except ValueError:
+        return False
+    return False
+
+
+def _check_hash(v: str) -> str:
+    parts = v.split("$")
+    ok = (parts[0] == "sha256" and len(parts) == 3) or (parts[0] == "scrypt" and len(parts) == 6)
+    if not ok:
+        raise ValueError(
+            "a password hash looks like 'sha256$<salt>$<hex>' or "
+            "'scrypt$<n>$<r>$<p>$<salt>$<hex>'; make one with `mailplane hash-password`"
+        )
+    return v
+
+
+class Credential(_Model):
+    username: str
+    password_hash: str = Field(alias="passwordHash", repr=False)
+    previous_password_hash: str | None = Field(None, alias="previousPasswordHash", repr=False)
+    previous_expires: datetime | None = Field(None, alias="previousExpires")
+    allowed_senders: tuple[str, ...] = Field(alias="allowedSenders", min_length=1)
+    rate_per_minute: int | None = Field(None, alias="ratePerMinute", ge=1)
+    daily_quota: int | None = Field(None, alias="dailyQuota", ge=1)
+    suspended: bool = False
+    suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
+    owner: str | None = None  # "namespace/name" of the SmtpCredential, for humans
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str) -> str:
+        if not _USERNAME_RE.match(v):
+            raise ValueError(f"username {v!r} may hold only A-Z a-z 0-9 . _ @ + - (1-128)")
+        return v
+
+    @field_validator("password_hash", "previous_password_hash")
+    @classmethod
+    def _hash(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hash(v)
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for item in v:
+            s = item.strip().lower()
+            domain = s.rpartition("@")[2]
+            if not is_domain(domain):
+                raise ValueError(
+                    f"allowedSenders entry {item!r} is neither a domain ('example.com') nor an "
+                    "address ('noreply@example.com')"
+                )
+            out.append(s)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _previous(self) -> Credential:
+        if self.previous_password_hash is not None and self.previous_expires is None:
+            raise ValueError(
+                f"credential {self.username!r}: previousPasswordHash needs previousExpires "
+                "(when the rotation overlap ends)"
+            )
+        if self.previous_expires is not None and self.previous_expires.tzinfo is None:
+            raise ValueError(
+                f"credential {self.username!r}: previousExpires needs a time zone, "
+                "e.g. 2026-01-01T00:00:00Z"
+            )
+        return self
+
+    def check_password(self, password: str, now: datetime | None = None) -> bool:
+        if verify_password(password, self.password_hash):
+            return True
+        if self.previous_password_hash and self.previous_expires:
+            now = now or datetime.now(UTC)
+            if now < self.previous_expires:
+                return verify_password(password, self.previous_password_hash)
+        return False
+
+    def may_send_as(self, address: str) -> bool:
+        address = address.lower()
+        domain = address.rpartition("@")[2]
+        return any(a == address if "@" in a else a == domain for a in self.allowed_senders)
+
+
+class RelaySettings(_Model):
+    hostname: str = "mailplane.local"
+    listeners: tuple[Listener, ...] = Field(default_factory=_default_listeners, min_length=1)
+    tls: TLSSettings | None = None
+    http: HTTPSettings = HTTPSettings()
+    spool: SpoolSettings = SpoolSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    queue: QueueSettings = QueueSettings()
+    limits: LimitSettings = LimitSettings()
+    retention: RetentionSettings = RetentionSettings()
+    message_log: MessageLogSettings = Field(MessageLogSettings(), alias="messageLog")
+    trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
+    workers: int = Field(1, ge=1, le=64)
+    shutdown_grace: Duration = Field(25.0, alias="shutdownGrace")
+    domains: tuple[Domain, ...] = ()
+    credentials: tuple[Credential, ...] = ()
+
+    _d = _durations("shutdown_grace")
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trustedNetworks entry {net!r} is not a network such as '10.0.0.0/8'"
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_needed(self) -> RelaySettings:
+        if self.tls is None:
+            raise ValueError(
+                "tls is missing: every listener needs a certificate; set tls.certFile and "
+                "tls.keyFile (a cert-manager Certificate Secret mounted as files works as is)"
+            )
+        names = [lst.name for lst in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError(f"listener names must be unique, got {names}")
+        return self
+
+
+class RelayConfig(_Model):
+    """The whole, merged configuration, with lookup tables built once."""
+
+    settings: RelaySettings
+    source_hash: str = ""
+    _domain_index: dict[str, Domain] = PrivateAttr(default_factory=dict)
+    _credential_index: dict[str, Credential] = PrivateAttr(default_factory=dict)
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = PrivateAttr(())
+
+    @property
+    def domains(self) -> dict[str, Domain]:
+        return self._domain_index
+
+    @property
+    def credentials(self) -> dict[str, Credential]:
+        return self._credential_index
+
+    def model_post_init(self, _context: Any) -> None:
+        self._domain_index = {d.name: d for d in self.settings.domains}
+        self._credential_index = {c.username: c for c in self.settings.credentials}
+        self._networks = tuple(
+            ipaddress.ip_network(n, strict=False) for n in self.settings.trusted_networks
+        )
+
+    def is_trusted(self, peer_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer_ip)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(where: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {loc or '(document)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _iter_sources(path: Path) -> Iterable[tuple[str, str]]:
+    if path.is_dir():
+        files = sorted(
+            p for p in path.iterdir()
+            if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file()
+        )
+        if not files:
+            raise ConfigError(f"{path}: no *.yaml files in the configuration directory")
+        for p in files:
+            yield str(p), p.read_text()
+    elif path.is_file():
+        yield str(path), path.read_text()
+    else:
+        raise ConfigError(f"{path}: no such configuration file or directory")
+
+
+def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
+    """Merge YAML sources (name, text) into one validated RelayConfig."""
+    settings_doc: dict[str, Any] | None = None
+    settings_where = ""
+    domains: list[Any] = []
+    credentials: list[Any] = []
+    digest = hashlib.sha256()
+    for where, text in sources:
+        digest.update(where.rsplit("/", 1)[-1].encode() + b"\0" + text.encode() + b"\0")
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        for i, doc in enumerate(docs):
+            label = f"{where}[{i}]" if len(docs) > 1 else where
+            if not isinstance(doc, Mapping):
+                raise ConfigError(f"{label}: a document must be a mapping with apiVersion/kind")
+            if doc.get("apiVersion") != API_VERSION:
+                raise ConfigError(
+                    f"{label}: apiVersion is {doc.get('apiVersion')!r}; this relay reads "
+                    f"{API_VERSION!r}"
+                )
+            kind = doc.get("kind")
+            extra = set(doc) - {"apiVersion", "kind", "metadata", "spec"}
+            if extra:
+                raise ConfigError(f"{label}: unknown top-level keys {sorted(extra)}; "
+                                  "settings go under 'spec'")
+            spec = doc.get("spec") or {}
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"{label}: spec must be a mapping")
+            if kind == KIND_CONFIG:
+                if settings_doc is not None:
+                    raise ConfigError(
+                        f"{label}: a second RelayConfig document (the first is in "
+                        f"{settings_where}); keep exactly one"
+                    )
+                settings_doc, settings_where = dict(spec), label
+            elif kind in (KIND_CREDENTIALS, KIND_DOMAINS):
+                key = "credentials" if kind == KIND_CREDENTIALS else "domains"
+                if set(spec) - {key}:
+                    raise ConfigError(f"{label}: a {kind} spec holds only '{key}'")
+                items = spec.get(key) or []
+                if not isinstance(items, list):
+                    raise ConfigError(f"{label}: spec.{key} must be a list")
+                (credentials if kind == KIND_CREDENTIALS else domains).extend(items)
+            else:
+                raise ConfigError(f"{label}: kind {kind!r} is not one of {list(KINDS)}")
+    if settings_doc is None:
+        raise ConfigError("no RelayConfig document found; exactly one is required")
+    settings_doc.setdefault("domains", [])
+    settings_doc.setdefault("credentials", [])
+    settings_doc["domains"] = list(settings_doc["domains"]) + domains
+    settings_doc["credentials"] = list(settings_doc["credentials"]) + credentials
+    try:
+        settings = RelaySettings.model_validate(settings_doc)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(settings_where, exc)) from None
+    _check_unique("domain", [d.name for d in settings.domains])
+    _check_unique("credential username", [c.username for c in settings.credentials])
+    return RelayConfig(settings=settings, source_hash=digest.hexdigest()[:16])
+
+
+def _check_unique(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"{what} {n!r} appears twice; each must appear once")
+        seen.add(n)
+
+
+def load_config(path: str | os.PathLike[str]) -> RelayConfig:
+    """Read and validate a configuration file or directory. Raises ConfigError."""
+    p = Path(path)
+    try:
+        return parse_documents(_iter_sources(p))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+
+
+def config_fingerprint(path: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:
+    """Cheap change detector for hot reload: names, sizes and mtimes of the sources."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            items = [q for q in p.iterdir() if q.suffix in (".yaml", ".yml")
+                     and not q.name.startswith(".")]
+        else:
+            items = [p]
+        return tuple(sorted((q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in items))
+    except OSError:
+        return ()
+
+
+def render_document(kind: str, spec: Mapping[str, Any], name: str | None = None) -> str:
+    """One YAML document of this contract, for the operator and for `mailplane dev`."""
+    doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind}
+    if name:
+        doc["metadata"] = {"name": name}
+    doc["spec"] = json.loads(json.dumps(spec, default=str))
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def dump_settings(settings: RelaySettings) -> dict[str, Any]:
+    """A settings object back into its document form (camelCase), for round trips."""
+    return settings.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,120 @@
+"""Relay metrics, built on an injected registry (one per process, made by the composition root).
+
+Label values come from small closed sets or from the configuration (sending domains and
+credential usernames the operator rendered): never a recipient, an address or a peer-supplied
+string. ``sender_domain`` is ``other`` for a domain that is not configured (trusted-network mail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NS = "mailplane_relay"
+
+OUTCOMES = ("delivered", "deferred", "bounced", "expired", "suppressed")
+REJECT_REASONS = (
+    "auth_required", "tls_required", "sender_not_allowed", "domain_not_enabled", "size",
+    "too_many_recipients", "suspended", "rate_limited", "quota_exceeded", "suppressed",
+    "bad_syntax", "bare_lf", "smuggling", "line_too_long", "spool_error", "internal_error",
+    "too_many_sessions", "shutting_down",
+)
+AUTH_FAILURE_REASONS = ("bad_credentials", "throttled", "malformed", "suspended")
+
+
+@dataclass(frozen=True)
+class RelayMetrics:
+    registry: CollectorRegistry
+    messages_received: Counter
+    recipients: Counter
+    complaints: Counter
+    rejected: Counter
+    delivery_latency: Histogram
+    delivery_attempts: Counter
+    queue_messages: Gauge
+    queue_oldest_age: Gauge
+    sessions_active: Gauge
+    sessions: Counter
+    tls_sessions: Counter
+    auth_success: Counter
+    auth_failures: Counter
+    dkim_signatures: Counter
+    config_reloads: Counter
+    config_last_reload_success: Gauge
+    config_info: Gauge
+    purged_records: Counter
+    last_purge: Gauge
+    suppression_entries: Gauge
+    ready: Gauge
+    spool_commit_latency: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> RelayMetrics:
+        r = registry if registry is not None else CollectorRegistry()
+        return cls(
+            registry=r,
+            messages_received=Counter(
+                f"{NS}_messages_received", "Messages accepted and spooled (250 sent).",
+                ["listener", "sender_domain", "credential"], registry=r),
+            recipients=Counter(
+                f"{NS}_recipients", "Per-recipient delivery outcomes.",
+                ["outcome", "sender_domain", "credential"], registry=r),
+            complaints=Counter(
+                f"{NS}_complaints", "Recipient complaints recorded (feedback loop).",
+                ["sender_domain", "credential"], registry=r),
+            rejected=Counter(
+                f"{NS}_rejected", "SMTP commands or messages refused, by reason.",
+                ["reason"], registry=r),
+            delivery_latency=Histogram(
+                f"{NS}_delivery_latency_seconds",
+                "Time from acceptance to final delivery of a recipient.",
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+                         900, 3600, 14400, 86400),
+                registry=r),
+            delivery_attempts=Counter(
+                f"{NS}_delivery_attempts", "Delivery attempts by result.",
+                ["result"], registry=r),
+            queue_messages=Gauge(
+                f"{NS}_queue_messages", "Messages in the spool awaiting delivery.", registry=r),
+            queue_oldest_age=Gauge(
+                f"{NS}_queue_oldest_message_age_seconds",
+                "Age of the oldest message in the spool (0 when empty).", registry=r),
+            sessions_active=Gauge(
+                f"{NS}_sessions_active", "Open SMTP sessions.", ["listener"], registry=r),
+            sessions=Counter(
+                f"{NS}_sessions", "SMTP sessions opened.", ["listener"], registry=r),
+            tls_sessions=Counter(
+                f"{NS}_tls_sessions", "Sessions that completed a TLS handshake.",
+                ["listener", "version"], registry=r),
+            auth_success=Counter(
+                f"{NS}_auth_success", "Successful AUTH.", ["mechanism"], registry=r),
+            auth_failures=Counter(
+                f"{NS}_auth_failures", "Failed or refused AUTH attempts.", ["reason"],
+                registry=r),
+            dkim_signatures=Counter(
+                f"{NS}_dkim_signatures", "DKIM signatures made.", ["algorithm", "result"],
+                registry=r),
+            config_reloads=Counter(
+                f"{NS}_config_reloads", "Configuration (re)loads by result.", ["result"],
+                registry=r),
+            config_last_reload_success=Gauge(
+                f"{NS}_config_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded.", registry=r),
+            config_info=Gauge(
+                f"{NS}_config_info", "The configuration in force (value 1).", ["hash"],
+                registry=r),
+            purged_records=Counter(
+                f"{NS}_purged_records", "Records removed by the retention purge.", ["table"],
+                registry=r),
+            last_purge=Gauge(
+                f"{NS}_last_purge_timestamp_seconds", "When the retention purge last ran.",
+                registry=r),
+            suppression_entries=Gauge(
+                f"{NS}_suppression_entries", "Addresses on the suppression list.", registry=r),
+            ready=Gauge(f"{NS}_ready", "1 when the relay accepts mail.", registry=r),
+            spool_commit_latency=Histogram(
+                f"{NS}_spool_commit_seconds", "Time to make a message durable (fsync).",
+                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+                registry=r),
+        )
