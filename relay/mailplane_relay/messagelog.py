@@ -1,0 +1,589 @@
+"""The message log (metadata of every state change) and the suppression list, in one SQLite file.
+
+SQLite in WAL mode: readers (the CLI, another worker) never block the writer, and several relay
+worker processes may append to the same file (``busy_timeout`` serialises their short write
+transactions). Writes are batched: ``record()`` only appends to an in-memory buffer, a background
+task writes the buffer every ``flushInterval`` in one transaction, in a thread, so the event loop
+never waits on the disk.
+
+The log holds what the privacy policy allows: sender, recipient, status, timestamps, SMTP response,
+size and ids. ``LogEvent`` has no field for a body or a subject and this module adds none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client import Counter
+
+from .events import STATUSES, LogEvent
+from .metrics import NS, RelayMetrics
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+# Rows deleted per transaction by purge/forget: each chunk holds the write lock for milliseconds,
+# so relay workers appending to the log are never stalled behind a long purge.
+DELETE_CHUNK = 2_000
+# Events kept in memory while the disk does not take them (stuck or locked volume). At a few
+# hundred bytes per event this is tens of MB at most; beyond it events are dropped and counted.
+MAX_BUFFERED_EVENTS = 200_000
+SUPPRESSION_REFRESH_INTERVAL = 1.0
+
+_COLUMNS = (
+    "ts", "status", "queue_id", "message_id", "credential", "sender", "recipient", "response",
+    "size", "attempt", "remote",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS message_log (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    status TEXT NOT NULL,
+    queue_id TEXT,
+    message_id TEXT,
+    credential TEXT,
+    sender TEXT NOT NULL COLLATE NOCASE,
+    recipient TEXT COLLATE NOCASE,
+    response TEXT,
+    size INTEGER,
+    attempt INTEGER,
+    remote TEXT
+);
+CREATE INDEX IF NOT EXISTS message_log_ts ON message_log (ts);
+CREATE INDEX IF NOT EXISTS message_log_queue_id ON message_log (queue_id);
+CREATE INDEX IF NOT EXISTS message_log_sender ON message_log (sender);
+CREATE INDEX IF NOT EXISTS message_log_recipient ON message_log (recipient);
+CREATE INDEX IF NOT EXISTS message_log_status_ts ON message_log (status, ts);
+CREATE TABLE IF NOT EXISTS suppression (
+    address TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
+-- A change counter kept by triggers, so that every writer (relay workers, the CLI, the purge)
+-- tells the suppression caches to reload, and checking costs one indexed read.
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('suppression', 0);
+CREATE TRIGGER IF NOT EXISTS suppression_after_insert AFTER INSERT ON suppression BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+END;
+CREATE TRIGGER IF NOT EXISTS suppression_after_update AFTER UPDATE ON suppression BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+END;
+CREATE TRIGGER IF NOT EXISTS suppression_after_delete AFTER DELETE ON suppression BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+END;
+"""
+
+# Fixed column names, no outside input.
+_INSERT = (
+    f"INSERT INTO message_log ({', '.join(_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+
+T = TypeVar("T")
+
+
+class MessageLogError(Exception):
+    """The message-log database cannot be used (missing, or written by a newer version)."""
+
+
+def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        if not Path(path).exists():
+            raise MessageLogError(
+                f"{path}: no message log there; check --db/--config/--state-dir (the relay "
+                "creates the file when it starts)"
+            )
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE) so that a writer
+        # takes the lock up front instead of failing to upgrade a read lock under contention.
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """Open for writing, creating or checking the schema. Safe when several processes race."""
+    conn = _connect(path)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("message log %s: journal_mode is %s, not wal", path, mode)
+        # NORMAL in WAL mode: a process crash loses nothing; a power loss may lose the last
+        # batches of metadata, never spooled mail (the spool fsyncs on its own).
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # Every statement is idempotent (IF NOT EXISTS / OR IGNORE), so processes racing to
+        # create the schema are harmless; executescript commits each statement on its own.
+        conn.executescript(_SCHEMA)
+        with _transaction(conn):
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise MessageLogError(
+                    f"{path}: schema version {row[0]} was written by a newer mailplane "
+                    f"(this one reads {SCHEMA_VERSION}); upgrade mailplane"
+                )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class _Worker:
+    """One SQLite connection used from one dedicated thread, so the loop never blocks on it."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._conn = await self.run_raw(lambda: open_database(self.path))
+
+    async def run_raw(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise MessageLogError(f"{self.path}: database not open")
+        return await self.run_raw(lambda: fn(conn))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self.run_raw(conn.close)
+        self._executor.shutdown(wait=True)
+
+
+def _parse_address(address: str) -> str:
+    return address.strip().lower()
+
+
+def _delete_in_chunks(
+    conn: sqlite3.Connection, table: str, where: str, args: tuple[Any, ...]
+) -> int:
+    total = 0
+    while True:
+        with _transaction(conn):
+            cur = conn.execute(
+                f"DELETE FROM {table} WHERE rowid IN "  # noqa: S608 - table/where are ours
+                f"(SELECT rowid FROM {table} WHERE {where} LIMIT {DELETE_CHUNK})",
+                args,
+            )
+        total += cur.rowcount
+        if cur.rowcount < DELETE_CHUNK:
+            return total
+
+
+class MessageLog:
+    """Append-only metadata log with a batched writer, retention purge and CLI queries."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        flush_interval: float,
+        metrics: RelayMetrics,
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+    ) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self._metrics = metrics
+        self._max_buffered = max_buffered
+        self._buffer: list[tuple[Any, ...]] = []
+        self._db = _Worker(path, "messagelog")
+        self._flush_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._dropped_since_warning = 0
+        self._last_drop_warning = 0.0
+        self.dropped = Counter(
+            f"{NS}_messagelog_dropped_events",
+            "Message-log events dropped because the database did not take them in time.",
+            registry=metrics.registry,
+        )
+        self.write_errors = Counter(
+            f"{NS}_messagelog_write_errors",
+            "Failed message-log batch writes (the batch is kept and retried).",
+            registry=metrics.registry,
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def start(self) -> None:
+        await self._db.open()
+        self._task = asyncio.create_task(self._writer(), name="messagelog-writer")
+
+    def record(self, event: LogEvent) -> None:
+        try:
+            if len(self._buffer) >= self._max_buffered:
+                self._drop(1)
+                return
+            self._buffer.append(astuple(event))
+        except Exception:  # the caller is on the accept/delivery path: never let it fail
+            log.exception("message log: could not record an event")
+
+    def _drop(self, count: int) -> None:
+        self.dropped.inc(count)
+        self._dropped_since_warning += count
+        now = time.monotonic()
+        if now - self._last_drop_warning >= 10.0:
+            log.warning(
+                "message log %s is not keeping up (disk stuck or locked?): %d events dropped "
+                "since the last warning; see mailplane_relay_messagelog_dropped_events_total",
+                self.path, self._dropped_since_warning,
+            )
+            self._dropped_since_warning = 0
+            self._last_drop_warning = now
+
+    async def _writer(self) -> None:
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.flush_interval)
+            self._wakeup.clear()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # flush() already kept the batch; a failure here is logged, the loop goes on.
+                log.exception("message log: batch write failed; will retry")
+
+    async def flush(self) -> None:
+        """Write everything recorded so far. On failure the events stay buffered and it raises."""
+        async with self._flush_lock:
+            if not self._buffer:
+                return
+            batch, self._buffer = self._buffer, []
+
+            def write(conn: sqlite3.Connection) -> None:
+                with _transaction(conn):
+                    conn.executemany(_INSERT, batch)
+
+            try:
+                # Shielded: once handed to the thread the batch will be written even if this
+                # caller is cancelled, so it must not be put back (that would duplicate it).
+                await asyncio.shield(self._db.run(write))
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                self.write_errors.inc()
+                # Put the batch back in front, in order, within the bound.
+                merged = batch + self._buffer
+                overflow = len(merged) - self._max_buffered
+                if overflow > 0:
+                    self._drop(overflow)
+                    merged = merged[overflow:]
+                self._buffer = merged
+                raise
+
+    async def purge(
+        self, *, now: float, message_log_retention: float, suppression_retention: float
+    ) -> int:
+        """Delete log rows and suppression entries older than their retention, in short chunks."""
+        log_cutoff = now - message_log_retention
+        supp_cutoff = now - suppression_retention
+
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            return (
+                _delete_in_chunks(conn, "message_log", "ts < ?", (log_cutoff,)),
+                _delete_in_chunks(conn, "suppression", "created < ?", (supp_cutoff,)),
+            )
+
+        n_log, n_supp = await self._db.run(run)
+        self._metrics.purged_records.labels(table="message_log").inc(n_log)
+        self._metrics.purged_records.labels(table="suppression").inc(n_supp)
+        self._metrics.last_purge.set(now)
+        if n_log or n_supp:
+            log.info("retention purge: removed %d log records, %d suppression entries",
+                     n_log, n_supp)
+        return n_log + n_supp
+
+    async def forget(self, address: str) -> dict[str, int]:
+        """Delete every record about an address (data deletion on request)."""
+        await self.flush()
+        return await self._db.run(lambda conn: _forget(conn, address))
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("message log: final flush failed; %d events lost", len(self._buffer))
+        await self._db.close()
+
+    # ---- synchronous readers and maintenance for the CLI -------------------------------------
+
+    @staticmethod
+    def query(
+        path: str,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        queue_id: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Newest first. ``sender``/``recipient`` match an address (any case), or a domain when
+        they start with ``@``."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("sender", sender), ("recipient", recipient)):
+            if value is None:
+                continue
+            if value.startswith("@"):
+                where.append(f"{column} LIKE ? ESCAPE '\\'")
+                args.append("%" + value.replace("\\", "\\\\").replace("%", "\\%")
+                            .replace("_", "\\_"))
+            else:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+            where.append("status = ?")
+            args.append(status)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        if queue_id is not None:
+            where.append("queue_id = ?")
+            args.append(queue_id)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM message_log"  # noqa: S608 - fixed columns
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
+        args.append(max(0, limit))
+        conn = _connect(path, readonly=True)
+        try:
+            return [dict(row) for row in conn.execute(sql, args)]
+        finally:
+            conn.close()
+
+    @staticmethod
+    def forget_address(path: str, address: str) -> dict[str, int]:
+        conn = open_database(path)
+        try:
+            return _forget(conn, address)
+        finally:
+            conn.close()
+
+
+def _forget(conn: sqlite3.Connection, address: str) -> dict[str, int]:
+    address = _parse_address(address)
+    return {
+        "message_log": _delete_in_chunks(
+            conn, "message_log", "sender = ? OR recipient = ?", (address, address)),
+        "suppression": _delete_in_chunks(conn, "suppression", "address = ?", (address,)),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# Suppression list
+# -------------------------------------------------------------------------------------------
+
+
+def _load_suppression(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[str, float]]]:
+    # One read transaction, so the counter matches the rows we load.
+    conn.execute("BEGIN")
+    try:
+        version = _suppression_version(conn)
+        entries = {
+            row[0]: (row[1], row[2])
+            for row in conn.execute("SELECT address, reason, created FROM suppression")
+        }
+    finally:
+        conn.execute("COMMIT")
+    return version, entries
+
+
+def _suppression_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM counters WHERE name = 'suppression'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _upsert(
+    conn: sqlite3.Connection, address: str, reason: str, source: str, created: float
+) -> None:
+    with _transaction(conn):
+        conn.execute(
+            "INSERT INTO suppression (address, reason, source, created) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, "
+            "source = excluded.source, created = excluded.created",
+            (address, reason, source, created),
+        )
+
+
+def _delete(conn: sqlite3.Connection, address: str) -> bool:
+    with _transaction(conn):
+        cur = conn.execute("DELETE FROM suppression WHERE address = ?", (address,))
+    return cur.rowcount > 0
+
+
+class SuppressionList:
+    """Addresses that must not receive mail (hard bounces, complaints, manual entries).
+
+    Lookups hit an in-memory dict; a background task reloads it when the table's change counter
+    moves, so entries from the CLI or another worker apply within about a second.
+    """
+
+    def __init__(
+        self, path: str, metrics: RelayMetrics,
+        *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL,
+    ) -> None:
+        self.path = path
+        self._metrics = metrics
+        self._refresh_interval = refresh_interval
+        self._db = _Worker(path, "suppression")
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._version = -1
+        self._task: asyncio.Task[None] | None = None
+        self._refreshed = asyncio.Condition()
+        self._passes_started = 0
+        self._passes_done = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def start(self) -> None:
+        await self._db.open()
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresher(), name="suppression-refresh")
+
+    def is_suppressed(self, address: str) -> tuple[str, float] | None:
+        return self._cache.get(_parse_address(address))
+
+    async def add(self, address: str, reason: str, *, source: str) -> None:
+        address = _parse_address(address)
+        created = time.time()
+        await self._db.run(lambda conn: _upsert(conn, address, reason, source, created))
+        self._cache[address] = (reason, created)
+        self._metrics.suppression_entries.set(len(self._cache))
+
+    async def remove(self, address: str) -> bool:
+        address = _parse_address(address)
+        removed = await self._db.run(lambda conn: _delete(conn, address))
+        self._cache.pop(address, None)
+        self._metrics.suppression_entries.set(len(self._cache))
+        return removed
+
+    async def refresh(self) -> bool:
+        """Reload the cache if the table changed since the last load; True when it reloaded."""
+
+        def check(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[str, float]]] | None:
+            if _suppression_version(conn) == self._version:
+                return None
+            return _load_suppression(conn)
+
+        loaded = await self._db.run(check)
+        if loaded is None:
+            return False
+        self._version, self._cache = loaded
+        self._metrics.suppression_entries.set(len(self._cache))
+        return True
+
+    async def wait_refreshed(self) -> None:
+        """Wait for a background refresh pass that started after this call, so that it saw
+        every write made before the call (by the CLI or another process)."""
+        target = self._passes_started + 1
+        async with self._refreshed:
+            await self._refreshed.wait_for(lambda: self._passes_done >= target)
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_interval)
+            self._passes_started += 1
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("suppression list: refresh failed; keeping the cached entries")
+            self._passes_done = self._passes_started
+            async with self._refreshed:
+                self._refreshed.notify_all()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await self._db.close()
+
+    # ---- synchronous helpers for the CLI -----------------------------------------------------
+
+    @staticmethod
+    def list_entries(path: str) -> list[dict[str, Any]]:
+        conn = _connect(path, readonly=True)
+        try:
+            return [
+                dict(row) for row in conn.execute(
+                    "SELECT address, reason, source, created FROM suppression ORDER BY address")
+            ]
+        finally:
+            conn.close()
+
+    @staticmethod
+    def add_entry(path: str, address: str, reason: str = "manual", *, source: str = "cli",
+                  now: float | None = None) -> None:
+        conn = open_database(path)
+        try:
+            _upsert(conn, _parse_address(address), reason, source,
+                    time.time() if now is None else now)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def remove_entry(path: str, address: str) -> bool:
+        conn = open_database(path)
+        try:
+            return _delete(conn, _parse_address(address))
+        finally:
+            conn.close()
