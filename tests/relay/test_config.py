@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from mailplane_relay.config import (
     API_VERSION,
@@ -171,3 +174,23 @@ def test_trusted_networks() -> None:
     cfg = parse_documents([doc("RelayConfig", spec)])
     assert cfg.is_trusted("10.1.2.3") and cfg.is_trusted("::1")
     assert not cfg.is_trusted("10.2.0.1") and not cfg.is_trusted("garbage")
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(field.alias or name)
+        for arg in (*typing.get_args(field.annotation), field.annotation):
+            inner = typing.get_args(arg) or (arg,)
+            for candidate in inner:
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    names |= _field_names(candidate)
+    return names
+
+
+def test_every_field_is_documented() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "relay-config.md").read_text()
+    missing = sorted(
+        n for n in _field_names(RelaySettings) if not re.search(rf"[`.]{n}[`.\[]", text)
+    )
+    assert not missing, f"document these fields in docs/relay-config.md: {missing}"
