@@ -1,0 +1,214 @@
+"""The durable spool: commit, recovery, state updates, group commit, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.spool import QueuedMessage, Spool, SpoolError, new_queue_id
+
+
+def make_spool(directory: Path, *, fsync: bool = True, window: float = 0.002) -> Spool:
+    return Spool(str(directory), fsync=fsync, group_commit_window=window,
+                 metrics=RelayMetrics.create())
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = make_spool(tmp_path / "spool")
+    assert await s.start() == []
+    yield s
+    await s.close()
+
+
+async def commit(s: Spool, data: bytes = b"Subject: x\r\n\r\nbody\r\n",
+                 rcpts: tuple[str, ...] = ("a@example.net", "b@example.net")) -> QueuedMessage:
+    return await s.commit(mail_from="app@example.com", recipients=list(rcpts), data=data,
+                          message_id="<m1@example.com>", credential="app",
+                          sender_domain="example.com", listener="submission")
+
+
+def test_queue_ids_sort_by_time_and_are_unique() -> None:
+    ids = [new_queue_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 20 and i.isalnum() and i.isupper() for i in ids)
+    # The first 10 characters are the millisecond clock: never decreasing.
+    prefixes = [i[:10] for i in ids]
+    assert prefixes == sorted(prefixes)
+
+
+async def test_commit_is_complete_on_disk_when_it_returns(spool: Spool) -> None:
+    data = b"Subject: hello\r\n\r\n" + os.urandom(5000)
+    dir_syncs = spool.dir_fsyncs
+    msg = await commit(spool, data)
+    path = spool.directory / f"{msg.queue_id}.msg"
+    raw = path.read_bytes()
+    header, rest = raw.split(b"\n", 1)
+    length = int(header.split()[1])
+    envelope = json.loads(rest[:length])
+    assert rest[length:] == data
+    assert envelope["queue_id"] == msg.queue_id
+    assert envelope["mail_from"] == "app@example.com"
+    assert [r["address"] for r in envelope["recipients"]] == ["a@example.net", "b@example.net"]
+    assert {r["status"] for r in envelope["recipients"]} == {"pending"}
+    assert envelope["size"] == len(data)
+    assert envelope["credential"] == "app"
+    assert spool.read(msg.queue_id) == data
+    assert spool.file_fsyncs == 1 and spool.dir_fsyncs == dir_syncs + 1
+    assert [p.name for p in spool.directory.iterdir()] == [path.name]
+
+
+async def test_recovery_returns_committed_drops_temp_and_orphans(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    first = await commit(s, b"one\r\n")
+    second = await commit(s, b"two\r\n")
+    done = await commit(s, b"three\r\n")
+    await s.close()
+    # A commit interrupted by a crash, an orphan state file, and a finished message whose
+    # removal did not happen.
+    (tmp_path / f".tmp-{new_queue_id()}.msg").write_bytes(b"MPS1 999\n{half")
+    (tmp_path / f"{new_queue_id()}.state").write_text("{}")
+    done.recipients[0].status = "delivered"
+    done.recipients[1].status = "bounced"
+    (tmp_path / f"{done.queue_id}.state").write_bytes(done.to_json())
+
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    try:
+        assert [m.queue_id for m in recovered] == [first.queue_id, second.queue_id]
+        assert recovered[0] == first
+        assert again.read(second.queue_id) == b"two\r\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [f"{first.queue_id}.msg", f"{second.queue_id}.msg"])
+    finally:
+        await again.close()
+
+
+async def test_state_updates_survive_restart_and_remove_forgets(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msg = await commit(s)
+    msg.recipients[0].status = "delivered"
+    msg.recipients[1].attempts = 2
+    msg.recipients[1].last_response = "451 4.3.0 try later"
+    msg.attempts = 2
+    msg.next_attempt = msg.received_at + 120
+    await s.save_state(msg)
+    await s.save_state(msg, durable=True)
+    other = await commit(s)
+    await s.remove(other.queue_id)
+    await s.save_state(other)  # a late update of a removed message leaves nothing behind
+    await s.close()
+
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    await again.close()
+    assert recovered == [msg]
+    assert [r.address for r in recovered[0].pending()] == ["b@example.net"]
+
+
+async def test_torn_state_file_falls_back_to_the_committed_envelope(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msg = await commit(s)
+    await s.close()
+    (tmp_path / f"{msg.queue_id}.state").write_bytes(b"")
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    await again.close()
+    assert recovered == [msg]
+
+
+async def test_corrupt_message_file_is_quarantined_not_deleted(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msg = await commit(s)
+    await s.close()
+    path = tmp_path / f"{msg.queue_id}.msg"
+    path.write_bytes(path.read_bytes()[:-3])  # size no longer matches the envelope
+    again = make_spool(tmp_path)
+    assert await again.start() == []
+    await again.close()
+    assert (tmp_path / "corrupt" / path.name).exists()
+
+
+async def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
+    s = make_spool(tmp_path, window=0.05)
+    await s.start()
+    s.dir_fsyncs = 0
+    try:
+        msgs = await asyncio.gather(*(commit(s, b"m%d\r\n" % i) for i in range(40)))
+        assert len({m.queue_id for m in msgs}) == 40
+        assert s.file_fsyncs == 40
+        # 40 commits started together: one batch, maybe a second for stragglers, never one each.
+        assert 1 <= s.dir_fsyncs <= 4
+        for i, m in enumerate(msgs):
+            assert s.read(m.queue_id) == b"m%d\r\n" % i
+    finally:
+        await s.close()
+
+
+async def test_fsync_off_skips_every_fsync(tmp_path: Path) -> None:
+    s = make_spool(tmp_path, fsync=False)
+    await s.start()
+    await asyncio.gather(*(commit(s) for _ in range(5)))
+    await s.close()
+    assert s.file_fsyncs == 0 and s.dir_fsyncs == 0
+    assert len(list(tmp_path.glob("*.msg"))) == 5
+
+
+async def test_directory_gone_raises_spool_error_and_leaves_nothing(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    s = make_spool(directory)
+    await s.start()
+    try:
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")  # root ignores permissions, not ENOTDIR
+        with pytest.raises(SpoolError, match="spool write failed"):
+            await commit(s)
+        assert directory.read_text() == "not a directory"
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                         capture_output=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def test_disk_full_raises_spool_error_and_leaves_no_partial_file(tiny_fs: Path) -> None:
+    s = make_spool(tiny_fs)
+    await s.start()
+    try:
+        small = await commit(s, b"fits\r\n")
+        with pytest.raises(SpoolError, match="No space left"):
+            await commit(s, os.urandom(200_000))
+        names = [p.name for p in tiny_fs.iterdir()]
+        assert names == [f"{small.queue_id}.msg"]
+    finally:
+        await s.close()
+
+
+async def test_commit_before_start_is_a_spool_error(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    with pytest.raises(SpoolError):
+        await commit(s)
