@@ -94,13 +94,21 @@ class LoopbackDNS:
             raise RuntimeError("no free port for both UDP and TCP DNS")
         self.port = port
         self._servers = (udp, tcp)
-        for server in self._servers:
-            server.start_thread()
+        self._threads = [
+            # A short poll interval keeps shutdown (which waits for one poll) fast.
+            threading.Thread(target=s.server.serve_forever, kwargs={"poll_interval": 0.02},
+                             name=f"dns-{kind}", daemon=True)
+            for s, kind in ((udp, "udp"), (tcp, "tcp"))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         for server in self._servers:
-            server.stop()
+            server.server.shutdown()
             server.server.server_close()
+        for thread in self._threads:
+            thread.join(5)
 
     # -- records -------------------------------------------------------------------------
     def _add(self, name: str, qtype: str, rdata: Any) -> None:
