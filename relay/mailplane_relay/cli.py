@@ -1,0 +1,301 @@
+"""Relay subcommands of ``mailplane``: relay, check-config, hash-password, logs, suppression.
+
+Imports of the runtime (aiosmtpd, the app) happen inside the handlers, so that ``mailplane logs``
+starts fast and works on a machine that only has the message-log file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, is_domain, load_config, parse_duration
+from .events import STATUSES
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+# Where `mailplane dev --state-dir DIR` keeps the relay's message log.
+DEV_MESSAGE_LOG = Path("relay") / "messagelog.sqlite3"
+
+_TIME_HELP = "ISO 8601 (2026-01-31T12:00:00Z) or an age such as 30m, 1h, 7d"
+
+
+class UsageError(Exception):
+    """Bad input on the command line; the message names the fix."""
+
+
+def register(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("relay", help="run the SMTP relay until SIGTERM/SIGINT")
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="configuration file or directory (hot-reloaded)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--worker-spec", help=argparse.SUPPRESS)  # set by the supervisor only
+    p.set_defaults(func=_cmd_relay)
+
+    p = subparsers.add_parser("check-config", help="validate a relay configuration")
+    p.add_argument("path", metavar="PATH", help="configuration file or directory")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = subparsers.add_parser("hash-password",
+                              help="hash a password read from stdin, for credentials")
+    p.add_argument("--scheme", choices=("sha256", "scrypt"), default="sha256",
+                   help="sha256 for generated random passwords (default), scrypt for "
+                        "passwords a human chose")
+    p.set_defaults(func=_cmd_hash_password)
+
+    p = subparsers.add_parser(
+        "logs", help="search the message log, or `logs forget ADDRESS` to delete an address",
+        description="Search the message log (newest records, printed oldest first). "
+                    "`mailplane logs forget ADDRESS` deletes every record about ADDRESS "
+                    "(sender or recipient) and its suppression entry.",
+    )
+    p.add_argument("words", nargs="*", metavar="forget ADDRESS", help=argparse.SUPPRESS)
+    _db_options(p)
+    p.add_argument("--sender", help="envelope sender address, or @domain")
+    p.add_argument("--recipient", help="recipient address, or @domain")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--since", metavar="T", help=f"from this time: {_TIME_HELP}")
+    p.add_argument("--until", metavar="T", help=f"before this time: {_TIME_HELP}")
+    p.add_argument("--queue-id", metavar="ID")
+    p.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="at most N records (default 100)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_logs)
+
+    p = subparsers.add_parser(
+        "suppression", help="list, add or remove suppressed addresses",
+        description="mailplane suppression list | add ADDRESS [--reason R] | remove ADDRESS",
+    )
+    p.add_argument("action", choices=("list", "add", "remove"))
+    p.add_argument("address", nargs="?")
+    p.add_argument("--reason", default="manual", help="why (add; default 'manual')")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (list)")
+    _db_options(p)
+    p.set_defaults(func=_cmd_suppression)
+
+
+def _db_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--config", metavar="PATH",
+                       help="relay configuration: use its messageLog.path")
+    group.add_argument("--db", metavar="PATH", help="the message-log SQLite file")
+    group.add_argument("--state-dir", metavar="DIR",
+                       help=f"state directory of `mailplane dev` (DIR/{DEV_MESSAGE_LOG})")
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    if args.db:
+        return str(args.db)
+    if args.state_dir:
+        return str(Path(args.state_dir) / DEV_MESSAGE_LOG)
+    if args.config:
+        return load_config(args.config).settings.message_log.path
+    raise UsageError("say which message log: --config PATH (relay configuration), --db PATH "
+                     "(the SQLite file) or --state-dir DIR (of `mailplane dev`)")
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"mailplane {command}: {message}", file=sys.stderr)
+    return code
+
+
+# ---- relay, check-config, hash-password ---------------------------------------------------
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from .app import WorkerSpec, run_relay  # noqa: PLC0415 - keep start-up light
+    from .logging_setup import setup_logging  # noqa: PLC0415 - keep start-up light
+
+    worker = WorkerSpec.from_json(args.worker_spec) if args.worker_spec else None
+    setup_logging(args.log_level, worker=worker.index if worker else None)
+    try:
+        return run_relay(args.config, log_level=args.log_level, worker=worker)
+    except ConfigError as exc:
+        return _fail("relay", f"configuration rejected:\n{exc}", 2)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.path)
+    except ConfigError as exc:
+        return _fail("check-config", f"configuration rejected:\n{exc}", 2)
+    s = cfg.settings
+    listeners = ", ".join(f"{lst.name} {lst.address}:{lst.port} ({lst.tls})"
+                          for lst in s.listeners)
+    dkim = sum(1 for d in s.domains if d.dkim is not None)
+    delivery: str = s.delivery.mode
+    if s.delivery.smarthost is not None and s.delivery.mode == "smarthost":
+        delivery += f" via {s.delivery.smarthost.host}:{s.delivery.smarthost.port}"
+    print(f"configuration OK (hash {cfg.source_hash})")
+    print(f"  hostname:      {s.hostname}")
+    print(f"  listeners:     {listeners}")
+    print(f"  http:          {s.http.address}:{s.http.port}")
+    print(f"  workers:       {s.workers}")
+    print(f"  delivery:      {delivery}")
+    print(f"  domains:       {len(s.domains)} ({dkim} with DKIM)")
+    print(f"  credentials:   {len(s.credentials)} "
+          f"({sum(c.suspended for c in s.credentials)} suspended)")
+    print(f"  spool:         {s.spool.directory} (fsync {'on' if s.spool.fsync else 'OFF'})")
+    print(f"  message log:   {s.message_log.path}")
+    print(f"  retention:     logs {_days(s.retention.message_log)}, "
+          f"suppression {_days(s.retention.suppression)}")
+    return 0
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g}d" if seconds >= 86400 else f"{seconds:g}s"
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    from .config import hash_password  # noqa: PLC0415 - keep start-up light
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        return _fail("hash-password", "empty password: give the password on stdin", 2)
+    print(hash_password(password, scheme=args.scheme))
+    return 0
+
+
+# ---- logs ---------------------------------------------------------------------------------
+
+
+def parse_time(value: str, *, option: str, now: float) -> float:
+    """Seconds since the epoch from ISO 8601 (UTC if no zone) or an age like ``7d``."""
+    text = value.strip()
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option}: {value!r} is not a time; use {_TIME_HELP}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .messagelog import MessageLog, MessageLogError  # noqa: PLC0415 - keep start-up light
+
+    try:
+        path = _db_path(args)
+        if args.words:
+            if len(args.words) != 2 or args.words[0] != "forget":
+                raise UsageError(f"unexpected arguments {' '.join(args.words)!r}: use "
+                                 "`mailplane logs [filters]` or `mailplane logs forget ADDRESS`")
+            address = _address(args.words[1])
+            if not Path(path).exists():
+                raise MessageLogError(f"{path}: no message log there")
+            counts = MessageLog.forget_address(path, address)
+            print(f"forgot {address}: {counts['message_log']} log records, "
+                  f"{counts['suppression']} suppression entries deleted")
+            return 0
+        if args.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        now = datetime.now(UTC).timestamp()
+        since = parse_time(args.since, option="--since", now=now) if args.since else None
+        until = parse_time(args.until, option="--until", now=now) if args.until else None
+        rows = MessageLog.query(path, sender=args.sender, recipient=args.recipient,
+                                status=args.status, since=since, until=until,
+                                queue_id=args.queue_id, limit=args.limit)
+    except (UsageError, ConfigError) as exc:
+        return _fail("logs", str(exc), 2)
+    except MessageLogError as exc:
+        return _fail("logs", str(exc), 1)
+    rows.reverse()
+    if args.json:
+        for row in rows:
+            print(json.dumps({"time": _iso(row["ts"]), **row}))
+    else:
+        _print_table(
+            ["TIME", "STATUS", "QUEUE ID", "SENDER", "RECIPIENT", "ATTEMPT", "RESPONSE"],
+            [[_iso(r["ts"]), r["status"], r["queue_id"] or "-", r["sender"] or "<>",
+              r["recipient"] or "-", "" if r["attempt"] is None else str(r["attempt"]),
+              (r["response"] or "")[:80]] for r in rows],
+        )
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+# ---- suppression --------------------------------------------------------------------------
+
+
+def _address(value: str) -> str:
+    address = value.strip().lower()
+    local, _, domain = address.rpartition("@")
+    if not local or not is_domain(domain):
+        raise UsageError(f"{value!r} is not an email address such as 'user@example.com'")
+    return address
+
+
+def _cmd_suppression(args: argparse.Namespace) -> int:
+    from .messagelog import MessageLogError, SuppressionList  # noqa: PLC0415 - keep start-up light
+
+    try:
+        path = _db_path(args)
+        if args.action == "list":
+            if args.address:
+                raise UsageError("`suppression list` takes no address")
+            entries = SuppressionList.list_entries(path)
+            _print_entries(entries, as_json=args.json)
+            return 0
+        if not args.address:
+            raise UsageError(f"`suppression {args.action}` needs an ADDRESS")
+        address = _address(args.address)
+        if args.action == "add":
+            SuppressionList.add_entry(path, address, args.reason, source="cli")
+            print(f"suppressed {address} ({args.reason})")
+            return 0
+        if SuppressionList.remove_entry(path, address):
+            print(f"removed {address}")
+            return 0
+        return _fail("suppression", f"{address} is not on the suppression list", 1)
+    except (UsageError, ConfigError) as exc:
+        return _fail("suppression", str(exc), 2)
+    except MessageLogError as exc:
+        return _fail("suppression", str(exc), 1)
+
+
+def _print_entries(entries: list[dict[str, Any]], *, as_json: bool) -> None:
+    if as_json:
+        for e in entries:
+            print(json.dumps({**e, "time": _iso(e["created"])}))
+        return
+    _print_table(["ADDRESS", "REASON", "SOURCE", "SINCE"],
+                 [[e["address"], e["reason"], e["source"], _iso(e["created"])]
+                  for e in entries])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The relay's commands alone (``python -m mailplane_relay.cli``): what the supervisor runs
+    for its workers, so a relay image needs neither the operator nor the dev tooling."""
+    parser = argparse.ArgumentParser(prog="mailplane")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The operations HTTP server: ``/metrics``, ``/livez``, ``/readyz``.
+
+Readiness is a set of named conditions the composition root sets as it starts (listeners bound,
+configuration loaded, spool recovered) and clears when it stops; ``/readyz`` answers 503 naming
+the first condition that is not met, so ``kubectl describe`` shows why a pod is not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+READINESS_CONDITIONS = ("config loaded", "spool recovered", "listeners bound")
+
+
+class ReadinessProbe(Protocol):
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+
+
+class Readiness:
+    """What stands between the relay and accepting mail; empty means ready."""
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self._missing: list[str] = list(READINESS_CONDITIONS)
+        self._shutting_down = False
+        self._on_change = on_change
+
+    def mark(self, condition: str) -> None:
+        if condition in self._missing:
+            self._missing.remove(condition)
+            self._changed()
+
+    def shutting_down(self) -> None:
+        self._shutting_down = True
+        self._changed()
+
+    @property
+    def ready(self) -> bool:
+        return not self._missing and not self._shutting_down
+
+    @property
+    def reason(self) -> str:
+        if self._shutting_down:
+            return "shutting down"
+        if self._missing:
+            return "waiting for: " + ", ".join(self._missing)
+        return "ok"
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.ready)
+
+
+class OpsServer:
+    """aiohttp on ``address:port`` (port 0 picks a free port, see ``port`` after ``start``)."""
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        port: int,
+        readiness: ReadinessProbe,
+        registry: CollectorRegistry,
+        reuse_port: bool = False,
+    ) -> None:
+        self._address = address
+        self._port = port
+        self._readiness = readiness
+        self._registry = registry
+        self._reuse_port = reuse_port
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._address, self._port, reuse_port=self._reuse_port or None)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        server = site._server  # aiohttp exposes no public accessor for the bound socket
+        sockets = getattr(server, "sockets", None) or ()
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        log.info("ops http listening on %s:%d", self._address, self.port)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _livez(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self._readiness.ready:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=self._readiness.reason + "\n")
