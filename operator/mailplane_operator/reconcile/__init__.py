@@ -1,0 +1,52 @@
+"""Pure reconcile code: custom resources in, desired Kubernetes objects and status patches out.
+
+No I/O, no kopf, no Kubernetes client (an import-linter contract enforces it). Time (``now``,
+an aware datetime), randomness (``random: Callable[[int], bytes]``) and DKIM key generation
+(``key_factory``) are injected. Every manifest is a plain dict; Secret values are base64 in
+``data``; no function puts a secret value into a status patch or an Event.
+
+Public functions (module: function -> what it returns):
+
+models
+    parse_smtp_relay / parse_sending_domain / parse_smtp_credential / parse_retention_policy
+        (body) -> SmtpRelay / SendingDomain / SmtpCredential / RetentionPolicy (``.meta``,
+        ``.spec`` pydantic model, ``.status``); raises SpecError naming the field.
+    owner_reference(kind, meta) -> ownerReference dict (controller, blockOwnerDeletion).
+    parse_go_duration(text) -> seconds; format_duration(seconds) -> "2160h".
+conditions
+    set_condition(conditions, type_, status, reason, message, observed_generation, now)
+        -> new list; lastTransitionTime kept unless status flips.
+    get_condition / is_true / ready_summary(conditions, required) -> (ready, reason, message).
+    Event(type, reason, message): what to post on the object.
+relay
+    relay_children(relay, *, image, service_monitor_available, config_hash) -> [Service,
+        headless Service, PodDisruptionBudget, StatefulSet(, ServiceMonitor)].
+    relay_status(relay, *, statefulset_status, config_hash, config_secrets, domains,
+        credentials, excluded, retention_policies, now, error=None) -> status patch.
+    config_secret_name(relay_name, i); CONFIG_SECRET_SLOTS; LABEL_RELAY, LABEL_COMPONENT.
+render
+    render_relay_config(relay, *, domains=[DomainInput(domain, dkim_secret)],
+        credentials=[CredentialInput(credential, secret)], policies, namespace_labels, now,
+        paths=RuntimePaths()) -> RenderResult(secrets, files, config_hash, domains,
+        credentials, excluded=[Exclusion(kind, key, reason, message)], retention, config);
+        raises RenderError.
+    attached_domains(relay, domains, namespace_labels) -> ({name: (domain, signing)},
+        exclusions): the domains a credential's senders may use.
+credential
+    reconcile_credential(cred, *, relay, namespace_labels, attached_domains, existing_secret,
+        now, random, endpoint=None) -> CredentialResult(secret, state, status, events,
+        admission, rotated, next_check).
+    check_credential(...) -> Admission(allowed, reason, message); namespace_allowed(...);
+    state_from_secret(secret) -> CredentialState | None; credential_entry(...) -> config item;
+    relay_endpoint(relay) -> Endpoint(host, starttls_port, implicit_port); ANN_ROTATE.
+domain
+    names_to_check(domain, existing_secret) -> TXT names the caller looks up.
+    reconcile_domain(domain, *, relay, namespace_labels, existing_secret, observed, now,
+        key_factory) -> DomainResult(secret, state, status, events, enabled, next_check,
+        signing). ``observed``: {name: [TXT values] | None (lookup failed)} or None (not
+        checked).
+    generate_dkim_key(algorithm, random=None) -> PEM; dkim_txt_value(pem); split_txt(value).
+retention
+    retention_for_relay(relay, policies) -> Retention(message_log, suppression,
+        purge_interval, policies); retention_status(policy, relays, now) -> status patch.
+"""

@@ -1,0 +1,423 @@
+"""SmtpCredential: the application's Secret, password rotation, and admission to the relay.
+
+The application Secret (in the credential's namespace, owned by the SmtpCredential) is the
+durable store of the rotation state: the current password in ``data``, and in annotations the
+hash the relay gets, the previous hash with the end of its overlap window, when the password was
+last rotated and the last on-demand rotation token handled. An operator restart in the middle of
+a rotation therefore finds everything it needs in that Secret.
+
+Rotation happens when there is no password yet, when ``spec.rotation.interval`` has passed since
+the last rotation, or on demand when the annotation ``mailplane.io/rotate`` on the SmtpCredential
+holds a token not handled yet (``kubectl annotate smtpcredential app mailplane.io/rotate=$(date
++%s) --overwrite``, as ``cmctl renew`` does for certificates).
+
+Nothing here returns a password outside the Secret manifest: status, events and the relay
+configuration entry hold hashes and times only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+from mailplane_relay.config import hash_password, verify_password
+
+from .conditions import READY, Event, format_time, parse_time, set_condition
+from .models import SmtpCredential, SmtpRelay, owner_reference
+
+ANN_PASSWORD_HASH = "mailplane.io/password-hash"  # noqa: S105 - an annotation key
+ANN_PREVIOUS_HASH = "mailplane.io/previous-password-hash"
+ANN_PREVIOUS_EXPIRES = "mailplane.io/previous-expires"
+ANN_ROTATED_AT = "mailplane.io/rotated-at"
+ANN_ROTATION_REQUEST = "mailplane.io/rotation-request"
+ANN_ROTATE = "mailplane.io/rotate"
+"""Annotation on the SmtpCredential that asks for a rotation; its value is any new token."""
+
+LABEL_CREDENTIAL = "mailplane.io/credential"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "mailplane-operator"
+
+RandomBytes = Callable[[int], bytes]
+
+# Reasons of the Ready condition.
+REASON_READY = "CredentialReady"
+REASON_SUSPENDED = "Suspended"
+REASON_RELAY_NOT_FOUND = "RelayNotFound"
+REASON_NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+REASON_SENDER_NOT_ATTACHED = "SenderDomainNotAttached"
+
+# Rotation causes (also the reason of the Event).
+ROTATION_INITIAL = "PasswordGenerated"
+ROTATION_SCHEDULED = "PasswordRotated"
+ROTATION_REQUESTED = "PasswordRotationRequested"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where applications reach a relay; a port is None when that listener is disabled."""
+
+    host: str
+    starttls_port: int | None
+    implicit_port: int | None
+
+
+def relay_endpoint(relay: SmtpRelay, cluster_domain: str = "cluster.local") -> Endpoint:
+    """The relay's submission Service as seen from any namespace of the cluster."""
+    listeners = relay.spec.listeners
+    return Endpoint(
+        host=f"{relay.meta.name}.{relay.meta.namespace}.svc.{cluster_domain}",
+        starttls_port=listeners.submission.port if listeners.submission.enabled else None,
+        implicit_port=listeners.submissions.port if listeners.submissions.enabled else None,
+    )
+
+
+def username_for(cred: SmtpCredential) -> str:
+    """``<namespace>.<name>``: unique per cluster (namespaces hold no dots), readable in logs.
+    Names too long for the relay's 128-character limit are shortened with a digest."""
+    name = f"{cred.meta.namespace}.{cred.meta.name}"
+    if len(name) <= 128:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[:111]}-{digest}"
+
+
+def generate_password(random: RandomBytes = os.urandom) -> str:
+    """32 random bytes, URL-safe base64 without padding (43 characters, 256 bits)."""
+    return base64.urlsafe_b64encode(random(32)).rstrip(b"=").decode()
+
+
+def hash_for_relay(password: str, random: RandomBytes = os.urandom) -> str:
+    """The salted SHA-256 the relay verifies; fast on purpose, as the password is 256-bit random."""
+    return hash_password(password, scheme="sha256", salt=random(16))
+
+
+@dataclass(frozen=True)
+class CredentialState:
+    """The rotation state, as stored in the application Secret."""
+
+    password: str
+    password_hash: str
+    rotated_at: datetime
+    previous_hash: str | None = None
+    previous_expires: datetime | None = None
+    rotation_request: str | None = None
+
+    def __repr__(self) -> str:  # never print the password
+        return (f"CredentialState(rotated_at={self.rotated_at!r}, "
+                f"previous_expires={self.previous_expires!r})")
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
+    """A Secret value from ``data`` (base64, as the API returns it) or ``stringData``."""
+    data = secret.get("data") or {}
+    if key in data:
+        try:
+            return base64.b64decode(data[key], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    string_data = secret.get("stringData") or {}
+    value = string_data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def state_from_secret(secret: Mapping[str, Any] | None,
+                      random: RandomBytes = os.urandom) -> CredentialState | None:
+    """The rotation state in an existing Secret, or None when it holds no usable password.
+
+    A hash annotation that does not match the password (edited by hand) is recomputed, so the
+    relay always gets the hash of the password the application reads.
+    """
+    if not secret:
+        return None
+    password = secret_value(secret, "password")
+    if not password:
+        return None
+    ann = (secret.get("metadata") or {}).get("annotations") or {}
+    current = ann.get(ANN_PASSWORD_HASH)
+    if not current or not verify_password(password, current):
+        current = hash_for_relay(password, random)
+    rotated_at = parse_time(ann.get(ANN_ROTATED_AT))
+    previous_expires = parse_time(ann.get(ANN_PREVIOUS_EXPIRES))
+    previous = ann.get(ANN_PREVIOUS_HASH) or None
+    return CredentialState(
+        password=password,
+        password_hash=current,
+        rotated_at=rotated_at or datetime.fromtimestamp(0, UTC),
+        previous_hash=previous if previous and previous_expires else None,
+        previous_expires=previous_expires if previous else None,
+        rotation_request=ann.get(ANN_ROTATION_REQUEST) or None,
+    )
+
+
+def rotation_due(cred: SmtpCredential, state: CredentialState | None,
+                 now: datetime) -> str | None:
+    """Why the password must change now (``ROTATION_*``), or None."""
+    if state is None:
+        return ROTATION_INITIAL
+    token = cred.meta.annotations.get(ANN_ROTATE)
+    if token and token != state.rotation_request:
+        return ROTATION_REQUESTED
+    interval = cred.spec.rotation.interval
+    if interval is not None and now >= state.rotated_at + timedelta(seconds=interval):
+        return ROTATION_SCHEDULED
+    return None
+
+
+def rotate(cred: SmtpCredential, state: CredentialState | None, now: datetime,
+           random: RandomBytes = os.urandom) -> CredentialState:
+    """A new password; the current one's hash stays accepted until the overlap ends."""
+    password = generate_password(random)
+    overlap = cred.spec.rotation.overlap
+    keep_previous = state is not None and overlap > 0
+    return CredentialState(
+        password=password,
+        password_hash=hash_for_relay(password, random),
+        rotated_at=now,
+        previous_hash=state.password_hash if keep_previous and state else None,
+        previous_expires=now + timedelta(seconds=overlap) if keep_previous else None,
+        rotation_request=cred.meta.annotations.get(ANN_ROTATE)
+        or (state.rotation_request if state else None),
+    )
+
+
+def expire_previous(state: CredentialState, now: datetime) -> CredentialState:
+    """The state without the previous hash once its overlap window has ended."""
+    if state.previous_expires is not None and now >= state.previous_expires:
+        return CredentialState(state.password, state.password_hash, state.rotated_at,
+                               None, None, state.rotation_request)
+    return state
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a relay accepts this credential; ``reason`` is a Ready condition reason."""
+
+    allowed: bool
+    reason: str
+    message: str
+
+
+def sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2]
+
+
+def check_credential(
+    cred: SmtpCredential,
+    relay: SmtpRelay | None,
+    namespace_labels: Mapping[str, str] | None,
+    attached_domains: Collection[str],
+) -> Admission:
+    """Admission of a credential to its relay: the relay exists, allows the credential's
+    namespace (``spec.allowedNamespaces``; absent: only the relay's own namespace), and every
+    allowed sender belongs to a domain attached (and enabled) on that relay."""
+    ref = f"{cred.relay_namespace}/{cred.spec.relay_ref.name}"
+    if relay is None:
+        return Admission(False, REASON_RELAY_NOT_FOUND, f"SmtpRelay {ref} does not exist")
+    if not namespace_allowed(relay, cred.meta.namespace, namespace_labels):
+        return Admission(
+            False, REASON_NAMESPACE_NOT_ALLOWED,
+            f"SmtpRelay {ref} does not allow namespace {cred.meta.namespace!r} "
+            "(see its spec.allowedNamespaces)",
+        )
+    missing = sorted({sender_domain(s) for s in cred.spec.allowed_senders}
+                     - set(attached_domains))
+    if missing:
+        return Admission(
+            False, REASON_SENDER_NOT_ATTACHED,
+            f"allowed senders use domains not attached to SmtpRelay {ref} or not verified yet: "
+            + ", ".join(missing),
+        )
+    return Admission(True, REASON_READY, f"accepted by SmtpRelay {ref}")
+
+
+def namespace_allowed(relay: SmtpRelay, namespace: str,
+                      namespace_labels: Mapping[str, str] | None) -> bool:
+    """``spec.allowedNamespaces`` absent: only the relay's namespace; ``{}``: every namespace."""
+    selector = relay.spec.allowed_namespaces
+    if selector is None:
+        return namespace == relay.meta.namespace
+    labels = dict(namespace_labels or {})
+    # The API server sets this label on every namespace; set it here too so a selector on it
+    # works even when the caller passes labels read from an older cluster.
+    labels.setdefault("kubernetes.io/metadata.name", namespace)
+    return selector.matches(labels)
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+def secret_manifest(cred: SmtpCredential, state: CredentialState, endpoint: Endpoint,
+                    username: str | None = None) -> dict[str, Any]:
+    """The application's Secret: username, password, host, port, url (+ smtps-port/smtps-url)."""
+    user = username or username_for(cred)
+    auth = f"{quote(user, safe='')}:{quote(state.password, safe='')}"
+    values = {"username": user, "password": state.password, "host": endpoint.host}
+    if endpoint.starttls_port is not None:
+        # smtp:// on the submission port: clients must upgrade with STARTTLS (the relay refuses
+        # AUTH before it), which is what nodemailer, Django and most libraries do on 587.
+        values["port"] = str(endpoint.starttls_port)
+        values["tls"] = "starttls"
+        values["url"] = f"smtp://{auth}@{endpoint.host}:{endpoint.starttls_port}"
+    if endpoint.implicit_port is not None:
+        values["smtps-port"] = str(endpoint.implicit_port)
+        values["smtps-url"] = f"smtps://{auth}@{endpoint.host}:{endpoint.implicit_port}"
+        if endpoint.starttls_port is None:
+            values["port"] = str(endpoint.implicit_port)
+            values["tls"] = "implicit"
+            values["url"] = values["smtps-url"]
+    annotations = {
+        ANN_PASSWORD_HASH: state.password_hash,
+        ANN_ROTATED_AT: format_time(state.rotated_at),
+    }
+    if state.previous_hash and state.previous_expires:
+        annotations[ANN_PREVIOUS_HASH] = state.previous_hash
+        annotations[ANN_PREVIOUS_EXPIRES] = format_time(state.previous_expires)
+    if state.rotation_request:
+        annotations[ANN_ROTATION_REQUEST] = state.rotation_request
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": cred.secret_name,
+            "namespace": cred.meta.namespace,
+            "labels": {LABEL_CREDENTIAL: cred.meta.name, LABEL_MANAGED_BY: MANAGED_BY},
+            "annotations": annotations,
+            "ownerReferences": [owner_reference("SmtpCredential", cred.meta)],
+        },
+        "data": {k: _b64(v) for k, v in values.items()},
+    }
+
+
+def credential_entry(cred: SmtpCredential, state: CredentialState,
+                     now: datetime) -> dict[str, Any]:
+    """The relay configuration entry (a ``RelayCredentials`` item): hashes, never the password."""
+    state = expire_previous(state, now)
+    entry: dict[str, Any] = {
+        "username": username_for(cred),
+        "passwordHash": state.password_hash,
+        "allowedSenders": list(cred.spec.allowed_senders),
+        "owner": cred.meta.key,
+    }
+    if state.previous_hash and state.previous_expires:
+        entry["previousPasswordHash"] = state.previous_hash
+        entry["previousExpires"] = format_time(state.previous_expires)
+    if cred.spec.rate_per_minute is not None:
+        entry["ratePerMinute"] = cred.spec.rate_per_minute
+    if cred.spec.daily_quota is not None:
+        entry["dailyQuota"] = cred.spec.daily_quota
+    if cred.spec.suspended:
+        entry["suspended"] = True
+        entry["suspendedReason"] = cred.spec.suspended_reason or "suspended by the platform team"
+    return entry
+
+
+@dataclass(frozen=True)
+class CredentialResult:
+    secret: dict[str, Any] | None
+    """The desired application Secret (None when the relay does not exist: no host to name)."""
+    state: CredentialState | None
+    status: dict[str, Any]
+    """The status patch: conditions, observedGeneration, username, secretName, relay, times."""
+    events: list[Event]
+    admission: Admission
+    rotated: bool
+    next_check: datetime | None
+    """When to reconcile again (scheduled rotation, end of an overlap window); None: no need."""
+
+
+def reconcile_credential(
+    cred: SmtpCredential,
+    *,
+    relay: SmtpRelay | None,
+    namespace_labels: Mapping[str, str] | None,
+    attached_domains: Collection[str],
+    existing_secret: Mapping[str, Any] | None,
+    now: datetime,
+    random: RandomBytes = os.urandom,
+    endpoint: Endpoint | None = None,
+) -> CredentialResult:
+    """Everything the operator does for one SmtpCredential, minus the I/O.
+
+    ``attached_domains``: the domains enabled on the relay (see ``render``/``domain``);
+    ``existing_secret``: the application Secret as read from the API, if any;
+    ``endpoint``: override of the relay address written to the Secret (``mailplane dev``).
+    """
+    admission = check_credential(cred, relay, namespace_labels, attached_domains)
+    events: list[Event] = []
+    state = state_from_secret(existing_secret, random)
+    secret: dict[str, Any] | None = None
+    rotated = False
+    if relay is not None:
+        cause = rotation_due(cred, state, now)
+        if cause is not None:
+            state = rotate(cred, state, now, random)
+            rotated = True
+            events.append(Event("Normal", cause, _rotation_message(cause, cred, state)))
+        assert state is not None
+        state = expire_previous(state, now)
+        secret = secret_manifest(cred, state, endpoint or relay_endpoint(relay))
+    status = credential_status(cred, admission, state, now)
+    if not admission.allowed:
+        events.append(Event("Warning", admission.reason, admission.message))
+    return CredentialResult(secret, state, status, events, admission, rotated,
+                            next_check(cred, state))
+
+
+def _rotation_message(cause: str, cred: SmtpCredential, state: CredentialState) -> str:
+    where = f"Secret {cred.secret_name}"
+    if cause == ROTATION_INITIAL:
+        return f"generated a password into {where}"
+    overlap = (f"; the previous password works until {format_time(state.previous_expires)}"
+               if state.previous_expires else "; the previous password no longer works")
+    why = "on request" if cause == ROTATION_REQUESTED else "on schedule"
+    return f"rotated the password in {where} {why}{overlap}"
+
+
+def next_check(cred: SmtpCredential, state: CredentialState | None) -> datetime | None:
+    if state is None:
+        return None
+    times = []
+    if cred.spec.rotation.interval is not None:
+        times.append(state.rotated_at + timedelta(seconds=cred.spec.rotation.interval))
+    if state.previous_expires is not None:
+        times.append(state.previous_expires)
+    return min(times) if times else None
+
+
+def credential_status(cred: SmtpCredential, admission: Admission,
+                      state: CredentialState | None, now: datetime) -> dict[str, Any]:
+    """The status patch. Holds no secret value: times, names and the condition only."""
+    if admission.allowed and cred.spec.suspended:
+        ready: tuple[bool, str, str] = (
+            False, REASON_SUSPENDED,
+            "suspended: " + (cred.spec.suspended_reason or "by the platform team"),
+        )
+    else:
+        ready = (admission.allowed, admission.reason, admission.message)
+    conditions = set_condition(cred.status.get("conditions"), READY, ready[0], ready[1],
+                               ready[2], cred.meta.generation, now)
+    status: dict[str, Any] = {
+        "observedGeneration": cred.meta.generation,
+        "conditions": conditions,
+        "username": username_for(cred),
+        "secretName": cred.secret_name,
+        "relay": f"{cred.relay_namespace}/{cred.spec.relay_ref.name}",
+    }
+    if state is not None:
+        status["lastRotationTime"] = format_time(state.rotated_at)
+        nxt = (state.rotated_at + timedelta(seconds=cred.spec.rotation.interval)
+               if cred.spec.rotation.interval is not None else None)
+        status["nextRotationTime"] = format_time(nxt) if nxt else None
+        status["previousPasswordExpires"] = (format_time(state.previous_expires)
+                                             if state.previous_expires else None)
+        status["lastRotationRequest"] = state.rotation_request
+    return status

@@ -1,0 +1,578 @@
+"""SendingDomain: DKIM keys, the DNS records to publish, verification and staged key rotation.
+
+The DKIM key Secret ``<domain-cr-name>-dkim`` (in the domain's namespace, owned by the
+SendingDomain) holds one ``<selector>.pem`` per live key and, in the annotation
+``mailplane.io/dkim-state`` (JSON), the rotation state, so that an operator restart in the middle
+of a rotation resumes where it stopped.
+
+Rotation, one step per reconcile, each step returning an Event::
+
+    Stable ──(interval passed | mailplane.io/rotate token | algorithm changed)──▶ NextKeyPublished
+        a new key under a new selector; its TXT record is listed in status.dnsRecords
+    NextKeyPublished ──(DNS serves the new record, or verification.skip)──▶ Switched
+        the relay signs with the new selector; the old record stays listed for retireAfter
+    Switched ──(retireAfter passed)──▶ Stable
+        the old key is removed from the Secret and its record from the list
+
+The DNS lookups are the caller's: ``names_to_check`` says which TXT names to look up, and
+``reconcile_domain`` gets the answers as ``observed`` (name -> TXT strings; None for a lookup that
+failed, so the result is Unknown rather than False).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
+from .credential import ANN_ROTATE, namespace_allowed, secret_value
+from .models import SendingDomain, SmtpRelay, owner_reference
+
+Algorithm = Literal["rsa-2048", "ed25519"]
+Phase = Literal["Stable", "NextKeyPublished", "Switched"]
+RandomBytes = Callable[[int], bytes]
+KeyFactory = Callable[[str], str]
+"""algorithm ("rsa-2048" | "ed25519") -> private key PEM (PKCS#8)."""
+
+ANN_DKIM_STATE = "mailplane.io/dkim-state"
+LABEL_DOMAIN = "mailplane.io/sending-domain"
+
+DKIM_VERIFIED = "DKIMVerified"
+SPF_VERIFIED = "SPFVerified"
+
+REASON_VERIFIED = "Verified"
+REASON_SKIPPED = "VerificationSkipped"
+REASON_NOT_FOUND = "RecordNotFound"
+REASON_MISMATCH = "RecordMismatch"
+REASON_LOOKUP_FAILED = "DNSLookupFailed"
+REASON_NOT_CHECKED = "NotChecked"
+REASON_RELAY_NOT_FOUND = "RelayNotFound"
+REASON_NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+
+RELAY_ALGORITHMS: dict[str, str] = {"rsa-2048": "rsa-sha256", "ed25519": "ed25519-sha256"}
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and records
+# --------------------------------------------------------------------------------------------
+
+
+def generate_dkim_key(algorithm: str, random: RandomBytes | None = None) -> str:
+    """A new private key as unencrypted PKCS#8 PEM. Ed25519 takes its 32 bytes from ``random``
+    when given (deterministic tests); RSA always uses OpenSSL's generator."""
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm == "ed25519":
+        key = (ed25519.Ed25519PrivateKey.from_private_bytes(random(32)) if random
+               else ed25519.Ed25519PrivateKey.generate())
+    elif algorithm == "rsa-2048":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        raise ValueError(f"unknown DKIM algorithm {algorithm!r}: use rsa-2048 or ed25519")
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def dkim_txt_value(pem: str) -> str:
+    """The DKIM TXT record value for a private key: ``v=DKIM1; k=rsa|ed25519; p=<base64>``."""
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                            serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    raise ValueError("a DKIM key must be RSA or Ed25519")
+
+
+def split_txt(value: str, limit: int = 255) -> tuple[str, ...]:
+    """A TXT value as character-strings of at most 255 bytes each (RFC 1035 3.3.14); resolvers
+    and DKIM verifiers join them back without separators."""
+    return tuple(value[i:i + limit] for i in range(0, len(value), limit)) or ("",)
+
+
+@dataclass(frozen=True)
+class DNSRecord:
+    purpose: Literal["dkim", "spf", "dmarc"]
+    name: str
+    value: str
+    selector: str | None = None
+    state: Literal["active", "next", "retiring", "suggested"] = "suggested"
+    type: str = "TXT"
+
+    @property
+    def strings(self) -> tuple[str, ...]:
+        return split_txt(self.value)
+
+    def to_status(self, verified: bool | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "purpose": self.purpose, "type": self.type, "name": self.name,
+            "value": self.value, "strings": list(self.strings), "state": self.state,
+        }
+        if self.selector:
+            out["selector"] = self.selector
+        if verified is not None:
+            out["verified"] = verified
+        return out
+
+
+def dkim_record_name(selector: str, domain: str) -> str:
+    return f"{selector}._domainkey.{domain}"
+
+
+def spf_value(domain: SendingDomain) -> str:
+    spf = domain.spec.spf
+    if spf.record:
+        return spf.record
+    terms = [f"include:{i}" for i in spf.include]
+    terms += [f"ip4:{i}" for i in spf.ip4] + [f"ip6:{i}" for i in spf.ip6]
+    return " ".join(["v=spf1", *(terms or ["mx"]), "~all"])
+
+
+def dmarc_value(domain: SendingDomain) -> str:
+    value = f"v=DMARC1; p={domain.spec.dmarc.policy}"
+    if domain.spec.dmarc.rua:
+        value += f"; rua={domain.spec.dmarc.rua}"
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Rotation state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DKIMKeyInfo:
+    selector: str
+    algorithm: str
+    created_at: datetime
+    pem: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DKIMState:
+    phase: Phase
+    active: str
+    keys: Mapping[str, DKIMKeyInfo]
+    phase_since: datetime
+    next: str | None = None
+    retiring: str | None = None
+    retire_at: datetime | None = None
+    rotation_request: str | None = None
+
+    @property
+    def active_key(self) -> DKIMKeyInfo:
+        return self.keys[self.active]
+
+
+def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
+    """The rotation state and keys stored in the DKIM Secret; None if absent or unusable."""
+    if not secret:
+        return None
+    ann = (secret.get("metadata") or {}).get("annotations") or {}
+    try:
+        raw = json.loads(ann.get(ANN_DKIM_STATE) or "")
+        keys: dict[str, DKIMKeyInfo] = {}
+        for sel, info in raw["keys"].items():
+            pem = secret_value(secret, f"{sel}.pem")
+            if pem:
+                keys[sel] = DKIMKeyInfo(sel, info["algorithm"],
+                                        parse_time(info["createdAt"]) or _EPOCH, pem)
+        state = DKIMState(
+            phase=raw["phase"], active=raw["active"], keys=keys,
+            phase_since=parse_time(raw.get("phaseSince")) or _EPOCH,
+            next=raw.get("next"), retiring=raw.get("retiring"),
+            retire_at=parse_time(raw.get("retireAt")),
+            rotation_request=raw.get("rotationRequest"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if state.active not in keys or (state.next and state.next not in keys):
+        return None
+    return state
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def secret_name(domain: SendingDomain) -> str:
+    return f"{domain.meta.name}-dkim"
+
+
+def secret_manifest(domain: SendingDomain, state: DKIMState) -> dict[str, Any]:
+    info = {
+        "phase": state.phase, "active": state.active, "next": state.next,
+        "retiring": state.retiring, "phaseSince": format_time(state.phase_since),
+        "retireAt": format_time(state.retire_at) if state.retire_at else None,
+        "rotationRequest": state.rotation_request,
+        "keys": {s: {"algorithm": k.algorithm, "createdAt": format_time(k.created_at)}
+                 for s, k in sorted(state.keys.items())},
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name(domain),
+            "namespace": domain.meta.namespace,
+            "labels": {LABEL_DOMAIN: domain.meta.name,
+                       "app.kubernetes.io/managed-by": "mailplane-operator"},
+            "annotations": {ANN_DKIM_STATE: json.dumps(info, sort_keys=True)},
+            "ownerReferences": [owner_reference("SendingDomain", domain.meta)],
+        },
+        "data": {f"{s}.pem": base64.b64encode(k.pem.encode()).decode()
+                 for s, k in sorted(state.keys.items())},
+    }
+
+
+def _next_selector(domain: SendingDomain, state: DKIMState, now: datetime) -> str:
+    base = f"{domain.spec.dkim.selector}-{now:%Y%m%d}"
+    candidate, n = base, 2
+    while candidate in state.keys or candidate == state.retiring:
+        candidate, n = f"{base}-{n}", n + 1
+    return candidate
+
+
+def rotation_cause(domain: SendingDomain, state: DKIMState, now: datetime) -> str | None:
+    """Why a rotation starts now, or None. Only a Stable state starts one."""
+    if state.phase != "Stable":
+        return None
+    token = domain.meta.annotations.get(ANN_ROTATE)
+    if token and token != state.rotation_request:
+        return "requested by the mailplane.io/rotate annotation"
+    if state.active_key.algorithm != domain.spec.dkim.algorithm:
+        return (f"the algorithm changed from {state.active_key.algorithm} to "
+                f"{domain.spec.dkim.algorithm}")
+    interval = domain.spec.dkim.rotation_interval
+    if interval is not None and now >= state.active_key.created_at + timedelta(seconds=interval):
+        return "the rotation interval has passed"
+    return None
+
+
+def advance(
+    domain: SendingDomain,
+    state: DKIMState | None,
+    *,
+    next_served: bool,
+    now: datetime,
+    key_factory: KeyFactory,
+) -> tuple[DKIMState, list[Event]]:
+    """One step of the key lifecycle (see the module docstring). ``next_served``: DNS serves the
+    next selector's record (or verification is skipped)."""
+    spec = domain.spec.dkim
+    if state is None:
+        pem = key_factory(spec.algorithm)
+        key = DKIMKeyInfo(spec.selector, spec.algorithm, now, pem)
+        new = DKIMState("Stable", spec.selector, {spec.selector: key}, now,
+                        rotation_request=domain.meta.annotations.get(ANN_ROTATE))
+        return new, [Event("Normal", "DKIMKeyGenerated",
+                           f"generated a {spec.algorithm} DKIM key under selector "
+                           f"{spec.selector}; publish the TXT record listed in status.dnsRecords")]
+    if state.phase == "Stable":
+        cause = rotation_cause(domain, state, now)
+        if cause is None:
+            return state, []
+        selector = _next_selector(domain, state, now)
+        key = DKIMKeyInfo(selector, spec.algorithm, now, key_factory(spec.algorithm))
+        new = replace(state, phase="NextKeyPublished", next=selector, phase_since=now,
+                      keys={**state.keys, selector: key},
+                      rotation_request=domain.meta.annotations.get(ANN_ROTATE)
+                      or state.rotation_request)
+        return new, [Event("Normal", "DKIMRotationStarted",
+                           f"DKIM key rotation started ({cause}): publish the TXT record of "
+                           f"selector {selector} listed in status.dnsRecords")]
+    if state.phase == "NextKeyPublished":
+        if not next_served or state.next is None:
+            return state, []
+        retire_at = now + timedelta(seconds=spec.retire_after)
+        new = replace(state, phase="Switched", active=state.next, next=None,
+                      retiring=state.active, retire_at=retire_at, phase_since=now)
+        return new, [Event("Normal", "DKIMSwitched",
+                           f"signing with selector {state.next} now; selector {state.active} "
+                           f"stays published until {format_time(retire_at)}")]
+    # Switched
+    if state.retire_at is not None and now < state.retire_at:
+        return state, []
+    retired = state.retiring
+    keys = {s: k for s, k in state.keys.items() if s != retired}
+    new = replace(state, phase="Stable", retiring=None, retire_at=None, phase_since=now,
+                  keys=keys)
+    return new, [Event("Normal", "DKIMKeyRetired",
+                       f"retired DKIM selector {retired}; its TXT record can be removed")]
+
+
+# --------------------------------------------------------------------------------------------
+# DNS records and verification
+# --------------------------------------------------------------------------------------------
+
+
+def dns_records(domain: SendingDomain, state: DKIMState) -> list[DNSRecord]:
+    """What to publish: DKIM TXT records (active, next, retiring), the SPF and DMARC suggestions."""
+    name = domain.spec.domain
+    records = [DNSRecord("dkim", dkim_record_name(state.active, name),
+                         dkim_txt_value(state.active_key.pem), state.active, "active")]
+    if state.next:
+        records.append(DNSRecord("dkim", dkim_record_name(state.next, name),
+                                 dkim_txt_value(state.keys[state.next].pem), state.next, "next"))
+    if state.retiring and state.retiring in state.keys:
+        records.append(DNSRecord("dkim", dkim_record_name(state.retiring, name),
+                                 dkim_txt_value(state.keys[state.retiring].pem), state.retiring,
+                                 "retiring"))
+    records.append(DNSRecord("spf", name, spf_value(domain)))
+    records.append(DNSRecord("dmarc", f"_dmarc.{name}", dmarc_value(domain)))
+    return records
+
+
+def names_to_check(domain: SendingDomain, existing_secret: Mapping[str, Any] | None) -> list[str]:
+    """The TXT names the caller should look up before calling ``reconcile_domain``."""
+    name = domain.spec.domain
+    state = state_from_secret(existing_secret)
+    selectors = [domain.spec.dkim.selector] if state is None else [state.active]
+    if state is not None and state.next:
+        selectors.append(state.next)
+    return [*(dkim_record_name(s, name) for s in selectors), name, f"_dmarc.{name}"]
+
+
+Observed = Mapping[str, Sequence[str] | None]
+"""TXT lookups: name -> each record's value (its strings joined); None: the lookup failed."""
+
+
+def _tags(value: str) -> dict[str, str]:
+    out = {}
+    for part in value.split(";"):
+        k, _, v = part.partition("=")
+        if k.strip():
+            out[k.strip().lower()] = "".join(v.split())
+    return out
+
+
+def dkim_served(record: DNSRecord, observed: Observed) -> bool | None:
+    """Whether DNS serves this DKIM key (same ``p=``); None when the lookup failed."""
+    answers = observed.get(record.name)
+    if answers is None:
+        return None
+    want = _tags(record.value).get("p")
+    return any(_tags(a).get("p") == want for a in answers)
+
+
+def spf_ok(domain: SendingDomain, observed: Observed) -> tuple[bool | None, str, str]:
+    """(verified, reason, message): one SPF record at the domain that has every mechanism of the
+    suggested record (``include:``, ``ip4:``, ``ip6:``); a custom ``spf.record`` must be there
+    verbatim (spaces normalised)."""
+    answers = observed.get(domain.spec.domain)
+    if answers is None:
+        return None, REASON_LOOKUP_FAILED, f"the TXT lookup of {domain.spec.domain} failed"
+    spf = [a for a in answers if a.lower().startswith("v=spf1")]
+    if not spf:
+        return False, REASON_NOT_FOUND, f"no SPF record (v=spf1) at {domain.spec.domain}"
+    if len(spf) > 1:
+        return False, REASON_MISMATCH, (f"{len(spf)} SPF records at {domain.spec.domain}; "
+                                        "receivers treat that as an error (RFC 7208 4.5)")
+    published = spf[0].lower().split()
+    if domain.spec.spf.record:
+        ok = published == domain.spec.spf.record.lower().split()
+        missing = [] if ok else ["the exact record from spec.spf.record"]
+    else:
+        wanted = spf_value(domain).lower().split()[1:-1]
+        missing = [m for m in wanted if m != "mx" and m not in published]
+    if missing:
+        return False, REASON_MISMATCH, ("the SPF record at " + domain.spec.domain + " lacks "
+                                        + ", ".join(missing))
+    return True, REASON_VERIFIED, f"SPF record at {domain.spec.domain} authorises the relay"
+
+
+@dataclass(frozen=True)
+class DomainSigning:
+    """What the relay needs to sign for this domain. ``pem`` is secret: never log or show."""
+
+    selector: str
+    algorithm: str
+    pem: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    secret: dict[str, Any]
+    """The desired DKIM key Secret."""
+    state: DKIMState
+    status: dict[str, Any]
+    """The status patch: conditions, observedGeneration, dkim, dnsRecords, relay."""
+    events: list[Event]
+    enabled: bool
+    """Whether the relay may send for this domain (verified, or verification skipped)."""
+    next_check: datetime | None
+    """When the rotation needs the next reconcile (interval end, retirement); DNS re-checks
+    with backoff are the caller's."""
+
+    @property
+    def signing(self) -> DomainSigning:
+        key = self.state.active_key
+        return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem)
+
+
+def reconcile_domain(
+    domain: SendingDomain,
+    *,
+    relay: SmtpRelay | None,
+    namespace_labels: Mapping[str, str] | None,
+    existing_secret: Mapping[str, Any] | None,
+    observed: Observed | None,
+    now: datetime,
+    key_factory: KeyFactory = generate_dkim_key,
+) -> DomainResult:
+    """Everything the operator does for one SendingDomain, minus the I/O.
+
+    ``observed``: answers for ``names_to_check`` (None: DNS not consulted this time; the
+    verification conditions then say NotChecked unless ``spec.verification.skip``).
+    """
+    skip = domain.spec.verification.skip
+    obs: Observed = observed or {}
+    state = state_from_secret(existing_secret)
+    events: list[Event] = []
+    # At most one state change per reconcile: each one deserves its own Event and status.
+    next_served = skip
+    if state is not None and state.next:
+        served = dkim_served(DNSRecord("dkim", dkim_record_name(state.next, domain.spec.domain),
+                                       dkim_txt_value(state.keys[state.next].pem)), obs)
+        next_served = skip or bool(served)
+    state, events = advance(domain, state, next_served=next_served, now=now,
+                            key_factory=key_factory)
+    records = dns_records(domain, state)
+
+    verified: dict[str, bool | None] = {}
+    for rec in records:
+        if rec.purpose == "dkim":
+            verified[rec.name] = dkim_served(rec, obs) if observed is not None else None
+    spf_verified, spf_reason, spf_message = (
+        spf_ok(domain, obs) if observed is not None
+        else (None, REASON_NOT_CHECKED, "DNS not checked yet"))
+    if observed is not None:
+        dmarc_answers = obs.get(f"_dmarc.{domain.spec.domain}")
+        verified[f"_dmarc.{domain.spec.domain}"] = (
+            None if dmarc_answers is None
+            else any(a.lower().startswith("v=dmarc1") for a in dmarc_answers))
+    verified[domain.spec.domain] = spf_verified
+
+    active = records[0]
+    dkim_ok = verified.get(active.name)
+    if dkim_ok:
+        dkim_cond = (True, REASON_VERIFIED, f"DNS serves the DKIM key of selector {state.active}")
+    elif observed is None:
+        dkim_cond = (False, REASON_NOT_CHECKED, "DNS not checked yet")
+    elif dkim_ok is None:
+        dkim_cond = (False, REASON_LOOKUP_FAILED, f"the TXT lookup of {active.name} failed")
+    elif obs.get(active.name):
+        dkim_cond = (False, REASON_MISMATCH,
+                     f"{active.name} serves a different key than the one in status.dnsRecords")
+    else:
+        dkim_cond = (False, REASON_NOT_FOUND, f"no DKIM record at {active.name} yet")
+    spf_cond = (bool(spf_verified), spf_reason, spf_message)
+
+    enabled, ready_reason, ready_message = _readiness(domain, relay, namespace_labels,
+                                                      dkim_cond, spf_cond)
+    gen, conds = domain.meta.generation, domain.status.get("conditions")
+    conds = set_condition(conds, DKIM_VERIFIED, *dkim_cond, gen, now)
+    conds = set_condition(conds, SPF_VERIFIED, *spf_cond, gen, now)
+    conds = set_condition(conds, READY, enabled, ready_reason, ready_message, gen, now)
+    if observed is not None:
+        for cond_type, (ok, reason, message) in ((DKIM_VERIFIED, dkim_cond),
+                                                 (SPF_VERIFIED, spf_cond)):
+            before = get_condition(domain.status.get("conditions"), cond_type)
+            was = before is not None and before.get("status") == "True"
+            if ok != was and not skip:
+                events.append(Event("Normal" if ok else "Warning", reason, message))
+
+    status: dict[str, Any] = {
+        "observedGeneration": gen,
+        "conditions": conds,
+        "domain": domain.spec.domain,
+        "relay": f"{domain.relay_namespace}/{domain.spec.relay_ref.name}",
+        "dkim": _dkim_status(state),
+        "dnsRecords": [r.to_status(verified.get(r.name)) for r in records],
+    }
+    if observed is not None:
+        status["lastCheckTime"] = format_time(now)
+    return DomainResult(secret_manifest(domain, state), state, status, events, enabled,
+                        _next_check(domain, state))
+
+
+def _readiness(domain: SendingDomain, relay: SmtpRelay | None,
+               namespace_labels: Mapping[str, str] | None,
+               dkim: tuple[bool, str, str], spf: tuple[bool, str, str]) -> tuple[bool, str, str]:
+    ref = f"{domain.relay_namespace}/{domain.spec.relay_ref.name}"
+    if relay is None:
+        return False, REASON_RELAY_NOT_FOUND, f"SmtpRelay {ref} does not exist"
+    if not namespace_allowed(relay, domain.meta.namespace, namespace_labels):
+        return (False, REASON_NAMESPACE_NOT_ALLOWED,
+                f"SmtpRelay {ref} does not allow namespace {domain.meta.namespace!r} "
+                "(see its spec.allowedNamespaces)")
+    if domain.spec.verification.skip:
+        return True, REASON_SKIPPED, "DNS verification skipped (spec.verification.skip)"
+    if not dkim[0]:
+        return False, "DKIMNotVerified", dkim[2]
+    if not spf[0]:
+        return False, "SPFNotVerified", spf[2]
+    return True, REASON_VERIFIED, f"DKIM and SPF verified; enabled on SmtpRelay {ref}"
+
+
+def _dkim_status(state: DKIMState) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "phase": state.phase,
+        "activeSelector": state.active,
+        "algorithm": state.active_key.algorithm,
+        "keyCreatedAt": format_time(state.active_key.created_at),
+        "phaseSince": format_time(state.phase_since),
+    }
+    if state.next:
+        out["nextSelector"] = state.next
+    if state.retiring:
+        out["retiringSelector"] = state.retiring
+    if state.retire_at:
+        out["retireAt"] = format_time(state.retire_at)
+    return out
+
+
+def _next_check(domain: SendingDomain, state: DKIMState) -> datetime | None:
+    if state.phase == "Switched":
+        return state.retire_at
+    interval = domain.spec.dkim.rotation_interval
+    if state.phase == "Stable" and interval is not None:
+        return state.active_key.created_at + timedelta(seconds=interval)
+    return None
+
+
+def domain_enabled(domain: SendingDomain) -> tuple[bool, str]:
+    """Whether a relay render includes this domain, from its spec and last status:
+    (enabled, reason when not)."""
+    if domain.spec.verification.skip:
+        return True, REASON_SKIPPED
+    ready = get_condition(domain.status.get("conditions"), READY)
+    if ready is not None and ready.get("status") == "True":
+        return True, REASON_VERIFIED
+    reason = str(ready.get("reason")) if ready is not None else "NotVerified"
+    return False, reason
+
+
+def signing_from_secret(secret: Mapping[str, Any] | None) -> DomainSigning | None:
+    """The active signing key from the DKIM Secret, for the relay render."""
+    state = state_from_secret(secret)
+    if state is None:
+        return None
+    key = state.active_key
+    return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem)
+
+
+def random_key_factory(random: RandomBytes = os.urandom) -> KeyFactory:
+    """A KeyFactory whose Ed25519 keys come from ``random`` (RSA keys cannot)."""
+    return lambda algorithm: generate_dkim_key(algorithm, random)

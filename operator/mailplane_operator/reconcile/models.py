@@ -1,0 +1,533 @@
+"""Typed models of the four custom resources: the operator's trust boundary.
+
+A CR body (the dict kopf hands over) is parsed once with ``parse_smtp_relay``,
+``parse_sending_domain``, ``parse_smtp_credential`` or ``parse_retention_policy``; a body that
+does not fit raises ``SpecError`` whose message names the field (``spec.delivery.smarthost: ...``)
+and the fix. The CRD schema (crds/) rejects most of this at admission already; these models repeat
+the rules that matter, including the CEL rules, because the operator must not trust that the CRD
+installed in a cluster is the current one.
+
+Durations in the custom resources use the Kubernetes/Go form (``90s``, ``15m``, ``2160h``,
+``1h30m``), as cert-manager does, so that CEL's ``duration()`` can compare them; the models turn
+them into seconds (floats).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROUP = "mailplane.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DOMAIN_PATTERN = (
+    r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$"
+)
+# The same rule without look-arounds, for the CRD (Kubernetes patterns are RE2: no look-arounds).
+DOMAIN_PATTERN_RE2 = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+SENDER_PATTERN_RE2 = (
+    r"^([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@)?"
+    r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
+SELECTOR_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+_DOMAIN_RE = re.compile(DOMAIN_PATTERN)
+_SENDER_RE = re.compile(SENDER_PATTERN_RE2)
+_GO_DURATION_RE = re.compile(GO_DURATION_PATTERN)
+_GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SpecError(ValueError):
+    """A custom resource that cannot be reconciled; the message names the field and the fix."""
+
+
+def parse_go_duration(value: str) -> float:
+    """Seconds from a Kubernetes/Go duration string (``90s``, ``15m``, ``2160h``, ``1h30m``)."""
+    text = value.strip()
+    if not _GO_DURATION_RE.match(text):
+        raise ValueError(
+            f"{value!r} is not a duration: use a number with a unit ms, s, m or h, "
+            "e.g. '90s', '15m', '2160h' (90 days), '1h30m'"
+        )
+    return sum(float(n) * _UNITS[u] for n, u in _GO_DURATION_PART.findall(text))
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in the Go form, the shortest exact one (``2160h``, ``90s``, ``1h30m``)."""
+    whole = round(seconds)
+    if abs(seconds - whole) > 1e-9:
+        return f"{round(seconds * 1000)}ms"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    out += f"{secs}s" if secs or not out else ""
+    return out
+
+
+def _as_seconds(_cls: type, value: object) -> object:
+    if isinstance(value, str):
+        return parse_go_duration(value)
+    return value
+
+
+def _durations(*names: str) -> Any:
+    """A validator that reads Go duration strings in these fields as seconds."""
+    return field_validator(*names, mode="before")(classmethod(_as_seconds))
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+_S = TypeVar("_S", bound=_Spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+class LabelSelectorRequirement(_Spec):
+    key: str = Field(min_length=1)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(_Spec):
+    """The Kubernetes label selector. An empty selector matches everything."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: tuple[LabelSelectorRequirement, ...] = Field((), alias="matchExpressions")
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
+class ObjectRef(_Spec):
+    """A reference to a namespaced object; an omitted namespace means the referrer's own."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    namespace: str | None = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
+
+
+class SecretKeyRef(_Spec):
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    key: str = Field("password", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+# --------------------------------------------------------------------------------------------
+# SmtpRelay
+# --------------------------------------------------------------------------------------------
+
+
+class ListenerSpec(_Spec):
+    enabled: bool = True
+    port: int = Field(ge=1, le=65535)
+
+
+class ListenersSpec(_Spec):
+    """Service ports. ``submission``: STARTTLS (587); ``submissions``: implicit TLS (465)."""
+
+    submission: ListenerSpec = ListenerSpec(port=587)
+    submissions: ListenerSpec = ListenerSpec(port=465)
+
+    @model_validator(mode="after")
+    def _one_enabled(self) -> ListenersSpec:
+        if not (self.submission.enabled or self.submissions.enabled):
+            raise ValueError("enable at least one of listeners.submission and "
+                             "listeners.submissions")
+        if self.submission.enabled and self.submissions.enabled and (
+            self.submission.port == self.submissions.port
+        ):
+            raise ValueError("listeners.submission.port and listeners.submissions.port "
+                             "must differ")
+        return self
+
+
+class RelayTLSSpec(_Spec):
+    """The Secret holding ``tls.crt`` and ``tls.key`` (a cert-manager Certificate's Secret)."""
+
+    secret_name: str = Field(alias="secretName", pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    min_version: Literal["1.2", "1.3"] = Field("1.2", alias="minVersion")
+
+
+class SmarthostSpec(_Spec):
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username: str | None = Field(None, min_length=1, max_length=256)
+    password_secret_ref: SecretKeyRef | None = Field(None, alias="passwordSecretRef")
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> SmarthostSpec:
+        if (self.username is None) != (self.password_secret_ref is None):
+            raise ValueError("username and passwordSecretRef go together: set both for AUTH "
+                             "to the smarthost, or neither")
+        return self
+
+
+class DeliverySpec(_Spec):
+    mode: Literal["mx", "smarthost"] = "mx"
+    smarthost: SmarthostSpec | None = None
+    helo_name: str | None = Field(None, alias="heloName", max_length=253)
+
+    @model_validator(mode="after")
+    def _smarthost_needed(self) -> DeliverySpec:
+        if self.mode == "smarthost" and self.smarthost is None:
+            raise ValueError("mode is 'smarthost' but smarthost is missing: add "
+                             "smarthost.host (and port), or use mode 'mx'")
+        if self.mode == "mx" and self.smarthost is not None:
+            raise ValueError("smarthost is set but mode is 'mx': set mode 'smarthost' or "
+                             "remove smarthost")
+        return self
+
+
+class QueueSpec(_Spec):
+    retry_initial: float = Field(60.0, alias="retryInitial", ge=1)
+    retry_max: float = Field(3600.0, alias="retryMax", ge=1)
+    max_lifetime: float = Field(5 * 86400.0, alias="maxLifetime", ge=60)
+
+    _d = _durations("retry_initial", "retry_max", "max_lifetime")
+
+    @model_validator(mode="after")
+    def _order(self) -> QueueSpec:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retryMax must not be shorter than retryInitial")
+        if self.max_lifetime < self.retry_initial:
+            raise ValueError("maxLifetime must not be shorter than retryInitial")
+        return self
+
+
+class SpoolSpec(_Spec):
+    size: str = Field("10Gi", pattern=QUANTITY_PATTERN)
+    storage_class_name: str | None = Field(None, alias="storageClassName")
+
+
+class LimitsSpec(_Spec):
+    max_message_size: int = Field(25 * 1024 * 1024, alias="maxMessageSize", ge=1024)
+    max_recipients: int = Field(100, alias="maxRecipients", ge=1, le=10000)
+    default_rate_per_minute: int | None = Field(None, alias="defaultRatePerMinute", ge=1)
+    default_daily_quota: int | None = Field(None, alias="defaultDailyQuota", ge=1)
+
+
+class ServiceMonitorSpec(_Spec):
+    enabled: bool = True
+    interval: str = Field("30s", pattern=GO_DURATION_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class MonitoringSpec(_Spec):
+    service_monitor: ServiceMonitorSpec = Field(ServiceMonitorSpec(), alias="serviceMonitor")
+
+
+class SmtpRelaySpec(_Spec):
+    replicas: int = Field(2, ge=0, le=100)
+    image: str | None = None
+    hostname: str | None = Field(None, max_length=253)
+    listeners: ListenersSpec = ListenersSpec()
+    tls: RelayTLSSpec
+    delivery: DeliverySpec = DeliverySpec()
+    queue: QueueSpec = QueueSpec()
+    spool: SpoolSpec = SpoolSpec()
+    limits: LimitsSpec = LimitsSpec()
+    allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
+    shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)
+    resources: dict[str, Any] | None = None
+    monitoring: MonitoringSpec = MonitoringSpec()
+
+    _d = _durations("shutdown_grace")
+
+
+# --------------------------------------------------------------------------------------------
+# SendingDomain
+# --------------------------------------------------------------------------------------------
+
+
+class DKIMSpec(_Spec):
+    selector: str = Field("mailplane", pattern=SELECTOR_PATTERN)
+    algorithm: Literal["rsa-2048", "ed25519"] = "rsa-2048"
+    rotation_interval: float | None = Field(None, alias="rotationInterval", ge=3600)
+    retire_after: float = Field(7 * 86400.0, alias="retireAfter", ge=0)
+
+    _d = _durations("rotation_interval", "retire_after")
+
+
+class SPFSpec(_Spec):
+    """What the suggested SPF record authorises; ``record`` replaces the suggestion."""
+
+    include: tuple[str, ...] = ()
+    ip4: tuple[str, ...] = ()
+    ip6: tuple[str, ...] = ()
+    record: str | None = Field(None, pattern=r"^v=spf1( .*)?$", max_length=2048)
+
+
+class DMARCSpec(_Spec):
+    policy: Literal["none", "quarantine", "reject"] = "none"
+    rua: str | None = Field(None, pattern=r"^mailto:[^ ;,]+@[^ ;,]+$")
+
+
+class VerificationSpec(_Spec):
+    """``skip``: enable the domain without DNS checks (a lab, or DNS managed elsewhere)."""
+
+    skip: bool = False
+
+
+class SendingDomainSpec(_Spec):
+    domain: str
+    relay_ref: ObjectRef = Field(alias="relayRef")
+    dkim: DKIMSpec = DKIMSpec()
+    spf: SPFSpec = SPFSpec()
+    dmarc: DMARCSpec = DMARCSpec()
+    verification: VerificationSpec = VerificationSpec()
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _domain(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower().rstrip(".")
+            if not _DOMAIN_RE.match(v):
+                raise ValueError(f"{v!r} is not a domain name such as 'example.com'")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# SmtpCredential
+# --------------------------------------------------------------------------------------------
+
+
+class RotationSpec(_Spec):
+    """Scheduled rotation every ``interval`` (none: only on demand); the previous password keeps
+    working for ``overlap`` after each rotation."""
+
+    interval: float | None = Field(None, ge=3600)
+    overlap: float = Field(3600.0, ge=0)
+
+    _d = _durations("interval", "overlap")
+
+    @model_validator(mode="after")
+    def _overlap_shorter(self) -> RotationSpec:
+        if self.interval is not None and self.overlap >= self.interval:
+            raise ValueError("overlap must be shorter than interval, or the previous password "
+                             "would never expire before the next rotation")
+        return self
+
+
+class SmtpCredentialSpec(_Spec):
+    relay_ref: ObjectRef = Field(alias="relayRef")
+    allowed_senders: tuple[str, ...] = Field(alias="allowedSenders", min_length=1, max_length=100)
+    rate_per_minute: int | None = Field(None, alias="ratePerMinute", ge=1)
+    daily_quota: int | None = Field(None, alias="dailyQuota", ge=1)
+    suspended: bool = False
+    suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
+    secret_name: str | None = Field(None, alias="secretName", pattern=DNS_SUBDOMAIN_PATTERN,
+                                    max_length=253)
+    rotation: RotationSpec = RotationSpec()
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for item in v:
+            s = item.strip().lower()
+            if not _SENDER_RE.match(s):
+                raise ValueError(f"{item!r} is neither a domain ('example.com') nor an address "
+                                 "('noreply@example.com')")
+            out.append(s)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _reason_needs_suspension(self) -> SmtpCredentialSpec:
+        if self.suspended_reason is not None and not self.suspended:
+            raise ValueError("suspendedReason is set but suspended is false")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# RetentionPolicy
+# --------------------------------------------------------------------------------------------
+
+
+class RetentionPolicySpec(_Spec):
+    relay_selector: LabelSelector = Field(LabelSelector(), alias="relaySelector")
+    message_log: float = Field(90 * 86400.0, alias="messageLog", ge=3600)
+    suppression: float = Field(365 * 86400.0, ge=3600)
+    purge_interval: float = Field(3600.0, alias="purgeInterval", ge=60, le=86400)
+
+    _d = _durations("message_log", "suppression", "purge_interval")
+
+    @model_validator(mode="after")
+    def _purge_often_enough(self) -> RetentionPolicySpec:
+        if self.purge_interval > self.message_log:
+            raise ValueError("purgeInterval must not be longer than messageLog")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Parsed resources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    deletion_timestamp: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``, for humans and for status lists."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SmtpRelay:
+    meta: Meta
+    spec: SmtpRelaySpec
+    status: Mapping[str, Any] = field(default_factory=dict)
+    kind = "SmtpRelay"
+
+
+@dataclass(frozen=True)
+class SendingDomain:
+    meta: Meta
+    spec: SendingDomainSpec
+    status: Mapping[str, Any] = field(default_factory=dict)
+    kind = "SendingDomain"
+
+    @property
+    def relay_namespace(self) -> str:
+        return self.spec.relay_ref.namespace or self.meta.namespace
+
+
+@dataclass(frozen=True)
+class SmtpCredential:
+    meta: Meta
+    spec: SmtpCredentialSpec
+    status: Mapping[str, Any] = field(default_factory=dict)
+    kind = "SmtpCredential"
+
+    @property
+    def relay_namespace(self) -> str:
+        return self.spec.relay_ref.namespace or self.meta.namespace
+
+    @property
+    def secret_name(self) -> str:
+        return self.spec.secret_name or f"{self.meta.name}-smtp"
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    meta: Meta
+    spec: RetentionPolicySpec
+    status: Mapping[str, Any] = field(default_factory=dict)
+    kind = "RetentionPolicy"
+
+
+def _format_errors(kind: str, name: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"spec.{loc}: {msg}" if loc else f"spec: {msg}")
+    return f"{kind} {name}: " + "; ".join(lines)
+
+
+def parse_meta(body: Mapping[str, Any]) -> Meta:
+    md = body.get("metadata") or {}
+    name = md.get("name")
+    if not name:
+        raise SpecError("metadata.name is missing")
+    return Meta(
+        name=str(name),
+        namespace=str(md.get("namespace") or "default"),
+        uid=str(md.get("uid") or ""),
+        generation=int(md.get("generation") or 0),
+        labels=dict(md.get("labels") or {}),
+        annotations=dict(md.get("annotations") or {}),
+        deletion_timestamp=md.get("deletionTimestamp") or None,
+    )
+
+
+def _parse_spec(model: type[_S], kind: str, body: Mapping[str, Any]) -> tuple[Meta, _S]:
+    meta = parse_meta(body)
+    spec = body.get("spec")
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"{kind} {meta.key}: spec is missing or not a mapping")
+    try:
+        return meta, model.model_validate(dict(spec))
+    except ValidationError as exc:
+        raise SpecError(_format_errors(kind, meta.key, exc)) from None
+
+
+def parse_smtp_relay(body: Mapping[str, Any]) -> SmtpRelay:
+    meta, spec = _parse_spec(SmtpRelaySpec, "SmtpRelay", body)
+    return SmtpRelay(meta, spec, dict(body.get("status") or {}))
+
+
+def parse_sending_domain(body: Mapping[str, Any]) -> SendingDomain:
+    meta, spec = _parse_spec(SendingDomainSpec, "SendingDomain", body)
+    return SendingDomain(meta, spec, dict(body.get("status") or {}))
+
+
+def parse_smtp_credential(body: Mapping[str, Any]) -> SmtpCredential:
+    meta, spec = _parse_spec(SmtpCredentialSpec, "SmtpCredential", body)
+    return SmtpCredential(meta, spec, dict(body.get("status") or {}))
+
+
+def parse_retention_policy(body: Mapping[str, Any]) -> RetentionPolicy:
+    meta, spec = _parse_spec(RetentionPolicySpec, "RetentionPolicy", body)
+    return RetentionPolicy(meta, spec, dict(body.get("status") or {}))
+
+
+PARSERS = {
+    "SmtpRelay": parse_smtp_relay,
+    "SendingDomain": parse_sending_domain,
+    "SmtpCredential": parse_smtp_credential,
+    "RetentionPolicy": parse_retention_policy,
+}
+
+
+def owner_reference(kind: str, meta: Meta) -> dict[str, Any]:
+    """The ownerReference that makes a child go away with its custom resource."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": meta.name,
+        "uid": meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

@@ -1,0 +1,282 @@
+"""SmtpRelay: the Kubernetes objects that run a relay pool, and the relay's status.
+
+Children (all labelled ``app.kubernetes.io/name=mailplane-relay``,
+``app.kubernetes.io/instance=<relay>``, ``app.kubernetes.io/managed-by=mailplane-operator`` and
+owned by the SmtpRelay, so deleting the relay removes them):
+
+- StatefulSet ``<relay>``: one spool PVC per pod (``spool`` at /var/lib/mailplane, which also
+  holds the message log), non-root with a read-only root filesystem, probes on /livez and
+  /readyz, a preStop pause so endpoints drop the pod before SIGTERM starts the drain, and a grace
+  period longer than the preStop pause plus the relay's ``shutdownGrace``.
+- Service ``<relay>``: submission 587 -> container 1587 (STARTTLS), submissions 465 -> 1465
+  (implicit TLS), http 8080. The container listens on unprivileged ports so it needs no
+  capability; clients only ever see the Service ports.
+- Service ``<relay>-headless``: per-pod DNS for the StatefulSet.
+- PodDisruptionBudget ``<relay>``: at most one pod drained at a time.
+- ServiceMonitor ``<relay>`` when the caller says the cluster has that CRD.
+
+The pod template depends on the SmtpRelay spec only. The configuration is a projected volume of
+``CONFIG_SECRET_SLOTS`` optional Secrets ``<relay>-config-0..N``: a credential or domain change
+rewrites Secrets (the relay hot-reloads the directory) but never the pod template, so no pod
+restarts. The config hash is shown in the SmtpRelay status and as an annotation on the
+StatefulSet object (not its template).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from .conditions import READY, set_condition
+from .models import SmtpRelay, owner_reference
+
+DEFAULT_IMAGE = "ghcr.io/mailplane/mailplane:0.1.0"
+CONFIG_SECRET_SLOTS = 16
+"""How many config Secrets a relay can spread its configuration over (16 x 900 KiB)."""
+
+CONFIG_DIR = "/etc/mailplane/config"
+TLS_DIR = "/etc/mailplane/tls"
+SMARTHOST_DIR = "/etc/mailplane/smarthost"
+DATA_DIR = "/var/lib/mailplane"
+SUBMISSION_CONTAINER_PORT = 1587
+SUBMISSIONS_CONTAINER_PORT = 1465
+HTTP_PORT = 8080
+PRESTOP_SECONDS = 5
+RUN_AS_USER = 10001
+
+ANN_CONFIG_HASH = "mailplane.io/config-hash"
+LABEL_RELAY = "mailplane.io/relay"
+LABEL_COMPONENT = "mailplane.io/component"
+
+
+def selector_labels(relay: SmtpRelay) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "mailplane-relay",
+            "app.kubernetes.io/instance": relay.meta.name}
+
+
+def child_labels(relay: SmtpRelay) -> dict[str, str]:
+    return {**selector_labels(relay), "app.kubernetes.io/managed-by": "mailplane-operator",
+            LABEL_RELAY: relay.meta.name}
+
+
+def config_secret_name(relay_name: str, index: int) -> str:
+    return f"{relay_name}-config-{index}"
+
+
+def _metadata(relay: SmtpRelay, name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": relay.meta.namespace, "labels": child_labels(relay),
+            "ownerReferences": [owner_reference("SmtpRelay", relay.meta)], **extra}
+
+
+def termination_grace_seconds(relay: SmtpRelay) -> int:
+    """preStop pause + the relay's drain deadline + a margin for the last fsyncs and exit."""
+    return PRESTOP_SECONDS + int(relay.spec.shutdown_grace + 0.999) + 10
+
+
+def pod_template(relay: SmtpRelay, image: str) -> dict[str, Any]:
+    spec = relay.spec
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "projected": {"sources": [
+            {"secret": {"name": config_secret_name(relay.meta.name, i), "optional": True}}
+            for i in range(CONFIG_SECRET_SLOTS)
+        ]}},
+        {"name": "tls", "secret": {"secretName": spec.tls.secret_name,
+                                   "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                             {"key": "tls.key", "path": "tls.key"}]}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+        {"name": "spool", "mountPath": DATA_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    smarthost = spec.delivery.smarthost
+    if smarthost is not None and smarthost.password_secret_ref is not None:
+        ref = smarthost.password_secret_ref
+        volumes.append({"name": "smarthost", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "password"}]}})
+        mounts.append({"name": "smarthost", "mountPath": SMARTHOST_DIR, "readOnly": True})
+    ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    if spec.listeners.submission.enabled:
+        ports.append({"name": "submission", "containerPort": SUBMISSION_CONTAINER_PORT,
+                      "protocol": "TCP"})
+    if spec.listeners.submissions.enabled:
+        ports.append({"name": "submissions", "containerPort": SUBMISSIONS_CONTAINER_PORT,
+                      "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": "relay",
+        "image": spec.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["mailplane", "relay", "--config", CONFIG_DIR],
+        "ports": ports,
+        "volumeMounts": mounts,
+        "livenessProbe": {"httpGet": {"path": "/livez", "port": "http"},
+                          "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
+                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "startupProbe": {"httpGet": {"path": "/livez", "port": "http"},
+                         "periodSeconds": 2, "failureThreshold": 60},
+        # The pause lets endpoint controllers drop the pod from the Service before SIGTERM makes
+        # the relay stop accepting; the relay's own drain then runs within shutdownGrace.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.resources:
+        container["resources"] = dict(spec.resources)
+    return {
+        "metadata": {"labels": child_labels(relay)},
+        "spec": {
+            "serviceAccountName": "default",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": termination_grace_seconds(relay),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS_USER,
+                "runAsGroup": RUN_AS_USER,
+                "fsGroup": RUN_AS_USER,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
+
+
+def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
+                config_hash: str | None = None) -> dict[str, Any]:
+    spool = relay.spec.spool
+    pvc_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                "resources": {"requests": {"storage": spool.size}}}
+    if spool.storage_class_name:
+        pvc_spec["storageClassName"] = spool.storage_class_name
+    annotations = {ANN_CONFIG_HASH: config_hash} if config_hash else {}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(relay, relay.meta.name, annotations=annotations),
+        "spec": {
+            "replicas": relay.spec.replicas,
+            "serviceName": f"{relay.meta.name}-headless",
+            # Pods are independent relays with their own spools: no ordering needed.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(relay)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain",
+                                                     "whenScaled": "Retain"},
+            "template": pod_template(relay, image),
+            "volumeClaimTemplates": [{"metadata": {"name": "spool"}, "spec": pvc_spec}],
+        },
+    }
+
+
+def _service_ports(relay: SmtpRelay) -> list[dict[str, Any]]:
+    listeners = relay.spec.listeners
+    ports = []
+    if listeners.submission.enabled:
+        ports.append({"name": "submission", "port": listeners.submission.port,
+                      "targetPort": "submission", "protocol": "TCP"})
+    if listeners.submissions.enabled:
+        ports.append({"name": "submissions", "port": listeners.submissions.port,
+                      "targetPort": "submissions", "protocol": "TCP"})
+    ports.append({"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"})
+    return ports
+
+
+def service(relay: SmtpRelay) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(relay, relay.meta.name),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(relay),
+                 "ports": _service_ports(relay)},
+    }
+
+
+def headless_service(relay: SmtpRelay) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(relay, f"{relay.meta.name}-headless"),
+        "spec": {"clusterIP": "None", "selector": selector_labels(relay),
+                 "publishNotReadyAddresses": True, "ports": _service_ports(relay)},
+    }
+
+
+def pod_disruption_budget(relay: SmtpRelay) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": _metadata(relay, relay.meta.name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(relay)}},
+    }
+
+
+def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
+    sm = relay.spec.monitoring.service_monitor
+    meta = _metadata(relay, relay.meta.name)
+    meta["labels"] = {**meta["labels"], **sm.labels}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {"selector": {"matchLabels": selector_labels(relay)},
+                 "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval}]},
+    }
+
+
+def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
+                   service_monitor_available: bool = False,
+                   config_hash: str | None = None) -> list[dict[str, Any]]:
+    """The desired children, in apply order. ``service_monitor_available``: the cluster serves
+    monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery)."""
+    out = [service(relay), headless_service(relay), pod_disruption_budget(relay),
+           statefulset(relay, image=image, config_hash=config_hash)]
+    if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
+        out.append(service_monitor(relay))
+    return out
+
+
+def relay_status(
+    relay: SmtpRelay,
+    *,
+    statefulset_status: Mapping[str, Any] | None,
+    config_hash: str,
+    config_secrets: list[str],
+    domains: list[str],
+    credentials: int,
+    excluded: int,
+    retention_policies: list[str],
+    now: datetime,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The SmtpRelay status patch. Ready: configuration rendered and every replica ready.
+    ``error``: a render failure message (Ready=False, reason ConfigInvalid)."""
+    sts = statefulset_status or {}
+    ready_replicas = int(sts.get("readyReplicas") or 0)
+    want = relay.spec.replicas
+    if error:
+        ready = (False, "ConfigInvalid", error)
+    elif ready_replicas < want:
+        ready = (False, "ReplicasNotReady", f"{ready_replicas}/{want} replicas ready")
+    else:
+        ready = (True, "RelayReady", f"{ready_replicas}/{want} replicas ready; "
+                 f"{len(domains)} domains, {credentials} credentials")
+    return {
+        "observedGeneration": relay.meta.generation,
+        "conditions": set_condition(relay.status.get("conditions"), READY, *ready,
+                                    relay.meta.generation, now),
+        "replicas": int(sts.get("replicas") or 0),
+        "readyReplicas": ready_replicas,
+        "configHash": config_hash,
+        "configSecrets": config_secrets,
+        "domains": domains,
+        "domainCount": len(domains),
+        "credentialCount": credentials,
+        "excludedCount": excluded,
+        "retentionPolicies": retention_policies,
+    }

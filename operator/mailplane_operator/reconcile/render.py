@@ -1,0 +1,355 @@
+"""The relay configuration of one SmtpRelay, rendered from its resources.
+
+``render_relay_config`` turns an SmtpRelay, the SendingDomains and SmtpCredentials that reference
+it (with their Secrets) and the RetentionPolicies of its namespace into the documents of the
+contract in ``mailplane_relay.config``: one ``RelayConfig`` (settings) and as many
+``RelayDomains``/``RelayCredentials`` chunks as needed, packed into Secrets
+``<relay>-config-<n>`` whose serialized manifests each stay under ``MAX_SECRET_BYTES`` (well
+under the 1 MiB limit of a Secret). The result is parsed with
+``mailplane_relay.config.parse_documents`` before it is returned: a render the relay would reject
+raises ``RenderError`` instead of reaching the cluster.
+
+A domain is included when it references this relay, its namespace is allowed, it is verified
+(or ``spec.verification.skip``) and its DKIM key exists. A credential is included when it
+references this relay, its namespace is allowed, every allowed sender's domain is included, and
+its Secret holds a password. Everything left out is listed in ``RenderResult.excluded`` with the
+reason (the same reasons as the resources' Ready conditions). Output is deterministic: same
+inputs, same files, same hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from mailplane_relay.config import (
+    KIND_CONFIG,
+    KIND_CREDENTIALS,
+    KIND_DOMAINS,
+    ConfigError,
+    RelayConfig,
+    parse_documents,
+    render_document,
+)
+
+from . import credential as cred_mod
+from . import domain as domain_mod
+from . import relay as relay_mod
+from .models import (
+    RetentionPolicy,
+    SendingDomain,
+    SmtpCredential,
+    SmtpRelay,
+    owner_reference,
+)
+from .retention import Retention, retention_for_relay
+
+MAX_SECRET_BYTES = 900 * 1024
+"""Upper bound of one config Secret's JSON manifest (base64 data included)."""
+_SECRET_OVERHEAD = 4096
+
+REASON_DUPLICATE_DOMAIN = "DuplicateDomain"
+REASON_DKIM_KEY_PENDING = "DKIMKeyPending"
+REASON_SECRET_PENDING = "SecretPending"  # noqa: S105 - a condition reason
+REASON_DELETING = "Deleting"
+REASON_OTHER_RELAY = "OtherRelay"
+
+
+class RenderError(Exception):
+    """The rendered configuration is not valid or does not fit; the message says why."""
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Where the relay finds things. The defaults are the pod's layout (see ``relay.py``);
+    ``mailplane dev`` passes local paths and ports."""
+
+    tls_cert: str = f"{relay_mod.TLS_DIR}/tls.crt"
+    tls_key: str = f"{relay_mod.TLS_DIR}/tls.key"
+    spool: str = f"{relay_mod.DATA_DIR}/spool"
+    message_log: str = f"{relay_mod.DATA_DIR}/messagelog.sqlite3"
+    smarthost_password: str = f"{relay_mod.SMARTHOST_DIR}/password"
+    listen_address: str = "0.0.0.0"
+    submission_port: int = relay_mod.SUBMISSION_CONTAINER_PORT
+    submissions_port: int = relay_mod.SUBMISSIONS_CONTAINER_PORT
+    http_address: str = "0.0.0.0"
+    http_port: int = relay_mod.HTTP_PORT
+    hostname: str | None = None
+    extra_settings: Mapping[str, Any] = field(default_factory=dict)
+    """Merged over the rendered settings (top-level keys), e.g. ``{"spool": {"fsync": False}}``."""
+
+
+@dataclass(frozen=True)
+class DomainInput:
+    domain: SendingDomain
+    dkim_secret: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CredentialInput:
+    credential: SmtpCredential
+    secret: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    kind: str
+    key: str
+    """``namespace/name`` of the resource left out."""
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    secrets: list[dict[str, Any]]
+    """Config Secret manifests ``<relay>-config-0..n-1``, in order. The caller deletes other
+    Secrets labelled ``mailplane.io/relay=<relay>, mailplane.io/component=config``."""
+    files: dict[str, str]
+    """File name -> YAML text: exactly what the relay reads from its config directory."""
+    config_hash: str
+    domains: tuple[str, ...]
+    credentials: tuple[str, ...]
+    """``namespace/name`` of each rendered SmtpCredential."""
+    excluded: tuple[Exclusion, ...]
+    retention: Retention
+    config: RelayConfig = field(repr=False)
+
+    @property
+    def secret_names(self) -> list[str]:
+        return [s["metadata"]["name"] for s in self.secrets]
+
+    def exclusion(self, kind: str, key: str) -> Exclusion | None:
+        return next((e for e in self.excluded if e.kind == kind and e.key == key), None)
+
+
+def _refers_to(obj: SendingDomain | SmtpCredential, relay: SmtpRelay) -> bool:
+    return (obj.spec.relay_ref.name == relay.meta.name
+            and obj.relay_namespace == relay.meta.namespace)
+
+
+def attached_domains(
+    relay: SmtpRelay,
+    domains: Sequence[DomainInput],
+    namespace_labels: Mapping[str, Mapping[str, str]],
+) -> tuple[dict[str, tuple[SendingDomain, domain_mod.DomainSigning]], list[Exclusion]]:
+    """Domains the relay sends for (name -> (resource, signing key)) and those left out."""
+    included: dict[str, tuple[SendingDomain, domain_mod.DomainSigning]] = {}
+    excluded: list[Exclusion] = []
+    for item in sorted(domains, key=lambda d: d.domain.meta.key):
+        dom = item.domain
+
+        def out(reason: str, message: str, dom: SendingDomain = dom) -> None:
+            excluded.append(Exclusion("SendingDomain", dom.meta.key, reason, message))
+
+        if not _refers_to(dom, relay):
+            continue
+        if dom.meta.deletion_timestamp:
+            out(REASON_DELETING, "being deleted")
+            continue
+        if not cred_mod.namespace_allowed(relay, dom.meta.namespace,
+                                          namespace_labels.get(dom.meta.namespace)):
+            out(domain_mod.REASON_NAMESPACE_NOT_ALLOWED,
+                f"SmtpRelay {relay.meta.key} does not allow namespace {dom.meta.namespace!r}")
+            continue
+        enabled, reason = domain_mod.domain_enabled(dom)
+        if not enabled:
+            out(reason, f"domain {dom.spec.domain} is not verified yet")
+            continue
+        signing = domain_mod.signing_from_secret(item.dkim_secret)
+        if signing is None:
+            out(REASON_DKIM_KEY_PENDING, f"no DKIM key for {dom.spec.domain} yet")
+            continue
+        if dom.spec.domain in included:
+            first = included[dom.spec.domain][0].meta.key
+            out(REASON_DUPLICATE_DOMAIN, f"{dom.spec.domain} is already provided by "
+                f"SendingDomain {first}")
+            continue
+        included[dom.spec.domain] = (dom, signing)
+    return included, excluded
+
+
+def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -> dict[str, Any]:
+    """The ``RelayConfig`` spec: settings only (domains and credentials go in chunks)."""
+    spec = relay.spec
+    listeners = []
+    if spec.listeners.submission.enabled:
+        listeners.append({"name": "submission", "address": paths.listen_address,
+                          "port": paths.submission_port, "tls": "starttls"})
+    if spec.listeners.submissions.enabled:
+        listeners.append({"name": "submissions", "address": paths.listen_address,
+                          "port": paths.submissions_port, "tls": "implicit"})
+    delivery: dict[str, Any] = {"mode": spec.delivery.mode}
+    if spec.delivery.smarthost is not None:
+        sh = spec.delivery.smarthost
+        delivery["smarthost"] = {"host": sh.host, "port": sh.port, "tls": sh.tls}
+        if sh.username is not None:
+            delivery["smarthost"].update(username=sh.username,
+                                         passwordFile=paths.smarthost_password)
+    if spec.delivery.helo_name:
+        delivery["heloName"] = spec.delivery.helo_name
+    limits: dict[str, Any] = {"maxMessageSize": spec.limits.max_message_size,
+                              "maxRecipients": spec.limits.max_recipients}
+    if spec.limits.default_rate_per_minute is not None:
+        limits["defaultRatePerMinute"] = spec.limits.default_rate_per_minute
+    if spec.limits.default_daily_quota is not None:
+        limits["defaultDailyQuota"] = spec.limits.default_daily_quota
+    settings: dict[str, Any] = {
+        "hostname": paths.hostname or spec.hostname
+        or f"{relay.meta.name}.{relay.meta.namespace}.svc",
+        "listeners": listeners,
+        "tls": {"certFile": paths.tls_cert, "keyFile": paths.tls_key,
+                "minVersion": spec.tls.min_version},
+        "http": {"address": paths.http_address, "port": paths.http_port},
+        "spool": {"directory": paths.spool},
+        "delivery": delivery,
+        "queue": {"retryInitial": spec.queue.retry_initial, "retryMax": spec.queue.retry_max,
+                  "maxLifetime": spec.queue.max_lifetime},
+        "limits": limits,
+        "retention": retention.to_config(),
+        "messageLog": {"path": paths.message_log},
+        "shutdownGrace": spec.shutdown_grace,
+    }
+    for key, value in paths.extra_settings.items():
+        if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return settings
+
+
+def _domain_entry(name: str, signing: domain_mod.DomainSigning) -> dict[str, Any]:
+    return {"name": name, "dkim": {"selector": signing.selector,
+                                   "algorithm": signing.algorithm,
+                                   "privateKey": signing.pem}}
+
+
+def _pack(entries: list[tuple[str, dict[str, Any]]], first_used: int,
+          budget: int) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Greedy packing of (kind, entry) into Secrets of at most ``budget`` raw bytes; the first
+    Secret already holds ``first_used`` bytes (the settings document)."""
+    bins: list[list[tuple[str, dict[str, Any]]]] = [[]]
+    used = first_used
+    for kind, entry in entries:
+        # JSON size is a close upper bound of the block-YAML size of the same entry.
+        size = len(json.dumps(entry)) + 64
+        if used + size > budget and bins[-1]:
+            bins.append([])
+            used = 0
+        bins[-1].append((kind, entry))
+        used += size
+    return bins
+
+
+def _secret_json_size(manifest: Mapping[str, Any]) -> int:
+    return len(json.dumps(manifest, separators=(",", ":")))
+
+
+def config_secret(relay: SmtpRelay, index: int, files: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": relay_mod.config_secret_name(relay.meta.name, index),
+            "namespace": relay.meta.namespace,
+            "labels": {**relay_mod.child_labels(relay), relay_mod.LABEL_COMPONENT: "config"},
+            "ownerReferences": [owner_reference("SmtpRelay", relay.meta)],
+        },
+        "data": {name: base64.b64encode(text.encode()).decode()
+                 for name, text in sorted(files.items())},
+    }
+
+
+def render_relay_config(
+    relay: SmtpRelay,
+    *,
+    domains: Sequence[DomainInput],
+    credentials: Sequence[CredentialInput],
+    policies: Sequence[RetentionPolicy],
+    namespace_labels: Mapping[str, Mapping[str, str]],
+    now: datetime,
+    paths: RuntimePaths | None = None,
+    max_secret_bytes: int = MAX_SECRET_BYTES,
+) -> RenderResult:
+    """Render and validate the relay configuration; see the module docstring.
+
+    ``namespace_labels``: namespace name -> its labels, for every namespace that holds a
+    referencing domain or credential (for ``spec.allowedNamespaces``). Raises ``RenderError``.
+    """
+    paths = paths or RuntimePaths()
+    retention = retention_for_relay(relay, policies)
+    included, excluded = attached_domains(relay, domains, namespace_labels)
+    cred_entries: list[tuple[str, dict[str, Any]]] = []
+    rendered_creds: list[str] = []
+    for item in sorted(credentials, key=lambda c: c.credential.meta.key):
+        cred = item.credential
+        if not _refers_to(cred, relay):
+            continue
+        key = cred.meta.key
+        if cred.meta.deletion_timestamp:
+            excluded.append(Exclusion("SmtpCredential", key, REASON_DELETING, "being deleted"))
+            continue
+        admission = cred_mod.check_credential(cred, relay, namespace_labels.get(
+            cred.meta.namespace), included)
+        if not admission.allowed:
+            excluded.append(Exclusion("SmtpCredential", key, admission.reason, admission.message))
+            continue
+        state = cred_mod.state_from_secret(item.secret)
+        if state is None:
+            excluded.append(Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
+                                      f"Secret {cred.secret_name} holds no password yet"))
+            continue
+        cred_entries.append((KIND_CREDENTIALS, cred_mod.credential_entry(cred, state, now)))
+        rendered_creds.append(key)
+
+    settings_text = render_document(KIND_CONFIG, settings_spec(relay, retention, paths),
+                                    name=relay.meta.name)
+    budget = (max_secret_bytes - _SECRET_OVERHEAD) * 3 // 4
+    entries = [(KIND_DOMAINS, _domain_entry(n, s)) for n, (_d, s) in sorted(included.items())]
+    bins = _pack(entries + cred_entries, len(settings_text), budget)
+    if len(bins) > relay_mod.CONFIG_SECRET_SLOTS:
+        raise RenderError(
+            f"SmtpRelay {relay.meta.key}: the configuration needs {len(bins)} Secrets, more "
+            f"than the {relay_mod.CONFIG_SECRET_SLOTS} the relay pods mount; split the "
+            "credentials over more relays")
+    per_secret: list[dict[str, str]] = []
+    for index, items in enumerate(bins):
+        files: dict[str, str] = {"relay.yaml": settings_text} if index == 0 else {}
+        for kind, list_key, prefix in ((KIND_DOMAINS, "domains", "domains"),
+                                       (KIND_CREDENTIALS, "credentials", "credentials")):
+            chunk = [e for k, e in items if k == kind]
+            if chunk:
+                files[f"{prefix}-{index:02d}.yaml"] = render_document(kind, {list_key: chunk})
+        per_secret.append(files)
+
+    secrets = [config_secret(relay, i, f) for i, f in enumerate(per_secret)]
+    for manifest in secrets:
+        size = _secret_json_size(manifest)
+        if size > max_secret_bytes:
+            raise RenderError(f"config Secret {manifest['metadata']['name']} would be "
+                              f"{size} bytes, over the {max_secret_bytes}-byte limit")
+    all_files = {name: text for files in per_secret for name, text in files.items()}
+    try:
+        config = parse_documents(sorted(all_files.items()))
+    except ConfigError as exc:
+        raise RenderError(f"SmtpRelay {relay.meta.key}: rendered configuration is invalid: "
+                          f"{exc}") from None
+    digest = hashlib.sha256()
+    for name, text in sorted(all_files.items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    return RenderResult(
+        secrets=secrets,
+        files=all_files,
+        config_hash=digest.hexdigest()[:16],
+        domains=tuple(sorted(included)),
+        credentials=tuple(rendered_creds),
+        excluded=tuple(excluded),
+        retention=retention,
+        config=config,
+    )
