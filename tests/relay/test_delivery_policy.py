@@ -1,0 +1,118 @@
+"""Pure delivery policy: retry schedule, bounce classification, DSN format."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import random
+
+import pytest
+
+from mailplane_relay.config import QueueSettings
+from mailplane_relay.delivery import enhanced_code, format_reply, is_hard_bounce, next_retry_delay
+from mailplane_relay.dsn import FailedRecipient, build_dsn, enhanced_status, original_headers
+
+
+def test_default_schedule_doubles_from_a_minute_up_to_an_hour() -> None:
+    settings = QueueSettings(retryJitter=0)
+    rng = random.Random(1)
+    delays = [next_retry_delay(n, settings, rng) for n in range(1, 10)]
+    assert delays == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+
+
+def test_jitter_stays_within_its_band_and_varies() -> None:
+    settings = QueueSettings(retryInitial=100, retryMax=100, retryJitter=0.2)
+    rng = random.Random(7)
+    delays = [next_retry_delay(3, settings, rng) for _ in range(500)]
+    assert all(80 <= d <= 120 for d in delays)
+    assert max(delays) - min(delays) > 30  # spread, not a constant
+
+
+def test_huge_attempt_numbers_do_not_overflow() -> None:
+    settings = QueueSettings(retryJitter=0, retryFactor=10)
+    assert next_retry_delay(10_000, settings, random.Random(0)) == 3600
+
+
+def test_attempt_zero_is_treated_as_the_first() -> None:
+    settings = QueueSettings(retryInitial=5, retryJitter=0)
+    assert next_retry_delay(0, settings, random.Random(0)) == 5
+
+
+@pytest.mark.parametrize(("code", "text", "stage", "hard"), [
+    (550, "5.1.1 No such user", "rcpt", True),
+    (550, "5.1.10 null MX", "rcpt", True),
+    (554, "5.2.1 Mailbox disabled", "rcpt", True),
+    (550, "Requested action not taken: mailbox unavailable", "rcpt", True),
+    (553, "sorry, that domain isn't in my list", "rcpt", False),
+    (552, "5.2.2 Mailbox full", "rcpt", False),
+    (550, "5.7.1 Rejected by policy", "rcpt", False),
+    (550, "5.1.8 Bad sender address", "rcpt", False),
+    (550, "5.1.1 No such user", "mail", False),
+    (550, "5.1.1 No such user", "data", True),
+    (451, "4.1.1 Try later", "rcpt", False),
+    (550, "No such user", "data", False),
+])
+def test_hard_bounce_classification(code: int, text: str, stage: str, hard: bool) -> None:
+    assert is_hard_bounce(code, text, stage) is hard  # type: ignore[arg-type]
+
+
+def test_data_stage_reply_for_several_recipients_suppresses_nobody() -> None:
+    assert not is_hard_bounce(550, "5.1.1 No such user", "data", recipients_in_transaction=2)
+
+
+def test_enhanced_code_and_reply_format() -> None:
+    assert enhanced_code("5.1.1 No such user") == "5.1.1"
+    assert enhanced_code("No such user") is None
+    assert enhanced_code("") is None
+    line = format_reply(550, "5.1.1 first line\nsecond   line " + "x" * 400)
+    assert line.startswith("550 5.1.1 first line second line ")
+    assert "\n" not in line and len(line) == 300
+
+
+def test_enhanced_status_for_dsn() -> None:
+    assert enhanced_status("550 5.1.1 No such user", "bounced") == "5.1.1"
+    assert enhanced_status("451 4.4.1 Connection refused", "expired") == "5.4.1"
+    assert enhanced_status("451 try later", "expired") == "4.4.7"
+    assert enhanced_status("550 nope", "bounced") == "5.0.0"
+    assert enhanced_status(None, "bounced") == "5.0.0"
+
+
+def test_dsn_is_rfc3464_with_original_headers_only() -> None:
+    original = (b"From: a@example.com\r\nTo: b@example.net\r\nSubject: secret plans\r\n"
+                b"Message-ID: <m1@example.com>\r\n\r\nTHE BODY MUST NOT LEAK\r\n")
+    raw = build_dsn(
+        reporting_mta="relay.example.com", original_sender="a@example.com",
+        original_data=original, original_queue_id="Q1", arrival=1_790_000_000.0,
+        now=1_790_000_100.0,
+        recipients=[
+            FailedRecipient("b@example.net", "bounced", "550 5.1.1 No such user",
+                            "mx.example.net:25", 1_790_000_050.0),
+            FailedRecipient("c@example.net", "expired", "451 4.4.1 Connection refused", None,
+                            1_790_000_090.0),
+        ],
+    )
+    assert b"THE BODY MUST NOT LEAK" not in raw
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["To"].addresses[0].addr_spec == "a@example.com"
+    assert msg["From"].addresses[0].username == "MAILER-DAEMON"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    status = parts[1].as_string()
+    assert "Reporting-MTA: dns; relay.example.com" in status
+    assert "Final-Recipient: rfc822; b@example.net" in status
+    assert "Status: 5.1.1" in status and "Status: 5.4.1" in status
+    assert "Remote-MTA: dns; mx.example.net" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in status
+    assert "Action: failed" in status
+    assert "Subject: secret plans" in parts[2].get_content()
+
+
+def test_original_headers_cut_at_blank_line_for_lf_and_crlf() -> None:
+    assert original_headers(b"A: 1\r\nB: 2\r\n\r\nbody") == b"A: 1\r\nB: 2\r\n"
+    assert original_headers(b"A: 1\nB: 2\n\nbody") == b"A: 1\nB: 2\n"
+    assert original_headers(b"A: 1\r\n") == b"A: 1\r\n"
