@@ -152,14 +152,18 @@ class SecretKeyRef(_Spec):
 
 class ListenerSpec(_Spec):
     enabled: bool = True
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(587, ge=1, le=65535)
+
+
+class ImplicitTLSListenerSpec(ListenerSpec):
+    port: int = Field(465, ge=1, le=65535)
 
 
 class ListenersSpec(_Spec):
     """Service ports. ``submission``: STARTTLS (587); ``submissions``: implicit TLS (465)."""
 
-    submission: ListenerSpec = ListenerSpec(port=587)
-    submissions: ListenerSpec = ListenerSpec(port=465)
+    submission: ListenerSpec = ListenerSpec()
+    submissions: ImplicitTLSListenerSpec = ImplicitTLSListenerSpec()
 
     @model_validator(mode="after")
     def _one_enabled(self) -> ListenersSpec:
@@ -281,6 +285,12 @@ class DKIMSpec(_Spec):
 
     _d = _durations("rotation_interval", "retire_after")
 
+    @model_validator(mode="after")
+    def _retire_before_next_rotation(self) -> DKIMSpec:
+        if self.rotation_interval is not None and self.retire_after >= self.rotation_interval:
+            raise ValueError("dkim.retireAfter must be shorter than dkim.rotationInterval")
+        return self
+
 
 class SPFSpec(_Spec):
     """What the suggested SPF record authorises; ``record`` replaces the suggestion."""
@@ -289,6 +299,13 @@ class SPFSpec(_Spec):
     ip4: tuple[str, ...] = ()
     ip6: tuple[str, ...] = ()
     record: str | None = Field(None, pattern=r"^v=spf1( .*)?$", max_length=2048)
+
+    @model_validator(mode="after")
+    def _record_alone(self) -> SPFSpec:
+        if self.record is not None and (self.include or self.ip4 or self.ip6):
+            raise ValueError("spf.record replaces the suggestion; do not combine it with "
+                             "spf.include, spf.ip4 or spf.ip6")
+        return self
 
 
 class DMARCSpec(_Spec):
@@ -313,10 +330,8 @@ class SendingDomainSpec(_Spec):
     @field_validator("domain", mode="before")
     @classmethod
     def _domain(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = v.strip().lower().rstrip(".")
-            if not _DOMAIN_RE.match(v):
-                raise ValueError(f"{v!r} is not a domain name such as 'example.com'")
+        if isinstance(v, str) and not _DOMAIN_RE.match(v):
+            raise ValueError(f"{v!r} is not a domain name in lower case such as 'example.com'")
         return v
 
 
