@@ -1,0 +1,865 @@
+"""The SMTP ingress: listeners, TLS, AUTH, sender policy, limits, robust parsing, graceful drain.
+
+Built on aiosmtpd's ``SMTP`` protocol, with the parts that are not production-ready replaced:
+
+- the command loop (``_handle_client``): strict CRLF and no control characters in commands,
+  enhanced status codes, STARTTLS required before anything but EHLO/HELO/NOOP/RSET/QUIT,
+  an internal error answers ``451 4.3.0`` with a correlation id (never the exception text), and
+  sessions stop cleanly when the server drains;
+- ``DATA``: read in large chunks up to the one true end-of-data ``<CRLF>.<CRLF>``; a bare CR or
+  LF anywhere in the message (which covers every SMTP-smuggling end-of-data variant such as
+  ``<LF>.<LF>`` or ``<CR><LF>.<CR>``) rejects the whole message with ``554 5.6.0``;
+- ``AUTH``: PLAIN and LOGIN only after TLS, per-IP and per-username failure throttling, a delay
+  before each ``535`` that does not hold up other sessions.
+
+Every step reads the configuration through the ``config`` callable, so a hot reload applies to
+the next command of every open session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import email.utils
+import logging
+import re
+import secrets
+import socket
+import time
+from base64 import b64decode
+from collections.abc import Callable
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from functools import partial
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
+
+from .config import Credential, Listener, RelayConfig
+from .events import LogEvent
+from .metrics import RelayMetrics
+from .ratelimit import Limiter
+from .spool import QueuedMessage, Spool, SpoolError
+from .tlsctx import ReloadingTLS
+
+log = logging.getLogger(__name__)
+
+IDENT = "ESMTP Mailplane"
+# Commands longer than this (with CRLF) are refused: RFC 5321 allows 512 plus what extensions
+# add to MAIL/RCPT (SIZE, BODY, AUTH=); 1 KiB leaves room without inviting abuse.
+COMMAND_LINE_LIMIT = 1024
+# The stream reader's buffer limit: DATA is read in chunks of up to this size.
+READ_LIMIT = 64 * 1024
+MAX_UNKNOWN_COMMANDS = 10
+ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
+AUTH_MECHANISMS = ("LOGIN", "PLAIN")
+
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_DOT_LINE = re.compile(rb"(?:^|[\r\n])\.(?:[\r\n]|$)")
+_HELO_SAFE = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+
+
+# The reply table: every fixed reply the relay sends, in one place.
+class R:
+    GREETING = "220 {host} " + IDENT
+    CLOSING = "221 2.0.0 Bye"
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    OK = "250 2.0.0 Ok"
+    MAIL_OK = "250 2.1.0 Ok"
+    RCPT_OK = "250 2.1.5 Ok"
+    QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+    DATA_GO = "354 End data with <CR><LF>.<CR><LF>"
+    TOO_MANY_SESSIONS = "421 4.3.2 Too many connections, try again later"
+    SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+    TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing"
+    INTERNAL = "451 4.3.0 Internal error, reference {ref}"
+    RATE = "451 4.7.1 Rate limit of {limit} messages per minute exceeded for {user}"
+    QUOTA = "452 4.7.1 Daily quota of {limit} messages exceeded for {user}"
+    SPOOL = "452 4.3.1 Insufficient system storage, try again later"
+    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients (at most {limit} per message)"
+    AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
+    LINE_TOO_LONG = "500 5.5.2 Line too long"
+    BARE_LF_COMMAND = "500 5.5.2 Commands must end with CRLF"
+    BAD_SYNTAX = "500 5.5.2 Syntax error"
+    UNKNOWN = "500 5.5.1 Command not recognized"
+    NON_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
+    CONTROL_CHARS = "501 5.5.2 Control characters are not allowed in commands"
+    BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+    AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+    AUTH_MALFORMED = "501 5.5.2 Malformed authentication data"
+    DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+    STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+    EHLO_FIRST = "503 5.5.1 Send EHLO first"
+    ALREADY_AUTH = "503 5.5.1 Already authenticated"
+    ALREADY_TLS = "503 5.5.1 TLS already active"
+    NEED_RCPT = "503 5.5.1 Need RCPT command"
+    AUTH_MECH = "504 5.5.4 Unrecognized authentication mechanism"
+    AUTH_REQUIRED = "530 5.7.0 Authentication required"
+    TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
+    AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+    AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+    SENDER_DOMAIN = "550 5.7.1 Sender domain {domain} is not enabled on this relay"
+    SENDER_NOT_ALLOWED = "550 5.7.1 Credential {user} may not send from domain {domain}"
+    HEADER_FROM_DOMAIN = "550 5.7.1 Header From: domain {domain} is not enabled on this relay"
+    HEADER_FROM_NOT_ALLOWED = (
+        "550 5.7.1 Credential {user} may not send as header From: domain {domain}")
+    HEADER_FROM_MISSING = "550 5.7.1 Message has no From: header address"
+    SUPPRESSED = "550 5.1.1 Recipient {address} is on the suppression list ({reason})"
+    TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size of {limit} bytes"
+    SUSPENDED = "554 5.7.1 Credential {user} is suspended: {reason}"
+    CREDENTIAL_GONE = "554 5.7.1 Credential {user} is no longer valid"
+    BARE_LF = "554 5.6.0 Message contains a bare CR or LF; lines must end with CRLF"
+    SMUGGLING = "554 5.6.0 Malformed end-of-data sequence; message refused"
+    DATA_LINE_TOO_LONG = "554 5.6.0 Message has a line longer than {limit} characters"
+
+
+class QueueLike(Protocol):
+    def submit(self, msg: QueuedMessage) -> None: ...
+
+
+class MessageLogLike(Protocol):
+    def record(self, event: LogEvent) -> None: ...
+
+
+class SuppressionLike(Protocol):
+    def is_suppressed(self, address: str) -> tuple[str, float] | None: ...
+
+
+def mask(value: object, limit: int = 64) -> str:
+    """A peer-supplied value made safe for a log line: escaped and truncated."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _valid_mailbox(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and " " not in address
+
+
+class _Handler:
+    """aiosmtpd's hook object; every hook delegates to the session (the protocol instance)."""
+
+    async def handle_EHLO(self, proto: RelaySMTP, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        return proto.ehlo_responses(hostname)
+
+    async def handle_MAIL(self, proto: RelaySMTP, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        return await proto.on_mail(address, options)
+
+    async def handle_RCPT(self, proto: RelaySMTP, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        return await proto.on_rcpt(address, options)
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session."""
+
+    def __init__(self, server: SubmissionServer, listener: Listener) -> None:
+        cfg = server.config().settings
+        self._srv = server
+        self.listener = listener
+        self._starttls = listener.tls == "starttls"
+        self._secure = not self._starttls  # implicit TLS: encrypted from the first byte
+        self._username: str | None = None
+        self._sender_domain = "other"
+        self._idle = False
+        self._closing = False
+        self._registered = False
+        self.tls_version: str | None = None
+        # aiosmtpd sizes its stream reader from this attribute in __init__.
+        self.line_length_limit = READ_LIMIT
+        super().__init__(
+            server.handler,
+            hostname=cfg.hostname,
+            ident=IDENT,
+            tls_context=server.tls.context if self._starttls else None,
+            require_starttls=False,  # enforced by our own command loop
+            timeout=cfg.limits.session_timeout,
+            auth_required=False,
+            auth_require_tls=True,
+            data_size_limit=None,  # SIZE is advertised and enforced here, with 5.3.4 codes
+            loop=asyncio.get_running_loop(),
+        )
+
+    # ---------------------------------------------------------------- connection lifecycle
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a command outside a mail transaction: safe to close at shutdown."""
+        return self._idle and self.envelope is not None and not self.envelope.mail_from
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._registered
+        super().connection_made(transport)
+        if first:
+            self._registered = True
+            self._srv.session_opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._registered:
+                self._registered = False
+                self._srv.session_closed(self)
+
+    def close_now(self, reply: str | None = None) -> None:
+        """Send a last reply (best effort) and close, from outside the session's task."""
+        if self.transport is None or self._closing:
+            return
+        self._closing = True
+        if reply is not None:
+            with contextlib.suppress(Exception):
+                self._writer.write(reply.encode() + b"\r\n")
+        self.transport.close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---------------------------------------------------------------- the command loop
+
+    async def _handle_client(self) -> None:
+        srv = self._srv
+        refusal = srv.admission_refusal()
+        if refusal is not None:
+            reason, reply = refusal
+            srv.metrics.rejected.labels(reason=reason).inc()
+            await self.push(reply)
+            self._close()
+            return
+        if not self._starttls:
+            self._note_tls()
+        await self.push(R.GREETING.format(host=self.hostname))
+        unknown = 0
+        while self.transport is not None and not self._closing:
+            try:
+                if srv.draining and self.envelope is not None and not self.envelope.mail_from:
+                    srv.metrics.rejected.labels(reason="shutting_down").inc()
+                    await self.push(R.SHUTTING_DOWN)
+                    self._close()
+                    return
+                line = await self._read_command()
+                if line is None:
+                    continue
+                command, arg = line
+                method = self._smtp_methods.get(command)
+                if method is None:
+                    unknown += 1
+                    if unknown >= MAX_UNKNOWN_COMMANDS:
+                        await self.push(R.TOO_MANY_UNKNOWN)
+                        self._close()
+                        return
+                    await self.push(R.UNKNOWN)
+                    continue
+                if self._starttls and not self._secure and command not in ALLOWED_BEFORE_TLS:
+                    self._reject("tls_required")
+                    await self.push(R.TLS_REQUIRED)
+                    continue
+                self._reset_timeout()
+                await method(arg)
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self._close()
+                return
+            except TLSSetupException:
+                # Nothing read before or after a failed handshake may be acted upon.
+                log.debug("session %s: TLS handshake failed", self.peer_ip)
+                self._close()
+                return
+            except Exception:
+                ref = secrets.token_hex(6)
+                log.exception("session %s: internal error, reference %s", self.peer_ip, ref)
+                self._reject("internal_error")
+                self.envelope = self._create_envelope()
+                try:
+                    await self.push(R.INTERNAL.format(ref=ref))
+                except ConnectionError:
+                    self._close()
+                    return
+
+    async def _read_command(self) -> tuple[str, str | None] | None:
+        """The next command as (VERB, argument), or None when it was answered already."""
+        self._idle = True
+        try:
+            raw = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._skip_line(exc.consumed)
+            self._reject("line_too_long")
+            await self.push(R.LINE_TOO_LONG)
+            return None
+        finally:
+            self._idle = False
+        if len(raw) > COMMAND_LINE_LIMIT:
+            self._reject("line_too_long")
+            await self.push(R.LINE_TOO_LONG)
+            return None
+        if not raw.endswith(b"\r\n"):
+            self._reject("bad_syntax")
+            await self.push(R.BARE_LF_COMMAND)
+            return None
+        body = raw[:-2]
+        if _CONTROL.search(body):
+            self._reject("bad_syntax")
+            await self.push(R.CONTROL_CHARS)
+            return None
+        verb, _, rest = body.partition(b" ")
+        try:
+            command = verb.decode("ascii").upper()
+            arg = rest.strip().decode("ascii") or None
+        except UnicodeDecodeError:
+            self._reject("bad_syntax")
+            await self.push(R.NON_ASCII)
+            return None
+        if not command:
+            self._reject("bad_syntax")
+            await self.push(R.BAD_SYNTAX)
+            return None
+        return command, arg
+
+    async def _skip_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    # ---------------------------------------------------------------- EHLO, STARTTLS
+
+    def ehlo_responses(self, hostname: str) -> list[str]:
+        assert self.session is not None
+        self.session.host_name = hostname
+        limits = self._srv.config().settings.limits
+        lines = [self.hostname, f"SIZE {limits.max_message_size}", "8BITMIME", "PIPELINING",
+                 "ENHANCEDSTATUSCODES"]
+        if self._starttls and not self._secure:
+            lines.append("STARTTLS")
+        if self._secure:
+            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
+        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.push(R.STARTTLS_SYNTAX)
+            return
+        if self._secure:
+            await self.push(R.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
+        # aiosmtpd discarded any plaintext pipelined behind STARTTLS when the handshake
+        # completed, and started a fresh session: the client must EHLO again.
+        self._secure = True
+        self._username = None
+        self._note_tls()
+
+    def _note_tls(self) -> None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        version = ssl_object.version() if ssl_object is not None else None
+        self.tls_version = version
+        self._srv.metrics.tls_sessions.labels(
+            listener=self.listener.name, version=version or "unknown").inc()
+
+    # ---------------------------------------------------------------- AUTH
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        srv = self._srv
+        assert self.session is not None
+        if not self.session.host_name or not self.session.extended_smtp:
+            await self.push(R.EHLO_FIRST)
+            return
+        if not self._secure:
+            self._reject("tls_required")
+            await self.push(R.AUTH_NEEDS_TLS)
+            return
+        if self._username is not None:
+            await self.push(R.ALREADY_AUTH)
+            return
+        parts = (arg or "").split()
+        if not parts or len(parts) > 2:
+            await self.push(R.AUTH_SYNTAX)
+            return
+        mechanism = parts[0].upper()
+        if mechanism not in AUTH_MECHANISMS:
+            await self.push(R.AUTH_MECH)
+            return
+        if srv.limiter.auth_blocked(peer_ip=self.peer_ip):
+            srv.metrics.auth_failures.labels(reason="throttled").inc()
+            await self.push(R.AUTH_THROTTLED)
+            return
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism == "PLAIN":
+            pair = await self._plain_credentials(initial)
+        else:
+            pair = await self._login_credentials(initial)
+        if pair is None:
+            srv.metrics.auth_failures.labels(reason="malformed").inc()
+            return
+        username, password = pair
+        if srv.limiter.auth_blocked(username=username):
+            srv.metrics.auth_failures.labels(reason="throttled").inc()
+            await self.push(R.AUTH_THROTTLED)
+            return
+        cfg = srv.config()
+        credential = cfg.credentials.get(username)
+        ok = credential is not None and await _check_password(credential, password)
+        if not ok:
+            srv.limiter.record_auth_failure(peer_ip=self.peer_ip, username=username)
+            srv.metrics.auth_failures.labels(reason="bad_credentials").inc()
+            shown = username if credential is not None else "(unknown user)"
+            log.info("AUTH %s failed for %s from %s", mechanism, shown, self.peer_ip)
+            await asyncio.sleep(cfg.settings.limits.auth_failure_delay)
+            await self.push(R.AUTH_INVALID)
+            return
+        self._username = username
+        self.session.authenticated = True
+        self.session.auth_data = username  # type: ignore[assignment]
+        srv.metrics.auth_success.labels(mechanism=mechanism).inc()
+        await self.push(R.AUTH_OK)
+
+    async def _decode_response(self, text: str | bytes) -> bytes | None:
+        if text in ("=", b"="):
+            return b""
+        try:
+            return b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push(R.AUTH_MALFORMED)
+            return None
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        answer = await self.challenge_auth(prompt)  # answers 501 itself on '*' or bad base64
+        return None if answer is MISSING else bytes(answer)
+
+    async def _plain_credentials(self, initial: str | None) -> tuple[str, str] | None:
+        blob = await (self._decode_response(initial) if initial is not None
+                      else self._challenge(b""))
+        if blob is None:
+            return None
+        fields = blob.split(b"\x00")
+        if len(fields) != 3:
+            await self.push(R.AUTH_MALFORMED)
+            return None
+        authzid, authcid, password = fields
+        try:
+            username, secret = authcid.decode("utf-8"), password.decode("utf-8")
+            if authzid and authzid.decode("utf-8") != username:
+                raise ValueError("authorization identity differs")
+        except ValueError:
+            await self.push(R.AUTH_MALFORMED)
+            return None
+        return username, secret
+
+    async def _login_credentials(self, initial: str | None) -> tuple[str, str] | None:
+        user = await (self._decode_response(initial) if initial is not None
+                      else self._challenge(b"Username:"))
+        if user is None:
+            return None
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return None
+        try:
+            return user.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            await self.push(R.AUTH_MALFORMED)
+            return None
+
+    # ---------------------------------------------------------------- MAIL, RCPT
+
+    def _credential(self, cfg: RelayConfig) -> Credential | None:
+        return cfg.credentials.get(self._username) if self._username is not None else None
+
+    async def on_mail(self, address: str, options: list[str]) -> str:
+        srv = self._srv
+        cfg = srv.config()
+        limits = cfg.settings.limits
+        assert self.envelope is not None
+        if not _valid_mailbox(address):
+            return self._refuse("bad_syntax", R.BAD_ADDRESS, address)
+        for option in options:
+            if option.startswith("SIZE="):
+                size = option[5:]
+                if not size.isdigit():
+                    return self._refuse("bad_syntax", R.BAD_SYNTAX, address)
+                if int(size) > limits.max_message_size:
+                    return self._refuse("size", R.TOO_BIG.format(limit=limits.max_message_size),
+                                        address)
+        domain = _domain_of(address)
+        if self._username is None:
+            if not cfg.is_trusted(self.peer_ip):
+                return self._refuse("auth_required", R.AUTH_REQUIRED, address)
+            self._sender_domain = domain if domain in cfg.domains else "other"
+        else:
+            user = self._username
+            credential = cfg.credentials.get(user)
+            if credential is None:
+                return self._refuse("suspended", R.CREDENTIAL_GONE.format(user=user), address)
+            if credential.suspended:
+                why = credential.suspended_reason or "no reason given"
+                return self._refuse("suspended", R.SUSPENDED.format(user=user, reason=why),
+                                    address)
+            if domain not in cfg.domains:
+                return self._refuse("domain_not_enabled", R.SENDER_DOMAIN.format(domain=domain),
+                                    address)
+            if not credential.may_send_as(address):
+                return self._refuse("sender_not_allowed",
+                                    R.SENDER_NOT_ALLOWED.format(user=user, domain=domain),
+                                    address)
+            over = srv.limiter.check_message(credential)
+            if over is not None:
+                return self._refuse_limit(over.kind, over.limit, user, address)
+            self._sender_domain = domain
+        self.envelope.mail_from = address
+        self.envelope.mail_options.extend(options)
+        return R.MAIL_OK
+
+    async def on_rcpt(self, address: str, options: list[str]) -> str:
+        srv = self._srv
+        assert self.envelope is not None
+        limit = srv.config().settings.limits.max_recipients
+        if len(self.envelope.rcpt_tos) >= limit:
+            return self._refuse("too_many_recipients", R.TOO_MANY_RCPTS.format(limit=limit),
+                                self.envelope.mail_from, address)
+        if not _valid_mailbox(address):
+            return self._refuse("bad_syntax", R.BAD_ADDRESS, self.envelope.mail_from, address)
+        suppressed = srv.suppression.is_suppressed(address)
+        if suppressed is not None:
+            reply = R.SUPPRESSED.format(address=address, reason=suppressed[0])
+            return self._refuse("suppressed", reply, self.envelope.mail_from, address)
+        self.envelope.rcpt_tos.append(address)
+        self.envelope.rcpt_options.extend(options)
+        return R.RCPT_OK
+
+    def _refuse_limit(self, kind: str, limit: int, user: str, sender: str) -> str:
+        if kind == "quota":
+            return self._refuse("quota_exceeded", R.QUOTA.format(limit=limit, user=user), sender)
+        return self._refuse("rate_limited", R.RATE.format(limit=limit, user=user), sender)
+
+    def _reject(self, reason: str) -> None:
+        self._srv.metrics.rejected.labels(reason=reason).inc()
+
+    def _refuse(self, reason: str, reply: str, sender: str | None,
+                recipient: str | None = None, size: int | None = None) -> str:
+        """Count and log a refused transaction step; return the reply to send."""
+        self._reject(reason)
+        self._srv.log.record(LogEvent(
+            ts=time.time(), status="rejected", queue_id=None, message_id=None,
+            credential=self._username, sender=sender or "", recipient=recipient,
+            response=reply, size=size, remote=self.peer_ip))
+        return reply
+
+    # ---------------------------------------------------------------- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(R.NEED_RCPT)
+            return
+        if arg:
+            await self.push(R.DATA_SYNTAX)
+            return
+        await self.push(R.DATA_GO)
+        limits = self._srv.config().settings.limits
+        raw, overflow = await self._read_data(limits.max_message_size)
+        try:
+            reply = await self._accept(raw, overflow)
+        finally:
+            self.envelope = self._create_envelope()
+        await self.push(reply)
+
+    async def _read_data(self, max_size: int) -> tuple[bytes, bool]:
+        """Everything up to and including the first <CRLF>.<CRLF> (the DATA line's own CRLF
+        counts as the first CRLF). Stops keeping data once it is certainly too large."""
+        reader = self._reader
+        # Dot-stuffing adds at most one byte per line of 2+ bytes: beyond this the content
+        # exceeds max_size whatever it holds, and is no longer kept in memory.
+        keep_limit = max_size + max_size // 2 + 5
+        chunks: list[bytes] = []
+        total = 0
+        tail = b"\r\n"
+        overflow = False
+        while True:
+            try:
+                chunk = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                chunk = await reader.readexactly(exc.consumed)
+            total += len(chunk)
+            if not overflow:
+                if total > keep_limit:
+                    overflow = True
+                    chunks.clear()
+                else:
+                    chunks.append(chunk)
+            tail = (tail + chunk[-5:])[-5:]
+            self._reset_timeout()
+            if tail == b"\r\n.\r\n":
+                break
+        return b"".join(chunks), overflow
+
+    async def _accept(self, raw: bytes, overflow: bool) -> str:
+        srv = self._srv
+        cfg = srv.config()
+        limits = cfg.settings.limits
+        env = self.envelope
+        assert env is not None
+        sender = env.mail_from or ""
+        too_big = R.TOO_BIG.format(limit=limits.max_message_size)
+        if overflow:
+            return self._refuse("size", too_big, sender)
+        body = raw[:-3]  # drop ".\r\n"; the last line keeps its CRLF
+        crlf = body.count(b"\r\n")
+        if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+            if _DOT_LINE.search(body):
+                return self._refuse("smuggling", R.SMUGGLING, sender)
+            return self._refuse("bare_lf", R.BARE_LF, sender)
+        if len(body) > limits.max_line_length + 2 and (
+            max(map(len, body.split(b"\r\n"))) > limits.max_line_length + 1  # +1: stuffed dot
+        ):
+            return self._refuse("line_too_long",
+                                R.DATA_LINE_TOO_LONG.format(limit=limits.max_line_length), sender)
+        if body.startswith(b"."):
+            body = body[1:]
+        content = body.replace(b"\r\n.", b"\r\n")
+        if len(content) > limits.max_message_size:
+            return self._refuse("size", too_big, sender, size=len(content))
+
+        headers = _parse_headers(content)
+        message_id = _message_id(headers)
+        credential = self._credential(cfg)
+        if self._username is not None:
+            if credential is None:
+                return self._refuse("suspended", R.CREDENTIAL_GONE.format(user=self._username),
+                                    sender)
+            refusal = self._check_header_from(cfg, credential, headers, sender)
+            if refusal is not None:
+                return refusal
+            over = srv.limiter.check_message(credential)
+            if over is not None:
+                return self._refuse_limit(over.kind, over.limit, credential.username, sender)
+
+        content = self._received_header() + content
+        try:
+            msg = await _commit_shielded(
+                srv, mail_from=sender, recipients=list(env.rcpt_tos), data=content,
+                message_id=message_id, credential=self._username,
+                sender_domain=self._sender_domain, listener=self.listener.name)
+        except SpoolError as exc:
+            log.error("spool commit failed: %s", exc)
+            return self._refuse("spool_error", R.SPOOL, sender, size=len(content))
+        if credential is not None:
+            srv.limiter.record_message(credential)
+        reply = R.QUEUED.format(queue_id=msg.queue_id)
+        now = time.time()
+        for rcpt in msg.recipients:
+            srv.log.record(LogEvent(
+                ts=now, status="received", queue_id=msg.queue_id, message_id=message_id,
+                credential=self._username, sender=sender, recipient=rcpt.address,
+                response=reply, size=msg.size, remote=self.peer_ip))
+        srv.metrics.messages_received.labels(
+            listener=self.listener.name, sender_domain=self._sender_domain,
+            credential=self._username or "none").inc()
+        return reply
+
+    def _check_header_from(self, cfg: RelayConfig, credential: Credential,
+                           headers: Any, sender: str) -> str | None:
+        values = [str(v) for v in headers.get_all("From", [])]
+        addresses = [a for _, a in email.utils.getaddresses(values) if a]
+        if not addresses:
+            return self._refuse("sender_not_allowed", R.HEADER_FROM_MISSING, sender)
+        for address in addresses:
+            domain = _domain_of(address)
+            if domain not in cfg.domains:
+                return self._refuse("domain_not_enabled",
+                                    R.HEADER_FROM_DOMAIN.format(domain=domain), sender)
+            if not credential.may_send_as(address):
+                reply = R.HEADER_FROM_NOT_ALLOWED.format(user=credential.username,
+                                                         domain=domain)
+                return self._refuse("sender_not_allowed", reply, sender)
+        return None
+
+    def _received_header(self) -> bytes:
+        assert self.session is not None
+        helo = self.session.host_name or ""
+        helo = helo if _HELO_SAFE.match(helo) else "unknown"
+        proto = "ESMTP" + ("S" if self._secure else "") + ("A" if self._username else "")
+        stamp = email.utils.formatdate(usegmt=True)
+        return (f"Received: from {helo} ({self.peer_ip})\r\n\tby {self.hostname} with {proto};"
+                f" {stamp}\r\n").encode("ascii")
+
+
+def _parse_headers(content: bytes) -> Any:
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[: end + 2]
+    return BytesHeaderParser(policy=compat32).parsebytes(head)
+
+
+def _message_id(headers: Any) -> str | None:
+    value = headers.get("Message-ID")
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    return text[:998] or None
+
+
+async def _check_password(credential: Credential, password: str) -> bool:
+    if credential.password_hash.startswith("sha256$") and (
+        credential.previous_password_hash is None
+        or credential.previous_password_hash.startswith("sha256$")
+    ):
+        return credential.check_password(password)
+    # scrypt costs tens of milliseconds: off the loop.
+    return await asyncio.to_thread(credential.check_password, password)
+
+
+async def _commit_shielded(srv: SubmissionServer, **kwargs: Any) -> QueuedMessage:
+    """Commit; if the session is cancelled meanwhile (client gone), finish the commit anyway and
+    queue the message: it is on disk, so it must be delivered (the client may send it again:
+    at-least-once)."""
+    task = asyncio.ensure_future(srv.spool.commit(**kwargs))
+    try:
+        msg = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(srv.submit_orphan)
+        raise
+    srv.queue.submit(msg)
+    return msg
+
+
+class SubmissionServer:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], RelayConfig],
+        tls: ReloadingTLS,
+        spool: Spool,
+        queue: QueueLike,
+        log: MessageLogLike,
+        suppression: SuppressionLike,
+        limiter: Limiter,
+        metrics: RelayMetrics,
+    ) -> None:
+        self.config = config
+        self.tls = tls
+        self.spool = spool
+        self.queue = queue
+        self.log = log
+        self.suppression = suppression
+        self.limiter = limiter
+        self.metrics = metrics
+        self.handler = _Handler()
+        self.draining = False
+        self._servers: list[asyncio.Server] = []
+        self._ports: dict[str, int] = {}
+        self._sessions: set[RelaySMTP] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        # aiosmtpd logs every envelope address at INFO on this logger.
+        logging.getLogger("mail.log").setLevel(max(logging.WARNING,
+                                                   logging.getLogger("mail.log").level))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.config().settings
+        try:
+            for listener in settings.listeners:
+                server = await loop.create_server(
+                    partial(RelaySMTP, self, listener),
+                    host=listener.address,
+                    port=listener.port,
+                    ssl=self.tls.context if listener.tls == "implicit" else None,
+                    reuse_address=True,
+                    reuse_port=settings.workers > 1 or None,
+                    backlog=1024,
+                    ssl_handshake_timeout=30.0 if listener.tls == "implicit" else None,
+                )
+                self._servers.append(server)
+                sock = server.sockets[0]
+                self._ports[listener.name] = int(sock.getsockname()[1])
+                for s in server.sockets:
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            await self.stop_accepting()
+            raise
+
+    @property
+    def bound_ports(self) -> dict[str, int]:
+        return dict(self._ports)
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    async def stop_accepting(self) -> None:
+        """Close the listeners; idle sessions get 421 now, busy ones after their transaction."""
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for session in list(self._sessions):
+            if session.idle:
+                self.metrics.rejected.labels(reason="shutting_down").inc()
+                session.close_now(R.SHUTTING_DOWN)
+
+    async def drain(self, deadline: float) -> None:
+        """Wait (until ``deadline``, a ``time.monotonic()`` value) for open sessions to finish,
+        then close the rest."""
+        if not self.draining:
+            await self.stop_accepting()
+        remaining = deadline - time.monotonic()
+        if self._sessions and remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), remaining)
+        if self._sessions:
+            log.warning("closing %d sessions still open at the drain deadline",
+                        len(self._sessions))
+            for session in list(self._sessions):
+                session.close_now(R.SHUTTING_DOWN)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), 2.0)
+
+    # ---------------------------------------------------------------- session bookkeeping
+
+    def admission_refusal(self) -> tuple[str, str] | None:
+        if self.draining:
+            return "shutting_down", R.SHUTTING_DOWN
+        if len(self._sessions) > self.config().settings.limits.max_sessions:
+            return "too_many_sessions", R.TOO_MANY_SESSIONS
+        return None
+
+    def session_opened(self, session: RelaySMTP) -> None:
+        self._sessions.add(session)
+        self._empty.clear()
+        name = session.listener.name
+        self.metrics.sessions.labels(listener=name).inc()
+        self.metrics.sessions_active.labels(listener=name).inc()
+
+    def session_closed(self, session: RelaySMTP) -> None:
+        self._sessions.discard(session)
+        self.metrics.sessions_active.labels(listener=session.listener.name).dec()
+        if not self._sessions:
+            self._empty.set()
+
+    def submit_orphan(self, task: asyncio.Future[QueuedMessage]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        msg = task.result()
+        log.warning("message %s committed after its session ended; delivering it",
+                    msg.queue_id)
+        self.queue.submit(msg)
