@@ -1,0 +1,256 @@
+"""The chart as Helm renders it: strict lint, every values file, every object valid for every
+supported Kubernetes version, custom resources valid against their CRDs, yamllint clean."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+from .conftest import (
+    CHART_DIR,
+    CI_VALUES,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    ROOT,
+    Rendered,
+    load_values,
+    render_install,
+    render_upgrade,
+)
+
+VALUES_CASES = [pytest.param({}, id="defaults")] + [
+    pytest.param(load_values(p), id=p.stem) for p in CI_VALUES
+]
+RESOURCES_VALUES = Path(__file__).parent / "values" / "resources.yaml"
+
+# Kinds kubernetes-validate has no schema for; each is checked against its own definition below.
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "SmtpRelay", "SendingDomain",
+                "RetentionPolicy", "SmtpCredential"}
+
+# Rendered output embeds CRD descriptions and the dashboard JSON on single lines, so line length
+# is not a property of the templates; `toYaml` writes sequences unindented while the templates
+# indent them. Everything else is yamllint's default.
+YAMLLINT = YamlLintConfig("""
+extends: default
+rules:
+  line-length: disable
+  indentation: {spaces: 2, indent-sequences: whatever}
+  document-start: {present: true}
+  truthy: {allowed-values: ["true", "false"], check-keys: false}
+""")
+
+
+def crd_schemas() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        [version] = [v for v in crd["spec"]["versions"] if v["served"]]
+        out[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+def validate_kubernetes(objects: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                problems.append(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {e}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                # The CLI prints this as a warning; here it is a failure like any other.
+                problems.append(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {e}")
+    return problems
+
+
+@pytest.mark.parametrize("values", VALUES_CASES)
+def test_strict_lint_is_clean(values: dict[str, Any]) -> None:
+    for kube in ("v1.27.0", "v1.37.0"):
+        report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=kube)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 1] == []
+
+
+@pytest.mark.parametrize("values", VALUES_CASES)
+def test_every_object_validates_for_every_supported_kubernetes(values: dict[str, Any]) -> None:
+    rendered = render_install(values)
+    assert rendered.objects
+    assert validate_kubernetes(rendered.objects) == []
+    assert {o["metadata"].get("namespace", NAMESPACE) for o in rendered.objects
+            if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                                 "Role", "RoleBinding", "ConfigMap")} == {NAMESPACE}
+
+
+def test_kube_version_range_is_the_tested_one() -> None:
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}-0"
+    # The validator must know every version the tests claim.
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Namespace",
+                                      "metadata": {"name": "x"}}, version, strict=True)
+
+
+def test_validation_catches_a_broken_object(default_render: Rendered) -> None:
+    """The validator is strict enough to notice a typo in a Deployment."""
+    deployment = copy.deepcopy(default_render.of_kind("Deployment")[0])
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    assert validate_kubernetes([deployment])
+
+
+@pytest.mark.parametrize("values", VALUES_CASES)
+def test_rendered_yaml_passes_yamllint(values: dict[str, Any]) -> None:
+    rendered = render_install(values)
+    # Helm ends the joined manifest with an extra newline of its own; not a template's doing.
+    text = rendered.manifest.rstrip("\n") + "\n"
+    problems = [f"{p.line}:{p.column} {p.rule} {p.message}" for p in linter.run(text, YAMLLINT)]
+    assert problems == []
+
+
+def test_crds_are_the_repository_crds_with_keep_policy(default_render: Rendered) -> None:
+    schemas = crd_schemas()
+    crds = default_render.of_kind("CustomResourceDefinition")
+    assert {c["spec"]["names"]["kind"] for c in crds} == set(schemas) == {
+        "SmtpRelay", "SendingDomain", "SmtpCredential", "RetentionPolicy"}
+    for crd in crds:
+        source = yaml.safe_load((ROOT / "crds" / f"mailplane.io_{crd['spec']['names']['plural']}.yaml")
+                                .read_text())
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mailplane"
+        stripped = copy.deepcopy(crd)
+        for key in ("annotations", "labels"):
+            extra = set(stripped["metadata"].pop(key, {})) - set(source["metadata"].get(key, {}))
+            assert key == "labels" or extra == {"helm.sh/resource-policy"}
+            stripped["metadata"][key] = source["metadata"].get(key)
+            if stripped["metadata"][key] is None:
+                del stripped["metadata"][key]
+        assert stripped == source
+
+
+def test_crds_can_be_disabled_or_not_kept() -> None:
+    assert render_install({"crds": {"enabled": False}}).of_kind("CustomResourceDefinition") == []
+    crds = render_install({"crds": {"keep": False}}).of_kind("CustomResourceDefinition")
+    assert len(crds) == 4
+    assert all("helm.sh/resource-policy" not in c["metadata"].get("annotations", {})
+               for c in crds)
+
+
+def test_operator_deployment_is_hardened_and_single(default_render: Rendered) -> None:
+    [deployment] = default_render.of_kind("Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    [container] = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}}
+    assert container["image"] == "ghcr.io/mailplane/mailplane:0.1.0"
+    assert container["args"][:2] == ["operator", "--all-namespaces"]
+    assert container["resources"]["limits"]["memory"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in ports
+    assert pod["serviceAccountName"] == "mailplane-operator"
+    # The Service the ServiceMonitor scrapes selects this pod.
+    service = default_render.one("Service", "mailplane-operator-metrics")
+    labels = spec["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_namespaced_values_render_their_settings() -> None:
+    rendered = render_install(load_values(CHART_DIR / "ci" / "namespaced-values.yaml"))
+    [deployment] = rendered.of_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == ("registry.example.com/mirror/mailplane@sha256:"
+                                  "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+    assert container["args"] == ["operator", "--namespace=mail", "--namespace=shop",
+                                 "--metrics-port=9090", "--dns-resolver=10.0.0.10:53",
+                                 "--verbose", "--log-format=json"]
+    assert pod["serviceAccountName"] == "mail-operator"
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert rendered.of_kind("CustomResourceDefinition") == []
+    assert rendered.of_kind("ConfigMap") == []
+    assert {(r["metadata"]["namespace"]) for r in rendered.of_kind("Role")} == {"mail", "shop"}
+
+
+def test_monitoring_objects(render: Any) -> None:
+    rendered = render(load_values(CHART_DIR / "ci" / "monitoring-values.yaml"))
+    [monitor] = rendered.of_kind("ServiceMonitor")
+    service = rendered.one("Service", "mailplane-operator-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # jobLabel makes job="mailplane-operator", which the operator alerts select.
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "mailplane-operator"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+    [rule] = rendered.of_kind("PrometheusRule")
+    source = yaml.safe_load((ROOT / "monitoring" / "rules.yaml").read_text())
+    assert rule["spec"] == source
+
+    [dashboard] = rendered.of_kind("ConfigMap")
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Mail"}
+    assert json.loads(dashboard["data"]["mailplane.json"]) == json.loads(
+        (ROOT / "monitoring" / "dashboard.json").read_text())
+
+    policies = {p["metadata"]["name"]: p for p in rendered.of_kind("NetworkPolicy")}
+    relay = policies["mailplane-relay"]["spec"]
+    assert relay["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mailplane-relay"}
+    smtp, metrics = relay["ingress"]
+    assert [p["port"] for p in smtp["ports"]] == [1587, 1465]
+    assert smtp["from"][0]["namespaceSelector"]["matchExpressions"][0]["key"] == (
+        "mailplane.io/smtp-access")
+    assert [p["port"] for p in metrics["ports"]] == [8080]
+
+
+def test_monitoring_is_opt_in(default_render: Rendered) -> None:
+    assert default_render.of_kind("ServiceMonitor") == []
+    assert default_render.of_kind("PrometheusRule") == []
+    assert default_render.of_kind("NetworkPolicy") == []
+
+
+def test_default_resources_render_valid_against_their_crds() -> None:
+    rendered = render_upgrade(load_values(RESOURCES_VALUES))
+    schemas = crd_schemas()
+    custom = [o for o in rendered.objects if o["apiVersion"] == "mailplane.io/v1alpha1"]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in custom) == [
+        ("RetentionPolicy", "production"), ("SendingDomain", "example-com"),
+        ("SendingDomain", "news-example-org"), ("SmtpRelay", "main")]
+    for obj in custom:
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        jsonschema.validate(obj, schemas[obj["kind"]])
+    # The same check rejects a spec the CRD does not allow.
+    [policy] = [o for o in custom if o["kind"] == "RetentionPolicy"]
+    bad = copy.deepcopy(policy)
+    bad["spec"]["messageLog"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schemas[bad["kind"]])
+
+
+def test_default_resources_on_a_fresh_install_stop_with_instructions() -> None:
+    with pytest.raises(helm.HelmError, match="need the Mailplane CRDs in the cluster first"):
+        render_install(load_values(RESOURCES_VALUES))
+
+
+def test_notes_tell_the_next_steps(default_render: Rendered) -> None:
+    notes = default_render.notes
+    for step in ("SendingDomain", "status.dnsRecords", "SmtpCredential", "cert-manager",
+                 "mailplane-system"):
+        assert step in notes
