@@ -239,10 +239,13 @@ def check_credential(
 
 def namespace_allowed(relay: SmtpRelay, namespace: str,
                       namespace_labels: Mapping[str, str] | None) -> bool:
-    """``spec.allowedNamespaces`` absent: only the relay's namespace; ``{}``: every namespace."""
+    """The relay's own namespace always; others when ``spec.allowedNamespaces`` selects them
+    (absent: none; ``{}``: every namespace)."""
     selector = relay.spec.allowed_namespaces
+    if namespace == relay.meta.namespace:
+        return True
     if selector is None:
-        return namespace == relay.meta.namespace
+        return False
     labels = dict(namespace_labels or {})
     # The API server sets this label on every namespace; set it here too so a selector on it
     # works even when the caller passes labels read from an older cluster.
