@@ -280,6 +280,11 @@ class RelaySMTP(SMTP):
                 # Nothing read before or after a failed handshake may be acted upon.
                 log.debug("session %s: TLS handshake failed", self.peer_ip)
                 self._close()
+                if self._original_transport is not None:
+                    self._original_transport.close()
+                # The TLS layer never reports a loss for a session whose handshake failed.
+                if self._registered:
+                    self.connection_lost(None)
                 return
             except Exception:
                 ref = secrets.token_hex(6)
@@ -628,14 +633,14 @@ class RelaySMTP(SMTP):
             if _DOT_LINE.search(body):
                 return self._refuse("smuggling", R.SMUGGLING, sender)
             return self._refuse("bare_lf", R.BARE_LF, sender)
-        if len(body) > limits.max_line_length + 2 and (
-            max(map(len, body.split(b"\r\n"))) > limits.max_line_length + 1  # +1: stuffed dot
-        ):
-            return self._refuse("line_too_long",
-                                R.DATA_LINE_TOO_LONG.format(limit=limits.max_line_length), sender)
         if body.startswith(b"."):
             body = body[1:]
         content = body.replace(b"\r\n.", b"\r\n")
+        if len(content) > limits.max_line_length + 2 and (
+            max(map(len, content.split(b"\r\n"))) > limits.max_line_length
+        ):
+            return self._refuse("line_too_long",
+                                R.DATA_LINE_TOO_LONG.format(limit=limits.max_line_length), sender)
         if len(content) > limits.max_message_size:
             return self._refuse("size", too_big, sender, size=len(content))
 
