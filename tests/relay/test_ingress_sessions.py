@@ -1,0 +1,108 @@
+"""Session tracking: graceful drain (idle sessions told 421 at once, a transaction in flight may
+finish), the drain deadline, maxSessions, the idle timeout, session metrics, and group commit
+under concurrent submissions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiosmtplib
+import pytest
+
+from tests.relay import test_ingress_support as support
+from tests.relay.test_ingress_support import PASSWORD, RawSMTP, Relay, message, ready_session
+
+relay = support.relay
+
+
+async def _eof(c: RawSMTP) -> bytes:
+    return await asyncio.wait_for(c.reader.read(), 5)
+
+
+async def test_drain_lets_the_transaction_in_flight_finish(relay: Relay) -> None:
+    busy = await ready_session(relay)
+    idle = await ready_session(relay)
+    assert relay.server.active_sessions == 2
+    assert relay.metric("mailplane_relay_sessions_active", listener="submissions") == 2
+    assert (await busy.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    await relay.server.stop_accepting()
+    # The idle session is told at once; nothing new is accepted.
+    assert (await idle.reply())[1] == "421 4.3.2 Service shutting down, try again later"
+    assert await _eof(idle) == b""
+    with pytest.raises(OSError):
+        await RawSMTP.connect(relay.implicit_port, relay.client_tls())
+    drained = asyncio.create_task(relay.server.drain(time.monotonic() + 10))
+    assert (await busy.cmd("RCPT TO:<x@example.net>"))[0] == 250
+    assert (await busy.cmd("DATA"))[0] == 354
+    code, text = await busy.cmd(message("a@example.com") + b".")
+    assert code == 250, text
+    # With its transaction done, the session is told to go without waiting for a command.
+    assert (await busy.reply())[1] == "421 4.3.2 Service shutting down, try again later"
+    assert await _eof(busy) == b""
+    await asyncio.wait_for(drained, 5)
+    assert relay.server.active_sessions == 0
+    assert relay.metric("mailplane_relay_sessions_active", listener="submissions") == 0
+    assert len(relay.queue.submitted) == 1
+    await busy.close()
+    await idle.close()
+
+
+async def test_drain_deadline_closes_what_is_left(relay: Relay) -> None:
+    stuck = await ready_session(relay)
+    assert (await stuck.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    await relay.server.stop_accepting()
+    started = time.monotonic()
+    await relay.server.drain(started + 0.3)
+    assert 0.3 <= time.monotonic() - started < 3
+    assert relay.server.active_sessions == 0
+    data = await _eof(stuck)
+    assert data in (b"", b"421 4.3.2 Service shutting down, try again later\r\n")
+    await stuck.close()
+
+
+async def test_max_sessions_421(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d["limits"].update(maxSessions=2))
+    first = await ready_session(relay, user=None)
+    second = await ready_session(relay, user=None)
+    third = await RawSMTP.connect(relay.implicit_port, relay.client_tls())
+    try:
+        assert (await third.reply())[1] == "421 4.3.2 Too many connections, try again later"
+        assert await _eof(third) == b""
+    finally:
+        for c in (first, second, third):
+            await c.close()
+    assert relay.rejected("too_many_sessions") == 1
+    assert relay.metric("mailplane_relay_sessions_total", listener="submissions") == 3
+
+
+async def test_idle_session_times_out(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d["limits"].update(sessionTimeout=0.2))
+    c = await ready_session(relay)
+    try:
+        started = time.monotonic()
+        assert await _eof(c) == b""
+        assert time.monotonic() - started < 3
+    finally:
+        await c.close()
+    assert relay.server.active_sessions == 0
+
+
+async def test_concurrent_submissions_share_directory_fsyncs(relay: Relay) -> None:
+    relay.spool.group_commit_window = 0.02
+    before_dir, before_file = relay.spool.dir_fsyncs, relay.spool.file_fsyncs
+
+    async def one(i: int) -> str:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.implicit_port,
+                                   use_tls=True, tls_context=relay.client_tls(),
+                                   timeout=20) as client:
+            await client.login("app1", PASSWORD)
+            _, reply = await client.sendmail("a@example.com", [f"r{i}@example.net"],
+                                             message("a@example.com"))
+            return reply
+
+    replies = await asyncio.gather(*(one(i) for i in range(20)))
+    assert all(r.startswith("2.0.0 Ok: queued as") for r in replies)
+    assert relay.spool.file_fsyncs - before_file == 20
+    assert relay.spool.dir_fsyncs - before_dir < 20
+    assert len({m.queue_id for m in relay.queue.submitted}) == 20
