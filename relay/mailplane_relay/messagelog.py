@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -256,7 +255,11 @@ class MessageLog:
             if len(self._buffer) >= self._max_buffered:
                 self._drop(1)
                 return
-            self._buffer.append(astuple(event))
+            e = event
+            # Built by hand: dataclasses.astuple deep-copies and costs ~10x more per event.
+            self._buffer.append((e.ts, e.status, e.queue_id, e.message_id, e.credential,
+                                 e.sender, e.recipient, e.response, e.size, e.attempt,
+                                 e.remote))
         except Exception:  # the caller is on the accept/delivery path: never let it fail
             log.exception("message log: could not record an event")
 

@@ -38,7 +38,7 @@ from mailplane_relay.config import API_VERSION, hash_password
 from tests.helpers.ports import free_port
 
 # The real command; `python -m` so the test venv's interpreter runs it wherever PATH points.
-RELAY_COMMAND = (sys.executable, "-m", "mailplane_cli.main", "relay")
+RELAY_COMMAND = (sys.executable, "-m", "mailplane_relay.cli", "relay")
 START_TIMEOUT = 20.0
 
 

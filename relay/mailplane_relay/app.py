@@ -1,0 +1,525 @@
+"""The composition root: builds every relay component, runs it, reloads it, stops it.
+
+One process (``workers: 1``) runs everything on one event loop. With ``workers: N`` a supervisor
+process starts N worker processes that share the SMTP ports (SO_REUSEPORT: the kernel spreads
+connections), each with its own spool subdirectory (``<spool>/w<i>``) so that no two processes
+ever touch the same message, all appending to the same message log. Workers write their metrics
+through prometheus_client's multiprocess mode; the supervisor serves ``/metrics``, ``/livez``
+and ``/readyz`` for the pod, forwards SIGTERM and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, multiprocess
+
+from .config import ConfigError, RelayConfig, config_fingerprint, load_config
+from .delivery import DeliveryQueue
+from .http import OpsServer, Readiness
+from .messagelog import MessageLog, SuppressionList
+from .metrics import RelayMetrics
+from .ratelimit import Limiter
+from .server import SubmissionServer
+from .spool import Spool
+from .tlsctx import ReloadingTLS
+
+log = logging.getLogger(__name__)
+
+RELOAD_POLL_INTERVAL = 1.0
+MIN_PURGE_INTERVAL = 1.0
+# After SIGTERM the delivery queue gets what is left of shutdownGrace, and at least this much,
+# to finish attempts in flight (an unfinished attempt is simply retried after a restart).
+MIN_QUEUE_STOP = 2.0
+WORKER_RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+# A worker that lived this long before dying is restarted without the crash-loop backoff.
+WORKER_HEALTHY_AFTER = 60.0
+_READY_FILE = "ready-w{index}"
+# Settings read once at start: a change needs a restart, and the reload log says so.
+_RESTART_ONLY = ("listeners", "http", "spool", "message_log", "workers")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells one worker process (passed as JSON on its command line)."""
+
+    index: int
+    listener_ports: dict[str, int] = field(default_factory=dict)
+    state_dir: str = ""
+    purge: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"index": self.index, "listener_ports": self.listener_ports,
+                           "state_dir": self.state_dir, "purge": self.purge})
+
+    @classmethod
+    def from_json(cls, raw: str) -> WorkerSpec:
+        doc = json.loads(raw)
+        return cls(index=int(doc["index"]), listener_ports=dict(doc["listener_ports"]),
+                   state_dir=str(doc["state_dir"]), purge=bool(doc["purge"]))
+
+
+def _with_listener_ports(cfg: RelayConfig, ports: dict[str, int]) -> RelayConfig:
+    if not ports:
+        return cfg
+    listeners = tuple(
+        lst.model_copy(update={"port": ports.get(lst.name, lst.port)})
+        for lst in cfg.settings.listeners
+    )
+    settings = cfg.settings.model_copy(update={"listeners": listeners})
+    return RelayConfig(settings=settings, source_hash=cfg.source_hash)
+
+
+class _Tasks:
+    """Named background tasks owned by the app: a task that fails is logged and stops the app."""
+
+    def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_failure = on_failure
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._done)
+        self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=exc)
+            self._on_failure(exc)
+
+    async def cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
+class RelayApp:
+    """One relay process: config, metrics, message log, suppression, spool, delivery, SMTP."""
+
+    def __init__(self, config_path: str, *, worker: WorkerSpec | None = None,
+                 initial_config: RelayConfig | None = None) -> None:
+        self.config_path = config_path
+        self.worker = worker
+        self._initial = initial_config
+        self._config: RelayConfig | None = None
+        self._fingerprint = config_fingerprint(config_path)
+        self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
+        self.readiness = Readiness(on_change=self._readiness_changed)
+        self.http: OpsServer | None = None
+        self.server: SubmissionServer | None = None
+
+    # ---- the config callable every component reads --------------------------------------
+
+    def config(self) -> RelayConfig:
+        assert self._config is not None, "config() called before the app loaded it"
+        return self._config
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._stop.set()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), stop in stages."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        stages: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        tasks = _Tasks(self._fail)
+        try:
+            await self._start(stages, tasks)
+            if not self._stop.is_set():
+                log.info("relay ready (config hash %s)", self.config().source_hash)
+            await self._stop.wait()
+        finally:
+            log.info("relay stopping")
+            self.readiness.shutting_down()
+            await tasks.cancel_all()
+            first = await self._run_stages(stages)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        failure = self._failure or first
+        if failure is not None:
+            raise failure
+        log.info("relay stopped")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stop.is_set():
+            log.info("received %s: draining", sig.name)
+        self._stop.set()
+
+    async def _run_stages(
+        self, stages: list[tuple[str, Callable[[], Awaitable[None]]]]
+    ) -> BaseException | None:
+        first: BaseException | None = None
+        for name, stop in reversed(stages):
+            try:
+                await stop()
+            except Exception as exc:
+                log.error("stopping %s failed", name, exc_info=exc)
+                first = first or exc
+        return first
+
+    async def _start(
+        self, stages: list[tuple[str, Callable[[], Awaitable[None]]]], tasks: _Tasks
+    ) -> None:
+        worker = self.worker
+        cfg = self._initial
+        if cfg is None:
+            cfg = await asyncio.to_thread(load_config, self.config_path)
+        self._config = _with_listener_ports(cfg, worker.listener_ports if worker else {})
+        settings = self._config.settings
+        registry = CollectorRegistry()
+        metrics = RelayMetrics.create(registry)
+        self.metrics = metrics
+        metrics.ready.set(0)
+        self._count_config_load(None)
+        self.readiness.mark("config loaded")
+
+        if worker is None:
+            self.http = OpsServer(address=settings.http.address, port=settings.http.port,
+                                  readiness=self.readiness, registry=registry)
+            await self.http.start()
+            stages.append(("ops http", self.http.stop))
+
+        msglog = MessageLog(settings.message_log.path,
+                            flush_interval=settings.message_log.flush_interval, metrics=metrics)
+        await msglog.start()
+        stages.append(("message log", msglog.close))
+        self.message_log = msglog
+
+        suppression = SuppressionList(settings.message_log.path, metrics)
+        await suppression.start()
+        stages.append(("suppression list", suppression.close))
+
+        spool_dir = settings.spool.directory
+        if worker is not None:
+            spool_dir = str(Path(spool_dir) / f"w{worker.index}")
+        spool = Spool(spool_dir, fsync=settings.spool.fsync,
+                      group_commit_window=settings.spool.group_commit_window, metrics=metrics)
+        recovered = await spool.start()
+        stages.append(("spool", spool.close))
+        if recovered:
+            log.info("spool %s: recovered %d messages", spool_dir, len(recovered))
+        self.readiness.mark("spool recovered")
+
+        queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
+                              suppression=suppression, metrics=metrics)
+        await queue.start(recovered)
+        self.queue = queue
+        stages.append(("delivery queue", self._stop_queue))
+
+        tls = ReloadingTLS(self.config)
+        await tls.start()
+        stages.append(("tls", tls.close))
+        self.tls = tls
+
+        limiter = Limiter(self.config)
+        server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
+                                  log=msglog, suppression=suppression, limiter=limiter,
+                                  metrics=metrics)
+        self.server = server
+        await server.start()
+        stages.append(("smtp server", self._drain_server))
+        ports = " ".join(f"{k}={v}" for k, v in sorted(server.bound_ports.items()))
+        http_port = f" http={self.http.port}" if self.http else ""
+        log.info("listening: %s%s", ports, http_port)
+        self.readiness.mark("listeners bound")
+
+        tasks.spawn("config-reload", self._watch_config())
+        if worker is None or worker.purge:
+            tasks.spawn("retention-purge", self._purge_loop(msglog))
+
+    def _readiness_changed(self, ready: bool) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.ready.set(1 if ready else 0)
+        if self.worker is not None and self.worker.state_dir:
+            marker = Path(self.worker.state_dir) / _READY_FILE.format(index=self.worker.index)
+            if ready:
+                marker.touch()
+            else:
+                marker.unlink(missing_ok=True)
+
+    async def _drain_server(self) -> None:
+        assert self.server is not None
+        deadline = time.monotonic() + self.config().settings.shutdown_grace
+        await self.server.stop_accepting()
+        active = self.server.active_sessions
+        if active:
+            log.info("waiting up to %.0fs for %d open sessions",
+                     deadline - time.monotonic(), active)
+        await self.server.drain(deadline)
+        self._queue_deadline = max(deadline, time.monotonic() + MIN_QUEUE_STOP)
+
+    async def _stop_queue(self) -> None:
+        deadline = getattr(self, "_queue_deadline", time.monotonic() + MIN_QUEUE_STOP)
+        await self.queue.stop(deadline)
+
+    # ---- hot reload ---------------------------------------------------------------------
+
+    def _count_config_load(self, old: RelayConfig | None) -> None:
+        new = self.config()
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.config_info.remove(old.source_hash)
+        self.metrics.config_info.labels(hash=new.source_hash).set(1)
+        self.metrics.config_reloads.labels(result="success").inc()
+        self.metrics.config_last_reload_success.set(time.time())
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_POLL_INTERVAL)
+            current = config_fingerprint(self.config_path)
+            if current == self._fingerprint:
+                continue
+            self._fingerprint = current
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the configuration again; apply it if valid, else keep the one in force."""
+        old = self.config()
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels(result="failure").inc()
+            problem = str(exc).replace("\n", "; ")
+            log.error("configuration reload rejected, keeping hash %s: %s",
+                      old.source_hash, problem)
+            return False
+        if self.worker is not None:
+            new = _with_listener_ports(new, self.worker.listener_ports)
+        if new.source_hash == old.source_hash:
+            return True
+        self._config = new
+        self._count_config_load(old)
+        for name in _RESTART_ONLY:
+            if getattr(new.settings, name) != getattr(old.settings, name):
+                log.warning("configuration: a change of %s takes effect at the next restart",
+                            name)
+        self.queue.reconfigure()
+        if old.settings.tls != new.settings.tls:
+            await self.tls.reload()
+        log.info("configuration reloaded (hash %s)", new.source_hash)
+        return True
+
+    # ---- retention ----------------------------------------------------------------------
+
+    async def _purge_loop(self, msglog: MessageLog) -> None:
+        while True:
+            retention = self.config().settings.retention
+            try:
+                await msglog.purge(now=time.time(),
+                                   message_log_retention=retention.message_log,
+                                   suppression_retention=retention.suppression)
+            except Exception:
+                log.exception("retention purge failed; it runs again at the next interval")
+            await asyncio.sleep(max(retention.purge_interval, MIN_PURGE_INTERVAL))
+
+
+# -------------------------------------------------------------------------------------------
+# Several worker processes
+# -------------------------------------------------------------------------------------------
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address if address != "0.0.0.0" else "", 0))
+        return int(s.getsockname()[1])
+
+
+def _forget_worker_metrics(pid: int, directory: str) -> None:
+    """Drop a dead worker's gauges; its counters and histograms stay, so totals never go back.
+
+    prometheus_client's ``mark_process_dead`` only removes the ``live*`` gauge modes; the relay's
+    gauges use the default mode, which would otherwise report a dead worker's last values."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    for path in Path(directory).glob(f"gauge_*_{pid}.db"):
+        path.unlink(missing_ok=True)
+
+
+class _WorkersReadiness:
+    def __init__(self, state_dir: Path, workers: int) -> None:
+        self._state_dir = state_dir
+        self._workers = workers
+        self.stopping = False
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(
+            (self._state_dir / _READY_FILE.format(index=i)).exists() for i in range(self._workers)
+        )
+
+    @property
+    def ready(self) -> bool:
+        # One ready worker accepts mail: the kernel only hands connections to bound listeners.
+        return not self.stopping and self.ready_workers > 0
+
+    @property
+    def reason(self) -> str:
+        if self.stopping:
+            return "shutting down"
+        n = self.ready_workers
+        return "ok" if n else f"no worker ready (0/{self._workers})"
+
+
+class Supervisor:
+    """Parent of N relay worker processes (``workers`` > 1)."""
+
+    def __init__(self, config_path: str, config: RelayConfig, *, log_level: str) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.log_level = log_level
+        self.workers = config.settings.workers
+        self._stopping = False
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._exit_codes: dict[int, int] = {}
+
+    async def run(self) -> int:
+        settings = self.config.settings
+        state_dir = Path(tempfile.mkdtemp(prefix="mailplane-workers-"))
+        try:
+            return await self._run(settings, state_dir)
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    async def _run(self, settings: Any, state_dir: Path) -> int:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
+        readiness = _WorkersReadiness(state_dir, self.workers)
+        http = OpsServer(address=settings.http.address, port=settings.http.port,
+                         readiness=readiness, registry=registry)
+        await http.start()
+        # Resolve port 0 once so that every worker (and every restart) binds the same port.
+        ports = {lst.name: lst.port or _free_port(lst.address) for lst in settings.listeners}
+        log.info("supervisor: %d workers, listening: %s http=%d", self.workers,
+                 " ".join(f"{k}={v}" for k, v in sorted(ports.items())), http.port)
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            log.info("received %s: stopping workers", sig.name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(state_dir))
+        keepers = [
+            asyncio.create_task(
+                self._keep_worker(WorkerSpec(index=i, listener_ports=ports,
+                                             state_dir=str(state_dir), purge=i == 0),
+                                  env, stop),
+                name=f"worker-{i}")
+            for i in range(self.workers)
+        ]
+        try:
+            await stop.wait()
+        finally:
+            self._stopping = True
+            readiness.stopping = True
+            for proc in self._procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            # Workers drain within shutdownGrace and then stop delivery; past that, kill.
+            limit = settings.shutdown_grace + MIN_QUEUE_STOP + 15.0
+            _done, pending = await asyncio.wait(keepers, timeout=limit)
+            for proc in self._procs.values():
+                if proc.returncode is None:
+                    log.error("worker pid %d did not stop in %.0fs: killing it", proc.pid, limit)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await http.stop()
+        failed = {i: rc for i, rc in self._exit_codes.items() if rc != 0}
+        if failed or len(self._exit_codes) < self.workers:
+            log.error("workers exited with codes %s", self._exit_codes)
+            return 1
+        log.info("all %d workers stopped", self.workers)
+        return 0
+
+    async def _keep_worker(self, spec: WorkerSpec, env: dict[str, str],
+                           stop: asyncio.Event) -> None:
+        crashes = 0
+        while not self._stopping:
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailplane_relay.cli", "relay",
+                "--config", self.config_path, "--log-level", self.log_level,
+                "--worker-spec", spec.to_json(), env=env,
+            )
+            self._procs[spec.index] = proc
+            rc = await proc.wait()
+            _forget_worker_metrics(proc.pid, spec.state_dir)
+            (Path(spec.state_dir) / _READY_FILE.format(index=spec.index)).unlink(missing_ok=True)
+            if self._stopping:
+                self._exit_codes[spec.index] = rc
+                return
+            if rc == 2:
+                # The configuration on disk is unusable; restarting would loop on the same error.
+                log.error("worker %d: configuration rejected at start; stopping", spec.index)
+                self._exit_codes[spec.index] = rc
+                stop.set()
+                return
+            crashes = 0 if time.monotonic() - started > WORKER_HEALTHY_AFTER else crashes + 1
+            delay = WORKER_RESTART_BACKOFF[min(crashes, len(WORKER_RESTART_BACKOFF) - 1)]
+            log.error("worker %d (pid %d) exited unexpectedly with code %d: restarting in %.0fs",
+                      spec.index, proc.pid, rc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+
+# -------------------------------------------------------------------------------------------
+# Entry points for the CLI
+# -------------------------------------------------------------------------------------------
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def run_relay(config_path: str, *, log_level: str = "info",
+              worker: WorkerSpec | None = None) -> int:
+    """Run until signalled. Raises ConfigError if the configuration cannot be used at start."""
+    cfg = load_config(config_path)
+    with _runner() as runner:
+        if worker is None and cfg.settings.workers > 1:
+            return runner.run(Supervisor(config_path, cfg, log_level=log_level).run())
+        app = RelayApp(config_path, worker=worker, initial_config=cfg)
+        try:
+            runner.run(app.run())
+        except Exception:
+            log.exception("relay failed")
+            return 1
+    return 0

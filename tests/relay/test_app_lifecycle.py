@@ -1,0 +1,223 @@
+"""The relay as a real process: start, readiness, metrics, hot reload, SIGTERM drain, restart.
+
+A real client (aiosmtplib over TLS, AUTH) talks to `mailplane relay` on loopback, which delivers
+to the capture sink; the test checks what arrived, /readyz, /metrics and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailplane_relay.messagelog import MessageLog
+from tests.helpers.relayproc import RelayProcess
+from tests.helpers.sink import Sink
+
+pytestmark = pytest.mark.slow
+
+
+def message(i: int, sender: str = "app@example.com") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = f"user{i}@dest.test"
+    msg["Subject"] = f"secret subject {i}"
+    msg["Message-ID"] = f"<test-{i}@example.com>"
+    msg.set_content(f"body number {i}\n")
+    return msg
+
+
+async def client(relay: RelayProcess, user: str = "app", password: str = "app-password",
+                 *, implicit: bool = False) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=relay.ports["submissions" if implicit else "submission"],
+        tls_context=relay.client_tls(), use_tls=implicit, start_tls=not implicit,
+        timeout=10,
+    )
+    await smtp.connect()
+    await smtp.login(user, password)
+    return smtp
+
+
+async def eventually(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """For state only observable by polling another process (its /metrics, its files)."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed"
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+async def test_relay_starts_delivers_and_reports(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(relay.start)
+
+    assert relay.http_get("/livez") == (200, "ok\n")
+    assert relay.readyz() == (200, "ok\n")
+    smtp = await client(relay)
+    await smtp.send_message(message(1))
+    await smtp.quit()
+    [got] = await sink.wait_for_messages(1)
+    assert got.rcpt_tos == ["user1@dest.test"]
+    assert b"body number 1" in got.data
+
+    await eventually(
+        lambda: {r["status"] for r in MessageLog.query(str(relay.message_log))}
+        >= {"received", "delivered"}, "received and delivered in the message log")
+    metrics = relay.metrics()
+    promtool_check(metrics)
+    assert relay.metric("mailplane_relay_ready") == 1
+    assert relay.metric("mailplane_relay_config_reloads_total", result="success") == 1
+    assert relay.metric("mailplane_relay_messages_received_total") == 1
+    assert "mailplane_relay_config_info{hash=" in metrics
+
+    assert await asyncio.to_thread(relay.stop) == 0
+    log = relay.log()
+    assert "relay ready" in log and "relay stopped" in log
+    assert "secret subject" not in log and "body number" not in log
+    assert "app-password" not in log
+
+
+async def test_hot_reload_applies_a_new_credential_without_dropping_sessions(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(relay.start)
+    open_session = await client(relay)
+
+    relay.credentials["newapp"] = "new-password"
+    relay.write_config()
+    await eventually(
+        lambda: relay.metric("mailplane_relay_config_reloads_total", result="success") == 2,
+        "the reload")
+    assert "configuration reloaded (hash" in relay.log()
+
+    fresh = await client(relay, "newapp", "new-password")
+    await fresh.send_message(message(2))
+    await fresh.quit()
+    await open_session.send_message(message(3))  # the session opened before the reload
+    await open_session.quit()
+    await sink.wait_for(lambda: {m.rcpt_tos[0] for m in sink.messages}
+                        == {"user2@dest.test", "user3@dest.test"})
+    assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_invalid_reload_is_rejected_and_the_old_config_stays(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(relay.start)
+    hash_before = [line for line in relay.metrics().splitlines()
+                   if line.startswith("mailplane_relay_config_info{")]
+
+    spec = relay.spec()
+    spec["credentials"].append({"username": "broken", "passwordHash": "plaintext!",
+                                "allowedSenders": ["example.com"]})
+    relay.write_config(spec)
+    await eventually(
+        lambda: relay.metric("mailplane_relay_config_reloads_total", result="failure") == 1,
+        "the rejected reload")
+
+    rejected = [line for line in relay.log().splitlines()
+                if "configuration reload rejected" in line]
+    assert len(rejected) == 1
+    assert "passwordHash" in rejected[0] and "hash-password" in rejected[0]
+    assert [line for line in relay.metrics().splitlines()
+            if line.startswith("mailplane_relay_config_info{")] == hash_before
+    assert relay.readyz()[0] == 200
+    smtp = await client(relay)  # the credential of the last good config still works
+    await smtp.send_message(message(4))
+    await smtp.quit()
+    await sink.wait_for_messages(1)
+    assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_sigterm_drains_an_open_session_and_keeps_the_queue(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink(data_reply="451 4.3.0 try again later")
+    relay = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(relay.start)
+
+    smtp = await client(relay)
+    await smtp.mail("app@example.com")
+    await smtp.rcpt("late@dest.test")
+    relay.terminate()
+    await eventually(lambda: relay.readyz()[0] == 503, "readiness to drop", timeout=5)
+    assert relay.readyz() == (503, "shutting down\n")
+    assert relay.running
+
+    code, reply = await smtp.data(message(5).as_bytes())  # the session still finishes
+    assert code == 250, reply
+    # Draining, the relay ends the session after its transaction (421) instead of waiting for
+    # the client's next command.
+    with contextlib.suppress(aiosmtplib.SMTPServerDisconnected):
+        await smtp.quit()
+    smtp.close()
+    assert await asyncio.to_thread(relay.wait, 30) == 0
+    assert len(relay.spooled_files()) == 1, "the deferred message must stay in the spool"
+    assert sink.messages == []
+
+    sink.behaviour.data_reply = None
+    await asyncio.to_thread(relay.start)
+    [got] = await sink.wait_for_messages(1, timeout=20)
+    assert got.rcpt_tos == ["late@dest.test"]
+    await eventually(lambda: relay.spooled_files() == [], "the spool to empty")
+    assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_config_error_at_start_exits_2_with_the_problem(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port)
+    relay.write_config(raw="apiVersion: mailplane.io/v1alpha1\nkind: RelayConfig\nspec: {}\n")
+    with pytest.raises(AssertionError, match="relay exited with 2 before ready"):
+        await asyncio.to_thread(relay.start)
+    assert "configuration rejected" in relay.log()
+    assert "tls is missing" in relay.log()
+
+
+async def test_two_workers_share_the_ports_and_one_metrics_endpoint(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    await asyncio.to_thread(relay.start)
+    await eventually(lambda: all((relay.spool_dir / f"w{i}").is_dir() for i in range(2)),
+                     "both worker spools")
+
+    async def send(i: int) -> None:
+        smtp = await client(relay, implicit=i % 2 == 0)
+        await smtp.send_message(message(i))
+        await smtp.quit()
+
+    await asyncio.gather(*(send(i) for i in range(20)))
+    await sink.wait_for_messages(20, timeout=20)
+    assert relay.metric("mailplane_relay_messages_received_total") == 20
+    promtool_check(relay.metrics())
+    assert await asyncio.to_thread(relay.stop) == 0
+    assert "all 2 workers stopped" in relay.log()
+
