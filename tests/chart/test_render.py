@@ -13,8 +13,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from yamllint import linter
-from yamllint.config import YamlLintConfig
+from yamllint import linter  # type: ignore[import-untyped]
+from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
 
 from .conftest import (
     CHART_DIR,
@@ -124,8 +124,8 @@ def test_crds_are_the_repository_crds_with_keep_policy(default_render: Rendered)
     assert {c["spec"]["names"]["kind"] for c in crds} == set(schemas) == {
         "SmtpRelay", "SendingDomain", "SmtpCredential", "RetentionPolicy"}
     for crd in crds:
-        source = yaml.safe_load((ROOT / "crds" / f"mailplane.io_{crd['spec']['names']['plural']}.yaml")
-                                .read_text())
+        plural = crd["spec"]["names"]["plural"]
+        source = yaml.safe_load((ROOT / "crds" / f"mailplane.io_{plural}.yaml").read_text())
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert crd["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mailplane"
         stripped = copy.deepcopy(crd)
@@ -193,7 +193,8 @@ def test_monitoring_objects(render: Any) -> None:
     rendered = render(load_values(CHART_DIR / "ci" / "monitoring-values.yaml"))
     [monitor] = rendered.of_kind("ServiceMonitor")
     service = rendered.one("Service", "mailplane-operator-metrics")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    service_labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     # jobLabel makes job="mailplane-operator", which the operator alerts select.
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "mailplane-operator"
