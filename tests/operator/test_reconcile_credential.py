@@ -1,0 +1,215 @@
+"""SmtpCredential: the application Secret, hashes for the relay, rotation on schedule and on
+demand with an overlap window, admission to the relay, and no secret in status or events."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import timedelta
+from typing import Any
+
+from mailplane_operator.reconcile import credential as cm
+from mailplane_operator.reconcile.conditions import get_condition
+from mailplane_relay.config import Credential, verify_password
+from tests.operator.reconcile_builders import NOW, counting_random, credential, relay
+
+ATTACHED = {"example.com"}
+
+
+def values(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def reconcile(cred: Any, existing: dict[str, Any] | None = None, *, now: Any = NOW,
+              r: Any = "default", labels: dict[str, str] | None = None,
+              attached: set[str] = ATTACHED) -> cm.CredentialResult:
+    return cm.reconcile_credential(
+        cred, relay=relay() if r == "default" else r, namespace_labels=labels,
+        attached_domains=attached, existing_secret=existing, now=now)
+
+
+def assert_no_secret_leaks(result: cm.CredentialResult) -> None:
+    assert result.secret is not None
+    secret = values(result.secret)
+    ann = result.secret["metadata"]["annotations"]
+    exposed = json.dumps(result.status) + repr(result.events) + repr(result.state)
+    for value in (secret["password"], ann[cm.ANN_PASSWORD_HASH]):
+        assert value not in exposed
+
+
+def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
+    cred = credential()
+    result = reconcile(cred)
+    assert result.rotated and result.admission.allowed
+    secret = result.secret
+    assert secret is not None
+    v = values(secret)
+    assert v["username"] == "mail.app"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", v["password"])  # 256 bits, URL-safe
+    assert v["host"] == "main.mail.svc.cluster.local"
+    assert v["port"] == "587" and v["tls"] == "starttls"
+    assert v["url"] == f"smtp://mail.app:{v['password']}@main.mail.svc.cluster.local:587"
+    assert v["smtps-url"].startswith("smtps://mail.app:") and v["smtps-port"] == "465"
+    md = secret["metadata"]
+    assert (md["name"], md["namespace"]) == ("app-smtp", "mail")
+    assert md["ownerReferences"][0]["kind"] == "SmtpCredential"
+    assert md["ownerReferences"][0]["uid"] == cred.meta.uid
+    ann = md["annotations"]
+    assert verify_password(v["password"], ann[cm.ANN_PASSWORD_HASH])
+    assert ann[cm.ANN_PASSWORD_HASH].startswith("sha256$")
+    assert ann[cm.ANN_ROTATED_AT] == "2026-11-27T12:00:00Z"
+    assert [e.reason for e in result.events] == [cm.ROTATION_INITIAL]
+    ready = get_condition(result.status["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True"
+    assert result.status["secretName"] == "app-smtp"
+    assert_no_secret_leaks(result)
+
+
+def test_reconcile_is_idempotent() -> None:
+    cred = credential()
+    first = reconcile(cred)
+    second = reconcile(cred, first.secret, now=NOW + timedelta(hours=1))
+    assert not second.rotated and second.events == []
+    assert second.secret == first.secret
+
+
+def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "2h"})
+    first = reconcile(cred)
+    assert first.next_check == NOW + timedelta(hours=24)
+    assert first.secret is not None
+    old = values(first.secret)["password"]
+    not_yet = reconcile(cred, first.secret, now=NOW + timedelta(hours=23, minutes=59))
+    assert not not_yet.rotated
+    at = NOW + timedelta(hours=24)
+    rotated = reconcile(cred, first.secret, now=at)
+    assert rotated.rotated and [e.reason for e in rotated.events] == [cm.ROTATION_SCHEDULED]
+    assert rotated.secret is not None
+    new = values(rotated.secret)["password"]
+    assert new != old
+    assert rotated.next_check == at + timedelta(hours=2)  # the end of the overlap
+    assert rotated.state is not None
+    entry = cm.credential_entry(cred, rotated.state, at)
+    relay_side = Credential.model_validate(entry)
+    assert relay_side.check_password(new, at)
+    assert relay_side.check_password(old, at + timedelta(hours=1, minutes=59))
+    assert not relay_side.check_password(old, at + timedelta(hours=2))
+    assert rotated.status["previousPasswordExpires"] == "2026-11-28T14:00:00Z"
+    assert rotated.status["nextRotationTime"] == "2026-11-29T12:00:00Z"
+    assert_no_secret_leaks(rotated)
+    # After the overlap the previous hash disappears from the Secret and the relay entry.
+    later = reconcile(cred, rotated.secret, now=at + timedelta(hours=2))
+    assert later.secret is not None and not later.rotated
+    assert cm.ANN_PREVIOUS_HASH not in later.secret["metadata"]["annotations"]
+    assert later.state is not None
+    assert "previousPasswordHash" not in cm.credential_entry(cred, later.state, at)
+
+
+def test_on_demand_rotation_runs_once_per_token() -> None:
+    first = reconcile(credential())
+    asked = credential(annotations={cm.ANN_ROTATE: "2026-11-27T12:05"})
+    rotated = reconcile(asked, first.secret, now=NOW + timedelta(minutes=5))
+    assert rotated.rotated
+    assert [e.reason for e in rotated.events] == [cm.ROTATION_REQUESTED]
+    assert rotated.secret is not None
+    assert rotated.secret["metadata"]["annotations"][cm.ANN_ROTATION_REQUEST] == (
+        "2026-11-27T12:05")
+    assert rotated.status["lastRotationRequest"] == "2026-11-27T12:05"
+    # The token is remembered in the Secret: the same token does nothing, even after a restart
+    # of the operator that lost nothing but its memory (status empty).
+    again = reconcile(asked, rotated.secret, now=NOW + timedelta(minutes=6))
+    assert not again.rotated
+    renewed = credential(annotations={cm.ANN_ROTATE: "second"})
+    assert reconcile(renewed, rotated.secret, now=NOW + timedelta(minutes=7)).rotated
+
+
+def test_a_first_reconcile_with_a_token_does_not_rotate_twice() -> None:
+    asked = credential(annotations={cm.ANN_ROTATE: "t1"})
+    first = reconcile(asked)
+    assert [e.reason for e in first.events] == [cm.ROTATION_INITIAL]
+    assert not reconcile(asked, first.secret).rotated
+
+
+def test_a_hand_edited_hash_is_recomputed_from_the_password() -> None:
+    first = reconcile(credential())
+    assert first.secret is not None
+    first.secret["metadata"]["annotations"][cm.ANN_PASSWORD_HASH] = "sha256$00$00"
+    state = cm.state_from_secret(first.secret)
+    assert state is not None
+    assert verify_password(values(first.secret)["password"], state.password_hash)
+
+
+def test_admission_reasons() -> None:
+    cred = credential(namespace="shop", relay_namespace="mail")
+    missing = reconcile(cred, r=None)
+    assert missing.secret is None
+    assert missing.admission.reason == cm.REASON_RELAY_NOT_FOUND
+    assert missing.status["conditions"][0]["reason"] == "RelayNotFound"
+
+    closed = reconcile(cred)  # the relay allows only its own namespace by default
+    assert closed.admission.reason == cm.REASON_NAMESPACE_NOT_ALLOWED
+    assert "does not allow namespace 'shop'" in closed.admission.message
+    assert [e.type for e in closed.events] == ["Normal", "Warning"]
+
+    by_label = relay(allowedNamespaces={"matchLabels": {"smtp": "yes"}})
+    assert reconcile(cred, r=by_label, labels={"smtp": "yes"}).admission.allowed
+    assert not reconcile(cred, r=by_label, labels={"smtp": "no"}).admission.allowed
+    by_name = relay(allowedNamespaces={"matchExpressions": [{
+        "key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop"]}]})
+    assert reconcile(cred, r=by_name).admission.allowed
+    assert reconcile(cred, r=relay(allowedNamespaces={})).admission.allowed
+
+    other = credential(senders=("example.com", "billing@example.org"))
+    refused = reconcile(other)
+    assert refused.admission.reason == cm.REASON_SENDER_NOT_ATTACHED
+    assert refused.admission.message.endswith(": example.org")
+    assert reconcile(other, attached={"example.com", "example.org"}).admission.allowed
+
+
+def test_suspended_credentials_are_rendered_but_not_ready() -> None:
+    cred = credential(suspended=True, suspendedReason="bounce rate above 5%")
+    result = reconcile(cred)
+    ready = get_condition(result.status["conditions"], "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("False", "Suspended")
+    assert result.admission.allowed and result.state is not None
+    entry = cm.credential_entry(cred, result.state, NOW)
+    assert entry["suspended"] is True and entry["suspendedReason"] == "bounce rate above 5%"
+
+
+def test_limits_reach_the_relay_entry() -> None:
+    cred = credential(ratePerMinute=30, dailyQuota=1000)
+    result = reconcile(cred)
+    assert result.state is not None
+    entry = cm.credential_entry(cred, result.state, NOW)
+    assert (entry["ratePerMinute"], entry["dailyQuota"]) == (30, 1000)
+    assert entry["owner"] == "mail/app"
+    assert "password" not in entry
+
+
+def test_implicit_tls_only_relay_gets_an_smtps_url() -> None:
+    r = relay(listeners={"submission": {"enabled": False}})
+    result = reconcile(credential(), r=r)
+    assert result.secret is not None
+    v = values(result.secret)
+    assert v["port"] == "465" and v["tls"] == "implicit" and v["url"].startswith("smtps://")
+
+
+def test_long_names_give_a_username_the_relay_accepts() -> None:
+    cred = credential(name="a" * 200)
+    name = cm.username_for(cred)
+    assert len(name) <= 128
+    assert Credential.model_validate({"username": name, "passwordHash": "sha256$00$00",
+                                      "allowedSenders": ["example.com"]})
+
+
+def test_passwords_and_salts_come_from_the_injected_random_source() -> None:
+    cred, r = credential(), relay()
+
+    def run() -> cm.CredentialResult:
+        return cm.reconcile_credential(cred, relay=r, namespace_labels=None,
+                                       attached_domains=ATTACHED, existing_secret=None, now=NOW,
+                                       random=counting_random())
+
+    assert run().secret == run().secret

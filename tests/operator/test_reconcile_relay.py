@@ -1,0 +1,165 @@
+"""SmtpRelay children: what a platform team gets in its cluster, checked field by field, and
+validated against the Kubernetes OpenAPI schemas."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from mailplane_operator.reconcile import relay as relay_mod
+from mailplane_operator.reconcile import render
+from mailplane_operator.reconcile.conditions import get_condition
+from tests.operator.reconcile_builders import NOW, credential, relay
+
+
+def by_kind(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for o in objs:
+        key = o["kind"] + ("/headless" if o["metadata"]["name"].endswith("-headless") else "")
+        out[key] = o
+    return out
+
+
+def test_every_child_is_owned_labelled_and_valid_kubernetes() -> None:
+    r = relay(replicas=3)
+    children = relay_mod.relay_children(r, service_monitor_available=True, config_hash="abc")
+    kinds = sorted(by_kind(children))
+    assert kinds == ["PodDisruptionBudget", "Service", "Service/headless", "ServiceMonitor",
+                     "StatefulSet"]
+    for child in children:
+        md = child["metadata"]
+        assert md["namespace"] == "mail"
+        assert md["ownerReferences"] == [{
+            "apiVersion": "mailplane.io/v1alpha1", "kind": "SmtpRelay", "name": "main",
+            "uid": r.meta.uid, "controller": True, "blockOwnerDeletion": True}]
+        assert md["labels"]["app.kubernetes.io/name"] == "mailplane-relay"
+        assert md["labels"]["app.kubernetes.io/instance"] == "main"
+        assert md["labels"]["app.kubernetes.io/managed-by"] == "mailplane-operator"
+        if child["kind"] != "ServiceMonitor":  # not a built-in kind: no schema offline
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                kubernetes_validate.validate(child, kubernetes_validate.latest_version(),
+                                             strict=True)
+
+
+def test_the_service_monitor_needs_the_crd_and_can_be_disabled() -> None:
+    assert "ServiceMonitor" not in by_kind(relay_mod.relay_children(relay()))
+    off = relay(monitoring={"serviceMonitor": {"enabled": False}})
+    assert "ServiceMonitor" not in by_kind(
+        relay_mod.relay_children(off, service_monitor_available=True))
+    sm = by_kind(relay_mod.relay_children(
+        relay(monitoring={"serviceMonitor": {"labels": {"release": "prom"}}}),
+        service_monitor_available=True))["ServiceMonitor"]
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+
+
+def test_pod_is_locked_down_probed_and_drains_within_its_grace_period() -> None:
+    r = relay(shutdownGrace="40s")
+    sts = by_kind(relay_mod.relay_children(r))["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False  # the relay never talks to the API
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["command"] == ["mailplane", "relay", "--config", "/etc/mailplane/config"]
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + 40
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/mailplane/config"]["readOnly"] is True
+    assert mounts["/etc/mailplane/tls"]["readOnly"] is True
+    assert mounts["/var/lib/mailplane"]["name"] == "spool"
+    assert "/tmp" in mounts  # writable scratch on a read-only root
+    [pvc] = sts["spec"]["volumeClaimTemplates"]
+    assert pvc["metadata"]["name"] == "spool"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+
+
+def test_config_secrets_are_projected_from_fixed_optional_slots() -> None:
+    pod = relay_mod.pod_template(relay(), relay_mod.DEFAULT_IMAGE)["spec"]
+    config = next(v for v in pod["volumes"] if v["name"] == "config")
+    sources = config["projected"]["sources"]
+    assert [s["secret"]["name"] for s in sources] == [
+        f"main-config-{i}" for i in range(relay_mod.CONFIG_SECRET_SLOTS)]
+    assert all(s["secret"]["optional"] for s in sources)
+
+
+def test_services_map_the_standard_ports_to_unprivileged_container_ports() -> None:
+    children = by_kind(relay_mod.relay_children(relay()))
+    ports = {p["name"]: p for p in children["Service"]["spec"]["ports"]}
+    assert ports["submission"]["port"] == 587 and ports["submission"]["targetPort"] == "submission"
+    assert ports["submissions"]["port"] == 465
+    container = children["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    cports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert cports == {"http": 8080, "submission": 1587, "submissions": 1465}
+    headless = children["Service/headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert children["StatefulSet"]["spec"]["serviceName"] == "main-headless"
+    only_465 = by_kind(relay_mod.relay_children(relay(listeners={"submission": {
+        "enabled": False}})))["Service"]
+    assert [p["name"] for p in only_465["spec"]["ports"]] == ["submissions", "http"]
+
+
+def test_pdb_lets_one_pod_go_at_a_time() -> None:
+    pdb = by_kind(relay_mod.relay_children(relay()))["PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == relay_mod.selector_labels(relay())
+
+
+def test_smarthost_password_is_mounted_from_its_secret() -> None:
+    r = relay(delivery={"mode": "smarthost", "smarthost": {
+        "host": "smtp.upstream.example", "username": "u",
+        "passwordSecretRef": {"name": "upstream", "key": "pw"}}})
+    pod = relay_mod.pod_template(r, relay_mod.DEFAULT_IMAGE)["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "smarthost")
+    assert vol["secret"] == {"secretName": "upstream", "items": [{"key": "pw",
+                                                                  "path": "password"}]}
+    result = render.render_relay_config(r, domains=[], credentials=[], policies=[],
+                                        namespace_labels={}, now=NOW)
+    smarthost = result.config.settings.delivery.smarthost
+    assert smarthost is not None
+    assert smarthost.password_file == "/etc/mailplane/smarthost/password"
+
+
+def test_the_pod_template_does_not_change_when_credentials_do() -> None:
+    r = relay()
+    before = render.render_relay_config(r, domains=[], credentials=[], policies=[],
+                                        namespace_labels={}, now=NOW)
+    cred = credential(senders=("example.com",))
+    after = render.render_relay_config(
+        r, domains=[], credentials=[render.CredentialInput(cred, None)], policies=[],
+        namespace_labels={}, now=NOW)
+    sts_before = relay_mod.statefulset(r, config_hash=before.config_hash)
+    sts_after = relay_mod.statefulset(r, config_hash=after.config_hash)
+    assert sts_before["spec"] == sts_after["spec"]
+    # Only a spec change of the relay itself reaches the template.
+    bigger = relay(shutdownGrace="60s")
+    assert relay_mod.statefulset(bigger)["spec"]["template"] != sts_before["spec"]["template"]
+
+
+@pytest.mark.parametrize(("ready_replicas", "error", "status", "reason"), [
+    (2, None, "True", "RelayReady"),
+    (1, None, "False", "ReplicasNotReady"),
+    (2, "bad config", "False", "ConfigInvalid"),
+])
+def test_relay_status(ready_replicas: int, error: str | None, status: str, reason: str) -> None:
+    r = relay()
+    patch = relay_mod.relay_status(
+        r, statefulset_status={"replicas": 2, "readyReplicas": ready_replicas},
+        config_hash="h", config_secrets=["main-config-0"], domains=["example.com"],
+        credentials=3, excluded=1, retention_policies=[], now=NOW, error=error)
+    ready = get_condition(patch["conditions"], "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == (status, reason)
+    assert patch["observedGeneration"] == 1
+    assert patch["configHash"] == "h" and patch["credentialCount"] == 3
