@@ -52,6 +52,8 @@ COMMAND_LINE_LIMIT = 1024
 # The stream reader's buffer limit: DATA is read in chunks of up to this size.
 READ_LIMIT = 64 * 1024
 MAX_UNKNOWN_COMMANDS = 10
+# While draining, how long a session that just finished a transaction may take to send QUIT.
+DRAIN_QUIT_GRACE = 1.0
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
 AUTH_MECHANISMS = ("LOGIN", "PLAIN")
 
@@ -90,6 +92,7 @@ class R:
     AUTH_MALFORMED = "501 5.5.2 Malformed authentication data"
     DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
     STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+    QUIT_SYNTAX = "501 5.5.4 Syntax: QUIT"
     EHLO_FIRST = "503 5.5.1 Send EHLO first"
     ALREADY_AUTH = "503 5.5.1 Already authenticated"
     ALREADY_TLS = "503 5.5.1 TLS already active"
@@ -247,9 +250,7 @@ class RelaySMTP(SMTP):
         while self.transport is not None and not self._closing:
             try:
                 if srv.draining and self.envelope is not None and not self.envelope.mail_from:
-                    srv.metrics.rejected.labels(reason="shutting_down").inc()
-                    await self.push(R.SHUTTING_DOWN)
-                    self._close()
+                    await self._leave_while_draining()
                     return
                 line = await self._read_command()
                 if line is None:
@@ -296,6 +297,21 @@ class RelaySMTP(SMTP):
                 except ConnectionError:
                     self._close()
                     return
+
+    async def _leave_while_draining(self) -> None:
+        """A transaction finished while the server drains: a client about to QUIT gets its 221
+        (a clean end for it); anything else, or silence, gets 421."""
+        try:
+            line = await asyncio.wait_for(self._read_command(), DRAIN_QUIT_GRACE)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            line = None
+        with contextlib.suppress(ConnectionError):
+            if line is not None and line[0] == "QUIT":
+                await self.push(R.CLOSING)
+            else:
+                self._reject("shutting_down")
+                await self.push(R.SHUTTING_DOWN)
+        self._close()
 
     async def _read_command(self) -> tuple[str, str | None] | None:
         """The next command as (VERB, argument), or None when it was answered already."""
@@ -345,7 +361,14 @@ class RelaySMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 await self._reader.readexactly(exc.consumed)
 
-    # ---------------------------------------------------------------- EHLO, STARTTLS
+    # ---------------------------------------------------------------- EHLO, STARTTLS, QUIT
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            await self.push(R.QUIT_SYNTAX)
+            return
+        await self.push(R.CLOSING)
+        self._close()
 
     def ehlo_responses(self, hostname: str) -> list[str]:
         assert self.session is not None

@@ -37,8 +37,8 @@ async def test_drain_lets_the_transaction_in_flight_finish(relay: Relay) -> None
     assert (await busy.cmd("DATA"))[0] == 354
     code, text = await busy.cmd(message("a@example.com") + b".")
     assert code == 250, text
-    # With its transaction done, the session is told to go without waiting for a command.
-    assert (await busy.reply())[1] == "421 4.3.2 Service shutting down, try again later"
+    # With its transaction done, the session may QUIT cleanly, nothing more.
+    assert (await busy.cmd("QUIT"))[1] == "221 2.0.0 Bye"
     assert await _eof(busy) == b""
     await asyncio.wait_for(drained, 5)
     assert relay.server.active_sessions == 0
@@ -46,6 +46,20 @@ async def test_drain_lets_the_transaction_in_flight_finish(relay: Relay) -> None
     assert len(relay.queue.submitted) == 1
     await busy.close()
     await idle.close()
+
+
+async def test_draining_session_that_wants_more_gets_421(relay: Relay) -> None:
+    c = await ready_session(relay)
+    assert (await c.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<x@example.net>"))[0] == 250
+    await relay.server.stop_accepting()
+    assert (await c.cmd("DATA"))[0] == 354
+    assert (await c.cmd(message("a@example.com") + b"."))[0] == 250
+    assert (await c.cmd("MAIL FROM:<a@example.com>"))[1].startswith("421 4.3.2")
+    assert await _eof(c) == b""
+    await relay.server.drain(time.monotonic() + 5)
+    await c.close()
+    assert relay.rejected("shutting_down") == 1
 
 
 async def test_drain_deadline_closes_what_is_left(relay: Relay) -> None:
