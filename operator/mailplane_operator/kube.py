@@ -1,0 +1,392 @@
+"""A small asynchronous Kubernetes API client for the operator's own writes.
+
+kopf talks to the API through its own client for watching and for patching the resources it
+handles; everything else the operator writes (children, config Secrets, application Secrets,
+status from background tasks) goes through `KubeClient`. Both are configured from one
+`Connection`, built once by `load_connection` (in-cluster inside a pod, else the kubeconfig).
+
+Writes are "apply by get, then create or merge-patch": no PUT and no server-side apply, so that
+the same code runs against the kmock emulator in tests. A write is skipped when the object
+already holds what we want, so an idempotent reconcile makes no API writes at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class Resource(NamedTuple):
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        parts = [base]
+        if self.namespaced and namespace:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(self.plural)
+        if name:
+            parts.append(name)
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+GROUP = "mailplane.io"
+VERSION = "v1alpha1"
+SMTP_RELAYS = Resource(GROUP, VERSION, "smtprelays", "SmtpRelay")
+SENDING_DOMAINS = Resource(GROUP, VERSION, "sendingdomains", "SendingDomain")
+SMTP_CREDENTIALS = Resource(GROUP, VERSION, "smtpcredentials", "SmtpCredential")
+RETENTION_POLICIES = Resource(GROUP, VERSION, "retentionpolicies", "RetentionPolicy")
+SECRETS = Resource("", "v1", "secrets", "Secret")
+SERVICES = Resource("", "v1", "services", "Service")
+EVENTS = Resource("", "v1", "events", "Event")
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
+STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet")
+PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+SERVICE_MONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor")
+
+BY_KIND: dict[tuple[str, str], Resource] = {
+    (r.api_version, r.kind): r
+    for r in (SMTP_RELAYS, SENDING_DOMAINS, SMTP_CREDENTIALS, RETENTION_POLICIES, SECRETS,
+              SERVICES, EVENTS, NAMESPACES, STATEFULSETS, PDBS, SERVICE_MONITORS)
+}
+
+
+def resource_of(manifest: Mapping[str, Any]) -> Resource:
+    key = (str(manifest.get("apiVersion")), str(manifest.get("kind")))
+    try:
+        return BY_KIND[key]
+    except KeyError:
+        raise ValueError(f"the operator does not manage {key[1]} ({key[0]})") from None
+
+
+def labels_match(obj: Mapping[str, Any], labels: Mapping[str, str] | None) -> bool:
+    if not labels:
+        return True
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+class ApiError(Exception):
+    """A failed API call. `status` is the HTTP status; the message is the API's, never a body
+    we sent (those may hold Secret data)."""
+
+    def __init__(self, status: int, reason: str, message: str, *, method: str, path: str) -> None:
+        super().__init__(f"{method} {path}: {status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+
+    @property
+    def temporary(self) -> bool:
+        return self.status in (409, 429) or self.status >= 500
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the API server is and how to authenticate; shared by kopf and `KubeClient`."""
+
+    server: str
+    ca_path: str | None = None
+    insecure: bool = False
+    token: str | None = field(default=None, repr=False)
+    token_path: str | None = None  # re-read when it changes: projected tokens rotate
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    default_namespace: str | None = None
+
+    def current_token(self) -> str | None:
+        if self.token_path:
+            try:
+                return Path(self.token_path).read_text().strip()
+            except OSError:
+                return self.token
+        return self.token
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        if not self.server.startswith("https"):
+            return False
+        if self.insecure:
+            return False
+        ctx = ssl.create_default_context(cafile=self.ca_path)
+        if self.certificate_path and self.private_key_path:
+            ctx.load_cert_chain(self.certificate_path, self.private_key_path)
+        return ctx
+
+
+def load_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection:
+    """In-cluster settings inside a pod (service account), else the current kubeconfig."""
+    from kubernetes import client as k8s_client  # noqa: PLC0415 - only the CLI needs it
+    from kubernetes import config as k8s_config  # noqa: PLC0415
+
+    cfg = k8s_client.Configuration()
+    token_path: str | None = None
+    in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (
+        SERVICE_ACCOUNT_DIR / "token").exists()
+    if in_cluster:
+        k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        token_path = str(SERVICE_ACCOUNT_DIR / "token")
+    else:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, context=context, client_configuration=cfg)
+    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    token = None
+    if auth:
+        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
+    namespace = None
+    ns_file = SERVICE_ACCOUNT_DIR / "namespace"
+    if in_cluster and ns_file.exists():
+        namespace = ns_file.read_text().strip()
+    return Connection(
+        server=str(cfg.host).rstrip("/"),
+        ca_path=cfg.ssl_ca_cert or None,
+        insecure=not cfg.verify_ssl,
+        token=token,
+        token_path=token_path,
+        certificate_path=cfg.cert_file or None,
+        private_key_path=cfg.key_file or None,
+        default_namespace=namespace,
+    )
+
+
+@dataclass
+class ApplyStats:
+    """Counts of what `apply` did, for tests, the benchmark and debug logs."""
+
+    created: int = 0
+    patched: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+
+
+def _secret_to_data(manifest: dict[str, Any]) -> dict[str, Any]:
+    """stringData is write-only in Kubernetes: store base64 `data` so a re-read compares."""
+    if manifest.get("kind") != "Secret" or "stringData" not in manifest:
+        return manifest
+    out = dict(manifest)
+    data = dict(out.get("data") or {})
+    for key, value in (out.pop("stringData") or {}).items():
+        data[key] = base64.b64encode(str(value).encode()).decode()
+    out["data"] = data
+    return out
+
+
+def _contains(have: Any, want: Any) -> bool:
+    """Whether `have` already holds everything `want` sets (dicts compared recursively)."""
+    if isinstance(want, Mapping):
+        if not isinstance(have, Mapping):
+            return False
+        return all(_contains(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        # Element-wise, so that defaults the API server fills into list items do not count.
+        return isinstance(have, list) and len(have) == len(want) and all(
+            _contains(h, w) for h, w in zip(have, want, strict=True))
+    return bool(have == want)
+
+
+_MANAGED_TOP = ("spec", "data", "type", "immutable")
+_SERVER_META = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
+                "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink")
+
+
+class KubeClient:
+    """Get, list, create, merge-patch, delete and apply, with one connection pool."""
+
+    def __init__(self, connection: Connection, *, timeout: float = 30.0,
+                 concurrency: int = 32) -> None:
+        self.connection = connection
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._limit = asyncio.Semaphore(concurrency)
+        self.stats = ApplyStats()
+        self._discovered: dict[str, bool] = {}
+        self._token_checked = 0.0
+        self._token: str | None = None
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        now = time.monotonic()
+        if self._token is None or now - self._token_checked > 60:
+            self._token = self.connection.current_token()
+            self._token_checked = now
+        headers = {"Accept": "application/json", "User-Agent": "mailplane-operator"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def _call(self, method: str, path: str, *, body: Any = None,
+                    content_type: str | None = None,
+                    params: Mapping[str, str] | None = None) -> Any:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=64)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        async with self._limit, self._session.request(
+            method, self.connection.server + path, data=payload, params=params,
+            headers=self._headers(content_type if body is not None else None),
+        ) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                if resp.status == 401:
+                    self._token = None  # re-read a rotated service account token next time
+                try:
+                    status = json.loads(text)
+                    reason, message = status.get("reason", ""), status.get("message", "")
+                except ValueError:
+                    reason, message = resp.reason or "", text[:200]
+                raise ApiError(resp.status, str(reason), str(message)[:500],
+                               method=method, path=path)
+            return json.loads(text) if text else None
+
+    async def get(self, resource: Resource, namespace: str | None,
+                  name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self._call("GET", resource.path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    async def list(self, resource: Resource, namespace: str | None = None,
+                   labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} \
+            if labels else None
+        result = await self._call("GET", resource.path(namespace), params=params)
+        # The selector is also applied here: the test emulator ignores it.
+        return [i for i in (result or {}).get("items", []) if labels_match(i, labels)]
+
+    async def create(self, resource: Resource, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        namespace = (manifest.get("metadata") or {}).get("namespace")
+        result: dict[str, Any] = await self._call(
+            "POST", resource.path(namespace), body=dict(manifest),
+            content_type="application/json")
+        return result
+
+    async def patch(self, resource: Resource, namespace: str | None, name: str,
+                    patch: Mapping[str, Any], *, status: bool = False) -> dict[str, Any] | None:
+        """Merge-patch; None if the object is gone."""
+        try:
+            result: dict[str, Any] = await self._call(
+                "PATCH", resource.path(namespace, name, "status" if status else None),
+                body=dict(patch), content_type="application/merge-patch+json")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
+        try:
+            await self._call("DELETE", resource.path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        self.stats.deleted += 1
+        return True
+
+    async def apply(self, manifest: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Make the object hold `manifest`: create it, merge-patch it, or leave it alone.
+
+        Returns ("created" | "patched" | "unchanged", the object). Keys of `data` and of
+        labels/annotations that the manifest does not set are left as they are, except that a
+        Secret's `data` is replaced as a whole (it is ours entirely).
+        """
+        desired = _secret_to_data(dict(manifest))
+        resource = resource_of(desired)
+        meta = desired.get("metadata") or {}
+        namespace, name = meta.get("namespace"), meta["name"]
+        current = await self.get(resource, namespace, name)
+        if current is None:
+            try:
+                created = await self.create(resource, desired)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                current = await self.get(resource, namespace, name)
+                if current is None:
+                    raise
+            else:
+                self.stats.created += 1
+                return "created", created
+        patch = self._diff(current, desired)
+        if not patch:
+            self.stats.unchanged += 1
+            return "unchanged", current
+        patched = await self.patch(resource, namespace, name, patch)
+        if patched is None:  # deleted in between: the next reconcile creates it
+            raise ApiError(404, "NotFound", "deleted while being updated",
+                           method="PATCH", path=resource.path(namespace, name))
+        self.stats.patched += 1
+        return "patched", patched
+
+    @staticmethod
+    def _diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+        patch: dict[str, Any] = {}
+        want_meta = {k: v for k, v in (desired.get("metadata") or {}).items()
+                     if k not in ("name", "namespace", *_SERVER_META)}
+        if not _contains(current.get("metadata") or {}, want_meta):
+            patch["metadata"] = want_meta
+        for key in _MANAGED_TOP:
+            if key not in desired:
+                continue
+            want = desired[key]
+            have = current.get(key)
+            if key == "data" and desired.get("kind") == "Secret":
+                if (have or {}) != (want or {}):
+                    gone = {k: None for k in (have or {}) if k not in (want or {})}
+                    patch[key] = {**gone, **(want or {})}
+            elif not _contains(have, want):
+                patch[key] = want
+        return patch
+
+    async def has_api(self, group_version: str, plural: str) -> bool:
+        """Whether the cluster serves a resource (e.g. ServiceMonitor when its CRD exists)."""
+        key = f"{group_version}/{plural}"
+        if key not in self._discovered:
+            try:
+                doc = await self._call("GET", f"/apis/{group_version}")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                doc = None
+            names = {r.get("name") for r in (doc or {}).get("resources", [])}
+            self._discovered[key] = plural in names
+        return self._discovered[key]

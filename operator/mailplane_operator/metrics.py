@@ -1,0 +1,138 @@
+"""Operator metrics (Prometheus), registered on an injected registry.
+
+Names and labels are fixed here; label values come from small sets (kind, result, state, check)
+or from the resources themselves (a credential's namespace/name, a SendingDomain's domain), whose
+number the platform team controls. Never an address, never a secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+KINDS = ("SmtpRelay", "SendingDomain", "SmtpCredential", "RetentionPolicy")
+CREDENTIAL_STATES = ("active", "suspended", "invalid")
+
+
+@dataclass
+class OperatorMetrics:
+    registry: CollectorRegistry
+    reconciles: Counter
+    reconcile_duration: Histogram
+    credentials: Gauge
+    credential_last_rotation: Gauge
+    credential_rotation_interval: Gauge
+    dkim_key_created: Gauge
+    dkim_rotation_interval: Gauge
+    domain_verified: Gauge
+    up: Gauge
+    _credential_states: dict[str, str] = field(default_factory=dict)
+    _dkim_selectors: dict[str, set[str]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> OperatorMetrics:
+        reg = registry if registry is not None else CollectorRegistry()
+        metrics = cls(
+            registry=reg,
+            reconciles=Counter(
+                "mailplane_operator_reconciles_total",
+                "Reconciles by resource kind and result (ok, error, invalid).",
+                ["kind", "result"], registry=reg),
+            reconcile_duration=Histogram(
+                "mailplane_operator_reconcile_duration_seconds",
+                "Time spent in one reconcile, by resource kind.", ["kind"], registry=reg,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+            credentials=Gauge(
+                "mailplane_operator_credentials",
+                "SmtpCredentials by state: active (rendered), suspended, invalid (Ready=False).",
+                ["state"], registry=reg),
+            credential_last_rotation=Gauge(
+                "mailplane_operator_credential_last_rotation_timestamp_seconds",
+                "When the credential's password was last rotated (Unix time).",
+                ["namespace", "name"], registry=reg),
+            credential_rotation_interval=Gauge(
+                "mailplane_operator_credential_rotation_interval_seconds",
+                "The credential's scheduled rotation interval (0: on demand only).",
+                ["namespace", "name"], registry=reg),
+            dkim_key_created=Gauge(
+                "mailplane_operator_dkim_key_created_timestamp_seconds",
+                "When each published DKIM key was generated (Unix time).",
+                ["domain", "selector"], registry=reg),
+            dkim_rotation_interval=Gauge(
+                "mailplane_operator_dkim_rotation_interval_seconds",
+                "The domain's DKIM rotation interval (0: no scheduled rotation).",
+                ["domain"], registry=reg),
+            domain_verified=Gauge(
+                "mailplane_operator_domain_verified",
+                "1 when DNS serves the record the domain needs (check: dkim, spf), else 0.",
+                ["domain", "check"], registry=reg),
+            up=Gauge("mailplane_operator_up", "1 while the operator runs.", registry=reg),
+        )
+        for kind in KINDS:
+            for result in ("ok", "error", "invalid"):
+                metrics.reconciles.labels(kind, result)
+            metrics.reconcile_duration.labels(kind)
+        for state in CREDENTIAL_STATES:
+            metrics.credentials.labels(state).set(0)
+        metrics.up.set(1)
+        return metrics
+
+    @contextmanager
+    def reconcile(self, kind: str) -> Iterator[None]:
+        """Time one reconcile and count it as ok or error (the exception propagates)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.reconciles.labels(kind, "error").inc()
+            raise
+        else:
+            self.reconciles.labels(kind, "ok").inc()
+        finally:
+            self.reconcile_duration.labels(kind).observe(time.perf_counter() - started)
+
+    def invalid(self, kind: str) -> None:
+        self.reconciles.labels(kind, "invalid").inc()
+
+    def credential(self, namespace: str, name: str, *, state: str | None,
+                   rotated_at: float | None = None, interval: float | None = None) -> None:
+        """Record a credential's state; state None forgets the credential (deleted)."""
+        key = f"{namespace}/{name}"
+        if state is None:
+            self._credential_states.pop(key, None)
+            for gauge in (self.credential_last_rotation, self.credential_rotation_interval):
+                with suppress(KeyError):
+                    gauge.remove(namespace, name)
+        else:
+            self._credential_states[key] = state
+            if rotated_at is not None:
+                self.credential_last_rotation.labels(namespace, name).set(rotated_at)
+            self.credential_rotation_interval.labels(namespace, name).set(interval or 0)
+        for s in CREDENTIAL_STATES:
+            self.credentials.labels(s).set(
+                sum(1 for v in self._credential_states.values() if v == s))
+
+    def domain(self, domain: str, *, keys: dict[str, float] | None,
+               interval: float | None = None, dkim: bool | None = None,
+               spf: bool | None = None) -> None:
+        """Record a domain's keys (selector -> created) and verification; keys None forgets it."""
+        for selector in self._dkim_selectors.pop(domain, set()) - set(keys or {}):
+            with suppress(KeyError):
+                self.dkim_key_created.remove(domain, selector)
+        if keys is None:
+            for gauge, labels in ((self.dkim_rotation_interval, (domain,)),
+                                  (self.domain_verified, (domain, "dkim")),
+                                  (self.domain_verified, (domain, "spf"))):
+                with suppress(KeyError):
+                    gauge.remove(*labels)
+            return
+        self._dkim_selectors[domain] = set(keys)
+        for selector, created in keys.items():
+            self.dkim_key_created.labels(domain, selector).set(created)
+        self.dkim_rotation_interval.labels(domain).set(interval or 0)
+        self.domain_verified.labels(domain, "dkim").set(1 if dkim else 0)
+        self.domain_verified.labels(domain, "spf").set(1 if spf else 0)

@@ -1,0 +1,640 @@
+"""A Kubernetes API emulator on loopback (kmock) and the real operator running against it.
+
+kmock 0.8 stores bodies exactly as sent. `MailplaneKubeEmulator` adds what kopf and our own
+client rely on from a real API server: metadata (uid, creationTimestamp, resourceVersion bumped on
+every write, generation bumped on spec changes, generateName), 409 on a stale resourceVersion,
+422 on a failed JSON-patch test, the status subresource split (status only through ``/status``),
+and no-op patches that write nothing. Still not emulated (test them at the level of our code):
+label selectors (our client filters on its side), garbage collection through ownerReferences,
+PUT and server-side apply, schema validation.
+
+The emulator and the operator each run in their own thread with their own event loop, so tests
+are plain synchronous functions and pytest's loop is never involved::
+
+    def test_x(kube_api, operator_running):
+        kube_api.create(SMTP_RELAYS, {...})
+        kube_api.wait_for(SECRETS, "mail", "relay-config-0", lambda obj: obj is not None)
+
+Waits are driven by the emulator's writes (a condition notified on each one), not by sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime
+import gzip
+import importlib.resources
+import itertools
+import json
+import logging
+import pathlib
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp.web
+import attrs
+import jsonpatch
+import kmock
+import pytest
+import yaml
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal.k8s import KubernetesError
+
+from mailplane_operator import kube as opkube
+
+CRD_DIR = pathlib.Path(__file__).resolve().parents[2] / "crds"
+
+# Used when crds/ is not there yet: the same names the CRDs declare.
+_FALLBACK_CRDS = {
+    "smtprelays": ("SmtpRelay", "smtprelay", {"smr"}),
+    "sendingdomains": ("SendingDomain", "sendingdomain", {"sd"}),
+    "smtpcredentials": ("SmtpCredential", "smtpcredential", {"smc"}),
+    "retentionpolicies": ("RetentionPolicy", "retentionpolicy", {"rp"}),
+}
+_CR_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define(kw_only=True)
+class MailplaneKubeEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the metadata semantics of a real API server (see module doc)."""
+
+    _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1000), init=False)
+    on_write: list[Callable[[], None]] = attrs.field(factory=list, init=False)
+    writes: int = attrs.field(default=0, init=False)
+
+    namespaces: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 cannot parse /api/v1/namespaces[/name] (it takes "namespaces" for a
+        # namespace prefix): serve Namespaces from a plain dict, without watch.
+        parts = raw_request.path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+            return await self._serve_namespace(raw_request, parts[3] if len(parts) == 4 else None)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespace(self, raw_request: aiohttp.web.BaseRequest,
+                               name: str | None) -> aiohttp.web.StreamResponse:
+        def not_found() -> aiohttp.web.StreamResponse:
+            return aiohttp.web.json_response(
+                {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                 "reason": "NotFound", "message": f"namespaces {name!r} not found"}, status=404)
+
+        if raw_request.method == "GET" and name is None:
+            return aiohttp.web.json_response({
+                "kind": "NamespaceList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": self._next_version()},
+                "items": list(self.namespaces.values())})
+        if raw_request.method == "GET":
+            return aiohttp.web.json_response(self.namespaces[name]) \
+                if name in self.namespaces else not_found()
+        if raw_request.method == "POST" and name is None:
+            body = await raw_request.json()
+            meta = body.setdefault("metadata", {})
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
+                        resourceVersion=self._next_version())
+            self.namespaces[meta["name"]] = body
+            self.writes += 1
+            for callback in self.on_write:
+                callback()
+            return aiohttp.web.json_response(body, status=201)
+        if raw_request.method == "PATCH" and name in self.namespaces:
+            patched = dict(kmock_dicts.merge_patch_dict(self.namespaces[name],
+                                                        await raw_request.json()))
+            patched["metadata"]["resourceVersion"] = self._next_version()
+            self.namespaces[name] = patched
+            for callback in self.on_write:
+                callback()
+            return aiohttp.web.json_response(patched)
+        return not_found()
+
+    def _has_status(self, resource: kmock.resource) -> bool:
+        return resource in self.resources and "status" in self.resources[resource].subresources
+
+    def _next_version(self) -> str:
+        return str(next(self._versions))
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        action = request.action
+        if request.resource is None or action not in (
+            kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE,
+        ):
+            return await super()._handle(request)
+        try:
+            async with self._write_lock:
+                if action == kmock.action.CREATE:
+                    self._prepare_create(request)
+                elif action == kmock.action.UPDATE:
+                    unchanged = self._prepare_update(request)
+                    if unchanged is not None:
+                        return aiohttp.web.json_response(unchanged)
+                else:
+                    await self._prepare_delete(request)
+                response = await super()._handle(request)
+                self.writes += 1
+                return response
+        except KubernetesError as exc:
+            return await self._render_error(exc)
+        finally:
+            for callback in self.on_write:
+                callback()
+
+    def _existing(self, request: kmock.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:  # type: ignore[index]
+            return None
+        return copy.deepcopy(self.objects[key].raw)  # type: ignore[index]
+
+    def _prepare_create(self, request: kmock.Request) -> None:
+        data = request.data
+        if not isinstance(data, dict):
+            raise KubernetesError(400, "BadRequest", "the body must be a JSON object")
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name"):
+            prefix = meta.get("generateName")
+            if not prefix:
+                raise KubernetesError(422, "Invalid", "metadata.name or generateName is required")
+            meta["name"] = prefix + secrets.token_hex(3)[:5]
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta["resourceVersion"] = self._next_version()
+        meta["generation"] = 1
+        meta.pop("deletionTimestamp", None)
+        assert request.resource is not None
+        if self._has_status(request.resource):
+            data.pop("status", None)
+
+    def _prepare_update(self, request: kmock.Request) -> dict[str, Any] | None:
+        """Validate a PATCH and stamp the new version into it; the current body if a no-op."""
+        current = self._existing(request)
+        if current is None:
+            return None  # kmock answers 404
+        assert request.resource is not None
+        meta = current.get("metadata", {})
+        data = request.data
+        if isinstance(data, list):
+            try:
+                result = jsonpatch.apply_patch(current, data, in_place=False)
+            except jsonpatch.JsonPatchTestFailed as exc:
+                raise KubernetesError(422, "Invalid", f"JSON patch test failed: {exc}") from None
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise KubernetesError(422, "Invalid", f"the JSON patch failed: {exc}") from None
+        elif isinstance(data, dict):
+            sent_version = (data.get("metadata") or {}).get("resourceVersion")
+            if sent_version is not None and sent_version != meta.get("resourceVersion"):
+                raise KubernetesError(
+                    409, "Conflict",
+                    "the object has been modified; please apply your changes to the latest version",
+                )
+            if self._has_status(request.resource):
+                if request.subresource == "status":
+                    for key in list(data):
+                        if key != "status":
+                            del data[key]
+                else:
+                    data.pop("status", None)
+            try:
+                result = dict(kmock_dicts.merge_patch_dict(current, data))
+            except ValueError as exc:
+                raise KubernetesError(422, "Invalid", str(exc)) from None
+        else:
+            raise KubernetesError(400, "BadRequest", "a patch is a JSON object or a JSON patch")
+        if result == current:
+            return current
+        version = self._next_version()
+        generation = int(meta.get("generation", 1))
+        if result.get("spec") != current.get("spec"):
+            generation += 1
+        if isinstance(data, list):
+            data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
+            data.append({"op": "add", "path": "/metadata/generation", "value": generation})
+        else:
+            stamp = data.setdefault("metadata", {})
+            if stamp is None:
+                raise KubernetesError(422, "Invalid", "metadata cannot be removed")
+            stamp["resourceVersion"] = version
+            stamp["generation"] = generation
+        return None
+
+    async def _prepare_delete(self, request: kmock.Request) -> None:
+        current = self._existing(request)
+        if current is None:
+            return
+        meta = current.get("metadata", {})
+        if meta.get("finalizers") and not meta.get("deletionTimestamp"):
+            # Mark for deletion here (kmock would do it without a new resourceVersion).
+            key = (request.resource, request.namespace, request.name)
+            obj = self.objects[key]  # type: ignore[index]
+            obj.patch({"metadata": {
+                "deletionTimestamp": _now(), "resourceVersion": self._next_version(),
+            }})
+            assert request.resource is not None
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+
+
+def _load_resources(emulator: MailplaneKubeEmulator, *, service_monitors: bool) -> None:
+    bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
+    emulator.resources.load_data(gzip.decompress(bundled.read_bytes()))
+    declared = False
+    for path in sorted(CRD_DIR.glob("*.yaml")) if CRD_DIR.is_dir() else []:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            names = spec["names"]
+            for version in spec["versions"]:
+                if not version.get("served", True):
+                    continue
+                emulator.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
+                    kmock.ResourceInfo(
+                        kind=names["kind"],
+                        singular=names.get("singular"),
+                        namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                        verbs=_CR_VERBS,
+                        shortnames=set(names.get("shortNames", [])),
+                        categories=set(names.get("categories", [])),
+                        subresources=set((version.get("subresources") or {}).keys()),
+                    )
+                )
+                declared = True
+    if not declared:
+        for plural, (kind, singular, short) in _FALLBACK_CRDS.items():
+            emulator.resources[f"mailplane.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
+                kind=kind, singular=singular, namespaced=True, verbs=_CR_VERBS,
+                shortnames=short, categories={"mailplane"}, subresources={"status"},
+            )
+    if service_monitors:
+        emulator.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
+            kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=_CR_VERBS,
+        )
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+@dataclass
+class KubeApi:
+    """The emulator seen from a test: HTTP calls to its real endpoints, waits on its writes."""
+
+    url: str
+    emulator: MailplaneKubeEmulator
+    loop: asyncio.AbstractEventLoop
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _generation: int = 0
+
+    def notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def request(self, method: str, path: str, body: Any = None,
+                content_type: str = "application/json") -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise ApiError(exc.code, exc.read().decode(errors="replace")) from None
+
+    # Objects through the API, as kubectl would do it.
+    def create(self, resource: opkube.Resource, body: Mapping[str, Any]) -> dict[str, Any]:
+        namespace = body.get("metadata", {}).get("namespace")
+        result: dict[str, Any] = self.request("POST", resource.path(namespace), dict(body))
+        return result
+
+    def patch(self, resource: opkube.Resource, namespace: str | None, name: str,
+              patch: Mapping[str, Any], *, status: bool = False) -> dict[str, Any]:
+        path = resource.path(namespace, name, "status" if status else None)
+        result: dict[str, Any] = self.request(
+            "PATCH", path, dict(patch), "application/merge-patch+json")
+        return result
+
+    def delete(self, resource: opkube.Resource, namespace: str | None, name: str) -> None:
+        self.request("DELETE", resource.path(namespace, name))
+
+    def get(self, resource: opkube.Resource, namespace: str | None,
+            name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.request("GET", resource.path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def list(self, resource: opkube.Resource, namespace: str | None = None,
+             labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.request("GET", resource.path(namespace))["items"]
+        return [i for i in items if opkube.labels_match(i, labels)]
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        secret = self.get(opkube.SECRETS, namespace, name)
+        assert secret is not None, f"Secret {namespace}/{name} does not exist"
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    def events(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.list(opkube.EVENTS, namespace)
+
+    def wait_until(self, check: Callable[[], Any], timeout: float = 10.0,
+                   what: str = "the condition") -> Any:
+        """Re-check after every write to the emulator until `check()` is truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                seen = self._generation
+            # Checked outside the lock: the emulator's thread takes it to notify.
+            result = check()
+            if result:
+                return result
+            with self._changed:
+                while self._generation == seen:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                    self._changed.wait(remaining)
+
+    def wait_for(self, resource: opkube.Resource, namespace: str | None, name: str,
+                 predicate: Callable[[dict[str, Any] | None], Any] = lambda o: o is not None,
+                 timeout: float = 10.0) -> Any:
+        def check() -> Any:
+            obj = self.get(resource, namespace, name)
+            if not predicate(obj):
+                return None
+            return obj if obj is not None else True
+
+        return self.wait_until(check, timeout, f"{resource.plural} {namespace}/{name}")
+
+
+@contextlib.contextmanager
+def running_emulator(*, service_monitors: bool = False) -> Iterator[KubeApi]:
+    """The emulator on a free loopback port, served by its own thread and event loop."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        emulator = MailplaneKubeEmulator()
+        _load_resources(emulator, service_monitors=service_monitors)
+        async with emulator, kmock.Server(emulator) as server:
+            box["emulator"] = emulator
+            box["url"] = str(server.url).rstrip("/")
+            started.set()
+            await stop.wait()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(serve())
+        except BaseException as exc:
+            box["error"] = exc
+            started.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="kube-emulator", daemon=True)
+    thread.start()
+    if not started.wait(10) or "error" in box:
+        raise RuntimeError(f"the Kubernetes emulator did not start: {box.get('error')!r}")
+    api = KubeApi(url=box["url"], emulator=box["emulator"], loop=loop)
+    api.emulator.on_write.append(api.notify)
+    try:
+        yield api
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+@pytest.fixture
+def kube_api() -> Iterator[KubeApi]:
+    with running_emulator() as api:
+        yield api
+
+
+# --------------------------------------------------------------------------------------------
+# The operator in its own thread
+# --------------------------------------------------------------------------------------------
+
+
+class LogCapture(logging.Handler):
+    """Every record the operator (and kopf) log, formatted, for leak checks."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._lock_lines = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = record.getMessage()
+        except Exception:  # a broken format string must not break the operator under test
+            line = str(record.msg)
+        line = f"{record.created:.3f} {record.name} {record.levelname} {line}"
+        if record.exc_info:
+            line += "\n" + logging.Formatter().formatException(record.exc_info)
+        with self._lock_lines:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        with self._lock_lines:
+            return "\n".join(self.lines)
+
+
+@dataclass
+class RunningOperator:
+    """A started operator; `stop()` stops it and re-raises whatever killed it."""
+
+    config: Any
+    thread: threading.Thread
+    stop_flag: threading.Event
+    ready_flag: threading.Event
+    logs: LogCapture
+    failure: list[BaseException]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stop_flag.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError("the operator did not stop in time")
+        if self.failure:
+            raise self.failure[0]
+
+
+def start_operator(api: KubeApi, **overrides: Any) -> RunningOperator:
+    """Run the real operator (kopf + our handlers) against the emulator, short timers."""
+    from mailplane_operator import handlers
+
+    options: dict[str, Any] = {
+        "connection": opkube.Connection(server=api.url),
+        "rotation_check_interval": 0.3,
+        "dns_check_initial": 0.2,
+        "dns_check_max": 1.0,
+        "dns_recheck_interval": 5.0,
+        "render_debounce": 0.02,
+        "fast": True,
+    }
+    options.update(overrides)
+    config = handlers.OperatorConfig(**options)
+    stop_flag = threading.Event()
+    ready_flag = threading.Event()
+    capture = LogCapture()
+    failure: list[BaseException] = []
+    for name in ("kopf", "mailplane_operator"):
+        logging.getLogger(name).addHandler(capture)
+        logging.getLogger(name).setLevel(logging.DEBUG)
+
+    def main() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(
+                handlers.run(config, stop_flag=stop_flag, ready_flag=ready_flag)
+            )
+        except BaseException as exc:
+            failure.append(exc)
+            ready_flag.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
+    thread.start()
+    if not ready_flag.wait(15) or failure:
+        stop_flag.set()
+        thread.join(5)
+        raise RuntimeError(f"the operator did not start: {failure[:1]!r}")
+    return RunningOperator(config, thread, stop_flag, ready_flag, capture, failure)
+
+
+def _detach_capture(capture: LogCapture) -> None:
+    for name in ("kopf", "mailplane_operator"):
+        logging.getLogger(name).removeHandler(capture)
+
+
+@pytest.fixture
+def operator_factory(kube_api: KubeApi) -> Iterator[Callable[..., RunningOperator]]:
+    """Start operators against `kube_api` (several in turn, e.g. for a restart test)."""
+    started: list[RunningOperator] = []
+
+    def factory(**overrides: Any) -> RunningOperator:
+        op = start_operator(kube_api, **overrides)
+        started.append(op)
+        return op
+
+    yield factory
+    errors = []
+    for op in started:
+        try:
+            if not op.stop_flag.is_set() or op.thread.is_alive():
+                op.stop()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            _detach_capture(op.logs)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def operator_running(operator_factory: Callable[..., RunningOperator]) -> RunningOperator:
+    return operator_factory()
+
+
+# --------------------------------------------------------------------------------------------
+# Resource builders (the YAML a platform team applies, as dicts)
+# --------------------------------------------------------------------------------------------
+
+
+def namespace_body(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": dict(labels)}}
+
+
+def relay_body(name: str = "main", namespace: str = "mail", *,
+               labels: Mapping[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    body_spec: dict[str, Any] = {
+        "replicas": 1,
+        "tls": {"secretName": f"{name}-tls"},
+        "allowedNamespaces": {"matchLabels": {"mailplane.io/smtp-access": "true"}},
+    }
+    body_spec.update(spec)
+    return {"apiVersion": "mailplane.io/v1alpha1", "kind": "SmtpRelay",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+            "spec": body_spec}
+
+
+def domain_body(name: str, domain: str, *, namespace: str = "mail", relay: str = "main",
+                skip_verification: bool = True, **spec: Any) -> dict[str, Any]:
+    body_spec: dict[str, Any] = {
+        "domain": domain, "relayRef": {"name": relay},
+        "dkim": {"selector": "mp", "algorithm": "ed25519"},
+        "verification": {"skip": skip_verification},
+    }
+    body_spec.update(spec)
+    return {"apiVersion": "mailplane.io/v1alpha1", "kind": "SendingDomain",
+            "metadata": {"name": name, "namespace": namespace}, "spec": body_spec}
+
+
+def credential_body(name: str, senders: list[str], *, namespace: str = "shop",
+                    relay: str = "main", relay_namespace: str = "mail",
+                    **spec: Any) -> dict[str, Any]:
+    body_spec: dict[str, Any] = {
+        "relayRef": {"name": relay, "namespace": relay_namespace},
+        "allowedSenders": senders,
+    }
+    body_spec.update(spec)
+    return {"apiVersion": "mailplane.io/v1alpha1", "kind": "SmtpCredential",
+            "metadata": {"name": name, "namespace": namespace}, "spec": body_spec}
+
+
+def retention_body(name: str, *, namespace: str = "mail", message_log: str = "720h",
+                   selector: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "mailplane.io/v1alpha1", "kind": "RetentionPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"relaySelector": {"matchLabels": dict(selector or {})},
+                     "messageLog": message_log}}
+
+
+def rendered_config(api: KubeApi, relay: str = "main", namespace: str = "mail") -> dict[str, str]:
+    """Every file of the relay's config Secrets, as the relay would see its config directory."""
+    files: dict[str, str] = {}
+    for secret in api.list(opkube.SECRETS, namespace, {"mailplane.io/relay": relay,
+                                                         "mailplane.io/component": "config"}):
+        for key, value in (secret.get("data") or {}).items():
+            files[key] = base64.b64decode(value).decode()
+    return files
+
+
+def rendered_credentials(api: KubeApi, relay: str = "main",
+                         namespace: str = "mail") -> dict[str, dict[str, Any]]:
+    """username -> credential entry of the rendered relay configuration."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in rendered_config(api, relay, namespace).values():
+        for doc in yaml.safe_load_all(text):
+            if doc and doc.get("kind") == "RelayCredentials":
+                for entry in doc["spec"]["credentials"]:
+                    out[entry["username"]] = entry
+    return out
