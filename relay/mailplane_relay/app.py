@@ -298,7 +298,12 @@ class RelayApp:
             if current == self._fingerprint:
                 continue
             self._fingerprint = current
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:
+                # A bug in applying a valid config must not take down a relay that works.
+                self.metrics.config_reloads.labels(result="failure").inc()
+                log.exception("configuration reload failed while applying it")
 
     async def reload(self) -> bool:
         """Load the configuration again; apply it if valid, else keep the one in force."""

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
 
 from mailplane_relay.messagelog import MessageLog
-from tests.helpers.relayproc import RelayProcess
+from tests.helpers.relayproc import RelayProcess, relay_command
 from tests.helpers.sink import Sink
 
 pytestmark = pytest.mark.slow
@@ -84,6 +88,13 @@ async def test_relay_starts_delivers_and_reports(
     await eventually(
         lambda: {r["status"] for r in MessageLog.query(str(relay.message_log))}
         >= {"received", "delivered"}, "received and delivered in the message log")
+    await eventually(lambda: relay.metric("mailplane_relay_last_purge_timestamp_seconds") > 0,
+                     "the retention purge at start")
+    logs = subprocess.run(
+        [*relay_command()[:-1], "logs", "--config", str(relay.config_dir), "--json"],
+        capture_output=True, text=True, timeout=30, check=True).stdout
+    statuses = [json.loads(line)["status"] for line in logs.splitlines()]
+    assert statuses[0] == "received" and "delivered" in statuses
     metrics = relay.metrics()
     promtool_check(metrics)
     assert relay.metric("mailplane_relay_ready") == 1
@@ -221,3 +232,36 @@ async def test_two_workers_share_the_ports_and_one_metrics_endpoint(
     assert await asyncio.to_thread(relay.stop) == 0
     assert "all 2 workers stopped" in relay.log()
 
+
+
+def worker_pids(relay: RelayProcess) -> list[int]:
+    assert relay.proc is not None
+    pid = relay.proc.pid
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children += [int(p) for p in text]
+    return sorted(children)
+
+
+async def test_a_dead_worker_is_restarted_and_its_spool_recovered(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink(data_reply="451 4.3.0 not yet")
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    await asyncio.to_thread(relay.start)
+    await eventually(lambda: len(worker_pids(relay)) == 2, "two workers")
+    for i in range(6):
+        smtp = await client(relay)
+        await smtp.send_message(message(i))
+        await smtp.quit()
+    before = worker_pids(relay)
+    os.kill(before[0], signal.SIGKILL)
+    await eventually(lambda: len(set(worker_pids(relay)) - set(before)) == 1,
+                     "a replacement worker", timeout=15)
+    assert "exited unexpectedly with code -9: restarting" in relay.log()
+    await eventually(lambda: relay.readyz()[0] == 200, "readiness after the restart")
+
+    sink.behaviour.data_reply = None  # the deferred messages of both spools now go through
+    await sink.wait_for(lambda: len({m.rcpt_tos[0] for m in sink.messages}) == 6, timeout=20)
+    assert await asyncio.to_thread(relay.stop) == 0
