@@ -254,7 +254,7 @@ class DeliveryQueue:
         self._housekeeper = asyncio.create_task(self._housekeeping(),
                                                 name="delivery-housekeeping")
         self._housekeeper.add_done_callback(self._background_done)
-        self._update_gauges()
+        self.update_gauges()
 
     def submit(self, msg: QueuedMessage) -> None:
         if msg.queue_id in self._messages:
@@ -318,13 +318,13 @@ class DeliveryQueue:
     def message(self, queue_id: str) -> QueuedMessage | None:
         return self._messages.get(queue_id)
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; re-checked after every recorded outcome, submitted
-        message and removal (for tests, benchmarks and drain logic). Raises TimeoutError."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+        message and removal (for tests, benchmarks and drain logic). Bound it with
+        ``asyncio.timeout``."""
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
 
     # -------------------------------------------------------------- scheduling
 
@@ -403,7 +403,7 @@ class DeliveryQueue:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
-            self._update_gauges()
+            self.update_gauges()
             idle_timeout = self._config().settings.delivery.idle_connection_timeout
             cutoff = time.monotonic() - idle_timeout
 
@@ -415,7 +415,7 @@ class DeliveryQueue:
                 if not dest.idle and dest.active == 0:
                     del self._destinations[key]
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         self._metrics.queue_messages.set(len(self._messages))
         if self._messages:
             oldest = min(m.received_at for m in self._messages.values())

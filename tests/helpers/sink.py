@@ -54,6 +54,7 @@ class SinkBehaviour:
     data_delay: float = 0.0  # seconds before answering the end of DATA
     rcpt_delay: float = 0.0
     starttls: bool = False  # offer STARTTLS (certificate for 127.0.0.1/localhost)
+    implicit_tls: bool = False  # TLS from the first byte (port 465 style)
     require_starttls: bool = False
     auth: dict[str, str] | None = None  # username -> password; AUTH required when set
 
@@ -67,10 +68,17 @@ class _CountingSMTP(SMTP):  # type: ignore[misc]
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # STARTTLS calls connection_made again on the same protocol: count TCP connections.
         if self.connection_number == 0:
+            self._sink._sessions.add(self)
             self._sink.connections += 1
             self.connection_number = self._sink.connections
             self._sink._notify()
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sink._sessions.discard(self)
+        self._sink.disconnections += 1
+        self._sink._notify()
+        super().connection_lost(exc)
 
 
 class _Handler:
@@ -112,11 +120,14 @@ class _Handler:
         data = envelope.original_content or envelope.content or b""
         assert isinstance(data, bytes)
         self.sink._record(CapturedMessage(
-            mail_from=envelope.mail_from or "",
+            # aiosmtpd hands the null sender over as "<>"; record it as "" like every layer.
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             data=data,
             connection=getattr(server, "connection_number", 0),
-            tls=session.ssl is not None,
+            # session.ssl is set by STARTTLS only; implicit TLS shows on the transport.
+            tls=(session.ssl is not None
+                 or server.transport.get_extra_info("ssl_object") is not None),
             auth_user=(session.auth_data.login.decode()
                        if session.auth_data is not None and session.auth_data.login else None),
         ))
@@ -126,16 +137,19 @@ class _Handler:
 class Sink:
     """One sink server; ``start`` binds 127.0.0.1 port 0 in the running loop."""
 
-    host = "127.0.0.1"
-
     def __init__(self, behaviour: SinkBehaviour | None = None,
-                 ca: trustme.CA | None = None) -> None:
+                 ca: trustme.CA | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        """``host`` may be any 127.0.0.0/8 address (several sinks on one port, as MX hosts
+        of one ``mxPort``)."""
+        self.host = host
         self.behaviour = behaviour or SinkBehaviour()
         self.ca = ca or trustme.CA()
         self.messages: list[CapturedMessage] = []
         self.rcpt_attempts: list[str] = []
         self.connections = 0
-        self.port = 0
+        self.disconnections = 0
+        self._sessions: set[_CountingSMTP] = set()
+        self.port = port
         self._server: asyncio.Server | None = None
         self._changed: asyncio.Event | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="sink-ca-")
@@ -144,7 +158,7 @@ class Sink:
 
     def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+        self.ca.issue_cert(self.host, "localhost", "sink.test").configure_cert(ctx)
         return ctx
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
@@ -173,7 +187,9 @@ class Sink:
     async def start(self) -> Sink:
         self._changed = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.host, 0)
+        ssl_ctx = self._tls_context() if self.behaviour.implicit_tls else None
+        self._server = await loop.create_server(self._protocol, self.host, self.port,
+                                                ssl=ssl_ctx)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
@@ -182,6 +198,16 @@ class Sink:
             self._server.close()
             # Connections a client pooled stay open; closing the listener is enough to make
             # the port refuse new ones, and the client side closes its own.
+            # Close sessions a client left open (pooled connections, a test stopping mid-DATA)
+            # and let their handler tasks end, so none outlives the test's loop.
+            handlers = []
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.close()
+                if session._handler_coroutine is not None:
+                    handlers.append(session._handler_coroutine)
+            if handlers:
+                await asyncio.wait(handlers, timeout=2.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
@@ -216,17 +242,20 @@ class Sink:
         return [m for m in self.messages if address in m.rcpt_tos]
 
 
-async def start_sink(ca: trustme.CA | None = None, **behaviour: Any) -> Sink:
-    return await Sink(SinkBehaviour(**behaviour), ca=ca).start()
+async def start_sink(ca: trustme.CA | None = None, host: str = "127.0.0.1", port: int = 0,
+                     **behaviour: Any) -> Sink:
+    return await Sink(SinkBehaviour(**behaviour), ca=ca, host=host, port=port).start()
 
 
 @pytest.fixture
 async def smtp_sink() -> AsyncIterator[Callable[..., Awaitable[Sink]]]:
-    """Factory: ``await smtp_sink(**SinkBehaviour fields)``; every sink stops after the test."""
+    """Factory: ``await smtp_sink(ca=None, host="127.0.0.1", port=0, **SinkBehaviour
+    fields)``; every sink stops after the test."""
     sinks: list[Sink] = []
 
-    async def make(ca: trustme.CA | None = None, **behaviour: Any) -> Sink:
-        sink = await start_sink(ca=ca, **behaviour)
+    async def make(ca: trustme.CA | None = None, host: str = "127.0.0.1", port: int = 0,
+                   **behaviour: Any) -> Sink:
+        sink = await start_sink(ca=ca, host=host, port=port, **behaviour)
         sinks.append(sink)
         return sink
 

@@ -1,0 +1,676 @@
+"""DeliveryQueue end to end: the real Spool, MessageLog and SuppressionList, delivering over
+loopback to aiosmtpd sinks, resolving MX records through a real DNS server."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+
+from mailplane_relay.config import RelayConfig, RelaySettings
+from mailplane_relay.delivery import DeliveryQueue
+from mailplane_relay.dkim import public_key_record
+from mailplane_relay.messagelog import MessageLog, SuppressionList
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.spool import QueuedMessage, Spool
+from tests.helpers.dns import LoopbackDNS
+from tests.helpers.ports import free_port
+from tests.helpers.sink import Sink
+from tests.relay.test_dkim_signer import ed25519_pem, rsa_pem
+
+SinkFactory = Callable[..., Awaitable[Sink]]
+
+FAST_RETRY = {"retryInitial": 0.05, "retryMax": 0.05, "retryJitter": 0, "maxLifetime": 60}
+TIMEOUTS = {"connectTimeout": 2, "commandTimeout": 2, "messageDeadline": 10}
+BODY = b"This body is confidential and must never reach a log or a DSN.\r\n"
+
+
+def message(to: str = "user@example.net", sender: str = "app@example.com",
+            subject: str = "Hello") -> bytes:
+    return (f"From: App <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Date: Fri, 27 Nov 2026 14:00:00 +0000\r\n"
+            f"Message-ID: <{time.time_ns()}@example.com>\r\n\r\n").encode() + BODY
+
+
+def smarthost(sink: Sink, **extra: Any) -> dict[str, Any]:
+    return {"mode": "smarthost", **TIMEOUTS,
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "tls": "none", **extra}}
+
+
+def mx_mode(dns: LoopbackDNS, port: int, **extra: Any) -> dict[str, Any]:
+    return {"mode": "mx", "mxPort": port, "resolver": dns.resolver_settings(timeout=0.5),
+            **TIMEOUTS, **extra}
+
+
+def make_config(delivery: dict[str, Any], queue: dict[str, Any] | None = None,
+                domains: list[dict[str, Any]] | None = None) -> RelayConfig:
+    settings = RelaySettings.model_validate({
+        "hostname": "relay.test",
+        "tls": {"certFile": "/nonexistent/cert.pem", "keyFile": "/nonexistent/key.pem"},
+        "delivery": delivery,
+        "queue": {**FAST_RETRY, **(queue or {})},
+        "domains": domains or [{"name": "example.com"}],
+    })
+    return RelayConfig(settings=settings)
+
+
+class Relay:
+    """The delivery side of a relay worker, wired as app.py wires it."""
+
+    def __init__(self, directory: Path, config: RelayConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self.metrics = RelayMetrics.create()
+        self.spool = Spool(str(directory / "spool"), fsync=False, group_commit_window=0,
+                           metrics=self.metrics)
+        self.db = str(directory / "messagelog.sqlite3")
+        self.log = MessageLog(self.db, flush_interval=0.05, metrics=self.metrics)
+        self.suppression = SuppressionList(self.db, self.metrics)
+        self.queue = DeliveryQueue(config=lambda: self.config, spool=self.spool, log=self.log,
+                                   suppression=self.suppression, metrics=self.metrics)
+
+    async def start(self) -> list[QueuedMessage]:
+        recovered = await self.spool.start()
+        await self.log.start()
+        await self.suppression.start()
+        await self.queue.start(recovered)
+        return recovered
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.queue.stop(time.monotonic() + grace)
+        await self.suppression.close()
+        await self.log.close()
+        await self.spool.close()
+
+    async def send(self, recipients: list[str], *, sender: str = "app@example.com",
+                   data: bytes | None = None) -> QueuedMessage:
+        msg = await self.spool.commit(
+            mail_from=sender, recipients=recipients, data=data or message(recipients[0], sender),
+            message_id=None, credential="app1", sender_domain="example.com",
+            listener="submission")
+        self.queue.submit(msg)
+        return msg
+
+    async def done(self, msg: QueuedMessage, timeout: float = 10.0) -> None:
+        await self.wait(lambda: self.queue.message(msg.queue_id) is None, timeout)
+
+    async def events(self, msg: QueuedMessage) -> list[dict[str, Any]]:
+        await self.log.flush()
+        rows = MessageLog.query(self.db, queue_id=msg.queue_id)
+        return sorted(rows, key=lambda r: (r["ts"], r.get("id", 0)))
+
+    def statuses(self, rows: list[dict[str, Any]], recipient: str) -> list[str]:
+        return [r["status"] for r in rows if r["recipient"] == recipient]
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "mailplane_relay_recipients_total",
+            {"outcome": outcome, "sender_domain": "example.com", "credential": "app1"})
+        return value or 0.0
+
+    def spooled(self) -> list[str]:
+        return sorted(p.name for p in (self.directory / "spool").glob("*.msg"))
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[Callable[[RelayConfig], Awaitable[Relay]]]:
+    relays: list[Relay] = []
+
+    async def make(config: RelayConfig) -> Relay:
+        r = Relay(tmp_path / f"r{len(relays)}", config)
+        await r.start()
+        relays.append(r)
+        return r
+
+    yield make
+    for r in relays:
+        await r.stop()
+
+
+def dsns(sink: Sink) -> list[email.message.EmailMessage]:
+    out = []
+    for m in sink.messages:
+        if m.mail_from == "":
+            parsed = email.message_from_bytes(m.data, policy=email.policy.default)
+            assert isinstance(parsed, email.message.EmailMessage)
+            out.append(parsed)
+    return out
+
+
+# ------------------------------------------------------------------------------ smarthost
+
+
+async def test_smarthost_plain_delivery_logs_and_counts(relay: Any, smtp_sink: SinkFactory
+                                                        ) -> None:
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["user@example.net", "other@example.org"])
+    await r.done(msg)
+
+    [got] = sink.messages
+    assert got.mail_from == "app@example.com"
+    assert got.rcpt_tos == ["user@example.net", "other@example.org"]
+    assert got.data.endswith(BODY) and not got.tls
+    rows = await r.events(msg)
+    assert {(e["recipient"], e["status"]) for e in rows} == {
+        ("user@example.net", "delivered"), ("other@example.org", "delivered")}
+    for e in rows:
+        assert e["remote"] == f"127.0.0.1:{sink.port}"
+        assert e["response"].startswith("250 2.0.0")
+        assert e["attempt"] == 1 and e["credential"] == "app1"
+        assert "confidential" not in str(e)
+    assert r.count("delivered") == 2
+    latency = r.metrics.registry.get_sample_value(
+        "mailplane_relay_delivery_latency_seconds_count")
+    assert latency == 2
+    assert r.spooled() == []
+    assert r.metrics.registry.get_sample_value("mailplane_relay_queue_messages") == 0
+
+
+async def test_smarthost_starttls_with_verified_certificate_and_auth(
+        relay: Any, smtp_sink: SinkFactory, tmp_path: Path) -> None:
+    sink = await smtp_sink(starttls=True, require_starttls=True, auth={"relay": "s3cret"})
+    password_file = tmp_path / "smarthost-password"
+    password_file.write_text("s3cret\n")
+    r = await relay(make_config(smarthost(
+        sink, tls="starttls", caFile=sink.ca_file, username="relay",
+        passwordFile=str(password_file))))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    [got] = sink.messages
+    assert got.tls and got.auth_user == "relay"
+    [event] = await r.events(msg)
+    assert event["status"] == "delivered" and event["remote"].endswith(" tls")
+
+
+async def test_smarthost_implicit_tls(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(implicit_tls=True)
+    r = await relay(make_config(smarthost(sink, tls="implicit", caFile=sink.ca_file)))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    assert sink.messages[0].tls
+
+
+async def test_untrusted_smarthost_certificate_defers(relay: Any, smtp_sink: SinkFactory
+                                                      ) -> None:
+    sink = await smtp_sink(starttls=True)
+    # No caFile: the system trust store does not know the sink's throwaway CA.
+    r = await relay(make_config(smarthost(sink, tls="starttls"), queue={"retryInitial": 30,
+                                                                        "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1, 10)
+    [event] = await r.events(msg)
+    assert event["status"] == "deferred" and event["response"].startswith("451 4.7.5")
+    assert sink.messages == []
+
+
+async def test_wrong_smarthost_password_defers(relay: Any, smtp_sink: SinkFactory,
+                                               tmp_path: Path) -> None:
+    sink = await smtp_sink(starttls=True, auth={"relay": "right"})
+    password_file = tmp_path / "pw"
+    password_file.write_text("wrong")
+    r = await relay(make_config(smarthost(
+        sink, tls="starttls", caFile=sink.ca_file, username="relay",
+        passwordFile=str(password_file)), queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1, 10)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.7.0") and "AUTH" in event["response"]
+    assert "wrong" not in event["response"]
+
+
+# ------------------------------------------------------------------------------ outcomes
+
+
+async def test_4xx_is_deferred_then_delivered_on_retry(relay: Any, smtp_sink: SinkFactory
+                                                       ) -> None:
+    sink = await smtp_sink(rcpt_replies={"user@example.net": "451 4.2.0 Try again later"})
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") >= 1, 10)
+    sink.behaviour.rcpt_replies.clear()
+    await r.done(msg)
+    rows = await r.events(msg)
+    statuses = r.statuses(rows, "user@example.net")
+    assert statuses[0] == "deferred" and statuses[-1] == "delivered"
+    assert rows[0]["response"] == "451 4.2.0 Try again later"
+    assert rows[-1]["attempt"] == len(statuses)
+    assert len(sink.messages) == 1
+
+
+async def test_hard_bounce_sends_dsn_and_suppresses(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={"gone@example.net": "550 5.1.1 No such user here"})
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["gone@example.net"], data=message("gone@example.net",
+                                                          subject="Private subject"))
+    await r.done(msg)
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+
+    [event] = await r.events(msg)
+    assert event["status"] == "bounced"
+    assert event["response"] == "550 5.1.1 No such user here"
+    entry = r.suppression.is_suppressed("gone@example.net")
+    assert entry is not None and "5.1.1" in entry[0]
+    [dsn] = dsns(sink)
+    [raw] = [m for m in sink.messages if m.mail_from == ""]
+    assert raw.rcpt_tos == ["app@example.com"]
+    assert BODY not in raw.data
+    assert dsn.get_content_type() == "multipart/report"
+    status = list(dsn.iter_parts())[1].as_string()
+    assert "Final-Recipient: rfc822; gone@example.net" in status
+    assert "Status: 5.1.1" in status
+    assert r.count("bounced") == 1
+
+
+async def test_soft_5xx_bounces_without_suppression(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={"full@example.net": "552 5.2.2 Mailbox full"})
+    r = await relay(make_config(smarthost(sink), queue={"dsn": False}))
+    msg = await r.send(["full@example.net"])
+    await r.done(msg)
+    [event] = await r.events(msg)
+    assert event["status"] == "bounced"
+    assert r.suppression.is_suppressed("full@example.net") is None
+    assert sink.messages == []  # dsn: false
+
+
+async def test_5xx_at_data_bounces_every_recipient(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(data_reply="554 5.7.1 Message rejected as spam")
+    r = await relay(make_config(smarthost(sink), queue={"dsn": False}))
+    msg = await r.send(["a@example.net", "b@example.net"])
+    await r.done(msg)
+    rows = await r.events(msg)
+    assert {e["status"] for e in rows} == {"bounced"} and len(rows) == 2
+    assert r.suppression.is_suppressed("a@example.net") is None
+
+
+async def test_mixed_outcomes_in_one_message(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={
+        "later@example.net": "450 4.2.1 Mailbox busy",
+        "gone@example.net": "550 5.1.1 No such user",
+    })
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["ok@example.net", "later@example.net", "gone@example.net"])
+    await r.wait(lambda: r.count("deferred") >= 1, 10)
+    # While one recipient is pending no DSN goes out yet.
+    assert dsns(sink) == []
+    sink.behaviour.rcpt_replies.pop("later@example.net")
+    await r.done(msg)
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+    rows = await r.events(msg)
+    assert r.statuses(rows, "ok@example.net") == ["delivered"]
+    assert r.statuses(rows, "gone@example.net") == ["bounced"]
+    assert r.statuses(rows, "later@example.net")[-1] == "delivered"
+    normal = [m for m in sink.messages if m.mail_from]
+    # The retry carried only the recipient still pending.
+    assert [m.rcpt_tos for m in normal] == [["ok@example.net"], ["later@example.net"]]
+    status = list(dsns(sink)[0].iter_parts())[1].as_string()
+    assert "gone@example.net" in status and "later@example.net" not in status
+
+
+async def test_upstream_down_defers(relay: Any) -> None:
+    port = free_port()  # nothing listens here
+    config = make_config({"mode": "smarthost", **TIMEOUTS,
+                          "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}},
+                         queue={"retryInitial": 30, "retryMax": 30})
+    r = await relay(config)
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1, 10)
+    [event] = await r.events(msg)
+    assert event["status"] == "deferred" and event["response"].startswith("451 4.4.1")
+    queued = r.queue.message(msg.queue_id)
+    assert queued is not None and queued.next_attempt > time.time() + 20
+    assert r.spooled() == [f"{msg.queue_id}.msg"]
+    attempts = r.metrics.registry.get_sample_value(
+        "mailplane_relay_delivery_attempts_total", {"result": "deferred"})
+    assert attempts == 1
+
+
+async def test_slow_upstream_times_out_and_defers(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(data_delay=3.0)
+    delivery = smarthost(sink) | {"commandTimeout": 0.3}
+    r = await relay(make_config(delivery, queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1, 10)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.4.2")
+
+
+async def test_message_deadline_bounds_a_whole_attempt(relay: Any, smtp_sink: SinkFactory
+                                                       ) -> None:
+    # Each RCPT is within the command timeout, but together they exceed the deadline.
+    sink = await smtp_sink(rcpt_delay=0.15)
+    delivery = smarthost(sink) | {"commandTimeout": 1, "messageDeadline": 0.4}
+    r = await relay(make_config(delivery, queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send([f"u{i}@example.net" for i in range(6)])
+    await r.wait(lambda: r.count("deferred") == 6, 10)
+    rows = await r.events(msg)
+    assert {e["response"] for e in rows} == {
+        "451 4.4.7 Delivery attempt timed out (messageDeadline)"}
+    assert sink.messages == []
+
+
+async def test_expiry_after_max_lifetime_sends_dsn(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={"stuck@example.net": "451 4.4.1 Try later"})
+    r = await relay(make_config(smarthost(sink), queue={"maxLifetime": 0.3}))
+    msg = await r.send(["stuck@example.net"])
+    await r.done(msg)
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+    statuses = r.statuses(await r.events(msg), "stuck@example.net")
+    assert statuses[-1] == "expired" and set(statuses[:-1]) <= {"deferred"}
+    assert len(statuses) >= 2
+    assert r.count("expired") == 1
+    assert r.suppression.is_suppressed("stuck@example.net") is None
+    dsn = dsns(sink)[0]
+    assert "expired" in str(dsn["Subject"]).lower()
+    assert "Status: 5.4.1" in list(dsn.iter_parts())[1].as_string()
+
+
+async def test_null_sender_never_gets_a_dsn(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={"gone@example.net": "550 5.1.1 No such user"})
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["gone@example.net"], sender="")
+    await r.done(msg)
+    assert r.spooled() == []
+    assert sink.messages == []
+    assert r.queue.queued == 0
+
+
+async def test_already_suppressed_recipient_is_not_sent(relay: Any, smtp_sink: SinkFactory
+                                                        ) -> None:
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink), queue={"dsn": False}))
+    await r.suppression.add("blocked@example.net", "complaint", source="test")
+    msg = await r.send(["blocked@example.net", "ok@example.net"])
+    await r.done(msg)
+    rows = await r.events(msg)
+    assert r.statuses(rows, "blocked@example.net") == ["suppressed"]
+    assert [m.rcpt_tos for m in sink.messages] == [["ok@example.net"]]
+    assert r.count("suppressed") == 1
+
+
+# ------------------------------------------------------------------------------ MX mode
+
+
+async def test_mx_preference_order_and_fallback_to_next_host(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    low = await smtp_sink(host="127.0.0.1")
+    high = await smtp_sink(host="127.0.0.2", port=low.port)
+    dns_server.add_mx("example.net", "mx-b.example.net", 20)
+    dns_server.add_mx("example.net", "mx-a.example.net", 10)
+    dns_server.add_a("mx-a.example.net", "127.0.0.2")
+    dns_server.add_a("mx-b.example.net", "127.0.0.1")
+    r = await relay(make_config(mx_mode(dns_server, low.port)))
+    first = await r.send(["user@example.net"])
+    await r.done(first)
+    assert len(high.messages) == 1 and low.messages == []
+    # The preferred host goes away: the next MX takes the mail in the same attempt.
+    await high.stop()
+    r.queue.reconfigure()  # drop the pooled connection to the stopped host
+    second = await r.send(["user@example.net"])
+    await r.done(second)
+    assert len(low.messages) == 1
+    [event] = await r.events(second)
+    assert event["status"] == "delivered" and event["attempt"] == 1
+    assert event["remote"].startswith(f"mx-b.example.net:{low.port}")
+
+
+async def test_implicit_mx_uses_the_domain_address(relay: Any, smtp_sink: SinkFactory,
+                                                   dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink()
+    dns_server.add_a("example.net", "127.0.0.1")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    assert sink.messages[0].rcpt_tos == ["user@example.net"]
+
+
+async def test_opportunistic_starttls_to_mx_without_verification(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink(starttls=True)  # certificate from a CA the relay does not trust
+    dns_server.add_mx("example.net", "mx.example.net")
+    dns_server.add_a("mx.example.net")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    assert sink.messages[0].tls
+    [event] = await r.events(msg)
+    assert event["remote"] == f"mx.example.net:{sink.port} tls"
+
+
+@pytest.mark.parametrize(("setup", "response"), [
+    ("null_mx", "556 5.1.10"),
+    ("nxdomain", "550 5.1.2"),
+    ("no_address", "550 5.1.2"),
+])
+async def test_undeliverable_domains_bounce(relay: Any, smtp_sink: SinkFactory,
+                                            dns_server: LoopbackDNS, setup: str,
+                                            response: str) -> None:
+    sink = await smtp_sink()
+    dns_server.add_mx("example.com", "mx.example.com")  # where the DSN goes
+    dns_server.add_a("mx.example.com")
+    if setup == "null_mx":
+        dns_server.add_mx("example.net", ".", 0)
+    elif setup == "no_address":
+        dns_server.add_txt("example.net", "v=spf1 -all")  # the name exists, without MX or A
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    [event] = await r.events(msg)
+    assert event["status"] == "bounced" and event["response"].startswith(response)
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+    assert sink.messages[0].rcpt_tos == ["app@example.com"]
+
+
+async def test_servfail_defers_then_delivers(relay: Any, smtp_sink: SinkFactory,
+                                             dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink()
+    dns_server.set_servfail("example.net")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") >= 1, 10)
+    rows = await r.events(msg)
+    assert rows[0]["status"] == "deferred" and rows[0]["response"].startswith("451 4.4.3")
+    dns_server.set_servfail("example.net", on=False)
+    dns_server.add_mx("example.net", "mx.example.net")
+    dns_server.add_a("mx.example.net")
+    await r.done(msg)
+    assert len(sink.messages) == 1
+
+
+async def test_dns_timeout_defers(relay: Any, smtp_sink: SinkFactory,
+                                  dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink()
+    dns_server.set_drop("example.net")
+    r = await relay(make_config(mx_mode(dns_server, sink.port) | {
+        "resolver": dns_server.resolver_settings(timeout=0.2)},
+        queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1, 10)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.4.3")
+
+
+async def test_recipients_grouped_by_domain_one_transaction_each(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink()
+    for domain in ("example.net", "example.org"):
+        dns_server.add_mx(domain, f"mx.{domain}")
+        dns_server.add_a(f"mx.{domain}")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["a@example.net", "b@example.org", "c@example.net"])
+    await r.done(msg)
+    assert sorted(sorted(m.rcpt_tos) for m in sink.messages) == [
+        ["a@example.net", "c@example.net"], ["b@example.org"]]
+
+
+# ------------------------------------------------------------------------------ connections
+
+
+async def test_connections_are_reused_up_to_the_limit(relay: Any, smtp_sink: SinkFactory
+                                                      ) -> None:
+    sink = await smtp_sink()
+    delivery = smarthost(sink) | {"concurrencyPerDestination": 1,
+                                  "maxMessagesPerConnection": 5}
+    r = await relay(make_config(delivery))
+    msgs = [await r.send([f"u{i}@example.net"]) for i in range(20)]
+    await r.wait(lambda: r.queue.queued == 0, 20)
+    assert len(sink.messages) == 20
+    assert sink.connections == 4
+    assert r.queue.connections_opened == 4
+    assert all(r.queue.message(m.queue_id) is None for m in msgs)
+
+
+async def test_concurrency_per_destination_bounds_connections(relay: Any,
+                                                              smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(data_delay=0.05)
+    delivery = smarthost(sink) | {"concurrencyPerDestination": 3}
+    r = await relay(make_config(delivery))
+    for i in range(30):
+        await r.send([f"u{i}@example.net"])
+    await r.wait(lambda: r.queue.queued == 0, 20)
+    assert len(sink.messages) == 30
+    assert sink.connections == 3
+
+
+async def test_idle_connections_are_closed(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink) | {"idleConnectionTimeout": 0.1}))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    assert sink.connections == 1
+    await sink.wait_for(lambda: sink.disconnections == 1, timeout=5)
+
+
+# ------------------------------------------------------------------------------ DKIM
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+async def test_delivered_mail_is_dkim_signed(relay: Any, smtp_sink: SinkFactory,
+                                             dns_server: LoopbackDNS, algorithm: str) -> None:
+    pem = rsa_pem() if algorithm == "rsa-sha256" else ed25519_pem()
+    dns_server.add_txt("mp1._domainkey.example.com", public_key_record(pem))
+    sink = await smtp_sink()
+    domains = [{"name": "example.com", "dkim": {"selector": "mp1", "algorithm": algorithm,
+                                                "privateKey": pem.decode()}}]
+    r = await relay(make_config(smarthost(sink), domains=domains))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    data = sink.messages[0].data
+    assert data.startswith(b"DKIM-Signature:")
+    assert dkim.verify(data, dnsfunc=dns_server.dkim_dnsfunc)
+    signed = r.metrics.registry.get_sample_value(
+        "mailplane_relay_dkim_signatures_total", {"algorithm": algorithm, "result": "ok"})
+    assert signed == 1
+
+
+async def test_rotated_key_signs_mail_already_queued(relay: Any, smtp_sink: SinkFactory,
+                                                     dns_server: LoopbackDNS) -> None:
+    old, new = rsa_pem(), rsa_pem()
+    dns_server.add_txt("new._domainkey.example.com", public_key_record(new))
+    sink = await smtp_sink(rcpt_replies={"user@example.net": "451 4.2.0 later"})
+    domains = [{"name": "example.com", "dkim": {"selector": "old", "privateKey": old.decode()}}]
+    r = await relay(make_config(smarthost(sink), domains=domains))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") >= 1, 10)
+    r.config = make_config(smarthost(sink), domains=[
+        {"name": "example.com", "dkim": {"selector": "new", "privateKey": new.decode()}}])
+    r.queue.reconfigure()
+    sink.behaviour.rcpt_replies.clear()
+    await r.done(msg)
+    data = sink.messages[0].data
+    assert b"s=new;" in data
+    assert dkim.verify(data, dnsfunc=dns_server.dkim_dnsfunc)
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+async def test_recovered_messages_are_delivered(tmp_path: Path, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink()
+    config = make_config(smarthost(sink))
+    first = Relay(tmp_path, config)
+    await first.spool.start()
+    committed = [
+        await first.spool.commit(mail_from="app@example.com", recipients=[f"u{i}@example.net"],
+                                 data=message(), message_id=None, credential="app1",
+                                 sender_domain="example.com", listener="submission")
+        for i in range(3)
+    ]
+    # A message that was half delivered before the crash: only its pending recipient goes out.
+    half = await first.spool.commit(
+        mail_from="app@example.com", recipients=["done@example.net", "todo@example.net"],
+        data=message(), message_id=None, credential="app1", sender_domain="example.com",
+        listener="submission")
+    half.recipients[0].status = "delivered"
+    await first.spool.save_state(half)
+    await first.spool.close()
+
+    second = Relay(tmp_path, config)
+    recovered = await second.start()
+    try:
+        assert sorted(m.queue_id for m in recovered) == sorted(
+            [m.queue_id for m in committed] + [half.queue_id])
+        await second.wait(lambda: second.queue.queued == 0, 10)
+        assert sorted(r for m in sink.messages for r in m.rcpt_tos) == [
+            "todo@example.net", "u0@example.net", "u1@example.net", "u2@example.net"]
+        assert second.spooled() == []
+    finally:
+        await second.stop()
+
+
+async def test_stop_cancels_attempts_at_the_deadline_and_keeps_mail(
+        tmp_path: Path, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(data_delay=30)
+    config = make_config(smarthost(sink) | {"commandTimeout": 60, "messageDeadline": 60})
+    first = Relay(tmp_path, config)
+    await first.start()
+    msg = await first.send(["user@example.net"])
+    await sink.wait_for(lambda: len(sink.rcpt_attempts) == 1)
+    started = time.monotonic()
+    await first.stop(grace=0.2)
+    assert time.monotonic() - started < 3
+    assert first.spooled() == [f"{msg.queue_id}.msg"]
+    # Nothing final was recorded for the interrupted attempt: it is retried after restart.
+    assert first.count("deferred") == 0 and first.count("delivered") == 0
+    sink.behaviour.data_delay = 0
+    second = Relay(tmp_path, config)
+    recovered = await second.start()
+    try:
+        assert [m.queue_id for m in recovered] == [msg.queue_id]
+        await second.wait(lambda: second.queue.queued == 0, 10)
+        assert len(sink.messages) == 1
+    finally:
+        await second.stop()
+
+
+async def test_stop_lets_short_attempts_finish(tmp_path: Path, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(data_delay=0.3)
+    r = Relay(tmp_path, make_config(smarthost(sink)))
+    await r.start()
+    msg = await r.send(["user@example.net"])
+    await sink.wait_for(lambda: len(sink.rcpt_attempts) == 1)
+    await r.stop(grace=5)
+    assert len(sink.messages) == 1
+    assert r.spooled() == []
+    assert [e["status"] for e in MessageLog.query(r.db, queue_id=msg.queue_id)] == [
+        "delivered"]
+
+
+async def test_queue_gauges_track_the_backlog(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(rcpt_replies={"user@example.net": "451 4.2.0 later"})
+    r = await relay(make_config(smarthost(sink), queue={"retryInitial": 30, "retryMax": 30}))
+    await r.send(["user@example.net"])
+    await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 2, 10)
+    assert r.metrics.registry.get_sample_value("mailplane_relay_queue_messages") == 2
+
+    r.queue.update_gauges()  # what the housekeeping pass does every second
+    age = r.metrics.registry.get_sample_value(
+        "mailplane_relay_queue_oldest_message_age_seconds")
+    assert age is not None and 0 < age < 10
