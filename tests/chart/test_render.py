@@ -4,6 +4,7 @@ supported Kubernetes version, custom resources valid against their CRDs, yamllin
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from yamllint import linter  # type: ignore[import-untyped]
@@ -59,19 +61,36 @@ def crd_schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
+# kubernetes-validate re-reads and parses its ~1 MB definitions file on every call; the files
+# never change, so remember them. Most objects also render identically under several values
+# files: each is validated once per Kubernetes version.
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
+    kubernetes_validate.utils.schema_contents)
+_validated: dict[tuple[str, str], str | None] = {}
+
+
+def _validate_once(obj: dict[str, Any], version: str) -> str | None:
+    key = (json.dumps(obj, sort_keys=True), version)
+    if key not in _validated:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+            _validated[key] = None
+        except (kubernetes_validate.ValidationError,
+                # The CLI prints this one as a warning; here it is a failure like any other.
+                kubernetes_validate.SchemaNotFoundError) as e:
+            _validated[key] = str(e)
+    return _validated[key]
+
+
 def validate_kubernetes(objects: list[dict[str, Any]]) -> list[str]:
     problems = []
     for obj in objects:
         if obj["kind"] in CUSTOM_KINDS:
             continue
         for version in KUBE_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                problems.append(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {e}")
-            except kubernetes_validate.SchemaNotFoundError as e:
-                # The CLI prints this as a warning; here it is a failure like any other.
-                problems.append(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {e}")
+            error = _validate_once(obj, version)
+            if error is not None:
+                problems.append(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {error}")
     return problems
 
 
