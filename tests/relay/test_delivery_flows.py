@@ -3,6 +3,7 @@ loopback to aiosmtpd sinks, resolving MX records through a real DNS server."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import time
@@ -96,6 +97,10 @@ class Relay:
             listener="submission")
         self.queue.submit(msg)
         return msg
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self.queue.wait_until(predicate)
 
     async def done(self, msg: QueuedMessage, timeout: float = 10.0) -> None:
         await self.wait(lambda: self.queue.message(msg.queue_id) is None, timeout)
