@@ -172,3 +172,22 @@ async def test_trusted_network_sends_without_auth_but_others_never_relay(relay: 
     assert msg.credential is None and msg.sender_domain == "other"
     assert relay.metric("mailplane_relay_messages_received_total", listener="submissions",
                         sender_domain="other", credential="none") == 1
+
+
+async def test_trusted_network_may_skip_starttls_but_auth_still_needs_tls(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d.update(trustedNetworks=["127.0.0.1/32"]))
+    c = await RawSMTP.connect(relay.starttls_port)
+    try:
+        await c.reply()
+        _, text = await c.cmd("EHLO legacy.app")
+        assert "AUTH" not in text
+        assert (await c.login())[1].startswith("530 5.7.0 Must issue a STARTTLS")
+        assert (await c.cmd("MAIL FROM:<cron@example.com>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<ops@example.net>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        assert (await c.cmd(b"Subject: cron\r\n\r\nok\r\n."))[0] == 250
+    finally:
+        await c.close()
+    [msg] = relay.queue.submitted
+    assert msg.sender_domain == "example.com" and msg.listener == "submission"
+    assert b"with ESMTP;" in relay.spool.read(msg.queue_id)
