@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class RunResult:
     sink_cpu_s: float | None = None
     load_cpu_s: float | None = None
     machine_busy_pct: float | None = None
+    other_cpu_s: float | None = None  # CPU of everything else on the machine meanwhile
     dkim_signed: int = 0
     dkim_verified: str | None = None
     probe_errors: dict[str, int] = field(default_factory=dict)
@@ -138,7 +140,7 @@ class CPUWatch:
         for pid in self.relay_pids:
             after.update(tree_snapshot(pid))
         if self.relay_pids:
-            split = tree_cpu_delta(self.before, after)
+            split = tree_cpu_delta(self.before, after, root=self.relay_pids[0])
             result.relay_cpu_split = split
             result.relay_cpu_s = round(sum(split.values()), 2)
             if result.delivered:
@@ -148,27 +150,33 @@ class CPUWatch:
             result.sink_cpu_s = round(sink.own - self.sink_before, 2)
         result.load_cpu_s = round(sum(self.load_seen.values()), 2)
         busy, total = machine_busy()
-        if total > self.machine_before[1]:
-            result.machine_busy_pct = round(
-                100 * (busy - self.machine_before[0]) / (total - self.machine_before[1]), 1
-            )
+        busy -= self.machine_before[0]
+        total -= self.machine_before[1]
+        if total > 0:
+            result.machine_busy_pct = round(100 * busy / total, 1)
+            ours = (result.relay_cpu_s or 0) + (result.sink_cpu_s or 0) + result.load_cpu_s
+            result.other_cpu_s = round(max(0.0, busy - ours), 1)
 
 
 async def wait_for_sink(
-    sink: SinkProcess, *, bulk: int, stamped: Callable[[], int], deadline: float,
-    on_tick: Callable[[], None], label: str,
+    sink: SinkProcess, *, bulk: int, stamped: Callable[[], int], deadline: float, label: str,
+    stall: float = 20.0,
 ) -> dict[str, Any]:
-    """Poll the sink until it has ``bulk`` unstamped and ``stamped()`` stamped messages."""
-    last_report = time.monotonic()
+    """Poll the sink until it has ``bulk`` unstamped and ``stamped()`` stamped messages, the
+    deadline passes, or nothing arrives for ``stall`` seconds (the rest will not come)."""
+    last_report = last_progress = time.monotonic()
+    seen = -1
     while True:
         count = await sink.ask("count")
-        on_tick()
+        now = time.monotonic()
         if count["bulk"] >= bulk and count["stamped"] >= stamped():
             return count
-        if time.monotonic() > deadline:
+        if count["messages"] != seen:
+            seen, last_progress = count["messages"], now
+        if now > deadline or now - last_progress > stall:
             return count
-        if time.monotonic() - last_report > 5:
-            last_report = time.monotonic()
+        if now - last_report > 5:
+            last_report = now
             print(f"  [{label}] sink has {count['bulk']} bulk + {count['stamped']} stamped",
                   file=sys.stderr)
         await asyncio.sleep(0.1)
@@ -219,7 +227,7 @@ async def run_source(
         await kill_group(source)
     count = await wait_for_sink(
         sink, bulk=result.messages, stamped=lambda: probes.accepted, deadline=deadline,
-        on_tick=lambda: None, label=f"{result.system} {result.scenario}",
+        label=f"{result.system} {result.scenario}",
     )
     dump = await sink.ask("dump")
     result.delivered = count["bulk"]
@@ -288,7 +296,7 @@ async def run_client(
             result.accepted_per_s = round(report["accepted"] / (report["finished"] - t0), 1)
     want = int(report.get("accepted", result.messages))
     count = await wait_for_sink(
-        sink, bulk=0, stamped=lambda: want, deadline=deadline, on_tick=lambda: None,
+        sink, bulk=0, stamped=lambda: want, deadline=deadline,
         label=f"{result.system} {result.scenario}",
     )
     dump = await sink.ask("dump")
@@ -310,8 +318,9 @@ async def run_client(
 class Profiler:
     """py-spy attached to the relay for one scenario (raw collapsed stacks)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, gil: bool) -> None:
         self.out = out
+        self.gil = gil  # only samples holding the GIL: Python CPU, not threads blocked in fsync
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, pid: int) -> None:
@@ -321,7 +330,8 @@ class Profiler:
             return
         self.proc = await asyncio.create_subprocess_exec(
             pyspy, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
-            "--nonblocking", "--format", "raw", "--output", str(self.out),
+            "--nonblocking", *(["--gil"] if self.gil else []),
+            "--format", "raw", "--output", str(self.out),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -336,10 +346,23 @@ class Profiler:
         await kill_group(self.proc)
 
 
+def _frame_key(frame: str) -> tuple[str, str]:
+    """'func (path/file.py:123)' -> ('func (path/file.py)', 'package or area')."""
+    func, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0] or where.rstrip(")")
+    top = path.split("/")[0]
+    area = top.removesuffix(".py") if "/" in path else path.removesuffix(".py")
+    if path.startswith("mailplane_relay/"):
+        area = path.removesuffix(".py").replace("/", ".")
+    return f"{func} ({path})", area
+
+
 def summarize_profile(path: Path, top: int = 25) -> dict[str, list[tuple[str, float]]]:
-    """Top functions by own time and by inclusive time, in % of samples."""
-    own: dict[str, int] = {}
-    incl: dict[str, int] = {}
+    """Top functions by own and inclusive samples, and own samples by module or package, in %
+    of all samples (the event loop's own C code shows as ``Runner.run``)."""
+    own: dict[str, int] = defaultdict(int)
+    incl: dict[str, int] = defaultdict(int)
+    areas: dict[str, int] = defaultdict(int)
     total = 0
     try:
         lines = path.read_text().splitlines()
@@ -350,13 +373,15 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, list[tuple[str, fl
         if not n.isdigit():
             continue
         count = int(n)
-        total += count
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
         if not frames:
             continue
-        own[frames[-1]] = own.get(frames[-1], 0) + count
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + count
+        total += count
+        key, area = _frame_key(frames[-1])
+        own[key] += count
+        areas[area] += count
+        for f in {_frame_key(f)[0] for f in frames}:
+            incl[f] += count
     if not total:
         return {}
 
@@ -364,7 +389,8 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, list[tuple[str, fl
         ranked = sorted(d.items(), key=lambda kv: -kv[1])[:top]
         return [(k, round(100 * v / total, 1)) for k, v in ranked]
 
-    return {"own": rank(own), "inclusive": rank(incl)}
+    return {"own": rank(own), "inclusive": rank(incl), "areas": rank(areas),
+            "samples": [("total", float(total))]}
 
 
 async def with_relay(
@@ -464,7 +490,7 @@ async def bench(
                 return
             out = RESULTS_DIR / f"pyspy-{name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
             RESULTS_DIR.mkdir(exist_ok=True)
-            prof = Profiler(out)
+            prof = Profiler(out, gil=args.profile == "gil")
             await prof.start(relay.root_pids()[0])
             try:
                 await body()
@@ -508,7 +534,8 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
     head = (f"{'system':<10} {'scenario':<27} {'msgs':>6} {'sess':>4} {'size':>5} "
             f"{'deliv/s':>8} {'accept/s':>8} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} "
-            f"{'relayCPU':>8} {'ms/msg':>6} {'sinkCPU':>7} {'loadCPU':>7} {'busy%':>5}")
+            f"{'relayCPU':>8} {'ms/msg':>6} {'sinkCPU':>7} {'loadCPU':>7} {'busy%':>5} "
+            f"{'otherCPU':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -518,7 +545,8 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
               f"{fmt(lat.get('p50'), '.3f'):>7} {fmt(lat.get('p90'), '.3f'):>7} "
               f"{fmt(lat.get('p99'), '.3f'):>7} {fmt(r.relay_cpu_s, '.1f'):>8} "
               f"{fmt(r.relay_cpu_ms_per_msg, '.2f'):>6} {fmt(r.sink_cpu_s, '.1f'):>7} "
-              f"{fmt(r.load_cpu_s, '.1f'):>7} {fmt(r.machine_busy_pct, '.0f'):>5}"
+              f"{fmt(r.load_cpu_s, '.1f'):>7} {fmt(r.machine_busy_pct, '.0f'):>5} "
+              f"{fmt(r.other_cpu_s, '.1f'):>8}"
               + ("" if r.complete else "  INCOMPLETE"))
     by = {(r.system, r.scenario): r for r in results}
     pf, mp = by.get(("postfix", "plain")), by.get(("mailplane", "plain"))
@@ -547,6 +575,9 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
         print(f"\npy-spy {name} ({prof.get('file')}), top own time:")
         for func, pct in prof.get("own", [])[:15]:
             print(f"  {pct:5.1f}%  {func}")
+        print("  by module/package (own time):")
+        for area, pct in prof.get("areas", [])[:12]:
+            print(f"  {pct:5.1f}%  {area}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -563,8 +594,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hard limit per scenario in seconds (default: 60 + messages/50)")
     p.add_argument("--skip-harness", action="store_true")
     p.add_argument("--skip-dkim", action="store_true")
-    p.add_argument("--profile", action="store_true",
-                   help="attach py-spy to the Mailplane relay; stacks go to bench/results/")
+    p.add_argument("--profile", nargs="?", const="gil", choices=("gil", "wall"), default=None,
+                   help="attach py-spy to the Mailplane relay (gil: samples holding the GIL, "
+                   "i.e. Python CPU; wall: every active thread, fsync waits included); "
+                   "stacks go to bench/results/")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
     args = p.parse_args(argv)
     if not args.timeout:
@@ -608,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_fast(bench(args, tmp, profiles))
     finally:
         if args.keep:
+            (tmp / "owner.pid").unlink(missing_ok=True)  # kept on purpose, not a leftover
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)

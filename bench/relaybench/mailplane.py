@@ -109,11 +109,13 @@ class MailplaneRelay:
         return f"v=DKIM1; k=rsa; p={self.dkim_public_b64}".encode()
 
     def start(self, timeout: float = 60) -> None:
-        mailplane = Path(sys.executable).with_name("mailplane")
         env = {**os.environ, **self.extra_env}
         with self.stdout_path.open("wb") as out:
+            # The relay's own entry point (what `mailplane relay` runs, without loading the
+            # operator's or dev tooling's commands).
             self.proc = subprocess.Popen(
-                [str(mailplane), "relay", "--config", str(self.config_path)],
+                [sys.executable, "-m", "mailplane_relay.cli", "relay",
+                 "--config", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env,
             )

@@ -66,14 +66,22 @@ def tree_snapshot(root: int) -> dict[int, ProcCPU]:
     return out
 
 
-def tree_cpu_delta(before: dict[int, ProcCPU], after: dict[int, ProcCPU]) -> dict[str, float]:
+def tree_cpu_delta(
+    before: dict[int, ProcCPU], after: dict[int, ProcCPU], root: int | None = None,
+) -> dict[str, float]:
     """CPU seconds used between two snapshots, by process name; ``(exited)`` holds the CPU of
-    processes that ended in between (reaped by a member of the tree)."""
+    processes that ended in between (reaped by a member of the tree). Processes that all share
+    one name (Python workers under a Python supervisor) are told apart as root and children."""
     split: dict[str, float] = defaultdict(float)
+    root_name = after[root].name if root in after else None
+    shared = sum(1 for p in after.values() if p.name == root_name) > 1
     for pid, p in after.items():
         prev = before.get(pid)
         same = prev is not None and prev.name == p.name
-        split[p.name] += p.own - (prev.own if same and prev else 0.0)
+        name = p.name
+        if shared and p.name == root_name:
+            name = f"{p.name} (root)" if pid == root else f"{p.name} (children)"
+        split[name] += p.own - (prev.own if same and prev else 0.0)
         reaped = p.reaped - (prev.reaped if same and prev else 0.0)
         if reaped > 0:
             split["(exited)"] += reaped
