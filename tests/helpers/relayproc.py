@@ -1,9 +1,9 @@
 """The real relay as a subprocess (`mailplane relay --config DIR`), for end-to-end tests.
 
-``relay_factory`` writes a configuration directory (TLS certificate from a throwaway trustme CA,
-free loopback ports, spool and message log under the test's tmp dir, delivery to a smarthost such
-as the capture sink), starts the command, waits for ``/readyz``, and kills whatever is left at
-the end of the test::
+``relay_factory`` writes a configuration directory (a server certificate from the session's
+throwaway CA in tests/helpers/pki.py, free loopback ports, spool and message log under the test's
+tmp dir, delivery to a smarthost such as the capture sink), starts the command, waits for
+``/readyz``, and kills whatever is left at the end of the test::
 
     def test_x(relay_factory, ...):
         relay = relay_factory(smarthost_port=sink.port, credentials={"app": "secret"})
@@ -35,6 +35,7 @@ import trustme
 import yaml
 
 from mailplane_relay.config import API_VERSION, hash_password
+from tests.helpers.pki import client_context, write_server_pair
 from tests.helpers.ports import free_port
 
 # The real command; `python -m` so the test venv's interpreter runs it wherever PATH points.
@@ -77,9 +78,8 @@ class RelayProcess:
         self._log_offset = 0
         for d in (self.config_dir, self.tls_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
-        cert = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
-        cert.private_key_pem.write_to_path(str(self.tls_dir / "tls.key"))
-        cert.cert_chain_pems[0].write_to_path(str(self.tls_dir / "tls.crt"))
+        self.tls_pair = write_server_pair(ca, self.tls_dir,
+                                          names=("127.0.0.1", "localhost", "relay.test"))
         self.write_config()
 
     # ---- configuration ----------------------------------------------------------------
@@ -93,8 +93,8 @@ class RelayProcess:
                 {"name": "submissions", "address": "127.0.0.1",
                  "port": self.ports["submissions"], "tls": "implicit"},
             ],
-            "tls": {"certFile": str(self.tls_dir / "tls.crt"),
-                    "keyFile": str(self.tls_dir / "tls.key")},
+            "tls": {"certFile": str(self.tls_pair.cert_file),
+                    "keyFile": str(self.tls_pair.key_file)},
             "http": {"address": "127.0.0.1", "port": self.http_port},
             "spool": {"directory": str(self.spool_dir)},
             "messageLog": {"path": str(self.message_log), "flushInterval": "50ms"},
@@ -224,27 +224,20 @@ class RelayProcess:
         return self.log()[self._log_offset:]
 
     def client_tls(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context()
-        self.ca.configure_trust(ctx)
-        return ctx
+        return client_context(self.ca)
 
     def spooled_files(self) -> list[Path]:
         return sorted(self.spool_dir.rglob("*.msg"))
 
 
 @pytest.fixture
-def relay_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
 def relay_factory(
-    tmp_path: Path, relay_ca: trustme.CA
+    tmp_path: Path, tls_ca: trustme.CA
 ) -> Iterator[Callable[..., RelayProcess]]:
     made: list[RelayProcess] = []
 
     def make(**kw: Any) -> RelayProcess:
-        relay = RelayProcess(tmp_path / f"relay{len(made)}", ca=relay_ca, **kw)
+        relay = RelayProcess(tmp_path / f"relay{len(made)}", ca=tls_ca, **kw)
         made.append(relay)
         return relay
 
