@@ -13,8 +13,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
+from mailplane_operator.metrics import OperatorMetrics
 from mailplane_relay.metrics import RelayMetrics
 
 from .conftest import ROOT
@@ -23,20 +24,6 @@ MONITORING = ROOT / "monitoring"
 RULES = MONITORING / "rules.yaml"
 DASHBOARD = MONITORING / "dashboard.json"
 DOCS = ROOT / "docs" / "monitoring.md"
-# The operator's metric names, as agreed in the operator design (kind/result, state, ...).
-OPERATOR_METRICS = {
-    "mailplane_operator_reconciles_total",
-    "mailplane_operator_reconcile_duration_seconds_bucket",
-    "mailplane_operator_reconcile_duration_seconds_sum",
-    "mailplane_operator_reconcile_duration_seconds_count",
-    "mailplane_operator_credentials",
-    "mailplane_operator_credential_last_rotation_timestamp_seconds",
-    "mailplane_operator_credential_rotation_interval_seconds",
-    "mailplane_operator_dkim_key_created_timestamp_seconds",
-    "mailplane_operator_dkim_rotation_interval_seconds",
-    "mailplane_operator_domain_verified",
-    "mailplane_operator_up",
-}
 METRIC_NAME = re.compile(r"(?<![:\w])mailplane_[a-z0-9_]+")
 
 
@@ -46,19 +33,20 @@ def promtool() -> str:
     return path
 
 
-def relay_metric_names() -> set[str]:
-    """Every series name the relay can expose, from its own metric definitions."""
-    metrics = RelayMetrics.create()
-    names: set[str] = set()
-    for value in vars(metrics).values():
-        if isinstance(value, Counter):
-            names.add(value._name + "_total")
-        elif isinstance(value, Histogram):
-            names.update(value._name + s for s in ("_bucket", "_sum", "_count"))
-        elif isinstance(value, Gauge):
-            names.add(value._name)
-    assert len(names) > 20
-    return names
+def series_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name a registry can expose, from its metric definitions."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "gauge": ("",)}
+    return {family.name + suffix for family in registry.collect()
+            for suffix in suffixes[family.type]}
+
+
+def exported_metric_names() -> set[str]:
+    relay = series_names(RelayMetrics.create().registry)
+    operator = series_names(OperatorMetrics.create().registry)
+    assert "mailplane_relay_recipients_total" in relay
+    assert "mailplane_operator_reconcile_duration_seconds_bucket" in operator
+    return relay | operator
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -128,7 +116,7 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
 
 
 def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
-    known = relay_metric_names() | OPERATOR_METRICS
+    known = exported_metric_names()
     used = set(METRIC_NAME.findall(RULES.read_text()))
     for _title, expr in dashboard_targets():
         used |= set(METRIC_NAME.findall(expr))

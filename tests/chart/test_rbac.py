@@ -88,8 +88,9 @@ def test_relay_service_account_has_no_access(default_render: Rendered) -> None:
 def test_every_omission_is_explained() -> None:
     template = (CHART_DIR / "templates" / "rbac.yaml").read_text()
     head = template.split("-}}", 1)[0]
-    for omitted in ("`update`", "`delete` on the custom resources", "`watch` on children",
-                    "Pods", "peering", "Leases"):
+    for omitted in ("`update`", "`delete` on the custom resources", "`delete` on Services",
+                    "`watch` on children", "`list` on Services", "Pods", "peering", "Leases",
+                    "events.k8s.io"):
         assert omitted in head
 
 
