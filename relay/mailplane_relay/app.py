@@ -285,6 +285,9 @@ class RelayApp:
     def _count_config_load(self, old: RelayConfig | None) -> None:
         new = self.config()
         if old is not None:
+            # Zero first: in multiprocess mode remove() forgets the child but its last value
+            # stays in the worker's metrics file, and the old hash would still read 1.
+            self.metrics.config_info.labels(hash=old.source_hash).set(0)
             with contextlib.suppress(KeyError):
                 self.metrics.config_info.remove(old.source_hash)
         self.metrics.config_info.labels(hash=new.source_hash).set(1)

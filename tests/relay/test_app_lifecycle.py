@@ -228,6 +228,15 @@ async def test_two_workers_share_the_ports_and_one_metrics_endpoint(
     await asyncio.gather(*(send(i) for i in range(20)))
     await sink.wait_for_messages(20, timeout=20)
     assert relay.metric("mailplane_relay_messages_received_total") == 20
+
+    relay.credentials["other"] = "other-password"
+    relay.write_config()  # each worker reloads by itself
+    await eventually(
+        lambda: relay.metric("mailplane_relay_config_reloads_total", result="success") == 4,
+        "both workers to reload")
+    in_force = {line.split('"')[1] for line in relay.metrics().splitlines()
+                if line.startswith("mailplane_relay_config_info{") and line.endswith(" 1.0")}
+    assert len(in_force) == 1, in_force
     promtool_check(relay.metrics())
     assert await asyncio.to_thread(relay.stop) == 0
     assert "all 2 workers stopped" in relay.log()
