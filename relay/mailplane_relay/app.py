@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -61,16 +63,53 @@ class WorkerSpec:
     listener_ports: dict[str, int] = field(default_factory=dict)
     state_dir: str = ""
     purge: bool = False
+    supervisor_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps({"index": self.index, "listener_ports": self.listener_ports,
-                           "state_dir": self.state_dir, "purge": self.purge})
+                           "state_dir": self.state_dir, "purge": self.purge,
+                           "supervisor_pid": self.supervisor_pid})
 
     @classmethod
     def from_json(cls, raw: str) -> WorkerSpec:
         doc = json.loads(raw)
         return cls(index=int(doc["index"]), listener_ports=dict(doc["listener_ports"]),
-                   state_dir=str(doc["state_dir"]), purge=bool(doc["purge"]))
+                   state_dir=str(doc["state_dir"]), purge=bool(doc["purge"]),
+                   supervisor_pid=int(doc.get("supervisor_pid", 0)))
+
+
+class SpoolInUseError(Exception):
+    """Another live process holds the spool directory."""
+
+
+def _lock_spool(directory: str) -> int:
+    """Hold an exclusive lock on the spool directory for the life of the process.
+
+    Two processes recovering the same spool would deliver every message twice; the kernel drops
+    the lock when the holder dies, even by SIGKILL, so a restart never waits on a stale one."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SpoolInUseError(
+            f"spool directory {directory} is in use by another relay process (pid {holder}); "
+            "each relay needs its own spool.directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this worker when the supervisor dies, so an orphaned worker
+    drains and exits instead of holding the ports and its spool for a new supervisor."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _with_listener_ports(cfg: RelayConfig, ports: dict[str, int]) -> RelayConfig:
@@ -82,6 +121,10 @@ def _with_listener_ports(cfg: RelayConfig, ports: dict[str, int]) -> RelayConfig
     )
     settings = cfg.settings.model_copy(update={"listeners": listeners})
     return RelayConfig(settings=settings, source_hash=cfg.source_hash)
+
+
+async def _close_fd(fd: int) -> None:
+    os.close(fd)
 
 
 class _Tasks:
@@ -146,6 +189,11 @@ class RelayApp:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or ``request_stop``), stop in stages."""
         loop = asyncio.get_running_loop()
+        if self.worker is not None:
+            _die_with_parent()
+            if self.worker.supervisor_pid and os.getppid() != self.worker.supervisor_pid:
+                log.error("worker %d: the supervisor is gone; not starting", self.worker.index)
+                return
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         stages: list[tuple[str, Callable[[], Awaitable[None]]]] = []
@@ -219,6 +267,8 @@ class RelayApp:
         spool_dir = settings.spool.directory
         if worker is not None:
             spool_dir = str(Path(spool_dir) / f"w{worker.index}")
+        lock_fd = await asyncio.to_thread(_lock_spool, spool_dir)
+        stages.append(("spool lock", lambda: _close_fd(lock_fd)))
         spool = Spool(spool_dir, fsync=settings.spool.fsync,
                       group_commit_window=settings.spool.group_commit_window, metrics=metrics)
         recovered = await spool.start()
@@ -440,7 +490,8 @@ class Supervisor:
         keepers = [
             asyncio.create_task(
                 self._keep_worker(WorkerSpec(index=i, listener_ports=ports,
-                                             state_dir=str(state_dir), purge=i == 0),
+                                             state_dir=str(state_dir), purge=i == 0,
+                                             supervisor_pid=os.getpid()),
                                   env, stop),
                 name=f"worker-{i}")
             for i in range(self.workers)

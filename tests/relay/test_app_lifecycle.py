@@ -243,6 +243,14 @@ async def test_two_workers_share_the_ports_and_one_metrics_endpoint(
 
 
 
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
 def worker_pids(relay: RelayProcess) -> list[int]:
     assert relay.proc is not None
     pid = relay.proc.pid
@@ -274,3 +282,33 @@ async def test_a_dead_worker_is_restarted_and_its_spool_recovered(
     sink.behaviour.data_reply = None  # the deferred messages of both spools now go through
     await sink.wait_for(lambda: len({m.rcpt_tos[0] for m in sink.messages}) == 6, timeout=20)
     assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_a_second_relay_on_the_same_spool_refuses_to_start(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    first = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(first.start)
+    second = relay_factory(smarthost_port=sink.port,
+                           extra={"spool": {"directory": str(first.spool_dir)}})
+    with pytest.raises(AssertionError, match="relay exited with 1 before ready"):
+        await asyncio.to_thread(second.start)
+    assert f"is in use by another relay process (pid {first.proc.pid})" in second.log()  # type: ignore[union-attr]
+    assert first.readyz()[0] == 200
+    assert await asyncio.to_thread(first.stop) == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    await asyncio.to_thread(relay.start)
+    await eventually(lambda: len(worker_pids(relay)) == 2, "two workers")
+    workers = worker_pids(relay)
+    assert relay.proc is not None
+    relay.proc.kill()  # the supervisor alone, not its process group
+    relay.proc.wait(10)
+    await eventually(lambda: not any(alive(pid) for pid in workers),
+                     "orphaned workers to exit", timeout=20)
