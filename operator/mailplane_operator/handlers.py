@@ -124,10 +124,6 @@ def build_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     return settings
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _first(values: Iterable[Any] | None) -> Any:
     for value in values or ():
         return value
@@ -197,6 +193,8 @@ class Runtime:
     client: KubeClient
     metrics: OperatorMetrics
     dns: DnsChecker
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    """Injected so that tests can move time past a rotation interval instead of waiting."""
     random: Callable[[int], bytes] = os.urandom
     key_factory: Callable[[str], str] = domain_mod.generate_dkim_key
     workers: dict[RelayKey, RelayWorker] = field(default_factory=dict)
@@ -322,11 +320,11 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         rt.metrics.invalid("SmtpRelay")
         conds = set_condition((body.get("status") or {}).get("conditions"), READY, False,
                               REASON_INVALID_SPEC, str(exc),
-                              int(body["metadata"].get("generation") or 0), _now())
+                              int(body["metadata"].get("generation") or 0), rt.clock())
         await _patch_status(rt, kube.SMTP_RELAYS, body, {"conditions": conds})
         return None
     with rt.metrics.reconcile("SmtpRelay"):
-        now = _now()
+        now = rt.clock()
         domains = await domain_inputs(rt, indexes["domains_idx"].get(key, ()))
         creds = await credential_inputs(rt, indexes["credentials_idx"].get(key, ()))
         policies: list[RetentionPolicy] = _parse_all(
@@ -459,13 +457,13 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
         meta = body["metadata"]
         patch.setdefault("status", {})["conditions"] = set_condition(
             (body.get("status") or {}).get("conditions"), READY, False, REASON_INVALID_SPEC,
-            str(exc), int(meta.get("generation") or 0), _now())
+            str(exc), int(meta.get("generation") or 0), rt.clock())
         post_events(body, [Event("Warning", REASON_INVALID_SPEC, str(exc))])
         return
     relay_key = (cred.relay_namespace, cred.spec.relay_ref.name)
     async with rt.lock(key):
         with rt.metrics.reconcile("SmtpCredential"):
-            now = _now()
+            now = rt.clock()
             relay = _relay_of(indexes["relays_idx"], relay_key)
             attached: list[str] = []
             ns_labels = await rt.namespace_labels(cred.meta.namespace)
@@ -512,7 +510,7 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         observed = None
         if not dom.spec.verification.skip:
             observed = await rt.dns.lookup(domain_mod.names_to_check(dom, existing))
-        now = _now()
+        now = rt.clock()
         # RSA key generation takes tens of milliseconds: keep it off the event loop.
         result = await asyncio.to_thread(
             domain_mod.reconcile_domain, dom, relay=relay, namespace_labels=ns_labels,
@@ -652,7 +650,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     meta = body["metadata"]
                     conds = set_condition((body.get("status") or {}).get("conditions"), READY,
                                           False, REASON_INVALID_SPEC, str(exc),
-                                          int(meta.get("generation") or 0), _now())
+                                          int(meta.get("generation") or 0), rt.clock())
                     await _patch_status(rt, kube.SENDING_DOMAINS, body, {"conditions": conds})
                     verified, next_step = True, None  # nothing to retry until the spec changes
                     delay = config.dns_recheck_interval
@@ -665,7 +663,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                 else:
                     delay, backoff = backoff, min(backoff * 2, config.dns_check_max)
                 if next_step is not None:
-                    delay = max(0.0, min(delay, (next_step - _now()).total_seconds()))
+                    delay = max(0.0, min(delay, (next_step - rt.clock()).total_seconds()))
                 if await _wait_for_wake(waker, stopped, delay):
                     backoff = config.dns_check_initial
         finally:
@@ -712,7 +710,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         key = _key(body)
         if key in rt.credential_next_check:
             due = rt.credential_next_check[key]
-            if due is None or _now() < due:
+            if due is None or rt.clock() < due:
                 return  # nothing scheduled yet; a relay render drops the entry when stale
         await reconcile_credential(rt, body, patch, kwargs, poke=False)
 
@@ -752,13 +750,13 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
             meta = body["metadata"]
             patch.setdefault("status", {})["conditions"] = set_condition(
                 (body.get("status") or {}).get("conditions"), READY, False, REASON_INVALID_SPEC,
-                str(exc), int(meta.get("generation") or 0), _now())
+                str(exc), int(meta.get("generation") or 0), rt.clock())
             return
         with rt.metrics.reconcile("RetentionPolicy"):
             relays_in_ns: list[SmtpRelay] = _parse_all(parse_smtp_relay, [
                 b for (ns, _n), store in kwargs["relays_idx"].items() if ns == namespace
                 for b in store])
-            status = retention_mod.retention_status(policy, relays_in_ns, _now())
+            status = retention_mod.retention_status(policy, relays_in_ns, rt.clock())
             if not _contains(body.get("status") or {}, status):
                 patch.setdefault("status", {}).update(status)
 
@@ -767,12 +765,15 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
 
 async def run(config: OperatorConfig, *, metrics: OperatorMetrics | None = None,
               stop_flag: Any = None, ready_flag: Any = None,
+              clock: Callable[[], datetime] | None = None,
               on_runtime: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Run the operator until `stop_flag` is set (or forever): the composition root."""
     metrics = metrics if metrics is not None else OperatorMetrics.create()
     async with KubeClient(config.connection) as client:
         rt = Runtime(config=config, client=client, metrics=metrics,
                      dns=DnsChecker(config.dns_resolver))
+        if clock is not None:
+            rt.clock = clock
         if on_runtime is not None:
             maybe = on_runtime(rt)
             if maybe is not None:
