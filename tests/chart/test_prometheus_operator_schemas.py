@@ -1,0 +1,55 @@
+"""kubernetes-validate knows no ServiceMonitor or PrometheusRule: the chart's are validated against
+the prometheus-operator CRD schemas instead, as compiled by the npm package
+@kubernetes-models/prometheus-operator (run with node; installed from tests/chart/node's lock file
+on first use)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CHART_DIR, load_values, render_install
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+@pytest.fixture(scope="module")
+def validator() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are needed (Debian: apt-get install nodejs npm)"
+    # pytest-xdist workers may get here together: one installs, the others wait for it.
+    with (NODE_DIR / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (NODE_DIR / "node_modules" / "@kubernetes-models" / "prometheus-operator").is_dir():
+            r = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                               cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+    return NODE_DIR / "validate.mjs"
+
+
+def check(validator: Path, objects: list[dict[str, Any]]) -> tuple[int, str]:
+    r = subprocess.run(["node", str(validator)], input=json.dumps(objects), capture_output=True,
+                       text=True, timeout=60, cwd=NODE_DIR)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_service_monitor_and_prometheus_rule_match_their_crds(validator: Path) -> None:
+    objects = render_install(load_values(CHART_DIR / "ci" / "monitoring-values.yaml")).objects
+    rc, out = check(validator, objects)
+    assert rc == 0, out
+    assert "checked 2" in out
+
+
+def test_the_schema_check_has_teeth(validator: Path) -> None:
+    objects = render_install(load_values(CHART_DIR / "ci" / "monitoring-values.yaml")).objects
+    [monitor] = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    monitor["spec"]["endpoints"][0]["interval"] = "every minute"
+    rc, out = check(validator, objects)
+    assert rc == 1
+    assert "ServiceMonitor/mailplane-operator: data/spec/endpoints/0/interval" in out
