@@ -1,0 +1,274 @@
+"""The relay configuration rendered from resources: what is included, what is left out and why,
+Secrets under the size limit, documents the relay parses, and no password anywhere in it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from mailplane_operator.reconcile import credential as cm
+from mailplane_operator.reconcile import domain as dm
+from mailplane_operator.reconcile import relay as relay_mod
+from mailplane_operator.reconcile import render
+from mailplane_operator.reconcile.models import Meta, RetentionPolicy, RetentionPolicySpec
+from mailplane_relay.config import (
+    KIND_CREDENTIALS,
+    hash_password,
+    parse_documents,
+    render_document,
+)
+from tests.operator.reconcile_builders import NOW, credential, domain, relay
+
+ED_PEM = dm.generate_dkim_key("ed25519")
+RSA_PEM = dm.generate_dkim_key("rsa-2048")
+
+
+def dkim_secret(d: Any, pem: str = ED_PEM, algorithm: str = "ed25519") -> dict[str, Any]:
+    key = dm.DKIMKeyInfo("mailplane", algorithm, NOW, pem)
+    return dm.secret_manifest(d, dm.DKIMState("Stable", "mailplane", {"mailplane": key}, NOW))
+
+
+def verified(domain_name: str, namespace: str = "mail", pem: str = ED_PEM,
+             **kw: Any) -> render.DomainInput:
+    d = domain(domain_name, namespace=namespace, verification={"skip": True}, **kw)
+    return render.DomainInput(d, dkim_secret(d, pem, "ed25519" if pem == ED_PEM else "rsa-2048"))
+
+
+def app_secret(c: Any, password: str = "p" * 43, **state: Any) -> dict[str, Any]:
+    st = cm.CredentialState(password, hash_password(password), NOW, **state)
+    return cm.secret_manifest(c, st, cm.Endpoint("h", 587, 465))
+
+
+def with_secret(c: Any, password: str = "p" * 43) -> render.CredentialInput:
+    return render.CredentialInput(c, app_secret(c, password))
+
+
+def run(r: Any, domains: list[render.DomainInput], creds: list[render.CredentialInput],
+        **kw: Any) -> render.RenderResult:
+    kw.setdefault("policies", [])
+    kw.setdefault("namespace_labels", {})
+    return render.render_relay_config(r, domains=domains, credentials=creds, now=NOW, **kw)
+
+
+def test_a_typical_relay_renders_to_documents_the_relay_accepts() -> None:
+    r = relay(allowedNamespaces={"matchLabels": {"smtp": "yes"}})
+    creds = [with_secret(credential("orders", "shop", relay_namespace="mail",
+                                    senders=("orders@example.com",), ratePerMinute=60),
+                         "orders-password-" + "x" * 27),
+             with_secret(credential("news", "mail", senders=("news.example.org",)),
+                         "news-password-" + "y" * 29)]
+    result = run(r, [verified("example.com"), verified("news.example.org")], creds,
+                 namespace_labels={"shop": {"smtp": "yes"}}, validate="documents")
+    assert result.excluded == ()
+    assert result.domains == ("example.com", "news.example.org")
+    assert result.credentials == ("mail/news", "shop/orders")
+    config = parse_documents(sorted(result.files.items()))
+    assert set(config.credentials) == {"shop.orders", "mail.news"}
+    orders = config.credentials["shop.orders"]
+    assert orders.check_password("orders-password-" + "x" * 27, NOW)
+    assert orders.may_send_as("orders@example.com") and not orders.may_send_as("x@example.com")
+    assert orders.rate_per_minute == 60
+    assert config.domains["example.com"].dkim is not None
+    assert config.domains["example.com"].dkim.selector == "mailplane"
+    assert config.domains["example.com"].dkim.algorithm == "ed25519-sha256"
+    settings = config.settings
+    assert [(lst.name, lst.port, lst.tls) for lst in settings.listeners] == [
+        ("submission", 1587, "starttls"), ("submissions", 1465, "implicit")]
+    assert settings.tls is not None and settings.tls.cert_file == "/etc/mailplane/tls/tls.crt"
+    assert settings.spool.directory == "/var/lib/mailplane/spool"
+    assert settings.message_log.path == "/var/lib/mailplane/messagelog.sqlite3"
+    assert settings.retention.message_log == 90 * 86400  # the privacy policy's default
+    assert settings.shutdown_grace == 25
+    # The fast check and the relay's parser agree.
+    fast = run(r, [verified("example.com"), verified("news.example.org")], creds,
+               namespace_labels={"shop": {"smtp": "yes"}})
+    assert fast.config.settings == config.settings
+    assert fast.config_hash == result.config_hash
+
+
+def test_config_secrets_are_named_labelled_and_owned() -> None:
+    r = relay()
+    result = run(r, [verified("example.com")], [with_secret(credential())])
+    [secret] = result.secrets
+    md = secret["metadata"]
+    assert md["name"] == "main-config-0" and md["namespace"] == "mail"
+    assert md["labels"][relay_mod.LABEL_RELAY] == "main"
+    assert md["labels"][relay_mod.LABEL_COMPONENT] == "config"
+    assert md["ownerReferences"][0]["uid"] == r.meta.uid
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == result.files
+    assert sorted(decoded) == ["credentials-00.yaml", "domains-00.yaml", "relay.yaml"]
+
+
+def test_no_password_reaches_the_relay_configuration() -> None:
+    password = "S3cret-" + "z" * 36
+    result = run(relay(), [verified("example.com")],
+                 [with_secret(credential(), password)])
+    everything = json.dumps(result.files) + json.dumps(result.secrets)
+    assert password not in everything
+    assert base64.b64encode(password.encode()).decode() not in everything
+
+
+def test_left_out_resources_carry_the_reason() -> None:
+    r = relay()
+    unverified = domain("example.net")  # no status yet: not verified
+    pending_key = domain("example.info", verification={"skip": True})
+    other_ns = domain("example.biz", namespace="team", relayRef={"name": "main",
+                                                                 "namespace": "mail"},
+                      verification={"skip": True})
+    other_relay = domain("example.xyz", relay_name="other", verification={"skip": True})
+    duplicate = domain("example.com", name="second", verification={"skip": True})
+    domains = [verified("example.com"), render.DomainInput(unverified, dkim_secret(unverified)),
+               render.DomainInput(pending_key, None), render.DomainInput(
+                   other_ns, dkim_secret(other_ns)), render.DomainInput(
+                   other_relay, dkim_secret(other_relay)), render.DomainInput(
+                   duplicate, dkim_secret(duplicate))]
+    deleting = credential("gone")
+    deleting = type(deleting)(Meta(**{**deleting.meta.__dict__,
+                                      "deletion_timestamp": "2026-11-27T11:00:00Z"}),
+                              deleting.spec)
+    creds = [
+        with_secret(credential("ok")),
+        with_secret(credential("foreign", "shop", relay_namespace="mail")),
+        with_secret(credential("wrong-sender", senders=("example.net",))),
+        render.CredentialInput(credential("new"), None),
+        with_secret(deleting),
+        with_secret(credential("elsewhere", relay_name="other")),
+    ]
+    result = run(r, domains, creds)
+    reasons = {(e.kind, e.key): e.reason for e in result.excluded}
+    assert reasons == {
+        ("SendingDomain", "mail/example-net"): "NotVerified",
+        ("SendingDomain", "mail/example-info"): render.REASON_DKIM_KEY_PENDING,
+        ("SendingDomain", "team/example-biz"): "NamespaceNotAllowed",
+        ("SendingDomain", "mail/second"): render.REASON_DUPLICATE_DOMAIN,
+        ("SmtpCredential", "shop/foreign"): "NamespaceNotAllowed",
+        ("SmtpCredential", "mail/wrong-sender"): "SenderDomainNotAttached",
+        ("SmtpCredential", "mail/new"): render.REASON_SECRET_PENDING,
+        ("SmtpCredential", "mail/gone"): render.REASON_DELETING,
+    }
+    assert result.domains == ("example.com",)
+    assert result.credentials == ("mail/ok",)
+    assert set(result.config.credentials) == {"mail.ok"}
+    excluded = result.exclusion("SmtpCredential", "mail/wrong-sender")
+    assert excluded is not None and "example.net" in excluded.message
+
+
+def test_a_deleted_credential_loses_access_in_the_same_render() -> None:
+    r = relay()
+    both = run(r, [verified("example.com")], [with_secret(credential("a")),
+                                              with_secret(credential("b"))])
+    one = run(r, [verified("example.com")], [with_secret(credential("a"))])
+    assert set(both.config.credentials) == {"mail.a", "mail.b"}
+    assert set(one.config.credentials) == {"mail.a"}
+    assert one.config_hash != both.config_hash
+
+
+def test_rotation_overlap_reaches_the_relay_until_it_ends() -> None:
+    c = credential()
+    secret = app_secret(c, "new-" + "n" * 39, previous_hash=hash_password("old-" + "o" * 39),
+                        previous_expires=NOW + timedelta(hours=1))
+    during = run(relay(), [verified("example.com")], [render.CredentialInput(c, secret)],
+                 validate="documents")
+    entry = during.config.credentials["mail.app"]
+    assert entry.check_password("old-" + "o" * 39, NOW + timedelta(minutes=59))
+    after = render.render_relay_config(
+        relay(), domains=[verified("example.com")], credentials=[render.CredentialInput(c, secret)],
+        policies=[], namespace_labels={}, now=NOW + timedelta(hours=1))
+    assert after.config.credentials["mail.app"].previous_password_hash is None
+
+
+def test_rendering_is_deterministic_and_the_pod_template_ignores_it() -> None:
+    r = relay()
+    inputs = ([verified("example.com")], [with_secret(credential("a"))])
+    first, second = run(r, *inputs), run(r, *inputs)
+    assert first.files == second.files and first.config_hash == second.config_hash
+    more = run(r, inputs[0], [*inputs[1], with_secret(credential("b"))])
+    assert more.config_hash != first.config_hash
+    assert more.secret_names == first.secret_names == ["main-config-0"]
+    sts_a = relay_mod.statefulset(r, config_hash=first.config_hash)
+    sts_b = relay_mod.statefulset(r, config_hash=more.config_hash)
+    assert sts_a["spec"] == sts_b["spec"]
+    assert sts_a["metadata"]["annotations"] != sts_b["metadata"]["annotations"]
+
+
+def test_retention_policies_are_rendered() -> None:
+    r = relay(labels={"tier": "prod"})
+    policy = RetentionPolicy(
+        Meta("short", "mail", "u", 1),
+        RetentionPolicySpec.model_validate({"relaySelector": {"matchLabels": {"tier": "prod"}},
+                                            "messageLog": "720h", "purgeInterval": "10m"}))
+    result = run(r, [], [], policies=[policy])
+    assert result.config.settings.retention.message_log == 30 * 86400
+    assert result.config.settings.retention.purge_interval == 600
+    assert result.retention.policies == ("mail/short",)
+
+
+def test_dev_paths_and_smarthost_delivery() -> None:
+    r = relay(delivery={"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": 2525,
+                                                           "tls": "none"}})
+    paths = render.RuntimePaths(tls_cert="/s/tls/server.crt", tls_key="/s/tls/server.key",
+                                spool="/s/spool", message_log="/s/log.sqlite3",
+                                listen_address="127.0.0.1", submission_port=2587,
+                                submissions_port=2465, http_address="127.0.0.1",
+                                http_port=8081, hostname="localhost",
+                                extra_settings={"spool": {"fsync": False}})
+    result = run(r, [], [], paths=paths, validate="documents")
+    s = result.config.settings
+    assert [(lst.address, lst.port) for lst in s.listeners] == [("127.0.0.1", 2587),
+                                                                ("127.0.0.1", 2465)]
+    assert s.spool.directory == "/s/spool" and s.spool.fsync is False
+    assert s.delivery.mode == "smarthost" and s.delivery.smarthost is not None
+    assert (s.delivery.smarthost.host, s.delivery.smarthost.port) == ("127.0.0.1", 2525)
+    assert s.hostname == "localhost" and s.http.port == 8081
+
+
+def test_documents_are_what_the_contract_renders() -> None:
+    spec = {"credentials": [{"username": "a", "passwordHash": "sha256$00$11",
+                             "allowedSenders": ["example.com"]}],
+            "x": {"pem": RSA_PEM}}
+    assert render._document(KIND_CREDENTIALS, spec) == render_document(KIND_CREDENTIALS, spec)
+    assert render._document("RelayConfig", spec, name="n") == render_document(
+        "RelayConfig", spec, "n")
+
+
+def test_an_impossible_size_is_an_error_not_a_broken_secret() -> None:
+    with pytest.raises(render.RenderError, match="over the 3000-byte Secret limit"):
+        run(relay(), [verified("example.com", pem=RSA_PEM)], [], max_secret_bytes=3000)
+    many = [with_secret(credential(f"app{i}")) for i in range(400)]
+    with pytest.raises(render.RenderError, match="more than the 16 the relay pods mount"):
+        run(relay(), [verified("example.com")], many, max_secret_bytes=9000)
+
+
+@pytest.mark.slow
+def test_5000_credentials_and_500_domains_fit_in_secrets_under_1_mib() -> None:
+    r = relay(allowedNamespaces={})
+    domains = []
+    for i in range(500):
+        d = domain(f"d{i}.example.com", verification={"skip": True})
+        domains.append(render.DomainInput(d, dkim_secret(d, RSA_PEM, "rsa-2048")))
+    creds = []
+    for i in range(5000):
+        c = credential(f"app-{i}", f"team-{i % 50}", relay_namespace="mail",
+                       senders=(f"app{i}@d{i % 500}.example.com",), ratePerMinute=100,
+                       dailyQuota=50000)
+        creds.append(render.CredentialInput(c, app_secret(c, f"{i:043d}")))
+    started = time.perf_counter()
+    result = run(r, domains, creds)
+    elapsed = time.perf_counter() - started
+    sizes = [len(json.dumps(s, separators=(",", ":"))) for s in result.secrets]
+    print(f"\n5,000 credentials + 500 RSA domains: {len(sizes)} Secrets {sizes} bytes, "
+          f"rendered in {elapsed:.2f}s")
+    assert len(result.secrets) >= 3
+    assert all(size < render.MAX_SECRET_BYTES < 1024 * 1024 for size in sizes)
+    assert sum(sizes) > 2 * 1024 * 1024  # realistic content, not an empty render
+    assert len(result.credentials) == 5000 and len(result.domains) == 500
+    # The relay reads exactly these files: parse them the way it does.
+    config = parse_documents(sorted(result.files.items()))
+    assert len(config.credentials) == 5000 and len(config.domains) == 500
+    assert config.credentials["team-7.app-7"].check_password(f"{7:043d}", NOW)
