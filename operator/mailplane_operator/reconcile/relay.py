@@ -43,7 +43,7 @@ SUBMISSION_CONTAINER_PORT = 1587
 SUBMISSIONS_CONTAINER_PORT = 1465
 HTTP_PORT = 8080
 PRESTOP_SECONDS = 5
-RUN_AS_USER = 10001
+RUN_AS_USER = 65532  # the image's "nonroot" user (Dockerfile)
 
 ANN_CONFIG_HASH = "mailplane.io/config-hash"
 LABEL_RELAY = "mailplane.io/relay"
@@ -224,7 +224,9 @@ def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
         "metadata": meta,
-        "spec": {"selector": {"matchLabels": selector_labels(relay)},
+        # job="mailplane-relay" for every pool: the shipped alerts (monitoring/rules.yaml) select it.
+        "spec": {"jobLabel": "app.kubernetes.io/name",
+                 "selector": {"matchLabels": selector_labels(relay)},
                  "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval}]},
     }
 
