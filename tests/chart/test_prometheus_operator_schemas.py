@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from .conftest import CHART_DIR, load_values, render_install
+from .conftest import CHART_DIR, ROOT, load_values, render_install
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -53,3 +54,24 @@ def test_the_schema_check_has_teeth(validator: Path) -> None:
     rc, out = check(validator, objects)
     assert rc == 1
     assert "ServiceMonitor/mailplane-operator: data/spec/endpoints/0/interval" in out
+
+
+def test_relay_service_monitor_is_valid_and_scrapes_as_the_alerts_expect(validator: Path) -> None:
+    """The ServiceMonitor the operator makes for the relay of examples/relay.yaml: valid for the
+    Prometheus Operator, and its jobLabel resolves to the job the relay alerts select."""
+    from mailplane_operator.reconcile import relay as relay_mod
+    from mailplane_operator.reconcile.models import parse_smtp_relay
+
+    body = yaml.safe_load((ROOT / "examples" / "relay.yaml").read_text())
+    relay = parse_smtp_relay(body)
+    children = relay_mod.relay_children(relay, service_monitor_available=True)
+    [monitor] = [c for c in children if c["kind"] == "ServiceMonitor"]
+    rc, out = check(validator, [monitor])
+    assert rc == 0, out
+    [service] = [c for c in children if c["kind"] == "Service"
+                 and c["spec"].get("clusterIP") != "None"]
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels[monitor["spec"]["jobLabel"]] == "mailplane-relay"
+    rules = (ROOT / "monitoring" / "rules.yaml").read_text()
+    assert 'up{job="mailplane-relay"}' in rules
