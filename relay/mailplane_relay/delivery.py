@@ -794,7 +794,8 @@ class DeliveryQueue:
         queue = cfg.settings.queue
         expire_at = msg.received_at + queue.max_lifetime
         msg.attempts += 1
-        credential = msg.credential or ""
+        # Same label value as the ingress metrics use for trusted-network mail.
+        credential = msg.credential or "none"
         remotes: dict[str, str] = msg.extra.setdefault("remotes", {})
         results: set[str] = set()
         for r in msg.pending():

@@ -37,7 +37,8 @@ def enhanced_status(response: str | None, status: str) -> str:
                 return "5" + code[1:] if status == "expired" else code
         if parts and parts[0][:1] == "5":
             return "5.0.0"
-    return "4.4.7" if status == "expired" else "5.0.0"
+    # Action: failed always carries a permanent (5.x.x) status.
+    return "5.4.7" if status == "expired" else "5.0.0"
 
 
 def original_headers(data: bytes) -> bytes:

@@ -72,7 +72,7 @@ def test_enhanced_code_and_reply_format() -> None:
 def test_enhanced_status_for_dsn() -> None:
     assert enhanced_status("550 5.1.1 No such user", "bounced") == "5.1.1"
     assert enhanced_status("451 4.4.1 Connection refused", "expired") == "5.4.1"
-    assert enhanced_status("451 try later", "expired") == "4.4.7"
+    assert enhanced_status("451 try later", "expired") == "5.4.7"
     assert enhanced_status("550 nope", "bounced") == "5.0.0"
     assert enhanced_status(None, "bounced") == "5.0.0"
 
