@@ -59,6 +59,11 @@ AUTH_MECHANISMS = ("LOGIN", "PLAIN")
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _DOT_LINE = re.compile(rb"(?:^|[\r\n])\.(?:[\r\n]|$)")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The everyday "<dot-atom@host.name> [params]" form, parsed without the email package's
+# general RFC 5322 parser (about 60 us per address).
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(\s.*)?\Z", re.S)
 _HELO_SAFE = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
 
 
@@ -141,7 +146,7 @@ def _domain_of(address: str) -> str:
 
 def _valid_mailbox(address: str) -> bool:
     local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and " " not in address
+    return bool(at and local and domain) and " " not in domain
 
 
 class _Handler:
@@ -541,6 +546,13 @@ class RelaySMTP(SMTP):
             return None
 
     # ---------------------------------------------------------------- MAIL, RCPT
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        match = _PLAIN_PATH.match(arg.lstrip())
+        if match is not None:
+            return match.group(1), match.group(2) or ""
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     def _credential(self, cfg: RelayConfig) -> Credential | None:
         return cfg.credentials.get(self._username) if self._username is not None else None

@@ -182,3 +182,18 @@ async def test_bad_recipient_syntax(relay: Relay, address: str) -> None:
         assert code in (501, 553)
     finally:
         await c.close()
+
+
+@pytest.mark.parametrize("path", [
+    "<a.b+tag@example.com> SIZE=100 BODY=8BITMIME",  # the fast path
+    '<"quoted local"@example.com>',  # the general parser
+    "<a@EXAMPLE.com>",
+])
+async def test_sender_paths_parse_alike_on_both_parsers(relay: Relay, path: str) -> None:
+    c = await ready_session(relay)
+    try:
+        code, text = await c.cmd(f"MAIL FROM:{path}")
+        assert code == 250, text
+        assert (await c.cmd("MAIL FROM:<a@example.com>"))[0] == 503  # the first one was taken
+    finally:
+        await c.close()
