@@ -89,6 +89,8 @@ def test_a_typical_relay_renders_to_documents_the_relay_accepts() -> None:
                namespace_labels={"shop": {"smtp": "yes"}})
     assert fast.config.settings == config.settings
     assert fast.config_hash == result.config_hash
+    # The relay reports the same hash for these files (its config_info metric).
+    assert config.source_hash == result.config_hash == fast.config.source_hash
 
 
 def test_config_secrets_are_named_labelled_and_owned() -> None:

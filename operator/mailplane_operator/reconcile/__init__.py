@@ -27,8 +27,9 @@ relay
 render
     render_relay_config(relay, *, domains=[DomainInput(domain, dkim_secret)],
         credentials=[CredentialInput(credential, secret)], policies, namespace_labels, now,
-        paths=RuntimePaths(), validate="models"|"documents") -> RenderResult(secrets, files, config_hash, domains,
-        credentials, excluded=[Exclusion(kind, key, reason, message)], retention, config);
+        paths=RuntimePaths(), validate="models"|"documents") -> RenderResult(secrets, files,
+        config_hash, domains, credentials, excluded=[Exclusion(kind, key, reason, message)],
+        retention, config);
         raises RenderError.
     attached_domains(relay, domains, namespace_labels) -> ({name: (domain, signing)},
         exclusions): the domains a credential's senders may use.

@@ -224,7 +224,8 @@ def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
         "metadata": meta,
-        # job="mailplane-relay" for every pool: the shipped alerts (monitoring/rules.yaml) select it.
+        # job="mailplane-relay" for every pool: the shipped alerts (monitoring/rules.yaml)
+        # select it.
         "spec": {"jobLabel": "app.kubernetes.io/name",
                  "selector": {"matchLabels": selector_labels(relay)},
                  "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval}]},

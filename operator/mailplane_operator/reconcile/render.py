@@ -327,7 +327,8 @@ def _fit(relay: SmtpRelay, bins: list[list[tuple[str, dict[str, Any]]]], setting
 
 
 def _validate_models(settings: Mapping[str, Any], domains: list[tuple[str, dict[str, Any]]],
-                     credentials: list[tuple[str, dict[str, Any]]]) -> RelayConfig:
+                     credentials: list[tuple[str, dict[str, Any]]],
+                     config_hash: str) -> RelayConfig:
     """What ``parse_documents`` checks once the YAML is loaded, without loading YAML: the
     relay's own models on the same data, and unique names."""
     doc = json.loads(json.dumps({**settings, "domains": [e for _k, e in domains],
@@ -339,7 +340,7 @@ def _validate_models(settings: Mapping[str, Any], domains: list[tuple[str, dict[
     names = [c.username for c in parsed.credentials]
     if len(set(names)) != len(names):
         raise ConfigError("two credentials render to the same username")
-    return RelayConfig(settings=parsed)
+    return RelayConfig(settings=parsed, source_hash=config_hash)
 
 
 def render_relay_config(
@@ -397,21 +398,24 @@ def render_relay_config(
                       settings_text, max_secret_bytes)
     secrets = [config_secret(relay, i, f) for i, f in enumerate(per_secret)]
     all_files = {name: text for files in per_secret for name, text in files.items()}
+    # The same digest the relay computes over its config directory (``source_hash``), so the
+    # hash in the SmtpRelay status can be compared with the relay's config_info metric.
+    digest = hashlib.sha256()
+    for name, text in sorted(all_files.items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    config_hash = digest.hexdigest()[:16]
     try:
         if validate == "documents":
             config = parse_documents(sorted(all_files.items()))
         else:
-            config = _validate_models(settings, entries, cred_entries)
+            config = _validate_models(settings, entries, cred_entries, config_hash)
     except ConfigError as exc:
         raise RenderError(f"SmtpRelay {relay.meta.key}: rendered configuration is invalid: "
                           f"{exc}") from None
-    digest = hashlib.sha256()
-    for name, text in sorted(all_files.items()):
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     return RenderResult(
         secrets=secrets,
         files=all_files,
-        config_hash=digest.hexdigest()[:16],
+        config_hash=config_hash,
         domains=tuple(sorted(included)),
         credentials=tuple(rendered_creds),
         excluded=tuple(excluded),
