@@ -146,7 +146,10 @@ def _domain_of(address: str) -> str:
 
 def _valid_mailbox(address: str) -> bool:
     local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and " " not in domain
+    if not (at and local and domain) or " " in domain:
+        return False
+    # The lenient parser turns an unquoted "a b@x" into an address: only quoted spaces pass.
+    return " " not in local or (local.startswith('"') and local.endswith('"'))
 
 
 class _Handler:
