@@ -141,11 +141,25 @@ def _ref_key(body: Body) -> RelayKey:
     return (str(ref.get("namespace") or meta.get("namespace")), str(ref.get("name")))
 
 
-def _contains(have: Any, want: Any) -> bool:
-    if isinstance(want, Mapping):
-        have = have if isinstance(have, Mapping) else {}
-        return all(_contains(have.get(k), v) for k, v in want.items())
-    return bool(have == want)
+def merge_diff(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `have` into `want`: keys `want` lacks are
+    removed (None), nested objects are diffed, lists are replaced; empty when equal."""
+    out: dict[str, Any] = {}
+    for key, value in want.items():
+        current = have.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            sub = merge_diff(current, value)
+            if sub:
+                out[key] = sub
+        elif value is None:
+            if key in have:
+                out[key] = None
+        elif current != value:
+            out[key] = value
+    for key in have:
+        if key not in want:
+            out[key] = None
+    return out
 
 
 def post_events(body: Body, events: Iterable[Event]) -> None:
@@ -409,10 +423,11 @@ async def _retention_statuses(rt: Runtime, namespace: str, indexes: Mapping[str,
 
 async def _patch_status(rt: Runtime, resource: kube.Resource, body: Body,
                         status: Mapping[str, Any]) -> None:
-    if _contains(body.get("status") or {}, status):
+    diff = merge_diff(body.get("status") or {}, status)
+    if not diff:
         return
     meta = body["metadata"]
-    await rt.client.patch(resource, meta.get("namespace"), meta["name"], {"status": dict(status)},
+    await rt.client.patch(resource, meta.get("namespace"), meta["name"], {"status": diff},
                           status=True)
 
 
@@ -481,8 +496,9 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 action, obj = await rt.client.apply(result.secret)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
                 written = action != "unchanged"
-            if not _contains(body.get("status") or {}, result.status):
-                patch.setdefault("status", {}).update(result.status)
+            diff = merge_diff(body.get("status") or {}, result.status)
+            if diff:
+                patch.setdefault("status", {}).update(diff)
             post_events(body, result.events)
             rt.credential_next_check[key] = result.next_check
             rt.metrics.credential(
@@ -500,7 +516,8 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
 
 async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, Any],
                                 log: Any) -> tuple[bool, datetime | None]:
-    """One verification and rotation step. Returns (verified or skipped, next rotation step)."""
+    """One verification and rotation step. Returns (nothing to wait for in DNS, when the
+    rotation needs the next step)."""
     dom = parse_sending_domain(body)
     relay_key = (dom.relay_namespace, dom.spec.relay_ref.name)
     with rt.metrics.reconcile("SendingDomain"):
@@ -531,8 +548,10 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         if action != "unchanged":
             log.debug("DKIM Secret %s %s", domain_mod.secret_name(dom), action)
             rt.poke(relay_key)
-        verified = result.enabled or bool(dom.spec.verification.skip)
-        return verified, result.next_check
+        # A published next key is waited for like an unverified record: with backoff.
+        settled = (result.enabled or bool(dom.spec.verification.skip)) and (
+            result.state.phase != "NextKeyPublished")
+        return settled, result.next_check
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,8 +776,9 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                 b for (ns, _n), store in kwargs["relays_idx"].items() if ns == namespace
                 for b in store])
             status = retention_mod.retention_status(policy, relays_in_ns, rt.clock())
-            if not _contains(body.get("status") or {}, status):
-                patch.setdefault("status", {}).update(status)
+            diff = merge_diff(body.get("status") or {}, status)
+            if diff:
+                patch.setdefault("status", {}).update(diff)
 
     return registry
 
