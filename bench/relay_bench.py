@@ -75,6 +75,7 @@ class RunResult:
     load_cpu_s: float | None = None
     machine_busy_pct: float | None = None
     other_cpu_s: float | None = None  # CPU of everything else on the machine meanwhile
+    drain_lag_s: float | None = None  # last delivery minus end of submission: queue backlog
     dkim_signed: int = 0
     dkim_verified: str | None = None
     probe_errors: dict[str, int] = field(default_factory=dict)
@@ -237,6 +238,7 @@ async def run_source(
         t_end = arrivals[min(len(arrivals), result.messages) - 1]
         result.delivered_per_s = round(min(len(arrivals), result.messages) / (t_end - t0), 1)
         result.timeline_per_s = timeline(arrivals, t0)
+        result.drain_lag_s = round(max(0.0, t_end - t_sent), 3)
     lat = [arrived - sent for kind, _seq, sent, arrived in dump["stamped_messages"] if kind == "p"]
     result.latency_s = percentiles(lat)
     result.latency_samples = len(lat)
@@ -310,6 +312,8 @@ async def run_client(
         arrivals = sorted(a for _s, a in stamped)
         result.delivered_per_s = round(len(arrivals) / (arrivals[-1] - t0), 1)
         result.timeline_per_s = timeline(arrivals, t0)
+        if report:
+            result.drain_lag_s = round(max(0.0, arrivals[-1] - report["finished"]), 3)
     result.latency_s = percentiles([a - s for s, a in stamped])
     result.latency_samples = len(stamped)
     watch.finish(result)
@@ -535,7 +539,7 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
     head = (f"{'system':<10} {'scenario':<27} {'msgs':>6} {'sess':>4} {'size':>5} "
             f"{'deliv/s':>8} {'accept/s':>8} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} "
             f"{'relayCPU':>8} {'ms/msg':>6} {'sinkCPU':>7} {'loadCPU':>7} {'busy%':>5} "
-            f"{'otherCPU':>8}")
+            f"{'otherCPU':>8} {'lag s':>6}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -546,7 +550,7 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
               f"{fmt(lat.get('p99'), '.3f'):>7} {fmt(r.relay_cpu_s, '.1f'):>8} "
               f"{fmt(r.relay_cpu_ms_per_msg, '.2f'):>6} {fmt(r.sink_cpu_s, '.1f'):>7} "
               f"{fmt(r.load_cpu_s, '.1f'):>7} {fmt(r.machine_busy_pct, '.0f'):>5} "
-              f"{fmt(r.other_cpu_s, '.1f'):>8}"
+              f"{fmt(r.other_cpu_s, '.1f'):>8} {fmt(r.drain_lag_s, '.2f'):>6}"
               + ("" if r.complete else "  INCOMPLETE"))
     by = {(r.system, r.scenario): r for r in results}
     pf, mp = by.get(("postfix", "plain")), by.get(("mailplane", "plain"))
