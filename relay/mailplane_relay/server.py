@@ -140,16 +140,32 @@ def mask(value: object, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _unquoted_space_in_path(arg: str) -> bool:
+    arg = arg.lstrip()
+    if not arg.startswith("<"):
+        return False
+    quoted = escaped = False
+    for ch in arg:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return False
+        elif ch in " \t" and not quoted:
+            return True
+    return False
+
+
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
 def _valid_mailbox(address: str) -> bool:
     local, at, domain = address.rpartition("@")
-    if not (at and local and domain) or " " in domain:
-        return False
-    # The lenient parser turns an unquoted "a b@x" into an address: only quoted spaces pass.
-    return " " not in local or (local.startswith('"') and local.endswith('"'))
+    return bool(at and local and domain) and " " not in domain
 
 
 class _Handler:
@@ -554,6 +570,9 @@ class RelaySMTP(SMTP):
         match = _PLAIN_PATH.match(arg.lstrip())
         if match is not None:
             return match.group(1), match.group(2) or ""
+        if _unquoted_space_in_path(arg):
+            # The email package's lenient parser would quote "a b@x" into '"a b"@x'.
+            return None, None
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
 
