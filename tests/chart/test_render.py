@@ -237,8 +237,8 @@ def test_monitoring_objects(render: Any) -> None:
     assert relay["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mailplane-relay"}
     smtp, metrics = relay["ingress"]
     assert [p["port"] for p in smtp["ports"]] == [1587, 1465]
-    assert smtp["from"][0]["namespaceSelector"]["matchExpressions"][0]["key"] == (
-        "mailplane.io/smtp-access")
+    assert smtp["from"] == [{"namespaceSelector": {"matchExpressions": [
+        {"key": "mailplane.io/smtp-access", "operator": "In", "values": ["true"]}]}}]
     assert [p["port"] for p in metrics["ports"]] == [8080]
 
 
