@@ -103,16 +103,32 @@ def _secret(path: Path) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in doc["data"].items()}
 
 
-def _wait_for_file(directory: Path, pattern: str, timeout: float = 30.0) -> Path:
+def _check_dkim(raw: bytes, state: Path) -> None:
+    dkim_secret = yaml.safe_load(
+        (state / "secrets" / "mailplane-system" / "example-com-dkim.yaml").read_text())
+    signing = domain_mod.signing_from_secret(dkim_secret)
+    assert signing is not None
+    txt = domain_mod.dkim_txt_value(signing.pem).encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.decode().rstrip(".") == f"{signing.selector}._domainkey.example.com"
+        return txt
+
+    assert dkim.verify(raw, dnsfunc=dnsfunc)
+
+
+def _wait_for_file(directory: Path, pattern: str, timeout: float = 30.0,
+                   count: int = 1) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = sorted(directory.glob(pattern))
-        if found:
+        if len(found) >= count:
             return found[0]
         time.sleep(0.05)  # another process writes it: nothing to await across processes
     raise AssertionError(f"nothing matching {pattern} in {directory} after {timeout}s")
 
 
+@pytest.mark.slow
 def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
     dev_state: tuple[Path, list[DevProcess]], tmp_path: Path
 ) -> None:
@@ -146,21 +162,29 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
 
     eml = _wait_for_file(state / "outbox", "*.eml")
     raw = eml.read_bytes()
+    _check_dkim(raw, state)
+
+    # The printed command works as pasted (it reads the password from the Secret file).
+    start = next(i for i, line in enumerate(dev.output) if line.lstrip().startswith("swaks "))
+    command = "".join(dev.output[start:start + 5]).replace("\\\n", " ")
+    pasted = subprocess.run(["bash", "-c", command.strip() + " --header 'Subject: pasted'"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    # And implicit TLS on the other port.
+    smtps = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{dev.ports['smtps']}", "--tls-on-connect",
+         "--tls-verify", "--tls-ca-path", ca_file, "--auth", "PLAIN",
+         "--auth-user", secret["username"], "--auth-password", secret["password"],
+         "--from", "noreply@example.com", "--to", "someone@example.net"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert smtps.returncode == 0, smtps.stdout + smtps.stderr
+    _wait_for_file(state / "outbox", "*.eml", count=3)
     message = email.message_from_bytes(raw)
     assert message["Subject"] == "first mail"
     assert message["DKIM-Signature"] is not None
     assert "d=example.com" in message["DKIM-Signature"]
     dkim_secret = yaml.safe_load(
         (state / "secrets" / "mailplane-system" / "example-com-dkim.yaml").read_text())
-    signing = domain_mod.signing_from_secret(dkim_secret)
-    assert signing is not None
-    txt = domain_mod.dkim_txt_value(signing.pem).encode()
-
-    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        assert name.decode().rstrip(".") == f"{signing.selector}._domainkey.example.com"
-        return txt
-
-    assert dkim.verify(raw, dnsfunc=dnsfunc)
 
     assert dev.stop() == 0
     password = secret["password"]
