@@ -134,12 +134,6 @@ class SuppressionLike(Protocol):
     def is_suppressed(self, address: str) -> tuple[str, float] | None: ...
 
 
-def mask(value: object, limit: int = 64) -> str:
-    """A peer-supplied value made safe for a log line: escaped and truncated."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def _unquoted_space_in_path(arg: str) -> bool:
     arg = arg.lstrip()
     if not arg.startswith("<"):
