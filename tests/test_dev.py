@@ -75,9 +75,9 @@ class DevProcess:
             if re.search(pattern, line):
                 return line
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, sig: signal.Signals = signal.SIGINT, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout)
         finally:
@@ -197,8 +197,7 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
         (state / "secrets" / "mailplane-system" / "example-com-dkim.yaml").read_text()
     )["data"] == dkim_secret["data"]
     assert (state / "tls" / "ca.crt").read_text() == Path(ca_file).read_text()
-    again.proc.send_signal(signal.SIGTERM)
-    assert again.stop() == 0
+    assert again.stop(signal.SIGTERM) == 0
 
 
 def test_dev_refuses_a_directory_without_a_relay(tmp_path: Path) -> None:
