@@ -361,7 +361,7 @@ def _frame_key(frame: str) -> tuple[str, str]:
     return f"{func} ({path})", area
 
 
-def summarize_profile(path: Path, top: int = 25) -> dict[str, list[tuple[str, float]]]:
+def summarize_profile(path: Path, top: int = 60) -> dict[str, list[tuple[str, float]]]:
     """Top functions by own and inclusive samples, and own samples by module or package, in %
     of all samples (the event loop's own C code shows as ``Runner.run``)."""
     own: dict[str, int] = defaultdict(int)
@@ -582,6 +582,15 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
         print("  by module/package (own time):")
         for area, pct in prof.get("areas", [])[:12]:
             print(f"  {pct:5.1f}%  {area}")
+        print("  relay code paths (inclusive time):")
+        shown = 0
+        for func, pct in prof.get("inclusive", []):
+            if "mailplane_relay/" in func and not func.startswith(("<module>", "main ", "_cmd_",
+                                                                   "run_relay ")):
+                print(f"  {pct:5.1f}%  {func}")
+                shown += 1
+                if shown == 12:
+                    break
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
