@@ -209,6 +209,8 @@ class DKIMSigner:
         parent (DMARC relaxed alignment), else the envelope sender's domain."""
         if config is not self._config:
             self._refresh(config)
+        if not self._keys:
+            return None  # spares parsing the From header of every message
         candidates: list[str] = []
         from_domain = header_from_domain(message)
         if from_domain:
