@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email
 import importlib.util
+import json
 import os
 import queue
 import re
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from mailplane_operator.reconcile import domain as domain_mod
+from mailplane_relay.messagelog import MessageLog
 from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +190,14 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
 
     assert dev.stop() == 0
     password = secret["password"]
+    # `mailplane logs --state-dir` reads this file: one delivered record per message, metadata
+    # only.
+    delivered = MessageLog.query(str(state / "relay" / "messagelog.sqlite3"),
+                                 status="delivered")
+    assert len(delivered) == 3
+    assert {r["sender"] for r in delivered} == {
+        "orders@example.com", "noreply@example.com", "dev@news.example.org"}
+    assert "first mail" not in json.dumps(delivered)
 
     again = DevProcess(state, tmp_path / "dev.log")
     started.append(again)

@@ -344,3 +344,26 @@ def test_cel_rules_and_models_agree(kind: str, spec: dict[str, Any],
         assert any(expected in e for e in errors), errors
         with pytest.raises(models.SpecError):
             models.PARSERS[kind](doc)
+
+
+def _spec_paths(node: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Dotted paths of the leaf fields (objects are described through their fields)."""
+    for name, sub in node.get("properties", {}).items():
+        path = f"{prefix}.{name}" if prefix else name
+        inner = sub.get("items", sub)
+        if "properties" in inner:
+            yield from _spec_paths(inner, path)
+        else:
+            yield path
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_docs_describe_every_spec_field(kind: str) -> None:
+    """docs/api.md names each spec field (or the parent that it documents as a whole)."""
+    doc = (ROOT / "docs" / "api.md").read_text()
+    section = doc.split(f"\n## {kind}\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([A-Za-z0-9.]+)`", section))
+    spec = schema_of(kind)["properties"]["spec"]
+    missing = [p for p in _spec_paths(spec)
+               if not any(p == n or p.startswith(n + ".") for n in named)]
+    assert missing == [], f"docs/api.md does not describe {kind} spec fields {missing}"
