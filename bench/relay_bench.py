@@ -35,7 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from relaybench.procstat import ProcCPU, machine_busy, read_proc, tree_cpu_delta, tree_snapshot
+from relaybench.procstat import (
+    ProcCPU,
+    machine_busy,
+    read_proc,
+    tree_cpu_delta,
+    tree_kernel_delta,
+    tree_snapshot,
+)
 from relaybench.sinkproc import SinkProcess, child_env, kill_group
 from relaybench.smtpclient import ProbeResults, probe_loop, run_fast
 
@@ -70,6 +77,7 @@ class RunResult:
     latency_samples: int = 0
     relay_cpu_s: float | None = None
     relay_cpu_split: dict[str, float] = field(default_factory=dict)
+    relay_kernel_cpu_s: float | None = None  # the system-call part of relay_cpu_s
     relay_cpu_ms_per_msg: float | None = None
     sink_cpu_s: float | None = None
     load_cpu_s: float | None = None
@@ -144,6 +152,7 @@ class CPUWatch:
             split = tree_cpu_delta(self.before, after, root=self.relay_pids[0])
             result.relay_cpu_split = split
             result.relay_cpu_s = round(sum(split.values()), 2)
+            result.relay_kernel_cpu_s = tree_kernel_delta(self.before, after)
             if result.delivered:
                 result.relay_cpu_ms_per_msg = round(1000 * result.relay_cpu_s / result.delivered, 3)
         sink = read_proc(self.sink_pid)
@@ -567,7 +576,8 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
               "(target >= 50%)")
     for r in results:
         if r.relay_cpu_split:
-            print(f"CPU split {r.system}/{r.scenario}: {r.relay_cpu_split}")
+            print(f"CPU split {r.system}/{r.scenario}: {r.relay_cpu_split}, of which kernel "
+                  f"{r.relay_kernel_cpu_s}s")
         if r.dkim_verified:
             print(f"DKIM {r.system}/{r.scenario}: {r.dkim_signed} signed messages arrived; "
                   f"{r.dkim_verified}")

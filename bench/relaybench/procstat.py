@@ -23,6 +23,7 @@ class ProcCPU:
     name: str
     own: float  # seconds of utime + stime
     reaped: float  # seconds of cutime + cstime (children that exited)
+    kernel: float = 0.0  # seconds of stime + cstime: the system-call share of own + reaped
 
 
 def read_proc(pid: int) -> ProcCPU | None:
@@ -37,7 +38,8 @@ def read_proc(pid: int) -> ProcCPU | None:
     ppid = int(fields[1])
     own = (int(fields[11]) + int(fields[12])) / _TICK
     reaped = (int(fields[13]) + int(fields[14])) / _TICK
-    return ProcCPU(pid, ppid, name, own, reaped)
+    kernel = (int(fields[12]) + int(fields[14])) / _TICK
+    return ProcCPU(pid, ppid, name, own, reaped, kernel)
 
 
 def _all_procs() -> dict[int, ProcCPU]:
@@ -91,6 +93,19 @@ def tree_cpu_delta(
         if pid not in after:
             split["(exited)"] -= prev.own + prev.reaped
     return {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v > 0.004}
+
+
+def tree_kernel_delta(before: dict[int, ProcCPU], after: dict[int, ProcCPU]) -> float:
+    """System (kernel) CPU seconds of the tree between two snapshots, counted as in
+    tree_cpu_delta: on loopback, a send() runs the receiver's TCP path too."""
+    total = 0.0
+    for pid, p in after.items():
+        prev = before.get(pid)
+        total += p.kernel - (prev.kernel if prev is not None and prev.name == p.name else 0.0)
+    for pid, prev in before.items():
+        if pid not in after:
+            total -= prev.kernel
+    return round(total, 2)
 
 
 def machine_busy() -> tuple[float, float]:
