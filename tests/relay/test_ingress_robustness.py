@@ -226,3 +226,21 @@ async def test_tls_handshake_failure_on_implicit_listener_keeps_serving(relay: R
         await RawSMTP.connect(relay.implicit_port, ctx)
     c = await ready_session(relay)
     await c.close()
+
+
+async def test_pipelined_commands_are_answered_in_order_in_one_write(relay: Relay) -> None:
+    c = await ready_session(relay)
+    try:
+        await c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<x@example.net>\r\n"
+                     b"RCPT TO:<y@example.net>\r\nDATA\r\n")
+        first = await asyncio.wait_for(c.reader.read(4096), 5)
+        assert first == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                         b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        await c.send(message("a@example.com") + b".\r\nRSET\r\nNOOP\r\n")
+        assert (await c.reply())[1].startswith("250 2.0.0 Ok: queued as ")
+        assert (await c.reply())[0] == 250 and (await c.reply())[0] == 250
+        _, text = await c.cmd("EHLO again.test")
+        assert text.split("\n")[1:] == ["250-SIZE 20000", "250-8BITMIME", "250-PIPELINING",
+                                        "250-ENHANCEDSTATUSCODES", "250 AUTH LOGIN PLAIN"]
+    finally:
+        await c.close()
