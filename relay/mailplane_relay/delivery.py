@@ -196,6 +196,10 @@ class _ConnectFailed(Exception):
         self.reply = reply
 
 
+class _TLSFailed(_ConnectFailed):
+    """STARTTLS failed; opportunistic TLS retries in clear text, required TLS defers."""
+
+
 class _ReusedConnectionLost(Exception):
     """A pooled connection died before the server took any command: retry on a fresh one."""
 
@@ -289,10 +293,8 @@ class DeliveryQueue:
         self._stopping = True
         self._wake.set()
         for task in (self._dispatcher, self._housekeeper):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if task is not None:
+                await _cancel_and_wait(task)
         inflight = list(self._inflight.values())
         if inflight:
             remaining = max(0.0, deadline - time.monotonic())
@@ -617,13 +619,11 @@ class DeliveryQueue:
         try:
             conn = await self._open(target, ctx, helo, delivery.connect_timeout,
                                     delivery.command_timeout, use_starttls=target.tls != "none")
-        except _ConnectFailed:
-            raise
-        except ssl.SSLError as exc:
+        except _TLSFailed as exc:
             if target.tls != "opportunistic":
-                raise _ConnectFailed(f"451 4.7.5 TLS with {target.remote} failed: "
-                                     f"{exc.reason or type(exc).__name__}") from None
+                raise
             # A broken STARTTLS at an MX host: deliver in clear text, as MTAs do.
+            log.info("delivery: %s; retrying without TLS", exc.reply)
             conn = await self._open(target, ctx, helo, delivery.connect_timeout,
                                     delivery.command_timeout, use_starttls=False)
         if target.auth is not None:
@@ -645,8 +645,7 @@ class DeliveryQueue:
             await client.ehlo()
             if use_starttls and target.tls in ("starttls", "opportunistic"):
                 if client.supports_extension("starttls"):
-                    await client.starttls(server_hostname=target.host, tls_context=ctx)
-                    await client.ehlo()
+                    await self._starttls(client, target, ctx)
                 elif target.tls == "starttls":
                     raise _ConnectFailed(f"451 4.7.4 {target.remote} does not offer STARTTLS "
                                          "(delivery.smarthost.tls is starttls)")
@@ -657,8 +656,6 @@ class DeliveryQueue:
                 f"{format_reply(exc.code, exc.message)}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
-            if isinstance(exc, ssl.SSLError):
-                raise
             raise _ConnectFailed(
                 f"451 4.4.1 Connection to {target.remote} failed: {_describe(exc)}") from None
         except BaseException:
@@ -666,6 +663,19 @@ class DeliveryQueue:
             raise
         tls = client.get_transport_info("sslcontext") is not None
         return _Connection(client, target.remote, tls)
+
+    @staticmethod
+    async def _starttls(client: aiosmtplib.SMTP, target: _Target, ctx: ssl.SSLContext) -> None:
+        try:
+            await client.starttls(server_hostname=target.host, tls_context=ctx)
+            # With TLS 1.3 a server that rejects the handshake (e.g. it wants a client
+            # certificate) only says so at the first read: the EHLO belongs to the TLS step.
+            await client.ehlo()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else None
+            raise _TLSFailed(f"451 4.7.5 TLS with {target.remote} failed: "
+                             f"{reason or _describe(exc)}") from None
 
     async def _login(self, conn: _Connection, target: _Target) -> None:
         assert target.auth is not None
@@ -914,6 +924,19 @@ def _remote_label(outcome: RecipientOutcome) -> str | None:
     if outcome.remote is None:
         return None
     return outcome.remote + (" tls" if outcome.tls else "")
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a task we own and wait for it; a cancellation of the caller still propagates."""
+    if task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _read_secret(path: str) -> str:

@@ -55,6 +55,7 @@ class SinkBehaviour:
     rcpt_delay: float = 0.0
     starttls: bool = False  # offer STARTTLS (certificate for 127.0.0.1/localhost)
     implicit_tls: bool = False  # TLS from the first byte (port 465 style)
+    broken_tls: bool = False  # TLS handshakes fail (the sink demands a client certificate)
     require_starttls: bool = False
     auth: dict[str, str] | None = None  # username -> password; AUTH required when set
 
@@ -159,6 +160,9 @@ class Sink:
     def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert(self.host, "localhost", "sink.test").configure_cert(ctx)
+        if self.behaviour.broken_tls:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(ctx)
         return ctx
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,

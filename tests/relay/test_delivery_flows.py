@@ -448,6 +448,31 @@ async def test_opportunistic_starttls_to_mx_without_verification(
     assert event["remote"] == f"mx.example.net:{sink.port} tls"
 
 
+async def test_broken_starttls_at_mx_falls_back_to_clear_text(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink(starttls=True, broken_tls=True)
+    dns_server.add_mx("example.net", "mx.example.net")
+    dns_server.add_a("mx.example.net")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    assert not sink.messages[0].tls
+    assert sink.connections == 2  # the failed TLS session, then the clear-text one
+    [event] = await r.events(msg)
+    assert event["status"] == "delivered" and event["remote"] == f"mx.example.net:{sink.port}"
+
+
+async def test_broken_starttls_at_smarthost_defers(relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(starttls=True, broken_tls=True)
+    r = await relay(make_config(smarthost(sink, tls="starttls", caFile=sink.ca_file),
+                                queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.7.5")
+    assert sink.messages == []
+
+
 @pytest.mark.parametrize(("setup", "response"), [
     ("null_mx", "556 5.1.10"),
     ("nxdomain", "550 5.1.2"),
