@@ -304,7 +304,10 @@ class DeliveryQueue:
                             "cancelling them (they are retried after restart)", len(pending))
                 for task in pending:
                     task.cancel()
-                await asyncio.wait(pending)
+                _, stuck = await asyncio.wait(pending, timeout=QUIT_TIMEOUT)
+                if stuck:
+                    log.error("delivery: %d attempt(s) did not end after cancellation",
+                              len(stuck))
         for dest in list(self._destinations.values()):
             self._close_idle(dest, keep=lambda _c: False)
         self._destinations.clear()
@@ -563,9 +566,11 @@ class DeliveryQueue:
 
     async def _deliver_via(self, job: _Job, dest: _Destination, targets: list[_Target],
                            recipients: list[Recipient]) -> None:
-        async with dest.slots:
-            dest.active += 1
-            try:
+        # Counted before waiting for a slot, so that housekeeping never drops a destination
+        # (and with it the concurrency bound) that someone is queueing for.
+        dest.active += 1
+        try:
+            async with dest.slots:
                 conn = dest.take_idle()
                 if conn is not None:
                     try:
@@ -587,8 +592,8 @@ class DeliveryQueue:
                     self._release(job.cfg, dest, conn, reusable)
                     return
                 self._all(recipients, job.outcomes, RecipientOutcome("deferred", last_error))
-            finally:
-                dest.active -= 1
+        finally:
+            dest.active -= 1
 
     def _tls_context(self, verify: bool, ca_file: str | None) -> ssl.SSLContext:
         key = (verify, ca_file)

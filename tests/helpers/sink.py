@@ -217,6 +217,12 @@ class Sink:
             self._server = None
         self._tmp.cleanup()
 
+    def drop_connections(self) -> None:
+        """Close every open session from the server side (an upstream idle timeout)."""
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port

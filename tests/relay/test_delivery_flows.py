@@ -568,6 +568,20 @@ async def test_concurrency_per_destination_bounds_connections(relay: Any,
     assert sink.connections == 3
 
 
+async def test_pooled_connection_closed_by_upstream_is_replaced(relay: Any,
+                                                               smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink)))
+    await r.done(await r.send(["a@example.net"]))
+    sink.drop_connections()
+    await sink.wait_for(lambda: sink.disconnections == 1)
+    second = await r.send(["b@example.net"])
+    await r.done(second)
+    assert [m.connection for m in sink.messages] == [1, 2]
+    [event] = await r.events(second)
+    assert event["status"] == "delivered" and event["attempt"] == 1
+
+
 async def test_idle_connections_are_closed(relay: Any, smtp_sink: SinkFactory) -> None:
     sink = await smtp_sink()
     r = await relay(make_config(smarthost(sink) | {"idleConnectionTimeout": 0.1}))
