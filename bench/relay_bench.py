@@ -370,12 +370,32 @@ def _frame_key(frame: str) -> tuple[str, str]:
     return f"{func} ({path})", area
 
 
+# The relay's stages, recognised by a frame anywhere in a sample's stack (first match wins).
+_STAGES = (
+    ("delivery (DeliveryQueue, aiosmtplib, DKIM)", ("DeliveryQueue.", "DKIMSigner.")),
+    ("spool threads (write, fsync, rename, unlink)", ("Spool._write", "Spool._remove",
+                                                      "Spool._fsync", "_unlink_quiet")),
+    ("message log (SQLite)", ("MessageLog.", "messagelog.py")),
+    ("ingress sessions (aiosmtpd, policy, spool commit)", ("RelaySMTP.", "SMTP.", "Spool.commit",
+                                                          "SubmissionServer.")),
+    ("metrics and HTTP", ("prometheus_client", "aiohttp")),
+)
+
+
+def _stage(frames: list[str]) -> str:
+    for name, markers in _STAGES:
+        if any(m in f for f in frames for m in markers):
+            return name
+    return "other (event loop, threads idle, start-up)"
+
+
 def summarize_profile(path: Path, top: int = 60) -> dict[str, list[tuple[str, float]]]:
     """Top functions by own and inclusive samples, and own samples by module or package, in %
     of all samples (the event loop's own C code shows as ``Runner.run``)."""
     own: dict[str, int] = defaultdict(int)
     incl: dict[str, int] = defaultdict(int)
     areas: dict[str, int] = defaultdict(int)
+    stages: dict[str, int] = defaultdict(int)
     total = 0
     try:
         lines = path.read_text().splitlines()
@@ -393,6 +413,7 @@ def summarize_profile(path: Path, top: int = 60) -> dict[str, list[tuple[str, fl
         key, area = _frame_key(frames[-1])
         own[key] += count
         areas[area] += count
+        stages[_stage(frames)] += count
         for f in {_frame_key(f)[0] for f in frames}:
             incl[f] += count
     if not total:
@@ -403,6 +424,7 @@ def summarize_profile(path: Path, top: int = 60) -> dict[str, list[tuple[str, fl
         return [(k, round(100 * v / total, 1)) for k, v in ranked]
 
     return {"own": rank(own), "inclusive": rank(incl), "areas": rank(areas),
+            "stages": rank(stages),
             "samples": [("total", float(total))]}
 
 
@@ -586,7 +608,10 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
         if r.probe_errors or r.load_errors:
             print(f"errors {r.system}/{r.scenario}: {r.probe_errors or ''} {r.load_errors or ''}")
     for name, prof in profiles.items():
-        print(f"\npy-spy {name} ({prof.get('file')}), top own time:")
+        print(f"\npy-spy {name} ({prof.get('file')}), by stage:")
+        for stage, pct in prof.get("stages", []):
+            print(f"  {pct:5.1f}%  {stage}")
+        print("  top own time:")
         for func, pct in prof.get("own", [])[:15]:
             print(f"  {pct:5.1f}%  {func}")
         print("  by module/package (own time):")
