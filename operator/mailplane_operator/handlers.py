@@ -178,6 +178,7 @@ class RelayWorker:
         self.changed = asyncio.Condition()
         self.last: RenderResult | None = None
         self.last_error: str | None = None
+        self.renders = 0
 
     def poke(self) -> int:
         self.requested += 1
@@ -617,6 +618,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                 try:
                     worker.last = await render_relay(rt, key, kwargs, logger)
                     worker.last_error = None
+                    worker.renders += 1
                     failures = 0
                 except (ApiError, RenderError, OSError) as exc:
                     worker.last_error = str(exc)

@@ -388,8 +388,9 @@ class KubeApi:
         return self.list(opkube.EVENTS, namespace)
 
     def wait_until(self, check: Callable[[], Any], timeout: float = 10.0,
-                   what: str = "the condition") -> Any:
-        """Re-check after every write to the emulator until `check()` is truthy."""
+                   what: str = "the condition", poll: float | None = None) -> Any:
+        """Re-check after every write to the emulator until `check()` is truthy. `poll` also
+        re-checks that often, for conditions on the operator's own state (no API write)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._changed:
@@ -403,7 +404,8 @@ class KubeApi:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-                    self._changed.wait(remaining)
+                    if not self._changed.wait(min(remaining, poll or remaining)) and poll:
+                        break
 
     def wait_for(self, resource: opkube.Resource, namespace: str | None, name: str,
                  predicate: Callable[[dict[str, Any] | None], Any] = lambda o: o is not None,

@@ -62,8 +62,9 @@ def test_on_demand_rotation_keeps_the_old_password_during_the_overlap(
     assert entry.previous_expires is not None
     assert 3500 < (entry.previous_expires - datetime.now(UTC)).total_seconds() <= 3600
 
-    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders",
-                             lambda o: o and o["status"].get("lastRotationRequest") == "ticket-1")
+    cred = kube_api.wait_for(
+        k.SMTP_CREDENTIALS, "shop", "orders",
+        lambda o: o and o.get("status", {}).get("lastRotationRequest") == "ticket-1")
     assert cred["status"]["previousPasswordExpires"]
     kube_api.wait_until(lambda: {"PasswordGenerated", "PasswordRotationRequested"} <= {
         e["reason"] for e in kube_api.events("shop") if e["involvedObject"]["name"] == "orders"},
@@ -157,7 +158,7 @@ def test_credentials_the_relay_does_not_accept_say_why(kube_api: KubeApi,
         if e["type"] == "Warning"}, what="the Warning events")
     assert set(rendered_credentials(kube_api)) == {USER}
     relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
-                              lambda o: o and o["status"].get("excludedCount") == 2)
+                              lambda o: o and o.get("status", {}).get("excludedCount") == 2)
     assert relay["status"]["credentialCount"] == 1
     text = operator_running.metrics_text()
     assert 'mailplane_operator_credentials{state="invalid"} 3.0' in text

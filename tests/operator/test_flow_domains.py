@@ -111,6 +111,7 @@ def test_dkim_rotation_publishes_switches_and_retires(
     first = _domain(kube_api, lambda o: o["status"].get("dnsRecords"), "the records")
     _publish(dns_server, first)
     _domain(kube_api, lambda o: _cond(o, "Ready")[0] == "True", "verification")
+    kube_api.wait_until(lambda: _signing(kube_api).get("example.com"), what="signing")
 
     kube_api.patch(k.SENDING_DOMAINS, "mail", "example-com",
                    {"metadata": {"annotations": {"mailplane.io/rotate": "r1"}}})

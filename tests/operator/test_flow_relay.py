@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import yaml
 
 from mailplane_operator import kube as k
@@ -15,6 +18,7 @@ from tests.helpers.kube import (
     relay_body,
     rendered_config,
     rendered_credentials,
+    retention_body,
 )
 
 
@@ -69,3 +73,66 @@ def test_relay_renders_children_config_and_status(kube_api: KubeApi,
     sts = kube_api.get(k.STATEFULSETS, "mail", "main")
     assert sts is not None
     assert status["configHash"] not in yaml.safe_dump(sts["spec"]["template"])
+
+
+def test_retention_policy_reaches_the_relays_it_selects(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body("main", labels={"tier": "production"}))
+    kube_api.create(k.SMTP_RELAYS, relay_body("other"))
+    kube_api.create(k.RETENTION_POLICIES, retention_body(
+        "production", message_log="720h", selector={"tier": "production"}))
+
+    def retention(relay: str) -> float | None:
+        files = rendered_config(kube_api, relay)
+        if not files:
+            return None
+        return parse_documents(sorted(files.items())).settings.retention.message_log
+
+    kube_api.wait_until(lambda: retention("main") == 720 * 3600, what="the policy rendered")
+    kube_api.wait_until(lambda: retention("other") == 90 * 86400, what="the default (90 days)")
+    policy = kube_api.wait_for(k.RETENTION_POLICIES, "mail", "production",
+                               lambda o: o and o.get("status", {}).get("relays") == ["main"])
+    assert policy["status"]["conditions"][0]["status"] == "True"
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o and o.get("status", {}).get(
+        "retentionPolicies") == ["mail/production"])
+
+    kube_api.delete(k.RETENTION_POLICIES, "mail", "production")
+    kube_api.wait_until(lambda: retention("main") == 90 * 86400, what="back to the default")
+
+
+def test_nothing_is_written_when_nothing_changed(kube_api: KubeApi,
+                                                 operator_factory: Callable[..., Any]) -> None:
+    operator = operator_factory(relay_resync_interval=0.3)
+    _setup(kube_api)
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["orders@example.com"]))
+    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api), what="render")
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                      lambda o: o and o.get("status", {}).get("credentialCount") == 1)
+
+    def renders() -> int:
+        return int(operator.runtime[0].workers[("mail", "main")].renders)
+
+    def quiet_after(count: int) -> bool:
+        return renders() >= count
+
+    # Let in-flight writes (Events, kopf's annotations) land, then count over two full resyncs.
+    settled = renders() + 2
+    kube_api.wait_until(lambda: quiet_after(settled), poll=0.05, what="two resyncs")
+    before = kube_api.emulator.writes
+    target = renders() + 2
+    kube_api.wait_until(lambda: quiet_after(target), poll=0.05, what="two more resyncs")
+    assert kube_api.emulator.writes == before
+
+
+def test_deleting_the_relay_leaves_its_credentials_waiting(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _setup(kube_api)
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["orders@example.com"]))
+    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api), what="render")
+
+    kube_api.delete(k.SMTP_RELAYS, "mail", "main")
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o is None)
+    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o and next(
+        c for c in o["status"]["conditions"] if c["type"] == "Ready")["reason"] == "RelayNotFound")
+    assert cred["status"]["conditions"][0]["status"] == "False"
