@@ -188,6 +188,19 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
     dkim_secret = yaml.safe_load(
         (state / "secrets" / "mailplane-system" / "example-com-dkim.yaml").read_text())
 
+    # What the resources' status would say in a cluster, with no secret in it.
+    domain_status = yaml.safe_load(
+        (state / "status" / "mailplane-system" / "sendingdomain-example-com.yaml").read_text())
+    signing = domain_mod.signing_from_secret(dkim_secret)
+    assert signing is not None
+    [dkim_record] = [r for r in domain_status["status"]["dnsRecords"] if r["purpose"] == "dkim"]
+    assert dkim_record["value"] == domain_mod.dkim_txt_value(signing.pem)
+    cred_status = yaml.safe_load(
+        (state / "status" / "shop" / "smtpcredential-orders.yaml").read_text())["status"]
+    assert [(c["type"], c["status"]) for c in cred_status["conditions"]] == [("Ready", "True")]
+    every_status = "".join(p.read_text() for p in (state / "status").rglob("*.yaml"))
+    assert secret["password"] not in every_status and "PRIVATE KEY" not in every_status
+
     assert dev.stop() == 0
     password = secret["password"]
     # `mailplane logs --state-dir` reads this file: one delivered record per message, metadata

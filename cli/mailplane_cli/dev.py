@@ -5,6 +5,7 @@ reconcile code on them and writes what the operator would create into a state di
 
     STATE_DIR/secrets/<namespace>/<secret>.yaml   credential and DKIM key Secrets (manifests)
     STATE_DIR/relay/config/*.yaml                  the rendered relay configuration
+    STATE_DIR/status/<namespace>/<kind>-<name>.yaml  what each resource's status would say
     STATE_DIR/relay/spool/                         the relay's spool
     STATE_DIR/relay/messagelog.sqlite3             the message log (`mailplane logs --state-dir`)
     STATE_DIR/tls/ca.crt, server.crt, server.key   a throwaway CA and a certificate for 127.0.0.1
@@ -46,6 +47,8 @@ from cryptography.x509.oid import NameOID
 from mailplane_operator.reconcile import credential as credential_mod
 from mailplane_operator.reconcile import domain as domain_mod
 from mailplane_operator.reconcile import models, render
+from mailplane_operator.reconcile import relay as relay_mod
+from mailplane_operator.reconcile import retention as retention_mod
 from mailplane_operator.reconcile.conditions import Event
 
 log = logging.getLogger(__name__)
@@ -286,6 +289,7 @@ def prepare(
             namespace_labels=manifests.namespaces.get(dom.meta.namespace),
             existing_secret=existing, observed=None, now=now)
         write_secret(state_dir, dom_result.secret)
+        write_status(state_dir, dom, dom_result.status)
         events += [(f"SendingDomain {dom.meta.key}", e) for e in dom_result.events]
         domain_inputs.append(render.DomainInput(
             models.SendingDomain(dom.meta, dom.spec, dom_result.status), dom_result.secret))
@@ -306,6 +310,7 @@ def prepare(
             namespace_labels=manifests.namespaces.get(cred.meta.namespace),
             attached_domains=attached, existing_secret=existing, now=now, endpoint=endpoint)
         events += [(f"SmtpCredential {cred.meta.key}", e) for e in cred_result.events]
+        write_status(state_dir, cred, cred_result.status)
         if cred_result.secret is not None:
             files[cred.meta.key] = write_secret(state_dir, cred_result.secret)
             cred_inputs.append(render.CredentialInput(cred, cred_result.secret))
@@ -331,8 +336,28 @@ def prepare(
     for stale in config_dir.glob("*.yaml"):
         if stale.name not in result.files:
             stale.unlink()
+    write_status(state_dir, relay, relay_mod.relay_status(
+        relay, statefulset_status={"replicas": 1, "readyReplicas": 1},
+        config_hash=result.config_hash, config_secrets=result.secret_names,
+        domains=list(result.domains), credentials=len(result.credentials),
+        excluded=len(result.excluded), retention_policies=list(result.retention.policies),
+        now=now))
+    for policy in manifests.policies:
+        write_status(state_dir, policy, retention_mod.retention_status(policy, [relay], now))
     return DevState(state_dir, relay, config_dir, ca_crt, files, ready, result, events,
                     [r.meta.key for r in relays[1:]])
+
+
+def write_status(state: Path, obj: models.SmtpRelay | models.SendingDomain
+                 | models.SmtpCredential | models.RetentionPolicy,
+                 status: Mapping[str, Any]) -> None:
+    """What ``kubectl get <kind> -o yaml`` would show under ``status`` (no secret in it)."""
+    path = state / "status" / obj.meta.namespace / f"{obj.kind.lower()}-{obj.meta.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in status.items() if v is not None}
+    path.write_text(yaml.safe_dump({"kind": obj.kind, "metadata": {
+        "name": obj.meta.name, "namespace": obj.meta.namespace}, "status": clean},
+        sort_keys=False))
 
 
 def _refers(obj: models.SendingDomain | models.SmtpCredential, relay: models.SmtpRelay) -> bool:
@@ -391,6 +416,7 @@ def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int)
         f"  metrics and health  http://{HOST}:{http_port}/metrics  /livez  /readyz",
         f"  CA certificate      {dev.ca_file}",
         f"  relay configuration {dev.config_dir}/",
+        f"  resource status     {state / 'status'}/ (conditions, DNS records to publish)",
         f"  delivered mail      {state / 'outbox'}/ (one .eml file per message)",
         f"  message log         mailplane logs --state-dir {state}",
         "  domains             treated as verified (no DNS checks on a laptop): "
