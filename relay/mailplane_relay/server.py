@@ -194,6 +194,7 @@ class RelaySMTP(SMTP):
         self._closing = False
         self._registered = False
         self._held = bytearray()
+        self._trust_cache: tuple[RelayConfig, bool] | None = None
         self.tls_version: str | None = None
         self._init_protocol(server, cfg.hostname, cfg.limits.session_timeout)
 
@@ -333,7 +334,7 @@ class RelaySMTP(SMTP):
                 if self._starttls and not self._secure and command not in ALLOWED_BEFORE_TLS and (
                     # A trusted network (off by default) relays without AUTH, so it may also
                     # skip STARTTLS (the benchmark's smtp-source cannot do TLS); AUTH never.
-                    command == "AUTH" or not self._srv.config().is_trusted(self.peer_ip)
+                    command == "AUTH" or not self._trusted()
                 ):
                     self._reject("tls_required")
                     await self.push(R.TLS_REQUIRED)
@@ -596,6 +597,14 @@ class RelaySMTP(SMTP):
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
 
+    def _trusted(self) -> bool:
+        """Is the peer in trustedNetworks? Cached per configuration object (hot reload swaps
+        the object, which invalidates the cache)."""
+        cfg = self._srv.config()
+        if self._trust_cache is None or self._trust_cache[0] is not cfg:
+            self._trust_cache = (cfg, cfg.is_trusted(self.peer_ip))
+        return self._trust_cache[1]
+
     def _credential(self, cfg: RelayConfig) -> Credential | None:
         return cfg.credentials.get(self._username) if self._username is not None else None
 
@@ -616,7 +625,7 @@ class RelaySMTP(SMTP):
                                         address)
         domain = _domain_of(address)
         if self._username is None:
-            if not cfg.is_trusted(self.peer_ip):
+            if not self._trusted():
                 return self._refuse("auth_required", R.AUTH_REQUIRED, address)
             self._sender_domain = domain if domain in cfg.domains else "other"
         else:
@@ -787,9 +796,8 @@ class RelaySMTP(SMTP):
                 ts=now, status="received", queue_id=msg.queue_id, message_id=message_id,
                 credential=self._username, sender=sender, recipient=rcpt.address,
                 response=reply, size=msg.size, remote=self.peer_ip))
-        srv.metrics.messages_received.labels(
-            listener=self.listener.name, sender_domain=self._sender_domain,
-            credential=self._username or "none").inc()
+        srv.received_counter(self.listener.name, self._sender_domain,
+                             self._username or "none").inc()
         return reply
 
     def _check_header_from(self, cfg: RelayConfig, credential: Credential,
@@ -887,6 +895,8 @@ class SubmissionServer:
         self._servers: list[asyncio.Server] = []
         self._ports: dict[str, int] = {}
         self._sessions: set[RelaySMTP] = set()
+        self._listener_metrics: dict[str, tuple[Any, Any]] = {}
+        self._received: dict[tuple[str, str, str], Any] = {}
         self._empty = asyncio.Event()
         self._empty.set()
         # aiosmtpd logs every envelope address at INFO on this logger.
@@ -967,14 +977,35 @@ class SubmissionServer:
         self._sessions.add(session)
         self._empty.clear()
         name = session.listener.name
-        self.metrics.sessions.labels(listener=name).inc()
-        self.metrics.sessions_active.labels(listener=name).inc()
+        opened, active = self._session_metrics(name)
+        opened.inc()
+        active.inc()
 
     def session_closed(self, session: RelaySMTP) -> None:
         self._sessions.discard(session)
-        self.metrics.sessions_active.labels(listener=session.listener.name).dec()
+        self._session_metrics(session.listener.name)[1].dec()
         if not self._sessions:
             self._empty.set()
+
+    def _session_metrics(self, listener: str) -> tuple[Any, Any]:
+        pair = self._listener_metrics.get(listener)
+        if pair is None:
+            pair = self._listener_metrics[listener] = (
+                self.metrics.sessions.labels(listener=listener),
+                self.metrics.sessions_active.labels(listener=listener))
+        return pair
+
+    def received_counter(self, listener: str, sender_domain: str, credential: str) -> Any:
+        """The labelled child, cached: labels() costs more than the increment. The key set is
+        bounded by the configuration (listeners x domains x credentials)."""
+        key = (listener, sender_domain, credential)
+        child = self._received.get(key)
+        if child is None:
+            if len(self._received) > 100_000:
+                self._received.clear()
+            child = self._received[key] = self.metrics.messages_received.labels(
+                listener=listener, sender_domain=sender_domain, credential=credential)
+        return child
 
     def submit_orphan(self, task: asyncio.Future[QueuedMessage]) -> None:
         if task.cancelled() or task.exception() is not None:
