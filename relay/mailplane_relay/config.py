@@ -37,6 +37,10 @@ from pydantic import (
     model_validator,
 )
 
+# libyaml's loader when the platform has it (about 4x faster on a config with thousands of
+# credentials); same safe subset of YAML either way.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 API_VERSION = "mailplane.io/v1alpha1"
 KIND_CONFIG = "RelayConfig"
 KIND_CREDENTIALS = "RelayCredentials"
@@ -547,7 +551,7 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
     for where, text in sources:
         digest.update(where.rsplit("/", 1)[-1].encode() + b"\0" + text.encode() + b"\0")
         try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: not valid YAML: {exc}") from None
         for i, doc in enumerate(docs):
