@@ -23,15 +23,17 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's module is imported (fast start, and
+    `mailplane relay` never loads kopf or the Kubernetes client)."""
     parser = argparse.ArgumentParser(
         prog="mailplane",
         description="Mailplane: Kubernetes-native email sending (relay, operator, dev platform).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     registered: set[str] = set()
-    for _name, module in _COMMANDS:
-        if module in registered:
+    for name, module in _COMMANDS:
+        if (only is not None and name != only) or module in registered:
             continue
         registered.add(module)
         register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = (
@@ -42,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    first = args_list[0] if args_list else None
+    known = {name for name, _ in _COMMANDS}
+    parser = build_parser(first if first in known else None)
+    args = parser.parse_args(args_list)
     handler: Callable[[argparse.Namespace], int] = args.func
     return handler(args)
 
