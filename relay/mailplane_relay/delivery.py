@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 MAX_RESPONSE_CHARS = 300
 # Tried in order for one domain per attempt (Postfix's smtp_mx_address_limit is 5 too).
 MAX_MX_ADDRESSES = 5
-# Messages larger than this are signed in a thread, so one big message does not stall the loop.
+# Messages larger than this are read and signed in a thread, so one big message does not stall
+# the loop.
 SIGN_IN_THREAD_BYTES = 256 * 1024
 QUIT_TIMEOUT = 2.0
 HOUSEKEEPING_INTERVAL = 1.0
@@ -449,7 +450,7 @@ class DeliveryQueue:
     async def _send(self, cfg: RelayConfig, msg: QueuedMessage, recipients: list[Recipient],
                     outcomes: dict[str, RecipientOutcome]) -> None:
         try:
-            data = self._spool.read(msg.queue_id)
+            data = await self._read(msg)
         except SpoolError as exc:
             log.error("delivery: cannot read %s from the spool: %s", msg.queue_id, exc)
             for r in recipients:
@@ -483,6 +484,11 @@ class DeliveryQueue:
         for r in recipients:
             outcomes.setdefault(r.address, RecipientOutcome(
                 "deferred", "451 4.4.7 Delivery attempt timed out (messageDeadline)"))
+
+    async def _read(self, msg: QueuedMessage) -> bytes:
+        if msg.size > SIGN_IN_THREAD_BYTES:
+            return await asyncio.to_thread(self._spool.read, msg.queue_id)
+        return self._spool.read(msg.queue_id)  # a small read costs less than a thread hop
 
     def _destination(self, key: str, limit: int) -> _Destination:
         dest = self._destinations.get(key)
@@ -712,6 +718,9 @@ class DeliveryQueue:
         client, msg, data, outcomes = conn.client, job.msg, job.data, job.outcomes
         options: list[str] = []
         encoding = "ascii"
+        if client.supports_extension("size"):
+            # Lets a server refuse an oversized message at MAIL, before the data is sent.
+            options.append(f"SIZE={len(data)}")
         if not data.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if not (msg.mail_from.isascii() and all(r.address.isascii() for r in recipients)):
@@ -895,7 +904,7 @@ class DeliveryQueue:
         remotes: dict[str, str] = msg.extra.get("remotes", {})
         now = self._clock()
         try:
-            original = self._spool.read(msg.queue_id)
+            original = await self._read(msg)
         except SpoolError:
             original = b""
         hostname = cfg.settings.hostname

@@ -41,6 +41,7 @@ class CapturedMessage:
     connection: int  # sequence number of the connection that carried it
     tls: bool
     auth_user: str | None
+    mail_options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -131,6 +132,7 @@ class _Handler:
                  or server.transport.get_extra_info("ssl_object") is not None),
             auth_user=(session.auth_data.login.decode()
                        if session.auth_data is not None and session.auth_data.login else None),
+            mail_options=tuple(envelope.mail_options),
         ))
         return f"250 2.0.0 Ok: queued as S{len(self.sink.messages)}"
 

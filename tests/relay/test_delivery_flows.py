@@ -613,6 +613,23 @@ async def test_delivered_mail_is_dkim_signed(relay: Any, smtp_sink: SinkFactory,
     assert signed == 1
 
 
+async def test_large_8bit_message_is_signed_and_announced(relay: Any, smtp_sink: SinkFactory,
+                                                         dns_server: LoopbackDNS) -> None:
+    pem = rsa_pem()
+    dns_server.add_txt("mp1._domainkey.example.com", public_key_record(pem))
+    sink = await smtp_sink()
+    domains = [{"name": "example.com", "dkim": {"selector": "mp1", "privateKey": pem.decode()}}]
+    r = await relay(make_config(smarthost(sink), domains=domains))
+    big = message() + "Grüße aus Köln\r\n".encode() * 20_000  # ~340 KB: read+signed in a thread
+    msg = await r.send(["user@example.net"], data=big)
+    await r.done(msg)
+    got = sink.messages[0]
+    assert "BODY=8BITMIME" in got.mail_options
+    assert f"SIZE={len(got.data)}" in got.mail_options
+    assert got.data.endswith(big)
+    assert dkim.verify(got.data, dnsfunc=dns_server.dkim_dnsfunc)
+
+
 async def test_rotated_key_signs_mail_already_queued(relay: Any, smtp_sink: SinkFactory,
                                                      dns_server: LoopbackDNS) -> None:
     old, new = rsa_pem(), rsa_pem()
