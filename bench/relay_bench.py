@@ -32,7 +32,9 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from statistics import median
 from typing import Any, Protocol
 
 from relaybench.procstat import (
@@ -50,6 +52,7 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RCPT = "to@dest.test"
 PROBE_RCPT = "probe@dest.test"
+DKIM_SCENARIO = "auth+starttls+dkim-rsa2048"
 
 
 class Relay(Protocol):
@@ -69,6 +72,7 @@ class RunResult:
     messages: int
     sessions: int
     size: int
+    round: int = 1
     complete: bool = False
     delivered: int = 0
     delivered_per_s: float | None = None
@@ -495,70 +499,66 @@ async def bench(
             result=r2, relay=None, port=sink.port, sink=sink, mail_from="from@plain.test",
             tls_ca=None, username=None, password=None, timeout=timeout))
 
-    if args.only in (None, "postfix"):
-        r = RunResult("postfix", "plain", n, s, size)
+    from relaybench.mailplane import DKIM_DOMAIN, PLAIN_DOMAIN, USERNAME, MailplaneRelay
+    from relaybench.postfix import PostfixRelay
 
-        async def postfix_run(sink: SinkProcess) -> None:
-            from relaybench.postfix import PostfixRelay
+    def new_relay(name: str, sink: SinkProcess) -> MailplaneRelay:
+        relay = MailplaneRelay(tmp / name, port=free_port(), http_port=free_port(),
+                               sink_port=sink.port, workers=workers)
+        relay.write_config()
+        return relay
 
-            relay = PostfixRelay(tmp / "postfix", port=free_port(), sink_port=sink.port)
-            await with_relay(relay, lambda: run_source(
-                result=r, relay=relay, port=relay.port, sink=sink,
-                mail_from="from@plain.test", probe_interval=args.probe_interval,
-                timeout=timeout), r)
+    async def profiled(relay: MailplaneRelay, name: str,
+                       body: Callable[[], Awaitable[None]]) -> None:
+        if not args.profile:
+            await body()
+            return
+        out = RESULTS_DIR / f"pyspy-{name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        RESULTS_DIR.mkdir(exist_ok=True)
+        prof = Profiler(out, gil=args.profile == "gil")
+        await prof.start(relay.root_pids()[0])
+        try:
+            await body()
+        finally:
+            await prof.stop()
+        profiles[name] = {"file": str(out), **summarize_profile(out)}
 
-        await scenario(r, postfix_run)
+    async def postfix_plain(r: RunResult, sink: SinkProcess) -> None:
+        relay = PostfixRelay(tmp / f"postfix-{r.round}", port=free_port(), sink_port=sink.port)
+        await with_relay(relay, lambda: run_source(
+            result=r, relay=relay, port=relay.port, sink=sink,
+            mail_from="from@plain.test", probe_interval=args.probe_interval,
+            timeout=timeout), r)
 
-    if args.only in (None, "mailplane"):
-        from relaybench.mailplane import DKIM_DOMAIN, PLAIN_DOMAIN, USERNAME, MailplaneRelay
+    async def mailplane_plain(r: RunResult, sink: SinkProcess) -> None:
+        relay = new_relay(f"mailplane-plain-{r.round}", sink)
+        await with_relay(relay, lambda: profiled(relay, "plain", lambda: run_source(
+            result=r, relay=relay, port=relay.port, sink=sink,
+            mail_from=f"from@{PLAIN_DOMAIN}", probe_interval=args.probe_interval,
+            timeout=timeout)), r)
 
-        def new_relay(name: str, sink: SinkProcess) -> MailplaneRelay:
-            relay = MailplaneRelay(tmp / name, port=free_port(), http_port=free_port(),
-                                   sink_port=sink.port, workers=workers)
-            relay.write_config()
-            return relay
+    async def mailplane_dkim(r: RunResult, sink: SinkProcess, samples: Path) -> None:
+        relay = new_relay(f"mailplane-dkim-{r.round}", sink)
+        await with_relay(relay, lambda: profiled(relay, "dkim", lambda: run_client(
+            result=r, relay=relay, port=relay.port, sink=sink,
+            mail_from=f"sender@{DKIM_DOMAIN}", tls_ca=relay.cafile,
+            username=USERNAME, password=relay.password, timeout=timeout)), r)
+        r.dkim_verified = verify_samples(samples, relay.dkim_txt())
 
-        async def profiled(relay: MailplaneRelay, name: str,
-                           body: Callable[[], Awaitable[None]]) -> None:
-            if not args.profile:
-                await body()
-                return
-            out = RESULTS_DIR / f"pyspy-{name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
-            RESULTS_DIR.mkdir(exist_ok=True)
-            prof = Profiler(out, gil=args.profile == "gil")
-            await prof.start(relay.root_pids()[0])
-            try:
-                await body()
-            finally:
-                await prof.stop()
-            profiles[name] = {"file": str(out), **summarize_profile(out)}
-
-        r = RunResult("mailplane", "plain", n, s, size)
-        if args.profile:
-            r.notes.append("profiled with py-spy (figures are lower than unprofiled)")
-
-        async def mailplane_run(sink: SinkProcess) -> None:
-            relay = new_relay("mailplane-plain", sink)
-            await with_relay(relay, lambda: profiled(relay, "plain", lambda: run_source(
-                result=r, relay=relay, port=relay.port, sink=sink,
-                mail_from=f"from@{PLAIN_DOMAIN}", probe_interval=args.probe_interval,
-                timeout=timeout)), r)
-
-        await scenario(r, mailplane_run)
-
-        if not args.skip_dkim:
-            r2 = RunResult("mailplane", "auth+starttls+dkim-rsa2048", n, s, size)
-            samples = tmp / "dkim-samples"
-
-            async def dkim_run(sink: SinkProcess) -> None:
-                relay = new_relay("mailplane-dkim", sink)
-                await with_relay(relay, lambda: profiled(relay, "dkim", lambda: run_client(
-                    result=r2, relay=relay, port=relay.port, sink=sink,
-                    mail_from=f"sender@{DKIM_DOMAIN}", tls_ca=relay.cafile,
-                    username=USERNAME, password=relay.password, timeout=timeout)), r2)
-                r2.dkim_verified = verify_samples(samples, relay.dkim_txt())
-
-            await scenario(r2, dkim_run, samples)
+    # Rounds alternate the systems, so that load from elsewhere on the machine falls on both.
+    for round_no in range(1, args.rounds + 1):
+        if args.only in (None, "postfix"):
+            r = RunResult("postfix", "plain", n, s, size, round=round_no)
+            await scenario(r, partial(postfix_plain, r))
+        if args.only in (None, "mailplane"):
+            r = RunResult("mailplane", "plain", n, s, size, round=round_no)
+            if args.profile:
+                r.notes.append("profiled with py-spy (figures are lower than unprofiled)")
+            await scenario(r, partial(mailplane_plain, r))
+            if not args.skip_dkim:
+                r = RunResult("mailplane", DKIM_SCENARIO, n, s, size, round=round_no)
+                samples = tmp / f"dkim-samples-{round_no}"
+                await scenario(r, partial(mailplane_dkim, r, samples=samples), samples)
     return results
 
 
@@ -575,7 +575,8 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
     print("-" * len(head))
     for r in results:
         lat = r.latency_s
-        print(f"{r.system:<10} {r.scenario:<27} {r.delivered:>6} {r.sessions:>4} {r.size:>5} "
+        scenario = r.scenario if r.round == 1 else f"{r.scenario} #{r.round}"
+        print(f"{r.system:<10} {scenario:<27} {r.delivered:>6} {r.sessions:>4} {r.size:>5} "
               f"{fmt(r.delivered_per_s):>8} {fmt(r.accepted_per_s):>8} "
               f"{fmt(lat.get('p50'), '.3f'):>7} {fmt(lat.get('p90'), '.3f'):>7} "
               f"{fmt(lat.get('p99'), '.3f'):>7} {fmt(r.relay_cpu_s, '.1f'):>8} "
@@ -583,30 +584,44 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
               f"{fmt(r.load_cpu_s, '.1f'):>7} {fmt(r.machine_busy_pct, '.0f'):>5} "
               f"{fmt(r.other_cpu_s, '.1f'):>8} {fmt(r.drain_lag_s, '.2f'):>6}"
               + ("" if r.complete else "  INCOMPLETE"))
-    by = {(r.system, r.scenario): r for r in results}
-    pf, mp = by.get(("postfix", "plain")), by.get(("mailplane", "plain"))
-    dk = by.get(("mailplane", "auth+starttls+dkim-rsa2048"))
-    print()
-    if pf and mp and pf.delivered_per_s and mp.delivered_per_s:
-        ratio = mp.delivered_per_s / pf.delivered_per_s
-        print(f"Mailplane / Postfix delivered/s: {ratio:.2f}x (target >= 2x)")
-        pl, ml = pf.latency_s.get("p50"), mp.latency_s.get("p50")
+    def med(system: str, scenario: str, get: Callable[[RunResult], float | None]
+            ) -> float | None:
+        values = [v for r in results if r.system == system and r.scenario == scenario
+                  and r.complete and (v := get(r)) is not None]
+        return median(values) if values else None
+
+    def rate(r: RunResult) -> float | None:
+        return r.delivered_per_s
+
+    def p50(r: RunResult) -> float | None:
+        return r.latency_s.get("p50")
+
+    rounds = max((r.round for r in results), default=1)
+    which = f"medians of {rounds} rounds" if rounds > 1 else "one round"
+    pf, mp = med("postfix", "plain", rate), med("mailplane", "plain", rate)
+    dk = med("mailplane", DKIM_SCENARIO, rate)
+    print(f"\nSummary ({which}, complete runs only):")
+    if pf and mp:
+        print(f"  Mailplane / Postfix delivered/s: {mp:.0f} / {pf:.0f} = {mp / pf:.2f}x "
+              "(target >= 2x)")
+        pl, ml = med("postfix", "plain", p50), med("mailplane", "plain", p50)
         if pl and ml:
-            print(f"median latency: Mailplane {ml:.3f}s vs Postfix {pl:.3f}s")
-    if mp and dk and mp.delivered_per_s and dk.delivered_per_s:
-        print(f"auth+STARTTLS+DKIM / plain: {100 * dk.delivered_per_s / mp.delivered_per_s:.0f}% "
+            print(f"  median latency: Mailplane {ml:.3f}s vs Postfix {pl:.3f}s")
+    if mp and dk:
+        print(f"  auth+STARTTLS+DKIM / plain: {dk:.0f} / {mp:.0f} = {100 * dk / mp:.0f}% "
               "(target >= 50%)")
     for r in results:
+        tag = f"{r.system}/{r.scenario}" + (f" #{r.round}" if r.round > 1 else "")
         if r.relay_cpu_split:
-            print(f"CPU split {r.system}/{r.scenario}: {r.relay_cpu_split}, of which kernel "
+            print(f"CPU split {tag}: {r.relay_cpu_split}, of which kernel "
                   f"{r.relay_kernel_cpu_s}s")
         if r.dkim_verified:
-            print(f"DKIM {r.system}/{r.scenario}: {r.dkim_signed} signed messages arrived; "
+            print(f"DKIM {tag}: {r.dkim_signed} signed messages arrived; "
                   f"{r.dkim_verified}")
         for note in r.notes:
-            print(f"note {r.system}/{r.scenario}: {note}")
+            print(f"note {tag}: {note}")
         if r.probe_errors or r.load_errors:
-            print(f"errors {r.system}/{r.scenario}: {r.probe_errors or ''} {r.load_errors or ''}")
+            print(f"errors {tag}: {r.probe_errors or ''} {r.load_errors or ''}")
     for name, prof in profiles.items():
         print(f"\npy-spy {name} ({prof.get('file')}), by stage:")
         for stage, pct in prof.get("stages", []):
@@ -640,6 +655,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between latency probes (0: none)")
     p.add_argument("--timeout", type=float, default=0,
                    help="hard limit per scenario in seconds (default: 60 + messages/50)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the relay scenarios, alternating systems; the summary takes "
+                   "medians (use on a machine that is not quiet)")
     p.add_argument("--skip-harness", action="store_true")
     p.add_argument("--skip-dkim", action="store_true")
     p.add_argument("--profile", nargs="?", const="gil", choices=("gil", "wall"), default=None,
