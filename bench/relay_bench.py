@@ -607,6 +607,15 @@ def print_table(results: list[RunResult], profiles: dict[str, Any]) -> None:
         pl, ml = med("postfix", "plain", p50), med("mailplane", "plain", p50)
         if pl and ml:
             print(f"  median latency: Mailplane {ml:.3f}s vs Postfix {pl:.3f}s")
+
+        def cpu(r: RunResult) -> float | None:
+            return r.relay_cpu_ms_per_msg
+
+        pc, mc = med("postfix", "plain", cpu), med("mailplane", "plain", cpu)
+        if pc and mc:
+            # CPU per message barely moves with other load on the machine, unlike rates.
+            print(f"  relay CPU per message: Mailplane {mc:.2f} ms vs Postfix {pc:.2f} ms "
+                  f"({pc / mc:.2f}x as efficient)")
     if mp and dk:
         print(f"  auth+STARTTLS+DKIM / plain: {dk:.0f} / {mp:.0f} = {100 * dk / mp:.0f}% "
               "(target >= 50%)")
