@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,7 +159,11 @@ def header_from_domain(message: bytes) -> str | None:
 
 
 class DKIMSigner:
-    """Per-domain signers from the configuration in force."""
+    """Per-domain signers from the configuration in force.
+
+    Keys load lazily, at the first message of their domain under a configuration version: a
+    pool with thousands of domains does not stall the event loop parsing every key at a
+    reload. A key whose material did not change since the previous version is reused as is."""
 
     def __init__(self, *, metrics: RelayMetrics, clock: Callable[[], float] = time.time,
                  key_base: Path | None = None) -> None:
@@ -166,16 +171,27 @@ class DKIMSigner:
         self._clock = clock
         self._key_base = key_base
         self._config: RelayConfig | None = None
-        self._keys: dict[str, SigningKey] = {}
-        self._parsed: dict[str, PrivateKey] = {}  # sha256(algorithm + PEM) -> parsed key
+        self._specs: dict[str, DKIMKey] = {}
+        self._keys: dict[str, SigningKey | None] = {}  # None: the key is unusable
+        # sha256(algorithm + PEM) -> parsed key, for this version and the one before it
+        self._parsed: dict[str, PrivateKey] = {}
+        self._previous: dict[str, PrivateKey] = {}
+        self._lock = threading.Lock()
 
-    def _load(self, domain: str, spec: DKIMKey, previous: dict[str, PrivateKey]) -> SigningKey:
+    def _refresh(self, config: RelayConfig) -> None:
+        # Keys of the version before stay reusable; older ones (retired keys) leave memory.
+        self._previous, self._parsed = self._parsed, {}
+        self._specs = {d.name: d.dkim for d in config.settings.domains if d.dkim is not None}
+        self._keys = {}
+        self._config = config
+
+    def _load(self, domain: str, spec: DKIMKey) -> SigningKey:
         try:
             pem = spec.load_pem(self._key_base)
         except OSError as exc:
             raise DKIMKeyError(f"cannot read the key file: {exc.strerror}") from None
         digest = hashlib.sha256(spec.algorithm.encode() + b"\0" + pem).hexdigest()
-        private_key = self._parsed.get(digest) or previous.get(digest)
+        private_key = self._parsed.get(digest) or self._previous.get(digest)
         if private_key is None:
             private_key = parse_private_key(pem, spec.algorithm)
         self._parsed[digest] = private_key
@@ -184,43 +200,48 @@ class DKIMSigner:
             headers=tuple(h.lower().encode() for h in spec.headers), private_key=private_key,
         )
 
-    def _refresh(self, config: RelayConfig) -> None:
-        # Only the keys of the new configuration stay cached: a retired key leaves memory.
-        previous, self._parsed = self._parsed, {}
-        keys: dict[str, SigningKey] = {}
-        for domain in config.settings.domains:
-            if domain.dkim is None:
-                continue
-            try:
-                keys[domain.name] = self._load(domain.name, domain.dkim, previous)
-            except DKIMKeyError as exc:
-                log.error("DKIM key for %s (selector %s) unusable, its mail goes out unsigned:"
-                          " %s", domain.name, domain.dkim.selector, exc)
-        self._keys = keys
-        self._config = config
+    def _key(self, domain: str) -> SigningKey | None:
+        if domain in self._keys:
+            return self._keys[domain]
+        spec = self._specs.get(domain)
+        if spec is None:
+            return None
+        key: SigningKey | None
+        try:
+            key = self._load(domain, spec)
+        except DKIMKeyError as exc:
+            log.error("DKIM key for %s (selector %s) unusable, its mail goes out unsigned: %s",
+                      domain, spec.selector, exc)
+            key = None
+        self._keys[domain] = key
+        return key
 
     @property
     def parsed_keys(self) -> int:
-        """How many distinct private keys are held (parsed once each)."""
+        """How many distinct private keys the configuration in force has loaded."""
         return len(self._parsed)
 
     def key_for(self, config: RelayConfig, message: bytes, sender_domain: str) -> SigningKey | None:
         """The key that signs this message: the From header's domain or its closest configured
         parent (DMARC relaxed alignment), else the envelope sender's domain."""
-        if config is not self._config:
-            self._refresh(config)
-        if not self._keys:
-            return None  # spares parsing the From header of every message
+        # Large messages are signed in a worker thread: the lock keeps a reload seen by the
+        # loop and a key load in that thread from interleaving.
+        with self._lock:
+            if config is not self._config:
+                self._refresh(config)
+            if not self._specs:
+                return None  # spares parsing the From header of every message
         candidates: list[str] = []
         from_domain = header_from_domain(message)
         if from_domain:
             labels = from_domain.split(".")
             candidates.extend(".".join(labels[i:]) for i in range(len(labels) - 1))
         candidates.append(sender_domain.lower())
-        for name in candidates:
-            key = self._keys.get(name)
-            if key is not None:
-                return key
+        with self._lock:
+            for name in candidates:
+                key = self._key(name)
+                if key is not None:
+                    return key
         return None
 
     def sign(self, config: RelayConfig, message: bytes, sender_domain: str) -> bytes:

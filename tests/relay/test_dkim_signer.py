@@ -170,3 +170,20 @@ def test_unusable_key_sends_unsigned_and_logs_without_key_material(
     garbage = relay_config([dkim_domain("example.com", "s1", b"-----BEGIN PRIVATE KEY-----\nx")])
     assert signer.sign(garbage, MESSAGE, "example.com") is MESSAGE
     assert "not a PEM private key" in caplog.text
+
+
+def test_keys_load_lazily_and_a_broken_key_falls_back_to_the_envelope_domain(
+        dns_server: Any) -> None:
+    good = ed25519_pem()
+    dns_server.add_txt("e._domainkey.bounces.example.org", public_key_record(good))
+    signer = DKIMSigner(metrics=RelayMetrics.create())
+    config = relay_config([
+        dkim_domain("example.com", "s1", b"not a key"),
+        dkim_domain("bounces.example.org", "e", good, "ed25519-sha256"),
+        dkim_domain("unused.example", "u", rsa_pem()),
+    ])
+    signed = signer.sign(config, MESSAGE, "bounces.example.org")
+    assert b"d=bounces.example.org" in signed
+    assert dkim.verify(signed, dnsfunc=dns_server.dkim_dnsfunc)
+    # Only the key that was needed was parsed; unused.example's waits for its first message.
+    assert signer.parsed_keys == 1
