@@ -587,6 +587,20 @@ async def test_pooled_connection_closed_by_upstream_is_replaced(relay: Any,
     assert event["status"] == "delivered" and event["attempt"] == 1
 
 
+async def test_reconfigure_moves_delivery_to_the_new_smarthost(relay: Any,
+                                                               smtp_sink: SinkFactory) -> None:
+    old, new = await smtp_sink(), await smtp_sink()
+    r = await relay(make_config(smarthost(old)))
+    await r.done(await r.send(["a@example.net"]))
+    r.config = make_config(smarthost(new))
+    r.queue.reconfigure()
+    # The connection pooled for the old smarthost is closed, and mail goes to the new one.
+    await old.wait_for(lambda: old.disconnections == 1)
+    await r.done(await r.send(["b@example.net"]))
+    assert [m.rcpt_tos for m in old.messages] == [["a@example.net"]]
+    assert [m.rcpt_tos for m in new.messages] == [["b@example.net"]]
+
+
 async def test_idle_connections_are_closed(relay: Any, smtp_sink: SinkFactory) -> None:
     sink = await smtp_sink()
     r = await relay(make_config(smarthost(sink) | {"idleConnectionTimeout": 0.1}))
