@@ -39,7 +39,7 @@ from tests.helpers.pki import client_context, write_server_pair
 from tests.helpers.ports import free_port
 
 # The real command; `python -m` so the test venv's interpreter runs it wherever PATH points.
-RELAY_COMMAND = (sys.executable, "-m", "mailplane_relay.cli", "relay")
+RELAY_COMMAND = (sys.executable, "-m", "mailplane_cli.main", "relay")
 START_TIMEOUT = 20.0
 
 

@@ -19,7 +19,7 @@ from mailplane_relay.events import LogEvent
 from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
 
-MAILPLANE = (sys.executable, "-m", "mailplane_relay.cli")
+MAILPLANE = (sys.executable, "-m", "mailplane_cli.main")
 
 
 def mailplane(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
