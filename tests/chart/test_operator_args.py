@@ -28,5 +28,11 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "operator"
-    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
-    assert port in vars(args).values()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.metrics_port == ports["metrics"]
+    assert args.liveness_port == ports["healthz"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    # Relays without spec.image run the chart's image.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MAILPLANE_RELAY_IMAGE"] == container["image"]

@@ -201,7 +201,8 @@ def test_namespaced_values_render_their_settings() -> None:
     assert container["image"] == ("registry.example.com/mirror/mailplane@sha256:"
                                   "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
     assert container["args"] == ["operator", "--namespace=mail", "--namespace=shop",
-                                 "--metrics-port=9090", "--dns-resolver=10.0.0.10:53",
+                                 "--metrics-port=9090", "--liveness-port=8081",
+                                 "--dns-resolver=10.0.0.10:53",
                                  "--verbose", "--log-format=json"]
     assert pod["serviceAccountName"] == "mail-operator"
     assert pod["tolerations"][0]["key"] == "dedicated"
