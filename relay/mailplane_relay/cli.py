@@ -52,6 +52,10 @@ def register(subparsers: SubParsers) -> None:
 
     p = subparsers.add_parser(
         "logs", help="search the message log, or `logs forget ADDRESS` to delete an address",
+        usage="mailplane logs [--config PATH | --db PATH | --state-dir DIR] [--sender S] "
+              "[--recipient R] [--status STATUS] [--since T] [--until T] [--queue-id ID] "
+              "[--limit N] [--json]\n       mailplane logs forget ADDRESS "
+              "[--config PATH | --db PATH | --state-dir DIR]",
         description="Search the message log (newest records, printed oldest first). "
                     "`mailplane logs forget ADDRESS` deletes every record about ADDRESS "
                     "(sender or recipient) and its suppression entry.",
