@@ -118,6 +118,14 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
         prom.stop()
 
 
+def dashboard_queries() -> list[tuple[str, str]]:
+    """Each panel's queries as Grafana sends them with every variable at "All"."""
+    dashboard = json.loads((ROOT / "monitoring" / "dashboard.json").read_text())
+    return [(p["title"], t["expr"].replace("$__rate_interval", "1m")
+             .replace("$sender_domain", ".*").replace("$credential", ".*"))
+            for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
 def message(i: int) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = "app@example.com"
@@ -190,4 +198,12 @@ async def test_prometheus_scrapes_the_relay_and_evaluates_the_rules(
     assert [(r["name"], r.get("lastError", "")) for r in rules if r["health"] != "ok"] == []
     firing = [r["name"] for r in rules if r["type"] == "alerting" and r["state"] == "firing"]
     assert firing == []
+
+    # Every dashboard query runs against the live server, and the relay panels show data.
+    with_data = set()
+    for title, expr in dashboard_queries():
+        if prom.query(expr):
+            with_data.add(title)
+    assert {"Messages accepted", "Recipient outcomes", "Queue depth", "TLS share",
+            "Messages by credential", "Outcomes by sender domain", "Ready relays"} <= with_data
     assert relay.stop() == 0
