@@ -17,6 +17,10 @@ from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.spool import QueuedMessage, Spool, SpoolError, new_queue_id
 
 
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
 def make_spool(directory: Path, *, fsync: bool = True, window: float = 0.002) -> Spool:
     return Spool(str(directory), fsync=fsync, group_commit_window=window,
                  metrics=RelayMetrics.create())
@@ -64,7 +68,7 @@ async def test_commit_is_complete_on_disk_when_it_returns(spool: Spool) -> None:
     assert envelope["credential"] == "app"
     assert spool.read(msg.queue_id) == data
     assert spool.file_fsyncs == 1 and spool.dir_fsyncs == dir_syncs + 1
-    assert [p.name for p in spool.directory.iterdir()] == [path.name]
+    assert files(spool.directory) == [path.name]
 
 
 async def test_recovery_returns_committed_drops_temp_and_orphans(tmp_path: Path) -> None:
@@ -88,8 +92,7 @@ async def test_recovery_returns_committed_drops_temp_and_orphans(tmp_path: Path)
         assert [m.queue_id for m in recovered] == [first.queue_id, second.queue_id]
         assert recovered[0] == first
         assert again.read(second.queue_id) == b"two\r\n"
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [f"{first.queue_id}.msg", f"{second.queue_id}.msg"])
+        assert files(tmp_path) == sorted([f"{first.queue_id}.msg", f"{second.queue_id}.msg"])
     finally:
         await again.close()
 
@@ -202,8 +205,8 @@ async def test_disk_full_raises_spool_error_and_leaves_no_partial_file(tiny_fs: 
         small = await commit(s, b"fits\r\n")
         with pytest.raises(SpoolError, match="No space left"):
             await commit(s, os.urandom(200_000))
-        names = [p.name for p in tiny_fs.iterdir()]
-        assert names == [f"{small.queue_id}.msg"]
+        assert files(tiny_fs) == [f"{small.queue_id}.msg"]
+        assert files(tiny_fs / "free") == []
     finally:
         await s.close()
 
@@ -212,3 +215,32 @@ async def test_commit_before_start_is_a_spool_error(tmp_path: Path) -> None:
     s = make_spool(tmp_path)
     with pytest.raises(SpoolError):
         await commit(s)
+
+
+async def test_removed_files_are_recycled_for_new_commits(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    long = await commit(s, b"x" * 10_000 + b"\r\n")
+    long.recipients[0].status = "delivered"
+    await s.save_state(long)
+    await s.remove(long.queue_id)
+    assert files(tmp_path) == []
+    assert files(tmp_path / "free") == [f"{long.queue_id}.msg.free",
+                                        f"{long.queue_id}.state.free"]
+    inodes = {p.stat().st_ino for p in (tmp_path / "free").iterdir()}
+    short = await commit(s, b"short\r\n")
+    assert s.recycled == 1
+    path = tmp_path / f"{short.queue_id}.msg"
+    assert path.stat().st_ino in inodes  # no new inode
+    assert s.read(short.queue_id) == b"short\r\n"  # the old, longer content is gone
+    await s.save_state(short)  # state files recycle too
+    assert s.recycled == 2 and files(tmp_path / "free") == []
+    await s.close()
+    # Whatever lies in free/ is never taken for mail.
+    (tmp_path / "free" / f"{new_queue_id()}.msg").write_bytes(path.read_bytes())
+    assert not list((tmp_path / "free").glob("*.msg.free"))  # all in use now
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    await again.close()
+    assert [m.queue_id for m in recovered] == [short.queue_id]
+    assert recovered[0].size == len(b"short\r\n")
