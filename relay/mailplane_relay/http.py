@@ -95,9 +95,7 @@ class OpsServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server  # aiohttp exposes no public accessor for the bound socket
-        sockets = getattr(server, "sockets", None) or ()
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        self.port = int(runner.addresses[0][1])
         log.info("ops http listening on %s:%d", self._address, self.port)
 
     async def stop(self) -> None:

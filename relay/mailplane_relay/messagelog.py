@@ -30,7 +30,7 @@ from .metrics import NS, RelayMetrics
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write transaction
 # Rows deleted per transaction by purge/forget: each chunk holds the write lock for milliseconds,
 # so relay workers appending to the log are never stalled behind a long purge.
 DELETE_CHUNK = 2_000
@@ -100,7 +100,8 @@ class MessageLogError(Exception):
     """The message-log database cannot be used (missing, or written by a newer version)."""
 
 
-def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+def _connect(path: str, *, readonly: bool = False,
+             busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     if readonly:
         if not Path(path).exists():
             raise MessageLogError(
@@ -108,7 +109,7 @@ def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
                 "creates the file when it starts)"
             )
         conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+            f"file:{path}?mode=ro", uri=True, timeout=busy_timeout,
             check_same_thread=False,
         )
     else:
@@ -116,9 +117,9 @@ def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE) so that a writer
         # takes the lock up front instead of failing to upgrade a read lock under contention.
         conn = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -134,9 +135,10 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def open_database(path: str) -> sqlite3.Connection:
+def open_database(path: str, *, busy_timeout: float = BUSY_TIMEOUT
+                  ) -> sqlite3.Connection:
     """Open for writing, creating or checking the schema. Safe when several processes race."""
-    conn = _connect(path)
+    conn = _connect(path, busy_timeout=busy_timeout)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -165,13 +167,16 @@ def open_database(path: str) -> sqlite3.Connection:
 class _Worker:
     """One SQLite connection used from one dedicated thread, so the loop never blocks on it."""
 
-    def __init__(self, path: str, name: str) -> None:
+    def __init__(self, path: str, name: str, busy_timeout: float = BUSY_TIMEOUT
+                 ) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._conn = await self.run_raw(lambda: open_database(self.path))
+        self._conn = await self.run_raw(
+            lambda: open_database(self.path, busy_timeout=self.busy_timeout))
 
     async def run_raw(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -219,13 +224,14 @@ class MessageLog:
         flush_interval: float,
         metrics: RelayMetrics,
         max_buffered: int = MAX_BUFFERED_EVENTS,
+        busy_timeout: float = BUSY_TIMEOUT,
     ) -> None:
         self.path = path
         self.flush_interval = flush_interval
         self._metrics = metrics
         self._max_buffered = max_buffered
         self._buffer: list[tuple[Any, ...]] = []
-        self._db = _Worker(path, "messagelog")
+        self._db = _Worker(path, "messagelog", busy_timeout)
         self._flush_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -260,3 +260,28 @@ async def test_suppression_add_applies_at_once_and_persists(
         assert await again.refresh() is False  # nothing changed: no reload
     finally:
         await again.close()
+
+
+async def test_a_locked_database_keeps_the_batch_and_retries(
+    db: str, metrics: RelayMetrics
+) -> None:
+    ml = MessageLog(db, flush_interval=3600, metrics=metrics, busy_timeout=0.05)
+    await ml.start()
+    try:
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another process stuck inside a write
+        ml.record(event(1))
+        ml.record(event(2))
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await ml.flush()
+        ml.record(event(3))
+        assert ml.pending == 3
+        assert sample(metrics, "mailplane_relay_messagelog_write_errors_total") == 1
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+        await ml.flush()
+        assert [r["queue_id"] for r in MessageLog.query(db)] == ["Q3", "Q2", "Q1"]
+        assert sample(metrics, "mailplane_relay_messagelog_dropped_events_total") == 0
+    finally:
+        await ml.close()
