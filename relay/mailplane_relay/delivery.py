@@ -880,7 +880,9 @@ class DeliveryQueue:
             log.error("delivery: state of %s not saved: %s", msg.queue_id, exc)
 
     async def _finish(self, cfg: RelayConfig, msg: QueuedMessage) -> None:
-        failed = [r for r in msg.recipients if r.status in ("bounced", "expired")]
+        # A recipient suppressed after the message was accepted is reported too: the sender
+        # was told 250 and must learn that this copy was not sent.
+        failed = [r for r in msg.recipients if r.status in ("bounced", "expired", "suppressed")]
         if failed and cfg.settings.queue.dsn and msg.mail_from:
             try:
                 await self._send_dsn(cfg, msg, failed)

@@ -18,7 +18,7 @@ MAX_ORIGINAL_HEADERS = 64 * 1024
 @dataclass(frozen=True, slots=True)
 class FailedRecipient:
     address: str
-    status: str  # "bounced" | "expired"
+    status: str  # "bounced" | "expired" | "suppressed"
     response: str | None  # the last SMTP reply (or our own), e.g. "550 5.1.1 No such user"
     remote: str | None  # host:port that answered, if any
     last_attempt: float
@@ -53,6 +53,14 @@ def original_headers(data: bytes) -> bytes:
         cut = head.rfind(b"\n", 0, MAX_ORIGINAL_HEADERS)
         head = head[:cut + 1] if cut > 0 else b""
     return head
+
+
+_WHY = {
+    "bounced": "rejected by the receiving server",
+    "expired": "delivery attempts expired",
+    "suppressed": "not sent: the address is on the suppression list (earlier hard bounce or "
+                  "complaint)",
+}
 
 
 def _header_safe(value: str) -> str:
@@ -95,7 +103,7 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         "",
     ]
     for r in recipients:
-        why = "delivery attempts expired" if r.status == "expired" else "rejected"
+        why = _WHY.get(r.status, "rejected")
         lines.append(f"<{r.address}>: {why}: {_header_safe(r.response or 'no response')}")
     lines += [
         "",

@@ -389,14 +389,17 @@ async def test_null_sender_never_gets_a_dsn(relay: Any, smtp_sink: SinkFactory) 
 async def test_already_suppressed_recipient_is_not_sent(relay: Any, smtp_sink: SinkFactory
                                                         ) -> None:
     sink = await smtp_sink()
-    r = await relay(make_config(smarthost(sink), queue={"dsn": False}))
+    r = await relay(make_config(smarthost(sink)))
     await r.suppression.add("blocked@example.net", "complaint", source="test")
     msg = await r.send(["blocked@example.net", "ok@example.net"])
     await r.done(msg)
     rows = await r.events(msg)
     assert r.statuses(rows, "blocked@example.net") == ["suppressed"]
-    assert [m.rcpt_tos for m in sink.messages] == [["ok@example.net"]]
     assert r.count("suppressed") == 1
+    # The sender was told 250, so a DSN says this copy was not sent.
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+    assert [m.rcpt_tos for m in sink.messages if m.mail_from] == [["ok@example.net"]]
+    assert "suppression list" in dsns(sink)[0].as_string()
 
 
 # ------------------------------------------------------------------------------ MX mode
