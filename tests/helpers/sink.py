@@ -52,6 +52,7 @@ class SinkBehaviour:
     data_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None  # reply at DATA for every transaction
     mail_reply: str | None = None  # reply at MAIL FROM for every transaction
+    drop_at_mail: int = 0  # close the connection at the next N MAIL commands, without a reply
     data_delay: float = 0.0  # seconds before answering the end of DATA
     rcpt_delay: float = 0.0
     starttls: bool = False  # offer STARTTLS (certificate for 127.0.0.1/localhost)
@@ -90,6 +91,10 @@ class _Handler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         b = self.sink.behaviour
+        if b.drop_at_mail > 0:
+            b.drop_at_mail -= 1
+            server.transport.close()
+            return "421 4.4.2 closing (never seen: the connection is already closed)"
         if b.mail_reply is not None:
             return b.mail_reply
         envelope.mail_from = address

@@ -590,6 +590,19 @@ async def test_pooled_connection_closed_by_upstream_is_replaced(relay: Any,
     assert event["status"] == "delivered" and event["attempt"] == 1
 
 
+async def test_pooled_connection_dying_at_mail_is_retried_on_a_fresh_one(
+        relay: Any, smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink)))
+    await r.done(await r.send(["a@example.net"]))
+    sink.behaviour.drop_at_mail = 1  # the pooled connection dies at the next MAIL
+    second = await r.send(["b@example.net"])
+    await r.done(second)
+    assert [m.connection for m in sink.messages] == [1, 2]
+    [event] = await r.events(second)
+    assert event["status"] == "delivered" and event["attempt"] == 1
+
+
 async def test_reconfigure_moves_delivery_to_the_new_smarthost(relay: Any,
                                                                smtp_sink: SinkFactory) -> None:
     old, new = await smtp_sink(), await smtp_sink()
