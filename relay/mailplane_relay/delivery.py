@@ -480,7 +480,7 @@ class DeliveryQueue:
                                     self._deliver_domain(job, domain, rcpts),
                                     name=f"delivery-{msg.queue_id}-domain")
         except TimeoutError:
-            pass
+            pass  # recipients without an answer yet are deferred just below
         for r in recipients:
             outcomes.setdefault(r.address, RecipientOutcome(
                 "deferred", "451 4.4.7 Delivery attempt timed out (messageDeadline)"))

@@ -505,6 +505,19 @@ async def test_undeliverable_domains_bounce(relay: Any, smtp_sink: SinkFactory,
     assert sink.messages[0].rcpt_tos == ["app@example.com"]
 
 
+async def test_mx_host_without_address_defers(relay: Any, smtp_sink: SinkFactory,
+                                              dns_server: LoopbackDNS) -> None:
+    sink = await smtp_sink()
+    dns_server.add_mx("example.net", "ghost.example.net")  # the MX names a host that is gone
+    r = await relay(make_config(mx_mode(dns_server, sink.port),
+                                queue={"retryInitial": 30, "retryMax": 30}))
+    msg = await r.send(["user@example.net"])
+    await r.wait(lambda: r.count("deferred") == 1)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.4.3")
+    assert r.suppression.is_suppressed("user@example.net") is None
+
+
 async def test_servfail_defers_then_delivers(relay: Any, smtp_sink: SinkFactory,
                                              dns_server: LoopbackDNS) -> None:
     sink = await smtp_sink()
