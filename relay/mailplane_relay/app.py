@@ -166,9 +166,16 @@ class RelayApp:
         self._fingerprint = config_fingerprint(config_path)
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
+        # One registry per process, made here and handed to every component.
+        self.registry = CollectorRegistry()
+        self.metrics = RelayMetrics.create(self.registry)
         self.readiness = Readiness(on_change=self._readiness_changed)
         self.http: OpsServer | None = None
         self.server: SubmissionServer | None = None
+        self.queue: DeliveryQueue | None = None
+        self.tls: ReloadingTLS | None = None
+        self.message_log: MessageLog | None = None
+        self._queue_deadline: float | None = None
 
     # ---- the config callable every component reads --------------------------------------
 
@@ -241,16 +248,14 @@ class RelayApp:
             cfg = await asyncio.to_thread(load_config, self.config_path)
         self._config = _with_listener_ports(cfg, worker.listener_ports if worker else {})
         settings = self._config.settings
-        registry = CollectorRegistry()
-        metrics = RelayMetrics.create(registry)
-        self.metrics = metrics
+        metrics = self.metrics
         metrics.ready.set(0)
         self._count_config_load(None)
         self.readiness.mark("config loaded")
 
         if worker is None:
             self.http = OpsServer(address=settings.http.address, port=settings.http.port,
-                                  readiness=self.readiness, registry=registry)
+                                  readiness=self.readiness, registry=self.registry)
             await self.http.start()
             stages.append(("ops http", self.http.stop))
 
@@ -305,9 +310,7 @@ class RelayApp:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
 
     def _readiness_changed(self, ready: bool) -> None:
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            metrics.ready.set(1 if ready else 0)
+        self.metrics.ready.set(1 if ready else 0)
         if self.worker is not None and self.worker.state_dir:
             marker = Path(self.worker.state_dir) / _READY_FILE.format(index=self.worker.index)
             if ready:
@@ -327,7 +330,8 @@ class RelayApp:
         self._queue_deadline = max(deadline, time.monotonic() + MIN_QUEUE_STOP)
 
     async def _stop_queue(self) -> None:
-        deadline = getattr(self, "_queue_deadline", time.monotonic() + MIN_QUEUE_STOP)
+        assert self.queue is not None
+        deadline = self._queue_deadline or time.monotonic() + MIN_QUEUE_STOP
         await self.queue.stop(deadline)
 
     # ---- hot reload ---------------------------------------------------------------------
@@ -379,8 +383,9 @@ class RelayApp:
             if getattr(new.settings, name) != getattr(old.settings, name):
                 log.warning("configuration: a change of %s takes effect at the next restart",
                             name)
-        self.queue.reconfigure()
-        if old.settings.tls != new.settings.tls:
+        if self.queue is not None:
+            self.queue.reconfigure()
+        if self.tls is not None and old.settings.tls != new.settings.tls:
             await self.tls.reload()
         log.info("configuration reloaded (hash %s)", new.source_hash)
         return True
