@@ -208,7 +208,8 @@ class RelayApp:
         try:
             await self._start(stages, tasks)
             if not self._stop.is_set():
-                log.info("relay ready (config hash %s)", self.config().source_hash)
+                log.info("relay ready (config hash %s, event loop %s)",
+                         self.config().source_hash, type(loop).__module__.split(".")[0])
             await self._stop.wait()
         finally:
             log.info("relay stopping")
