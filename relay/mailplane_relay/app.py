@@ -266,7 +266,8 @@ class RelayApp:
         stages.append(("message log", msglog.close))
         self.message_log = msglog
 
-        suppression = SuppressionList(settings.message_log.path, metrics)
+        suppression = SuppressionList(settings.message_log.path, metrics,
+                                      export_gauge=worker is None or worker.index == 0)
         await suppression.start()
         stages.append(("suppression list", suppression.close))
 

@@ -484,10 +484,13 @@ class SuppressionList:
 
     def __init__(
         self, path: str, metrics: RelayMetrics,
-        *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL,
+        *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL, export_gauge: bool = True,
     ) -> None:
         self.path = path
         self._metrics = metrics
+        # With several workers each holds the whole list; one of them reports its size, so
+        # that summing the gauge over processes counts each address once.
+        self._export_gauge = export_gauge
         self._refresh_interval = refresh_interval
         self._db = _Worker(path, "suppression")
         self._cache: dict[str, tuple[str, float]] = {}
@@ -499,6 +502,10 @@ class SuppressionList:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def _set_gauge(self) -> None:
+        if self._export_gauge:
+            self._metrics.suppression_entries.set(len(self._cache))
 
     async def start(self) -> None:
         await self._db.open()
@@ -513,13 +520,13 @@ class SuppressionList:
         created = time.time()
         await self._db.run(lambda conn: _upsert(conn, address, reason, source, created))
         self._cache[address] = (reason, created)
-        self._metrics.suppression_entries.set(len(self._cache))
+        self._set_gauge()
 
     async def remove(self, address: str) -> bool:
         address = _parse_address(address)
         removed = await self._db.run(lambda conn: _delete(conn, address))
         self._cache.pop(address, None)
-        self._metrics.suppression_entries.set(len(self._cache))
+        self._set_gauge()
         return removed
 
     async def refresh(self) -> bool:
@@ -534,7 +541,7 @@ class SuppressionList:
         if loaded is None:
             return False
         self._version, self._cache = loaded
-        self._metrics.suppression_entries.set(len(self._cache))
+        self._set_gauge()
         return True
 
     async def wait_refreshed(self) -> None:

@@ -237,6 +237,28 @@ async def test_two_workers_share_the_ports_and_one_metrics_endpoint(
     in_force = {line.split('"')[1] for line in relay.metrics().splitlines()
                 if line.startswith("mailplane_relay_config_info{") and line.endswith(" 1.0")}
     assert len(in_force) == 1, in_force
+
+    # The CLI writes the shared file; every worker's cache picks the entry up within ~1 s.
+    subprocess.run([*relay_command()[:-1], "suppression", "add", "blocked@dest.test",
+                    "--reason", "complaint", "--config", str(relay.config_dir)],
+                   check=True, capture_output=True, timeout=30)
+    await eventually(lambda: relay.metric("mailplane_relay_suppression_entries") == 1,
+                     "the suppression gauge (counted once over workers)")
+    # The other worker exports no gauge: watch its behaviour instead, until six connections in
+    # a row (spread over both workers by the kernel) refuse the address.
+    refusals, deadline = 0, time.monotonic() + 10
+    while refusals < 6:
+        assert time.monotonic() < deadline, "a worker still accepts the suppressed address"
+        smtp = await client(relay, implicit=refusals % 2 == 0)
+        try:
+            await smtp.sendmail("app@example.com", ["blocked@dest.test"],
+                                b"From: app@example.com\r\nSubject: x\r\n\r\nx\r\n")
+            refusals = 0
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            err = exc.recipients[0]
+            assert err.code == 550 and "suppression list (complaint)" in err.message
+            refusals += 1
+        await smtp.quit()
     promtool_check(relay.metrics())
     assert await asyncio.to_thread(relay.stop) == 0
     assert "all 2 workers stopped" in relay.log()
