@@ -309,8 +309,8 @@ async def credential_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[Credent
 
 def _relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRelay | None:
     body = _first(relays_idx.get(key))
-    if body is None:
-        return None
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # a relay on its way out admits nothing new
     try:
         return parse_smtp_relay(body)
     except SpecError:
@@ -644,6 +644,13 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         for body in kwargs["domains_idx"].get(key, ()):
             rt.wake_domain(_key(body))
 
+    @kopf.on.event(*relays, id="relay_event", registry=registry)
+    async def relay_event(**kwargs: Any) -> None:
+        if kwargs["type"] == "DELETED":
+            key: RelayKey = (kwargs["namespace"], kwargs["name"])
+            for body in kwargs["credentials_idx"].get(key, ()):
+                rt.credential_next_check.pop(_key(body), None)
+
     @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED_BY_LABELS,
                    id="relay_replicas", registry=registry)
     async def relay_replicas(**kwargs: Any) -> None:
@@ -788,6 +795,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
 async def run(config: OperatorConfig, *, metrics: OperatorMetrics | None = None,
               stop_flag: Any = None, ready_flag: Any = None,
               clock: Callable[[], datetime] | None = None,
+              liveness_endpoint: str | None = None,
               on_runtime: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Run the operator until `stop_flag` is set (or forever): the composition root."""
     metrics = metrics if metrics is not None else OperatorMetrics.create()
@@ -808,6 +816,7 @@ async def run(config: OperatorConfig, *, metrics: OperatorMetrics | None = None,
                 namespaces=list(config.namespaces),
                 stop_flag=stop_flag,
                 ready_flag=ready_flag,
+                liveness_endpoint=liveness_endpoint,
             )
         finally:
             metrics.up.set(0)

@@ -104,12 +104,17 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
 
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1000), init=False)
+    _last_version: int = attrs.field(default=999, init=False)
     on_write: list[Callable[[], None]] = attrs.field(factory=list, init=False)
     writes: int = attrs.field(default=0, init=False)
 
     namespaces: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    audit: list[tuple[str, str, str, dict[str, str]]] = attrs.field(factory=list, init=False)
+    """(User-Agent, method, path, query) of every request, for RBAC checks."""
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        self.audit.append((raw_request.headers.get("User-Agent", ""), raw_request.method,
+                           raw_request.path, dict(raw_request.query)))
         # kmock 0.8 cannot parse /api/v1/namespaces[/name] (it takes "namespaces" for a
         # namespace prefix): serve Namespaces from a plain dict, without watch.
         parts = raw_request.path.strip("/").split("/")
@@ -157,7 +162,27 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         return resource in self.resources and "status" in self.resources[resource].subresources
 
     def _next_version(self) -> str:
-        return str(next(self._versions))
+        self._last_version = next(self._versions)
+        return str(self._last_version)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        # A list carries the resourceVersion it reflects, so that a watch from there (below)
+        # does not replay what the list already returned: kopf would process stale bodies.
+        async with self._write_lock:
+            version = self._last_version
+            result = await super()._serve_list(request)
+        result["metadata"]["resourceVersion"] = str(version)
+        return result
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        since = request.params.get("resourceVersion", "")
+        floor = int(since) if since.isdigit() else None
+        async for item in super()._serve_watch(request):
+            if floor is not None and isinstance(item, dict) and item.get("type") == "ADDED":
+                version = str(item["object"].get("metadata", {}).get("resourceVersion", ""))
+                if version.isdigit() and int(version) <= floor:
+                    continue
+            yield item
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         action = request.action
@@ -311,9 +336,14 @@ def _load_resources(emulator: MailplaneKubeEmulator, *, service_monitors: bool) 
                 shortnames=short, categories={"mailplane"}, subresources={"status"},
             )
     if service_monitors:
-        emulator.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
-            kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=_CR_VERBS,
-        )
+        serve_service_monitors(emulator)
+
+
+def serve_service_monitors(emulator: MailplaneKubeEmulator) -> None:
+    """Make the emulator serve the Prometheus operator's ServiceMonitor, as if its CRD existed."""
+    emulator.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
+        kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=_CR_VERBS,
+    )
 
 
 class ApiError(Exception):

@@ -1,0 +1,99 @@
+"""`mailplane operator`: run the operator against the current cluster.
+
+Inside a pod it uses the service account (in-cluster config); elsewhere the current kubeconfig
+context (``--kubeconfig``/``--context`` to choose). Metrics on ``--metrics-port``; kopf's liveness
+endpoint on ``--liveness-port``. SIGTERM/SIGINT stop it (kopf's own signal handling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from .reconcile.relay import DEFAULT_IMAGE
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the Kubernetes operator (SmtpRelay, SendingDomain, SmtpCredential, "
+             "RetentionPolicy)",
+        description="Reconcile Mailplane's custom resources in the cluster of the current "
+                    "kubeconfig, or of the service account inside a pod.",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; kopf patterns like 'team-*' "
+                            "work); default: all namespaces")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (the default)")
+    parser.add_argument("--metrics-port", type=int, default=9090, metavar="N",
+                        help="serve Prometheus metrics on this port (0: off; default 9090)")
+    parser.add_argument("--liveness-port", type=int, default=0, metavar="N",
+                        help="serve kopf's liveness probe on http://0.0.0.0:N/healthz (0: off)")
+    parser.add_argument("--dns-resolver", metavar="IP[:PORT]",
+                        help="DNS server for SendingDomain verification (default: the system "
+                             "resolver)")
+    parser.add_argument("--kubeconfig", metavar="FILE",
+                        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config; ignored "
+                             "inside a pod unless given)")
+    parser.add_argument("--context", metavar="NAME", help="kubeconfig context to use")
+    parser.add_argument("--image", default=os.environ.get("MAILPLANE_RELAY_IMAGE",
+                                                          DEFAULT_IMAGE),
+                        help="relay image for SmtpRelays that do not set spec.image "
+                             "(default: $MAILPLANE_RELAY_IMAGE or %(default)s)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # kopf logs every request attempt at DEBUG; keep that only when asked for.
+    if not args.verbose:
+        logging.getLogger("kopf").setLevel(logging.INFO)
+
+    from prometheus_client import start_http_server  # noqa: PLC0415 - lazy: see main.py
+
+    from . import handlers  # noqa: PLC0415
+    from .dnscheck import parse_resolver  # noqa: PLC0415
+    from .kube import load_connection  # noqa: PLC0415
+    from .metrics import OperatorMetrics  # noqa: PLC0415
+
+    try:
+        resolver = parse_resolver(args.dns_resolver) if args.dns_resolver else None
+    except ValueError as exc:
+        print(f"mailplane operator: --dns-resolver: {exc}", file=sys.stderr)
+        return 2
+    try:
+        connection = load_connection(args.kubeconfig, args.context)
+    except Exception as exc:  # the kubernetes client raises several unrelated types here
+        print(f"mailplane operator: cannot find the cluster: {exc}\n"
+              "Run inside a pod with a service account, or point --kubeconfig/$KUBECONFIG at "
+              "a kubeconfig.", file=sys.stderr)
+        return 2
+    config = handlers.OperatorConfig(
+        connection=connection,
+        namespaces=tuple(args.namespace),
+        dns_resolver=resolver,
+        image=args.image,
+    )
+    metrics = OperatorMetrics.create()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=metrics.registry)
+    logger.info("Mailplane operator starting against %s, watching %s", connection.server,
+                ", ".join(config.namespaces) or "all namespaces")
+    options: dict[str, Any] = {}
+    if args.liveness_port:
+        options["liveness_endpoint"] = f"http://0.0.0.0:{args.liveness_port}/healthz"
+    asyncio.run(handlers.run(config, metrics=metrics, **options))
+    return 0

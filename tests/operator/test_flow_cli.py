@@ -1,0 +1,70 @@
+"""`mailplane operator` as a process: kubeconfig, metrics port, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import yaml
+
+from mailplane_operator import kube as k
+from tests.helpers.kube import (
+    KubeApi,
+    credential_body,
+    domain_body,
+    namespace_body,
+    relay_body,
+    rendered_credentials,
+)
+from tests.helpers.ports import free_port
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _kubeconfig(path: pathlib.Path, server: str) -> pathlib.Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+        "users": [{"name": "operator", "user": {"token": "not-checked-by-the-emulator"}}],
+        "contexts": [{"name": "emulator",
+                      "context": {"cluster": "emulator", "user": "operator"}}],
+    }))
+    return path
+
+
+@pytest.mark.slow
+def test_the_operator_command_runs_against_the_kubeconfig_cluster(
+        kube_api: KubeApi, tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", kube_api.url)
+    env = {k_: v for k_, v in os.environ.items() if not k_.startswith("KUBERNETES_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig", str(kubeconfig),
+         "--metrics-port", str(port), "--all-namespaces"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        kube_api.create(k.NAMESPACES, namespace_body("mail"))
+        kube_api.create(k.NAMESPACES, namespace_body("shop", **{
+            "mailplane.io/smtp-access": "true"}))
+        kube_api.create(k.SMTP_RELAYS, relay_body())
+        kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+        kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
+        kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api),
+                            timeout=30, what="the process to render the relay configuration")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert "mailplane_operator_up 1.0" in metrics
+        assert 'mailplane_operator_reconciles_total{kind="SmtpCredential",result="ok"}' in metrics
+        password = kube_api.secret_data("shop", "orders-smtp")["password"]
+        assert password not in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output[-3000:]
+    assert password not in output
+    assert "Mailplane operator starting against" in output
