@@ -21,8 +21,11 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from prometheus_client import CollectorRegistry
 
-from mailplane_relay.messagelog import MessageLog
+from mailplane_relay.events import LogEvent
+from mailplane_relay.messagelog import MessageLog, SuppressionList
+from mailplane_relay.metrics import RelayMetrics
 from tests.helpers.relayproc import RelayProcess, relay_command
 from tests.helpers.sink import Sink
 
@@ -74,6 +77,18 @@ async def test_relay_starts_delivers_and_reports(
 ) -> None:
     sink: Sink = await smtp_sink()
     relay = relay_factory(smarthost_port=sink.port)
+    # Records past the default retention (90 days logs, 365 days suppression) from a previous
+    # life of this relay: the purge at start removes them.
+    old = MessageLog(str(relay.message_log), flush_interval=3600,
+                     metrics=RelayMetrics.create(CollectorRegistry()))
+    await old.start()
+    for i in range(3):
+        old.record(LogEvent(ts=time.time() - 100 * 86400, status="delivered", queue_id=f"OLD{i}",
+                            message_id=None, credential="app", sender="app@example.com",
+                            recipient="x@dest.test", response="250 ok", size=1))
+    await old.close()
+    SuppressionList.add_entry(str(relay.message_log), "stale@dest.test", "hard_bounce",
+                              now=time.time() - 400 * 86400)
     await asyncio.to_thread(relay.start)
 
     assert relay.http_get("/livez") == (200, "ok\n")
@@ -90,6 +105,9 @@ async def test_relay_starts_delivers_and_reports(
         >= {"received", "delivered"}, "received and delivered in the message log")
     await eventually(lambda: relay.metric("mailplane_relay_last_purge_timestamp_seconds") > 0,
                      "the retention purge at start")
+    assert relay.metric("mailplane_relay_purged_records_total", table="message_log") == 3
+    assert relay.metric("mailplane_relay_purged_records_total", table="suppression") == 1
+    assert SuppressionList.list_entries(str(relay.message_log)) == []
     logs = subprocess.run(
         [*relay_command()[:-1], "logs", "--config", str(relay.config_dir), "--json"],
         capture_output=True, text=True, timeout=30, check=True).stdout
