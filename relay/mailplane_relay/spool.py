@@ -15,7 +15,10 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
     Files of removed messages kept for reuse: a commit overwrites one and renames it into place
     instead of creating a file. Creating an inode is the single most expensive step of a commit
     on ext4 under churn (its allocator scans for recently deleted inodes); recycling avoids it.
-    Recovery never reads these files.
+    Recovery never reads these files. Every envelope names its own queue id and size, and
+    recovery checks both: if a crash undid a removal whose file had already been reused, the
+    resurrected name holds another message's bytes, fails the check, and is set aside in
+    ``corrupt/`` (that message had been delivered; nothing is lost).
 
 Group commit: each commit writes and fsyncs its own file in a thread pool (the kernel merges
 concurrent fsyncs into one journal commit), renames it, then joins the open batch; one directory
