@@ -244,3 +244,20 @@ async def test_removed_files_are_recycled_for_new_commits(tmp_path: Path) -> Non
     await again.close()
     assert [m.queue_id for m in recovered] == [short.queue_id]
     assert recovered[0].size == len(b"short\r\n")
+
+
+async def test_an_undone_removal_of_a_reused_file_is_quarantined(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    a = await commit(s, b"message a\r\n")
+    await s.remove(a.queue_id)
+    b = await commit(s, b"message b, reusing a's file\r\n")
+    assert s.recycled == 1
+    await s.close()
+    # A crash that lost the journal entry of a's removal, but not b's bytes in the same inode.
+    shutil.copy(tmp_path / f"{b.queue_id}.msg", tmp_path / f"{a.queue_id}.msg")
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    await again.close()
+    assert [m.queue_id for m in recovered] == [b.queue_id]
+    assert (tmp_path / "corrupt" / f"{a.queue_id}.msg").exists()
