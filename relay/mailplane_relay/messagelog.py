@@ -38,6 +38,11 @@ DELETE_CHUNK = 2_000
 # hundred bytes per event this is tens of MB at most; beyond it events are dropped and counted.
 MAX_BUFFERED_EVENTS = 200_000
 SUPPRESSION_REFRESH_INTERVAL = 1.0
+# A burst this large is written at once instead of waiting for the flush interval, which keeps
+# transactions (and the memory held) small under load.
+EARLY_FLUSH_EVENTS = 5_000
+# Repeated failures (a stuck disk) are logged at most this often.
+ERROR_LOG_INTERVAL = 10.0
 
 _COLUMNS = (
     "ts", "status", "queue_id", "message_id", "credential", "sender", "recipient", "response",
@@ -236,7 +241,9 @@ class MessageLog:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dropped_since_warning = 0
-        self._last_drop_warning = 0.0
+        self._last_drop_warning = -ERROR_LOG_INTERVAL
+        self._failures_since_log = 0
+        self._last_failure_log = -ERROR_LOG_INTERVAL
         self.dropped = Counter(
             f"{NS}_messagelog_dropped_events",
             "Message-log events dropped because the database did not take them in time.",
@@ -266,6 +273,8 @@ class MessageLog:
             self._buffer.append((e.ts, e.status, e.queue_id, e.message_id, e.credential,
                                  e.sender, e.recipient, e.response, e.size, e.attempt,
                                  e.remote))
+            if len(self._buffer) == EARLY_FLUSH_EVENTS:
+                self._wakeup.set()
         except Exception:  # the caller is on the accept/delivery path: never let it fail
             log.exception("message log: could not record an event")
 
@@ -273,7 +282,7 @@ class MessageLog:
         self.dropped.inc(count)
         self._dropped_since_warning += count
         now = time.monotonic()
-        if now - self._last_drop_warning >= 10.0:
+        if now - self._last_drop_warning >= ERROR_LOG_INTERVAL:
             log.warning(
                 "message log %s is not keeping up (disk stuck or locked?): %d events dropped "
                 "since the last warning; see mailplane_relay_messagelog_dropped_events_total",
@@ -291,9 +300,16 @@ class MessageLog:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # flush() already kept the batch; a failure here is logged, the loop goes on.
-                log.exception("message log: batch write failed; will retry")
+            except Exception as exc:
+                # flush() kept the batch; log the failure (not every 200 ms) and go on.
+                self._failures_since_log += 1
+                now = time.monotonic()
+                if now - self._last_failure_log >= ERROR_LOG_INTERVAL:
+                    log.error("message log %s: %d batch writes failed (%s); %d events held, "
+                              "retrying", self.path, self._failures_since_log, exc,
+                              len(self._buffer))
+                    self._failures_since_log = 0
+                    self._last_failure_log = now
 
     async def flush(self) -> None:
         """Write everything recorded so far. On failure the events stay buffered and it raises."""
@@ -310,9 +326,7 @@ class MessageLog:
                 # Shielded: once handed to the thread the batch will be written even if this
                 # caller is cancelled, so it must not be put back (that would duplicate it).
                 await asyncio.shield(self._db.run(write))
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
+            except Exception:
                 self.write_errors.inc()
                 # Put the batch back in front, in order, within the bound.
                 merged = batch + self._buffer

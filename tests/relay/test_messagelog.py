@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from mailplane_relay.events import LogEvent
 from mailplane_relay.messagelog import (
     DELETE_CHUNK,
+    EARLY_FLUSH_EVENTS,
     MessageLog,
     MessageLogError,
     SuppressionList,
@@ -83,6 +84,20 @@ async def test_background_writer_flushes_on_its_interval(db: str, metrics: Relay
             assert time.monotonic() < deadline, "the writer task never flushed"
             await asyncio.sleep(0.02)
         assert ml.pending == 0
+    finally:
+        await ml.close()
+
+
+async def test_a_burst_is_written_before_the_interval(db: str, metrics: RelayMetrics) -> None:
+    ml = MessageLog(db, flush_interval=3600, metrics=metrics)
+    await ml.start()
+    try:
+        for i in range(EARLY_FLUSH_EVENTS):
+            ml.record(event(i))
+        deadline = time.monotonic() + 5
+        while len(MessageLog.query(db, limit=EARLY_FLUSH_EVENTS)) < EARLY_FLUSH_EVENTS:
+            assert time.monotonic() < deadline, "a full buffer waited for the interval"
+            await asyncio.sleep(0.02)
     finally:
         await ml.close()
 
