@@ -105,3 +105,27 @@ async def test_swaks_tls_on_connect_auth_plain(relay: Relay) -> None:
         "--header", "From: news@example.com")
     assert code == 0, out
     assert relay.queue.submitted[0].listener == "submissions"
+
+
+async def test_swaks_pipelining(relay: Relay) -> None:
+    code, out = await _swaks(
+        "--port", str(relay.implicit_port), "--tls-on-connect", "--tls-ca-path",
+        str(relay.ca_file), "--pipeline", "--auth", "PLAIN", "--auth-user", "app1",
+        "--auth-password", PASSWORD, "--from", "news@example.com",
+        "--to", "one@example.net,two@example.net", "--header", "From: news@example.com")
+    assert code == 0, out
+    [msg] = relay.queue.submitted
+    assert [r.address for r in msg.recipients] == ["one@example.net", "two@example.net"]
+
+
+async def test_smtp_source_concurrent_sessions_from_a_trusted_network(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d.update(trustedNetworks=["127.0.0.1/32"]))
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/sbin/smtp-source", "-c", "-l", "2048", "-m", "200", "-s", "10",
+        "-f", "load@example.com", "-t", "sink@example.net", f"127.0.0.1:{relay.starttls_port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    assert len(relay.queue.submitted) == 200
+    assert len({m.queue_id for m in relay.queue.submitted}) == 200
+    assert len(list(relay.spool.directory.glob("*.msg"))) == 200
