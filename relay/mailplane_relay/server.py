@@ -29,8 +29,6 @@ import socket
 import time
 from base64 import b64decode
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from functools import partial
 from typing import Any, Protocol
 
@@ -764,14 +762,13 @@ class RelaySMTP(SMTP):
         if len(content) > limits.max_message_size:
             return self._refuse("size", too_big, sender, size=len(content))
 
-        headers = _parse_headers(content)
-        message_id = _message_id(headers)
+        from_values, message_id = header_fields(content)
         credential = self._credential(cfg)
         if self._username is not None:
             if credential is None:
                 return self._refuse("suspended", R.CREDENTIAL_GONE.format(user=self._username),
                                     sender)
-            refusal = self._check_header_from(cfg, credential, headers, sender)
+            refusal = self._check_header_from(cfg, credential, from_values, sender)
             if refusal is not None:
                 return refusal
             over = srv.limiter.check_message(credential)
@@ -801,8 +798,7 @@ class RelaySMTP(SMTP):
         return reply
 
     def _check_header_from(self, cfg: RelayConfig, credential: Credential,
-                           headers: Any, sender: str) -> str | None:
-        values = [str(v) for v in headers.get_all("From", [])]
+                           values: list[str], sender: str) -> str | None:
         addresses = [a for _, a in email.utils.getaddresses(values) if a]
         if not addresses:
             return self._refuse("sender_not_allowed", R.HEADER_FROM_MISSING, sender)
@@ -822,7 +818,7 @@ class RelaySMTP(SMTP):
         helo = self.session.host_name or ""
         helo = helo if _HELO_SAFE.match(helo) else "unknown"
         proto = "ESMTP" + ("S" if self._secure else "") + ("A" if self._username else "")
-        stamp = email.utils.formatdate(usegmt=True)
+        stamp = self._srv.date_stamp()
         return (f"Received: from {helo} ({self.peer_ip})\r\n\tby {self.hostname} with {proto};"
                 f" {stamp}\r\n").encode("ascii")
 
@@ -831,18 +827,29 @@ _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(RelaySMTP) if name.startswith("smtp_") and name[5:].isupper())
 
 
-def _parse_headers(content: bytes) -> Any:
+def header_fields(content: bytes) -> tuple[list[str], str | None]:
+    """The unfolded values of every ``From:`` header, and the first ``Message-ID:``.
+
+    A small scanner instead of the email package's parser (about 0.1 ms a message). Stricter
+    where it matters: a name is compared with whitespace around it removed, so an obsolete
+    ``From :`` counts as a From header too (some readers show it as one)."""
     end = content.find(b"\r\n\r\n")
     head = content if end < 0 else content[: end + 2]
-    return BytesHeaderParser(policy=compat32).parsebytes(head)
-
-
-def _message_id(headers: Any) -> str | None:
-    value = headers.get("Message-ID")
-    if value is None:
-        return None
-    text = " ".join(str(value).split())
-    return text[:998] or None
+    if content.startswith(b"\r\n"):
+        head = b""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, (value + b" " + line.strip()).strip())
+        else:
+            name, colon, value = line.partition(b":")
+            if colon:
+                fields.append((name.strip().lower(), value.strip()))
+    from_values = [v.decode("utf-8", "replace") for n, v in fields if n == b"from"]
+    message_id = next((v for n, v in fields if n == b"message-id"), None)
+    mid = message_id.decode("utf-8", "replace")[:998] if message_id else None
+    return from_values, mid or None
 
 
 async def _check_password(credential: Credential, password: str) -> bool:
@@ -896,6 +903,7 @@ class SubmissionServer:
         self._ports: dict[str, int] = {}
         self._sessions: set[RelaySMTP] = set()
         self._listener_metrics: dict[str, tuple[Any, Any]] = {}
+        self._date: tuple[int, str] = (0, "")
         self._received: dict[tuple[str, str, str], Any] = {}
         self._empty = asyncio.Event()
         self._empty.set()
@@ -986,6 +994,13 @@ class SubmissionServer:
         self._session_metrics(session.listener.name)[1].dec()
         if not self._sessions:
             self._empty.set()
+
+    def date_stamp(self) -> str:
+        """The current date for Received: headers, formatted once per second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
 
     def _session_metrics(self, listener: str) -> tuple[Any, Any]:
         pair = self._listener_metrics.get(listener)

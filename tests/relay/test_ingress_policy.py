@@ -197,3 +197,25 @@ async def test_sender_paths_parse_alike_on_both_parsers(relay: Relay, path: str)
         assert (await c.cmd("MAIL FROM:<a@example.com>"))[0] == 503  # the first one was taken
     finally:
         await c.close()
+
+
+def test_header_fields_unfold_and_compare_names_loosely() -> None:
+    from mailplane_relay.server import header_fields
+
+    content = (b"Subject: x\r\nFROM: Alice\r\n <alice@example.com>\r\nMessage-ID:\r\n\t<id@x>\r\n"
+               b"From : evil@other.org\r\nX-Note: From: not@a.header\r\n\r\nFrom: body@x.y\r\n")
+    values, mid = header_fields(content)
+    assert values == ["Alice <alice@example.com>", "evil@other.org"]
+    assert mid == "<id@x>"
+    assert header_fields(b"\r\nFrom: body@x.y\r\n") == ([], None)
+    assert header_fields(b"From: only@headers.example\r\n") == (["only@headers.example"], None)
+
+
+async def test_obsolete_spaced_from_header_cannot_slip_past_the_policy(relay: Relay) -> None:
+    c = await ready_session(relay)
+    try:
+        _, text = await send(c, "a@example.com", ["x@example.net"],
+                             b"From: a@example.com\r\nFrom : ceo@other.org\r\n\r\nhi\r\n")
+        assert text.startswith("550 5.7.1") and "other.org" in text
+    finally:
+        await c.close()
