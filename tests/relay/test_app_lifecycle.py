@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from mailplane_relay.events import LogEvent
 from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
+from tests.helpers.pki import peer_serial, write_server_pair
 from tests.helpers.relayproc import RelayProcess, relay_command
 from tests.helpers.sink import Sink
 
@@ -352,3 +353,32 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     relay.proc.wait(10)
     await eventually(lambda: not any(alive(pid) for pid in workers),
                      "orphaned workers to exit", timeout=20)
+
+
+async def test_reload_to_other_certificate_files_presents_the_new_certificate(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port)
+    await asyncio.to_thread(relay.start)
+
+    async def served_serial() -> int:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relay.ports["submissions"], ssl=relay.client_tls(),
+            server_hostname="localhost")
+        try:
+            await reader.readline()  # the greeting
+            return peer_serial(writer.get_extra_info("ssl_object"))
+        finally:
+            writer.close()
+
+    assert await served_serial() == relay.tls_pair.serial
+    renewed = write_server_pair(relay.ca, relay.base / "tls-renewed", stem="renewed")
+    spec = relay.spec()
+    spec["tls"] = {"certFile": str(renewed.cert_file), "keyFile": str(renewed.key_file)}
+    relay.write_config(spec)
+    await eventually(
+        lambda: relay.metric("mailplane_relay_config_reloads_total", result="success") == 2,
+        "the reload")
+    assert await served_serial() == renewed.serial
+    assert await asyncio.to_thread(relay.stop) == 0
