@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import socket
+import ssl
 import time
 from base64 import b64decode
 from collections.abc import Callable
@@ -342,7 +343,8 @@ class RelaySMTP(SMTP):
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+                # The peer went away or broke the TLS stream: nothing to answer.
                 self._close()
                 return
             except TLSSetupException:
