@@ -3,7 +3,8 @@
 Built on aiosmtpd's ``SMTP`` protocol, with the parts that are not production-ready replaced:
 
 - the command loop (``_handle_client``): strict CRLF and no control characters in commands,
-  enhanced status codes, STARTTLS required before anything but EHLO/HELO/NOOP/RSET/QUIT,
+  enhanced status codes, STARTTLS required before anything but EHLO/HELO/NOOP/RSET/QUIT
+  (``trustedNetworks`` excepted), one write per reply burst (EHLO, pipelined commands),
   an internal error answers ``451 4.3.0`` with a correlation id (never the exception text), and
   sessions stop cleanly when the server drains;
 - ``DATA``: read in large chunks up to the one true end-of-data ``<CRLF>.<CRLF>``; a bare CR or
@@ -232,7 +233,7 @@ class RelaySMTP(SMTP):
         self._auth_required = False
         self._auth_methods = {}  # AUTH is ours (smtp_AUTH below)
         self._handle_hooks = server.handler.hooks
-        self._ehlo_hook_ver = "new"
+        self._ehlo_hook_ver = None  # EHLO is ours (smtp_EHLO below)
         self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in _SMTP_COMMANDS}
         self._enforce_call_limit = False
 
