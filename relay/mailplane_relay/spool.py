@@ -22,8 +22,9 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
 
 Group commit: each commit writes and fsyncs its own file in a thread pool (the kernel merges
 concurrent fsyncs into one journal commit), renames it, then joins the open batch; one directory
-fsync, run ``group_commit_window`` seconds after the batch opened, makes every rename in the
-batch durable at once.
+fsync makes every rename in the batch durable at once. The batch's fsync waits while other
+commits are still writing, up to ``group_commit_window``: a lone commit is not delayed, and a
+burst shares one fsync.
 
 Delivery semantics are at-least-once: a state update is not fsynced by default (losing one only
 repeats an attempt), and a message is removed only when no recipient is pending. A crash after a
@@ -174,6 +175,8 @@ class Spool:
         self._executor: ThreadPoolExecutor | None = None
         self._batch: _Batch | None = None
         self._flushers: set[asyncio.Task[None]] = set()
+        self._writing = 0  # commits whose files are being written now
+        self._writer_done: asyncio.Event | None = None
         self._dir_fd: int | None = None
         self._rng = random.Random(os.urandom(32))  # uniqueness, not secrecy
         self._free_dir = self.directory / _FREE
@@ -237,10 +240,15 @@ class Spool:
         )
         envelope = msg.to_json()
         final = self.directory / (msg.queue_id + _MSG)
+        self._writing += 1
         try:
             await self._run(self._write_message, final, envelope, data)
         except OSError as exc:
             raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+        finally:
+            self._writing -= 1
+            if self._writer_done is not None:
+                self._writer_done.set()
         if self.fsync:
             try:
                 await self._sync_directory()
@@ -292,10 +300,28 @@ class Spool:
             task.add_done_callback(self._flushers.discard)
         await asyncio.shield(batch.future)
 
+    async def _gather_writers(self) -> None:
+        """Wait, at most ``group_commit_window``, while other commits are still writing their
+        files: they join this batch instead of paying for their own directory fsync. A commit
+        that arrives alone is synced at once, without waiting out the window."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.group_commit_window
+        if self._writer_done is None:
+            self._writer_done = asyncio.Event()
+        while self._writing > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._writer_done.clear()
+            try:
+                await asyncio.wait_for(self._writer_done.wait(), remaining)
+            except TimeoutError:
+                return
+
     async def _flush(self, batch: _Batch) -> None:
         try:
             if self.group_commit_window > 0:
-                await asyncio.sleep(self.group_commit_window)
+                await self._gather_writers()
             # Close the batch before the fsync starts: a rename that completes after this point
             # is not covered by this fsync and must wait for the next one.
             if self._batch is batch:
