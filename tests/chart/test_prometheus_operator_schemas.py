@@ -1,13 +1,10 @@
 """kubernetes-validate knows no ServiceMonitor or PrometheusRule: the chart's are validated against
 the prometheus-operator CRD schemas instead, as compiled by the npm package
-@kubernetes-models/prometheus-operator (run with node; installed from tests/chart/node's lock file
-on first use)."""
+@kubernetes-models/prometheus-operator (run with node; see the `node_tools` fixture)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,23 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import CHART_DIR, ROOT, load_values, render_install
-
-NODE_DIR = Path(__file__).parent / "node"
+from .conftest import CHART_DIR, NODE_DIR, ROOT, load_values, render_install
 
 
 @pytest.fixture(scope="module")
-def validator() -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    assert node and npm, "node and npm are needed (Debian: apt-get install nodejs npm)"
-    # pytest-xdist workers may get here together: one installs, the others wait for it.
-    with (NODE_DIR / ".install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (NODE_DIR / "node_modules" / "@kubernetes-models" / "prometheus-operator").is_dir():
-            r = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                               cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
-            assert r.returncode == 0, r.stdout + r.stderr
-    return NODE_DIR / "validate.mjs"
+def validator(node_tools: Path) -> Path:
+    return node_tools / "validate.mjs"
 
 
 def check(validator: Path, objects: list[dict[str, Any]]) -> tuple[int, str]:
