@@ -54,3 +54,17 @@ def test_helm3_enforces_the_kube_version_and_the_schema(helm3: Path) -> None:
             "--set", "operator.metricsPort=http")
     assert r.returncode != 0
     assert "operator.metricsPort" in r.stderr
+
+
+def test_default_resources_render_once_the_api_is_known(helm3: Path) -> None:
+    values = str(Path(__file__).parent / "values" / "resources.yaml")
+    r = run(helm3, "template", RELEASE, str(CHART_DIR), "-n", NAMESPACE,
+            "--kube-version", KUBE_VERSIONS[0], "-f", values)
+    assert r.returncode != 0
+    assert "need the Mailplane CRDs in the cluster first" in r.stderr
+    r = run(helm3, "template", RELEASE, str(CHART_DIR), "-n", NAMESPACE,
+            "--kube-version", KUBE_VERSIONS[0], "-f", values,
+            "--api-versions", "mailplane.io/v1alpha1")
+    assert r.returncode == 0, r.stderr
+    kinds = [o["kind"] for o in yaml.safe_load_all(r.stdout) if o]
+    assert kinds.count("SendingDomain") == 2 and "SmtpRelay" in kinds
