@@ -179,6 +179,8 @@ class RelayWorker:
         self.last: RenderResult | None = None
         self.last_error: str | None = None
         self.renders = 0
+        self.render_seconds = 0.0
+        """Total time spent rendering (for the benchmark and debug logs)."""
 
     def poke(self) -> int:
         self.requested += 1
@@ -221,6 +223,8 @@ class Runtime:
     means "reconcile at the next tick"."""
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     domain_wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+    parsed: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
+    """(uid, parser) -> (resourceVersion, parsed model or None when invalid)."""
 
     # -- reads through small caches ------------------------------------------------------------
 
@@ -283,25 +287,41 @@ class Runtime:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_all(parse: Callable[[Body], Any], bodies: Iterable[Body]) -> list[Any]:
+def _parse_all(parse: Callable[[Body], Any], bodies: Iterable[Body],
+               cache: dict[tuple[str, str], tuple[str, Any]] | None = None) -> list[Any]:
+    """Parse bodies, skipping invalid ones (reported by their own handlers). With `cache`,
+    a body whose uid and resourceVersion were parsed before is not parsed again: a relay with
+    a thousand credentials is re-rendered often, its credentials rarely change."""
     out = []
     for body in bodies:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("uid")), parse.__name__)
+        version = str(meta.get("resourceVersion"))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] == version:
+            if hit[1] is not None:
+                out.append(hit[1])
+            continue
         try:
-            out.append(parse(body))
+            parsed = parse(body)
         except SpecError:
-            continue  # reported on the resource itself by its own handler
+            parsed = None
+        if cache is not None and meta.get("resourceVersion"):
+            cache[key] = (version, parsed)
+        if parsed is not None:
+            out.append(parsed)
     return out
 
 
 async def domain_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[DomainInput]:
-    domains: list[SendingDomain] = _parse_all(parse_sending_domain, bodies)
+    domains: list[SendingDomain] = _parse_all(parse_sending_domain, bodies, rt.parsed)
     secrets = await asyncio.gather(*(
         rt.secret(d.meta.namespace, domain_mod.secret_name(d)) for d in domains))
     return [DomainInput(d, s) for d, s in zip(domains, secrets, strict=True)]
 
 
 async def credential_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[CredentialInput]:
-    creds: list[SmtpCredential] = _parse_all(parse_smtp_credential, bodies)
+    creds: list[SmtpCredential] = _parse_all(parse_smtp_credential, bodies, rt.parsed)
     secrets = await asyncio.gather(*(
         rt.secret(c.meta.namespace, c.secret_name) for c in creds))
     return [CredentialInput(c, s) for c, s in zip(creds, secrets, strict=True)]
@@ -483,7 +503,12 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             relay = _relay_of(indexes["relays_idx"], relay_key)
             attached: list[str] = []
             ns_labels = await rt.namespace_labels(cred.meta.namespace)
-            if relay is not None:
+            worker = rt.workers.get(relay_key)
+            if relay is not None and worker is not None and worker.last is not None:
+                # The domains the relay actually signs for, as of its last render; a render
+                # that changes them re-checks the credentials it disagrees with.
+                attached = list(worker.last.domains)
+            elif relay is not None:
                 domains = await domain_inputs(rt, indexes["domains_idx"].get(relay_key, ()))
                 labels = await rt.labels_of(d.domain.meta.namespace for d in domains)
                 included, _excluded = attached_domains(relay, domains, labels)
@@ -615,6 +640,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     rt.secrets.clear()
                     last_full = time.monotonic()
                 delay = config.relay_resync_interval
+                render_started = time.monotonic()
                 try:
                     worker.last = await render_relay(rt, key, kwargs, logger)
                     worker.last_error = None
@@ -627,9 +653,14 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     logger.warning("Rendering failed (attempt %d), retrying in %.1fs: %s",
                                    failures, delay, exc)
                 await worker.done(ticket)
+                took = time.monotonic() - render_started
+                worker.render_seconds += took
+                logger.debug("Render %d took %.3fs", worker.renders, took)
                 if await _wait_for_wake(worker.wake, stopped, delay):
-                    # A burst of pokes (e.g. many credentials created together) renders once.
-                    await asyncio.sleep(config.render_debounce)
+                    # A burst of pokes (many credentials created together) renders once; a
+                    # render that took long waits as long again (up to a second), so that
+                    # rendering a large relay does not take all of the operator's time.
+                    await asyncio.sleep(max(config.render_debounce, min(took, 1.0)))
         finally:
             if rt.workers.get(key) is worker:
                 del rt.workers[key]
