@@ -38,6 +38,9 @@ DELETE_CHUNK = 2_000
 # hundred bytes per event this is tens of MB at most; beyond it events are dropped and counted.
 MAX_BUFFERED_EVENTS = 200_000
 SUPPRESSION_REFRESH_INTERVAL = 1.0
+SUPPRESSION_CHANGES_KEPT = 100_000
+# More changes than this since the last look: one full reload is cheaper than the delta.
+SUPPRESSION_DELTA_LIMIT = 20_000
 # A burst this large is written at once instead of waiting for the flush interval, which keeps
 # transactions (and the memory held) small under load.
 EARLY_FLUSH_EVENTS = 5_000
@@ -77,18 +80,22 @@ CREATE TABLE IF NOT EXISTS suppression (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
--- A change counter kept by triggers, so that every writer (relay workers, the CLI, the purge)
--- tells the suppression caches to reload, and checking costs one indexed read.
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO counters (name, value) VALUES ('suppression', 0);
+-- Every change to the suppression list, numbered, written by triggers: whoever writes (relay
+-- workers, the CLI, the purge), each cache reads only the addresses changed since it last
+-- looked, so a list of millions costs nothing to keep fresh. The last
+-- SUPPRESSION_CHANGES_KEPT changes are kept; a cache that fell further behind reloads fully.
+CREATE TABLE IF NOT EXISTS suppression_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS suppression_after_insert AFTER INSERT ON suppression BEGIN
-    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+    INSERT INTO suppression_changes (address) VALUES (NEW.address);
 END;
 CREATE TRIGGER IF NOT EXISTS suppression_after_update AFTER UPDATE ON suppression BEGIN
-    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+    INSERT INTO suppression_changes (address) VALUES (NEW.address);
 END;
 CREATE TRIGGER IF NOT EXISTS suppression_after_delete AFTER DELETE ON suppression BEGIN
-    UPDATE counters SET value = value + 1 WHERE name = 'suppression';
+    INSERT INTO suppression_changes (address) VALUES (OLD.address);
 END;
 """
 
@@ -338,17 +345,21 @@ class MessageLog:
                 raise
 
     async def purge(
-        self, *, now: float, message_log_retention: float, suppression_retention: float
+        self, *, now: float, message_log_retention: float, suppression_retention: float,
+        changes_kept: int = SUPPRESSION_CHANGES_KEPT,
     ) -> int:
         """Delete log rows and suppression entries older than their retention, in short chunks."""
         log_cutoff = now - message_log_retention
         supp_cutoff = now - suppression_retention
 
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
-            return (
+            counts = (
                 _delete_in_chunks(conn, "message_log", "ts < ?", (log_cutoff,)),
                 _delete_in_chunks(conn, "suppression", "created < ?", (supp_cutoff,)),
             )
+            _delete_in_chunks(conn, "suppression_changes", "seq <= ?",
+                              (_last_change(conn) - changes_kept,))
+            return counts
 
         n_log, n_supp = await self._db.run(run)
         self._metrics.purged_records.labels(table="message_log").inc(n_log)
@@ -452,23 +463,48 @@ def _forget(conn: sqlite3.Connection, address: str) -> dict[str, int]:
 # -------------------------------------------------------------------------------------------
 
 
-def _load_suppression(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[str, float]]]:
-    # One read transaction, so the counter matches the rows we load.
-    conn.execute("BEGIN")
+Entry = tuple[str, float]  # (reason, created)
+
+
+def _last_change(conn: sqlite3.Connection) -> int:
+    # sqlite_sequence holds the last number AUTOINCREMENT gave, even after old rows are pruned.
+    row = conn.execute(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'suppression_changes'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _read_suppression_changes(
+    conn: sqlite3.Connection, since: int, delta_limit: int
+) -> tuple[int, bool, dict[str, Entry | None]] | None:
+    """What changed after change number ``since``: (last change, full reload?, entries), where
+    an entry of None means the address left the list. None when nothing changed."""
+    conn.execute("BEGIN")  # one snapshot: the change numbers match the rows read
     try:
-        version = _suppression_version(conn)
-        entries = {
-            row[0]: (row[1], row[2])
-            for row in conn.execute("SELECT address, reason, created FROM suppression")
-        }
+        last = _last_change(conn)
+        if last == since:
+            return None
+        oldest = conn.execute("SELECT MIN(seq) FROM suppression_changes").fetchone()[0]
+        missed = oldest is None or since < oldest - 1
+        if since < 0 or missed or last - since > delta_limit:
+            entries: dict[str, Entry | None] = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute("SELECT address, reason, created FROM suppression")
+            }
+            return last, True, entries
+        changed = [row[0] for row in conn.execute(
+            "SELECT DISTINCT address FROM suppression_changes WHERE seq > ?", (since,))]
+        delta: dict[str, Entry | None] = dict.fromkeys(changed)
+        for i in range(0, len(changed), 500):
+            chunk = changed[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT address, reason, created FROM suppression "  # noqa: S608
+                f"WHERE address IN ({marks})", chunk,
+            ):
+                delta[row[0]] = (row[1], row[2])
+        return last, False, delta
     finally:
         conn.execute("COMMIT")
-    return version, entries
-
-
-def _suppression_version(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT value FROM counters WHERE name = 'suppression'").fetchone()
-    return int(row[0]) if row else 0
 
 
 def _upsert(
@@ -499,6 +535,7 @@ class SuppressionList:
     def __init__(
         self, path: str, metrics: RelayMetrics,
         *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL, export_gauge: bool = True,
+        delta_limit: int = SUPPRESSION_DELTA_LIMIT,
     ) -> None:
         self.path = path
         self._metrics = metrics
@@ -507,8 +544,10 @@ class SuppressionList:
         self._export_gauge = export_gauge
         self._refresh_interval = refresh_interval
         self._db = _Worker(path, "suppression")
-        self._cache: dict[str, tuple[str, float]] = {}
-        self._version = -1
+        self._cache: dict[str, Entry] = {}
+        self._version = -1  # number of the last change applied to the cache; -1: none yet
+        self._delta_limit = delta_limit
+        self.full_reloads = 0  # for tests: how often the whole table was read
         self._task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Condition()
         self._passes_started = 0
@@ -544,17 +583,22 @@ class SuppressionList:
         return removed
 
     async def refresh(self) -> bool:
-        """Reload the cache if the table changed since the last load; True when it reloaded."""
-
-        def check(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[str, float]]] | None:
-            if _suppression_version(conn) == self._version:
-                return None
-            return _load_suppression(conn)
-
-        loaded = await self._db.run(check)
-        if loaded is None:
+        """Apply the changes made since the last look (by anyone); True if there were any."""
+        since = self._version
+        changes = await self._db.run(
+            lambda conn: _read_suppression_changes(conn, since, self._delta_limit))
+        if changes is None:
             return False
-        self._version, self._cache = loaded
+        self._version, full, entries = changes
+        if full:
+            self._cache = {a: e for a, e in entries.items() if e is not None}
+        else:
+            for address, entry in entries.items():
+                if entry is None:
+                    self._cache.pop(address, None)
+                else:
+                    self._cache[address] = entry
+        self.full_reloads += full
         self._set_gauge()
         return True
 

@@ -300,3 +300,38 @@ async def test_a_locked_database_keeps_the_batch_and_retries(
         assert sample(metrics, "mailplane_relay_messagelog_dropped_events_total") == 0
     finally:
         await ml.close()
+
+
+async def test_suppression_cache_reads_only_changes_and_reloads_after_a_gap(
+    mlog: MessageLog, db: str, metrics: RelayMetrics
+) -> None:
+    for i in range(50):
+        SuppressionList.add_entry(db, f"old{i}@dest.test", "hard_bounce")
+    supp = SuppressionList(db, metrics, refresh_interval=3600)
+    await supp.start()
+    try:
+        assert (len(supp), supp.full_reloads) == (50, 1)
+
+        SuppressionList.add_entry(db, "new@dest.test", "complaint")
+        SuppressionList.add_entry(db, "old0@dest.test", "manual")  # an update
+        assert SuppressionList.remove_entry(db, "old1@dest.test")
+        assert await supp.refresh()
+        assert supp.full_reloads == 1  # the delta was enough
+        assert supp.is_suppressed("new@dest.test") is not None
+        assert supp.is_suppressed("old0@dest.test")[0] == "manual"  # type: ignore[index]
+        assert supp.is_suppressed("old1@dest.test") is None
+        assert len(supp) == 50
+
+        # Changes this cache never saw are pruned: it must notice the gap and reload fully.
+        for i in range(5):
+            SuppressionList.add_entry(db, f"later{i}@dest.test", "hard_bounce")
+        assert SuppressionList.remove_entry(db, "old2@dest.test")
+        await mlog.purge(now=time.time(), message_log_retention=1e9, suppression_retention=1e9,
+                         changes_kept=2)
+        assert await supp.refresh()
+        assert supp.full_reloads == 2
+        assert len(supp) == 54
+        assert supp.is_suppressed("later0@dest.test") is not None
+        assert supp.is_suppressed("old2@dest.test") is None
+    finally:
+        await supp.close()
