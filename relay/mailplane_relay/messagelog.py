@@ -147,13 +147,31 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Switch a new database to WAL (the mode is stored in the file, so this happens once).
+
+    Switching needs a moment of exclusive access and SQLite does not run the busy handler for
+    it: two processes creating the file together see "database is locked" at once, so retry."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        if mode == "wal":
+            return mode
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
 def open_database(path: str, *, busy_timeout: float = BUSY_TIMEOUT
                   ) -> sqlite3.Connection:
     """Open for writing, creating or checking the schema. Safe when several processes race."""
     conn = _connect(path, busy_timeout=busy_timeout)
     try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        mode = _enable_wal(conn, busy_timeout)
+        if mode != "wal":
             log.warning("message log %s: journal_mode is %s, not wal", path, mode)
         # NORMAL in WAL mode: a process crash loses nothing; a power loss may lose the last
         # batches of metadata, never spooled mail (the spool fsyncs on its own).
