@@ -136,3 +136,27 @@ def test_deleting_the_relay_leaves_its_credentials_waiting(
     cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o and next(
         c for c in o["status"]["conditions"] if c["type"] == "Ready")["reason"] == "RelayNotFound")
     assert cred["status"]["conditions"][0]["status"] == "False"
+
+
+def test_ready_follows_the_statefulset_and_bad_specs_say_where(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _setup(kube_api)
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main")
+    # The kubelet's side, played by the test: one of one replicas becomes ready.
+    kube_api.patch(k.STATEFULSETS, "mail", "main",
+                   {"status": {"replicas": 1, "readyReplicas": 1}}, status=True)
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o and any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in o.get("status", {}).get("conditions", [])))
+    assert relay["status"]["readyReplicas"] == 1
+
+    # The emulator does not validate against the CRD schema, as an old CRD would not: the
+    # operator's own models reject the spec and say which field is wrong.
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "broken", ["not an address"], rotation={"interval": "2h", "overlap": "3h"}))
+    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "broken",
+                             lambda o: o and o.get("status", {}).get("conditions"))
+    ready = cred["status"]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "allowedSenders" in ready["message"] and "overlap" in ready["message"]
+    assert "shop.broken" not in rendered_credentials(kube_api)
