@@ -120,3 +120,31 @@ async def test_concurrent_submissions_share_directory_fsyncs(relay: Relay) -> No
     assert relay.spool.file_fsyncs - before_file == 20
     assert relay.spool.dir_fsyncs - before_dir <= 3  # one, unless the disk is very slow
     assert len({m.queue_id for m in relay.queue.submitted}) == 20
+
+
+async def test_connection_accepted_while_draining_gets_421(relay: Relay) -> None:
+    # The window between a listener's last accept and its close: the flag alone decides.
+    relay.server.draining = True
+    c = await RawSMTP.connect(relay.implicit_port, relay.client_tls())
+    try:
+        assert (await c.reply())[1] == "421 4.3.2 Service shutting down, try again later"
+        assert await _eof(c) == b""
+    finally:
+        await c.close()
+    assert relay.rejected("shutting_down") == 1
+
+
+async def test_client_vanishing_mid_data_leaves_nothing_behind(relay: Relay) -> None:
+    c = await ready_session(relay)
+    assert (await c.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<x@example.net>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"From: a@example.com\r\n\r\nhalf a message\r\n")
+    c.writer.transport.abort()
+    deadline = time.monotonic() + 5
+    while relay.server.active_sessions:
+        assert time.monotonic() < deadline, "session leaked"
+        await asyncio.sleep(0.01)
+    assert relay.queue.submitted == []
+    assert list(relay.spool.directory.glob("*.msg")) == []
+    assert relay.metric("mailplane_relay_sessions_active", listener="submissions") == 0
