@@ -7,6 +7,7 @@ to the capture sink; the test checks what arrived, /readyz, /metrics and the log
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -382,3 +383,42 @@ async def test_reload_to_other_certificate_files_presents_the_new_certificate(
         "the reload")
     assert await served_serial() == renewed.serial
     assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_sigterm_closes_a_session_still_open_at_the_grace_deadline(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port, extra={"shutdownGrace": "1s"})
+    await asyncio.to_thread(relay.start)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", relay.ports["submissions"], ssl=relay.client_tls(),
+        server_hostname="localhost")
+
+    async def command(line: bytes) -> bytes:
+        writer.write(line + b"\r\n")
+        reply = b""
+        while reply[3:4] != b" ":
+            reply = await asyncio.wait_for(reader.readline(), 10)
+            assert reply, "the relay closed the connection"
+        return reply
+
+    await reader.readline()
+    assert (await command(b"EHLO client.test")).startswith(b"250")
+    token = base64.b64encode(b"\0app\0app-password")
+    assert (await command(b"AUTH PLAIN " + token)).startswith(b"235")
+    assert (await command(b"MAIL FROM:<app@example.com>")).startswith(b"250")
+    assert (await command(b"RCPT TO:<stuck@dest.test>")).startswith(b"250")
+    assert (await command(b"DATA")).startswith(b"354")
+    writer.write(b"From: app@example.com\r\nSubject: never finished\r\n\r\nhalf a bo")
+    await writer.drain()
+
+    started = time.monotonic()
+    relay.terminate()
+    assert await asyncio.to_thread(relay.wait, 30) == 0
+    assert time.monotonic() - started < 1 + 2 + 5  # grace, queue stop, process exit
+    tail = await reader.read()
+    assert tail == b"" or tail.startswith(b"421"), tail
+    assert relay.spooled_files() == []  # no 250 was given, nothing was kept
+    assert "closing 1 sessions still open at the drain deadline" in relay.log()
+    writer.close()
