@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                                           DEFAULT_IMAGE),
                         help="relay image for SmtpRelays that do not set spec.image "
                              "(default: $MAILPLANE_RELAY_IMAGE or %(default)s)")
+    parser.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN",
+                        help="DNS suffix of Services, for the host in application Secrets "
+                             "(default %(default)s)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(func=main)
 
@@ -86,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace),
         dns_resolver=resolver,
         image=args.image,
+        cluster_domain=args.cluster_domain,
     )
     metrics = OperatorMetrics.create()
     if args.metrics_port:

@@ -98,6 +98,7 @@ class OperatorConfig:
     namespace_cache_ttl: float = 30.0
     delete_timeout: float = 60.0
     cluster_domain: str = "cluster.local"
+    """The DNS suffix of Services, for the host written into application Secrets."""
     fast: bool = False
     """Short kopf batching and backoffs, for tests against the emulator."""
 
@@ -514,9 +515,11 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 included, _excluded = attached_domains(relay, domains, labels)
                 attached = list(included)
             existing = await rt.secret(cred.meta.namespace, cred.secret_name, fresh=True)
+            endpoint = (cred_mod.relay_endpoint(relay, rt.config.cluster_domain)
+                        if relay is not None else None)
             result = cred_mod.reconcile_credential(
                 cred, relay=relay, namespace_labels=ns_labels, attached_domains=attached,
-                existing_secret=existing, now=now, random=rt.random)
+                existing_secret=existing, now=now, random=rt.random, endpoint=endpoint)
             written = False
             if result.secret is not None:
                 action, obj = await rt.client.apply(result.secret)

@@ -45,7 +45,7 @@ def test_the_operator_command_runs_against_the_kubeconfig_cluster(
     env = {k_: v for k_, v in os.environ.items() if not k_.startswith("KUBERNETES_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig", str(kubeconfig),
-         "--metrics-port", str(port), "--all-namespaces"],
+         "--metrics-port", str(port), "--all-namespaces", "--cluster-domain", "corp.internal"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         kube_api.create(k.NAMESPACES, namespace_body("mail"))
@@ -60,8 +60,10 @@ def test_the_operator_command_runs_against_the_kubeconfig_cluster(
             metrics = resp.read().decode()
         assert "mailplane_operator_up 1.0" in metrics
         assert 'mailplane_operator_reconciles_total{kind="SmtpCredential",result="ok"}' in metrics
-        password = kube_api.secret_data("shop", "orders-smtp")["password"]
+        app = kube_api.secret_data("shop", "orders-smtp")
+        password = app["password"]
         assert password not in metrics
+        assert app["host"] == "main.mail.svc.corp.internal"
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
