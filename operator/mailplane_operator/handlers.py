@@ -649,12 +649,18 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     worker.last_error = None
                     worker.renders += 1
                     failures = 0
-                except (ApiError, RenderError, OSError) as exc:
+                except Exception as exc:
+                    # Logged and retried with backoff; the worker must outlive any one failure
+                    # or the relay's pokes would go nowhere.
                     worker.last_error = str(exc)
                     failures += 1
                     delay = min(2.0 ** failures * (0.1 if config.fast else 1.0), 60.0)
-                    logger.warning("Rendering failed (attempt %d), retrying in %.1fs: %s",
-                                   failures, delay, exc)
+                    if isinstance(exc, ApiError | RenderError | OSError):
+                        logger.warning("Rendering failed (attempt %d), retrying in %.1fs: %s",
+                                       failures, delay, exc)
+                    else:
+                        logger.exception("Rendering failed unexpectedly (attempt %d), retrying "
+                                         "in %.1fs", failures, delay)
                 await worker.done(ticket)
                 took = time.monotonic() - render_started
                 worker.render_seconds += took
@@ -718,6 +724,9 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     delay = config.dns_recheck_interval
                 except ApiError as exc:
                     logger.warning("Reconcile failed, retrying in %.1fs: %s", backoff, exc)
+                    verified, next_step = False, None
+                except Exception:
+                    logger.exception("Reconcile failed unexpectedly, retrying in %.1fs", backoff)
                     verified, next_step = False, None
                 if verified:
                     backoff = config.dns_check_initial
