@@ -56,6 +56,7 @@ from .reconcile.models import (
     parse_smtp_relay,
 )
 from .reconcile.render import (
+    REASON_DELETING,
     CredentialInput,
     DomainInput,
     RenderError,
@@ -417,15 +418,21 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
 
 def _recheck_stale_credentials(rt: Runtime, result: RenderResult,
                                bodies: Iterable[Body]) -> None:
-    """A credential whose Ready disagrees with this render (its relay or a domain appeared
-    since) is reconciled by its next timer tick."""
+    """A credential whose Ready reason disagrees with this render (its relay or a domain
+    appeared since, its Secret went missing) is reconciled again by its next timer tick."""
     rendered = set(result.credentials)
     for body in bodies:
         key = _key(body)
+        if key in rendered:
+            suspended = bool((body.get("spec") or {}).get("suspended"))
+            expected = cred_mod.REASON_SUSPENDED if suspended else cred_mod.REASON_READY
+        else:
+            exclusion = result.exclusion("SmtpCredential", key)
+            if exclusion is None or exclusion.reason == REASON_DELETING:
+                continue  # not this relay's, invalid, or on its way out
+            expected = exclusion.reason
         ready = get_condition((body.get("status") or {}).get("conditions"), READY)
-        is_ready = ready is not None and ready.get("status") == "True"
-        suspended = bool((body.get("spec") or {}).get("suspended"))
-        if (key in rendered) != is_ready and not suspended:
+        if ready is None or ready.get("reason") != expected:
             rt.credential_next_check.pop(key, None)
 
 
