@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("mailplane_operator.cli
     pytest.param({k: v for k, v in load_values(CHART_DIR / "ci" / "namespaced-values.yaml").items()
                   if k != "operator"} | {"operator": {
                       "watchNamespaces": ["mail", "shop"], "metricsPort": 9090,
-                      "dnsResolver": "10.0.0.10:53", "verbose": True}},
+                      "dnsResolver": "10.0.0.10:53", "clusterDomain": "corp.internal",
+                      "verbose": True}},
                  id="namespaced"),
 ])
 def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None:
@@ -28,6 +29,7 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "operator"
+    assert args.cluster_domain == values.get("operator", {}).get("clusterDomain", "cluster.local")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args.metrics_port == ports["metrics"]
     assert args.liveness_port == ports["healthz"]
