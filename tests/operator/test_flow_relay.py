@@ -160,3 +160,24 @@ def test_ready_follows_the_statefulset_and_bad_specs_say_where(
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
     assert "allowedSenders" in ready["message"] and "overlap" in ready["message"]
     assert "shop.broken" not in rendered_credentials(kube_api)
+
+
+def test_watching_listed_namespaces_only(kube_api: KubeApi,
+                                        operator_factory: Callable[..., Any]) -> None:
+    operator_factory(namespaces=("mail", "shop"))
+    kube_api.create(k.NAMESPACES, namespace_body("elsewhere",
+                                                 **{"mailplane.io/smtp-access": "true"}))
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("ignored", ["example.com"],
+                                                        namespace="elsewhere"))
+    _setup(kube_api)
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["orders@example.com"]))
+    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api), what="render")
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                      lambda o: o and o.get("status", {}).get("credentialCount") == 1)
+    ignored = kube_api.get(k.SMTP_CREDENTIALS, "elsewhere", "ignored")
+    assert ignored is not None and "status" not in ignored
+    assert kube_api.get(k.SECRETS, "elsewhere", "ignored-smtp") is None
+    watched = {path for agent, _m, path, query in kube_api.emulator.audit
+               if agent.startswith("kopf") and query.get("watch") == "true"}
+    assert "/apis/mailplane.io/v1alpha1/namespaces/shop/smtpcredentials" in watched
+    assert not any(p.startswith("/apis/mailplane.io/v1alpha1/smtp") for p in watched)
