@@ -22,7 +22,6 @@ and handed to the handlers explicitly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -470,9 +469,9 @@ async def _wait_for_wake(wake: asyncio.Event, stopped: Any, within: float) -> bo
     finally:
         for task in (wake_task, stop_task):
             task.cancel()
-        for task in (wake_task, stop_task):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The helpers' own cancellations are results here; a cancellation of this coroutine
+        # still propagates.
+        await asyncio.gather(wake_task, stop_task, return_exceptions=True)
     return wake_task in done and not stopped
 
 
