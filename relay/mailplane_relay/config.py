@@ -248,6 +248,17 @@ class LimitSettings(_Model):
     _d = _durations("session_timeout", "auth_failure_delay", "auth_failure_window")
 
 
+class AbuseSettings(_Model):
+    """Automatic pausing of senders whose bounce rate crosses a threshold (acceptable use)."""
+
+    pause_senders: bool = Field(True, alias="pauseSenders")
+    bounce_rate: float = Field(0.10, alias="bounceRate", gt=0.0, le=1.0)
+    min_recipients: int = Field(50, alias="minRecipients", ge=1)
+    window: Duration = Field(3600.0, ge=60.0)
+
+    _d = _durations("window")
+
+
 class RetentionSettings(_Model):
     message_log: Duration = Field(90 * 86400.0, alias="messageLog")
     suppression: Duration = Field(365 * 86400.0, alias="suppression")
@@ -445,6 +456,7 @@ class RelaySettings(_Model):
     queue: QueueSettings = QueueSettings()
     limits: LimitSettings = LimitSettings()
     retention: RetentionSettings = RetentionSettings()
+    abuse: AbuseSettings = AbuseSettings()
     message_log: MessageLogSettings = Field(MessageLogSettings(), alias="messageLog")
     trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
     workers: int = Field(1, ge=1, le=64)

@@ -1,0 +1,78 @@
+"""Sender reputation: pausing on bounce rate, with an injected clock."""
+
+from __future__ import annotations
+
+from mailplane_relay.config import AbuseSettings
+from mailplane_relay.reputation import Reputation
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(**settings: object) -> tuple[Reputation, Clock]:
+    clock = Clock()
+    abuse = AbuseSettings.model_validate(
+        {"bounceRate": 0.1, "minRecipients": 20, "window": "10m", **settings}
+    )
+    return Reputation(lambda: abuse, clock=clock), clock
+
+
+def feed(rep: Reputation, user: str, delivered: int, bounced: int) -> None:
+    for _ in range(delivered):
+        rep.record(user, "delivered")
+    for _ in range(bounced):
+        rep.record(user, "bounced")
+
+
+def test_pauses_when_the_bounce_rate_crosses_the_threshold() -> None:
+    rep, _ = make()
+    feed(rep, "app", 17, 2)
+    assert rep.paused("app") is None  # 19 outcomes: below minRecipients
+    feed(rep, "app", 0, 1)
+    pause = rep.paused("app")
+    assert pause is not None and pause.recipients == 20 and pause.bounce_rate == 0.15
+    reply = pause.reply("app")
+    assert reply.startswith("451 4.7.1 Sending paused for app: 15% of the last 20")
+    assert "limit 10%" in reply and "10m" in reply
+    assert rep.paused("other") is None and rep.paused_count() == 1
+
+
+def test_below_the_threshold_and_unrelated_outcomes_do_not_pause() -> None:
+    rep, _ = make()
+    feed(rep, "app", 91, 9)
+    for outcome in ("deferred", "expired", "suppressed"):
+        rep.record("app", outcome)
+    rep.record(None, "bounced")
+    assert rep.paused("app") is None
+
+
+def test_resumes_once_the_window_slides_past_the_bounces() -> None:
+    rep, clock = make()
+    feed(rep, "app", 10, 10)
+    assert rep.paused("app") is not None
+    clock.now += 5 * 60
+    feed(rep, "app", 5, 0)
+    assert rep.paused("app") is not None  # the bad minute is still inside the 10 min window
+    clock.now += 6 * 60
+    assert rep.paused("app") is None  # only the 5 good outcomes remain: below minRecipients
+    feed(rep, "app", 30, 0)
+    assert rep.paused("app") is None
+
+
+def test_pausing_can_be_turned_off() -> None:
+    rep, _ = make(pauseSenders=False)
+    feed(rep, "app", 0, 100)
+    assert rep.paused("app") is None
+
+
+def test_memory_is_bounded() -> None:
+    abuse = AbuseSettings()
+    rep = Reputation(lambda: abuse, max_tracked=3)
+    for i in range(10):
+        rep.record(f"user{i}", "bounced")
+    assert len(rep._windows) == 3
