@@ -18,7 +18,7 @@ REJECT_REASONS = (
     "auth_required", "tls_required", "sender_not_allowed", "domain_not_enabled", "size",
     "too_many_recipients", "suspended", "rate_limited", "quota_exceeded", "suppressed",
     "bad_syntax", "bare_lf", "smuggling", "line_too_long", "spool_error", "internal_error",
-    "too_many_sessions", "shutting_down",
+    "too_many_sessions", "shutting_down", "paused",
 )
 AUTH_FAILURE_REASONS = ("bad_credentials", "throttled", "malformed", "suspended")
 
@@ -47,6 +47,7 @@ class RelayMetrics:
     last_purge: Gauge
     suppression_entries: Gauge
     ready: Gauge
+    credentials_paused: Gauge
     spool_commit_latency: Histogram
 
     @classmethod
@@ -113,6 +114,10 @@ class RelayMetrics:
             suppression_entries=Gauge(
                 f"{NS}_suppression_entries", "Addresses on the suppression list.", registry=r),
             ready=Gauge(f"{NS}_ready", "1 when the relay accepts mail.", registry=r),
+            credentials_paused=Gauge(
+                f"{NS}_credentials_paused",
+                "Credentials paused because their bounce rate crossed abuse.bounceRate.",
+                multiprocess_mode="livemax", registry=r),
             spool_commit_latency=Histogram(
                 f"{NS}_spool_commit_seconds", "Time to make a message durable (fsync).",
                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
