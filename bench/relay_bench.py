@@ -703,6 +703,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def interruptible(run: Awaitable[list[RunResult]]) -> list[RunResult]:
+    """SIGTERM and SIGINT cancel the run, so that every finally stops what it started.
+    (A background job starts with SIGINT ignored, so Ctrl-C handling alone is not enough.)"""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
 def clean_stale_runs() -> None:
     """Stop the Postfix of an earlier run that was killed before its cleanup could run."""
     for owner in Path(tempfile.gettempdir()).glob("mailplane-bench-*/owner.pid"):
@@ -723,8 +738,6 @@ def clean_stale_runs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM takes the same path as Ctrl-C: asyncio cancels the run and every finally runs.
-    signal.signal(signal.SIGTERM, lambda _s, _f: signal.raise_signal(signal.SIGINT))
     clean_stale_runs()
     for tool in (SMTP_SOURCE,):
         if not Path(tool).exists():
@@ -736,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     profiles: dict[str, Any] = {}
     try:
-        results = run_fast(bench(args, tmp, profiles))
+        results = run_fast(interruptible(bench(args, tmp, profiles)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: every process of the run was stopped", file=sys.stderr)
+        return 130
     finally:
         if args.keep:
             (tmp / "owner.pid").unlink(missing_ok=True)  # kept on purpose, not a leftover
