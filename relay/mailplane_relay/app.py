@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from .config import ConfigError, RelayConfig, config_fingerprint, load_config
+from .config import ConfigError, RelayConfig, RelaySettings, config_fingerprint, load_config
 from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
 from .messagelog import MessageLog, SuppressionList
@@ -472,7 +472,7 @@ class Supervisor:
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
 
-    async def _run(self, settings: Any, state_dir: Path) -> int:
+    async def _run(self, settings: RelaySettings, state_dir: Path) -> int:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
         readiness = _WorkersReadiness(state_dir, self.workers)
@@ -580,11 +580,10 @@ def run_relay(config_path: str, *, log_level: str = "info",
     """Run until signalled. Raises ConfigError if the configuration cannot be used at start."""
     cfg = load_config(config_path)
     with _runner() as runner:
-        if worker is None and cfg.settings.workers > 1:
-            return runner.run(Supervisor(config_path, cfg, log_level=log_level).run())
-        app = RelayApp(config_path, worker=worker, initial_config=cfg)
         try:
-            runner.run(app.run())
+            if worker is None and cfg.settings.workers > 1:
+                return runner.run(Supervisor(config_path, cfg, log_level=log_level).run())
+            runner.run(RelayApp(config_path, worker=worker, initial_config=cfg).run())
         except Exception:
             log.exception("relay failed")
             return 1
