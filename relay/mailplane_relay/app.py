@@ -554,10 +554,12 @@ class Supervisor:
                 self._exit_codes[spec.index] = rc
                 stop.set()
                 return
-            crashes = 0 if time.monotonic() - started > WORKER_HEALTHY_AFTER else crashes + 1
-            delay = WORKER_RESTART_BACKOFF[min(crashes, len(WORKER_RESTART_BACKOFF) - 1)]
+            crashes = 1 if time.monotonic() - started > WORKER_HEALTHY_AFTER else crashes + 1
+            delay = WORKER_RESTART_BACKOFF[min(crashes, len(WORKER_RESTART_BACKOFF)) - 1]
             log.error("worker %d (pid %d) exited unexpectedly with code %d: restarting in %.0fs",
                       spec.index, proc.pid, rc, delay)
+            # Kept if shutdown comes before the restart: the supervisor then exits non-zero.
+            self._exit_codes[spec.index] = rc
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
