@@ -546,8 +546,10 @@ def _delete(conn: sqlite3.Connection, address: str) -> bool:
 class SuppressionList:
     """Addresses that must not receive mail (hard bounces, complaints, manual entries).
 
-    Lookups hit an in-memory dict; a background task reloads it when the table's change counter
-    moves, so entries from the CLI or another worker apply within about a second.
+    Lookups hit an in-memory dict. About every second a background task applies the changes
+    made since its last look (``suppression_changes``), so entries added or removed by the CLI,
+    another worker or the purge apply within about a second, at a cost that grows with the
+    number of changes, not with the size of the list.
     """
 
     def __init__(
