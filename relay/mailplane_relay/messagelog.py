@@ -173,6 +173,8 @@ def open_database(path: str, *, busy_timeout: float = BUSY_TIMEOUT
         mode = _enable_wal(conn, busy_timeout)
         if mode != "wal":
             log.warning("message log %s: journal_mode is %s, not wal", path, mode)
+        # Zero deleted content when it costs no extra I/O (the retention purge, forget).
+        conn.execute("PRAGMA secure_delete = FAST")
         # NORMAL in WAL mode: a process crash loses nothing; a power loss may lose the last
         # batches of metadata, never spooled mail (the spool fsyncs on its own).
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -469,11 +471,25 @@ class MessageLog:
 
 def _forget(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     address = _parse_address(address)
-    return {
+    # Deleted rows otherwise linger in free pages and in the WAL: overwrite them with zeros, then
+    # move the WAL into the database and truncate it, so the address is gone from the files.
+    conn.execute("PRAGMA secure_delete = ON")
+    counts = {
         "message_log": _delete_in_chunks(
             conn, "message_log", "sender = ? OR recipient = ?", (address, address)),
         "suppression": _delete_in_chunks(conn, "suppression", "address = ?", (address,)),
     }
+    # The change log must not keep the address either. Blanked entries tell every cache to
+    # reload in full, which is how caches that still hold the address learn it is gone.
+    with _transaction(conn):
+        conn.execute("UPDATE suppression_changes SET address = ? WHERE address = ?",
+                     (_FORGOTTEN, address))
+    conn.execute("PRAGMA secure_delete = FAST")
+    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    if busy:
+        log.warning("forget %s: the WAL is in use and was not truncated; its old pages are "
+                    "overwritten at the next checkpoint", "<address>")
+    return counts
 
 
 # -------------------------------------------------------------------------------------------
@@ -482,6 +498,8 @@ def _forget(conn: sqlite3.Connection, address: str) -> dict[str, int]:
 
 
 Entry = tuple[str, float]  # (reason, created)
+# What `forget` leaves in the change log instead of the address (never a valid address).
+_FORGOTTEN = ""
 
 
 def _last_change(conn: sqlite3.Connection) -> int:
@@ -489,6 +507,11 @@ def _last_change(conn: sqlite3.Connection) -> int:
     row = conn.execute(
         "SELECT seq FROM sqlite_sequence WHERE name = 'suppression_changes'").fetchone()
     return int(row[0]) if row else 0
+
+
+def _read_all_suppression(conn: sqlite3.Connection) -> dict[str, Entry | None]:
+    return {row[0]: (row[1], row[2])
+            for row in conn.execute("SELECT address, reason, created FROM suppression")}
 
 
 def _read_suppression_changes(
@@ -504,13 +527,11 @@ def _read_suppression_changes(
         oldest = conn.execute("SELECT MIN(seq) FROM suppression_changes").fetchone()[0]
         missed = oldest is None or since < oldest - 1
         if since < 0 or missed or last - since > delta_limit:
-            entries: dict[str, Entry | None] = {
-                row[0]: (row[1], row[2])
-                for row in conn.execute("SELECT address, reason, created FROM suppression")
-            }
-            return last, True, entries
+            return last, True, _read_all_suppression(conn)
         changed = [row[0] for row in conn.execute(
             "SELECT DISTINCT address FROM suppression_changes WHERE seq > ?", (since,))]
+        if _FORGOTTEN in changed:
+            return last, True, _read_all_suppression(conn)
         delta: dict[str, Entry | None] = dict.fromkeys(changed)
         for i in range(0, len(changed), 500):
             chunk = changed[i:i + 500]

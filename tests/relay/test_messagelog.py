@@ -182,6 +182,15 @@ async def test_forget_deletes_every_record_of_an_address(mlog: MessageLog, db: s
     assert counts == {"message_log": 3, "suppression": 1}
     assert [r["queue_id"] for r in MessageLog.query(db)] == ["Q3"]
     assert SuppressionList.list_entries(db) == []
+    conn = sqlite3.connect(db)
+    leftovers = [row for table in ("message_log", "suppression", "suppression_changes")
+                 for row in conn.execute(f"SELECT * FROM {table}")
+                 if any("gone@" in str(v).lower() for v in row)]
+    conn.close()
+    assert leftovers == [], "the address must not survive anywhere in the file"
+    raw = b"".join(Path(p).read_bytes() for p in (db, db + "-wal") if Path(p).exists())
+    assert b"gone@example.com" not in raw.lower(), "deleted bytes linger in the files"
+    assert b"other@example.com" in raw  # the check can see addresses at all
     assert MessageLog.forget_address(db, "gone@example.com") == {"message_log": 0,
                                                                    "suppression": 0}
 
@@ -300,6 +309,24 @@ async def test_a_locked_database_keeps_the_batch_and_retries(
         assert sample(metrics, "mailplane_relay_messagelog_dropped_events_total") == 0
     finally:
         await ml.close()
+
+
+async def test_a_forgotten_address_leaves_every_cache(
+    mlog: MessageLog, db: str, metrics: RelayMetrics
+) -> None:
+    SuppressionList.add_entry(db, "gone@dest.test", "complaint")
+    SuppressionList.add_entry(db, "stays@dest.test", "complaint")
+    supp = SuppressionList(db, metrics, refresh_interval=3600)
+    await supp.start()
+    try:
+        assert supp.is_suppressed("gone@dest.test") is not None
+        MessageLog.forget_address(db, "gone@dest.test")  # as `mailplane logs forget` does
+        assert await supp.refresh()
+        assert supp.is_suppressed("gone@dest.test") is None
+        assert supp.is_suppressed("stays@dest.test") is not None
+        assert supp.full_reloads == 2
+    finally:
+        await supp.close()
 
 
 async def test_suppression_cache_reads_only_changes_and_reloads_after_a_gap(
