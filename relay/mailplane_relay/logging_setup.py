@@ -15,8 +15,9 @@ _QUIET_LOGGERS = {"mail.log": logging.WARNING, "aiohttp.access": logging.WARNING
 def _quote(value: str) -> str:
     if value and not any(c in value for c in ' ="\\\n\t'):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped.replace(chr(9), chr(92) + "t")}"'
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               .replace("\t", "\\t"))
+    return f'"{escaped}"'
 
 
 class LogfmtFormatter(logging.Formatter):
