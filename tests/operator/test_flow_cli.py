@@ -59,6 +59,9 @@ def test_the_operator_command_runs_against_the_kubeconfig_cluster(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
         assert "mailplane_operator_up 1.0" in metrics
+        lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, text=True,
+                              capture_output=True, timeout=30)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
         assert 'mailplane_operator_reconciles_total{kind="SmtpCredential",result="ok"}' in metrics
         app = kube_api.secret_data("shop", "orders-smtp")
         password = app["password"]
