@@ -377,7 +377,10 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 relay, statefulset_status=None, config_hash=previous_hash or "",
                 config_secrets=[], domains=[], credentials=0, excluded=0,
                 retention_policies=[], now=now, error=str(exc))
-            await _patch_status(rt, kube.SMTP_RELAYS, body, status)
+            # Only the condition: the counts and config hash still describe the Secrets in
+            # force, which stay as they were.
+            await _patch_status(rt, kube.SMTP_RELAYS, body, {
+                **(body.get("status") or {}), "conditions": status["conditions"]})
             post_events(body, [Event("Warning", "ConfigInvalid", str(exc))])
             raise
         changed = False
