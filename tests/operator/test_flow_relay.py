@@ -150,6 +150,15 @@ def test_ready_follows_the_statefulset_and_bad_specs_say_where(
         for c in o.get("status", {}).get("conditions", [])))
     assert relay["status"]["readyReplicas"] == 1
 
+    # A spec change reaches the children (and flips Ready back until the new replicas are up).
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"replicas": 3}})
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main",
+                      lambda o: o and o["spec"]["replicas"] == 3)
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o and any(
+        c["type"] == "Ready" and c["reason"] == "ReplicasNotReady"
+        for c in o.get("status", {}).get("conditions", [])))
+    assert relay["status"]["observedGeneration"] == 2
+
     # The emulator does not validate against the CRD schema, as an old CRD would not: the
     # operator's own models reject the spec and say which field is wrong.
     kube_api.create(k.SMTP_CREDENTIALS, credential_body(
