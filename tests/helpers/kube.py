@@ -4,9 +4,12 @@ kmock 0.8 stores bodies exactly as sent. `MailplaneKubeEmulator` adds what kopf 
 client rely on from a real API server: metadata (uid, creationTimestamp, resourceVersion bumped on
 every write, generation bumped on spec changes, generateName), 409 on a stale resourceVersion,
 422 on a failed JSON-patch test, the status subresource split (status only through ``/status``),
-and no-op patches that write nothing. Still not emulated (test them at the level of our code):
-label selectors (our client filters on its side), garbage collection through ownerReferences,
-PUT and server-side apply, schema validation.
+no-op patches that write nothing, lists that carry a resourceVersion and watches that resume from
+it (no stale replays), and Namespaces (which kmock 0.8 cannot route). It also answers object
+requests without kmock's per-request filter matching and finds objects by key, which makes it
+~100x faster. Still not emulated (test them at the level of our code): label selectors (our
+client filters on its side), garbage collection through ownerReferences, PUT and server-side
+apply, schema validation, watches on Namespaces.
 
 The emulator and the operator each run in their own thread with their own event loop, so tests
 are plain synchronous functions and pytest's loop is never involved::
@@ -15,7 +18,9 @@ are plain synchronous functions and pytest's loop is never involved::
         kube_api.create(SMTP_RELAYS, {...})
         kube_api.wait_for(SECRETS, "mail", "relay-config-0", lambda obj: obj is not None)
 
-Waits are driven by the emulator's writes (a condition notified on each one), not by sleeps.
+Waits are driven by the emulator's writes (a condition notified on each one), not by sleeps;
+``poll=`` adds a periodic re-check for conditions on the operator's own state. Every request is
+recorded in ``emulator.audit`` (user agent, method, path, query) for RBAC checks.
 """
 
 from __future__ import annotations
