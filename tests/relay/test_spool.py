@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from mailplane_relay.metrics import RelayMetrics
-from mailplane_relay.spool import QueuedMessage, Spool, SpoolError, new_queue_id
+from mailplane_relay.spool import (
+    LOOP_WRITE_LIMIT,
+    QueuedMessage,
+    Spool,
+    SpoolError,
+    new_queue_id,
+)
 
 
 def files(directory: Path) -> list[str]:
@@ -261,3 +267,25 @@ async def test_an_undone_removal_of_a_reused_file_is_quarantined(tmp_path: Path)
     await again.close()
     assert [m.queue_id for m in recovered] == [b.queue_id]
     assert (tmp_path / "corrupt" / f"{a.queue_id}.msg").exists()
+
+
+async def test_queue_ids_of_one_spool_follow_commit_order(spool: Spool) -> None:
+    # Commits can finish within one millisecond; recovery order is commit order anyway.
+    ids = [(await commit(spool, b"m\r\n")).queue_id for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+
+
+async def test_large_message_is_written_off_the_loop_and_durable(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    data = b"Subject: big\r\n\r\n" + os.urandom(LOOP_WRITE_LIMIT) + b"\r\n"
+    small, big = await asyncio.gather(commit(s, b"small\r\n"), commit(s, data))
+    assert s.file_fsyncs == 2
+    await s.close()
+    again = make_spool(tmp_path)
+    recovered = await again.start()
+    try:
+        assert sorted(m.queue_id for m in recovered) == sorted([small.queue_id, big.queue_id])
+        assert again.read(big.queue_id) == data
+    finally:
+        await again.close()
