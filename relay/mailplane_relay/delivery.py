@@ -19,12 +19,14 @@ delivery and that write repeats the delivery. See docs/relay-delivery.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
 import logging
 import math
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import SMTPProtocol
 
 from .config import QueueSettings, RelayConfig, ResolverSettings
 from .dkim import DKIMSigner
@@ -203,6 +207,84 @@ class _TLSFailed(_ConnectFailed):
 
 class _ReusedConnectionLost(Exception):
     """A pooled connection died before the server took any command: retry on a fresh one."""
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelined transactions (RFC 2920)
+# ------------------------------------------------------------------------------------------
+
+_UNSAFE_IN_COMMAND = re.compile(rb"[\x00-\x1f\x7f]")
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_LINE_START_DOT = re.compile(rb"(?m)^\.")
+
+
+def _wire_data(data: bytes) -> bytes:
+    """The message as sent after DATA: CRLF line ends, dot-stuffed, then the end-of-data line.
+    Spooled mail is CRLF-clean already (the ingress refuses bare CR/LF), so the scans usually
+    find nothing to change."""
+    if _BARE_LINE_END.search(data):
+        data = _BARE_LINE_END.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\n." in data:
+        data = _LINE_START_DOT.sub(b"..", data)
+    return data + b".\r\n"
+
+
+class _ReplyCollector:
+    """Collects the replies of a pipelined group for aiosmtplib's protocol (5.1.3, pinned).
+
+    The protocol keeps one response future, parses one reply per arrival and drops whatever
+    arrives while that future is done and its reader has not yet resumed: fine for one command
+    at a time, lossy for a pipelined group, whose replies may arrive in separate segments in
+    that gap. This object stands in for the future while a group is in flight (the protocol
+    calls only ``done``, ``set_result``, ``set_exception`` and ``exception`` on it): it is never
+    done before an error, so no arrival is dropped, and it queues every reply in order."""
+
+    def __init__(self, proto: SMTPProtocol, loop: asyncio.AbstractEventLoop) -> None:
+        self._proto = proto
+        self._loop = loop
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._error: BaseException | None = None
+        self._wake: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        return self._error is not None
+
+    def set_result(self, response: aiosmtplib.SMTPResponse) -> None:
+        self._replies.append(response)
+        try:
+            while (more := self._proto._read_response_from_buffer()) is not None:
+                self._replies.append(more)
+        except Exception as exc:  # a malformed reply: the session is unusable
+            self.set_exception(exc)
+            return
+        self._notify()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._notify()
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def next(self, limit: float | None) -> aiosmtplib.SMTPResponse:
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._wake = self._loop.create_future()
+            try:
+                async with asyncio.timeout(limit):
+                    await self._wake
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response") from None
+        return self._replies.popleft()
 
 
 # ------------------------------------------------------------------------------------------
@@ -733,6 +815,10 @@ class DeliveryQueue:
                     "addresses (SMTPUTF8)", conn.remote, tls=conn.tls))
                 return True
         remote, tls = conn.remote, conn.tls
+        if client.supports_extension("pipelining") and client.protocol is not None:
+            commands = self._pipelined_commands(msg.mail_from, recipients, options, encoding)
+            if commands is not None:
+                return await self._pipelined(conn, job, recipients, commands, reused=reused)
         try:
             try:
                 await client.mail(msg.mail_from, options=options, encoding=encoding)
@@ -780,6 +866,112 @@ class DeliveryQueue:
                 if r.address not in outcomes:
                     outcomes[r.address] = RecipientOutcome("deferred", reply, remote, tls=tls)
             return False
+
+    @staticmethod
+    def _pipelined_commands(mail_from: str, recipients: list[Recipient], options: list[str],
+                            encoding: str) -> list[bytes] | None:
+        """MAIL, one RCPT per recipient, DATA; None if an address cannot go on a command line
+        as is (then the unpipelined path applies its own checks and errors)."""
+        try:
+            mail = b"MAIL FROM:" + quote_address(mail_from).encode(encoding)
+            rcpts = [b"RCPT TO:" + quote_address(r.address).encode(encoding) for r in recipients]
+        except (UnicodeError, ValueError):
+            return None
+        mail += b"".join(b" " + o.encode("ascii") for o in options)
+        commands = [mail, *rcpts]
+        if any(_UNSAFE_IN_COMMAND.search(c) for c in commands):
+            return None
+        return [*commands, b"DATA"]
+
+    async def _pipelined(self, conn: _Connection, job: _Job, recipients: list[Recipient],
+                         commands: list[bytes], *, reused: bool) -> bool:
+        """The transaction in two round trips instead of 2 + recipients: MAIL, every RCPT and
+        DATA in one write, their replies read in order, then the content. Same outcomes as the
+        unpipelined path."""
+        client, outcomes = conn.client, job.outcomes
+        remote, tls = conn.remote, conn.tls
+        proto = client.protocol
+        assert proto is not None
+        lock = proto._command_lock
+        timeout = client.timeout
+        got_reply = False
+        loop = asyncio.get_running_loop()
+        replies = _ReplyCollector(proto, loop)
+        try:
+            if lock is None:
+                raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+            async with lock:
+                try:
+                    proto._response_waiter = replies  # type: ignore[assignment]
+                    proto._response_pending = True
+                    proto.write(b"\r\n".join(commands) + b"\r\n")
+                    mail = await replies.next(timeout)
+                    got_reply = True
+                    rcpt_replies = [await replies.next(timeout) for _ in recipients]
+                    go = await replies.next(timeout)
+                    accepted: list[Recipient] = []
+                    if mail.code != 250:
+                        self._all(recipients, outcomes,
+                                  _reply_outcome(mail.code, mail.message, "mail", remote, tls))
+                    else:
+                        for r, reply in zip(recipients, rcpt_replies, strict=True):
+                            if reply.code in (250, 251):
+                                accepted.append(r)
+                            else:
+                                outcomes[r.address] = _reply_outcome(reply.code, reply.message,
+                                                                     "rcpt", remote, tls)
+                    final: aiosmtplib.SMTPResponse | None = None
+                    if go.code == 354:
+                        # A server may say 354 even though it refused every recipient: end
+                        # the (empty) content so the session stays in step, send nothing.
+                        proto.write(_wire_data(job.data) if accepted else b".\r\n")
+                        final = await replies.next(timeout)
+                finally:
+                    proto._response_pending = False
+                    if proto._response_waiter is replies:  # type: ignore[comparison-overlap]
+                        proto._response_waiter = (
+                            None if proto.transport is None else loop.create_future())
+            closing = any(r.code == 421 for r in (mail, go, *rcpt_replies)) or (
+                final is not None and final.code == 421)
+            if accepted:
+                reply = final if final is not None else go
+                if reply.code == 250 and final is not None:
+                    for r in accepted:
+                        outcomes[r.address] = _reply_outcome(reply.code, reply.message, "data",
+                                                             remote, tls)
+                    if not closing:
+                        return True
+                else:
+                    for r in accepted:
+                        outcomes[r.address] = _reply_outcome(
+                            reply.code, reply.message, "data", remote, tls,
+                            recipients_in_transaction=len(accepted))
+            if closing:
+                client.close()
+                return False
+            await client.rset()
+            return True
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            # The protocol may be out of step with the server now: never reuse it.
+            client.close()
+            if reused and not got_reply and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                raise _ReusedConnectionLost() from None
+            self._undecided(recipients, outcomes, remote, tls, exc)
+            return False
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            self._undecided(recipients, outcomes, remote, tls, exc)
+            return False
+
+    @staticmethod
+    def _undecided(recipients: list[Recipient], outcomes: dict[str, RecipientOutcome],
+                   remote: str, tls: bool, exc: BaseException) -> None:
+        reply = f"451 4.4.2 Connection to {remote} lost: {_describe(exc)}"
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            reply = f"451 4.4.2 {remote} answered {format_reply(exc.code, exc.message)}"
+        for r in recipients:
+            if r.address not in outcomes:
+                outcomes[r.address] = RecipientOutcome("deferred", reply, remote, tls=tls)
 
     def _release(self, cfg: RelayConfig, dest: _Destination, conn: _Connection,
                  reusable: bool) -> None:

@@ -60,6 +60,7 @@ class SinkBehaviour:
     broken_tls: bool = False  # TLS handshakes fail (the sink demands a client certificate)
     require_starttls: bool = False
     auth: dict[str, str] | None = None  # username -> password; AUTH required when set
+    pipelining: bool = False  # advertise PIPELINING (aiosmtpd reads pipelined commands)
 
 
 class _CountingSMTP(SMTP):  # type: ignore[misc]
@@ -87,6 +88,13 @@ class _CountingSMTP(SMTP):  # type: ignore[misc]
 class _Handler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.behaviour.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:

@@ -138,6 +138,18 @@ async def relay(tmp_path: Path) -> AsyncIterator[Callable[[RelayConfig], Awaitab
         await r.stop()
 
 
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelined"])
+def smtp_sink(smtp_sink: SinkFactory, request: pytest.FixtureRequest) -> SinkFactory:
+    """Every flow runs against a sink without PIPELINING (one command per round trip) and one
+    with it (MAIL, RCPT and DATA in one write): both transaction paths give the same outcomes."""
+
+    async def make(*args: Any, **behaviour: Any) -> Sink:
+        behaviour.setdefault("pipelining", request.param)
+        return await smtp_sink(*args, **behaviour)
+
+    return make
+
+
 def dsns(sink: Sink) -> list[email.message.EmailMessage]:
     out = []
     for m in sink.messages:
@@ -783,3 +795,96 @@ async def test_queue_gauges_track_the_backlog(relay: Any, smtp_sink: SinkFactory
     age = r.metrics.registry.get_sample_value(
         "mailplane_relay_queue_oldest_message_age_seconds")
     assert age is not None and 0 < age < 10
+
+
+# ------------------------------------------------------------------------------ pipelining
+
+
+class _GroupServer:
+    """A raw SMTP server offering PIPELINING that answers MAIL, RCPT and DATA only once the
+    whole group has arrived, one reply per write with a pause between them: an unpipelined
+    client waits forever for its MAIL reply, and a pipelined one must read replies that arrive
+    in separate segments."""
+
+    def __init__(self, rcpt_reply: dict[str, bytes]) -> None:
+        self.rcpt_reply = rcpt_reply
+        self.messages: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 group.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-group.test\r\n250-PIPELINING\r\n250 SIZE 100000\r\n")
+            elif verb == b"MAIL":
+                group = [line]
+                while group[-1] and not group[-1].upper().startswith(b"DATA"):
+                    group.append(await reader.readline())
+                if not group[-1]:
+                    break  # the client gave up waiting for a reply to its MAIL alone
+                replies = [b"250 2.1.0 ok\r\n"]
+                replies += [self.rcpt_reply.get(g[9:-3].decode(), b"250 2.1.5 ok\r\n")
+                            for g in group[1:-1]]
+                accepted = any(r.startswith(b"250") for r in replies[1:])
+                replies.append(b"354 go\r\n" if accepted else b"554 5.5.1 no recipients\r\n")
+                for reply in replies:
+                    writer.write(reply)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                if accepted:
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append(data)
+                    writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"RSET":
+                writer.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"500 5.5.1 unknown\r\n")
+        writer.close()
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_pipelined_group_with_replies_in_separate_segments(relay: Any) -> None:
+    refused = b"550 5.1.1 no such user\r\n"
+    group = _GroupServer({"no@example.net": refused, "none@example.net": refused})
+    async with group as port:
+        delivery = {"mode": "smarthost", **TIMEOUTS,
+                    "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}}
+        r = await relay(make_config(delivery, queue={"dsn": False}))  # only our messages
+        first = await r.send(["a@example.net", "no@example.net", "b@example.net"])
+        await r.done(first)
+        nobody = await r.send(["none@example.net"])  # every RCPT refused: no content is sent
+        await r.done(nobody)
+        second = await r.send(["c@example.net"])  # the same connection, in step
+        await r.done(second)
+    assert len(group.messages) == 2
+    assert all(m.endswith(BODY + b".\r\n") for m in group.messages)
+    rows = await r.events(first)
+    assert {(e["recipient"], e["status"]) for e in rows} == {
+        ("a@example.net", "delivered"), ("b@example.net", "delivered"),
+        ("no@example.net", "bounced")}
+    assert [e["status"] for e in await r.events(nobody)] == ["bounced"]
+    assert [e["status"] for e in await r.events(second)] == ["delivered"]
+    assert r.queue.connections_opened == 1
+
+
+async def test_dot_stuffing_and_line_ends_on_the_pipelined_path(relay: Any,
+                                                                smtp_sink: SinkFactory) -> None:
+    sink = await smtp_sink(pipelining=True)
+    r = await relay(make_config(smarthost(sink)))
+    body = b".leading dot\r\n..two dots\r\nmiddle\r\n.\r\nlast line without CRLF"
+    msg = await r.send(["user@example.net"], data=message() + body)
+    await r.done(msg)
+    [got] = sink.messages
+    assert got.data.endswith(BODY + body + b"\r\n")
