@@ -370,8 +370,11 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
              *(c.credential.meta.namespace for c in creds)])
         previous_hash = (body.get("status") or {}).get("configHash")
         try:
-            result = render_relay_config(relay, domains=domains, credentials=creds,
-                                         policies=policies, namespace_labels=ns_labels, now=now)
+            # CPU-bound (and slower with many RSA keys to validate): off the event loop, so
+            # that kopf keeps handling events while a large relay renders.
+            result = await asyncio.to_thread(
+                render_relay_config, relay, domains=domains, credentials=creds,
+                policies=policies, namespace_labels=ns_labels, now=now)
         except RenderError as exc:
             status = relay_mod.relay_status(
                 relay, statefulset_status=None, config_hash=previous_hash or "",
