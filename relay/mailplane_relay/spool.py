@@ -196,7 +196,7 @@ class _Pending:
 
     __slots__ = ("error", "fd", "final", "future", "tmp")
 
-    def __init__(self, fd: int, tmp: Path, final: Path, future: asyncio.Future[None]) -> None:
+    def __init__(self, fd: int, tmp: str, final: str, future: asyncio.Future[None]) -> None:
         self.fd = fd
         self.tmp = tmp
         self.final = final
@@ -225,6 +225,9 @@ class Spool:
         self._dir_fd: int | None = None
         self._rng = random.Random(os.urandom(32))  # uniqueness, not secrecy
         self._free_dir = self.directory / _FREE
+        # String prefixes for the per-message paths: pathlib costs more than the system calls.
+        self._d = str(self.directory) + os.sep
+        self._f = str(self._free_dir) + os.sep
         # Names in free/; deque append/pop are atomic, so threads share it without a lock.
         self._free: collections.deque[str] = collections.deque()
         # Queue ids whose .msg file is in place, and those that also have a .state file: the
@@ -292,12 +295,13 @@ class Spool:
         )
         envelope = msg.to_json()
         head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)
-        final = self.directory / (msg.queue_id + _MSG)
+        name = msg.queue_id + _MSG
+        final = self._d + name
         try:
             if len(data) > LOOP_WRITE_LIMIT:
-                tmp, fd = await self._run(self._write_open, final, head, data)
+                tmp, fd = await self._run(self._write_open, name, head, data)
             else:
-                tmp, fd = self._write_open(final, head, data)
+                tmp, fd = self._write_open(name, head, data)
         except OSError as exc:
             raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
         if not self.fsync:
@@ -322,9 +326,8 @@ class Spool:
 
     def read(self, queue_id: str) -> bytes:
         """The message data (blocking; a small file read)."""
-        path = self.directory / (queue_id + _MSG)
         try:
-            with path.open("rb") as f:
+            with open(self._d + queue_id + _MSG, "rb") as f:
                 offset, _ = _read_header(f)
                 f.seek(offset)
                 return f.read()
@@ -443,12 +446,12 @@ class Spool:
         with self._count_lock:
             self.dir_fsyncs += 1
 
-    def _write_open(self, final: Path, head: bytes, body: bytes) -> tuple[Path, int]:
+    def _write_open(self, name: str, head: bytes, body: bytes) -> tuple[str, int]:
         """Write ``head + body`` to a recycled or new temporary file; its path and open fd."""
         written = self._write_recycled(head, body)
         if written is not None:
             return written
-        tmp = final.with_name(_TMP + final.name)
+        tmp = self._d + _TMP + name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, head, body)
@@ -458,11 +461,11 @@ class Spool:
             raise
         return tmp, fd
 
-    def _write_recycled(self, head: bytes, body: bytes) -> tuple[Path, int] | None:
+    def _write_recycled(self, head: bytes, body: bytes) -> tuple[str, int] | None:
         """Overwrite a free file with this content; its path and open fd, or None if none is
         free."""
         try:
-            path = self._free_dir / self._free.pop()
+            path = self._f + self._free.pop()
         except IndexError:
             return None
         try:
@@ -481,9 +484,9 @@ class Spool:
         return path, fd
 
     def _write_state(self, msg: QueuedMessage, sync: bool) -> None:
-        final = self.directory / (msg.queue_id + _STATE)
-        tmp, fd = self._write_open(
-            final.with_name(f"{secrets.token_hex(4)}-{final.name}"), msg.to_json(), b"")
+        name = msg.queue_id + _STATE
+        final = self._d + name
+        tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{name}", msg.to_json(), b"")
         try:
             if sync:
                 os.fsync(fd)
@@ -516,7 +519,7 @@ class Spool:
             # A suffix no tool takes for a message or a state file.
             free_name = name + ".free"
             try:
-                os.rename(self.directory / name, self._free_dir / free_name)
+                os.rename(self._d + name, self._f + free_name)
             except FileNotFoundError:
                 return
             except OSError:
@@ -524,7 +527,7 @@ class Spool:
             else:
                 self._free.append(free_name)
                 return
-        _unlink_quiet(self.directory / name)
+        _unlink_quiet(self._d + name)
 
     def _recover(self) -> list[QueuedMessage]:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -621,6 +624,6 @@ def _write_all(fd: int, head: bytes, body: bytes) -> None:
             rest = rest[os.write(fd, rest):]
 
 
-def _unlink_quiet(path: Path) -> None:
+def _unlink_quiet(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
