@@ -222,7 +222,8 @@ def _wire_data(data: bytes) -> bytes:
     """The message as sent after DATA: CRLF line ends, dot-stuffed, then the end-of-data line.
     Spooled mail is CRLF-clean already (the ingress refuses bare CR/LF), so the scans usually
     find nothing to change."""
-    if _BARE_LINE_END.search(data):
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:  # counting beats a regex scan
         data = _BARE_LINE_END.sub(b"\r\n", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"

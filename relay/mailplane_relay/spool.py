@@ -125,7 +125,7 @@ class QueuedMessage:
             "listener": self.listener, "next_attempt": self.next_attempt,
             "attempts": self.attempts, "extra": self.extra,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return _ENCODER.encode(doc).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> QueuedMessage:
@@ -165,6 +165,8 @@ def queue_id_number(qid: str) -> int:
 
 
 _SYSTEM_RANDOM = random.SystemRandom()
+# One compact encoder for every envelope (json.dumps with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _valid_queue_id(qid: str) -> bool:
