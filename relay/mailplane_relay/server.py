@@ -30,7 +30,7 @@ import socket
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -234,7 +234,10 @@ class RelaySMTP(SMTP):
         self._auth_methods = {}  # AUTH is ours (smtp_AUTH below)
         self._handle_hooks = server.handler.hooks
         self._ehlo_hook_ver = None  # EHLO is ours (smtp_EHLO below)
-        self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in _SMTP_COMMANDS}
+        # Looked up per command in the class table (_SMTP_METHODS) rather than bound here for
+        # every connection; aiosmtpd's HELP would read this, and HELP is not offered.
+        self._smtp_methods = {}
+        self._deadline = 0.0
         self._enforce_call_limit = False
 
     # ---------------------------------------------------------------- connection lifecycle
@@ -275,6 +278,25 @@ class RelaySMTP(SMTP):
         self._writer.write(bytes(self._held))
         self._held.clear()
         await self._writer.drain()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Push the session's idle deadline. One timer per session, re-armed only when it fires
+        before the deadline: a command costs a clock read instead of aiosmtpd's timer cancel
+        and re-create (seven or more per message)."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.transport is None:
+            return
+        if self.loop.time() >= self._deadline:
+            self.transport.close()  # connection_lost ends the session
+        else:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
 
     def _flush_held(self) -> None:
         if self._held and self.transport is not None:
@@ -322,7 +344,7 @@ class RelaySMTP(SMTP):
                 if line is None:
                     continue
                 command, arg = line
-                method = self._smtp_methods.get(command)
+                method = _SMTP_METHODS.get(command)
                 if method is None:
                     unknown += 1
                     if unknown >= MAX_UNKNOWN_COMMANDS:
@@ -340,7 +362,7 @@ class RelaySMTP(SMTP):
                     await self.push(R.TLS_REQUIRED)
                     continue
                 self._reset_timeout()
-                await method(arg)
+                await method(self, arg)
             except asyncio.CancelledError:
                 self._writer.close()
                 raise
@@ -828,6 +850,8 @@ class RelaySMTP(SMTP):
 
 _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(RelaySMTP) if name.startswith("smtp_") and name[5:].isupper())
+_SMTP_METHODS: dict[str, Callable[[RelaySMTP, str | None], Awaitable[None]]] = {
+    name: getattr(RelaySMTP, "smtp_" + name) for name in _SMTP_COMMANDS}
 
 
 def header_fields(content: bytes) -> tuple[list[str], str | None]:

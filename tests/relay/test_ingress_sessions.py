@@ -101,6 +101,21 @@ async def test_idle_session_times_out(relay: Relay) -> None:
     assert relay.server.active_sessions == 0
 
 
+async def test_session_timeout_counts_from_the_last_command(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d["limits"].update(sessionTimeout=0.3))
+    c = await ready_session(relay)
+    try:
+        # Active for three timeouts' worth: the deadline moves with every command.
+        for _ in range(9):
+            await asyncio.sleep(0.1)  # the client's own pace, not a wait for the relay
+            assert (await c.cmd("NOOP"))[0] == 250
+        started = time.monotonic()
+        assert await _eof(c) == b""
+        assert 0.25 <= time.monotonic() - started < 3
+    finally:
+        await c.close()
+
+
 async def test_concurrent_submissions_share_directory_fsyncs(relay: Relay) -> None:
     relay.spool.group_commit_window = 0.05
     sessions = [await ready_session(relay) for _ in range(20)]
