@@ -49,6 +49,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
@@ -329,12 +330,22 @@ class Spool:
     def read(self, queue_id: str) -> bytes:
         """The message data (blocking; a small file read)."""
         try:
-            with open(self._d + queue_id + _MSG, "rb") as f:
-                offset, _ = _read_header(f)
-                f.seek(offset)
-                return f.read()
+            # One read of the whole file (a buffered file object adds fstat, lseek and reads).
+            fd = os.open(self._d + queue_id + _MSG, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                raw = os.read(fd, size + 1)
+                if len(raw) != size:  # a short read, or a foreign writer: read on to the end
+                    chunks = [raw]
+                    while chunk := os.read(fd, 1 << 20):
+                        chunks.append(chunk)
+                    raw = b"".join(chunks)
+            finally:
+                os.close(fd)
+            offset, _ = _read_header(io.BytesIO(raw))
         except (OSError, ValueError) as exc:
             raise SpoolError(f"spool read of {queue_id} failed: {exc}") from exc
+        return raw[offset:]
 
     async def save_state(self, msg: QueuedMessage, *, durable: bool = False) -> None:
         """Rewrite the envelope atomically. Not fsynced unless ``durable``: a lost update only
