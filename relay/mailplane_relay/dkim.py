@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -143,10 +144,25 @@ def sign_message(message: bytes, key: SigningKey, *, now: float) -> bytes:
     return _HEADER_NAME + b": " + value + message
 
 
+_FROM_FIELD = re.compile(rb"^from:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
+_ADDR = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?)"
+# The everyday forms: "Name <local@domain>" (a display name without quotes, comments or
+# specials) and a bare "local@domain". Anything else goes to the full parser.
+_SIMPLE_FROM = re.compile(rf"[^\"<>()\\,;:@]*<{_ADDR}>|{_ADDR}")
+
+
 def header_from_domain(message: bytes) -> str | None:
     """The domain of the RFC 5322 From address, lower case, or None."""
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[:end + 2]
+    fields = _FROM_FIELD.findall(head)
+    if len(fields) == 1 and not message.startswith(b"\r\n"):
+        # A scan instead of dkimpy's header parser and the email package's address parser
+        # (together about 3 % of the relay's time per message).
+        value = fields[0].replace(b"\r\n", b"").strip().decode("utf-8", "replace")
+        simple = _SIMPLE_FROM.fullmatch(value)
+        if simple is not None:
+            return (simple.group(1) or simple.group(2)).lower().rstrip(".") or None
     try:
         headers, _ = dkimpy.rfc822_parse(head + b"\r\n")
     except dkimpy.MessageFormatError:

@@ -187,3 +187,25 @@ def test_keys_load_lazily_and_a_broken_key_falls_back_to_the_envelope_domain(
     assert dkim.verify(signed, dnsfunc=dns_server.dkim_dnsfunc)
     # Only the key that was needed was parsed; unused.example's waits for its first message.
     assert signer.parsed_keys == 1
+
+
+@pytest.mark.parametrize(("from_field", "domain"), [
+    (b"From: alice@Example.COM", "example.com"),
+    (b"From: Alice Example <alice@mail.example.com>", "mail.example.com"),
+    (b"FROM:\r\n <alice@example.org.>", "example.org"),  # folded
+    (b'From: "Doe, Jane" <jane@quoted.example>', "quoted.example"),  # the full parser
+    (b"From: bob@first.example (Bob), carol@second.example", "first.example"),
+    (b"From: =?utf-8?q?J=C3=B6rg?= <joerg@encoded.example>", "encoded.example"),
+    (b"From: undisclosed-recipients:;", None),
+    (b"From: no address here", None),
+])
+def test_header_from_domain_forms(from_field: bytes, domain: str | None) -> None:
+    message = (b"Subject: s\r\n" + from_field
+               + b"\r\nTo: x@y.example\r\n\r\nFrom: body@body.example\r\n")
+    assert header_from_domain(message) == domain
+
+
+def test_header_from_domain_with_two_from_fields_uses_the_full_parser() -> None:
+    message = b"From: a@one.example\r\nFrom: b@two.example\r\n\r\nbody\r\n"
+    assert header_from_domain(message) == "one.example"
+    assert header_from_domain(b"\r\nFrom: a@body.example\r\n") is None  # no header at all
