@@ -36,6 +36,7 @@ from .http import OpsServer, Readiness
 from .messagelog import MessageLog, SuppressionList
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
+from .reputation import Reputation
 from .server import SubmissionServer
 from .spool import Spool
 from .tlsctx import ReloadingTLS
@@ -121,6 +122,14 @@ def _with_listener_ports(cfg: RelayConfig, ports: dict[str, int]) -> RelayConfig
     )
     settings = cfg.settings.model_copy(update={"listeners": listeners})
     return RelayConfig(settings=settings, source_hash=cfg.source_hash)
+
+
+async def _export_paused(reputation: Reputation, metrics: RelayMetrics) -> None:
+    """Keep the paused-credentials gauge current (pauses lift by themselves as time passes,
+    so this is polled rather than set on events)."""
+    while True:
+        metrics.credentials_paused.set(reputation.paused_count())
+        await asyncio.sleep(10.0)
 
 
 async def _close_fd(fd: int) -> None:
@@ -276,16 +285,16 @@ class RelayApp:
             spool_dir = str(Path(spool_dir) / f"w{worker.index}")
         lock_fd = await asyncio.to_thread(_lock_spool, spool_dir)
         stages.append(("spool lock", lambda: _close_fd(lock_fd)))
-        spool = Spool(spool_dir, fsync=settings.spool.fsync,
-                      group_commit_window=settings.spool.group_commit_window, metrics=metrics)
+        spool = Spool(spool_dir, fsync=settings.spool.fsync, metrics=metrics)
         recovered = await spool.start()
         stages.append(("spool", spool.close))
         if recovered:
             log.info("spool %s: recovered %d messages", spool_dir, len(recovered))
         self.readiness.mark("spool recovered")
 
+        reputation = Reputation(lambda: self.config().settings.abuse)
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
-                              suppression=suppression, metrics=metrics)
+                              suppression=suppression, metrics=metrics, reputation=reputation)
         await queue.start(recovered)
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))
@@ -298,7 +307,7 @@ class RelayApp:
         limiter = Limiter(self.config)
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
                                   log=msglog, suppression=suppression, limiter=limiter,
-                                  metrics=metrics)
+                                  metrics=metrics, reputation=reputation)
         self.server = server
         await server.start()
         stages.append(("smtp server", self._drain_server))
@@ -308,6 +317,7 @@ class RelayApp:
         self.readiness.mark("listeners bound")
 
         tasks.spawn("config-reload", self._watch_config())
+        tasks.spawn("reputation-gauge", _export_paused(reputation, metrics))
         if worker is None or worker.purge:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
 

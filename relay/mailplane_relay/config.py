@@ -142,14 +142,11 @@ class HTTPSettings(_Model):
 
 
 class SpoolSettings(_Model):
-    """The durable queue. A message is fsynced (file and directory) before the 250 reply.
-    ``groupCommitWindow`` lets one fsync of the directory cover messages that arrive together."""
+    """The durable queue. A message is fsynced (file and directory) before the 250 reply;
+    messages that arrive while a sync runs share the next one (group commit, no waiting)."""
 
     directory: str = "/var/lib/mailplane/spool"
-    group_commit_window: Duration = Field(0.002, alias="groupCommitWindow")
     fsync: bool = True
-
-    _d = _durations("group_commit_window")
 
 
 class SmarthostSettings(_Model):

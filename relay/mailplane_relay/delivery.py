@@ -45,6 +45,7 @@ from .events import LogEvent
 from .messagelog import MessageLog, SuppressionList
 from .metrics import RelayMetrics
 from .mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
+from .reputation import Reputation
 from .spool import QueuedMessage, Recipient, Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -305,8 +306,10 @@ class DeliveryQueue:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         signer: DKIMSigner | None = None,
+        reputation: Reputation | None = None,
     ) -> None:
         self._config = config
+        self._reputation = reputation
         self._spool = spool
         self._log = log
         self._suppression = suppression
@@ -1036,6 +1039,8 @@ class DeliveryQueue:
                 remote=_remote_label(outcome),
             ))
             self._metrics.recipients.labels(status, msg.sender_domain, credential).inc()
+            if self._reputation is not None:
+                self._reputation.record(msg.credential, status)
             if status == "delivered":
                 self._metrics.delivery_latency.observe(max(0.0, now - msg.received_at))
             elif status == "bounced" and outcome.hard:

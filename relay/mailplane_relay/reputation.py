@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailplane_relay.config import AbuseSettings
+from .config import AbuseSettings
 
 _BUCKET_SECONDS = 60.0
 

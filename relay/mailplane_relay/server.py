@@ -40,6 +40,7 @@ from .config import Credential, Listener, RelayConfig
 from .events import LogEvent
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
+from .reputation import Reputation
 from .spool import QueuedMessage, Spool, SpoolError
 from .tlsctx import ReloadingTLS
 
@@ -660,6 +661,9 @@ class RelaySMTP(SMTP):
                 why = credential.suspended_reason or "no reason given"
                 return self._refuse("suspended", R.SUSPENDED.format(user=user, reason=why),
                                     address)
+            pause = srv.reputation.paused(user) if srv.reputation is not None else None
+            if pause is not None:
+                return self._refuse("paused", pause.reply(user), address)
             if domain not in cfg.domains:
                 return self._refuse("domain_not_enabled", R.SENDER_DOMAIN.format(domain=domain),
                                     address)
@@ -915,8 +919,10 @@ class SubmissionServer:
         suppression: SuppressionLike,
         limiter: Limiter,
         metrics: RelayMetrics,
+        reputation: Reputation | None = None,
     ) -> None:
         self.config = config
+        self.reputation = reputation
         self.tls = tls
         self.spool = spool
         self.queue = queue

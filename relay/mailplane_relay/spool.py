@@ -27,8 +27,7 @@ fdatasyncs each, renames each into place, and fsyncs the directory once. While t
 new commits gather in the next batch, which starts the moment the running one ends: a lone
 commit is not delayed, and a burst shares one directory fsync and one thread hand-off. Messages
 larger than ``LOOP_WRITE_LIMIT`` are written in a thread, so a big message does not stall the
-loop. ``group_commit_window`` is accepted for configuration compatibility; batching no longer
-needs to wait.
+loop.
 
 Removals and non-durable state updates are renames and small writes, done on the loop too. The
 spool keeps in memory which messages are live and which have a state file, so it never asks the
@@ -213,13 +212,11 @@ class Spool:
         directory: str,
         *,
         fsync: bool,
-        group_commit_window: float,
         metrics: RelayMetrics,
         threads: int = 4,
     ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
-        self.group_commit_window = group_commit_window
         self.metrics = metrics
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None

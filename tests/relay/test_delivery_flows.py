@@ -19,6 +19,7 @@ from mailplane_relay.delivery import DeliveryQueue
 from mailplane_relay.dkim import public_key_record
 from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.reputation import Reputation
 from mailplane_relay.spool import QueuedMessage, Spool
 from tests.helpers.dns import LoopbackDNS
 from tests.helpers.ports import free_port
@@ -68,13 +69,15 @@ class Relay:
         self.directory = directory
         self.config = config
         self.metrics = RelayMetrics.create()
-        self.spool = Spool(str(directory / "spool"), fsync=False, group_commit_window=0,
+        self.spool = Spool(str(directory / "spool"), fsync=False,
                            metrics=self.metrics)
         self.db = str(directory / "messagelog.sqlite3")
         self.log = MessageLog(self.db, flush_interval=0.05, metrics=self.metrics)
         self.suppression = SuppressionList(self.db, self.metrics)
+        self.reputation = Reputation(lambda: self.config.settings.abuse)
         self.queue = DeliveryQueue(config=lambda: self.config, spool=self.spool, log=self.log,
-                                   suppression=self.suppression, metrics=self.metrics)
+                                   suppression=self.suppression, metrics=self.metrics,
+                                   reputation=self.reputation)
 
     async def start(self) -> list[QueuedMessage]:
         recovered = await self.spool.start()
@@ -283,6 +286,7 @@ async def test_hard_bounce_sends_dsn_and_suppresses(relay: Any, smtp_sink: SinkF
     assert "Final-Recipient: rfc822; gone@example.net" in status
     assert "Status: 5.1.1" in status
     assert r.count("bounced") == 1
+    assert r.reputation._windows["app1"].bounced == 1  # feeds the sender's bounce rate
 
 
 async def test_soft_5xx_bounces_without_suppression(relay: Any, smtp_sink: SinkFactory) -> None:

@@ -117,7 +117,6 @@ async def test_session_timeout_counts_from_the_last_command(relay: Relay) -> Non
 
 
 async def test_concurrent_submissions_share_directory_fsyncs(relay: Relay) -> None:
-    relay.spool.group_commit_window = 0.05
     sessions = [await ready_session(relay) for _ in range(20)]
     try:
         for i, c in enumerate(sessions):

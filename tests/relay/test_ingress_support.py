@@ -24,6 +24,7 @@ from mailplane_relay.config import RelayConfig, RelaySettings, hash_password
 from mailplane_relay.events import LogEvent
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.ratelimit import Limiter
+from mailplane_relay.reputation import Reputation
 from mailplane_relay.server import SubmissionServer
 from mailplane_relay.spool import QueuedMessage, Spool
 from mailplane_relay.tlsctx import ReloadingTLS
@@ -125,6 +126,7 @@ class Relay:
     suppression: StaticSuppression
     limiter: Limiter
     metrics: RelayMetrics
+    reputation: Reputation
     ca: trustme.CA
     pair: ServerPair
     ca_file: Path
@@ -159,18 +161,21 @@ async def relay(tls_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Relay]:
     doc = settings_doc(pair, tmp_path / "spool")
     box = ConfigBox(build_config(doc))
     metrics = RelayMetrics.create()
-    spool = Spool(str(tmp_path / "spool"), fsync=True, group_commit_window=0.002,
+    spool = Spool(str(tmp_path / "spool"), fsync=True,
                   metrics=metrics)
     await spool.start()
     tls = ReloadingTLS(box)
     await tls.start()
     clock = [1_800_000_000.0]
     limiter = Limiter(box, clock=lambda: clock[0])
+    reputation = Reputation(lambda: box().settings.abuse, clock=lambda: clock[0])
     queue, log, suppression = RecordingQueue(), RecordingLog(), StaticSuppression()
     server = SubmissionServer(config=box, tls=tls, spool=spool, queue=queue, log=log,
-                              suppression=suppression, limiter=limiter, metrics=metrics)
+                              suppression=suppression, limiter=limiter, metrics=metrics,
+                              reputation=reputation)
     await server.start()
-    r = Relay(box, doc, server, spool, tls, queue, log, suppression, limiter, metrics, tls_ca,
+    r = Relay(box, doc, server, spool, tls, queue, log, suppression, limiter, metrics,
+              reputation, tls_ca,
               pair, write_ca_file(tls_ca, tmp_path), clock)
     try:
         yield r

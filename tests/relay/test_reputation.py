@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from mailplane_relay.config import AbuseSettings
 from mailplane_relay.reputation import Reputation
+from tests.relay import test_ingress_support as support
+
+relay = support.relay
 
 
 class Clock:
@@ -76,3 +79,24 @@ def test_memory_is_bounded() -> None:
     for i in range(10):
         rep.record(f"user{i}", "bounced")
     assert len(rep._windows) == 3
+
+
+async def test_a_paused_credential_gets_451_at_mail_from_and_others_do_not(
+        relay: support.Relay) -> None:
+    """Through the real SMTP server over TLS: bounces recorded for app1 pause it."""
+    for _ in range(40):
+        relay.reputation.record("app1", "delivered")
+    for _ in range(10):
+        relay.reputation.record("app1", "bounced")
+    c = await support.ready_session(relay)
+    try:
+        code, text = await c.cmd("MAIL FROM:<a@example.com>")
+        assert code == 451
+        assert text.startswith("451 4.7.1 Sending paused for app1: 20% of the last 50")
+        assert relay.rejected("paused") == 1
+        assert (await c.cmd("NOOP"))[0] == 250  # the session stays usable
+        relay.clock[0] += 3600 + 60  # the window slides past the bounces
+        assert (await c.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    finally:
+        await c.close()
+    assert [e.status for e in relay.log.events].count("rejected") == 1

@@ -27,8 +27,8 @@ def files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file())
 
 
-def make_spool(directory: Path, *, fsync: bool = True, window: float = 0.002) -> Spool:
-    return Spool(str(directory), fsync=fsync, group_commit_window=window,
+def make_spool(directory: Path, *, fsync: bool = True) -> Spool:
+    return Spool(str(directory), fsync=fsync,
                  metrics=RelayMetrics.create())
 
 
@@ -152,7 +152,7 @@ async def test_corrupt_message_file_is_quarantined_not_deleted(tmp_path: Path) -
 
 
 async def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
-    s = make_spool(tmp_path, window=0.05)
+    s = make_spool(tmp_path)
     await s.start()
     s.dir_fsyncs = 0
     try:
