@@ -343,6 +343,16 @@ def _relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRela
 # --------------------------------------------------------------------------------------------
 
 
+def invalid_spec_conditions(rt: Runtime, kind: str, body: Body | Mapping[str, Any],
+                            exc: SpecError) -> list[dict[str, Any]]:
+    """Count an invalid spec and return the conditions saying so (Ready=False, InvalidSpec,
+    with the message that names the field)."""
+    rt.metrics.invalid(kind)
+    return set_condition((body.get("status") or {}).get("conditions"), READY, False,
+                         REASON_INVALID_SPEC, str(exc),
+                         int(body["metadata"].get("generation") or 0), rt.clock())
+
+
 async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                        log: logging.Logger | logging.LoggerAdapter[Any]) -> RenderResult | None:
     relays_idx = indexes["relays_idx"]
@@ -353,10 +363,7 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
     try:
         relay = parse_smtp_relay(body)
     except SpecError as exc:
-        rt.metrics.invalid("SmtpRelay")
-        conds = set_condition((body.get("status") or {}).get("conditions"), READY, False,
-                              REASON_INVALID_SPEC, str(exc),
-                              int(body["metadata"].get("generation") or 0), rt.clock())
+        conds = invalid_spec_conditions(rt, "SmtpRelay", body, exc)
         await _patch_status(rt, kube.SMTP_RELAYS, body, {"conditions": conds})
         return None
     with rt.metrics.reconcile("SmtpRelay"):
@@ -502,11 +509,8 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
     try:
         cred = parse_smtp_credential(body)
     except SpecError as exc:
-        rt.metrics.invalid("SmtpCredential")
-        meta = body["metadata"]
-        patch.setdefault("status", {})["conditions"] = set_condition(
-            (body.get("status") or {}).get("conditions"), READY, False, REASON_INVALID_SPEC,
-            str(exc), int(meta.get("generation") or 0), rt.clock())
+        patch.setdefault("status", {})["conditions"] = invalid_spec_conditions(
+            rt, "SmtpCredential", body, exc)
         post_events(body, [Event("Warning", REASON_INVALID_SPEC, str(exc))])
         return
     relay_key = (cred.relay_namespace, cred.spec.relay_ref.name)
@@ -726,11 +730,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                 try:
                     verified, next_step = await reconcile_domain_once(rt, body, kwargs, logger)
                 except SpecError as exc:
-                    rt.metrics.invalid("SendingDomain")
-                    meta = body["metadata"]
-                    conds = set_condition((body.get("status") or {}).get("conditions"), READY,
-                                          False, REASON_INVALID_SPEC, str(exc),
-                                          int(meta.get("generation") or 0), rt.clock())
+                    conds = invalid_spec_conditions(rt, "SendingDomain", body, exc)
                     await _patch_status(rt, kube.SENDING_DOMAINS, body, {"conditions": conds})
                     verified, next_step = True, None  # nothing to retry until the spec changes
                     delay = config.dns_recheck_interval
@@ -829,11 +829,8 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         try:
             policy = parse_retention_policy(body)
         except SpecError as exc:
-            rt.metrics.invalid("RetentionPolicy")
-            meta = body["metadata"]
-            patch.setdefault("status", {})["conditions"] = set_condition(
-                (body.get("status") or {}).get("conditions"), READY, False, REASON_INVALID_SPEC,
-                str(exc), int(meta.get("generation") or 0), rt.clock())
+            patch.setdefault("status", {})["conditions"] = invalid_spec_conditions(
+                rt, "RetentionPolicy", body, exc)
             return
         with rt.metrics.reconcile("RetentionPolicy"):
             relays_in_ns: list[SmtpRelay] = _parse_all(parse_smtp_relay, [
