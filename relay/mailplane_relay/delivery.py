@@ -207,7 +207,10 @@ class _TLSFailed(_ConnectFailed):
 
 
 class _ReusedConnectionLost(Exception):
-    """A pooled connection died before the server took any command: retry on a fresh one."""
+    """A pooled connection failed before the server accepted anything of the transaction
+    (closed, reset, broken pipe, or 421 at MAIL): the upstream dropped it while it sat idle,
+    so the attempt goes on at once on a fresh connection instead of deferring. Timeouts are
+    not included: a silent server may be slow rather than gone."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -827,12 +830,19 @@ class DeliveryQueue:
             try:
                 await client.mail(msg.mail_from, options=options, encoding=encoding)
             except aiosmtplib.SMTPSenderRefused as exc:
+                if exc.code == 421:
+                    client.close()  # the server is closing the session
+                    if reused:
+                        raise _ReusedConnectionLost() from None
                 self._all(recipients, outcomes,
                           _reply_outcome(exc.code, exc.message, "mail", remote, tls))
+                if exc.code == 421:
+                    return False
                 await client.rset()
                 return True
-            except aiosmtplib.SMTPServerDisconnected:
+            except ConnectionError:  # closed, reset, broken pipe (SMTPServerDisconnected too)
                 if reused:
+                    client.close()
                     raise _ReusedConnectionLost() from None
                 raise
             accepted: list[Recipient] = []
@@ -910,6 +920,15 @@ class DeliveryQueue:
                     proto._response_pending = True
                     proto.write(b"\r\n".join(commands) + b"\r\n")
                     mail = await replies.next(timeout)
+                    if mail.code == 421:
+                        # The server took nothing and is closing the session (overload,
+                        # shutdown, its own idle limit): the rest of the group is moot.
+                        if reused:
+                            raise _ReusedConnectionLost()
+                        self._all(recipients, outcomes,
+                                  _reply_outcome(mail.code, mail.message, "mail", remote, tls))
+                        client.close()
+                        return False
                     got_reply = True
                     rcpt_replies = [await replies.next(timeout) for _ in recipients]
                     go = await replies.next(timeout)
@@ -955,14 +974,17 @@ class DeliveryQueue:
                 return False
             await client.rset()
             return True
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        except _ReusedConnectionLost:
+            client.close()  # unread replies of the group may follow: never reuse it
+            raise
+        except ConnectionError as exc:  # closed, reset, broken pipe (SMTPServerDisconnected too)
             # The protocol may be out of step with the server now: never reuse it.
             client.close()
-            if reused and not got_reply and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+            if reused and not got_reply:
                 raise _ReusedConnectionLost() from None
             self._undecided(recipients, outcomes, remote, tls, exc)
             return False
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (aiosmtplib.SMTPException, OSError) as exc:  # timeouts, malformed replies
             client.close()
             self._undecided(recipients, outcomes, remote, tls, exc)
             return False

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -892,3 +894,141 @@ async def test_dot_stuffing_and_line_ends_on_the_pipelined_path(relay: Any,
     await r.done(msg)
     [got] = sink.messages
     assert got.data.endswith(BODY + body + b"\r\n")
+
+
+# ------------------------------------------------------------------------------ reused connections
+
+
+class _FaultyUpstream:
+    """A raw SMTP server that fails chosen MAIL commands, keyed by (connection, MAIL number in
+    it), in one of the ways a pooled connection dies: ``421`` (a 421 reply, then close, as
+    Postfix does on overload, shutdown or its own idle limit), ``drop`` (close without a reply),
+    ``reset`` (a TCP reset). ``close_after`` closes a connection right after the 250 of its
+    n-th message (before the next MAIL)."""
+
+    def __init__(self, *, pipelining: bool, faults: dict[tuple[int, int], str] | None = None,
+                 close_after: tuple[int, int] | None = None) -> None:
+        self.pipelining = pipelining
+        self.faults = faults or {}
+        self.close_after = close_after
+        self.connections = 0
+        self.messages: list[tuple[int, bytes]] = []
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number, mails = self.connections, 0
+        writer.write(b"220 faulty.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    extra = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    writer.write(b"250-faulty.test\r\n" + extra + b"250 SIZE 100000\r\n")
+                elif verb == b"MAIL":
+                    mails += 1
+                    fault = self.faults.get((number, mails))
+                    if fault is not None:
+                        await self._fail(writer, fault)
+                        return
+                    writer.write(b"250 2.1.0 ok\r\n")
+                elif verb == b"RCPT":
+                    writer.write(b"250 2.1.5 ok\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    self.messages.append((number, await reader.readuntil(b"\r\n.\r\n")))
+                    writer.write(b"250 2.0.0 queued\r\n")
+                    if (number, mails) == self.close_after:
+                        await writer.drain()
+                        return
+                elif verb == b"RSET":
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    writer.write(b"500 5.5.1 unknown\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _fail(writer: asyncio.StreamWriter, fault: str) -> None:
+        if fault == "421":
+            writer.write(b"421 4.3.2 faulty.test closing connection\r\n")
+            await writer.drain()
+        elif fault == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+@pytest.mark.parametrize("fault", ["421", "drop", "reset"])
+async def test_reused_connection_failing_at_mail_is_retried_on_a_fresh_one(
+        relay: Any, fault: str, pipelining: bool) -> None:
+    upstream = _FaultyUpstream(pipelining=pipelining, faults={(1, 2): fault})
+    async with upstream as port:
+        delivery = {"mode": "smarthost", **TIMEOUTS,
+                    "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}}
+        r = await relay(make_config(delivery, queue={"retryInitial": 3600, "retryMax": 3600}))
+        await r.done(await r.send(["a@example.net"]))
+        second = await r.send(["b@example.net"])
+        await r.done(second)
+    assert [n for n, _ in upstream.messages] == [1, 2]
+    [event] = await r.events(second)
+    assert event["status"] == "delivered" and event["attempt"] == 1
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_connection_closed_right_after_a_message_is_not_reused(
+        relay: Any, pipelining: bool) -> None:
+    upstream = _FaultyUpstream(pipelining=pipelining, close_after=(1, 1))
+    async with upstream as port:
+        delivery = {"mode": "smarthost", **TIMEOUTS, "concurrencyPerDestination": 1,
+                    "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}}
+        r = await relay(make_config(delivery, queue={"retryInitial": 3600, "retryMax": 3600}))
+        # The second message waits for the destination's only slot and takes the connection
+        # the moment the first one releases it, possibly before its close is noticed.
+        msgs = [await r.send([f"u{i}@example.net"]) for i in range(3)]
+        for msg in msgs:
+            await r.done(msg)
+    assert len(upstream.messages) == 3
+    for msg in msgs:
+        [event] = await r.events(msg)
+        assert event["status"] == "delivered" and event["attempt"] == 1
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+@pytest.mark.parametrize("fault", ["421", "drop"])
+async def test_fresh_connection_failing_at_mail_defers(relay: Any, fault: str,
+                                                       pipelining: bool) -> None:
+    # Connection 1 is reused for the second message and dies; so does the fresh connection 2
+    # the relay retries on at once: the attempt defers (no third connection), the retry
+    # delivers on connection 3.
+    upstream = _FaultyUpstream(pipelining=pipelining, faults={(1, 2): fault, (2, 1): fault})
+    async with upstream as port:
+        delivery = {"mode": "smarthost", **TIMEOUTS,
+                    "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}}
+        r = await relay(make_config(delivery))
+        await r.done(await r.send(["a@example.net"]))
+        second = await r.send(["b@example.net"])
+        await r.done(second)
+    assert [n for n, _ in upstream.messages] == [1, 3]
+    first_try, retry = await r.events(second)
+    assert (first_try["status"], first_try["attempt"]) == ("deferred", 1)
+    if fault == "421":
+        assert first_try["response"] == "421 4.3.2 faulty.test closing connection"
+    else:
+        assert first_try["response"].startswith("451 4.4.2 Connection to 127.0.0.1:")
+    assert (retry["status"], retry["attempt"]) == ("delivered", 2)
