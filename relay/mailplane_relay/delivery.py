@@ -208,9 +208,13 @@ class _TLSFailed(_ConnectFailed):
 
 class _ReusedConnectionLost(Exception):
     """A pooled connection failed before the server accepted anything of the transaction
-    (closed, reset, broken pipe, or 421 at MAIL): the upstream dropped it while it sat idle,
-    so the attempt goes on at once on a fresh connection instead of deferring. Timeouts are
-    not included: a silent server may be slow rather than gone."""
+    (closed, reset, broken pipe, or 421 at MAIL): most often the upstream dropped it while it
+    sat idle, so the attempt goes on at once on a fresh connection instead of deferring.
+    Timeouts are not included: a silent server may be slow rather than gone."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------------
@@ -670,7 +674,10 @@ class DeliveryQueue:
                 if conn is not None:
                     try:
                         reusable = await self._transaction(conn, job, recipients, reused=True)
-                    except _ReusedConnectionLost:
+                    except _ReusedConnectionLost as exc:
+                        log.info("delivery: pooled connection to %s failed before the "
+                                 "transaction (%s); retrying on a fresh connection",
+                                 conn.remote, exc.reason)
                         self._discard(conn)
                     else:
                         self._release(job.cfg, dest, conn, reusable)
@@ -833,17 +840,18 @@ class DeliveryQueue:
                 if exc.code == 421:
                     client.close()  # the server is closing the session
                     if reused:
-                        raise _ReusedConnectionLost() from None
+                        raise _ReusedConnectionLost(format_reply(exc.code, exc.message)) \
+                            from None
                 self._all(recipients, outcomes,
                           _reply_outcome(exc.code, exc.message, "mail", remote, tls))
                 if exc.code == 421:
                     return False
                 await client.rset()
                 return True
-            except ConnectionError:  # closed, reset, broken pipe (SMTPServerDisconnected too)
+            except ConnectionError as exc:  # closed, reset, broken pipe (SMTPServerDisconnected)
                 if reused:
                     client.close()
-                    raise _ReusedConnectionLost() from None
+                    raise _ReusedConnectionLost(_describe(exc)) from None
                 raise
             accepted: list[Recipient] = []
             for r in recipients:
@@ -924,7 +932,7 @@ class DeliveryQueue:
                         # The server took nothing and is closing the session (overload,
                         # shutdown, its own idle limit): the rest of the group is moot.
                         if reused:
-                            raise _ReusedConnectionLost()
+                            raise _ReusedConnectionLost(format_reply(mail.code, mail.message))
                         self._all(recipients, outcomes,
                                   _reply_outcome(mail.code, mail.message, "mail", remote, tls))
                         client.close()
@@ -977,11 +985,11 @@ class DeliveryQueue:
         except _ReusedConnectionLost:
             client.close()  # unread replies of the group may follow: never reuse it
             raise
-        except ConnectionError as exc:  # closed, reset, broken pipe (SMTPServerDisconnected too)
+        except ConnectionError as exc:  # closed, reset, broken pipe (SMTPServerDisconnected)
             # The protocol may be out of step with the server now: never reuse it.
             client.close()
             if reused and not got_reply:
-                raise _ReusedConnectionLost() from None
+                raise _ReusedConnectionLost(_describe(exc)) from None
             self._undecided(recipients, outcomes, remote, tls, exc)
             return False
         except (aiosmtplib.SMTPException, OSError) as exc:  # timeouts, malformed replies

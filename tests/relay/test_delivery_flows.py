@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import socket
 import struct
 import time
@@ -970,7 +971,8 @@ class _FaultyUpstream:
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize("fault", ["421", "drop", "reset"])
 async def test_reused_connection_failing_at_mail_is_retried_on_a_fresh_one(
-        relay: Any, fault: str, pipelining: bool) -> None:
+        relay: Any, fault: str, pipelining: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailplane_relay.delivery")
     upstream = _FaultyUpstream(pipelining=pipelining, faults={(1, 2): fault})
     async with upstream as port:
         delivery = {"mode": "smarthost", **TIMEOUTS,
@@ -982,6 +984,10 @@ async def test_reused_connection_failing_at_mail_is_retried_on_a_fresh_one(
     assert [n for n, _ in upstream.messages] == [1, 2]
     [event] = await r.events(second)
     assert event["status"] == "delivered" and event["attempt"] == 1
+    # The operator's only trace of the retry: why the pooled connection was given up.
+    [retried] = [m for m in caplog.messages if "retrying on a fresh connection" in m]
+    if fault == "421":
+        assert "421 4.3.2 faulty.test closing connection" in retried
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
