@@ -881,12 +881,7 @@ class DeliveryQueue:
         except _ReusedConnectionLost:
             raise
         except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = f"451 4.4.2 Connection to {remote} lost: {_describe(exc)}"
-            if isinstance(exc, aiosmtplib.SMTPResponseException):
-                reply = f"451 4.4.2 {remote} answered {format_reply(exc.code, exc.message)}"
-            for r in recipients:
-                if r.address not in outcomes:
-                    outcomes[r.address] = RecipientOutcome("deferred", reply, remote, tls=tls)
+            self._undecided(recipients, outcomes, remote, tls, exc)
             return False
 
     @staticmethod
