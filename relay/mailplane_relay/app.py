@@ -124,6 +124,9 @@ def _with_listener_ports(cfg: RelayConfig, ports: dict[str, int]) -> RelayConfig
     return RelayConfig(settings=settings, source_hash=cfg.source_hash)
 
 
+COMPLAINT_REASON = "complaint"
+
+
 async def _export_paused(reputation: Reputation, metrics: RelayMetrics) -> None:
     """Keep the paused-credentials gauge current (pauses lift by themselves as time passes,
     so this is polled rather than set on events)."""
@@ -275,8 +278,10 @@ class RelayApp:
         stages.append(("message log", msglog.close))
         self.message_log = msglog
 
-        suppression = SuppressionList(settings.message_log.path, metrics,
-                                      export_gauge=worker is None or worker.index == 0)
+        counts_for_pool = worker is None or worker.index == 0
+        suppression = SuppressionList(
+            settings.message_log.path, metrics, export_gauge=counts_for_pool,
+            on_added=self._count_complaints if counts_for_pool else None)
         await suppression.start()
         stages.append(("suppression list", suppression.close))
 
@@ -359,6 +364,26 @@ class RelayApp:
         self.metrics.config_info.labels(hash=new.source_hash).set(1)
         self.metrics.config_reloads.labels(result="success").inc()
         self.metrics.config_last_reload_success.set(time.time())
+
+    async def _count_complaints(self, added: list[tuple[str, str]]) -> None:
+        """Count complaints recorded on the suppression list (`mailplane suppression add ADDRESS
+        --reason complaint`, by hand or from a feedback-loop processor) against the sender that
+        last delivered to that address, as the message log knows it."""
+        complained = [address for address, reason in added if reason == COMPLAINT_REASON]
+        if not complained:
+            return
+        cfg = self.config()
+        path = cfg.settings.message_log.path
+        for address in complained:
+            rows = await asyncio.to_thread(MessageLog.query, path, recipient=address,
+                                           status="delivered", limit=1)
+            if not rows:
+                log.info("complaint for an address with no delivery on record; not attributed")
+                continue
+            domain = str(rows[0]["sender"]).rpartition("@")[2].lower()
+            self.metrics.complaints.labels(
+                domain if domain in cfg.domains else "other",
+                rows[0]["credential"] or "none").inc()
 
     async def _watch_config(self) -> None:
         while True:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -577,8 +577,12 @@ class SuppressionList:
         self, path: str, metrics: RelayMetrics,
         *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL, export_gauge: bool = True,
         delta_limit: int = SUPPRESSION_DELTA_LIMIT,
+        on_added: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
     ) -> None:
         self.path = path
+        # Told (address, reason) of entries that appeared since the last refresh, whoever
+        # wrote them (the CLI, another worker); not for the entries present at start.
+        self._on_added = on_added
         self._metrics = metrics
         # With several workers each holds the whole list; one of them reports its size, so
         # that summing the gauge over processes counts each address once.
@@ -630,7 +634,11 @@ class SuppressionList:
             lambda conn: _read_suppression_changes(conn, since, self._delta_limit))
         if changes is None:
             return False
+        first_load = since < 0
+        before = self._cache
         self._version, full, entries = changes
+        added = [(a, e[0]) for a, e in entries.items()
+                 if e is not None and (a not in before or before[a][0] != e[0])]
         if full:
             self._cache = {a: e for a, e in entries.items() if e is not None}
         else:
@@ -641,6 +649,8 @@ class SuppressionList:
                     self._cache[address] = entry
         self.full_reloads += full
         self._set_gauge()
+        if self._on_added is not None and added and not first_load:
+            await self._on_added(added)
         return True
 
     async def wait_refreshed(self) -> None:
