@@ -259,6 +259,9 @@ def test_default_resources_render_valid_against_their_crds() -> None:
     for obj in custom:
         assert obj["metadata"]["namespace"] == NAMESPACE
         jsonschema.validate(obj, schemas[obj["kind"]])
+    # The default pool runs under the chart's relay ServiceAccount (no RBAC, no token).
+    [relay] = [o for o in custom if o["kind"] == "SmtpRelay"]
+    assert relay["spec"]["serviceAccountName"] == "mailplane-relay"
     # The same check rejects a spec the CRD does not allow.
     [policy] = [o for o in custom if o["kind"] == "RetentionPolicy"]
     bad = copy.deepcopy(policy)

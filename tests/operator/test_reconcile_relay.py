@@ -65,6 +65,7 @@ def test_pod_is_locked_down_probed_and_drains_within_its_grace_period() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False  # the relay never talks to the API
+    assert pod["serviceAccountName"] == "default"  # spec.serviceAccountName's default
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
@@ -163,3 +164,10 @@ def test_relay_status(ready_replicas: int, error: str | None, status: str, reaso
     assert (ready["status"], ready["reason"]) == (status, reason)
     assert patch["observedGeneration"] == 1
     assert patch["configHash"] == "h" and patch["credentialCount"] == 3
+
+
+def test_relay_pods_run_under_the_named_service_account_without_a_token() -> None:
+    sts = by_kind(relay_mod.relay_children(relay(serviceAccountName="mailplane-relay")))
+    pod = sts["StatefulSet"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "mailplane-relay"
+    assert pod["automountServiceAccountToken"] is False

@@ -266,6 +266,9 @@ class SmtpRelaySpec(_Spec):
     limits: LimitsSpec = LimitsSpec()
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
     shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)
+    service_account_name: str = Field(
+        "default", alias="serviceAccountName", max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     resources: dict[str, Any] | None = None
     monitoring: MonitoringSpec = MonitoringSpec()
 

@@ -135,7 +135,7 @@ def pod_template(relay: SmtpRelay, image: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": child_labels(relay)},
         "spec": {
-            "serviceAccountName": "default",
+            "serviceAccountName": spec.service_account_name,
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": termination_grace_seconds(relay),
             "securityContext": {
