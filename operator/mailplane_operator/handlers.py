@@ -343,6 +343,13 @@ def _relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRela
 # --------------------------------------------------------------------------------------------
 
 
+def _with_conditions(body: Body | Mapping[str, Any],
+                     conds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole status with new conditions: _patch_status sends what is wanted, so a status
+    of conditions alone would null the other fields (configHash, dnsRecords, ...)."""
+    return {**(body.get("status") or {}), "conditions": conds}
+
+
 def invalid_spec_conditions(rt: Runtime, kind: str, body: Body | Mapping[str, Any],
                             exc: SpecError) -> list[dict[str, Any]]:
     """Count an invalid spec and return the conditions saying so (Ready=False, InvalidSpec,
@@ -364,7 +371,7 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         relay = parse_smtp_relay(body)
     except SpecError as exc:
         conds = invalid_spec_conditions(rt, "SmtpRelay", body, exc)
-        await _patch_status(rt, kube.SMTP_RELAYS, body, {"conditions": conds})
+        await _patch_status(rt, kube.SMTP_RELAYS, body, _with_conditions(body, conds))
         return None
     with rt.metrics.reconcile("SmtpRelay"):
         now = rt.clock()
@@ -731,7 +738,8 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                     verified, next_step = await reconcile_domain_once(rt, body, kwargs, logger)
                 except SpecError as exc:
                     conds = invalid_spec_conditions(rt, "SendingDomain", body, exc)
-                    await _patch_status(rt, kube.SENDING_DOMAINS, body, {"conditions": conds})
+                    await _patch_status(rt, kube.SENDING_DOMAINS, body,
+                                        _with_conditions(body, conds))
                     verified, next_step = True, None  # nothing to retry until the spec changes
                     delay = config.dns_recheck_interval
                 except ApiError as exc:

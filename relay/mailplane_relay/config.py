@@ -525,7 +525,9 @@ class RelayConfig(_Model):
 # --------------------------------------------------------------------------------------------
 
 
-def _format_validation_error(where: str, err: ValidationError) -> str:
+def format_validation_error(where: str, err: ValidationError) -> str:
+    """One line per problem naming the field and the fix; never the offending value (it may be
+    a password hash or a private key)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
@@ -606,7 +608,7 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
     try:
         settings = RelaySettings.model_validate(settings_doc)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(settings_where, exc)) from None
+        raise ConfigError(format_validation_error(settings_where, exc)) from None
     _check_unique("domain", [d.name for d in settings.domains])
     _check_unique("credential username", [c.username for c in settings.credentials])
     return RelayConfig(settings=settings, source_hash=digest.hexdigest()[:16])

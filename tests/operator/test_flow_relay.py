@@ -190,3 +190,22 @@ def test_watching_listed_namespaces_only(kube_api: KubeApi,
                if agent.startswith("kopf") and query.get("watch") == "true"}
     assert "/apis/mailplane.io/v1alpha1/namespaces/shop/smtpcredentials" in watched
     assert not any(p.startswith("/apis/mailplane.io/v1alpha1/smtp") for p in watched)
+
+
+def test_an_invalid_spec_says_so_and_keeps_the_rest_of_the_status(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _setup(kube_api)
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                              lambda o: o and o.get("status", {}).get("configHash"))
+    config_hash = relay["status"]["configHash"]
+    # The emulator does not validate against the CRD (an old CRD would not either).
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"shutdownGrace": "nonsense"}})
+
+    def invalid(o: Any) -> bool:
+        return bool(o) and any(c["reason"] == "InvalidSpec"
+                               for c in o.get("status", {}).get("conditions", []))
+
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", invalid)
+    assert relay["status"]["configHash"] == config_hash  # not wiped by the condition update
+    ready = next(c for c in relay["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "shutdownGrace" in ready["message"]

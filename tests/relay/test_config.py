@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from mailplane_relay.config import (
     API_VERSION,
@@ -17,6 +17,7 @@ from mailplane_relay.config import (
     RelaySettings,
     config_fingerprint,
     dump_settings,
+    format_validation_error,
     hash_password,
     load_config,
     parse_documents,
@@ -194,3 +195,18 @@ def test_every_field_is_documented() -> None:
         n for n in _field_names(RelaySettings) if not re.search(rf"[`.]{n}[`.\[]", text)
     )
     assert not missing, f"document these fields in docs/relay-config.md: {missing}"
+
+
+def test_validation_errors_never_quote_the_value() -> None:
+    """A bad private key or hash must not travel into Events, status or logs via the error."""
+    spec = {**BASE, "domains": [{"name": "example.com",
+                                 "dkim": {"selector": "s1", "privateKey": ["SECRET-MARKER"]}}]}
+    with pytest.raises(ValidationError) as raw:
+        RelaySettings.model_validate(spec)
+    assert "SECRET-MARKER" in str(raw.value)  # pydantic's own text would leak it...
+    text = format_validation_error("relay configuration", raw.value)
+    assert "SECRET-MARKER" not in text  # ...ours names the field only
+    assert "domains.0.dkim.privateKey" in text or "domains.0.dkim.private_key" in text
+    with pytest.raises(ConfigError) as err:
+        parse_documents([doc("RelayConfig", spec)])
+    assert "SECRET-MARKER" not in str(err.value)

@@ -39,6 +39,7 @@ from mailplane_relay.config import (
     ConfigError,
     RelayConfig,
     RelaySettings,
+    format_validation_error,
     parse_documents,
     render_document,
 )
@@ -336,7 +337,9 @@ def _validate_models(settings: Mapping[str, Any], domains: list[tuple[str, dict[
     try:
         parsed = RelaySettings.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(str(exc)) from None
+        # Never str(exc): pydantic quotes the input value, and these documents hold private keys
+        # and password hashes; this message reaches Events, status and the log.
+        raise ConfigError(format_validation_error("relay configuration", exc)) from None
     names = [c.username for c in parsed.credentials]
     if len(set(names)) != len(names):
         raise ConfigError("two credentials render to the same username")
