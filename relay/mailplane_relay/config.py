@@ -564,7 +564,12 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
         try:
             docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+            # Only the position: the YAML error's own text may quote the line, which may hold a
+            # private key or a password hash.
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
         for i, doc in enumerate(docs):
             label = f"{where}[{i}]" if len(docs) > 1 else where
             if not isinstance(doc, Mapping):

@@ -489,13 +489,13 @@ class DeliveryQueue:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Never lose a message to a bug: log it and try again later.
+            # Never lose a message to a bug: log it and treat the attempt as a temporary
+            # failure, so that the backoff, the attempt count and the expiry still apply (a
+            # message that always hits the bug expires and bounces instead of looping forever).
             log.exception("delivery attempt for %s failed unexpectedly; retrying later",
                           msg.queue_id)
             if msg.queue_id in self._messages:
-                retry = self._config().settings.queue.retry_initial
-                msg.next_attempt = self._clock() + retry
-                self._schedule(msg)
+                await self._after_internal_error(msg)
         finally:
             slots.release()
 
@@ -1032,6 +1032,18 @@ class DeliveryQueue:
         task.add_done_callback(self._closers.discard)
 
     # -------------------------------------------------------------- outcomes
+
+    async def _after_internal_error(self, msg: QueuedMessage) -> None:
+        reply = RecipientOutcome("deferred", "451 4.3.0 Internal error during delivery")
+        try:
+            await self._apply(self._config(), msg, {r.address: reply for r in msg.pending()})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recording the failed attempt of %s failed too; retrying later",
+                          msg.queue_id)
+            msg.next_attempt = self._clock() + self._config().settings.queue.retry_initial
+            self._schedule(msg)
 
     async def _apply(self, cfg: RelayConfig, msg: QueuedMessage,
                      outcomes: dict[str, RecipientOutcome]) -> None:

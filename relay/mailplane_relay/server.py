@@ -295,7 +295,13 @@ class RelaySMTP(SMTP):
         if self.transport is None:
             return
         if self.loop.time() >= self._deadline:
-            self.transport.close()  # connection_lost ends the session
+            # abort, not close: close waits for buffered replies to drain, which never happens
+            # for a client that stopped reading; connection_lost ends the session.
+            transport = self.transport
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()
+            else:
+                transport.close()
         else:
             self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
 

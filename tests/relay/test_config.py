@@ -210,3 +210,10 @@ def test_validation_errors_never_quote_the_value() -> None:
     with pytest.raises(ConfigError) as err:
         parse_documents([doc("RelayConfig", spec)])
     assert "SECRET-MARKER" not in str(err.value)
+
+
+def test_a_yaml_error_gives_the_position_not_the_line() -> None:
+    text = f"apiVersion: {API_VERSION}\nkind: RelayConfig\nspec:\n  x: privateKey: SECRET-MARKER\n"
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 4, column \d+") as err:
+        parse_documents([("relay.yaml", text)])
+    assert "SECRET-MARKER" not in str(err.value)

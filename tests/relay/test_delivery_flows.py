@@ -1013,3 +1013,22 @@ async def test_fresh_connection_failing_at_mail_defers(relay: Any, fault: str,
     else:
         assert first_try["response"].startswith("451 4.4.2 Connection to 127.0.0.1:")
     assert (retry["status"], retry["attempt"]) == ("delivered", 2)
+
+
+async def test_a_bug_in_an_attempt_defers_then_expires_instead_of_looping(
+        relay: Any, smtp_sink: SinkFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: every attempt raises. The message is still deferred with backoff,
+    counted, and expires at maxLifetime instead of being retried forever."""
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink), queue={**FAST_RETRY, "maxLifetime": 0.3}))
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(r.queue, "_send", broken)
+    msg = await r.send(["someone@example.net"])
+    await r.done(msg)
+    statuses = r.statuses(await r.events(msg), "someone@example.net")
+    assert statuses[-1] == "expired" and statuses.count("deferred") >= 1
+    assert all(e["response"] == "451 4.3.0 Internal error during delivery"
+               for e in await r.events(msg) if e["status"] != "received")
