@@ -38,6 +38,7 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
+from .aiotasks import cancel_and_wait
 from .config import QueueSettings, RelayConfig, ResolverSettings
 from .dkim import DKIMSigner
 from .dsn import FailedRecipient, build_dsn
@@ -388,7 +389,7 @@ class DeliveryQueue:
         self._wake.set()
         for task in (self._dispatcher, self._housekeeper):
             if task is not None:
-                await _cancel_and_wait(task)
+                await cancel_and_wait(task)
         inflight = list(self._inflight.values())
         if inflight:
             remaining = max(0.0, deadline - time.monotonic())
@@ -1175,19 +1176,6 @@ def _remote_label(outcome: RecipientOutcome) -> str | None:
     if outcome.remote is None:
         return None
     return outcome.remote + (" tls" if outcome.tls else "")
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel a task we own and wait for it; a cancellation of the caller still propagates."""
-    if task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 def _read_secret(path: str) -> str:

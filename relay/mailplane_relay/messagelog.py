@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
+from .aiotasks import cancel_and_wait
 from .events import STATUSES, LogEvent
 from .metrics import NS, RelayMetrics
 
@@ -398,9 +399,7 @@ class MessageLog:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         try:
             await self.flush()
         except Exception:
@@ -677,9 +676,7 @@ class SuppressionList:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._db.close()
 
     # ---- synchronous helpers for the CLI -----------------------------------------------------

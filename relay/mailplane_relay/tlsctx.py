@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from .aiotasks import cancel_and_wait
 from .config import RelayConfig, TLSSettings
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,8 @@ class ReloadingTLS:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            await cancel_and_wait(task)
 
     async def reload(self) -> bool:
         """Check the files now (the configuration may name new ones); True if in force."""
