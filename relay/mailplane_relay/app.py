@@ -299,7 +299,8 @@ class RelayApp:
 
         reputation = Reputation(lambda: self.config().settings.abuse)
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
-                              suppression=suppression, metrics=metrics, reputation=reputation)
+                              suppression=suppression, metrics=metrics, reputation=reputation,
+                              on_failure=self._fail)
         await queue.start(recovered)
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))

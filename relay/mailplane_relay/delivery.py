@@ -315,8 +315,12 @@ class DeliveryQueue:
         rng: random.Random | None = None,
         signer: DKIMSigner | None = None,
         reputation: Reputation | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._config = config
+        # Told when the dispatcher or the housekeeper dies: the composition root stops the
+        # process (the queue stays on disk) rather than accept mail it would never deliver.
+        self._on_failure = on_failure
         self._reputation = reputation
         self._spool = spool
         self._log = log
@@ -483,6 +487,8 @@ class DeliveryQueue:
         if exc is not None:
             log.critical("delivery background task %s died; deliveries stop until restart",
                          task.get_name(), exc_info=exc)
+            if self._on_failure is not None:
+                self._on_failure(exc)
 
     async def _run_attempt(self, msg: QueuedMessage, slots: asyncio.Semaphore) -> None:
         try:

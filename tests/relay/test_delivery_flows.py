@@ -1032,3 +1032,22 @@ async def test_a_bug_in_an_attempt_defers_then_expires_instead_of_looping(
     assert statuses[-1] == "expired" and statuses.count("deferred") >= 1
     assert all(e["response"] == "451 4.3.0 Internal error during delivery"
                for e in await r.events(msg) if e["status"] != "received")
+
+
+async def test_a_dead_background_task_is_reported_to_the_owner(
+        relay: Any, smtp_sink: SinkFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the housekeeper dies. The owner (app.py stops the process, the queue
+    stays on disk) is told, instead of the relay accepting mail it would never deliver."""
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink)))
+    failures: list[BaseException] = []
+    r.queue._on_failure = failures.append
+
+    def broken() -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(r.queue, "update_gauges", broken)
+    async with asyncio.timeout(5):
+        while not failures:
+            await asyncio.sleep(0.05)
+    assert str(failures[0]) == "injected fault"
