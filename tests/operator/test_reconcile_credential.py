@@ -138,6 +138,9 @@ def test_a_hand_edited_hash_is_recomputed_from_the_password() -> None:
     state = cm.state_from_secret(first.secret)
     assert state is not None
     assert verify_password(values(first.secret)["password"], state.password_hash)
+    # The same hash on every pass, so the rendered config (and its hash) does not churn.
+    again = cm.state_from_secret(first.secret)
+    assert again is not None and again.password_hash == state.password_hash
 
 
 def test_admission_reasons() -> None:

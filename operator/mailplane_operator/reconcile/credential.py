@@ -127,12 +127,13 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def state_from_secret(secret: Mapping[str, Any] | None,
-                      random: RandomBytes = os.urandom) -> CredentialState | None:
+def state_from_secret(secret: Mapping[str, Any] | None) -> CredentialState | None:
     """The rotation state in an existing Secret, or None when it holds no usable password.
 
     A hash annotation that does not match the password (edited by hand) is recomputed, so the
-    relay always gets the hash of the password the application reads.
+    relay always gets the hash of the password the application reads. The salt of that
+    recomputed hash comes from the Secret's identity, so every render gives the same hash and
+    the config is not rewritten on each pass until the credential handler fixes the annotation.
     """
     if not secret:
         return None
@@ -142,7 +143,10 @@ def state_from_secret(secret: Mapping[str, Any] | None,
     ann = (secret.get("metadata") or {}).get("annotations") or {}
     current = ann.get(ANN_PASSWORD_HASH)
     if not current or not verify_password(password, current):
-        current = hash_for_relay(password, random)
+        meta = secret.get("metadata") or {}
+        identity = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        salt = hashlib.sha256(b"mailplane-rehash\0" + str(identity).encode()).digest()
+        current = hash_for_relay(password, lambda n: salt[:n])
     rotated_at = parse_time(ann.get(ANN_ROTATED_AT))
     previous_expires = parse_time(ann.get(ANN_PREVIOUS_EXPIRES))
     previous = ann.get(ANN_PREVIOUS_HASH) or None
@@ -356,7 +360,7 @@ def reconcile_credential(
     """
     admission = check_credential(cred, relay, namespace_labels, attached_domains)
     events: list[Event] = []
-    state = state_from_secret(existing_secret, random)
+    state = state_from_secret(existing_secret)
     secret: dict[str, Any] | None = None
     rotated = False
     if relay is not None:
