@@ -286,8 +286,18 @@ def test_private_keys_never_reach_status_or_events() -> None:
     assert RSA_PEM.splitlines()[1] not in exposed
 
 
-def test_an_unusable_secret_means_a_new_key() -> None:
-    assert dm.state_from_secret({"metadata": {"annotations": {dm.ANN_DKIM_STATE: "{"}}}) is None
+def test_a_secret_without_our_state_means_a_new_key() -> None:
     assert dm.state_from_secret(None) is None
     result = reconcile(domain(), {"metadata": {}, "data": {}})
     assert [e.reason for e in result.events] == ["DKIMKeyGenerated"]
+
+
+def test_an_unreadable_secret_is_never_replaced() -> None:
+    """Replacing it would silently break signing for selectors already published in DNS."""
+    broken = {"metadata": {"namespace": "mail", "name": "example-com-dkim",
+                           "annotations": {dm.ANN_DKIM_STATE: "{"}}, "data": {}}
+    with pytest.raises(dm.DKIMSecretUnreadable, match="restore the Secret from a backup"):
+        dm.state_from_secret(broken)
+    with pytest.raises(dm.DKIMSecretUnreadable, match="mail/example-com-dkim"):
+        reconcile(domain(), broken)
+    assert dm.signing_from_secret(broken) is None  # the relay render goes on without it

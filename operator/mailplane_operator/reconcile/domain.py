@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
 from .credential import ANN_ROTATE, namespace_allowed, secret_value
-from .models import SendingDomain, SmtpRelay, owner_reference
+from .models import SendingDomain, SmtpRelay, SpecError, owner_reference
 
 Algorithm = Literal["rsa-2048", "ed25519"]
 Phase = Literal["Stable", "NextKeyPublished", "Switched"]
@@ -176,11 +176,25 @@ class DKIMState:
         return self.keys[self.active]
 
 
+class DKIMSecretUnreadable(SpecError):
+    """The DKIM Secret exists but its state or keys cannot be read. Never replaced by new keys:
+    that would silently break signing for selectors already published in DNS."""
+
+
 def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
-    """The rotation state and keys stored in the DKIM Secret; None if absent or unusable."""
+    """The rotation state and keys stored in the DKIM Secret; None if there is no Secret or it
+    holds no state of ours yet. Raises DKIMSecretUnreadable when our state is there but cannot
+    be used."""
     if not secret:
         return None
-    ann = (secret.get("metadata") or {}).get("annotations") or {}
+    meta = secret.get("metadata") or {}
+    if ANN_DKIM_STATE not in (meta.get("annotations") or {}):
+        return None
+    unreadable = DKIMSecretUnreadable(
+        f"Secret {meta.get('namespace')}/{meta.get('name')}: the annotation {ANN_DKIM_STATE} or "
+        "a key it names cannot be read; restore the Secret from a backup, or delete it to "
+        "generate new keys (then publish the new DKIM record listed in status.dnsRecords)")
+    ann = meta.get("annotations") or {}
     try:
         raw = json.loads(ann.get(ANN_DKIM_STATE) or "")
         keys: dict[str, DKIMKeyInfo] = {}
@@ -197,9 +211,9 @@ def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
             rotation_request=raw.get("rotationRequest"),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        raise unreadable from None
     if state.active not in keys or (state.next and state.next not in keys):
-        return None
+        raise unreadable
     return state
 
 
@@ -565,8 +579,12 @@ def domain_enabled(domain: SendingDomain) -> tuple[bool, str]:
 
 
 def signing_from_secret(secret: Mapping[str, Any] | None) -> DomainSigning | None:
-    """The active signing key from the DKIM Secret, for the relay render."""
-    state = state_from_secret(secret)
+    """The active signing key from the DKIM Secret, for the relay render (None when there is no
+    usable key; the domain's own reconcile reports an unreadable Secret)."""
+    try:
+        state = state_from_secret(secret)
+    except DKIMSecretUnreadable:
+        return None
     if state is None:
         return None
     key = state.active_key
