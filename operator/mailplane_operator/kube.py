@@ -17,10 +17,12 @@ import base64
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -195,12 +197,49 @@ def _secret_to_data(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_QUANTITY = re.compile(
+    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+_QUANTITY_UNITS: dict[str | None, Decimal] = {
+    None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
+    "P": Decimal(10**15), "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}
+# Where the API server rewrites quantities into its canonical form (1.5Gi -> 1536Mi, 1 -> 1000m
+# or back): compared by value there, or every render would patch the StatefulSet again.
+_QUANTITY_KEYS = frozenset({"requests", "limits", "storage"})
+
+
+def _quantity(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        return None
+    try:
+        return Decimal(match.group(1)) * _QUANTITY_UNITS[match.group(2)]
+    except InvalidOperation:
+        return None
+
+
+def _same_quantity(have: Any, want: Any) -> bool:
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and set(have) >= set(want) and all(
+            _same_quantity(have.get(k), v) for k, v in want.items())
+    a, b = _quantity(have), _quantity(want)
+    return a is not None and a == b
+
+
 def _contains(have: Any, want: Any) -> bool:
-    """Whether `have` already holds everything `want` sets (dicts compared recursively)."""
+    """Whether `have` already holds everything `want` sets (dicts compared recursively;
+    resource quantities by value)."""
     if isinstance(want, Mapping):
         if not isinstance(have, Mapping):
             return False
-        return all(_contains(have.get(k), v) for k, v in want.items())
+        return all(
+            _contains(have.get(k), v)
+            or (k in _QUANTITY_KEYS and _same_quantity(have.get(k), v))
+            for k, v in want.items())
     if isinstance(want, list):
         # Element-wise, so that defaults the API server fills into list items do not count.
         return isinstance(have, list) and len(have) == len(want) and all(
