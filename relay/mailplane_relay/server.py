@@ -93,9 +93,13 @@ class R:
     UNKNOWN = "500 5.5.1 Command not recognized"
     NON_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
     CONTROL_CHARS = "501 5.5.2 Control characters are not allowed in commands"
-    BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+    BAD_ADDRESS = "501 5.1.3 Bad address syntax: expected <local-part@domain>"
     AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
-    AUTH_MALFORMED = "501 5.5.2 Malformed authentication data"
+    AUTH_NOT_BASE64 = "501 5.5.2 Malformed authentication data: not valid base64"
+    AUTH_PLAIN_FIELDS = ("501 5.5.2 Malformed AUTH PLAIN data: expected base64 of "
+                         "authzid NUL username NUL password")
+    AUTH_NOT_UTF8 = "501 5.5.2 Malformed authentication data: username and password must be UTF-8"
+    AUTH_AUTHZID = "501 5.5.2 Authorization identity must be empty or equal to the username"
     DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
     STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
     QUIT_SYNTAX = "501 5.5.4 Syntax: QUIT"
@@ -575,7 +579,7 @@ class RelaySMTP(SMTP):
         try:
             return b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            await self.push(R.AUTH_MALFORMED)
+            await self.push(R.AUTH_NOT_BASE64)
             return None
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
@@ -589,15 +593,17 @@ class RelaySMTP(SMTP):
             return None
         fields = blob.split(b"\x00")
         if len(fields) != 3:
-            await self.push(R.AUTH_MALFORMED)
+            await self.push(R.AUTH_PLAIN_FIELDS)
             return None
         authzid, authcid, password = fields
         try:
             username, secret = authcid.decode("utf-8"), password.decode("utf-8")
-            if authzid and authzid.decode("utf-8") != username:
-                raise ValueError("authorization identity differs")
-        except ValueError:
-            await self.push(R.AUTH_MALFORMED)
+            authz = authzid.decode("utf-8")
+        except UnicodeDecodeError:
+            await self.push(R.AUTH_NOT_UTF8)
+            return None
+        if authz and authz != username:
+            await self.push(R.AUTH_AUTHZID)
             return None
         return username, secret
 
@@ -612,7 +618,7 @@ class RelaySMTP(SMTP):
         try:
             return user.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
-            await self.push(R.AUTH_MALFORMED)
+            await self.push(R.AUTH_NOT_UTF8)
             return None
 
     # ---------------------------------------------------------------- MAIL, RCPT
