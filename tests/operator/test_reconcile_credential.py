@@ -46,7 +46,10 @@ def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
     assert secret is not None
     v = values(secret)
     assert v["username"] == "mail.app"
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", v["password"])  # 256 bits, URL-safe
+    assert re.fullmatch(r"[A-Za-z0-9]{43}", v["password"])  # 256 bits; never starts with '-'
+    assert len({cm.generate_password() for _ in range(200)}) == 200
+    assert cm.generate_password(lambda n: b"\xff" * n) == cm.generate_password(
+        lambda n: b"\xff" * n)
     assert v["host"] == "main.mail.svc.cluster.local"
     assert v["port"] == "587" and v["tls"] == "starttls"
     assert v["url"] == f"smtp://mail.app:{v['password']}@main.mail.svc.cluster.local:587"

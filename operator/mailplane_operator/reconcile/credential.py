@@ -88,9 +88,19 @@ def username_for(cred: SmtpCredential) -> str:
     return f"{name[:111]}-{digest}"
 
 
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def generate_password(random: RandomBytes = os.urandom) -> str:
-    """32 random bytes, URL-safe base64 without padding (43 characters, 256 bits)."""
-    return base64.urlsafe_b64encode(random(32)).rstrip(b"=").decode()
+    """32 random bytes (256 bits) as 43 letters and digits. Only alphanumerics: a password that
+    starts with '-' is taken for an option by command-line clients (swaks, curl), and '_' or '/'
+    need escaping in URLs."""
+    number = int.from_bytes(random(32), "big")
+    digits = []
+    for _ in range(43):  # 62**43 > 2**256
+        number, digit = divmod(number, 62)
+        digits.append(_BASE62[digit])
+    return "".join(reversed(digits))
 
 
 def hash_for_relay(password: str, random: RandomBytes = os.urandom) -> str:
