@@ -807,7 +807,25 @@ async def test_queue_gauges_track_the_backlog(relay: Any, smtp_sink: SinkFactory
 # ------------------------------------------------------------------------------ pipelining
 
 
-class _GroupServer:
+class _RawUpstream:
+    """A hand-written SMTP server on a loopback port (``async with`` gives the port), for
+    upstream behaviours the capture sink cannot produce."""
+
+    server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+class _GroupServer(_RawUpstream):
     """A raw SMTP server offering PIPELINING that answers MAIL, RCPT and DATA only once the
     whole group has arrived, one reply per write with a pause between them: an unpipelined
     client waits forever for its MAIL reply, and a pipelined one must read replies that arrive
@@ -816,7 +834,6 @@ class _GroupServer:
     def __init__(self, rcpt_reply: dict[str, bytes]) -> None:
         self.rcpt_reply = rcpt_reply
         self.messages: list[bytes] = []
-        self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 group.test ESMTP\r\n")
@@ -852,14 +869,6 @@ class _GroupServer:
             else:
                 writer.write(b"500 5.5.1 unknown\r\n")
         writer.close()
-
-    async def __aenter__(self) -> int:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 async def test_pipelined_group_with_replies_in_separate_segments(relay: Any) -> None:
@@ -900,7 +909,7 @@ async def test_dot_stuffing_and_line_ends_on_the_pipelined_path(relay: Any,
 # ------------------------------------------------------------------------------ reused connections
 
 
-class _FaultyUpstream:
+class _FaultyUpstream(_RawUpstream):
     """A raw SMTP server that fails chosen MAIL commands, keyed by (connection, MAIL number in
     it), in one of the ways a pooled connection dies: ``421`` (a 421 reply, then close, as
     Postfix does on overload, shutdown or its own idle limit), ``drop`` (close without a reply),
@@ -911,7 +920,6 @@ class _FaultyUpstream:
         self.faults = faults
         self.connections = 0
         self.messages: list[tuple[int, bytes]] = []
-        self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -958,14 +966,6 @@ class _FaultyUpstream:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
-
-    async def __aenter__(self) -> int:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
