@@ -52,9 +52,6 @@ class MXRoute:
         return "mx:" + ",".join(sorted(self.hosts))
 
 
-_TEMPORARY = (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout)
-
-
 def build_resolver(settings: ResolverSettings) -> dns.asyncresolver.Resolver:
     if settings.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
@@ -86,10 +83,7 @@ class MXResolver:
                 from None
         except dns.resolver.NoAnswer:
             return MXRoute(domain, (domain,), implicit=True)
-        except _TEMPORARY as exc:
-            raise TemporaryDNSFailure(
-                f"451 4.4.3 MX lookup for {domain} failed: {type(exc).__name__}") from None
-        except dns.exception.DNSException as exc:
+        except dns.exception.DNSException as exc:  # SERVFAIL, timeouts: try again later
             raise TemporaryDNSFailure(
                 f"451 4.4.3 MX lookup for {domain} failed: {type(exc).__name__}") from None
         records = [(int(r.preference), r.exchange) for r in answer]
