@@ -30,7 +30,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from .config import ConfigError, RelayConfig, RelaySettings, config_fingerprint, load_config
+from .config import (
+    ConfigError,
+    RelayConfig,
+    RelaySettings,
+    config_fingerprint,
+    domain_of,
+    load_config,
+)
 from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
 from .messagelog import MessageLog, SuppressionList
@@ -381,7 +388,7 @@ class RelayApp:
             if not rows:
                 log.info("complaint for an address with no delivery on record; not attributed")
                 continue
-            domain = str(rows[0]["sender"]).rpartition("@")[2].lower()
+            domain = domain_of(str(rows[0]["sender"]))
             self.metrics.complaints.labels(
                 domain if domain in cfg.domains else "other",
                 rows[0]["credential"] or "none").inc()

@@ -81,6 +81,11 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def domain_of(address: str) -> str:
+    """The domain of an address, lower-cased (the whole string when it has no '@')."""
+    return address.rpartition("@")[2].lower()
+
+
 def is_domain(name: str) -> bool:
     return bool(_DOMAIN_RE.match(name))
 
@@ -439,7 +444,7 @@ class Credential(_Model):
 
     def may_send_as(self, address: str) -> bool:
         address = address.lower()
-        domain = address.rpartition("@")[2]
+        domain = domain_of(address)
         return any(a == address if "@" in a else a == domain for a in self.allowed_senders)
 
 

@@ -39,7 +39,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
 from .aiotasks import cancel_and_wait
-from .config import QueueSettings, RelayConfig, ResolverSettings
+from .config import QueueSettings, RelayConfig, ResolverSettings, domain_of
 from .dkim import DKIMSigner
 from .dsn import FailedRecipient, build_dsn
 from .events import LogEvent
@@ -569,7 +569,7 @@ class DeliveryQueue:
                 else:
                     by_domain: dict[str, list[Recipient]] = {}
                     for r in recipients:
-                        by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+                        by_domain.setdefault(domain_of(r.address), []).append(r)
                     if len(by_domain) == 1:
                         [(domain, rcpts)] = by_domain.items()
                         await self._deliver_domain(job, domain, rcpts)

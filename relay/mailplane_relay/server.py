@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
-from .config import Credential, Listener, RelayConfig
+from .config import Credential, Listener, RelayConfig, domain_of
 from .events import LogEvent
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
@@ -157,10 +157,6 @@ def _unquoted_space_in_path(arg: str) -> bool:
         elif ch in " \t" and not quoted:
             return True
     return False
-
-
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 def _valid_mailbox(address: str) -> bool:
@@ -659,7 +655,7 @@ class RelaySMTP(SMTP):
                 if int(size) > limits.max_message_size:
                     return self._refuse("size", R.TOO_BIG.format(limit=limits.max_message_size),
                                         address)
-        domain = _domain_of(address)
+        domain = domain_of(address)
         if self._username is None:
             if not self._trusted():
                 return self._refuse("auth_required", R.AUTH_REQUIRED, address)
@@ -844,7 +840,7 @@ class RelaySMTP(SMTP):
         if not addresses:
             return self._refuse("sender_not_allowed", R.HEADER_FROM_MISSING, sender)
         for address in addresses:
-            domain = _domain_of(address)
+            domain = domain_of(address)
             if domain not in cfg.domains:
                 return self._refuse("domain_not_enabled",
                                     R.HEADER_FROM_DOMAIN.format(domain=domain), sender)
