@@ -285,7 +285,7 @@ def prepare(
             "verification": models.VerificationSpec(skip=True)}), declared.status)
         existing = read_secret(state_dir, dom.meta.namespace, domain_mod.secret_name(dom))
         dom_result = domain_mod.reconcile_domain(
-            dom, relay=relay if _refers(dom, relay) else None,
+            dom, relay=relay if render.refers_to(dom, relay) else None,
             namespace_labels=manifests.namespaces.get(dom.meta.namespace),
             existing_secret=existing, observed=None, now=now)
         write_secret(state_dir, dom_result.secret)
@@ -306,7 +306,7 @@ def prepare(
     for cred in sorted(manifests.credentials, key=lambda c: c.meta.key):
         existing = read_secret(state_dir, cred.meta.namespace, cred.secret_name)
         cred_result = credential_mod.reconcile_credential(
-            cred, relay=relay if _refers(cred, relay) else None,
+            cred, relay=relay if render.refers_to(cred, relay) else None,
             namespace_labels=manifests.namespaces.get(cred.meta.namespace),
             attached_domains=attached, existing_secret=existing, now=now, endpoint=endpoint)
         events += [(f"SmtpCredential {cred.meta.key}", e) for e in cred_result.events]
@@ -358,11 +358,6 @@ def write_status(state: Path, obj: models.SmtpRelay | models.SendingDomain
     path.write_text(yaml.safe_dump({"kind": obj.kind, "metadata": {
         "name": obj.meta.name, "namespace": obj.meta.namespace}, "status": clean},
         sort_keys=False))
-
-
-def _refers(obj: models.SendingDomain | models.SmtpCredential, relay: models.SmtpRelay) -> bool:
-    return (obj.spec.relay_ref.name == relay.meta.name
-            and obj.relay_namespace == relay.meta.namespace)
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class RenderResult:
         return next((e for e in self.excluded if e.kind == kind and e.key == key), None)
 
 
-def _refers_to(obj: SendingDomain | SmtpCredential, relay: SmtpRelay) -> bool:
+def refers_to(obj: SendingDomain | SmtpCredential, relay: SmtpRelay) -> bool:
+    """Whether a domain or credential names this relay in its relayRef."""
     return (obj.spec.relay_ref.name == relay.meta.name
             and obj.relay_namespace == relay.meta.namespace)
 
@@ -154,7 +155,7 @@ def attached_domains(
         def out(reason: str, message: str, dom: SendingDomain = dom) -> None:
             excluded.append(Exclusion("SendingDomain", dom.meta.key, reason, message))
 
-        if not _refers_to(dom, relay):
+        if not refers_to(dom, relay):
             continue
         if dom.meta.deletion_timestamp:
             out(REASON_DELETING, "being deleted")
@@ -374,7 +375,7 @@ def render_relay_config(
     rendered_creds: list[str] = []
     for item in sorted(credentials, key=lambda c: c.credential.meta.key):
         cred = item.credential
-        if not _refers_to(cred, relay):
+        if not refers_to(cred, relay):
             continue
         key = cred.meta.key
         if cred.meta.deletion_timestamp:
