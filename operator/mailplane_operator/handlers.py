@@ -178,7 +178,6 @@ class RelayWorker:
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
         self.last: RenderResult | None = None
-        self.last_error: str | None = None
         self.renders = 0
         self.render_seconds = 0.0
         """Total time spent rendering (for the benchmark and debug logs)."""
@@ -669,13 +668,11 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
                 render_started = time.monotonic()
                 try:
                     worker.last = await render_relay(rt, key, kwargs, logger)
-                    worker.last_error = None
                     worker.renders += 1
                     failures = 0
                 except Exception as exc:
                     # Logged and retried with backoff; the worker must outlive any one failure
                     # or the relay's pokes would go nowhere.
-                    worker.last_error = str(exc)
                     failures += 1
                     delay = min(2.0 ** failures * (0.1 if config.fast else 1.0), 60.0)
                     if isinstance(exc, ApiError | RenderError | OSError):

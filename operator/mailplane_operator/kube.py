@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
+from .reconcile.models import GROUP, VERSION
+
 logger = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -58,8 +60,6 @@ class Resource(NamedTuple):
         return "/".join(parts)
 
 
-GROUP = "mailplane.io"
-VERSION = "v1alpha1"
 SMTP_RELAYS = Resource(GROUP, VERSION, "smtprelays", "SmtpRelay")
 SENDING_DOMAINS = Resource(GROUP, VERSION, "sendingdomains", "SendingDomain")
 SMTP_CREDENTIALS = Resource(GROUP, VERSION, "smtpcredentials", "SmtpCredential")

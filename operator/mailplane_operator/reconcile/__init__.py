@@ -16,7 +16,7 @@ models
 conditions
     set_condition(conditions, type_, status, reason, message, observed_generation, now)
         -> new list; lastTransitionTime kept unless status flips.
-    get_condition / is_true / ready_summary(conditions, required) -> (ready, reason, message).
+    get_condition / ready_summary(conditions, required) -> (ready, reason, message).
     Event(type, reason, message): what to post on the object.
 relay
     relay_children(relay, *, image, service_monitor_available, config_hash) -> [Service,

@@ -62,11 +62,6 @@ def get_condition(conditions: Iterable[Mapping[str, Any]] | None,
     return None
 
 
-def is_true(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> bool:
-    cond = get_condition(conditions, type_)
-    return cond is not None and cond.get("status") == "True"
-
-
 def set_condition(  # noqa: PLR0917 - the shape the design fixes for both operator halves
     conditions: Sequence[Mapping[str, Any]] | None,
     type_: str,
