@@ -109,6 +109,11 @@ def test_nothing_is_written_when_nothing_changed(kube_api: KubeApi,
     kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api), what="render")
     kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
                       lambda o: o and o.get("status", {}).get("credentialCount") == 1)
+    # The credential can be reconciled before its domain is attached (Ready=False, fixed at its
+    # next timer tick): wait for Ready=True, so that late fix-up is not counted as churn.
+    kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o and any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in o.get("status", {}).get("conditions", [])), timeout=30)
 
     def renders() -> int:
         return int(operator.runtime[0].workers[("mail", "main")].renders)
