@@ -67,10 +67,11 @@ def main(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server  # noqa: PLC0415 - lazy: see main.py
 
-    from . import handlers  # noqa: PLC0415
+    from .app import run  # noqa: PLC0415
     from .dnscheck import parse_resolver  # noqa: PLC0415
     from .kube import load_connection  # noqa: PLC0415
     from .metrics import OperatorMetrics  # noqa: PLC0415
+    from .runtime import OperatorConfig  # noqa: PLC0415
 
     try:
         resolver = parse_resolver(args.dns_resolver) if args.dns_resolver else None
@@ -84,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
               "Run inside a pod with a service account, or point --kubeconfig/$KUBECONFIG at "
               "a kubeconfig.", file=sys.stderr)
         return 2
-    config = handlers.OperatorConfig(
+    config = OperatorConfig(
         connection=connection,
         namespaces=tuple(args.namespace),
         dns_resolver=resolver,
@@ -99,5 +100,5 @@ def main(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.liveness_port:
         options["liveness_endpoint"] = f"http://0.0.0.0:{args.liveness_port}/healthz"
-    asyncio.run(handlers.run(config, metrics=metrics, **options))
+    asyncio.run(run(config, metrics=metrics, **options))
     return 0

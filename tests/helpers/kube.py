@@ -604,7 +604,7 @@ class RunningOperator:
 def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: bool = True,
                    **overrides: Any) -> RunningOperator:
     """Run the real operator (kopf + our handlers) against the emulator, short timers."""
-    from mailplane_operator import handlers
+    from mailplane_operator import app, runtime
 
     options: dict[str, Any] = {
         "connection": opkube.Connection(server=api.url),
@@ -616,7 +616,7 @@ def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: 
         "fast": True,
     }
     options.update(overrides)
-    config = handlers.OperatorConfig(**options)
+    config = runtime.OperatorConfig(**options)
     clock = clock or FakeClock()
     metrics = OperatorMetrics.create()
     runtime: list[Any] = []
@@ -634,7 +634,7 @@ def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: 
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(
-                handlers.run(config, stop_flag=stop_flag, ready_flag=ready_flag,
+                app.run(config, stop_flag=stop_flag, ready_flag=ready_flag,
                              metrics=metrics, clock=clock, on_runtime=runtime.append)
             )
         except BaseException as exc:

@@ -1,0 +1,175 @@
+"""What the per-resource handler modules share: keys, diffs, status patches, Events, inputs
+for the pure functions, and the wait of the long-running workers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+import kopf
+
+from .. import kube
+from ..reconcile import domain as domain_mod
+from ..reconcile.conditions import READY, Event, set_condition
+from ..reconcile.models import (
+    SendingDomain,
+    SmtpCredential,
+    SmtpRelay,
+    SpecError,
+    parse_sending_domain,
+    parse_smtp_credential,
+    parse_smtp_relay,
+)
+from ..reconcile.render import CredentialInput, DomainInput
+from ..runtime import Body, RelayKey, Runtime
+
+REASON_INVALID_SPEC = "InvalidSpec"
+
+
+def first(values: Iterable[Any] | None) -> Any:
+    for value in values or ():
+        return value
+    return None
+
+
+def key_of(body: Body) -> str:
+    meta = body.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def ref_key(body: Body) -> RelayKey:
+    """The relay a SendingDomain or SmtpCredential body refers to."""
+    meta = body.get("metadata") or {}
+    ref = ((body.get("spec") or {}).get("relayRef") or {})
+    return (str(ref.get("namespace") or meta.get("namespace")), str(ref.get("name")))
+
+
+def index_by_relay(**kwargs: Any) -> Any:
+    """kopf index function: a domain or credential body under the relay it refers to."""
+    body = kwargs["body"]
+    return {ref_key(body): dict(body)}
+
+
+def merge_diff(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `have` into `want`: keys `want` lacks are
+    removed (None), nested objects are diffed, lists are replaced; empty when equal."""
+    out: dict[str, Any] = {}
+    for key, value in want.items():
+        current = have.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            sub = merge_diff(current, value)
+            if sub:
+                out[key] = sub
+        elif value is None:
+            if key in have:
+                out[key] = None
+        elif current != value:
+            out[key] = value
+    for key in have:
+        if key not in want:
+            out[key] = None
+    return out
+
+
+def post_events(body: Body, events: Iterable[Event]) -> None:
+    for event in events:
+        kopf.event(cast("kopf.Body", body), type=event.type, reason=event.reason,
+                   message=event.message)
+
+
+def parse_all(parse: Callable[[Body], Any], bodies: Iterable[Body],
+              cache: dict[tuple[str, str], tuple[str, Any]] | None = None) -> list[Any]:
+    """Parse bodies, skipping invalid ones (reported by their own handlers). With `cache`,
+    a body whose uid and resourceVersion were parsed before is not parsed again: a relay with
+    a thousand credentials is re-rendered often, its credentials rarely change."""
+    out = []
+    for body in bodies:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("uid")), parse.__name__)
+        version = str(meta.get("resourceVersion"))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] == version:
+            if hit[1] is not None:
+                out.append(hit[1])
+            continue
+        try:
+            parsed = parse(body)
+        except SpecError:
+            parsed = None
+        if cache is not None and meta.get("resourceVersion"):
+            cache[key] = (version, parsed)
+        if parsed is not None:
+            out.append(parsed)
+    return out
+
+
+async def domain_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[DomainInput]:
+    domains: list[SendingDomain] = parse_all(parse_sending_domain, bodies, rt.parsed)
+    secrets = await asyncio.gather(*(
+        rt.secret(d.meta.namespace, domain_mod.secret_name(d)) for d in domains))
+    return [DomainInput(d, s) for d, s in zip(domains, secrets, strict=True)]
+
+
+async def credential_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[CredentialInput]:
+    creds: list[SmtpCredential] = parse_all(parse_smtp_credential, bodies, rt.parsed)
+    secrets = await asyncio.gather(*(
+        rt.secret(c.meta.namespace, c.secret_name) for c in creds))
+    return [CredentialInput(c, s) for c, s in zip(creds, secrets, strict=True)]
+
+
+def relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRelay | None:
+    body = first(relays_idx.get(key))
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # a relay on its way out admits nothing new
+    try:
+        return parse_smtp_relay(body)
+    except SpecError:
+        return None
+
+
+def with_conditions(body: Body | Mapping[str, Any],
+                    conds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole status with new conditions: patch_status sends what is wanted, so a status
+    of conditions alone would null the other fields (configHash, dnsRecords, ...)."""
+    return {**(body.get("status") or {}), "conditions": conds}
+
+
+def invalid_spec_conditions(rt: Runtime, kind: str, body: Body | Mapping[str, Any],
+                            exc: SpecError) -> list[dict[str, Any]]:
+    """Count an invalid spec and return the conditions saying so (Ready=False, InvalidSpec,
+    with the message that names the field)."""
+    rt.metrics.invalid(kind)
+    return set_condition((body.get("status") or {}).get("conditions"), READY, False,
+                         REASON_INVALID_SPEC, str(exc),
+                         int(body["metadata"].get("generation") or 0), rt.clock())
+
+
+async def patch_status(rt: Runtime, resource: kube.Resource, body: Body,
+                       status: Mapping[str, Any]) -> None:
+    diff = merge_diff(body.get("status") or {}, status)
+    if not diff:
+        return
+    meta = body["metadata"]
+    await rt.client.patch(resource, meta.get("namespace"), meta["name"], {"status": diff},
+                          status=True)
+
+
+async def wait_for_wake(wake: asyncio.Event, stopped: Any, within: float) -> bool:
+    """True when woken, False on timeout or when the daemon is being stopped."""
+    wake_task = asyncio.ensure_future(wake.wait())
+    stop_task = asyncio.ensure_future(_flag(stopped))
+    try:
+        done, _pending = await asyncio.wait({wake_task, stop_task}, timeout=within,
+                                            return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (wake_task, stop_task):
+            task.cancel()
+        # The helpers' own cancellations are results here; a cancellation of this coroutine
+        # still propagates.
+        await asyncio.gather(wake_task, stop_task, return_exceptions=True)
+    return wake_task in done and not stopped
+
+
+async def _flag(stopped: Any) -> None:
+    await stopped.wait()

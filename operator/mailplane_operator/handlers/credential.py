@@ -1,0 +1,126 @@
+"""SmtpCredential handlers: admission, the application Secret, rotation on a timer, and a
+finalizer held until the relay's configuration no longer accepts a deleted credential."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from ..kube import ApiError
+from ..reconcile import credential as cred_mod
+from ..reconcile.conditions import Event
+from ..reconcile.models import SmtpCredential, SpecError, parse_smtp_credential
+from ..reconcile.render import attached_domains
+from ..runtime import Body, Runtime
+from .common import (
+    REASON_INVALID_SPEC,
+    domain_inputs,
+    invalid_spec_conditions,
+    key_of,
+    merge_diff,
+    post_events,
+    ref_key,
+    relay_of,
+)
+
+
+def _credential_state(result: cred_mod.CredentialResult, cred: SmtpCredential) -> str:
+    if not result.admission.allowed:
+        return "invalid"
+    return "suspended" if cred.spec.suspended else "active"
+
+
+async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
+                               indexes: Mapping[str, Any], *, poke: bool) -> None:
+    key = key_of(body)
+    try:
+        cred = parse_smtp_credential(body)
+    except SpecError as exc:
+        patch.setdefault("status", {})["conditions"] = invalid_spec_conditions(
+            rt, "SmtpCredential", body, exc)
+        post_events(body, [Event("Warning", REASON_INVALID_SPEC, str(exc))])
+        return
+    relay_key = (cred.relay_namespace, cred.spec.relay_ref.name)
+    async with rt.lock(key):
+        with rt.metrics.reconcile("SmtpCredential"):
+            now = rt.clock()
+            relay = relay_of(indexes["relays_idx"], relay_key)
+            attached: list[str] = []
+            ns_labels = await rt.namespace_labels(cred.meta.namespace)
+            worker = rt.workers.get(relay_key)
+            if relay is not None and worker is not None and worker.last is not None:
+                # The domains the relay actually signs for, as of its last render; a render
+                # that changes them re-checks the credentials it disagrees with.
+                attached = list(worker.last.domains)
+            elif relay is not None:
+                domains = await domain_inputs(rt, indexes["domains_idx"].get(relay_key, ()))
+                labels = await rt.labels_of(d.domain.meta.namespace for d in domains)
+                included, _excluded = attached_domains(relay, domains, labels)
+                attached = list(included)
+            existing = await rt.secret(cred.meta.namespace, cred.secret_name, fresh=True)
+            endpoint = (cred_mod.relay_endpoint(relay, rt.config.cluster_domain)
+                        if relay is not None else None)
+            result = cred_mod.reconcile_credential(
+                cred, relay=relay, namespace_labels=ns_labels, attached_domains=attached,
+                existing_secret=existing, now=now, random=rt.random, endpoint=endpoint)
+            written = False
+            if result.secret is not None:
+                action, obj = await rt.client.apply(result.secret)
+                rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
+                written = action != "unchanged"
+            diff = merge_diff(body.get("status") or {}, result.status)
+            if diff:
+                patch.setdefault("status", {}).update(diff)
+            post_events(body, result.events)
+            rt.credential_next_check[key] = result.next_check
+            rt.metrics.credential(
+                cred.meta.namespace, cred.meta.name, state=_credential_state(result, cred),
+                rotated_at=result.state.rotated_at.timestamp() if result.state else None,
+                interval=cred.spec.rotation.interval)
+    if written or poke:
+        rt.poke(relay_key)
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime,
+             resource: tuple[str, str, str]) -> None:
+    """Create/update/resume, the rotation timer, and the deletion handler."""
+    config = rt.config
+
+    @kopf.on.resume(*resource, id="credential", registry=registry)
+    @kopf.on.create(*resource, id="credential", registry=registry)
+    @kopf.on.update(*resource, id="credential", registry=registry)
+    async def credential(**kwargs: Any) -> None:
+        try:
+            await reconcile_credential(rt, kwargs["body"], kwargs["patch"], kwargs, poke=True)
+        except ApiError as exc:
+            if exc.temporary:
+                raise kopf.TemporaryError(str(exc), delay=1 if config.fast else 10) from None
+            raise
+
+    @kopf.timer(*resource, id="credential_rotation", interval=config.rotation_check_interval,
+                initial_delay=config.rotation_check_interval, registry=registry)
+    async def credential_rotation(**kwargs: Any) -> None:
+        body, patch = kwargs["body"], kwargs["patch"]
+        key = key_of(body)
+        if key in rt.credential_next_check:
+            due = rt.credential_next_check[key]
+            if due is None or rt.clock() < due:
+                return  # nothing scheduled yet; a relay render drops the entry when stale
+        await reconcile_credential(rt, body, patch, kwargs, poke=False)
+
+    @kopf.on.delete(*resource, id="credential_deleted", registry=registry)
+    async def credential_deleted(**kwargs: Any) -> None:
+        body, namespace, name = kwargs["body"], kwargs["namespace"], kwargs["name"]
+        relay_key = ref_key(body)
+        key = key_of(body)
+        if rt.workers.get(relay_key) is not None:
+            result = await rt.render_now(relay_key, config.delete_timeout)
+            if result is None or key in result.credentials:
+                # The finalizer stays until the relay no longer accepts this credential.
+                raise kopf.TemporaryError("the relay configuration still holds this credential",
+                                          delay=1)
+        rt.credential_next_check.pop(key, None)
+        rt.locks.pop(key, None)
+        rt.metrics.credential(namespace, name, state=None)

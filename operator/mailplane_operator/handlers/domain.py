@@ -1,0 +1,130 @@
+"""SendingDomain handlers: a worker per domain keeps its DKIM keys, checks DNS with backoff,
+patches the status and pokes the relay; a deleted domain waits for a render without it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from .. import kube
+from ..kube import ApiError
+from ..reconcile import domain as domain_mod
+from ..reconcile.conditions import get_condition
+from ..reconcile.models import SpecError, parse_sending_domain
+from ..runtime import Body, Runtime
+from .common import (
+    invalid_spec_conditions,
+    key_of,
+    patch_status,
+    post_events,
+    ref_key,
+    relay_of,
+    wait_for_wake,
+    with_conditions,
+)
+
+
+async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, Any],
+                                log: Any) -> tuple[bool, datetime | None]:
+    """One verification and rotation step. Returns (nothing to wait for in DNS, when the
+    rotation needs the next step)."""
+    dom = parse_sending_domain(body)
+    relay_key = (dom.relay_namespace, dom.spec.relay_ref.name)
+    with rt.metrics.reconcile("SendingDomain"):
+        relay = relay_of(indexes["relays_idx"], relay_key)
+        ns_labels = await rt.namespace_labels(dom.meta.namespace)
+        existing = await rt.secret(dom.meta.namespace, domain_mod.secret_name(dom), fresh=True)
+        observed = None
+        if not dom.spec.verification.skip:
+            observed = await rt.dns.lookup(domain_mod.names_to_check(dom, existing))
+        now = rt.clock()
+        # RSA key generation takes tens of milliseconds: keep it off the event loop.
+        result = await asyncio.to_thread(
+            domain_mod.reconcile_domain, dom, relay=relay, namespace_labels=ns_labels,
+            existing_secret=existing, observed=observed, now=now, key_factory=rt.key_factory)
+        action, obj = await rt.client.apply(result.secret)
+        rt.remember_secret(dom.meta.namespace, domain_mod.secret_name(dom), obj)
+        await patch_status(rt, kube.SENDING_DOMAINS, body, result.status)
+        post_events(body, result.events)
+        conds = result.status.get("conditions")
+        dkim_ok = get_condition(conds, domain_mod.DKIM_VERIFIED)
+        spf_ok = get_condition(conds, domain_mod.SPF_VERIFIED)
+        rt.metrics.domain(
+            dom.spec.domain,
+            keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
+            interval=dom.spec.dkim.rotation_interval,
+            dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
+            spf=bool(spf_ok and spf_ok.get("status") == "True"))
+        if action != "unchanged":
+            log.debug("DKIM Secret %s %s", domain_mod.secret_name(dom), action)
+            rt.poke(relay_key)
+        # A published next key is waited for like an unverified record: with backoff.
+        settled = (result.enabled or bool(dom.spec.verification.skip)) and (
+            result.state.phase != "NextKeyPublished")
+        return settled, result.next_check
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime,
+             resource: tuple[str, str, str]) -> None:
+    """The domain worker, its wake-ups, the relay pokes, and the deletion handler."""
+    config = rt.config
+
+    @kopf.daemon(*resource, id="domain_worker", cancellation_timeout=5.0, registry=registry)
+    async def domain_worker(**kwargs: Any) -> None:
+        body, stopped, logger = kwargs["body"], kwargs["stopped"], kwargs["logger"]
+        key = key_of(body)
+        waker = rt.domain_wakers.setdefault(key, asyncio.Event())
+        backoff = config.dns_check_initial
+        try:
+            while not stopped:
+                waker.clear()
+                try:
+                    verified, next_step = await reconcile_domain_once(rt, body, kwargs, logger)
+                except SpecError as exc:
+                    conds = invalid_spec_conditions(rt, "SendingDomain", body, exc)
+                    await patch_status(rt, kube.SENDING_DOMAINS, body,
+                                       with_conditions(body, conds))
+                    verified, next_step = True, None  # nothing to retry until the spec changes
+                    delay = config.dns_recheck_interval
+                except ApiError as exc:
+                    logger.warning("Reconcile failed, retrying in %.1fs: %s", backoff, exc)
+                    verified, next_step = False, None
+                except Exception:
+                    logger.exception("Reconcile failed unexpectedly, retrying in %.1fs", backoff)
+                    verified, next_step = False, None
+                if verified:
+                    backoff = config.dns_check_initial
+                    delay = config.dns_recheck_interval
+                else:
+                    delay, backoff = backoff, min(backoff * 2, config.dns_check_max)
+                if next_step is not None:
+                    delay = max(0.0, min(delay, (next_step - rt.clock()).total_seconds()))
+                if await wait_for_wake(waker, stopped, delay):
+                    backoff = config.dns_check_initial
+        finally:
+            if rt.domain_wakers.get(key) is waker:
+                del rt.domain_wakers[key]
+
+    @kopf.on.update(*resource, id="domain_changed", registry=registry)
+    async def domain_changed(**kwargs: Any) -> None:
+        rt.wake_domain(key_of(kwargs["body"]))
+
+    @kopf.on.event(*resource, id="domain_event", registry=registry)
+    async def domain_event(**kwargs: Any) -> None:
+        body = kwargs["body"]
+        # Status (verification) decides whether the relay signs for the domain: every event,
+        # including the status patches and the deletion, re-renders (a no-op when unchanged).
+        rt.poke(ref_key(body))
+
+    @kopf.on.delete(*resource, id="domain_deleted", registry=registry)
+    async def domain_deleted(**kwargs: Any) -> None:
+        body = kwargs["body"]
+        relay_key = ref_key(body)
+        result = await rt.render_now(relay_key, config.delete_timeout)
+        if rt.workers.get(relay_key) is not None and result is None:
+            raise kopf.TemporaryError("the relay configuration is not rendered yet", delay=1)
+        rt.metrics.domain(str((body.get("spec") or {}).get("domain")), keys=None)

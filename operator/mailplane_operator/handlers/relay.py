@@ -1,0 +1,215 @@
+"""SmtpRelay handlers: one worker per relay renders its config Secrets, children and status.
+
+Handlers of other resources *poke* a relay's worker (`Runtime.poke`); pokes that arrive
+together are rendered once. A StatefulSet event (its pods became ready) pokes its relay too, so
+the status follows the pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+
+from .. import kube
+from ..kube import ApiError
+from ..reconcile import credential as cred_mod
+from ..reconcile import relay as relay_mod
+from ..reconcile.conditions import READY, Event, get_condition
+from ..reconcile.models import (
+    RetentionPolicy,
+    SpecError,
+    parse_retention_policy,
+    parse_smtp_relay,
+)
+from ..reconcile.render import REASON_DELETING, RenderError, RenderResult, render_relay_config
+from ..runtime import MANAGED_BY_LABELS, Body, RelayKey, RelayWorker, Runtime
+from . import retention
+from .common import (
+    credential_inputs,
+    domain_inputs,
+    first,
+    invalid_spec_conditions,
+    key_of,
+    parse_all,
+    patch_status,
+    post_events,
+    wait_for_wake,
+    with_conditions,
+)
+
+
+async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
+                       log: logging.Logger | logging.LoggerAdapter[Any]) -> RenderResult | None:
+    relays_idx = indexes["relays_idx"]
+    body = first(relays_idx.get(key))
+    if body is None:
+        return None
+    namespace, name = key
+    try:
+        relay = parse_smtp_relay(body)
+    except SpecError as exc:
+        conds = invalid_spec_conditions(rt, "SmtpRelay", body, exc)
+        await patch_status(rt, kube.SMTP_RELAYS, body, with_conditions(body, conds))
+        return None
+    with rt.metrics.reconcile("SmtpRelay"):
+        now = rt.clock()
+        domains = await domain_inputs(rt, indexes["domains_idx"].get(key, ()))
+        creds = await credential_inputs(rt, indexes["credentials_idx"].get(key, ()))
+        policies: list[RetentionPolicy] = parse_all(
+            parse_retention_policy, indexes["retention_idx"].get(namespace, ()))
+        ns_labels = await rt.labels_of(
+            [namespace, *(d.domain.meta.namespace for d in domains),
+             *(c.credential.meta.namespace for c in creds)])
+        previous_hash = (body.get("status") or {}).get("configHash")
+        try:
+            # CPU-bound (and slower with many RSA keys to validate): off the event loop, so
+            # that kopf keeps handling events while a large relay renders.
+            result = await asyncio.to_thread(
+                render_relay_config, relay, domains=domains, credentials=creds,
+                policies=policies, namespace_labels=ns_labels, now=now)
+        except RenderError as exc:
+            status = relay_mod.relay_status(
+                relay, statefulset_status=None, config_hash=previous_hash or "",
+                config_secrets=[], domains=[], credentials=0, excluded=0,
+                retention_policies=[], now=now, error=str(exc))
+            # Only the condition: the counts and config hash still describe the Secrets in
+            # force, which stay as they were.
+            await patch_status(rt, kube.SMTP_RELAYS, body, {
+                **(body.get("status") or {}), "conditions": status["conditions"]})
+            post_events(body, [Event("Warning", "ConfigInvalid", str(exc))])
+            raise
+        changed = False
+        for manifest in result.secrets:
+            action, _obj = await rt.client.apply(manifest)
+            changed |= action != "unchanged"
+        existing = await rt.client.list(kube.SECRETS, namespace, labels={
+            relay_mod.LABEL_RELAY: name, relay_mod.LABEL_COMPONENT: "config"})
+        for secret in existing:
+            if secret["metadata"]["name"] not in result.secret_names:
+                await rt.client.delete(kube.SECRETS, namespace, secret["metadata"]["name"])
+                changed = True
+        monitor = await rt.client.has_api("monitoring.coreos.com/v1", "servicemonitors")
+        for child in relay_mod.relay_children(relay, image=relay.spec.image or rt.config.image,
+                                              service_monitor_available=monitor,
+                                              config_hash=result.config_hash):
+            await rt.client.apply(child)
+        sts = await rt.client.get(kube.STATEFULSETS, namespace, name)
+        status = relay_mod.relay_status(
+            relay, statefulset_status=(sts or {}).get("status"), config_hash=result.config_hash,
+            config_secrets=result.secret_names, domains=list(result.domains),
+            credentials=len(result.credentials), excluded=len(result.excluded),
+            retention_policies=list(result.retention.policies), now=now)
+        await patch_status(rt, kube.SMTP_RELAYS, body, status)
+        if changed and result.config_hash != previous_hash:
+            log.info("Rendered configuration %s: %d domains, %d credentials, %d Secrets",
+                     result.config_hash, len(result.domains), len(result.credentials),
+                     len(result.secrets))
+            post_events(body, [Event(
+                "Normal", "ConfigRendered",
+                f"configuration {result.config_hash}: {len(result.domains)} domains, "
+                f"{len(result.credentials)} credentials in {len(result.secrets)} Secret(s)")])
+        await retention.refresh_statuses(rt, namespace, indexes, now)
+        _recheck_stale_credentials(rt, result, indexes["credentials_idx"].get(key, ()))
+        return result
+
+
+def _recheck_stale_credentials(rt: Runtime, result: RenderResult,
+                               bodies: Iterable[Body]) -> None:
+    """A credential whose Ready reason disagrees with this render (its relay or a domain
+    appeared since, its Secret went missing) is reconciled again by its next timer tick."""
+    rendered = set(result.credentials)
+    for body in bodies:
+        key = key_of(body)
+        if key in rendered:
+            suspended = bool((body.get("spec") or {}).get("suspended"))
+            expected = cred_mod.REASON_SUSPENDED if suspended else cred_mod.REASON_READY
+        else:
+            exclusion = result.exclusion("SmtpCredential", key)
+            if exclusion is None or exclusion.reason == REASON_DELETING:
+                continue  # not this relay's, invalid, or on its way out
+            expected = exclusion.reason
+        ready = get_condition((body.get("status") or {}).get("conditions"), READY)
+        if ready is None or ready.get("reason") != expected:
+            rt.credential_next_check.pop(key, None)
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime,
+             resource: tuple[str, str, str]) -> None:
+    """The relay worker and what pokes it: relay updates and deletions, StatefulSet events."""
+    config = rt.config
+
+    @kopf.daemon(*resource, id="relay_worker", cancellation_timeout=5.0, registry=registry)
+    async def relay_worker(**kwargs: Any) -> None:
+        key: RelayKey = (kwargs["namespace"], kwargs["name"])
+        stopped, logger = kwargs["stopped"], kwargs["logger"]
+        worker = rt.workers.setdefault(key, RelayWorker())
+        last_full = time.monotonic()
+        failures = 0
+        try:
+            while not stopped:
+                worker.wake.clear()
+                ticket = worker.requested
+                if time.monotonic() - last_full > config.relay_resync_interval:
+                    # Re-read every Secret now and then: a hand edit must not be ignored forever.
+                    rt.secrets.clear()
+                    last_full = time.monotonic()
+                delay = config.relay_resync_interval
+                render_started = time.monotonic()
+                try:
+                    worker.last = await render_relay(rt, key, kwargs, logger)
+                    worker.renders += 1
+                    failures = 0
+                except Exception as exc:
+                    # Logged and retried with backoff; the worker must outlive any one failure
+                    # or the relay's pokes would go nowhere.
+                    failures += 1
+                    delay = min(2.0 ** failures * (0.1 if config.fast else 1.0), 60.0)
+                    if isinstance(exc, ApiError | RenderError | OSError):
+                        logger.warning("Rendering failed (attempt %d), retrying in %.1fs: %s",
+                                       failures, delay, exc)
+                    else:
+                        logger.exception("Rendering failed unexpectedly (attempt %d), retrying "
+                                         "in %.1fs", failures, delay)
+                await worker.done(ticket)
+                took = time.monotonic() - render_started
+                worker.render_seconds += took
+                logger.debug("Render %d took %.3fs", worker.renders, took)
+                if await wait_for_wake(worker.wake, stopped, delay):
+                    # A burst of pokes (many credentials created together) renders once; a
+                    # render that took long waits as long again (up to a second), so that
+                    # rendering a large relay does not take all of the operator's time.
+                    await asyncio.sleep(max(config.render_debounce, min(took, 1.0)))
+        finally:
+            if rt.workers.get(key) is worker:
+                del rt.workers[key]
+            await worker.done(worker.requested)
+            for body in kwargs["credentials_idx"].get(key, ()):
+                rt.credential_next_check.pop(key_of(body), None)
+
+    @kopf.on.update(*resource, id="relay_changed", registry=registry)
+    async def relay_changed(**kwargs: Any) -> None:
+        key: RelayKey = (kwargs["namespace"], kwargs["name"])
+        rt.poke(key)
+        for body in kwargs["domains_idx"].get(key, ()):
+            rt.wake_domain(key_of(body))
+
+    @kopf.on.event(*resource, id="relay_event", registry=registry)
+    async def relay_event(**kwargs: Any) -> None:
+        if kwargs["type"] == "DELETED":
+            key: RelayKey = (kwargs["namespace"], kwargs["name"])
+            for body in kwargs["credentials_idx"].get(key, ()):
+                rt.credential_next_check.pop(key_of(body), None)
+
+    @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED_BY_LABELS,
+                   id="relay_replicas", registry=registry)
+    async def relay_replicas(**kwargs: Any) -> None:
+        body, namespace = kwargs["body"], kwargs["namespace"]
+        instance = ((body.get("metadata") or {}).get("labels") or {}).get(
+            "app.kubernetes.io/instance")
+        if instance:
+            rt.poke((namespace, instance))

@@ -1,0 +1,196 @@
+"""The operator's per-process state: its configuration, the relay workers and small caches.
+
+One `Runtime` is built by the composition root (`app.run`) and handed to every handler module
+(`handlers/`) explicitly; nothing here is global. It knows kopf only for its settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from . import kube
+from .dnscheck import DnsChecker
+from .kube import ApiError, KubeClient
+from .metrics import OperatorMetrics
+from .reconcile import domain as domain_mod
+from .reconcile import relay as relay_mod
+from .reconcile.render import RenderResult
+
+RelayKey = tuple[str, str]
+Body = Mapping[str, Any]
+
+FINALIZER = "mailplane.io/finalizer"
+MANAGED_BY_LABELS = {"app.kubernetes.io/managed-by": "mailplane-operator"}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Everything `mailplane operator` can be told; defaults are production values."""
+
+    connection: kube.Connection
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch (kopf patterns allowed); empty: the whole cluster."""
+    dns_resolver: tuple[str, int] | None = None
+    """Resolver for domain verification; None: the system resolver."""
+    image: str = relay_mod.DEFAULT_IMAGE
+    rotation_check_interval: float = 10.0
+    """How often each credential's timer looks whether a rotation or an overlap end is due."""
+    dns_check_initial: float = 30.0
+    dns_check_max: float = 3600.0
+    """DNS verification backoff: doubled from initial to max while a record is missing."""
+    dns_recheck_interval: float = 3600.0
+    """How often a verified domain is checked again."""
+    relay_resync_interval: float = 300.0
+    """Full re-render of every relay (re-reading Secrets), whatever happened."""
+    render_debounce: float = 0.2
+    """Pokes within this window after the first are rendered together."""
+    namespace_cache_ttl: float = 30.0
+    delete_timeout: float = 60.0
+    cluster_domain: str = "cluster.local"
+    """The DNS suffix of Services, for the host written into application Secrets."""
+    fast: bool = False
+    """Short kopf batching and backoffs, for tests against the emulator."""
+
+
+def build_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="operator.mailplane.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="operator.mailplane.io", key="last-handled-configuration")
+    # One replica (the chart runs one): no peering objects to create or watch.
+    settings.peering.standalone = True
+    # Our own Events say what happened; kopf's "Handler succeeded" would drown them.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "mailplane-operator"
+    if config.fast:
+        settings.batching.batch_window = 0.01
+        settings.batching.idle_timeout = 1.0
+        settings.batching.exit_timeout = 2.0
+        settings.watching.reconnect_backoff = 0.1
+        settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
+        settings.scanning.disabled = True
+    return settings
+
+
+class RelayWorker:
+    """Coalesces render requests for one relay and lets requesters wait for "rendered since"."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.rendered = 0
+        self.wake = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self.last: RenderResult | None = None
+        self.renders = 0
+        self.render_seconds = 0.0
+        """Total time spent rendering (for the benchmark and debug logs)."""
+
+    def poke(self) -> int:
+        self.requested += 1
+        self.wake.set()
+        return self.requested
+
+    async def wait(self, ticket: int, within: float) -> bool:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: self.rendered >= ticket), within)
+            except TimeoutError:
+                return False
+        return True
+
+    async def done(self, ticket: int) -> None:
+        async with self.changed:
+            self.rendered = max(self.rendered, ticket)
+            self.changed.notify_all()
+
+
+@dataclass
+class Runtime:
+    """Per-process state shared by the handlers: built once by `app.run`, never global."""
+
+    config: OperatorConfig
+    client: KubeClient
+    metrics: OperatorMetrics
+    dns: DnsChecker
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    """Injected so that tests can move time past a rotation interval instead of waiting."""
+    random: Callable[[int], bytes] = os.urandom
+    key_factory: Callable[[str], str] = domain_mod.generate_dkim_key
+    workers: dict[RelayKey, RelayWorker] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
+    namespace_labels_cache: dict[str, tuple[float, dict[str, str]]] = field(
+        default_factory=dict)
+    credential_next_check: dict[str, datetime | None] = field(default_factory=dict)
+    """When each credential's timer must reconcile (None: nothing scheduled); a missing entry
+    means "reconcile at the next tick"."""
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    domain_wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+    parsed: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
+    """(uid, parser) -> (resourceVersion, parsed model or None when invalid)."""
+
+    # -- reads through small caches ------------------------------------------------------------
+
+    async def secret(self, namespace: str, name: str, *,
+                     fresh: bool = False) -> dict[str, Any] | None:
+        key = (namespace, name)
+        if fresh or key not in self.secrets:
+            self.secrets[key] = await self.client.get(kube.SECRETS, namespace, name)
+        return self.secrets[key]
+
+    def remember_secret(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
+        self.secrets[(namespace, name)] = body
+
+    async def namespace_labels(self, namespace: str) -> dict[str, str]:
+        cached = self.namespace_labels_cache.get(namespace)
+        if cached and time.monotonic() - cached[0] < self.config.namespace_cache_ttl:
+            return cached[1]
+        try:
+            ns = await self.client.get(kube.NAMESPACES, None, namespace)
+        except ApiError as exc:
+            if exc.temporary:
+                raise
+            ns = None  # e.g. forbidden: the pure code still knows kubernetes.io/metadata.name
+        labels = dict(((ns or {}).get("metadata") or {}).get("labels") or {})
+        self.namespace_labels_cache[namespace] = (time.monotonic(), labels)
+        return labels
+
+    async def labels_of(self, namespaces: Iterable[str]) -> dict[str, dict[str, str]]:
+        names = sorted(set(namespaces))
+        values = await asyncio.gather(*(self.namespace_labels(n) for n in names))
+        return dict(zip(names, values, strict=True))
+
+    def lock(self, key: str) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    # -- relay render requests -----------------------------------------------------------------
+
+    def poke(self, relay_key: RelayKey) -> int | None:
+        worker = self.workers.get(relay_key)
+        return worker.poke() if worker is not None else None
+
+    async def render_now(self, relay_key: RelayKey, within: float) -> RenderResult | None:
+        """Ask for a render and wait for it; None if the relay has no worker or it timed out."""
+        worker = self.workers.get(relay_key)
+        if worker is None:
+            return None
+        ticket = worker.poke()
+        if not await worker.wait(ticket, within):
+            return None
+        return worker.last
+
+    def wake_domain(self, key: str) -> None:
+        waker = self.domain_wakers.get(key)
+        if waker is not None:
+            waker.set()
