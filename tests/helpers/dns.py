@@ -13,6 +13,7 @@ Plain use outside pytest: ``with running_dns_server() as server: ...``.
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,25 +74,32 @@ class _Resolver:
 class LoopbackDNS:
     """A started DNS server; records and faults may change while it runs."""
 
-    address = "127.0.0.1"
-
-    def __init__(self) -> None:
+    def __init__(self, *, standard_port: bool = False) -> None:
+        """``standard_port``: listen on port 53 of an address of its own in 127.0.0.0/8, for
+        clients that take only a nameserver address from resolv.conf (libopendkim)."""
         self.zone = _Zone()
         resolver = _Resolver(self.zone)
         logger = _QuietLogger()
         for _ in range(20):
-            udp = DNSServer(resolver, address=self.address, port=0, logger=logger,
-                            server=UDPServer)
+            address = "127.0.0.1"
+            if standard_port:
+                address = f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+            try:
+                udp = DNSServer(resolver, address=address, port=53 if standard_port else 0,
+                                logger=logger, server=UDPServer)
+            except OSError:
+                continue
             port = int(udp.server.server_address[1])
             try:
-                tcp = DNSServer(resolver, address=self.address, port=port, tcp=True,
+                tcp = DNSServer(resolver, address=address, port=port, tcp=True,
                                 logger=logger, server=TCPServer)
             except OSError:
                 udp.server.server_close()
                 continue
             break
         else:
-            raise RuntimeError("no free port for both UDP and TCP DNS")
+            raise RuntimeError("no free address and port for both UDP and TCP DNS")
+        self.address = address
         self.port = port
         self._servers = (udp, tcp)
         self._threads = [
@@ -187,8 +195,8 @@ class LoopbackDNS:
 
 
 @contextlib.contextmanager
-def running_dns_server() -> Iterator[LoopbackDNS]:
-    server = LoopbackDNS()
+def running_dns_server(*, standard_port: bool = False) -> Iterator[LoopbackDNS]:
+    server = LoopbackDNS(standard_port=standard_port)
     try:
         yield server
     finally:
