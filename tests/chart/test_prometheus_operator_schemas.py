@@ -54,10 +54,11 @@ def test_relay_service_monitor_is_valid_and_scrapes_as_the_alerts_expect(validat
     [monitor] = [c for c in children if c["kind"] == "ServiceMonitor"]
     rc, out = check(validator, [monitor])
     assert rc == 0, out
-    [service] = [c for c in children if c["kind"] == "Service"
-                 and c["spec"].get("clusterIP") != "None"]
-    labels = service["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    selected = [c for c in children if c["kind"] == "Service" and
+                monitor["spec"]["selector"]["matchLabels"].items()
+                <= c["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == [f"{relay.meta.name}-metrics"]
+    labels = selected[0]["metadata"]["labels"]
     assert labels[monitor["spec"]["jobLabel"]] == "mailplane-relay"
     rules = (ROOT / "monitoring" / "rules.yaml").read_text()
     assert 'up{job="mailplane-relay"}' in rules

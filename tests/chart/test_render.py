@@ -18,6 +18,8 @@ import yaml
 from yamllint import linter  # type: ignore[import-untyped]
 from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
 
+from tests.helpers.scrape import scrape_targets
+
 from .conftest import (
     CHART_DIR,
     CI_VALUES,
@@ -280,3 +282,31 @@ def test_notes_tell_the_next_steps(default_render: Rendered) -> None:
     for step in ("SendingDomain", "status.dnsRecords", "SmtpCredential", "cert-manager",
                  "mailplane-system"):
         assert step in notes
+
+
+def default_pool_children(rendered: Rendered) -> list[dict[str, Any]]:
+    """What the operator makes for the chart's default pool (the SmtpRelay the chart renders)."""
+    from mailplane_operator.reconcile import relay as relay_mod
+    from mailplane_operator.reconcile.models import parse_smtp_relay
+
+    [body] = rendered.of_kind("SmtpRelay")
+    body = {**body, "metadata": {**body["metadata"], "uid": "uid-main", "generation": 1}}
+    return relay_mod.relay_children(parse_smtp_relay(body), service_monitor_available=True)
+
+
+def test_every_pod_of_the_release_is_scraped_exactly_once() -> None:
+    """The chart's operator and its default relay pool, monitoring on: each pod is one target
+    (the double scrape of the submission and headless Services made every `sum` read double)."""
+    values = {**load_values(CHART_DIR / "ci" / "monitoring-values.yaml"),
+              **load_values(RESOURCES_VALUES)}
+    rendered = render_upgrade(values)
+    children = default_pool_children(rendered)
+    assert validate_kubernetes(children) == []
+    targets = scrape_targets([*rendered.objects, *children])
+    assert targets == {(NAMESPACE, "mailplane-operator-0", "/metrics"): 1,
+                       (NAMESPACE, "main-0", "/metrics"): 1,
+                       (NAMESPACE, "main-1", "/metrics"): 1}
+    # Applications reach the relay through a Service without the metrics port.
+    submission = next(c for c in children if c["kind"] == "Service"
+                      and c["metadata"]["name"] == "main")
+    assert [p["port"] for p in submission["spec"]["ports"]] == [587, 465]

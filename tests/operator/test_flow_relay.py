@@ -58,7 +58,8 @@ def test_relay_renders_children_config_and_status(kube_api: KubeApi,
 
     # Every child is owned by the relay, so that deleting it deletes them (GC is the cluster's).
     for resource, name in ((k.STATEFULSETS, "main"), (k.SERVICES, "main"),
-                           (k.SERVICES, "main-headless"), (k.PDBS, "main"),
+                           (k.SERVICES, "main-headless"), (k.SERVICES, "main-metrics"),
+                           (k.PDBS, "main"),
                            (k.SECRETS, "main-config-0")):
         child = kube_api.get(resource, "mail", name)
         assert child is not None, (resource.plural, name)

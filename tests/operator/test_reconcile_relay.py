@@ -12,14 +12,16 @@ import pytest
 from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile import render
 from mailplane_operator.reconcile.conditions import get_condition
+from tests.helpers.scrape import scrape_targets
 from tests.operator.reconcile_builders import NOW, credential, relay
 
 
 def by_kind(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for o in objs:
-        key = o["kind"] + ("/headless" if o["metadata"]["name"].endswith("-headless") else "")
-        out[key] = o
+        suffix = next((s for s in ("headless", "metrics")
+                       if o["metadata"]["name"].endswith(f"-{s}")), None)
+        out[o["kind"] + (f"/{suffix}" if suffix else "")] = o
     return out
 
 
@@ -27,8 +29,8 @@ def test_every_child_is_owned_labelled_and_valid_kubernetes() -> None:
     r = relay(replicas=3)
     children = relay_mod.relay_children(r, service_monitor_available=True, config_hash="abc")
     kinds = sorted(by_kind(children))
-    assert kinds == ["PodDisruptionBudget", "Service", "Service/headless", "ServiceMonitor",
-                     "StatefulSet"]
+    assert kinds == ["PodDisruptionBudget", "Service", "Service/headless", "Service/metrics",
+                     "ServiceMonitor", "StatefulSet"]
     for child in children:
         md = child["metadata"]
         assert md["namespace"] == "mail"
@@ -54,7 +56,40 @@ def test_the_service_monitor_needs_the_crd_and_can_be_disabled() -> None:
         relay(monitoring={"serviceMonitor": {"labels": {"release": "prom"}}}),
         service_monitor_available=True))["ServiceMonitor"]
     assert sm["metadata"]["labels"]["release"] == "prom"
-    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                        "interval": "30s"}]
+
+
+def _service_ports(children: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, int]]]:
+    return {k: [(p["name"], p["port"]) for p in o["spec"]["ports"]]
+            for k, o in children.items() if k.startswith("Service/") or k == "Service"}
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_each_pod_is_scraped_exactly_once_and_only_through_the_metrics_service(
+        replicas: int) -> None:
+    children = relay_mod.relay_children(relay(replicas=replicas), service_monitor_available=True)
+    # The Service tenants connect to, and the per-pod DNS Service, carry SMTP only; the metrics
+    # port is on the metrics Service alone.
+    assert _service_ports(by_kind(children)) == {
+        "Service": [("submission", 587), ("submissions", 465)],
+        "Service/headless": [("submission", 587), ("submissions", 465)],
+        "Service/metrics": [("metrics", 8080)],
+    }
+    targets = scrape_targets(children)
+    assert targets == {("mail", f"main-{i}", "/metrics"): 1 for i in range(replicas)}
+
+
+def test_two_relays_in_one_namespace_do_not_scrape_each_other() -> None:
+    """Selectors include the instance: relay "main" does not pick up "main-eu"'s Service, even
+    though one name is a prefix of the other."""
+    children = [*relay_mod.relay_children(relay("main", replicas=2),
+                                          service_monitor_available=True),
+                *relay_mod.relay_children(relay("main-eu", replicas=1),
+                                          service_monitor_available=True)]
+    assert scrape_targets(children) == {("mail", "main-0", "/metrics"): 1,
+                                        ("mail", "main-1", "/metrics"): 1,
+                                        ("mail", "main-eu-0", "/metrics"): 1}
 
 
 def test_pod_is_locked_down_probed_and_drains_within_its_grace_period() -> None:
@@ -108,7 +143,7 @@ def test_services_map_the_standard_ports_to_unprivileged_container_ports() -> No
     assert children["StatefulSet"]["spec"]["serviceName"] == "main-headless"
     only_465 = by_kind(relay_mod.relay_children(relay(listeners={"submission": {
         "enabled": False}})))["Service"]
-    assert [p["name"] for p in only_465["spec"]["ports"]] == ["submissions", "http"]
+    assert [p["name"] for p in only_465["spec"]["ports"]] == ["submissions"]
 
 
 def test_pdb_lets_one_pod_go_at_a_time() -> None:

@@ -8,10 +8,14 @@ owned by the SmtpRelay, so deleting the relay removes them):
   holds the message log), non-root with a read-only root filesystem, probes on /livez and
   /readyz, a preStop pause so endpoints drop the pod before SIGTERM starts the drain, and a grace
   period longer than the preStop pause plus the relay's ``shutdownGrace``.
-- Service ``<relay>``: submission 587 -> container 1587 (STARTTLS), submissions 465 -> 1465
-  (implicit TLS), http 8080. The container listens on unprivileged ports so it needs no
-  capability; clients only ever see the Service ports.
-- Service ``<relay>-headless``: per-pod DNS for the StatefulSet.
+- Service ``<relay>``: what applications connect to, the SMTP ports only: submission 587 ->
+  container 1587 (STARTTLS), submissions 465 -> 1465 (implicit TLS). The container listens on
+  unprivileged ports so it needs no capability; clients only ever see the Service ports.
+- Service ``<relay>-headless``: per-pod DNS for the StatefulSet, the SMTP ports only.
+- Service ``<relay>-metrics``: the relay's http port (/metrics, /livez, /readyz), labelled
+  ``mailplane.io/component=metrics``; the only Service the ServiceMonitor selects, so each pod
+  is scraped exactly once and the metrics (which name every tenant's credentials and domains)
+  are not on the Service tenants connect to.
 - PodDisruptionBudget ``<relay>``: at most one pod drained at a time.
 - ServiceMonitor ``<relay>`` when the caller says the cluster has that CRD.
 
@@ -48,6 +52,10 @@ RUN_AS_USER = 65532  # the image's "nonroot" user (Dockerfile)
 ANN_CONFIG_HASH = "mailplane.io/config-hash"
 LABEL_RELAY = "mailplane.io/relay"
 LABEL_COMPONENT = "mailplane.io/component"
+COMPONENT_SUBMISSION = "submission"
+COMPONENT_HEADLESS = "headless"
+COMPONENT_METRICS = "metrics"
+METRICS_PORT_NAME = "metrics"
 
 
 def selector_labels(relay: SmtpRelay) -> dict[str, str]:
@@ -165,7 +173,7 @@ def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
         "metadata": _metadata(relay, relay.meta.name, annotations=annotations),
         "spec": {
             "replicas": relay.spec.replicas,
-            "serviceName": f"{relay.meta.name}-headless",
+            "serviceName": headless_service_name(relay.meta.name),
             # Pods are independent relays with their own spools: no ordering needed.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(relay)},
@@ -178,7 +186,7 @@ def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
     }
 
 
-def _service_ports(relay: SmtpRelay) -> list[dict[str, Any]]:
+def _smtp_ports(relay: SmtpRelay) -> list[dict[str, Any]]:
     listeners = relay.spec.listeners
     ports = []
     if listeners.submission.enabled:
@@ -187,25 +195,52 @@ def _service_ports(relay: SmtpRelay) -> list[dict[str, Any]]:
     if listeners.submissions.enabled:
         ports.append({"name": "submissions", "port": listeners.submissions.port,
                       "targetPort": "submissions", "protocol": "TCP"})
-    ports.append({"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"})
     return ports
 
 
+def _component_metadata(relay: SmtpRelay, name: str, component: str) -> dict[str, Any]:
+    meta = _metadata(relay, name)
+    meta["labels"] = {**meta["labels"], LABEL_COMPONENT: component}
+    return meta
+
+
+def metrics_service_name(relay_name: str) -> str:
+    return f"{relay_name}-metrics"
+
+
+def headless_service_name(relay_name: str) -> str:
+    return f"{relay_name}-headless"
+
+
 def service(relay: SmtpRelay) -> dict[str, Any]:
+    """The Service applications connect to: SMTP only (never the metrics port)."""
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(relay, relay.meta.name),
+        "metadata": _component_metadata(relay, relay.meta.name, COMPONENT_SUBMISSION),
         "spec": {"type": "ClusterIP", "selector": selector_labels(relay),
-                 "ports": _service_ports(relay)},
+                 "ports": _smtp_ports(relay)},
     }
 
 
 def headless_service(relay: SmtpRelay) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(relay, f"{relay.meta.name}-headless"),
+        "metadata": _component_metadata(relay, headless_service_name(relay.meta.name),
+                                        COMPONENT_HEADLESS),
         "spec": {"clusterIP": "None", "selector": selector_labels(relay),
-                 "publishNotReadyAddresses": True, "ports": _service_ports(relay)},
+                 "publishNotReadyAddresses": True, "ports": _smtp_ports(relay)},
+    }
+
+
+def metrics_service(relay: SmtpRelay) -> dict[str, Any]:
+    """The one Service the ServiceMonitor selects: one endpoint per pod, the http port only."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _component_metadata(relay, metrics_service_name(relay.meta.name),
+                                        COMPONENT_METRICS),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(relay),
+                 "ports": [{"name": METRICS_PORT_NAME, "port": HTTP_PORT, "targetPort": "http",
+                            "protocol": "TCP"}]},
     }
 
 
@@ -225,10 +260,14 @@ def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
         "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
         "metadata": meta,
         # job="mailplane-relay" for every pool: the shipped alerts (monitoring/rules.yaml)
-        # select it.
+        # select it. The selector names the metrics Service alone (the submission and headless
+        # Services share the pod selector labels but not the component): one target per pod.
         "spec": {"jobLabel": "app.kubernetes.io/name",
-                 "selector": {"matchLabels": selector_labels(relay)},
-                 "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval}]},
+                 "namespaceSelector": {"matchNames": [relay.meta.namespace]},
+                 "selector": {"matchLabels": {**selector_labels(relay),
+                                              LABEL_COMPONENT: COMPONENT_METRICS}},
+                 "endpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics",
+                                "interval": sm.interval}]},
     }
 
 
@@ -237,8 +276,8 @@ def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
                    config_hash: str | None = None) -> list[dict[str, Any]]:
     """The desired children, in apply order. ``service_monitor_available``: the cluster serves
     monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery)."""
-    out = [service(relay), headless_service(relay), pod_disruption_budget(relay),
-           statefulset(relay, image=image, config_hash=config_hash)]
+    out = [service(relay), headless_service(relay), metrics_service(relay),
+           pod_disruption_budget(relay), statefulset(relay, image=image, config_hash=config_hash)]
     if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(relay))
     return out
