@@ -108,6 +108,23 @@ class ApiError(Exception):
         return self.status in (409, 429) or self.status >= 500
 
 
+class NotOwnedError(ApiError):
+    """An object the operator was asked to write exists and is controlled by someone else."""
+
+    @property
+    def temporary(self) -> bool:
+        return True  # the caller's next reconcile sees the owner and reports it
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller ownerReference, if any."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if isinstance(ref, Mapping) and ref.get("controller") is True:
+            uid = ref.get("uid")
+            return str(uid) if uid else None
+    return None
+
+
 @dataclass(frozen=True)
 class Connection:
     """Where the API server is and how to authenticate; shared by kopf and `KubeClient`."""
@@ -361,12 +378,18 @@ class KubeClient:
         self.stats.deleted += 1
         return True
 
-    async def apply(self, manifest: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    async def apply(self, manifest: Mapping[str, Any], *,
+                    owner_uid: str | None = None) -> tuple[str, dict[str, Any]]:
         """Make the object hold `manifest`: create it, merge-patch it, or leave it alone.
 
         Returns ("created" | "patched" | "unchanged", the object). Keys of `data` and of
         labels/annotations that the manifest does not set are left as they are, except that a
         Secret's `data` is replaced as a whole (it is ours entirely).
+
+        `owner_uid`: an existing object is changed only when its controller ownerReference has
+        this uid (else `NotOwnedError`, nothing written), and the patch carries the
+        resourceVersion that was checked, so an object replaced in between gets a 409 instead
+        of being overwritten.
         """
         desired = _secret_to_data(dict(manifest))
         resource = resource_of(desired)
@@ -385,10 +408,16 @@ class KubeClient:
             else:
                 self.stats.created += 1
                 return "created", created
+        if owner_uid is not None and controller_uid(current) != owner_uid:
+            raise NotOwnedError(403, "NotOwned", "exists and is not ours; left untouched",
+                                method="PATCH", path=resource.path(namespace, name))
         patch = self._diff(current, desired)
         if not patch:
             self.stats.unchanged += 1
             return "unchanged", current
+        if owner_uid is not None:
+            patch.setdefault("metadata", {})["resourceVersion"] = (
+                (current.get("metadata") or {}).get("resourceVersion"))
         patched = await self.patch(resource, namespace, name, patch)
         if patched is None:  # deleted in between: the next reconcile creates it
             raise ApiError(404, "NotFound", "deleted while being updated",

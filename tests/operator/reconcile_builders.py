@@ -17,11 +17,11 @@ _uids = itertools.count(1)
 def body(kind: str, name: str, namespace: str, spec: dict[str, Any], *,
          generation: int = 1, labels: dict[str, str] | None = None,
          annotations: dict[str, str] | None = None,
-         status: dict[str, Any] | None = None) -> dict[str, Any]:
+         status: dict[str, Any] | None = None, uid: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "mailplane.io/v1alpha1",
         "kind": kind,
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{next(_uids)}",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{next(_uids)}",
                      "generation": generation, "labels": labels or {},
                      "annotations": annotations or {}},
         "spec": spec,
@@ -47,14 +47,16 @@ def domain(domain_name: str = "example.com", name: str | None = None, namespace:
 def credential(name: str = "app", namespace: str = "mail", relay_name: str = "main",
                relay_namespace: str | None = None, *, senders: tuple[str, ...] = ("example.com",),
                annotations: dict[str, str] | None = None, generation: int = 1,
-               status: dict[str, Any] | None = None, **spec: Any) -> models.SmtpCredential:
+               status: dict[str, Any] | None = None, uid: str | None = None,
+               **spec: Any) -> models.SmtpCredential:
+    """``uid``: the same object seen again (new annotations or spec), not a new one."""
     ref = {"name": relay_name}
     if relay_namespace:
         ref["namespace"] = relay_namespace
     spec = {"relayRef": ref, "allowedSenders": list(senders), **spec}
     return models.parse_smtp_credential(body("SmtpCredential", name, namespace, spec,
                                              annotations=annotations, generation=generation,
-                                             status=status))
+                                             status=status, uid=uid))
 
 
 def counting_random() -> Callable[[int], bytes]:

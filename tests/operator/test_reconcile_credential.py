@@ -110,8 +110,9 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
 
 
 def test_on_demand_rotation_runs_once_per_token() -> None:
-    first = reconcile(credential())
-    asked = credential(annotations={cm.ANN_ROTATE: "2026-11-27T12:05"})
+    cred = credential()
+    first = reconcile(cred)
+    asked = credential(annotations={cm.ANN_ROTATE: "2026-11-27T12:05"}, uid=cred.meta.uid)
     rotated = reconcile(asked, first.secret, now=NOW + timedelta(minutes=5))
     assert rotated.rotated
     assert [e.reason for e in rotated.events] == [cm.ROTATION_REQUESTED]
@@ -123,7 +124,7 @@ def test_on_demand_rotation_runs_once_per_token() -> None:
     # of the operator that lost nothing but its memory (status empty).
     again = reconcile(asked, rotated.secret, now=NOW + timedelta(minutes=6))
     assert not again.rotated
-    renewed = credential(annotations={cm.ANN_ROTATE: "second"})
+    renewed = credential(annotations={cm.ANN_ROTATE: "second"}, uid=cred.meta.uid)
     assert reconcile(renewed, rotated.secret, now=NOW + timedelta(minutes=7)).rotated
 
 
@@ -219,3 +220,42 @@ def test_passwords_and_salts_come_from_the_injected_random_source() -> None:
                                        random=counting_random())
 
     assert run().secret == run().secret
+
+
+def foreign_secret(name: str = "app-smtp", namespace: str = "mail",
+                   owner_refs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A Secret the credential did not create, with a password and forged-looking state."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "uid": "theirs",
+                         "annotations": {cm.ANN_PASSWORD_HASH: "sha256$00$00"},
+                         "ownerReferences": owner_refs or []},
+            "data": {"password": base64.b64encode(b"their-password").decode(),
+                     "api-key": base64.b64encode(b"k").decode()}}
+
+
+def test_a_secret_the_credential_did_not_create_is_neither_written_nor_read() -> None:
+    cred = credential(secretName="shared")
+    other_owner = {"apiVersion": "mailplane.io/v1alpha1", "kind": "SmtpCredential",
+                   "name": "app", "uid": "someone-else", "controller": True}
+    ours_not_controller = {**other_owner, "uid": cred.meta.uid, "controller": False}
+    for refs in ([], [other_owner], [ours_not_controller]):
+        result = reconcile(cred, foreign_secret("shared", owner_refs=refs))
+        assert result.secret is None and result.state is None and not result.rotated
+        assert result.admission.reason == cm.REASON_SECRET_CONFLICT
+        ready = get_condition(result.status["conditions"], "Ready")
+        assert ready is not None and (ready["status"], ready["reason"]) == (
+            "False", "SecretConflict")
+        assert "Secret mail/shared already exists" in ready["message"]
+        assert [(e.type, e.reason) for e in result.events] == [("Warning", "SecretConflict")]
+        assert "their-password" not in json.dumps(result.status) + repr(result.events)
+    # Refused for another reason too (no relay): still the conflict, still nothing written.
+    missing = reconcile(cred, foreign_secret("shared"), r=None)
+    assert missing.secret is None and missing.admission.reason == cm.REASON_SECRET_CONFLICT
+    # The Secret it created itself is its own.
+    own = reconcile(cred)
+    assert own.secret is not None
+    assert cm.secret_is_ours(cred, own.secret)
+    assert reconcile(cred, own.secret).admission.allowed
+    # The same name and namespace but a new object (new uid) does not inherit it.
+    again = credential(secretName="shared")
+    assert reconcile(again, own.secret).admission.reason == cm.REASON_SECRET_CONFLICT

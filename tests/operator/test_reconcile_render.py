@@ -274,3 +274,13 @@ def test_5000_credentials_and_500_domains_fit_in_secrets_under_1_mib() -> None:
     config = parse_documents(sorted(result.files.items()))
     assert len(config.credentials) == 5000 and len(config.domains) == 500
     assert config.credentials["team-7.app-7"].check_password(f"{7:043d}", NOW)
+
+
+def test_a_credential_naming_a_foreign_secret_is_not_rendered() -> None:
+    c = credential("app", senders=("example.com",), secretName="shared")
+    foreign = app_secret(credential("owner", senders=("example.com",)))
+    foreign["metadata"]["name"] = "shared"
+    result = run(relay(), [verified("example.com")], [render.CredentialInput(c, foreign)])
+    assert result.credentials == ()
+    exclusion = result.exclusion("SmtpCredential", "mail/app")
+    assert exclusion is not None and exclusion.reason == cm.REASON_SECRET_CONFLICT

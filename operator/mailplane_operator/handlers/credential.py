@@ -67,7 +67,8 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 existing_secret=existing, now=now, random=rt.random, endpoint=endpoint)
             written = False
             if result.secret is not None:
-                action, obj = await rt.client.apply(result.secret)
+                # Guarded: a Secret someone else created in between is never overwritten.
+                action, obj = await rt.client.apply(result.secret, owner_uid=cred.meta.uid)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
                 written = action != "unchanged"
             diff = merge_diff(body.get("status") or {}, result.status)

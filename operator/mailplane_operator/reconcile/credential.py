@@ -52,6 +52,7 @@ REASON_SUSPENDED = "Suspended"
 REASON_RELAY_NOT_FOUND = "RelayNotFound"
 REASON_NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
 REASON_SENDER_NOT_ATTACHED = "SenderDomainNotAttached"
+REASON_SECRET_CONFLICT = "SecretConflict"  # noqa: S105 - a condition reason
 
 # Rotation causes (also the reason of the Event).
 ROTATION_INITIAL = "PasswordGenerated"
@@ -218,6 +219,31 @@ class Admission:
     message: str
 
 
+def secret_is_ours(cred: SmtpCredential, secret: Mapping[str, Any]) -> bool:
+    """Whether this Secret was created for this very SmtpCredential: its controller
+    ownerReference is this object (same uid, so a credential deleted and created again under the
+    same name does not inherit a Secret it did not create)."""
+    refs = (secret.get("metadata") or {}).get("ownerReferences") or []
+    return any(
+        isinstance(ref, Mapping) and ref.get("controller") is True
+        and ref.get("kind") == "SmtpCredential"
+        and str(ref.get("apiVersion", "")).startswith("mailplane.io/")
+        and cred.meta.uid and ref.get("uid") == cred.meta.uid
+        for ref in refs)
+
+
+def secret_conflict(cred: SmtpCredential, secret: Mapping[str, Any] | None) -> Admission | None:
+    """The refusal when ``spec.secretName`` (or the default name) is an existing Secret that
+    this credential does not own: the operator never writes, adopts or deletes it."""
+    if secret is None or secret_is_ours(cred, secret):
+        return None
+    return Admission(
+        False, REASON_SECRET_CONFLICT,
+        f"Secret {cred.meta.namespace}/{cred.secret_name} already exists and is not owned by "
+        f"this SmtpCredential; it is left untouched. Set spec.secretName to a name no other "
+        f"Secret uses, or delete that Secret if it is not needed")
+
+
 def sender_domain(sender: str) -> str:
     return sender.rpartition("@")[2]
 
@@ -368,12 +394,14 @@ def reconcile_credential(
     ``existing_secret``: the application Secret as read from the API, if any;
     ``endpoint``: override of the relay address written to the Secret (``mailplane dev``).
     """
-    admission = check_credential(cred, relay, namespace_labels, attached_domains)
+    conflict = secret_conflict(cred, existing_secret)
+    admission = conflict or check_credential(cred, relay, namespace_labels, attached_domains)
     events: list[Event] = []
-    state = state_from_secret(existing_secret)
+    # A foreign Secret is never read for rotation state (nor written below).
+    state = state_from_secret(existing_secret) if conflict is None else None
     secret: dict[str, Any] | None = None
     rotated = False
-    if relay is not None:
+    if relay is not None and conflict is None:
         cause = rotation_due(cred, state, now)
         if cause is not None:
             state = rotate(cred, state, now, random)

@@ -381,8 +381,8 @@ def render_relay_config(
         if cred.meta.deletion_timestamp:
             excluded.append(Exclusion("SmtpCredential", key, REASON_DELETING, "being deleted"))
             continue
-        admission = cred_mod.check_credential(cred, relay, namespace_labels.get(
-            cred.meta.namespace), included)
+        admission = cred_mod.secret_conflict(cred, item.secret) or cred_mod.check_credential(
+            cred, relay, namespace_labels.get(cred.meta.namespace), included)
         if not admission.allowed:
             excluded.append(Exclusion("SmtpCredential", key, admission.reason, admission.message))
             continue

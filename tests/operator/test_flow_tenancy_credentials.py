@@ -1,0 +1,82 @@
+"""The credential half of the two-tenant scenario on the emulator: tenant A (namespace
+``tenant-a``) uses the relay as intended; tenant B (``tenant-b``) tries every attack a
+namespace-scoped ``edit`` role allows, and each one is refused, capped or contained with a
+reason in status or Events while tenant A keeps working."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from mailplane_operator import kube as k
+from tests.helpers.kube import (
+    KubeApi,
+    RunningOperator,
+    credential_body,
+    domain_body,
+    namespace_body,
+    relay_body,
+    rendered_credentials,
+)
+
+ACCESS = {"mailplane.io/smtp-access": "true"}
+
+
+def _tenants(api: KubeApi, **relay_spec: Any) -> None:
+    api.create(k.NAMESPACES, namespace_body("mail"))
+    api.create(k.NAMESPACES, namespace_body("tenant-a", **ACCESS))
+    api.create(k.NAMESPACES, namespace_body("tenant-b", **ACCESS))
+    api.create(k.SMTP_RELAYS, relay_body(**relay_spec))
+    api.create(k.SENDING_DOMAINS, domain_body("a-example", "a.example"))
+    api.create(k.SENDING_DOMAINS, domain_body("b-example", "b.example"))
+    api.create(k.SMTP_CREDENTIALS, credential_body("app", ["a.example"], namespace="tenant-a"))
+    api.wait_until(lambda: rendered_credentials(api).get("tenant-a.app"),
+                   what="tenant A's credential")
+
+
+def _ready(obj: dict[str, Any] | None) -> dict[str, Any]:
+    conds = (obj or {}).get("status", {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "Ready"), {})
+
+
+def test_a_secret_the_credential_did_not_create_stays_untouched(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _tenants(kube_api)
+    kube_api.create(k.SECRETS, {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "db-password", "namespace": "tenant-b", "labels": {"app": "db"}},
+        "data": {"password": base64.b64encode(b"hunter2").decode()}})
+    owned_by_a = kube_api.get(k.SECRETS, "tenant-a", "app-smtp")
+    before = {("tenant-b", "db-password"): kube_api.get(k.SECRETS, "tenant-b", "db-password"),
+              ("tenant-a", "app-smtp"): owned_by_a}
+    # Tenant B names its own unrelated Secret; someone with edit in tenant A's namespace names
+    # the Secret of A's credential, and with a sender the relay refuses anyway.
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "grab", ["b.example"], namespace="tenant-b", secretName="db-password"))
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "grab", ["nowhere.example"], namespace="tenant-a", secretName="app-smtp"))
+    for ns in ("tenant-b", "tenant-a"):
+        cred = kube_api.wait_for(k.SMTP_CREDENTIALS, ns, "grab",
+                                 lambda o: _ready(o).get("reason") == "SecretConflict")
+        assert _ready(cred)["status"] == "False"
+        assert f"Secret {ns}/" in _ready(cred)["message"]
+    kube_api.wait_until(lambda: {("tenant-a", "SecretConflict"), ("tenant-b", "SecretConflict")}
+                        <= {(e["metadata"]["namespace"], e["reason"])
+                            for e in kube_api.events() if e["involvedObject"]["name"] == "grab"},
+                        what="the SecretConflict events")
+    assert set(rendered_credentials(kube_api)) == {"tenant-a.app"}
+
+    for ns in ("tenant-b", "tenant-a"):
+        kube_api.delete(k.SMTP_CREDENTIALS, ns, "grab")
+        kube_api.wait_for(k.SMTP_CREDENTIALS, ns, "grab", lambda o: o is None)
+    for (ns, name), old in before.items():
+        now = kube_api.get(k.SECRETS, ns, name)
+        assert now is not None and old is not None
+        assert now["data"] == old["data"]
+        assert now["metadata"].get("ownerReferences") == old["metadata"].get("ownerReferences")
+        assert now["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"]
+    writes = [(m, p) for _ua, m, p, _q in kube_api.emulator.audit
+              if m in ("PATCH", "DELETE", "PUT")
+              and p.endswith(("/secrets/db-password", "/secrets/app-smtp"))]
+    assert writes == []
+    assert "tenant-a.app" in rendered_credentials(kube_api)
