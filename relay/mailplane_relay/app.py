@@ -40,6 +40,7 @@ from .config import (
 )
 from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
+from .ingress.throttle import AuthThrottle
 from .messagelog import MessageLog, SuppressionList
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
@@ -320,7 +321,8 @@ class RelayApp:
         limiter = Limiter(self.config)
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
                                   log=msglog, suppression=suppression, limiter=limiter,
-                                  metrics=metrics, reputation=reputation)
+                                  metrics=metrics, reputation=reputation,
+                                  auth_throttle=AuthThrottle(lambda: self.config().settings.limits))
         self.server = server
         await server.start()
         stages.append(("smtp server", self._drain_server))

@@ -246,8 +246,14 @@ class LimitSettings(_Model):
     auth_failure_delay: Duration = Field(1.0, alias="authFailureDelay")
     auth_failure_limit: int = Field(5, alias="authFailureLimit", ge=1)
     auth_failure_window: Duration = Field(300.0, alias="authFailureWindow")
+    auth_failure_limit_per_address: int = Field(20, alias="authFailureLimitPerAddress", ge=1)
+    max_sessions_per_address: int = Field(50, alias="maxSessionsPerAddress", ge=1)
+    auth_deadline: Duration = Field(30.0, alias="authDeadline", gt=0)
+    max_session_lifetime: Duration = Field(3600.0, alias="maxSessionLifetime", gt=0)
+    max_refused_commands: int = Field(20, alias="maxRefusedCommands", ge=1)
 
-    _d = _durations("session_timeout", "auth_failure_delay", "auth_failure_window")
+    _d = _durations("session_timeout", "auth_failure_delay", "auth_failure_window",
+                    "auth_deadline", "max_session_lifetime")
 
 
 class AbuseSettings(_Model):

@@ -1,4 +1,4 @@
-"""Per-credential sending limits and AUTH failure throttling.
+"""Per-credential sending limits (AUTH failure throttling is ``ingress/throttle.py``).
 
 Pure bookkeeping with an injected clock: no I/O, no sleeps, so every rule is unit-tested with a
 fake clock.
@@ -6,20 +6,15 @@ fake clock.
 - Rate: a token bucket per credential holding ``ratePerMinute`` tokens, refilled continuously at
   ``ratePerMinute / 60`` per second: bursts up to the per-minute figure, never more on average.
 - Daily quota: messages counted per credential per UTC day.
-- AUTH failures: after ``authFailureLimit`` failures within ``authFailureWindow`` from one peer IP
-  or for one username, further attempts from that IP or for that username are refused until the
-  oldest counted failure leaves the window.
 
 Memory is bounded: per-credential entries exist only for configured credentials (and are pruned
-when they leave the configuration); AUTH failure entries are kept for at most ``max_tracked`` IPs
-and usernames (oldest evicted first) and dropped when their window has passed. Each worker process
+when they leave the configuration). Each worker process
 keeps its own counts: with ``workers: N`` a credential can send up to N times its rate.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -53,7 +48,6 @@ class Limiter:
         self._clock = clock
         self._max_tracked = max_tracked
         self._usage: dict[str, _Usage] = {}
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
 
     # ---------------------------------------------------------------- sending limits
 
@@ -110,54 +104,3 @@ class Limiter:
         known = self._config().credentials
         for name in [n for n in self._usage if n not in known]:
             del self._usage[name]
-
-    # ---------------------------------------------------------------- AUTH throttling
-
-    def auth_blocked(self, *, peer_ip: str | None = None, username: str | None = None) -> bool:
-        """True while the peer IP or the username has too many recent failures."""
-        limits = self._config().settings.limits
-        now = self._clock()
-        for key in self._keys(peer_ip, username):
-            failures = self._failures.get(key)
-            if failures is None:
-                continue
-            self._expire(failures, now - limits.auth_failure_window)
-            if not failures:
-                del self._failures[key]
-            elif len(failures) >= limits.auth_failure_limit:
-                return True
-        return False
-
-    def record_auth_failure(self, *, peer_ip: str | None, username: str | None) -> None:
-        limits = self._config().settings.limits
-        now = self._clock()
-        for key in self._keys(peer_ip, username):
-            failures = self._failures.get(key)
-            if failures is None:
-                failures = self._failures[key] = deque(maxlen=limits.auth_failure_limit)
-                while len(self._failures) > self._max_tracked:
-                    self._failures.popitem(last=False)
-            else:
-                self._failures.move_to_end(key)
-                if failures.maxlen != limits.auth_failure_limit:
-                    failures = self._failures[key] = deque(
-                        failures, maxlen=limits.auth_failure_limit)
-            self._expire(failures, now - limits.auth_failure_window)
-            failures.append(now)
-
-    def tracked_auth_keys(self) -> int:
-        return len(self._failures)
-
-    @staticmethod
-    def _keys(peer_ip: str | None, username: str | None) -> list[tuple[str, str]]:
-        keys = []
-        if peer_ip:
-            keys.append(("ip", peer_ip))
-        if username:
-            keys.append(("user", username.lower()))
-        return keys
-
-    @staticmethod
-    def _expire(failures: deque[float], horizon: float) -> None:
-        while failures and failures[0] <= horizon:
-            failures.popleft()

@@ -38,6 +38,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
 from .config import Credential, Listener, RelayConfig, domain_of
 from .events import LogEvent
+from .ingress.throttle import AuthThrottle, client_key
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
@@ -52,7 +53,11 @@ IDENT = "ESMTP Mailplane"
 COMMAND_LINE_LIMIT = 1024
 # The stream reader's buffer limit: DATA is read in chunks of up to this size.
 READ_LIMIT = 64 * 1024
-MAX_UNKNOWN_COMMANDS = 10
+# Addresses written to the message log are cut to this length (a valid path is at most 256
+# octets, RFC 5321 §4.5.3.1.3): a client cannot make one record arbitrarily large.
+MAX_LOGGED_ADDRESS = 256
+# Commands that do not move a session forward: they do not push its idle deadline.
+NO_PROGRESS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 # While draining, how long a session that just finished a transaction may take to send QUIT.
 DRAIN_QUIT_GRACE = 1.0
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
@@ -80,7 +85,10 @@ class R:
     DATA_GO = "354 End data with <CR><LF>.<CR><LF>"
     TOO_MANY_SESSIONS = "421 4.3.2 Too many connections, try again later"
     SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
-    TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing"
+    TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"
+    TOO_MANY_REFUSED = "421 4.7.0 Too many refused commands, closing connection"
+    AUTH_DEADLINE = "421 4.7.0 Authentication not completed in time, closing connection"
+    LIFETIME = "421 4.4.2 Maximum session duration reached, closing connection"
     INTERNAL = "451 4.3.0 Internal error, reference {ref}"
     RATE = "451 4.7.1 Rate limit of {limit} messages per minute exceeded for {user}"
     QUOTA = "452 4.7.1 Daily quota of {limit} messages exceeded for {user}"
@@ -196,6 +204,11 @@ class RelaySMTP(SMTP):
         self._registered = False
         self._held = bytearray()
         self._trust_cache: tuple[RelayConfig, bool] | None = None
+        self._refused = 0
+        self._started = 0.0
+        self._limit_handle: asyncio.TimerHandle | None = None
+        self._ending: tuple[str, str] | None = None
+        self.address_key = ""
         self.tls_version: str | None = None
         self._init_protocol(server, cfg.hostname, cfg.limits.session_timeout)
 
@@ -261,6 +274,9 @@ class RelaySMTP(SMTP):
             self._srv.session_opened(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._limit_handle is not None:
+            self._limit_handle.cancel()
+            self._limit_handle = None
         try:
             super().connection_lost(error)
         finally:
@@ -273,6 +289,8 @@ class RelaySMTP(SMTP):
         buffered, so a pipelined MAIL/RCPT/DATA burst is answered in one write (a send costs
         about 0.1 ms here); any other reply flushes what is held."""
         data = status.encode("ascii") if isinstance(status, str) else status
+        if data[:1] in (b"4", b"5"):
+            self._refused += 1
         self._held.extend(data + b"\r\n")
         if data.startswith(b"250") and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
             return
@@ -305,6 +323,45 @@ class RelaySMTP(SMTP):
         else:
             self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
 
+    def _arm_session_limits(self) -> None:
+        """One timer for the deadline to authenticate and the maximum session lifetime; both
+        are read from the configuration in force when it fires."""
+        limits = self._srv.config().settings.limits
+        due = self._started + limits.max_session_lifetime
+        if not self._authenticated_or_trusted():
+            due = min(due, self._started + limits.auth_deadline)
+        if self._limit_handle is not None:
+            self._limit_handle.cancel()
+        self._limit_handle = self.loop.call_at(due, self._check_session_limits)
+
+    def _check_session_limits(self) -> None:
+        self._limit_handle = None
+        if self.transport is None or self._closing:
+            return
+        limits = self._srv.config().settings.limits
+        now = self.loop.time()
+        if (not self._authenticated_or_trusted()
+                and now >= self._started + limits.auth_deadline):
+            # Nothing of value is in flight before AUTH: close at once.
+            self._reject("auth_deadline")
+            self.close_now(R.AUTH_DEADLINE)
+        elif now >= self._started + limits.max_session_lifetime:
+            self._end_session("session_lifetime", R.LIFETIME)
+        else:
+            self._arm_session_limits()
+
+    def _end_session(self, reason: str, reply: str) -> None:
+        """Close now if waiting for a command; otherwise once the command in progress (a DATA
+        transfer, say) has been answered."""
+        if self._idle:
+            self._reject(reason)
+            self.close_now(reply)
+        else:
+            self._ending = (reason, reply)
+
+    def _authenticated_or_trusted(self) -> bool:
+        return self._username is not None or self._trusted()
+
     def _flush_held(self) -> None:
         if self._held and self.transport is not None:
             with contextlib.suppress(Exception):
@@ -331,7 +388,7 @@ class RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         srv = self._srv
-        refusal = srv.admission_refusal()
+        refusal = srv.admission_refusal(self)
         if refusal is not None:
             reason, reply = refusal
             srv.metrics.rejected.labels(reason=reason).inc()
@@ -340,12 +397,24 @@ class RelaySMTP(SMTP):
             return
         if not self._starttls:
             self._note_tls()
+        self._started = self.loop.time()
+        self._arm_session_limits()
         await self.push(R.GREETING.format(host=self.hostname))
-        unknown = 0
         while self.transport is not None and not self._closing:
             try:
                 if srv.draining and self.envelope is not None and not self.envelope.mail_from:
                     await self._leave_while_draining()
+                    return
+                if self._refused >= srv.config().settings.limits.max_refused_commands:
+                    self._reject("too_many_refused")
+                    await self.push(R.TOO_MANY_REFUSED)
+                    self._close()
+                    return
+                if self._ending is not None:
+                    reason, reply = self._ending
+                    self._reject(reason)
+                    await self.push(reply)
+                    self._close()
                     return
                 line = await self._read_command()
                 if line is None:
@@ -353,11 +422,7 @@ class RelaySMTP(SMTP):
                 command, arg = line
                 method = _SMTP_METHODS.get(command)
                 if method is None:
-                    unknown += 1
-                    if unknown >= MAX_UNKNOWN_COMMANDS:
-                        await self.push(R.TOO_MANY_UNKNOWN)
-                        self._close()
-                        return
+                    self._reject("unknown_command")
                     await self.push(R.UNKNOWN)
                     continue
                 if self._starttls and not self._secure and command not in ALLOWED_BEFORE_TLS and (
@@ -368,7 +433,8 @@ class RelaySMTP(SMTP):
                     self._reject("tls_required")
                     await self.push(R.TLS_REQUIRED)
                     continue
-                self._reset_timeout()
+                if command not in NO_PROGRESS:
+                    self._reset_timeout()
                 await method(self, arg)
             except asyncio.CancelledError:
                 self._writer.close()
@@ -535,7 +601,7 @@ class RelaySMTP(SMTP):
         if mechanism not in AUTH_MECHANISMS:
             await self.push(R.AUTH_MECH)
             return
-        if srv.limiter.auth_blocked(peer_ip=self.peer_ip):
+        if srv.auth_throttle.blocked(self.peer_ip):
             srv.metrics.auth_failures.labels(reason="throttled").inc()
             await self.push(R.AUTH_THROTTLED)
             return
@@ -548,15 +614,19 @@ class RelaySMTP(SMTP):
             srv.metrics.auth_failures.labels(reason="malformed").inc()
             return
         username, password = pair
-        if srv.limiter.auth_blocked(username=username):
+        # Counted before the check, in the same step as the throttle test (no await between):
+        # parallel sessions from one address cannot all pass the test first.
+        attempt = srv.auth_throttle.begin(self.peer_ip, username)
+        if attempt is None:
             srv.metrics.auth_failures.labels(reason="throttled").inc()
             await self.push(R.AUTH_THROTTLED)
             return
         cfg = srv.config()
         credential = cfg.credentials.get(username)
         ok = credential is not None and await _check_password(credential, password)
-        if not ok:
-            srv.limiter.record_auth_failure(peer_ip=self.peer_ip, username=username)
+        if ok:
+            srv.auth_throttle.succeeded(attempt)
+        else:
             srv.metrics.auth_failures.labels(reason="bad_credentials").inc()
             shown = username if credential is not None else "(unknown user)"
             log.info("AUTH %s failed for %s from %s", mechanism, shown, self.peer_ip)
@@ -566,6 +636,7 @@ class RelaySMTP(SMTP):
         self._username = username
         self.session.authenticated = True
         self.session.auth_data = username  # type: ignore[assignment]
+        self._arm_session_limits()  # the deadline to authenticate no longer applies
         srv.metrics.auth_success.labels(mechanism=mechanism).inc()
         await self.push(R.AUTH_OK)
 
@@ -714,12 +785,16 @@ class RelaySMTP(SMTP):
 
     def _refuse(self, reason: str, reply: str, sender: str | None,
                 recipient: str | None = None, size: int | None = None) -> str:
-        """Count and log a refused transaction step; return the reply to send."""
+        """Count a refused transaction step, and record it in the message log when the client
+        authenticated (or is trusted): an anonymous client's refusals are counted in metrics
+        only, so it cannot fill the log. Returns the reply to send."""
         self._reject(reason)
-        self._srv.log.record(LogEvent(
-            ts=time.time(), status="rejected", queue_id=None, message_id=None,
-            credential=self._username, sender=sender or "", recipient=recipient,
-            response=reply, size=size, remote=self.peer_ip))
+        if self._authenticated_or_trusted():
+            self._srv.log.record(LogEvent(
+                ts=time.time(), status="rejected", queue_id=None, message_id=None,
+                credential=self._username, sender=capped(sender or ""),
+                recipient=None if recipient is None else capped(recipient),
+                response=capped(reply, 512), size=size, remote=self.peer_ip))
         return reply
 
     # ---------------------------------------------------------------- DATA
@@ -828,7 +903,7 @@ class RelaySMTP(SMTP):
         for rcpt in msg.recipients:
             srv.log.record(LogEvent(
                 ts=now, status="received", queue_id=msg.queue_id, message_id=message_id,
-                credential=self._username, sender=sender, recipient=rcpt.address,
+                credential=self._username, sender=capped(sender), recipient=capped(rcpt.address),
                 response=reply, size=msg.size, remote=self.peer_ip))
         srv.received_counter(self.listener.name, self._sender_domain,
                              self._username or "none").inc()
@@ -864,6 +939,11 @@ _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(RelaySMTP) if name.startswith("smtp_") and name[5:].isupper())
 _SMTP_METHODS: dict[str, Callable[[RelaySMTP, str | None], Awaitable[None]]] = {
     name: getattr(RelaySMTP, "smtp_" + name) for name in _SMTP_COMMANDS}
+
+
+def capped(text: str, limit: int = MAX_LOGGED_ADDRESS) -> str:
+    """Peer-supplied text cut to a bounded length for logs and the message log."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def header_fields(content: bytes) -> tuple[list[str], str | None]:
@@ -928,8 +1008,11 @@ class SubmissionServer:
         limiter: Limiter,
         metrics: RelayMetrics,
         reputation: Reputation | None = None,
+        auth_throttle: AuthThrottle | None = None,
     ) -> None:
         self.config = config
+        self.auth_throttle = auth_throttle or AuthThrottle(lambda: config().settings.limits)
+        self._per_address: dict[str, int] = {}
         self.reputation = reputation
         self.tls = tls
         self.spool = spool
@@ -1015,15 +1098,21 @@ class SubmissionServer:
 
     # ---------------------------------------------------------------- session bookkeeping
 
-    def admission_refusal(self) -> tuple[str, str] | None:
+    def admission_refusal(self, session: RelaySMTP) -> tuple[str, str] | None:
         if self.draining:
             return "shutting_down", R.SHUTTING_DOWN
-        if len(self._sessions) > self.config().settings.limits.max_sessions:
+        limits = self.config().settings.limits
+        if len(self._sessions) > limits.max_sessions:
             return "too_many_sessions", R.TOO_MANY_SESSIONS
+        if (self._per_address.get(session.address_key, 0) > limits.max_sessions_per_address
+                and not session._trusted()):
+            return "too_many_sessions_per_address", R.TOO_MANY_FROM_ADDRESS
         return None
 
     def session_opened(self, session: RelaySMTP) -> None:
         self._sessions.add(session)
+        session.address_key = key = client_key(session.peer_ip)
+        self._per_address[key] = self._per_address.get(key, 0) + 1
         self._empty.clear()
         name = session.listener.name
         opened, active = self._session_metrics(name)
@@ -1032,6 +1121,12 @@ class SubmissionServer:
 
     def session_closed(self, session: RelaySMTP) -> None:
         self._sessions.discard(session)
+        key = session.address_key
+        left = self._per_address.get(key, 0) - 1
+        if left > 0:
+            self._per_address[key] = left
+        else:
+            self._per_address.pop(key, None)
         self._session_metrics(session.listener.name)[1].dec()
         if not self._sessions:
             self._empty.set()

@@ -187,11 +187,13 @@ async def test_internal_error_is_451_with_reference_and_no_exception_text(
 
 
 async def test_unknown_commands_then_goodbye(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d["limits"].update(maxRefusedCommands=10))
     c = await ready_session(relay)
     try:
         for _ in range(9):
             assert (await c.cmd("XYZZY"))[1] == "500 5.5.1 Command not recognized"
-        assert (await c.cmd("XYZZY"))[0] == 421
+        assert (await c.cmd("XYZZY"))[0] == 500
+        assert (await c.reply())[1] == "421 4.7.0 Too many refused commands, closing connection"
         assert await asyncio.wait_for(c.reader.read(), 5) == b""
     finally:
         await c.close()

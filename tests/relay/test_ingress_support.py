@@ -22,6 +22,7 @@ import trustme
 
 from mailplane_relay.config import RelayConfig, RelaySettings, hash_password
 from mailplane_relay.events import LogEvent
+from mailplane_relay.ingress.throttle import AuthThrottle
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.ratelimit import Limiter
 from mailplane_relay.reputation import Reputation
@@ -131,6 +132,8 @@ class Relay:
     pair: ServerPair
     ca_file: Path
     clock: list[float] = field(default_factory=lambda: [0.0])
+    throttle: AuthThrottle = field(
+        default_factory=lambda: AuthThrottle(lambda: RelaySettings().limits))
 
     @property
     def starttls_port(self) -> int:
@@ -168,15 +171,16 @@ async def relay(tls_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Relay]:
     await tls.start()
     clock = [1_800_000_000.0]
     limiter = Limiter(box, clock=lambda: clock[0])
+    throttle = AuthThrottle(lambda: box().settings.limits, clock=lambda: clock[0])
     reputation = Reputation(lambda: box().settings.abuse, clock=lambda: clock[0])
     queue, log, suppression = RecordingQueue(), RecordingLog(), StaticSuppression()
     server = SubmissionServer(config=box, tls=tls, spool=spool, queue=queue, log=log,
                               suppression=suppression, limiter=limiter, metrics=metrics,
-                              reputation=reputation)
+                              reputation=reputation, auth_throttle=throttle)
     await server.start()
     r = Relay(box, doc, server, spool, tls, queue, log, suppression, limiter, metrics,
               reputation, tls_ca,
-              pair, write_ca_file(tls_ca, tmp_path), clock)
+              pair, write_ca_file(tls_ca, tmp_path), clock, throttle)
     try:
         yield r
     finally:
@@ -201,9 +205,11 @@ class RawSMTP:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> RawSMTP:
+    async def connect(cls, port: int, tls: ssl.SSLContext | None = None,
+                      source: str = "127.0.0.1") -> RawSMTP:
+        """Connect to the relay on loopback, from the loopback address ``source``."""
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=tls,
+            asyncio.open_connection("127.0.0.1", port, ssl=tls, local_addr=(source, 0),
                                     server_hostname="localhost" if tls else None), 5)
         return cls(reader, writer)
 
@@ -241,13 +247,14 @@ class RawSMTP:
 
 
 async def ready_session(relay: Relay, *, user: str | None = "app1",
-                        implicit: bool = True) -> RawSMTP:
-    """Connected, TLS, EHLO done, authenticated (unless user is None)."""
+                        implicit: bool = True, source: str = "127.0.0.1") -> RawSMTP:
+    """Connected (from the loopback address ``source``), TLS, EHLO done, authenticated (unless
+    user is None)."""
     if implicit:
-        c = await RawSMTP.connect(relay.implicit_port, relay.client_tls())
+        c = await RawSMTP.connect(relay.implicit_port, relay.client_tls(), source)
         assert (await c.reply())[0] == 220
     else:
-        c = await RawSMTP.connect(relay.starttls_port)
+        c = await RawSMTP.connect(relay.starttls_port, source=source)
         assert (await c.reply())[0] == 220
         assert (await c.cmd("EHLO client.test"))[0] == 250
         await c.starttls(relay.client_tls())
