@@ -298,7 +298,8 @@ class RelayApp:
             spool_dir = str(Path(spool_dir) / f"w{worker.index}")
         lock_fd = await asyncio.to_thread(_lock_spool, spool_dir)
         stages.append(("spool lock", lambda: _close_fd(lock_fd)))
-        spool = Spool(spool_dir, fsync=settings.spool.fsync, metrics=metrics)
+        spool = Spool(spool_dir, fsync=settings.spool.fsync, metrics=metrics,
+                      corrupt_retention=settings.spool.corrupt_retention)
         recovered = await spool.start()
         stages.append(("spool", spool.close))
         if recovered:

@@ -152,6 +152,10 @@ class SpoolSettings(_Model):
 
     directory: str = "/var/lib/mailplane/spool"
     fsync: bool = True
+    # Unreadable files set aside in <directory>/corrupt/ are deleted after this long.
+    corrupt_retention: Duration = Field(86400.0, alias="corruptRetention")
+
+    _d = _durations("corrupt_retention")
 
 
 class SmarthostSettings(_Model):

@@ -50,6 +50,8 @@ class RelayMetrics:
     ready: Gauge
     credentials_paused: Gauge
     spool_commit_latency: Histogram
+    spool_corrupt_files: Gauge
+    spool_corrupt_purged: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> RelayMetrics:
@@ -122,5 +124,13 @@ class RelayMetrics:
             spool_commit_latency=Histogram(
                 f"{NS}_spool_commit_seconds", "Time to make a message durable (fsync).",
                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+                registry=r),
+            spool_corrupt_files=Gauge(
+                f"{NS}_spool_corrupt_files",
+                "Unreadable spool files set aside in corrupt/ (deleted after "
+                "spool.corruptRetention).", multiprocess_mode="livesum", registry=r),
+            spool_corrupt_purged=Counter(
+                f"{NS}_spool_corrupt_purged",
+                "Quarantined spool files deleted once spool.corruptRetention passed.",
                 registry=r),
         )

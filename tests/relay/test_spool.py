@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -212,7 +213,6 @@ async def test_disk_full_raises_spool_error_and_leaves_no_partial_file(tiny_fs: 
         with pytest.raises(SpoolError, match="No space left"):
             await commit(s, os.urandom(200_000))
         assert files(tiny_fs) == [f"{small.queue_id}.msg"]
-        assert files(tiny_fs / "free") == []
     finally:
         await s.close()
 
@@ -223,50 +223,84 @@ async def test_commit_before_start_is_a_spool_error(tmp_path: Path) -> None:
         await commit(s)
 
 
-async def test_removed_files_are_recycled_for_new_commits(tmp_path: Path) -> None:
-    s = make_spool(tmp_path)
-    await s.start()
-    long = await commit(s, b"x" * 10_000 + b"\r\n")
-    long.recipients[0].status = "delivered"
-    await s.save_state(long)
-    await s.remove(long.queue_id)
-    assert files(tmp_path) == []
-    assert files(tmp_path / "free") == [f"{long.queue_id}.msg.free",
-                                        f"{long.queue_id}.state.free"]
-    inodes = {p.stat().st_ino for p in (tmp_path / "free").iterdir()}
-    short = await commit(s, b"short\r\n")
-    assert s.recycled == 1
-    path = tmp_path / f"{short.queue_id}.msg"
-    assert path.stat().st_ino in inodes  # no new inode
-    assert s.read(short.queue_id) == b"short\r\n"  # the old, longer content is gone
-    await s.save_state(short)  # state files recycle too
-    assert s.recycled == 2 and files(tmp_path / "free") == []
-    await s.close()
-    # Whatever lies in free/ is never taken for mail.
-    (tmp_path / "free" / f"{new_queue_id()}.msg").write_bytes(path.read_bytes())
-    assert not list((tmp_path / "free").glob("*.msg.free"))  # all in use now
-    again = make_spool(tmp_path)
-    recovered = await again.start()
-    await again.close()
-    assert [m.queue_id for m in recovered] == [short.queue_id]
-    assert recovered[0].size == len(b"short\r\n")
+def tree_bytes(directory: Path) -> bytes:
+    """Every byte of every file under ``directory``, names included."""
+    out = []
+    for p in sorted(directory.rglob("*")):
+        out.append(str(p).encode())
+        if p.is_file():
+            out.append(p.read_bytes())
+    return b"\n".join(out)
 
 
-async def test_an_undone_removal_of_a_reused_file_is_quarantined(tmp_path: Path) -> None:
+async def test_removed_message_leaves_no_byte_of_it_on_disk(tmp_path: Path) -> None:
     s = make_spool(tmp_path)
     await s.start()
-    a = await commit(s, b"message a\r\n")
-    await s.remove(a.queue_id)
-    b = await commit(s, b"message b, reusing a's file\r\n")
-    assert s.recycled == 1
+    marker = uuid.uuid4().hex
+    data = f"Subject: {marker}\r\n\r\nbody {marker}\r\n".encode()
+    msg = await commit(s, data, rcpts=(f"{marker}@example.net",))
+    assert marker.encode() in tree_bytes(tmp_path)
+    msg.recipients[0].status = "delivered"
+    await s.save_state(msg)
+    await s.remove(msg.queue_id)
+    await commit(s, b"another\r\n")  # a later commit reuses nothing of the removed one
     await s.close()
-    # A crash that lost the journal entry of a's removal, but not b's bytes in the same inode.
-    shutil.copy(tmp_path / f"{b.queue_id}.msg", tmp_path / f"{a.queue_id}.msg")
-    again = make_spool(tmp_path)
-    recovered = await again.start()
+    assert marker.encode() not in tree_bytes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        p.name for p in tmp_path.glob("*.msg")]
+
+
+async def test_free_files_of_older_versions_are_deleted_at_start(tmp_path: Path) -> None:
+    (tmp_path / "free").mkdir()
+    (tmp_path / "free" / f"{new_queue_id()}.msg.free").write_bytes(b"MPS1 2\n{}old mail")
+    s = make_spool(tmp_path)
+    assert await s.start() == []
+    await s.close()
+    assert not (tmp_path / "free").exists()
+
+
+async def test_quarantined_files_are_purged_after_the_retention(tmp_path: Path) -> None:
+    metrics = RelayMetrics.create()
+    s = Spool(str(tmp_path), fsync=True, metrics=metrics, corrupt_retention=3600)
+    await s.start()
+    msg = await commit(s)
+    await s.close()
+    path = tmp_path / f"{msg.queue_id}.msg"
+    path.write_bytes(path.read_bytes()[:-3])
+    old = time.time() - 7200
+    os.utime(path, (old, old))  # the commit was long ago: the window starts at the quarantine
+
+    def sample(name: str) -> float:
+        value = metrics.registry.get_sample_value(name)
+        return 0.0 if value is None else value
+
+    again = Spool(str(tmp_path), fsync=True, metrics=metrics, corrupt_retention=3600)
+    assert await again.start() == []
+    quarantined = tmp_path / "corrupt" / path.name
+    assert quarantined.exists()
+    assert sample("mailplane_relay_spool_corrupt_files") == 1
+    assert again._purge_corrupt(now=time.time() + 3500) == 0
+    assert quarantined.exists()
+    assert again._purge_corrupt(now=time.time() + 3601) == 1
+    assert not quarantined.exists()
+    assert sample("mailplane_relay_spool_corrupt_files") == 0
+    assert sample("mailplane_relay_spool_corrupt_purged_total") == 1
     await again.close()
-    assert [m.queue_id for m in recovered] == [b.queue_id]
-    assert (tmp_path / "corrupt" / f"{a.queue_id}.msg").exists()
+
+
+async def test_the_purge_runs_by_itself_while_the_spool_is_open(tmp_path: Path) -> None:
+    (tmp_path / "corrupt").mkdir()
+    stale = tmp_path / "corrupt" / f"{new_queue_id()}.msg"
+    s = Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create(), corrupt_retention=1)
+    await s.start()
+    try:
+        stale.write_bytes(b"set aside after the start")
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not stale.exists()
+    finally:
+        await s.close()
 
 
 async def test_queue_ids_of_one_spool_follow_commit_order(spool: Spool) -> None:
