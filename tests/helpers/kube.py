@@ -7,9 +7,19 @@ every write, generation bumped on spec changes, generateName), 409 on a stale re
 no-op patches that write nothing, lists that carry a resourceVersion and watches that resume from
 it (no stale replays), and Namespaces (which kmock 0.8 cannot route). It also answers object
 requests without kmock's per-request filter matching and finds objects by key, which makes it
-~100x faster. Still not emulated (test them at the level of our code): label selectors (our
-client filters on its side), garbage collection through ownerReferences, PUT and server-side
-apply, schema validation, watches on Namespaces.
+~100x faster.
+
+The API server's own rules (``tests/helpers/kube_rules.py``) answer 422 as a real server does:
+object names (DNS-1035 labels for Services, DNS-1123 labels for Namespaces, DNS-1123 subdomains
+otherwise), label keys and values and annotation keys (on objects, pod templates and selectors),
+a StatefulSet's immutable spec (everything but replicas, template, updateStrategy, ordinals,
+revisionHistoryLimit, persistentVolumeClaimRetentionPolicy, minReadySeconds) and selector/template
+agreement, a Service's clusterIP, immutable Secrets. Merge-patch ``null`` removes a field. Lists
+and watches honour ``labelSelector`` (an object leaving a watch's selection is DELETED for it).
+Deleting an owner garbage-collects its dependents (ownerReferences), or with
+``propagationPolicy: Orphan`` keeps them and drops the reference. Still not emulated (test them at
+the level of our code): field selectors, PUT and server-side apply, OpenAPI schema validation,
+watches on Namespaces, controllers (no pods come from a StatefulSet).
 
 The emulator and the operator each run in their own thread with their own event loop, so tests
 are plain synchronous functions and pytest's loop is never involved::
@@ -60,6 +70,8 @@ from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 from mailplane_operator import kube as opkube
 from mailplane_operator.metrics import OperatorMetrics
 
+from . import kube_rules
+
 CRD_DIR = pathlib.Path(__file__).resolve().parents[2] / "crds"
 
 # Used when crds/ is not there yet: the same names the CRDs declare.
@@ -74,6 +86,30 @@ _CR_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "del
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check(resource: kmock.resource, obj: Mapping[str, Any], errors: list[str]) -> None:
+    """Answer 422 Invalid, as the API server does, when `errors` is not empty."""
+    if errors:
+        name = str((obj.get("metadata") or {}).get("name"))
+        kind = obj.get("kind") or resource.plural
+        raise KubernetesError(422, "Invalid", str(kube_rules.Invalid(str(kind), name, errors)))
+
+
+def _propagation(request: kmock.Request) -> str | None:
+    """DeleteOptions.propagationPolicy, from the query or the request body."""
+    body = request.data if isinstance(request.data, Mapping) else {}
+    return request.params.get("propagationPolicy") or body.get("propagationPolicy")
+
+
+def _selector(request: kmock.Request) -> list[tuple[str, str, frozenset[str]]] | None:
+    text = request.params.get("labelSelector")
+    if not text:
+        return None
+    try:
+        return kube_rules.parse_selector(text)
+    except ValueError as exc:
+        raise KubernetesError(400, "BadRequest", f"labelSelector: {exc}") from None
 
 
 _SERVE_BY_ACTION = {
@@ -145,6 +181,12 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         if raw_request.method == "POST" and name is None:
             body = await raw_request.json()
             meta = body.setdefault("metadata", {})
+            errors = kube_rules.object_errors("namespaces", body)
+            if errors:
+                invalid = kube_rules.Invalid("Namespace", str(meta.get("name")), errors)
+                return aiohttp.web.json_response(
+                    {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422,
+                     "reason": "Invalid", "message": str(invalid)}, status=422)
             meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
                         resourceVersion=self._next_version())
@@ -204,20 +246,40 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
     async def _serve_list(self, request: kmock.Request) -> Any:
         # A list carries the resourceVersion it reflects, so that a watch from there (below)
         # does not replay what the list already returned: kopf would process stale bodies.
+        selector = _selector(request)
         async with self._write_lock:
             version = self._last_version
             result = await super()._serve_list(request)
         result["metadata"]["resourceVersion"] = str(version)
+        if selector is not None:
+            result["items"] = [i for i in result["items"]
+                               if kube_rules.selector_matches(selector, i)]
         return result
 
     async def _serve_watch(self, request: kmock.Request) -> Any:
         since = request.params.get("resourceVersion", "")
         floor = int(since) if since.isdigit() else None
+        selector = _selector(request)
+        seen: set[tuple[str | None, str | None]] = set()
         async for item in super()._serve_watch(request):
             if floor is not None and isinstance(item, dict) and item.get("type") == "ADDED":
                 version = str(item["object"].get("metadata", {}).get("resourceVersion", ""))
                 if version.isdigit() and int(version) <= floor:
                     continue
+            if selector is not None and isinstance(item, dict) and "object" in item:
+                # As the API server's watch cache does: an object that leaves the selection
+                # is DELETED for this watch, one that enters it is ADDED.
+                meta = item["object"].get("metadata") or {}
+                key = (meta.get("namespace"), meta.get("name"))
+                matches = kube_rules.selector_matches(selector, item["object"])
+                if item.get("type") == "DELETED" or not matches:
+                    if key not in seen:
+                        continue
+                    seen.discard(key)
+                    item = {**item, "type": "DELETED"}
+                else:
+                    item = {**item, "type": "MODIFIED" if key in seen else "ADDED"}
+                    seen.add(key)
             yield item
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
@@ -228,6 +290,7 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             return await super()._handle(request)
         try:
             async with self._write_lock:
+                before = self._existing(request) if request.name else None
                 if action == kmock.action.CREATE:
                     self._prepare_create(request)
                 elif action == kmock.action.UPDATE:
@@ -238,6 +301,8 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
                     await self._prepare_delete(request)
                 response = await super()._handle(request)
                 self.writes += 1
+                if before is not None and self._existing(request) is None:
+                    await self._collect_garbage(before, orphan=_propagation(request) == "Orphan")
                 return response
         except KubernetesError as exc:
             return await self._render_error(exc)
@@ -263,12 +328,13 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             meta["name"] = prefix + secrets.token_hex(3)[:5]
         if request.namespace:
             meta["namespace"] = request.namespace
+        assert request.resource is not None
+        _check(request.resource, data, kube_rules.object_errors(request.resource.plural, data))
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
         meta["resourceVersion"] = self._next_version()
         meta["generation"] = 1
         meta.pop("deletionTimestamp", None)
-        assert request.resource is not None
         if self._has_status(request.resource):
             data.pop("status", None)
 
@@ -309,6 +375,9 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             raise KubernetesError(400, "BadRequest", "a patch is a JSON object or a JSON patch")
         if result == current:
             return current
+        plural = request.resource.plural
+        _check(request.resource, result, kube_rules.update_errors(plural, current, result)
+               + kube_rules.object_errors(plural, result))
         version = self._next_version()
         generation = int(meta.get("generation", 1))
         if result.get("spec") != current.get("spec"):
@@ -323,6 +392,40 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             stamp["resourceVersion"] = version
             stamp["generation"] = generation
         return None
+
+    async def _collect_garbage(self, owner: Mapping[str, Any], *, orphan: bool) -> None:
+        """What Kubernetes' garbage collector does once an owner is gone: delete its dependents
+        (background propagation), or with propagationPolicy=Orphan drop their owner reference
+        and keep them."""
+        uid = (owner.get("metadata") or {}).get("uid")
+        if not uid:
+            return
+        objects = self._objects._objects  # type: ignore[attr-defined]
+        for key, obj in list(objects.items()):
+            if obj.deleted:
+                continue
+            refs = (obj.raw.get("metadata") or {}).get("ownerReferences") or []
+            if not any(r.get("uid") == uid for r in refs):
+                continue
+            resource = key[0]
+            if orphan:
+                kept = [r for r in refs if r.get("uid") != uid]
+                obj.patch({"metadata": {"ownerReferences": kept or None,
+                                        "resourceVersion": self._next_version()}})
+                await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+                continue
+            meta = obj.raw.get("metadata") or {}
+            if meta.get("finalizers"):
+                if not meta.get("deletionTimestamp"):
+                    obj.patch({"metadata": {"deletionTimestamp": _now(),
+                                            "resourceVersion": self._next_version()}})
+                    await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+                continue
+            raw = obj.raw
+            obj.delete()
+            self.writes += 1
+            await self._buses[resource].put({"type": "DELETED", "object": raw})
+            await self._collect_garbage(raw, orphan=False)
 
     async def _prepare_delete(self, request: kmock.Request) -> None:
         current = self._existing(request)
