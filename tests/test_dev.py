@@ -208,7 +208,8 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
     assert dkim_record["value"] == domain_mod.dkim_txt_value(signing.pem)
     cred_status = yaml.safe_load(
         (state / "status" / "shop" / "smtpcredential-orders.yaml").read_text())["status"]
-    assert [(c["type"], c["status"]) for c in cred_status["conditions"]] == [("Ready", "True")]
+    assert [(c["type"], c["status"]) for c in cred_status["conditions"]] == [
+        ("Ready", "True"), ("LimitsCapped", "False")]
     every_status = "".join(p.read_text() for p in (state / "status").rglob("*.yaml"))
     assert secret["password"] not in every_status and "PRIVATE KEY" not in every_status
 

@@ -310,6 +310,16 @@ CEL_CASES = [
         {"key": "team", "operator": "In"}]}}, "In and NotIn need values"),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "allowedNamespaces": {"matchExpressions": [
         {"key": "team", "operator": "Exists"}]}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "limits": {
+        "defaultDailyQuota": 1001, "maxDailyQuota": 1000}},
+     "limits.defaultDailyQuota must not exceed limits.maxDailyQuota"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "limits": {
+        "defaultRatePerMinute": 60, "maxRatePerMinute": 60, "maxDailyQuota": 5}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "tenancy": {"suspensions": [
+        {"namespace": "shop", "reason": "unpaid"},
+        {"namespace": "web", "name": "app", "reason": "complaints"}]}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "tenancy": {"suspensions": [
+        {"namespace": "shop", "reason": "x\r\n250 OK"}]}}, "does not match"),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],
                         "rotation": {"interval": "2h"}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],

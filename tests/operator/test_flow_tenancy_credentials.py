@@ -80,3 +80,54 @@ def test_a_secret_the_credential_did_not_create_stays_untouched(
               and p.endswith(("/secrets/db-password", "/secrets/app-smtp"))]
     assert writes == []
     assert "tenant-a.app" in rendered_credentials(kube_api)
+
+
+def test_ceilings_cap_and_platform_suspensions_hold_whatever_the_tenant_writes(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _tenants(kube_api, limits={"maxRatePerMinute": 600, "maxDailyQuota": 20000,
+                               "defaultRatePerMinute": 60})
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "app", ["b.example"], namespace="tenant-b", ratePerMinute=1_000_000_000))
+    entry = kube_api.wait_until(lambda: rendered_credentials(kube_api).get("tenant-b.app"),
+                                what="tenant B's credential")
+    assert (entry["ratePerMinute"], entry["dailyQuota"]) == (600, 20000)
+    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                             lambda o: (o or {}).get("status", {}).get("effectiveRatePerMinute"))
+    assert (cred["status"]["effectiveRatePerMinute"], cred["status"]["effectiveDailyQuota"]) == (
+        600, 20000)
+    capped = next(c for c in cred["status"]["conditions"] if c["type"] == "LimitsCapped")
+    assert (capped["status"], capped["reason"]) == ("True", "LimitCapped")
+    kube_api.wait_until(lambda: any(e["reason"] == "LimitCapped" for e in
+                                    kube_api.events("tenant-b")), what="the LimitCapped event")
+    assert rendered_credentials(kube_api)["tenant-a.app"]["ratePerMinute"] == 60
+
+    # The platform suspends tenant B's credential; B clears its own suspension flag: no effect.
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"tenancy": {"suspensions": [
+        {"namespace": "tenant-b", "name": "app", "reason": "phishing reports"}]}}})
+    entry = kube_api.wait_until(
+        lambda: (rendered_credentials(kube_api).get("tenant-b.app") or {}).get("suspended")
+        and rendered_credentials(kube_api)["tenant-b.app"], what="the platform suspension")
+    assert entry["suspendedReason"] == "phishing reports"
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app", {"spec": {"suspended": False}})
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                   {"spec": {"suspended": True, "suspendedReason": "ours"}})
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                   {"spec": {"suspended": None, "suspendedReason": None}})
+    cred = kube_api.wait_for(
+        k.SMTP_CREDENTIALS, "tenant-b", "app",
+        lambda o: _ready(o).get("reason") == "SuspendedByPlatform"
+        and _ready(o).get("observedGeneration") == (o or {})["metadata"]["generation"])
+    assert "phishing reports" in _ready(cred)["message"]
+    assert cred["status"]["suspendedBy"] == "Platform"
+    entry = rendered_credentials(kube_api)["tenant-b.app"]
+    assert (entry["suspended"], entry["suspendedReason"]) == (True, "phishing reports")
+    assert not rendered_credentials(kube_api)["tenant-a.app"].get("suspended")
+
+    # Only the platform lifts it.
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"tenancy": {"suspensions": []}}})
+    kube_api.wait_until(
+        lambda: not (rendered_credentials(kube_api).get("tenant-b.app") or {}).get("suspended"),
+        what="the lifted suspension")
+    kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                      lambda o: _ready(o).get("reason") == "CredentialReady"
+                      and "suspendedBy" not in (o or {}).get("status", {}))

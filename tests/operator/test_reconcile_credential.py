@@ -93,7 +93,7 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
     assert new != old
     assert rotated.next_check == at + timedelta(hours=2)  # the end of the overlap
     assert rotated.state is not None
-    entry = cm.credential_entry(cred, rotated.state, at)
+    entry = cm.credential_entry(cred, rotated.state, at, relay())
     relay_side = Credential.model_validate(entry)
     assert relay_side.check_password(new, at)
     assert relay_side.check_password(old, at + timedelta(hours=1, minutes=59))
@@ -106,7 +106,7 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
     assert later.secret is not None and not later.rotated
     assert cm.ANN_PREVIOUS_HASH not in later.secret["metadata"]["annotations"]
     assert later.state is not None
-    assert "previousPasswordHash" not in cm.credential_entry(cred, later.state, at)
+    assert "previousPasswordHash" not in cm.credential_entry(cred, later.state, at, relay())
 
 
 def test_on_demand_rotation_runs_once_per_token() -> None:
@@ -181,7 +181,7 @@ def test_suspended_credentials_are_rendered_but_not_ready() -> None:
     assert ready is not None
     assert (ready["status"], ready["reason"]) == ("False", "Suspended")
     assert result.admission.allowed and result.state is not None
-    entry = cm.credential_entry(cred, result.state, NOW)
+    entry = cm.credential_entry(cred, result.state, NOW, relay())
     assert entry["suspended"] is True and entry["suspendedReason"] == "bounce rate above 5%"
 
 
@@ -189,7 +189,7 @@ def test_limits_reach_the_relay_entry() -> None:
     cred = credential(ratePerMinute=30, dailyQuota=1000)
     result = reconcile(cred)
     assert result.state is not None
-    entry = cm.credential_entry(cred, result.state, NOW)
+    entry = cm.credential_entry(cred, result.state, NOW, relay())
     assert (entry["ratePerMinute"], entry["dailyQuota"]) == (30, 1000)
     assert entry["owner"] == "mail/app"
     assert "password" not in entry
@@ -259,3 +259,70 @@ def test_a_secret_the_credential_did_not_create_is_neither_written_nor_read() ->
     # The same name and namespace but a new object (new uid) does not inherit it.
     again = credential(secretName="shared")
     assert reconcile(again, own.secret).admission.reason == cm.REASON_SECRET_CONFLICT
+
+
+def test_the_relay_ceilings_cap_what_a_credential_asks_for() -> None:
+    r = relay(limits={"maxRatePerMinute": 600, "maxDailyQuota": 10000,
+                      "defaultRatePerMinute": 60})
+    greedy = credential(ratePerMinute=1_000_000_000, dailyQuota=10**9)
+    result = reconcile(greedy, r=r)
+    assert result.state is not None and result.admission.allowed
+    entry = cm.credential_entry(greedy, result.state, NOW, r)
+    assert (entry["ratePerMinute"], entry["dailyQuota"]) == (600, 10000)
+    assert (result.status["effectiveRatePerMinute"], result.status["effectiveDailyQuota"]) == (
+        600, 10000)
+    capped = get_condition(result.status["conditions"], cm.LIMITS_CAPPED)
+    assert capped is not None and (capped["status"], capped["reason"]) == ("True", "LimitCapped")
+    assert "spec.ratePerMinute 1000000000 is above the ceiling" in capped["message"]
+    assert "maxDailyQuota 10000" in capped["message"]
+    assert ("Warning", "LimitCapped") in [(e.type, e.reason) for e in result.events]
+    ready = get_condition(result.status["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True"  # capped, still sending
+    # Seen again with that status: no second Event for the same cap.
+    again = credential(ratePerMinute=1_000_000_000, dailyQuota=10**9, uid=greedy.meta.uid,
+                       status=result.status)
+    assert "LimitCapped" not in [e.reason for e in reconcile(again, result.secret, r=r).events]
+
+    modest = credential(ratePerMinute=30)
+    result = reconcile(modest, r=r)
+    assert result.state is not None
+    entry = cm.credential_entry(modest, result.state, NOW, r)
+    # Asking less is fine; asking nothing gets the default, and the ceiling when no default.
+    assert (entry["ratePerMinute"], entry["dailyQuota"]) == (30, 10000)
+    capped = get_condition(result.status["conditions"], cm.LIMITS_CAPPED)
+    assert capped is not None and (capped["status"], capped["reason"]) == (
+        "False", "WithinLimits")
+    assert cm.effective_limits(credential(), r) == cm.EffectiveLimits(60, 10000)
+    # No ceiling: what the credential asks for, and the relay's default otherwise.
+    assert cm.effective_limits(greedy, relay()) == cm.EffectiveLimits(1_000_000_000, 10**9)
+    assert cm.effective_limits(credential(), relay(limits={"defaultDailyQuota": 5})) == (
+        cm.EffectiveLimits(None, 5))
+
+
+def test_a_platform_suspension_cannot_be_lifted_by_the_tenant() -> None:
+    r = relay(tenancy={"suspensions": [
+        {"namespace": "mail", "name": "app", "reason": "complaint rate above 0.3%"},
+        {"namespace": "shop", "reason": "unpaid invoice"}]})
+    for spec in ({}, {"suspended": True, "suspendedReason": "my own pause"}):
+        cred = credential(**spec)
+        result = reconcile(cred, r=r)
+        ready = get_condition(result.status["conditions"], "Ready")
+        assert ready is not None
+        assert (ready["status"], ready["reason"]) == ("False", "SuspendedByPlatform")
+        assert "complaint rate above 0.3%" in ready["message"]
+        assert result.status["suspendedBy"] == "Platform"
+        assert result.state is not None
+        entry = cm.credential_entry(cred, result.state, NOW, r)
+        assert (entry["suspended"], entry["suspendedReason"]) == (
+            True, "complaint rate above 0.3%")
+        assert cm.rendered_ready_reason(cred, r) == "SuspendedByPlatform"
+    # A whole namespace; another credential of "mail" and other namespaces are not affected.
+    whole = credential("web", "shop", relay_namespace="mail")
+    assert cm.platform_suspension(whole, r) == "unpaid invoice"
+    assert cm.platform_suspension(credential("other"), r) is None
+    assert cm.platform_suspension(credential("app", "elsewhere"), r) is None
+    # The tenant's own suspension still works on its own.
+    own = credential(suspended=True, suspendedReason="paused")
+    result = reconcile(own)
+    assert result.status["suspendedBy"] == "Tenant"
+    assert cm.rendered_ready_reason(own, relay()) == "Suspended"

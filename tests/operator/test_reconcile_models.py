@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mailplane_operator.reconcile import models
-from tests.operator.reconcile_builders import body
+from mailplane_operator.reconcile.models import SpecError
+from tests.operator.reconcile_builders import body, credential, relay
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -66,3 +67,15 @@ def test_secret_name_and_relay_namespace_defaults() -> None:
     assert cred.secret_name == "app-smtp"
     assert cred.relay_namespace == "shop"
     assert cred.spec.allowed_senders == ("orders@example.com",)
+
+
+def test_ceilings_and_platform_suspensions_are_validated() -> None:
+    with pytest.raises(SpecError, match=r"defaultRatePerMinute must not exceed "
+                                        r"limits\.maxRatePerMinute"):
+        relay(limits={"defaultRatePerMinute": 100, "maxRatePerMinute": 10})
+    with pytest.raises(SpecError, match=r"spec.tenancy.suspensions.0.reason"):
+        relay(tenancy={"suspensions": [{"namespace": "shop", "reason": "a\r\n250 OK"}]})
+    with pytest.raises(SpecError, match=r"spec.suspendedReason"):
+        credential(suspended=True, suspendedReason="x\n250 fine")
+    r = relay(tenancy={"suspensions": [{"namespace": "shop", "reason": "spam"}]})
+    assert r.spec.tenancy.suspensions[0].applies_to("shop", "anything")

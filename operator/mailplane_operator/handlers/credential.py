@@ -11,7 +11,7 @@ import kopf
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
 from ..reconcile.conditions import Event
-from ..reconcile.models import SmtpCredential, SpecError, parse_smtp_credential
+from ..reconcile.models import SpecError, parse_smtp_credential
 from ..reconcile.render import attached_domains
 from ..runtime import Body, Runtime
 from .common import (
@@ -26,10 +26,10 @@ from .common import (
 )
 
 
-def _credential_state(result: cred_mod.CredentialResult, cred: SmtpCredential) -> str:
+def _credential_state(result: cred_mod.CredentialResult) -> str:
     if not result.admission.allowed:
         return "invalid"
-    return "suspended" if cred.spec.suspended else "active"
+    return "suspended" if result.status.get("suspendedBy") else "active"
 
 
 async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
@@ -77,7 +77,7 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             post_events(body, result.events)
             rt.credential_next_check[key] = result.next_check
             rt.metrics.credential(
-                cred.meta.namespace, cred.meta.name, state=_credential_state(result, cred),
+                cred.meta.namespace, cred.meta.name, state=_credential_state(result),
                 rotated_at=result.state.rotated_at.timestamp() if result.state else None,
                 interval=cred.spec.rotation.interval)
     if written or poke:

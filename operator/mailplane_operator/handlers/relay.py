@@ -22,8 +22,11 @@ from ..reconcile import relay as relay_mod
 from ..reconcile.conditions import READY, Event, get_condition
 from ..reconcile.models import (
     RetentionPolicy,
+    SmtpCredential,
+    SmtpRelay,
     SpecError,
     parse_retention_policy,
+    parse_smtp_credential,
     parse_smtp_relay,
 )
 from ..reconcile.render import REASON_DELETING, RenderError, RenderResult, render_relay_config
@@ -114,11 +117,11 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 f"configuration {result.config_hash}: {len(result.domains)} domains, "
                 f"{len(result.credentials)} credentials in {len(result.secrets)} Secret(s)")])
         await retention.refresh_statuses(rt, namespace, indexes, now)
-        _recheck_stale_credentials(rt, result, indexes["credentials_idx"].get(key, ()))
+        _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         return result
 
 
-def _recheck_stale_credentials(rt: Runtime, result: RenderResult,
+def _recheck_stale_credentials(rt: Runtime, relay: SmtpRelay, result: RenderResult,
                                bodies: Iterable[Body]) -> None:
     """A credential whose Ready reason disagrees with this render (its relay or a domain
     appeared since, its Secret went missing) is reconciled again by its next timer tick."""
@@ -126,8 +129,10 @@ def _recheck_stale_credentials(rt: Runtime, result: RenderResult,
     for body in bodies:
         key = key_of(body)
         if key in rendered:
-            suspended = bool((body.get("spec") or {}).get("suspended"))
-            expected = cred_mod.REASON_SUSPENDED if suspended else cred_mod.REASON_READY
+            creds: list[SmtpCredential] = parse_all(parse_smtp_credential, [body], rt.parsed)
+            if not creds:
+                continue
+            expected = cred_mod.rendered_ready_reason(creds[0], relay)
         else:
             exclusion = result.exclusion("SmtpCredential", key)
             if exclusion is None or exclusion.reason == REASON_DELETING:
@@ -197,6 +202,10 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         rt.poke(key)
         for body in kwargs["domains_idx"].get(key, ()):
             rt.wake_domain(key_of(body))
+        # Ceilings and platform suspensions show in each credential's status: their timers
+        # reconcile them at the next tick.
+        for body in kwargs["credentials_idx"].get(key, ()):
+            rt.credential_next_check.pop(key_of(body), None)
 
     @kopf.on.event(*resource, id="relay_event", registry=registry)
     async def relay_event(**kwargs: Any) -> None:

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from mailplane_relay.config import hash_password, verify_password
 
-from .conditions import READY, Event, format_time, parse_time, set_condition
+from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
 from .models import SmtpCredential, SmtpRelay, owner_reference
 
 ANN_PASSWORD_HASH = "mailplane.io/password-hash"  # noqa: S105 - an annotation key
@@ -53,6 +53,15 @@ REASON_RELAY_NOT_FOUND = "RelayNotFound"
 REASON_NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
 REASON_SENDER_NOT_ATTACHED = "SenderDomainNotAttached"
 REASON_SECRET_CONFLICT = "SecretConflict"  # noqa: S105 - a condition reason
+REASON_SUSPENDED_BY_PLATFORM = "SuspendedByPlatform"
+
+# The LimitsCapped condition: True when the SmtpRelay's ceilings lowered what was asked for.
+LIMITS_CAPPED = "LimitsCapped"
+REASON_LIMIT_CAPPED = "LimitCapped"
+REASON_WITHIN_LIMITS = "WithinLimits"
+
+SUSPENDED_BY_PLATFORM = "Platform"
+SUSPENDED_BY_TENANT = "Tenant"
 
 # Rotation causes (also the reason of the Event).
 ROTATION_INITIAL = "PasswordGenerated"
@@ -293,6 +302,67 @@ def namespace_allowed(relay: SmtpRelay, namespace: str,
     return selector.matches(labels)
 
 
+@dataclass(frozen=True)
+class EffectiveLimits:
+    """What the relay enforces for one credential; None: no limit."""
+
+    rate_per_minute: int | None
+    daily_quota: int | None
+    capped: tuple[str, ...] = ()
+    """One sentence per value lowered to the relay's ceiling."""
+
+
+def effective_limits(cred: SmtpCredential, relay: SmtpRelay) -> EffectiveLimits:
+    """min(what the credential asks for, or the relay's default; the relay's ceiling)."""
+    limits = relay.spec.limits
+    capped: list[str] = []
+
+    def one(field: str, requested: int | None, default: int | None, ceiling: int | None,
+            ceiling_field: str) -> int | None:
+        wanted = requested if requested is not None else default
+        if ceiling is None or (wanted is not None and wanted <= ceiling):
+            return wanted
+        if requested is not None:
+            capped.append(f"spec.{field} {requested} is above the ceiling of SmtpRelay "
+                          f"{relay.meta.key} (spec.limits.{ceiling_field} {ceiling}): "
+                          f"{ceiling} applies")
+        return ceiling
+
+    rate = one("ratePerMinute", cred.spec.rate_per_minute, limits.default_rate_per_minute,
+               limits.max_rate_per_minute, "maxRatePerMinute")
+    quota = one("dailyQuota", cred.spec.daily_quota, limits.default_daily_quota,
+                limits.max_daily_quota, "maxDailyQuota")
+    return EffectiveLimits(rate, quota, tuple(capped))
+
+
+def platform_suspension(cred: SmtpCredential, relay: SmtpRelay) -> str | None:
+    """The reason of the SmtpRelay's suspension of this credential (by name first, then of its
+    whole namespace), or None."""
+    matching = [s for s in relay.spec.tenancy.suspensions
+                if s.applies_to(cred.meta.namespace, cred.meta.name)]
+    matching.sort(key=lambda s: s.name is None)
+    return matching[0].reason if matching else None
+
+
+def suspension(cred: SmtpCredential, relay: SmtpRelay | None) -> tuple[str, str] | None:
+    """(who, reason) when the credential is suspended: the platform's suspension wins over the
+    tenant's own ``spec.suspended``, which can add a suspension but never lift one."""
+    reason = platform_suspension(cred, relay) if relay is not None else None
+    if reason is not None:
+        return SUSPENDED_BY_PLATFORM, reason
+    if cred.spec.suspended:
+        return SUSPENDED_BY_TENANT, cred.spec.suspended_reason or "suspended by its owner"
+    return None
+
+
+def rendered_ready_reason(cred: SmtpCredential, relay: SmtpRelay | None) -> str:
+    """The Ready reason of a credential the relay accepts."""
+    who = suspension(cred, relay)
+    if who is None:
+        return REASON_READY
+    return REASON_SUSPENDED_BY_PLATFORM if who[0] == SUSPENDED_BY_PLATFORM else REASON_SUSPENDED
+
+
 def _b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
 
@@ -340,8 +410,8 @@ def secret_manifest(cred: SmtpCredential, state: CredentialState, endpoint: Endp
     }
 
 
-def credential_entry(cred: SmtpCredential, state: CredentialState,
-                     now: datetime) -> dict[str, Any]:
+def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime,
+                     relay: SmtpRelay) -> dict[str, Any]:
     """The relay configuration entry (a ``RelayCredentials`` item): hashes, never the password."""
     state = expire_previous(state, now)
     entry: dict[str, Any] = {
@@ -353,13 +423,18 @@ def credential_entry(cred: SmtpCredential, state: CredentialState,
     if state.previous_hash and state.previous_expires:
         entry["previousPasswordHash"] = state.previous_hash
         entry["previousExpires"] = format_time(state.previous_expires)
-    if cred.spec.rate_per_minute is not None:
-        entry["ratePerMinute"] = cred.spec.rate_per_minute
-    if cred.spec.daily_quota is not None:
-        entry["dailyQuota"] = cred.spec.daily_quota
-    if cred.spec.suspended:
+    # The effective values: the relay's own default would apply to an absent one, but not
+    # the ceiling, so a ceiling makes every value explicit.
+    limits = effective_limits(cred, relay)
+    ceilings = relay.spec.limits
+    if cred.spec.rate_per_minute is not None or ceilings.max_rate_per_minute is not None:
+        entry["ratePerMinute"] = limits.rate_per_minute
+    if cred.spec.daily_quota is not None or ceilings.max_daily_quota is not None:
+        entry["dailyQuota"] = limits.daily_quota
+    suspended = suspension(cred, relay)
+    if suspended is not None:
         entry["suspended"] = True
-        entry["suspendedReason"] = cred.spec.suspended_reason or "suspended by the platform team"
+        entry["suspendedReason"] = suspended[1]
     return entry
 
 
@@ -410,9 +485,15 @@ def reconcile_credential(
         assert state is not None
         state = expire_previous(state, now)
         secret = secret_manifest(cred, state, endpoint or relay_endpoint(relay))
-    status = credential_status(cred, admission, state, now)
+    status = credential_status(cred, admission, state, now, relay)
     if not admission.allowed:
         events.append(Event("Warning", admission.reason, admission.message))
+    capped = get_condition(status["conditions"], LIMITS_CAPPED)
+    before = get_condition(cred.status.get("conditions"), LIMITS_CAPPED)
+    if capped is not None and capped["status"] == "True" and (
+            before is None or before.get("status") != "True"
+            or before.get("message") != capped["message"]):
+        events.append(Event("Warning", REASON_LIMIT_CAPPED, capped["message"]))
     return CredentialResult(secret, state, status, events, admission, rotated,
                             next_check(cred, state))
 
@@ -439,24 +520,39 @@ def next_check(cred: SmtpCredential, state: CredentialState | None) -> datetime 
 
 
 def credential_status(cred: SmtpCredential, admission: Admission,
-                      state: CredentialState | None, now: datetime) -> dict[str, Any]:
-    """The status patch. Holds no secret value: times, names and the condition only."""
-    if admission.allowed and cred.spec.suspended:
-        ready: tuple[bool, str, str] = (
-            False, REASON_SUSPENDED,
-            "suspended: " + (cred.spec.suspended_reason or "by the platform team"),
-        )
-    else:
-        ready = (admission.allowed, admission.reason, admission.message)
-    conditions = set_condition(cred.status.get("conditions"), READY, ready[0], ready[1],
-                               ready[2], cred.meta.generation, now)
+                      state: CredentialState | None, now: datetime,
+                      relay: SmtpRelay | None = None) -> dict[str, Any]:
+    """The status patch. Holds no secret value: times, names, limits and conditions only."""
+    suspended = suspension(cred, relay)
+    ready: tuple[bool, str, str] = (admission.allowed, admission.reason, admission.message)
+    if admission.allowed and suspended is not None and suspended[0] == SUSPENDED_BY_PLATFORM:
+        assert relay is not None
+        ready = (False, REASON_SUSPENDED_BY_PLATFORM,
+                 f"suspended by the platform (SmtpRelay {relay.meta.key} "
+                 f"spec.tenancy.suspensions): {suspended[1]}")
+    elif admission.allowed and suspended is not None:
+        ready = (False, REASON_SUSPENDED, "suspended: " + suspended[1])
+    generation = cred.meta.generation
+    conditions = set_condition(cred.status.get("conditions"), READY, *ready, generation, now)
     status: dict[str, Any] = {
-        "observedGeneration": cred.meta.generation,
+        "observedGeneration": generation,
         "conditions": conditions,
         "username": username_for(cred),
         "secretName": cred.secret_name,
         "relay": f"{cred.relay_namespace}/{cred.spec.relay_ref.name}",
+        "suspendedBy": suspended[0] if suspended else None,
     }
+    if relay is not None:
+        limits = effective_limits(cred, relay)
+        status["effectiveRatePerMinute"] = limits.rate_per_minute
+        status["effectiveDailyQuota"] = limits.daily_quota
+        if limits.capped:
+            capped = (True, REASON_LIMIT_CAPPED, "; ".join(limits.capped))
+        else:
+            capped = (False, REASON_WITHIN_LIMITS, "the limits asked for are within the "
+                      f"ceilings of SmtpRelay {relay.meta.key}")
+        status["conditions"] = set_condition(status["conditions"], LIMITS_CAPPED, *capped,
+                                             generation, now)
     if state is not None:
         status["lastRotationTime"] = format_time(state.rotated_at)
         nxt = (state.rotated_at + timedelta(seconds=cred.spec.rotation.interval)

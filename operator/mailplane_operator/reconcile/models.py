@@ -242,6 +242,22 @@ class LimitsSpec(_Spec):
     max_recipients: int = Field(100, alias="maxRecipients", ge=1, le=10000)
     default_rate_per_minute: int | None = Field(None, alias="defaultRatePerMinute", ge=1)
     default_daily_quota: int | None = Field(None, alias="defaultDailyQuota", ge=1)
+    max_rate_per_minute: int | None = Field(None, alias="maxRatePerMinute", ge=1)
+    """Ceiling of any one credential's rate: a credential may ask for less, never more."""
+    max_daily_quota: int | None = Field(None, alias="maxDailyQuota", ge=1)
+    """Ceiling of any one credential's daily quota."""
+
+    @model_validator(mode="after")
+    def _defaults_under_ceilings(self) -> LimitsSpec:
+        for default, ceiling, names in (
+            (self.default_rate_per_minute, self.max_rate_per_minute,
+             ("defaultRatePerMinute", "maxRatePerMinute")),
+            (self.default_daily_quota, self.max_daily_quota,
+             ("defaultDailyQuota", "maxDailyQuota")),
+        ):
+            if default is not None and ceiling is not None and default > ceiling:
+                raise ValueError(f"limits.{names[0]} must not exceed limits.{names[1]}")
+        return self
 
 
 class ServiceMonitorSpec(_Spec):
@@ -252,6 +268,28 @@ class ServiceMonitorSpec(_Spec):
 
 class MonitoringSpec(_Spec):
     service_monitor: ServiceMonitorSpec = Field(ServiceMonitorSpec(), alias="serviceMonitor")
+
+
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+"""One line of text: a reason shown in an SMTP reply must not hold CR, LF or other controls."""
+
+
+class PlatformSuspension(_Spec):
+    """A suspension decided by the platform: one credential, or every credential of a
+    namespace when ``name`` is absent. Tenants cannot write the SmtpRelay, so cannot lift it."""
+
+    namespace: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63)
+    name: str | None = Field(None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    reason: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL_PATTERN)
+
+    def applies_to(self, namespace: str, name: str) -> bool:
+        return self.namespace == namespace and self.name in (None, name)
+
+
+class TenancySpec(_Spec):
+    """What the platform (the relay's namespace) decides for the tenants of this relay."""
+
+    suspensions: tuple[PlatformSuspension, ...] = Field((), max_length=1000)
 
 
 class SmtpRelaySpec(_Spec):
@@ -271,6 +309,7 @@ class SmtpRelaySpec(_Spec):
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     resources: dict[str, Any] | None = None
     monitoring: MonitoringSpec = MonitoringSpec()
+    tenancy: TenancySpec = TenancySpec()
 
     _d = _durations("shutdown_grace")
 
@@ -366,7 +405,8 @@ class SmtpCredentialSpec(_Spec):
     rate_per_minute: int | None = Field(None, alias="ratePerMinute", ge=1)
     daily_quota: int | None = Field(None, alias="dailyQuota", ge=1)
     suspended: bool = False
-    suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
+    suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200,
+                                         pattern=NO_CONTROL_PATTERN)
     secret_name: str | None = Field(None, alias="secretName", pattern=DNS_SUBDOMAIN_PATTERN,
                                     max_length=253)
     rotation: RotationSpec = RotationSpec()

@@ -391,7 +391,8 @@ def render_relay_config(
             excluded.append(Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
                                       f"Secret {cred.secret_name} holds no password yet"))
             continue
-        cred_entries.append((KIND_CREDENTIALS, cred_mod.credential_entry(cred, state, now)))
+        cred_entries.append((KIND_CREDENTIALS,
+                             cred_mod.credential_entry(cred, state, now, relay)))
         rendered_creds.append(key)
 
     settings = settings_spec(relay, retention, paths)
