@@ -18,6 +18,7 @@ import yaml
 from yamllint import linter  # type: ignore[import-untyped]
 from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
 
+from tests.helpers.netpol import Pod, ingress_allowed
 from tests.helpers.scrape import scrape_targets
 
 from .conftest import (
@@ -235,20 +236,22 @@ def test_monitoring_objects(render: Any) -> None:
     assert json.loads(dashboard["data"]["mailplane.json"]) == json.loads(
         (ROOT / "monitoring" / "dashboard.json").read_text())
 
-    policies = {p["metadata"]["name"]: p for p in rendered.of_kind("NetworkPolicy")}
-    relay = policies["mailplane-relay"]["spec"]
-    assert relay["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mailplane-relay"}
-    smtp, metrics = relay["ingress"]
-    assert [p["port"] for p in smtp["ports"]] == [1587, 1465]
-    assert smtp["from"] == [{"namespaceSelector": {"matchExpressions": [
-        {"key": "mailplane.io/smtp-access", "operator": "In", "values": ["true"]}]}}]
+    [policy] = rendered.of_kind("NetworkPolicy")
+    assert policy["metadata"]["name"] == "mailplane-operator"
+    [metrics] = policy["spec"]["ingress"]
     assert [p["port"] for p in metrics["ports"]] == [8080]
+    assert metrics["from"] == [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In",
+         "values": ["monitoring", "observability"]}]}}]
 
 
-def test_monitoring_is_opt_in(default_render: Rendered) -> None:
+def test_monitoring_is_opt_in_and_network_policies_are_on(default_render: Rendered) -> None:
     assert default_render.of_kind("ServiceMonitor") == []
     assert default_render.of_kind("PrometheusRule") == []
-    assert default_render.of_kind("NetworkPolicy") == []
+    [policy] = default_render.of_kind("NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    assert render_install({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
 
 
 def test_default_resources_render_valid_against_their_crds() -> None:
@@ -310,3 +313,47 @@ def test_every_pod_of_the_release_is_scraped_exactly_once() -> None:
     submission = next(c for c in children if c["kind"] == "Service"
                       and c["metadata"]["name"] == "main")
     assert [p["port"] for p in submission["spec"]["ports"]] == [587, 465]
+
+
+def _reachable(policies: list[dict[str, Any]], source: Pod, dest: Pod) -> set[int]:
+    return {port for port in (1587, 1465, 8080, 8081, 9999)
+            if ingress_allowed(policies, source, dest, port)}
+
+
+def _pod(workload: dict[str, Any]) -> Pod:
+    template = workload["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    return Pod(workload["metadata"]["namespace"], template["metadata"]["labels"], ports=ports)
+
+
+def test_the_release_is_fenced_by_default() -> None:
+    """Chart defaults plus the default pool: tenants reach SMTP only, the monitoring namespace
+    reaches the metrics ports only, anybody else nothing."""
+    rendered = render_upgrade(load_values(RESOURCES_VALUES))
+    children = default_pool_children(rendered)
+    objects = [*rendered.objects, *children]
+    relay = _pod(next(c for c in children if c["kind"] == "StatefulSet"))
+    operator = _pod(rendered.of_kind("Deployment")[0])
+    tenant = Pod("shop", {"app": "orders"}, {"mailplane.io/smtp-access": "true"})
+    stranger = Pod("team-b", {"app": "orders"})
+    prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    assert _reachable(objects, tenant, relay) == {1587, 1465}
+    assert _reachable(objects, stranger, relay) == set()
+    assert _reachable(objects, prometheus, relay) == {8080}
+    assert _reachable(objects, prometheus, operator) == {8080}
+    assert _reachable(objects, tenant, operator) == set()
+
+
+def test_network_policy_values_reach_the_default_pool() -> None:
+    values = load_values(RESOURCES_VALUES)
+    off = render_upgrade({**values, "networkPolicy": {"enabled": False}})
+    assert off.of_kind("NetworkPolicy") == []
+    [relay] = off.of_kind("SmtpRelay")
+    assert relay["spec"]["networkPolicy"]["enabled"] is False
+    assert not [c for c in default_pool_children(off) if c["kind"] == "NetworkPolicy"]
+    # The pool's own spec wins over the chart's values.
+    values["defaultRelay"]["spec"]["networkPolicy"] = {
+        "metricsNamespaceSelector": {"matchLabels": {"obs": "yes"}}}
+    [relay] = render_upgrade(values).of_kind("SmtpRelay")
+    assert relay["spec"]["networkPolicy"] == {
+        "enabled": True, "metricsNamespaceSelector": {"matchLabels": {"obs": "yes"}}}

@@ -34,7 +34,7 @@ def schema_error(values: dict[str, Any]) -> str:
         ({"sendingDomains": [{"name": "example-com"}]}, "missing property 'spec'"),
         ({"monitoring": {"serviceMonitor": {"interval": "often"}}},
          "/monitoring/serviceMonitor/interval"),
-        ({"networkPolicy": {"clientNamespaceSelector": {"matchLabel": {}}}},
+        ({"networkPolicy": {"metricsNamespaceSelector": {"matchLabel": {}}}},
          "additional properties 'matchLabel' not allowed"),
     ],
 )
@@ -85,7 +85,7 @@ def leaf_paths(node: Any, prefix: str = "") -> list[str]:
             # Free-form maps and CR specs are documented as a whole.
             if key in ("spec", "labels", "annotations", "podAnnotations", "podLabels",
                        "nodeSelector", "affinity", "resources", "requests", "limits",
-                       "matchLabels", "clientNamespaceSelector", "metricsNamespaceSelector"):
+                       "matchLabels", "metricsNamespaceSelector"):
                 out.append(path)
             else:
                 out.extend(leaf_paths(child, path))

@@ -19,6 +19,7 @@ from tests.helpers.kube import (
     rendered_config,
     rendered_credentials,
     retention_body,
+    serve_service_monitors,
 )
 
 
@@ -59,7 +60,7 @@ def test_relay_renders_children_config_and_status(kube_api: KubeApi,
     # Every child is owned by the relay, so that deleting it deletes them (GC is the cluster's).
     for resource, name in ((k.STATEFULSETS, "main"), (k.SERVICES, "main"),
                            (k.SERVICES, "main-headless"), (k.SERVICES, "main-metrics"),
-                           (k.PDBS, "main"),
+                           (k.PDBS, "main"), (k.NETWORK_POLICIES, "main"),
                            (k.SECRETS, "main-config-0")):
         child = kube_api.get(resource, "mail", name)
         assert child is not None, (resource.plural, name)
@@ -215,3 +216,30 @@ def test_an_invalid_spec_says_so_and_keeps_the_rest_of_the_status(
     assert relay["status"]["configHash"] == config_hash  # not wiped by the condition update
     ready = next(c for c in relay["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "shutdownGrace" in ready["message"]
+
+
+def test_children_the_spec_turns_off_are_deleted_but_never_a_foreign_one(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator]) -> None:
+    serve_service_monitors(kube_api.emulator)
+    operator_factory()
+    _setup(kube_api)
+    kube_api.wait_for(k.NETWORK_POLICIES, "mail", "main")
+    kube_api.wait_for(k.SERVICE_MONITORS, "mail", "main")
+    # The platform fences the relay itself: the operator's policy goes.
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {
+        "networkPolicy": {"enabled": False},
+        "monitoring": {"serviceMonitor": {"enabled": False}}}})
+    kube_api.wait_for(k.NETWORK_POLICIES, "mail", "main", lambda o: o is None)
+    kube_api.wait_for(k.SERVICE_MONITORS, "mail", "main", lambda o: o is None)
+
+    # A NetworkPolicy of the same name that the relay does not own is the platform's own:
+    # left alone, whatever the relay's spec says.
+    kube_api.create(k.NETWORK_POLICIES, {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "main", "namespace": "mail"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}})
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"replicas": 3}})
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main", lambda o: o and o["spec"]["replicas"] == 3)
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o and o.get(
+        "status", {}).get("observedGeneration") == 3)
+    assert kube_api.get(k.NETWORK_POLICIES, "mail", "main") is not None

@@ -12,6 +12,7 @@ import pytest
 from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile import render
 from mailplane_operator.reconcile.conditions import get_condition
+from tests.helpers.netpol import Pod, ingress_allowed
 from tests.helpers.scrape import scrape_targets
 from tests.operator.reconcile_builders import NOW, credential, relay
 
@@ -29,8 +30,9 @@ def test_every_child_is_owned_labelled_and_valid_kubernetes() -> None:
     r = relay(replicas=3)
     children = relay_mod.relay_children(r, service_monitor_available=True, config_hash="abc")
     kinds = sorted(by_kind(children))
-    assert kinds == ["PodDisruptionBudget", "Service", "Service/headless", "Service/metrics",
-                     "ServiceMonitor", "StatefulSet"]
+    assert kinds == ["NetworkPolicy", "PodDisruptionBudget", "Service", "Service/headless",
+                     "Service/metrics", "ServiceMonitor", "StatefulSet"]
+    assert children[0]["kind"] == "NetworkPolicy"  # applied before any pod can run
     for child in children:
         md = child["metadata"]
         assert md["namespace"] == "mail"
@@ -206,3 +208,69 @@ def test_relay_pods_run_under_the_named_service_account_without_a_token() -> Non
     pod = sts["StatefulSet"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "mailplane-relay"
     assert pod["automountServiceAccountToken"] is False
+
+
+def _relay_pod(children: list[dict[str, Any]]) -> Pod:
+    sts = by_kind(children)["StatefulSet"]
+    template = sts["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    return Pod(sts["metadata"]["namespace"], template["metadata"]["labels"], ports=ports)
+
+
+def _reachable(children: list[dict[str, Any]], source: Pod) -> set[int]:
+    dest = _relay_pod(children)
+    return {port for port in (1587, 1465, 8080, 9999)
+            if ingress_allowed(children, source, dest, port)}
+
+
+TENANT = Pod("team-a", {"app": "shop"}, {"mailplane.io/smtp-access": "true"})
+OTHER = Pod("team-b", {"app": "shop"})
+PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+PLATFORM_APP = Pod("mail", {"app": "newsletter"})
+
+
+def test_network_policy_lets_tenants_reach_smtp_and_monitoring_reach_metrics_only() -> None:
+    children = relay_mod.relay_children(relay(allowedNamespaces={
+        "matchLabels": {"mailplane.io/smtp-access": "true"}}))
+    # A namespace the relay admits credentials from: the SMTP listeners, never /metrics.
+    assert _reachable(children, TENANT) == {1587, 1465}
+    # The relay's own namespace is always admitted.
+    assert _reachable(children, PLATFORM_APP) == {1587, 1465}
+    # Not admitted: nothing.
+    assert _reachable(children, OTHER) == set()
+    # The monitoring namespace: the metrics port only.
+    assert _reachable(children, PROMETHEUS) == {8080}
+    # Without the policy every pod in the cluster could reach every port.
+    unfenced = [c for c in children if c["kind"] != "NetworkPolicy"]
+    assert _reachable(unfenced, OTHER) == {1587, 1465, 8080, 9999}
+
+
+def test_network_policy_follows_the_relay_spec() -> None:
+    # No allowedNamespaces: the relay's namespace only. Only the enabled listener's port.
+    own_only = relay_mod.relay_children(relay(listeners={"submission": {"enabled": False}}))
+    assert _reachable(own_only, TENANT) == set()
+    assert _reachable(own_only, PLATFORM_APP) == {1465}
+    # {} admits every namespace; matchExpressions carry over; another monitoring namespace.
+    every = relay_mod.relay_children(relay(allowedNamespaces={}))
+    assert _reachable(every, OTHER) == {1587, 1465}
+    expressions = relay_mod.relay_children(relay(
+        allowedNamespaces={"matchExpressions": [
+            {"key": "team", "operator": "In", "values": ["b"]}]},
+        networkPolicy={"metricsNamespaceSelector": {"matchLabels": {"obs": "yes"}}}))
+    assert _reachable(expressions, Pod("team-b", {}, {"team": "b"})) == {1587, 1465}
+    assert _reachable(expressions, OTHER) == set()
+    assert _reachable(expressions, PROMETHEUS) == set()
+    assert _reachable(expressions, Pod("obs", {}, {"obs": "yes"})) == {8080}
+
+
+def test_network_policy_can_be_turned_off_and_is_then_deleted() -> None:
+    off = relay(networkPolicy={"enabled": False})
+    assert "NetworkPolicy" not in by_kind(relay_mod.relay_children(off))
+    assert relay_mod.unwanted_children(off) == [
+        ("networking.k8s.io/v1", "NetworkPolicy", "main")]
+    assert relay_mod.unwanted_children(relay()) == []
+    # A disabled ServiceMonitor goes too, where the cluster has the CRD.
+    no_sm = relay(monitoring={"serviceMonitor": {"enabled": False}})
+    assert relay_mod.unwanted_children(no_sm, service_monitor_available=True) == [
+        ("monitoring.coreos.com/v1", "ServiceMonitor", "main")]
+    assert relay_mod.unwanted_children(no_sm) == []

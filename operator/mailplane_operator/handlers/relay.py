@@ -101,6 +101,10 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                                               service_monitor_available=monitor,
                                               config_hash=result.config_hash):
             await rt.client.apply(child)
+        for api_version, kind, child_name in relay_mod.unwanted_children(
+                relay, service_monitor_available=monitor):
+            await _delete_if_owned(rt, kube.BY_KIND[(api_version, kind)], namespace, child_name,
+                                   relay.meta.uid)
         sts = await rt.client.get(kube.STATEFULSETS, namespace, name)
         status = relay_mod.relay_status(
             relay, statefulset_status=(sts or {}).get("status"), config_hash=result.config_hash,
@@ -119,6 +123,18 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         return result
+
+
+async def _delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str, name: str,
+                           owner_uid: str) -> None:
+    """Delete a child the spec no longer asks for, only if this relay controls it (a user's own
+    object of the same name is left alone)."""
+    obj = await rt.client.get(resource, namespace, name)
+    if obj is None:
+        return
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
+        await rt.client.delete(resource, namespace, name)
 
 
 def _recheck_stale_credentials(rt: Runtime, relay: SmtpRelay, result: RenderResult,

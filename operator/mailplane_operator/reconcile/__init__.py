@@ -19,8 +19,11 @@ conditions
     get_condition / ready_summary(conditions, required) -> (ready, reason, message).
     Event(type, reason, message): what to post on the object.
 relay
-    relay_children(relay, *, image, service_monitor_available, config_hash) -> [Service,
-        headless Service, PodDisruptionBudget, StatefulSet(, ServiceMonitor)].
+    relay_children(relay, *, image, service_monitor_available, config_hash) -> [(NetworkPolicy,)
+        Service, headless Service, metrics Service, PodDisruptionBudget, StatefulSet(,
+        ServiceMonitor)].
+    unwanted_children(relay, *, service_monitor_available) -> [(apiVersion, kind, name)] the
+        spec turned off (the caller deletes those the relay controls).
     relay_status(relay, *, statefulset_status, config_hash, config_secrets, domains,
         credentials, excluded, retention_policies, now, error=None) -> status patch.
     config_secret_name(relay_name, i); CONFIG_SECRET_SLOTS; LABEL_RELAY, LABEL_COMPONENT.

@@ -290,6 +290,17 @@ class TenancySpec(_Spec):
     """What the platform (the relay's namespace) decides for the tenants of this relay."""
 
     suspensions: tuple[PlatformSuspension, ...] = Field((), max_length=1000)
+def _monitoring_namespace() -> LabelSelector:
+    return LabelSelector(match_labels={"kubernetes.io/metadata.name": "monitoring"})
+
+
+class NetworkPolicySpec(_Spec):
+    """The relay's ingress NetworkPolicy: SMTP from the relay's own and the allowed namespaces,
+    the metrics port from the monitoring namespaces, nothing else."""
+
+    enabled: bool = True
+    metrics_namespace_selector: LabelSelector = Field(
+        default_factory=_monitoring_namespace, alias="metricsNamespaceSelector")
 
 
 class SmtpRelaySpec(_Spec):
@@ -310,6 +321,7 @@ class SmtpRelaySpec(_Spec):
     resources: dict[str, Any] | None = None
     monitoring: MonitoringSpec = MonitoringSpec()
     tenancy: TenancySpec = TenancySpec()
+    network_policy: NetworkPolicySpec = Field(NetworkPolicySpec(), alias="networkPolicy")
 
     _d = _durations("shutdown_grace")
 

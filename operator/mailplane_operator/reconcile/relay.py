@@ -18,6 +18,9 @@ owned by the SmtpRelay, so deleting the relay removes them):
   are not on the Service tenants connect to.
 - PodDisruptionBudget ``<relay>``: at most one pod drained at a time.
 - ServiceMonitor ``<relay>`` when the caller says the cluster has that CRD.
+- NetworkPolicy ``<relay>`` (unless ``spec.networkPolicy.enabled`` is false): ingress to the
+  relay pods only on the SMTP container ports from the relay's namespace and the namespaces
+  ``spec.allowedNamespaces`` selects, and on the http port from the monitoring namespaces.
 
 The pod template depends on the SmtpRelay spec only. The configuration is a projected volume of
 ``CONFIG_SECRET_SLOTS`` optional Secrets ``<relay>-config-0..N``: a credential or domain change
@@ -33,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from .conditions import READY, set_condition
-from .models import SmtpRelay, owner_reference
+from .models import LabelSelector, SmtpRelay, owner_reference
 
 DEFAULT_IMAGE = "ghcr.io/mailplane/mailplane:0.1.0"
 CONFIG_SECRET_SLOTS = 16
@@ -271,13 +274,72 @@ def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
     }
 
 
+def _selector_dict(selector: LabelSelector) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if selector.match_labels:
+        out["matchLabels"] = dict(selector.match_labels)
+    if selector.match_expressions:
+        out["matchExpressions"] = [
+            {"key": r.key, "operator": r.operator,
+             **({"values": list(r.values)} if r.values else {})}
+            for r in selector.match_expressions]
+    return out
+
+
+def network_policy(relay: SmtpRelay) -> dict[str, Any]:
+    """Who may open a connection to a relay pod. Tenants (the namespaces allowed to attach
+    credentials) reach the SMTP listeners only; the metrics port, whose series name every
+    tenant's usernames and domains, is for the monitoring namespaces; nothing else gets in.
+    Ports are the pods' container ports (a NetworkPolicy applies after the Service's
+    translation). Kubelet probes come from the node and are not subject to the policy in the
+    common CNI plugins."""
+    spec = relay.spec
+    smtp_clients: list[dict[str, Any]] = [{"podSelector": {}}]  # the relay's own namespace
+    if spec.allowed_namespaces is not None:
+        smtp_clients.append({"namespaceSelector": _selector_dict(spec.allowed_namespaces)})
+    smtp_ports = []
+    if spec.listeners.submission.enabled:
+        smtp_ports.append({"protocol": "TCP", "port": SUBMISSION_CONTAINER_PORT})
+    if spec.listeners.submissions.enabled:
+        smtp_ports.append({"protocol": "TCP", "port": SUBMISSIONS_CONTAINER_PORT})
+    scrapers = _selector_dict(spec.network_policy.metrics_namespace_selector)
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(relay, relay.meta.name),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(relay)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": smtp_clients, "ports": smtp_ports},
+                {"from": [{"namespaceSelector": scrapers}],
+                 "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
+            ],
+        },
+    }
+
+
+def unwanted_children(relay: SmtpRelay, *,
+                      service_monitor_available: bool = False) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of optional children the spec does not ask for: the caller
+    deletes each one it finds with this relay as its controller owner."""
+    out = []
+    if not relay.spec.network_policy.enabled:
+        out.append(("networking.k8s.io/v1", "NetworkPolicy", relay.meta.name))
+    if service_monitor_available and not relay.spec.monitoring.service_monitor.enabled:
+        out.append(("monitoring.coreos.com/v1", "ServiceMonitor", relay.meta.name))
+    return out
+
+
 def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
                    service_monitor_available: bool = False,
                    config_hash: str | None = None) -> list[dict[str, Any]]:
     """The desired children, in apply order. ``service_monitor_available``: the cluster serves
     monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery)."""
-    out = [service(relay), headless_service(relay), metrics_service(relay),
-           pod_disruption_budget(relay), statefulset(relay, image=image, config_hash=config_hash)]
+    # The policy first: no pod runs unfenced while the rest is created.
+    out = [network_policy(relay)] if relay.spec.network_policy.enabled else []
+    out += [service(relay), headless_service(relay), metrics_service(relay),
+            pod_disruption_budget(relay),
+            statefulset(relay, image=image, config_hash=config_hash)]
     if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(relay))
     return out
