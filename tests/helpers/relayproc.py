@@ -58,8 +58,10 @@ class RelayProcess:
         domains: tuple[str, ...] = ("example.com",),
         extra: dict[str, Any] | None = None,
         workers: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.base = base
+        self.env = env  # added to the environment of the relay command
         self.ca = ca
         self.config_dir = base / "config"
         self.tls_dir = base / "tls"
@@ -137,6 +139,7 @@ class RelayProcess:
             self.proc = subprocess.Popen(
                 [*relay_command(), "--config", str(self.config_dir), "--log-level", "debug"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         self.wait_ready(timeout)
 

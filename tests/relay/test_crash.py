@@ -3,7 +3,9 @@ be lost.
 
 Clients send N messages with unique ids over several concurrent TLS connections and retry what
 did not get a 250 (as a real client does). Meanwhile the relay is killed with SIGKILL and
-restarted several times. At the end every message that got a 250 must have reached the sink.
+restarted several times: the first kill while clients send, the others at random moments until
+all have happened, sending over or not; the test asserts they did and that clients resent. At
+the end every message that got a 250 must have reached the sink.
 Duplicates are allowed (at-least-once: a kill between a delivery and the spool update repeats it)
 but are counted, reported and bounded.
 """
@@ -91,19 +93,30 @@ async def test_sigkill_loses_no_acknowledged_message(
                 await asyncio.sleep(0.05 + 0.05 * n)
         sending_done.set()
 
+    kills_done = 0
+    kills_while_sending = 0
+
     async def killer() -> None:
-        for _ in range(kills):
-            await asyncio.sleep(rng.uniform(0.2, 1.2))
-            if sending_done.is_set():
-                break
+        nonlocal kills_done, kills_while_sending
+        # The first kill lands while clients are sending (so some must resend); the others at
+        # random moments, also after sending ended (deliveries in flight, recovery).
+        while len(acked) < messages // 5:
+            await asyncio.sleep(0.01)
+        for n in range(kills):
+            if n:
+                await asyncio.sleep(rng.uniform(0.2, 1.2))
+            assert relay.running, "the relay died by itself:\n" + relay.log_since_start()
+            while_sending = not sending_done.is_set()
             await asyncio.to_thread(relay.kill)
+            kills_done += 1
+            kills_while_sending += while_sending
             await asyncio.to_thread(relay.start)
 
     started = time.monotonic()
     killing = asyncio.create_task(killer())
     async with asyncio.timeout(60):
         await asyncio.gather(*(sender(n) for n in range(CLIENTS)))
-    await killing
+        await killing
 
     def arrived() -> Counter[int]:
         ids: Counter[int] = Counter()
@@ -123,11 +136,15 @@ async def test_sigkill_loses_no_acknowledged_message(
         report = (f"crash test ({workers} worker(s), seed {seed}): {len(acked)} acknowledged, "
                   f"{len(got)} distinct arrived, {duplicates} duplicates, "
                   f"{retried} resent by clients, {len(missing)} missing, "
+                  f"{kills_done} kills ({kills_while_sending} while sending), "
                   f"{time.monotonic() - started:.1f}s")
         print(report)
         record_property("crash_report", report)
     assert not missing, f"acknowledged but lost: {missing[:20]}"
     assert len(acked) == messages
+    # The kills happened, at least one while sending, and clients had to send again.
+    assert kills_done == kills and kills_while_sending >= 1, report
+    assert retried >= 1, report
     # At-least-once: a kill can repeat deliveries in flight and messages a client resent after
     # losing the 250, never more than that.
     assert duplicates <= kills * (CLIENTS + 20), report
