@@ -5,15 +5,19 @@ handles; everything else the operator writes (children, config Secrets, applicat
 status from background tasks) goes through `KubeClient`. Both are configured from one
 `Connection`, built once by `load_connection` (in-cluster inside a pod, else the kubeconfig).
 
-Writes are "apply by get, then create or merge-patch": no PUT and no server-side apply, so that
-the same code runs against the kmock emulator in tests. A write is skipped when the object
-already holds what we want, so an idempotent reconcile makes no API writes at all.
+Writes are "apply by get, then create or merge-patch" with a three-way diff, as client-side
+`kubectl apply` does: the shape of what was applied last (field names and list digests, never a
+value) is kept in the object's ``mailplane.io/applied-fields`` annotation, so a field dropped from
+the manifest is removed (merge-patch null) while fields set by others (another controller, a
+mutating webhook) stay. A write is skipped when the object already holds what we want, so an
+idempotent reconcile makes no API writes at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -267,6 +271,76 @@ def _contains(have: Any, want: Any) -> bool:
 
 
 _MANAGED_TOP = ("spec", "data", "type", "immutable")
+
+ANN_APPLIED = "mailplane.io/applied-fields"
+"""The shape of what the operator last applied to an object (field names, and a digest per
+list; never a value), so that the next apply removes what is no longer wanted."""
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return "#" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _shape(value: Any) -> Any:
+    """Field names of maps (recursively), a digest of each list, "" for each scalar."""
+    if isinstance(value, Mapping):
+        return {str(k): _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return _digest(value)
+    return ""
+
+
+def applied_fields(desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The record kept in `ANN_APPLIED`: the shape of the managed parts of `desired` (a
+    Secret's data is replaced as a whole and not recorded)."""
+    meta = {k: v for k, v in (desired.get("metadata") or {}).items()
+            if k not in ("name", "namespace", *_SERVER_META)}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANN_APPLIED}
+    if annotations:
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    record: dict[str, Any] = {"metadata": _shape(meta)}
+    for key in _MANAGED_TOP:
+        if key in desired and not (key == "data" and desired.get("kind") == "Secret"):
+            record[key] = _shape(desired[key])
+    return record
+
+
+def _same(have: Any, want: Any, key: str | None, parent: str | None) -> bool:
+    if _contains(have, want):
+        return True
+    quantity = key in _QUANTITY_KEYS or parent in _QUANTITY_KEYS
+    return quantity and _same_quantity(have, want)
+
+
+def merge_patch(have: Any, want: Mapping[str, Any], applied: Any,
+                parent: str | None = None) -> dict[str, Any]:
+    """The JSON merge patch that makes `have` hold `want`: fields that differ are set (drift
+    is corrected), fields the last apply set (`applied`, a shape) that `want` no longer has are
+    removed (null), fields set by others are left alone. A list is replaced as a whole when
+    the object's differs from it or when it changed since the last apply."""
+    have = have if isinstance(have, Mapping) else {}
+    applied = applied if isinstance(applied, Mapping) else {}
+    out: dict[str, Any] = {}
+    for key, value in want.items():
+        current = have.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            sub = merge_patch(current, value, applied.get(key), key)
+            if sub:
+                out[key] = sub
+        elif isinstance(value, list):
+            last = applied.get(key)
+            if not _contains(current, value) or (isinstance(last, str) and last
+                                                 and last != _digest(value)):
+                out[key] = value
+        elif key not in have or not _same(current, value, key, parent):
+            out[key] = value
+    for key in applied:
+        if key not in want and key in have:
+            out[key] = None
+    return out
 _SERVER_META = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
                 "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink")
 
@@ -370,9 +444,20 @@ class KubeClient:
             raise
         return result
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:
+    async def delete(self, resource: Resource, namespace: str | None, name: str, *,
+                     propagation: str | None = None, uid: str | None = None) -> bool:
+        """Delete; False if already gone. `propagation`: "Orphan" keeps the dependents (a
+        StatefulSet's pods), "Background"/"Foreground" delete them. `uid`: only that object
+        (409 if the name now belongs to another)."""
+        options: dict[str, Any] = {}
+        if propagation:
+            options["propagationPolicy"] = propagation
+        if uid:
+            options["preconditions"] = {"uid": uid}
         try:
-            await self._call("DELETE", resource.path(namespace, name))
+            await self._call("DELETE", resource.path(namespace, name),
+                             body={"kind": "DeleteOptions", "apiVersion": "v1", **options}
+                             if options else None, content_type="application/json")
         except ApiError as exc:
             if exc.status == 404:
                 return False
@@ -384,9 +469,11 @@ class KubeClient:
                     owner_uid: str | None = None) -> tuple[str, dict[str, Any]]:
         """Make the object hold `manifest`: create it, merge-patch it, or leave it alone.
 
-        Returns ("created" | "patched" | "unchanged", the object). Keys of `data` and of
-        labels/annotations that the manifest does not set are left as they are, except that a
-        Secret's `data` is replaced as a whole (it is ours entirely).
+        Returns ("created" | "patched" | "unchanged", the object). Fields that differ from the
+        manifest are set again (drift is corrected); fields an earlier apply set that the
+        manifest no longer has are removed (the shape of each apply is kept in the object's
+        `ANN_APPLIED` annotation); fields others set are left as they are. A Secret's `data` is
+        replaced as a whole (it is ours entirely).
 
         `owner_uid`: an existing object is changed only when its controller ownerReference has
         this uid (else `NotOwnedError`, nothing written), and the patch carries the
@@ -394,8 +481,11 @@ class KubeClient:
         of being overwritten.
         """
         desired = _secret_to_data(dict(manifest))
+        meta = dict(desired.get("metadata") or {})
+        meta["annotations"] = {**(meta.get("annotations") or {}), ANN_APPLIED: json.dumps(
+            applied_fields(desired), sort_keys=True, separators=(",", ":"))}
+        desired["metadata"] = meta
         resource = resource_of(desired)
-        meta = desired.get("metadata") or {}
         namespace, name = meta.get("namespace"), meta["name"]
         current = await self.get(resource, namespace, name)
         if current is None:
@@ -429,11 +519,19 @@ class KubeClient:
 
     @staticmethod
     def _diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+        """The merge patch from `current` to `desired` (three-way, with the shape recorded by
+        the last apply in `ANN_APPLIED`); empty when nothing needs writing."""
+        try:
+            applied = json.loads(((current.get("metadata") or {}).get("annotations") or {})
+                                 .get(ANN_APPLIED) or "{}")
+        except ValueError:
+            applied = {}  # a hand-edited record: nothing is removed, every field is re-set
         patch: dict[str, Any] = {}
         want_meta = {k: v for k, v in (desired.get("metadata") or {}).items()
                      if k not in ("name", "namespace", *_SERVER_META)}
-        if not _contains(current.get("metadata") or {}, want_meta):
-            patch["metadata"] = want_meta
+        meta = merge_patch(current.get("metadata") or {}, want_meta, applied.get("metadata"))
+        if meta:
+            patch["metadata"] = meta
         for key in _MANAGED_TOP:
             if key not in desired:
                 continue
@@ -443,6 +541,10 @@ class KubeClient:
                 if (have or {}) != (want or {}):
                     gone = {k: None for k in (have or {}) if k not in (want or {})}
                     patch[key] = {**gone, **(want or {})}
+            elif isinstance(want, Mapping) and isinstance(have, Mapping):
+                sub = merge_patch(have, want, applied.get(key))
+                if sub:
+                    patch[key] = sub
             elif not _contains(have, want):
                 patch[key] = want
         return patch

@@ -432,6 +432,12 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         if current is None:
             return
         meta = current.get("metadata", {})
+        options = request.data if isinstance(request.data, Mapping) else {}
+        wanted_uid = (options.get("preconditions") or {}).get("uid")
+        if wanted_uid and wanted_uid != meta.get("uid"):
+            raise KubernetesError(
+                409, "Conflict", f"Precondition failed: UID in precondition: {wanted_uid}, "
+                f"UID in object meta: {meta.get('uid')}")
         if meta.get("finalizers") and not meta.get("deletionTimestamp"):
             # Mark for deletion here (kmock would do it without a new resourceVersion).
             key = (request.resource, request.namespace, request.name)
