@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -41,6 +42,8 @@ from tests.helpers.ports import free_port
 # The real command; `python -m` so the test venv's interpreter runs it wherever PATH points.
 RELAY_COMMAND = (sys.executable, "-m", "mailplane_cli.main", "relay")
 START_TIMEOUT = 20.0
+PORT_RETRIES = 5
+_ADDRESS_IN_USE = re.compile(r"Errno 98|[Aa]ddress already in use")
 
 
 def relay_command() -> tuple[str, ...]:
@@ -122,6 +125,7 @@ class RelayProcess:
     def write_config(self, spec: dict[str, Any] | None = None, *,
                      raw: str | None = None) -> None:
         """Write the configuration atomically (as a Secret volume update is)."""
+        self._written = (spec, raw)
         text = raw if raw is not None else yaml.safe_dump(
             {"apiVersion": API_VERSION, "kind": "RelayConfig", "spec": spec or self.spec()},
             sort_keys=False)
@@ -133,15 +137,39 @@ class RelayProcess:
     # ---- process ----------------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "relay already running"
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [*relay_command(), "--config", str(self.config_dir), "--log-level", "debug"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.env} if self.env else None,
-            )
-        self.wait_ready(timeout)
+        """Start and wait until ready. The ports were free when picked, but another process
+        may take one before the relay binds it: then the relay is started again on new ports
+        (read ``ports`` and ``http_port`` after start)."""
+        for _ in range(PORT_RETRIES):
+            assert self.proc is None or self.proc.poll() is not None, "relay already running"
+            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with self.log_path.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    [*relay_command(), "--config", str(self.config_dir), "--log-level",
+                     "debug"],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**os.environ, **self.env} if self.env else None,
+                )
+            try:
+                self.wait_ready(timeout)
+                return
+            except AssertionError:
+                if not _ADDRESS_IN_USE.search(self.log_since_start()):
+                    raise
+                self.kill()
+                self._move_ports()
+        raise AssertionError(f"relay found no free ports in {PORT_RETRIES} tries")
+
+    def _move_ports(self) -> None:
+        spec, raw = self._written
+        assert raw is None, "a raw configuration cannot be moved to new ports"
+        self.ports = {name: free_port() for name in self.ports}
+        self.http_port = free_port()
+        if spec is not None:
+            for listener in spec.get("listeners", []):
+                listener["port"] = self.ports.get(listener["name"], listener["port"])
+            spec.setdefault("http", {})["port"] = self.http_port
+        self.write_config(spec)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
