@@ -150,6 +150,8 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
     writes: int = attrs.field(default=0, init=False)
 
     namespaces: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    namespace_events: list[dict[str, Any]] = attrs.field(factory=list, init=False)
+    _namespace_changed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     audit: list[tuple[str, str, str, dict[str, str]]] = attrs.field(factory=list, init=False)
     """(User-Agent, method, path, query) of every request, for RBAC checks."""
 
@@ -157,7 +159,7 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         self.audit.append((raw_request.headers.get("User-Agent", ""), raw_request.method,
                            raw_request.path, dict(raw_request.query)))
         # kmock 0.8 cannot parse /api/v1/namespaces[/name] (it takes "namespaces" for a
-        # namespace prefix): serve Namespaces from a plain dict, without watch.
+        # namespace prefix): serve Namespaces from a plain dict, with list and watch.
         parts = raw_request.path.strip("/").split("/")
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
             return await self._serve_namespace(raw_request, parts[3] if len(parts) == 4 else None)
@@ -170,6 +172,9 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
                 {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
                  "reason": "NotFound", "message": f"namespaces {name!r} not found"}, status=404)
 
+        if raw_request.method == "GET" and name is None and \
+                raw_request.query.get("watch") in ("true", "1"):
+            return await self._watch_namespaces(raw_request)
         if raw_request.method == "GET" and name is None:
             return aiohttp.web.json_response({
                 "kind": "NamespaceList", "apiVersion": "v1",
@@ -191,6 +196,7 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
                         resourceVersion=self._next_version())
             self.namespaces[meta["name"]] = body
+            self._namespace_event("ADDED", body)
             self.writes += 1
             for callback in self.on_write:
                 callback()
@@ -200,10 +206,41 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
                                                         await raw_request.json()))
             patched["metadata"]["resourceVersion"] = self._next_version()
             self.namespaces[name] = patched
+            self._namespace_event("MODIFIED", patched)
             for callback in self.on_write:
                 callback()
             return aiohttp.web.json_response(patched)
         return not_found()
+
+    def _namespace_event(self, kind: str, body: dict[str, Any]) -> None:
+        self.namespace_events.append({"type": kind, "object": copy.deepcopy(body)})
+        self._namespace_changed.set()
+        self._namespace_changed = asyncio.Event()
+
+    async def _watch_namespaces(self, raw_request: aiohttp.web.BaseRequest,
+                                ) -> aiohttp.web.StreamResponse:
+        """A watch stream of Namespace events after the given resourceVersion, as the API
+        server sends it (one JSON event per line) until timeoutSeconds."""
+        since = raw_request.query.get("resourceVersion", "")
+        floor = int(since) if since.isdigit() else 0
+        timeout = float(raw_request.query.get("timeoutSeconds") or 60)
+        deadline = time.monotonic() + timeout
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        sent = 0
+        while True:
+            for event in self.namespace_events[sent:]:
+                version = int(event["object"]["metadata"]["resourceVersion"])
+                if version > floor:
+                    await response.write(json.dumps(event).encode() + b"\n")
+            sent = len(self.namespace_events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._namespace_changed.wait(), remaining)
+        await response.write_eof()
+        return response
 
     def _has_status(self, resource: kmock.resource) -> bool:
         return resource in self.resources and "status" in self.resources[resource].subresources

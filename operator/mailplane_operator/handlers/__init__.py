@@ -10,6 +10,7 @@ Events it returns. Nothing here decides policy. One module per resource, each wi
 - `domain`: DKIM keys, DNS verification, the domain's deletion;
 - `credential`: admission, the application Secret, rotation, the credential's deletion;
 - `retention`: retention policies;
+- `namespace`: namespace label changes re-render the relays (access and grants follow labels);
 - `common`: what they share (keys, diffs, status patches, inputs of the pure functions).
 
 How a change reaches a relay's configuration
@@ -31,7 +32,7 @@ import kopf
 
 from ..reconcile.models import GROUP, VERSION
 from ..runtime import Runtime
-from . import credential, domain, relay, retention
+from . import credential, domain, namespace, relay, retention
 from .common import index_by_relay
 
 RELAYS = (GROUP, VERSION, "smtprelays")
@@ -49,6 +50,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     domain.register(registry, rt, DOMAINS)
     credential.register(registry, rt, CREDENTIALS)
     retention.register(registry, rt, POLICIES)
+    namespace.register(registry, rt)
     return registry
 
 
