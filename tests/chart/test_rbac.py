@@ -18,10 +18,18 @@ SENSITIVE = {"secrets"}
 
 
 def all_rules(rendered: Rendered) -> list[dict[str, Any]]:
+    """The operator's rules (the roles for people are checked in test_tenant_rbac.py)."""
     rules: list[dict[str, Any]] = []
     for obj in rendered.of_kind("ClusterRole") + rendered.of_kind("Role"):
-        rules.extend(obj["rules"])
+        if obj["metadata"]["name"].endswith(("-operator", "-operator-cluster")):
+            rules.extend(obj["rules"])
     return rules
+
+
+def test_every_role_is_the_operators_or_for_people(default_render: Rendered) -> None:
+    names = {o["metadata"]["name"] for o in default_render.of_kind("ClusterRole")}
+    assert names == {"mailplane-operator", "mailplane-operator-cluster", "mailplane-view",
+                     "mailplane-edit", "mailplane-platform"}
 
 
 CASES = [
@@ -68,8 +76,9 @@ def test_cluster_scope_is_read_only(default_render: Rendered) -> None:
 
 def test_watching_namespaces_grants_nothing_namespaced_cluster_wide() -> None:
     rendered = render_install(load_values(CHART_DIR / "ci" / "namespaced-values.yaml"))
-    assert [r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")] == [
-        "mailplane-operator-cluster"]
+    operator_roles = [r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")
+                      if "-operator" in r["metadata"]["name"]]
+    assert operator_roles == ["mailplane-operator-cluster"]
     for binding in rendered.of_kind("RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mail-operator",
