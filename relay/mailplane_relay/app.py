@@ -46,7 +46,7 @@ from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
 from .server import SubmissionServer
-from .spool import Spool
+from .spool import Spool, SpoolErasure, SpoolError
 from .tlsctx import ReloadingTLS
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ class RelayApp:
         self.http: OpsServer | None = None
         self.server: SubmissionServer | None = None
         self.queue: DeliveryQueue | None = None
+        self.spool: Spool | None = None
         self.tls: ReloadingTLS | None = None
         self.message_log: MessageLog | None = None
         self._queue_deadline: float | None = None
@@ -302,6 +303,7 @@ class RelayApp:
                       corrupt_retention=settings.spool.corrupt_retention)
         recovered = await spool.start()
         stages.append(("spool", spool.close))
+        self.spool = spool
         if recovered:
             log.info("spool %s: recovered %d messages", spool_dir, len(recovered))
         self.readiness.mark("spool recovered")
@@ -356,6 +358,17 @@ class RelayApp:
                      deadline - time.monotonic(), active)
         await self.server.drain(deadline)
         self._queue_deadline = max(deadline, time.monotonic() + MIN_QUEUE_STOP)
+
+    async def erase_from_spool(self, address: str) -> SpoolErasure:
+        """Erase ``address`` from this process's spool (pending messages it sent are deleted,
+        it is removed from the recipients of the others) and from the delivery schedule;
+        durable when this returns. Each worker process runs it for its own spool."""
+        if self.spool is None or self.queue is None:
+            raise SpoolError("the relay is not running")
+        result = await self.spool.erase_address(address)
+        for queue_id in result.deleted_ids:
+            self.queue.forget(queue_id)
+        return result
 
     async def _stop_queue(self) -> None:
         assert self.queue is not None

@@ -422,6 +422,14 @@ class DeliveryQueue:
     def message(self, queue_id: str) -> QueuedMessage | None:
         return self._messages.get(queue_id)
 
+    def forget(self, queue_id: str) -> None:
+        """The spool deleted this message (erasure): drop it from the schedule. An attempt in
+        flight finds it without recipients and ends without sending, logging or bouncing."""
+        self._messages.pop(queue_id, None)
+        self._scheduled.pop(queue_id, None)
+        self.update_gauges()
+        self._changed.set()
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; re-checked after every recorded outcome, submitted
         message and removal (for tests, benchmarks and drain logic). Bound it with
@@ -1073,6 +1081,9 @@ class DeliveryQueue:
                 status = "expired"
             if status != "deferred":
                 r.status = status
+                # The duty to report it is stored with the message (the spool keeps the
+                # message until the DSN is spooled, across restarts).
+                r.dsn_owed = queue.dsn and bool(msg.mail_from)
             if outcome.remote:
                 remotes[r.address] = outcome.remote
             results.add(status)
@@ -1125,15 +1136,24 @@ class DeliveryQueue:
         # A recipient suppressed after the message was accepted is reported too: the sender
         # was told 250 and must learn that this copy was not sent.
         failed = [r for r in msg.recipients if r.status in ("bounced", "expired", "suppressed")]
-        if failed and cfg.settings.queue.dsn and msg.mail_from:
+        if failed and msg.mail_from and (cfg.settings.queue.dsn
+                                         or any(r.dsn_owed for r in failed)):
             try:
                 await self._send_dsn(cfg, msg, failed)
             except SpoolError as exc:
                 log.error("delivery: DSN for %s not queued (%s); retrying", msg.queue_id, exc)
                 msg.next_attempt = self._clock() + cfg.settings.queue.retry_initial
-                await self._save(msg)
+                for r in failed:
+                    r.dsn_owed = True
+                try:
+                    # Durable: the duty must survive a restart before the retry.
+                    await self._spool.save_state(msg, durable=True)
+                except SpoolError as save_exc:
+                    log.error("delivery: state of %s not saved: %s", msg.queue_id, save_exc)
                 self._schedule(msg)
                 return
+            for r in failed:
+                r.dsn_owed = False
         try:
             await self._spool.remove(msg.queue_id)
         except SpoolError as exc:

@@ -93,6 +93,9 @@ class Recipient:
     status: RecipientStatus = "pending"
     attempts: int = 0
     last_response: str | None = None
+    # A DSN reporting this recipient's failure is owed to the sender and not yet spooled. The
+    # spool keeps a message while any recipient is pending or owed a DSN, across restarts.
+    dsn_owed: bool = False
 
 
 @dataclass
@@ -113,12 +116,16 @@ class QueuedMessage:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == "pending"]
 
+    def needs_work(self) -> bool:
+        """A recipient is pending, or a DSN is owed: the message must stay in the spool."""
+        return any(r.status == "pending" or r.dsn_owed for r in self.recipients)
+
     def to_json(self) -> bytes:
         doc = {
             "queue_id": self.queue_id, "mail_from": self.mail_from,
             "recipients": [
                 {"address": r.address, "status": r.status, "attempts": r.attempts,
-                 "last_response": r.last_response}
+                 "last_response": r.last_response, **({"dsn_owed": True} if r.dsn_owed else {})}
                 for r in self.recipients
             ],
             "received_at": self.received_at, "size": self.size, "message_id": self.message_id,
@@ -139,6 +146,15 @@ class QueuedMessage:
                 raise ValueError(f"unknown recipient status {r.get('status')!r}")
             recipients.append(Recipient(**r))
         return cls(recipients=recipients, **doc)
+
+
+@dataclass(frozen=True)
+class SpoolErasure:
+    """What :meth:`Spool.erase_address` removed, for the erasure report."""
+
+    recipients_removed: int = 0  # recipient entries dropped from messages kept for others
+    messages_deleted: int = 0  # messages deleted: sent by the address, or left with no recipient
+    deleted_ids: tuple[str, ...] = ()  # their queue ids (the delivery queue forgets them)
 
 
 def new_queue_id(rng: random.Random | None = None, *, after: int = 0) -> str:
@@ -235,6 +251,9 @@ class Spool:
         # loop's view, so removals and state updates need no stat or failing rename.
         self._live: set[str] = set()
         self._states: set[str] = set()
+        # The envelope objects of live messages, the very ones commit() and start() returned
+        # (the delivery queue holds the same objects): erasure edits them in place.
+        self._envelopes: dict[str, QueuedMessage] = {}
         self._last_id = 0  # number of the last queue id issued: ids increase
         # Counters for tests and benchmarks: how many fsyncs a workload cost.
         self._count_lock = threading.Lock()
@@ -328,6 +347,7 @@ class Spool:
             if pending.error is not None:
                 raise SpoolError(pending.error)
         self._live.add(msg.queue_id)
+        self._envelopes[msg.queue_id] = msg
         self.metrics.spool_commit_latency.observe(time.perf_counter() - started)
         return msg
 
@@ -373,6 +393,94 @@ class Spool:
             self._remove(queue_id)
         except OSError as exc:
             raise SpoolError(f"spool remove of {queue_id} failed: {exc.strerror}") from exc
+
+    async def erase_address(self, address: str) -> SpoolErasure:
+        """Erase an address from the spool, durably when this returns.
+
+        Every message whose envelope sender is ``address`` is deleted; the address is removed
+        from the recipients of every other message (whatever their status), and a message left
+        without recipients is deleted. A message kept for its other recipients is rewritten
+        (new file, fdatasynced, renamed over the old one; its state file rewritten too), so no
+        file in the spool names the address afterwards; the directory is fsynced at the end.
+        Addresses compare case-insensitively. The envelope objects are edited in place, so the
+        delivery queue holding them sees the change at once: a deleted message is left with no
+        recipient and a null sender (nothing more is sent, logged or bounced for it).
+
+        The message data is the sender's and is not edited: a copy still being delivered to
+        others keeps the headers it was submitted with (which may name the address) until it
+        is final, when it is deleted. A message committed while this runs is not covered."""
+        if self._executor is None:
+            raise SpoolError("spool is not started")
+        key = address.casefold()
+        removed = 0
+        deleted: list[str] = []
+        rewrite: list[QueuedMessage] = []
+        for msg in list(self._envelopes.values()):
+            if msg.mail_from.casefold() == key:
+                deleted.append(msg.queue_id)
+                continue
+            keep = [r for r in msg.recipients if r.address.casefold() != key]
+            if len(keep) == len(msg.recipients):
+                continue
+            removed += len(msg.recipients) - len(keep)
+            if not keep:
+                deleted.append(msg.queue_id)
+                continue
+            msg.recipients[:] = keep
+            remotes = msg.extra.get("remotes")
+            if isinstance(remotes, dict):
+                for a in [a for a in remotes if a.casefold() == key]:
+                    del remotes[a]
+            rewrite.append(msg)
+        try:
+            for qid in deleted:
+                msg = self._envelopes[qid]
+                msg.recipients.clear()
+                msg.mail_from = ""
+                msg.extra.pop("remotes", None)
+                self._remove(qid)
+            for msg in rewrite:
+                await self._rewrite(msg)
+            if (deleted or rewrite) and self.fsync:
+                await self._run(self._fsync_dir)
+        except OSError as exc:
+            raise SpoolError(f"spool erasure failed: {exc.strerror or exc}") from exc
+        return SpoolErasure(recipients_removed=removed, messages_deleted=len(deleted),
+                            deleted_ids=tuple(deleted))
+
+    async def _rewrite(self, msg: QueuedMessage) -> None:
+        """Replace the message file with one carrying the current envelope (same data)."""
+        qid = msg.queue_id
+        envelope = msg.to_json()
+        tmp = await self._run(self._write_rewritten, qid, envelope)
+        if qid not in self._live:  # delivered and removed meanwhile
+            _unlink_quiet(tmp)
+            return
+        try:
+            os.rename(tmp, self._d + qid + _MSG)
+        except OSError:
+            _unlink_quiet(tmp)
+            raise
+        if qid in self._states:
+            # The old state file names the address too: replace it with the current envelope.
+            self._write_state(msg, False)
+
+    def _write_rewritten(self, qid: str, envelope: bytes) -> str:
+        with open(self._d + qid + _MSG, "rb") as f:
+            offset, _ = _read_header(f)
+            f.seek(offset)
+            data = f.read()
+        head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)
+        tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{qid}{_MSG}", head, data)
+        try:
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        os.close(fd)
+        return tmp
 
     # ---------------------------------------------------------------- group commit
 
@@ -501,6 +609,7 @@ class Spool:
         # The message file first: a crash in between leaves an orphan state file, which recovery
         # deletes, never a state file that marks a live message delivered.
         self._live.discard(queue_id)
+        self._envelopes.pop(queue_id, None)
         _unlink_quiet(self._d + queue_id + _MSG)
         if queue_id in self._states:
             self._states.discard(queue_id)
@@ -526,8 +635,9 @@ class Spool:
                 self._live.discard(qid)
                 self._states.discard(qid)
                 continue
-            if msg.pending():
+            if msg.needs_work():
                 messages.append(msg)
+                self._envelopes[qid] = msg
             else:
                 self._remove(qid)
         for name in names:
