@@ -273,28 +273,38 @@ def prepare(
     # Deliver everything to the local capture sink instead of the Internet.
     dev_delivery = models.DeliverySpec(
         mode="smarthost", smarthost=models.SmarthostSpec(host=HOST, port=sink_port, tls="none"))
+    # No DNS on a laptop: every namespace may skip verification (on a cluster only the
+    # namespaces the relay's spec.tenancy.verificationSkipNamespaces selects may).
+    dev_tenancy = relay.spec.tenancy.model_copy(update={
+        "verification_skip_namespaces": models.LabelSelector()})
     dev_relay = models.SmtpRelay(
-        relay.meta, relay.spec.model_copy(update={"delivery": dev_delivery}), relay.status)
+        relay.meta, relay.spec.model_copy(update={"delivery": dev_delivery,
+                                                  "tenancy": dev_tenancy}), relay.status)
     ca_crt, crt, key = ensure_tls(state_dir / "tls", now)
     events: list[tuple[str, Event]] = []
 
     domain_inputs = []
-    for declared in sorted(manifests.domains, key=lambda d: d.meta.key):
-        # No DNS on a laptop: every domain counts as verified.
-        dom = models.SendingDomain(declared.meta, declared.spec.model_copy(update={
-            "verification": models.VerificationSpec(skip=True)}), declared.status)
+    # No DNS on a laptop: every domain counts as verified.
+    dev_domains = [models.SendingDomain(d.meta, d.spec.model_copy(update={
+        "verification": models.VerificationSpec(skip=True)}), d.status)
+        for d in sorted(manifests.domains, key=lambda d: d.meta.key)]
+    for dom in dev_domains:
         existing = read_secret(state_dir, dom.meta.namespace, domain_mod.secret_name(dom))
         dom_result = domain_mod.reconcile_domain(
-            dom, relay=relay if render.refers_to(dom, relay) else None,
+            dom, relay=dev_relay if render.refers_to(dom, relay) else None,
             namespace_labels=manifests.namespaces.get(dom.meta.namespace),
-            existing_secret=existing, observed=None, now=now)
+            existing_secret=existing, observed=None, now=now,
+            claims=[d for d in dev_domains if render.refers_to(d, relay)],
+            claim_labels=manifests.namespaces)
         write_secret(state_dir, dom_result.secret)
         write_status(state_dir, dom, dom_result.status)
         events += [(f"SendingDomain {dom.meta.key}", e) for e in dom_result.events]
         domain_inputs.append(render.DomainInput(
             models.SendingDomain(dom.meta, dom.spec, dom_result.status), dom_result.secret))
 
-    attached, _ = render.attached_domains(relay, domain_inputs, manifests.namespaces)
+    included, _ = render.attached_domains(dev_relay, domain_inputs, manifests.namespaces)
+    # Grants are evaluated as on a cluster: with the labels of examples/namespaces.yaml.
+    attached = render.owners_of(included)
     endpoint = credential_mod.Endpoint(
         HOST,
         smtp_port if relay.spec.listeners.submission.enabled else None,

@@ -52,19 +52,34 @@ class DnsChecker:
         self._resolver.cache = None  # verification must see changes as soon as DNS serves them
 
     async def txt(self, name: str) -> list[str] | None:
+        return (await self.txt_with_error(name))[0]
+
+    async def txt_with_error(self, name: str) -> tuple[list[str] | None, str | None]:
+        """(answers, None), or (None, why the lookup failed) for a timeout, SERVFAIL or no
+        reachable nameserver. NXDOMAIN and no TXT data are answers: ``[]``."""
         try:
             answer = await self._resolver.resolve(name, dns.rdatatype.TXT, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except (dns.exception.Timeout, dns.resolver.NoNameservers,
-                dns.resolver.LifetimeTimeout) as exc:
-            logger.info("TXT lookup of %s failed: %s", name, type(exc).__name__)
-            return None
+            return [], None
+        except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            why = "timeout"
+        except dns.resolver.NoNameservers:
+            why = "no nameserver answered (SERVFAIL or refused)"
         except dns.exception.DNSException as exc:
-            logger.info("TXT lookup of %s failed: %s", name, type(exc).__name__)
-            return None
-        return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
+            why = type(exc).__name__
+        else:
+            return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer], None
+        logger.info("TXT lookup of %s failed: %s", name, why)
+        return None, why
 
     async def lookup(self, names: Sequence[str]) -> dict[str, list[str] | None]:
-        results = await asyncio.gather(*(self.txt(n) for n in names))
-        return dict(zip(names, results, strict=True))
+        return (await self.lookup_with_errors(names))[0]
+
+    async def lookup_with_errors(
+        self, names: Sequence[str],
+    ) -> tuple[dict[str, list[str] | None], dict[str, str]]:
+        """(name -> answers or None, name -> why its lookup failed)."""
+        results = await asyncio.gather(*(self.txt_with_error(n) for n in names))
+        observed = {n: r[0] for n, r in zip(names, results, strict=True)}
+        errors = {n: r[1] for n, r in zip(names, results, strict=True) if r[1] is not None}
+        return observed, errors

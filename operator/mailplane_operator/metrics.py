@@ -29,6 +29,7 @@ class OperatorMetrics:
     dkim_key_created: Gauge
     dkim_rotation_interval: Gauge
     domain_verified: Gauge
+    domain_disable_time: Gauge
     up: Gauge
     _credential_states: dict[str, str] = field(default_factory=dict)
     _dkim_selectors: dict[str, set[str]] = field(default_factory=dict)
@@ -70,6 +71,11 @@ class OperatorMetrics:
                 "mailplane_operator_domain_verified",
                 "1 when DNS serves the record the domain needs (check: dkim, spf), else 0.",
                 ["domain", "check"], registry=reg),
+            domain_disable_time=Gauge(
+                "mailplane_operator_domain_disable_timestamp_seconds",
+                "When a verified domain whose DKIM record DNS says is gone will be disabled "
+                "(Unix time; present only during that grace period).",
+                ["domain"], registry=reg),
             up=Gauge("mailplane_operator_up", "1 while the operator runs.", registry=reg),
         )
         for kind in KINDS:
@@ -118,15 +124,17 @@ class OperatorMetrics:
 
     def domain(self, domain: str, *, keys: dict[str, float] | None,
                interval: float | None = None, dkim: bool | None = None,
-               spf: bool | None = None) -> None:
-        """Record a domain's keys (selector -> created) and verification; keys None forgets it."""
+               spf: bool | None = None, disable_at: float | None = None) -> None:
+        """Record a domain's keys (selector -> created), verification and the end of its DNS
+        grace period (None: not in one); keys None forgets the domain."""
         for selector in self._dkim_selectors.pop(domain, set()) - set(keys or {}):
             with suppress(KeyError):
                 self.dkim_key_created.remove(domain, selector)
         if keys is None:
             for gauge, labels in ((self.dkim_rotation_interval, (domain,)),
                                   (self.domain_verified, (domain, "dkim")),
-                                  (self.domain_verified, (domain, "spf"))):
+                                  (self.domain_verified, (domain, "spf")),
+                                  (self.domain_disable_time, (domain,))):
                 with suppress(KeyError):
                     gauge.remove(*labels)
             return
@@ -136,3 +144,8 @@ class OperatorMetrics:
         self.dkim_rotation_interval.labels(domain).set(interval or 0)
         self.domain_verified.labels(domain, "dkim").set(1 if dkim else 0)
         self.domain_verified.labels(domain, "spf").set(1 if spf else 0)
+        if disable_at is None:
+            with suppress(KeyError):
+                self.domain_disable_time.remove(domain)
+        else:
+            self.domain_disable_time.labels(domain).set(disable_at)

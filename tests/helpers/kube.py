@@ -861,6 +861,8 @@ def domain_body(name: str, domain: str, *, namespace: str = "mail", relay: str =
                 skip_verification: bool = True, **spec: Any) -> dict[str, Any]:
     body_spec: dict[str, Any] = {
         "domain": domain, "relayRef": {"name": relay},
+        # Granted to the namespaces relay_body's relay admits, as in examples/domains.yaml.
+        "allowedNamespaces": {"matchLabels": {"mailplane.io/smtp-access": "true"}},
         "dkim": {"selector": "mp", "algorithm": "ed25519"},
         "verification": {"skip": skip_verification},
     }

@@ -6,15 +6,26 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 from mailplane_operator.reconcile import credential as cm
 from mailplane_operator.reconcile.conditions import get_condition
+from mailplane_operator.reconcile.models import LabelSelector
+from mailplane_operator.reconcile.ownership import DomainOwner
 from mailplane_relay.config import Credential, verify_password
 from tests.operator.reconcile_builders import NOW, counting_random, credential, relay
 
-ATTACHED = {"example.com"}
+
+def owners(*names: str, namespace: str = "mail",
+           allowed: LabelSelector | None = None) -> dict[str, DomainOwner]:
+    """Attached domains owned by SendingDomains in ``namespace`` granting ``allowed``."""
+    return {n: DomainOwner(n, namespace, n.replace(".", "-"), allowed) for n in names}
+
+
+# Granted to every namespace: these tests are about the relay's side of admission.
+ATTACHED = owners("example.com", allowed=LabelSelector())
 
 
 def values(secret: dict[str, Any]) -> dict[str, str]:
@@ -23,7 +34,7 @@ def values(secret: dict[str, Any]) -> dict[str, str]:
 
 def reconcile(cred: Any, existing: dict[str, Any] | None = None, *, now: Any = NOW,
               r: Any = "default", labels: dict[str, str] | None = None,
-              attached: set[str] = ATTACHED) -> cm.CredentialResult:
+              attached: Mapping[str, DomainOwner] = ATTACHED) -> cm.CredentialResult:
     return cm.reconcile_credential(
         cred, relay=relay() if r == "default" else r, namespace_labels=labels,
         attached_domains=attached, existing_secret=existing, now=now)
@@ -171,7 +182,7 @@ def test_admission_reasons() -> None:
     refused = reconcile(other)
     assert refused.admission.reason == cm.REASON_SENDER_NOT_ATTACHED
     assert refused.admission.message.endswith(": example.org")
-    assert reconcile(other, attached={"example.com", "example.org"}).admission.allowed
+    assert reconcile(other, attached=owners("example.com", "example.org")).admission.allowed
 
 
 def test_suspended_credentials_are_rendered_but_not_ready() -> None:

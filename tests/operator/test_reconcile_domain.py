@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mailplane_operator.reconcile import domain as dm
+from mailplane_operator.reconcile import ownership
 from mailplane_operator.reconcile.conditions import get_condition
 from tests.operator.reconcile_builders import NOW, counting_random, domain, relay
 
@@ -73,7 +74,7 @@ def test_first_reconcile_generates_a_key_and_lists_the_records() -> None:
         "purpose": "dmarc", "type": "TXT", "name": "_dmarc.example.com",
         "value": "v=DMARC1; p=quarantine; rua=mailto:d@example.com",
         "strings": ["v=DMARC1; p=quarantine; rua=mailto:d@example.com"], "state": "suggested"}
-    assert cond(result, "DKIMVerified") == ("False", "NotChecked")
+    assert cond(result, "DKIMVerified") == ("Unknown", "NotChecked")
     assert cond(result, "Ready")[0] == "False" and not result.enabled
     assert result.status["dkim"]["activeSelector"] == "mp"
     assert dm.names_to_check(d, result.secret) == [
@@ -131,11 +132,15 @@ def test_verification_failures_say_what_is_wrong() -> None:
     assert cond(reconcile(d, first.secret, {**good, name: [other]}), "DKIMVerified") == (
         "False", "RecordMismatch")
     failed = reconcile(d, first.secret, {**good, name: None})
-    assert cond(failed, "DKIMVerified") == ("False", "DNSLookupFailed")
+    assert cond(failed, "DKIMVerified") == ("Unknown", "DNSLookupFailed")
+    assert cond(failed, "DNSVerified") == ("Unknown", "DNSLookupFailed")
     assert cond(failed, "Ready") == ("False", "DKIMNotVerified")
+    # SPF findings are shown, never enforced: DKIM alone enables the domain.
     no_spf = reconcile(d, first.secret, {**good, "example.com": ["unrelated"]})
     assert cond(no_spf, "SPFVerified") == ("False", "RecordNotFound")
-    assert cond(no_spf, "Ready") == ("False", "SPFNotVerified")
+    assert cond(no_spf, "Ready") == ("True", "Verified")
+    ready = get_condition(no_spf.status["conditions"], "Ready")
+    assert ready is not None and "SPF (shown, not enforced): no SPF record" in ready["message"]
     two = reconcile(d, first.secret, {**good, "example.com": ["v=spf1 mx ~all", "v=spf1 -all"]})
     assert cond(two, "SPFVerified") == ("False", "RecordMismatch")
 
@@ -173,7 +178,8 @@ def test_skipped_verification_enables_without_dns() -> None:
     result = reconcile(d, None)
     assert result.enabled
     assert cond(result, "Ready") == ("True", "VerificationSkipped")
-    assert dm.domain_enabled(domain(verification={"skip": True}))[0]
+    assert ownership.claim_verified(domain(verification={"skip": True}), relay(), None)
+    assert "verifiedTime" not in result.status, "a skip is no DNS verification to keep"
 
 
 def test_relay_and_namespace_problems_block_readiness() -> None:
@@ -184,13 +190,17 @@ def test_relay_and_namespace_problems_block_readiness() -> None:
     assert cond(closed, "Ready") == ("False", "NamespaceNotAllowed")
 
 
-def test_domain_enabled_reads_the_last_status() -> None:
+def test_verification_is_read_back_from_the_last_status() -> None:
     d = domain()
     checked = reconcile(d, None)
-    assert dm.domain_enabled(domain(status=checked.status)) == (False, "DKIMNotVerified")
+    assert ownership.verified_since(domain(status=checked.status)) is None
+    assert dm.unverified_reason(domain(status=checked.status)) == "DKIMNotVerified"
     first = reconcile(d, None)
     ok = reconcile(d, first.secret, serving(first))
-    assert dm.domain_enabled(domain(status=ok.status)) == (True, "Verified")
+    assert ownership.verified_since(domain(status=ok.status)) == NOW
+    # Verified for example.com says nothing about another name put in spec.domain later.
+    assert ownership.verified_since(domain("example.org", name="example-com",
+                                           status=ok.status)) is None
 
 
 def test_rotation_walks_through_every_stage_with_an_event_each() -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from mailplane_operator.reconcile import credential as cm
 from mailplane_operator.reconcile import domain as dm
+from mailplane_operator.reconcile import ownership, render
 from mailplane_operator.reconcile import relay as relay_mod
-from mailplane_operator.reconcile import render
 from mailplane_operator.reconcile.models import Meta, RetentionPolicy, RetentionPolicySpec
 from mailplane_relay.config import (
     KIND_CREDENTIALS,
@@ -62,7 +62,8 @@ def test_a_typical_relay_renders_to_documents_the_relay_accepts() -> None:
                          "orders-password-" + "x" * 27),
              with_secret(credential("news", "mail", senders=("news.example.org",)),
                          "news-password-" + "y" * 29)]
-    result = run(r, [verified("example.com"), verified("news.example.org")], creds,
+    grant = {"allowedNamespaces": {"matchLabels": {"smtp": "yes"}}}
+    result = run(r, [verified("example.com", **grant), verified("news.example.org")], creds,
                  namespace_labels={"shop": {"smtp": "yes"}}, validate="documents")
     assert result.excluded == ()
     assert result.domains == ("example.com", "news.example.org")
@@ -85,7 +86,7 @@ def test_a_typical_relay_renders_to_documents_the_relay_accepts() -> None:
     assert settings.retention.message_log == 90 * 86400  # the privacy policy's default
     assert settings.shutdown_grace == 25
     # The fast check and the relay's parser agree.
-    fast = run(r, [verified("example.com"), verified("news.example.org")], creds,
+    fast = run(r, [verified("example.com", **grant), verified("news.example.org")], creds,
                namespace_labels={"shop": {"smtp": "yes"}})
     assert fast.config.settings == config.settings
     assert fast.config_hash == result.config_hash
@@ -148,7 +149,7 @@ def test_left_out_resources_carry_the_reason() -> None:
         ("SendingDomain", "mail/example-net"): "NotVerified",
         ("SendingDomain", "mail/example-info"): render.REASON_DKIM_KEY_PENDING,
         ("SendingDomain", "team/example-biz"): "NamespaceNotAllowed",
-        ("SendingDomain", "mail/second"): render.REASON_DUPLICATE_DOMAIN,
+        ("SendingDomain", "mail/second"): ownership.REASON_DOMAIN_CONFLICT,
         ("SmtpCredential", "shop/foreign"): "NamespaceNotAllowed",
         ("SmtpCredential", "mail/wrong-sender"): "SenderDomainNotAttached",
         ("SmtpCredential", "mail/new"): render.REASON_SECRET_PENDING,
@@ -252,7 +253,7 @@ def test_5000_credentials_and_500_domains_fit_in_secrets_under_1_mib() -> None:
     r = relay(allowedNamespaces={})
     domains = []
     for i in range(500):
-        d = domain(f"d{i}.example.com", verification={"skip": True})
+        d = domain(f"d{i}.example.com", verification={"skip": True}, allowedNamespaces={})
         domains.append(render.DomainInput(d, dkim_secret(d, RSA_PEM, "rsa-2048")))
     creds = []
     for i in range(5000):

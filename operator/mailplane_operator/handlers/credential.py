@@ -12,7 +12,8 @@ from ..kube import ApiError
 from ..reconcile import credential as cred_mod
 from ..reconcile.conditions import Event
 from ..reconcile.models import SpecError, parse_smtp_credential
-from ..reconcile.render import attached_domains
+from ..reconcile.ownership import DomainOwner
+from ..reconcile.render import attached_domains, owners_of
 from ..runtime import Body, Runtime
 from .common import (
     REASON_INVALID_SPEC,
@@ -47,18 +48,18 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
         with rt.metrics.reconcile("SmtpCredential"):
             now = rt.clock()
             relay = relay_of(indexes["relays_idx"], relay_key)
-            attached: list[str] = []
+            attached: Mapping[str, DomainOwner] = {}
             ns_labels = await rt.namespace_labels(cred.meta.namespace)
             worker = rt.workers.get(relay_key)
             if relay is not None and worker is not None and worker.last is not None:
                 # The domains the relay actually signs for, as of its last render; a render
                 # that changes them re-checks the credentials it disagrees with.
-                attached = list(worker.last.domains)
+                attached = worker.last.owners
             elif relay is not None:
                 domains = await domain_inputs(rt, indexes["domains_idx"].get(relay_key, ()))
                 labels = await rt.labels_of(d.domain.meta.namespace for d in domains)
                 included, _excluded = attached_domains(relay, domains, labels)
-                attached = list(included)
+                attached = owners_of(included)
             existing = await rt.secret(cred.meta.namespace, cred.secret_name, fresh=True)
             endpoint = (cred_mod.relay_endpoint(relay, rt.config.cluster_domain)
                         if relay is not None else None)

@@ -13,12 +13,14 @@ import kopf
 from .. import kube
 from ..kube import ApiError
 from ..reconcile import domain as domain_mod
-from ..reconcile.conditions import get_condition
-from ..reconcile.models import SpecError, parse_sending_domain
+from ..reconcile import ownership
+from ..reconcile.conditions import READY, get_condition
+from ..reconcile.models import SendingDomain, SpecError, parse_sending_domain
 from ..runtime import Body, Runtime
 from .common import (
     invalid_spec_conditions,
     key_of,
+    parse_all,
     patch_status,
     post_events,
     ref_key,
@@ -38,14 +40,24 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         relay = relay_of(indexes["relays_idx"], relay_key)
         ns_labels = await rt.namespace_labels(dom.meta.namespace)
         existing = await rt.secret(dom.meta.namespace, domain_mod.secret_name(dom), fresh=True)
-        observed = None
-        if not dom.spec.verification.skip:
-            observed = await rt.dns.lookup(domain_mod.names_to_check(dom, existing))
+        # The other claims on this relay (with their last status), to decide the owner.
+        claims: list[SendingDomain] = [
+            c for c in parse_all(parse_sending_domain, indexes["domains_idx"].get(relay_key, ()),
+                                 rt.parsed)
+            if c.spec.domain == dom.spec.domain and c.meta.key != dom.meta.key]
+        claim_labels = await rt.labels_of(c.meta.namespace for c in claims)
+        observed: dict[str, list[str] | None] | None = None
+        errors: dict[str, str] = {}
+        if not (dom.spec.verification.skip
+                and ownership.skip_allowed(relay, dom.meta.namespace, ns_labels)):
+            observed, errors = await rt.dns.lookup_with_errors(
+                domain_mod.names_to_check(dom, existing))
         now = rt.clock()
         # RSA key generation takes tens of milliseconds: keep it off the event loop.
         result = await asyncio.to_thread(
             domain_mod.reconcile_domain, dom, relay=relay, namespace_labels=ns_labels,
-            existing_secret=existing, observed=observed, now=now, key_factory=rt.key_factory)
+            existing_secret=existing, observed=observed, now=now, key_factory=rt.key_factory,
+            lookup_errors=errors, claims=claims, claim_labels=claim_labels)
         action, obj = await rt.client.apply(result.secret)
         rt.remember_secret(dom.meta.namespace, domain_mod.secret_name(dom), obj)
         await patch_status(rt, kube.SENDING_DOMAINS, body, result.status)
@@ -53,17 +65,21 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         conds = result.status.get("conditions")
         dkim_ok = get_condition(conds, domain_mod.DKIM_VERIFIED)
         spf_ok = get_condition(conds, domain_mod.SPF_VERIFIED)
-        rt.metrics.domain(
-            dom.spec.domain,
-            keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
-            interval=dom.spec.dkim.rotation_interval,
-            dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
-            spf=bool(spf_ok and spf_ok.get("status") == "True"))
+        ready = get_condition(conds, READY) or {}
+        if ready.get("reason") != ownership.REASON_DOMAIN_CONFLICT:
+            # The metrics are per domain: a conflicting claim must not overwrite the owner's.
+            rt.metrics.domain(
+                dom.spec.domain,
+                keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
+                interval=dom.spec.dkim.rotation_interval,
+                dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
+                spf=bool(spf_ok and spf_ok.get("status") == "True"),
+                disable_at=(result.disable_time.timestamp() if result.disable_time else None))
         if action != "unchanged":
             log.debug("DKIM Secret %s %s", domain_mod.secret_name(dom), action)
             rt.poke(relay_key)
         # A published next key is waited for like an unverified record: with backoff.
-        settled = (result.enabled or bool(dom.spec.verification.skip)) and (
+        settled = result.verified and result.disable_time is None and (
             result.state.phase != "NextKeyPublished")
         return settled, result.next_check
 
@@ -127,4 +143,6 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         result = await rt.render_now(relay_key, config.delete_timeout)
         if rt.workers.get(relay_key) is not None and result is None:
             raise kopf.TemporaryError("the relay configuration is not rendered yet", delay=1)
-        rt.metrics.domain(str((body.get("spec") or {}).get("domain")), keys=None)
+        ready = get_condition((body.get("status") or {}).get("conditions"), READY) or {}
+        if ready.get("reason") != ownership.REASON_DOMAIN_CONFLICT:
+            rt.metrics.domain(str((body.get("spec") or {}).get("domain")), keys=None)

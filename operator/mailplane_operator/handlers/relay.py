@@ -29,6 +29,7 @@ from ..reconcile.models import (
     parse_smtp_credential,
     parse_smtp_relay,
 )
+from ..reconcile.ownership import REASON_DOMAIN_CONFLICT
 from ..reconcile.render import REASON_DELETING, RenderError, RenderResult, render_relay_config
 from ..runtime import MANAGED_BY_LABELS, Body, RelayKey, RelayWorker, Runtime
 from . import retention
@@ -122,7 +123,22 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 f"{len(result.credentials)} credentials in {len(result.secrets)} Secret(s)")])
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
+        _recheck_stale_domains(rt, result, indexes["domains_idx"].get(key, ()))
         return result
+
+
+def _recheck_stale_domains(rt: Runtime, result: RenderResult, bodies: Iterable[Body]) -> None:
+    """A SendingDomain whose status disagrees with this render about owning its domain (the
+    owner was deleted or lost its verification, so another claim owns it now; or it lost the
+    domain to an earlier claim) is woken to reconcile now rather than at its next DNS check."""
+    for body in bodies:
+        key = key_of(body)
+        exclusion = result.exclusion("SendingDomain", key)
+        conflict = exclusion is not None and exclusion.reason == REASON_DOMAIN_CONFLICT
+        ready = get_condition((body.get("status") or {}).get("conditions"), READY)
+        said_conflict = ready is not None and ready.get("reason") == REASON_DOMAIN_CONFLICT
+        if conflict != said_conflict:
+            rt.wake_domain(key)
 
 
 async def _delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str, name: str,

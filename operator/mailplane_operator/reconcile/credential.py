@@ -21,7 +21,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from mailplane_relay.config import hash_password, verify_password
 
 from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
 from .models import SmtpCredential, SmtpRelay, owner_reference
+from .ownership import REASON_SENDER_NOT_GRANTED, DomainOwner, grant_refusal
 
 ANN_PASSWORD_HASH = "mailplane.io/password-hash"  # noqa: S105 - an annotation key
 ANN_PREVIOUS_HASH = "mailplane.io/previous-password-hash"
@@ -261,11 +262,13 @@ def check_credential(
     cred: SmtpCredential,
     relay: SmtpRelay | None,
     namespace_labels: Mapping[str, str] | None,
-    attached_domains: Collection[str],
+    attached_domains: Mapping[str, DomainOwner],
 ) -> Admission:
     """Admission of a credential to its relay: the relay exists, allows the credential's
-    namespace (``spec.allowedNamespaces``; absent: only the relay's own namespace), and every
-    allowed sender belongs to a domain attached (and enabled) on that relay."""
+    namespace (``spec.allowedNamespaces``; absent: only the relay's own namespace), every
+    allowed sender belongs to a domain attached (and enabled) on that relay, and the
+    SendingDomain owning each of those domains grants the credential's namespace
+    (``reconcile.ownership``)."""
     ref = f"{cred.relay_namespace}/{cred.spec.relay_ref.name}"
     if relay is None:
         return Admission(False, REASON_RELAY_NOT_FOUND, f"SmtpRelay {ref} does not exist")
@@ -283,6 +286,10 @@ def check_credential(
             f"allowed senders use domains not attached to SmtpRelay {ref} or not verified yet: "
             + ", ".join(missing),
         )
+    refusal = grant_refusal(attached_domains, cred.spec.allowed_senders, cred.meta.namespace,
+                            namespace_labels)
+    if refusal is not None:
+        return Admission(False, REASON_SENDER_NOT_GRANTED, refusal)
     return Admission(True, REASON_READY, f"accepted by SmtpRelay {ref}")
 
 
@@ -457,7 +464,7 @@ def reconcile_credential(
     *,
     relay: SmtpRelay | None,
     namespace_labels: Mapping[str, str] | None,
-    attached_domains: Collection[str],
+    attached_domains: Mapping[str, DomainOwner],
     existing_secret: Mapping[str, Any] | None,
     now: datetime,
     random: RandomBytes = os.urandom,
@@ -465,7 +472,8 @@ def reconcile_credential(
 ) -> CredentialResult:
     """Everything the operator does for one SmtpCredential, minus the I/O.
 
-    ``attached_domains``: the domains enabled on the relay (see ``render``/``domain``);
+    ``attached_domains``: the domains enabled on the relay and their owners (see
+    ``render.attached_domains``);
     ``existing_secret``: the application Secret as read from the API, if any;
     ``endpoint``: override of the relay address written to the Secret (``mailplane dev``).
     """

@@ -34,7 +34,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
 from .credential import ANN_ROTATE, namespace_allowed, secret_value
-from .models import SendingDomain, SmtpRelay, SpecError, owner_reference
+from .models import SendingDomain, SmtpRelay, SpecError, TenancySpec, owner_reference
+from .ownership import (
+    REASON_DOMAIN_CONFLICT,
+    REASON_SKIP_NOT_ALLOWED,
+    claim_verified,
+    conflict_message,
+    elect_owners,
+    skip_allowed,
+    skip_refusal,
+    verified_since,
+)
 
 Algorithm = Literal["rsa-2048", "ed25519"]
 Phase = Literal["Stable", "NextKeyPublished", "Switched"]
@@ -47,6 +57,7 @@ LABEL_DOMAIN = "mailplane.io/sending-domain"
 
 DKIM_VERIFIED = "DKIMVerified"
 SPF_VERIFIED = "SPFVerified"
+DNS_VERIFIED = "DNSVerified"
 
 REASON_VERIFIED = "Verified"
 REASON_SKIPPED = "VerificationSkipped"
@@ -421,18 +432,97 @@ class DomainResult:
     """The desired DKIM key Secret."""
     state: DKIMState
     status: dict[str, Any]
-    """The status patch: conditions, observedGeneration, dkim, dnsRecords, relay."""
+    """The status patch: conditions, observedGeneration, dkim, dnsRecords, relay, and the
+    verification times (verifiedTime, recordsMissingSince, disableTime)."""
     events: list[Event]
     enabled: bool
-    """Whether the relay may send for this domain (verified, or verification skipped)."""
+    """Whether the relay may send for this domain: verified (or verification skipped where the
+    relay allows it) and the owner of the domain on its relay."""
     next_check: datetime | None
-    """When the rotation needs the next reconcile (interval end, retirement); DNS re-checks
-    with backoff are the caller's."""
+    """When the next reconcile is due for the rotation (interval end, retirement) or for the end
+    of a DNS grace period; DNS re-checks with backoff are the caller's."""
+    verified: bool = False
+    """Verified by DNS (or skipped where allowed), whether or not this claim owns the domain."""
+    disable_time: datetime | None = None
+    """Set while DNS answers that the DKIM record is gone: when the domain will be disabled."""
 
     @property
     def signing(self) -> DomainSigning:
         key = self.state.active_key
         return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem)
+
+
+@dataclass(frozen=True)
+class _Verification:
+    """The DNS verification of one claim after this reconcile."""
+
+    verified_time: datetime | None
+    missing_since: datetime | None
+    disable_time: datetime | None
+    condition: tuple[bool | str, str, str]
+    events: list[Event]
+
+
+def grace_period(relay: SmtpRelay | None) -> float:
+    return (relay.spec.tenancy if relay is not None else TenancySpec()).dns_grace_period
+
+
+def _verify(domain: SendingDomain, relay: SmtpRelay | None, dkim: tuple[bool | str, str, str],
+            now: datetime) -> _Verification:
+    """Verification with tolerance: a DKIM record served verifies; a failed lookup changes
+    nothing (Unknown); a definite answer that the record is gone disables a verified domain
+    only after the relay's ``spec.tenancy.dnsGracePeriod``."""
+    prev_verified = verified_since(domain)
+    prev_missing = (parse_time(domain.status.get("recordsMissingSince"))
+                    if prev_verified is not None else None)
+    served, reason, message = dkim
+    name = domain.spec.domain
+    if served is True:
+        events = ([Event("Normal", "DNSRecordsRestored",
+                         f"DNS serves the DKIM record of {name} again; the domain stays enabled")]
+                  if prev_missing is not None else [])
+        return _Verification(prev_verified or now, None, None,
+                             (True, REASON_VERIFIED, message), events)
+    if served == "Unknown":
+        if prev_missing is not None:
+            disable = prev_missing + timedelta(seconds=grace_period(relay))
+            message += (f"; DNS last answered that the record is gone (since "
+                        f"{format_time(prev_missing)}): disabled after {format_time(disable)} "
+                        "once DNS answers so again")
+            return _Verification(prev_verified, prev_missing, disable,
+                                 ("Unknown", reason, message), [])
+        if prev_verified is not None:
+            message += "; the domain stays enabled until DNS answers that the record is gone"
+        return _Verification(prev_verified, None, None, ("Unknown", reason, message), [])
+    # A definite answer: the record is not there, or holds another key.
+    if prev_verified is None:
+        return _Verification(None, None, None, (False, reason, message), [])
+    missing = prev_missing or now
+    disable = missing + timedelta(seconds=grace_period(relay))
+    if now >= disable:
+        return _Verification(None, None, None, (False, reason, message), [Event(
+            "Warning", "DomainDisabled",
+            f"{name} disabled: {message} since {format_time(missing)}, longer than the grace "
+            "period (spec.tenancy.dnsGracePeriod of the SmtpRelay); publish the DKIM record "
+            "listed in status.dnsRecords to verify it again")])
+    events = [] if prev_missing is not None else [Event(
+        "Warning", "DNSRecordsMissing",
+        f"{message}: {name} stays enabled until {format_time(disable)} and is disabled then "
+        "unless DNS serves the record listed in status.dnsRecords again")]
+    return _Verification(prev_verified, missing, disable,
+                         (False, reason, f"{message}; disabled at {format_time(disable)} "
+                          "unless it is published again"), events)
+
+
+def eligible_claim(domain: SendingDomain, relay: SmtpRelay,
+                   namespace_labels: Mapping[str, str] | None) -> bool:
+    """Whether a SendingDomain takes part in the election of its domain's owner on ``relay``:
+    it names the relay, is not being deleted, its namespace is allowed, and it is verified."""
+    return (domain.spec.relay_ref.name == relay.meta.name
+            and domain.relay_namespace == relay.meta.namespace
+            and not domain.meta.deletion_timestamp
+            and namespace_allowed(relay, domain.meta.namespace, namespace_labels)
+            and claim_verified(domain, relay, namespace_labels))
 
 
 def reconcile_domain(
@@ -444,14 +534,22 @@ def reconcile_domain(
     observed: Observed | None,
     now: datetime,
     key_factory: KeyFactory = generate_dkim_key,
+    lookup_errors: Mapping[str, str] | None = None,
+    claims: Sequence[SendingDomain] = (),
+    claim_labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> DomainResult:
     """Everything the operator does for one SendingDomain, minus the I/O.
 
     ``observed``: answers for ``names_to_check`` (None: DNS not consulted this time; the
-    verification conditions then say NotChecked unless ``spec.verification.skip``).
+    verification then keeps its last state, Unknown); ``lookup_errors``: name -> why its lookup
+    failed (timeout, SERVFAIL, ...), for the conditions; ``claims``: the other SendingDomains
+    naming the same relay (with their last status), and ``claim_labels`` the labels of their
+    namespaces, to decide which claim owns the domain (``ownership``).
     """
-    skip = domain.spec.verification.skip
+    skip_requested = domain.spec.verification.skip
+    skip = skip_requested and skip_allowed(relay, domain.meta.namespace, namespace_labels)
     obs: Observed = observed or {}
+    errors = lookup_errors or {}
     state = state_from_secret(existing_secret)
     events: list[Event] = []
     # At most one state change per reconcile: each one deserves its own Event and status.
@@ -471,6 +569,8 @@ def reconcile_domain(
     spf_verified, spf_reason, spf_message = (
         spf_ok(domain, obs) if observed is not None
         else (None, REASON_NOT_CHECKED, "DNS not checked yet"))
+    if spf_reason == REASON_LOOKUP_FAILED and domain.spec.domain in errors:
+        spf_message += f" ({errors[domain.spec.domain]})"
     if observed is not None:
         dmarc_answers = obs.get(f"_dmarc.{domain.spec.domain}")
         verified[f"_dmarc.{domain.spec.domain}"] = (
@@ -480,32 +580,50 @@ def reconcile_domain(
 
     active = records[0]
     dkim_ok = verified.get(active.name)
+    dkim_cond: tuple[bool | str, str, str]
     if dkim_ok:
         dkim_cond = (True, REASON_VERIFIED, f"DNS serves the DKIM key of selector {state.active}")
     elif observed is None:
-        dkim_cond = (False, REASON_NOT_CHECKED, "DNS not checked yet")
+        dkim_cond = ("Unknown", REASON_NOT_CHECKED, "DNS not checked yet")
     elif dkim_ok is None:
-        dkim_cond = (False, REASON_LOOKUP_FAILED, f"the TXT lookup of {active.name} failed")
+        why = f" ({errors[active.name]})" if active.name in errors else ""
+        dkim_cond = ("Unknown", REASON_LOOKUP_FAILED,
+                     f"the TXT lookup of {active.name} failed{why}")
     elif obs.get(active.name):
         dkim_cond = (False, REASON_MISMATCH,
                      f"{active.name} serves a different key than the one in status.dnsRecords")
     else:
-        dkim_cond = (False, REASON_NOT_FOUND, f"no DKIM record at {active.name} yet")
-    spf_cond = (bool(spf_verified), spf_reason, spf_message)
+        dkim_cond = (False, REASON_NOT_FOUND, f"no DKIM record at {active.name}")
+    spf_cond: tuple[bool | str, str, str] = (
+        "Unknown" if spf_verified is None else spf_verified, spf_reason, spf_message)
 
-    enabled, ready_reason, ready_message = _readiness(domain, relay, namespace_labels,
-                                                      dkim_cond, spf_cond)
+    if skip:
+        check = _Verification(None, None, None, (True, REASON_SKIPPED,
+                              "DNS verification skipped (spec.verification.skip)"), [])
+    else:
+        check = _verify(domain, relay, dkim_cond, now)
+        events += check.events
+    is_verified = skip or check.verified_time is not None
+    enabled, ready_reason, ready_message = _readiness(
+        domain, relay, namespace_labels, is_verified, dkim_cond, spf_cond, check,
+        claims, claim_labels or {})
     gen, conds = domain.meta.generation, domain.status.get("conditions")
-    conds = set_condition(conds, DKIM_VERIFIED, *dkim_cond, gen, now)
-    conds = set_condition(conds, SPF_VERIFIED, *spf_cond, gen, now)
+    for cond_type, cond in ((DKIM_VERIFIED, dkim_cond), (SPF_VERIFIED, spf_cond),
+                            (DNS_VERIFIED, check.condition)):
+        conds = set_condition(conds, cond_type, cond[0], cond[1], cond[2], gen, now)
     conds = set_condition(conds, READY, enabled, ready_reason, ready_message, gen, now)
-    if observed is not None:
+    if observed is not None and not skip:
         for cond_type, (ok, reason, message) in ((DKIM_VERIFIED, dkim_cond),
                                                  (SPF_VERIFIED, spf_cond)):
             before = get_condition(domain.status.get("conditions"), cond_type)
-            was = before is not None and before.get("status") == "True"
-            if ok != was and not skip:
-                events.append(Event("Normal" if ok else "Warning", reason, message))
+            was = before.get("status") if before is not None else None
+            now_text = "True" if ok is True else "False" if ok is False else "Unknown"
+            if now_text != was and (was is not None or ok is not False):
+                events.append(Event("Normal" if ok is True else "Warning", reason, message))
+    before_ready = get_condition(domain.status.get("conditions"), READY)
+    if ready_reason in _REFUSALS and (before_ready is None
+                                      or before_ready.get("reason") != ready_reason):
+        events.append(Event("Warning", ready_reason, ready_message))
 
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -515,15 +633,33 @@ def reconcile_domain(
         "dkim": _dkim_status(state),
         "dnsRecords": [r.to_status(verified.get(r.name)) for r in records],
     }
+    if check.verified_time is not None:
+        status["verifiedTime"] = format_time(check.verified_time)
+    if check.missing_since is not None:
+        status["recordsMissingSince"] = format_time(check.missing_since)
+    if check.disable_time is not None:
+        status["disableTime"] = format_time(check.disable_time)
     if observed is not None:
         status["lastCheckTime"] = format_time(now)
-    return DomainResult(secret_manifest(domain, state), state, status, events, enabled,
-                        _next_check(domain, state))
+    elif "lastCheckTime" in domain.status:
+        status["lastCheckTime"] = domain.status["lastCheckTime"]
+    nxt = _next_check(domain, state)
+    if check.disable_time is not None:
+        nxt = min(nxt, check.disable_time) if nxt is not None else check.disable_time
+    return DomainResult(secret_manifest(domain, state), state, status, events, enabled, nxt,
+                        is_verified, check.disable_time)
 
 
-def _readiness(domain: SendingDomain, relay: SmtpRelay | None,
-               namespace_labels: Mapping[str, str] | None,
-               dkim: tuple[bool, str, str], spf: tuple[bool, str, str]) -> tuple[bool, str, str]:
+_REFUSALS = frozenset({REASON_DOMAIN_CONFLICT, REASON_SKIP_NOT_ALLOWED,
+                       REASON_NAMESPACE_NOT_ALLOWED, REASON_RELAY_NOT_FOUND})
+
+
+def _readiness(  # noqa: PLR0917 - the inputs of one decision
+    domain: SendingDomain, relay: SmtpRelay | None, namespace_labels: Mapping[str, str] | None,
+    is_verified: bool, dkim: tuple[bool | str, str, str], spf: tuple[bool | str, str, str],
+    check: _Verification, claims: Sequence[SendingDomain],
+    claim_labels: Mapping[str, Mapping[str, str]],
+) -> tuple[bool, str, str]:
     ref = f"{domain.relay_namespace}/{domain.spec.relay_ref.name}"
     if relay is None:
         return False, REASON_RELAY_NOT_FOUND, f"SmtpRelay {ref} does not exist"
@@ -531,13 +667,28 @@ def _readiness(domain: SendingDomain, relay: SmtpRelay | None,
         return (False, REASON_NAMESPACE_NOT_ALLOWED,
                 f"SmtpRelay {ref} does not allow namespace {domain.meta.namespace!r} "
                 "(see its spec.allowedNamespaces)")
+    if domain.spec.verification.skip and not skip_allowed(relay, domain.meta.namespace,
+                                                          namespace_labels):
+        return False, REASON_SKIP_NOT_ALLOWED, skip_refusal(relay, domain)
+    if not is_verified:
+        return False, "DKIMNotVerified", dkim[2]
+    others = [c for c in claims if c.meta.key != domain.meta.key
+              and c.spec.domain == domain.spec.domain
+              and eligible_claim(c, relay, claim_labels.get(c.meta.namespace))]
+    owner = elect_owners(relay, [domain, *others], lambda _c: True)[domain.spec.domain]
+    if owner is not domain:
+        return False, REASON_DOMAIN_CONFLICT, conflict_message(domain, owner, relay)
     if domain.spec.verification.skip:
         return True, REASON_SKIPPED, "DNS verification skipped (spec.verification.skip)"
-    if not dkim[0]:
-        return False, "DKIMNotVerified", dkim[2]
-    if not spf[0]:
-        return False, "SPFNotVerified", spf[2]
-    return True, REASON_VERIFIED, f"DKIM and SPF verified; enabled on SmtpRelay {ref}"
+    message = f"DKIM verified; enabled on SmtpRelay {ref}"
+    if check.disable_time is not None:
+        message = (f"enabled on SmtpRelay {ref} until {format_time(check.disable_time)}: "
+                   f"{check.condition[2]}")
+    elif dkim[0] is not True:
+        message += f" ({dkim[2]})"
+    if spf[0] is not True:
+        message += f"; SPF (shown, not enforced): {spf[2]}"
+    return True, REASON_VERIFIED, message
 
 
 def _dkim_status(state: DKIMState) -> dict[str, Any]:
@@ -566,16 +717,12 @@ def _next_check(domain: SendingDomain, state: DKIMState) -> datetime | None:
     return None
 
 
-def domain_enabled(domain: SendingDomain) -> tuple[bool, str]:
-    """Whether a relay render includes this domain, from its spec and last status:
-    (enabled, reason when not)."""
-    if domain.spec.verification.skip:
-        return True, REASON_SKIPPED
+def unverified_reason(domain: SendingDomain) -> str:
+    """The reason a render gives for leaving out an unverified domain: its Ready reason."""
     ready = get_condition(domain.status.get("conditions"), READY)
-    if ready is not None and ready.get("status") == "True":
-        return True, REASON_VERIFIED
-    reason = str(ready.get("reason")) if ready is not None else "NotVerified"
-    return False, reason
+    if ready is not None and ready.get("status") != "True" and ready.get("reason"):
+        return str(ready["reason"])
+    return "NotVerified"
 
 
 def signing_from_secret(secret: Mapping[str, Any] | None) -> DomainSigning | None:

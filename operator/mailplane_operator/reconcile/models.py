@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -290,6 +291,17 @@ class TenancySpec(_Spec):
     """What the platform (the relay's namespace) decides for the tenants of this relay."""
 
     suspensions: tuple[PlatformSuspension, ...] = Field((), max_length=1000)
+    verification_skip_namespaces: LabelSelector | None = Field(
+        None, alias="verificationSkipNamespaces")
+    """Namespaces whose SendingDomains may use ``verification.skip`` (the relay's own namespace
+    always may; absent: no other)."""
+    dns_grace_period: float = Field(72 * 3600.0, alias="dnsGracePeriod", ge=0)
+    """How long a verified domain stays enabled after DNS answers that its DKIM record is gone,
+    before it is disabled."""
+
+    _d = _durations("dns_grace_period")
+
+
 def _monitoring_namespace() -> LabelSelector:
     return LabelSelector(match_labels={"kubernetes.io/metadata.name": "monitoring"})
 
@@ -376,6 +388,9 @@ class VerificationSpec(_Spec):
 class SendingDomainSpec(_Spec):
     domain: str
     relay_ref: ObjectRef = Field(alias="relayRef")
+    allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
+    """Other namespaces whose SmtpCredentials may send as this domain (absent: none; ``{}``:
+    every namespace the relay allows). Credentials in the domain's own namespace always may."""
     dkim: DKIMSpec = DKIMSpec()
     spf: SPFSpec = SPFSpec()
     dmarc: DMARCSpec = DMARCSpec()
@@ -476,6 +491,8 @@ class Meta:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     deletion_timestamp: str | None = None
+    creation_timestamp: datetime | None = None
+    """Set by the API server; decides which of two claims on one domain came first."""
 
     @property
     def key(self) -> str:
@@ -549,7 +566,18 @@ def parse_meta(body: Mapping[str, Any]) -> Meta:
         labels=dict(md.get("labels") or {}),
         annotations=dict(md.get("annotations") or {}),
         deletion_timestamp=md.get("deletionTimestamp") or None,
+        creation_timestamp=_parse_timestamp(md.get("creationTimestamp")),
     )
+
+
+def _parse_timestamp(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _parse_spec(model: type[_S], kind: str, body: Mapping[str, Any]) -> tuple[Meta, _S]:

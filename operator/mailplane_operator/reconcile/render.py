@@ -11,9 +11,11 @@ exactly as the relay will) before it is returned: a render the relay would rejec
 ``RenderError`` instead of reaching the cluster.
 
 A domain is included when it references this relay, its namespace is allowed, it is verified
-(or ``spec.verification.skip``) and its DKIM key exists. A credential is included when it
-references this relay, its namespace is allowed, every allowed sender's domain is included, and
-its Secret holds a password. Everything left out is listed in ``RenderResult.excluded`` with the
+(or ``spec.verification.skip`` where the relay allows skipping), it owns its domain on this relay
+(``ownership``: the earliest verified claim) and its DKIM key exists. A credential is included
+when it references this relay, its namespace is allowed, every allowed sender's domain is
+included and granted to the credential's namespace by its owner, and its Secret holds a
+password. Everything left out is listed in ``RenderResult.excluded`` with the
 reason (the same reasons as the resources' Ready conditions). Output is deterministic: same
 inputs, same files, same hash.
 """
@@ -46,6 +48,7 @@ from mailplane_relay.config import (
 
 from . import credential as cred_mod
 from . import domain as domain_mod
+from . import ownership
 from . import relay as relay_mod
 from .models import (
     RetentionPolicy,
@@ -60,7 +63,6 @@ MAX_SECRET_BYTES = 900 * 1024
 """Upper bound of one config Secret's JSON manifest (base64 data included)."""
 _SECRET_OVERHEAD = 4096
 
-REASON_DUPLICATE_DOMAIN = "DuplicateDomain"
 REASON_DKIM_KEY_PENDING = "DKIMKeyPending"
 REASON_SECRET_PENDING = "SecretPending"  # noqa: S105 - a condition reason
 REASON_DELETING = "Deleting"
@@ -121,6 +123,8 @@ class RenderResult:
     """File name -> YAML text: exactly what the relay reads from its config directory."""
     config_hash: str
     domains: tuple[str, ...]
+    owners: Mapping[str, ownership.DomainOwner]
+    """Each rendered domain's owning SendingDomain and its grants (for credential admission)."""
     credentials: tuple[str, ...]
     """``namespace/name`` of each rendered SmtpCredential."""
     excluded: tuple[Exclusion, ...]
@@ -146,9 +150,15 @@ def attached_domains(
     domains: Sequence[DomainInput],
     namespace_labels: Mapping[str, Mapping[str, str]],
 ) -> tuple[dict[str, tuple[SendingDomain, domain_mod.DomainSigning]], list[Exclusion]]:
-    """Domains the relay sends for (name -> (resource, signing key)) and those left out."""
+    """Domains the relay sends for (name -> (owning claim, signing key)) and those left out.
+
+    Of several claims on one domain only the owner (``ownership.elect_owners``: the earliest
+    verified claim) is considered; the others are left out with ``DomainConflict``, whatever
+    state the owner's key is in, so that a later claim never replaces the owner's key.
+    """
     included: dict[str, tuple[SendingDomain, domain_mod.DomainSigning]] = {}
     excluded: list[Exclusion] = []
+    candidates: list[DomainInput] = []
     for item in sorted(domains, key=lambda d: d.domain.meta.key):
         dom = item.domain
 
@@ -160,26 +170,42 @@ def attached_domains(
         if dom.meta.deletion_timestamp:
             out(REASON_DELETING, "being deleted")
             continue
-        if not cred_mod.namespace_allowed(relay, dom.meta.namespace,
-                                          namespace_labels.get(dom.meta.namespace)):
+        labels = namespace_labels.get(dom.meta.namespace)
+        if not cred_mod.namespace_allowed(relay, dom.meta.namespace, labels):
             out(domain_mod.REASON_NAMESPACE_NOT_ALLOWED,
                 f"SmtpRelay {relay.meta.key} does not allow namespace {dom.meta.namespace!r}")
             continue
-        enabled, reason = domain_mod.domain_enabled(dom)
-        if not enabled:
-            out(reason, f"domain {dom.spec.domain} is not verified yet")
+        if dom.spec.verification.skip and not ownership.skip_allowed(
+                relay, dom.meta.namespace, labels):
+            out(ownership.REASON_SKIP_NOT_ALLOWED, ownership.skip_refusal(relay, dom))
+            continue
+        if not ownership.claim_verified(dom, relay, labels):
+            out(domain_mod.unverified_reason(dom), f"domain {dom.spec.domain} is not verified")
+            continue
+        candidates.append(item)
+    owners = ownership.elect_owners(relay, (c.domain for c in candidates), lambda _c: True)
+    for item in candidates:
+        dom = item.domain
+        owner = owners[dom.spec.domain]
+        if owner is not dom:
+            excluded.append(Exclusion("SendingDomain", dom.meta.key,
+                                      ownership.REASON_DOMAIN_CONFLICT,
+                                      ownership.conflict_message(dom, owner, relay)))
             continue
         signing = domain_mod.signing_from_secret(item.dkim_secret)
         if signing is None:
-            out(REASON_DKIM_KEY_PENDING, f"no DKIM key for {dom.spec.domain} yet")
-            continue
-        if dom.spec.domain in included:
-            first = included[dom.spec.domain][0].meta.key
-            out(REASON_DUPLICATE_DOMAIN, f"{dom.spec.domain} is already provided by "
-                f"SendingDomain {first}")
+            excluded.append(Exclusion("SendingDomain", dom.meta.key, REASON_DKIM_KEY_PENDING,
+                                      f"no DKIM key for {dom.spec.domain} yet"))
             continue
         included[dom.spec.domain] = (dom, signing)
     return included, excluded
+
+
+def owners_of(
+    included: Mapping[str, tuple[SendingDomain, domain_mod.DomainSigning]],
+) -> dict[str, ownership.DomainOwner]:
+    """What credential admission needs of ``attached_domains``' result: each owner's grants."""
+    return {name: ownership.DomainOwner.of(dom) for name, (dom, _s) in included.items()}
 
 
 def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -> dict[str, Any]:
@@ -371,6 +397,7 @@ def render_relay_config(
     paths = paths or RuntimePaths()
     retention = retention_for_relay(relay, policies)
     included, excluded = attached_domains(relay, domains, namespace_labels)
+    owners = owners_of(included)
     cred_entries: list[tuple[str, dict[str, Any]]] = []
     rendered_creds: list[str] = []
     for item in sorted(credentials, key=lambda c: c.credential.meta.key):
@@ -382,7 +409,7 @@ def render_relay_config(
             excluded.append(Exclusion("SmtpCredential", key, REASON_DELETING, "being deleted"))
             continue
         admission = cred_mod.secret_conflict(cred, item.secret) or cred_mod.check_credential(
-            cred, relay, namespace_labels.get(cred.meta.namespace), included)
+            cred, relay, namespace_labels.get(cred.meta.namespace), owners)
         if not admission.allowed:
             excluded.append(Exclusion("SmtpCredential", key, admission.reason, admission.message))
             continue
@@ -422,6 +449,7 @@ def render_relay_config(
         files=all_files,
         config_hash=config_hash,
         domains=tuple(sorted(included)),
+        owners=owners,
         credentials=tuple(rendered_creds),
         excluded=tuple(excluded),
         retention=retention,
