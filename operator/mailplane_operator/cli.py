@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from .logs import LOG_FORMATS, setup_logging
 from .reconcile.relay import DEFAULT_IMAGE
 
 logger = logging.getLogger(__name__)
@@ -52,18 +53,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="DNS suffix of Services, for the host in application Secrets "
                              "(default %(default)s)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default) or json: one JSON object per line with ts, "
+                             "level, logger, msg and the object a record is about")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # kopf logs every request attempt at DEBUG; keep that only when asked for.
-    if not args.verbose:
-        logging.getLogger("kopf").setLevel(logging.INFO)
+    setup_logging(args.log_format, verbose=args.verbose)
 
     from prometheus_client import start_http_server  # noqa: PLC0415 - lazy: see main.py
 

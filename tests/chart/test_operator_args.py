@@ -1,35 +1,42 @@
-"""The command line the chart gives the operator container is one `mailplane operator` accepts."""
+"""The command lines the chart and the operator give their containers are ones the CLI accepts,
+for the defaults and for every values file in the chart's ci/ directory as it is."""
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 from typing import Any
 
 import pytest
 
-from .conftest import CHART_DIR, load_values, render_install
+from mailplane_cli.main import build_parser
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mailplane_operator.cli") is None,
-                                reason="mailplane_operator.cli not written yet")
+from .conftest import CI_VALUES, load_values, render_install
+
+VALUES = [pytest.param({}, id="defaults")] + [
+    pytest.param(load_values(p), id=p.stem) for p in CI_VALUES]
 
 
-@pytest.mark.parametrize("values", [
-    pytest.param({}, id="defaults"),
-    pytest.param({k: v for k, v in load_values(CHART_DIR / "ci" / "namespaced-values.yaml").items()
-                  if k != "operator"} | {"operator": {
-                      "watchNamespaces": ["mail", "shop"], "metricsPort": 9090,
-                      "dnsResolver": "10.0.0.10:53", "clusterDomain": "corp.internal",
-                      "verbose": True}},
-                 id="namespaced"),
-])
+def parse(argv: list[str]) -> Any:
+    """argparse exits 2 on an argument it does not know; say which instead."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        raise AssertionError(f"mailplane rejects {argv}: {err.getvalue()}") from exc
+
+
+@pytest.mark.parametrize("values", VALUES)
 def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None:
-    from mailplane_cli.main import build_parser
-
     [deployment] = render_install(values).of_kind("Deployment")
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    args = build_parser().parse_args(container["args"])
+    args = parse(container["args"])
     assert args.command == "operator"
-    assert args.cluster_domain == values.get("operator", {}).get("clusterDomain", "cluster.local")
+    operator = values.get("operator", {})
+    assert args.cluster_domain == operator.get("clusterDomain", "cluster.local")
+    assert args.namespace == operator.get("watchNamespaces", [])
+    assert args.verbose is operator.get("verbose", False)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args.metrics_port == ports["metrics"]
     assert args.liveness_port == ports["healthz"]
@@ -38,3 +45,26 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
     # Relays without spec.image run the chart's image.
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MAILPLANE_RELAY_IMAGE"] == container["image"]
+
+
+def test_the_ci_values_use_the_json_log_format() -> None:
+    """ci/namespaced-values.yaml passes --log-format=json through extraArgs: it takes effect."""
+    [path] = [p for p in CI_VALUES if p.stem == "namespaced-values"]
+    [deployment] = render_install(load_values(path)).of_kind("Deployment")
+    args = parse(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.log_format == "json"
+    assert parse(["operator"]).log_format == "text"
+    with pytest.raises(AssertionError, match="invalid choice"):
+        parse(["operator", "--log-format=yaml"])
+
+
+def test_the_relay_parses_the_command_the_operator_gives_its_pods() -> None:
+    from mailplane_operator.reconcile import relay as relay_mod
+    from tests.operator.reconcile_builders import relay
+
+    pod = relay_mod.pod_template(relay(), relay_mod.DEFAULT_IMAGE)["spec"]
+    [container] = pod["containers"]
+    command = container["command"]
+    assert command[0] == "mailplane"
+    args = parse(command[1:])
+    assert args.command == "relay"

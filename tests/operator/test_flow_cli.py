@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -73,3 +74,38 @@ def test_the_operator_command_runs_against_the_kubeconfig_cluster(
     assert proc.returncode == 0, output[-3000:]
     assert password not in output
     assert "Mailplane operator starting against" in output
+
+
+@pytest.mark.slow
+def test_json_logs_are_one_object_per_line_and_name_the_object(
+        kube_api: KubeApi, tmp_path: pathlib.Path) -> None:
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", kube_api.url)
+    env = {k_: v for k_, v in os.environ.items() if not k_.startswith("KUBERNETES_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig", str(kubeconfig),
+         "--metrics-port", "0", "--all-namespaces", "--log-format=json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        kube_api.create(k.NAMESPACES, namespace_body("mail"))
+        kube_api.create(k.NAMESPACES, namespace_body("shop", **{
+            "mailplane.io/smtp-access": "true"}))
+        kube_api.create(k.SMTP_RELAYS, relay_body())
+        kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+        kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
+        kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api),
+                            timeout=30, what="the process to render the relay configuration")
+        password = kube_api.secret_data("shop", "orders-smtp")["password"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output[-3000:]
+    assert password not in output
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    for record in records:
+        assert {"ts", "level", "logger", "msg"} <= set(record), record
+        assert record["ts"].endswith("Z")
+    assert any(r["msg"].startswith("Mailplane operator starting against") for r in records)
+    # kopf's per-object records say which object they are about.
+    about = {(r["object"].get("kind"), r["object"].get("namespace"), r["object"]["name"])
+             for r in records if "object" in r}
+    assert ("SmtpCredential", "shop", "orders") in about, about
