@@ -79,7 +79,6 @@ def build_settings(config: OperatorConfig) -> kopf.OperatorSettings:
         settings.batching.exit_timeout = 2.0
         settings.watching.reconnect_backoff = 0.1
         settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
-        settings.scanning.disabled = True
     return settings
 
 
