@@ -40,12 +40,12 @@ from .config import (
 )
 from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
+from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
 from .messagelog import MessageLog, SuppressionList
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
-from .server import SubmissionServer
 from .spool import Spool, SpoolErasure, SpoolError
 from .tlsctx import ReloadingTLS
 

@@ -200,7 +200,7 @@ async def test_sender_paths_parse_alike_on_both_parsers(relay: Relay, path: str)
 
 
 def test_header_fields_unfold_and_compare_names_loosely() -> None:
-    from mailplane_relay.server import header_fields
+    from mailplane_relay.ingress.hygiene import header_fields
 
     content = (b"Subject: x\r\nFROM: Alice\r\n <alice@example.com>\r\nMessage-ID:\r\n\t<id@x>\r\n"
                b"From : evil@other.org\r\nX-Note: From: not@a.header\r\n\r\nFrom: body@x.y\r\n")

@@ -22,11 +22,11 @@ import trustme
 
 from mailplane_relay.config import RelayConfig, RelaySettings, hash_password
 from mailplane_relay.events import LogEvent
+from mailplane_relay.ingress import SubmissionServer
 from mailplane_relay.ingress.throttle import AuthThrottle
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.ratelimit import Limiter
 from mailplane_relay.reputation import Reputation
-from mailplane_relay.server import SubmissionServer
 from mailplane_relay.spool import QueuedMessage, Spool
 from mailplane_relay.tlsctx import ReloadingTLS
 from tests.helpers.pki import ServerPair, client_context, write_ca_file, write_server_pair
