@@ -33,6 +33,8 @@ class OperatorMetrics:
     up: Gauge
     _credential_states: dict[str, str] = field(default_factory=dict)
     _dkim_selectors: dict[str, set[str]] = field(default_factory=dict)
+    _domain_claims: dict[str, str] = field(default_factory=dict)
+    """domain -> the SendingDomain (namespace/name) whose values its series show."""
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> OperatorMetrics:
@@ -124,9 +126,23 @@ class OperatorMetrics:
 
     def domain(self, domain: str, *, keys: dict[str, float] | None,
                interval: float | None = None, dkim: bool | None = None,
-               spf: bool | None = None, disable_at: float | None = None) -> None:
+               spf: bool | None = None, disable_at: float | None = None,
+               claim: str | None = None, owner: bool = True) -> None:
         """Record a domain's keys (selector -> created), verification and the end of its DNS
-        grace period (None: not in one); keys None forgets the domain."""
+        grace period (None: not in one); keys None forgets the domain.
+
+        Several SendingDomains (``claim``: namespace/name) may name one domain; its series show
+        one of them: the owner (``owner``) takes them over, another claim writes them only while
+        no other claim holds them, and forgets them only if it holds them. So another tenant's
+        claim cannot overwrite or remove the owner's series."""
+        if claim is not None:
+            holder = self._domain_claims.get(domain)
+            if holder not in (None, claim) and not (owner and keys is not None):
+                return
+            if keys is None:
+                self._domain_claims.pop(domain, None)
+            else:
+                self._domain_claims[domain] = claim
         for selector in self._dkim_selectors.pop(domain, set()) - set(keys or {}):
             with suppress(KeyError):
                 self.dkim_key_created.remove(domain, selector)

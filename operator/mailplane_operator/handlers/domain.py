@@ -14,7 +14,7 @@ from .. import kube
 from ..kube import ApiError
 from ..reconcile import domain as domain_mod
 from ..reconcile import ownership
-from ..reconcile.conditions import READY, get_condition
+from ..reconcile.conditions import get_condition
 from ..reconcile.models import SendingDomain, SpecError, parse_sending_domain
 from ..runtime import Body, Runtime
 from .common import (
@@ -65,16 +65,15 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         conds = result.status.get("conditions")
         dkim_ok = get_condition(conds, domain_mod.DKIM_VERIFIED)
         spf_ok = get_condition(conds, domain_mod.SPF_VERIFIED)
-        ready = get_condition(conds, READY) or {}
-        if ready.get("reason") != ownership.REASON_DOMAIN_CONFLICT:
-            # The metrics are per domain: a conflicting claim must not overwrite the owner's.
-            rt.metrics.domain(
-                dom.spec.domain,
-                keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
-                interval=dom.spec.dkim.rotation_interval,
-                dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
-                spf=bool(spf_ok and spf_ok.get("status") == "True"),
-                disable_at=(result.disable_time.timestamp() if result.disable_time else None))
+        # The series are per domain: a claim that does not own it must not overwrite the owner's.
+        rt.metrics.domain(
+            dom.spec.domain,
+            keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
+            interval=dom.spec.dkim.rotation_interval,
+            dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
+            spf=bool(spf_ok and spf_ok.get("status") == "True"),
+            disable_at=(result.disable_time.timestamp() if result.disable_time else None),
+            claim=dom.meta.key, owner=result.enabled)
         if action != "unchanged":
             log.debug("DKIM Secret %s %s", domain_mod.secret_name(dom), action)
             rt.poke(relay_key)
@@ -143,6 +142,5 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         result = await rt.render_now(relay_key, config.delete_timeout)
         if rt.workers.get(relay_key) is not None and result is None:
             raise kopf.TemporaryError("the relay configuration is not rendered yet", delay=1)
-        ready = get_condition((body.get("status") or {}).get("conditions"), READY) or {}
-        if ready.get("reason") != ownership.REASON_DOMAIN_CONFLICT:
-            rt.metrics.domain(str((body.get("spec") or {}).get("domain")), keys=None)
+        rt.metrics.domain(str((body.get("spec") or {}).get("domain")), keys=None,
+                          claim=key_of(body))
