@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mailplane_operator.reconcile import credential as credential_mod
+from mailplane_operator.reconcile import credential_state, models, render
 from mailplane_operator.reconcile import domain as domain_mod
-from mailplane_operator.reconcile import models, render
 from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile import retention as retention_mod
 from mailplane_operator.reconcile.conditions import Event
@@ -315,16 +315,22 @@ def prepare(
     ready: list[models.SmtpCredential] = []
     for cred in sorted(manifests.credentials, key=lambda c: c.meta.key):
         existing = read_secret(state_dir, cred.meta.namespace, cred.secret_name)
+        stored = read_secret(state_dir, relay.meta.namespace,
+                             credential_state.state_secret_name(cred))
         cred_result = credential_mod.reconcile_credential(
             cred, relay=relay if render.refers_to(cred, relay) else None,
             namespace_labels=manifests.namespaces.get(cred.meta.namespace),
-            attached_domains=attached, existing_secret=existing, now=now, endpoint=endpoint)
+            attached_domains=attached, existing_secret=existing, stored_state=stored, now=now,
+            endpoint=endpoint)
+        if cred_result.state_secret is not None:
+            write_secret(state_dir, cred_result.state_secret)
         events += [(f"SmtpCredential {cred.meta.key}", e) for e in cred_result.events]
         write_status(state_dir, cred, cred_result.status)
         if cred_result.secret is not None:
             files[cred.meta.key] = write_secret(state_dir, cred_result.secret)
-            cred_inputs.append(render.CredentialInput(cred, cred_result.secret))
-            if cred_result.admission.allowed and not cred.spec.suspended:
+            cred_inputs.append(render.CredentialInput(cred, cred_result.secret,
+                                                      cred_result.state_secret))
+            if cred_result.admission.allowed and not cred_result.status.get("suspendedBy"):
                 ready.append(cred)
 
     relay_dir = state_dir / "relay"

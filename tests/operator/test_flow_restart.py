@@ -1,5 +1,6 @@
 """An operator restart in the middle of rotations loses nothing and writes nothing it need not:
-the rotation state lives in the Secrets, and kopf's indexes are complete before handlers run."""
+the rotation state lives in Secrets (the credential's in the relay's namespace), and kopf's
+indexes are complete before handlers run."""
 
 from __future__ import annotations
 
@@ -60,9 +61,13 @@ def test_restart_mid_rotation(kube_api: KubeApi, dns_server: LoopbackDNS,
     first.stop()
 
     files = rendered_config(kube_api)
+    cred = kube_api.get(k.SMTP_CREDENTIALS, "shop", "orders")
+    assert cred is not None
+    state = f"mailplane-credential-{cred['metadata']['uid']}"
     versions = {(r.plural, ns, n): _rv(kube_api, r, ns, n) for r, ns, n in (
         (k.SECRETS, "mail", "main-config-0"), (k.SECRETS, "shop", "orders-smtp"),
-        (k.SECRETS, "mail", "example-com-dkim"))}
+        (k.SECRETS, "mail", state), (k.SECRETS, "mail", "example-com-dkim"))}
+    status = cred["status"]
 
     second = operator_factory(clock=clock, dns_resolver=resolver)
     kube_api.wait_until(lambda: second.runtime and second.runtime[0].workers.get(
@@ -74,6 +79,11 @@ def test_restart_mid_rotation(kube_api: KubeApi, dns_server: LoopbackDNS,
     entry = rendered_credentials(kube_api)["shop.orders"]
     assert "previousPasswordHash" in entry
     assert kube_api.secret_data("shop", "orders-smtp")["password"] == new_password
+    after = kube_api.get(k.SMTP_CREDENTIALS, "shop", "orders")
+    assert after is not None
+    for field in ("lastRotationTime", "nextRotationTime", "previousPasswordExpires",
+                  "lastRotationRequest"):
+        assert after["status"][field] == status[field], field
 
     # The new operator carries both rotations on.
     for record in pending["status"]["dnsRecords"]:

@@ -9,6 +9,7 @@ import base64
 from typing import Any
 
 from mailplane_operator import kube as k
+from mailplane_relay.config import Credential, hash_password
 from tests.helpers.kube import (
     KubeApi,
     RunningOperator,
@@ -80,6 +81,10 @@ def test_a_secret_the_credential_did_not_create_stays_untouched(
               and p.endswith(("/secrets/db-password", "/secrets/app-smtp"))]
     assert writes == []
     assert "tenant-a.app" in rendered_credentials(kube_api)
+    # A refused credential made the operator write nothing in the relay's namespace either.
+    states = [s["metadata"]["annotations"]["mailplane.io/credential"] for s in kube_api.list(
+        k.SECRETS, "mail", {"mailplane.io/component": "credential-state"})]
+    assert states == ["tenant-a/app"]
 
 
 def test_ceilings_cap_and_platform_suspensions_hold_whatever_the_tenant_writes(
@@ -131,3 +136,60 @@ def test_ceilings_cap_and_platform_suspensions_hold_whatever_the_tenant_writes(
     kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app",
                       lambda o: _ready(o).get("reason") == "CredentialReady"
                       and "suspendedBy" not in (o or {}).get("status", {}))
+
+
+def _state(api: KubeApi, namespace: str, name: str) -> dict[str, str]:
+    cred = api.get(k.SMTP_CREDENTIALS, namespace, name)
+    assert cred is not None
+    return api.secret_data("mail", f"mailplane-credential-{cred['metadata']['uid']}")
+
+
+def test_forged_rotation_state_on_the_tenant_secret_has_no_effect(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _tenants(kube_api)
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "app", ["b.example"], namespace="tenant-b",
+        rotation={"interval": "24h", "overlap": "1h"}))
+    kube_api.wait_until(lambda: rendered_credentials(kube_api).get("tenant-b.app"),
+                        what="tenant B's credential")
+    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                             lambda o: (o or {}).get("status", {}).get("nextRotationTime"))
+    schedule = cred["status"]["nextRotationTime"]
+    real = kube_api.secret_data("tenant-b", "app-smtp")["password"]
+    state = _state(kube_api, "tenant-b", "app")
+    assert state["password"] == real
+
+    # Tenant B keeps a password of its choosing valid for decades and pushes rotation out.
+    known = "chosen-by-the-tenant"
+    forged_hash = hash_password(known)
+    kube_api.patch(k.SECRETS, "tenant-b", "app-smtp", {
+        "metadata": {"annotations": {
+            "mailplane.io/password-hash": forged_hash,
+            "mailplane.io/previous-password-hash": forged_hash,
+            "mailplane.io/previous-expires": "2099-01-01T00:00:00Z",
+            "mailplane.io/rotated-at": "2099-01-01T00:00:00Z"}},
+        "data": {"password": base64.b64encode(known.encode()).decode()}})
+    # A reconcile (any change to its SmtpCredential) puts the real password back.
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                   {"metadata": {"labels": {"touched": "yes"}}})
+    kube_api.wait_until(lambda: kube_api.secret_data("tenant-b", "app-smtp")["password"] == real,
+                        what="the password put back")
+    secret = kube_api.get(k.SECRETS, "tenant-b", "app-smtp")
+    assert secret is not None and not secret["metadata"].get("annotations")
+    entry = Credential.model_validate(rendered_credentials(kube_api)["tenant-b.app"])
+    assert entry.check_password(real) and not entry.check_password(known)
+    assert entry.previous_password_hash is None
+    assert _state(kube_api, "tenant-b", "app") == state
+
+    # The schedule holds: the rotation comes when it was due, not in 2099.
+    operator_running.clock.advance(24 * 3600 + 1)
+    kube_api.wait_until(lambda: kube_api.secret_data("tenant-b", "app-smtp")["password"] != real,
+                        what="the scheduled rotation")
+    cred = kube_api.get(k.SMTP_CREDENTIALS, "tenant-b", "app")
+    assert cred is not None and cred["status"]["nextRotationTime"] > schedule
+
+    # Deleting the credential deletes its state in the relay's namespace.
+    uid = cred["metadata"]["uid"]
+    kube_api.delete(k.SMTP_CREDENTIALS, "tenant-b", "app")
+    kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app", lambda o: o is None)
+    kube_api.wait_for(k.SECRETS, "mail", f"mailplane-credential-{uid}", lambda o: o is None)

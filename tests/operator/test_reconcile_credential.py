@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from mailplane_operator.reconcile import credential as cm
+from mailplane_operator.reconcile import credential_state as cs
 from mailplane_operator.reconcile.conditions import get_condition
 from mailplane_operator.reconcile.models import LabelSelector
 from mailplane_operator.reconcile.ownership import DomainOwner
@@ -26,27 +27,33 @@ def owners(*names: str, namespace: str = "mail",
 
 # Granted to every namespace: these tests are about the relay's side of admission.
 ATTACHED = owners("example.com", allowed=LabelSelector())
+RELAY = relay()
 
 
 def values(secret: dict[str, Any]) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
 
-def reconcile(cred: Any, existing: dict[str, Any] | None = None, *, now: Any = NOW,
+def reconcile(cred: Any, before: cm.CredentialResult | None = None, *, now: Any = NOW,
+              existing: dict[str, Any] | None = None, stored: dict[str, Any] | None = None,
               r: Any = "default", labels: dict[str, str] | None = None,
               attached: Mapping[str, DomainOwner] = ATTACHED) -> cm.CredentialResult:
+    """One reconcile; ``before``: the previous one, whose Secrets are now in the cluster."""
+    if before is not None:
+        existing = existing if existing is not None else before.secret
+        stored = stored if stored is not None else before.state_secret
     return cm.reconcile_credential(
-        cred, relay=relay() if r == "default" else r, namespace_labels=labels,
-        attached_domains=attached, existing_secret=existing, now=now)
+        cred, relay=RELAY if r == "default" else r, namespace_labels=labels,
+        attached_domains=attached, existing_secret=existing, stored_state=stored, now=now)
 
 
 def assert_no_secret_leaks(result: cm.CredentialResult) -> None:
-    assert result.secret is not None
+    assert result.secret is not None and result.state_secret is not None
     secret = values(result.secret)
-    ann = result.secret["metadata"]["annotations"]
     exposed = json.dumps(result.status) + repr(result.events) + repr(result.state)
-    for value in (secret["password"], ann[cm.ANN_PASSWORD_HASH]):
+    for value in (secret["password"], values(result.state_secret)["passwordHash"]):
         assert value not in exposed
+    assert json.dumps(result.secret["metadata"]).find("sha256$") < 0
 
 
 def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
@@ -58,8 +65,8 @@ def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
     v = values(secret)
     assert v["username"] == "mail.app"
     assert re.fullmatch(r"[A-Za-z0-9]{43}", v["password"])  # 256 bits; never starts with '-'
-    assert len({cm.generate_password() for _ in range(200)}) == 200
-    assert cm.generate_password(lambda n: b"\xff" * n) == cm.generate_password(
+    assert len({cs.generate_password() for _ in range(200)}) == 200
+    assert cs.generate_password(lambda n: b"\xff" * n) == cs.generate_password(
         lambda n: b"\xff" * n)
     assert v["host"] == "main.mail.svc.cluster.local"
     assert v["port"] == "587" and v["tls"] == "starttls"
@@ -69,11 +76,20 @@ def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
     assert (md["name"], md["namespace"]) == ("app-smtp", "mail")
     assert md["ownerReferences"][0]["kind"] == "SmtpCredential"
     assert md["ownerReferences"][0]["uid"] == cred.meta.uid
-    ann = md["annotations"]
-    assert verify_password(v["password"], ann[cm.ANN_PASSWORD_HASH])
-    assert ann[cm.ANN_PASSWORD_HASH].startswith("sha256$")
-    assert ann[cm.ANN_ROTATED_AT] == "2026-11-27T12:00:00Z"
-    assert [e.reason for e in result.events] == [cm.ROTATION_INITIAL]
+    assert md["annotations"] == {}  # no rotation state where the tenant can write
+    # The state lives in the relay's namespace, owned by the SmtpRelay.
+    state = result.state_secret
+    assert state is not None
+    smd = state["metadata"]
+    assert (smd["name"], smd["namespace"]) == (f"mailplane-credential-{cred.meta.uid}", "mail")
+    assert smd["ownerReferences"][0]["kind"] == "SmtpRelay"
+    assert smd["labels"]["mailplane.io/component"] == "credential-state"
+    sv = values(state)
+    assert sv["password"] == v["password"]
+    assert verify_password(v["password"], sv["passwordHash"])
+    assert sv["passwordHash"].startswith("sha256$")
+    assert sv["rotatedAt"] == "2026-11-27T12:00:00Z"
+    assert [e.reason for e in result.events] == [cs.ROTATION_INITIAL]
     ready = get_condition(result.status["conditions"], "Ready")
     assert ready is not None and ready["status"] == "True"
     assert result.status["secretName"] == "app-smtp"
@@ -83,9 +99,9 @@ def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
 def test_reconcile_is_idempotent() -> None:
     cred = credential()
     first = reconcile(cred)
-    second = reconcile(cred, first.secret, now=NOW + timedelta(hours=1))
+    second = reconcile(cred, first, now=NOW + timedelta(hours=1))
     assert not second.rotated and second.events == []
-    assert second.secret == first.secret
+    assert second.secret == first.secret and second.state_secret == first.state_secret
 
 
 def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
@@ -94,11 +110,11 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
     assert first.next_check == NOW + timedelta(hours=24)
     assert first.secret is not None
     old = values(first.secret)["password"]
-    not_yet = reconcile(cred, first.secret, now=NOW + timedelta(hours=23, minutes=59))
+    not_yet = reconcile(cred, first, now=NOW + timedelta(hours=23, minutes=59))
     assert not not_yet.rotated
     at = NOW + timedelta(hours=24)
-    rotated = reconcile(cred, first.secret, now=at)
-    assert rotated.rotated and [e.reason for e in rotated.events] == [cm.ROTATION_SCHEDULED]
+    rotated = reconcile(cred, first, now=at)
+    assert rotated.rotated and [e.reason for e in rotated.events] == [cs.ROTATION_SCHEDULED]
     assert rotated.secret is not None
     new = values(rotated.secret)["password"]
     assert new != old
@@ -113,9 +129,9 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
     assert rotated.status["nextRotationTime"] == "2026-11-29T12:00:00Z"
     assert_no_secret_leaks(rotated)
     # After the overlap the previous hash disappears from the Secret and the relay entry.
-    later = reconcile(cred, rotated.secret, now=at + timedelta(hours=2))
-    assert later.secret is not None and not later.rotated
-    assert cm.ANN_PREVIOUS_HASH not in later.secret["metadata"]["annotations"]
+    later = reconcile(cred, rotated, now=at + timedelta(hours=2))
+    assert later.state_secret is not None and not later.rotated
+    assert "previousPasswordHash" not in later.state_secret["data"]
     assert later.state is not None
     assert "previousPasswordHash" not in cm.credential_entry(cred, later.state, at, relay())
 
@@ -123,39 +139,26 @@ def test_scheduled_rotation_keeps_the_old_password_for_the_overlap() -> None:
 def test_on_demand_rotation_runs_once_per_token() -> None:
     cred = credential()
     first = reconcile(cred)
-    asked = credential(annotations={cm.ANN_ROTATE: "2026-11-27T12:05"}, uid=cred.meta.uid)
-    rotated = reconcile(asked, first.secret, now=NOW + timedelta(minutes=5))
+    asked = credential(annotations={cs.ANN_ROTATE: "2026-11-27T12:05"}, uid=cred.meta.uid)
+    rotated = reconcile(asked, first, now=NOW + timedelta(minutes=5))
     assert rotated.rotated
-    assert [e.reason for e in rotated.events] == [cm.ROTATION_REQUESTED]
-    assert rotated.secret is not None
-    assert rotated.secret["metadata"]["annotations"][cm.ANN_ROTATION_REQUEST] == (
-        "2026-11-27T12:05")
+    assert [e.reason for e in rotated.events] == [cs.ROTATION_REQUESTED]
+    assert rotated.state_secret is not None
+    assert values(rotated.state_secret)["rotationRequest"] == "2026-11-27T12:05"
     assert rotated.status["lastRotationRequest"] == "2026-11-27T12:05"
-    # The token is remembered in the Secret: the same token does nothing, even after a restart
-    # of the operator that lost nothing but its memory (status empty).
-    again = reconcile(asked, rotated.secret, now=NOW + timedelta(minutes=6))
+    # The token is remembered in the state Secret: the same token does nothing, even after a
+    # restart of the operator that lost nothing but its memory (status empty).
+    again = reconcile(asked, rotated, now=NOW + timedelta(minutes=6))
     assert not again.rotated
-    renewed = credential(annotations={cm.ANN_ROTATE: "second"}, uid=cred.meta.uid)
-    assert reconcile(renewed, rotated.secret, now=NOW + timedelta(minutes=7)).rotated
+    renewed = credential(annotations={cs.ANN_ROTATE: "second"}, uid=cred.meta.uid)
+    assert reconcile(renewed, rotated, now=NOW + timedelta(minutes=7)).rotated
 
 
 def test_a_first_reconcile_with_a_token_does_not_rotate_twice() -> None:
-    asked = credential(annotations={cm.ANN_ROTATE: "t1"})
+    asked = credential(annotations={cs.ANN_ROTATE: "t1"})
     first = reconcile(asked)
-    assert [e.reason for e in first.events] == [cm.ROTATION_INITIAL]
-    assert not reconcile(asked, first.secret).rotated
-
-
-def test_a_hand_edited_hash_is_recomputed_from_the_password() -> None:
-    first = reconcile(credential())
-    assert first.secret is not None
-    first.secret["metadata"]["annotations"][cm.ANN_PASSWORD_HASH] = "sha256$00$00"
-    state = cm.state_from_secret(first.secret)
-    assert state is not None
-    assert verify_password(values(first.secret)["password"], state.password_hash)
-    # The same hash on every pass, so the rendered config (and its hash) does not churn.
-    again = cm.state_from_secret(first.secret)
-    assert again is not None and again.password_hash == state.password_hash
+    assert [e.reason for e in first.events] == [cs.ROTATION_INITIAL]
+    assert not reconcile(asked, first).rotated
 
 
 def test_admission_reasons() -> None:
@@ -168,7 +171,9 @@ def test_admission_reasons() -> None:
     closed = reconcile(cred)  # the relay allows only its own namespace by default
     assert closed.admission.reason == cm.REASON_NAMESPACE_NOT_ALLOWED
     assert "does not allow namespace 'shop'" in closed.admission.message
-    assert [e.type for e in closed.events] == ["Normal", "Warning"]
+    assert [e.type for e in closed.events] == ["Warning"]
+    # No password: a namespace without access makes the operator write nothing anywhere.
+    assert closed.secret is None and closed.state_secret is None
 
     by_label = relay(allowedNamespaces={"matchLabels": {"smtp": "yes"}})
     assert reconcile(cred, r=by_label, labels={"smtp": "yes"}).admission.allowed
@@ -231,6 +236,7 @@ def test_passwords_and_salts_come_from_the_injected_random_source() -> None:
                                        random=counting_random())
 
     assert run().secret == run().secret
+    assert run().state_secret == run().state_secret
 
 
 def foreign_secret(name: str = "app-smtp", namespace: str = "mail",
@@ -238,7 +244,7 @@ def foreign_secret(name: str = "app-smtp", namespace: str = "mail",
     """A Secret the credential did not create, with a password and forged-looking state."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": name, "namespace": namespace, "uid": "theirs",
-                         "annotations": {cm.ANN_PASSWORD_HASH: "sha256$00$00"},
+                         "annotations": {cs.ANN_PASSWORD_HASH: "sha256$00$00"},
                          "ownerReferences": owner_refs or []},
             "data": {"password": base64.b64encode(b"their-password").decode(),
                      "api-key": base64.b64encode(b"k").decode()}}
@@ -250,8 +256,9 @@ def test_a_secret_the_credential_did_not_create_is_neither_written_nor_read() ->
                    "name": "app", "uid": "someone-else", "controller": True}
     ours_not_controller = {**other_owner, "uid": cred.meta.uid, "controller": False}
     for refs in ([], [other_owner], [ours_not_controller]):
-        result = reconcile(cred, foreign_secret("shared", owner_refs=refs))
-        assert result.secret is None and result.state is None and not result.rotated
+        result = reconcile(cred, existing=foreign_secret("shared", owner_refs=refs))
+        assert result.secret is None and result.state_secret is None
+        assert result.state is None and not result.rotated
         assert result.admission.reason == cm.REASON_SECRET_CONFLICT
         ready = get_condition(result.status["conditions"], "Ready")
         assert ready is not None and (ready["status"], ready["reason"]) == (
@@ -260,16 +267,16 @@ def test_a_secret_the_credential_did_not_create_is_neither_written_nor_read() ->
         assert [(e.type, e.reason) for e in result.events] == [("Warning", "SecretConflict")]
         assert "their-password" not in json.dumps(result.status) + repr(result.events)
     # Refused for another reason too (no relay): still the conflict, still nothing written.
-    missing = reconcile(cred, foreign_secret("shared"), r=None)
+    missing = reconcile(cred, existing=foreign_secret("shared"), r=None)
     assert missing.secret is None and missing.admission.reason == cm.REASON_SECRET_CONFLICT
     # The Secret it created itself is its own.
     own = reconcile(cred)
     assert own.secret is not None
     assert cm.secret_is_ours(cred, own.secret)
-    assert reconcile(cred, own.secret).admission.allowed
+    assert reconcile(cred, own).admission.allowed
     # The same name and namespace but a new object (new uid) does not inherit it.
     again = credential(secretName="shared")
-    assert reconcile(again, own.secret).admission.reason == cm.REASON_SECRET_CONFLICT
+    assert reconcile(again, own).admission.reason == cm.REASON_SECRET_CONFLICT
 
 
 def test_the_relay_ceilings_cap_what_a_credential_asks_for() -> None:
@@ -292,7 +299,7 @@ def test_the_relay_ceilings_cap_what_a_credential_asks_for() -> None:
     # Seen again with that status: no second Event for the same cap.
     again = credential(ratePerMinute=1_000_000_000, dailyQuota=10**9, uid=greedy.meta.uid,
                        status=result.status)
-    assert "LimitCapped" not in [e.reason for e in reconcile(again, result.secret, r=r).events]
+    assert "LimitCapped" not in [e.reason for e in reconcile(again, result, r=r).events]
 
     modest = credential(ratePerMinute=30)
     result = reconcile(modest, r=r)
@@ -337,3 +344,97 @@ def test_a_platform_suspension_cannot_be_lifted_by_the_tenant() -> None:
     result = reconcile(own)
     assert result.status["suspendedBy"] == "Tenant"
     assert cm.rendered_ready_reason(own, relay()) == "Suspended"
+
+
+def forge(secret: dict[str, Any], annotations: dict[str, str],
+          password: str | None = None) -> dict[str, Any]:
+    """The application Secret after its tenant edited it."""
+    forged = json.loads(json.dumps(secret))
+    forged["metadata"]["annotations"] = {**forged["metadata"].get("annotations", {}),
+                                         **annotations}
+    if password is not None:
+        forged["data"]["password"] = base64.b64encode(password.encode()).decode()
+    return forged
+
+
+KNOWN = "a-password-the-tenant-chose"
+FORGERY = {
+    cs.ANN_PASSWORD_HASH: cs.hash_for_relay(KNOWN),
+    cs.ANN_PREVIOUS_HASH: cs.hash_for_relay(KNOWN),
+    cs.ANN_PREVIOUS_EXPIRES: "2099-01-01T00:00:00Z",
+    cs.ANN_ROTATED_AT: "2099-01-01T00:00:00Z",
+    cs.ANN_ROTATION_REQUEST: "later",
+}
+
+
+def test_forged_rotation_annotations_on_the_application_secret_change_nothing() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "1h"},
+                      annotations={cs.ANN_ROTATE: "later"})
+    first = reconcile(cred)
+    assert first.secret is not None and first.state is not None
+    forged = forge(first.secret, FORGERY)
+    seen = reconcile(cred, first, existing=forged, now=NOW + timedelta(hours=1))
+    assert seen.state_secret == first.state_secret  # the store did not move
+    assert seen.state is not None
+    entry = Credential.model_validate(cm.credential_entry(cred, seen.state, NOW, RELAY))
+    assert not entry.check_password(KNOWN, NOW)
+    assert seen.status["nextRotationTime"] == "2026-11-28T12:00:00Z"
+    # The forged annotations are removed from the copy; the schedule holds.
+    assert seen.secret is not None
+    assert seen.secret["metadata"]["annotations"] == dict.fromkeys(FORGERY)
+    due = reconcile(cred, first, existing=forged, now=NOW + timedelta(hours=24))
+    assert due.rotated and [e.reason for e in due.events] == [cs.ROTATION_SCHEDULED]
+
+
+def test_a_hand_edited_password_is_put_back_and_never_reaches_the_relay() -> None:
+    cred = credential()
+    first = reconcile(cred)
+    assert first.secret is not None
+    real = values(first.secret)["password"]
+    edited = forge(first.secret, {}, password=KNOWN)
+    again = reconcile(cred, first, existing=edited)
+    assert again.secret is not None and values(again.secret)["password"] == real
+    assert not again.rotated and again.state_secret == first.state_secret
+    assert again.state is not None
+    entry = Credential.model_validate(cm.credential_entry(cred, again.state, NOW, RELAY))
+    assert entry.check_password(real, NOW) and not entry.check_password(KNOWN, NOW)
+
+
+def test_the_state_of_an_earlier_version_is_adopted_once_and_bounded() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "1h"})
+    old = values(reconcile(cred).secret or {})["password"]
+    legacy = forge(reconcile(cred).secret or {}, FORGERY, password=old)
+    adopted = reconcile(cred, existing=legacy)
+    assert not adopted.rotated, "an upgrade must not change every password"
+    assert adopted.state is not None and adopted.state.password == old
+    assert adopted.state.rotated_at == NOW  # not 2099: the next rotation is not pushed out
+    assert adopted.state.previous_expires == NOW + timedelta(hours=1)  # one overlap at most
+    assert adopted.state_secret is not None  # written to the store from now on
+    # Garbage in the annotations is dropped, not fatal; a Secret that is not its own, ignored.
+    broken = forge(legacy, {cs.ANN_PREVIOUS_HASH: "sha256$zz$not-hex",
+                            cs.ANN_ROTATED_AT: "yesterday"})
+    state = cs.state_from_legacy_secret(cred, broken, NOW)
+    assert state is not None and state.previous_hash is None and state.rotated_at == NOW
+    other = credential(rotation={"interval": "24h", "overlap": "1h"})
+    assert cm.current_state(other, None, legacy, NOW) is None
+    # Once the store exists, the application Secret is never read again.
+    assert reconcile(cred, adopted, existing=forge(legacy, {}, password="x")).state == (
+        adopted.state)
+
+
+def test_a_damaged_state_secret_is_read_safely() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "1h"})
+    first = reconcile(cred)
+    assert first.state_secret is not None
+    damaged = json.loads(json.dumps(first.state_secret))
+    damaged["data"].update({
+        "previousPasswordHash": base64.b64encode(b"not a hash").decode(),
+        "previousExpires": base64.b64encode(b"2026-11-28T00:00:00Z").decode(),
+        "rotatedAt": "%%%not-base64",
+        "passwordHash": base64.b64encode(b"sha256$00$00").decode()})
+    state = cs.state_from_store(damaged)
+    assert state is not None and state.previous_hash is None
+    assert state.rotated_at.year == 1970  # unreadable: rotate now rather than never
+    assert verify_password(state.password, state.password_hash)
+    assert state == cs.state_from_store(damaged)  # the same recomputed hash every time
+    assert cs.state_from_store({"data": {}}) is None

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mailplane_operator.reconcile import credential as cm
+from mailplane_operator.reconcile import credential_state as cs
 from mailplane_operator.reconcile import domain as dm
 from mailplane_operator.reconcile import ownership, render
 from mailplane_operator.reconcile import relay as relay_mod
@@ -39,13 +40,19 @@ def verified(domain_name: str, namespace: str = "mail", pem: str = ED_PEM,
     return render.DomainInput(d, dkim_secret(d, pem, "ed25519" if pem == ED_PEM else "rsa-2048"))
 
 
-def app_secret(c: Any, password: str = "p" * 43, **state: Any) -> dict[str, Any]:
-    st = cm.CredentialState(password, hash_password(password), NOW, **state)
+def app_secret(c: Any, password: str = "p" * 43) -> dict[str, Any]:
+    st = cs.CredentialState(password, hash_password(password), NOW)
     return cm.secret_manifest(c, st, cm.Endpoint("h", 587, 465))
 
 
-def with_secret(c: Any, password: str = "p" * 43) -> render.CredentialInput:
-    return render.CredentialInput(c, app_secret(c, password))
+def state_secret(c: Any, password: str = "p" * 43, **state: Any) -> dict[str, Any]:
+    st = cs.CredentialState(password, hash_password(password), NOW, **state)
+    return cs.state_manifest(c, relay(), st)
+
+
+def with_secret(c: Any, password: str = "p" * 43, **state: Any) -> render.CredentialInput:
+    """A credential as the operator leaves it: its application Secret and its state Secret."""
+    return render.CredentialInput(c, app_secret(c, password), state_secret(c, password, **state))
 
 
 def run(r: Any, domains: list[render.DomainInput], creds: list[render.CredentialInput],
@@ -174,14 +181,13 @@ def test_a_deleted_credential_loses_access_in_the_same_render() -> None:
 
 def test_rotation_overlap_reaches_the_relay_until_it_ends() -> None:
     c = credential()
-    secret = app_secret(c, "new-" + "n" * 39, previous_hash=hash_password("old-" + "o" * 39),
-                        previous_expires=NOW + timedelta(hours=1))
-    during = run(relay(), [verified("example.com")], [render.CredentialInput(c, secret)],
-                 validate="documents")
+    item = with_secret(c, "new-" + "n" * 39, previous_hash=hash_password("old-" + "o" * 39),
+                       previous_expires=NOW + timedelta(hours=1))
+    during = run(relay(), [verified("example.com")], [item], validate="documents")
     entry = during.config.credentials["mail.app"]
     assert entry.check_password("old-" + "o" * 39, NOW + timedelta(minutes=59))
     after = render.render_relay_config(
-        relay(), domains=[verified("example.com")], credentials=[render.CredentialInput(c, secret)],
+        relay(), domains=[verified("example.com")], credentials=[item],
         policies=[], namespace_labels={}, now=NOW + timedelta(hours=1))
     assert after.config.credentials["mail.app"].previous_password_hash is None
 
@@ -260,7 +266,7 @@ def test_5000_credentials_and_500_domains_fit_in_secrets_under_1_mib() -> None:
         c = credential(f"app-{i}", f"team-{i % 50}", relay_namespace="mail",
                        senders=(f"app{i}@d{i % 500}.example.com",), ratePerMinute=100,
                        dailyQuota=50000)
-        creds.append(render.CredentialInput(c, app_secret(c, f"{i:043d}")))
+        creds.append(with_secret(c, f"{i:043d}"))
     started = time.perf_counter()
     result = run(r, domains, creds)
     elapsed = time.perf_counter() - started

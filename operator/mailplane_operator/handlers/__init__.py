@@ -19,9 +19,10 @@ kopf indexes keep every SmtpRelay, and every SendingDomain and SmtpCredential gr
 they reference. One worker per SmtpRelay (a kopf daemon) renders that relay's configuration
 Secrets, children and status. Handlers *poke* the worker; pokes that arrive together are rendered
 once. A deleted credential holds its finalizer until a render without it has been written, so it
-loses access within the same reconcile. Rotation state lives in the application Secret
-(``reconcile.credential``) and DKIM keys in the domain's Secret, so a restart loses nothing: the
-indexes are complete before any handler runs, and the first render re-reads the Secrets.
+loses access within the same reconcile. A credential's rotation state lives in an operator-owned
+Secret in the relay's namespace (``reconcile.credential_state``) and DKIM keys in the domain's
+Secret, so a restart loses nothing: the indexes are complete before any handler runs, and the
+first render re-reads the Secrets.
 """
 
 from __future__ import annotations

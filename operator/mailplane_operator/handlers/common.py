@@ -12,6 +12,7 @@ import kopf
 from .. import kube
 from ..reconcile import domain as domain_mod
 from ..reconcile.conditions import READY, Event, set_condition
+from ..reconcile.credential_state import state_secret_name
 from ..reconcile.models import (
     SendingDomain,
     SmtpCredential,
@@ -115,7 +116,10 @@ async def credential_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[Credent
     creds: list[SmtpCredential] = parse_all(parse_smtp_credential, bodies, rt.parsed)
     secrets = await asyncio.gather(*(
         rt.secret(c.meta.namespace, c.secret_name) for c in creds))
-    return [CredentialInput(c, s) for c, s in zip(creds, secrets, strict=True)]
+    states = await asyncio.gather(*(
+        rt.secret(c.relay_namespace, state_secret_name(c)) for c in creds))
+    return [CredentialInput(c, s, st)
+            for c, s, st in zip(creds, secrets, states, strict=True)]
 
 
 def relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRelay | None:

@@ -8,9 +8,11 @@ from typing import Any
 
 import kopf
 
+from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
 from ..reconcile.conditions import Event
+from ..reconcile.credential_state import state_secret_name, state_secret_name_of
 from ..reconcile.models import SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import attached_domains, owners_of
@@ -61,17 +63,27 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 included, _excluded = attached_domains(relay, domains, labels)
                 attached = owners_of(included)
             existing = await rt.secret(cred.meta.namespace, cred.secret_name, fresh=True)
+            state_name = state_secret_name(cred)
+            stored = (await rt.secret(cred.relay_namespace, state_name, fresh=True)
+                      if relay is not None else None)
             endpoint = (cred_mod.relay_endpoint(relay, rt.config.cluster_domain)
                         if relay is not None else None)
             result = cred_mod.reconcile_credential(
                 cred, relay=relay, namespace_labels=ns_labels, attached_domains=attached,
-                existing_secret=existing, now=now, random=rt.random, endpoint=endpoint)
+                existing_secret=existing, stored_state=stored, now=now, random=rt.random,
+                endpoint=endpoint)
             written = False
+            if result.state_secret is not None:
+                # The state first: a new password's hash reaches the relay no later than the
+                # application gets the password, and a crash in between loses nothing.
+                action, obj = await rt.client.apply(result.state_secret)
+                rt.remember_secret(cred.relay_namespace, state_name, obj)
+                written = action != "unchanged"
             if result.secret is not None:
                 # Guarded: a Secret someone else created in between is never overwritten.
                 action, obj = await rt.client.apply(result.secret, owner_uid=cred.meta.uid)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
-                written = action != "unchanged"
+                written |= action != "unchanged"
             diff = merge_diff(body.get("status") or {}, result.status)
             if diff:
                 patch.setdefault("status", {}).update(diff)
@@ -123,6 +135,13 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 # The finalizer stays until the relay no longer accepts this credential.
                 raise kopf.TemporaryError("the relay configuration still holds this credential",
                                           delay=1)
+        # The relay no longer accepts it: its rotation state goes too (a namespaced owner
+        # reference cannot reach across namespaces, so nothing else would delete it).
+        state_ns = ((body.get("spec") or {}).get("relayRef") or {}).get("namespace") or namespace
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        if uid:
+            await rt.client.delete(kube.SECRETS, state_ns, state_secret_name_of(uid))
+            rt.remember_secret(state_ns, state_secret_name_of(uid), None)
         rt.credential_next_check.pop(key, None)
         rt.locks.pop(key, None)
         rt.metrics.credential(namespace, name, state=None)

@@ -29,7 +29,8 @@ relay
     config_secret_name(relay_name, i); CONFIG_SECRET_SLOTS; LABEL_RELAY, LABEL_COMPONENT.
 render
     render_relay_config(relay, *, domains=[DomainInput(domain, dkim_secret)],
-        credentials=[CredentialInput(credential, secret)], policies, namespace_labels, now,
+        credentials=[CredentialInput(credential, app_secret, state_secret)], policies,
+        namespace_labels, now,
         paths=RuntimePaths(), validate="models"|"documents") -> RenderResult(secrets, files,
         config_hash, domains, credentials, excluded=[Exclusion(kind, key, reason, message)],
         retention, config);
@@ -38,11 +39,17 @@ render
         exclusions): the domains a credential's senders may use.
 credential
     reconcile_credential(cred, *, relay, namespace_labels, attached_domains, existing_secret,
-        now, random, endpoint=None) -> CredentialResult(secret, state, status, events,
-        admission, rotated, next_check).
+        now, stored_state=None, random, endpoint=None) -> CredentialResult(secret,
+        state_secret, state, status, events, admission, rotated, next_check).
     check_credential(...) -> Admission(allowed, reason, message); namespace_allowed(...);
-    state_from_secret(secret) -> CredentialState | None; credential_entry(...) -> config item;
-    relay_endpoint(relay) -> Endpoint(host, starttls_port, implicit_port); ANN_ROTATE.
+    secret_conflict(cred, secret) -> Admission | None (SecretConflict);
+    current_state(cred, state_secret, app_secret, now) -> CredentialState | None;
+    effective_limits(cred, relay) -> EffectiveLimits; suspension(cred, relay);
+    credential_entry(cred, state, now, relay) -> config item;
+    relay_endpoint(relay) -> Endpoint(host, starttls_port, implicit_port).
+credential_state
+    state_secret_name(cred); state_from_store(secret); state_manifest(cred, relay, state);
+    rotation_due / rotate / expire_previous; ANN_ROTATE.
 domain
     names_to_check(domain, existing_secret) -> TXT names the caller looks up.
     reconcile_domain(domain, *, relay, namespace_labels, existing_secret, observed, now,

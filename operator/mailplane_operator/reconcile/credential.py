@@ -1,51 +1,56 @@
-"""SmtpCredential: the application's Secret, password rotation, and admission to the relay.
+"""SmtpCredential: admission to the relay, the application's Secret, platform ceilings and
+suspensions, and the relay configuration entry.
 
-The application Secret (in the credential's namespace, owned by the SmtpCredential) is the
-durable store of the rotation state: the current password in ``data``, and in annotations the
-hash the relay gets, the previous hash with the end of its overlap window, when the password was
-last rotated and the last on-demand rotation token handled. An operator restart in the middle of
-a rotation therefore finds everything it needs in that Secret.
+The password and its rotation state live in an operator-owned Secret in the relay's namespace
+(``credential_state``), where tenants cannot write; the application Secret in the credential's
+namespace is a copy for the application, written only when it is this credential's own (its
+controller ownerReference has this object's uid) and never read back for anything that decides
+which passwords work or when the next rotation is due.
 
 Rotation happens when there is no password yet, when ``spec.rotation.interval`` has passed since
 the last rotation, or on demand when the annotation ``mailplane.io/rotate`` on the SmtpCredential
 holds a token not handled yet (``kubectl annotate smtpcredential app mailplane.io/rotate=$(date
 +%s) --overwrite``, as ``cmctl renew`` does for certificates).
 
-Nothing here returns a password outside the Secret manifest: status, events and the relay
+Nothing here returns a password outside the two Secret manifests: status, events and the relay
 configuration entry hold hashes and times only.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from mailplane_relay.config import hash_password, verify_password
-
-from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
+from .conditions import READY, Event, format_time, get_condition, set_condition
+from .credential_state import (
+    ANN_ROTATE,
+    LEGACY_ANNOTATIONS,
+    ROTATION_INITIAL,
+    ROTATION_REQUESTED,
+    CredentialState,
+    RandomBytes,
+    expire_previous,
+    rotate,
+    rotation_due,
+    secret_value,
+    state_from_legacy_secret,
+    state_from_store,
+    state_manifest,
+)
 from .models import SmtpCredential, SmtpRelay, owner_reference
 from .ownership import REASON_SENDER_NOT_GRANTED, DomainOwner, grant_refusal
 
-ANN_PASSWORD_HASH = "mailplane.io/password-hash"  # noqa: S105 - an annotation key
-ANN_PREVIOUS_HASH = "mailplane.io/previous-password-hash"
-ANN_PREVIOUS_EXPIRES = "mailplane.io/previous-expires"
-ANN_ROTATED_AT = "mailplane.io/rotated-at"
-ANN_ROTATION_REQUEST = "mailplane.io/rotation-request"
-ANN_ROTATE = "mailplane.io/rotate"
-"""Annotation on the SmtpCredential that asks for a rotation; its value is any new token."""
+__all__ = ["ANN_ROTATE", "CredentialState", "secret_value"]
 
 LABEL_CREDENTIAL = "mailplane.io/credential"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "mailplane-operator"
-
-RandomBytes = Callable[[int], bytes]
 
 # Reasons of the Ready condition.
 REASON_READY = "CredentialReady"
@@ -63,11 +68,6 @@ REASON_WITHIN_LIMITS = "WithinLimits"
 
 SUSPENDED_BY_PLATFORM = "Platform"
 SUSPENDED_BY_TENANT = "Tenant"
-
-# Rotation causes (also the reason of the Event).
-ROTATION_INITIAL = "PasswordGenerated"
-ROTATION_SCHEDULED = "PasswordRotated"
-ROTATION_REQUESTED = "PasswordRotationRequested"
 
 
 @dataclass(frozen=True)
@@ -97,127 +97,6 @@ def username_for(cred: SmtpCredential) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{name[:111]}-{digest}"
-
-
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def generate_password(random: RandomBytes = os.urandom) -> str:
-    """32 random bytes (256 bits) as 43 letters and digits. Only alphanumerics: a password that
-    starts with '-' is taken for an option by command-line clients (swaks, curl), and '_' or '/'
-    need escaping in URLs."""
-    number = int.from_bytes(random(32), "big")
-    digits = []
-    for _ in range(43):  # 62**43 > 2**256
-        number, digit = divmod(number, 62)
-        digits.append(_BASE62[digit])
-    return "".join(reversed(digits))
-
-
-def hash_for_relay(password: str, random: RandomBytes = os.urandom) -> str:
-    """The salted SHA-256 the relay verifies; fast on purpose, as the password is 256-bit random."""
-    return hash_password(password, scheme="sha256", salt=random(16))
-
-
-@dataclass(frozen=True)
-class CredentialState:
-    """The rotation state, as stored in the application Secret."""
-
-    password: str
-    password_hash: str
-    rotated_at: datetime
-    previous_hash: str | None = None
-    previous_expires: datetime | None = None
-    rotation_request: str | None = None
-
-    def __repr__(self) -> str:  # never print the password
-        return (f"CredentialState(rotated_at={self.rotated_at!r}, "
-                f"previous_expires={self.previous_expires!r})")
-
-
-def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
-    """A Secret value from ``data`` (base64, as the API returns it) or ``stringData``."""
-    data = secret.get("data") or {}
-    if key in data:
-        try:
-            return base64.b64decode(data[key], validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-    string_data = secret.get("stringData") or {}
-    value = string_data.get(key)
-    return value if isinstance(value, str) else None
-
-
-def state_from_secret(secret: Mapping[str, Any] | None) -> CredentialState | None:
-    """The rotation state in an existing Secret, or None when it holds no usable password.
-
-    A hash annotation that does not match the password (edited by hand) is recomputed, so the
-    relay always gets the hash of the password the application reads. The salt of that
-    recomputed hash comes from the Secret's identity, so every render gives the same hash and
-    the config is not rewritten on each pass until the credential handler fixes the annotation.
-    """
-    if not secret:
-        return None
-    password = secret_value(secret, "password")
-    if not password:
-        return None
-    ann = (secret.get("metadata") or {}).get("annotations") or {}
-    current = ann.get(ANN_PASSWORD_HASH)
-    if not current or not verify_password(password, current):
-        meta = secret.get("metadata") or {}
-        identity = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
-        salt = hashlib.sha256(b"mailplane-rehash\0" + str(identity).encode()).digest()
-        current = hash_for_relay(password, lambda n: salt[:n])
-    rotated_at = parse_time(ann.get(ANN_ROTATED_AT))
-    previous_expires = parse_time(ann.get(ANN_PREVIOUS_EXPIRES))
-    previous = ann.get(ANN_PREVIOUS_HASH) or None
-    return CredentialState(
-        password=password,
-        password_hash=current,
-        rotated_at=rotated_at or datetime.fromtimestamp(0, UTC),
-        previous_hash=previous if previous and previous_expires else None,
-        previous_expires=previous_expires if previous else None,
-        rotation_request=ann.get(ANN_ROTATION_REQUEST) or None,
-    )
-
-
-def rotation_due(cred: SmtpCredential, state: CredentialState | None,
-                 now: datetime) -> str | None:
-    """Why the password must change now (``ROTATION_*``), or None."""
-    if state is None:
-        return ROTATION_INITIAL
-    token = cred.meta.annotations.get(ANN_ROTATE)
-    if token and token != state.rotation_request:
-        return ROTATION_REQUESTED
-    interval = cred.spec.rotation.interval
-    if interval is not None and now >= state.rotated_at + timedelta(seconds=interval):
-        return ROTATION_SCHEDULED
-    return None
-
-
-def rotate(cred: SmtpCredential, state: CredentialState | None, now: datetime,
-           random: RandomBytes = os.urandom) -> CredentialState:
-    """A new password; the current one's hash stays accepted until the overlap ends."""
-    password = generate_password(random)
-    overlap = cred.spec.rotation.overlap
-    keep_previous = state is not None and overlap > 0
-    return CredentialState(
-        password=password,
-        password_hash=hash_for_relay(password, random),
-        rotated_at=now,
-        previous_hash=state.password_hash if keep_previous and state else None,
-        previous_expires=now + timedelta(seconds=overlap) if keep_previous else None,
-        rotation_request=cred.meta.annotations.get(ANN_ROTATE)
-        or (state.rotation_request if state else None),
-    )
-
-
-def expire_previous(state: CredentialState, now: datetime) -> CredentialState:
-    """The state without the previous hash once its overlap window has ended."""
-    if state.previous_expires is not None and now >= state.previous_expires:
-        return CredentialState(state.password, state.password_hash, state.rotated_at,
-                               None, None, state.rotation_request)
-    return state
 
 
 @dataclass(frozen=True)
@@ -375,7 +254,8 @@ def _b64(value: str) -> str:
 
 
 def secret_manifest(cred: SmtpCredential, state: CredentialState, endpoint: Endpoint,
-                    username: str | None = None) -> dict[str, Any]:
+                    username: str | None = None,
+                    existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The application's Secret: username, password, host, port, url (+ smtps-port/smtps-url)."""
     user = username or username_for(cred)
     auth = f"{quote(user, safe='')}:{quote(state.password, safe='')}"
@@ -393,15 +273,10 @@ def secret_manifest(cred: SmtpCredential, state: CredentialState, endpoint: Endp
             values["port"] = str(endpoint.implicit_port)
             values["tls"] = "implicit"
             values["url"] = values["smtps-url"]
-    annotations = {
-        ANN_PASSWORD_HASH: state.password_hash,
-        ANN_ROTATED_AT: format_time(state.rotated_at),
-    }
-    if state.previous_hash and state.previous_expires:
-        annotations[ANN_PREVIOUS_HASH] = state.previous_hash
-        annotations[ANN_PREVIOUS_EXPIRES] = format_time(state.previous_expires)
-    if state.rotation_request:
-        annotations[ANN_ROTATION_REQUEST] = state.rotation_request
+    # Nothing of the rotation state is kept here (the tenant can edit this Secret); the
+    # annotations that held it in earlier versions are removed from ``existing``.
+    held = ((existing or {}).get("metadata") or {}).get("annotations") or {}
+    annotations: dict[str, str | None] = {k: None for k in LEGACY_ANNOTATIONS if k in held}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -448,7 +323,9 @@ def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime
 @dataclass(frozen=True)
 class CredentialResult:
     secret: dict[str, Any] | None
-    """The desired application Secret (None when the relay does not exist: no host to name)."""
+    """The desired application Secret (None: nothing to write, see ``admission``)."""
+    state_secret: dict[str, Any] | None
+    """The desired state Secret in the relay's namespace, written before ``secret``."""
     state: CredentialState | None
     status: dict[str, Any]
     """The status patch: conditions, observedGeneration, username, secretName, relay, times."""
@@ -459,6 +336,17 @@ class CredentialResult:
     """When to reconcile again (scheduled rotation, end of an overlap window); None: no need."""
 
 
+def current_state(cred: SmtpCredential, stored_state: Mapping[str, Any] | None,
+                  app_secret: Mapping[str, Any] | None, now: datetime) -> CredentialState | None:
+    """The state in the operator's store; before the first write there, the bounded state of
+    an application Secret of an earlier version (only when it is the credential's own)."""
+    state = state_from_store(stored_state)
+    if state is None and stored_state is None and app_secret is not None and secret_is_ours(
+            cred, app_secret):
+        state = state_from_legacy_secret(cred, app_secret, now)
+    return state
+
+
 def reconcile_credential(
     cred: SmtpCredential,
     *,
@@ -467,6 +355,7 @@ def reconcile_credential(
     attached_domains: Mapping[str, DomainOwner],
     existing_secret: Mapping[str, Any] | None,
     now: datetime,
+    stored_state: Mapping[str, Any] | None = None,
     random: RandomBytes = os.urandom,
     endpoint: Endpoint | None = None,
 ) -> CredentialResult:
@@ -475,16 +364,24 @@ def reconcile_credential(
     ``attached_domains``: the domains enabled on the relay and their owners (see
     ``render.attached_domains``);
     ``existing_secret``: the application Secret as read from the API, if any;
-    ``endpoint``: override of the relay address written to the Secret (``mailplane dev``).
+    ``stored_state``: the state Secret (``credential_state.state_secret_name``) in the relay's
+    namespace, if any; ``endpoint``: override of the relay address written to the Secret
+    (``mailplane dev``).
+
+    Nothing is written for a credential whose Secret name is taken by a Secret it does not own,
+    whose relay does not exist, or whose namespace the relay does not allow (a namespace
+    without access cannot make the operator create Secrets in the relay's namespace).
     """
     conflict = secret_conflict(cred, existing_secret)
     admission = conflict or check_credential(cred, relay, namespace_labels, attached_domains)
     events: list[Event] = []
-    # A foreign Secret is never read for rotation state (nor written below).
-    state = state_from_secret(existing_secret) if conflict is None else None
+    state: CredentialState | None = None
     secret: dict[str, Any] | None = None
+    state_secret: dict[str, Any] | None = None
     rotated = False
-    if relay is not None and conflict is None:
+    if relay is not None and conflict is None and (
+            admission.reason != REASON_NAMESPACE_NOT_ALLOWED):
+        state = current_state(cred, stored_state, existing_secret, now)
         cause = rotation_due(cred, state, now)
         if cause is not None:
             state = rotate(cred, state, now, random)
@@ -492,7 +389,9 @@ def reconcile_credential(
             events.append(Event("Normal", cause, _rotation_message(cause, cred, state)))
         assert state is not None
         state = expire_previous(state, now)
-        secret = secret_manifest(cred, state, endpoint or relay_endpoint(relay))
+        state_secret = state_manifest(cred, relay, state)
+        secret = secret_manifest(cred, state, endpoint or relay_endpoint(relay),
+                                 existing=existing_secret)
     status = credential_status(cred, admission, state, now, relay)
     if not admission.allowed:
         events.append(Event("Warning", admission.reason, admission.message))
@@ -502,7 +401,7 @@ def reconcile_credential(
             before is None or before.get("status") != "True"
             or before.get("message") != capped["message"]):
         events.append(Event("Warning", REASON_LIMIT_CAPPED, capped["message"]))
-    return CredentialResult(secret, state, status, events, admission, rotated,
+    return CredentialResult(secret, state_secret, state, status, events, admission, rotated,
                             next_check(cred, state))
 
 

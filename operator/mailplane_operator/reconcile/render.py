@@ -13,11 +13,11 @@ exactly as the relay will) before it is returned: a render the relay would rejec
 A domain is included when it references this relay, its namespace is allowed, it is verified
 (or ``spec.verification.skip`` where the relay allows skipping), it owns its domain on this relay
 (``ownership``: the earliest verified claim) and its DKIM key exists. A credential is included
-when it references this relay, its namespace is allowed, every allowed sender's domain is
-included and granted to the credential's namespace by its owner, and its Secret holds a
-password. Everything left out is listed in ``RenderResult.excluded`` with the
-reason (the same reasons as the resources' Ready conditions). Output is deterministic: same
-inputs, same files, same hash.
+when it references this relay, its namespace is allowed, its Secret name is its own, every
+allowed sender's domain is included and granted to the credential's namespace by its owner, and
+the operator's state Secret holds its password. Everything left out is listed in
+``RenderResult.excluded`` with the reason (the same reasons as the resources' Ready
+conditions). Output is deterministic: same inputs, same files, same hash.
 """
 
 from __future__ import annotations
@@ -103,6 +103,10 @@ class DomainInput:
 class CredentialInput:
     credential: SmtpCredential
     secret: Mapping[str, Any] | None
+    """The application Secret: only its ownership is looked at (and, before the state Secret
+    exists, the bounded state an earlier version kept in its annotations)."""
+    state: Mapping[str, Any] | None = None
+    """The operator's state Secret in the relay's namespace (``credential_state``)."""
 
 
 @dataclass(frozen=True)
@@ -413,10 +417,10 @@ def render_relay_config(
         if not admission.allowed:
             excluded.append(Exclusion("SmtpCredential", key, admission.reason, admission.message))
             continue
-        state = cred_mod.state_from_secret(item.secret)
+        state = cred_mod.current_state(cred, item.state, item.secret, now)
         if state is None:
             excluded.append(Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
-                                      f"Secret {cred.secret_name} holds no password yet"))
+                                      "no password generated yet"))
             continue
         cred_entries.append((KIND_CREDENTIALS,
                              cred_mod.credential_entry(cred, state, now, relay)))
