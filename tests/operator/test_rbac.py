@@ -77,7 +77,24 @@ def operator_identity(rendered: Rendered) -> str:
     return f"system:serviceaccount:{deployment['metadata']['namespace']}:{account}"
 
 
-def run_flows(api: KubeApi) -> None:
+def blocking_owner_requests(api: KubeApi) -> set[Request]:
+    """OwnerReferencesPermissionEnforcement: an object whose ownerReference sets
+    blockOwnerDeletion may be written only by someone allowed to update the owner's
+    finalizers subresource (in the object's namespace, for that owner's name)."""
+    plural = {r.kind: r.plural for r in k.BY_KIND.values()}
+    out = set()
+    for resource in (k.SECRETS, k.SERVICES, k.STATEFULSETS, k.PDBS, k.SERVICE_MONITORS,
+                     k.NETWORK_POLICIES):
+        for obj in api.list(resource):
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                if ref.get("blockOwnerDeletion"):
+                    out.add(Request(verb="update", group=ref["apiVersion"].split("/")[0],
+                                    resource=f"{plural[ref['kind']]}/finalizers",
+                                    namespace=obj["metadata"]["namespace"], name=ref["name"]))
+    return out
+
+
+def run_flows(api: KubeApi) -> set[Request]:
     api.create(k.NAMESPACES, namespace_body("mail"))
     api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
     api.create(k.SMTP_RELAYS, relay_body(labels={"tier": "a"}))
@@ -86,11 +103,13 @@ def run_flows(api: KubeApi) -> None:
     api.create(k.SENDING_DOMAINS, domain_body("other", "other.example", skip_verification=False))
     api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
     api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="render")
+    blocking = blocking_owner_requests(api)  # before the owners go
     api.patch(k.NAMESPACES, None, "shop", {"metadata": {"labels": {"team": "shop"}}})
     api.delete(k.SMTP_CREDENTIALS, "shop", "orders")
     api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None)
     api.delete(k.SENDING_DOMAINS, "mail", "other")
     api.wait_for(k.SENDING_DOMAINS, "mail", "other", lambda o: o is None)
+    return blocking
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
@@ -108,7 +127,7 @@ def test_every_operator_call_is_allowed_by_the_chart_rbac(
 
     serve_service_monitors(kube_api.emulator)
     operator_factory(dns_resolver=(dns_server.address, dns_server.port), namespaces=namespaces)
-    run_flows(kube_api)
+    blocking = run_flows(kube_api)
 
     calls = [(m, p, q) for agent, m, p, q in kube_api.emulator.audit
              if not agent.startswith("Python-urllib")]  # the test itself, acting as kubectl
@@ -116,6 +135,11 @@ def test_every_operator_call_is_allowed_by_the_chart_rbac(
     denied = sorted({f"{r.verb} {r.group or 'core'}/{r.resource} in {r.namespace or '(cluster)'}"
                      for _m, _p, r in checked if not authorizer.allowed(user, r)})
     assert denied == []
+    # Every child the operator wrote with blockOwnerDeletion is one the admission plugin admits.
+    assert {r.resource for r in blocking} == {
+        "smtprelays/finalizers", "sendingdomains/finalizers", "smtpcredentials/finalizers"}
+    assert sorted(f"{r.resource} {r.namespace}/{r.name}" for r in blocking
+                  if not authorizer.allowed(user, r)) == []
     # The flows reached the permissions that matter (a run that made no calls proves nothing).
     made = {(r.verb, r.resource) for _m, _p, r in checked}
     assert {("create", "secrets"), ("patch", "smtprelays/status"), ("create", "servicemonitors"),
