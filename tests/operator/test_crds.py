@@ -78,6 +78,9 @@ def to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
         out["properties"] = {k: to_jsonschema(v) for k, v in node["properties"].items()}
         if not node.get("x-kubernetes-preserve-unknown-fields"):
             out.setdefault("additionalProperties", False)
+        # ObjectMeta is the API server's: a CRD may only constrain name and generateName.
+        if "metadata" in out["properties"]:
+            out["properties"]["metadata"].pop("additionalProperties", None)
     if isinstance(node.get("additionalProperties"), dict):
         out["additionalProperties"] = to_jsonschema(node["additionalProperties"])
     if "items" in node:

@@ -580,8 +580,34 @@ def _parse_timestamp(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+RELAY_NAME_MAX = 52
+"""A relay's name is the name of its Services (``<name>-headless``, ``<name>-metrics``), its
+StatefulSet and pods; the StatefulSet controller labels each pod with ``<name>-<10-char hash>``
+(controller-revision-hash), which must stay a valid label value (63)."""
+_RELAY_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE_MAX = 63
+
+
+def check_name(kind: str, meta: Meta) -> None:
+    """Refuse a name that would make an invalid child, with the message the CRD's CEL rule
+    gives (the operator does not trust the installed CRD to be current)."""
+    name = meta.name
+    if kind == "SmtpRelay":
+        if len(name) > RELAY_NAME_MAX or not _RELAY_NAME_RE.match(name):
+            raise SpecError(
+                f"{kind} {meta.key}: metadata.name: an SmtpRelay's name is the name of its "
+                f"Services and pods, so it must be a DNS label of at most {RELAY_NAME_MAX} "
+                "characters: lowercase letters, digits and '-', starting with a letter and "
+                "ending with a letter or digit (mail-v2, not mail.v2)")
+    elif kind in ("SmtpCredential", "SendingDomain") and len(name) > LABEL_VALUE_MAX:
+        raise SpecError(
+            f"{kind} {meta.key}: metadata.name: a {kind}'s name is a label value on the "
+            f"objects the operator makes for it: at most {LABEL_VALUE_MAX} characters")
+
+
 def _parse_spec(model: type[_S], kind: str, body: Mapping[str, Any]) -> tuple[Meta, _S]:
     meta = parse_meta(body)
+    check_name(kind, meta)
     spec = body.get("spec")
     if not isinstance(spec, Mapping):
         raise SpecError(f"{kind} {meta.key}: spec is missing or not a mapping")
