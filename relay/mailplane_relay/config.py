@@ -187,23 +187,73 @@ class ResolverSettings(_Model):
     _d = _durations("timeout")
 
 
+class ShapingRule(_Model):
+    """Limits for the destinations of some recipient domains or MX hosts (shell-style
+    patterns: ``example.com``, ``*.example.com``, ``*.mx.example-provider.net``). The first
+    rule that matches wins; unset limits fall back to the delivery defaults."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    domains: tuple[str, ...] = ()
+    mx_hosts: tuple[str, ...] = Field((), alias="mxHosts")
+    max_connections: int | None = Field(None, alias="maxConnections", ge=1)
+    messages_per_connection: int | None = Field(None, alias="messagesPerConnection", ge=1)
+    per_minute: int | None = Field(None, alias="perMinute", ge=1)
+    per_hour: int | None = Field(None, alias="perHour", ge=1)
+
+    @field_validator("domains", "mx_hosts", mode="after")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.lower().rstrip(".") for v in value)
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> ShapingRule:
+        if not self.domains and not self.mx_hosts:
+            raise ValueError(
+                f"delivery.shaping rule {self.name!r} matches nothing: give it domains "
+                "(recipient domains) or mxHosts (MX host names), e.g. domains: [example.com]"
+            )
+        return self
+
+
 class DeliverySettings(_Model):
     mode: Literal["mx", "smarthost"] = "mx"
     smarthost: SmarthostSettings | None = None
     mx_port: int = Field(25, alias="mxPort", ge=1, le=65535)
     resolver: ResolverSettings = ResolverSettings()
     opportunistic_tls: bool = Field(True, alias="opportunisticTls")
+    # Timeouts: RFC 5321 section 4.5.3.2 gives the minimum for each step.
     connect_timeout: Duration = Field(30.0, alias="connectTimeout")
+    greeting_timeout: Duration = Field(300.0, alias="greetingTimeout")
     command_timeout: Duration = Field(60.0, alias="commandTimeout")
+    mail_timeout: Duration = Field(300.0, alias="mailTimeout")
+    rcpt_timeout: Duration = Field(300.0, alias="rcptTimeout")
+    data_timeout: Duration = Field(120.0, alias="dataTimeout")
+    data_block_timeout: Duration = Field(180.0, alias="dataBlockTimeout")
+    data_done_timeout: Duration = Field(600.0, alias="dataDoneTimeout")
     message_deadline: Duration = Field(600.0, alias="messageDeadline")
     concurrency_per_destination: int = Field(20, alias="concurrencyPerDestination", ge=1)
     max_concurrency: int = Field(200, alias="maxConcurrency", ge=1)
     max_messages_per_connection: int = Field(100, alias="maxMessagesPerConnection", ge=1)
+    max_mx_addresses: int = Field(5, alias="maxMxAddresses", ge=1, le=20)
     idle_connection_timeout: Duration = Field(30.0, alias="idleConnectionTimeout")
     helo_name: str | None = Field(None, alias="heloName")
+    shaping: tuple[ShapingRule, ...] = ()
 
-    _d = _durations("connect_timeout", "command_timeout", "message_deadline",
-                    "idle_connection_timeout")
+    _d = _durations("connect_timeout", "greeting_timeout", "command_timeout", "mail_timeout",
+                    "rcpt_timeout", "data_timeout", "data_block_timeout", "data_done_timeout",
+                    "message_deadline", "idle_connection_timeout")
+
+    @model_validator(mode="after")
+    def _unique_shaping_names(self) -> DeliverySettings:
+        names = [rule.name for rule in self.shaping]
+        for name in names:
+            if name == "default" or names.count(name) > 1:
+                raise ValueError(
+                    f"delivery.shaping: the rule name {name!r} is "
+                    + ("reserved for the defaults" if name == "default" else "used twice")
+                    + ": give every rule its own name"
+                )
+        return self
 
     @model_validator(mode="after")
     def _smarthost_needed(self) -> DeliverySettings:

@@ -52,6 +52,9 @@ class RelayMetrics:
     spool_commit_latency: Histogram
     spool_corrupt_files: Gauge
     spool_corrupt_purged: Counter
+    destinations: Gauge
+    destination_suspensions: Counter
+    connections_in_use: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> RelayMetrics:
@@ -133,4 +136,19 @@ class RelayMetrics:
                 f"{NS}_spool_corrupt_purged",
                 "Quarantined spool files deleted once spool.corruptRetention passed.",
                 registry=r),
+            destinations=Gauge(
+                f"{NS}_delivery_destinations",
+                "Delivery destinations (smarthost or MX site) known to the queue, by state "
+                "(active, idle, suspended, probing).",
+                ["state"], multiprocess_mode="livesum", registry=r),
+            destination_suspensions=Counter(
+                f"{NS}_delivery_destination_suspensions",
+                "Destinations suspended (no connection for a while) by reason: connect "
+                "(refused, timed out, no session) or throttled (421, 4.7.x before RCPT).",
+                ["reason"], registry=r),
+            connections_in_use=Gauge(
+                f"{NS}_delivery_connections_in_use",
+                "Outgoing SMTP connections carrying a transaction now (bounded by "
+                "delivery.maxConcurrency; idle pooled connections are not counted).",
+                multiprocess_mode="livesum", registry=r),
         )

@@ -356,8 +356,9 @@ async def test_upstream_down_defers(relay: Any) -> None:
 
 
 async def test_slow_upstream_times_out_and_defers(relay: Any, smtp_sink: SinkFactory) -> None:
+    # The reply to the final dot has its own timeout (RFC 5321: 10 minutes by default).
     sink = await smtp_sink(data_delay=3.0)
-    delivery = smarthost(sink) | {"commandTimeout": 0.3}
+    delivery = smarthost(sink) | {"dataDoneTimeout": 0.3}
     r = await relay(make_config(delivery, queue={"retryInitial": 30, "retryMax": 30}))
     msg = await r.send(["user@example.net"])
     await r.wait(lambda: r.count("deferred") == 1, 10)
@@ -500,28 +501,47 @@ async def test_broken_starttls_at_smarthost_defers(relay: Any, smtp_sink: SinkFa
     assert sink.messages == []
 
 
-@pytest.mark.parametrize(("setup", "response"), [
-    ("null_mx", "556 5.1.10"),
-    ("nxdomain", "550 5.1.2"),
-    ("no_address", "550 5.1.2"),
-])
-async def test_undeliverable_domains_bounce(relay: Any, smtp_sink: SinkFactory,
-                                            dns_server: LoopbackDNS, setup: str,
-                                            response: str) -> None:
+async def test_null_mx_bounces_without_suppressing(relay: Any, smtp_sink: SinkFactory,
+                                                  dns_server: LoopbackDNS) -> None:
     sink = await smtp_sink()
     dns_server.add_mx("example.com", "mx.example.com")  # where the DSN goes
     dns_server.add_a("mx.example.com")
-    if setup == "null_mx":
-        dns_server.add_mx("example.net", ".", 0)
-    elif setup == "no_address":
-        dns_server.add_txt("example.net", "v=spf1 -all")  # the name exists, without MX or A
+    dns_server.add_mx("example.net", ".", 0)
     r = await relay(make_config(mx_mode(dns_server, sink.port)))
     msg = await r.send(["user@example.net"])
     await r.done(msg)
     [event] = await r.events(msg)
-    assert event["status"] == "bounced" and event["response"].startswith(response)
+    assert event["status"] == "bounced" and event["response"].startswith("556 5.1.10")
     await sink.wait_for(lambda: len(dsns(sink)) == 1)
     assert sink.messages[0].rcpt_tos == ["app@example.com"]
+    # The domain said so, not the mailbox: the address is not suppressed for a year.
+    assert r.suppression.is_suppressed("user@example.net") is None
+
+
+@pytest.mark.parametrize(("setup", "response"), [
+    ("nxdomain", "451 4.1.2 Domain example.net does not exist"),
+    ("no_address", "451 4.1.2 Host example.net has no address"),
+])
+async def test_unresolvable_domains_follow_the_retry_policy(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS, setup: str,
+        response: str) -> None:
+    """One DNS answer does not bounce nor suppress: the recipient is deferred like any
+    temporary failure, and expires (with a DSN) at the end of the queue lifetime."""
+    sink = await smtp_sink()
+    dns_server.add_mx("example.com", "mx.example.com")  # where the DSN goes
+    dns_server.add_a("mx.example.com")
+    if setup == "no_address":
+        dns_server.add_txt("example.net", "v=spf1 -all")  # the name exists, without MX or A
+    r = await relay(make_config(mx_mode(dns_server, sink.port), queue={"maxLifetime": 0.5}))
+    msg = await r.send(["user@example.net"])
+    await r.done(msg)
+    rows = await r.events(msg)
+    statuses = r.statuses(rows, "user@example.net")
+    assert statuses[0] == "deferred" and statuses[-1] == "expired"
+    assert all(e["response"].startswith(response) for e in rows)
+    await sink.wait_for(lambda: len(dsns(sink)) == 1)
+    assert "Status: 5.1.2" in list(dsns(sink)[0].iter_parts())[1].as_string()
+    assert r.suppression.is_suppressed("user@example.net") is None
 
 
 async def test_mx_host_without_address_defers(relay: Any, smtp_sink: SinkFactory,
@@ -1025,7 +1045,7 @@ async def test_a_bug_in_an_attempt_defers_then_expires_instead_of_looping(
     async def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(r.queue, "_send", broken)
+    monkeypatch.setattr(r.queue, "_deliver", broken)
     msg = await r.send(["someone@example.net"])
     await r.done(msg)
     statuses = r.statuses(await r.events(msg), "someone@example.net")

@@ -1,0 +1,773 @@
+"""The delivery queue: scheduled messages, ready queues per destination, fair dispatch.
+
+Two stages, after KumoMTA's scheduled and ready queues:
+
+1. **Scheduled.** Every spooled message with pending recipients waits in a heap ordered by its
+   next attempt. When it falls due, suppressed recipients are set aside and the rest are
+   routed: to the smarthost, or per recipient domain to the domain's MX site (DNS answers that
+   decide the recipient, such as a null MX, are recorded at once). Each piece becomes a work
+   item in its destination's ready queue. Nothing is held while routing or waiting.
+2. **Ready.** The dispatcher serves the destinations that have work in turn (round robin),
+   starting one transaction at a time per destination, as long as the destination is below its
+   connection limit (slow start, shaping), its delivery rate allows, its fair share of the
+   global bound is not used up, and fewer than ``delivery.maxConcurrency`` connections are in
+   use overall. Only connections carrying a transaction count; a work item waiting in a ready
+   queue holds nothing, so a slow destination cannot hold up the others.
+
+The attempt on one connection (pooled first, then the destination's hosts in order, moving
+to the next MX on failures that allow it) is :meth:`DeliveryQueue._deliver`; the SMTP itself is
+:mod:`.smtp`; destination state is :mod:`.destinations`; the rules are :mod:`.policy`;
+recording outcomes and DSN is :mod:`.outcomes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..aiotasks import cancel_and_wait
+from ..config import DeliverySettings, RelayConfig, ResolverSettings, domain_of
+from ..dkim import DKIMSigner
+from ..messagelog import MessageLog, SuppressionList
+from ..metrics import RelayMetrics
+from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
+from ..reputation import Reputation
+from ..spool import QueuedMessage, Recipient, Spool, SpoolError
+from .destinations import STATES, Destination, shape_for
+from .outcomes import Outcomes
+from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
+from .smtp import (
+    ConnectFailed,
+    Connection,
+    ReusedConnectionLost,
+    Target,
+    Timeouts,
+    TLSFailed,
+    TLSMode,
+    login,
+    open_connection,
+    quit_connection,
+    transaction,
+)
+from .work import Attempt, Work
+
+log = logging.getLogger("mailplane_relay.delivery")
+
+# Messages larger than this are read and signed in a thread, so one big message does not stall
+# the loop.
+SIGN_IN_THREAD_BYTES = 256 * 1024
+HOUSEKEEPING_INTERVAL = 1.0
+# A destination with nothing queued, no connection and no suspension is forgotten after this.
+DESTINATION_IDLE_FORGET = 600.0
+# DNS lookups of due messages running at once.
+ROUTING_CONCURRENCY = 64
+
+
+class DeliveryQueue:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], RelayConfig],
+        spool: Spool,
+        log: MessageLog,
+        suppression: SuppressionList,
+        metrics: RelayMetrics,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        signer: DKIMSigner | None = None,
+        reputation: Reputation | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._config = config
+        # Told when a background task dies: the composition root stops the process (the queue
+        # stays on disk) rather than accept mail it would never deliver.
+        self._on_failure = on_failure
+        self._spool = spool
+        self._suppression = suppression
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._signer = signer or DKIMSigner(metrics=metrics, clock=clock)
+        self._outcomes = Outcomes(
+            spool=spool, log=log, suppression=suppression, metrics=metrics,
+            reputation=reputation, clock=clock, rng=self._rng, read=self._read,
+            submit=self.submit, reschedule=self._schedule, forget=self._forget)
+        # Scheduled stage
+        self._messages: dict[str, QueuedMessage] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._scheduled: dict[str, int] = {}  # queue id -> sequence of its live heap entry
+        self._seq = itertools.count()
+        self._attempts: dict[str, Attempt] = {}  # messages with an attempt in progress
+        self._schedule_wake = asyncio.Event()
+        self._routing = asyncio.Semaphore(ROUTING_CONCURRENCY)
+        # Ready stage
+        self._destinations: dict[str, Destination] = {}
+        self._ring: collections.deque[Destination] = collections.deque()
+        self._busy: set[Destination] = set()  # destinations with work queued or in progress
+        self._timers: list[tuple[float, int, Destination]] = []  # rate-limited destinations
+        self._in_use = 0  # connections carrying a transaction
+        self._dispatch_wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()  # routing and transaction tasks
+        self._closers: set[asyncio.Task[None]] = set()
+        self._resolver: MXResolver | None = None
+        self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+        self._connection_settings = _connection_settings(config().settings.delivery)
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._changed = asyncio.Event()
+        self.connections_opened = 0  # for tests and benchmarks
+
+    # ------------------------------------------------------------------ public interface
+
+    async def start(self, recovered: list[QueuedMessage]) -> None:
+        for msg in recovered:
+            self.submit(msg)
+        for name, coro in (("delivery-scheduler", self._scheduler()),
+                           ("delivery-dispatcher", self._dispatcher()),
+                           ("delivery-housekeeping", self._housekeeping())):
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(self._background_done)
+            self._background.append(task)
+        self.update_gauges()
+
+    def submit(self, msg: QueuedMessage) -> None:
+        if msg.queue_id in self._messages:
+            return
+        self._messages[msg.queue_id] = msg
+        self._schedule(msg)
+        self._metrics.queue_messages.set(len(self._messages))
+        self._changed.set()
+
+    def reconfigure(self) -> None:
+        """Apply a new configuration. Destinations keep their state (connections in use,
+        slow-start window, suspension); pooled connections are kept unless the settings they
+        were opened with changed (smarthost, TLS, HELO name, MX port). Limits apply to the
+        next dispatch. DKIM keys follow by themselves (the signer re-reads the
+        configuration)."""
+        cfg = self._config()
+        delivery = cfg.settings.delivery
+        if self._resolver is not None and self._resolver.settings != delivery.resolver:
+            self._resolver = None
+        settings = _connection_settings(delivery)
+        if settings != self._connection_settings:
+            self._connection_settings = settings
+            self._tls_contexts.clear()
+            for dest in self._destinations.values():
+                self._close_idle(dest, keep=lambda _c: False)
+        now = self._clock()
+        for dest in self._destinations.values():
+            domain, hosts = dest.match
+            dest.reshape(shape_for(delivery, domain, hosts), now)
+        self._dispatch_wake.set()
+
+    async def stop(self, deadline: float) -> None:
+        """Stop starting transactions; let those in flight finish until ``deadline`` (a
+        ``time.monotonic()`` value), then cancel them (their connections are aborted).
+        Nothing that is not final leaves the spool: an interrupted attempt is repeated after a
+        restart."""
+        self._stopping = True
+        for task in self._background:
+            await cancel_and_wait(task)
+        inflight = list(self._tasks)
+        if inflight:
+            remaining = max(0.0, deadline - time.monotonic())
+            _done, pending = await asyncio.wait(inflight, timeout=remaining)
+            if pending:
+                log.warning("delivery: %d attempt(s) still running at the stop deadline; "
+                            "cancelling them (they are retried after restart)", len(pending))
+                for task in pending:
+                    task.cancel()
+                _, stuck = await asyncio.wait(pending, timeout=2.0)
+                if stuck:
+                    log.error("delivery: %d attempt(s) did not end after cancellation",
+                              len(stuck))
+        for dest in list(self._destinations.values()):
+            self._close_idle(dest, keep=lambda _c: False)
+        if self._closers:
+            await asyncio.wait(list(self._closers), timeout=2.5)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def queued(self) -> int:
+        return len(self._messages)
+
+    def message(self, queue_id: str) -> QueuedMessage | None:
+        return self._messages.get(queue_id)
+
+    def destinations(self) -> list[dict[str, Any]]:
+        """The queue view of destinations: state, reason, limits, backlog."""
+        now = self._clock()
+        return [{
+            "destination": d.key, "shaping": d.shape.name, "state": d.state(now),
+            "ready": len(d.ready), "connectionsInUse": d.active, "idleConnections": len(d.idle),
+            "connectionLimit": d.limit(), "suspendedFor": max(0.0, d.suspended_until - now),
+            "reason": d.reason, "failures": d.failures, "delivered": d.delivered,
+        } for d in sorted(self._destinations.values(), key=lambda d: d.key)]
+
+    def forget(self, queue_id: str) -> None:
+        """The spool deleted this message (erasure): drop it from the schedule. An attempt in
+        flight finds it without recipients and ends without sending, logging or bouncing."""
+        msg = self._messages.get(queue_id)
+        if msg is not None:
+            self._forget(msg)
+        self.update_gauges()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; re-checked after every recorded outcome, submitted
+        message and removal (for tests, benchmarks and drain logic). Bound it with
+        ``asyncio.timeout``."""
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def update_gauges(self) -> None:
+        self._metrics.queue_messages.set(len(self._messages))
+        if self._messages:
+            oldest = min(m.received_at for m in self._messages.values())
+            self._metrics.queue_oldest_age.set(max(0.0, self._clock() - oldest))
+        else:
+            self._metrics.queue_oldest_age.set(0)
+        now = self._clock()
+        counts = dict.fromkeys(STATES, 0)
+        for dest in self._destinations.values():
+            counts[dest.state(now)] += 1
+        for state, count in counts.items():
+            self._metrics.destinations.labels(state).set(count)
+        self._metrics.connections_in_use.set(self._in_use)
+
+    # ------------------------------------------------------------------ scheduled stage
+
+    def _schedule(self, msg: QueuedMessage) -> None:
+        seq = next(self._seq)
+        self._scheduled[msg.queue_id] = seq
+        heapq.heappush(self._heap, (msg.next_attempt, seq, msg.queue_id))
+        self._schedule_wake.set()
+        self._changed.set()
+
+    def _forget(self, msg: QueuedMessage) -> None:
+        self._messages.pop(msg.queue_id, None)
+        self._scheduled.pop(msg.queue_id, None)
+        self._metrics.queue_messages.set(len(self._messages))
+        self._changed.set()
+
+    async def _scheduler(self) -> None:
+        while not self._stopping:
+            while self._heap and self._scheduled.get(self._heap[0][2]) != self._heap[0][1]:
+                heapq.heappop(self._heap)  # superseded entry
+            now = self._clock()
+            if self._heap and self._heap[0][0] <= now:
+                _, _, queue_id = heapq.heappop(self._heap)
+                del self._scheduled[queue_id]
+                msg = self._messages.get(queue_id)
+                if msg is not None and queue_id not in self._attempts:
+                    self._begin(msg)
+                continue
+            wait = self._heap[0][0] - now if self._heap else None
+            self._schedule_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._schedule_wake.wait()
+
+    def _begin(self, msg: QueuedMessage) -> None:
+        """Start an attempt: set suppressed recipients aside, route the others."""
+        cfg = self._config()
+        attempt = Attempt(msg, cfg)
+        self._attempts[msg.queue_id] = attempt
+        to_send: list[Recipient] = []
+        for r in msg.pending():
+            if self._suppression.is_suppressed(r.address) is not None:
+                attempt.outcomes[r.address] = RecipientOutcome(
+                    "suppressed", "550 5.1.1 Recipient is on the suppression list (not sent)")
+            else:
+                to_send.append(r)
+        delivery = cfg.settings.delivery
+        if not to_send:
+            self._spawn(self._complete(attempt), f"delivery-complete-{msg.queue_id}")
+        elif delivery.mode == "smarthost":
+            smarthost = delivery.smarthost
+            assert smarthost is not None  # guaranteed by the config validator
+            auth = None
+            if smarthost.username is not None and smarthost.password_file is not None:
+                auth = (smarthost.username, smarthost.password_file)
+            target = Target(smarthost.host, smarthost.host, smarthost.port, smarthost.tls, auth)
+            by_shape: dict[str, list[Recipient]] = {}
+            shapes = {}
+            for r in to_send:
+                shape = shape_for(delivery, domain_of(r.address))
+                shapes[shape.name] = shape
+                by_shape.setdefault(shape.name, []).append(r)
+            attempt.outstanding = len(by_shape)
+            for name, rcpts in by_shape.items():
+                key = f"smarthost:{smarthost.host}:{smarthost.port}"
+                if name != "default":
+                    key += f"/{name}"
+                dest = self._destination(key, delivery, None, ())
+                self._enqueue(dest, Work(attempt, rcpts, [target], None))
+        else:
+            by_domain: dict[str, list[Recipient]] = {}
+            for r in to_send:
+                by_domain.setdefault(domain_of(r.address), []).append(r)
+            attempt.outstanding = len(by_domain)
+            for domain, rcpts in by_domain.items():
+                self._spawn(self._route(attempt, domain, rcpts), f"delivery-route-{domain}")
+
+    async def _route(self, attempt: Attempt, domain: str, recipients: list[Recipient]) -> None:
+        cfg = attempt.cfg
+        delivery = cfg.settings.delivery
+        async with self._routing:
+            resolver = self._mx_resolver(delivery.resolver)
+            try:
+                route = await resolver.route(domain)
+                targets, error = await self._mx_targets(delivery, resolver, route)
+            except PermanentDNSFailure as exc:
+                targets, error = [], exc
+            except TemporaryDNSFailure as exc:
+                targets, error = [], exc
+        if not targets:
+            outcome = dns_outcome(error.reply, permanent=isinstance(error, PermanentDNSFailure))
+            for r in recipients:
+                attempt.outcomes[r.address] = outcome
+            await self._work_done(attempt)
+            return
+        shape = shape_for(delivery, domain, route.hosts)
+        key = route.destination if shape.name == "default" else f"{route.destination}/{shape.name}"
+        dest = self._destination(key, delivery, domain, route.hosts)
+        self._enqueue(dest, Work(attempt, recipients, targets, domain))
+
+    async def _mx_targets(self, delivery: DeliverySettings, resolver: MXResolver, route: MXRoute
+                          ) -> tuple[list[Target], PermanentDNSFailure | TemporaryDNSFailure]:
+        """Addresses to try, in order; when there are none, the failure that explains why."""
+        mode: TLSMode = "opportunistic" if delivery.opportunistic_tls else "none"
+        limit = delivery.max_mx_addresses
+        targets: list[Target] = []
+        temporary: TemporaryDNSFailure | None = None
+        permanent: PermanentDNSFailure | None = None
+        for host in route.hosts:
+            try:
+                addresses = await resolver.addresses(host)
+            except PermanentDNSFailure as exc:
+                permanent = exc
+                continue
+            except TemporaryDNSFailure as exc:
+                temporary = exc
+                continue
+            targets.extend(Target(host, a, delivery.mx_port, mode) for a in addresses)
+            if len(targets) >= limit:
+                break
+        if temporary is not None:
+            return targets[:limit], temporary
+        if permanent is not None and not route.implicit:
+            # MX records that name dead hosts: a misconfiguration often fixed within the queue
+            # lifetime, so defer.
+            return targets[:limit], TemporaryDNSFailure(
+                "451 4.4.3 " + permanent.reply.split(" ", 2)[-1])
+        return targets[:limit], permanent or PermanentDNSFailure(
+            f"550 5.1.2 No address for {route.domain}")
+
+    def _mx_resolver(self, settings: ResolverSettings) -> MXResolver:
+        if self._resolver is None or self._resolver.settings != settings:
+            self._resolver = MXResolver(settings, self._rng)
+        return self._resolver
+
+    # ------------------------------------------------------------------ ready stage
+
+    def _destination(self, key: str, delivery: DeliverySettings, domain: str | None,
+                     hosts: tuple[str, ...]) -> Destination:
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = Destination(key, shape_for(delivery, domain, hosts))
+            dest.match = (domain, hosts)
+            dest.reshape(dest.shape, self._clock())
+            self._destinations[key] = dest
+        dest.last_used = time.monotonic()
+        return dest
+
+    def _enqueue(self, dest: Destination, work: Work) -> None:
+        now = self._clock()
+        if dest.suspended(now):
+            self._spawn(self._defer_suspended(dest, work), "delivery-suspended")
+            return
+        dest.ready.append(work)
+        self._busy.add(dest)
+        self._ring_add(dest)
+
+    def _ring_add(self, dest: Destination) -> None:
+        if not dest.in_ring and dest.ready:
+            dest.in_ring = True
+            self._ring.append(dest)
+            self._dispatch_wake.set()
+
+    async def _dispatcher(self) -> None:
+        while not self._stopping:
+            self._dispatch_wake.clear()
+            self._dispatch_pass()
+            wait = None
+            if self._timers:
+                wait = max(0.0, self._timers[0][0] - self._clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._dispatch_wake.wait()
+
+    def _dispatch_pass(self) -> None:
+        now = self._clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, dest = heapq.heappop(self._timers)
+            self._ring_add(dest)
+        cap = self._config().settings.delivery.max_concurrency
+        # Visit each destination in the ring at most once per round; start one transaction
+        # per visit, so that ready destinations take turns.
+        while self._ring and self._in_use < cap:
+            started = False
+            for _ in range(len(self._ring)):
+                if self._in_use >= cap:
+                    break
+                dest = self._ring.popleft()
+                if self._start_one(dest, now, cap):
+                    started = True
+                if dest.ready and dest.in_ring:
+                    self._ring.append(dest)
+                else:
+                    dest.in_ring = False
+            if not started:
+                break
+
+    def _start_one(self, dest: Destination, now: float, cap: int) -> bool:
+        """Start a transaction for ``dest`` if it may have one now; otherwise take it out of
+        the ring (it comes back when one of its transactions ends, or its rate allows)."""
+        if not dest.ready:
+            dest.in_ring = False
+            return False
+        if dest.suspended(now):
+            dest.in_ring = False
+            self._spawn(self._defer_all(dest), "delivery-suspended")
+            return False
+        # Fair share: while several destinations want connections, none takes more than an
+        # equal part of the global bound (a slow destination cannot collect every slot).
+        share = max(1, cap // max(1, len(self._busy)))
+        if dest.active >= dest.limit() or dest.active >= share:
+            dest.in_ring = False
+            return False
+        wait = dest.rate_wait(now)
+        if wait > 0:
+            dest.in_ring = False
+            heapq.heappush(self._timers, (now + wait, next(self._seq), dest))
+            return False
+        work = dest.ready.popleft()
+        dest.take_rate(now)
+        dest.active += 1
+        self._in_use += 1
+        self._spawn(self._run(dest, work), f"delivery-{work.attempt.msg.queue_id}")
+        return True
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("delivery background task %s died; deliveries stop until restart",
+                         task.get_name(), exc_info=exc)
+            if self._on_failure is not None:
+                self._on_failure(exc)
+
+    async def _run(self, dest: Destination, work: Work) -> None:
+        try:
+            await self._deliver(dest, work)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never lose a message to a bug: log it and treat the attempt as a temporary
+            # failure, so that the backoff, the attempt count and the expiry still apply (a
+            # message that always hits the bug expires and bounces instead of looping forever).
+            log.exception("delivery attempt for %s failed unexpectedly; retrying later",
+                          work.attempt.msg.queue_id)
+            for r in work.recipients:
+                work.attempt.outcomes[r.address] = RecipientOutcome(
+                    "deferred", "451 4.3.0 Internal error during delivery")
+        finally:
+            dest.active -= 1
+            self._in_use -= 1
+            dest.last_used = time.monotonic()
+            if not dest.ready and not dest.active:
+                self._busy.discard(dest)
+            self._ring_add(dest)
+            self._dispatch_wake.set()
+        await self._work_done(work.attempt)
+
+    async def _defer_suspended(self, dest: Destination, work: Work) -> None:
+        reply = (f"{dest.reason} (destination suspended; not tried)")[:300]
+        for r in work.recipients:
+            work.attempt.outcomes[r.address] = RecipientOutcome(
+                "deferred", reply, not_before=dest.suspended_until)
+        await self._work_done(work.attempt)
+
+    async def _defer_all(self, dest: Destination) -> None:
+        works = list(dest.ready)
+        dest.ready.clear()
+        if not dest.active:
+            self._busy.discard(dest)
+        for work in works:
+            await self._defer_suspended(dest, work)
+
+    async def _work_done(self, attempt: Attempt) -> None:
+        attempt.outstanding -= 1
+        if attempt.outstanding <= 0:
+            await self._complete(attempt)
+
+    async def _complete(self, attempt: Attempt) -> None:
+        msg = attempt.msg
+        if self._messages.get(msg.queue_id) is not msg:
+            # Erased while the attempt ran (the spool deleted it): nothing to record.
+            self._attempts.pop(msg.queue_id, None)
+            return
+        try:
+            await self._outcomes.apply(attempt.cfg, msg, attempt.outcomes)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recording the attempt of %s failed; retrying later", msg.queue_id)
+            msg.next_attempt = self._clock() + attempt.cfg.settings.queue.retry_initial
+            if msg.queue_id in self._messages:
+                self._schedule(msg)
+        finally:
+            self._attempts.pop(msg.queue_id, None)
+
+    # ------------------------------------------------------------------ one work item
+
+    async def _data(self, attempt: Attempt) -> bytes | None:
+        """The message, DKIM-signed, read once per attempt (None: the spool cannot read it)."""
+        if attempt.data is None:
+            attempt.data = asyncio.get_running_loop().create_future()
+            try:
+                data = await self._read(attempt.msg)
+            except SpoolError as exc:
+                log.error("delivery: cannot read %s from the spool: %s",
+                          attempt.msg.queue_id, exc)
+                attempt.data.set_result(None)
+            except BaseException as exc:
+                attempt.data.set_exception(exc)
+                attempt.data = None
+                raise
+            else:
+                cfg, sender_domain = attempt.cfg, attempt.msg.sender_domain
+                if len(data) > SIGN_IN_THREAD_BYTES:
+                    data = await asyncio.to_thread(self._signer.sign, cfg, data, sender_domain)
+                else:
+                    data = self._signer.sign(cfg, data, sender_domain)
+                attempt.data.set_result(data)
+        return await asyncio.shield(attempt.data)
+
+    async def _read(self, msg: QueuedMessage) -> bytes:
+        if msg.size > SIGN_IN_THREAD_BYTES:
+            return await asyncio.to_thread(self._spool.read, msg.queue_id)
+        return self._spool.read(msg.queue_id)  # a small read costs less than a thread hop
+
+    async def _deliver(self, dest: Destination, work: Work) -> None:
+        """One work item on one connection at a time: a pooled connection first, then the
+        destination's hosts in order; undecided recipients move on to the next host after a
+        failure that allows it (``policy.moves_to_next_mx``), up to ``maxMxAddresses`` hosts.
+        ``messageDeadline`` counts from here (time spent waiting in the ready queue does not)
+        and stops new connections and transactions, never one whose data is on its way."""
+        attempt = work.attempt
+        cfg, msg, outcomes = attempt.cfg, attempt.msg, attempt.outcomes
+        delivery = cfg.settings.delivery
+        timeouts = Timeouts.of(delivery)
+        data = await self._data(attempt)
+        if data is None:
+            for r in work.recipients:
+                outcomes[r.address] = RecipientOutcome("deferred", "451 4.3.0 Spool read failed")
+            return
+        deadline = time.monotonic() + delivery.message_deadline
+        pending = work.recipients
+        last_reply = "451 4.4.1 No destination host could be reached"
+        session = False  # some host gave us a session
+        failure: SuspendReason | None = None
+        conn = dest.take_idle()
+        if conn is not None:
+            try:
+                result = await transaction(conn, msg.mail_from, pending, data,
+                                           outcomes=outcomes, t=timeouts, reused=True,
+                                           deadline=deadline)
+            except ReusedConnectionLost as exc:
+                log.info("delivery: pooled connection to %s failed before the transaction "
+                         "(%s); retrying on a fresh connection", conn.remote, exc.reason)
+                self._discard(conn)
+            else:
+                session = True
+                self._release(dest, conn, result.reusable)
+                if result.ended and any(outcomes.get(r.address) is not None
+                                        and outcomes[r.address].status == "delivered"
+                                        for r in pending):
+                    dest.transaction_delivered()
+                if result.throttled:
+                    failure = "throttled"
+                pending, last_reply = result.moved, result.moved_reply or last_reply
+        tried = 0
+        for target in work.targets:
+            if not pending:
+                break
+            if tried >= delivery.max_mx_addresses:
+                break
+            if time.monotonic() >= deadline:
+                last_reply = "451 4.4.7 Delivery attempt timed out (messageDeadline)"
+                break
+            tried += 1
+            try:
+                conn = await self._connect(cfg, target, timeouts)
+            except ConnectFailed as exc:
+                last_reply = exc.reply
+                log.info("delivery: %s: %s", target.remote, exc.reply)
+                if failure is None or exc.throttled:
+                    failure = "throttled" if exc.throttled else "connect"
+                continue
+            session = True
+            dest.session_worked()
+            result = await transaction(conn, msg.mail_from, pending, data, outcomes=outcomes,
+                                       t=timeouts, reused=False, deadline=deadline)
+            self._release(dest, conn, result.reusable)
+            if result.ended and any(outcomes[r.address].status == "delivered"
+                                    for r in pending if r.address in outcomes):
+                dest.transaction_delivered()
+            if result.throttled:
+                failure = "throttled"
+            pending = result.moved
+            if result.moved_reply:
+                last_reply = result.moved_reply
+        for r in pending:
+            outcomes[r.address] = RecipientOutcome("deferred", last_reply)
+        # No host would take a session, or the last one that did throttled us and the mail
+        # found nowhere else to go: suspend the destination instead of hammering it.
+        if pending and failure is not None and (not session or failure == "throttled"):
+            self._suspend(dest, cfg, last_reply, failure)
+
+    def _suspend(self, dest: Destination, cfg: RelayConfig, reason: str,
+                 kind: SuspendReason) -> None:
+        now = self._clock()
+        if dest.suspended(now):
+            return
+        delay = next_retry_delay(dest.failures + 1, cfg.settings.queue, self._rng)
+        dest.suspend(now, delay, reason, kind)
+        self._metrics.destination_suspensions.labels(kind).inc()
+        log.warning("delivery: destination %s suspended for %.0fs (%s): %s", dest.key, delay,
+                    kind, reason)
+        self._close_idle(dest, keep=lambda _c: False)
+        if dest.ready:
+            self._spawn(self._defer_all(dest), "delivery-suspended")
+
+    # ------------------------------------------------------------------ connections
+
+    def _tls_context(self, verify: bool, ca_file: str | None) -> ssl.SSLContext:
+        key = (verify, ca_file)
+        ctx = self._tls_contexts.get(key)
+        if ctx is None:
+            if verify:
+                ctx = ssl.create_default_context(cafile=ca_file)
+            else:
+                # Opportunistic TLS to MX hosts (and an explicitly unverified smarthost):
+                # encryption against passive observers, as MTAs do (RFC 7435).
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls_contexts[key] = ctx
+        return ctx
+
+    async def _connect(self, cfg: RelayConfig, target: Target, timeouts: Timeouts
+                       ) -> Connection:
+        delivery = cfg.settings.delivery
+        if target.tls == "opportunistic":
+            ctx = self._tls_context(False, None)
+        else:
+            smarthost = delivery.smarthost
+            verify = smarthost.verify_tls if smarthost is not None else True
+            ca_file = smarthost.ca_file if smarthost is not None else None
+            ctx = self._tls_context(verify, ca_file)
+        helo = delivery.helo_name or cfg.settings.hostname
+        try:
+            conn = await open_connection(target, ctx, helo, timeouts,
+                                         use_starttls=target.tls != "none")
+        except TLSFailed as exc:
+            if target.tls != "opportunistic":
+                raise
+            # A broken STARTTLS at an MX host: deliver in clear text, as MTAs do.
+            log.info("delivery: %s; retrying without TLS", exc.reply)
+            conn = await open_connection(target, ctx, helo, timeouts, use_starttls=False)
+        if target.auth is not None:
+            await login(conn, target)
+        self.connections_opened += 1
+        return conn
+
+    def _release(self, dest: Destination, conn: Connection, reusable: bool) -> None:
+        conn.messages += 1
+        if (reusable and conn.usable and not self._stopping
+                and conn.messages < dest.shape.messages_per_connection
+                and self._destinations.get(dest.key) is dest
+                and len(dest.idle) < dest.shape.max_connections):
+            conn.idle_since = time.monotonic()
+            dest.idle.append(conn)
+        else:
+            self._discard(conn)
+
+    def _close_idle(self, dest: Destination, keep: Callable[[Connection], bool]) -> None:
+        kept = []
+        for conn in dest.idle:
+            if keep(conn) and conn.usable:
+                kept.append(conn)
+            else:
+                self._discard(conn)
+        dest.idle = kept
+
+    def _discard(self, conn: Connection) -> None:
+        if not conn.usable:
+            conn.client.close()
+            return
+        task = asyncio.create_task(quit_connection(conn.client),
+                                   name=f"delivery-quit-{conn.remote}")
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            self.update_gauges()
+            idle_timeout = self._config().settings.delivery.idle_connection_timeout
+            cutoff = time.monotonic() - idle_timeout
+            forget_before = time.monotonic() - DESTINATION_IDLE_FORGET
+            now = self._clock()
+
+            def fresh(conn: Connection, cutoff: float = cutoff) -> bool:
+                return conn.idle_since > cutoff
+
+            for key, dest in list(self._destinations.items()):
+                self._close_idle(dest, keep=fresh)
+                if (not dest.idle and not dest.active and not dest.ready
+                        and not dest.suspended(now) and dest.last_used < forget_before):
+                    del self._destinations[key]
+                    self._busy.discard(dest)
+
+
+def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:
+    """What pooled connections were opened with: when it changes they are closed."""
+    return (delivery.smarthost, delivery.mode, delivery.mx_port, delivery.opportunistic_tls,
+            delivery.helo_name)
