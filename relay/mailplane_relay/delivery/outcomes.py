@@ -36,14 +36,14 @@ DSN_REPORTED = "dsn_reported"
 
 
 class Outcomes:
-    def __init__(self, *, spool: Spool, log: MessageLog, suppression: SuppressionList,
+    def __init__(self, *, spool: Callable[[], Spool], log: MessageLog, suppression: SuppressionList,
                  metrics: RelayMetrics, reputation: Reputation | None,
                  clock: Callable[[], float], rng: random.Random,
                  read: Callable[[QueuedMessage], Awaitable[bytes]],
                  submit: Callable[[QueuedMessage], None],
                  reschedule: Callable[[QueuedMessage], None],
                  forget: Callable[[QueuedMessage], None]) -> None:
-        self._spool = spool
+        self._spool_of = spool  # the queue's spool (looked up at each use)
         self._log = log
         self._suppression = suppression
         self._metrics = metrics
@@ -142,7 +142,7 @@ class Outcomes:
 
     async def _save(self, msg: QueuedMessage) -> None:
         try:
-            await self._spool.save_state(msg)
+            await self._spool_of().save_state(msg)
         except SpoolError as exc:
             # The attempt is repeated after a restart at worst (at-least-once).
             log.error("delivery: state of %s not saved: %s", msg.queue_id, exc)
@@ -166,7 +166,7 @@ class Outcomes:
                 r.dsn_owed = True
             try:
                 # Durable: the duty must survive a restart before the retry.
-                await self._spool.save_state(msg, durable=True)
+                await self._spool_of().save_state(msg, durable=True)
             except SpoolError as save_exc:
                 log.error("delivery: state of %s not saved: %s", msg.queue_id, save_exc)
             return False
@@ -181,7 +181,7 @@ class Outcomes:
             self._reschedule(msg)
             return
         try:
-            await self._spool.remove(msg.queue_id)
+            await self._spool_of().remove(msg.queue_id)
         except SpoolError as exc:
             log.error("delivery: %s is final but could not be removed: %s", msg.queue_id, exc)
         self._forget(msg)
@@ -201,7 +201,7 @@ class Outcomes:
             recipients=[FailedRecipient(r.address, r.status, r.last_response,
                                         remotes.get(r.address), now) for r in failed],
         )
-        dsn = await self._spool.commit(
+        dsn = await self._spool_of().commit(
             mail_from="", recipients=[msg.mail_from], data=body, message_id=None,
             credential=None, sender_domain="other", listener="dsn",
         )

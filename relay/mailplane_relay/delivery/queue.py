@@ -98,7 +98,7 @@ class DeliveryQueue:
         self._rng = rng or random.Random()
         self._signer = signer or DKIMSigner(metrics=metrics, clock=clock)
         self._outcomes = Outcomes(
-            spool=spool, log=log, suppression=suppression, metrics=metrics,
+            spool=lambda: self._spool, log=log, suppression=suppression, metrics=metrics,
             reputation=reputation, clock=clock, rng=self._rng, read=self._read,
             submit=self.submit, reschedule=self._schedule, forget=self._forget)
         # Scheduled stage
@@ -597,7 +597,9 @@ class DeliveryQueue:
                 outcomes[r.address] = RecipientOutcome("deferred", "451 4.3.0 Spool read failed")
             return
         deadline = time.monotonic() + delivery.message_deadline
-        pending = work.recipients
+        # A recipient erased from the message while the work waited is not sent to.
+        live = {id(r) for r in msg.recipients}
+        pending = [r for r in work.recipients if id(r) in live]
         last_reply = "451 4.4.1 No destination host could be reached"
         session = False  # some host gave us a session
         failure: SuspendReason | None = None
