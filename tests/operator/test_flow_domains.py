@@ -138,3 +138,36 @@ def test_dkim_rotation_publishes_switches_and_retires(
         lambda: {"DKIMKeyGenerated", "DKIMRotationStarted", "DKIMSwitched",
                  "DKIMKeyRetired"} <= set(_events(kube_api)), what="one Event per step")
     assert "PRIVATE KEY" not in str(kube_api.list(k.SENDING_DOMAINS)) + str(kube_api.events())
+
+
+def test_records_gone_from_dns_disable_the_domain_only_after_the_grace_period(
+        kube_api: KubeApi, dns_server: LoopbackDNS,
+        operator_factory: Callable[..., RunningOperator]) -> None:
+    operator = operator_factory(dns_resolver=(dns_server.address, dns_server.port))
+    _setup(kube_api)
+    first = _domain(kube_api, lambda o: o["status"].get("dnsRecords"), "the records")
+    _publish(dns_server, first)
+    _domain(kube_api, lambda o: _cond(o, "Ready")[0] == "True", "verification")
+    kube_api.wait_until(lambda: _signing(kube_api).get("example.com"), what="signing")
+
+    def recheck(token: str) -> None:
+        kube_api.patch(k.SENDING_DOMAINS, "mail", "example-com",
+                       {"metadata": {"annotations": {"example.test/recheck": token}}})
+
+    dns_server.clear()  # a zone edit removed every record: NXDOMAIN, a definite answer
+    recheck("1")
+    missing = _domain(kube_api, lambda o: o["status"].get("disableTime"), "the grace period")
+    assert _cond(missing, "DNSVerified") == ("False", "RecordNotFound")
+    assert _cond(missing, "Ready") == ("True", "Verified")
+    kube_api.wait_until(lambda: "DNSRecordsMissing" in _events(kube_api), what="the Event")
+    assert "example.com" in _signing(kube_api), "still enabled during the grace period"
+    assert "mailplane_operator_domain_disable_timestamp_seconds{domain=\"example.com\"}" in (
+        operator.metrics_text())
+
+    operator.clock.advance(72 * 3600 + 60)
+    recheck("2")
+    disabled = _domain(kube_api, lambda o: _cond(o, "Ready")[0] == "False", "the disable")
+    assert "disableTime" not in disabled["status"] and "verifiedTime" not in disabled["status"]
+    kube_api.wait_until(lambda: "example.com" not in _signing(kube_api), what="unsigned")
+    kube_api.wait_until(lambda: "DomainDisabled" in _events(kube_api), what="the Event")
+    assert "domain_disable_timestamp_seconds{" not in operator.metrics_text()

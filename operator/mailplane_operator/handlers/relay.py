@@ -128,16 +128,23 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
 
 
 def _recheck_stale_domains(rt: Runtime, result: RenderResult, bodies: Iterable[Body]) -> None:
-    """A SendingDomain whose status disagrees with this render about owning its domain (the
-    owner was deleted or lost its verification, so another claim owns it now; or it lost the
-    domain to an earlier claim) is woken to reconcile now rather than at its next DNS check."""
+    """A SendingDomain whose Ready condition disagrees with this render (another claim owns the
+    domain now, or this one took it over; a namespace label allows or forbids its skip since) is
+    woken to reconcile now rather than at its next DNS check."""
+    rendered = {owner.key for owner in result.owners.values()}
     for body in bodies:
         key = key_of(body)
-        exclusion = result.exclusion("SendingDomain", key)
-        conflict = exclusion is not None and exclusion.reason == REASON_DOMAIN_CONFLICT
-        ready = get_condition((body.get("status") or {}).get("conditions"), READY)
-        said_conflict = ready is not None and ready.get("reason") == REASON_DOMAIN_CONFLICT
-        if conflict != said_conflict:
+        ready = get_condition((body.get("status") or {}).get("conditions"), READY) or {}
+        if key in rendered:
+            stale = ready.get("status") != "True"
+        else:
+            exclusion = result.exclusion("SendingDomain", key)
+            if exclusion is None or exclusion.reason == REASON_DELETING:
+                continue  # not this relay's, invalid, or on its way out
+            stale = ready.get("status") == "True" or (
+                REASON_DOMAIN_CONFLICT in (exclusion.reason, ready.get("reason"))
+                and exclusion.reason != ready.get("reason"))
+        if stale:
             rt.wake_domain(key)
 
 
