@@ -246,3 +246,37 @@ def test_dev_refuses_a_directory_without_a_relay(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert result.returncode == 2
     assert "no SmtpRelay manifest found" in result.stderr
+
+
+def test_dev_evaluates_grants_with_the_examples_namespace_labels(tmp_path: Path) -> None:
+    """The quickstart works because the platform's domains grant the namespace labelled
+    mailplane.io/smtp-access=true; without that grant (or that label) `mailplane dev` refuses
+    the credential exactly as the operator would."""
+    from mailplane_cli import dev
+
+    def run(examples: Path, state: str) -> dev.DevState:
+        return dev.prepare(dev.load_manifests(examples), tmp_path / state, smtp_port=1,
+                           smtps_port=2, http_port=3, sink_port=4)
+
+    ready = run(ROOT / "examples", "granted")
+    assert {c.meta.key for c in ready.ready_credentials} == {"shop/orders", "shop/newsletter"}
+
+    ungranted = tmp_path / "ungranted"
+    shutil.copytree(ROOT / "examples", ungranted)
+    domains = list(yaml.safe_load_all((ungranted / "domains.yaml").read_text()))
+    del domains[0]["spec"]["allowedNamespaces"]  # example.com no longer granted to shop
+    (ungranted / "domains.yaml").write_text(yaml.safe_dump_all(domains))
+    refused = run(ungranted, "refused")
+    assert {c.meta.key for c in refused.ready_credentials} == {"shop/newsletter"}
+    assert refused.result.credentials == ("shop/newsletter",)
+    status = yaml.safe_load(
+        (tmp_path / "refused" / "status" / "shop" / "smtpcredential-orders.yaml").read_text())
+    ready_cond = next(c for c in status["status"]["conditions"] if c["type"] == "Ready")
+    assert ready_cond["reason"] == "SenderNotGranted"
+    assert "SendingDomain mailplane-system/example-com" in ready_cond["message"]
+
+    (ungranted / "namespaces.yaml").write_text(
+        (ungranted / "namespaces.yaml").read_text().replace('mailplane.io/smtp-access: "true"',
+                                                            'team: shop'))
+    unlabelled = run(ungranted, "unlabelled")
+    assert unlabelled.ready_credentials == []
