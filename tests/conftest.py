@@ -11,6 +11,7 @@ pytest_plugins = [
         "tests.helpers.sink",
         "tests.helpers.dns",
         "tests.helpers.relayproc",
+        "tests.helpers.postgres",
         "tests.helpers.kube",
     )
     if importlib.util.find_spec(name) is not None

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from mailplane_operator.reconcile import domain as domain_mod
-from mailplane_relay.messagelog import MessageLog
+from mailplane_relay.store.sync import query_log
 from tests.helpers import dkimverify
 from tests.helpers.dns import running_dns_server
 from tests.helpers.ports import free_port
@@ -217,7 +217,7 @@ def test_dev_sends_a_first_mail_and_restarts_with_the_same_credentials(
     password = secret["password"]
     # `mailplane logs --state-dir` reads this file: one delivered record per message, metadata
     # only.
-    delivered = MessageLog.query(str(state / "relay" / "messagelog.sqlite3"),
+    delivered = query_log(str(state / "relay" / "messagelog.sqlite3"),
                                  status="delivered")
     assert len(delivered) == 3
     assert {r["sender"] for r in delivered} == {

@@ -42,11 +42,12 @@ from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
-from .messagelog import MessageLog, SuppressionList
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
 from .spool import Spool, SpoolErasure, SpoolError
+from .store import LogQuery, MessageLog, StoreBackend, SuppressionList, complaint_hash
+from .store.factory import backend_for, buffer_directory
 from .tlsctx import ReloadingTLS
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ WORKER_RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 WORKER_HEALTHY_AFTER = 60.0
 _READY_FILE = "ready-w{index}"
 # Settings read once at start: a change needs a restart, and the reload log says so.
-_RESTART_ONLY = ("listeners", "http", "spool", "message_log", "workers")
+_RESTART_ONLY = ("listeners", "http", "spool", "message_log", "store", "workers")
+# Suppression changes are kept this long for the caches to catch up; a cache further behind
+# reloads the whole list. Trimmed by age: an address leaves the change log within a day.
+SUPPRESSION_CHANGES_RETENTION = 86400.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,8 @@ class RelayApp:
         self.spool: Spool | None = None
         self.tls: ReloadingTLS | None = None
         self.message_log: MessageLog | None = None
+        self.store: StoreBackend | None = None
+        self._tenants: tuple[str, dict[str, str]] = ("", {})
         self._queue_deadline: float | None = None
 
     # ---- the config callable every component reads --------------------------------------
@@ -281,16 +287,25 @@ class RelayApp:
             await self.http.start()
             stages.append(("ops http", self.http.stop))
 
-        msglog = MessageLog(settings.message_log.path,
-                            flush_interval=settings.message_log.flush_interval, metrics=metrics)
+        backend = backend_for(settings)
+        await backend.open()
+        stages.append(("store", backend.close))
+        self.store = backend
+        local_dir = buffer_directory(settings) / (f"w{worker.index}" if worker else "w0")
+        msglog = MessageLog(backend, flush_interval=settings.message_log.flush_interval,
+                            metrics=metrics, tenant_of=self._tenant_of,
+                            buffer_dir=str(local_dir / "log") if backend.shared else None)
         await msglog.start()
         stages.append(("message log", msglog.close))
         self.message_log = msglog
 
         counts_for_pool = worker is None or worker.index == 0
+        key = await backend.erasure_key()
         suppression = SuppressionList(
-            settings.message_log.path, metrics, export_gauge=counts_for_pool,
-            on_added=self._count_complaints if counts_for_pool else None)
+            backend, metrics, export_gauge=counts_for_pool,
+            on_added=self._count_complaints if counts_for_pool else None,
+            hash_of=lambda address: complaint_hash(key, address),
+            cache_file=str(local_dir / "suppression.json") if backend.shared else None)
         await suppression.start()
         stages.append(("suppression list", suppression.close))
 
@@ -389,6 +404,17 @@ class RelayApp:
         self.metrics.config_reloads.labels(result="success").inc()
         self.metrics.config_last_reload_success.set(time.time())
 
+    def _tenant_of(self, credential: str | None) -> str | None:
+        """The namespace of a credential's SmtpCredential (owner "namespace/name")."""
+        if credential is None:
+            return None
+        cfg = self.config()
+        if self._tenants[0] != cfg.source_hash:
+            self._tenants = (cfg.source_hash, {
+                c.username: c.owner.partition("/")[0]
+                for c in cfg.settings.credentials if c.owner and "/" in c.owner})
+        return self._tenants[1].get(credential)
+
     async def _count_complaints(self, added: list[tuple[str, str]]) -> None:
         """Count complaints recorded on the suppression list (`mailplane suppression add ADDRESS
         --reason complaint`, by hand or from a feedback-loop processor) against the sender that
@@ -397,10 +423,10 @@ class RelayApp:
         if not complained:
             return
         cfg = self.config()
-        path = cfg.settings.message_log.path
+        assert self.message_log is not None
         for address in complained:
-            rows = await asyncio.to_thread(MessageLog.query, path, recipient=address,
-                                           status="delivered", limit=1)
+            rows = await self.message_log.query(
+                LogQuery(recipient=address, status="delivered", limit=1))
             if not rows:
                 log.info("complaint for an address with no delivery on record; not attributed")
                 continue
@@ -459,7 +485,8 @@ class RelayApp:
             try:
                 await msglog.purge(now=time.time(),
                                    message_log_retention=retention.message_log,
-                                   suppression_retention=retention.suppression)
+                                   suppression_retention=retention.suppression,
+                                   changes_retention=SUPPRESSION_CHANGES_RETENTION)
             except Exception:
                 log.exception("retention purge failed; it runs again at the next interval")
             await asyncio.sleep(max(retention.purge_interval, MIN_PURGE_INTERVAL))

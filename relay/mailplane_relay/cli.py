@@ -7,18 +7,25 @@ starts fast and works on a machine that only has the message-log file.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import ConfigError, is_domain, load_config, parse_duration
 from .events import STATUSES
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from .store import StoreBackend
+
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+T = TypeVar("T")
 
 # Where `mailplane dev --state-dir DIR` keeps the relay's message log.
 DEV_MESSAGE_LOG = Path("relay") / "messagelog.sqlite3"
@@ -51,20 +58,23 @@ def register(subparsers: SubParsers) -> None:
     p.set_defaults(func=_cmd_hash_password)
 
     p = subparsers.add_parser(
-        "logs", help="search the message log, or `logs forget ADDRESS` to delete an address",
-        usage="mailplane logs [--config PATH | --db PATH | --state-dir DIR] [--sender S] "
-              "[--recipient R] [--status STATUS] [--since T] [--until T] [--queue-id ID] "
-              "[--limit N] [--json]\n       mailplane logs forget ADDRESS "
-              "[--config PATH | --db PATH | --state-dir DIR]",
-        description="Search the message log (newest records, printed oldest first). "
-                    "`mailplane logs forget ADDRESS` deletes every record about ADDRESS "
-                    "(sender or recipient) and its suppression entry.",
+        "logs", help="search the message log of the pod or the whole pool",
+        usage="mailplane logs [--config PATH | --store URL | --db PATH | --state-dir DIR] "
+              "[--sender S] [--recipient R] [--status STATUS] [--namespace NS] "
+              "[--credential USER] [--since T] [--until T] [--queue-id ID] [--limit N] "
+              "[--json]\n       mailplane logs forget ADDRESS [store options] "
+              "(the same as `mailplane erase ADDRESS`)",
+        description="Search the message log (newest records, printed oldest first). With a "
+                    "PostgreSQL store this is the log of every pod of the pool.",
     )
     p.add_argument("words", nargs="*", metavar="forget ADDRESS", help=argparse.SUPPRESS)
     _db_options(p)
     p.add_argument("--sender", help="envelope sender address, or @domain")
     p.add_argument("--recipient", help="recipient address, or @domain")
     p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--namespace", metavar="NS",
+                   help="tenant: namespace of the SmtpCredential that sent")
+    p.add_argument("--credential", metavar="USER", help="SMTP username that sent")
     p.add_argument("--since", metavar="T", help=f"from this time: {_TIME_HELP}")
     p.add_argument("--until", metavar="T", help=f"before this time: {_TIME_HELP}")
     p.add_argument("--queue-id", metavar="ID")
@@ -72,6 +82,18 @@ def register(subparsers: SubParsers) -> None:
                    help="at most N records (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_cmd_logs)
+
+    p = subparsers.add_parser(
+        "erase", help="delete every record of an address (data deletion on request)",
+        description="Delete every message-log record (as sender or recipient) and the "
+                    "suppression entry of ADDRESS from the store. A complaint stays "
+                    "suppressed as a keyed hash of the address, never the address. Prints what "
+                    "was removed.",
+    )
+    p.add_argument("address", metavar="ADDRESS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _db_options(p)
+    p.set_defaults(func=_cmd_erase)
 
     p = subparsers.add_parser(
         "suppression", help="list, add or remove suppressed addresses",
@@ -88,21 +110,57 @@ def register(subparsers: SubParsers) -> None:
 def _db_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--config", metavar="PATH",
-                       help="relay configuration: use its messageLog.path")
+                       help="relay configuration: use its store (SQLite file or PostgreSQL)")
+    group.add_argument("--store", metavar="URL",
+                       help="a PostgreSQL store: postgresql://USER@HOST/DB (the password from "
+                            "PGPASSWORD or ~/.pgpass), or a file holding the connection "
+                            "string as @PATH")
     group.add_argument("--db", metavar="PATH", help="the message-log SQLite file")
     group.add_argument("--state-dir", metavar="DIR",
                        help=f"state directory of `mailplane dev` (DIR/{DEV_MESSAGE_LOG})")
 
 
-def _db_path(args: argparse.Namespace) -> str:
+def _backend(args: argparse.Namespace, *, readonly: bool) -> StoreBackend:
+    from .store import SqliteBackend, StoreError  # noqa: PLC0415 - keep start-up light
+    from .store.factory import backend_for, read_dsn  # noqa: PLC0415 - keep start-up light
+
+    path: str | None = None
+    if args.store:
+        dsn = read_dsn(args.store[1:]) if args.store.startswith("@") else args.store
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise UsageError(f"--store {args.store!r}: give a postgresql:// URL (or @FILE "
+                             "holding one); for a SQLite file use --db PATH")
+        from .store.postgres import PostgresBackend  # noqa: PLC0415 - psycopg only when used
+
+        return PostgresBackend(dsn)
     if args.db:
-        return str(args.db)
-    if args.state_dir:
-        return str(Path(args.state_dir) / DEV_MESSAGE_LOG)
-    if args.config:
-        return load_config(args.config).settings.message_log.path
-    raise UsageError("say which message log: --config PATH (relay configuration), --db PATH "
-                     "(the SQLite file) or --state-dir DIR (of `mailplane dev`)")
+        path = str(args.db)
+    elif args.state_dir:
+        path = str(Path(args.state_dir) / DEV_MESSAGE_LOG)
+    elif args.config:
+        return backend_for(load_config(args.config).settings, readonly=readonly)
+    else:
+        raise UsageError("say which store: --config PATH (relay configuration), --store URL "
+                         "(PostgreSQL), --db PATH (the SQLite file) or --state-dir DIR (of "
+                         "`mailplane dev`)")
+    if readonly and not Path(path).exists():
+        raise StoreError(f"{path}: no message log there; check --db/--config/--state-dir (the "
+                         "relay creates the file when it starts)")
+    return SqliteBackend(path, readonly=readonly)
+
+
+def _with_store(args: argparse.Namespace, fn: Callable[[StoreBackend], Awaitable[T]], *,
+                readonly: bool = False) -> T:
+    backend = _backend(args, readonly=readonly)
+
+    async def run() -> T:
+        await backend.open()
+        try:
+            return await fn(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(run())
 
 
 def _fail(command: str, message: str, code: int) -> int:
@@ -194,32 +252,27 @@ def _iso(ts: float) -> str:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .messagelog import MessageLog, MessageLogError  # noqa: PLC0415 - keep start-up light
+    from .store import LogQuery, StoreError  # noqa: PLC0415 - keep start-up light
 
     try:
-        path = _db_path(args)
         if args.words:
             if len(args.words) != 2 or args.words[0] != "forget":
                 raise UsageError(f"unexpected arguments {' '.join(args.words)!r}: use "
-                                 "`mailplane logs [filters]` or `mailplane logs forget ADDRESS`")
-            address = _address(args.words[1])
-            if not Path(path).exists():
-                raise MessageLogError(f"{path}: no message log there")
-            counts = MessageLog.forget_address(path, address)
-            print(f"forgot {address}: {counts['message_log']} log records, "
-                  f"{counts['suppression']} suppression entries deleted")
-            return 0
+                                 "`mailplane logs [filters]` or `mailplane erase ADDRESS`")
+            args.address = args.words[1]
+            return _cmd_erase(args, command="logs")
         if args.limit < 1:
             raise UsageError("--limit must be at least 1")
         now = datetime.now(UTC).timestamp()
         since = parse_time(args.since, option="--since", now=now) if args.since else None
         until = parse_time(args.until, option="--until", now=now) if args.until else None
-        rows = MessageLog.query(path, sender=args.sender, recipient=args.recipient,
-                                status=args.status, since=since, until=until,
-                                queue_id=args.queue_id, limit=args.limit)
+        q = LogQuery(sender=args.sender, recipient=args.recipient, status=args.status,
+                     since=since, until=until, queue_id=args.queue_id,
+                     namespace=args.namespace, credential=args.credential, limit=args.limit)
+        rows = _with_store(args, lambda b: b.query(q), readonly=True)
     except (UsageError, ConfigError) as exc:
         return _fail("logs", str(exc), 2)
-    except MessageLogError as exc:
+    except StoreError as exc:
         return _fail("logs", str(exc), 1)
     rows.reverse()
     if args.json:
@@ -227,11 +280,33 @@ def _cmd_logs(args: argparse.Namespace) -> int:
             print(json.dumps({"time": _iso(row["ts"]), **row}))
     else:
         _print_table(
-            ["TIME", "STATUS", "QUEUE ID", "SENDER", "RECIPIENT", "ATTEMPT", "RESPONSE"],
-            [[_iso(r["ts"]), r["status"], r["queue_id"] or "-", r["sender"] or "<>",
-              r["recipient"] or "-", "" if r["attempt"] is None else str(r["attempt"]),
+            ["TIME", "STATUS", "QUEUE ID", "NAMESPACE", "SENDER", "RECIPIENT", "ATTEMPT",
+             "RESPONSE"],
+            [[_iso(r["ts"]), r["status"], r["queue_id"] or "-", r["namespace"] or "-",
+              r["sender"] or "<>", r["recipient"] or "-",
+              "" if r["attempt"] is None else str(r["attempt"]),
               (r["response"] or "")[:80]] for r in rows],
         )
+    return 0
+
+
+def _cmd_erase(args: argparse.Namespace, command: str = "erase") -> int:
+    from .store import StoreError  # noqa: PLC0415 - keep start-up light
+    from .store.erasure import erase_address  # noqa: PLC0415 - keep start-up light
+
+    try:
+        address = _address(args.address)
+        report = _with_store(args, lambda b: erase_address(b, address))
+    except (UsageError, ConfigError) as exc:
+        return _fail(command, str(exc), 2)
+    except StoreError as exc:
+        return _fail(command, str(exc), 1)
+    if getattr(args, "json", False):
+        print(json.dumps({"address": address, "removed": report.counts}))
+    else:
+        parts = ", ".join(f"{n} {place.replace('_', ' ')}" for place, n in
+                          sorted(report.counts.items())) or "nothing found"
+        print(f"erased {address}: {parts}")
     return 0
 
 
@@ -254,30 +329,30 @@ def _address(value: str) -> str:
 
 
 def _cmd_suppression(args: argparse.Namespace) -> int:
-    from .messagelog import MessageLogError, SuppressionList  # noqa: PLC0415 - keep start-up light
+    from .store import StoreError  # noqa: PLC0415 - keep start-up light
 
     try:
-        path = _db_path(args)
         if args.action == "list":
             if args.address:
                 raise UsageError("`suppression list` takes no address")
-            entries = SuppressionList.list_entries(path)
+            entries = _with_store(args, lambda b: b.suppression_list(), readonly=True)
             _print_entries(entries, as_json=args.json)
             return 0
         if not args.address:
             raise UsageError(f"`suppression {args.action}` needs an ADDRESS")
         address = _address(args.address)
         if args.action == "add":
-            SuppressionList.add_entry(path, address, args.reason, source="cli")
+            now = datetime.now(UTC).timestamp()
+            _with_store(args, lambda b: b.suppression_upsert(address, args.reason, "cli", now))
             print(f"suppressed {address} ({args.reason})")
             return 0
-        if SuppressionList.remove_entry(path, address):
+        if _with_store(args, lambda b: b.suppression_delete(address)):
             print(f"removed {address}")
             return 0
         return _fail("suppression", f"{address} is not on the suppression list", 1)
     except (UsageError, ConfigError) as exc:
         return _fail("suppression", str(exc), 2)
-    except MessageLogError as exc:
+    except StoreError as exc:
         return _fail("suppression", str(exc), 1)
 
 

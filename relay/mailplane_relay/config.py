@@ -321,12 +321,24 @@ class AbuseSettings(_Model):
     _d = _durations("window")
 
 
+# The privacy policy (section 5) retains delivery logs 90 days: no configuration keeps longer.
+MAX_MESSAGE_LOG_RETENTION = 90 * 86400.0
+
+
 class RetentionSettings(_Model):
     message_log: Duration = Field(90 * 86400.0, alias="messageLog")
     suppression: Duration = Field(365 * 86400.0, alias="suppression")
     purge_interval: Duration = Field(3600.0, alias="purgeInterval")
 
     _d = _durations("message_log", "suppression", "purge_interval")
+
+    @field_validator("message_log")
+    @classmethod
+    def _at_most_policy(cls, v: float) -> float:
+        if not 0 < v <= MAX_MESSAGE_LOG_RETENTION:
+            raise ValueError(f"{v / 86400:g} days is outside (0, 90d]: the privacy policy "
+                             "keeps delivery logs at most 90 days; use 90d or less")
+        return v
 
 
 class MessageLogSettings(_Model):
@@ -336,6 +348,29 @@ class MessageLogSettings(_Model):
     flush_interval: Duration = Field(0.2, alias="flushInterval")
 
     _d = _durations("flush_interval")
+
+
+class StoreSettings(_Model):
+    """Where the message log, suppression list and shared sending state live (docs/store.md).
+
+    ``sqlite`` (default): the file ``messageLog.path``, one per pod. ``postgresql``: one
+    database for every pod of the pool; the libpq connection string is read from ``dsnFile``
+    (mounted from a Secret), so no password is ever part of this configuration."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn_file: str | None = Field(None, alias="dsnFile")
+    # Local directory for log records the database did not take (replayed when it answers)
+    # and the suppression cache; default: beside messageLog.path.
+    buffer_directory: str | None = Field(None, alias="bufferDirectory")
+    # Messages of quota/rate leased from the shared counters at a time, per worker.
+    lease_size: int = Field(10, alias="leaseSize", ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _dsn(self) -> StoreSettings:
+        if self.backend == "postgresql" and not self.dsn_file:
+            raise ValueError("store.backend is postgresql but store.dsnFile is not set: point "
+                             "it at a file holding the connection string (from a Secret)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +555,7 @@ class RelaySettings(_Model):
     retention: RetentionSettings = RetentionSettings()
     abuse: AbuseSettings = AbuseSettings()
     message_log: MessageLogSettings = Field(MessageLogSettings(), alias="messageLog")
+    store: StoreSettings = StoreSettings()
     trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
     workers: int = Field(1, ge=1, le=64)
     shutdown_grace: Duration = Field(25.0, alias="shutdownGrace")

@@ -25,4 +25,8 @@ class LogEvent:
     response: str | None
     size: int | None
     attempt: int | None = None
+    # The delivery peer (MX or smarthost) of a delivery attempt; never the submitting client.
     remote: str | None = None
+    # The tenant: namespace of the credential's SmtpCredential; filled in by the message log
+    # from the configuration when left None.
+    namespace: str | None = None

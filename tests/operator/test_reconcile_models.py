@@ -79,3 +79,11 @@ def test_ceilings_and_platform_suspensions_are_validated() -> None:
         credential(suspended=True, suspendedReason="x\n250 fine")
     r = relay(tenancy={"suspensions": [{"namespace": "shop", "reason": "spam"}]})
     assert r.spec.tenancy.suspensions[0].applies_to("shop", "anything")
+
+
+def test_a_retention_policy_keeps_logs_at_most_90_days() -> None:
+    body = {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"messageLog": "2161h"}}
+    with pytest.raises(SpecError, match="messageLog"):
+        models.parse_retention_policy(body)
+    body["spec"] = {"messageLog": "2160h"}
+    assert models.parse_retention_policy(body).spec.message_log == 90 * 86400

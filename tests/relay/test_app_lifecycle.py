@@ -25,8 +25,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailplane_relay.events import LogEvent
-from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.store import MessageLog, SqliteBackend
+from mailplane_relay.store.sync import add_suppression, list_suppression, query_log
 from tests.helpers.pki import peer_serial, write_server_pair
 from tests.helpers.relayproc import RelayProcess, relay_command
 from tests.helpers.sink import Sink
@@ -81,7 +82,9 @@ async def test_relay_starts_delivers_and_reports(
     relay = relay_factory(smarthost_port=sink.port)
     # Records past the default retention (90 days logs, 365 days suppression) from a previous
     # life of this relay: the purge at start removes them.
-    old = MessageLog(str(relay.message_log), flush_interval=3600,
+    store = SqliteBackend(str(relay.message_log))
+    await store.open()
+    old = MessageLog(store, flush_interval=3600,
                      metrics=RelayMetrics.create(CollectorRegistry()))
     await old.start()
     for i in range(3):
@@ -89,7 +92,8 @@ async def test_relay_starts_delivers_and_reports(
                             message_id=None, credential="app", sender="app@example.com",
                             recipient="x@dest.test", response="250 ok", size=1))
     await old.close()
-    SuppressionList.add_entry(str(relay.message_log), "stale@dest.test", "hard_bounce",
+    await store.close()
+    add_suppression(str(relay.message_log), "stale@dest.test", "hard_bounce",
                               now=time.time() - 400 * 86400)
     await asyncio.to_thread(relay.start)
 
@@ -103,13 +107,13 @@ async def test_relay_starts_delivers_and_reports(
     assert b"body number 1" in got.data
 
     await eventually(
-        lambda: {r["status"] for r in MessageLog.query(str(relay.message_log))}
+        lambda: {r["status"] for r in query_log(str(relay.message_log))}
         >= {"received", "delivered"}, "received and delivered in the message log")
     await eventually(lambda: relay.metric("mailplane_relay_last_purge_timestamp_seconds") > 0,
                      "the retention purge at start")
     assert relay.metric("mailplane_relay_purged_records_total", table="message_log") == 3
     assert relay.metric("mailplane_relay_purged_records_total", table="suppression") == 1
-    assert SuppressionList.list_entries(str(relay.message_log)) == []
+    assert list_suppression(str(relay.message_log)) == []
     logs = subprocess.run(
         [*relay_command()[:-1], "logs", "--config", str(relay.config_dir), "--json"],
         capture_output=True, text=True, timeout=30, check=True).stdout

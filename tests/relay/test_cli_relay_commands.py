@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from mailplane_relay.config import API_VERSION, verify_password
 from mailplane_relay.events import LogEvent
-from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.store import MessageLog, SqliteBackend
+from mailplane_relay.store.sync import add_suppression, list_suppression, query_log
 
 MAILPLANE = (sys.executable, "-m", "mailplane_cli.main")
 
@@ -32,8 +33,11 @@ NOW = time.time()
 
 def fill(path: str) -> None:
     async def write() -> None:
-        ml = MessageLog(path, flush_interval=3600,
-                        metrics=RelayMetrics.create(CollectorRegistry()))
+        store = SqliteBackend(path)
+        await store.open()
+        ml = MessageLog(store, flush_interval=3600,
+                        metrics=RelayMetrics.create(CollectorRegistry()),
+                        tenant_of=lambda _credential: "team-a")
         await ml.start()
         rows = [
             (NOW - 3 * 86400, "received", "Q1", "a@example.com", "x@dest.test", None),
@@ -46,6 +50,7 @@ def fill(path: str) -> None:
                                message_id=None, credential="app", sender=sender,
                                recipient=rcpt, response=resp, size=100, attempt=1))
         await ml.close()
+        await store.close()
 
     asyncio.run(write())
 
@@ -113,7 +118,7 @@ def test_logs_state_dir_and_config(tmp_path: Path, db: str) -> None:
         (("--since", "yesterday"), "--since: 'yesterday' is not a time; use ISO 8601"),
         (("--status", "sent"), "invalid choice: 'sent'"),
         (("--limit", "0"), "--limit must be at least 1"),
-        (("frobnicate",), "use `mailplane logs [filters]` or `mailplane logs forget ADDRESS`"),
+        (("frobnicate",), "use `mailplane logs [filters]` or `mailplane erase ADDRESS`"),
     ],
 )
 def test_logs_bad_input_names_the_fix(db: str, args: tuple[str, ...], message: str) -> None:
@@ -131,16 +136,33 @@ def test_logs_needs_a_database(tmp_path: Path) -> None:
     assert "no message log there" in r.stderr
 
 
-def test_logs_forget(db: str) -> None:
-    SuppressionList.add_entry(db, "a@example.com", "complaint")
-    r = mailplane("logs", "forget", "A@example.com", "--db", db)
+def test_erase_reports_what_it_removed(db: str) -> None:
+    add_suppression(db, "a@example.com", "complaint")
+    add_suppression(db, "b@example.com", "hard_bounce")
+    r = mailplane("erase", "A@example.com", "--db", db, "--json")
     assert r.returncode == 0, r.stderr
-    assert "3 log records, 1 suppression entries deleted" in r.stdout
-    assert [row["queue_id"] for row in MessageLog.query(db)] == ["Q2"]
-    assert SuppressionList.list_entries(db) == []
-    r = mailplane("logs", "forget", "not-an-address", "--db", db)
+    assert json.loads(r.stdout) == {"address": "a@example.com", "removed": {
+        "message_log": 3, "suppression": 1, "suppression_kept_as_hash": 1}}
+    assert [row["queue_id"] for row in query_log(db)] == ["Q2"]
+    # The complaint still suppresses, as a keyed hash: the address itself is gone.
+    kept = [e["address"] for e in list_suppression(db)]
+    assert len(kept) == 2 and kept[0] == "b@example.com" and kept[1].startswith("hmac-sha256:")
+    assert "a@example.com" not in str(list_suppression(db))
+
+    r = mailplane("logs", "forget", "B@example.com", "--db", db)  # the older spelling
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "erased b@example.com: 1 message log, 1 suppression"
+    assert len(list_suppression(db)) == 1
+    r = mailplane("erase", "not-an-address", "--db", db)
     assert r.returncode == 2
     assert "is not an email address" in r.stderr
+
+
+def test_logs_by_tenant(db: str) -> None:
+    r = mailplane("logs", "--db", db, "--namespace", "team-a", "--json")
+    assert len(qids(r.stdout)) == 4, r.stderr
+    r = mailplane("logs", "--db", db, "--namespace", "team-b", "--json")
+    assert qids(r.stdout) == [], r.stderr
 
 
 def test_suppression_add_list_remove(tmp_path: Path) -> None:

@@ -125,6 +125,10 @@ def test_directory_merges_chunks_and_skips_kubernetes_links(tmp_path: Path) -> N
         ([doc("RelayConfig", {**BASE, "domains": [{"name": "not a domain"}]})],
          "is not a domain name"),
         ([("x.yaml", "apiVersion: [")], "not valid YAML"),
+        ([doc("RelayConfig", {**BASE, "retention": {"messageLog": "91d"}})],
+         "retention.messageLog: 91 days is outside (0, 90d]"),
+        ([doc("RelayConfig", {**BASE, "store": {"backend": "postgresql"}})],
+         "store.dsnFile is not set"),
     ],
 )
 def test_bad_configuration_names_the_problem(docs: list[tuple[str, str]], message: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from mailplane_relay.messagelog import MessageLog
+from mailplane_relay.store.sync import query_log
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import Sink
 
@@ -152,7 +152,7 @@ async def test_sigkill_loses_no_acknowledged_message(
 
     # The message log is metadata written in batches: a SIGKILL may lose the events of the last
     # flush interval (never mail). Report how many acknowledged messages have no record.
-    logged = {r["message_id"] for r in MessageLog.query(
+    logged = {r["message_id"] for r in query_log(
         str(relay.message_log), status="received", limit=10 * messages)}
     unlogged = sum(1 for i in acked if f"<crash-{i}@example.com>" not in logged)
     print(f"  {unlogged} of {len(acked)} acknowledged messages have no 'received' log record")

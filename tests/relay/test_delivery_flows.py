@@ -20,10 +20,11 @@ import pytest
 from mailplane_relay.config import RelayConfig, RelaySettings
 from mailplane_relay.delivery import DeliveryQueue
 from mailplane_relay.dkim import public_key_record
-from mailplane_relay.messagelog import MessageLog, SuppressionList
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.reputation import Reputation
 from mailplane_relay.spool import QueuedMessage, Spool
+from mailplane_relay.store import MessageLog, SqliteBackend, SuppressionList
+from mailplane_relay.store.sync import query_log
 from tests.helpers.dns import LoopbackDNS
 from tests.helpers.ports import free_port
 from tests.helpers.sink import Sink
@@ -75,8 +76,9 @@ class Relay:
         self.spool = Spool(str(directory / "spool"), fsync=False,
                            metrics=self.metrics)
         self.db = str(directory / "messagelog.sqlite3")
-        self.log = MessageLog(self.db, flush_interval=0.05, metrics=self.metrics)
-        self.suppression = SuppressionList(self.db, self.metrics)
+        self.store = SqliteBackend(self.db)
+        self.log = MessageLog(self.store, flush_interval=0.05, metrics=self.metrics)
+        self.suppression = SuppressionList(self.store, self.metrics)
         self.reputation = Reputation(lambda: self.config.settings.abuse)
         self.queue = DeliveryQueue(config=lambda: self.config, spool=self.spool, log=self.log,
                                    suppression=self.suppression, metrics=self.metrics,
@@ -84,6 +86,7 @@ class Relay:
 
     async def start(self) -> list[QueuedMessage]:
         recovered = await self.spool.start()
+        await self.store.open()
         await self.log.start()
         await self.suppression.start()
         await self.queue.start(recovered)
@@ -93,6 +96,7 @@ class Relay:
         await self.queue.stop(time.monotonic() + grace)
         await self.suppression.close()
         await self.log.close()
+        await self.store.close()
         await self.spool.close()
 
     async def send(self, recipients: list[str], *, sender: str = "app@example.com",
@@ -113,7 +117,7 @@ class Relay:
 
     async def events(self, msg: QueuedMessage) -> list[dict[str, Any]]:
         await self.log.flush()
-        rows = MessageLog.query(self.db, queue_id=msg.queue_id)
+        rows = query_log(self.db, queue_id=msg.queue_id)
         return sorted(rows, key=lambda r: (r["ts"], r.get("id", 0)))
 
     def statuses(self, rows: list[dict[str, Any]], recipient: str) -> list[str]:
@@ -806,7 +810,7 @@ async def test_stop_lets_short_attempts_finish(tmp_path: Path, smtp_sink: SinkFa
     await r.stop(grace=5)
     assert len(sink.messages) == 1
     assert r.spooled() == []
-    assert [e["status"] for e in MessageLog.query(r.db, queue_id=msg.queue_id)] == [
+    assert [e["status"] for e in query_log(r.db, queue_id=msg.queue_id)] == [
         "delivered"]
 
 

@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from mailplane_relay.messagelog import MessageLog
+from mailplane_relay.store import MessageLog, SqliteBackend
+from mailplane_relay.store.sync import query_log
 from tests.relay import test_ingress_support as support
 from tests.relay.test_ingress_submit import _swaks
 from tests.relay.test_ingress_support import PASSWORD, RawSMTP, Relay, message, ready_session
@@ -223,7 +224,9 @@ async def test_anonymous_refusals_write_nothing_to_the_message_log(
     """3,000 refused commands from an unauthenticated client: counted in metrics, no row in the
     (real, SQLite) message log, and the database does not grow."""
     path = str(tmp_path / "messagelog.sqlite3")
-    msglog = MessageLog(path, flush_interval=0.01, metrics=relay.metrics)
+    store = SqliteBackend(path)
+    await store.open()
+    msglog = MessageLog(store, flush_interval=0.01, metrics=relay.metrics)
     await msglog.start()
     relay.server.log = msglog
     relay.reconfigure(lambda d: d["limits"].update(maxRefusedCommands=100_000))
@@ -248,6 +251,7 @@ async def test_anonymous_refusals_write_nothing_to_the_message_log(
                          if os.path.exists(p))
     finally:
         await msglog.close()
-    assert MessageLog.query(path, limit=10) == []
+        await store.close()
+    assert query_log(path, limit=10) == []
     assert size_after == size_before
     assert relay.rejected("auth_required") == 1000

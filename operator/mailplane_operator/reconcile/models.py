@@ -464,7 +464,8 @@ class SmtpCredentialSpec(_Spec):
 
 class RetentionPolicySpec(_Spec):
     relay_selector: LabelSelector = Field(LabelSelector(), alias="relaySelector")
-    message_log: float = Field(90 * 86400.0, alias="messageLog", ge=3600)
+    # At most 90 days: the privacy policy's promise, and what the relay configuration accepts.
+    message_log: float = Field(90 * 86400.0, alias="messageLog", ge=3600, le=90 * 86400.0)
     suppression: float = Field(365 * 86400.0, ge=3600)
     purge_interval: float = Field(3600.0, alias="purgeInterval", ge=60, le=86400)
 

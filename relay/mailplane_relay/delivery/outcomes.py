@@ -14,7 +14,7 @@ from typing import Literal
 from ..config import RelayConfig
 from ..dsn import FailedRecipient, build_dsn
 from ..events import LogEvent
-from ..messagelog import MessageLog, SuppressionList
+from ..store import MessageLog, SuppressionList
 from ..metrics import RelayMetrics
 from ..reputation import Reputation
 from ..spool import QueuedMessage, Recipient, Spool, SpoolError

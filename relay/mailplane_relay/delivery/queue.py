@@ -37,7 +37,7 @@ from typing import Any
 from ..aiotasks import cancel_and_wait
 from ..config import DeliverySettings, RelayConfig, ResolverSettings, domain_of
 from ..dkim import DKIMSigner
-from ..messagelog import MessageLog, SuppressionList
+from ..store import MessageLog, SuppressionList
 from ..metrics import RelayMetrics
 from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
 from ..reputation import Reputation

@@ -582,7 +582,7 @@ class RelaySMTP(SMTP):
                 ts=time.time(), status="rejected", queue_id=None, message_id=None,
                 credential=self.username, sender=capped(sender or ""),
                 recipient=None if recipient is None else capped(recipient),
-                response=capped(refusal.reply, 512), size=size, remote=self.peer_ip))
+                response=capped(refusal.reply, 512), size=size))
         return refusal.reply
 
     # ---------------------------------------------------------------- DATA
@@ -667,8 +667,7 @@ class RelaySMTP(SMTP):
             srv.log.record(LogEvent(
                 ts=now, status="received", queue_id=msg.queue_id, message_id=message_id,
                 credential=self.username, sender=capped(sender),
-                recipient=capped(rcpt.address), response=reply, size=msg.size,
-                remote=self.peer_ip))
+                recipient=capped(rcpt.address), response=reply, size=msg.size))
         srv.received_counter(self.listener.name, self._sender_domain,
                              self.username or "none").inc()
         return reply

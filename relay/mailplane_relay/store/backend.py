@@ -1,0 +1,135 @@
+"""The store interface: what every backend (SQLite, PostgreSQL) offers the relay and the CLI.
+
+Every method is a coroutine. The SQLite backend runs its statements on one dedicated thread;
+the PostgreSQL backend uses psycopg's asyncio connections. The CLI drives the same coroutines
+with ``asyncio.run``, so there is one implementation per backend, not a sync and an async one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..events import STATUSES
+
+# One row of the message log as the writer hands it to a backend, in this column order.
+LOG_COLUMNS: tuple[str, ...] = (
+    "event_id", "ts", "status", "queue_id", "message_id", "credential", "namespace", "sender",
+    "recipient", "response", "size", "attempt", "remote",
+)
+LogRow = tuple[Any, ...]
+
+# (reason, created) of a suppression entry.
+Entry = tuple[str, float]
+
+
+def complaint_hash(key: bytes, address: str) -> str:
+    """What an erased complaint address is kept as: a keyed hash, never the address."""
+    digest = hmac.new(key, address.strip().lower().encode(), hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{digest}"
+
+
+class StoreError(Exception):
+    """The store cannot be used (missing, unreachable, or written by a newer version)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer (database down, network, timeout): a temporary condition."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """A search of the message log, newest first. ``sender``/``recipient`` match an address
+    (any case), or a whole domain when they start with ``@``."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    status: str | None = None
+    since: float | None = None
+    until: float | None = None
+    queue_id: str | None = None
+    namespace: str | None = None
+    credential: str | None = None
+    limit: int = 100
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in STATUSES:
+            raise ValueError(
+                f"unknown status {self.status!r}: use one of {', '.join(STATUSES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionDelta:
+    """Changes to the suppression list after a cache's last change number.
+
+    ``full``: ``entries`` is the whole list (the cache replaces its content); otherwise it holds
+    the changed addresses only, None meaning the address left the list."""
+
+    last: int
+    full: bool
+    entries: dict[str, Entry | None]
+
+
+@dataclass(slots=True)
+class EraseReport:
+    """What an erasure removed, per place. Counts only, never the address."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, place: str, n: int) -> None:
+        self.counts[place] = self.counts.get(place, 0) + n
+
+
+class StoreBackend(Protocol):
+    """One store: the message log, the suppression list and the shared sending state."""
+
+    #: where it is, for messages ("sqlite:/path", "postgresql://host/db"); never a password
+    description: str
+    #: True when several pods share it (PostgreSQL); False for a file of one pod (SQLite)
+    shared: bool
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # ---- message log
+    async def write_events(self, rows: list[LogRow]) -> None:
+        """Append rows; a row whose ``event_id`` is already stored is skipped (replay)."""
+    async def query(self, q: LogQuery) -> list[dict[str, Any]]: ...
+    async def oldest_event(self) -> float | None:
+        """Timestamp of the oldest message-log row, or None when the log is empty."""
+    async def purge(self, *, log_before: float, suppression_before: float,
+                    changes_before: float) -> tuple[int, int]:
+        """Delete log rows and suppression entries older than the cut-offs; suppression
+        changes older than ``changes_before``. Returns (log rows, suppression entries)."""
+
+    # ---- suppression list
+    async def suppression_upsert(self, address: str, reason: str, source: str,
+                                 created: float) -> None: ...
+    async def suppression_delete(self, address: str) -> bool: ...
+    async def suppression_list(self) -> list[dict[str, Any]]: ...
+    async def suppression_changes(self, since: int, delta_limit: int
+                                  ) -> SuppressionDelta | None:
+        """What changed after change number ``since`` (-1: everything); None if nothing."""
+
+    # ---- erasure
+    async def erasure_key(self) -> bytes:
+        """The pool's key for hashing erased complaint addresses (made once, then kept)."""
+    async def erase(self, address: str, *, keep_hash: str | None) -> EraseReport:
+        """Delete every log row and suppression entry of ``address``. A complaint entry is
+        replaced by ``keep_hash`` (a keyed hash of the address) when one is given."""
+
+    # ---- shared sending state
+    async def lease(self, kind: str, credential: str, window_start: int, want: int,
+                    limit: int) -> int:
+        """Grant up to ``want`` messages of ``limit`` for (kind, credential, window) and
+        count them as granted; 0 when the window's limit is exhausted. Atomic."""
+    async def give_back(self, kind: str, credential: str, window_start: int, n: int) -> None:
+        """Return unused messages of a lease (a worker stopping)."""
+    async def peers(self, peer: str, now: float, horizon: float) -> int:
+        """Note a worker as alive; the number of workers seen within ``horizon``."""
+    async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Add (delivered, bounced) counts per (credential, minute)."""
+    async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
+        """(delivered, bounced) per credential summed over minutes after ``since_minute``."""

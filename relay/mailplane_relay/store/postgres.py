@@ -1,0 +1,479 @@
+"""The PostgreSQL backend: one database shared by every pod and worker of a pool.
+
+psycopg 3 with an asyncio connection pool. Log rows arrive in batches: each batch is copied
+(COPY, the fastest way in) into a temporary staging table and moved into ``message_log`` with
+``INSERT … ON CONFLICT (event_id) DO NOTHING``, so a batch replayed after a failure whose
+outcome was unknown is stored once.
+
+Every statement has a deadline (``statement_timeout``, the pool's checkout timeout, libpq's
+``connect_timeout``); a database that does not answer raises ``StoreUnavailable`` quickly and the
+callers fall back (disk buffer, cached suppression list, local share of the limits).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .backend import (
+    LOG_COLUMNS,
+    Entry,
+    EraseReport,
+    LogQuery,
+    LogRow,
+    StoreError,
+    StoreUnavailable,
+    SuppressionDelta,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONNECT_TIMEOUT = 5  # seconds, libpq's connect_timeout
+STATEMENT_TIMEOUT_MS = 15_000
+POOL_TIMEOUT = 5.0  # seconds to wait for a free (or new) connection
+POOL_SIZE = 4
+DELETE_CHUNK = 5_000
+# A constant of this module: the advisory lock that orders suppression changes (below).
+_SUPPRESSION_LOCK = 0x6D61696C  # "mail"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mailplane_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS mailplane_meta (name text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS message_log (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id text NOT NULL,
+    ts double precision NOT NULL,
+    status text NOT NULL,
+    queue_id text,
+    message_id text,
+    credential text,
+    namespace text,
+    sender text NOT NULL,
+    recipient text,
+    response text,
+    size integer,
+    attempt integer,
+    remote text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS message_log_event_id ON message_log (event_id);
+CREATE INDEX IF NOT EXISTS message_log_ts ON message_log (ts);
+CREATE INDEX IF NOT EXISTS message_log_queue_id ON message_log (queue_id);
+CREATE INDEX IF NOT EXISTS message_log_sender ON message_log (lower(sender), ts);
+CREATE INDEX IF NOT EXISTS message_log_recipient ON message_log (lower(recipient), ts);
+CREATE INDEX IF NOT EXISTS message_log_sender_domain
+    ON message_log (split_part(lower(sender), '@', 2), ts);
+CREATE INDEX IF NOT EXISTS message_log_recipient_domain
+    ON message_log (split_part(lower(recipient), '@', 2), ts);
+CREATE INDEX IF NOT EXISTS message_log_status_ts ON message_log (status, ts);
+CREATE INDEX IF NOT EXISTS message_log_namespace_ts ON message_log (namespace, ts);
+CREATE INDEX IF NOT EXISTS message_log_credential_ts ON message_log (credential, ts);
+
+CREATE TABLE IF NOT EXISTS suppression (
+    address text PRIMARY KEY,
+    reason text NOT NULL,
+    source text NOT NULL,
+    created double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
+-- The change feed every worker's cache polls. Writers take a transaction-scoped advisory
+-- lock before numbering a change, so numbers are handed out in commit order: a reader that saw
+-- change n has seen every change before n (a plain sequence can commit 10 before 9).
+CREATE TABLE IF NOT EXISTS suppression_changes (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    address text NOT NULL,
+    ts double precision NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+);
+CREATE INDEX IF NOT EXISTS suppression_changes_ts ON suppression_changes (ts);
+CREATE OR REPLACE FUNCTION mailplane_suppression_changed() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(_LOCK);
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO suppression_changes (address) VALUES (OLD.address);
+    ELSE
+        INSERT INTO suppression_changes (address) VALUES (NEW.address);
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE OR REPLACE TRIGGER suppression_changed AFTER INSERT OR UPDATE OR DELETE ON suppression
+    FOR EACH ROW EXECUTE FUNCTION mailplane_suppression_changed();
+
+-- Sending limits: messages granted (leased) per credential per window (a UTC day for the
+-- quota, a minute for the rate), never more than the limit.
+CREATE TABLE IF NOT EXISTS send_leases (
+    kind text NOT NULL,
+    credential text NOT NULL,
+    window_start bigint NOT NULL,
+    granted bigint NOT NULL,
+    PRIMARY KEY (kind, credential, window_start)
+);
+-- Workers that took part recently: a worker cut off from the database takes 1/N of a limit.
+CREATE TABLE IF NOT EXISTS store_peers (peer text PRIMARY KEY, seen double precision NOT NULL);
+-- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
+CREATE TABLE IF NOT EXISTS reputation_buckets (
+    credential text NOT NULL,
+    minute bigint NOT NULL,
+    delivered bigint NOT NULL DEFAULT 0,
+    bounced bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (credential, minute)
+);
+""".replace("_LOCK", str(_SUPPRESSION_LOCK))
+
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS message_log_in (event_id text, ts double precision, "
+    "status text, queue_id text, message_id text, credential text, namespace text, sender "
+    "text, recipient text, response text, size integer, attempt integer, remote text) "
+    "ON COMMIT DELETE ROWS"
+)
+_COLS = ", ".join(LOG_COLUMNS)
+_SELECT_COLUMNS = ", ".join(c for c in LOG_COLUMNS if c != "event_id")
+_FORGOTTEN = ""
+
+
+def _conninfo_description(dsn: str) -> str:
+    """host/dbname of a connection string, for messages: never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "postgresql (unparsable connection string)"
+    host = str(info.get("host") or "localhost")
+    if host.startswith("/"):
+        host = f"[{host}]"
+    return f"postgresql://{host}/{info.get('dbname') or ''}"
+
+
+def _where(q: LogQuery) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (("sender", q.sender), ("recipient", q.recipient)):
+        if value is None:
+            continue
+        if value.startswith("@"):
+            where.append(f"split_part(lower({column}), '@', 2) = %s")
+            args.append(value[1:].lower())
+        else:
+            where.append(f"lower({column}) = %s")
+            args.append(value.lower())
+    for column, value in (("status", q.status), ("queue_id", q.queue_id),
+                          ("namespace", q.namespace), ("credential", q.credential)):
+        if value is not None:
+            where.append(f"{column} = %s")
+            args.append(value)
+    if q.since is not None:
+        where.append("ts >= %s")
+        args.append(q.since)
+    if q.until is not None:
+        where.append("ts < %s")
+        args.append(q.until)
+    return (" WHERE " + " AND ".join(where)) if where else "", args
+
+
+class PostgresBackend:
+    """The store in a PostgreSQL database, through a small connection pool."""
+
+    shared = True
+
+    def __init__(self, dsn: str, *, pool_size: int = POOL_SIZE) -> None:
+        self._dsn = dsn
+        self.description = _conninfo_description(dsn)
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._schema_ready = False
+
+    # ---- connections ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async def configure(conn: AsyncConnection[Any]) -> None:
+            await conn.set_autocommit(True)
+
+        self._pool = AsyncConnectionPool(
+            self._dsn, min_size=1, max_size=self._pool_size, open=False, timeout=POOL_TIMEOUT,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT,
+                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                    "application_name": "mailplane"},
+            configure=configure, check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0, name="mailplane-store",
+        )
+        await self._pool.open(wait=False)
+        try:
+            await self._ensure_schema()
+        except StoreUnavailable as exc:
+            # Mail flow never waits on the database: the relay starts, buffers its log on disk
+            # and uses its cached suppression list; the schema is made at the first success.
+            log.error("store %s: not reachable at start (%s); continuing without it",
+                      self.description, exc)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close(timeout=5.0)
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
+        if self._pool is None:
+            raise StoreError(f"store {self.description}: not open")
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise StoreUnavailable(
+                f"store {self.description}: no connection within {POOL_TIMEOUT:g}s") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"store {self.description}: {_first_line(exc)}") from exc
+
+    async def _ready(self) -> None:
+        if not self._schema_ready:
+            await self._ensure_schema()
+
+    async def _ensure_schema(self) -> None:
+        async with self._conn() as conn, conn.transaction():
+            # One process at a time creates or checks the schema (DDL races otherwise).
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SUPPRESSION_LOCK + 1,))
+            await conn.execute(_SCHEMA)
+            row = await (await conn.execute("SELECT version FROM mailplane_schema")).fetchone()
+            if row is None:
+                await conn.execute("INSERT INTO mailplane_schema (version) VALUES (%s)",
+                                   (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.description}: schema version {row[0]} was written by a "
+                    f"newer mailplane (this one reads {SCHEMA_VERSION}); upgrade mailplane")
+        self._schema_ready = True
+
+    # ---- message log ------------------------------------------------------------------
+
+    async def write_events(self, rows: list[LogRow]) -> None:
+        if not rows:
+            return
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(_STAGING)
+            async with conn.cursor().copy(
+                f"COPY message_log_in ({_COLS}) FROM STDIN"
+            ) as copy:
+                for row in rows:
+                    await copy.write_row(row)
+            await conn.execute(
+                f"INSERT INTO message_log ({_COLS}) SELECT {_COLS} FROM message_log_in "  # noqa: S608
+                "ON CONFLICT (event_id) DO NOTHING")
+
+    async def query(self, q: LogQuery) -> list[dict[str, Any]]:
+        await self._ready()
+        where, args = _where(q)
+        sql = (f"SELECT {_SELECT_COLUMNS} FROM message_log{where} "  # noqa: S608
+               "ORDER BY ts DESC, id DESC LIMIT %s")
+        args.append(max(0, q.limit))
+        async with self._conn() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
+    async def oldest_event(self) -> float | None:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute("SELECT min(ts) FROM message_log")).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def _delete_chunks(self, table: str, key: str, where: str,
+                             args: tuple[Any, ...]) -> int:
+        total = 0
+        while True:
+            async with self._conn() as conn:
+                cur = await conn.execute(
+                    f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} "  # noqa: S608
+                    f"WHERE {where} LIMIT {DELETE_CHUNK})", args)
+            total += cur.rowcount
+            if cur.rowcount < DELETE_CHUNK:
+                return total
+
+    async def purge(self, *, log_before: float, suppression_before: float,
+                    changes_before: float) -> tuple[int, int]:
+        await self._ready()
+        n_log = await self._delete_chunks("message_log", "id", "ts < %s", (log_before,))
+        n_supp = await self._delete_chunks("suppression", "address", "created < %s",
+                                           (suppression_before,))
+        await self._delete_chunks(
+            "suppression_changes", "seq",
+            "ts < %s AND seq < (SELECT max(seq) FROM suppression_changes)", (changes_before,))
+        now = time.time()
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM send_leases WHERE (kind = 'rate' AND "
+                               "window_start < %s) OR (kind = 'quota' AND window_start < %s)",
+                               (int(now // 60) - 5, int(now // 86400) - 2))
+            await conn.execute("DELETE FROM reputation_buckets WHERE minute < %s",
+                               (int(now // 60) - 7 * 24 * 60,))
+            await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - 86400,))
+        return n_log, n_supp
+
+    # ---- suppression ------------------------------------------------------------------
+
+    async def suppression_upsert(self, address: str, reason: str, source: str,
+                                 created: float) -> None:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO suppression (address, reason, source, created) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (address) DO UPDATE SET "
+                "reason = excluded.reason, source = excluded.source, created = excluded.created",
+                (address, reason, source, created))
+
+    async def suppression_delete(self, address: str) -> bool:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = await conn.execute("DELETE FROM suppression WHERE address = %s", (address,))
+        return cur.rowcount > 0
+
+    async def suppression_list(self) -> list[dict[str, Any]]:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                "SELECT address, reason, source, created FROM suppression ORDER BY address")
+            return list(await cur.fetchall())
+
+    async def suppression_changes(self, since: int, delta_limit: int
+                                  ) -> SuppressionDelta | None:
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            row = await (await conn.execute(
+                "SELECT coalesce(max(seq), 0), min(seq) FROM suppression_changes")).fetchone()
+            assert row is not None
+            last, oldest = int(row[0]), row[1]
+            if last == since:
+                return None
+            missed = oldest is None or since < oldest - 1
+            if since < 0 or missed or last - since > delta_limit:
+                return SuppressionDelta(last, True, await _all_entries(conn))
+            changed = [r[0] for r in await (await conn.execute(
+                "SELECT DISTINCT address FROM suppression_changes WHERE seq > %s",
+                (since,))).fetchall()]
+            if _FORGOTTEN in changed:
+                return SuppressionDelta(last, True, await _all_entries(conn))
+            delta: dict[str, Entry | None] = dict.fromkeys(changed)
+            for r in await (await conn.execute(
+                "SELECT address, reason, created FROM suppression WHERE address = ANY(%s)",
+                (changed,))).fetchall():
+                delta[r[0]] = (r[1], float(r[2]))
+            return SuppressionDelta(last, False, delta)
+
+    # ---- erasure ----------------------------------------------------------------------
+
+    async def erasure_key(self) -> bytes:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO mailplane_meta (name, value) VALUES ('erasure_key', %s) "
+                "ON CONFLICT (name) DO NOTHING", (secrets.token_hex(32),))
+            row = await (await conn.execute(
+                "SELECT value FROM mailplane_meta WHERE name = 'erasure_key'")).fetchone()
+        assert row is not None
+        return bytes.fromhex(row[0])
+
+    async def erase(self, address: str, *, keep_hash: str | None) -> EraseReport:
+        await self._ready()
+        report = EraseReport()
+        report.add("message_log", await self._delete_chunks(
+            "message_log", "id", "lower(sender) = %s OR lower(recipient) = %s",
+            (address, address)))
+        async with self._conn() as conn, conn.transaction():
+            row = await (await conn.execute(
+                "DELETE FROM suppression WHERE address = %s RETURNING reason, source, created",
+                (address,))).fetchone()
+            if row is not None:
+                report.add("suppression", 1)
+                if keep_hash is not None and row[0] == "complaint":
+                    await conn.execute(
+                        "INSERT INTO suppression (address, reason, source, created) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (address) DO NOTHING",
+                        (keep_hash, "complaint", row[1], row[2]))
+                    report.add("suppression_kept_as_hash", 1)
+            await conn.execute(
+                "UPDATE suppression_changes SET address = %s WHERE address = %s",
+                (_FORGOTTEN, address))
+        return report
+
+    # ---- sending limits ----------------------------------------------------------------
+
+    async def lease(self, kind: str, credential: str, window_start: int, want: int,
+                    limit: int) -> int:
+        """Grant up to ``want`` messages of ``limit`` in this window; 0 when exhausted."""
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO send_leases (kind, credential, window_start, granted) "
+                "VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING", (kind, credential, window_start))
+            row = await (await conn.execute(
+                "SELECT granted FROM send_leases WHERE kind = %s AND credential = %s AND "
+                "window_start = %s FOR UPDATE", (kind, credential, window_start))).fetchone()
+            assert row is not None
+            grant = max(0, min(want, limit - int(row[0])))
+            if grant:
+                await conn.execute(
+                    "UPDATE send_leases SET granted = granted + %s WHERE kind = %s AND "
+                    "credential = %s AND window_start = %s",
+                    (grant, kind, credential, window_start))
+        return grant
+
+    async def give_back(self, kind: str, credential: str, window_start: int, n: int) -> None:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE send_leases SET granted = greatest(granted - %s, 0) WHERE kind = %s "
+                "AND credential = %s AND window_start = %s",
+                (n, kind, credential, window_start))
+
+    async def peers(self, peer: str, now: float, horizon: float) -> int:
+        """Note ``peer`` as alive; return how many peers were seen within ``horizon``."""
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO store_peers (peer, seen) VALUES (%s, %s) "
+                "ON CONFLICT (peer) DO UPDATE SET seen = excluded.seen", (peer, now))
+            row = await (await conn.execute(
+                "SELECT count(*) FROM store_peers WHERE seen >= %s", (now - horizon,))
+            ).fetchone()
+        return int(row[0]) if row else 1
+
+    # ---- reputation ---------------------------------------------------------------------
+
+    async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
+        if not buckets:
+            return
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            cur = conn.cursor()
+            await cur.executemany(
+                "INSERT INTO reputation_buckets AS b (credential, minute, delivered, bounced) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (credential, minute) DO UPDATE SET "
+                "delivered = b.delivered + excluded.delivered, "
+                "bounced = b.bounced + excluded.bounced",
+                [(c, m, d, b) for (c, m), (d, b) in buckets.items()])
+
+    async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
+        await self._ready()
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT credential, sum(delivered), sum(bounced) FROM reputation_buckets "
+                "WHERE minute > %s GROUP BY credential", (since_minute,))).fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+async def _all_entries(conn: AsyncConnection[Any]) -> dict[str, Entry | None]:
+    rows = await (await conn.execute(
+        "SELECT address, reason, created FROM suppression")).fetchall()
+    return {r[0]: (r[1], float(r[2])) for r in rows}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

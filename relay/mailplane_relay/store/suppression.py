@@ -1,0 +1,222 @@
+"""The suppression list: addresses that must not receive mail, cached in every worker.
+
+Lookups hit an in-memory dict. About every second a background task applies the changes made
+since its last look (the store's change feed), so entries added or removed by the CLI, another
+worker, another pod or the purge apply within about a second, at a cost that grows with the
+number of changes, not with the size of the list.
+
+The cache is also written to a file (``cache_file``) after each change, and read from it when
+the store cannot be reached at start: a pod that starts while the database is down still refuses
+suppressed addresses.
+
+An erased complaint stays on the list as a keyed hash of the address (``hash_of``), never the
+address itself: it still suppresses, and nobody can read the address back from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ..aiotasks import cancel_and_wait
+from ..metrics import RelayMetrics
+from .backend import Entry, StoreBackend
+
+log = logging.getLogger(__name__)
+
+SUPPRESSION_REFRESH_INTERVAL = 1.0
+# More changes than this since the last look: one full reload is cheaper than the delta.
+SUPPRESSION_DELTA_LIMIT = 20_000
+
+
+def normalise(address: str) -> str:
+    return address.strip().lower()
+
+
+class SuppressionList:
+    def __init__(
+        self, backend: StoreBackend, metrics: RelayMetrics,
+        *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL, export_gauge: bool = True,
+        delta_limit: int = SUPPRESSION_DELTA_LIMIT,
+        on_added: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
+        hash_of: Callable[[str], str] | None = None,
+        cache_file: str | None = None,
+    ) -> None:
+        self.backend = backend
+        # Told (address, reason) of entries that appeared since the last refresh, whoever
+        # wrote them (the CLI, another worker); not for the entries present at start.
+        self._on_added = on_added
+        self._metrics = metrics
+        # With several workers each holds the whole list; one of them reports its size, so
+        # that summing the gauge over processes counts each address once.
+        self._export_gauge = export_gauge
+        self._refresh_interval = refresh_interval
+        self._hash_of = hash_of
+        self._cache_file = Path(cache_file) if cache_file else None
+        self._cache: dict[str, Entry] = {}
+        self._version = -1  # number of the last change applied to the cache; -1: none yet
+        self._delta_limit = delta_limit
+        self.full_reloads = 0  # for tests: how often the whole table was read
+        self._task: asyncio.Task[None] | None = None
+        self._refreshed = asyncio.Condition()
+        self._passes_started = 0
+        self._passes_done = 0
+        self._cache_dirty = False
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def _set_gauge(self) -> None:
+        if self._export_gauge:
+            self._metrics.suppression_entries.set(len(self._cache))
+
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:
+            if not self.backend.shared:
+                raise  # a local file that cannot be read is a broken volume: say so at start
+            loaded = await self._load_cache_file()
+            # Mail flow never waits on a shared database: start on the cache kept on disk
+            # (empty on a pod's very first start) and catch up when the store answers.
+            log.error("suppression list: the store (%s) did not answer (%s); using %s until "
+                      "it does", self.backend.description, exc,
+                      f"the {len(self._cache)} entries cached on disk" if loaded
+                      else "an EMPTY list (no cache on disk yet)")
+        self._task = asyncio.create_task(self._refresher(), name="suppression-refresh")
+
+    def is_suppressed(self, address: str) -> Entry | None:
+        address = normalise(address)
+        entry = self._cache.get(address)
+        if entry is None and self._hash_of is not None and self._cache:
+            entry = self._cache.get(self._hash_of(address))
+        return entry
+
+    async def add(self, address: str, reason: str, *, source: str) -> None:
+        address = normalise(address)
+        created = time.time()
+        # In the cache first: this worker suppresses at once, even if the store is down.
+        self._cache[address] = (reason, created)
+        self._set_gauge()
+        await self.backend.suppression_upsert(address, reason, source, created)
+        self._cache_dirty = True
+
+    async def remove(self, address: str) -> bool:
+        address = normalise(address)
+        removed = await self.backend.suppression_delete(address)
+        self._cache.pop(address, None)
+        self._set_gauge()
+        self._cache_dirty = True
+        return removed
+
+    async def refresh(self) -> bool:
+        """Apply the changes made since the last look (by anyone); True if there were any."""
+        since = self._version
+        changes = await self.backend.suppression_changes(since, self._delta_limit)
+        if changes is None:
+            return False
+        first_load = since < 0
+        before = self._cache
+        self._version = changes.last
+        entries = changes.entries
+        added = [(a, e[0]) for a, e in entries.items()
+                 if e is not None and (a not in before or before[a][0] != e[0])]
+        if changes.full:
+            self._cache = {a: e for a, e in entries.items() if e is not None}
+        else:
+            for address, entry in entries.items():
+                if entry is None:
+                    self._cache.pop(address, None)
+                else:
+                    self._cache[address] = entry
+        self.full_reloads += changes.full
+        self._set_gauge()
+        self._cache_dirty = True
+        if self._on_added is not None and added and not first_load:
+            await self._on_added(added)
+        return True
+
+    async def wait_refreshed(self) -> None:
+        """Wait for a background refresh pass that started after this call, so that it saw
+        every write made before the call (by the CLI or another process)."""
+        target = self._passes_started + 1
+        async with self._refreshed:
+            await self._refreshed.wait_for(lambda: self._passes_done >= target)
+
+    async def _refresher(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._refresh_interval)
+            self._passes_started += 1
+            try:
+                await self.refresh()
+                if failing:
+                    log.info("suppression list: the store answers again")
+                failing = False
+                if self._cache_dirty:
+                    await self._save_cache_file()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.error("suppression list: refresh from %s failed (%s); keeping the "
+                              "cached entries", self.backend.description, exc)
+                failing = True
+            self._passes_done = self._passes_started
+            async with self._refreshed:
+                self._refreshed.notify_all()
+
+    # ---- the cache on disk -----------------------------------------------------------------
+
+    async def _save_cache_file(self) -> None:
+        path = self._cache_file
+        self._cache_dirty = False
+        if path is None:
+            return
+        snapshot = dict(self._cache)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({a: list(e) for a, e in snapshot.items()}, f)
+            os.replace(tmp, path)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError:
+            log.exception("suppression list: could not write the cache file %s", path)
+
+    async def _load_cache_file(self) -> bool:
+        path = self._cache_file
+        if path is None:
+            return False
+
+        def read() -> dict[str, Any] | None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+
+        data = await asyncio.to_thread(read)
+        if data is None:
+            return False
+        self._cache = {str(a): (str(e[0]), float(e[1])) for a, e in data.items()}
+        self._set_gauge()
+        return True
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+        if self._cache_dirty:
+            await self._save_cache_file()
