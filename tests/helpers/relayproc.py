@@ -115,7 +115,7 @@ class RelayProcess:
             "domains": [{"name": d} for d in self.domains],
             "credentials": [
                 {"username": user, "passwordHash": hash_password(pw),
-                 "allowedSenders": list(self.domains)}
+                 "allowedSenders": list(self.domains), "owner": f"team-{user}/{user}"}
                 for user, pw in sorted(self.credentials.items())
             ],
         }

@@ -117,8 +117,13 @@ async def test_relay_starts_delivers_and_reports(
     logs = subprocess.run(
         [*relay_command()[:-1], "logs", "--config", str(relay.config_dir), "--json"],
         capture_output=True, text=True, timeout=30, check=True).stdout
-    statuses = [json.loads(line)["status"] for line in logs.splitlines()]
+    rows = [json.loads(line) for line in logs.splitlines()]
+    statuses = [row["status"] for row in rows]
     assert statuses[0] == "received" and "delivered" in statuses
+    # The tenant is the credential's namespace; the submitting client's address is not kept.
+    assert {row["namespace"] for row in rows} == {"team-app"}
+    assert rows[0]["remote"] is None
+    assert next(r for r in rows if r["status"] == "delivered")["remote"].startswith("127.0.0.1:")
     metrics = relay.metrics()
     promtool_check(metrics)
     assert relay.metric("mailplane_relay_ready") == 1
