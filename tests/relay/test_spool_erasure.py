@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from mailplane_relay.messagelog import MessageLog
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.spool import QueuedMessage, Spool
+from mailplane_relay.store.sync import query_log
 from tests.relay.test_delivery_flows import Relay, make_config, smarthost
 
 ERASED = "Erased.Person@Example.net"
@@ -109,7 +109,7 @@ async def test_erasure_while_the_relay_delivers(tmp_path: Path, smtp_sink: Any) 
         await asyncio.sleep(0.3)  # anything still scheduled for the erased messages would run
         assert len(sink.messages) == 1  # no copy of the others, no DSN to or about the address
         await r.log.flush()
-        rows = MessageLog.query(r.db, limit=1000)
+        rows = query_log(r.db, limit=1000)
         assert not [row for row in rows if row["ts"] >= erased_at
                     and erased in (row["recipient"], row["sender"])]
         assert r.spooled() == [] and r.queue.queued == 0
