@@ -14,10 +14,10 @@ from typing import Literal
 from ..config import RelayConfig
 from ..dsn import FailedRecipient, build_dsn
 from ..events import LogEvent
-from ..store import MessageLog, SuppressionList
 from ..metrics import RelayMetrics
 from ..reputation import Reputation
 from ..spool import QueuedMessage, Recipient, Spool, SpoolError
+from ..store import MessageLog, SuppressionList
 from .policy import (
     REPEATED_HARD_BOUNCE_WINDOW,
     REPEATED_HARD_BOUNCES,

@@ -37,11 +37,11 @@ from typing import Any
 from ..aiotasks import cancel_and_wait
 from ..config import DeliverySettings, RelayConfig, ResolverSettings, domain_of
 from ..dkim import DKIMSigner
-from ..store import MessageLog, SuppressionList
 from ..metrics import RelayMetrics
 from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
 from ..reputation import Reputation
 from ..spool import QueuedMessage, Recipient, Spool, SpoolError
+from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .outcomes import Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
