@@ -3,9 +3,11 @@ domain per relay, who may skip verification, and verification that survives DNS 
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import yaml
 
 from mailplane_operator.reconcile import credential as cm
@@ -325,3 +327,23 @@ def test_editing_the_domain_name_drops_the_verification() -> None:
     result = dm.reconcile_domain(renamed, relay=relay(), namespace_labels={},
                                  existing_secret=ok.secret, observed=None, now=NOW)
     assert not result.enabled and "verifiedTime" not in result.status
+
+
+def test_a_hand_edited_dkim_key_excludes_only_its_own_domain() -> None:
+    """The DKIM Secret is in the tenant's namespace: whatever it holds must not reach the relay
+    unless it is a key of the domain's algorithm, and must not stop the render of the others."""
+    r = relay(**OPEN_RELAY)
+    broken = claim("shop", status=verified_status())
+    secret = ed_secret(broken, 1)
+    secret["data"]["mp.pem"] = base64.b64encode(
+        dm.generate_dkim_key("rsa-2048").encode()).decode()  # not the ed25519 it claims
+    other = claim("billing", domain_name="example.org", status=verified_status("example.org"))
+    result = run(r, [render.DomainInput(broken, secret),
+                     render.DomainInput(other, ed_secret(other, 2))], [])
+    assert result.domains == ("example.org",)
+    excluded = result.exclusion("SendingDomain", "shop/dom")
+    assert excluded is not None and excluded.reason == "DKIMSecretUnreadable"
+    assert "Secret shop/dom-dkim" in excluded.message
+    with pytest.raises(dm.DKIMSecretUnreadable, match="restore the Secret"):
+        dm.reconcile_domain(broken, relay=r, namespace_labels={}, existing_secret=secret,
+                            observed=None, now=NOW)

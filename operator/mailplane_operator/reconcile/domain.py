@@ -22,6 +22,7 @@ failed, so the result is Unknown rather than False).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -225,7 +226,22 @@ def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
         raise unreadable from None
     if state.active not in keys or (state.next and state.next not in keys):
         raise unreadable
+    if not all(_usable_key(k.pem, k.algorithm) for k in keys.values()):
+        raise unreadable
     return state
+
+
+@functools.lru_cache(maxsize=4096)
+def _usable_key(pem: str, algorithm: str) -> bool:
+    """Whether a PEM from the (tenant-writable) DKIM Secret is a private key of its algorithm:
+    a hand-edited key must exclude only its own domain, with a reason, not reach the relay."""
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        return False
+    want = rsa.RSAPrivateKey if algorithm == "rsa-2048" else ed25519.Ed25519PrivateKey
+    return isinstance(key, want) and (not isinstance(key, rsa.RSAPrivateKey)
+                                      or key.key_size >= 2048)
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)

@@ -64,6 +64,7 @@ MAX_SECRET_BYTES = 900 * 1024
 _SECRET_OVERHEAD = 4096
 
 REASON_DKIM_KEY_PENDING = "DKIMKeyPending"
+REASON_DKIM_SECRET_UNREADABLE = "DKIMSecretUnreadable"  # noqa: S105 - a condition reason
 REASON_SECRET_PENDING = "SecretPending"  # noqa: S105 - a condition reason
 REASON_DELETING = "Deleting"
 REASON_OTHER_RELAY = "OtherRelay"
@@ -195,6 +196,14 @@ def attached_domains(
             excluded.append(Exclusion("SendingDomain", dom.meta.key,
                                       ownership.REASON_DOMAIN_CONFLICT,
                                       ownership.conflict_message(dom, owner, relay)))
+            continue
+        try:
+            domain_mod.state_from_secret(item.dkim_secret)
+        except domain_mod.DKIMSecretUnreadable as exc:
+            # The Secret is in the domain's namespace, writable by its tenant: only this
+            # domain is left out, with the reason its own status shows too.
+            excluded.append(Exclusion("SendingDomain", dom.meta.key,
+                                      REASON_DKIM_SECRET_UNREADABLE, str(exc)))
             continue
         signing = domain_mod.signing_from_secret(item.dkim_secret)
         if signing is None:
