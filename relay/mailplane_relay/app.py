@@ -45,7 +45,8 @@ from .ingress.throttle import AuthThrottle
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
-from .spool import Spool, SpoolErasure, SpoolError
+from .spool import Spool, SpoolErasure, SpoolError, adopt
+from .spool import count_messages as spool_count_messages
 from .store import LogQuery, MessageLog, StoreBackend, SuppressionList, complaint_hash
 from .store.factory import backend_for, buffer_directory
 from .tlsctx import ReloadingTLS
@@ -114,6 +115,45 @@ def _lock_spool(directory: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _orphan_dirs(root: Path, workers: int, index: int | None) -> list[Path]:
+    """Spool directories that no worker of this layout owns and that ``index`` adopts.
+
+    ``workers: 1`` spools in ``root`` itself and adopts every ``root/w<j>``. With ``workers:
+    N`` worker ``i`` spools in ``root/w<i>`` and adopts ``root/w<j>`` for ``j >= N`` with
+    ``j mod N == i``; worker 0 also adopts the messages in ``root`` (from ``workers: 1``)."""
+    found: list[tuple[int, Path]] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(root):
+            name = entry.name
+            if name[:1] == "w" and name[1:].isdigit() and entry.is_dir(follow_symlinks=False):
+                found.append((int(name[1:]), Path(entry.path)))
+    found.sort()
+    if index is None:
+        return [path for _, path in found]
+    mine = [path for j, path in found if j >= workers and j % workers == index]
+    return [root, *mine] if index == 0 else mine
+
+
+def _adopt_orphans(root: Path, workers: int, index: int | None, fsync: bool) -> int:
+    """Move the mail of orphaned spool directories into this process's own (locked, not yet
+    recovered) spool; returns how many messages stay orphaned (their directory is locked by
+    a live process, which delivers them)."""
+    own = root if index is None else root / f"w{index}"
+    stranded = 0
+    for source in _orphan_dirs(root, workers, index):
+        try:
+            fd = _lock_spool(str(source))
+        except SpoolInUseError as exc:
+            log.warning("spool: cannot adopt %s yet: %s", source, exc)
+            stranded += spool_count_messages(source)
+            continue
+        try:
+            adopt(source, own, fsync=fsync, remove_source=source != root)
+        finally:
+            os.close(fd)
+    return stranded
 
 
 def _die_with_parent() -> None:
@@ -314,6 +354,10 @@ class RelayApp:
             spool_dir = str(Path(spool_dir) / f"w{worker.index}")
         lock_fd = await asyncio.to_thread(_lock_spool, spool_dir)
         stages.append(("spool lock", lambda: _close_fd(lock_fd)))
+        orphaned = await asyncio.to_thread(
+            _adopt_orphans, Path(settings.spool.directory), settings.workers,
+            worker.index if worker is not None else None, settings.spool.fsync)
+        metrics.spool_orphaned_messages.set(orphaned)
         spool = Spool(spool_dir, fsync=settings.spool.fsync, metrics=metrics,
                       corrupt_retention=settings.spool.corrupt_retention)
         recovered = await spool.start()

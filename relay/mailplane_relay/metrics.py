@@ -55,6 +55,7 @@ class RelayMetrics:
     destinations: Gauge
     destination_suspensions: Counter
     connections_in_use: Gauge
+    spool_orphaned_messages: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> RelayMetrics:
@@ -132,6 +133,11 @@ class RelayMetrics:
                 f"{NS}_spool_corrupt_files",
                 "Unreadable spool files set aside in corrupt/ (deleted after "
                 "spool.corruptRetention).", multiprocess_mode="livesum", registry=r),
+            spool_orphaned_messages=Gauge(
+                f"{NS}_spool_orphaned_messages",
+                "Messages in spool directories no worker of this relay owns (an old layout "
+                "still locked by another process); adopted at the next start.",
+                multiprocess_mode="livesum", registry=r),
             spool_corrupt_purged=Counter(
                 f"{NS}_spool_corrupt_purged",
                 "Quarantined spool files deleted once spool.corruptRetention passed.",

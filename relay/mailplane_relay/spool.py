@@ -729,6 +729,71 @@ class Spool:
         self.metrics.spool_corrupt_files.set(count)
 
 
+def count_messages(directory: str | Path) -> int:
+    """How many message files lie directly in ``directory`` (0 when it does not exist)."""
+    try:
+        return sum(1 for name in os.listdir(directory)
+                   if name.endswith(_MSG) and _valid_queue_id(name[: -len(_MSG)]))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def adopt(source: str | Path, target: str | Path, *, fsync: bool,
+          remove_source: bool = True) -> int:
+    """Move the spooled messages of ``source`` (a spool directory no process owns any more,
+    e.g. ``w3`` after ``workers`` went from 4 to 2) into ``target``; the number moved.
+
+    Both directories must be locked by the caller, and ``target`` not yet recovered. Each
+    message file is renamed first, then its state file: a crash in between leaves the state
+    file in ``source``, and the next adoption moves it too. Temp files are deleted, corrupt
+    files join ``target``'s ``corrupt/`` (and its purge). Both directories are fsynced; with
+    ``remove_source``, the emptied ``source`` (and its lock file) is removed."""
+    src, dst = Path(source), Path(target)
+    moved = 0
+    names = sorted(os.listdir(src))
+    for name in names:
+        path = src / name
+        if name.startswith(_TMP):
+            _unlink_quiet(path)
+        elif name.endswith(_MSG) and _valid_queue_id(name[: -len(_MSG)]):
+            qid = name[: -len(_MSG)]
+            if (dst / name).exists():  # queue ids are unique: a copy adopted before a crash
+                log.warning("spool: %s is in %s and %s; keeping the adopted one", qid, src, dst)
+                continue
+            os.rename(path, dst / name)
+            if (src / (qid + _STATE)).exists():
+                os.rename(src / (qid + _STATE), dst / (qid + _STATE))
+            moved += 1
+    for name in names:  # state files whose message moved in an interrupted adoption
+        if name.endswith(_STATE) and (src / name).exists() and (
+                dst / (name[: -len(_STATE)] + _MSG)).exists():
+            os.rename(src / name, dst / name)
+    if (src / _CORRUPT).is_dir():
+        (dst / _CORRUPT).mkdir(exist_ok=True)
+        for name in os.listdir(src / _CORRUPT):
+            with contextlib.suppress(OSError):
+                os.rename(src / _CORRUPT / name, dst / _CORRUPT / name)
+        with contextlib.suppress(OSError):
+            os.rmdir(src / _CORRUPT)
+    _remove_tree_files(src / _FREE)
+    if fsync:
+        for d in (dst, src):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    if remove_source:
+        _unlink_quiet(src / ".lock")
+        try:
+            os.rmdir(src)
+        except OSError:
+            log.warning("spool: %s is not empty after adoption; left in place", src)
+    if moved:
+        log.info("spool: adopted %d message(s) from %s into %s", moved, src, dst)
+    return moved
+
+
 def _read_header(f: Any) -> tuple[int, bytes]:
     line = f.readline(_MAX_HEADER)
     if not line.startswith(_MAGIC) or not line.endswith(b"\n"):

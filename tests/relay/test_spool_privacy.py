@@ -43,6 +43,9 @@ async def test_nothing_of_a_final_message_stays_in_the_spool(
     sink: Sink = await smtp_sink(rcpt_replies={refused: "550 5.1.1 No such user"})
     relay = relay_factory(smarthost_port=sink.port, workers=workers)
     await asyncio.to_thread(relay.start)
+    deadline = time.monotonic() + 20  # /readyz is 200 once one worker is; wait for all
+    while relay.metric("mailplane_relay_ready") < workers and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
     msg = EmailMessage()
     msg["From"] = "app@example.com"
