@@ -75,12 +75,13 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 SERVICE_MONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor")
+PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 
 BY_KIND: dict[tuple[str, str], Resource] = {
     (r.api_version, r.kind): r
     for r in (SMTP_RELAYS, SENDING_DOMAINS, SMTP_CREDENTIALS, RETENTION_POLICIES, SECRETS,
-              SERVICES, EVENTS, NAMESPACES, STATEFULSETS, PDBS, SERVICE_MONITORS,
+              SERVICES, EVENTS, NAMESPACES, STATEFULSETS, PDBS, SERVICE_MONITORS, PVCS,
               NETWORK_POLICIES)
 }
 
@@ -245,6 +246,11 @@ def _quantity(value: Any) -> Decimal | None:
         return None
 
 
+def quantity_value(value: Any) -> Decimal | None:
+    """A resource quantity ("10Gi", "1536Mi", "500m") as a number; None if it is not one."""
+    return _quantity(value)
+
+
 def _same_quantity(have: Any, want: Any) -> bool:
     if isinstance(want, Mapping):
         return isinstance(have, Mapping) and set(have) >= set(want) and all(
@@ -271,6 +277,12 @@ def _contains(have: Any, want: Any) -> bool:
 
 
 _MANAGED_TOP = ("spec", "data", "type", "immutable")
+
+STATEFULSET_MUTABLE_SPEC = frozenset({
+    "replicas", "ordinals", "template", "updateStrategy", "revisionHistoryLimit",
+    "persistentVolumeClaimRetentionPolicy", "minReadySeconds",
+})
+"""The only StatefulSet spec fields the API server lets an update change."""
 
 ANN_APPLIED = "mailplane.io/applied-fields"
 """The shape of what the operator last applied to an object (field names, and a digest per
@@ -469,7 +481,15 @@ class KubeClient:
                     owner_uid: str | None = None) -> tuple[str, dict[str, Any]]:
         """Make the object hold `manifest`: create it, merge-patch it, or leave it alone.
 
-        Returns ("created" | "patched" | "unchanged", the object). Fields that differ from the
+        Returns ("created" | "patched" | "unchanged" | "replaced" | "pending", the object).
+
+        A StatefulSet whose wanted change touches a field the API server keeps immutable
+        (`spec.volumeClaimTemplates`, `selector`, `serviceName`, `podManagementPolicy`, ...) is
+        deleted with propagationPolicy Orphan, so that its pods and volumes stay, and the
+        next apply creates it anew ("replaced"; the new StatefulSet adopts the pods). While a
+        StatefulSet is being deleted nothing is written ("pending").
+
+        Fields that differ from the
         manifest are set again (drift is corrected); fields an earlier apply set that the
         manifest no longer has are removed (the shape of each apply is kept in the object's
         `ANN_APPLIED` annotation); fields others set are left as they are. A Secret's `data` is
@@ -507,6 +527,14 @@ class KubeClient:
         if not patch:
             self.stats.unchanged += 1
             return "unchanged", current
+        if resource == STATEFULSETS:
+            current_meta = current.get("metadata") or {}
+            if current_meta.get("deletionTimestamp"):
+                return "pending", current
+            if set(patch.get("spec") or {}) - STATEFULSET_MUTABLE_SPEC:
+                await self.delete(resource, namespace, name, propagation="Orphan",
+                                  uid=current_meta.get("uid"))
+                return "replaced", current
         if owner_uid is not None:
             patch.setdefault("metadata", {})["resourceVersion"] = (
                 (current.get("metadata") or {}).get("resourceVersion"))

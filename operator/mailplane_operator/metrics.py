@@ -8,13 +8,19 @@ number the platform team controls. Never an address, never a secret.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 KINDS = ("SmtpRelay", "SendingDomain", "SmtpCredential", "RetentionPolicy")
+CHILD_KINDS = ("StatefulSet", "Service", "PodDisruptionBudget", "ServiceMonitor",
+               "NetworkPolicy", "Secret", "PersistentVolumeClaim", "other")
+FINALIZER = "mailplane.io/finalizer"
 CREDENTIAL_STATES = ("active", "suspended", "invalid")
 
 
@@ -31,6 +37,11 @@ class OperatorMetrics:
     domain_verified: Gauge
     domain_disable_time: Gauge
     up: Gauge
+    child_write_failures: Counter
+    stale_generation: Gauge
+    finalizer_pending: Gauge
+    _stale_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    _deleting_since: dict[tuple[str, str], float] = field(default_factory=dict)
     _credential_states: dict[str, str] = field(default_factory=dict)
     _dkim_selectors: dict[str, set[str]] = field(default_factory=dict)
     _domain_claims: dict[str, str] = field(default_factory=dict)
@@ -79,6 +90,19 @@ class OperatorMetrics:
                 "(Unix time; present only during that grace period).",
                 ["domain"], registry=reg),
             up=Gauge("mailplane_operator_up", "1 while the operator runs.", registry=reg),
+            child_write_failures=Counter(
+                "mailplane_operator_child_write_failures_total",
+                "Writes of a child object (StatefulSet, Service, Secret, ...) the API server "
+                "refused or that failed, by the child's kind.", ["kind"], registry=reg),
+            stale_generation=Gauge(
+                "mailplane_operator_stale_generation_seconds",
+                "Age of the oldest spec change the operator has not reconciled yet "
+                "(status.observedGeneration behind metadata.generation), by kind; 0: none.",
+                ["kind"], registry=reg),
+            finalizer_pending=Gauge(
+                "mailplane_operator_finalizer_pending_seconds",
+                "Age of the oldest deletion still held by the operator's finalizer, by kind; "
+                "0: none.", ["kind"], registry=reg),
         )
         for kind in KINDS:
             for result in ("ok", "error", "invalid"):
@@ -86,6 +110,13 @@ class OperatorMetrics:
             metrics.reconcile_duration.labels(kind)
         for state in CREDENTIAL_STATES:
             metrics.credentials.labels(state).set(0)
+        for child in CHILD_KINDS:
+            metrics.child_write_failures.labels(child)
+        for kind in KINDS:
+            metrics.stale_generation.labels(kind).set_function(
+                partial(metrics._oldest, metrics._stale_since, kind, time.monotonic))
+            metrics.finalizer_pending.labels(kind).set_function(
+                partial(metrics._oldest, metrics._deleting_since, kind, time.time))
         metrics.up.set(1)
         return metrics
 
@@ -102,6 +133,37 @@ class OperatorMetrics:
             self.reconciles.labels(kind, "ok").inc()
         finally:
             self.reconcile_duration.labels(kind).observe(time.perf_counter() - started)
+
+    def child_write_failed(self, kind: str) -> None:
+        self.child_write_failures.labels(kind if kind in CHILD_KINDS else "other").inc()
+
+    def observe(self, kind: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """Track a resource seen in a watch event: whether its status lags its spec, and
+        whether its deletion waits on our finalizer (forgotten once deleted)."""
+        meta = body.get("metadata") or {}
+        key = (kind, str(meta.get("uid")))
+        if deleted:
+            self._stale_since.pop(key, None)
+            self._deleting_since.pop(key, None)
+            return
+        generation = meta.get("generation")
+        observed = (body.get("status") or {}).get("observedGeneration")
+        if isinstance(generation, int) and (not isinstance(observed, int)
+                                            or observed < generation):
+            self._stale_since.setdefault(key, time.monotonic())
+        else:
+            self._stale_since.pop(key, None)
+        since = _timestamp(meta.get("deletionTimestamp"))
+        if since is not None and FINALIZER in (meta.get("finalizers") or ()):
+            self._deleting_since.setdefault(key, since)
+        else:
+            self._deleting_since.pop(key, None)
+
+    @staticmethod
+    def _oldest(since: dict[tuple[str, str], float], kind: str,
+                clock: Callable[[], float]) -> float:
+        times = [t for (k, _uid), t in since.items() if k == kind]
+        return max(0.0, clock() - min(times)) if times else 0.0
 
     def invalid(self, kind: str) -> None:
         self.reconciles.labels(kind, "invalid").inc()
@@ -165,3 +227,12 @@ class OperatorMetrics:
                 self.domain_disable_time.remove(domain)
         else:
             self.domain_disable_time.labels(domain).set(disable_at)
+
+
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

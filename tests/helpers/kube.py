@@ -148,6 +148,9 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
     _last_version: int = attrs.field(default=999, init=False)
     on_write: list[Callable[[], None]] = attrs.field(factory=list, init=False)
     writes: int = attrs.field(default=0, init=False)
+    refusals: dict[tuple[str, str], tuple[int, str]] = attrs.field(factory=dict, init=False)
+    """(plural, name prefix) -> (status, message): writes an admission webhook would refuse.
+    Set through `refuse`."""
 
     namespaces: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
     namespace_events: list[dict[str, Any]] = attrs.field(factory=list, init=False)
@@ -327,6 +330,7 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
             return await super()._handle(request)
         try:
             async with self._write_lock:
+                self._refuse_if_asked(request)
                 before = self._existing(request) if request.name else None
                 if action == kmock.action.CREATE:
                     self._prepare_create(request)
@@ -346,6 +350,25 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         finally:
             for callback in self.on_write:
                 callback()
+
+    def refuse(self, plural: str, name_prefix: str, status: int = 400,
+               message: str = "admission webhook \"policy.example\" denied the request") -> None:
+        """Refuse every create, patch and delete of `plural` objects whose name starts with
+        `name_prefix`, as an admission webhook or a quota would (until `allow`)."""
+        self.refusals[(plural, name_prefix)] = (status, message)
+
+    def allow(self, plural: str, name_prefix: str) -> None:
+        self.refusals.pop((plural, name_prefix), None)
+
+    def _refuse_if_asked(self, request: kmock.Request) -> None:
+        if not self.refusals or request.resource is None:
+            return
+        data = request.data if isinstance(request.data, Mapping) else {}
+        name = request.name or str((data.get("metadata") or {}).get("name") or "")
+        for (plural, prefix), (status, message) in list(self.refusals.items()):
+            if request.resource.plural == plural and name.startswith(prefix):
+                raise KubernetesError(status, "BadRequest" if status == 400 else "Forbidden",
+                                      message)
 
     def _existing(self, request: kmock.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)

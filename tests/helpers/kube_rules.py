@@ -199,6 +199,16 @@ def update_errors(plural: str, old: Mapping[str, Any], new: Mapping[str, Any]) -
                        "'replicas', 'ordinals', 'template', 'updateStrategy', "
                        "'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and "
                        "'minReadySeconds' are forbidden")
+    if plural == "persistentvolumeclaims":
+        old_spec, new_spec = dict(old.get("spec") or {}), dict(new.get("spec") or {})
+        old_size = ((old_spec.pop("resources", None) or {}).get("requests") or {}).get("storage")
+        new_size = ((new_spec.pop("resources", None) or {}).get("requests") or {}).get("storage")
+        if old_spec != new_spec:
+            out.append("spec: Forbidden: spec is immutable after creation except "
+                       "resources.requests and volumeAttributesClassName for bound claims")
+        if old_size and new_size and quantity(new_size) < quantity(old_size):
+            out.append("spec.resources.requests.storage: Forbidden: field can not be less "
+                       "than status.capacity")
     if plural == "services":
         old_ip = (old.get("spec") or {}).get("clusterIP")
         new_ip = (new.get("spec") or {}).get("clusterIP")
@@ -212,6 +222,18 @@ def update_errors(plural: str, old: Mapping[str, Any], new: Mapping[str, Any]) -
         if new.get("immutable") is not True:
             out.append("immutable: Forbidden: field is immutable when `immutable` is set")
     return out
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: Any) -> float:
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        raise ValueError(f"not a quantity: {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 # -- label selectors (list and watch ?labelSelector=) -------------------------------------------

@@ -104,6 +104,14 @@ def run_flows(api: KubeApi) -> set[Request]:
     api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
     api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="render")
     blocking = blocking_owner_requests(api)  # before the owners go
+    # A spool size change: the StatefulSet is replaced (orphan delete) and the volumes grow.
+    api.create(k.PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
+        "name": "spool-main-0", "namespace": "mail", "labels": {
+            "app.kubernetes.io/name": "mailplane-relay", "app.kubernetes.io/instance": "main"}},
+        "spec": {"resources": {"requests": {"storage": "10Gi"}}}})
+    api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"spool": {"size": "20Gi"}}})
+    api.wait_for(k.PVCS, "mail", "spool-main-0",
+                 lambda o: o and o["spec"]["resources"]["requests"]["storage"] == "20Gi")
     api.patch(k.NAMESPACES, None, "shop", {"metadata": {"labels": {"team": "shop"}}})
     api.delete(k.SMTP_CREDENTIALS, "shop", "orders")
     api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None)

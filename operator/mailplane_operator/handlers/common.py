@@ -27,6 +27,13 @@ from ..runtime import Body, RelayKey, Runtime
 
 REASON_INVALID_SPEC = "InvalidSpec"
 
+RECONCILED = "Reconciled"
+"""Condition on every resource: whether the operator wrote everything the current generation
+asks for. Reasons: `Reconciled`, `InvalidSpec`, `ChildWriteFailed` (the message names the child
+and the API server's answer), `ConfigInvalid` (relays)."""
+REASON_RECONCILED = "Reconciled"
+REASON_CHILD_WRITE_FAILED = "ChildWriteFailed"
+
 
 def first(values: Iterable[Any] | None) -> Any:
     for value in values or ():
@@ -132,6 +139,10 @@ def relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRelay
         return None
 
 
+def generation_of(body: Body | Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 0)
+
+
 def with_conditions(body: Body | Mapping[str, Any],
                     conds: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole status with new conditions: patch_status sends what is wanted, so a status
@@ -141,12 +152,44 @@ def with_conditions(body: Body | Mapping[str, Any],
 
 def invalid_spec_conditions(rt: Runtime, kind: str, body: Body | Mapping[str, Any],
                             exc: SpecError) -> list[dict[str, Any]]:
-    """Count an invalid spec and return the conditions saying so (Ready=False, InvalidSpec,
-    with the message that names the field)."""
+    """Count an invalid spec and return the conditions saying so (Ready=False and
+    Reconciled=False, InvalidSpec, with the message that names the field)."""
     rt.metrics.invalid(kind)
-    return set_condition((body.get("status") or {}).get("conditions"), READY, False,
-                         REASON_INVALID_SPEC, str(exc),
-                         int(body["metadata"].get("generation") or 0), rt.clock())
+    conds = set_condition((body.get("status") or {}).get("conditions"), READY, False,
+                          REASON_INVALID_SPEC, str(exc), generation_of(body), rt.clock())
+    return reconciled(rt, conds, body, False, reason=REASON_INVALID_SPEC, message=str(exc))
+
+
+def invalid_spec_status(rt: Runtime, kind: str, body: Body | Mapping[str, Any],
+                        exc: SpecError) -> dict[str, Any]:
+    """The whole status for an invalid spec: the generation was seen (observedGeneration
+    follows it, so no stale-generation alert fires for what the conditions already say)."""
+    return {**with_conditions(body, invalid_spec_conditions(rt, kind, body, exc)),
+            "observedGeneration": generation_of(body)}
+
+
+def reconciled(rt: Runtime, conditions: list[dict[str, Any]] | None,
+               body: Body | Mapping[str, Any], ok: bool, *, reason: str = REASON_RECONCILED,
+               message: str = "every object the spec asks for is written",
+               ) -> list[dict[str, Any]]:
+    """`conditions` with the Reconciled condition set for the body's current generation."""
+    return set_condition(conditions, RECONCILED, ok, reason, message, generation_of(body),
+                         rt.clock())
+
+
+def child_write_failed(rt: Runtime, body: Body, manifest: Mapping[str, Any],
+                       exc: Exception) -> str:
+    """Count a failed write of a child, post a Warning Event on its owner, and return the
+    message (the child and the API server's answer; never what was sent)."""
+    kind = str(manifest.get("kind"))
+    name = (manifest.get("metadata") or {}).get("name")
+    rt.metrics.child_write_failed(kind)
+    reason = f"{exc.status} {exc.reason}" if isinstance(exc, kube.ApiError) else type(
+        exc).__name__
+    detail = str(exc).split(": ", 2)[-1] if isinstance(exc, kube.ApiError) else str(exc)
+    message = f"{kind} {name}: {reason}: {detail}"[:1000]
+    post_events(body, [Event("Warning", REASON_CHILD_WRITE_FAILED, message)])
+    return message
 
 
 async def patch_status(rt: Runtime, resource: kube.Resource, body: Body,

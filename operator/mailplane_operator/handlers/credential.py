@@ -18,14 +18,19 @@ from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import attached_domains, owners_of
 from ..runtime import Body, Runtime
 from .common import (
+    REASON_CHILD_WRITE_FAILED,
     REASON_INVALID_SPEC,
+    child_write_failed,
     domain_inputs,
-    invalid_spec_conditions,
+    invalid_spec_status,
     key_of,
     merge_diff,
+    patch_status,
     post_events,
+    reconciled,
     ref_key,
     relay_of,
+    with_conditions,
 )
 
 
@@ -41,8 +46,8 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
     try:
         cred = parse_smtp_credential(body)
     except SpecError as exc:
-        patch.setdefault("status", {})["conditions"] = invalid_spec_conditions(
-            rt, "SmtpCredential", body, exc)
+        patch.setdefault("status", {}).update(
+            invalid_spec_status(rt, "SmtpCredential", body, exc))
         post_events(body, [Event("Warning", REASON_INVALID_SPEC, str(exc))])
         return
     relay_key = (cred.relay_namespace, cred.spec.relay_ref.name)
@@ -76,15 +81,17 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             if result.state_secret is not None:
                 # The state first: a new password's hash reaches the relay no later than the
                 # application gets the password, and a crash in between loses nothing.
-                action, obj = await rt.client.apply(result.state_secret)
+                action, obj = await _write(rt, body, result.state_secret)
                 rt.remember_secret(cred.relay_namespace, state_name, obj)
                 written = action != "unchanged"
             if result.secret is not None:
                 # Guarded: a Secret someone else created in between is never overwritten.
-                action, obj = await rt.client.apply(result.secret, owner_uid=cred.meta.uid)
+                action, obj = await _write(rt, body, result.secret, owner_uid=cred.meta.uid)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
                 written |= action != "unchanged"
-            diff = merge_diff(body.get("status") or {}, result.status)
+            status = {**result.status, "conditions": reconciled(
+                rt, result.status.get("conditions"), body, True)}
+            diff = merge_diff(body.get("status") or {}, status)
             if diff:
                 patch.setdefault("status", {}).update(diff)
             post_events(body, result.events)
@@ -95,6 +102,20 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 interval=cred.spec.rotation.interval)
     if written or poke:
         rt.poke(relay_key)
+
+
+async def _write(rt: Runtime, body: Body, manifest: Mapping[str, Any],
+                 owner_uid: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Apply one of the credential's Secrets; a failure is reported (Event, metric,
+    Reconciled=False) before it propagates to kopf's retry."""
+    try:
+        return await rt.client.apply(manifest, owner_uid=owner_uid)
+    except ApiError as exc:
+        message = child_write_failed(rt, body, manifest, exc)
+        await patch_status(rt, kube.SMTP_CREDENTIALS, body, with_conditions(body, reconciled(
+            rt, (body.get("status") or {}).get("conditions"), body, False,
+            reason=REASON_CHILD_WRITE_FAILED, message=message)))
+        raise
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
@@ -123,6 +144,11 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
             if due is None or rt.clock() < due:
                 return  # nothing scheduled yet; a relay render drops the entry when stale
         await reconcile_credential(rt, body, patch, kwargs, poke=False)
+
+    @kopf.on.event(*resource, id="credential_event", registry=registry)
+    async def credential_event(**kwargs: Any) -> None:
+        rt.metrics.observe("SmtpCredential", kwargs["body"],
+                           deleted=kwargs["type"] == "DELETED")
 
     @kopf.on.delete(*resource, id="credential_deleted", registry=registry)
     async def credential_deleted(**kwargs: Any) -> None:

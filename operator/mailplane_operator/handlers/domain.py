@@ -18,11 +18,14 @@ from ..reconcile.conditions import get_condition
 from ..reconcile.models import SendingDomain, SpecError, parse_sending_domain
 from ..runtime import Body, Runtime
 from .common import (
-    invalid_spec_conditions,
+    REASON_CHILD_WRITE_FAILED,
+    child_write_failed,
+    invalid_spec_status,
     key_of,
     parse_all,
     patch_status,
     post_events,
+    reconciled,
     ref_key,
     relay_of,
     wait_for_wake,
@@ -58,9 +61,18 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
             domain_mod.reconcile_domain, dom, relay=relay, namespace_labels=ns_labels,
             existing_secret=existing, observed=observed, now=now, key_factory=rt.key_factory,
             lookup_errors=errors, claims=claims, claim_labels=claim_labels)
-        action, obj = await rt.client.apply(result.secret)
+        try:
+            action, obj = await rt.client.apply(result.secret)
+        except ApiError as exc:
+            message = child_write_failed(rt, body, result.secret, exc)
+            await patch_status(rt, kube.SENDING_DOMAINS, body, with_conditions(body, reconciled(
+                rt, (body.get("status") or {}).get("conditions"), body, False,
+                reason=REASON_CHILD_WRITE_FAILED, message=message)))
+            raise
         rt.remember_secret(dom.meta.namespace, domain_mod.secret_name(dom), obj)
-        await patch_status(rt, kube.SENDING_DOMAINS, body, result.status)
+        await patch_status(rt, kube.SENDING_DOMAINS, body, {
+            **result.status,
+            "conditions": reconciled(rt, result.status.get("conditions"), body, True)})
         post_events(body, result.events)
         conds = result.status.get("conditions")
         dkim_ok = get_condition(conds, domain_mod.DKIM_VERIFIED)
@@ -100,9 +112,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 try:
                     verified, next_step = await reconcile_domain_once(rt, body, kwargs, logger)
                 except SpecError as exc:
-                    conds = invalid_spec_conditions(rt, "SendingDomain", body, exc)
                     await patch_status(rt, kube.SENDING_DOMAINS, body,
-                                       with_conditions(body, conds))
+                                       invalid_spec_status(rt, "SendingDomain", body, exc))
                     verified, next_step = True, None  # nothing to retry until the spec changes
                     delay = config.dns_recheck_interval
                 except ApiError as exc:
@@ -131,6 +142,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
     @kopf.on.event(*resource, id="domain_event", registry=registry)
     async def domain_event(**kwargs: Any) -> None:
         body = kwargs["body"]
+        rt.metrics.observe("SendingDomain", body, deleted=kwargs["type"] == "DELETED")
         # Status (verification) decides whether the relay signs for the domain: every event,
         # including the status patches and the deletion, re-renders (a no-op when unchanged).
         rt.poke(ref_key(body))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -34,32 +36,47 @@ from ..reconcile.render import REASON_DELETING, RenderError, RenderResult, rende
 from ..runtime import MANAGED_BY_LABELS, Body, RelayKey, RelayWorker, Runtime
 from . import retention
 from .common import (
+    REASON_CHILD_WRITE_FAILED,
+    child_write_failed,
     credential_inputs,
     domain_inputs,
     first,
-    invalid_spec_conditions,
+    invalid_spec_status,
     key_of,
     parse_all,
     patch_status,
     post_events,
+    reconciled,
     wait_for_wake,
-    with_conditions,
 )
 
 
+@dataclass
+class Rendered:
+    """What one render of a relay achieved: the configuration in force (None when there is
+    none: no relay, an invalid spec, a configuration that failed validation) and the children
+    whose writes failed (their messages)."""
+
+    result: RenderResult | None
+    failed: list[str] = field(default_factory=list)
+
+
 async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
-                       log: logging.Logger | logging.LoggerAdapter[Any]) -> RenderResult | None:
+                       log: logging.Logger | logging.LoggerAdapter[Any]) -> Rendered:
+    """Render the relay's configuration, write its config Secrets, then its children, then its
+    status. The config Secrets come first and a failed child write does not undo them: a
+    credential's deletion waits for the configuration, never for an unrelated child."""
     relays_idx = indexes["relays_idx"]
     body = first(relays_idx.get(key))
     if body is None:
-        return None
+        return Rendered(None)
     namespace, name = key
     try:
         relay = parse_smtp_relay(body)
     except SpecError as exc:
-        conds = invalid_spec_conditions(rt, "SmtpRelay", body, exc)
-        await patch_status(rt, kube.SMTP_RELAYS, body, with_conditions(body, conds))
-        return None
+        await patch_status(rt, kube.SMTP_RELAYS, body,
+                           invalid_spec_status(rt, "SmtpRelay", body, exc))
+        return Rendered(None)
     with rt.metrics.reconcile("SmtpRelay"):
         now = rt.clock()
         domains = await domain_inputs(rt, indexes["domains_idx"].get(key, ()))
@@ -81,10 +98,12 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 relay, statefulset_status=None, config_hash=previous_hash or "",
                 config_secrets=[], domains=[], credentials=0, excluded=0,
                 retention_policies=[], now=now, error=str(exc))
-            # Only the condition: the counts and config hash still describe the Secrets in
+            # Only the conditions: the counts and config hash still describe the Secrets in
             # force, which stay as they were.
             await patch_status(rt, kube.SMTP_RELAYS, body, {
-                **(body.get("status") or {}), "conditions": status["conditions"]})
+                **(body.get("status") or {}), "conditions": reconciled(
+                    rt, status["conditions"], body, False, reason="ConfigInvalid",
+                    message=str(exc))})
             post_events(body, [Event("Warning", "ConfigInvalid", str(exc))])
             raise
         changed = False
@@ -97,21 +116,40 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
             if secret["metadata"]["name"] not in result.secret_names:
                 await rt.client.delete(kube.SECRETS, namespace, secret["metadata"]["name"])
                 changed = True
+        # The configuration is in force from here on; each child is written on its own, and
+        # a failed write is reported (Event, metric, Reconciled=False) without stopping the
+        # others.
+        failed: list[str] = []
         monitor = await rt.client.has_api("monitoring.coreos.com/v1", "servicemonitors")
         for child in relay_mod.relay_children(relay, image=relay.spec.image or rt.config.image,
                                               service_monitor_available=monitor,
                                               config_hash=result.config_hash):
-            await rt.client.apply(child)
+            try:
+                await _write_child(rt, body, relay, child, log)
+            except (ApiError, OSError, TimeoutError) as exc:
+                failed.append(child_write_failed(rt, body, child, exc))
         for api_version, kind, child_name in relay_mod.unwanted_children(
                 relay, service_monitor_available=monitor):
-            await _delete_if_owned(rt, kube.BY_KIND[(api_version, kind)], namespace, child_name,
-                                   relay.meta.uid)
+            try:
+                await _delete_if_owned(rt, kube.BY_KIND[(api_version, kind)], namespace,
+                                       child_name, relay.meta.uid)
+            except (ApiError, OSError, TimeoutError) as exc:
+                failed.append(child_write_failed(rt, body, {
+                    "kind": kind, "metadata": {"name": child_name}}, exc))
         sts = await rt.client.get(kube.STATEFULSETS, namespace, name)
         status = relay_mod.relay_status(
             relay, statefulset_status=(sts or {}).get("status"), config_hash=result.config_hash,
             config_secrets=result.secret_names, domains=list(result.domains),
             credentials=len(result.credentials), excluded=len(result.excluded),
             retention_policies=list(result.retention.policies), now=now)
+        if failed:
+            status["conditions"] = reconciled(rt, status["conditions"], body, False,
+                                              reason=REASON_CHILD_WRITE_FAILED,
+                                              message="; ".join(failed))
+            # This generation is not reconciled yet: observedGeneration stays where it was.
+            status["observedGeneration"] = (body.get("status") or {}).get("observedGeneration")
+        else:
+            status["conditions"] = reconciled(rt, status["conditions"], body, True)
         await patch_status(rt, kube.SMTP_RELAYS, body, status)
         if changed and result.config_hash != previous_hash:
             log.info("Rendered configuration %s: %d domains, %d credentials, %d Secrets",
@@ -124,7 +162,53 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         _recheck_stale_domains(rt, result, indexes["domains_idx"].get(key, ()))
-        return result
+        return Rendered(result, failed)
+
+
+async def _write_child(rt: Runtime, body: Body, relay: SmtpRelay, child: Mapping[str, Any],
+                       log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    action, _current = await rt.client.apply(child)
+    if action != "replaced":
+        return
+    # A field the API server keeps immutable changed (spec.spool.size or storageClassName:
+    # the volumeClaimTemplates): the StatefulSet was deleted with propagationPolicy=Orphan, so
+    # its pods and volumes stay; the new one adopts the pods. Until the old one is gone the
+    # apply answers "pending", and its DELETED event pokes this worker again.
+    log.info("StatefulSet %s replaced: a field the API server keeps immutable changed",
+             relay.meta.name)
+    post_events(body, [Event(
+        "Normal", "StatefulSetReplaced",
+        f"StatefulSet {relay.meta.name}: spec.spool changed a field the API server keeps "
+        "immutable; the StatefulSet was deleted with propagationPolicy=Orphan (pods and volumes "
+        "stay) and is created again")])
+    await rt.client.apply(child)
+    await _expand_volumes(rt, body, relay, log)
+
+
+async def _expand_volumes(rt: Runtime, body: Body, relay: SmtpRelay,
+                          log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Grow the existing spool volumes to spec.spool.size (volumes never shrink; a smaller size
+    applies to new ordinals only). Needs a StorageClass with allowVolumeExpansion; a refusal is
+    reported as an Event."""
+    want = kube.quantity_value(relay.spec.spool.size)
+    if want is None:
+        return
+    claims = await rt.client.list(kube.PVCS, relay.meta.namespace,
+                                  labels=relay_mod.selector_labels(relay))
+    pattern = re.compile(rf"^spool-{re.escape(relay.meta.name)}-[0-9]+$")
+    for claim in claims:
+        name = str((claim.get("metadata") or {}).get("name"))
+        size = kube.quantity_value(((claim.get("spec") or {}).get("resources") or {})
+                                   .get("requests", {}).get("storage"))
+        if not pattern.match(name) or size is None or size >= want:
+            continue
+        try:
+            await rt.client.patch(kube.PVCS, relay.meta.namespace, name, {"spec": {
+                "resources": {"requests": {"storage": relay.spec.spool.size}}}})
+        except ApiError as exc:
+            child_write_failed(rt, body, claim, exc)
+        else:
+            log.info("Spool volume %s expanded to %s", name, relay.spec.spool.size)
 
 
 def _recheck_stale_domains(rt: Runtime, result: RenderResult, bodies: Iterable[Body]) -> None:
@@ -205,9 +289,18 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 delay = config.relay_resync_interval
                 render_started = time.monotonic()
                 try:
-                    worker.last = await render_relay(rt, key, kwargs, logger)
+                    rendered = await render_relay(rt, key, kwargs, logger)
+                    worker.last = rendered.result
                     worker.renders += 1
-                    failures = 0
+                    if rendered.failed:
+                        # The configuration is written (requesters waiting for it are done);
+                        # the failed children are retried with backoff.
+                        failures += 1
+                        delay = min(2.0 ** failures * (0.1 if config.fast else 1.0), 60.0)
+                        logger.warning("Writing children failed (attempt %d), retrying in "
+                                       "%.1fs: %s", failures, delay, "; ".join(rendered.failed))
+                    else:
+                        failures = 0
                 except Exception as exc:
                     # Logged and retried with backoff; the worker must outlive any one failure
                     # or the relay's pokes would go nowhere.
@@ -248,6 +341,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
 
     @kopf.on.event(*resource, id="relay_event", registry=registry)
     async def relay_event(**kwargs: Any) -> None:
+        rt.metrics.observe("SmtpRelay", kwargs["body"], deleted=kwargs["type"] == "DELETED")
         if kwargs["type"] == "DELETED":
             key: RelayKey = (kwargs["namespace"], kwargs["name"])
             for body in kwargs["credentials_idx"].get(key, ()):

@@ -13,7 +13,7 @@ from .. import kube
 from ..reconcile import retention as retention_mod
 from ..reconcile.models import SmtpRelay, SpecError, parse_retention_policy, parse_smtp_relay
 from ..runtime import Runtime
-from .common import invalid_spec_conditions, merge_diff, parse_all, patch_status
+from .common import invalid_spec_status, merge_diff, parse_all, patch_status, reconciled
 
 
 def _relays_in(namespace: str, relays_idx: kopf.Index[Any, Any]) -> list[SmtpRelay]:
@@ -30,8 +30,9 @@ async def refresh_statuses(rt: Runtime, namespace: str, indexes: Mapping[str, An
             policy = parse_retention_policy(body)
         except SpecError:
             continue
-        await patch_status(rt, kube.RETENTION_POLICIES, body,
-                           retention_mod.retention_status(policy, relays, now))
+        status = retention_mod.retention_status(policy, relays, now)
+        await patch_status(rt, kube.RETENTION_POLICIES, body, {
+            **status, "conditions": reconciled(rt, status.get("conditions"), body, True)})
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
@@ -40,6 +41,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
 
     @kopf.on.event(*resource, id="retention_event", registry=registry)
     async def retention_event(**kwargs: Any) -> None:
+        rt.metrics.observe("RetentionPolicy", kwargs["body"],
+                           deleted=kwargs["type"] == "DELETED")
         namespace = kwargs["namespace"]
         for relay_ns, relay_name in list(rt.workers):
             if relay_ns == namespace:
@@ -53,12 +56,13 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         try:
             policy = parse_retention_policy(body)
         except SpecError as exc:
-            patch.setdefault("status", {})["conditions"] = invalid_spec_conditions(
-                rt, "RetentionPolicy", body, exc)
+            patch.setdefault("status", {}).update(
+                invalid_spec_status(rt, "RetentionPolicy", body, exc))
             return
         with rt.metrics.reconcile("RetentionPolicy"):
             status = retention_mod.retention_status(
                 policy, _relays_in(namespace, kwargs["relays_idx"]), rt.clock())
+            status["conditions"] = reconciled(rt, status.get("conditions"), body, True)
             diff = merge_diff(body.get("status") or {}, status)
             if diff:
                 patch.setdefault("status", {}).update(diff)
