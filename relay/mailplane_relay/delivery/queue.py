@@ -300,18 +300,19 @@ class DeliveryQueue:
             if smarthost.username is not None and smarthost.password_file is not None:
                 auth = (smarthost.username, smarthost.password_file)
             target = Target(smarthost.host, smarthost.host, smarthost.port, smarthost.tls, auth)
+            # Shaping rules split the smarthost's mail into destinations of their own.
             by_shape: dict[str, list[Recipient]] = {}
-            shapes = {}
             for r in to_send:
-                shape = shape_for(delivery, domain_of(r.address))
-                shapes[shape.name] = shape
-                by_shape.setdefault(shape.name, []).append(r)
+                by_shape.setdefault(shape_for(delivery, domain_of(r.address)).name,
+                                    []).append(r)
             attempt.outstanding = len(by_shape)
             for name, rcpts in by_shape.items():
                 key = f"smarthost:{smarthost.host}:{smarthost.port}"
+                domain = None
                 if name != "default":
                     key += f"/{name}"
-                dest = self._destination(key, delivery, None, ())
+                    domain = domain_of(rcpts[0].address)
+                dest = self._destination(key, delivery, domain, ())
                 self._enqueue(dest, Work(attempt, rcpts, [target], None))
         else:
             by_domain: dict[str, list[Recipient]] = {}
@@ -452,9 +453,13 @@ class DeliveryQueue:
             self._spawn(self._defer_all(dest), "delivery-suspended")
             return False
         # Fair share: while several destinations want connections, none takes more than an
-        # equal part of the global bound (a slow destination cannot collect every slot).
+        # equal part of the global bound; and a destination that already has a connection
+        # never takes the last tenth of it, which stays for destinations with none (a slow
+        # destination cannot collect every slot before the others show up).
         share = max(1, cap // max(1, len(self._busy)))
-        if dest.active >= dest.limit() or dest.active >= share:
+        reserve = cap // 10 if cap >= 10 else min(1, cap - 1)
+        if (dest.active >= dest.limit() or dest.active >= share
+                or (dest.active and cap - self._in_use <= reserve)):
             dest.in_ring = False
             return False
         wait = dest.rate_wait(now)
