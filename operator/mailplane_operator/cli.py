@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from .logs import LOG_FORMATS, setup_logging
+from .reconcile.models import RelayDefaults, SpecError, parse_relay_defaults
 from .reconcile.relay import DEFAULT_IMAGE
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN",
                         help="DNS suffix of Services, for the host in application Secrets "
                              "(default %(default)s)")
+    parser.add_argument("--relay-defaults", type=_relay_defaults, default=RelayDefaults(),
+                        metavar="JSON",
+                        help='pod and Service shape of relays whose SmtpRelay does not set it: '
+                             '{"pod": {labels, annotations, imagePullSecrets, nodeSelector, '
+                             'tolerations, affinity, topologySpreadConstraints, '
+                             'priorityClassName}, "service": {type, annotations}}')
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text (default) or json: one JSON object per line with ts, "
                              "level, logger, msg and the object a record is about")
     parser.set_defaults(func=main)
+
+
+def _relay_defaults(text: str) -> RelayDefaults:
+    try:
+        return parse_relay_defaults(text)
+    except SpecError as exc:  # argparse reports it as "argument --relay-defaults: ..."
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--relay-defaults: ")) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
         dns_resolver=resolver,
         image=args.image,
         cluster_domain=args.cluster_domain,
+        relay_defaults=args.relay_defaults,
     )
     metrics = OperatorMetrics.create()
     if args.metrics_port:

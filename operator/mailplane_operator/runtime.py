@@ -23,6 +23,7 @@ from .kube import ApiError, KubeClient
 from .metrics import OperatorMetrics
 from .reconcile import domain as domain_mod
 from .reconcile import relay as relay_mod
+from .reconcile.models import RelayDefaults
 from .reconcile.render import RenderResult
 
 RelayKey = tuple[str, str]
@@ -56,6 +57,8 @@ class OperatorConfig:
     namespace_cache_ttl: float = 30.0
     delete_timeout: float = 60.0
     cluster_domain: str = "cluster.local"
+    relay_defaults: RelayDefaults = field(default_factory=RelayDefaults)
+    """Pod and Service shape of relays whose SmtpRelay does not set it (--relay-defaults)."""
     """The DNS suffix of Services, for the host written into application Secrets."""
     fast: bool = False
     """Short kopf batching and backoffs, for tests against the emulator."""

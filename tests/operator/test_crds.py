@@ -323,6 +323,9 @@ CEL_CASES = [
         {"namespace": "web", "name": "app", "reason": "complaints"}]}}, None),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "tenancy": {"suspensions": [
         {"namespace": "shop", "reason": "x\r\n250 OK"}]}}, "does not match"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "pod": {"labels": {
+        "app.kubernetes.io/instance": "other"}}}, "pod.labels may not set app.kubernetes.io/name"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "pod": {"labels": {"team": "mail"}}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],
                         "rotation": {"interval": "2h"}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],

@@ -243,3 +243,23 @@ def test_children_the_spec_turns_off_are_deleted_but_never_a_foreign_one(
     kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: o and o.get(
         "status", {}).get("observedGeneration") == 3)
     assert kube_api.get(k.NETWORK_POLICIES, "mail", "main") is not None
+
+
+def test_relay_pods_get_the_operators_defaults_unless_their_spec_says_otherwise(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator]) -> None:
+    from mailplane_operator.reconcile.models import parse_relay_defaults
+
+    operator_factory(relay_defaults=parse_relay_defaults(
+        '{"pod": {"imagePullSecrets": [{"name": "mirror"}], "priorityClassName": "mail"},'
+        ' "service": {"type": "LoadBalancer"}}'))
+    _setup(kube_api)
+    kube_api.create(k.SMTP_RELAYS, relay_body("eu", pod={"imagePullSecrets": [{"name": "eu"}]},
+                                              service={"type": "ClusterIP"}))
+    main = kube_api.wait_for(k.STATEFULSETS, "mail", "main")["spec"]["template"]["spec"]
+    assert main["imagePullSecrets"] == [{"name": "mirror"}]
+    assert main["priorityClassName"] == "mail"
+    assert kube_api.wait_for(k.SERVICES, "mail", "main")["spec"]["type"] == "LoadBalancer"
+    eu = kube_api.wait_for(k.STATEFULSETS, "mail", "eu")["spec"]["template"]["spec"]
+    assert eu["imagePullSecrets"] == [{"name": "eu"}]
+    assert eu["priorityClassName"] == "mail"
+    assert kube_api.wait_for(k.SERVICES, "mail", "eu")["spec"]["type"] == "ClusterIP"

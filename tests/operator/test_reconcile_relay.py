@@ -3,14 +3,15 @@ validated against the Kubernetes OpenAPI schemas."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
+from mailplane_operator.reconcile import models, render
 from mailplane_operator.reconcile import relay as relay_mod
-from mailplane_operator.reconcile import render
 from mailplane_operator.reconcile.conditions import get_condition
 from tests.helpers.netpol import Pod, ingress_allowed
 from tests.helpers.scrape import scrape_targets
@@ -274,3 +275,107 @@ def test_network_policy_can_be_turned_off_and_is_then_deleted() -> None:
     assert relay_mod.unwanted_children(no_sm, service_monitor_available=True) == [
         ("monitoring.coreos.com/v1", "ServiceMonitor", "main")]
     assert relay_mod.unwanted_children(no_sm) == []
+
+
+POD_DEFAULTS = models.parse_relay_defaults(json.dumps({
+    "pod": {"labels": {"team": "platform", "cost-center": "mail"},
+            "annotations": {"example.com/owner": "platform"},
+            "imagePullSecrets": [{"name": "mirror"}],
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "mail",
+                             "effect": "NoSchedule"}],
+            "priorityClassName": "mail-critical"},
+    "service": {"type": "LoadBalancer",
+                "annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": "true"}},
+}))
+
+
+def _shape(r: Any, defaults: Any = POD_DEFAULTS) -> tuple[dict[str, Any], dict[str, Any]]:
+    children = by_kind(relay_mod.relay_children(r, defaults=defaults))
+    return children["StatefulSet"]["spec"]["template"], children["Service"]
+
+
+def test_pods_and_service_take_the_operators_defaults() -> None:
+    template, svc = _shape(relay())
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "mirror"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "mail",
+                                   "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "mail-critical"
+    assert template["metadata"]["labels"]["team"] == "platform"
+    assert template["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["metadata"]["annotations"] == {
+        "service.beta.kubernetes.io/aws-load-balancer-internal": "true"}
+    # Without defaults nothing extra is rendered.
+    bare, bare_svc = _shape(relay(), models.RelayDefaults())
+    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "affinity",
+                "topologySpreadConstraints", "priorityClassName"} & set(bare["spec"])
+    assert "annotations" not in bare["metadata"] and "annotations" not in bare_svc["metadata"]
+    assert bare_svc["spec"]["type"] == "ClusterIP"
+
+
+def test_the_relay_spec_wins_over_the_defaults() -> None:
+    r = relay(pod={
+        "labels": {"team": "mail", "tier": "smtp"},
+        "annotations": {"example.com/scrape": "no"},
+        "imagePullSecrets": [{"name": "own-mirror"}],
+        "nodeSelector": {"pool": "mail"},
+        "tolerations": [],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                "labelSelector": {"matchLabels": {
+                                                    "app.kubernetes.io/instance": "main"}}}}]}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway"}],
+        "priorityClassName": "mail-high"},
+        service={"type": "ClusterIP", "annotations": {"example.com/x": "y"}})
+    template, svc = _shape(r)
+    pod, meta = template["spec"], template["metadata"]
+    # Labels and annotations merge (the relay wins per key); the operator's own labels win over
+    # everything, so the StatefulSet still selects its pods.
+    assert meta["labels"]["team"] == "mail" and meta["labels"]["cost-center"] == "mail"
+    assert meta["labels"]["tier"] == "smtp"
+    assert relay_mod.selector_labels(r).items() <= meta["labels"].items()
+    assert meta["annotations"] == {"example.com/owner": "platform", "example.com/scrape": "no"}
+    # Everything else is replaced; an empty list clears the default.
+    assert pod["imagePullSecrets"] == [{"name": "own-mirror"}]
+    assert pod["nodeSelector"] == {"pool": "mail"}
+    assert "tolerations" not in pod
+    assert pod["priorityClassName"] == "mail-high"
+    assert pod["affinity"]["podAntiAffinity"]
+    # A spread constraint without a selector spreads this relay's pods.
+    [spread] = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"] == {"matchLabels": relay_mod.selector_labels(r)}
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["metadata"]["annotations"] == {
+        "service.beta.kubernetes.io/aws-load-balancer-internal": "true", "example.com/x": "y"}
+    # Valid Kubernetes objects with every field set.
+    for child in relay_mod.relay_children(r, defaults=POD_DEFAULTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kubernetes_validate.validate(child, kubernetes_validate.latest_version(),
+                                         strict=True)
+
+
+def test_the_operators_labels_cannot_be_taken_over() -> None:
+    with pytest.raises(models.SpecError, match=r"pod\.labels may not set app\.kubernetes\.io/name"):
+        relay(pod={"labels": {"app.kubernetes.io/name": "other"}})
+    with pytest.raises(models.SpecError, match="not a valid label value"):
+        relay(pod={"labels": {"team": "has spaces"}})
+    with pytest.raises(models.SpecError, match=r"--relay-defaults: service\.type"):
+        models.parse_relay_defaults('{"service": {"type": "ExternalName"}}')
+
+
+def test_external_clients_of_a_load_balancer_are_admitted_by_range() -> None:
+    r = relay(service={"type": "LoadBalancer"},
+              networkPolicy={"smtpFromCIDRs": ["203.0.113.0/24", "2001:db8::/32"]})
+    policy = by_kind(relay_mod.relay_children(r))["NetworkPolicy"]
+    smtp = policy["spec"]["ingress"][0]
+    assert {"ipBlock": {"cidr": "203.0.113.0/24"}} in smtp["from"]
+    assert {"ipBlock": {"cidr": "2001:db8::/32"}} in smtp["from"]
+    assert policy["spec"]["ingress"][1]["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    with pytest.raises(models.SpecError, match="not a CIDR"):
+        relay(networkPolicy={"smtpFromCIDRs": ["mail.example.com"]})

@@ -69,3 +69,23 @@ metadata:
 spec:
   {{- toYaml .spec | nindent 2 }}
 {{- end -}}
+
+{{/* The operator's --relay-defaults: relay.pod and relay.service without the empty fields. */}}
+{{- define "mailplane.relayDefaults" -}}
+{{- $pod := dict -}}
+{{- range $key := list "labels" "annotations" "nodeSelector" "tolerations" "affinity" "topologySpreadConstraints" "priorityClassName" -}}
+{{- with index $.Values.relay.pod $key -}}
+{{- $_ := set $pod $key . -}}
+{{- end -}}
+{{- end -}}
+{{- with (.Values.relay.pod.imagePullSecrets | default .Values.imagePullSecrets) -}}
+{{- $_ := set $pod "imagePullSecrets" . -}}
+{{- end -}}
+{{- $service := dict -}}
+{{- range $key := list "type" "annotations" -}}
+{{- with index $.Values.relay.service $key -}}
+{{- $_ := set $service $key . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "pod" $pod "service" $service) -}}
+{{- end -}}

@@ -123,7 +123,8 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         monitor = await rt.client.has_api("monitoring.coreos.com/v1", "servicemonitors")
         for child in relay_mod.relay_children(relay, image=relay.spec.image or rt.config.image,
                                               service_monitor_available=monitor,
-                                              config_hash=result.config_hash):
+                                              config_hash=result.config_hash,
+                                              defaults=rt.config.relay_defaults):
             try:
                 await _write_child(rt, body, relay, child, log)
             except (ApiError, OSError, TimeoutError) as exc:

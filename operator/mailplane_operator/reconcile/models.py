@@ -14,6 +14,7 @@ them into seconds (floats).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -302,6 +303,104 @@ class TenancySpec(_Spec):
     _d = _durations("dns_grace_period")
 
 
+_QUALIFIED_NAME_RE = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+RESERVED_POD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                       "app.kubernetes.io/managed-by", "mailplane.io/relay")
+"""Labels the operator sets on relay pods (the StatefulSet's selector among them)."""
+
+
+def _check_keys(what: str, mapping: Mapping[str, str] | None) -> None:
+    for key in mapping or {}:
+        if len(key) > 316 or not _QUALIFIED_NAME_RE.match(key):
+            raise ValueError(f"{what} key {key!r} is not a valid label/annotation key "
+                             "([prefix/]name, name at most 63 characters)")
+
+
+def _check_label_values(what: str, labels: Mapping[str, str] | None) -> None:
+    for key, value in (labels or {}).items():
+        if len(value) > 63 or not _LABEL_VALUE_RE.match(value):
+            raise ValueError(f"{what}[{key}] is not a valid label value (at most 63 letters, "
+                             "digits, '-', '_' or '.', starting and ending alphanumeric)")
+
+
+class ImagePullSecret(_Spec):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+
+
+class Toleration(_Spec):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
+
+
+class RelayPodSpec(_Spec):
+    """Scheduling and metadata of the relay pods. ``None``: not set here (the operator's
+    defaults, from the chart, apply)."""
+
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    image_pull_secrets: tuple[ImagePullSecret, ...] | None = Field(
+        None, alias="imagePullSecrets")
+    node_selector: dict[str, str] | None = Field(None, alias="nodeSelector")
+    tolerations: tuple[Toleration, ...] | None = None
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: tuple[dict[str, Any], ...] | None = Field(
+        None, alias="topologySpreadConstraints")
+    priority_class_name: str | None = Field(
+        None, alias="priorityClassName", max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+
+    @model_validator(mode="after")
+    def _valid_metadata(self) -> RelayPodSpec:
+        _check_keys("pod.labels", self.labels)
+        _check_label_values("pod.labels", self.labels)
+        _check_keys("pod.annotations", self.annotations)
+        _check_keys("pod.nodeSelector", self.node_selector)
+        _check_label_values("pod.nodeSelector", self.node_selector)
+        reserved = sorted(set(self.labels or {}) & set(RESERVED_POD_LABELS))
+        if reserved:
+            raise ValueError(f"pod.labels may not set {', '.join(reserved)}: the operator sets "
+                             "them (the StatefulSet selects its pods by them)")
+        return self
+
+
+class RelayServiceSpec(_Spec):
+    """The Service applications connect to (``<relay>``). ``None``: the operator's default."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] | None = None
+    annotations: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _valid_annotations(self) -> RelayServiceSpec:
+        _check_keys("service.annotations", self.annotations)
+        return self
+
+
+class RelayDefaults(_Spec):
+    """What relays get where their SmtpRelay spec sets nothing: the operator's
+    ``--relay-defaults`` (the chart's ``relay.pod`` and ``relay.service`` values)."""
+
+    pod: RelayPodSpec = RelayPodSpec()
+    service: RelayServiceSpec = RelayServiceSpec()
+
+
+def parse_relay_defaults(text: str) -> RelayDefaults:
+    """``--relay-defaults`` JSON; SpecError naming the field on bad input."""
+    try:
+        return RelayDefaults.model_validate_json(text)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        raise SpecError("--relay-defaults: " + "; ".join(problems)) from None
+
+
 def _monitoring_namespace() -> LabelSelector:
     return LabelSelector(match_labels={"kubernetes.io/metadata.name": "monitoring"})
 
@@ -313,6 +412,20 @@ class NetworkPolicySpec(_Spec):
     enabled: bool = True
     metrics_namespace_selector: LabelSelector = Field(
         default_factory=_monitoring_namespace, alias="metricsNamespaceSelector")
+    smtp_from_cidrs: tuple[str, ...] = Field((), alias="smtpFromCIDRs", max_length=64)
+
+    @field_validator("smtp_from_cidrs")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR such as 203.0.113.0/24 or "
+                                 "2001:db8::/32") from None
+            if "/" not in cidr:
+                raise ValueError(f"{cidr!r} needs a prefix length, e.g. {cidr}/32")
+        return v
 
 
 class SmtpRelaySpec(_Spec):
@@ -334,6 +447,8 @@ class SmtpRelaySpec(_Spec):
     monitoring: MonitoringSpec = MonitoringSpec()
     tenancy: TenancySpec = TenancySpec()
     network_policy: NetworkPolicySpec = Field(NetworkPolicySpec(), alias="networkPolicy")
+    pod: RelayPodSpec = RelayPodSpec()
+    service: RelayServiceSpec = RelayServiceSpec()
 
     _d = _durations("shutdown_grace")
 

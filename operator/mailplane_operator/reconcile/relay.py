@@ -33,10 +33,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .conditions import READY, set_condition
-from .models import LabelSelector, SmtpRelay, owner_reference
+from .models import LabelSelector, RelayDefaults, SmtpRelay, owner_reference
 
 DEFAULT_IMAGE = "ghcr.io/mailplane/mailplane:0.1.0"
 CONFIG_SECRET_SLOTS = 16
@@ -85,7 +85,57 @@ def termination_grace_seconds(relay: SmtpRelay) -> int:
     return PRESTOP_SECONDS + int(relay.spec.shutdown_grace + 0.999) + 10
 
 
-def pod_template(relay: SmtpRelay, image: str) -> dict[str, Any]:
+_T = TypeVar("_T")
+NO_DEFAULTS = RelayDefaults()
+
+
+def _pick(own: _T | None, default: _T | None) -> _T | None:
+    return own if own is not None else default
+
+
+def _merged(own: dict[str, str] | None, default: dict[str, str] | None) -> dict[str, str]:
+    return {**(default or {}), **(own or {})}
+
+
+def _pod_shape(relay: SmtpRelay, defaults: RelayDefaults) -> tuple[dict[str, Any],
+                                                                     dict[str, Any]]:
+    """(pod metadata, pod spec fields) from spec.pod over the operator's defaults: labels and
+    annotations merge (the relay's win per key; the operator's own labels win over both),
+    every other field is the relay's when set, else the default."""
+    own, dflt = relay.spec.pod, defaults.pod
+    meta: dict[str, Any] = {"labels": {**_merged(own.labels, dflt.labels),
+                                       **child_labels(relay)}}
+    annotations = _merged(own.annotations, dflt.annotations)
+    if annotations:
+        meta["annotations"] = annotations
+    fields: dict[str, Any] = {}
+    pull = _pick(own.image_pull_secrets, dflt.image_pull_secrets)
+    if pull:
+        fields["imagePullSecrets"] = [{"name": s.name} for s in pull]
+    node_selector = _pick(own.node_selector, dflt.node_selector)
+    if node_selector:
+        fields["nodeSelector"] = dict(node_selector)
+    tolerations = _pick(own.tolerations, dflt.tolerations)
+    if tolerations:
+        fields["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
+                                 for t in tolerations]
+    affinity = _pick(own.affinity, dflt.affinity)
+    if affinity:
+        fields["affinity"] = affinity
+    spread = _pick(own.topology_spread_constraints, dflt.topology_spread_constraints)
+    if spread:
+        # A constraint without a labelSelector counts no pods at all; spread this relay's.
+        fields["topologySpreadConstraints"] = [
+            {**c, "labelSelector": c.get("labelSelector")
+             or {"matchLabels": selector_labels(relay)}} for c in spread]
+    priority = _pick(own.priority_class_name, dflt.priority_class_name)
+    if priority:
+        fields["priorityClassName"] = priority
+    return meta, fields
+
+
+def pod_template(relay: SmtpRelay, image: str,
+                 defaults: RelayDefaults = NO_DEFAULTS) -> dict[str, Any]:
     spec = relay.spec
     volumes: list[dict[str, Any]] = [
         {"name": "config", "projected": {"sources": [
@@ -143,9 +193,11 @@ def pod_template(relay: SmtpRelay, image: str) -> dict[str, Any]:
     }
     if spec.resources:
         container["resources"] = dict(spec.resources)
+    pod_meta, pod_fields = _pod_shape(relay, defaults)
     return {
-        "metadata": {"labels": child_labels(relay)},
+        "metadata": pod_meta,
         "spec": {
+            **pod_fields,
             "serviceAccountName": spec.service_account_name,
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": termination_grace_seconds(relay),
@@ -163,7 +215,8 @@ def pod_template(relay: SmtpRelay, image: str) -> dict[str, Any]:
 
 
 def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
-                config_hash: str | None = None) -> dict[str, Any]:
+                config_hash: str | None = None,
+                defaults: RelayDefaults = NO_DEFAULTS) -> dict[str, Any]:
     spool = relay.spec.spool
     pvc_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
                                 "resources": {"requests": {"storage": spool.size}}}
@@ -183,7 +236,7 @@ def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
             "updateStrategy": {"type": "RollingUpdate"},
             "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain",
                                                      "whenScaled": "Retain"},
-            "template": pod_template(relay, image),
+            "template": pod_template(relay, image, defaults),
             "volumeClaimTemplates": [{"metadata": {"name": "spool"}, "spec": pvc_spec}],
         },
     }
@@ -215,14 +268,25 @@ def headless_service_name(relay_name: str) -> str:
     return f"{relay_name}-headless"
 
 
-def service(relay: SmtpRelay) -> dict[str, Any]:
-    """The Service applications connect to: SMTP only (never the metrics port)."""
+def service(relay: SmtpRelay, defaults: RelayDefaults = NO_DEFAULTS) -> dict[str, Any]:
+    """The Service applications connect to: SMTP only (never the metrics port). Its type and
+    annotations come from spec.service over the operator's defaults (e.g. a LoadBalancer
+    with the cloud's annotations); the headless and metrics Services stay internal."""
+    own, dflt = relay.spec.service, defaults.service
+    meta = _component_metadata(relay, relay.meta.name, COMPONENT_SUBMISSION)
+    annotations = _merged(own.annotations, dflt.annotations)
+    if annotations:
+        meta["annotations"] = annotations
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _component_metadata(relay, relay.meta.name, COMPONENT_SUBMISSION),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(relay),
+        "metadata": meta,
+        "spec": {"type": service_type(relay, defaults), "selector": selector_labels(relay),
                  "ports": _smtp_ports(relay)},
     }
+
+
+def service_type(relay: SmtpRelay, defaults: RelayDefaults = NO_DEFAULTS) -> str:
+    return _pick(relay.spec.service.type, defaults.service.type) or "ClusterIP"
 
 
 def headless_service(relay: SmtpRelay) -> dict[str, Any]:
@@ -297,6 +361,8 @@ def network_policy(relay: SmtpRelay) -> dict[str, Any]:
     smtp_clients: list[dict[str, Any]] = [{"podSelector": {}}]  # the relay's own namespace
     if spec.allowed_namespaces is not None:
         smtp_clients.append({"namespaceSelector": _selector_dict(spec.allowed_namespaces)})
+    # Clients outside the cluster, for a LoadBalancer or NodePort Service.
+    smtp_clients += [{"ipBlock": {"cidr": c}} for c in spec.network_policy.smtp_from_cidrs]
     smtp_ports = []
     if spec.listeners.submission.enabled:
         smtp_ports.append({"protocol": "TCP", "port": SUBMISSION_CONTAINER_PORT})
@@ -332,14 +398,15 @@ def unwanted_children(relay: SmtpRelay, *,
 
 def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
                    service_monitor_available: bool = False,
-                   config_hash: str | None = None) -> list[dict[str, Any]]:
+                   config_hash: str | None = None,
+                   defaults: RelayDefaults = NO_DEFAULTS) -> list[dict[str, Any]]:
     """The desired children, in apply order. ``service_monitor_available``: the cluster serves
     monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery)."""
     # The policy first: no pod runs unfenced while the rest is created.
     out = [network_policy(relay)] if relay.spec.network_policy.enabled else []
-    out += [service(relay), headless_service(relay), metrics_service(relay),
+    out += [service(relay, defaults), headless_service(relay), metrics_service(relay),
             pod_disruption_budget(relay),
-            statefulset(relay, image=image, config_hash=config_hash)]
+            statefulset(relay, image=image, config_hash=config_hash, defaults=defaults)]
     if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(relay))
     return out
