@@ -305,6 +305,7 @@ class LimitSettings(_Model):
     auth_deadline: Duration = Field(30.0, alias="authDeadline", gt=0)
     max_session_lifetime: Duration = Field(3600.0, alias="maxSessionLifetime", gt=0)
     max_refused_commands: int = Field(20, alias="maxRefusedCommands", ge=1)
+    bare_newline: Literal["normalize", "reject"] = Field("normalize", alias="bareNewline")
 
     _d = _durations("session_timeout", "auth_failure_delay", "auth_failure_window",
                     "auth_deadline", "max_session_lifetime")

@@ -301,8 +301,11 @@ class Spool:
         credential: str | None,
         sender_domain: str,
         listener: str,
+        extra: dict[str, Any] | None = None,
     ) -> QueuedMessage:
-        """Store a message; durable when this returns. Raises SpoolError, leaving nothing."""
+        """Store a message; durable when this returns. Raises SpoolError, leaving nothing.
+        ``extra`` starts the envelope's ``extra`` (the ingress records ``smtputf8``, ``body``
+        and ``eight_bit`` there)."""
         if self._executor is None:
             raise SpoolError("spool is not started")
         started = time.perf_counter()
@@ -318,6 +321,7 @@ class Spool:
             sender_domain=sender_domain,
             listener=listener,
             next_attempt=now,
+            extra=dict(extra or {}),
         )
         envelope = msg.to_json()
         head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)

@@ -1,11 +1,16 @@
 """Message hygiene and normalisation: from the bytes of a DATA transfer to the content spooled.
 
-- Line endings: a message's lines end with CRLF. A bare CR or LF anywhere is refused, and a bare
-  one next to a dot line (every SMTP-smuggling end-of-data variant, such as ``<LF>.<LF>`` or
-  ``<CR><LF>.<CR>``) is refused as smuggling.
+- Line endings. Only ``<CR><LF>.<CR><LF>`` ends DATA (the session reads up to it). A bare CR or LF
+  next to a dot line — every SMTP-smuggling end-of-data variant, such as ``<LF>.<LF>`` or
+  ``<CR><LF>.<CR>`` — is refused as smuggling, always. Otherwise, with ``limits.bareNewline:
+  normalize`` (the default, as Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``) a bare LF
+  is taken as a line end and stored as CRLF, and a bare CR is refused; with ``reject`` any bare CR
+  or LF refuses the message.
 - Dot-stuffing is undone; lines over ``maxLineLength`` and content over ``maxMessageSize`` are
   refused.
-- The header is scanned for what the policy needs (every ``From:``, the first ``Message-ID:``).
+- The header: a second ``From:``, ``Date:``, ``Subject:``… (fields RFC 5322 §3.6 allows once) is
+  refused, and so is raw non-ASCII in the header unless the transaction is SMTPUTF8 (RFC 6532).
+  A missing ``Date:`` or ``Message-ID:`` is added (RFC 6409 §8.2, §8.3).
 - A ``Received:`` trace header is prepended (RFC 5321 §4.4).
 
 Pure functions on bytes: no I/O, no session state.
@@ -14,13 +19,23 @@ Pure functions on bytes: no I/O, no session state.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 
 from ..config import LimitSettings
 from .replies import R, Refusal
 
 _DOT_LINE = re.compile(rb"(?:^|[\r\n])\.(?:[\r\n]|$)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 HELO_SAFE = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+
+# RFC 5322 §3.6: fields that may appear at most once (lower-case name -> name as shown).
+SINGLETONS = {
+    "from": "From", "sender": "Sender", "reply-to": "Reply-To", "to": "To", "cc": "Cc",
+    "bcc": "Bcc", "date": "Date", "message-id": "Message-ID", "in-reply-to": "In-Reply-To",
+    "references": "References", "subject": "Subject",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +43,19 @@ class Content:
     """A message as it will be spooled (before the trace header), with what its header says."""
 
     data: bytes
-    from_values: list[str]
-    message_id: str | None
+    fields: list[tuple[str, bytes]]  # (lower-case name, unfolded value), in order
+    header_end: int  # offset in data where the header ends (0: no header at all)
+    eight_bit: bool  # holds octets above 127 (in the header or the body)
+
+    @property
+    def from_values(self) -> list[str]:
+        return [v.decode("utf-8", "replace") for n, v in self.fields if n == "from"]
+
+    @property
+    def message_id(self) -> str | None:
+        value = next((v for n, v in self.fields if n == "message-id"), None)
+        mid = value.decode("utf-8", "replace")[:998] if value else None
+        return mid or None
 
 
 def too_big(limits: LimitSettings) -> Refusal:
@@ -43,7 +69,11 @@ def normalise(raw: bytes, limits: LimitSettings) -> Content | Refusal:
     if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
         if _DOT_LINE.search(body):
             return Refusal("smuggling", R.SMUGGLING)
-        return Refusal("bare_lf", R.BARE_LF)
+        if limits.bare_newline == "reject":
+            return Refusal("bare_lf", R.BARE_LF)
+        if _BARE_CR.search(body):
+            return Refusal("bare_lf", R.BARE_CR)
+        body = _BARE_LF.sub(b"\r\n", body)
     if body.startswith(b"."):
         body = body[1:]
     content = body.replace(b"\r\n.", b"\r\n")
@@ -54,33 +84,67 @@ def normalise(raw: bytes, limits: LimitSettings) -> Content | Refusal:
                        R.DATA_LINE_TOO_LONG.format(limit=limits.max_line_length))
     if len(content) > limits.max_message_size:
         return too_big(limits)
-    from_values, message_id = header_fields(content)
-    return Content(content, from_values, message_id)
+    fields, header_end = scan_header(content)
+    return Content(content, fields, header_end, not content.isascii())
 
 
-def header_fields(content: bytes) -> tuple[list[str], str | None]:
-    """The unfolded values of every ``From:`` header, and the first ``Message-ID:``.
+def check_header(content: Content, *, smtputf8: bool) -> Refusal | None:
+    """A field RFC 5322 allows once appears twice; raw UTF-8 in a header without SMTPUTF8."""
+    seen: set[str] = set()
+    for name, _ in content.fields:
+        if name in SINGLETONS:
+            if name in seen:
+                return Refusal("duplicate_header",
+                               R.DUPLICATE_HEADER.format(name=SINGLETONS[name]))
+            seen.add(name)
+    if not smtputf8 and content.eight_bit and not content.data[: content.header_end].isascii():
+        return Refusal("non_ascii_header", R.NON_ASCII_HEADER)
+    return None
+
+
+def complete_header(content: Content, *, hostname: str, date: str) -> Content:
+    """Add ``Date:`` and ``Message-ID:`` (on the relay's host name) when missing."""
+    names = {n for n, _ in content.fields}
+    added: list[tuple[str, bytes]] = []
+    if "date" not in names:
+        added.append(("date", date.encode("ascii")))
+    if "message-id" not in names:
+        added.append(("message-id", f"<{secrets.token_hex(12)}@{hostname}>".encode("ascii")))
+    if not added:
+        return content
+    shown = {"date": b"Date", "message-id": b"Message-ID"}
+    head = b"".join(shown[n] + b": " + v + b"\r\n" for n, v in added)
+    return replace(content, data=head + content.data, fields=content.fields + added,
+                   header_end=content.header_end + len(head))
+
+
+def scan_header(content: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    """The header fields (lower-case name, unfolded value) and where the header ends.
 
     A small scanner instead of the email package's parser (about 0.1 ms a message). Stricter
     where it matters: a name is compared with whitespace around it removed, so an obsolete
     ``From :`` counts as a From header too (some readers show it as one)."""
+    if content.startswith(b"\r\n"):
+        return [], 0
     end = content.find(b"\r\n\r\n")
     head = content if end < 0 else content[: end + 2]
-    if content.startswith(b"\r\n"):
-        head = b""
-    fields: list[tuple[bytes, bytes]] = []
+    fields: list[tuple[str, bytes]] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, (value + b" " + line.strip()).strip())
         else:
-            name, colon, value = line.partition(b":")
+            raw_name, colon, value = line.partition(b":")
             if colon:
-                fields.append((name.strip().lower(), value.strip()))
-    from_values = [v.decode("utf-8", "replace") for n, v in fields if n == b"from"]
-    message_id = next((v for n, v in fields if n == b"message-id"), None)
-    mid = message_id.decode("utf-8", "replace")[:998] if message_id else None
-    return from_values, mid or None
+                fields.append((raw_name.strip().lower().decode("latin-1"), value.strip()))
+    return fields, len(head)
+
+
+def header_fields(content: bytes) -> tuple[list[str], str | None]:
+    """The unfolded values of every ``From:`` header, and the first ``Message-ID:``."""
+    fields, end = scan_header(content)
+    c = Content(content, fields, end, False)
+    return c.from_values, c.message_id
 
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str,

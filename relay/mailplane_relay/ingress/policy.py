@@ -25,8 +25,13 @@ class SenderPolicy:
     def mail_from(self, cfg: RelayConfig, username: str | None, trusted: bool,
                   address: str) -> Refusal | str:
         """The refusal for this envelope sender, or the sending domain to label the message
-        with (``other`` for a trusted-network sender outside the configured domains)."""
-        domain = domain_of(address)
+        with (``other`` for a trusted-network sender outside the configured domains, and for
+        the null reverse-path ``<>`` until the header From: names the domain).
+
+        The null reverse-path is for mail that must never cause a bounce (notifications,
+        auto-replies): it passes every check of the credential, and its header From: is held
+        to the same rules as any other at the end of DATA."""
+        domain = domain_of(address) if address else "other"
         if username is None:
             if not trusted:
                 return Refusal("auth_required", R.AUTH_REQUIRED)
@@ -40,9 +45,9 @@ class SenderPolicy:
         pause = self.reputation.paused(username) if self.reputation is not None else None
         if pause is not None:
             return Refusal("paused", pause.reply(username))
-        if domain not in cfg.domains:
+        if address and domain not in cfg.domains:
             return Refusal("domain_not_enabled", R.SENDER_DOMAIN.format(domain=domain))
-        if not credential.may_send_as(address):
+        if address and not credential.may_send_as(address):
             return Refusal("sender_not_allowed",
                            R.SENDER_NOT_ALLOWED.format(user=username, domain=domain))
         over = self.limiter.check_message(credential)
@@ -91,3 +96,12 @@ def limit_refusal(over: LimitExceeded, user: str) -> Refusal:
     if over.kind == "quota":
         return Refusal("quota_exceeded", R.QUOTA.format(limit=over.limit, user=user))
     return Refusal("rate_limited", R.RATE.format(limit=over.limit, user=user))
+
+
+def header_from_domain(cfg: RelayConfig, from_values: list[str]) -> str:
+    """The configured domain of the first header From: address, or ``other``."""
+    for _, address in email.utils.getaddresses(from_values):
+        if address:
+            domain = domain_of(address)
+            return domain if domain in cfg.domains else "other"
+    return "other"

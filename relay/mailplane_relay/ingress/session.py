@@ -33,7 +33,8 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 from ..config import Listener, RelayConfig
 from ..events import LogEvent
 from ..spool import QueuedMessage, SpoolError
-from . import auth, hygiene
+from . import auth, hygiene, paths
+from .policy import header_from_domain
 from .replies import IDENT, R, Refusal
 
 if TYPE_CHECKING:
@@ -56,11 +57,9 @@ DRAIN_QUIT_GRACE = 1.0
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-# The everyday "<dot-atom@host.name> [params]" form, parsed without the email package's
-# general RFC 5322 parser (about 60 us per address).
-_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(\s.*)?\Z", re.S)
+_C1_CONTROL = re.compile("[\x80-\x9f]")
+# aiosmtpd's own STARTTLS reply, given an enhanced status code on its way out.
+_LIBRARY_REPLIES = {b"220 Ready to start TLS": b"220 2.0.0 Ready to start TLS"}
 
 
 def capped(text: str, limit: int = MAX_LOGGED_ADDRESS) -> str:
@@ -68,44 +67,12 @@ def capped(text: str, limit: int = MAX_LOGGED_ADDRESS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _unquoted_space_in_path(arg: str) -> bool:
-    arg = arg.lstrip()
-    if not arg.startswith("<"):
-        return False
-    quoted = escaped = False
-    for ch in arg:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return False
-        elif ch in " \t" and not quoted:
-            return True
-    return False
-
-
-def _valid_mailbox(address: str) -> bool:
-    local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and " " not in domain
-
-
 class Handler:
-    """aiosmtpd's hook object; every hook delegates to the session (the protocol instance)."""
+    """aiosmtpd's hook object. Every command the relay offers is its own, so there are no
+    hooks."""
 
     def __init__(self) -> None:
-        self.hooks: dict[str, Callable[..., Any]] = {
-            "MAIL": self.handle_MAIL, "RCPT": self.handle_RCPT}
-
-    async def handle_MAIL(self, proto: RelaySMTP, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        return await proto.on_mail(address, options)
-
-    async def handle_RCPT(self, proto: RelaySMTP, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        return await proto.on_rcpt(address, options)
+        self.hooks: dict[str, Callable[..., Any]] = {}
 
 
 class RelaySMTP(SMTP):
@@ -184,7 +151,12 @@ class RelaySMTP(SMTP):
     @property
     def idle(self) -> bool:
         """Waiting for a command outside a mail transaction: safe to close at shutdown."""
-        return self._idle and self.envelope is not None and not self.envelope.mail_from
+        return self._idle and not self.in_transaction
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL was accepted (the null reverse-path "" included) and DATA not yet done."""
+        return self.envelope is not None and self.envelope.mail_from is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = not self._registered
@@ -209,7 +181,8 @@ class RelaySMTP(SMTP):
         buffered, so a pipelined MAIL/RCPT/DATA burst is answered in one write (a send costs
         about 0.1 ms here); any other reply flushes what is held. Every 4xx/5xx reply counts
         towards ``limits.maxRefusedCommands``."""
-        data = status.encode("ascii") if isinstance(status, str) else status
+        data = status.encode("utf-8") if isinstance(status, str) else status
+        data = _LIBRARY_REPLIES.get(data, data)
         if data[:1] in (b"4", b"5"):
             self._refused += 1
         self._held.extend(data + b"\r\n")
@@ -329,7 +302,7 @@ class RelaySMTP(SMTP):
         await self.push(R.GREETING.format(host=self.hostname))
         while self.transport is not None and not self._closing:
             try:
-                if srv.draining and self.envelope is not None and not self.envelope.mail_from:
+                if srv.draining and not self.in_transaction:
                     await self._leave_while_draining()
                     return
                 if self._refused >= srv.config().settings.limits.max_refused_commands:
@@ -434,11 +407,22 @@ class RelaySMTP(SMTP):
         verb, _, rest = body.partition(b" ")
         try:
             command = verb.decode("ascii").upper()
-            arg = rest.strip().decode("ascii") or None
+            arg = rest.strip().decode("utf-8") or None
         except UnicodeDecodeError:
             self.count_refusal("bad_syntax")
-            await self.push(R.NON_ASCII)
+            await self.push(R.NOT_UTF8)
             return None
+        if arg is not None and not arg.isascii():
+            # UTF-8 only in addresses (RFC 6531); the path parser decides whether SMTPUTF8
+            # covers it. C1 controls are control characters too.
+            if command not in ("MAIL", "RCPT"):
+                self.count_refusal("bad_syntax")
+                await self.push(R.NON_ASCII)
+                return None
+            if _C1_CONTROL.search(arg):
+                self.count_refusal("bad_syntax")
+                await self.push(R.CONTROL_CHARS)
+                return None
         if not command:
             self.count_refusal("bad_syntax")
             await self.push(R.BAD_SYNTAX)
@@ -474,10 +458,46 @@ class RelaySMTP(SMTP):
         # One write for the whole multi-line reply (aiosmtpd writes line by line).
         await self.push("\r\n".join(self.ehlo_responses()))
 
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push(R.HELO_SYNTAX)
+            return
+        assert self.session is not None
+        self.envelope = self._create_envelope()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self.push(f"250 {self.hostname}")
+
+    async def check_helo_needed(self, helo: str = "EHLO") -> bool:
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.push(R.EHLO_FIRST)
+            return True
+        return False
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push(R.OK)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push(R.RSET_SYNTAX)
+            return
+        self.envelope = self._create_envelope()
+        await self.push(R.OK)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push(R.HELP)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.push(R.VRFY)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push(R.EXPN)
+
     def ehlo_responses(self) -> list[str]:
         limits = self.server.config().settings.limits
-        lines = [self.hostname, f"SIZE {limits.max_message_size}", "8BITMIME", "PIPELINING",
-                 "ENHANCEDSTATUSCODES"]
+        lines = [self.hostname, f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8",
+                 "PIPELINING", "ENHANCEDSTATUSCODES"]
         if self._starttls and not self.secure:
             lines.append("STARTTLS")
         if self.secure:
@@ -510,16 +530,6 @@ class RelaySMTP(SMTP):
 
     # ---------------------------------------------------------------- MAIL, RCPT
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        match = _PLAIN_PATH.match(arg.lstrip())
-        if match is not None:
-            return match.group(1), match.group(2) or ""
-        if _unquoted_space_in_path(arg):
-            # The email package's lenient parser would quote "a b@x" into '"a b"@x'.
-            return None, None
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
-
     def trusted(self) -> bool:
         """Is the peer in trustedNetworks? Cached per configuration object (hot reload swaps
         the object, which invalidates the cache)."""
@@ -528,44 +538,63 @@ class RelaySMTP(SMTP):
             self._trust_cache = (cfg, cfg.is_trusted(self.peer_ip))
         return self._trust_cache[1]
 
-    async def on_mail(self, address: str, options: list[str]) -> str:
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if self.in_transaction:
+            await self.push(R.NESTED_MAIL)
+            return
+        await self.push(self._mail(arg))
+
+    def _mail(self, arg: str | None) -> str:
         cfg = self.server.config()
         limits = cfg.settings.limits
         assert self.envelope is not None
-        if not _valid_mailbox(address):
-            return self._refuse(Refusal("bad_syntax", R.BAD_ADDRESS), address)
-        for option in options:
-            if option.startswith("SIZE="):
-                size = option[5:]
-                if not size.isdigit():
-                    return self._refuse(Refusal("bad_syntax", R.BAD_SYNTAX), address)
-                if int(size) > limits.max_message_size:
-                    return self._refuse(hygiene.too_big(limits), address)
+        mail = paths.parse_mail(arg)
+        if isinstance(mail, Refusal):
+            return self._refuse(mail, None)
+        address = mail.address
+        if mail.size is not None and mail.size > limits.max_message_size:
+            return self._refuse(hygiene.too_big(limits), address)
+        # The null reverse-path (RFC 5321 §4.5.5) passes the credential's checks; its header
+        # From: is checked at the end of DATA like any other.
         verdict = self.server.policy.mail_from(cfg, self.username, self.trusted(), address)
         if isinstance(verdict, Refusal):
             return self._refuse(verdict, address)
         self._sender_domain = verdict
         self.envelope.mail_from = address
-        self.envelope.mail_options.extend(options)
+        self.envelope.mail_options.extend(mail.options)
+        self.envelope.smtp_utf8 = mail.smtputf8
         return R.MAIL_OK
 
-    async def on_rcpt(self, address: str, options: list[str]) -> str:
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.in_transaction:
+            await self.push(R.NEED_MAIL)
+            return
+        await self.push(self._rcpt(arg))
+
+    def _rcpt(self, arg: str | None) -> str:
         srv = self.server
         assert self.envelope is not None
+        sender = self.envelope.mail_from
         limit = srv.config().settings.limits.max_recipients
         if len(self.envelope.rcpt_tos) >= limit:
             return self._refuse(Refusal("too_many_recipients",
-                                        R.TOO_MANY_RCPTS.format(limit=limit)),
-                                self.envelope.mail_from, address)
-        if not _valid_mailbox(address):
-            return self._refuse(Refusal("bad_syntax", R.BAD_ADDRESS),
-                                self.envelope.mail_from, address)
+                                        R.TOO_MANY_RCPTS.format(limit=limit)), sender)
+        rcpt = paths.parse_rcpt(arg, self.envelope.smtp_utf8)
+        if isinstance(rcpt, Refusal):
+            return self._refuse(rcpt, sender)
+        address = rcpt.address
         suppressed = srv.suppression.is_suppressed(address)
         if suppressed is not None:
             reply = R.SUPPRESSED.format(address=address, reason=suppressed[0])
-            return self._refuse(Refusal("suppressed", reply), self.envelope.mail_from, address)
+            return self._refuse(Refusal("suppressed", reply), sender, address)
         self.envelope.rcpt_tos.append(address)
-        self.envelope.rcpt_options.extend(options)
+        self.envelope.rcpt_options.extend(rcpt.options)
         return R.RCPT_OK
 
     def count_refusal(self, reason: str) -> None:
@@ -647,16 +676,33 @@ class RelaySMTP(SMTP):
         content = hygiene.normalise(raw, limits)
         if isinstance(content, Refusal):
             return self._refuse(content, sender)
+        # The sender policy first: a foreign header From: is refused as such, even when a
+        # second From: would also be a hygiene fault.
         refusal = srv.policy.message(cfg, self.username, content.from_values)
+        if refusal is None:
+            refusal = hygiene.check_header(content, smtputf8=env.smtp_utf8)
         if refusal is not None:
             return self._refuse(refusal, sender)
+        if not sender:
+            # Null reverse-path: the message is labelled (and DKIM-signed) by its From: domain.
+            self._sender_domain = header_from_domain(cfg, content.from_values)
+        content = hygiene.complete_header(content, hostname=self.hostname,
+                                          date=srv.date_stamp())
         data = self._received_header() + content.data
         message_id = content.message_id
+        # What delivery must honour toward the next hop (RFC 6531, RFC 6152).
+        extra: dict[str, Any] = {}
+        if env.smtp_utf8:
+            extra["smtputf8"] = True
+        if "BODY=8BITMIME" in env.mail_options:
+            extra["body"] = "8BITMIME"
+        if content.eight_bit:
+            extra["eight_bit"] = True
         try:
             msg = await _commit_shielded(
                 srv, mail_from=sender, recipients=list(env.rcpt_tos), data=data,
                 message_id=message_id, credential=self.username,
-                sender_domain=self._sender_domain, listener=self.listener.name)
+                sender_domain=self._sender_domain, listener=self.listener.name, extra=extra)
         except SpoolError as exc:
             log.error("spool commit failed: %s", exc)
             return self._refuse(Refusal("spool_error", R.SPOOL), sender, size=len(data))
@@ -674,7 +720,9 @@ class RelaySMTP(SMTP):
 
     def _received_header(self) -> bytes:
         assert self.session is not None
-        proto = "ESMTP" + ("S" if self.secure else "") + ("A" if self.username else "")
+        assert self.envelope is not None
+        proto = (("UTF8SMTP" if self.envelope.smtp_utf8 else "ESMTP")
+                 + ("S" if self.secure else "") + ("A" if self.username else ""))
         return hygiene.received_header(
             helo=self.session.host_name or "", peer_ip=self.peer_ip, hostname=self.hostname,
             protocol=proto, stamp=self.server.date_stamp())
