@@ -98,8 +98,8 @@ async def test_a_second_singleton_header_is_refused_naming_it(relay: Relay, name
     with pytest.raises(smtplib.SMTPDataError) as err:
         await asyncio.to_thread(send)
     assert err.value.smtp_code == 554
-    assert err.value.smtp_error == (
-        f"5.6.0 Message has more than one {name}: header (RFC 5322 section 3.6 allows one)").encode()
+    expected = f"5.6.0 Message has more than one {name}: header (RFC 5322 section 3.6 allows one)"
+    assert err.value.smtp_error == expected.encode()
     assert relay.queue.submitted == []
     assert relay.rejected("duplicate_header") == 1
 
