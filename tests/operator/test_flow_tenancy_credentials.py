@@ -6,6 +6,7 @@ reason in status or Events while tenant A keeps working."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from mailplane_operator import kube as k
@@ -194,3 +195,48 @@ def test_forged_rotation_state_on_the_tenant_secret_has_no_effect(
     kube_api.delete(k.SMTP_CREDENTIALS, "tenant-b", "app")
     kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app", lambda o: o is None)
     kube_api.wait_for(k.SECRETS, "mail", f"mailplane-credential-{uid}", lambda o: o is None)
+
+
+def test_one_tenants_malformed_annotation_stops_no_one_else(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    _tenants(kube_api, tenancy={"verificationSkipNamespaces": {}})
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("old", ["a.example"],
+                                                        namespace="tenant-a"))
+    # Tenant B owns a domain in its own namespace and a credential sending from it.
+    kube_api.create(k.SENDING_DOMAINS, domain_body(
+        "own", "own-b.example", namespace="tenant-b", relayRef={"name": "main",
+                                                                "namespace": "mail"}))
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("app", ["own-b.example"],
+                                                        namespace="tenant-b"))
+    kube_api.wait_until(lambda: {"tenant-a.old", "tenant-b.app"} <= set(
+        rendered_credentials(kube_api)), what="everyone rendered")
+
+    # Tenant B writes a malformed value into the state annotation of its own DKIM Secret.
+    dkim = kube_api.get(k.SECRETS, "tenant-b", "own-dkim")
+    assert dkim is not None
+    state = json.loads(dkim["metadata"]["annotations"]["mailplane.io/dkim-state"])
+    for info in state["keys"].values():
+        info["algorithm"] = "rot13"
+    kube_api.patch(k.SECRETS, "tenant-b", "own-dkim", {"metadata": {"annotations": {
+        "mailplane.io/dkim-state": json.dumps(state)}}})
+    kube_api.patch(k.SENDING_DOMAINS, "tenant-b", "own", {"metadata": {"labels": {"x": "y"}}})
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main", lambda o: any(
+        e["name"] == "tenant-b/own" and e["reason"] == "InvalidConfigEntry"
+        for e in (o or {}).get("status", {}).get("excluded", [])))
+    complete = next(c for c in relay["status"]["conditions"] if c["type"] == "ConfigComplete")
+    assert complete["status"] == "False" and "InvalidConfigEntry" in complete["message"]
+    assert "tenant-b.app" not in rendered_credentials(kube_api)
+    kube_api.wait_until(lambda: any(
+        e["reason"] == "InvalidConfigEntry" and e["involvedObject"]["name"] == "own"
+        for e in kube_api.events("tenant-b")), what="the Event on tenant B's domain")
+
+    # Tenant A's rotation and deletion still reach the relay.
+    before = rendered_credentials(kube_api)["tenant-a.app"]["passwordHash"]
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-a", "app",
+                   {"metadata": {"annotations": {"mailplane.io/rotate": "now"}}})
+    kube_api.wait_until(lambda: rendered_credentials(kube_api)["tenant-a.app"][
+        "passwordHash"] != before, what="tenant A's rotation")
+    kube_api.delete(k.SMTP_CREDENTIALS, "tenant-a", "old")
+    kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-a", "old", lambda o: o is None)
+    assert "tenant-a.old" not in rendered_credentials(kube_api)
+    assert "a.example" in kube_api.get(k.SMTP_RELAYS, "mail", "main")["status"]["domains"]

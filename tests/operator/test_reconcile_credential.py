@@ -439,3 +439,17 @@ def test_a_damaged_state_secret_is_read_safely() -> None:
     assert verify_password(state.password, state.password_hash)
     assert state == cs.state_from_store(damaged)  # the same recomputed hash every time
     assert cs.state_from_store({"data": {}}) is None
+
+
+def test_a_credential_the_render_left_out_says_why_and_keeps_its_password() -> None:
+    cred = credential()
+    first = reconcile(cred)
+    left_out = cm.reconcile_credential(
+        cred, relay=RELAY, namespace_labels=None, attached_domains=ATTACHED,
+        existing_secret=first.secret, stored_state=first.state_secret, now=NOW,
+        render_exclusion=("InvalidConfigEntry", "the relay would refuse this entry: ..."))
+    ready = get_condition(left_out.status["conditions"], "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == (
+        "False", "InvalidConfigEntry")
+    assert ("Warning", "InvalidConfigEntry") in [(e.type, e.reason) for e in left_out.events]
+    assert left_out.state_secret == first.state_secret and not left_out.rotated

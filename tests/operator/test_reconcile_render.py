@@ -19,6 +19,7 @@ from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile.models import Meta, RetentionPolicy, RetentionPolicySpec
 from mailplane_relay.config import (
     KIND_CREDENTIALS,
+    Domain,
     hash_password,
     parse_documents,
     render_document,
@@ -291,3 +292,79 @@ def test_a_credential_naming_a_foreign_secret_is_not_rendered() -> None:
     assert result.credentials == ()
     exclusion = result.exclusion("SmtpCredential", "mail/app")
     assert exclusion is not None and exclusion.reason == cm.REASON_SECRET_CONFLICT
+
+
+def test_one_bad_entry_is_left_out_alone_and_everything_else_renders() -> None:
+    r = relay(allowedNamespaces={}, tenancy={"verificationSkipNamespaces": {}})
+    # Tenant B damages the state annotation of its own DKIM Secret and the key itself; a
+    # credential entry the relay would refuse (a model that drifted from the relay's).
+    ref = {"relayRef": {"name": "main", "namespace": "mail"}}
+    broken = verified("b.example", namespace="tenant-b", **ref)
+    dkim = json.loads(json.dumps(broken.dkim_secret))
+    state = json.loads(dkim["metadata"]["annotations"][dm.ANN_DKIM_STATE])
+    for info in state["keys"].values():
+        info["algorithm"] = "rot13"
+    dkim["metadata"]["annotations"][dm.ANN_DKIM_STATE] = json.dumps(state)
+    huge = verified("huge.example", namespace="tenant-b", **ref)
+    big = dkim_secret(huge.domain, "-----BEGIN PRIVATE KEY-----\n" + "A" * 200_000)
+    drifted = credential("drift", "tenant-a", relay_namespace="mail", senders=("a.example",))
+    bad_spec = drifted.spec.model_copy(update={"rate_per_minute": 0})
+    drifted = type(drifted)(drifted.meta, bad_spec)
+    on_b = credential("uses-b", "tenant-b", relay_namespace="mail", senders=("b.example",))
+    good = credential("app", "tenant-a", relay_namespace="mail", senders=("a.example",))
+    result = run(r, [verified("a.example", namespace="tenant-a", **ref),
+                     render.DomainInput(broken.domain, dkim),
+                     render.DomainInput(huge.domain, big)],
+                 [with_secret(good), with_secret(drifted), with_secret(on_b)],
+                 validate="documents")
+    assert result.domains == ("a.example",)
+    assert result.credentials == ("tenant-a/app",)
+    reasons = {(e.kind, e.key): e.reason for e in result.excluded}
+    assert reasons == {
+        ("SendingDomain", "tenant-b/b-example"): "InvalidConfigEntry",
+        ("SendingDomain", "tenant-b/huge-example"): "DKIMSecretUnreadable",
+        ("SmtpCredential", "tenant-a/drift"): "InvalidConfigEntry",
+        ("SmtpCredential", "tenant-b/uses-b"): "SenderDomainNotAttached",
+    }
+    messages = {e.key: e.message for e in result.excluded}
+    assert "b-example-dkim cannot be read (KeyError)" in messages["tenant-b/b-example"]
+    # An entry too large for its share of the configuration is refused on its own.
+    oversize = {"name": "x.example", "dkim": {"selector": "s", "algorithm": "rsa-sha256",
+                                              "privateKey": "A" * 70_000}}
+    problem = render.entry_problem(Domain, oversize)
+    assert problem is not None and "over the 65536-byte limit" in problem
+    assert render.entry_problem(Domain, {**oversize, "dkim": {**oversize["dkim"],
+                                                              "privateKey": "A"}}) is None
+    assert "ratePerMinute" in messages["tenant-a/drift"]
+    assert "AAAA" not in json.dumps(messages) and "sha256$" not in json.dumps(messages)
+
+
+def test_two_credentials_with_one_username_keep_the_first() -> None:
+    first = credential("app", "team", relay_namespace="mail")
+    second = credential("app", "team", relay_namespace="mail")
+    second = type(second)(second.meta, second.spec.model_copy(
+        update={"secret_name": "other"}))
+    result = run(relay(allowedNamespaces={}), [verified("example.com", allowedNamespaces={})],
+                 [with_secret(first), with_secret(second)])
+    assert result.credentials == ("team/app",)
+    [dup] = result.excluded
+    assert dup.reason == "DuplicateUsername" and "already used" in dup.message
+
+
+def test_the_relay_status_lists_what_is_left_out_bounded() -> None:
+    r = relay()
+    entries = [{"kind": "SmtpCredential", "name": f"ns/c{i}", "reason": "SecretPending",
+                "message": "x" * 1000} for i in range(80)]
+    status = relay_mod.relay_status(
+        r, statefulset_status=None, config_hash="h", config_secrets=[], domains=[],
+        credentials=0, excluded=80, retention_policies=[], now=NOW, excluded_entries=entries)
+    assert len(status["excluded"]) == 50 and len(status["excluded"][0]["message"]) == 300
+    complete = next(c for c in status["conditions"] if c["type"] == "ConfigComplete")
+    assert (complete["status"], complete["reason"]) == ("False", "EntriesExcluded")
+    assert "80 left out of the configuration (80 SecretPending)" in complete["message"]
+    clean = relay_mod.relay_status(
+        r, statefulset_status=None, config_hash="h", config_secrets=[], domains=[],
+        credentials=0, excluded=0, retention_policies=[], now=NOW)
+    assert clean["excluded"] == []
+    assert next(c for c in clean["conditions"] if c["type"] == "ConfigComplete")[
+        "status"] == "True"

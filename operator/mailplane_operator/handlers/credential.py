@@ -15,7 +15,7 @@ from ..reconcile.conditions import Event
 from ..reconcile.credential_state import state_secret_name, state_secret_name_of
 from ..reconcile.models import SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
-from ..reconcile.render import attached_domains, owners_of
+from ..reconcile.render import RENDER_REASONS, attached_domains, owners_of
 from ..runtime import Body, Runtime
 from .common import (
     REASON_CHILD_WRITE_FAILED,
@@ -58,10 +58,14 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             attached: Mapping[str, DomainOwner] = {}
             ns_labels = await rt.namespace_labels(cred.meta.namespace)
             worker = rt.workers.get(relay_key)
+            render_exclusion: tuple[str, str] | None = None
             if relay is not None and worker is not None and worker.last is not None:
                 # The domains the relay actually signs for, as of its last render; a render
                 # that changes them re-checks the credentials it disagrees with.
                 attached = worker.last.owners
+                left_out = worker.last.exclusion("SmtpCredential", key)
+                if left_out is not None and left_out.reason in RENDER_REASONS:
+                    render_exclusion = (left_out.reason, left_out.message)
             elif relay is not None:
                 domains = await domain_inputs(rt, indexes["domains_idx"].get(relay_key, ()))
                 labels = await rt.labels_of(d.domain.meta.namespace for d in domains)
@@ -76,7 +80,7 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             result = cred_mod.reconcile_credential(
                 cred, relay=relay, namespace_labels=ns_labels, attached_domains=attached,
                 existing_secret=existing, stored_state=stored, now=now, random=rt.random,
-                endpoint=endpoint)
+                endpoint=endpoint, render_exclusion=render_exclusion)
             written = False
             if result.state_secret is not None:
                 # The state first: a new password's hash reaches the relay no later than the

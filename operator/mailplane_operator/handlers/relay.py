@@ -32,7 +32,13 @@ from ..reconcile.models import (
     parse_smtp_relay,
 )
 from ..reconcile.ownership import REASON_DOMAIN_CONFLICT
-from ..reconcile.render import REASON_DELETING, RenderError, RenderResult, render_relay_config
+from ..reconcile.render import (
+    REASON_DELETING,
+    RENDER_REASONS,
+    RenderError,
+    RenderResult,
+    render_relay_config,
+)
 from ..runtime import MANAGED_BY_LABELS, Body, RelayKey, RelayWorker, Runtime
 from . import retention
 from .common import (
@@ -142,7 +148,11 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
             relay, statefulset_status=(sts or {}).get("status"), config_hash=result.config_hash,
             config_secrets=result.secret_names, domains=list(result.domains),
             credentials=len(result.credentials), excluded=len(result.excluded),
-            retention_policies=list(result.retention.policies), now=now)
+            retention_policies=list(result.retention.policies), now=now,
+            excluded_entries=[
+                {"kind": e.kind, "name": e.key, "reason": e.reason, "message": e.message}
+                for e in sorted(result.excluded, key=lambda e: (
+                    e.reason not in RENDER_REASONS, e.kind, e.key))])
         if failed:
             status["conditions"] = reconciled(rt, status["conditions"], body, False,
                                               reason=REASON_CHILD_WRITE_FAILED,
@@ -160,6 +170,7 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 "Normal", "ConfigRendered",
                 f"configuration {result.config_hash}: {len(result.domains)} domains, "
                 f"{len(result.credentials)} credentials in {len(result.secrets)} Secret(s)")])
+        _announce_render_exclusions(rt, key, result, indexes)
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         _recheck_stale_domains(rt, result, indexes["domains_idx"].get(key, ()))
@@ -243,6 +254,24 @@ async def _delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str,
     owners = (obj.get("metadata") or {}).get("ownerReferences") or []
     if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
         await rt.client.delete(resource, namespace, name)
+
+
+def _announce_render_exclusions(rt: Runtime, key: RelayKey, result: RenderResult,
+                                indexes: Mapping[str, Any]) -> None:
+    """A Warning Event on each SendingDomain the render newly leaves out because its entry would
+    break the configuration (credentials get theirs from their own reconcile, which this render
+    triggers through their Ready condition)."""
+    worker = rt.workers.get(key)
+    before = worker.last if worker is not None else None
+    bodies = {key_of(b): b for b in indexes["domains_idx"].get(key, ())}
+    for e in result.excluded:
+        if e.kind != "SendingDomain" or e.reason not in RENDER_REASONS:
+            continue
+        previous = before.exclusion(e.kind, e.key) if before is not None else None
+        if previous is not None and previous.reason == e.reason:
+            continue
+        if e.key in bodies:
+            post_events(bodies[e.key], [Event("Warning", e.reason, e.message)])
 
 
 def _recheck_stale_credentials(rt: Runtime, relay: SmtpRelay, result: RenderResult,

@@ -358,6 +358,7 @@ def reconcile_credential(
     stored_state: Mapping[str, Any] | None = None,
     random: RandomBytes = os.urandom,
     endpoint: Endpoint | None = None,
+    render_exclusion: tuple[str, str] | None = None,
 ) -> CredentialResult:
     """Everything the operator does for one SmtpCredential, minus the I/O.
 
@@ -366,7 +367,8 @@ def reconcile_credential(
     ``existing_secret``: the application Secret as read from the API, if any;
     ``stored_state``: the state Secret (``credential_state.state_secret_name``) in the relay's
     namespace, if any; ``endpoint``: override of the relay address written to the Secret
-    (``mailplane dev``).
+    (``mailplane dev``); ``render_exclusion``: (reason, message) when the relay's last render
+    left this credential out although it is admitted (its entry would break the configuration).
 
     Nothing is written for a credential whose Secret name is taken by a Secret it does not own,
     whose relay does not exist, or whose namespace the relay does not allow (a namespace
@@ -374,6 +376,8 @@ def reconcile_credential(
     """
     conflict = secret_conflict(cred, existing_secret)
     admission = conflict or check_credential(cred, relay, namespace_labels, attached_domains)
+    if admission.allowed and render_exclusion is not None:
+        admission = Admission(False, *render_exclusion)
     events: list[Event] = []
     state: CredentialState | None = None
     secret: dict[str, Any] | None = None

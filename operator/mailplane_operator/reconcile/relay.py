@@ -31,7 +31,7 @@ StatefulSet object (not its template).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -424,9 +424,14 @@ def relay_status(
     retention_policies: list[str],
     now: datetime,
     error: str | None = None,
+    excluded_entries: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """The SmtpRelay status patch. Ready: configuration rendered and every replica ready.
-    ``error``: a render failure message (Ready=False, reason ConfigInvalid)."""
+    ``error``: a render failure message (Ready=False, reason ConfigInvalid).
+    ``excluded_entries``: ``{kind, name, reason, message}`` of each resource referencing the
+    relay but left out of its configuration, most important first; the status lists the first
+    ``MAX_LISTED_EXCLUSIONS`` (messages name fields and resources, never a secret value) and
+    the condition ``ConfigComplete`` summarises them by reason."""
     sts = statefulset_status or {}
     ready_replicas = int(sts.get("readyReplicas") or 0)
     want = relay.spec.replicas
@@ -437,10 +442,14 @@ def relay_status(
     else:
         ready = (True, "RelayReady", f"{ready_replicas}/{want} replicas ready; "
                  f"{len(domains)} domains, {credentials} credentials")
+    conditions = set_condition(relay.status.get("conditions"), READY, *ready,
+                               relay.meta.generation, now)
+    if not error:
+        conditions = set_condition(conditions, CONFIG_COMPLETE,
+                                   *_completeness(excluded_entries), relay.meta.generation, now)
     return {
         "observedGeneration": relay.meta.generation,
-        "conditions": set_condition(relay.status.get("conditions"), READY, *ready,
-                                    relay.meta.generation, now),
+        "conditions": conditions,
         "replicas": int(sts.get("replicas") or 0),
         "readyReplicas": ready_replicas,
         "configHash": config_hash,
@@ -449,5 +458,29 @@ def relay_status(
         "domainCount": len(domains),
         "credentialCount": credentials,
         "excludedCount": excluded,
+        "excluded": [
+            {"kind": str(e.get("kind")), "name": str(e.get("name")),
+             "reason": str(e.get("reason")),
+             "message": str(e.get("message"))[:MAX_EXCLUSION_MESSAGE]}
+            for e in list(excluded_entries)[:MAX_LISTED_EXCLUSIONS]],
         "retentionPolicies": retention_policies,
     }
+
+
+CONFIG_COMPLETE = "ConfigComplete"
+MAX_LISTED_EXCLUSIONS = 50
+MAX_EXCLUSION_MESSAGE = 300
+
+
+def _completeness(entries: Sequence[Mapping[str, str]]) -> tuple[bool, str, str]:
+    if not entries:
+        return True, "AllEntriesRendered", "every domain and credential referencing this relay " \
+            "is in its configuration"
+    counts: dict[str, int] = {}
+    for e in entries:
+        reason = str(e.get("reason"))
+        counts[reason] = counts.get(reason, 0) + 1
+    summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    return False, "EntriesExcluded", (
+        f"{len(entries)} left out of the configuration ({summary}); the others are rendered. "
+        "See status.excluded and each resource's Ready condition")

@@ -39,6 +39,8 @@ from mailplane_relay.config import (
     KIND_CREDENTIALS,
     KIND_DOMAINS,
     ConfigError,
+    Credential,
+    Domain,
     RelayConfig,
     RelaySettings,
     format_validation_error,
@@ -67,6 +69,14 @@ REASON_DKIM_KEY_PENDING = "DKIMKeyPending"
 REASON_DKIM_SECRET_UNREADABLE = "DKIMSecretUnreadable"  # noqa: S105 - a condition reason
 REASON_SECRET_PENDING = "SecretPending"  # noqa: S105 - a condition reason
 REASON_DELETING = "Deleting"
+REASON_INVALID_ENTRY = "InvalidConfigEntry"
+REASON_DUPLICATE_USERNAME = "DuplicateUsername"
+RENDER_REASONS = frozenset({REASON_INVALID_ENTRY, REASON_DUPLICATE_USERNAME})
+"""Exclusions decided by the render itself (the entry would break the relay's configuration),
+not by the resource's own reconcile: the render reports them (Events, the relay's status)."""
+MAX_ENTRY_BYTES = 64 * 1024
+"""Largest configuration entry of one domain or credential (a DKIM key is a few KiB): one
+resource must not be able to fill the relay's configuration Secrets."""
 REASON_OTHER_RELAY = "OtherRelay"
 
 
@@ -205,7 +215,14 @@ def attached_domains(
             excluded.append(Exclusion("SendingDomain", dom.meta.key,
                                       REASON_DKIM_SECRET_UNREADABLE, str(exc)))
             continue
-        signing = domain_mod.signing_from_secret(item.dkim_secret)
+        try:
+            signing = domain_mod.signing_from_secret(item.dkim_secret)
+        except Exception as exc:  # tenant-written data: isolate it, never fail every entry
+            excluded.append(Exclusion(
+                "SendingDomain", dom.meta.key, REASON_INVALID_ENTRY,
+                f"the DKIM Secret {domain_mod.secret_name(dom)} cannot be read "
+                f"({type(exc).__name__}); restore it or delete it to generate a new key"))
+            continue
         if signing is None:
             excluded.append(Exclusion("SendingDomain", dom.meta.key, REASON_DKIM_KEY_PENDING,
                                       f"no DKIM key for {dom.spec.domain} yet"))
@@ -386,6 +403,43 @@ def _validate_models(settings: Mapping[str, Any], domains: list[tuple[str, dict[
     return RelayConfig(settings=parsed, source_hash=config_hash)
 
 
+def entry_problem(model: type[Domain] | type[Credential], entry: Mapping[str, Any]) -> str | None:
+    """Why the relay would refuse this one entry (naming fields, never values), or None."""
+    size = len(json.dumps(entry, default=str))
+    if size > MAX_ENTRY_BYTES:
+        return f"its configuration entry needs {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit"
+    try:
+        model.model_validate(json.loads(json.dumps(entry, default=str)))
+    except ValidationError as exc:
+        return format_validation_error("the relay would refuse this entry", exc).replace(
+            "\n", "; ")
+    return None
+
+
+def _credential_outcome(relay: SmtpRelay, item: CredentialInput,
+                        owners: Mapping[str, ownership.DomainOwner],
+                        namespace_labels: Mapping[str, Mapping[str, str]],
+                        now: datetime) -> dict[str, Any] | Exclusion:
+    """One credential's configuration entry, or why it is left out."""
+    cred = item.credential
+    key = cred.meta.key
+    if cred.meta.deletion_timestamp:
+        return Exclusion("SmtpCredential", key, REASON_DELETING, "being deleted")
+    admission = cred_mod.secret_conflict(cred, item.secret) or cred_mod.check_credential(
+        cred, relay, namespace_labels.get(cred.meta.namespace), owners)
+    if not admission.allowed:
+        return Exclusion("SmtpCredential", key, admission.reason, admission.message)
+    state = cred_mod.current_state(cred, item.state, item.secret, now)
+    if state is None:
+        return Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
+                         "no password generated yet")
+    entry = cred_mod.credential_entry(cred, state, now, relay)
+    problem = entry_problem(Credential, entry)
+    if problem is not None:
+        return Exclusion("SmtpCredential", key, REASON_INVALID_ENTRY, problem)
+    return entry
+
+
 def render_relay_config(
     relay: SmtpRelay,
     *,
@@ -410,35 +464,47 @@ def render_relay_config(
     paths = paths or RuntimePaths()
     retention = retention_for_relay(relay, policies)
     included, excluded = attached_domains(relay, domains, namespace_labels)
+    # Each entry is checked on its own with the relay's models: one that the relay would refuse
+    # is left out alone, and the rest of the configuration still reaches the relay.
+    entries: list[tuple[str, dict[str, Any]]] = []
+    for name, (dom, signing) in sorted(included.items()):
+        domain_entry = _domain_entry(name, signing)
+        problem = entry_problem(Domain, domain_entry)
+        if problem is not None:
+            del included[name]
+            excluded.append(Exclusion("SendingDomain", dom.meta.key, REASON_INVALID_ENTRY,
+                                      problem))
+            continue
+        entries.append((KIND_DOMAINS, domain_entry))
     owners = owners_of(included)
     cred_entries: list[tuple[str, dict[str, Any]]] = []
     rendered_creds: list[str] = []
+    usernames: dict[str, str] = {}
     for item in sorted(credentials, key=lambda c: c.credential.meta.key):
         cred = item.credential
         if not refers_to(cred, relay):
             continue
-        key = cred.meta.key
-        if cred.meta.deletion_timestamp:
-            excluded.append(Exclusion("SmtpCredential", key, REASON_DELETING, "being deleted"))
+        try:
+            outcome = _credential_outcome(relay, item, owners, namespace_labels, now)
+        except Exception as exc:  # tenant-written data: isolate it, never fail every entry
+            outcome = Exclusion("SmtpCredential", cred.meta.key, REASON_INVALID_ENTRY,
+                                f"cannot be rendered ({type(exc).__name__})")
+        if isinstance(outcome, Exclusion):
+            excluded.append(outcome)
             continue
-        admission = cred_mod.secret_conflict(cred, item.secret) or cred_mod.check_credential(
-            cred, relay, namespace_labels.get(cred.meta.namespace), owners)
-        if not admission.allowed:
-            excluded.append(Exclusion("SmtpCredential", key, admission.reason, admission.message))
+        username = str(outcome["username"])
+        if username in usernames:
+            excluded.append(Exclusion(
+                "SmtpCredential", cred.meta.key, REASON_DUPLICATE_USERNAME,
+                f"username {username} is already used by SmtpCredential {usernames[username]}"))
             continue
-        state = cred_mod.current_state(cred, item.state, item.secret, now)
-        if state is None:
-            excluded.append(Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
-                                      "no password generated yet"))
-            continue
-        cred_entries.append((KIND_CREDENTIALS,
-                             cred_mod.credential_entry(cred, state, now, relay)))
-        rendered_creds.append(key)
+        usernames[username] = cred.meta.key
+        cred_entries.append((KIND_CREDENTIALS, outcome))
+        rendered_creds.append(cred.meta.key)
 
     settings = settings_spec(relay, retention, paths)
     settings_text = _document(KIND_CONFIG, settings, name=relay.meta.name)
     budget = (max_secret_bytes - _SECRET_OVERHEAD) * 3 // 4
-    entries = [(KIND_DOMAINS, _domain_entry(n, s)) for n, (_d, s) in sorted(included.items())]
     per_secret = _fit(relay, _pack(entries + cred_entries, len(settings_text), budget),
                       settings_text, max_secret_bytes)
     secrets = [config_secret(relay, i, f) for i, f in enumerate(per_secret)]
