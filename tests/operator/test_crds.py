@@ -341,7 +341,7 @@ CEL_CASES = [
      "spf.record replaces the suggestion"),
     ("SendingDomain", {"domain": "example.com", "relayRef": {"name": "r"},
                        "dkim": {"rotationInterval": "2160h"}}, None),
-    ("RetentionPolicy", {"messageLog": "30m"}, "messageLog must be at least 1h"),
+    ("RetentionPolicy", {"messageLog": "30m"}, "messageLog must be between 1h and 2160h"),
     ("RetentionPolicy", {"purgeInterval": "25h"}, "purgeInterval must be between 1m and 24h"),
     ("RetentionPolicy", {"messageLog": "24h", "purgeInterval": "24h"}, None),
 ]
