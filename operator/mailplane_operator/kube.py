@@ -24,7 +24,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -365,9 +365,11 @@ class KubeClient:
         self.connection = connection
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._limit = asyncio.Semaphore(concurrency)
         self.stats = ApplyStats()
-        self._discovered: dict[str, bool] = {}
+        self._discovered: dict[str, tuple[float, bool]] = {}
+        self.discovery_ttl = 300.0
         self._token_checked = 0.0
         self._token: str | None = None
 
@@ -378,9 +380,10 @@ class KubeClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         now = time.monotonic()
@@ -394,14 +397,26 @@ class KubeClient:
             headers["Content-Type"] = content_type
         return headers
 
-    async def _call(self, method: str, path: str, *, body: Any = None,
-                    content_type: str | None = None,
-                    params: Mapping[str, str] | None = None) -> Any:
+    def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=64)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    def _ensure_watch_session(self) -> aiohttp.ClientSession:
+        """Watches hold their connection for minutes: their own pool, so that they never take
+        the connections requests need."""
+        if self._watch_session is None:
+            connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=0)
+            self._watch_session = aiohttp.ClientSession(connector=connector)
+        return self._watch_session
+
+    async def _call(self, method: str, path: str, *, body: Any = None,
+                    content_type: str | None = None,
+                    params: Mapping[str, str] | None = None) -> Any:
+        session = self._ensure_session()
         payload = None if body is None else json.dumps(body).encode()
-        async with self._limit, self._session.request(
+        async with self._limit, session.request(
             method, self.connection.server + path, data=payload, params=params,
             headers=self._headers(content_type if body is not None else None),
         ) as resp:
@@ -578,9 +593,11 @@ class KubeClient:
         return patch
 
     async def has_api(self, group_version: str, plural: str) -> bool:
-        """Whether the cluster serves a resource (e.g. ServiceMonitor when its CRD exists)."""
+        """Whether the cluster serves a resource (e.g. ServiceMonitor when its CRD exists).
+        Answers are kept `discovery_ttl` seconds: a CRD installed later is noticed."""
         key = f"{group_version}/{plural}"
-        if key not in self._discovered:
+        cached = self._discovered.get(key)
+        if cached is None or time.monotonic() - cached[0] > self.discovery_ttl:
             try:
                 doc = await self._call("GET", f"/apis/{group_version}")
             except ApiError as exc:
@@ -588,5 +605,52 @@ class KubeClient:
                     raise
                 doc = None
             names = {r.get("name") for r in (doc or {}).get("resources", [])}
-            self._discovered[key] = plural in names
-        return self._discovered[key]
+            cached = (time.monotonic(), plural in names)
+            self._discovered[key] = cached
+        return cached[1]
+
+    async def watch(self, resource: Resource, namespace: str | None,
+                    labels: Mapping[str, str], *, window: int = 300,
+                    backoff: float = 1.0) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """Events of the objects with `labels` in `namespace`, forever: ("LISTED", None) after
+        each (re)list, then ("ADDED" | "MODIFIED" | "DELETED", object) from the list's
+        resourceVersion on; each stream lasts at most `window` seconds. The selector is sent
+        to the API server, so only those objects are watched. Expired versions (410) and
+        broken streams relist."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        path = resource.path(namespace)
+        while True:
+            try:
+                listed = await self._call("GET", path, params={"labelSelector": selector})
+                version = str(((listed or {}).get("metadata") or {}).get("resourceVersion", ""))
+                yield "LISTED", None
+                async for kind, obj in self._stream(path, selector, version, window):
+                    yield kind, obj
+            except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                logger.debug("Watch of %s in %s ended (%s); listing again", resource.plural,
+                             namespace or "all namespaces", exc)
+                await asyncio.sleep(backoff)
+
+    async def _stream(self, path: str, selector: str, version: str,
+                      window: int) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        session = self._ensure_watch_session()
+        params = {"watch": "true", "labelSelector": selector, "resourceVersion": version,
+                  "timeoutSeconds": str(window), "allowWatchBookmarks": "true"}
+        async with session.get(
+                self.connection.server + path, params=params, headers=self._headers(None),
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=window + 30)) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, resp.reason or "", "watch refused",
+                               method="GET", path=path)
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = str(event.get("type")), event.get("object")
+                if kind == "ERROR":
+                    raise ApiError(int((obj or {}).get("code") or 500), "WatchError",
+                                   str((obj or {}).get("message") or ""), method="GET",
+                                   path=path)
+                if kind == "BOOKMARK":
+                    continue
+                yield kind, obj

@@ -10,10 +10,11 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
@@ -30,6 +31,9 @@ RelayKey = tuple[str, str]
 Body = Mapping[str, Any]
 
 FINALIZER = "mailplane.io/finalizer"
+CACHE_SIZE = 20_000
+K = TypeVar("K")
+V = TypeVar("V")
 MANAGED_BY_LABELS = {"app.kubernetes.io/managed-by": "mailplane-operator"}
 
 
@@ -60,6 +64,10 @@ class OperatorConfig:
     relay_defaults: RelayDefaults = field(default_factory=RelayDefaults)
     """Pod and Service shape of relays whose SmtpRelay does not set it (--relay-defaults)."""
     """The DNS suffix of Services, for the host written into application Secrets."""
+    cache_size: int = CACHE_SIZE
+    """Entries per cache (parsed resources, Secrets read): least recently used dropped."""
+    discovery_ttl: float = 300.0
+    """How long an API discovery answer (is ServiceMonitor served?) is kept."""
     fast: bool = False
     """Short kopf batching and backoffs, for tests against the emulator."""
 
@@ -83,6 +91,30 @@ def build_settings(config: OperatorConfig) -> kopf.OperatorSettings:
         settings.watching.reconnect_backoff = 0.1
         settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
     return settings
+
+
+class BoundedCache(OrderedDict[K, V]):
+    """A dict that keeps at most `maxsize` entries, dropping the least recently used."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def __getitem__(self, key: K) -> V:
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def get(self, key: K, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        return self[key]  # counts as a use
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
 
 
 class RelayWorker:
@@ -131,7 +163,9 @@ class Runtime:
     random: Callable[[int], bytes] = os.urandom
     key_factory: Callable[[str], str] = domain_mod.generate_dkim_key
     workers: dict[RelayKey, RelayWorker] = field(default_factory=dict)
-    secrets: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
+    secrets: BoundedCache[tuple[str, str], dict[str, Any] | None] = field(
+        default_factory=lambda: BoundedCache(CACHE_SIZE))
+    """Secrets read by name, until the next full resync (bounded: least recently used out)."""
     namespace_labels_cache: dict[str, tuple[float, dict[str, str]]] = field(
         default_factory=dict)
     credential_next_check: dict[str, datetime | None] = field(default_factory=dict)
@@ -139,8 +173,14 @@ class Runtime:
     means "reconcile at the next tick"."""
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     domain_wakers: dict[str, asyncio.Event] = field(default_factory=dict)
-    parsed: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
-    """(uid, parser) -> (resourceVersion, parsed model or None when invalid)."""
+    parsed: BoundedCache[tuple[str, str], tuple[str, Any]] = field(
+        default_factory=lambda: BoundedCache(CACHE_SIZE))
+    """(uid, parser) -> (resourceVersion, parsed model or None when invalid); bounded, and
+    entries of deleted objects age out."""
+
+    def __post_init__(self) -> None:
+        self.secrets.maxsize = self.parsed.maxsize = self.config.cache_size
+        self.client.discovery_ttl = self.config.discovery_ttl
 
     # -- reads through small caches ------------------------------------------------------------
 

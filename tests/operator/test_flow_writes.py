@@ -205,3 +205,52 @@ def _metric(operator: RunningOperator, name: str, labels: str) -> float:
         if line.startswith(f"{name}{{{labels}}} "):
             return float(line.split()[-1])
     raise AssertionError(f"{name}{{{labels}}} not exported")
+
+
+def test_the_statefulset_watch_is_namespaced_and_label_filtered(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body())
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main")
+    worker = operator_running.runtime[0].workers[("mail", "main")]
+    kube_api.wait_until(lambda: any(
+        m == "GET" and q.get("watch") == "true" and "statefulsets" in p
+        for _a, m, p, q in kube_api.emulator.audit), what="the StatefulSet watch")
+
+    watches = [(p, q) for agent, m, p, q in kube_api.emulator.audit
+               if m == "GET" and q.get("watch") == "true" and p.endswith("/statefulsets")
+               and not agent.startswith("Python-urllib")]
+    assert watches
+    for path, query in watches:
+        assert path == "/apis/apps/v1/namespaces/mail/statefulsets"
+        assert set(query["labelSelector"].split(",")) == {
+            "app.kubernetes.io/instance=main", "app.kubernetes.io/managed-by=mailplane-operator"}
+
+    # Someone else's StatefulSet in the same namespace never reaches the operator.
+    requested = worker.requested
+    other = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+             "metadata": {"name": "db", "namespace": "mail", "labels": {"app": "db"}},
+             "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {
+                 "app": "db"}}, "template": {"metadata": {"labels": {"app": "db"}}, "spec": {
+                     "containers": [{"name": "db", "image": "db"}]}}}}
+    kube_api.create(k.STATEFULSETS, other)
+    kube_api.patch(k.STATEFULSETS, "mail", "db", {"spec": {"replicas": 2}})
+    # Its own StatefulSet does: the status follows the pods.
+    kube_api.patch(k.STATEFULSETS, "mail", "main", {"status": {"replicas": 1,
+                                                               "readyReplicas": 1}},
+                   status=True)
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                      lambda o: o and o["status"].get("readyReplicas") == 1)
+    assert worker.requested == requested + 1
+
+
+def test_servicemonitors_appear_when_the_crd_is_installed_later(
+        kube_api: KubeApi, operator_factory: Any) -> None:
+    operator_factory(discovery_ttl=0.2, relay_resync_interval=0.5)
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body())
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main")
+    assert kube_api.get(k.SERVICE_MONITORS, "mail", "main") is None
+    serve_service_monitors(kube_api.emulator)  # the Prometheus operator is installed
+    kube_api.wait_until(lambda: kube_api.get(k.SERVICE_MONITORS, "mail", "main"),
+                        what="the ServiceMonitor", poll=0.2, timeout=10)

@@ -22,7 +22,10 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         deleted = event.get("type") == "DELETED"
         labels = {} if deleted else dict((body.get("metadata") or {}).get("labels") or {})
         cached = rt.namespace_labels_cache.get(name)
-        rt.namespace_labels_cache[name] = (time.monotonic(), labels)
+        if deleted:
+            rt.namespace_labels_cache.pop(name, None)  # a deleted namespace is not kept
+        else:
+            rt.namespace_labels_cache[name] = (time.monotonic(), labels)
         if cached is not None and cached[1] == labels:
             return
         if cached is None and event.get("type") in (None, "ADDED"):

@@ -1,8 +1,9 @@
 """SmtpRelay handlers: one worker per relay renders its config Secrets, children and status.
 
 Handlers of other resources *poke* a relay's worker (`Runtime.poke`); pokes that arrive
-together are rendered once. A StatefulSet event (its pods became ready) pokes its relay too, so
-the status follows the pods.
+together are rendered once. Each worker also watches its own StatefulSet (label selector, in the
+relay's namespace): an event (its pods became ready, a hand edit) pokes the worker, so the
+status follows the pods and drift is undone at once.
 """
 
 from __future__ import annotations
@@ -296,6 +297,19 @@ def _recheck_stale_credentials(rt: Runtime, relay: SmtpRelay, result: RenderResu
             rt.credential_next_check.pop(key, None)
 
 
+async def _watch_statefulset(rt: Runtime, key: RelayKey, worker: RelayWorker) -> None:
+    """Poke the worker on every event of this relay's StatefulSet (ready replicas reach the
+    status; a hand edit or a deletion is undone at once). One watch per relay, in its
+    namespace, with a label selector the API server applies: no cluster-wide StatefulSet
+    watch, and no other StatefulSet is ever seen."""
+    namespace, name = key
+    labels = {**MANAGED_BY_LABELS, "app.kubernetes.io/instance": name}
+    async for kind, _obj in rt.client.watch(kube.STATEFULSETS, namespace, labels,
+                                            backoff=0.2 if rt.config.fast else 2.0):
+        if kind != "LISTED":
+            worker.poke()
+
+
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
              resource: tuple[str, str, str]) -> None:
     """The relay worker and what pokes it: relay updates and deletions, StatefulSet events."""
@@ -308,6 +322,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         worker = rt.workers.setdefault(key, RelayWorker())
         last_full = time.monotonic()
         failures = 0
+        watcher = asyncio.create_task(_watch_statefulset(rt, key, worker))
         try:
             while not stopped:
                 worker.wake.clear()
@@ -352,6 +367,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                     # rendering a large relay does not take all of the operator's time.
                     await asyncio.sleep(max(config.render_debounce, min(took, 1.0)))
         finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
             if rt.workers.get(key) is worker:
                 del rt.workers[key]
             await worker.done(worker.requested)
@@ -377,11 +394,3 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
             for body in kwargs["credentials_idx"].get(key, ()):
                 rt.credential_next_check.pop(key_of(body), None)
 
-    @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED_BY_LABELS,
-                   id="relay_replicas", registry=registry)
-    async def relay_replicas(**kwargs: Any) -> None:
-        body, namespace = kwargs["body"], kwargs["namespace"]
-        instance = ((body.get("metadata") or {}).get("labels") or {}).get(
-            "app.kubernetes.io/instance")
-        if instance:
-            rt.poke((namespace, instance))

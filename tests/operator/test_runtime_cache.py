@@ -1,0 +1,33 @@
+"""The operator's caches are bounded: least recently used entries go first."""
+
+from __future__ import annotations
+
+from mailplane_operator import kube as k
+from mailplane_operator.dnscheck import DnsChecker
+from mailplane_operator.metrics import OperatorMetrics
+from mailplane_operator.runtime import BoundedCache, OperatorConfig, Runtime
+
+
+def test_bounded_cache_drops_the_least_recently_used() -> None:
+    cache: BoundedCache[str, int] = BoundedCache(2)
+    cache["a"] = 1
+    cache["b"] = 2
+    assert cache.get("a") == 1  # a use: "b" is now the oldest
+    cache["c"] = 3
+    assert set(cache) == {"a", "c"}
+    assert cache.get("b") is None
+    cache["d"] = 4
+    assert set(cache) == {"c", "d"}
+
+
+def test_the_runtime_caches_take_their_size_from_the_config() -> None:
+    config = OperatorConfig(connection=k.Connection(server="http://127.0.0.1:1"), cache_size=3,
+                            discovery_ttl=7.0)
+    client = k.KubeClient(config.connection)
+    rt = Runtime(config=config, client=client, metrics=OperatorMetrics.create(),
+                 dns=DnsChecker(None))
+    for i in range(10):
+        rt.parsed[(str(i), "p")] = ("1", None)
+        rt.remember_secret("ns", str(i), None)
+    assert len(rt.parsed) == 3 and len(rt.secrets) == 3
+    assert client.discovery_ttl == 7.0
