@@ -45,6 +45,7 @@ class OperatorMetrics:
     _credential_states: dict[str, str] = field(default_factory=dict)
     _dkim_selectors: dict[str, set[str]] = field(default_factory=dict)
     _domain_claims: dict[str, str] = field(default_factory=dict)
+    _domain_checks: set[tuple[str, str]] = field(default_factory=set)
     """domain -> the SendingDomain (namespace/name) whose values its series show."""
 
     @classmethod
@@ -191,7 +192,8 @@ class OperatorMetrics:
                spf: bool | None = None, disable_at: float | None = None,
                claim: str | None = None, owner: bool = True) -> None:
         """Record a domain's keys (selector -> created), verification and the end of its DNS
-        grace period (None: not in one); keys None forgets the domain.
+        grace period (None: not in one); keys None forgets the domain. ``dkim``/``spf``: what
+        DNS said (None: the lookup failed or was not made; the last answer stands).
 
         Several SendingDomains (``claim``: namespace/name) may name one domain; its series show
         one of them: the owner (``owner``) takes them over, another claim writes them only while
@@ -209,6 +211,7 @@ class OperatorMetrics:
             with suppress(KeyError):
                 self.dkim_key_created.remove(domain, selector)
         if keys is None:
+            self._domain_checks -= {(domain, "dkim"), (domain, "spf")}
             for gauge, labels in ((self.dkim_rotation_interval, (domain,)),
                                   (self.domain_verified, (domain, "dkim")),
                                   (self.domain_verified, (domain, "spf")),
@@ -220,8 +223,12 @@ class OperatorMetrics:
         for selector, created in keys.items():
             self.dkim_key_created.labels(domain, selector).set(created)
         self.dkim_rotation_interval.labels(domain).set(interval or 0)
-        self.domain_verified.labels(domain, "dkim").set(1 if dkim else 0)
-        self.domain_verified.labels(domain, "spf").set(1 if spf else 0)
+        for check, ok in (("dkim", dkim), ("spf", spf)):
+            # None (the lookup failed): keep what the last definite answer said, so a DNS outage
+            # does not read as records gone (0 when there was no answer yet).
+            if ok is not None or (domain, check) not in self._domain_checks:
+                self._domain_checks.add((domain, check))
+                self.domain_verified.labels(domain, check).set(1 if ok else 0)
         if disable_at is None:
             with suppress(KeyError):
                 self.domain_disable_time.remove(domain)

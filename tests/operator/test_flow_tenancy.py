@@ -167,6 +167,9 @@ def test_two_tenants_share_a_relay_and_b_cannot_take_what_is_a_s(
     assert "disableTime" not in unknown["status"]
     assert _signing(api)["example.com"] == a_signing
     assert {"tenant-a.orders", "tenant-b.spoof"} <= set(rendered_credentials(api))
+    # A DNS outage is not "records gone" for the alerts either.
+    assert 'mailplane_operator_domain_verified{check="dkim",domain="example.com"} 1.0' in (
+        operator.metrics_text())
 
     # The grant is withdrawn: B's credential is revoked at the next render.
     api.patch(k.SENDING_DOMAINS, "tenant-a", "example-com",

@@ -82,8 +82,7 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
             dom.spec.domain,
             keys={s: k.created_at.timestamp() for s, k in result.state.keys.items()},
             interval=dom.spec.dkim.rotation_interval,
-            dkim=bool(dkim_ok and dkim_ok.get("status") == "True"),
-            spf=bool(spf_ok and spf_ok.get("status") == "True"),
+            dkim=_answer(dkim_ok), spf=_answer(spf_ok),
             disable_at=(result.disable_time.timestamp() if result.disable_time else None),
             claim=dom.meta.key, owner=result.enabled)
         if action != "unchanged":
@@ -93,6 +92,12 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         settled = result.verified and result.disable_time is None and (
             result.state.phase != "NextKeyPublished")
         return settled, result.next_check
+
+
+def _answer(condition: Mapping[str, Any] | None) -> bool | None:
+    """What DNS said according to a verification condition; None when it could not tell."""
+    status = (condition or {}).get("status")
+    return None if status in (None, "Unknown") else status == "True"
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
