@@ -359,3 +359,21 @@ def test_network_policy_values_reach_the_default_pool() -> None:
     [relay] = render_upgrade(values).of_kind("SmtpRelay")
     assert relay["spec"]["networkPolicy"] == {
         "enabled": True, "metricsNamespaceSelector": {"matchLabels": {"obs": "yes"}}}
+
+
+def test_operator_pdb_selects_the_operator_and_never_blocks_a_drain(
+        default_render: Rendered) -> None:
+    [deployment] = default_render.of_kind("Deployment")
+    [pdb] = default_render.of_kind("PodDisruptionBudget")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # A single replica may still be evicted (a drain proceeds); with more, one keeps running.
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    assert deployment["spec"]["replicas"] == 1
+    off = render_install({"operator": {"podDisruptionBudget": {"enabled": False}}})
+    assert off.of_kind("PodDisruptionBudget") == []
+
+
+def test_more_operator_replicas_are_refused_until_there_is_leader_election() -> None:
+    with pytest.raises(helm.HelmError, match="no leader election"):
+        render_install({"operator": {"replicas": 2}})

@@ -23,7 +23,7 @@ def schema_error(values: dict[str, Any]) -> str:
     ("values", "expected"),
     [
         ({"replicaCount": 2}, "additional properties 'replicaCount' not allowed"),
-        ({"operator": {"replicas": 2}}, "additional properties 'replicas' not allowed"),
+        ({"operator": {"replicas": 0}}, "/operator/replicas"),
         ({"monitoring": {"dashboard": {"label": {}}}}, "additional properties 'label' not allowed"),
         ({"operator": {"metricsPort": "http"}}, "/operator/metricsPort"),
         ({"operator": {"metricsPort": 70000}}, "/operator/metricsPort"),
