@@ -386,7 +386,7 @@ class DKIMKey(_Model):
     private_key_file: str | None = Field(None, alias="privateKeyFile")
     headers: tuple[str, ...] = (
         "from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
-        "content-type", "content-transfer-encoding", "list-unsubscribe",
+        "content-type", "content-transfer-encoding", "list-unsubscribe", "list-unsubscribe-post",
     )
 
     @field_validator("selector")

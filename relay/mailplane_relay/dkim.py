@@ -108,14 +108,36 @@ def _join_tags(tags: list[tuple[bytes, bytes]]) -> bytes:
     return b"; ".join(name + b"=" + value for name, value in tags)
 
 
+# Oversigned: listed once more than the message has them (RFC 6376 §5.4.2, §8.15), so that a
+# copy added in transit — a second Subject or To prepended to replay a signed message, or a
+# Reply-To that was not there — makes the signature fail. Other configured headers are signed
+# as often as they appear.
+OVERSIGNED = frozenset({
+    b"from", b"sender", b"reply-to", b"to", b"cc", b"subject", b"date", b"message-id",
+    b"in-reply-to", b"references", b"mime-version", b"content-type",
+    b"content-transfer-encoding", b"list-unsubscribe", b"list-unsubscribe-post", b"list-id",
+})
+
+
+def signed_header_names(headers: list[tuple[bytes, bytes]],
+                        configured: tuple[bytes, ...]) -> list[bytes]:
+    """The ``h=`` list: every configured header as many times as the message has it (From
+    always), plus once more for the oversigned ones, so none can be added afterwards."""
+    counts: dict[bytes, int] = {}
+    for name, _ in headers:
+        lower = name.lower()
+        counts[lower] = counts.get(lower, 0) + 1
+    names = [b"from", *(h for h in dict.fromkeys(configured) if h != b"from")]
+    include: list[bytes] = []
+    for name in names:
+        include += [name] * (counts.get(name, 0) + (1 if name in OVERSIGNED else 0))
+    return include
+
+
 def sign_message(message: bytes, key: SigningKey, *, now: float) -> bytes:
     """The message with a DKIM-Signature header (relaxed/relaxed) prepended."""
     headers, body = dkimpy.rfc822_parse(message)
-    present = {name.lower() for name, _ in headers}
-    # Sign the configured headers the message has, From always, and From once more than it
-    # appears, so that adding a second From breaks the signature.
-    include = [h for h in key.headers if h in present and h != b"from"]
-    include = [b"from", *include, b"from"]
+    include = signed_header_names(headers, key.headers)
     body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
     tags = [
         (b"v", b"1"),

@@ -160,3 +160,36 @@ def test_ed25519_against_the_rfc8463_example(port53_dns: LoopbackDNS) -> None:
     assert b"bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=" in ours.replace(b"\r\n ", b"")
     [result] = dkimverify.mailauth(ours, port53_dns)
     assert result["status"] == "pass", result
+
+
+@pytest.mark.parametrize("added", [
+    b"Subject: Your account is locked\r\n",  # a replayed message given a new subject
+    b"To: victim@example.org\r\n",
+    b"Reply-To: mallory@example.org\r\n",  # absent when signed: its absence is signed too
+    b"Cc: victim@example.org\r\n",
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+])
+def test_oversigned_headers_cannot_be_prepended(port53_dns: LoopbackDNS, added: bytes) -> None:
+    message = HEADERS.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n", b"")
+    selector = "over-" + added.split(b":")[0].lower().decode()  # a key of its own
+    signed = sign(port53_dns, "rsa-sha256", selector, message + BODIES["plain"])
+    assert dkimverify.mail_dkim(signed, port53_dns).ok
+    forged = added + signed
+    assert not dkimverify.opendkim(forged, port53_dns).ok
+    assert not dkimverify.mail_dkim(forged, port53_dns).ok
+    [result] = dkimverify.mailauth(forged, port53_dns)
+    assert result["status"] != "pass", result
+
+
+def test_one_click_unsubscribe_headers_are_signed_and_verify(port53_dns: LoopbackDNS) -> None:
+    """RFC 8058: List-Unsubscribe and List-Unsubscribe-Post must both be covered."""
+    signed = sign(port53_dns, "rsa-sha256", "oneclick", HEADERS + BODIES["plain"])
+    dkim_header = signed.split(b"\r\n\r\n", 1)[0].split(b"\r\nFrom:", 1)[0]
+    h_tag = dkim_header.replace(b"\r\n", b"").split(b" h=", 1)[1].split(b";", 1)[0]
+    names = [n.strip() for n in h_tag.split(b":")]
+    assert names.count(b"list-unsubscribe") == 2 and names.count(b"list-unsubscribe-post") == 2
+    assert names.count(b"subject") == 2 and names.count(b"reply-to") == 1
+    assert dkimverify.opendkim(signed, port53_dns).ok
+    assert dkimverify.mail_dkim(signed, port53_dns).ok
+    [result] = dkimverify.mailauth(signed, port53_dns)
+    assert result["status"] == "pass", result
