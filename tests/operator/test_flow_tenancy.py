@@ -151,6 +151,12 @@ def test_two_tenants_share_a_relay_and_b_cannot_take_what_is_a_s(
         skipped)["message"]
     _event(api, "tenant-b", "b-example", "VerificationSkipNotAllowed")
     assert "b.example" not in _signing(api)
+    # The platform allows it (on the SmtpRelay, which tenants cannot write): it takes effect.
+    api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"tenancy": {
+        "verificationSkipNamespaces": {"matchLabels": {"kubernetes.io/metadata.name":
+                                                       "tenant-b"}}}}})
+    _wait_reason(api, k.SENDING_DOMAINS, "tenant-b", "b-example", "VerificationSkipped")
+    api.wait_until(lambda: "b.example" in _signing(api), what="b.example signed")
 
     # 4. DNS fails (SERVFAIL) during A's re-check: A stays enabled, DNSVerified=Unknown.
     for record in owned["status"]["dnsRecords"]:
