@@ -347,3 +347,21 @@ def test_a_hand_edited_dkim_key_excludes_only_its_own_domain() -> None:
     with pytest.raises(dm.DKIMSecretUnreadable, match="restore the Secret"):
         dm.reconcile_domain(broken, relay=r, namespace_labels={}, existing_secret=secret,
                             observed=None, now=NOW)
+
+
+def test_a_domain_verified_by_an_earlier_version_stays_verified() -> None:
+    """Statuses written before verifiedTime existed: Ready=True, Verified counts, so an upgrade
+    does not disable every domain until its next DNS check, even when that check fails."""
+    old_status = {"domain": "example.com", "conditions": [{
+        "type": "Ready", "status": "True", "reason": "Verified", "message": "",
+        "observedGeneration": 1, "lastTransitionTime": "2026-10-01T00:00:00Z"}]}
+    legacy = claim("mail", status=old_status, dkim={"selector": "mp", "algorithm": "ed25519"})
+    assert ownership.claim_verified(legacy, relay(), {})
+    secret = ed_secret(legacy, 3)
+    failed = dm.reconcile_domain(legacy, relay=relay(), namespace_labels={},
+                                 existing_secret=secret,
+                                 observed={"mp._domainkey.example.com": None}, now=NOW)
+    assert failed.enabled and failed.status["verifiedTime"] == "2026-10-01T00:00:00Z"
+    skipped = claim("mail", status={**old_status, "conditions": [
+        {**old_status["conditions"][0], "reason": "VerificationSkipped"}]})
+    assert not ownership.claim_verified(skipped, relay(), {}), "a skip is no verification"
