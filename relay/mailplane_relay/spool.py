@@ -431,17 +431,14 @@ class Spool:
                 deleted.append(msg.queue_id)
                 continue
             msg.recipients[:] = keep
-            remotes = msg.extra.get("remotes")
-            if isinstance(remotes, dict):
-                for a in [a for a in remotes if a.casefold() == key]:
-                    del remotes[a]
+            _scrub(msg.extra, key)
             rewrite.append(msg)
         try:
             for qid in deleted:
                 msg = self._envelopes[qid]
                 msg.recipients.clear()
                 msg.mail_from = ""
-                msg.extra.pop("remotes", None)
+                msg.extra.clear()
                 self._remove(qid)
             for msg in rewrite:
                 await self._rewrite(msg)
@@ -731,6 +728,21 @@ class Spool:
         except FileNotFoundError:
             count = 0
         self.metrics.spool_corrupt_files.set(count)
+
+
+def _scrub(value: Any, key: str) -> Any:
+    """Drop ``key`` (a casefolded address) from the delivery side's per-address records in an
+    envelope's ``extra``: dict keys and list items equal to it, at any depth."""
+    if isinstance(value, dict):
+        for k in [k for k in value if isinstance(k, str) and k.casefold() == key]:
+            del value[k]
+        for v in value.values():
+            _scrub(v, key)
+    elif isinstance(value, list):
+        value[:] = [v for v in value if not (isinstance(v, str) and v.casefold() == key)]
+        for v in value:
+            _scrub(v, key)
+    return value
 
 
 def count_messages(directory: str | Path) -> int:

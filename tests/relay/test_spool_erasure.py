@@ -52,6 +52,7 @@ async def test_erasure_edits_envelopes_deletes_messages_and_leaves_no_trace(
     shared = await commit(s, "app@example.com", [erased, "keep@example.org"], "shared")
     shared.recipients[0].status = "delivered"  # already delivered to the erased address
     shared.extra["remotes"] = {erased: "mx.example.net:25", "keep@example.org": "mx:25"}
+    shared.extra["dsn_reported"] = [ERASED, "keep@example.org"]
     await s.save_state(shared)
     only = await commit(s, "app@example.com", [ERASED.upper()], "only")
     sent_by = await commit(s, ERASED, ["friend@example.org"], "sent-by")
@@ -66,6 +67,7 @@ async def test_erasure_edits_envelopes_deletes_messages_and_leaves_no_trace(
     # The envelope objects the delivery queue holds changed in place.
     assert [r.address for r in shared.recipients] == ["keep@example.org"]
     assert shared.extra["remotes"] == {"keep@example.org": "mx:25"}
+    assert shared.extra["dsn_reported"] == ["keep@example.org"]
     assert only.recipients == [] and sent_by.recipients == [] and sent_by.mail_from == ""
     assert s.read(shared.queue_id) == data("shared")  # the data is untouched
     assert s.dir_fsyncs > dir_fsyncs  # the deletions and renames were made durable
