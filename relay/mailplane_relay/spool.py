@@ -55,6 +55,7 @@ import logging
 import os
 import random
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +80,8 @@ _CORRUPT = "corrupt"
 _FREE = "free"
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _MAX_HEADER = 64
+# Recovery reads this much of a message file at once: the header line and a typical envelope.
+_HEAD_READ = 8192
 # Larger messages are written in a thread rather than on the event loop.
 LOOP_WRITE_LIMIT = 256 * 1024
 
@@ -87,7 +90,7 @@ class SpoolError(Exception):
     """The spool cannot store or update a message (disk full, I/O error, permissions)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Recipient:
     address: str
     status: RecipientStatus = "pending"
@@ -98,7 +101,7 @@ class Recipient:
     dsn_owed: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class QueuedMessage:
     queue_id: str
     mail_from: str
@@ -145,6 +148,11 @@ class QueuedMessage:
             if r.get("status") not in _RECIPIENT_STATUSES:
                 raise ValueError(f"unknown recipient status {r.get('status')!r}")
             recipients.append(Recipient(**r))
+        # Values shared by many messages are kept once in memory (a large queue holds many).
+        for name in ("sender_domain", "listener", "credential", "mail_from"):
+            value = doc.get(name)
+            if isinstance(value, str):
+                doc[name] = sys.intern(value)
         return cls(recipients=recipients, **doc)
 
 
@@ -187,7 +195,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _valid_queue_id(qid: str) -> bool:
-    return len(qid) == 20 and all(c in _CROCKFORD for c in qid)
+    return len(qid) == 20 and not qid.strip(_CROCKFORD)
 
 
 def _load_sync_file_range() -> Callable[[int], None] | None:
@@ -649,22 +657,37 @@ class Spool:
         return messages
 
     def _load(self, qid: str) -> QueuedMessage | None:
-        path = self.directory / (qid + _MSG)
+        # Plain string paths and raw reads of the head only: recovery runs this per message.
+        path = self._d + qid + _MSG
         try:
-            with path.open("rb") as f:
-                offset, envelope = _read_header(f)
-                size = os.fstat(f.fileno()).st_size - offset
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                head = os.read(fd, _HEAD_READ)
+                offset, envelope = _read_header(io.BytesIO(head))
+                size = os.fstat(fd).st_size - offset
+            except ValueError:
+                if len(head) < _HEAD_READ:
+                    raise
+                # A large envelope (many recipients): read the header through the file.
+                os.lseek(fd, 0, os.SEEK_SET)
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    offset, envelope = _read_header(f)
+                size = os.fstat(fd).st_size - offset
+            finally:
+                os.close(fd)
             msg = QueuedMessage.from_json(envelope)
             if msg.queue_id != qid or msg.size != size:
                 raise ValueError("envelope does not match the file")
         except (OSError, ValueError, TypeError, KeyError) as exc:
             # Committed files are complete (fsync before rename), so this is a disk fault or a
             # foreign file: keep it aside for a human rather than delete mail.
-            self._quarantine(path, exc)
+            self._quarantine(Path(path), exc)
             return None
-        state_path = self.directory / (qid + _STATE)
+        if qid not in self._states:
+            return msg
         try:
-            state = QueuedMessage.from_json(state_path.read_bytes())
+            with open(self._d + qid + _STATE, "rb") as f:
+                state = QueuedMessage.from_json(f.read())
         except FileNotFoundError:
             return msg
         except (OSError, ValueError, TypeError, KeyError):
