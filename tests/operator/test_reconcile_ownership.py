@@ -168,6 +168,8 @@ def test_ties_go_to_the_relays_namespace_then_by_name() -> None:
               claim("mail", created=same, name="yyy", status=verified_status())]
     owners = ownership.elect_owners(r, claims, lambda _c: True)
     assert owners["example.com"].meta.key == "mail/yyy"
+    assert ownership.conflict_message(claims[1], owners["example.com"], r).endswith(
+        "(its key is not rendered): delete it")
     assert ownership.elect_owners(r, claims[:1] + claims[:1], lambda _c: True)[
         "example.com"].meta.key == "aaa/dom"
 

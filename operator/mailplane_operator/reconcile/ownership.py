@@ -126,6 +126,10 @@ def elect_owners(relay: SmtpRelay, claims: Iterable[SendingDomain],
 
 
 def conflict_message(claim: SendingDomain, owner: SendingDomain, relay: SmtpRelay) -> str:
+    if owner.meta.namespace == claim.meta.namespace:
+        return (f"{claim.spec.domain} on SmtpRelay {relay.meta.key} belongs to SendingDomain "
+                f"{owner.meta.key}, the earliest verified claim; this claim is not used (its key "
+                "is not rendered): delete it")
     return (f"{claim.spec.domain} on SmtpRelay {relay.meta.key} belongs to SendingDomain "
             f"{owner.meta.key}, the earliest verified claim; this claim is not used (its key is "
             f"not rendered). To send as {claim.spec.domain} from namespace "
