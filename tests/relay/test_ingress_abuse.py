@@ -255,3 +255,42 @@ async def test_anonymous_refusals_write_nothing_to_the_message_log(
     assert query_log(path, limit=10) == []
     assert size_after == size_before
     assert relay.rejected("auth_required") == 1000
+
+
+async def test_suppressed_recipients_and_delivered_mail_do_not_close_a_session(
+    relay: Relay,
+) -> None:
+    """A list with many suppressed addresses is normal, and so is a client that hits a limit
+    now and then between messages it delivers: only refusals in a row close the session."""
+    relay.reconfigure(lambda d: d["limits"].update(maxRefusedCommands=3, maxRecipients=50))
+    for i in range(10):
+        relay.suppression.entries[f"gone{i}@example.net"] = ("hard_bounce", 0.0)
+    c = await ready_session(relay, source="127.0.0.2")
+    try:
+        for _ in range(3):
+            assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+            for i in range(10):
+                assert (await c.cmd(f"RCPT TO:<gone{i}@example.net>"))[0] == 550
+            assert (await c.cmd("RCPT TO:<ok@example.net>"))[0] == 250
+            assert (await c.cmd("XYZZY"))[0] == 500
+            assert (await c.cmd("XYZZY"))[0] == 500  # two refusals: one short of the cap
+            assert (await c.cmd("DATA"))[0] == 354
+            await c.send(message() + b".\r\n")
+            assert (await c.reply())[0] == 250  # and the count starts again
+    finally:
+        await c.close()
+    assert len(relay.queue.submitted) == 3
+    assert relay.rejected("too_many_refused") == 0
+
+
+def test_every_refusal_reason_is_from_the_closed_set() -> None:
+    """Metric labels come from metrics.REJECT_REASONS only: every reason the ingress names."""
+    import re
+
+    from mailplane_relay import ingress
+    from mailplane_relay.metrics import REJECT_REASONS
+
+    source = "".join(p.read_text() for p in Path(ingress.__file__).parent.glob("*.py"))
+    used = set(re.findall(r'(?:Refusal|count_refusal|_end_session)\(\s*"([a-z_]+)"', source))
+    assert len(used) > 20
+    assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)

@@ -58,7 +58,7 @@ async def test_date_and_message_id_are_added_when_missing(relay: Relay) -> None:
     data = relay.spool.read(queued.queue_id)
     [date] = _header(data, b"Date")
     [message_id] = _header(data, b"Message-ID")
-    assert re.fullmatch(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT", date)
+    assert re.fullmatch(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d \+0000", date)
     assert re.fullmatch(rb"<[0-9a-f]{24}@relay\.test>", message_id)
     assert queued.message_id == message_id.decode()
     [received] = [e for e in relay.log.events if e.status == "received"]

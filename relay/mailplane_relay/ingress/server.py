@@ -10,6 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
 
@@ -178,10 +179,11 @@ class SubmissionServer:
             self._empty.set()
 
     def date_stamp(self) -> str:
-        """The current date for Received: headers, formatted once per second."""
+        """The current date for Received: and Date: headers, formatted once per second."""
         now = int(time.time())
         if self._date[0] != now:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
+            # "+0000", not the obsolete "GMT" zone (RFC 5322 §4.3).
+            self._date = (now, email.utils.format_datetime(datetime.fromtimestamp(now, UTC)))
         return self._date[1]
 
     def _session_metrics(self, listener: str) -> tuple[Any, Any]:

@@ -575,7 +575,12 @@ class RelaySMTP(SMTP):
         if not self.in_transaction:
             await self.push(R.NEED_MAIL)
             return
-        await self.push(self._rcpt(arg))
+        reply = self._rcpt(arg)
+        await self.push(reply)
+        if reply.startswith(("550 5.1.1", "452 4.5.3")):
+            # A suppressed recipient or one past maxRecipients says nothing about the client's
+            # behaviour (a list with 30 suppressed addresses is normal): not a refused command.
+            self._refused -= 1
 
     def _rcpt(self, arg: str | None) -> str:
         srv = self.server
@@ -634,6 +639,8 @@ class RelaySMTP(SMTP):
         finally:
             self.envelope = self._create_envelope()
         await self.push(reply)
+        if reply.startswith("250"):
+            self._refused = 0  # a client that delivers mail is not the one the cap is for
 
     async def _read_data(self, max_size: int) -> tuple[bytes, bool]:
         """Everything up to and including the first <CRLF>.<CRLF> (the DATA line's own CRLF
