@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import trustme
 import yaml
@@ -39,7 +40,7 @@ class MailplaneRelay:
 
     def __init__(
         self, base: Path, *, port: int, http_port: int, sink_port: int, workers: int,
-        extra_env: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None, delivery: dict[str, Any] | None = None,
     ) -> None:
         self.base = base
         self.port = port
@@ -53,6 +54,11 @@ class MailplaneRelay:
         self.stdout_path = base / "relay.out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_env = extra_env or {}
+        # The delivery section (default: smarthost mode to the sink).
+        self.delivery = delivery or {
+            "mode": "smarthost",
+            "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "none"},
+        }
 
     def write_config(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -81,10 +87,7 @@ class MailplaneRelay:
             "tls": {"certFile": str(self.base / "cert.pem"), "keyFile": str(self.base / "key.pem")},
             "http": {"address": "127.0.0.1", "port": self.http_port},
             "spool": {"directory": str(self.base / "spool"), "fsync": True},
-            "delivery": {
-                "mode": "smarthost",
-                "smarthost": {"host": "127.0.0.1", "port": self.sink_port, "tls": "none"},
-            },
+            "delivery": self.delivery,
             "messageLog": {"path": str(self.base / "messagelog.sqlite3")},
             "trustedNetworks": ["127.0.0.0/8"],
             "workers": self.workers,

@@ -85,7 +85,7 @@ class PostfixRelay:
 
     name = "postfix"
 
-    def __init__(self, base: Path, *, port: int, sink_port: int) -> None:
+    def __init__(self, base: Path, *, port: int, sink_port: int, extra_main_cf: str = "") -> None:
         self.base = base
         self.port = port
         self.config_dir = base / "etc"
@@ -94,6 +94,7 @@ class PostfixRelay:
         self.maillog = base / "maillog"
         self.sink_port = sink_port
         self._master_pid: int | None = None
+        self.extra_main_cf = extra_main_cf  # appended to main.cf (later lines win)
 
     def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -122,7 +123,7 @@ class PostfixRelay:
         (self.config_dir / "main.cf").write_text(_MAIN_CF.format(
             queue=self.queue_dir, data=self.data_dir, sink_port=self.sink_port,
             maillog=self.maillog, base=self.base,
-        ))
+        ) + self.extra_main_cf)
         # Creates the queue subdirectories with Postfix's owners and modes.
         done = self._postfix("set-permissions", "create-missing")
         if done.returncode != 0:

@@ -8,8 +8,9 @@ metric label: the names are the configuration's closed set).
 
 **Slow start.** A destination that has not yet given the relay a working session since it was
 created or suspended gets one connection; once a session works it gets ``INITIAL_WINDOW``
-connections, one more per delivered transaction, up to its ``maxConnections`` (Postfix's
-concurrency feedback, simplified). A throttling or dead destination is thus met with a single
+connections, one more per transaction it accepts (recipients accepted, data requested: it is
+taking mail, however slowly), up to its ``maxConnections`` (Postfix's concurrency feedback,
+simplified). A throttling or dead destination is thus met with a single
 connection, not a burst.
 
 **Suspension.** When no host of a destination would take a session (every connection refused or
@@ -160,9 +161,10 @@ class Destination:
             self.reason, self.reason_kind = "", None
             self.window = INITIAL_WINDOW
 
-    def transaction_delivered(self) -> None:
-        self.delivered += 1
-        if self.window < self.shape.max_connections:
+    def taking_mail(self) -> None:
+        """A server of this destination accepted recipients and asked for the data: one more
+        connection may be used (slow start), up to ``maxConnections``."""
+        if self.proven and self.window < self.shape.max_connections:
             self.window += 1
 
     def suspend(self, now: float, delay: float, reason: str, kind: SuspendReason) -> None:

@@ -9,10 +9,11 @@ Two stages, after KumoMTA's scheduled and ready queues:
    item in its destination's ready queue. Nothing is held while routing or waiting.
 2. **Ready.** The dispatcher serves the destinations that have work in turn (round robin),
    starting one transaction at a time per destination, as long as the destination is below its
-   connection limit (slow start, shaping), its delivery rate allows, its fair share of the
-   global bound is not used up, and fewer than ``delivery.maxConcurrency`` connections are in
-   use overall. Only connections carrying a transaction count; a work item waiting in a ready
-   queue holds nothing, so a slow destination cannot hold up the others.
+   connection limit (slow start, shaping), its delivery rate allows, and fewer than
+   ``delivery.maxConcurrency`` connections are in use overall (the last tenth of them kept for
+   destinations that have no connection yet). Only connections carrying a transaction count;
+   a work item waiting in a ready queue holds nothing, so a slow destination cannot hold up
+   the others.
 
 The attempt on one connection (pooled first, then the destination's hosts in order, moving
 to the next MX on failures that allow it) is :meth:`DeliveryQueue._deliver`; the SMTP itself is
@@ -112,7 +113,6 @@ class DeliveryQueue:
         # Ready stage
         self._destinations: dict[str, Destination] = {}
         self._ring: collections.deque[Destination] = collections.deque()
-        self._busy: set[Destination] = set()  # destinations with work queued or in progress
         self._timers: list[tuple[float, int, Destination]] = []  # rate-limited destinations
         self._in_use = 0  # connections carrying a transaction
         self._dispatch_wake = asyncio.Event()
@@ -399,7 +399,6 @@ class DeliveryQueue:
             self._spawn(self._defer_suspended(dest, work), "delivery-suspended")
             return
         dest.ready.append(work)
-        self._busy.add(dest)
         self._ring_add(dest)
 
     def _ring_add(self, dest: Destination) -> None:
@@ -452,14 +451,11 @@ class DeliveryQueue:
             dest.in_ring = False
             self._spawn(self._defer_all(dest), "delivery-suspended")
             return False
-        # Fair share: while several destinations want connections, none takes more than an
-        # equal part of the global bound; and a destination that already has a connection
-        # never takes the last tenth of it, which stays for destinations with none (a slow
-        # destination cannot collect every slot before the others show up).
-        share = max(1, cap // max(1, len(self._busy)))
+        # A destination that already has a connection never takes the last tenth of the
+        # global bound: that stays for destinations with none, so slow destinations cannot
+        # collect every slot and hold up the others.
         reserve = cap // 10 if cap >= 10 else min(1, cap - 1)
-        if (dest.active >= dest.limit() or dest.active >= share
-                or (dest.active and cap - self._in_use <= reserve)):
+        if dest.active >= dest.limit() or (dest.active and cap - self._in_use <= reserve):
             dest.in_ring = False
             return False
         wait = dest.rate_wait(now)
@@ -512,8 +508,6 @@ class DeliveryQueue:
             dest.active -= 1
             self._in_use -= 1
             dest.last_used = time.monotonic()
-            if not dest.ready and not dest.active:
-                self._busy.discard(dest)
             self._ring_add(dest)
             self._dispatch_wake.set()
         await self._work_done(work.attempt)
@@ -528,8 +522,6 @@ class DeliveryQueue:
     async def _defer_all(self, dest: Destination) -> None:
         works = list(dest.ready)
         dest.ready.clear()
-        if not dest.active:
-            self._busy.discard(dest)
         for work in works:
             await self._defer_suspended(dest, work)
 
@@ -613,7 +605,7 @@ class DeliveryQueue:
             try:
                 result = await transaction(conn, msg.mail_from, pending, data,
                                            outcomes=outcomes, t=timeouts, reused=True,
-                                           deadline=deadline)
+                                           deadline=deadline, on_accepted=dest.taking_mail)
             except ReusedConnectionLost as exc:
                 log.info("delivery: pooled connection to %s failed before the transaction "
                          "(%s); retrying on a fresh connection", conn.remote, exc.reason)
@@ -621,10 +613,8 @@ class DeliveryQueue:
             else:
                 session = True
                 self._release(dest, conn, result.reusable)
-                if result.ended and any(outcomes.get(r.address) is not None
-                                        and outcomes[r.address].status == "delivered"
-                                        for r in pending):
-                    dest.transaction_delivered()
+                if result.ended:
+                    dest.delivered += 1
                 if result.throttled:
                     failure = "throttled"
                 pending, last_reply = result.moved, result.moved_reply or last_reply
@@ -649,11 +639,11 @@ class DeliveryQueue:
             session = True
             dest.session_worked()
             result = await transaction(conn, msg.mail_from, pending, data, outcomes=outcomes,
-                                       t=timeouts, reused=False, deadline=deadline)
+                                       t=timeouts, reused=False, deadline=deadline,
+                                       on_accepted=dest.taking_mail)
             self._release(dest, conn, result.reusable)
-            if result.ended and any(outcomes[r.address].status == "delivered"
-                                    for r in pending if r.address in outcomes):
-                dest.transaction_delivered()
+            if result.ended:
+                dest.delivered += 1
             if result.throttled:
                 failure = "throttled"
             pending = result.moved
@@ -771,7 +761,6 @@ class DeliveryQueue:
                 if (not dest.idle and not dest.active and not dest.ready
                         and not dest.suspended(now) and dest.last_used < forget_before):
                     del self._destinations[key]
-                    self._busy.discard(dest)
 
 
 def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:

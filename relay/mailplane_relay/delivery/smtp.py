@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -402,12 +403,14 @@ def _commands(mail_from: str, recipients: list[Recipient], options: list[str], e
 
 async def transaction(conn: Connection, mail_from: str, recipients: list[Recipient],
                       data: bytes, *, outcomes: dict[str, RecipientOutcome], t: Timeouts,
-                      reused: bool, deadline: float | None = None) -> TransactionResult:
+                      reused: bool, deadline: float | None = None,
+                      on_accepted: Callable[[], None] | None = None) -> TransactionResult:
     """One MAIL/RCPT/DATA transaction. Fills ``outcomes`` for the recipients it decided.
     ``deadline`` (a ``time.monotonic()`` value): when it has passed before the body is sent,
     the transaction is abandoned cleanly (the connection is dropped before the final dot, so
     the server discards it) and its recipients are deferred; once the body is on its way the
-    transaction runs to its reply or its own timeout."""
+    transaction runs to its reply or its own timeout. ``on_accepted`` is called when the
+    server took recipients and asked for the data (it is taking mail, however slowly)."""
     client, remote, tls = conn.client, conn.remote, conn.tls
 
     def all_get(outcome: RecipientOutcome) -> None:
@@ -500,6 +503,8 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                                 "(messageDeadline)", remote, tls=tls)
                         result.reusable = False
                         return result
+                    if accepted and on_accepted is not None:
+                        on_accepted()
                     # A server may say 354 even though it refused every recipient (or MAIL):
                     # end the (empty) content so the session stays in step, send nothing.
                     replies.write(wire_data(data) if accepted else b".\r\n")
