@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from mailplane_operator import kube as k
-from mailplane_relay.config import Credential, hash_password
+from mailplane_relay.config import Credential, hash_password, verify_password
 from tests.helpers.kube import (
     KubeApi,
     RunningOperator,
@@ -158,37 +158,53 @@ def test_forged_rotation_state_on_the_tenant_secret_has_no_effect(
     schedule = cred["status"]["nextRotationTime"]
     real = kube_api.secret_data("tenant-b", "app-smtp")["password"]
     state = _state(kube_api, "tenant-b", "app")
-    assert state["password"] == real
+    assert "password" not in state and verify_password(real, state["passwordHash"])
 
-    # Tenant B keeps a password of its choosing valid for decades and pushes rotation out.
+    # Tenant B writes annotations to keep a password of its choosing valid for decades and to
+    # push the next rotation out.
     known = "chosen-by-the-tenant"
     forged_hash = hash_password(known)
-    kube_api.patch(k.SECRETS, "tenant-b", "app-smtp", {
-        "metadata": {"annotations": {
-            "mailplane.io/password-hash": forged_hash,
-            "mailplane.io/previous-password-hash": forged_hash,
-            "mailplane.io/previous-expires": "2099-01-01T00:00:00Z",
-            "mailplane.io/rotated-at": "2099-01-01T00:00:00Z"}},
-        "data": {"password": base64.b64encode(known.encode()).decode()}})
-    # A reconcile (any change to its SmtpCredential) puts the real password back.
+    kube_api.patch(k.SECRETS, "tenant-b", "app-smtp", {"metadata": {"annotations": {
+        "mailplane.io/password-hash": forged_hash,
+        "mailplane.io/previous-password-hash": forged_hash,
+        "mailplane.io/previous-expires": "2099-01-01T00:00:00Z",
+        "mailplane.io/rotated-at": "2099-01-01T00:00:00Z"}}})
     kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app",
                    {"metadata": {"labels": {"touched": "yes"}}})
-    kube_api.wait_until(lambda: kube_api.secret_data("tenant-b", "app-smtp")["password"] == real,
-                        what="the password put back")
-    secret = kube_api.get(k.SECRETS, "tenant-b", "app-smtp")
-    assert secret is not None
-    assert set(secret["metadata"].get("annotations", {})) <= {"mailplane.io/applied-fields"}
+    kube_api.wait_until(lambda: "mailplane.io/rotated-at" not in (kube_api.get(
+        k.SECRETS, "tenant-b", "app-smtp") or {})["metadata"].get("annotations", {}),
+        what="the forged annotations removed")
     entry = Credential.model_validate(rendered_credentials(kube_api)["tenant-b.app"])
     assert entry.check_password(real) and not entry.check_password(known)
     assert entry.previous_password_hash is None
     assert _state(kube_api, "tenant-b", "app") == state
+    assert kube_api.secret_data("tenant-b", "app-smtp")["password"] == real
 
     # The schedule holds: the rotation comes when it was due, not in 2099.
     operator_running.clock.advance(24 * 3600 + 1)
     kube_api.wait_until(lambda: kube_api.secret_data("tenant-b", "app-smtp")["password"] != real,
                         what="the scheduled rotation")
-    cred = kube_api.get(k.SMTP_CREDENTIALS, "tenant-b", "app")
-    assert cred is not None and cred["status"]["nextRotationTime"] > schedule
+    cred = kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-b", "app", lambda o: (o or {}).get(
+        "status", {}).get("nextRotationTime", "") > schedule)
+    current = kube_api.secret_data("tenant-b", "app-smtp")["password"]
+
+    # Tenant B sets a password of its choosing: never accepted; a new one is issued.
+    kube_api.patch(k.SECRETS, "tenant-b", "app-smtp",
+                   {"data": {"password": base64.b64encode(known.encode()).decode()}})
+    kube_api.patch(k.SMTP_CREDENTIALS, "tenant-b", "app",
+                   {"metadata": {"labels": {"touched": "again"}}})
+    kube_api.wait_until(lambda: kube_api.secret_data("tenant-b", "app-smtp")["password"] not in (
+        known, current), what="a new password issued")
+    issued = kube_api.secret_data("tenant-b", "app-smtp")["password"]
+    entry = Credential.model_validate(kube_api.wait_until(
+        lambda: (rendered_credentials(kube_api)["tenant-b.app"]
+                 if Credential.model_validate(rendered_credentials(kube_api)["tenant-b.app"])
+                 .check_password(issued) else None), what="the new password rendered"))
+    assert not entry.check_password(known)
+    assert entry.check_password(current)  # pods that read it before keep working (overlap)
+    kube_api.wait_until(lambda: any(e["reason"] == "PasswordReissued"
+                                    for e in kube_api.events("tenant-b")),
+                        what="the PasswordReissued event")
 
     # Deleting the credential deletes its state in the relay's namespace.
     uid = cred["metadata"]["uid"]

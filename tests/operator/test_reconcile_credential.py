@@ -85,7 +85,7 @@ def test_first_reconcile_writes_a_ready_to_use_secret() -> None:
     assert smd["ownerReferences"][0]["kind"] == "SmtpRelay"
     assert smd["labels"]["mailplane.io/component"] == "credential-state"
     sv = values(state)
-    assert sv["password"] == v["password"]
+    assert "password" not in sv  # hashes and times only: one copy of the password
     assert verify_password(v["password"], sv["passwordHash"])
     assert sv["passwordHash"].startswith("sha256$")
     assert sv["rotatedAt"] == "2026-11-27T12:00:00Z"
@@ -387,18 +387,48 @@ def test_forged_rotation_annotations_on_the_application_secret_change_nothing() 
     assert due.rotated and [e.reason for e in due.events] == [cs.ROTATION_SCHEDULED]
 
 
-def test_a_hand_edited_password_is_put_back_and_never_reaches_the_relay() -> None:
-    cred = credential()
+def test_a_hand_edited_or_deleted_password_is_never_accepted_and_is_reissued() -> None:
+    cred = credential(rotation={"overlap": "1h"})
     first = reconcile(cred)
     assert first.secret is not None
     real = values(first.secret)["password"]
     edited = forge(first.secret, {}, password=KNOWN)
-    again = reconcile(cred, first, existing=edited)
-    assert again.secret is not None and values(again.secret)["password"] == real
-    assert not again.rotated and again.state_secret == first.state_secret
-    assert again.state is not None
-    entry = Credential.model_validate(cm.credential_entry(cred, again.state, NOW, RELAY))
-    assert entry.check_password(real, NOW) and not entry.check_password(KNOWN, NOW)
+    for existing in (edited, None):
+        again = cm.reconcile_credential(
+            cred, relay=RELAY, namespace_labels=None, attached_domains=ATTACHED,
+            existing_secret=existing, stored_state=first.state_secret,
+            now=NOW + timedelta(minutes=1))
+        assert again.rotated
+        assert [e.reason for e in again.events] == [cs.ROTATION_REISSUED]
+        assert "did not hold the password issued" in again.events[0].message
+        assert again.secret is not None and again.state is not None
+        new = values(again.secret)["password"]
+        assert new not in (real, KNOWN)
+        entry = Credential.model_validate(cm.credential_entry(cred, again.state, NOW, RELAY))
+        at = NOW + timedelta(minutes=2)
+        assert entry.check_password(new, at) and not entry.check_password(KNOWN, at)
+        # Pods that read the Secret before the edit keep working for the overlap window.
+        assert entry.check_password(real, at)
+        assert not entry.check_password(real, NOW + timedelta(minutes=61))
+    # The password issued, untouched: nothing happens.
+    assert not reconcile(cred, first).rotated
+
+
+def test_a_password_that_never_reached_the_application_secret_keeps_the_one_in_use() -> None:
+    # The state was written, then the operator stopped before the application Secret was: the
+    # application still holds the previous password, which must keep working.
+    cred = credential(rotation={"interval": "24h", "overlap": "1h"})
+    first = reconcile(cred)
+    assert first.secret is not None
+    old = values(first.secret)["password"]
+    rotated = reconcile(cred, first, now=NOW + timedelta(hours=24))
+    resumed = reconcile(cred, rotated, existing=first.secret,
+                        now=NOW + timedelta(hours=24, minutes=1))
+    assert [e.reason for e in resumed.events] == [cs.ROTATION_REISSUED]
+    assert resumed.state is not None and rotated.state is not None
+    assert resumed.state.previous_hash == rotated.state.previous_hash
+    assert resumed.state.previous_expires == rotated.state.previous_expires
+    assert resumed.state.still_previous(old, NOW + timedelta(hours=24, minutes=30))
 
 
 def test_the_state_of_an_earlier_version_is_adopted_once_and_bounded() -> None:
@@ -407,7 +437,8 @@ def test_the_state_of_an_earlier_version_is_adopted_once_and_bounded() -> None:
     legacy = forge(reconcile(cred).secret or {}, FORGERY, password=old)
     adopted = reconcile(cred, existing=legacy)
     assert not adopted.rotated, "an upgrade must not change every password"
-    assert adopted.state is not None and adopted.state.password == old
+    assert adopted.state is not None and adopted.state.issued(old)
+    assert adopted.secret is not None and values(adopted.secret)["password"] == old
     assert adopted.state.rotated_at == NOW  # not 2099: the next rotation is not pushed out
     assert adopted.state.previous_expires == NOW + timedelta(hours=1)  # one overlap at most
     assert adopted.state_secret is not None  # written to the store from now on
@@ -418,9 +449,9 @@ def test_the_state_of_an_earlier_version_is_adopted_once_and_bounded() -> None:
     assert state is not None and state.previous_hash is None and state.rotated_at == NOW
     other = credential(rotation={"interval": "24h", "overlap": "1h"})
     assert cm.current_state(other, None, legacy, NOW) is None
-    # Once the store exists, the application Secret is never read again.
-    assert reconcile(cred, adopted, existing=forge(legacy, {}, password="x")).state == (
-        adopted.state)
+    # Once the store exists, the application Secret's annotations are never read again.
+    again = reconcile(cred, adopted, existing=forge(legacy, {cs.ANN_ROTATED_AT: "2099-01-01"}))
+    assert again.state == adopted.state and not again.rotated
 
 
 def test_a_damaged_state_secret_is_read_safely() -> None:
@@ -431,13 +462,16 @@ def test_a_damaged_state_secret_is_read_safely() -> None:
     damaged["data"].update({
         "previousPasswordHash": base64.b64encode(b"not a hash").decode(),
         "previousExpires": base64.b64encode(b"2026-11-28T00:00:00Z").decode(),
-        "rotatedAt": "%%%not-base64",
-        "passwordHash": base64.b64encode(b"sha256$00$00").decode()})
+        "rotatedAt": "%%%not-base64"})
     state = cs.state_from_store(damaged)
     assert state is not None and state.previous_hash is None
     assert state.rotated_at.year == 1970  # unreadable: rotate now rather than never
-    assert verify_password(state.password, state.password_hash)
-    assert state == cs.state_from_store(damaged)  # the same recomputed hash every time
+    assert reconcile(cred, first, stored=damaged).rotated
+    # No usable hash: a new password is issued.
+    damaged["data"]["passwordHash"] = base64.b64encode(b"sha256$00$00").decode()
+    assert cs.state_from_store(damaged) is None
+    assert [e.reason for e in reconcile(cred, first, stored=damaged).events] == [
+        cs.ROTATION_INITIAL]
     assert cs.state_from_store({"data": {}}) is None
 
 

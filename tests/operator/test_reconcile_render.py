@@ -42,12 +42,11 @@ def verified(domain_name: str, namespace: str = "mail", pem: str = ED_PEM,
 
 
 def app_secret(c: Any, password: str = "p" * 43) -> dict[str, Any]:
-    st = cs.CredentialState(password, hash_password(password), NOW)
-    return cm.secret_manifest(c, st, cm.Endpoint("h", 587, 465))
+    return cm.secret_manifest(c, password, cm.Endpoint("h", 587, 465))
 
 
 def state_secret(c: Any, password: str = "p" * 43, **state: Any) -> dict[str, Any]:
-    st = cs.CredentialState(password, hash_password(password), NOW, **state)
+    st = cs.CredentialState(hash_password(password), NOW, **state)
     return cs.state_manifest(c, relay(), st)
 
 

@@ -12,7 +12,13 @@ from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
 from ..reconcile.conditions import Event
-from ..reconcile.credential_state import state_secret_name, state_secret_name_of
+from ..reconcile.credential_state import (
+    COMPONENT_STATE,
+    LABEL_COMPONENT,
+    LABEL_CREDENTIAL_UID,
+    state_secret_name,
+    state_secret_name_of,
+)
 from ..reconcile.models import SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import RENDER_REASONS, attached_domains, owners_of
@@ -169,7 +175,13 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         # reference cannot reach across namespaces, so nothing else would delete it).
         state_ns = ((body.get("spec") or {}).get("relayRef") or {}).get("namespace") or namespace
         uid = str((body.get("metadata") or {}).get("uid") or "")
-        if uid:
+        state = (await rt.client.get(kube.SECRETS, state_ns, state_secret_name_of(uid))
+                 if uid else None)
+        labels = ((state or {}).get("metadata") or {}).get("labels") or {}
+        # Only the state Secret the operator made for this very object: the relayRef namespace
+        # is the tenant's to write, the name and labels carry the uid the API server assigned.
+        if state is not None and labels.get(LABEL_CREDENTIAL_UID) == uid[:63] and labels.get(
+                LABEL_COMPONENT) == COMPONENT_STATE:
             await rt.client.delete(kube.SECRETS, state_ns, state_secret_name_of(uid))
             rt.remember_secret(state_ns, state_secret_name_of(uid), None)
         rt.credential_next_check.pop(key, None)

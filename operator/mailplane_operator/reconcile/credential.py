@@ -1,11 +1,13 @@
 """SmtpCredential: admission to the relay, the application's Secret, platform ceilings and
 suspensions, and the relay configuration entry.
 
-The password and its rotation state live in an operator-owned Secret in the relay's namespace
-(``credential_state``), where tenants cannot write; the application Secret in the credential's
-namespace is a copy for the application, written only when it is this credential's own (its
-controller ownerReference has this object's uid) and never read back for anything that decides
-which passwords work or when the next rotation is due.
+The rotation state — the hashes the relay accepts, when the previous password expires, when the
+next rotation is due — lives in an operator-owned Secret in the relay's namespace
+(``credential_state``), where tenants cannot write. The password itself exists only in the
+application Secret in the credential's namespace, written only when it is this credential's own
+(its controller ownerReference has this object's uid) and read back only to check it against the
+stored hash: a password there that is not the one issued is never accepted and a new one is
+issued (``PasswordReissued``).
 
 Rotation happens when there is no password yet, when ``spec.rotation.interval`` has passed since
 the last rotation, or on demand when the annotation ``mailplane.io/rotate`` on the SmtpCredential
@@ -32,6 +34,7 @@ from .credential_state import (
     ANN_ROTATE,
     LEGACY_ANNOTATIONS,
     ROTATION_INITIAL,
+    ROTATION_REISSUED,
     ROTATION_REQUESTED,
     CredentialState,
     RandomBytes,
@@ -253,13 +256,13 @@ def _b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
 
 
-def secret_manifest(cred: SmtpCredential, state: CredentialState, endpoint: Endpoint,
+def secret_manifest(cred: SmtpCredential, password: str, endpoint: Endpoint,
                     username: str | None = None,
                     existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The application's Secret: username, password, host, port, url (+ smtps-port/smtps-url)."""
     user = username or username_for(cred)
-    auth = f"{quote(user, safe='')}:{quote(state.password, safe='')}"
-    values = {"username": user, "password": state.password, "host": endpoint.host}
+    auth = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    values = {"username": user, "password": password, "host": endpoint.host}
     if endpoint.starttls_port is not None:
         # smtp:// on the submission port: clients must upgrade with STARTTLS (the relay refuses
         # AUTH before it), which is what nodemailer, Django and most libraries do on 587.
@@ -386,15 +389,23 @@ def reconcile_credential(
     if relay is not None and conflict is None and (
             admission.reason != REASON_NAMESPACE_NOT_ALLOWED):
         state = current_state(cred, stored_state, existing_secret, now)
+        # The one copy of the password is the application Secret; it is used only when it is
+        # the password issued (its hash is the stored one), else a new one is issued.
+        in_use = secret_value(existing_secret, "password") if existing_secret else None
         cause = rotation_due(cred, state, now)
+        if cause is None and state is not None and not state.issued(in_use):
+            cause = ROTATION_REISSUED
         if cause is not None:
-            state = rotate(cred, state, now, random)
+            state, password = rotate(cred, state, now, random, in_use=in_use)
             rotated = True
             events.append(Event("Normal", cause, _rotation_message(cause, cred, state)))
+        else:
+            assert in_use is not None
+            password = in_use
         assert state is not None
         state = expire_previous(state, now)
         state_secret = state_manifest(cred, relay, state)
-        secret = secret_manifest(cred, state, endpoint or relay_endpoint(relay),
+        secret = secret_manifest(cred, password, endpoint or relay_endpoint(relay),
                                  existing=existing_secret)
     status = credential_status(cred, admission, state, now, relay)
     if not admission.allowed:
@@ -415,6 +426,9 @@ def _rotation_message(cause: str, cred: SmtpCredential, state: CredentialState) 
         return f"generated a password into {where}"
     overlap = (f"; the previous password works until {format_time(state.previous_expires)}"
                if state.previous_expires else "; the previous password no longer works")
+    if cause == ROTATION_REISSUED:
+        return (f"{where} did not hold the password issued (edited or deleted); a new one was "
+                f"written{overlap}")
     why = "on request" if cause == ROTATION_REQUESTED else "on schedule"
     return f"rotated the password in {where} {why}{overlap}"
 

@@ -1,14 +1,16 @@
 """The rotation state of an SmtpCredential, kept where its tenant cannot write it.
 
-What decides which passwords the relay accepts and when the next rotation is due — the current
-password and its hash, the previous hash with the end of its overlap window, when the password
+What decides which passwords the relay accepts and when the next rotation is due — the hash of
+the current password, the previous hash with the end of its overlap window, when the password
 was last rotated, the last on-demand rotation token handled — lives in one operator-owned
 Secret per credential in the *relay's* namespace (the platform's): ``mailplane-credential-<uid>``,
 labelled ``mailplane.io/component=credential-state`` and owned by the SmtpRelay. Tenants have no
-access to that namespace, so they cannot forge it; the application Secret in the tenant's
-namespace is only a copy the operator writes for the application, and nothing is read back from
-it. An edit there breaks at worst that tenant's own application until the next reconcile puts
-the copy back. An operator restart finds everything in the state Secret.
+access to that namespace, so they cannot forge it. It holds hashes only, never a password: the
+one copy of the password is the application Secret in the tenant's namespace, which the operator
+writes and reads back only to check it against the stored hash. A password there that does not
+match (edited or deleted by hand) is never accepted: the operator issues a new one (keeping the
+issued one valid for the overlap window, as in any rotation), so an edit breaks at worst that
+tenant's own application. An operator restart finds everything in the state Secret.
 
 Credentials created before this store existed kept their state in annotations on the
 application Secret. Those are read once, when no state Secret exists yet and the application
@@ -42,7 +44,6 @@ ANN_CREDENTIAL = "mailplane.io/credential"
 """On the state Secret: ``namespace/name`` of its SmtpCredential, for humans."""
 
 # Keys of the state Secret's data.
-KEY_PASSWORD = "password"  # noqa: S105 - a key name
 KEY_HASH = "passwordHash"
 KEY_PREVIOUS_HASH = "previousPasswordHash"
 KEY_PREVIOUS_EXPIRES = "previousExpires"
@@ -67,6 +68,8 @@ MAX_TOKEN = 256
 ROTATION_INITIAL = "PasswordGenerated"
 ROTATION_SCHEDULED = "PasswordRotated"
 ROTATION_REQUESTED = "PasswordRotationRequested"
+ROTATION_REISSUED = "PasswordReissued"
+"""The application Secret no longer holds the password issued (edited or deleted by hand)."""
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -106,18 +109,27 @@ def well_formed_hash(value: str | None) -> bool:
 
 @dataclass(frozen=True)
 class CredentialState:
-    """The rotation state of one credential."""
+    """The rotation state of one credential: hashes and times, never a password."""
 
-    password: str
     password_hash: str
     rotated_at: datetime
     previous_hash: str | None = None
     previous_expires: datetime | None = None
     rotation_request: str | None = None
 
-    def __repr__(self) -> str:  # never print the password
+    def __repr__(self) -> str:  # hashes stay out of logs too
         return (f"CredentialState(rotated_at={self.rotated_at!r}, "
                 f"previous_expires={self.previous_expires!r})")
+
+    def issued(self, password: str | None) -> bool:
+        """Whether ``password`` is the current one issued."""
+        return bool(password) and verify_password(password or "", self.password_hash)
+
+    def still_previous(self, password: str | None, now: datetime) -> bool:
+        """Whether ``password`` is the previous one, within its overlap window."""
+        return bool(password and self.previous_hash and self.previous_expires
+                    and now < self.previous_expires
+                    and verify_password(password, self.previous_hash))
 
 
 def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
@@ -162,23 +174,19 @@ def state_secret_name_of(uid: str) -> str:
 
 
 def state_from_store(secret: Mapping[str, Any] | None) -> CredentialState | None:
-    """The state in the operator's state Secret; None when there is none or it holds no
-    password. Damaged fields are dropped (a previous hash that is not a hash, a time that is not
-    a time) rather than failing: the worst outcome is an earlier rotation."""
+    """The state in the operator's state Secret; None when there is none or it holds no usable
+    hash (the credential then gets a new password). Other damaged fields are dropped (a previous
+    hash that is not a hash, a time that is not a time) rather than failing: the worst outcome
+    is an earlier rotation."""
     if not secret:
         return None
-    password = secret_value(secret, KEY_PASSWORD)
-    if not password:
-        return None
     current = secret_value(secret, KEY_HASH) or ""
-    if not well_formed_hash(current) or not verify_password(password, current):
-        meta = secret.get("metadata") or {}
-        current = _stable_hash(password, str(meta.get("uid") or meta.get("name")))
+    if not well_formed_hash(current):
+        return None
     previous = secret_value(secret, KEY_PREVIOUS_HASH)
     expires = parse_time(secret_value(secret, KEY_PREVIOUS_EXPIRES))
     keep = well_formed_hash(previous) and expires is not None
     return CredentialState(
-        password=password,
         password_hash=current,
         rotated_at=parse_time(secret_value(secret, KEY_ROTATED_AT)) or _EPOCH,
         previous_hash=previous if keep else None,
@@ -210,7 +218,6 @@ def state_from_legacy_secret(cred: SmtpCredential, secret: Mapping[str, Any] | N
     if keep and expires is not None:
         expires = min(expires, now + timedelta(seconds=cred.spec.rotation.overlap))
     return CredentialState(
-        password=password,
         password_hash=_stable_hash(password, f"{cred.meta.uid}/{cred.secret_name}"),
         rotated_at=rotated_at,
         previous_hash=previous if keep and isinstance(previous, str) else None,
@@ -221,9 +228,8 @@ def state_from_legacy_secret(cred: SmtpCredential, secret: Mapping[str, Any] | N
 
 def state_manifest(cred: SmtpCredential, relay: SmtpRelay,
                    state: CredentialState) -> dict[str, Any]:
-    """The operator-owned state Secret, in the relay's namespace."""
-    values = {KEY_PASSWORD: state.password, KEY_HASH: state.password_hash,
-              KEY_ROTATED_AT: format_time(state.rotated_at)}
+    """The operator-owned state Secret, in the relay's namespace: hashes and times only."""
+    values = {KEY_HASH: state.password_hash, KEY_ROTATED_AT: format_time(state.rotated_at)}
     if state.previous_hash and state.previous_expires:
         values[KEY_PREVIOUS_HASH] = state.previous_hash
         values[KEY_PREVIOUS_EXPIRES] = format_time(state.previous_expires)
@@ -261,20 +267,29 @@ def rotation_due(cred: SmtpCredential, state: CredentialState | None,
 
 
 def rotate(cred: SmtpCredential, state: CredentialState | None, now: datetime,
-           random: RandomBytes = os.urandom) -> CredentialState:
-    """A new password; the current one's hash stays accepted until the overlap ends."""
+           random: RandomBytes = os.urandom, *, in_use: str | None = None,
+           ) -> tuple[CredentialState, str]:
+    """A new password and the state that accepts it; the password the application may still be
+    using stays accepted until the overlap ends. That is the current one, except when
+    ``in_use`` (the application Secret's password) is still the previous one: an earlier
+    rotation whose password never reached the application Secret."""
     password = generate_password(random)
     overlap = cred.spec.rotation.overlap
-    keep_previous = state is not None and overlap > 0
+    previous_hash: str | None = None
+    previous_expires: datetime | None = None
+    if state is not None and state.still_previous(in_use, now):
+        previous_hash, previous_expires = state.previous_hash, state.previous_expires
+    elif state is not None and overlap > 0:
+        previous_hash = state.password_hash
+        previous_expires = now + timedelta(seconds=overlap)
     return CredentialState(
-        password=password,
         password_hash=hash_for_relay(password, random),
         rotated_at=now,
-        previous_hash=state.password_hash if keep_previous and state else None,
-        previous_expires=now + timedelta(seconds=overlap) if keep_previous else None,
+        previous_hash=previous_hash,
+        previous_expires=previous_expires,
         rotation_request=_token(cred.meta.annotations.get(ANN_ROTATE))
         or (state.rotation_request if state else None),
-    )
+    ), password
 
 
 def expire_previous(state: CredentialState, now: datetime) -> CredentialState:

@@ -15,7 +15,7 @@ A domain is included when it references this relay, its namespace is allowed, it
 (``ownership``: the earliest verified claim) and its DKIM key exists. A credential is included
 when it references this relay, its namespace is allowed, its Secret name is its own, every
 allowed sender's domain is included and granted to the credential's namespace by its owner, and
-the operator's state Secret holds its password. Everything left out is listed in
+the operator's state Secret holds its password's hash. Everything left out is listed in
 ``RenderResult.excluded`` with the reason (the same reasons as the resources' Ready
 conditions). Output is deterministic: same inputs, same files, same hash.
 """
