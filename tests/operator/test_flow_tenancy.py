@@ -189,3 +189,27 @@ def test_two_tenants_share_a_relay_and_b_cannot_take_what_is_a_s(
     api.wait_until(lambda: _signing(api).get("example.com", {}).get("selector") == "grab",
                    what="the next claim owns the domain")
     _wait_reason(api, k.SENDING_DOMAINS, "aaa-b", "grab", "Verified")
+
+
+def test_a_grant_by_namespace_label_follows_the_label(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    """The relay admits shop (its access label); example.com is granted to namespaces labelled
+    team=orders. Taking that label away revokes the credential at once; giving it back
+    re-admits it. Only a cluster admin can change a Namespace's labels."""
+    api = kube_api
+    api.create(k.NAMESPACES, namespace_body("mail"))
+    api.create(k.NAMESPACES, namespace_body("shop", team="orders", **ACCESS))
+    api.create(k.SMTP_RELAYS, relay_body())
+    api.create(k.SENDING_DOMAINS, domain_body(
+        "example-com", "example.com", allowedNamespaces={"matchLabels": {"team": "orders"}}))
+    api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["orders@example.com"]))
+    api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="granted")
+
+    api.patch(k.NAMESPACES, None, "shop", {"metadata": {"labels": {"team": None}}})
+    api.wait_until(lambda: "shop.orders" not in rendered_credentials(api), what="revoked")
+    refused = _wait_reason(api, k.SMTP_CREDENTIALS, "shop", "orders", "SenderNotGranted")
+    assert "SendingDomain mail/example-com" in _ready(refused)["message"]
+
+    api.patch(k.NAMESPACES, None, "shop", {"metadata": {"labels": {"team": "orders"}}})
+    api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="granted again")
+    _wait_reason(api, k.SMTP_CREDENTIALS, "shop", "orders", "CredentialReady")
