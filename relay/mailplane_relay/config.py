@@ -565,6 +565,15 @@ class RelaySettings(_Model):
 
     _d = _durations("shutdown_grace")
 
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        # It goes into the greeting, Received: and generated Message-IDs: plain ASCII DNS.
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", v):
+            raise ValueError(f"hostname {v!r} must be a DNS name (A-Z, a-z, 0-9, '.', '-'; "
+                             "an internationalised name in its xn-- form)")
+        return v
+
     @field_validator("trusted_networks")
     @classmethod
     def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:

@@ -294,3 +294,30 @@ def test_every_refusal_reason_is_from_the_closed_set() -> None:
     used = set(re.findall(r'(?:Refusal|count_refusal|_end_session)\(\s*"([a-z_]+)"', source))
     assert len(used) > 20
     assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)
+
+
+async def test_a_trickled_transfer_does_not_outlive_the_session_lifetime(relay: Relay) -> None:
+    relay.reconfigure(lambda d: d["limits"].update(maxSessionLifetime=0.3, sessionTimeout=0.6))
+    c = await ready_session(relay, source="127.0.0.2")
+    try:
+        assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<r@example.net>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 5:
+            try:
+                await c.send(b"a.\r\n")  # a line at a time: each pushes the idle deadline
+            except ConnectionError:
+                closed = True
+                break
+            await asyncio.sleep(0.1)
+            if c.reader.at_eof():
+                closed = True
+                break
+        assert closed
+        assert time.monotonic() - started < 3
+    finally:
+        await c.close()
+    assert relay.queue.submitted == []
+    assert relay.rejected("session_lifetime") == 1

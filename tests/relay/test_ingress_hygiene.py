@@ -345,3 +345,15 @@ async def test_starttls_reply_has_an_enhanced_status_code(relay: Relay) -> None:
         writer.close()
         with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+def test_the_hostname_must_be_an_ascii_dns_name() -> None:
+    from pydantic import ValidationError
+
+    from mailplane_relay.config import RelaySettings
+
+    tls = {"certFile": "/c", "keyFile": "/k"}
+    assert RelaySettings.model_validate({"hostname": "relay-0.mail.example.com", "tls": tls})
+    for bad in ("rélay.example.com", "relay example", "relay\r\nX: y", ""):
+        with pytest.raises(ValidationError, match="hostname"):
+            RelaySettings.model_validate({"hostname": bad, "tls": tls})

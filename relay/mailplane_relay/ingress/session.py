@@ -181,7 +181,9 @@ class RelaySMTP(SMTP):
         buffered, so a pipelined MAIL/RCPT/DATA burst is answered in one write (a send costs
         about 0.1 ms here); any other reply flushes what is held. Every 4xx/5xx reply counts
         towards ``limits.maxRefusedCommands``."""
-        data = status.encode("utf-8") if isinstance(status, str) else status
+        # ASCII on the wire: an address or domain echoed in a reply is escaped, not sent raw
+        # to a client that may not speak SMTPUTF8.
+        data = status.encode("ascii", "backslashreplace") if isinstance(status, str) else status
         data = _LIBRARY_REPLIES.get(data, data)
         if data[:1] in (b"4", b"5"):
             self._refused += 1
@@ -246,12 +248,20 @@ class RelaySMTP(SMTP):
 
     def _end_session(self, reason: str, reply: str) -> None:
         """Close now if waiting for a command; otherwise once the command in progress (a DATA
-        transfer, say) has been answered."""
+        transfer, say) has been answered, and at the latest one ``sessionTimeout`` later (a
+        transfer trickled in byte by byte does not keep the session forever)."""
         if self._idle:
             self.count_refusal(reason)
             self.close_now(reply)
-        else:
-            self._ending = (reason, reply)
+            return
+        self._ending = (reason, reply)
+        grace = self.server.config().settings.limits.session_timeout
+
+        def overdue() -> None:
+            self.count_refusal(reason)
+            self.close_now(reply)
+
+        self._limit_handle = self.loop.call_later(grace, overdue)
 
     def _authenticated_or_trusted(self) -> bool:
         return self.username is not None or self.trusted()
