@@ -67,6 +67,19 @@ def test_a_relay_name_that_would_break_its_children_is_refused(name: str) -> Non
         relay(name)
 
 
+@pytest.mark.parametrize("name", ["main-headless", "main-metrics"])
+def test_a_relay_cannot_take_the_name_of_another_relays_service(name: str) -> None:
+    """Relay "main" has Services main-headless and main-metrics: a relay named like one of
+    them would have its submission Service collide with it."""
+    errors = admission_errors(_doc("SmtpRelay", name))
+    assert any("may not end in -headless or -metrics" in e for e in errors), errors
+    with pytest.raises(models.SpecError, match="may not end in -headless or -metrics"):
+        relay(name)
+    services = {c["metadata"]["name"] for c in relay_mod.relay_children(relay("main"))
+                if c["kind"] == "Service"}
+    assert name in services
+
+
 @pytest.mark.parametrize("kind", ["SmtpCredential", "SendingDomain"])
 def test_credential_and_domain_names_fit_a_label_value(kind: str) -> None:
     longest, too_long = "c" * 63, "c" * 64

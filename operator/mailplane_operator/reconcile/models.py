@@ -715,6 +715,11 @@ def check_name(kind: str, meta: Meta) -> None:
                 f"Services and pods, so it must be a DNS label of at most {RELAY_NAME_MAX} "
                 "characters: lowercase letters, digits and '-', starting with a letter and "
                 "ending with a letter or digit (mail-v2, not mail.v2)")
+        if name.endswith(("-headless", "-metrics")):
+            raise SpecError(
+                f"{kind} {meta.key}: metadata.name: an SmtpRelay's name may not end in "
+                "-headless or -metrics: relay <name> already has Services <name>-headless and "
+                "<name>-metrics, which the two relays would fight over")
     elif kind in ("SmtpCredential", "SendingDomain") and len(name) > LABEL_VALUE_MAX:
         raise SpecError(
             f"{kind} {meta.key}: metadata.name: a {kind}'s name is a label value on the "
