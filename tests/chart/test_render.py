@@ -285,7 +285,7 @@ def test_default_resources_on_a_fresh_install_stop_with_instructions() -> None:
 def test_notes_tell_the_next_steps(default_render: Rendered) -> None:
     notes = default_render.notes
     for step in ("SendingDomain", "status.dnsRecords", "SmtpCredential", "cert-manager",
-                 "mailplane-system"):
+                 "mailplane-system", "mailplane-edit", "mailplane-platform", "spec.networkPolicy"):
         assert step in notes
 
 
