@@ -59,11 +59,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              '{"pod": {labels, annotations, imagePullSecrets, nodeSelector, '
                              'tolerations, affinity, topologySpreadConstraints, '
                              'priorityClassName}, "service": {type, annotations}}')
+    election = parser.add_argument_group(
+        "leader election", "several replicas: only the holder of a coordination.k8s.io Lease "
+        "works; the others take over when it stops renewing")
+    election.add_argument("--leader-election", action="store_true",
+                          help="run only while holding the Lease (identity: $POD_NAME, else "
+                               "host name and process id)")
+    election.add_argument("--leader-election-namespace", metavar="NS",
+                          help="namespace of the Lease (default: the pod's own namespace)")
+    election.add_argument("--lease-name", default="mailplane-operator", metavar="NAME",
+                          help="name of the Lease (default %(default)s)")
+    election.add_argument("--lease-duration", type=_seconds, default=15.0, metavar="SECONDS",
+                          help="a leader that stops renewing is replaced after this long "
+                               "(default 15)")
+    election.add_argument("--renew-deadline", type=_seconds, default=10.0, metavar="SECONDS",
+                          help="a leader that cannot renew for this long steps down "
+                               "(default 10; below --lease-duration)")
+    election.add_argument("--retry-period", type=_seconds, default=2.0, metavar="SECONDS",
+                          help="how often the Lease is renewed or tried (default 2)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text (default) or json: one JSON object per line with ts, "
                              "level, logger, msg and the object a record is about")
     parser.set_defaults(func=main)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 3600 seconds")
+    return value
 
 
 def _relay_defaults(text: str) -> RelayDefaults:
@@ -78,9 +106,10 @@ def main(args: argparse.Namespace) -> int:
 
     from prometheus_client import start_http_server  # noqa: PLC0415 - lazy: see main.py
 
-    from .app import run  # noqa: PLC0415
+    from .app import LeadershipLost, run  # noqa: PLC0415
     from .dnscheck import parse_resolver  # noqa: PLC0415
     from .kube import load_connection  # noqa: PLC0415
+    from .leader import LeaseSettings  # noqa: PLC0415
     from .metrics import OperatorMetrics  # noqa: PLC0415
     from .runtime import OperatorConfig  # noqa: PLC0415
 
@@ -96,7 +125,24 @@ def main(args: argparse.Namespace) -> int:
               "Run inside a pod with a service account, or point --kubeconfig/$KUBECONFIG at "
               "a kubeconfig.", file=sys.stderr)
         return 2
+    lease = None
+    if args.leader_election:
+        namespace = args.leader_election_namespace or connection.default_namespace
+        if not namespace:
+            print("mailplane operator: --leader-election needs --leader-election-namespace "
+                  "outside a pod (the namespace to keep the Lease in)", file=sys.stderr)
+            return 2
+        try:
+            lease = LeaseSettings(namespace=namespace, name=args.lease_name,
+                                  lease_duration=args.lease_duration,
+                                  renew_deadline=args.renew_deadline,
+                                  retry_period=args.retry_period)
+        except ValueError as exc:
+            print(f"mailplane operator: {exc}: set --retry-period, --renew-deadline and "
+                  "--lease-duration in that increasing order", file=sys.stderr)
+            return 2
     config = OperatorConfig(
+        leader_election=lease,
         connection=connection,
         namespaces=tuple(args.namespace),
         dns_resolver=resolver,
@@ -112,5 +158,9 @@ def main(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.liveness_port:
         options["liveness_endpoint"] = f"http://0.0.0.0:{args.liveness_port}/healthz"
-    asyncio.run(run(config, metrics=metrics, **options))
+    try:
+        asyncio.run(run(config, metrics=metrics, **options))
+    except LeadershipLost as exc:
+        logger.error("Stopping: %s; a restart makes this replica a candidate again", exc)
+        return 1
     return 0

@@ -37,6 +37,7 @@ class OperatorMetrics:
     domain_verified: Gauge
     domain_disable_time: Gauge
     up: Gauge
+    leader: Gauge
     child_write_failures: Counter
     stale_generation: Gauge
     finalizer_pending: Gauge
@@ -91,6 +92,10 @@ class OperatorMetrics:
                 "(Unix time; present only during that grace period).",
                 ["domain"], registry=reg),
             up=Gauge("mailplane_operator_up", "1 while the operator runs.", registry=reg),
+            leader=Gauge(
+                "mailplane_operator_leader",
+                "1 while this replica leads (holds the Lease, or runs without leader "
+                "election); 0 while it waits.", registry=reg),
             child_write_failures=Counter(
                 "mailplane_operator_child_write_failures_total",
                 "Writes of a child object (StatefulSet, Service, Secret, ...) the API server "

@@ -21,6 +21,7 @@ import kopf
 from . import kube
 from .dnscheck import DnsChecker
 from .kube import ApiError, KubeClient
+from .leader import LeaseSettings
 from .metrics import OperatorMetrics
 from .reconcile import domain as domain_mod
 from .reconcile import relay as relay_mod
@@ -68,6 +69,8 @@ class OperatorConfig:
     """Entries per cache (parsed resources, Secrets read): least recently used dropped."""
     discovery_ttl: float = 300.0
     """How long an API discovery answer (is ServiceMonitor served?) is kept."""
+    leader_election: LeaseSettings | None = None
+    """Run only while holding this Lease (several replicas); None: always run."""
     fast: bool = False
     """Short kopf batching and backoffs, for tests against the emulator."""
 

@@ -56,8 +56,16 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
     assert defaults["service"]["type"] == relay_values.get("service", {}).get("type",
                                                                               "ClusterIP")
     # Relays without spec.image run the chart's image.
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MAILPLANE_RELAY_IMAGE"] == container["image"]
+    # Leader election (on by default): the Lease in the release namespace, the pod's name as
+    # the holder identity.
+    election = operator.get("leaderElection", {})
+    assert args.leader_election is election.get("enabled", True)
+    if args.leader_election:
+        assert args.leader_election_namespace == deployment["metadata"]["namespace"]
+        assert args.retry_period < args.renew_deadline < args.lease_duration
+        assert "POD_NAME" in env
 
 
 def test_the_ci_values_use_the_json_log_format() -> None:

@@ -21,7 +21,8 @@ def all_rules(rendered: Rendered) -> list[dict[str, Any]]:
     """The operator's rules (the roles for people are checked in test_tenant_rbac.py)."""
     rules: list[dict[str, Any]] = []
     for obj in rendered.of_kind("ClusterRole") + rendered.of_kind("Role"):
-        if obj["metadata"]["name"].endswith(("-operator", "-operator-cluster")):
+        if obj["metadata"]["name"].endswith(("-operator", "-operator-cluster",
+                                             "-operator-leader-election")):
             rules.extend(obj["rules"])
     return rules
 

@@ -170,11 +170,13 @@ def test_crds_can_be_disabled_or_not_kept() -> None:
                for c in crds)
 
 
-def test_operator_deployment_is_hardened_and_single(default_render: Rendered) -> None:
+def test_operator_deployment_is_hardened(default_render: Rendered) -> None:
     [deployment] = default_render.of_kind("Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Leader election is on: a rollout starts the new pod, which takes over the Lease.
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -207,13 +209,20 @@ def test_namespaced_values_render_their_settings() -> None:
                                  "--metrics-port=9090", "--liveness-port=8081",
                                  "--cluster-domain=corp.internal",
                                  container["args"][6], "--dns-resolver=10.0.0.10:53",
-                                 "--verbose", "--log-format=json"]
+                                 "--verbose", "--leader-election",
+                                 "--leader-election-namespace=" + NAMESPACE,
+                                 "--lease-duration=15", "--renew-deadline=10",
+                                 "--retry-period=2", "--log-format=json"]
     assert container["args"][6].startswith("--relay-defaults={")
     assert pod["serviceAccountName"] == "mail-operator"
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert rendered.of_kind("CustomResourceDefinition") == []
     assert rendered.of_kind("ConfigMap") == []
-    assert {(r["metadata"]["namespace"]) for r in rendered.of_kind("Role")} == {"mail", "shop"}
+    # One Role per watched namespace, and the Lease's Role in the release namespace.
+    assert {(r["metadata"]["namespace"], r["metadata"]["name"])
+            for r in rendered.of_kind("Role")} == {
+        ("mail", "mailplane-operator"), ("shop", "mailplane-operator"),
+        (NAMESPACE, "mailplane-operator-leader-election")}
 
 
 def test_monitoring_objects(render: Any) -> None:
@@ -374,6 +383,26 @@ def test_operator_pdb_selects_the_operator_and_never_blocks_a_drain(
     assert off.of_kind("PodDisruptionBudget") == []
 
 
-def test_more_operator_replicas_are_refused_until_there_is_leader_election() -> None:
-    with pytest.raises(helm.HelmError, match="no leader election"):
-        render_install({"operator": {"replicas": 2}})
+def test_operator_replicas_elect_a_leader() -> None:
+    rendered = render_install({"operator": {"replicas": 2}})
+    [deployment] = rendered.of_kind("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--leader-election" in container["args"]
+    assert f"--leader-election-namespace={NAMESPACE}" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    roles = [r for r in rendered.of_kind("Role") if r["metadata"]["name"].endswith(
+        "-leader-election")]
+    assert [r["metadata"]["namespace"] for r in roles] == [NAMESPACE]
+    assert roles[0]["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                  "verbs": ["get", "create", "patch"]}]
+    # Without leader election, one replica only, stopped before the next starts.
+    with pytest.raises(helm.HelmError, match="leaderElection"):
+        render_install({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}})
+    single = render_install({"operator": {"leaderElection": {"enabled": False}}})
+    [deployment] = single.of_kind("Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--leader-election" not in container["args"]

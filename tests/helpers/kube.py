@@ -771,8 +771,9 @@ class RunningOperator:
 
 
 def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: bool = True,
-                   **overrides: Any) -> RunningOperator:
-    """Run the real operator (kopf + our handlers) against the emulator, short timers."""
+                   wait_ready: bool = True, **overrides: Any) -> RunningOperator:
+    """Run the real operator (kopf + our handlers) against the emulator, short timers.
+    `wait_ready=False`: return at once (a replica that waits for the Lease is not ready)."""
     from mailplane_operator import app, runtime
 
     options: dict[str, Any] = {
@@ -815,6 +816,9 @@ def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: 
 
     thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
     thread.start()
+    if not wait_ready:
+        return RunningOperator(config, thread, stop_flag, ready_flag, capture, failure, metrics,
+                               clock, runtime)
     if not ready_flag.wait(15) or failure:
         stop_flag.set()
         thread.join(5)
