@@ -306,6 +306,8 @@ def test_pods_and_service_take_the_operators_defaults() -> None:
     assert template["metadata"]["labels"]["team"] == "platform"
     assert template["metadata"]["annotations"] == {"example.com/owner": "platform"}
     assert svc["spec"]["type"] == "LoadBalancer"
+    # Client addresses reach the relay unchanged (per-address throttling, smtpFromCIDRs).
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
     assert svc["metadata"]["annotations"] == {
         "service.beta.kubernetes.io/aws-load-balancer-internal": "true"}
     # Without defaults nothing extra is rendered.
@@ -314,6 +316,7 @@ def test_pods_and_service_take_the_operators_defaults() -> None:
                 "topologySpreadConstraints", "priorityClassName"} & set(bare["spec"])
     assert "annotations" not in bare["metadata"] and "annotations" not in bare_svc["metadata"]
     assert bare_svc["spec"]["type"] == "ClusterIP"
+    assert "externalTrafficPolicy" not in bare_svc["spec"]
 
 
 def test_the_relay_spec_wins_over_the_defaults() -> None:

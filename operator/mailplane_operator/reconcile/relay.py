@@ -277,12 +277,13 @@ def service(relay: SmtpRelay, defaults: RelayDefaults = NO_DEFAULTS) -> dict[str
     annotations = _merged(own.annotations, dflt.annotations)
     if annotations:
         meta["annotations"] = annotations
-    return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": meta,
-        "spec": {"type": service_type(relay, defaults), "selector": selector_labels(relay),
-                 "ports": _smtp_ports(relay)},
-    }
+    spec: dict[str, Any] = {"type": service_type(relay, defaults),
+                            "selector": selector_labels(relay), "ports": _smtp_ports(relay)}
+    if spec["type"] != "ClusterIP":
+        # Keep the client's address: the relay's per-address AUTH throttle and session cap, and
+        # the NetworkPolicy's smtpFromCIDRs, would otherwise see a node's address for everyone.
+        spec["externalTrafficPolicy"] = "Local"
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
 
 
 def service_type(relay: SmtpRelay, defaults: RelayDefaults = NO_DEFAULTS) -> str:
