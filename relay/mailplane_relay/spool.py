@@ -642,7 +642,13 @@ class Spool:
             msg = self._load(qid)
             if msg is None:
                 self._live.discard(qid)
-                self._states.discard(qid)
+                if qid in self._states:
+                    # Its state file names the recipients too: it goes (and is purged) with it.
+                    self._states.discard(qid)
+                    with contextlib.suppress(OSError):
+                        os.rename(self._d + qid + _STATE, self._corrupt_dir / (qid + _STATE))
+                        os.utime(self._corrupt_dir / (qid + _STATE))
+                    self._count_corrupt()
                 continue
             if msg.needs_work():
                 messages.append(msg)

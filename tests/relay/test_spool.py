@@ -152,6 +152,23 @@ async def test_corrupt_message_file_is_quarantined_not_deleted(tmp_path: Path) -
     assert (tmp_path / "corrupt" / path.name).exists()
 
 
+async def test_a_quarantined_message_takes_its_state_file_along(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msg = await commit(s)
+    await s.save_state(msg)
+    await s.close()
+    path = tmp_path / f"{msg.queue_id}.msg"
+    path.write_bytes(path.read_bytes()[:-3])
+    again = make_spool(tmp_path)
+    assert await again.start() == []
+    # Nothing naming the recipients stays in the spool itself; corrupt/ is purged in time.
+    assert files(tmp_path) == []
+    assert files(tmp_path / "corrupt") == [f"{msg.queue_id}.msg", f"{msg.queue_id}.state"]
+    assert again._purge_corrupt(now=time.time() + 86400 + 1) == 2
+    await again.close()
+
+
 async def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
     s = make_spool(tmp_path)
     await s.start()
