@@ -568,8 +568,10 @@ class KubeClient:
         try:
             applied = json.loads(((current.get("metadata") or {}).get("annotations") or {})
                                  .get(ANN_APPLIED) or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             applied = {}  # a hand-edited record: nothing is removed, every field is re-set
+        if not isinstance(applied, dict):
+            applied = {}
         patch: dict[str, Any] = {}
         want_meta = {k: v for k, v in (desired.get("metadata") or {}).items()
                      if k not in ("name", "namespace", *_SERVER_META)}
@@ -641,6 +643,8 @@ class KubeClient:
                 self.connection.server + path, params=params, headers=self._headers(None),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=window + 30)) as resp:
             if resp.status >= 400:
+                if resp.status == 401:
+                    self._token = None  # re-read a rotated service account token
                 raise ApiError(resp.status, resp.reason or "", "watch refused",
                                method="GET", path=path)
             async for line in resp.content:

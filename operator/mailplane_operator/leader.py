@@ -163,9 +163,12 @@ class LeaderElector:
                 if await self.try_acquire_or_renew():
                     last_renewal = time.monotonic()
                     continue
-                logger.error("Lost the Lease %s/%s to another replica", self.settings.namespace,
-                             self.settings.name)
-                return
+                lease = await self._get()
+                if ((lease or {}).get("spec") or {}).get("holderIdentity") != self.identity:
+                    logger.error("Lost the Lease %s/%s to another replica",
+                                 self.settings.namespace, self.settings.name)
+                    return
+                # Still ours (the Lease changed in between, e.g. a label): renew next time.
             except (ApiError, OSError, TimeoutError) as exc:
                 logger.warning("Renewing the Lease failed: %s", exc)
             if time.monotonic() - last_renewal > self.settings.renew_deadline:

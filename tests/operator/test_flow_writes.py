@@ -187,12 +187,18 @@ def test_a_held_finalizer_is_measured(kube_api: KubeApi,
                         what="the credential in the relay config")
     # The configuration itself cannot be written: the deletion must wait (the relay would
     # still accept the password), and the wait shows.
-    kube_api.emulator.refuse("secrets", "main-config-")
+    # (A webhook that quotes what it refused: a Secret's refusal is never echoed to an Event.)
+    kube_api.emulator.refuse("secrets", "main-config-",
+                             message="denied: the Secret holds hunter2hunter2")
     kube_api.delete(k.SMTP_CREDENTIALS, "shop", "orders")
     kube_api.wait_until(lambda: _metric(operator_running, "mailplane_operator_finalizer_pending_"
                                         "seconds", 'kind="SmtpCredential"') > 0.5,
                         what="the finalizer gauge", poll=0.2)
     assert kube_api.get(k.SMTP_CREDENTIALS, "shop", "orders") is not None
+    kube_api.wait_until(lambda: "ChildWriteFailed" in _reasons(kube_api, "mail", "main"),
+                        what="the ChildWriteFailed Event")
+    assert "hunter2" not in str(kube_api.events()) + str(
+        kube_api.get(k.SMTP_RELAYS, "mail", "main"))
     kube_api.emulator.allow("secrets", "main-config-")
     kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None, timeout=15)
     kube_api.wait_until(lambda: _metric(operator_running, "mailplane_operator_finalizer_pending_"

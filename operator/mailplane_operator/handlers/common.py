@@ -187,6 +187,10 @@ def child_write_failed(rt: Runtime, body: Body, manifest: Mapping[str, Any],
     reason = f"{exc.status} {exc.reason}" if isinstance(exc, kube.ApiError) else type(
         exc).__name__
     detail = str(exc).split(": ", 2)[-1] if isinstance(exc, kube.ApiError) else str(exc)
+    if kind == "Secret":
+        # An admission webhook may quote what it refused: a Secret's answer stays in the
+        # operator's log, never in an Event or status field a tenant reads.
+        detail = "the API server's message is in the operator log"
     message = f"{kind} {name}: {reason}: {detail}"[:1000]
     post_events(body, [Event("Warning", REASON_CHILD_WRITE_FAILED, message)])
     return message

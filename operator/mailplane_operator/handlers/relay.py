@@ -57,6 +57,7 @@ from .common import (
     wait_for_wake,
 )
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Rendered:
@@ -115,7 +116,17 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
             raise
         changed = False
         for manifest in result.secrets:
-            action, _obj = await rt.client.apply(manifest)
+            try:
+                action, _obj = await rt.client.apply(manifest)
+            except (ApiError, OSError, TimeoutError) as exc:
+                # The configuration is not in force: reported, and the whole render retried
+                # (deletions waiting for it keep waiting: the relay still has the old one).
+                message = child_write_failed(rt, body, manifest, exc)
+                await patch_status(rt, kube.SMTP_RELAYS, body, {
+                    **(body.get("status") or {}), "conditions": reconciled(
+                        rt, (body.get("status") or {}).get("conditions"), body, False,
+                        reason=REASON_CHILD_WRITE_FAILED, message=message)})
+                raise
             changed |= action != "unchanged"
         existing = await rt.client.list(kube.SECRETS, namespace, labels={
             relay_mod.LABEL_RELAY: name, relay_mod.LABEL_COMPONENT: "config"})
@@ -304,10 +315,18 @@ async def _watch_statefulset(rt: Runtime, key: RelayKey, worker: RelayWorker) ->
     watch, and no other StatefulSet is ever seen."""
     namespace, name = key
     labels = {**MANAGED_BY_LABELS, "app.kubernetes.io/instance": name}
-    async for kind, _obj in rt.client.watch(kube.STATEFULSETS, namespace, labels,
-                                            backoff=0.2 if rt.config.fast else 2.0):
-        if kind != "LISTED":
-            worker.poke()
+    backoff = 0.2 if rt.config.fast else 2.0
+    while True:
+        try:
+            async for kind, _obj in rt.client.watch(kube.STATEFULSETS, namespace, labels,
+                                                    backoff=backoff):
+                if kind != "LISTED":
+                    worker.poke()
+        except Exception:
+            # The periodic resync still renders; the watch must come back, never die silently.
+            logger.exception("Watching StatefulSet %s/%s failed; watching again", namespace,
+                             name)
+            await asyncio.sleep(backoff)
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
