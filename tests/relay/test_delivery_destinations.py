@@ -491,3 +491,28 @@ async def test_a_bounced_recipient_gets_its_dsn_while_others_are_retried(
     second = dsns(sink)[1].as_string()
     assert "Final-Recipient: rfc822; later@example.net" in second
     assert "Final-Recipient: rfc822; gone@example.net" not in second
+
+
+async def test_a_bug_while_signing_fails_every_part_of_the_attempt_without_sticking(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the signer raises. Both domains' work items of the attempt end as
+    internal errors (none waits forever for the other's data), and the message expires."""
+    sink = await smtp_sink()
+    for domain in ("one.example", "two.example"):
+        dns_server.add_mx(domain, f"mx.{domain}")
+        dns_server.add_a(f"mx.{domain}")
+    r = await relay(make_config(mx_mode(dns_server, sink.port), queue={"maxLifetime": 0.5}))
+
+    def broken(*_args: Any, **_kwargs: Any) -> bytes:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(r.queue._signer, "sign", broken)
+    msg = await r.send(["a@one.example", "b@two.example"])
+    await r.done(msg)
+    rows = [e for e in await r.events(msg) if e["status"] != "received"]
+    assert {e["status"] for e in rows} <= {"deferred", "expired"}
+    assert {e["recipient"] for e in rows if e["status"] == "expired"} == {
+        "a@one.example", "b@two.example"}
+    assert all(e["response"] == "451 4.3.0 Internal error during delivery" for e in rows)
+    assert sink.messages == [] or all(m.mail_from == "" for m in sink.messages)

@@ -553,25 +553,32 @@ class DeliveryQueue:
     async def _data(self, attempt: Attempt) -> bytes | None:
         """The message, DKIM-signed, read once per attempt (None: the spool cannot read it)."""
         if attempt.data is None:
-            attempt.data = asyncio.get_running_loop().create_future()
+            future = attempt.data = asyncio.get_running_loop().create_future()
             try:
-                data = await self._read(attempt.msg)
-            except SpoolError as exc:
-                log.error("delivery: cannot read %s from the spool: %s",
-                          attempt.msg.queue_id, exc)
-                attempt.data.set_result(None)
-            except BaseException as exc:
-                attempt.data.set_exception(exc)
+                data: bytes | None = await self._signed(attempt)
+            except asyncio.CancelledError:
+                future.cancel()  # the relay stops: so do the others
                 attempt.data = None
                 raise
-            else:
-                cfg, sender_domain = attempt.cfg, attempt.msg.sender_domain
-                if len(data) > SIGN_IN_THREAD_BYTES:
-                    data = await asyncio.to_thread(self._signer.sign, cfg, data, sender_domain)
-                else:
-                    data = self._signer.sign(cfg, data, sender_domain)
-                attempt.data.set_result(data)
+            except Exception as exc:  # a bug: an internal error for every work item
+                future.set_exception(exc)
+                future.exception()  # retrieved: the caller below reports it
+                raise
+            future.set_result(data)
+        if attempt.data.done():
+            return attempt.data.result()
         return await asyncio.shield(attempt.data)
+
+    async def _signed(self, attempt: Attempt) -> bytes | None:
+        msg, cfg = attempt.msg, attempt.cfg
+        try:
+            data = await self._read(msg)
+        except SpoolError as exc:
+            log.error("delivery: cannot read %s from the spool: %s", msg.queue_id, exc)
+            return None
+        if len(data) > SIGN_IN_THREAD_BYTES:
+            return await asyncio.to_thread(self._signer.sign, cfg, data, msg.sender_domain)
+        return self._signer.sign(cfg, data, msg.sender_domain)
 
     async def _read(self, msg: QueuedMessage) -> bytes:
         if msg.size > SIGN_IN_THREAD_BYTES:
