@@ -31,7 +31,6 @@ from urllib.parse import quote
 
 from .conditions import READY, Event, format_time, get_condition, set_condition
 from .credential_state import (
-    ANN_ROTATE,
     LEGACY_ANNOTATIONS,
     ROTATION_INITIAL,
     ROTATION_REISSUED,
@@ -48,8 +47,6 @@ from .credential_state import (
 )
 from .models import SmtpCredential, SmtpRelay, owner_reference
 from .ownership import REASON_SENDER_NOT_GRANTED, DomainOwner, grant_refusal
-
-__all__ = ["ANN_ROTATE", "CredentialState", "secret_value"]
 
 LABEL_CREDENTIAL = "mailplane.io/credential"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .conditions import READY, Event, format_time, get_condition, parse_time, set_condition
-from .credential import ANN_ROTATE, namespace_allowed, secret_value
+from .credential import namespace_allowed
+from .credential_state import ANN_ROTATE, secret_value
 from .models import SendingDomain, SmtpRelay, SpecError, TenancySpec, owner_reference
 from .ownership import (
     REASON_DOMAIN_CONFLICT,
