@@ -35,6 +35,7 @@ from ..reconcile.models import (
 from ..reconcile.ownership import REASON_DOMAIN_CONFLICT
 from ..reconcile.render import (
     REASON_DELETING,
+    REASON_DKIM_SECRET_UNREADABLE,
     RENDER_REASONS,
     RenderError,
     RenderResult,
@@ -271,13 +272,14 @@ async def _delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str,
 def _announce_render_exclusions(rt: Runtime, key: RelayKey, result: RenderResult,
                                 indexes: Mapping[str, Any]) -> None:
     """A Warning Event on each SendingDomain the render newly leaves out because its entry would
-    break the configuration (credentials get theirs from their own reconcile, which this render
-    triggers through their Ready condition)."""
+    break the configuration or its DKIM Secret cannot be read (credentials get theirs from their
+    own reconcile, which this render triggers through their Ready condition)."""
     worker = rt.workers.get(key)
     before = worker.last if worker is not None else None
     bodies = {key_of(b): b for b in indexes["domains_idx"].get(key, ())}
     for e in result.excluded:
-        if e.kind != "SendingDomain" or e.reason not in RENDER_REASONS:
+        if e.kind != "SendingDomain" or e.reason not in (
+                *RENDER_REASONS, REASON_DKIM_SECRET_UNREADABLE):
             continue
         previous = before.exclusion(e.kind, e.key) if before is not None else None
         if previous is not None and previous.reason == e.reason:
