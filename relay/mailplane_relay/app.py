@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,8 +48,9 @@ from .ratelimit import Limiter
 from .reputation import Reputation
 from .spool import Spool, SpoolErasure, SpoolError, adopt
 from .spool import count_messages as spool_count_messages
-from .store import LogQuery, MessageLog, StoreBackend, SuppressionList, complaint_hash
+from .store import LogQuery, MessageLog, StoreBackend, SuppressionList
 from .store.factory import backend_for, buffer_directory
+from .store.health import StoreHealth
 from .tlsctx import ReloadingTLS
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ _RESTART_ONLY = ("listeners", "http", "spool", "message_log", "store", "workers"
 # Suppression changes are kept this long for the caches to catch up; a cache further behind
 # reloads the whole list. Trimmed by age: an address leaves the change log within a day.
 SUPPRESSION_CHANGES_RETENTION = 86400.0
+SHARED_STATE_SYNC_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,26 @@ async def _export_paused(reputation: Reputation, metrics: RelayMetrics) -> None:
         await asyncio.sleep(10.0)
 
 
+async def _try(step: Awaitable[None], health: StoreHealth, operation: str) -> None:
+    """A store step at start: a store that does not answer is noted, never fatal."""
+    try:
+        await step
+    except Exception as exc:
+        health.failed(operation, exc)
+    else:
+        health.ok(operation)
+
+
+async def _sync_shared_state(limiter: Limiter, reputation: Reputation,
+                             health: StoreHealth) -> None:
+    """Every few seconds: note this worker alive (the limits' local share) and exchange the
+    bounce-rate counts with the store."""
+    while True:
+        await asyncio.sleep(SHARED_STATE_SYNC_INTERVAL)
+        await _try(limiter.heartbeat(), health, "limits")
+        await _try(reputation.sync(), health, "reputation")
+
+
 async def _close_fd(fd: int) -> None:
     os.close(fd)
 
@@ -241,6 +264,7 @@ class RelayApp:
         self.tls: ReloadingTLS | None = None
         self.message_log: MessageLog | None = None
         self.store: StoreBackend | None = None
+        self.store_health: StoreHealth | None = None
         self._tenants: tuple[str, dict[str, str]] = ("", {})
         self._queue_deadline: float | None = None
 
@@ -331,20 +355,20 @@ class RelayApp:
         await backend.open()
         stages.append(("store", backend.close))
         self.store = backend
+        health = StoreHealth.create(self.registry, backend.description)
+        self.store_health = health
         local_dir = buffer_directory(settings) / (f"w{worker.index}" if worker else "w0")
         msglog = MessageLog(backend, flush_interval=settings.message_log.flush_interval,
-                            metrics=metrics, tenant_of=self._tenant_of,
+                            metrics=metrics, tenant_of=self._tenant_of, health=health,
                             buffer_dir=str(local_dir / "log") if backend.shared else None)
         await msglog.start()
         stages.append(("message log", msglog.close))
         self.message_log = msglog
 
         counts_for_pool = worker is None or worker.index == 0
-        key = await backend.erasure_key()
         suppression = SuppressionList(
-            backend, metrics, export_gauge=counts_for_pool,
+            backend, metrics, export_gauge=counts_for_pool, health=health,
             on_added=self._count_complaints if counts_for_pool else None,
-            hash_of=lambda address: complaint_hash(key, address),
             cache_file=str(local_dir / "suppression.json") if backend.shared else None)
         await suppression.start()
         stages.append(("suppression list", suppression.close))
@@ -367,7 +391,12 @@ class RelayApp:
             log.info("spool %s: recovered %d messages", spool_dir, len(recovered))
         self.readiness.mark("spool recovered")
 
-        reputation = Reputation(lambda: self.config().settings.abuse)
+        # Pauses and limits are the store's (shared by the pod's workers, or by the pool), so
+        # they hold across processes and survive a restart.
+        reputation = Reputation(lambda: self.config().settings.abuse, store=backend)
+        await _try(reputation.sync(), health, "reputation")
+        # Stopped after the delivery queue: its last outcomes reach the store.
+        stages.append(("reputation", lambda: _try(reputation.sync(), health, "reputation")))
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
                               suppression=suppression, metrics=metrics, reputation=reputation,
                               on_failure=self._fail)
@@ -380,7 +409,12 @@ class RelayApp:
         stages.append(("tls", tls.close))
         self.tls = tls
 
-        limiter = Limiter(self.config)
+        shared_limits = backend.shared or settings.workers > 1
+        limiter = Limiter(self.config, pool=backend if shared_limits else None,
+                          lease_size=settings.store.lease_size,
+                          peer_id=f"{settings.hostname}/{os.getpid()}/{secrets.token_hex(4)}")
+        await _try(limiter.heartbeat(), health, "limits")
+        stages.append(("unused limits", limiter.give_back_unused))
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
                                   log=msglog, suppression=suppression, limiter=limiter,
                                   metrics=metrics, reputation=reputation,
@@ -395,6 +429,7 @@ class RelayApp:
 
         tasks.spawn("config-reload", self._watch_config())
         tasks.spawn("reputation-gauge", _export_paused(reputation, metrics))
+        tasks.spawn("store-sync", _sync_shared_state(limiter, reputation, health))
         if worker is None or worker.purge:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
 
@@ -526,13 +561,24 @@ class RelayApp:
     async def _purge_loop(self, msglog: MessageLog) -> None:
         while True:
             retention = self.config().settings.retention
+            health = self.store_health
+            assert health is not None
             try:
-                await msglog.purge(now=time.time(),
+                now = time.time()
+                await msglog.purge(now=now,
                                    message_log_retention=retention.message_log,
                                    suppression_retention=retention.suppression,
                                    changes_retention=SUPPRESSION_CHANGES_RETENTION)
-            except Exception:
+                # The proof of the retention promise: the oldest row left, right after a purge.
+                oldest = await msglog.backend.oldest_event()
+                health.oldest_record_age.set(0 if oldest is None else max(0.0, now - oldest))
+            except Exception as exc:
+                health.purge_runs.labels("failure").inc()
+                health.failed("purge", exc)
                 log.exception("retention purge failed; it runs again at the next interval")
+            else:
+                health.purge_runs.labels("success").inc()
+                health.ok("purge")
             await asyncio.sleep(max(retention.purge_interval, MIN_PURGE_INTERVAL))
 
 

@@ -71,12 +71,6 @@ class SenderPolicy:
         over = self.limiter.check_message(credential)
         return limit_refusal(over, username) if over is not None else None
 
-    def accepted(self, cfg: RelayConfig, username: str | None) -> None:
-        """Count an accepted message against its credential's limits."""
-        credential = cfg.credentials.get(username) if username is not None else None
-        if credential is not None:
-            self.limiter.record_message(credential)
-
 
 def header_from(cfg: RelayConfig, credential: Credential, values: list[str]) -> Refusal | None:
     addresses = [a for _, a in email.utils.getaddresses(values) if a]

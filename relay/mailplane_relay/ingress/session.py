@@ -34,7 +34,7 @@ from ..config import Listener, RelayConfig
 from ..events import LogEvent
 from ..spool import QueuedMessage, SpoolError
 from . import auth, hygiene, paths
-from .policy import header_from_domain
+from .policy import header_from_domain, limit_refusal
 from .replies import IDENT, R, Refusal
 
 if TYPE_CHECKING:
@@ -715,6 +715,13 @@ class RelaySMTP(SMTP):
             extra["body"] = "8BITMIME"
         if content.eight_bit:
             extra["eight_bit"] = True
+        # Take the message from the credential's limits (pool-wide with a shared store) before
+        # committing; give it back if the commit fails.
+        credential = cfg.credentials.get(self.username) if self.username is not None else None
+        if credential is not None:
+            over = await srv.limiter.reserve_message(credential)
+            if over is not None:
+                return self._refuse(limit_refusal(over, credential.username), sender)
         try:
             msg = await _commit_shielded(
                 srv, mail_from=sender, recipients=list(env.rcpt_tos), data=data,
@@ -722,8 +729,9 @@ class RelaySMTP(SMTP):
                 sender_domain=self._sender_domain, listener=self.listener.name, extra=extra)
         except SpoolError as exc:
             log.error("spool commit failed: %s", exc)
+            if credential is not None:
+                srv.limiter.release_message(credential)
             return self._refuse(Refusal("spool_error", R.SPOOL), sender, size=len(data))
-        srv.policy.accepted(cfg, self.username)
         reply = R.QUEUED.format(queue_id=msg.queue_id)
         now = time.time()
         for rcpt in msg.recipients:

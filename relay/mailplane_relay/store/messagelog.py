@@ -32,6 +32,7 @@ from ..aiotasks import cancel_and_wait
 from ..events import LogEvent
 from ..metrics import NS, RelayMetrics
 from .backend import LogQuery, LogRow, StoreBackend
+from .health import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class MessageLog:
         max_buffered: int = MAX_BUFFERED_EVENTS,
         buffer_dir: str | None = None,
         tenant_of: TenantOf = _no_tenant,
+        health: StoreHealth | None = None,
     ) -> None:
         self.backend = backend
+        self._health = health
         self.flush_interval = flush_interval
         self._metrics = metrics
         self._max_buffered = max_buffered
@@ -96,7 +99,7 @@ class MessageLog:
         self.buffered = Gauge(
             f"{NS}_messagelog_disk_buffered_events",
             "Message-log events waiting on local disk for the store to come back.",
-            registry=metrics.registry,
+            multiprocess_mode="livesum", registry=metrics.registry,
         )
         self.replayed = Counter(
             f"{NS}_messagelog_replayed_events",
@@ -179,8 +182,10 @@ class MessageLog:
                 # Shielded: a write handed to the backend may complete even if this caller is
                 # cancelled; ids make a second write of the same batch harmless anyway.
                 await asyncio.shield(self.backend.write_events(batch))
-            except Exception:
+            except Exception as exc:
                 self.write_errors.inc()
+                if self._health is not None:
+                    self._health.failed("log_write", exc)
                 if self._buffer_dir is not None:
                     try:
                         await asyncio.to_thread(self._spill, batch)
@@ -197,6 +202,8 @@ class MessageLog:
                     merged = merged[overflow:]
                 self._buffer = merged
                 raise
+            if self._health is not None:
+                self._health.ok("log_write")
 
     # ---- the disk buffer --------------------------------------------------------------
 
@@ -235,7 +242,12 @@ class MessageLog:
             except FileNotFoundError:  # another worker of the pod replayed it
                 continue
             rows = [tuple(json.loads(line)) for line in text.splitlines() if line]
-            await self.backend.write_events(rows)
+            try:
+                await self.backend.write_events(rows)
+            except Exception as exc:
+                if self._health is not None:
+                    self._health.failed("log_write", exc)
+                raise
             await asyncio.to_thread(path.unlink, missing_ok=True)
             done += len(rows)
             self._disk_events = max(0, self._disk_events - len(rows))

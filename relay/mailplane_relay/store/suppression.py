@@ -9,8 +9,9 @@ The cache is also written to a file (``cache_file``) after each change, and read
 the store cannot be reached at start: a pod that starts while the database is down still refuses
 suppressed addresses.
 
-An erased complaint stays on the list as a keyed hash of the address (``hash_of``), never the
-address itself: it still suppresses, and nobody can read the address back from it.
+An erased complaint stays on the list as a keyed hash of the address, never the address itself:
+it still suppresses, and nobody can read the address back from it. The key is the store's
+(``backend.erasure_key()``), fetched at the first successful refresh.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 from ..aiotasks import cancel_and_wait
 from ..metrics import RelayMetrics
-from .backend import Entry, StoreBackend
+from .backend import Entry, StoreBackend, complaint_hash
+from .health import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,12 @@ class SuppressionList:
         *, refresh_interval: float = SUPPRESSION_REFRESH_INTERVAL, export_gauge: bool = True,
         delta_limit: int = SUPPRESSION_DELTA_LIMIT,
         on_added: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
-        hash_of: Callable[[str], str] | None = None,
+        use_erasure_key: bool = True,
         cache_file: str | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.backend = backend
+        self._health = health
         # Told (address, reason) of entries that appeared since the last refresh, whoever
         # wrote them (the CLI, another worker); not for the entries present at start.
         self._on_added = on_added
@@ -57,7 +61,8 @@ class SuppressionList:
         # that summing the gauge over processes counts each address once.
         self._export_gauge = export_gauge
         self._refresh_interval = refresh_interval
-        self._hash_of = hash_of
+        self._use_key = use_erasure_key
+        self._key: bytes | None = None
         self._cache_file = Path(cache_file) if cache_file else None
         self._cache: dict[str, Entry] = {}
         self._version = -1  # number of the last change applied to the cache; -1: none yet
@@ -68,6 +73,8 @@ class SuppressionList:
         self._passes_started = 0
         self._passes_done = 0
         self._cache_dirty = False
+        # Entries added while the store did not answer, to write when it does.
+        self._unsent: dict[str, tuple[str, str, float]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -94,18 +101,31 @@ class SuppressionList:
     def is_suppressed(self, address: str) -> Entry | None:
         address = normalise(address)
         entry = self._cache.get(address)
-        if entry is None and self._hash_of is not None and self._cache:
-            entry = self._cache.get(self._hash_of(address))
+        if entry is None and self._key is not None and self._cache:
+            entry = self._cache.get(complaint_hash(self._key, address))
         return entry
 
     async def add(self, address: str, reason: str, *, source: str) -> None:
+        """Suppress an address: at once in this worker, in the store as soon as it answers
+        (an entry the store did not take is retried by the refresher; it raises meanwhile)."""
         address = normalise(address)
         created = time.time()
         # In the cache first: this worker suppresses at once, even if the store is down.
         self._cache[address] = (reason, created)
         self._set_gauge()
-        await self.backend.suppression_upsert(address, reason, source, created)
         self._cache_dirty = True
+        try:
+            await self.backend.suppression_upsert(address, reason, source, created)
+        except Exception:
+            self._unsent[address] = (reason, source, created)
+            raise
+        self._unsent.pop(address, None)
+
+    async def _send_unsent(self) -> None:
+        for address, (reason, source, created) in list(self._unsent.items()):
+            await self.backend.suppression_upsert(address, reason, source, created)
+            if self._unsent.get(address) == (reason, source, created):
+                del self._unsent[address]
 
     async def remove(self, address: str) -> bool:
         address = normalise(address)
@@ -117,6 +137,8 @@ class SuppressionList:
 
     async def refresh(self) -> bool:
         """Apply the changes made since the last look (by anyone); True if there were any."""
+        if self._key is None and self._use_key:
+            self._key = await self.backend.erasure_key()
         since = self._version
         changes = await self.backend.suppression_changes(since, self._delta_limit)
         if changes is None:
@@ -129,6 +151,8 @@ class SuppressionList:
                  if e is not None and (a not in before or before[a][0] != e[0])]
         if changes.full:
             self._cache = {a: e for a, e in entries.items() if e is not None}
+            for address, (reason, _source, created) in self._unsent.items():
+                self._cache.setdefault(address, (reason, created))
         else:
             for address, entry in entries.items():
                 if entry is None:
@@ -155,7 +179,11 @@ class SuppressionList:
             await asyncio.sleep(self._refresh_interval)
             self._passes_started += 1
             try:
+                if self._unsent:
+                    await self._send_unsent()
                 await self.refresh()
+                if self._health is not None:
+                    self._health.ok("suppression")
                 if failing:
                     log.info("suppression list: the store answers again")
                 failing = False
@@ -164,6 +192,8 @@ class SuppressionList:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._health is not None:
+                    self._health.failed("suppression", exc)
                 if not failing:
                     log.error("suppression list: refresh from %s failed (%s); keeping the "
                               "cached entries", self.backend.description, exc)
@@ -179,14 +209,15 @@ class SuppressionList:
         self._cache_dirty = False
         if path is None:
             return
-        snapshot = dict(self._cache)
+        snapshot = {a: list(e) for a, e in self._cache.items()}
+        key = self._key.hex() if self._key is not None else None
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({a: list(e) for a, e in snapshot.items()}, f)
+                json.dump({"key": key, "entries": snapshot}, f)
             os.replace(tmp, path)
 
         try:
@@ -210,7 +241,14 @@ class SuppressionList:
         data = await asyncio.to_thread(read)
         if data is None:
             return False
-        self._cache = {str(a): (str(e[0]), float(e[1])) for a, e in data.items()}
+        try:
+            self._cache = {str(a): (str(e[0]), float(e[1]))
+                           for a, e in dict(data["entries"]).items()}
+            if data.get("key"):
+                self._key = bytes.fromhex(str(data["key"]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            log.error("suppression list: the cache file %s is unreadable; ignoring it", path)
+            return False
         self._set_gauge()
         return True
 

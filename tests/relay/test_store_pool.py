@@ -1,0 +1,203 @@
+"""A pool: several real `mailplane relay` processes sharing one real PostgreSQL store.
+
+Each relay has its own spool and ports, as the pods of a StatefulSet do; they share the database
+the session started (tests/helpers/postgres.py). Real clients (aiosmtplib over TLS, AUTH) send
+to all of them; the capture sink is the smarthost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailplane_relay.store.sync import query_log
+from tests.helpers.postgres import PostgresServer
+from tests.helpers.relayproc import RelayProcess, relay_command
+from tests.helpers.sink import Sink
+
+pytestmark = pytest.mark.slow
+
+
+def message(i: int, to: str | None = None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "app@example.com"
+    msg["To"] = to or f"user{i}@dest.test"
+    msg["Subject"] = f"pool {i}"
+    msg["Message-ID"] = f"<pool-{i}@example.com>"
+    msg.set_content(f"body {i}\n")
+    return msg
+
+
+async def send(relay: RelayProcess, msg: EmailMessage) -> int:
+    """Send one message in its own session; the reply code to DATA (or to the refused step)."""
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports["submission"],
+                           tls_context=relay.client_tls(), start_tls=True, timeout=15)
+    await smtp.connect()
+    try:
+        await smtp.login("app", "app-password")
+        await smtp.send_message(msg)
+        return 250
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        return exc.recipients[0].code
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code
+    finally:
+        with _suppress():
+            await smtp.quit()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], Exception)  # type: ignore[arg-type]
+
+
+async def eventually(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def pool_store(pg_server: PostgresServer, tmp_path: Path) -> tuple[str, Path]:
+    """A fresh database and the file holding its connection string (a Secret's volume)."""
+    dsn = pg_server.dsn(pg_server.create_database())
+    dsn_file = tmp_path / "store-dsn"
+    dsn_file.write_text(dsn + "\n")
+    return dsn, dsn_file
+
+
+def pool(relay_factory: Callable[..., RelayProcess], sink: Sink, dsn_file: Path, n: int,
+         **extra: Any) -> list[RelayProcess]:
+    relays = [
+        relay_factory(smarthost_port=sink.port, extra={
+            "store": {"backend": "postgresql", "dsnFile": str(dsn_file), "leaseSize": 3},
+            **extra})
+        for _ in range(n)
+    ]
+    for r in relays:
+        r.start()
+    return relays
+
+
+async def test_a_daily_quota_holds_across_the_pool(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    dsn, dsn_file = pool_store
+    sink: Sink = await smtp_sink()
+    relays = await asyncio.to_thread(
+        pool, relay_factory, sink, dsn_file, 3, limits={"authFailureDelay": 0,
+                                                        "defaultDailyQuota": 20})
+    # 45 attempts, spread over the three relays, 9 at a time.
+    sem = asyncio.Semaphore(9)
+
+    async def one(i: int) -> int:
+        async with sem:
+            return await send(relays[i % 3], message(i))
+
+    codes = await asyncio.gather(*(one(i) for i in range(45)))
+    assert codes.count(250) == 20, codes  # exactly the quota: no overshoot, nothing left unused
+    assert set(codes) == {250, 452}
+    accepted = {r.http_port: r.metric("mailplane_relay_messages_received_total")
+                for r in relays}
+    assert sum(accepted.values()) == 20 and all(v > 0 for v in accepted.values()), accepted
+    # `mailplane logs` reads the whole pool: every accepted message, whichever pod took it.
+    out = subprocess.run([*relay_command()[:-1], "logs", "--store", pg_url(dsn), "--status",
+                          "received", "--limit", "1000", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len({r["queue_id"] for r in rows}) == 20
+    assert {r["namespace"] for r in rows} == {"team-app"}
+
+
+def pg_url(dsn: str) -> str:
+    parts = dict(p.split("=", 1) for p in dsn.split())
+    from urllib.parse import quote
+
+    return f"postgresql://{parts['user']}@/{parts['dbname']}?host={quote(parts['host'], safe='')}"
+
+
+async def test_a_rate_holds_across_the_pool_within_a_minute(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    _dsn, dsn_file = pool_store
+    sink: Sink = await smtp_sink()
+    relays = await asyncio.to_thread(
+        pool, relay_factory, sink, dsn_file, 2, limits={"authFailureDelay": 0,
+                                                        "defaultRatePerMinute": 12})
+    # Stay inside one UTC minute so the bound is the per-minute limit itself.
+    if time.time() % 60 > 40:
+        await asyncio.sleep(61 - time.time() % 60)
+    codes = [await send(relays[i % 2], message(i)) for i in range(30)]
+    assert codes.count(250) == 12, codes
+    assert set(codes) == {250, 451}
+
+
+async def test_a_hard_bounce_suppresses_on_every_pod_and_a_pause_survives_a_restart(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    dsn, dsn_file = pool_store
+    bad = [f"gone{i}@dest.test" for i in range(4)]
+    sink: Sink = await smtp_sink(rcpt_replies=dict.fromkeys(bad, "550 5.1.1 No such user"))
+    a, b = await asyncio.to_thread(
+        pool, relay_factory, sink, dsn_file, 2,
+        abuse={"minRecipients": 4, "bounceRate": 0.5, "window": "1h"})
+
+    # One pod sees the hard bounce ...
+    assert await send(a, message(0, to=bad[0])) == 250
+    await eventually(lambda: any(r["address"] == bad[0] for r in _suppression(dsn)),
+                     "the bounce on the shared suppression list")
+    # ... and the other refuses the address at RCPT within about a second.
+    await eventually(lambda: asyncio.run(send(b, message(1, to=bad[0]))) == 550,
+                     "the other pod refusing the suppressed address", timeout=10)
+
+    # Bounces seen by both pods add up to one pool-wide bounce rate: the credential pauses.
+    for i, addr in enumerate(bad[1:], start=2):
+        assert await send(b if i % 2 else a, message(i, to=addr)) == 250
+    await eventually(lambda: asyncio.run(send(a, message(9))) == 451
+                     and asyncio.run(send(b, message(10))) == 451,
+                     "the credential paused on both pods", timeout=30)
+    # A restart keeps the pause: it is the store's, not the process's.
+    assert await asyncio.to_thread(a.stop) == 0
+    await asyncio.to_thread(a.start)
+    assert await send(a, message(11)) == 451
+
+
+def _suppression(dsn: str) -> list[dict[str, Any]]:
+    from mailplane_relay.store.sync import list_suppression
+
+    return list_suppression(dsn)
+
+
+async def test_the_log_of_every_pod_is_searchable_by_queue_id(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    dsn, dsn_file = pool_store
+    sink: Sink = await smtp_sink()
+    relays = await asyncio.to_thread(pool, relay_factory, sink, dsn_file, 2)
+    for i in range(6):
+        assert await send(relays[i % 2], message(i)) == 250
+    await sink.wait_for_messages(6)
+    await eventually(lambda: len(query_log(dsn, status="delivered", limit=100)) == 6,
+                     "every delivery in the shared log")
+    received = query_log(dsn, status="received", limit=100)
+    for row in received:
+        assert {r["status"] for r in query_log(dsn, queue_id=row["queue_id"])} == {
+            "received", "delivered"}
