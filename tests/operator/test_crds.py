@@ -326,6 +326,12 @@ CEL_CASES = [
     ("SmtpRelay", {"tls": {"secretName": "t"}, "pod": {"labels": {
         "app.kubernetes.io/instance": "other"}}}, "pod.labels may not set app.kubernetes.io/name"),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "pod": {"labels": {"team": "mail"}}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "networkPolicy": {
+        "smtpFromCIDRs": ["203.0.113.0/24", "2001:db8::/32"]}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "networkPolicy": {
+        "smtpFromCIDRs": ["mail.example.com"]}}, "does not match"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "networkPolicy": {
+        "smtpFromCIDRs": ["203.0.113.7"]}}, "does not match"),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],
                         "rotation": {"interval": "2h"}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],
