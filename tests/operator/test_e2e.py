@@ -8,7 +8,8 @@ test's tmp dir). A real `mailplane relay` process serves that directory and hot-
 application sends with the username and password from the Secret the operator wrote; mail
 arrives at the capture sink, DKIM-signed with the key the operator generated (verified against
 the record the domain's status lists, served by a DNS server on loopback); across a rotation
-both passwords work during the overlap; after the credential is deleted, AUTH fails.
+both passwords work during the overlap; a suspension by the platform is answered with 554 and its
+reason; after the credential is deleted, AUTH fails.
 """
 
 from __future__ import annotations
@@ -241,6 +242,21 @@ def test_an_application_sends_with_the_operator_s_secret(
             _send(relay, tls_ca, rotated["username"], rotated["password"], 2)
             _send(relay, tls_ca, app["username"], app["password"], 3)
             assert len(delivered(3)) == 3
+
+            # The platform suspends it on the SmtpRelay; the tenant clearing its own flag
+            # changes nothing: the relay answers 554 with the platform's reason.
+            reloads = relay.reloads()
+            kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"tenancy": {"suspensions": [
+                {"namespace": "shop", "name": "orders", "reason": "phishing reports"}]}}})
+            kube_api.patch(k.SMTP_CREDENTIALS, "shop", "orders", {"spec": {"suspended": False}})
+            kube_api.wait_until(lambda: rendered_credentials(kube_api)["shop.orders"].get(
+                "suspended"), what="the platform's suspension rendered")
+            volume.sync()
+            relay.wait(lambda: relay.reloads() > reloads, "the reload after the suspension")
+            with pytest.raises(smtplib.SMTPResponseException) as suspended:
+                _send(relay, tls_ca, rotated["username"], rotated["password"], 4)
+            assert suspended.value.smtp_code == 554
+            assert b"phishing reports" in suspended.value.smtp_error
 
             # Deleting the credential takes its access away.
             reloads = relay.reloads()
