@@ -18,10 +18,12 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .conditions import parse_time
 
 GROUP = "mailplane.io"
 VERSION = "v1alpha1"
@@ -682,18 +684,8 @@ def parse_meta(body: Mapping[str, Any]) -> Meta:
         labels=dict(md.get("labels") or {}),
         annotations=dict(md.get("annotations") or {}),
         deletion_timestamp=md.get("deletionTimestamp") or None,
-        creation_timestamp=_parse_timestamp(md.get("creationTimestamp")),
+        creation_timestamp=parse_time(md.get("creationTimestamp")),
     )
-
-
-def _parse_timestamp(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 RELAY_NAME_MAX = 52
