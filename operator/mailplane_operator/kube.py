@@ -77,12 +77,14 @@ PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 SERVICE_MONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor")
 PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 
 BY_KIND: dict[tuple[str, str], Resource] = {
     (r.api_version, r.kind): r
     for r in (SMTP_RELAYS, SENDING_DOMAINS, SMTP_CREDENTIALS, RETENTION_POLICIES, SECRETS,
               SERVICES, EVENTS, NAMESPACES, STATEFULSETS, PDBS, SERVICE_MONITORS, PVCS, LEASES,
+              HPAS,
               NETWORK_POLICIES)
 }
 

@@ -332,6 +332,11 @@ CEL_CASES = [
         "smtpFromCIDRs": ["mail.example.com"]}}, "does not match"),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "networkPolicy": {
         "smtpFromCIDRs": ["203.0.113.7"]}}, "does not match"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "autoscaling": {
+        "enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+     "minReplicas must not exceed maxReplicas"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "autoscaling": {
+        "enabled": True, "minReplicas": 2, "maxReplicas": 2}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],
                         "rotation": {"interval": "2h"}}, None),
     ("SmtpCredential", {"relayRef": {"name": "r"}, "allowedSenders": ["example.com"],

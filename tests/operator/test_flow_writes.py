@@ -247,7 +247,7 @@ def test_the_statefulset_watch_is_namespaced_and_label_filtered(
                                                                "readyReplicas": 1}},
                    status=True)
     kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
-                      lambda o: o and o["status"].get("readyReplicas") == 1)
+                      lambda o: o and (o.get("status") or {}).get("readyReplicas") == 1)
     assert worker.requested > requested
 
 
@@ -261,3 +261,23 @@ def test_servicemonitors_appear_when_the_crd_is_installed_later(
     serve_service_monitors(kube_api.emulator)  # the Prometheus operator is installed
     kube_api.wait_until(lambda: kube_api.get(k.SERVICE_MONITORS, "mail", "main"),
                         what="the ServiceMonitor", poll=0.2, timeout=10)
+
+
+def test_autoscaling_writes_an_hpa_on_the_smtprelay_and_removes_it_when_turned_off(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body(autoscaling={
+        "enabled": True, "minReplicas": 1, "maxReplicas": 3}))
+    hpa = kube_api.wait_for(k.HPAS, "mail", "main")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "mailplane.io/v1alpha1",
+                                             "kind": "SmtpRelay", "name": "main"}
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                              lambda o: o and (o.get("status") or {}).get("selector"))
+    assert relay["status"]["selector"] == (
+        "app.kubernetes.io/instance=main,app.kubernetes.io/name=mailplane-relay")
+    # What the HPA does through the scale subresource: spec.replicas, carried to the pods.
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"replicas": 3}})
+    kube_api.wait_for(k.STATEFULSETS, "mail", "main", lambda o: o and o["spec"]["replicas"] == 3)
+
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"autoscaling": {"enabled": False}}})
+    kube_api.wait_for(k.HPAS, "mail", "main", lambda o: o is None)

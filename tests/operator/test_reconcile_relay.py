@@ -267,14 +267,15 @@ def test_network_policy_follows_the_relay_spec() -> None:
 def test_network_policy_can_be_turned_off_and_is_then_deleted() -> None:
     off = relay(networkPolicy={"enabled": False})
     assert "NetworkPolicy" not in by_kind(relay_mod.relay_children(off))
+    hpa = ("autoscaling/v2", "HorizontalPodAutoscaler", "main")  # autoscaling is off
     assert relay_mod.unwanted_children(off) == [
-        ("networking.k8s.io/v1", "NetworkPolicy", "main")]
-    assert relay_mod.unwanted_children(relay()) == []
+        ("networking.k8s.io/v1", "NetworkPolicy", "main"), hpa]
+    assert relay_mod.unwanted_children(relay()) == [hpa]
     # A disabled ServiceMonitor goes too, where the cluster has the CRD.
     no_sm = relay(monitoring={"serviceMonitor": {"enabled": False}})
     assert relay_mod.unwanted_children(no_sm, service_monitor_available=True) == [
-        ("monitoring.coreos.com/v1", "ServiceMonitor", "main")]
-    assert relay_mod.unwanted_children(no_sm) == []
+        ("monitoring.coreos.com/v1", "ServiceMonitor", "main"), hpa]
+    assert relay_mod.unwanted_children(no_sm) == [hpa]
 
 
 POD_DEFAULTS = models.parse_relay_defaults(json.dumps({
@@ -382,3 +383,44 @@ def test_external_clients_of_a_load_balancer_are_admitted_by_range() -> None:
         "kubernetes.io/metadata.name": "monitoring"}}}]
     with pytest.raises(models.SpecError, match="not a CIDR"):
         relay(networkPolicy={"smtpFromCIDRs": ["mail.example.com"]})
+
+
+def test_autoscaling_is_opt_in_scales_the_smtprelay_and_never_scales_down_by_default() -> None:
+    off = relay()
+    assert "HorizontalPodAutoscaler" not in by_kind(relay_mod.relay_children(off))
+    assert ("autoscaling/v2", "HorizontalPodAutoscaler", "main") in (
+        relay_mod.unwanted_children(off))
+
+    on = relay(autoscaling={"enabled": True, "minReplicas": 2, "maxReplicas": 6,
+                            "metric": "oldestMessageAge", "target": 300})
+    hpa = by_kind(relay_mod.relay_children(on))["HorizontalPodAutoscaler"]
+    assert ("autoscaling/v2", "HorizontalPodAutoscaler", "main") not in (
+        relay_mod.unwanted_children(on))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kubernetes_validate.validate(hpa, kubernetes_validate.latest_version(), strict=True)
+    spec = hpa["spec"]
+    # The HPA scales the SmtpRelay (its scale subresource), never the StatefulSet directly.
+    assert spec["scaleTargetRef"] == {"apiVersion": "mailplane.io/v1alpha1",
+                                      "kind": "SmtpRelay", "name": "main"}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 6)
+    assert spec["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "mailplane_relay_queue_oldest_message_age_seconds"},
+        "target": {"type": "AverageValue", "averageValue": "300"}}}]
+    assert spec["behavior"]["scaleDown"] == {"selectPolicy": "Disabled"}
+    down = relay(autoscaling={"enabled": True, "scaleDown": True})
+    scale_down = by_kind(relay_mod.relay_children(down))["HorizontalPodAutoscaler"]["spec"][
+        "behavior"]["scaleDown"]
+    assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    # status.selector finds the pods the HPA averages over (the scale subresource's
+    # labelSelectorPath).
+    status = relay_mod.relay_status(
+        on, statefulset_status=None, config_hash="h", config_secrets=[], domains=[],
+        credentials=0, excluded=0, retention_policies=[], now=NOW)
+    assert status["selector"] == ("app.kubernetes.io/instance=main,"
+                                  "app.kubernetes.io/name=mailplane-relay")
+
+
+def test_autoscaling_bounds_are_checked() -> None:
+    with pytest.raises(models.SpecError, match="minReplicas must not exceed maxReplicas"):
+        relay(autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2})

@@ -407,6 +407,26 @@ def _monitoring_namespace() -> LabelSelector:
     return LabelSelector(match_labels={"kubernetes.io/metadata.name": "monitoring"})
 
 
+class AutoscalingSpec(_Spec):
+    """Opt-in HorizontalPodAutoscaler on a relay queue metric (served to the HPA through the
+    Prometheus adapter). Scale-down is off unless `scaleDown`: a removed pod's queue waits on
+    its volume until the pool grows again."""
+
+    enabled: bool = False
+    min_replicas: int = Field(1, alias="minReplicas", ge=1, le=100)
+    max_replicas: int = Field(4, alias="maxReplicas", ge=1, le=100)
+    metric: Literal["queueMessages", "oldestMessageAge"] = "queueMessages"
+    target: int = Field(100, ge=1, le=10_000_000)
+    """Average per pod: messages queued, or seconds the oldest message has waited."""
+    scale_down: bool = Field(False, alias="scaleDown")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
 class NetworkPolicySpec(_Spec):
     """The relay's ingress NetworkPolicy: SMTP from the relay's own and the allowed namespaces,
     the metrics port from the monitoring namespaces, nothing else."""
@@ -449,6 +469,7 @@ class SmtpRelaySpec(_Spec):
     monitoring: MonitoringSpec = MonitoringSpec()
     tenancy: TenancySpec = TenancySpec()
     network_policy: NetworkPolicySpec = Field(NetworkPolicySpec(), alias="networkPolicy")
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
     pod: RelayPodSpec = RelayPodSpec()
     service: RelayServiceSpec = RelayServiceSpec()
 

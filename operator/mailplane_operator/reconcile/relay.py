@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from .conditions import READY, set_condition
-from .models import LabelSelector, RelayDefaults, SmtpRelay, owner_reference
+from .models import API_VERSION, LabelSelector, RelayDefaults, SmtpRelay, owner_reference
 
 DEFAULT_IMAGE = "ghcr.io/mailplane/mailplane:0.1.0"
 CONFIG_SECRET_SLOTS = 16
@@ -320,6 +320,49 @@ def pod_disruption_budget(relay: SmtpRelay) -> dict[str, Any]:
     }
 
 
+AUTOSCALING_METRICS = {
+    "queueMessages": "mailplane_relay_queue_messages",
+    "oldestMessageAge": "mailplane_relay_queue_oldest_message_age_seconds",
+}
+"""spec.autoscaling.metric -> the relay's Prometheus series, as the Prometheus adapter serves it
+to the HPA under the same name (custom.metrics.k8s.io, per pod)."""
+
+
+def horizontal_pod_autoscaler(relay: SmtpRelay) -> dict[str, Any]:
+    """The HPA scales the SmtpRelay itself (its scale subresource), so spec.replicas stays the
+    one source of the StatefulSet's replicas and the operator never fights the autoscaler."""
+    auto = relay.spec.autoscaling
+    scale_down: dict[str, Any] = {"stabilizationWindowSeconds": 600,
+                                  "policies": [{"type": "Pods", "value": 1,
+                                                "periodSeconds": 300}]}
+    if not auto.scale_down:
+        scale_down = {"selectPolicy": "Disabled"}
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(relay, relay.meta.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": "SmtpRelay",
+                               "name": relay.meta.name},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": AUTOSCALING_METRICS[auto.metric]},
+                "target": {"type": "AverageValue", "averageValue": str(auto.target)}}}],
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 60,
+                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
+                "scaleDown": scale_down,
+            },
+        },
+    }
+
+
+def selector_string(relay: SmtpRelay) -> str:
+    """The pods' label selector as a string: status.selector, which the scale subresource
+    hands to an HPA (labelSelectorPath) to find the pods whose metrics it averages."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(relay).items()))
+
+
 def service_monitor(relay: SmtpRelay) -> dict[str, Any]:
     sm = relay.spec.monitoring.service_monitor
     meta = _metadata(relay, relay.meta.name)
@@ -394,6 +437,8 @@ def unwanted_children(relay: SmtpRelay, *,
         out.append(("networking.k8s.io/v1", "NetworkPolicy", relay.meta.name))
     if service_monitor_available and not relay.spec.monitoring.service_monitor.enabled:
         out.append(("monitoring.coreos.com/v1", "ServiceMonitor", relay.meta.name))
+    if not relay.spec.autoscaling.enabled:
+        out.append(("autoscaling/v2", "HorizontalPodAutoscaler", relay.meta.name))
     return out
 
 
@@ -410,6 +455,8 @@ def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
             statefulset(relay, image=image, config_hash=config_hash, defaults=defaults)]
     if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(relay))
+    if relay.spec.autoscaling.enabled:
+        out.append(horizontal_pod_autoscaler(relay))
     return out
 
 
@@ -452,6 +499,7 @@ def relay_status(
         "observedGeneration": relay.meta.generation,
         "conditions": conditions,
         "replicas": int(sts.get("replicas") or 0),
+        "selector": selector_string(relay),
         "readyReplicas": ready_replicas,
         "configHash": config_hash,
         "configSecrets": config_secrets,
