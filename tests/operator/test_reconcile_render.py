@@ -367,3 +367,12 @@ def test_the_relay_status_lists_what_is_left_out_bounded() -> None:
     assert clean["excluded"] == []
     assert next(c for c in clean["conditions"] if c["type"] == "ConfigComplete")[
         "status"] == "True"
+
+
+def test_ingress_abuse_settings_reach_the_relay_only_when_set() -> None:
+    plain = parse_documents(sorted(run(relay(), [], []).files.items())).settings.limits
+    assert (plain.max_sessions_per_address, plain.bare_newline) == (50, "normalize")
+    r = relay(limits={"maxSessionsPerAddress": 500, "bareNewline": "reject"})
+    limits = parse_documents(sorted(run(r, [], [], validate="documents").files.items())
+                             ).settings.limits
+    assert (limits.max_sessions_per_address, limits.bare_newline) == (500, "reject")

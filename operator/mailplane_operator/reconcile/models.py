@@ -250,6 +250,11 @@ class LimitsSpec(_Spec):
     """Ceiling of any one credential's rate: a credential may ask for less, never more."""
     max_daily_quota: int | None = Field(None, alias="maxDailyQuota", ge=1)
     """Ceiling of any one credential's daily quota."""
+    max_sessions_per_address: int | None = Field(None, alias="maxSessionsPerAddress", ge=1,
+                                                 le=100000)
+    """Concurrent SMTP sessions from one client address (the relay's default when unset)."""
+    bare_newline: Literal["normalize", "reject"] | None = Field(None, alias="bareNewline")
+    """A bare LF in message data: a line end (normalize) or a refusal (reject)."""
 
     @model_validator(mode="after")
     def _defaults_under_ceilings(self) -> LimitsSpec:

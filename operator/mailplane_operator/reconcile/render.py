@@ -263,6 +263,10 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         limits["defaultRatePerMinute"] = spec.limits.default_rate_per_minute
     if spec.limits.default_daily_quota is not None:
         limits["defaultDailyQuota"] = spec.limits.default_daily_quota
+    if spec.limits.max_sessions_per_address is not None:
+        limits["maxSessionsPerAddress"] = spec.limits.max_sessions_per_address
+    if spec.limits.bare_newline is not None:
+        limits["bareNewline"] = spec.limits.bare_newline
     settings: dict[str, Any] = {
         "hostname": paths.hostname or spec.hostname
         or f"{relay.meta.name}.{relay.meta.namespace}.svc",
