@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 from mailplane_operator import kube as k
@@ -261,3 +262,26 @@ def test_one_tenants_malformed_annotation_stops_no_one_else(
     kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-a", "old", lambda o: o is None)
     assert "tenant-a.old" not in rendered_credentials(kube_api)
     assert "a.example" in kube_api.get(k.SMTP_RELAYS, "mail", "main")["status"]["domains"]
+
+
+def test_an_application_secret_deleted_by_hand_is_written_again(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator]) -> None:
+    op = operator_factory(relay_resync_interval=0.5)
+    _tenants(kube_api)
+    kube_api.wait_for(k.SMTP_CREDENTIALS, "tenant-a", "app",
+                      lambda o: _ready(o).get("reason") == "CredentialReady")
+    # Settled: nothing is scheduled for this credential (no rotation interval).
+    runtime = op.runtime[0]
+    kube_api.wait_until(lambda: runtime.credential_next_check.get("tenant-a/app", 0) is None,
+                        poll=0.05, what="the credential settled")
+    first = kube_api.secret_data("tenant-a", "app-smtp")["password"]
+    kube_api.delete(k.SECRETS, "tenant-a", "app-smtp")
+    # Noticed at the relay's next resync (it re-reads every Secret), without any change to the
+    # SmtpCredential; the password issued is gone with it, so a new one is issued.
+    kube_api.wait_until(lambda: kube_api.get(k.SECRETS, "tenant-a", "app-smtp"),
+                        what="the application Secret written again")
+    again = kube_api.secret_data("tenant-a", "app-smtp")["password"]
+    assert again != first
+    kube_api.wait_until(lambda: Credential.model_validate(
+        rendered_credentials(kube_api)["tenant-a.app"]).check_password(again),
+        what="the new password rendered")

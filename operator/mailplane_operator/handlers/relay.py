@@ -291,10 +291,15 @@ def _announce_render_exclusions(rt: Runtime, key: RelayKey, result: RenderResult
 def _recheck_stale_credentials(rt: Runtime, relay: SmtpRelay, result: RenderResult,
                                bodies: Iterable[Body]) -> None:
     """A credential whose Ready reason disagrees with this render (its relay or a domain
-    appeared since, its Secret went missing) is reconciled again by its next timer tick."""
+    appeared since) or whose application Secret no longer holds the password issued (deleted
+    or edited by hand) is reconciled again by its next timer tick."""
     rendered = set(result.credentials)
+    rewrite = set(result.copies_to_rewrite)
     for body in bodies:
         key = key_of(body)
+        if key in rewrite:
+            rt.credential_next_check.pop(key, None)
+            continue
         if key in rendered:
             creds: list[SmtpCredential] = parse_all(parse_smtp_credential, [body], rt.parsed)
             if not creds:

@@ -49,6 +49,7 @@ from mailplane_relay.config import (
 )
 
 from . import credential as cred_mod
+from . import credential_state as cs_mod
 from . import domain as domain_mod
 from . import ownership
 from . import relay as relay_mod
@@ -145,6 +146,9 @@ class RenderResult:
     excluded: tuple[Exclusion, ...]
     retention: Retention
     config: RelayConfig = field(repr=False)
+    copies_to_rewrite: tuple[str, ...] = ()
+    """``namespace/name`` of rendered SmtpCredentials whose application Secret is missing or no
+    longer holds the password issued: their own reconcile writes it again."""
 
     @property
     def secret_names(self) -> list[str]:
@@ -484,6 +488,7 @@ def render_relay_config(
     cred_entries: list[tuple[str, dict[str, Any]]] = []
     rendered_creds: list[str] = []
     usernames: dict[str, str] = {}
+    copies_to_rewrite: list[str] = []
     for item in sorted(credentials, key=lambda c: c.credential.meta.key):
         cred = item.credential
         if not refers_to(cred, relay):
@@ -505,6 +510,10 @@ def render_relay_config(
         usernames[username] = cred.meta.key
         cred_entries.append((KIND_CREDENTIALS, outcome))
         rendered_creds.append(cred.meta.key)
+        state = cred_mod.current_state(cred, item.state, item.secret, now)
+        copy = cs_mod.secret_value(item.secret, "password") if item.secret else None
+        if state is not None and not state.issued(copy):
+            copies_to_rewrite.append(cred.meta.key)
 
     settings = settings_spec(relay, retention, paths)
     settings_text = _document(KIND_CONFIG, settings, name=relay.meta.name)
@@ -537,4 +546,5 @@ def render_relay_config(
         excluded=tuple(excluded),
         retention=retention,
         config=config,
+        copies_to_rewrite=tuple(copies_to_rewrite),
     )
