@@ -370,6 +370,22 @@ def test_network_policy_values_reach_the_default_pool() -> None:
         "enabled": True, "metricsNamespaceSelector": {"matchLabels": {"obs": "yes"}}}
 
 
+def test_the_default_pool_takes_its_store_from_the_values() -> None:
+    values = load_values(RESOURCES_VALUES)
+    [relay] = render_upgrade(values).of_kind("SmtpRelay")
+    assert "store" not in relay["spec"]  # SQLite per pod unless asked
+    values["defaultRelay"]["store"] = {"backend": "postgresql",
+                                       "secretRef": {"name": "mailplane-db-app", "key": "uri"}}
+    rendered = render_upgrade(values)
+    [relay] = rendered.of_kind("SmtpRelay")
+    assert relay["spec"]["store"] == values["defaultRelay"]["store"]
+    # What the operator makes of it: the Secret mounted as a file, no password anywhere else.
+    pod = next(c for c in default_pool_children(rendered)
+               if c["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    assert {"name": "store", "secret": {"secretName": "mailplane-db-app",
+                                        "items": [{"key": "uri", "path": "dsn"}]}} in pod["volumes"]
+
+
 def test_operator_pdb_selects_the_operator_and_never_blocks_a_drain(
         default_render: Rendered) -> None:
     [deployment] = default_render.of_kind("Deployment")

@@ -170,6 +170,26 @@ def test_smarthost_password_is_mounted_from_its_secret() -> None:
     assert smarthost.password_file == "/etc/mailplane/smarthost/password"
 
 
+def test_a_postgresql_store_is_a_mounted_secret_never_a_rendered_password() -> None:
+    r = relay(store={"backend": "postgresql", "secretRef": {"name": "pool-db-app"}})
+    pod = relay_mod.pod_template(r, relay_mod.DEFAULT_IMAGE)["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "store")
+    assert vol["secret"] == {"secretName": "pool-db-app", "items": [{"key": "uri",
+                                                                     "path": "dsn"}]}
+    [container] = pod["containers"]
+    assert {"name": "store", "mountPath": "/etc/mailplane/store", "readOnly": True} in (
+        container["volumeMounts"])
+    result = render.render_relay_config(r, domains=[], credentials=[], policies=[],
+                                        namespace_labels={}, now=NOW)
+    store = result.config.settings.store
+    assert (store.backend, store.dsn_file) == ("postgresql", "/etc/mailplane/store/dsn")
+    # The default stays a SQLite file per pod, with no Secret mounted.
+    plain = relay_mod.pod_template(relay(), relay_mod.DEFAULT_IMAGE)["spec"]
+    assert "store" not in {v["name"] for v in plain["volumes"]}
+    with pytest.raises(models.SpecError, match="store.secretRef is required"):
+        relay(store={"backend": "postgresql"})
+
+
 def test_the_pod_template_does_not_change_when_credentials_do() -> None:
     r = relay()
     before = render.render_relay_config(r, domains=[], credentials=[], policies=[],

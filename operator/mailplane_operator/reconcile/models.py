@@ -455,6 +455,25 @@ class NetworkPolicySpec(_Spec):
         return v
 
 
+class StoreSecretRef(SecretKeyRef):
+    key: str = Field("uri", pattern=r"^[-._a-zA-Z0-9]+$")  # CloudNativePG's app Secret
+
+
+class StoreSpec(_Spec):
+    """The relay pool's store (docs/store.md): a SQLite file per pod, or one PostgreSQL
+    database for the pool, reached with the connection string in ``secretRef``."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    secret_ref: StoreSecretRef | None = Field(None, alias="secretRef")
+
+    @model_validator(mode="after")
+    def _secret_needed(self) -> StoreSpec:
+        if self.backend == "postgresql" and self.secret_ref is None:
+            raise ValueError("store.secretRef is required when store.backend is postgresql: "
+                             "name the Secret holding the connection string")
+        return self
+
+
 class SmtpRelaySpec(_Spec):
     replicas: int = Field(2, ge=0, le=100)
     image: str | None = None
@@ -464,6 +483,7 @@ class SmtpRelaySpec(_Spec):
     delivery: DeliverySpec = DeliverySpec()
     queue: QueueSpec = QueueSpec()
     spool: SpoolSpec = SpoolSpec()
+    store: StoreSpec = StoreSpec()
     limits: LimitsSpec = LimitsSpec()
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
     shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)

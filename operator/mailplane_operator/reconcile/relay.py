@@ -45,6 +45,7 @@ CONFIG_SECRET_SLOTS = 16
 CONFIG_DIR = "/etc/mailplane/config"
 TLS_DIR = "/etc/mailplane/tls"
 SMARTHOST_DIR = "/etc/mailplane/smarthost"
+STORE_DIR = "/etc/mailplane/store"
 DATA_DIR = "/var/lib/mailplane"
 SUBMISSION_CONTAINER_PORT = 1587
 SUBMISSIONS_CONTAINER_PORT = 1465
@@ -159,6 +160,11 @@ def pod_template(relay: SmtpRelay, image: str,
         volumes.append({"name": "smarthost", "secret": {
             "secretName": ref.name, "items": [{"key": ref.key, "path": "password"}]}})
         mounts.append({"name": "smarthost", "mountPath": SMARTHOST_DIR, "readOnly": True})
+    if spec.store.secret_ref is not None and spec.store.backend == "postgresql":
+        ref = spec.store.secret_ref
+        volumes.append({"name": "store", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "dsn"}]}})
+        mounts.append({"name": "store", "mountPath": STORE_DIR, "readOnly": True})
     ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     if spec.listeners.submission.enabled:
         ports.append({"name": "submission", "containerPort": SUBMISSION_CONTAINER_PORT,

@@ -95,6 +95,7 @@ class RuntimePaths:
     spool: str = f"{relay_mod.DATA_DIR}/spool"
     message_log: str = f"{relay_mod.DATA_DIR}/messagelog.sqlite3"
     smarthost_password: str = f"{relay_mod.SMARTHOST_DIR}/password"
+    store_dsn: str = f"{relay_mod.STORE_DIR}/dsn"
     listen_address: str = "0.0.0.0"
     submission_port: int = relay_mod.SUBMISSION_CONTAINER_PORT
     submissions_port: int = relay_mod.SUBMISSIONS_CONTAINER_PORT
@@ -287,6 +288,10 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         "messageLog": {"path": paths.message_log},
         "shutdownGrace": spec.shutdown_grace,
     }
+    if spec.store.backend == "postgresql":
+        # The connection string stays in its Secret, mounted as a file (relay.py): it is never
+        # part of the rendered configuration, a log line or a status.
+        settings["store"] = {"backend": "postgresql", "dsnFile": paths.store_dsn}
     for key, value in paths.extra_settings.items():
         if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
             settings[key] = {**settings[key], **value}
