@@ -32,6 +32,7 @@ from mailplane_relay.store.sync import query_log
 from tests.helpers import dkimverify
 from tests.helpers.dns import running_dns_server
 from tests.helpers.ports import free_port
+from tests.helpers.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # scripts/bootstrap installs swaks: a missing one is a failure, not a reason to skip.
@@ -47,14 +48,14 @@ def _command() -> list[str]:
 
 
 class DevProcess:
-    def __init__(self, state: Path, log: Path) -> None:
+    def __init__(self, state: Path, log: Path, *extra_args: str) -> None:
         self.state = state
         self.ports = {"smtp": free_port(), "smtps": free_port(), "http": free_port()}
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             [*_command(), "--examples", str(ROOT / "examples"), "--state-dir", str(state),
              "--smtp-port", str(self.ports["smtp"]), "--smtps-port", str(self.ports["smtps"]),
-             "--http-port", str(self.ports["http"])],
+             "--http-port", str(self.ports["http"]), *extra_args],
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                 str(ROOT / p) for p in ("relay", "operator", "cli"))},
@@ -280,3 +281,42 @@ def test_dev_evaluates_grants_with_the_examples_namespace_labels(tmp_path: Path)
                                                             'team: shop'))
     unlabelled = run(ungranted, "unlabelled")
     assert unlabelled.ready_credentials == []
+
+
+@pytest.mark.slow
+def test_dev_with_a_postgresql_store(
+    dev_state: tuple[Path, list[DevProcess]], tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    """`mailplane dev --store postgresql://…`: the relay logs into the database, the password
+    in the URL is written to a private file and printed nowhere, `mailplane logs` reads it."""
+    state, started = dev_state
+    db = pg_server.create_database()
+    url = pg_server.url(db).replace("@/", ":not-printed-s3cret@/")  # trust auth ignores it
+    dev = DevProcess(state, tmp_path / "dev.log", "--store", url)
+    started.append(dev)
+    line = dev.wait_for(r"message log")
+    dev.wait_for(r"Ctrl-C stops")
+    dsn_file = state / "relay" / "store-dsn"
+    assert f"mailplane logs --store @{dsn_file}" in line
+    assert oct(dsn_file.stat().st_mode & 0o777) == "0o600"
+    config = "".join(p.read_text() for p in (state / "relay" / "config").glob("*.yaml"))
+    assert "not-printed-s3cret" not in "".join(dev.output) + config
+    assert str(dsn_file.resolve()) in config
+
+    secret = _secret(state / "secrets" / "shop" / "shop-orders-smtp.yaml")
+    swaks = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{dev.ports['smtp']}", "--tls",
+         "--tls-ca-path", str(state / "tls" / "ca.crt"), "--auth", "PLAIN",
+         "--auth-user", secret["username"], "--auth-password", secret["password"],
+         "--from", "orders@example.com", "--to", "someone@example.net"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+    _wait_for_file(state / "outbox", "*.eml")
+    assert dev.stop() == 0
+    logs = subprocess.run(
+        [str(Path(sys.executable).with_name("mailplane")), "logs", "--store", f"@{dsn_file}",
+         "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [json.loads(line) for line in logs.splitlines()]
+    assert {r["status"] for r in rows} == {"received", "delivered"}
+    assert {r["namespace"] for r in rows} == {"shop"}
+    assert not (state / "relay" / "messagelog.sqlite3").exists()

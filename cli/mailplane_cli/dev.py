@@ -79,6 +79,9 @@ def register(subparsers: SubParsers) -> None:
                    help=f"implicit TLS submission port (default {DEFAULT_SMTPS_PORT})")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, metavar="N",
                    help=f"metrics and health port (default {DEFAULT_HTTP_PORT})")
+    p.add_argument("--store", metavar="URL",
+                   help="share a PostgreSQL store (postgresql://USER:PASSWORD@HOST/DB) instead "
+                        "of the SQLite file in the state directory; see docs/store.md")
     p.set_defaults(func=run)
 
 
@@ -265,6 +268,7 @@ def prepare(
     http_port: int,
     sink_port: int,
     now: dt.datetime | None = None,
+    store: str | None = None,
 ) -> DevState:
     """Run the reconcile code and write Secrets, TLS files and the relay configuration."""
     now = now or dt.datetime.now(dt.UTC)
@@ -334,12 +338,21 @@ def prepare(
                 ready.append(cred)
 
     relay_dir = state_dir / "relay"
+    extra: dict[str, Any] = {}
+    if store is not None:
+        if not store.startswith(("postgresql://", "postgres://")):
+            raise DevError(f"--store {store.split('@')[-1]!r}: give a PostgreSQL URL such as "
+                           "postgresql://mailplane:PASSWORD@localhost/mailplane")
+        # As in a pod: the connection string in a private file, only its path in the config.
+        dsn_file = relay_dir / "store-dsn"
+        write_private(dsn_file, store + "\n")
+        extra["store"] = {"backend": "postgresql", "dsnFile": str(dsn_file.resolve())}
     paths = render.RuntimePaths(
         tls_cert=str(crt.resolve()), tls_key=str(key.resolve()),
         spool=str((relay_dir / "spool").resolve()),
         message_log=str((relay_dir / "messagelog.sqlite3").resolve()),
         listen_address=HOST, submission_port=smtp_port, submissions_port=smtps_port,
-        http_address=HOST, http_port=http_port, hostname="localhost",
+        http_address=HOST, http_port=http_port, hostname="localhost", extra_settings=extra,
     )
     result = render.render_relay_config(
         dev_relay, domains=domain_inputs, credentials=cred_inputs,
@@ -416,6 +429,13 @@ async def start_sink(outbox: Path) -> asyncio.Server:
 # --------------------------------------------------------------------------------------------
 
 
+def _store_option(dev: DevState) -> str:
+    dsn_file = dev.state_dir / "relay" / "store-dsn"
+    if dev.result.config.settings.store.backend == "postgresql":
+        return f"--store @{dsn_file}"  # the file, so the password is not printed
+    return f"--state-dir {dev.state_dir}"
+
+
 def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int) -> str:
     state = dev.state_dir
     lines = [
@@ -429,7 +449,7 @@ def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int)
         f"  relay configuration {dev.config_dir}/",
         f"  resource status     {state / 'status'}/ (conditions, DNS records to publish)",
         f"  delivered mail      {state / 'outbox'}/ (one .eml file per message)",
-        f"  message log         mailplane logs --state-dir {state}",
+        f"  message log         mailplane logs {_store_option(dev)}",
         "  domains             treated as verified (no DNS checks on a laptop): "
         + (", ".join(dev.result.domains) or "none"),
     ]
@@ -454,7 +474,7 @@ def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int)
             f"    --auth PLAIN --auth-user {credential_mod.username_for(cred)} \\",
             f"    --auth-password \"$(sed -n 's/^  password: //p' {path} | base64 -d)\" \\",
             f"    --from {sender} --to someone@example.net",
-            f"then look in {state / 'outbox'}/ and run: mailplane logs --state-dir {state}",
+            f"then look in {state / 'outbox'}/ and run: mailplane logs {_store_option(dev)}",
         ]
     lines += ["", "Ctrl-C stops (the relay drains first)."]
     return "\n".join(lines)
@@ -475,7 +495,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         sink_port = int(sink.sockets[0].getsockname()[1])
         dev = prepare(manifests, state_dir, smtp_port=args.smtp_port,
-                      smtps_port=args.smtps_port, http_port=args.http_port, sink_port=sink_port)
+                      smtps_port=args.smtps_port, http_port=args.http_port, sink_port=sink_port,
+                      store=args.store)
         for what, event in dev.events:
             log.info("%s: %s: %s", what, event.reason, event.message)
         if stop.is_set():
