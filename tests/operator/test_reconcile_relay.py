@@ -186,7 +186,7 @@ def test_a_postgresql_store_is_a_mounted_secret_never_a_rendered_password() -> N
     # The default stays a SQLite file per pod, with no Secret mounted.
     plain = relay_mod.pod_template(relay(), relay_mod.DEFAULT_IMAGE)["spec"]
     assert "store" not in {v["name"] for v in plain["volumes"]}
-    with pytest.raises(models.SpecError, match="store.secretRef is required"):
+    with pytest.raises(models.SpecError, match=r"store\.secretRef is required"):
         relay(store={"backend": "postgresql"})
 
 
