@@ -81,6 +81,8 @@ _FALLBACK_CRDS = {
     "smtpcredentials": ("SmtpCredential", "smtpcredential", {"smc"}),
     "retentionpolicies": ("RetentionPolicy", "retentionpolicy", {"rp"}),
 }
+_REVIEW_PATHS = ("/apis/authentication.k8s.io/v1/tokenreviews",
+                 "/apis/authorization.k8s.io/v1/subjectaccessreviews")
 _CR_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
@@ -164,6 +166,8 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
         # kmock 0.8 cannot parse /api/v1/namespaces[/name] (it takes "namespaces" for a
         # namespace prefix): serve Namespaces from a plain dict, with list and watch.
         parts = raw_request.path.strip("/").split("/")
+        if raw_request.path in _REVIEW_PATHS:
+            return await self._serve_review(raw_request)
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
             return await self._serve_namespace(raw_request, parts[3] if len(parts) == 4 else None)
         return await super().__call__(raw_request)
@@ -214,6 +218,53 @@ class MailplaneKubeEmulator(kmock.KubernetesEmulator, _FastDispatch):
                 callback()
             return aiohttp.web.json_response(patched)
         return not_found()
+
+    # ---- TokenReview and SubjectAccessReview (the portal's login and authorisation) -------
+    # Users are tokens mapped to a name and groups; permissions are (user or "group:NAME",
+    # verb, resource, namespace) tuples, namespace "*" for every namespace. Nothing else of RBAC.
+    users: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    permissions: set[tuple[str, str, str, str]] = attrs.field(factory=set, init=False)
+    reviews: list[dict[str, Any]] = attrs.field(factory=list, init=False)
+    """The spec of every SubjectAccessReview asked, in order."""
+
+    def add_user(self, token: str, username: str, groups: tuple[str, ...] = ()) -> None:
+        self.users[token] = {"username": username, "uid": f"uid-{username}",
+                             "groups": [*groups, "system:authenticated"]}
+
+    def grant(self, who: str, verb: str, resource: str, namespace: str) -> None:
+        self.permissions.add((who, verb, resource, namespace))
+
+    def revoke(self, who: str, verb: str, resource: str, namespace: str) -> None:
+        self.permissions.discard((who, verb, resource, namespace))
+
+    async def _serve_review(self, raw_request: aiohttp.web.BaseRequest,
+                            ) -> aiohttp.web.StreamResponse:
+        if raw_request.method != "POST":
+            return aiohttp.web.json_response({"kind": "Status", "code": 405}, status=405)
+        body = await raw_request.json()
+        spec = body.get("spec") or {}
+        if raw_request.path == _REVIEW_PATHS[0]:
+            user = self.users.get(str(spec.get("token") or ""))
+            status: dict[str, Any] = {"authenticated": user is not None}
+            if user is not None:
+                status["user"] = user
+        else:
+            self.reviews.append(copy.deepcopy(spec))
+            attrs_ = spec.get("resourceAttributes") or {}
+            if (not spec.get("user") and not spec.get("groups")) or not attrs_:
+                return aiohttp.web.json_response(
+                    {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422,
+                     "reason": "Invalid", "message": "at least one of user or group must be "
+                     "specified; resourceAttributes or nonResourceAttributes required"},
+                    status=422)
+            whos = [spec.get("user") or ""] + [f"group:{g}" for g in spec.get("groups") or ()]
+            allowed = any(
+                (who, attrs_.get("verb"), attrs_.get("resource"), ns) in self.permissions
+                for who in whos for ns in (attrs_.get("namespace"), "*"))
+            status = {"allowed": allowed}
+        return aiohttp.web.json_response({**body, "status": status}, status=201)
+
+    # ---- end of TokenReview and SubjectAccessReview ----------------------------------------
 
     def _namespace_event(self, kind: str, body: dict[str, Any]) -> None:
         self.namespace_events.append({"type": kind, "object": copy.deepcopy(body)})

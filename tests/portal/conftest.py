@@ -1,0 +1,162 @@
+"""The portal running against a real store (SQLite on disk) and the Kubernetes emulator (which
+answers TokenReview and SubjectAccessReview), in its own thread and event loop.
+
+Two tenants: ``shop`` (user alice, token ``alice-token``) and ``blog`` (user bob, token
+``bob-token``), each with its own SmtpCredential and message-log rows; one row without a
+namespace (mail from a trusted network) that no tenant may see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from aiohttp import web
+
+from mailplane_operator import kube as opkube
+from mailplane_portal.kube import KubeClient
+from mailplane_portal.web import Portal, build_app
+from mailplane_relay.store import SqliteBackend
+from mailplane_relay.store.backend import LOG_COLUMNS
+from tests.helpers.kube import KubeApi, credential_body, running_emulator
+
+NOW = time.time()
+
+
+def log_row(event_id: str, ts: float, status: str, queue_id: str, namespace: str | None,
+            sender: str, recipient: str, credential: str | None = None,
+            response: str = "250 2.0.0 ok", attempt: int | None = None,
+            remote: str | None = None) -> tuple[Any, ...]:
+    row = {"event_id": event_id, "ts": ts, "status": status, "queue_id": queue_id,
+           "message_id": f"<{queue_id}@example.test>", "credential": credential,
+           "namespace": namespace, "sender": sender, "recipient": recipient,
+           "response": response, "size": 1234, "attempt": attempt, "remote": remote}
+    return tuple(row[c] for c in LOG_COLUMNS)
+
+
+def seed_rows() -> list[tuple[Any, ...]]:
+    rows = []
+    # shop: 120 messages (paging), one with a full history
+    for i in range(120):
+        ts = NOW - 3600 + i * 10
+        rows.append(log_row(f"s{i}", ts, "delivered", f"SHOP{i:04d}", "shop",
+                            "orders@shop.example", f"customer{i}@mail.example",
+                            credential="shop-orders", attempt=1, remote="mx.mail.example:25 tls"))
+    rows += [
+        log_row("h1", NOW - 600, "received", "SHOPHIST", "shop", "orders@shop.example",
+                "late@slow.example", credential="shop-orders", response="250 2.0.0 queued"),
+        log_row("h2", NOW - 500, "deferred", "SHOPHIST", "shop", "orders@shop.example",
+                "late@slow.example", credential="shop-orders", attempt=1,
+                response="451 4.7.1 try later", remote="mx.slow.example:25 tls"),
+        log_row("h3", NOW - 400, "delivered", "SHOPHIST", "shop", "orders@shop.example",
+                "late@slow.example", credential="shop-orders", attempt=2,
+                remote="mx.slow.example:25 tls"),
+        # blog: its own mail; the same address as a shop customer appears here too
+        log_row("b1", NOW - 300, "bounced", "BLOGSECRET1", "blog", "news@blog.example",
+                "reader@secret.example", credential="blog-news", attempt=1,
+                response="550 5.1.1 no such user"),
+        log_row("b2", NOW - 200, "delivered", "BLOGSECRET2", "blog", "news@blog.example",
+                "customer1@mail.example", credential="blog-news", attempt=1),
+        # no tenant: never shown in the portal
+        log_row("n1", NOW - 100, "delivered", "NOTENANT1", None, "cron@platform.example",
+                "ops@platform.example"),
+        log_row("n2", NOW - 90, "delivered", "NOTENANT2", "", "cron@platform.example",
+                "ops@platform.example"),
+    ]
+    return rows
+
+
+@dataclass
+class RunningPortal:
+    url: str
+    api: KubeApi
+    portal: Portal
+    db: Path
+    loop: asyncio.AbstractEventLoop
+
+    def session(self, token: str) -> requests.Session:
+        """A browser-like session logged in with ``token`` (cookie + CSRF token)."""
+        s = requests.Session()
+        r = s.post(self.url + "/login", data={"token": token}, allow_redirects=False,
+                   headers={"Origin": self.url})
+        assert r.status_code == 303, r.text
+        # The cookie is Secure; Python's cookie jar would keep it from plain-HTTP loopback
+        # (a browser sends it to localhost): keep the value as a plain cookie.
+        sid = s.cookies["mailplane_session"]
+        s.cookies.clear()
+        s.cookies.set("mailplane_session", sid)
+        s.headers["X-CSRF-Token"] = s.get(self.url + "/api/v1/whoami").json()["csrf"]
+        s.headers["Origin"] = self.url
+        return s
+
+
+def _setup_kube(api: KubeApi) -> None:
+    emu = api.emulator
+    for name, ns in (("shop-orders", "shop"), ("blog-news", "blog")):
+        api.create(opkube.SMTP_CREDENTIALS,
+                   credential_body(name, [f"*@{ns}.example"], namespace=ns))
+    emu.add_user("alice-token", "alice", ("shop-team",))
+    emu.add_user("bob-token", "bob")
+    emu.add_user("carol-token", "carol")  # reads shop, changes nothing
+    emu.grant("group:shop-team", "get", "smtpcredentials", "shop")
+    emu.grant("group:shop-team", "update", "smtpcredentials", "shop")
+    emu.grant("bob", "get", "smtpcredentials", "blog")
+    emu.grant("bob", "update", "smtpcredentials", "blog")
+    emu.grant("carol", "get", "smtpcredentials", "shop")
+
+
+@pytest.fixture
+def portal(tmp_path: Path) -> Iterator[RunningPortal]:
+    db = tmp_path / "store.db"
+    with running_emulator() as api:
+        _setup_kube(api)
+        loop = asyncio.new_event_loop()
+        box: dict[str, Any] = {}
+        started = threading.Event()
+        stop = asyncio.Event()
+
+        async def serve() -> None:
+            store = SqliteBackend(str(db))
+            await store.open()
+            await store.write_events(seed_rows())
+            kube = KubeClient(api.url)
+            p = Portal(store, kube)
+            runner = web.AppRunner(build_app(p), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            box.update(portal=p, url=f"http://localhost:{port}")
+            started.set()
+            try:
+                await stop.wait()
+            finally:
+                await runner.cleanup()
+                await kube.close()
+                await store.close()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(serve())
+            except BaseException as exc:
+                box["error"] = exc
+                started.set()
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=main, name="portal", daemon=True)
+        thread.start()
+        assert started.wait(15) and "error" not in box, box.get("error")
+        try:
+            yield RunningPortal(box["url"], api, box["portal"], db, loop)
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(15)
