@@ -250,8 +250,13 @@ def test_an_impossible_size_is_an_error_not_a_broken_secret() -> None:
     with pytest.raises(render.RenderError, match="over the 3000-byte Secret limit"):
         run(relay(), [verified("example.com", pem=RSA_PEM)], [], max_secret_bytes=3000)
     many = [with_secret(credential(f"app{i}")) for i in range(400)]
+    result = run(relay(), [verified("example.com")], many, max_secret_bytes=9000)
+    assert len(result.secrets) == relay_mod.CONFIG_SECRET_SLOTS
+    assert 0 < len(result.credentials) < 400  # credentials over the room are left out
+    assert {e.reason for e in result.excluded} == {render.REASON_CONFIG_FULL}
+    domains = [verified(f"d{i}.example.com", pem=RSA_PEM) for i in range(60)]
     with pytest.raises(render.RenderError, match="more than the 16 the relay pods mount"):
-        run(relay(), [verified("example.com")], many, max_secret_bytes=9000)
+        run(relay(), domains, [], max_secret_bytes=9000)
 
 
 @pytest.mark.slow
@@ -376,3 +381,34 @@ def test_ingress_abuse_settings_reach_the_relay_only_when_set() -> None:
     limits = parse_documents(sorted(run(r, [], [], validate="documents").files.items())
                              ).settings.limits
     assert (limits.max_sessions_per_address, limits.bare_newline) == (500, "reject")
+
+
+def test_one_namespace_filling_the_config_slots_loses_only_its_own_entries() -> None:
+    """A tenant with ``edit`` creates as many large credentials as it likes (100 long senders
+    each): the configuration outgrows the Secrets the relay mounts. That must leave out the
+    entries of the namespace taking the room, not stop the render of every tenant (their
+    rotations, revocations and suspensions would never reach the relay)."""
+    r = relay(allowedNamespaces={}, tenancy={"verificationSkipNamespaces": {}})
+    grant = {"allowedNamespaces": {}}
+    long_domain = ".".join(["a" * 60] * 3) + ".example"
+    honest = [with_secret(credential(f"app{i}", f"team-a{i}", relay_namespace="mail",
+                                     senders=(f"app{i}@example.com",))) for i in range(5)]
+    platform = with_secret(credential("alerts", "mail", senders=("example.com",)))
+    senders = tuple(f"{i:02d}{'x' * 62}@{long_domain}" for i in range(100))
+    flood = [with_secret(credential(f"c{i:03d}", "a-flood", relay_namespace="mail",
+                                    senders=senders)) for i in range(80)]
+    domains = [verified("example.com", **grant), verified(long_domain, "a-flood", name="long",
+                                    relayRef={"name": "main", "namespace": "mail"}, **grant)]
+    # The flooding namespace sorts first by name: leaving out by name would hit the others.
+    result = run(r, domains, [*honest, platform, *flood], max_secret_bytes=120_000)
+    assert len(result.secrets) <= relay_mod.CONFIG_SECRET_SLOTS
+    assert "mail/alerts" in result.credentials
+    assert all(f"team-a{i}/app{i}" in result.credentials for i in range(5))
+    full = [e for e in result.excluded if e.reason == render.REASON_CONFIG_FULL]
+    assert full and all(e.key.startswith("a-flood/") for e in full)
+    assert render.REASON_CONFIG_FULL in render.RENDER_REASONS
+    assert "a-flood" in full[0].message and "spec.allowedSenders" in full[0].message
+    # Some of a-flood's credentials still fit; what is rendered is what the relay reads.
+    assert any(k.startswith("a-flood/") for k in result.credentials)
+    config = parse_documents(sorted(result.files.items()))
+    assert set(config.credentials) == {k.replace("/", ".") for k in result.credentials}

@@ -72,7 +72,8 @@ REASON_SECRET_PENDING = "SecretPending"  # noqa: S105 - a condition reason
 REASON_DELETING = "Deleting"
 REASON_INVALID_ENTRY = "InvalidConfigEntry"
 REASON_DUPLICATE_USERNAME = "DuplicateUsername"
-RENDER_REASONS = frozenset({REASON_INVALID_ENTRY, REASON_DUPLICATE_USERNAME})
+REASON_CONFIG_FULL = "RelayConfigFull"
+RENDER_REASONS = frozenset({REASON_INVALID_ENTRY, REASON_DUPLICATE_USERNAME, REASON_CONFIG_FULL})
 """Exclusions decided by the render itself (the entry would break the relay's configuration),
 not by the resource's own reconcile: the render reports them (Events, the relay's status)."""
 MAX_ENTRY_BYTES = 64 * 1024
@@ -83,6 +84,10 @@ REASON_OTHER_RELAY = "OtherRelay"
 
 class RenderError(Exception):
     """The rendered configuration is not valid or does not fit; the message says why."""
+
+
+class _TooManySecrets(RenderError):
+    """The configuration needs more Secrets than the relay pods mount."""
 
 
 @dataclass(frozen=True)
@@ -314,15 +319,44 @@ def _pack(entries: list[tuple[str, dict[str, Any]]], first_used: int,
     bins: list[list[tuple[str, dict[str, Any]]]] = [[]]
     used = first_used
     for kind, entry in entries:
-        text = json.dumps(entry)
-        # YAML folds a long quoted PEM over indented lines: a few bytes more per line than JSON.
-        size = len(text) + 16 + 8 * text.count("\\n")
+        size = _entry_size(entry)
         if used + size > budget and bins[-1]:
             bins.append([])
             used = 0
         bins[-1].append((kind, entry))
         used += size
     return bins
+
+
+def _entry_size(entry: Mapping[str, Any]) -> int:
+    """The estimated YAML size of one entry. YAML folds a long quoted PEM over indented lines: a
+    few bytes more per line than JSON."""
+    text = json.dumps(entry)
+    return len(text) + 16 + 8 * text.count("\\n")
+
+
+def _fair_share(relay: SmtpRelay, credentials: Sequence[tuple[str, Mapping[str, Any]]],
+                room: int) -> tuple[set[str], dict[str, int]]:
+    """The keys of the credentials (``namespace/name``, entry) that fit in ``room`` bytes, and
+    each namespace's bytes. The relay's own namespace first; then each namespace's credentials
+    in turn by the room its namespace has taken so far, so a namespace that takes more than its
+    share loses its own entries and nobody else's."""
+    used: dict[str, int] = {}
+    ranked: list[tuple[int, int, str, int]] = []
+    for key, entry in credentials:
+        namespace = key.partition("/")[0]
+        size = _entry_size(entry)
+        used[namespace] = used.get(namespace, 0) + size
+        ranked.append((0 if namespace == relay.meta.namespace else 1, used[namespace], key,
+                       size))
+    kept: set[str] = set()
+    total = 0
+    for _platform, _used, key, size in sorted(ranked):
+        if total + size > room:
+            break
+        kept.add(key)
+        total += size
+    return kept, used
 
 
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -390,7 +424,7 @@ def _fit(relay: SmtpRelay, bins: list[list[tuple[str, dict[str, Any]]]], setting
             continue
         out.append(files)
     if len(out) > relay_mod.CONFIG_SECRET_SLOTS:
-        raise RenderError(
+        raise _TooManySecrets(
             f"SmtpRelay {relay.meta.key}: the configuration needs {len(out)} Secrets, more "
             f"than the {relay_mod.CONFIG_SECRET_SLOTS} the relay pods mount; split the "
             "credentials over more relays")
@@ -523,8 +557,36 @@ def render_relay_config(
     settings = settings_spec(relay, retention, paths)
     settings_text = _document(KIND_CONFIG, settings, name=relay.meta.name)
     budget = (max_secret_bytes - _SECRET_OVERHEAD) * 3 // 4
-    per_secret = _fit(relay, _pack(entries + cred_entries, len(settings_text), budget),
-                      settings_text, max_secret_bytes)
+    # Tenants create as many credentials as they like: when they outgrow the Secrets the relay
+    # mounts, the credentials of the namespaces taking the most room are left out, never the
+    # whole render (which would stop every tenant's rotations and revocations).
+    room = (relay_mod.CONFIG_SECRET_SLOTS * budget - len(settings_text)
+            - sum(_entry_size(e) for _k, e in entries))
+    candidates = list(zip(rendered_creds, cred_entries, strict=True))
+    while True:
+        try:
+            per_secret = _fit(relay, _pack(entries + cred_entries, len(settings_text), budget),
+                              settings_text, max_secret_bytes)
+            break
+        except _TooManySecrets:
+            if not cred_entries or room <= 0:
+                raise
+            kept, used = _fair_share(relay, [(k, e) for k, (_kind, e) in candidates], room)
+            room = room * 19 // 20  # the size is an estimate: less, if it still does not fit
+            cred_entries = [ce for k, ce in candidates if k in kept]
+            rendered_creds = [k for k, _ce in candidates if k in kept]
+            excluded = [e for e in excluded if e.reason != REASON_CONFIG_FULL]
+            for key, _ce in candidates:
+                if key not in kept:
+                    namespace = key.partition("/")[0]
+                    excluded.append(Exclusion(
+                        "SmtpCredential", key, REASON_CONFIG_FULL,
+                        f"the configuration of SmtpRelay {relay.meta.key} is full (the "
+                        f"{relay_mod.CONFIG_SECRET_SLOTS} Secrets its pods mount); the "
+                        f"namespaces taking the most room lose entries first, and the "
+                        f"credentials of namespace {namespace!r} take {used[namespace]} bytes: "
+                        "fewer credentials there, or fewer or shorter spec.allowedSenders, "
+                        "make room"))
     secrets = [config_secret(relay, i, f) for i, f in enumerate(per_secret)]
     all_files = {name: text for files in per_secret for name, text in files.items()}
     # The same digest the relay computes over its config directory (``source_hash``), so the
