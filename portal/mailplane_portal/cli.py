@@ -49,22 +49,35 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The store's backend and the portal's own records in the same database."""
     from mailplane_relay.config import load_config  # noqa: PLC0415
     from mailplane_relay.store import SqliteBackend  # noqa: PLC0415
-    from mailplane_relay.store.factory import backend_for, read_dsn  # noqa: PLC0415
+    from mailplane_relay.store.factory import read_dsn  # noqa: PLC0415
 
+    from .records import Records  # noqa: PLC0415
+
+    path: str | None = None
+    dsn: str | None = None
     if args.config:
-        return backend_for(load_config(args.config).settings)
-    if args.db:
-        return SqliteBackend(str(Path(args.db)))
-    dsn = read_dsn(args.store[1:]) if args.store.startswith("@") else args.store
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        raise SystemExit(f"mailplane portal: --store {args.store!r}: give a postgresql:// URL "
-                         "(or @FILE holding one); for a SQLite file use --db PATH")
+        settings = load_config(args.config).settings
+        if settings.store.backend == "postgresql":
+            assert settings.store.dsn_file is not None  # the config validator says so
+            dsn = read_dsn(settings.store.dsn_file)
+        else:
+            path = settings.message_log.path
+    elif args.db:
+        path = str(Path(args.db))
+    else:
+        dsn = read_dsn(args.store[1:]) if args.store.startswith("@") else args.store
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise SystemExit(f"mailplane portal: --store {args.store!r}: give a postgresql:// "
+                             "URL (or @FILE holding one); for a SQLite file use --db PATH")
+    if path is not None:
+        return SqliteBackend(path), Records(sqlite_path=path)
     from mailplane_relay.store.postgres import PostgresBackend  # noqa: PLC0415
 
-    return PostgresBackend(dsn)
+    return PostgresBackend(dsn or ""), Records(dsn=dsn)
 
 
 def _cmd_portal(args: argparse.Namespace) -> int:
@@ -83,11 +96,12 @@ def _cmd_portal(args: argparse.Namespace) -> int:
     except KubeUnavailable as exc:
         print(f"mailplane portal: {exc}", file=sys.stderr)
         return 2
-    store = _store(args)
+    store, records = _store(args)
 
     async def run() -> None:
         await store.open()
-        portal = Portal(store, kube, secure_cookie=not args.insecure_cookie,
+        await records.open()
+        portal = Portal(store, kube, records, secure_cookie=not args.insecure_cookie,
                         sessions=SessionStore(idle=args.session_idle,
                                               lifetime=args.session_lifetime))
         runner = web.AppRunner(build_app(portal), access_log=None)
@@ -101,6 +115,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
         finally:
             await runner.cleanup()
             await kube.close()
+            await records.close()
             await store.close()
 
     with contextlib.suppress(KeyboardInterrupt):

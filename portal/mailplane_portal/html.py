@@ -27,7 +27,10 @@ def layout(title: str, body: str, *, user: str | None = None, csrf: str | None =
         links = ['<a href="/">Namespaces</a>']
         if namespace:
             base = f"/ns/{namespace}"
-            links += [f'<a href="{e(url(base + "/logs"))}">Message log</a>']
+            links += [f'<a href="{e(url(base + "/" + page))}">{e(label)}</a>'
+                      for page, label in (("logs", "Message log"),
+                                          ("suppression", "Suppression"),
+                                          ("erasures", "Erasure"), ("audit", "Audit log"))]
         logout = (f'<form method="post" action="/logout" class="inline">'
                   f'<input type="hidden" name="csrf" value="{e(csrf)}">'
                   f'<button type="submit" id="logout">Log out</button></form>')

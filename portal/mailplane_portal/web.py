@@ -19,11 +19,22 @@ from typing import Any
 from aiohttp import web
 
 from mailplane_relay.events import STATUSES
-from mailplane_relay.store import StoreBackend, StoreError
+from mailplane_relay.store import StoreBackend, StoreError, complaint_hash
+from mailplane_relay.store.erasure import erase_address
 
 from . import html as h
 from .kube import Identity, KubeClient, KubeUnavailable
-from .search import BadRequest, Search, check_namespace, export_csv, history, page, public_row
+from .records import Records, mask
+from .search import (
+    BadRequest,
+    Search,
+    check_namespace,
+    export_csv,
+    history,
+    iso,
+    page,
+    public_row,
+)
 from .sessions import COOKIE, Session, SessionStore, csrf_ok
 
 log = logging.getLogger(__name__)
@@ -44,10 +55,12 @@ class Caller:
 
 
 class Portal:
-    def __init__(self, store: StoreBackend, kube: KubeClient, *, sessions: SessionStore |
-                 None = None, secure_cookie: bool = True) -> None:
+    def __init__(self, store: StoreBackend, kube: KubeClient, records: Records, *,
+                 sessions: SessionStore | None = None, secure_cookie: bool = True) -> None:
         self.store = store
         self.kube = kube
+        self.records = records
+        self.tasks: set[asyncio.Task[None]] = set()
         self.sessions = sessions or SessionStore()
         self.secure_cookie = secure_cookie
 
@@ -263,8 +276,8 @@ def _search_form(ns: str, s: Search) -> str:
 
     options = '<option value="">any</option>' + "".join(
         f'<option{" selected" if s.status == st else ""}>{h.e(st)}</option>' for st in STATUSES)
-    since = h.iso(s.since)[:16] if s.since is not None else ""  # type: ignore[attr-defined]
-    until = h.iso(s.until)[:16] if s.until is not None else ""  # type: ignore[attr-defined]
+    since = iso(s.since)[:16] if s.since is not None else ""
+    until = iso(s.until)[:16] if s.until is not None else ""
     return (f'<form class="search" method="get" action="{h.e(h.url(f"/ns/{ns}/logs"))}">'
             + field("sender", "Sender (address or @domain)", s.sender)
             + field("recipient", "Recipient (address or @domain)", s.recipient)
@@ -421,4 +434,301 @@ def build_app(portal: Portal) -> web.Application:
     r.add_get("/static/{name}", static)
     r.add_get("/healthz", healthz)
     r.add_get("/favicon.ico", favicon)
+    add_manage_routes(app)
     return app
+
+
+# ---- changes: suppression, erasure, audit
+
+
+ADDRESS_MAX = 320
+
+
+def _address(value: Any, field: str = "address") -> str:
+    text = str(value or "").strip().lower()
+    local, at, domain = text.rpartition("@")
+    if (not at or not local or "." not in domain or len(text) > ADDRESS_MAX
+            or any(c.isspace() or ord(c) < 32 or c in "<>,;\"" for c in text)):
+        raise BadRequest(f"{field}: give one email address such as jane@example.com")
+    return text
+
+
+def _note(value: Any, field: str, *, required: bool) -> str:
+    text = " ".join(str(value or "").split())
+    if required and not text:
+        raise BadRequest(f"{field}: say why (it goes into the audit log)")
+    if len(text) > 300:
+        raise BadRequest(f"{field}: at most 300 characters")
+    return text
+
+
+async def _form(request: web.Request) -> dict[str, Any]:
+    if request.content_type == "application/json":
+        data = await request.json()
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+    return dict(await request.post())
+
+
+def _csrf_field(request: web.Request) -> str:
+    caller = _caller(request)
+    token = caller.session.csrf if caller.session else ""
+    return f'<input type="hidden" name="csrf" value="{h.e(token)}">'
+
+
+async def _team_entry(portal: Portal, ns: str, address: str) -> dict[str, Any] | None:
+    for entry in await portal.records.team_suppression(ns, address, limit=50):
+        if entry["address"] == address:
+            return entry
+    return None
+
+
+async def suppression_add(portal: Portal, caller: Caller, ns: str, data: dict[str, Any]
+                          ) -> str:
+    await portal.authorise(caller, ns, WRITE)
+    address = _address(data.get("address"))
+    note = _note(data.get("note"), "note", required=False)
+    await portal.store.suppression_upsert(
+        address, "manual", f"portal:{ns}:{caller.identity.username}"[:200], time.time())
+    await portal.records.audit(ns, caller.identity.username, "suppression.add", address, note)
+    return address
+
+
+async def suppression_remove(portal: Portal, caller: Caller, ns: str, data: dict[str, Any]
+                             ) -> str:
+    await portal.authorise(caller, ns, WRITE)
+    address = _address(data.get("address"))
+    reason = _note(data.get("reason"), "reason", required=True)
+    entry = await _team_entry(portal, ns, address)
+    if entry is None:
+        raise web.HTTPNotFound(text=f"{address} is not on your team's suppression list")
+    if entry["reason"] == "complaint":
+        raise web.HTTPConflict(text=f"{address} complained: a complaint is never lifted from "
+                                    "the portal (ask the platform team)")
+    await portal.store.suppression_delete(address)
+    await portal.records.audit(ns, caller.identity.username, "suppression.remove", address,
+                               f"was {entry['reason']}: {reason}")
+    return address
+
+
+async def suppression_page(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    caller = _caller(request)
+    notice = ""
+    if request.method == "POST":
+        data = await _form(request)
+        if data.get("action") == "remove":
+            address = await suppression_remove(portal, caller, ns, data)
+            notice = f"{address} removed from the suppression list."
+        else:
+            address = await suppression_add(portal, caller, ns, data)
+            notice = f"{address} added to the suppression list."
+    else:
+        await portal.authorise(caller, ns, READ)
+    q = (request.query.get("q") or "").strip()[:320]
+    entries = await portal.records.team_suppression(ns, q or None)
+    csrf = _csrf_field(request)
+    action = h.e(h.url(f"/ns/{ns}/suppression"))
+    rows = [[h.e(e_["address"]), h.e(e_["reason"]), h.e(e_["source"]), h.when(e_["created"]),
+             (f'<form method="post" action="{action}" class="remove">{csrf}'
+              f'<input type="hidden" name="action" value="remove">'
+              f'<input type="hidden" name="address" value="{h.e(e_["address"])}">'
+              f'<input name="reason" required placeholder="reason" aria-label="reason">'
+              f'<button type="submit" class="secondary">Remove</button></form>'
+              if e_["reason"] != "complaint" else '<span class="muted">complaint: kept</span>')]
+            for e_ in entries]
+    body = (f'<p class="notice" role="status">{h.e(notice)}</p>' if notice else "") + (
+        '<p class="muted">Addresses your team has sent to that the relay will not deliver to '
+        "(hard bounces, complaints, manual entries). The list is shared by every team on the "
+        "platform: an address added here is suppressed for all.</p>"
+        f'<form class="search" method="get" action="{action}">'
+        f'<label>Search<input name="q" id="f-q" value="{h.e(q)}"></label>'
+        '<button type="submit">Search</button>'
+        f'<a class="button secondary" href="{h.e(h.url(f"/ns/{ns}/suppression.csv"))}">'
+        "Export CSV</a></form>"
+        + h.table(("Address", "Reason", "Source", "Since", ""), rows, cls="suppression")
+        + f'<h2>Add an address</h2><form class="search" method="post" action="{action}">{csrf}'
+        '<label>Address<input name="address" id="f-add" required type="email"></label>'
+        '<label>Note<input name="note"></label>'
+        '<button type="submit" id="add">Add</button></form>')
+    return _html(f"Suppression · {ns}", body, request, ns)
+
+
+async def suppression_csv(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    await portal.authorise(_caller(request), ns, READ)
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(["address", "reason", "source", "created"])
+    for entry in await portal.records.team_suppression(ns, None, limit=100_000):
+        writer.writerow([("'" + v) if str(v)[:1] in "=+-@" else v for v in (
+            entry["address"], entry["reason"], entry["source"], iso(entry["created"]))])
+    return web.Response(text=buf.getvalue(), content_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="mailplane-{ns}-suppression.csv"'})
+
+
+async def _run_erasure(portal: Portal, erasure_id: str, ns: str, address: str) -> None:
+    try:
+        await portal.records.erasure_update(erasure_id, "running", {})
+        counts = await portal.records.namespace_knows(ns, address)
+        team_entry = await _team_entry(portal, ns, address)
+        await erase_address(portal.store, address)
+        await portal.records.mask_in_audit(address)
+        report = {"message_log_rows_as_sender": counts["as_sender"],
+                  "message_log_rows_as_recipient": counts["as_recipient"],
+                  "suppression_entries": 1 if team_entry is not None else 0}
+        await portal.records.erasure_update(erasure_id, "done", report)
+    except Exception as exc:  # the request shows it failed; the user can ask again
+        log.warning("erasure %s failed: %s", erasure_id, type(exc).__name__)
+        await portal.records.erasure_update(erasure_id, "failed", {},
+                                            "the store did not answer; ask again")
+
+
+async def erasure_create(portal: Portal, caller: Caller, ns: str, data: dict[str, Any]
+                         ) -> str:
+    await portal.authorise(caller, ns, WRITE)
+    address = _address(data.get("address"))
+    counts = await portal.records.namespace_knows(ns, address)
+    if not any(counts.values()) and await _team_entry(portal, ns, address) is None:
+        raise web.HTTPNotFound(text=f"{address} does not appear in namespace {ns}'s message "
+                                    "log or suppression list: there is nothing to erase")
+    key = await portal.store.erasure_key()
+    erasure = await portal.records.erasure_create(ns, caller.identity.username, address,
+                                                  complaint_hash(key, address))
+    await portal.records.audit(ns, caller.identity.username, "erasure.request",
+                               mask(address), erasure.id)
+    task = asyncio.create_task(_run_erasure(portal, erasure.id, ns, address))
+    portal.tasks.add(task)
+    task.add_done_callback(portal.tasks.discard)
+    return erasure.id
+
+
+def _erasure_rows(ns: str, items: list[Any]) -> list[list[str]]:
+    return [[f'<a href="{h.e(h.url(f"/ns/{ns}/erasures/{x.id}"))}">{h.e(x.address_hint)}</a>',
+             f'<span class="status state-{h.e(x.state)}">{h.e(x.state)}</span>',
+             h.e(x.actor), h.when(x.created), h.when(x.finished) if x.finished else ""]
+            for x in items]
+
+
+async def erasures_page(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    caller = _caller(request)
+    if request.method == "POST":
+        erasure_id = await erasure_create(portal, caller, ns, await _form(request))
+        raise web.HTTPSeeOther(h.url(f"/ns/{ns}/erasures/{erasure_id}"))
+    await portal.authorise(caller, ns, READ)
+    items = await portal.records.erasures(ns)
+    action = h.e(h.url(f"/ns/{ns}/erasures"))
+    body = ('<p class="muted">Erasure deletes every message-log row where the address is the '
+            "sender or a recipient and its suppression entry, for the whole platform (a "
+            "complaint is kept as a keyed hash so the address still gets no mail). The request "
+            "keeps only a masked form of the address.</p>"
+            f'<form class="search" method="post" action="{action}">{_csrf_field(request)}'
+            '<label>Address to erase<input name="address" id="f-erase" required type="email">'
+            '</label><button type="submit" id="erase">Request erasure</button></form>'
+            + h.table(("Address", "State", "Requested by", "Requested", "Finished"),
+                      _erasure_rows(ns, items), cls="erasures"))
+    return _html(f"Erasure · {ns}", body, request, ns)
+
+
+async def erasure_page(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns, erasure_id = request.match_info["ns"], request.match_info["id"]
+    await portal.authorise(_caller(request), ns, READ)
+    items = await portal.records.erasures(ns, erasure_id)
+    if not items:
+        raise web.HTTPNotFound(text=f"no erasure request {erasure_id[:40]} in namespace {ns}")
+    x = items[0]
+    report = "".join(f"<dt>{h.e(k.replace('_', ' '))}</dt><dd>{h.e(v)}</dd>"
+                     for k, v in sorted(x.report.items()))
+    body = (f'<dl class="facts"><dt>Address</dt><dd>{h.e(x.address_hint)}</dd>'
+            f'<dt>State</dt><dd id="state">{h.e(x.state)}</dd>'
+            f"<dt>Requested by</dt><dd>{h.e(x.actor)}</dd>"
+            f"<dt>Requested</dt><dd>{h.when(x.created)}</dd>"
+            + (f"<dt>Finished</dt><dd>{h.when(x.finished)}</dd>" if x.finished else "")
+            + (f"<dt>Error</dt><dd>{h.e(x.error)}</dd>" if x.error else "")
+            + "</dl>" + (f'<h2>Removed from your namespace</h2><dl class="facts" id="report">'
+                         f"{report}</dl>" if x.state == "done" else
+                         '<p class="muted">Reload to follow its progress.</p>'))
+    return _html("Erasure request", body, request, ns)
+
+
+async def audit_page(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    await portal.authorise(_caller(request), ns, READ)
+    rows = [[h.when(r["ts"]), h.e(r["actor"]), h.e(r["action"]), h.e(r["target"]),
+             h.e(r["detail"])] for r in await portal.records.audit_log(ns)]
+    body = h.table(("Time", "Who", "Action", "Target", "Detail"), rows, cls="audit")
+    return _html(f"Audit log · {ns}", body, request, ns)
+
+
+# ---- the same as JSON
+
+
+async def api_suppression(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    caller = _caller(request)
+    if request.method == "POST":
+        address = await suppression_add(portal, caller, ns, await _form(request))
+        return web.json_response({"address": address, "reason": "manual"}, status=201)
+    if request.method == "DELETE":
+        data: dict[str, Any] = {"address": request.match_info.get("address"),
+                                "reason": request.query.get("reason")}
+        await suppression_remove(portal, caller, ns, data)
+        return web.json_response({"removed": data["address"]})
+    await portal.authorise(caller, ns, READ)
+    q = (request.query.get("q") or "").strip()[:320]
+    return web.json_response({"items": await portal.records.team_suppression(ns, q or None)})
+
+
+async def api_erasures(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    caller = _caller(request)
+    if request.method == "POST":
+        created = await erasure_create(portal, caller, ns, await _form(request))
+        items = await portal.records.erasures(ns, created)
+        return web.json_response(items[0].to_json(), status=202)
+    await portal.authorise(caller, ns, READ)
+    erasure_id = request.match_info.get("id")
+    items = await portal.records.erasures(ns, erasure_id)
+    if erasure_id is not None:
+        if not items:
+            raise web.HTTPNotFound(text=f"no erasure request {erasure_id[:40]} in namespace "
+                                        f"{ns}")
+        return web.json_response(items[0].to_json())
+    return web.json_response({"items": [x.to_json() for x in items]})
+
+
+async def api_audit(request: web.Request) -> web.Response:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    await portal.authorise(_caller(request), ns, READ)
+    return web.json_response({"items": await portal.records.audit_log(ns)})
+
+
+def add_manage_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/ns/{ns}/suppression", suppression_page)
+    r.add_post("/ns/{ns}/suppression", suppression_page)
+    r.add_get("/ns/{ns}/suppression.csv", suppression_csv)
+    r.add_get("/ns/{ns}/erasures", erasures_page)
+    r.add_post("/ns/{ns}/erasures", erasures_page)
+    r.add_get("/ns/{ns}/erasures/{id}", erasure_page)
+    r.add_get("/ns/{ns}/audit", audit_page)
+    r.add_get("/api/v1/namespaces/{ns}/suppression", api_suppression)
+    r.add_post("/api/v1/namespaces/{ns}/suppression", api_suppression)
+    r.add_delete("/api/v1/namespaces/{ns}/suppression/{address}", api_suppression)
+    r.add_get("/api/v1/namespaces/{ns}/erasures", api_erasures)
+    r.add_post("/api/v1/namespaces/{ns}/erasures", api_erasures)
+    r.add_get("/api/v1/namespaces/{ns}/erasures/{id}", api_erasures)
+    r.add_get("/api/v1/namespaces/{ns}/audit", api_audit)

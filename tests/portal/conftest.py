@@ -22,6 +22,7 @@ from aiohttp import web
 
 from mailplane_operator import kube as opkube
 from mailplane_portal.kube import KubeClient
+from mailplane_portal.records import Records
 from mailplane_portal.web import Portal, build_app
 from mailplane_relay.store import SqliteBackend
 from mailplane_relay.store.backend import LOG_COLUMNS
@@ -81,6 +82,16 @@ class RunningPortal:
     db: Path
     loop: asyncio.AbstractEventLoop
 
+    def wait_erasure(self, s: requests.Session, ns: str, erasure_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            body: dict[str, Any] = s.get(
+                f"{self.url}/api/v1/namespaces/{ns}/erasures/{erasure_id}").json()
+            if body["state"] in ("done", "failed"):
+                return body
+            time.sleep(0.05)
+        raise AssertionError("the erasure did not finish")
+
     def session(self, token: str) -> requests.Session:
         """A browser-like session logged in with ``token`` (cookie + CSRF token)."""
         s = requests.Session()
@@ -126,8 +137,16 @@ def portal(tmp_path: Path) -> Iterator[RunningPortal]:
             store = SqliteBackend(str(db))
             await store.open()
             await store.write_events(seed_rows())
+            await store.suppression_upsert("customer7@mail.example", "bounce", "delivery",
+                                           NOW - 50)
+            await store.suppression_upsert("customer8@mail.example", "complaint", "fbl",
+                                           NOW - 40)
+            await store.suppression_upsert("reader@secret.example", "bounce", "delivery",
+                                           NOW - 30)
+            records = Records(sqlite_path=str(db))
+            await records.open()
             kube = KubeClient(api.url)
-            p = Portal(store, kube)
+            p = Portal(store, kube, records)
             runner = web.AppRunner(build_app(p), access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -140,6 +159,7 @@ def portal(tmp_path: Path) -> Iterator[RunningPortal]:
             finally:
                 await runner.cleanup()
                 await kube.close()
+                await records.close()
                 await store.close()
 
         def main() -> None:

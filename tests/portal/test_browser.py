@@ -79,6 +79,37 @@ def test_tenant_walks_through_the_portal(browser: Any, portal: RunningPortal,
     assert statuses == ["received", "deferred", "delivered"]
     page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
 
+    # remove a suppression entry, with a reason
+    page.click("text=Suppression")
+    page.wait_for_selector("table.suppression")
+    row = page.locator("table.suppression tr", has_text="customer7@mail.example")
+    row.locator("input[name=reason]").fill("mailbox fixed")
+    row.locator("button").click()
+    page.wait_for_selector(".notice")
+    assert "customer7@mail.example removed" in page.locator(".notice").inner_text()
+    assert page.locator("table.suppression tr", has_text="customer7@").count() == 0
+    page.screenshot(path=str(tmp_path / "suppression.png"), full_page=True)
+
+    # request an erasure and follow it to its report
+    page.click("text=Erasure")
+    page.fill("#f-erase", "customer2@mail.example")
+    page.click("#erase")
+    page.wait_for_selector("#state")
+    for _ in range(50):
+        if page.locator("#state").inner_text() == "done":
+            break
+        page.wait_for_timeout(100)
+        page.reload()
+    assert page.locator("#state").inner_text() == "done"
+    assert "as recipient" in page.locator("#report").inner_text()
+    page.screenshot(path=str(tmp_path / "erasure.png"), full_page=True)
+    page.click("text=Audit log")
+    page.wait_for_selector("table.audit")
+    audit = page.locator("table.audit").inner_text()
+    assert "suppression.remove" in audit and "erasure.request" in audit
+    assert "customer2@" not in audit
+    page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
+
     # phone-sized screen: the table scrolls inside its box, the page does not overflow
     phone = browser.new_context(viewport=PHONE, is_mobile=True)
     ppage = phone.new_page()

@@ -1,0 +1,198 @@
+"""What the portal itself keeps in the store, and the store reads the backend interface does
+not offer (a team's view of the pool-wide suppression list).
+
+Tables (created when missing, in the same SQLite file or PostgreSQL database as the rest of the
+store):
+
+- ``portal_audit``: who changed what, per namespace (time, namespace, user, action, target,
+  detail). An erased address is replaced in it by its masked form.
+- ``portal_erasures``: erasure requests (id, namespace, user, masked address, keyed hash of the
+  address, state, times, the namespace's own counts). Never the address itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS portal_audit (
+        id {serial} PRIMARY KEY, ts {real} NOT NULL, namespace TEXT NOT NULL,
+        actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS portal_audit_ns_ts ON portal_audit (namespace, ts)",
+    """CREATE TABLE IF NOT EXISTS portal_erasures (
+        id TEXT PRIMARY KEY, namespace TEXT NOT NULL, actor TEXT NOT NULL,
+        address_hint TEXT NOT NULL, address_hash TEXT NOT NULL, state TEXT NOT NULL,
+        created {real} NOT NULL, finished {real}, report TEXT NOT NULL DEFAULT '{{}}',
+        error TEXT NOT NULL DEFAULT '')""",
+    "CREATE INDEX IF NOT EXISTS portal_erasures_ns ON portal_erasures (namespace, created)",
+)
+
+
+def mask(address: str) -> str:
+    """``jane.doe@example.com`` -> ``j***@example.com``: enough to tell requests apart."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+@dataclass
+class Erasure:
+    id: str
+    namespace: str
+    actor: str
+    address_hint: str
+    state: str
+    created: float
+    finished: float | None
+    report: dict[str, int]
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "namespace": self.namespace, "requested_by": self.actor,
+                "address": self.address_hint, "state": self.state, "created": self.created,
+                "finished": self.finished, "report": self.report, "error": self.error}
+
+
+class Records:
+    """SQL on the store's database with the portal's own connection (SQLite file or DSN)."""
+
+    def __init__(self, *, sqlite_path: str | None = None, dsn: str | None = None) -> None:
+        if (sqlite_path is None) == (dsn is None):
+            raise ValueError("give exactly one of sqlite_path and dsn")
+        self.sqlite_path = sqlite_path
+        self.dsn = dsn
+        self.mark = "?" if sqlite_path else "%s"
+        self._lock = asyncio.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self.sqlite_path:
+            def connect() -> sqlite3.Connection:
+                conn = sqlite3.connect(self.sqlite_path or "", timeout=10,
+                                       check_same_thread=False, isolation_level=None)
+                conn.row_factory = sqlite3.Row
+                for stmt in _SCHEMA:
+                    conn.execute(stmt.format(serial="INTEGER", real="REAL"))
+                return conn
+            self._conn = await asyncio.to_thread(connect)
+        else:
+            from psycopg.rows import dict_row  # noqa: PLC0415
+            from psycopg_pool import AsyncConnectionPool  # noqa: PLC0415
+
+            self._pool = AsyncConnectionPool(self.dsn or "", min_size=1, max_size=4, open=False,
+                                             timeout=5, kwargs={"row_factory": dict_row,
+                                                                "autocommit": True})
+            await self._pool.open()
+            async with self._pool.connection() as conn:
+                for stmt in _SCHEMA:
+                    await conn.execute(stmt.format(serial="BIGSERIAL",
+                                                   real="DOUBLE PRECISION"))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        sql = sql.replace("?", self.mark)
+        if self._conn is not None:
+            conn = self._conn
+
+            def run() -> list[dict[str, Any]]:
+                return [dict(r) for r in conn.execute(sql, tuple(args))]
+            async with self._lock:
+                return await asyncio.to_thread(run)
+        async with self._pool.connection() as pg:
+            cur = await pg.execute(sql, tuple(args))
+            return list(await cur.fetchall()) if cur.description else []
+
+    async def _do(self, sql: str, args: Sequence[Any] = ()) -> None:
+        await self._all(sql, args)
+
+    # ---- audit log
+
+    async def audit(self, namespace: str, actor: str, action: str, target: str,
+                    detail: str = "", *, clock: Callable[[], float] = time.time) -> None:
+        await self._do("INSERT INTO portal_audit (ts, namespace, actor, action, target, detail) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (clock(), namespace, actor, action, target, detail[:500]))
+
+    async def audit_log(self, namespace: str, limit: int = 200) -> list[dict[str, Any]]:
+        return await self._all("SELECT ts, actor, action, target, detail FROM portal_audit "
+                               "WHERE namespace = ? ORDER BY ts DESC, id DESC LIMIT ?",
+                               (namespace, limit))
+
+    async def mask_in_audit(self, address: str) -> None:
+        """An erased address leaves the audit log too (its masked form stays)."""
+        await self._do("UPDATE portal_audit SET target = ? WHERE lower(target) = ?",
+                       (mask(address), address))
+
+    # ---- the team's view of the suppression list
+
+    async def team_suppression(self, namespace: str, contains: str | None = None,
+                               limit: int = 1000) -> list[dict[str, Any]]:
+        """Entries for addresses this namespace has sent mail to (they are in its own log)."""
+        sql = ("SELECT s.address, s.reason, s.source, s.created FROM suppression s "  # noqa: S608
+               "WHERE EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
+               + ("m.recipient = s.address" if self.sqlite_path
+                  else "lower(m.recipient) = s.address") + ")")
+        args: list[Any] = [namespace]
+        if contains:
+            sql += " AND s.address LIKE ? ESCAPE '!'"
+            args.append("%" + contains.lower().replace("!", "!!").replace("%", "!%")
+                        .replace("_", "!_") + "%")
+        sql += " ORDER BY s.address LIMIT ?"
+        args.append(limit)
+        return await self._all(sql, args)
+
+    async def namespace_knows(self, namespace: str, address: str) -> dict[str, int]:
+        """Rows of this namespace's log where the address is the sender or a recipient."""
+        col = "{0}" if self.sqlite_path else "lower({0})"
+        rows = await self._all(
+            f"SELECT (SELECT COUNT(*) FROM message_log WHERE namespace = ? AND "  # noqa: S608
+            f"{col.format('sender')} = ?) AS sent, (SELECT COUNT(*) FROM message_log WHERE "
+            f"namespace = ? AND {col.format('recipient')} = ?) AS received",
+            (namespace, address, namespace, address))
+        return {"as_sender": int(rows[0]["sent"]), "as_recipient": int(rows[0]["received"])}
+
+    # ---- erasure requests
+
+    async def erasure_create(self, namespace: str, actor: str, address: str,
+                             address_hash: str) -> Erasure:
+        e = Erasure(uuid.uuid4().hex, namespace, actor, mask(address), "pending", time.time(),
+                    None, {}, "")
+        await self._do("INSERT INTO portal_erasures (id, namespace, actor, address_hint, "
+                       "address_hash, state, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (e.id, namespace, actor, e.address_hint, address_hash, e.state,
+                        e.created))
+        return e
+
+    async def erasure_update(self, erasure_id: str, state: str, report: dict[str, int],
+                             error: str = "") -> None:
+        await self._do("UPDATE portal_erasures SET state = ?, report = ?, error = ?, "
+                       "finished = ? WHERE id = ?",
+                       (state, json.dumps(report), error[:300],
+                        time.time() if state in ("done", "failed") else None, erasure_id))
+
+    async def erasures(self, namespace: str, erasure_id: str | None = None
+                       ) -> list[Erasure]:
+        sql = ("SELECT id, namespace, actor, address_hint, state, created, finished, report, "
+               "error FROM portal_erasures WHERE namespace = ?")
+        args: list[Any] = [namespace]
+        if erasure_id is not None:
+            sql += " AND id = ?"
+            args.append(erasure_id)
+        sql += " ORDER BY created DESC LIMIT 200"
+        return [Erasure(r["id"], r["namespace"], r["actor"], r["address_hint"], r["state"],
+                        r["created"], r["finished"], json.loads(r["report"] or "{}"),
+                        r["error"]) for r in await self._all(sql, args)]

@@ -1,0 +1,133 @@
+"""Suppression, erasure and the audit log through the API: what a team may change, that it
+reaches the store, and that nothing crosses into another namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import requests
+
+from mailplane_relay.store import SqliteBackend
+
+from .conftest import RunningPortal
+
+
+def _store_suppression(portal: RunningPortal) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        store = SqliteBackend(str(portal.db))
+        await store.open()
+        try:
+            return {e["address"]: e["reason"] for e in await store.suppression_list()}
+        finally:
+            await store.close()
+    return asyncio.run(read())
+
+
+def test_team_sees_only_addresses_it_sent_to(portal: RunningPortal) -> None:
+    alice = portal.session("alice-token")
+    items = alice.get(portal.url + "/api/v1/namespaces/shop/suppression").json()["items"]
+    assert sorted(i["address"] for i in items) == ["customer7@mail.example",
+                                                   "customer8@mail.example"]
+    bob = portal.session("bob-token")
+    items = bob.get(portal.url + "/api/v1/namespaces/blog/suppression").json()["items"]
+    assert [i["address"] for i in items] == ["reader@secret.example"]
+    csv_text = alice.get(portal.url + "/ns/shop/suppression.csv").text
+    assert "customer7@mail.example" in csv_text and "secret.example" not in csv_text
+
+
+def test_add_and_remove_with_reason_reach_the_store_and_the_audit_log(
+        portal: RunningPortal) -> None:
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop/suppression"
+    r = alice.post(base, json={"address": "Customer3@Mail.Example", "note": "asked by phone"})
+    assert r.status_code == 201, r.text
+    assert _store_suppression(portal)["customer3@mail.example"] == "manual"
+    r = alice.delete(base + "/customer3@mail.example")
+    assert r.status_code == 400 and "reason" in r.json()["error"]
+    r = alice.delete(base + "/customer3@mail.example", params={"reason": "typo"})
+    assert r.status_code == 200
+    assert "customer3@mail.example" not in _store_suppression(portal)
+    # a complaint is never lifted from the portal
+    r = alice.delete(base + "/customer8@mail.example", params={"reason": "please"})
+    assert r.status_code == 409
+    assert _store_suppression(portal)["customer8@mail.example"] == "complaint"
+    audit = alice.get(portal.url + "/api/v1/namespaces/shop/audit").json()["items"]
+    assert [(a["actor"], a["action"], a["target"]) for a in audit] == [
+        ("alice", "suppression.remove", "customer3@mail.example"),
+        ("alice", "suppression.add", "customer3@mail.example")]
+    assert audit[0]["detail"] == "was manual: typo"
+    # blog's audit log is blog's alone
+    bob = portal.session("bob-token")
+    assert bob.get(portal.url + "/api/v1/namespaces/blog/audit").json()["items"] == []
+
+
+def test_changes_need_update_permission_and_stay_in_the_namespace(
+        portal: RunningPortal) -> None:
+    carol = portal.session("carol-token")  # may read shop, not change it
+    r = carol.post(portal.url + "/api/v1/namespaces/shop/suppression",
+                   json={"address": "x@mail.example"})
+    assert r.status_code == 403 and "update smtpcredentials" in r.json()["error"]
+    r = carol.post(portal.url + "/api/v1/namespaces/shop/erasures",
+                   json={"address": "customer1@mail.example"})
+    assert r.status_code == 403
+    alice = portal.session("alice-token")
+    # blog's suppression entry through alice's own namespace: not on her list
+    r = alice.delete(portal.url + "/api/v1/namespaces/shop/suppression/reader@secret.example",
+                     params={"reason": "x"})
+    assert r.status_code == 404
+    assert "reader@secret.example" in _store_suppression(portal)
+    r = alice.delete(portal.url + "/api/v1/namespaces/blog/suppression/reader@secret.example",
+                     params={"reason": "x"})
+    assert r.status_code == 403
+    # an address only blog has mailed cannot be erased through shop
+    r = alice.post(portal.url + "/api/v1/namespaces/shop/erasures",
+                   json={"address": "reader@secret.example"})
+    assert r.status_code == 404
+    # a bearer-token change needs no CSRF token; a cookie one does
+    r = requests.post(portal.url + "/api/v1/namespaces/shop/suppression",
+                      json={"address": "y@mail.example"},
+                      headers={"Authorization": "Bearer alice-token"})
+    assert r.status_code == 201
+    alice.headers.pop("X-CSRF-Token")
+    r = alice.post(portal.url + "/api/v1/namespaces/shop/suppression",
+                   json={"address": "z@mail.example"})
+    assert r.status_code == 403
+
+
+def test_erasure_request_runs_and_reports_only_the_namespace(portal: RunningPortal) -> None:
+    alice = portal.session("alice-token")
+    r = alice.post(portal.url + "/api/v1/namespaces/shop/erasures",
+                   json={"address": "customer1@mail.example"})
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert created["address"] == "c***@mail.example"
+    done = portal.wait_erasure(alice, "shop", created["id"])
+    assert done["state"] == "done"
+    # shop's own counts: one row; blog's row with the same address is erased but not counted
+    assert done["report"] == {"message_log_rows_as_sender": 0,
+                              "message_log_rows_as_recipient": 1, "suppression_entries": 0}
+    with sqlite3.connect(portal.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM message_log WHERE recipient = ?",
+                            ("customer1@mail.example",)).fetchone()[0] == 0
+        kept = [r[0] for r in conn.execute("SELECT address_hint || address_hash || report "
+                                           "FROM portal_erasures")]
+        assert not any("customer1" in k for k in kept)
+    # bob cannot see or follow it
+    bob = portal.session("bob-token")
+    assert bob.get(portal.url + "/api/v1/namespaces/blog/erasures").json()["items"] == []
+    r = bob.get(portal.url + f"/api/v1/namespaces/blog/erasures/{created['id']}")
+    assert r.status_code == 404
+    r = bob.get(portal.url + f"/api/v1/namespaces/shop/erasures/{created['id']}")
+    assert r.status_code == 403
+
+
+def test_erasure_removes_the_address_from_the_audit_log(portal: RunningPortal) -> None:
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop"
+    assert alice.delete(base + "/suppression/customer7@mail.example",
+                        params={"reason": "fixed mailbox"}).status_code == 200
+    r = alice.post(base + "/erasures", json={"address": "customer7@mail.example"})
+    portal.wait_erasure(alice, "shop", r.json()["id"])
+    text = alice.get(base + "/audit").text
+    assert "customer7@" not in text and "c***@mail.example" in text
