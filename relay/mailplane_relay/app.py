@@ -563,6 +563,9 @@ class RelayApp:
             retention = self.config().settings.retention
             health = self.store_health
             assert health is not None
+            health.retention.labels("message_log").set(retention.message_log)
+            health.retention.labels("suppression").set(retention.suppression)
+            health.purge_interval.set(retention.purge_interval)
             try:
                 now = time.time()
                 await msglog.purge(now=now,

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from mailplane_operator.metrics import OperatorMetrics
 from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.store import MessageLog, SqliteBackend
+from mailplane_relay.store.health import StoreHealth
 
 from .conftest import ROOT
 
@@ -42,7 +44,11 @@ def series_names(registry: CollectorRegistry) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    relay = series_names(RelayMetrics.create().registry)
+    metrics = RelayMetrics.create()
+    # The store's metrics live with its components, on the same registry.
+    StoreHealth.create(metrics.registry)
+    MessageLog(SqliteBackend("unused.sqlite3"), flush_interval=1.0, metrics=metrics)
+    relay = series_names(metrics.registry)
     operator = series_names(OperatorMetrics.create().registry)
     assert "mailplane_relay_recipients_total" in relay
     assert "mailplane_operator_reconcile_duration_seconds_bucket" in operator

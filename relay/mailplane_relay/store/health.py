@@ -23,6 +23,8 @@ class StoreHealth:
     oldest_record_age: Gauge
     purge_runs: Counter
     erasures: Counter
+    retention: Gauge
+    purge_interval: Gauge
     description: str = ""
     _failing: set[str] = field(default_factory=set)
 
@@ -44,6 +46,13 @@ class StoreHealth:
             erasures=Counter(f"{NS}_erasure_requests",
                              "Erasure requests this process carried out, by result.",
                              ["result"], registry=registry),
+            retention=Gauge(
+                f"{NS}_retention_seconds",
+                "Configured retention, by table (the promise the oldest record is held to).",
+                ["table"], multiprocess_mode="livemax", registry=registry),
+            purge_interval=Gauge(
+                f"{NS}_purge_interval_seconds", "Configured interval between purge runs.",
+                multiprocess_mode="livemax", registry=registry),
             description=description,
         )
         for op in OPERATIONS:
