@@ -29,6 +29,8 @@ def layout(title: str, body: str, *, user: str | None = None, csrf: str | None =
             base = f"/ns/{namespace}"
             links += [f'<a href="{e(url(base + "/" + page))}">{e(label)}</a>'
                       for page, label in (("logs", "Message log"),
+                                          ("figures", "Figures"),
+                                          ("resources", "Credentials & domains"),
                                           ("suppression", "Suppression"),
                                           ("erasures", "Erasure"), ("audit", "Audit log"))]
         logout = (f'<form method="post" action="/logout" class="inline">'

@@ -196,3 +196,34 @@ class Records:
         return [Erasure(r["id"], r["namespace"], r["actor"], r["address_hint"], r["state"],
                         r["created"], r["finished"], json.loads(r["report"] or "{}"),
                         r["error"]) for r in await self._all(sql, args)]
+
+
+FIGURE_STATUSES = ("delivered", "deferred", "bounced", "expired", "suppressed", "rejected")
+
+
+async def _figures(records: Records, namespace: str, since: float, bucket: int
+                   ) -> list[dict[str, Any]]:
+    domain = ("lower(substr(sender, instr(sender, '@') + 1))" if records.sqlite_path
+              else "split_part(lower(sender), '@', 2)")
+    bucket_sql = (f"CAST(ts / {int(bucket)} AS INTEGER)" if records.sqlite_path
+                  else f"floor(ts / {int(bucket)})::bigint")
+    statuses = ", ".join(f"'{s}'" for s in FIGURE_STATUSES)
+    return await records._all(
+        f"SELECT {bucket_sql} AS bucket, COALESCE(credential, '') AS credential, "  # noqa: S608
+        f"{domain} AS domain, status, COUNT(*) AS n FROM message_log "
+        f"WHERE namespace = ? AND ts >= ? AND status IN ({statuses}) "
+        "GROUP BY 1, 2, 3, 4", (namespace, since))
+
+
+async def figures(records: Records, namespace: str, since: float, bucket: int
+                  ) -> dict[str, dict[str, dict[int, dict[str, int]]]]:
+    """Counts per status, per time bucket, per credential and per sender domain:
+    ``{"credential": {name: {bucket_start: {status: n}}}, "domain": {...}}``."""
+    out: dict[str, dict[str, dict[int, dict[str, int]]]] = {"credential": {}, "domain": {}}
+    for row in await _figures(records, namespace, since, bucket):
+        start = int(row["bucket"]) * bucket
+        for kind in ("credential", "domain"):
+            series = out[kind].setdefault(str(row[kind] or "(none)"), {})
+            counts = series.setdefault(start, {})
+            counts[row["status"]] = counts.get(row["status"], 0) + int(row["n"])
+    return out

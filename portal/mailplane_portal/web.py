@@ -22,9 +22,10 @@ from mailplane_relay.events import STATUSES
 from mailplane_relay.store import StoreBackend, StoreError, complaint_hash
 from mailplane_relay.store.erasure import erase_address
 
+from . import charts
 from . import html as h
 from .kube import Identity, KubeClient, KubeUnavailable
-from .records import Records, mask
+from .records import Records, figures, mask
 from .search import (
     BadRequest,
     Search,
@@ -435,6 +436,7 @@ def build_app(portal: Portal) -> web.Application:
     r.add_get("/healthz", healthz)
     r.add_get("/favicon.ico", favicon)
     add_manage_routes(app)
+    add_figure_routes(app)
     return app
 
 
@@ -732,3 +734,137 @@ def add_manage_routes(app: web.Application) -> None:
     r.add_post("/api/v1/namespaces/{ns}/erasures", api_erasures)
     r.add_get("/api/v1/namespaces/{ns}/erasures/{id}", api_erasures)
     r.add_get("/api/v1/namespaces/{ns}/audit", api_audit)
+
+
+# ---- delivery figures and the team's credentials and domains
+
+RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
+
+
+async def _figures(request: web.Request) -> tuple[str, str, float, int, dict[str, Any]]:
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    await portal.authorise(_caller(request), ns, READ)
+    span_name = request.query.get("range", "24h")
+    if span_name not in RANGES:
+        raise BadRequest(f"range {span_name[:10]!r}: give one of {', '.join(RANGES)}")
+    span, bucket = RANGES[span_name]
+    since = time.time() - span
+    return ns, span_name, since, bucket, await figures(portal.records, ns, since, bucket)
+
+
+async def figures_page(request: web.Request) -> web.Response:
+    ns, span_name, since, bucket, data = await _figures(request)
+    now = time.time()
+    tabs = " ".join(
+        f'<a href="{h.e(h.url(f"/ns/{ns}/figures", {"range": r}))}"'
+        + (' class="current"' if r == span_name else "") + f">{r}</a>" for r in RANGES)
+    body = f'<p class="pager">{tabs}</p>' + charts.legend()
+    for kind, label in (("domain", "Sender domain"), ("credential", "Credential")):
+        body += f"<h2>Per {label.lower()}</h2>"
+        if not data[kind]:
+            body += '<p class="muted">No mail in this period.</p>'
+            continue
+        body += '<div class="charts">'
+        for name, series in sorted(data[kind].items()):
+            r = charts.rates(series)
+            caption = (f"{label} {name}: {int(r['total'])} events, delivered "
+                       f"{r['delivered']:.1%}, deferred {r['deferred']:.1%}, bounced "
+                       f"{r['bounced']:.1%}")
+            body += (f'<figure class="figure-{kind}"><figcaption>{h.e(caption)}</figcaption>'
+                     + charts.stacked_bars(f"{label} {name}", series, since, now, bucket)
+                     + "</figure>")
+        body += "</div>"
+    return _html(f"Delivery figures · {ns}", body, request, ns)
+
+
+async def api_figures(request: web.Request) -> web.Response:
+    ns, span_name, since, bucket, data = await _figures(request)
+    return web.json_response({
+        "namespace": ns, "range": span_name, "bucket_seconds": bucket, "since": since,
+        **{kind: {name: {"rates": charts.rates(series),
+                         "buckets": [{"start": b, **counts} for b, counts in
+                                     sorted(series.items())]}
+                  for name, series in data[kind].items()}
+           for kind in ("credential", "domain")}})
+
+
+def _condition(obj: dict[str, Any], kind: str = "Ready") -> tuple[str, str]:
+    for c in (obj.get("status") or {}).get("conditions") or ():
+        if c.get("type") == kind:
+            return str(c.get("status", "Unknown")), str(c.get("reason") or "")
+    return "Unknown", "not reconciled yet"
+
+
+async def _resources(request: web.Request) -> tuple[str, list[dict[str, Any]],
+                                                    list[dict[str, Any]] | None]:
+    """The namespace's credentials (``get smtpcredentials``) and, when the user may also
+    ``get sendingdomains`` there, its domains (None otherwise). Read with the portal's own
+    identity; never a Secret."""
+    portal = request.app[PORTAL]
+    ns = request.match_info["ns"]
+    caller = _caller(request)
+    await portal.authorise(caller, ns, READ)
+    creds = [{
+        "name": o["metadata"]["name"],
+        "ready": _condition(o)[0], "reason": _condition(o)[1],
+        "username": (o.get("status") or {}).get("username"),
+        "secret": (o.get("status") or {}).get("secretName"),
+        "relay": (o.get("status") or {}).get("relay"),
+        "allowed_senders": (o.get("spec") or {}).get("allowedSenders") or [],
+        "rate_per_minute": (o.get("status") or {}).get("effectiveRatePerMinute"),
+        "daily_quota": (o.get("status") or {}).get("effectiveDailyQuota"),
+        "suspended_by": (o.get("status") or {}).get("suspendedBy"),
+    } for o in await portal.kube.list("smtpcredentials", ns)]
+    domains: list[dict[str, Any]] | None = None
+    if await portal.kube.allowed(caller.identity, READ, "sendingdomains", ns):
+        domains = [{
+            "name": o["metadata"]["name"],
+            "domain": (o.get("spec") or {}).get("domain"),
+            "ready": _condition(o)[0], "reason": _condition(o)[1],
+            "dns_records": [{k: r.get(k) for k in ("purpose", "type", "name", "value",
+                                                   "strings", "state", "verified")}
+                            for r in (o.get("status") or {}).get("dnsRecords") or ()],
+        } for o in await portal.kube.list("sendingdomains", ns)]
+    return ns, creds, domains
+
+
+async def resources_page(request: web.Request) -> web.Response:
+    ns, creds, domains = await _resources(request)
+    body = "<h2>SMTP credentials</h2>" + h.table(
+        ("Name", "Ready", "Username", "Secret", "Senders", "Limits"),
+        [[h.e(c["name"]), f'{h.e(c["ready"])} <span class="muted">{h.e(c["reason"])}</span>',
+          h.e(c["username"]), h.e(c["secret"]), h.e(", ".join(c["allowed_senders"])),
+          h.e(f"{c['rate_per_minute'] or '∞'}/min, {c['daily_quota'] or '∞'}/day"
+              + (f", suspended by {c['suspended_by']}" if c["suspended_by"] else ""))]
+         for c in creds], cls="credentials")
+    body += "<h2>Sending domains</h2>"
+    if domains is None:
+        body += ('<p class="muted">You may not read SendingDomains in this namespace '
+                 "(<code>get sendingdomains</code>).</p>")
+    for d in domains or ():
+        records = "\n".join(
+            f"{r['name']}  {r['type']}  " + " ".join(f'"{s}"' for s in (r["strings"] or
+                                                                         [r["value"]]))
+            + f"   ; {r['purpose']}, {r['state']}"
+            + ("" if r.get("verified") is None else
+               (", verified" if r["verified"] else ", NOT found in DNS"))
+            for r in d["dns_records"])
+        body += (f'<h3>{h.e(d["domain"])} <span class="muted">({h.e(d["name"])}: '
+                 f'Ready {h.e(d["ready"])} {h.e(d["reason"])})</span></h3>'
+                 + (f'<pre class="records">{h.e(records)}</pre>' if records else
+                    '<p class="muted">No DNS records yet.</p>'))
+    return _html(f"Credentials and domains · {ns}", body, request, ns)
+
+
+async def api_resources(request: web.Request) -> web.Response:
+    ns, creds, domains = await _resources(request)
+    return web.json_response({"namespace": ns, "credentials": creds, "domains": domains})
+
+
+def add_figure_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/ns/{ns}/figures", figures_page)
+    r.add_get("/ns/{ns}/resources", resources_page)
+    r.add_get("/api/v1/namespaces/{ns}/figures", api_figures)
+    r.add_get("/api/v1/namespaces/{ns}/resources", api_resources)

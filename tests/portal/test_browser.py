@@ -79,6 +79,15 @@ def test_tenant_walks_through_the_portal(browser: Any, portal: RunningPortal,
     assert statuses == ["received", "deferred", "delivered"]
     page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
 
+    page.click("text=Figures")
+    page.wait_for_selector("svg.chart")
+    assert page.locator("figure.figure-domain figcaption").inner_text().startswith(
+        "Sender domain shop.example")
+    page.screenshot(path=str(tmp_path / "figures.png"), full_page=True)
+    page.click("text=Credentials & domains")
+    page.wait_for_selector("table.credentials")
+    page.screenshot(path=str(tmp_path / "resources.png"), full_page=True)
+
     # remove a suppression entry, with a reason
     page.click("text=Suppression")
     page.wait_for_selector("table.suppression")

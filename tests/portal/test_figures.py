@@ -1,0 +1,54 @@
+"""Delivery figures and the team's credentials and domains, scoped like everything else."""
+
+from __future__ import annotations
+
+from mailplane_operator import kube as opkube
+from tests.helpers.kube import domain_body
+
+from .conftest import RunningPortal
+
+
+def test_figures_count_the_namespace_per_credential_and_domain(portal: RunningPortal) -> None:
+    alice = portal.session("alice-token")
+    body = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "24h"}).json()
+    assert set(body["credential"]) == {"shop-orders"}
+    assert set(body["domain"]) == {"shop.example"}
+    buckets = body["domain"]["shop.example"]["buckets"]
+    assert sum(b.get("delivered", 0) for b in buckets) == 121
+    assert sum(b.get("deferred", 0) for b in buckets) == 1
+    rates = body["credential"]["shop-orders"]["rates"]
+    assert rates["bounced"] == 0 and 0.99 < rates["delivered"] < 1
+    page = alice.get(portal.url + "/ns/shop/figures?range=7d")
+    assert page.status_code == 200 and page.text.count("<svg") == 2
+    assert "blog" not in page.text.replace("/ns/shop", "")
+    bob = portal.session("bob-token")
+    body = bob.get(portal.url + "/api/v1/namespaces/blog/figures").json()
+    assert body["credential"]["blog-news"]["rates"]["bounced"] == 0.5
+    assert alice.get(portal.url + "/api/v1/namespaces/blog/figures").status_code == 403
+    assert alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "1y"}).status_code == 400
+
+
+def test_resources_show_the_namespace_credentials_and_domains_by_permission(
+        portal: RunningPortal) -> None:
+    api = portal.api
+    api.create(opkube.SENDING_DOMAINS, domain_body("shop", "shop.example", namespace="shop"))
+    api.patch(opkube.SENDING_DOMAINS, "shop", "shop", {"status": {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Verified"}],
+        "dnsRecords": [{"purpose": "dkim", "type": "TXT", "name": "mp._domainkey.shop.example.",
+                        "value": "v=DKIM1; k=ed25519; p=abc", "strings": [
+                            "v=DKIM1; k=ed25519; p=abc"], "state": "active",
+                        "verified": True}]}}, status=True)
+    api.create(opkube.SENDING_DOMAINS, domain_body("blog", "blog.example", namespace="blog"))
+    alice = portal.session("alice-token")
+    body = alice.get(portal.url + "/api/v1/namespaces/shop/resources").json()
+    assert [c["name"] for c in body["credentials"]] == ["shop-orders"]
+    assert body["domains"] is None  # alice may not get sendingdomains yet
+    api.emulator.grant("group:shop-team", "get", "sendingdomains", "shop")
+    body = alice.get(portal.url + "/api/v1/namespaces/shop/resources").json()
+    assert [d["domain"] for d in body["domains"]] == ["shop.example"]
+    assert body["domains"][0]["dns_records"][0]["name"] == "mp._domainkey.shop.example."
+    page = alice.get(portal.url + "/ns/shop/resources").text
+    assert "mp._domainkey.shop.example." in page and "blog.example" not in page
+    assert alice.get(portal.url + "/api/v1/namespaces/blog/resources").status_code == 403
