@@ -171,3 +171,39 @@ def test_records_gone_from_dns_disable_the_domain_only_after_the_grace_period(
     kube_api.wait_until(lambda: "example.com" not in _signing(kube_api), what="unsigned")
     kube_api.wait_until(lambda: "DomainDisabled" in _events(kube_api), what="the Event")
     assert "domain_disable_timestamp_seconds{" not in operator.metrics_text()
+
+
+def test_a_domain_never_takes_over_a_secret_it_did_not_create(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator]) -> None:
+    """Whoever may create a SendingDomain (``mailplane-edit`` grants no Secrets) names it so that
+    its DKIM Secret ``<name>-dkim`` is a Secret that exists already, made by hand or by another
+    controller: the operator neither replaces its data nor rewrites its owner (which would have
+    it deleted with the domain). The domain says so: Ready=False, SecretConflict, an Event."""
+    operator_factory()
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body())
+    keeper = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "keeper", "uid": "keeper-uid",
+               "controller": True}]
+    kube_api.create(k.SECRETS, {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "example-com-dkim", "namespace": "mail",
+                     "ownerReferences": keeper},
+        "data": {"password": "aHVudGVyMg=="}})
+    kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+    refused = _domain(kube_api, lambda o: _cond(o, "Ready")[1] == "SecretConflict",
+                      "the conflict")
+    ready = next(c for c in refused["status"]["conditions"] if c["type"] == "Ready")
+    assert "mail/example-com-dkim" in ready["message"] and ready["status"] == "False"
+    kube_api.wait_until(lambda: "SecretConflict" in _events(kube_api), what="the Event")
+    secret = kube_api.get(k.SECRETS, "mail", "example-com-dkim")
+    assert secret is not None
+    assert secret["data"] == {"password": "aHVudGVyMg=="}
+    assert secret["metadata"]["ownerReferences"] == keeper
+    assert "example.com" not in _signing(kube_api)
+    # Once the name is free, the domain gets its own Secret.
+    kube_api.delete(k.SECRETS, "mail", "example-com-dkim")
+    kube_api.patch(k.SENDING_DOMAINS, "mail", "example-com",
+                   {"metadata": {"annotations": {"retry": "1"}}})
+    _domain(kube_api, lambda o: _cond(o, "Ready")[0] == "True", "the domain enabled")
+    mine = kube_api.get(k.SECRETS, "mail", "example-com-dkim")
+    assert mine is not None and mine["metadata"]["ownerReferences"][0]["kind"] == "SendingDomain"

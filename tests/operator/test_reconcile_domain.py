@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from mailplane_operator.reconcile import domain as dm
 from mailplane_operator.reconcile import ownership
 from mailplane_operator.reconcile.conditions import get_condition
+from mailplane_operator.reconcile.models import owner_reference
 from tests.operator.reconcile_builders import NOW, counting_random, domain, relay
 
 RSA_PEM = dm.generate_dkim_key("rsa-2048")
@@ -298,13 +299,22 @@ def test_private_keys_never_reach_status_or_events() -> None:
 
 def test_a_secret_without_our_state_means_a_new_key() -> None:
     assert dm.state_from_secret(None) is None
-    result = reconcile(domain(), {"metadata": {}, "data": {}})
+    d = domain()
+    emptied = {"metadata": {"ownerReferences": [owner_reference("SendingDomain", d.meta)]},
+               "data": {}}
+    result = reconcile(d, emptied)
     assert [e.reason for e in result.events] == ["DKIMKeyGenerated"]
+    # A Secret of that name made by someone else is never written (nor adopted).
+    foreign = {"metadata": {"namespace": "mail", "name": "example-com-dkim"},
+               "data": {"password": "aHVudGVyMg=="}}
+    with pytest.raises(dm.DKIMSecretConflict, match="mail/example-com-dkim already exists"):
+        reconcile(d, foreign)
 
 
 def test_an_unreadable_secret_is_never_replaced() -> None:
     """Replacing it would silently break signing for selectors already published in DNS."""
     broken = {"metadata": {"namespace": "mail", "name": "example-com-dkim",
+                           "labels": {dm.LABEL_DOMAIN: "example-com"},
                            "annotations": {dm.ANN_DKIM_STATE: "{"}}, "data": {}}
     with pytest.raises(dm.DKIMSecretUnreadable, match="restore the Secret from a backup"):
         dm.state_from_secret(broken)

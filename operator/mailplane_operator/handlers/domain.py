@@ -14,12 +14,13 @@ from .. import kube
 from ..kube import ApiError
 from ..reconcile import domain as domain_mod
 from ..reconcile import ownership
-from ..reconcile.conditions import get_condition
+from ..reconcile.conditions import READY, Event, get_condition, set_condition
 from ..reconcile.models import SendingDomain, SpecError, parse_sending_domain
 from ..runtime import Body, Runtime
 from .common import (
     REASON_CHILD_WRITE_FAILED,
     child_write_failed,
+    generation_of,
     invalid_spec_status,
     key_of,
     parse_all,
@@ -94,6 +95,20 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         return settled, result.next_check
 
 
+async def _secret_conflict(rt: Runtime, body: Body, exc: SpecError) -> None:
+    """Ready=False SecretConflict (an Event when it starts): nothing was written."""
+    before = get_condition((body.get("status") or {}).get("conditions"), READY)
+    conds = set_condition((body.get("status") or {}).get("conditions"), READY, False,
+                          domain_mod.REASON_SECRET_CONFLICT, str(exc), generation_of(body),
+                          rt.clock())
+    conds = reconciled(rt, conds, body, False, reason=domain_mod.REASON_SECRET_CONFLICT,
+                       message=str(exc))
+    await patch_status(rt, kube.SENDING_DOMAINS, body, {
+        **with_conditions(body, conds), "observedGeneration": generation_of(body)})
+    if before is None or before.get("reason") != domain_mod.REASON_SECRET_CONFLICT:
+        post_events(body, [Event("Warning", domain_mod.REASON_SECRET_CONFLICT, str(exc))])
+
+
 def _answer(condition: Mapping[str, Any] | None) -> bool | None:
     """What DNS said according to a verification condition; None when it could not tell."""
     status = (condition or {}).get("status")
@@ -116,6 +131,9 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 waker.clear()
                 try:
                     verified, next_step = await reconcile_domain_once(rt, body, kwargs, logger)
+                except domain_mod.DKIMSecretConflict as exc:
+                    await _secret_conflict(rt, body, exc)
+                    verified, next_step = True, None  # nothing to retry until a change
                 except SpecError as exc:
                     await patch_status(rt, kube.SENDING_DOMAINS, body,
                                        invalid_spec_status(rt, "SendingDomain", body, exc))

@@ -69,6 +69,7 @@ REASON_LOOKUP_FAILED = "DNSLookupFailed"
 REASON_NOT_CHECKED = "NotChecked"
 REASON_RELAY_NOT_FOUND = "RelayNotFound"
 REASON_NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+REASON_SECRET_CONFLICT = "SecretConflict"  # noqa: S105 - a condition reason
 
 RELAY_ALGORITHMS: dict[str, str] = {"rsa-2048": "rsa-sha256", "ed25519": "ed25519-sha256"}
 
@@ -246,6 +247,36 @@ def _usable_key(pem: str, algorithm: str) -> bool:
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+class DKIMSecretConflict(SpecError):
+    """The DKIM Secret's name is taken by a Secret that was not made for this SendingDomain."""
+
+
+def secret_conflict(domain: SendingDomain, secret: Mapping[str, Any] | None) -> str | None:
+    """Why the existing Secret named ``<name>-dkim`` is not this domain's to write, or None.
+
+    Ours: its controller is this SendingDomain (same uid); or it is a DKIM Secret the operator
+    made for a SendingDomain of this name (label, state annotation, no controller or a
+    SendingDomain as controller: restored from a backup, or the domain deleted and created
+    again). Anything else (a Secret made by hand or by another controller) is left untouched:
+    whoever may create a SendingDomain must not make the operator replace or delete it."""
+    if not secret:
+        return None
+    meta = secret.get("metadata") or {}
+    controller = next((r for r in meta.get("ownerReferences") or []
+                       if isinstance(r, Mapping) and r.get("controller") is True), None)
+    if controller is not None and domain.meta.uid and controller.get("uid") == domain.meta.uid:
+        return None
+    ours = ((meta.get("labels") or {}).get(LABEL_DOMAIN) == domain.meta.name
+            and ANN_DKIM_STATE in (meta.get("annotations") or {})
+            and (controller is None or controller.get("kind") == "SendingDomain"))
+    if ours:
+        return None
+    return (f"Secret {domain.meta.namespace}/{secret_name(domain)} already exists and was not "
+            "made for this SendingDomain; it is left untouched. Give the SendingDomain another "
+            f"name (its DKIM keys go to the Secret <name>-dkim), or delete that Secret if it is "
+            "not needed")
 
 
 def secret_name(domain: SendingDomain) -> str:
@@ -563,6 +594,9 @@ def reconcile_domain(
     naming the same relay (with their last status), and ``claim_labels`` the labels of their
     namespaces, to decide which claim owns the domain (``ownership``).
     """
+    conflict = secret_conflict(domain, existing_secret)
+    if conflict is not None:
+        raise DKIMSecretConflict(conflict)
     skip_requested = domain.spec.verification.skip
     skip = skip_requested and skip_allowed(relay, domain.meta.namespace, namespace_labels)
     obs: Observed = observed or {}
