@@ -81,7 +81,7 @@ class Outcomes:
                 r.status = status
                 # The duty to report it is stored with the message (the spool keeps the
                 # message until the DSN is spooled, across restarts).
-                r.dsn_owed = queue.dsn and bool(msg.mail_from)
+                r.dsn_owed = (status != "delivered" and queue.dsn and bool(msg.mail_from))
             elif outcome.not_before is not None:
                 not_before = max(not_before, outcome.not_before)
             if outcome.remote:
