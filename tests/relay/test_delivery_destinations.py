@@ -474,9 +474,12 @@ async def test_a_bounced_recipient_gets_its_dsn_while_others_are_retried(
     sink = await smtp_sink(rcpt_replies={"gone@example.net": "550 5.1.1 No such user",
                                          "later@example.net": "451 4.2.0 try later"})
     r = await relay(make_config(smarthost(sink), queue={"retryInitial": 60, "retryMax": 60}))
-    msg = await r.send(["gone@example.net", "later@example.net"])
+    msg = await r.send(["gone@example.net", "later@example.net", "ok@example.net"])
     await sink.wait_for(lambda: len(dsns(sink)) == 1)
     assert r.queue.message(msg.queue_id) is not None  # still queued for later@
+    # Nothing is owed any more: the bounce was reported, the delivery never owed a DSN.
+    assert [(x.status, x.dsn_owed) for x in msg.recipients] == [
+        ("bounced", False), ("pending", False), ("delivered", False)]
     report = dsns(sink)[0].as_string()
     assert "Final-Recipient: rfc822; gone@example.net" in report
     assert "Final-Recipient: rfc822; later@example.net" not in report
