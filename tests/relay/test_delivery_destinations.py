@@ -207,6 +207,8 @@ async def test_message_deadline_drops_a_transaction_before_its_data_not_after(
         "451 4.4.7 Delivery attempt timed out (messageDeadline)"}
     await asyncio.sleep(0.3)
     assert sink.messages == []
+    # One command at a time: no RCPT is sent once the deadline has passed.
+    assert len(sink.rcpt_attempts) < 6
 
 
 async def test_time_waiting_for_a_connection_does_not_count_against_the_deadline(

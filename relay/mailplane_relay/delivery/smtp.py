@@ -470,6 +470,15 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                 elif mail.code == 250:
                     stage = "rcpt"
                     for cmd in rcpt_cmds:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            # Out of time before the data: drop the connection, so that
+                            # the server discards the transaction; nobody got the message.
+                            conn.abort()
+                            for r in recipients:
+                                outcomes[r.address] = RecipientOutcome(
+                                    "deferred", "451 4.4.7 Delivery attempt timed out "
+                                    "(messageDeadline)", remote, tls=tls)
+                            return TransactionResult(reusable=False)
                         replies.write(cmd + b"\r\n")
                         rcpt_replies.append(await replies.next(t.rcpt))
                     if any(r.code in (250, 251) for r in rcpt_replies):
