@@ -59,6 +59,15 @@ class Erasure:
                 "finished": self.finished, "report": self.report, "error": self.error}
 
 
+OTHER_TEAM = "portal (another team)"
+"""How the source of a suppression entry another team added is shown."""
+
+
+def own_source(namespace: str, source: str) -> bool:
+    """Whether a suppression entry was added through the portal by this namespace's users."""
+    return source.startswith(f"portal:{namespace}:")
+
+
 class Records:
     """SQL on the store's database with the portal's own connection (SQLite file or DSN)."""
 
@@ -132,16 +141,18 @@ class Records:
                                "WHERE namespace = ? ORDER BY ts DESC, id DESC LIMIT ?",
                                (namespace, limit))
 
-    async def mask_in_audit(self, address: str) -> None:
-        """An erased address leaves the audit log too (its masked form stays)."""
-        await self._do("UPDATE portal_audit SET target = ? WHERE lower(target) = ?",
-                       (mask(address), address))
+    async def mask_in_audit(self, namespace: str, address: str) -> None:
+        """An erased address leaves the namespace's audit log too (its masked form stays)."""
+        await self._do("UPDATE portal_audit SET target = ? WHERE namespace = ? AND "
+                       "lower(target) = ?", (mask(address), namespace, address))
 
     # ---- the team's view of the suppression list
 
     async def team_suppression(self, namespace: str, contains: str | None = None,
                                limit: int = 1000) -> list[dict[str, Any]]:
-        """Entries for addresses this namespace has sent mail to (they are in its own log)."""
+        """Entries for addresses this namespace has sent mail to (they are in its own log).
+        An entry another team added through the portal shows as ``OTHER_TEAM``: its source
+        names that team's namespace and user."""
         sql = ("SELECT s.address, s.reason, s.source, s.created FROM suppression s "  # noqa: S608
                "WHERE EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
                + ("m.recipient = s.address" if self.sqlite_path
@@ -153,7 +164,23 @@ class Records:
                         .replace("_", "!_") + "%")
         sql += " ORDER BY s.address LIMIT ?"
         args.append(limit)
-        return await self._all(sql, args)
+        rows = await self._all(sql, args)
+        for row in rows:
+            source = str(row["source"] or "")
+            if source.startswith("portal:") and not own_source(namespace, source):
+                row["source"] = OTHER_TEAM
+        return rows
+
+    async def erase_in_namespace(self, namespace: str, address: str) -> None:
+        """Delete this namespace's message-log rows where the address is the sender or a
+        recipient; other namespaces' rows are theirs (erasure across every team is the platform
+        team's: ``mailplane erase``)."""
+        col = "{0}" if self.sqlite_path else "lower({0})"
+        if self.sqlite_path:
+            await self._do("PRAGMA secure_delete = ON")
+        await self._do(
+            f"DELETE FROM message_log WHERE namespace = ? AND ({col.format('sender')} = ? "  # noqa: S608
+            f"OR {col.format('recipient')} = ?)", (namespace, address, address))
 
     async def namespace_knows(self, namespace: str, address: str) -> dict[str, int]:
         """Rows of this namespace's log where the address is the sender or a recipient."""

@@ -20,12 +20,11 @@ from aiohttp import web
 
 from mailplane_relay.events import STATUSES
 from mailplane_relay.store import StoreBackend, StoreError, complaint_hash
-from mailplane_relay.store.erasure import erase_address
 
 from . import charts
 from . import html as h
 from .kube import Identity, KubeClient, KubeUnavailable
-from .records import Records, figures, mask
+from .records import OTHER_TEAM, Records, figures, mask, own_source
 from .search import (
     BadRequest,
     Search,
@@ -508,6 +507,9 @@ async def suppression_remove(portal: Portal, caller: Caller, ns: str, data: dict
     if entry["reason"] == "complaint":
         raise web.HTTPConflict(text=f"{address} complained: a complaint is never lifted from "
                                     "the portal (ask the platform team)")
+    if entry["source"] == OTHER_TEAM:
+        raise web.HTTPConflict(text=f"{address} was added by another team: only that team or "
+                                    "the platform team can remove it")
     await portal.store.suppression_delete(address)
     await portal.records.audit(ns, caller.identity.username, "suppression.remove", address,
                                f"was {entry['reason']}: {reason}")
@@ -580,11 +582,18 @@ async def _run_erasure(portal: Portal, erasure_id: str, ns: str, address: str) -
         await portal.records.erasure_update(erasure_id, "running", {})
         counts = await portal.records.namespace_knows(ns, address)
         team_entry = await _team_entry(portal, ns, address)
-        await erase_address(portal.store, address)
-        await portal.records.mask_in_audit(address)
+        # This namespace's records only: another team's log rows and suppression entries are
+        # that team's (a tenant must not be able to wipe them by mailing the address once);
+        # erasure across every team is the platform team's (``mailplane erase``).
+        await portal.records.erase_in_namespace(ns, address)
+        own = (team_entry is not None and team_entry["reason"] != "complaint"
+               and own_source(ns, str(team_entry["source"])))
+        if own:
+            await portal.store.suppression_delete(address)
+        await portal.records.mask_in_audit(ns, address)
         report = {"message_log_rows_as_sender": counts["as_sender"],
                   "message_log_rows_as_recipient": counts["as_recipient"],
-                  "suppression_entries": 1 if team_entry is not None else 0}
+                  "suppression_entries": 1 if own else 0}
         await portal.records.erasure_update(erasure_id, "done", report)
     except Exception as exc:  # the request shows it failed; the user can ask again
         log.warning("erasure %s failed: %s", erasure_id, type(exc).__name__)

@@ -104,12 +104,12 @@ def test_erasure_request_runs_and_reports_only_the_namespace(portal: RunningPort
     assert created["address"] == "c***@mail.example"
     done = portal.wait_erasure(alice, "shop", created["id"])
     assert done["state"] == "done"
-    # shop's own counts: one row; blog's row with the same address is erased but not counted
+    # shop's own rows: one; blog's row with the same address is blog's, and stays
     assert done["report"] == {"message_log_rows_as_sender": 0,
                               "message_log_rows_as_recipient": 1, "suppression_entries": 0}
     with sqlite3.connect(portal.db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM message_log WHERE recipient = ?",
-                            ("customer1@mail.example",)).fetchone()[0] == 0
+        assert conn.execute("SELECT namespace FROM message_log WHERE recipient = ?",
+                            ("customer1@mail.example",)).fetchall() == [("blog",)]
         kept = [r[0] for r in conn.execute("SELECT address_hint || address_hash || report "
                                            "FROM portal_erasures")]
         assert not any("customer1" in k for k in kept)
@@ -131,3 +131,37 @@ def test_erasure_removes_the_address_from_the_audit_log(portal: RunningPortal) -
     portal.wait_erasure(alice, "shop", r.json()["id"])
     text = alice.get(base + "/audit").text
     assert "customer7@" not in text and "c***@mail.example" in text
+
+
+def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal) -> None:
+    """Whoever mails an address once has it in its own log; that must not let it lift another
+    team's suppression entry, learn who added it, or wipe the other team's log rows."""
+    bob = portal.session("bob-token")  # blog has mailed customer1 too
+    r = bob.post(portal.url + "/api/v1/namespaces/blog/suppression",
+                 json={"address": "customer1@mail.example", "note": "asked to stop"})
+    assert r.status_code == 201, r.text
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop"
+    [entry] = [i for i in alice.get(base + "/suppression").json()["items"]
+               if i["address"] == "customer1@mail.example"]
+    assert "blog" not in entry["source"] and "bob" not in entry["source"]
+    assert "bob" not in alice.get(portal.url + "/ns/shop/suppression.csv").text
+    r = alice.delete(base + "/suppression/customer1@mail.example", params={"reason": "x"})
+    assert r.status_code == 409 and "another team" in r.text
+    assert _store_suppression(portal)["customer1@mail.example"] == "manual"
+    r = alice.post(base + "/erasures", json={"address": "customer1@mail.example"})
+    done = portal.wait_erasure(alice, "shop", r.json()["id"])
+    assert done["state"] == "done" and done["report"]["suppression_entries"] == 0
+    assert _store_suppression(portal)["customer1@mail.example"] == "manual"
+    with sqlite3.connect(portal.db) as conn:
+        assert conn.execute("SELECT namespace FROM message_log WHERE recipient = ?",
+                            ("customer1@mail.example",)).fetchall() == [("blog",)]
+    audit = bob.get(portal.url + "/api/v1/namespaces/blog/audit").json()["items"]
+    assert audit[0]["target"] == "customer1@mail.example"  # blog's audit log is blog's
+    # The team's own entry goes with its own erasure.
+    r = alice.post(base + "/suppression", json={"address": "customer2@mail.example"})
+    assert r.status_code == 201
+    r = alice.post(base + "/erasures", json={"address": "customer2@mail.example"})
+    done = portal.wait_erasure(alice, "shop", r.json()["id"])
+    assert done["report"]["suppression_entries"] == 1
+    assert "customer2@mail.example" not in _store_suppression(portal)
