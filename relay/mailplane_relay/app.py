@@ -120,6 +120,19 @@ def _lock_spool(directory: str) -> int:
     return fd
 
 
+async def _feed_recovered(spool: Spool, queue: DeliveryQueue, spool_dir: str) -> None:
+    """Hand the spooled messages to the delivery queue batch by batch, oldest first."""
+    started = time.monotonic()
+    count = 0
+    async for batch in spool.recover():
+        for msg in batch:
+            queue.submit(msg)
+        count += len(batch)
+    if count:
+        log.info("spool %s: recovered %d messages in %.1fs", spool_dir, count,
+                 time.monotonic() - started)
+
+
 def _orphan_dirs(root: Path, workers: int, index: int | None) -> list[Path]:
     """Spool directories that no worker of this layout owns and that ``index`` adopts.
 
@@ -384,11 +397,11 @@ class RelayApp:
         metrics.spool_orphaned_messages.set(orphaned)
         spool = Spool(spool_dir, fsync=settings.spool.fsync, metrics=metrics,
                       corrupt_retention=settings.spool.corrupt_retention)
-        recovered = await spool.start()
+        # The spool is listed only; envelopes are read in the background (below), so a large
+        # queue does not hold back accepting mail.
+        await spool.start(lazy=True)
         stages.append(("spool", spool.close))
         self.spool = spool
-        if recovered:
-            log.info("spool %s: recovered %d messages", spool_dir, len(recovered))
         self.readiness.mark("spool recovered")
 
         # Pauses and limits are the store's (shared by the pod's workers, or by the pool), so
@@ -400,9 +413,10 @@ class RelayApp:
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
                               suppression=suppression, metrics=metrics, reputation=reputation,
                               on_failure=self._fail)
-        await queue.start(recovered)
+        await queue.start([])
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))
+        tasks.spawn("spool-recovery", _feed_recovered(spool, queue, spool_dir))
 
         tls = ReloadingTLS(self.config)
         await tls.start()

@@ -58,7 +58,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +262,10 @@ class Spool:
         # The envelope objects of live messages, the very ones commit() and start() returned
         # (the delivery queue holds the same objects): erasure edits them in place.
         self._envelopes: dict[str, QueuedMessage] = {}
+        # Lazy recovery: the message files listed at start and not read yet.
+        self._unread: list[str] = []
+        self._stale_states: list[str] = []
+        self._recovered = asyncio.Event()
         self._last_id = 0  # number of the last queue id issued: ids increase
         # Counters for tests and benchmarks: how many fsyncs a workload cost.
         self._count_lock = threading.Lock()
@@ -270,17 +274,44 @@ class Spool:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def start(self) -> list[QueuedMessage]:
+    async def start(self, *, lazy: bool = False) -> list[QueuedMessage]:
         """Create the directory, delete temp files, return every message with pending
-        recipients (oldest first)."""
+        recipients or an owed DSN (oldest first).
+
+        ``lazy``: only list the directory (a second or two for a million messages) and return
+        nothing; :meth:`recover` then reads the envelopes in batches, in a thread, while the
+        relay already accepts mail. Commits, reads, state updates and removals work at once;
+        :meth:`erase_address` waits until every envelope is read."""
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="spool")
         try:
-            recovered: list[QueuedMessage] = await self._run(self._recover)
+            if lazy:
+                self._unread, self._stale_states = await self._run(self._list)
+                recovered: list[QueuedMessage] = []
+            else:
+                recovered = await self._run(self._recover)
+                self._recovered.set()
         except OSError as exc:
             raise SpoolError(f"spool {self.directory}: cannot open: {exc.strerror}") from exc
         self._corrupt_purger = asyncio.get_running_loop().create_task(
             self._purge_corrupt_loop(), name="spool-corrupt-purge")
         return recovered
+
+    async def recover(self, batch: int = 2000) -> AsyncIterator[list[QueuedMessage]]:
+        """After ``start(lazy=True)``: the messages that need work, in batches, oldest first.
+        A batch is read in a thread; a message committed since the start is not among them."""
+        try:
+            while self._unread:
+                chunk, self._unread = self._unread[:batch], self._unread[batch:]
+                try:
+                    messages, final, bad = await self._run(self._load_batch, chunk)
+                except OSError as exc:
+                    raise SpoolError(f"spool recovery failed: {exc.strerror or exc}") from exc
+                self._apply_batch(messages, final, bad)
+                if messages:
+                    yield messages
+            await self._run(self._end_recovery, self._stale_states)
+        finally:
+            self._recovered.set()
 
     async def close(self) -> None:
         if self._corrupt_purger is not None:
@@ -423,6 +454,9 @@ class Spool:
         is final, when it is deleted. A message committed while this runs is not covered."""
         if self._executor is None:
             raise SpoolError("spool is not started")
+        await self._recovered.wait()  # every envelope in memory, so none escapes
+        if self._unread:
+            raise SpoolError("spool recovery did not finish: erasure would miss messages")
         key = address.casefold()
         removed = 0
         deleted: list[str] = []
@@ -625,42 +659,71 @@ class Spool:
             _unlink_quiet(self._d + queue_id + _STATE)
 
     def _recover(self) -> list[QueuedMessage]:
+        live, stale_states = self._list()
+        messages, final, bad = self._load_batch(live)
+        self._apply_batch(messages, final, bad)
+        self._end_recovery(stale_states)
+        return messages
+
+    def _list(self) -> tuple[list[str], list[str]]:
+        """The first step of recovery: directories made, temp files deleted, the live
+        message files listed (oldest first) and taken as live; and the state files without
+        a message (deleted when recovery ends)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         _remove_tree_files(self.directory / _FREE)
         self._purge_corrupt()
         names = os.listdir(self.directory)
-        messages: list[QueuedMessage] = []
         live: set[str] = set()
         for name in names:
             if name.startswith(_TMP):
                 _unlink_quiet(self.directory / name)
             elif name.endswith(_MSG) and _valid_queue_id(name[: -len(_MSG)]):
                 live.add(name[: -len(_MSG)])
+        states = {name[: -len(_STATE)] for name in names if name.endswith(_STATE)}
         self._live = set(live)
-        self._states = {name[: -len(_STATE)] for name in names if name.endswith(_STATE)} & live
-        for qid in sorted(live):
+        self._states = states & live
+        return sorted(live), sorted(states - live)
+
+    def _load_batch(self, qids: list[str]
+                    ) -> tuple[list[QueuedMessage], list[str], list[str]]:
+        """Read these messages (file work only, safe in a thread while the loop runs): those
+        that need work, those found final (their files deleted) and the unreadable ones (set
+        aside in corrupt/ with their state file)."""
+        messages: list[QueuedMessage] = []
+        final: list[str] = []
+        bad: list[str] = []
+        for qid in qids:
             msg = self._load(qid)
             if msg is None:
-                self._live.discard(qid)
+                bad.append(qid)
                 if qid in self._states:
                     # Its state file names the recipients too: it goes (and is purged) with it.
-                    self._states.discard(qid)
                     with contextlib.suppress(OSError):
                         os.rename(self._d + qid + _STATE, self._corrupt_dir / (qid + _STATE))
                         os.utime(self._corrupt_dir / (qid + _STATE))
                     self._count_corrupt()
-                continue
-            if msg.needs_work():
+            elif msg.needs_work():
                 messages.append(msg)
-                self._envelopes[qid] = msg
             else:
-                self._remove(qid)
-        for name in names:
-            if name.endswith(_STATE) and name[: -len(_STATE)] not in live:
-                _unlink_quiet(self.directory / name)
+                final.append(qid)
+                _unlink_quiet(self._d + qid + _MSG)
+                _unlink_quiet(self._d + qid + _STATE)
+        return messages, final, bad
+
+    def _apply_batch(self, messages: list[QueuedMessage], final: list[str],
+                     bad: list[str]) -> None:
+        for qid in final + bad:
+            self._live.discard(qid)
+            self._states.discard(qid)
+        for msg in messages:
+            self._envelopes[msg.queue_id] = msg
+
+    def _end_recovery(self, stale_states: list[str]) -> None:
+        for qid in stale_states:
+            if qid not in self._live:
+                _unlink_quiet(self._d + qid + _STATE)
         if self.fsync:
             self._fsync_dir()
-        return messages
 
     def _load(self, qid: str) -> QueuedMessage | None:
         # Plain string paths and raw reads of the head only: recovery runs this per message.

@@ -340,3 +340,32 @@ async def test_large_message_is_written_off_the_loop_and_durable(tmp_path: Path)
         assert again.read(big.queue_id) == data
     finally:
         await again.close()
+
+
+async def test_lazy_recovery_lists_at_start_and_reads_envelopes_in_batches(
+        tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msgs = [await commit(s, b"m%d\r\n" % i, rcpts=(f"r{i}@example.net",)) for i in range(5)]
+    msgs[1].recipients[0].status = "delivered"  # final: recovery deletes it
+    await s.save_state(msgs[1])
+    await s.close()
+    corrupt = tmp_path / f"{msgs[2].queue_id}.msg"
+    corrupt.write_bytes(corrupt.read_bytes()[:-2])
+
+    again = make_spool(tmp_path)
+    assert await again.start(lazy=True) == []
+    # Mail is accepted, and erasure waits for the envelopes, before recovery has read any.
+    fresh = await commit(again, b"new\r\n", rcpts=("r4@example.net",))
+    erasing = asyncio.create_task(again.erase_address("r4@example.net"))
+    await asyncio.sleep(0.05)
+    assert not erasing.done()
+    batches = [[m.queue_id for m in b] async for b in again.recover(batch=2)]
+    # Two files per batch: the final one and the corrupt one are dropped from theirs.
+    assert batches == [[msgs[0].queue_id], [msgs[3].queue_id], [msgs[4].queue_id]]
+    result = await erasing
+    assert sorted(result.deleted_ids) == sorted([msgs[4].queue_id, fresh.queue_id])
+    assert again.read(msgs[3].queue_id) == b"m3\r\n"
+    await again.close()
+    assert files(tmp_path) == sorted(f"{m.queue_id}.msg" for m in (msgs[0], msgs[3]))
+    assert files(tmp_path / "corrupt") == [corrupt.name]

@@ -107,7 +107,8 @@ async def test_changing_workers_adopts_the_old_spool_directories(
     await restart(relay, 1)
     assert layout(relay) == {".": 24}
     assert not any((relay.spool_dir / f"w{i}").exists() for i in range(3))
-    assert relay.metric("mailplane_relay_queue_messages") == 24
+    await eventually(lambda: relay.metric("mailplane_relay_queue_messages") == 24,
+                     "24 queued messages (envelopes are read after the start)")
     await send(relay, range(24, 30))
 
     # 1 -> 2, and the upstream recovers: worker 0 adopts the root's mail, everything arrives.
