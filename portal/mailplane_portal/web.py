@@ -21,7 +21,7 @@ from aiohttp import web
 from mailplane_relay.events import STATUSES
 from mailplane_relay.store import StoreBackend, StoreError, complaint_hash
 
-from . import charts
+from . import charts, openapi
 from . import html as h
 from .kube import Identity, KubeClient, KubeUnavailable
 from .records import OTHER_TEAM, Records, figures, mask, own_source
@@ -412,6 +412,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
 async def favicon(request: web.Request) -> web.Response:
     return web.Response(status=204, headers={"Cache-Control": "public, max-age=86400"})
 
@@ -434,6 +438,7 @@ def build_app(portal: Portal) -> web.Application:
     r.add_get("/static/{name}", static)
     r.add_get("/healthz", healthz)
     r.add_get("/favicon.ico", favicon)
+    r.add_get("/openapi.json", openapi_json)
     add_manage_routes(app)
     add_figure_routes(app)
     return app
