@@ -18,6 +18,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("suppression", "mailplane_relay.cli"),
     ("hash-password", "mailplane_relay.cli"),
     ("check-config", "mailplane_relay.cli"),
+    ("erase", "mailplane_relay.cli"),
     ("operator", "mailplane_operator.cli"),
     ("portal", "mailplane_portal.cli"),
     ("dev", "mailplane_cli.dev"),

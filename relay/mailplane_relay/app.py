@@ -49,6 +49,8 @@ from .reputation import Reputation
 from .spool import Spool, SpoolErasure, SpoolError, adopt
 from .spool import count_messages as spool_count_messages
 from .store import LogQuery, MessageLog, StoreBackend, SuppressionList
+from .store.erasure import POLL_INTERVAL as ERASURE_POLL_INTERVAL
+from .store.erasure import carry_out_requests
 from .store.factory import backend_for, buffer_directory
 from .store.health import StoreHealth
 from .tlsctx import ReloadingTLS
@@ -424,9 +426,9 @@ class RelayApp:
         self.tls = tls
 
         shared_limits = backend.shared or settings.workers > 1
+        peer_id = f"{settings.hostname}/{os.getpid()}/{secrets.token_hex(4)}"
         limiter = Limiter(self.config, pool=backend if shared_limits else None,
-                          lease_size=settings.store.lease_size,
-                          peer_id=f"{settings.hostname}/{os.getpid()}/{secrets.token_hex(4)}")
+                          lease_size=settings.store.lease_size, peer_id=peer_id)
         await _try(limiter.heartbeat(), health, "limits")
         stages.append(("unused limits", limiter.give_back_unused))
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
@@ -444,6 +446,7 @@ class RelayApp:
         tasks.spawn("config-reload", self._watch_config())
         tasks.spawn("reputation-gauge", _export_paused(reputation, metrics))
         tasks.spawn("store-sync", _sync_shared_state(limiter, reputation, health))
+        tasks.spawn("erasure", self._erasure_loop(backend, health, peer_id))
         if worker is None or worker.purge:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
 
@@ -477,6 +480,29 @@ class RelayApp:
         for queue_id in result.deleted_ids:
             self.queue.forget(queue_id)
         return result
+
+    async def _erasure_loop(self, backend: StoreBackend, health: StoreHealth,
+                            peer_id: str) -> None:
+        """Carry out the pool's erasure requests on this process's spool (store/erasure.py)."""
+
+        async def erase_spool(address: str) -> dict[str, int]:
+            result = await self.erase_from_spool(address)
+            if self.message_log is not None:
+                await self.message_log.flush()  # rows still in memory reach the final erase
+            return {"spool_recipients_removed": result.recipients_removed,
+                    "spool_messages_deleted": result.messages_deleted}
+
+        while True:
+            try:
+                done = await carry_out_requests(backend, peer_id, erase_spool)
+            except Exception as exc:
+                health.erasures.labels("failure").inc()
+                health.failed("erasure", exc)
+            else:
+                if done:
+                    health.erasures.labels("success").inc(done)
+                health.ok("erasure")
+            await asyncio.sleep(ERASURE_POLL_INTERVAL)
 
     async def _stop_queue(self) -> None:
         assert self.queue is not None

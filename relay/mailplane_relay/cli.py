@@ -84,14 +84,21 @@ def register(subparsers: SubParsers) -> None:
     p.set_defaults(func=_cmd_logs)
 
     p = subparsers.add_parser(
-        "erase", help="delete every record of an address (data deletion on request)",
+        "erase", help="delete every record of an address, in the whole pool",
         description="Delete every message-log record (as sender or recipient) and the "
-                    "suppression entry of ADDRESS from the store. A complaint stays "
+                    "suppression entry of ADDRESS from the store, and have every running relay "
+                    "worker erase it from its spool (pending messages it sent are deleted, it "
+                    "is removed from the recipients of the others). A complaint stays "
                     "suppressed as a keyed hash of the address, never the address. Prints what "
-                    "was removed.",
+                    "was removed; exit status 1 if some worker did not report in time (the "
+                    "request stays open and the workers finish it).",
     )
     p.add_argument("address", metavar="ADDRESS")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timeout", default="60s", metavar="T",
+                   help="how long to wait for every relay worker (default 60s)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="record the request and return; the relays carry it out")
     _db_options(p)
     p.set_defaults(func=_cmd_erase)
 
@@ -292,22 +299,31 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 def _cmd_erase(args: argparse.Namespace, command: str = "erase") -> int:
     from .store import StoreError  # noqa: PLC0415 - keep start-up light
-    from .store.erasure import erase_address  # noqa: PLC0415 - keep start-up light
+    from .store.erasure import erase_across_pool  # noqa: PLC0415 - keep start-up light
 
     try:
         address = _address(args.address)
-        report = _with_store(args, lambda b: erase_address(b, address))
+        timeout = parse_duration(getattr(args, "timeout", "60s"))
+        wait = not getattr(args, "no_wait", False)
+        request_id, report, complete = _with_store(
+            args, lambda b: erase_across_pool(b, address, timeout=timeout, wait=wait))
+    except ValueError as exc:
+        return _fail(command, f"--timeout: {exc}", 2)
     except (UsageError, ConfigError) as exc:
         return _fail(command, str(exc), 2)
     except StoreError as exc:
         return _fail(command, str(exc), 1)
     if getattr(args, "json", False):
-        print(json.dumps({"address": address, "removed": report.counts}))
+        print(json.dumps({"address": address, "request": request_id, "complete": complete,
+                          "removed": report.counts}))
     else:
         parts = ", ".join(f"{n} {place.replace('_', ' ')}" for place, n in
-                          sorted(report.counts.items())) or "nothing found"
-        print(f"erased {address}: {parts}")
-    return 0
+                          sorted(report.counts.items()) if n) or "nothing found"
+        state = "" if complete else (
+            f" (request {request_id} still open: not every relay worker reported within "
+            f"{_days(timeout)}; they finish it)")
+        print(f"erased {address}: {parts}{state}")
+    return 0 if complete or not wait else 1
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -37,14 +37,15 @@ def message(i: int, to: str | None = None) -> EmailMessage:
     return msg
 
 
-async def send(relay: RelayProcess, msg: EmailMessage) -> int:
+async def send(relay: RelayProcess, msg: EmailMessage,
+               recipients: list[str] | None = None) -> int:
     """Send one message in its own session; the reply code to DATA (or to the refused step)."""
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports["submission"],
                            tls_context=relay.client_tls(), start_tls=True, timeout=15)
     await smtp.connect()
     try:
         await smtp.login("app", "app-password")
-        await smtp.send_message(msg)
+        await smtp.send_message(msg, recipients=recipients)
         return 250
     except aiosmtplib.SMTPRecipientsRefused as exc:
         return exc.recipients[0].code
@@ -279,3 +280,47 @@ async def test_the_database_going_down_under_load_loses_no_mail_and_no_log_row(
     assert sum(r.metric("mailplane_relay_messagelog_replayed_events_total") for r in relays) > 0
     assert all(r.metric("mailplane_relay_messagelog_disk_buffered_events") == 0 for r in relays)
     assert sum(r.metric("mailplane_relay_messagelog_dropped_events_total") for r in relays) == 0
+
+
+async def test_an_erasure_reaches_every_pod_within_a_minute(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    """`mailplane erase ADDRESS` against the pool's store: the log rows go at once, and every
+    relay drops the address from the messages still waiting in its spool (deleting those left
+    with no recipient), reports what it removed, and nothing about it is written afterwards."""
+    dsn, dsn_file = pool_store
+    gone, stay = "gone@dest.test", "stay@dest.test"
+    # Both recipients are deferred, so their messages wait in the spools and are retried.
+    sink: Sink = await smtp_sink(rcpt_replies={gone: "451 4.2.0 Try later",
+                                               stay: "451 4.2.0 Try later"})
+    a, b = await asyncio.to_thread(pool, relay_factory, sink, dsn_file, 2)
+    assert await send(a, message(1, to=stay), recipients=[gone, stay]) == 250
+    assert await send(b, message(2, to=stay), recipients=[gone]) == 250
+    await eventually(lambda: len(query_log(dsn, recipient=gone, status="deferred")) >= 2,
+                     "both messages deferred for the address")
+
+    started = time.monotonic()
+    r = await asyncio.to_thread(subprocess.run, [
+        *relay_command()[:-1], "erase", gone.upper(), "--store", pg_url(dsn), "--json"],
+        capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["complete"] is True and elapsed < 60, (out, elapsed)
+    removed = out["removed"]
+    assert removed["workers"] == 2  # each relay process carried it out and reported
+    assert removed["spool_recipients_removed"] == 2  # from both messages
+    assert removed["spool_messages_deleted"] == 1  # b's message, left with no recipient
+    assert removed["message_log"] >= 4
+
+    # Retries go on for stay@ only; nothing names the address any more, anywhere.
+    before = len(query_log(dsn, recipient=stay))
+    await eventually(lambda: len(query_log(dsn, recipient=stay)) > before + 1,
+                     "the other recipient still retried")
+    assert query_log(dsn, recipient=gone) == []
+    for relay in (a, b):
+        content = b"".join(p.read_bytes() for p in relay.spool_dir.rglob("*") if p.is_file())
+        assert gone.encode() not in content
+    assert all(r.metric("mailplane_relay_erasure_requests_total", result="success") == 1
+               for r in (a, b))

@@ -82,6 +82,20 @@ class EraseReport:
         self.counts[place] = self.counts.get(place, 0) + n
 
 
+@dataclass(frozen=True, slots=True)
+class ErasureState:
+    """An erasure request: ``address`` until it completes (then None), the reports of the
+    workers that carried it out, and how many live workers have not yet."""
+
+    id: int
+    address: str | None
+    requested: float
+    completed: float | None
+    report: dict[str, int] | None
+    worker_reports: list[dict[str, int]]
+    waiting: int
+
+
 class StoreBackend(Protocol):
     """One store: the message log, the suppression list and the shared sending state."""
 
@@ -133,3 +147,17 @@ class StoreBackend(Protocol):
         """Add (delivered, bounced) counts per (credential, minute)."""
     async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
         """(delivered, bounced) per credential summed over minutes after ``since_minute``."""
+
+    # ---- erasure requests (docs/store.md, "Erasure across the pool")
+    async def erasure_request(self, address: str, now: float) -> int:
+        """Record a request; every worker erases the address from its spool."""
+    async def erasure_pending(self, peer: str) -> list[tuple[int, str]]:
+        """(id, address) of open requests this worker has not carried out yet."""
+    async def erasure_progress(self, request_id: int, peer: str, now: float,
+                               counts: dict[str, int]) -> None: ...
+    async def erasure_state(self, request_id: int, now: float,
+                            horizon: float) -> ErasureState | None: ...
+    async def erasure_complete(self, request_id: int, now: float,
+                               report: dict[str, int]) -> bool:
+        """Close the request: the address is dropped, the report kept. False if it was
+        already closed (by another worker or the CLI)."""

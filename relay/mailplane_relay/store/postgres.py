@@ -12,6 +12,7 @@ callers fall back (disk buffer, cached suppression list, local share of the limi
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -28,6 +29,7 @@ from .backend import (
     LOG_COLUMNS,
     Entry,
     EraseReport,
+    ErasureState,
     LogQuery,
     LogRow,
     StoreError,
@@ -118,6 +120,21 @@ CREATE TABLE IF NOT EXISTS send_leases (
 );
 -- Workers that took part recently: a worker cut off from the database takes 1/N of a limit.
 CREATE TABLE IF NOT EXISTS store_peers (peer text PRIMARY KEY, seen double precision NOT NULL);
+-- Erasure requests: the address is kept only until every live worker erased it from its spool.
+CREATE TABLE IF NOT EXISTS erasure_requests (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    address text,
+    requested double precision NOT NULL,
+    completed double precision,
+    report text
+);
+CREATE TABLE IF NOT EXISTS erasure_progress (
+    request_id bigint NOT NULL,
+    peer text NOT NULL,
+    done double precision NOT NULL,
+    report text NOT NULL,
+    PRIMARY KEY (request_id, peer)
+);
 -- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential text NOT NULL,
@@ -443,6 +460,68 @@ class PostgresBackend:
                 "SELECT count(*) FROM store_peers WHERE seen >= %s", (now - horizon,))
             ).fetchone()
         return int(row[0]) if row else 1
+
+    # ---- erasure requests -------------------------------------------------------------
+
+    async def erasure_request(self, address: str, now: float) -> int:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "INSERT INTO erasure_requests (address, requested) VALUES (%s, %s) "
+                "RETURNING id", (address, now))).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def erasure_pending(self, peer: str) -> list[tuple[int, str]]:
+        await self._ready()
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id, address FROM erasure_requests r WHERE completed IS NULL AND NOT "
+                "EXISTS (SELECT 1 FROM erasure_progress p WHERE p.request_id = r.id AND "
+                "p.peer = %s) ORDER BY id", (peer,))).fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def erasure_progress(self, request_id: int, peer: str, now: float,
+                               counts: dict[str, int]) -> None:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO erasure_progress (request_id, peer, done, report) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (request_id, peer) DO UPDATE SET "
+                "done = excluded.done, report = excluded.report",
+                (request_id, peer, now, json.dumps(counts)))
+
+    async def erasure_state(self, request_id: int, now: float,
+                            horizon: float) -> ErasureState | None:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "SELECT address, requested, completed, report FROM erasure_requests "
+                "WHERE id = %s", (request_id,))).fetchone()
+            if row is None:
+                return None
+            reports = [json.loads(r[0]) for r in await (await conn.execute(
+                "SELECT report FROM erasure_progress WHERE request_id = %s",
+                (request_id,))).fetchall()]
+            waiting = await (await conn.execute(
+                "SELECT count(*) FROM store_peers s WHERE s.seen >= %s AND NOT EXISTS (SELECT 1 "
+                "FROM erasure_progress p WHERE p.request_id = %s AND p.peer = s.peer)",
+                (now - horizon, request_id))).fetchone()
+        return ErasureState(request_id, row[0], float(row[1]),
+                            None if row[2] is None else float(row[2]),
+                            json.loads(row[3]) if row[3] else None, reports,
+                            int(waiting[0]) if waiting else 0)
+
+    async def erasure_complete(self, request_id: int, now: float,
+                               report: dict[str, int]) -> bool:
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE erasure_requests SET address = NULL, completed = %s, report = %s "
+                "WHERE id = %s AND completed IS NULL", (now, json.dumps(report), request_id))
+            await conn.execute("DELETE FROM erasure_progress WHERE request_id = %s",
+                               (request_id,))
+        return cur.rowcount > 0
 
     # ---- reputation ---------------------------------------------------------------------
 

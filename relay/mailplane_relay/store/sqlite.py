@@ -9,6 +9,7 @@ disk. Deletions run in short chunks, so writers are never stalled behind a long 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import sqlite3
@@ -23,6 +24,7 @@ from .backend import (
     LOG_COLUMNS,
     Entry,
     EraseReport,
+    ErasureState,
     LogQuery,
     LogRow,
     StoreError,
@@ -68,6 +70,21 @@ CREATE TABLE IF NOT EXISTS send_leases (
     PRIMARY KEY (kind, credential, window_start)
 );
 CREATE TABLE IF NOT EXISTS store_peers (peer TEXT PRIMARY KEY, seen REAL NOT NULL);
+-- Erasure requests: the address is kept only until every live worker erased it from its spool.
+CREATE TABLE IF NOT EXISTS erasure_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT,
+    requested REAL NOT NULL,
+    completed REAL,
+    report TEXT
+);
+CREATE TABLE IF NOT EXISTS erasure_progress (
+    request_id INTEGER NOT NULL,
+    peer TEXT NOT NULL,
+    done REAL NOT NULL,
+    report TEXT NOT NULL,
+    PRIMARY KEY (request_id, peer)
+);
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential TEXT NOT NULL,
     minute INTEGER NOT NULL,
@@ -538,3 +555,59 @@ class SqliteBackend:
             "SELECT credential, sum(delivered), sum(bounced) FROM reputation_buckets "
             "WHERE minute > ? GROUP BY credential", (since_minute,)).fetchall())
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    # ---- erasure requests (carried out by every worker of the pod)
+
+    async def erasure_request(self, address: str, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                cur = conn.execute("INSERT INTO erasure_requests (address, requested) "
+                                   "VALUES (?, ?)", (address, now))
+            return int(cur.lastrowid or 0)
+        return await self._run(run)
+
+    async def erasure_pending(self, peer: str) -> list[tuple[int, str]]:
+        rows = await self._run(lambda conn: conn.execute(
+            "SELECT id, address FROM erasure_requests r WHERE completed IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM erasure_progress p WHERE p.request_id = r.id AND p.peer = ?) "
+            "ORDER BY id", (peer,)).fetchall())
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def erasure_progress(self, request_id: int, peer: str, now: float,
+                               counts: dict[str, int]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO erasure_progress (request_id, peer, done, "
+                             "report) VALUES (?, ?, ?, ?)",
+                             (request_id, peer, now, json.dumps(counts)))
+        await self._run(run)
+
+    async def erasure_state(self, request_id: int, now: float,
+                            horizon: float) -> ErasureState | None:
+        def run(conn: sqlite3.Connection) -> ErasureState | None:
+            row = conn.execute("SELECT address, requested, completed, report FROM "
+                               "erasure_requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                return None
+            reports = [json.loads(r[0]) for r in conn.execute(
+                "SELECT report FROM erasure_progress WHERE request_id = ?", (request_id,))]
+            waiting = conn.execute(
+                "SELECT count(*) FROM store_peers s WHERE s.seen >= ? AND NOT EXISTS (SELECT 1 "
+                "FROM erasure_progress p WHERE p.request_id = ? AND p.peer = s.peer)",
+                (now - horizon, request_id)).fetchone()[0]
+            return ErasureState(request_id, row[0], float(row[1]),
+                                None if row[2] is None else float(row[2]),
+                                json.loads(row[3]) if row[3] else None, reports, int(waiting))
+        return await self._run(run)
+
+    async def erasure_complete(self, request_id: int, now: float,
+                               report: dict[str, int]) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE erasure_requests SET address = NULL, completed = ?, report = ? "
+                    "WHERE id = ? AND completed IS NULL", (now, json.dumps(report), request_id))
+                conn.execute("DELETE FROM erasure_progress WHERE request_id = ?",
+                             (request_id,))
+            return cur.rowcount > 0
+        return await self._run(run)
