@@ -306,7 +306,7 @@ def _cmd_erase(args: argparse.Namespace, command: str = "erase") -> int:
         timeout = parse_duration(getattr(args, "timeout", "60s"))
         wait = not getattr(args, "no_wait", False)
         request_id, report, complete = _with_store(
-            args, lambda b: erase_across_pool(b, address, timeout=timeout, wait=wait))
+            args, lambda b: erase_across_pool(b, address, wait_for=timeout, wait=wait))
     except ValueError as exc:
         return _fail(command, f"--timeout: {exc}", 2)
     except (UsageError, ConfigError) as exc:

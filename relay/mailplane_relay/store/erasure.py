@@ -56,15 +56,15 @@ async def complete_if_done(backend: StoreBackend, request_id: int,
 
 
 async def erase_across_pool(
-    backend: StoreBackend, address: str, *, timeout: float = DEFAULT_TIMEOUT,
+    backend: StoreBackend, address: str, *, wait_for: float = DEFAULT_TIMEOUT,
     poll: float = 0.5, wait: bool = True,
 ) -> tuple[int, EraseReport, bool]:
     """Erase now from the store, request the spools' part, and (``wait``) wait up to
-    ``timeout`` for every live worker. Returns (request id, report so far, complete?)."""
+    ``wait_for`` seconds for every live worker. Returns (request id, report so far, complete?)."""
     address = normalise(address)
     first = await erase_address(backend, address)
     request_id = await backend.erasure_request(address, time.time())
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait_for
     while True:
         state = await complete_if_done(backend, request_id)
         if state is not None and state.completed is not None:
