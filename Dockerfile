@@ -1,6 +1,7 @@
 # One image for both Mailplane processes:
 #   operator:  mailplane operator [--all-namespaces | --namespace NS ...]
 #   relay:     mailplane relay --config /etc/mailplane/config   (the operator's StatefulSets)
+#   portal:    mailplane portal --store @/etc/mailplane/store/dsn  (the chart's portal.enabled)
 #
 # Build:  docker build -t ghcr.io/mailplane/mailplane:0.1.0 .
 # The base is pinned to an exact patch release; release builds pin the digest as well
@@ -19,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY operator ./operator
 COPY cli ./cli
+COPY portal ./portal
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/mailplane \
  && pip --python /opt/mailplane/bin/python install /wheels/mailplane-*.whl \

@@ -30,7 +30,8 @@ def parse(argv: list[str]) -> Any:
 
 @pytest.mark.parametrize("values", VALUES)
 def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None:
-    [deployment] = render_install(values).of_kind("Deployment")
+    [deployment] = [d for d in render_install(values).of_kind("Deployment")
+                    if d["metadata"]["name"].endswith("-operator")]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     args = parse(container["args"])
     assert args.command == "operator"
@@ -71,7 +72,8 @@ def test_the_operator_parses_the_chart_arguments(values: dict[str, Any]) -> None
 def test_the_ci_values_use_the_json_log_format() -> None:
     """ci/namespaced-values.yaml passes --log-format=json through extraArgs: it takes effect."""
     [path] = [p for p in CI_VALUES if p.stem == "namespaced-values"]
-    [deployment] = render_install(load_values(path)).of_kind("Deployment")
+    [deployment] = [d for d in render_install(load_values(path)).of_kind("Deployment")
+                    if d["metadata"]["name"].endswith("-operator")]
     args = parse(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
     assert args.log_format == "json"
     assert parse(["operator"]).log_format == "text"
