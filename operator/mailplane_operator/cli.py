@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              '{"pod": {labels, annotations, imagePullSecrets, nodeSelector, '
                              'tolerations, affinity, topologySpreadConstraints, '
                              'priorityClassName}, "service": {type, annotations}}')
+    parser.add_argument("--cache-size", type=int, default=20_000, metavar="N",
+                        help="entries kept per cache (parsed resources, Secrets read by name; "
+                             "least recently used dropped). Keep it above the number of "
+                             "SmtpCredentials plus SendingDomains, or renders re-read Secrets "
+                             "(default %(default)s)")
     election = parser.add_argument_group(
         "leader election", "several replicas: only the holder of a coordination.k8s.io Lease "
         "works; the others take over when it stops renewing")
@@ -141,8 +146,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"mailplane operator: {exc}: set --retry-period, --renew-deadline and "
                   "--lease-duration in that increasing order", file=sys.stderr)
             return 2
+    if args.cache_size < 100:
+        print("mailplane operator: --cache-size must be at least 100", file=sys.stderr)
+        return 2
     config = OperatorConfig(
         leader_election=lease,
+        cache_size=args.cache_size,
         connection=connection,
         namespaces=tuple(args.namespace),
         dns_resolver=resolver,
