@@ -415,6 +415,30 @@ class DKIMKey(_Model):
 class Domain(_Model):
     name: str
     dkim: DKIMKey | None = None
+    # A second signature with another algorithm (RFC 8463 dual signing: RSA for the verifiers
+    # that know only RSA, Ed25519 beside it). The message carries both.
+    additional_dkim: tuple[DKIMKey, ...] = Field((), alias="additionalDkim", max_length=1)
+
+    @model_validator(mode="after")
+    def _dual(self) -> Domain:
+        if self.additional_dkim:
+            if self.dkim is None:
+                raise ValueError("additionalDkim is set but dkim is not: set dkim (the first "
+                                 "signature) too")
+            extra = self.additional_dkim[0]
+            if extra.algorithm == self.dkim.algorithm:
+                raise ValueError(f"additionalDkim.0.algorithm is {extra.algorithm}, as "
+                                 "dkim.algorithm: dual signing pairs two algorithms "
+                                 "(rsa-sha256 and ed25519-sha256)")
+            if extra.selector == self.dkim.selector:
+                raise ValueError(f"additionalDkim.0.selector {extra.selector!r} is also "
+                                 "dkim.selector: each key needs its own selector")
+        return self
+
+    @property
+    def dkim_keys(self) -> tuple[DKIMKey, ...]:
+        """Every key this domain signs with, in signing order."""
+        return () if self.dkim is None else (self.dkim, *self.additional_dkim)
 
     @field_validator("name", mode="before")
     @classmethod

@@ -209,8 +209,8 @@ class DKIMSigner:
         self._clock = clock
         self._key_base = key_base
         self._config: RelayConfig | None = None
-        self._specs: dict[str, DKIMKey] = {}
-        self._keys: dict[str, SigningKey | None] = {}  # None: the key is unusable
+        self._specs: dict[str, tuple[DKIMKey, ...]] = {}
+        self._keys: dict[str, tuple[SigningKey, ...]] = {}  # unusable keys left out
         # sha256(algorithm + PEM) -> parsed key, for this version and the one before it
         self._parsed: dict[str, PrivateKey] = {}
         self._previous: dict[str, PrivateKey] = {}
@@ -219,7 +219,7 @@ class DKIMSigner:
     def _refresh(self, config: RelayConfig) -> None:
         # Keys of the version before stay reusable; older ones (retired keys) leave memory.
         self._previous, self._parsed = self._parsed, {}
-        self._specs = {d.name: d.dkim for d in config.settings.domains if d.dkim is not None}
+        self._specs = {d.name: d.dkim_keys for d in config.settings.domains if d.dkim_keys}
         self._keys = {}
         self._config = config
 
@@ -238,21 +238,18 @@ class DKIMSigner:
             headers=tuple(h.lower().encode() for h in spec.headers), private_key=private_key,
         )
 
-    def _key(self, domain: str) -> SigningKey | None:
+    def _domain_keys(self, domain: str) -> tuple[SigningKey, ...]:
         if domain in self._keys:
             return self._keys[domain]
-        spec = self._specs.get(domain)
-        if spec is None:
-            return None
-        key: SigningKey | None
-        try:
-            key = self._load(domain, spec)
-        except DKIMKeyError as exc:
-            log.error("DKIM key for %s (selector %s) unusable, its mail goes out unsigned: %s",
-                      domain, spec.selector, exc)
-            key = None
-        self._keys[domain] = key
-        return key
+        loaded: list[SigningKey] = []
+        for spec in self._specs.get(domain, ()):
+            try:
+                loaded.append(self._load(domain, spec))
+            except DKIMKeyError as exc:
+                log.error("DKIM key for %s (selector %s) unusable, its mail goes out without "
+                          "this signature: %s", domain, spec.selector, exc)
+        keys = self._keys[domain] = tuple(loaded)
+        return keys
 
     @property
     def parsed_keys(self) -> int:
@@ -260,15 +257,22 @@ class DKIMSigner:
         return len(self._parsed)
 
     def key_for(self, config: RelayConfig, message: bytes, sender_domain: str) -> SigningKey | None:
-        """The key that signs this message: the From header's domain or its closest configured
-        parent (DMARC relaxed alignment), else the envelope sender's domain."""
+        """The first key that signs this message (see ``keys_for``), or None."""
+        keys = self.keys_for(config, message, sender_domain)
+        return keys[0] if keys else None
+
+    def keys_for(self, config: RelayConfig, message: bytes,
+                 sender_domain: str) -> tuple[SigningKey, ...]:
+        """The keys that sign this message: those of the From header's domain or its closest
+        configured parent (DMARC relaxed alignment), else of the envelope sender's domain; two
+        for a dual-signing domain (RFC 8463), in signing order."""
         # Large messages are signed in a worker thread: the lock keeps a reload seen by the
         # loop and a key load in that thread from interleaving.
         with self._lock:
             if config is not self._config:
                 self._refresh(config)
             if not self._specs:
-                return None  # spares parsing the From header of every message
+                return ()  # spares parsing the From header of every message
         candidates: list[str] = []
         from_domain = header_from_domain(message)
         if from_domain:
@@ -277,23 +281,28 @@ class DKIMSigner:
         candidates.append(sender_domain.lower())
         with self._lock:
             for name in candidates:
-                key = self._key(name)
-                if key is not None:
-                    return key
-        return None
+                keys = self._domain_keys(name)
+                if keys:
+                    return keys
+        return ()
 
     def sign(self, config: RelayConfig, message: bytes, sender_domain: str) -> bytes:
-        """The message signed, or unchanged when no key applies or signing fails (a delivery
-        is not held back by a broken key; the metric and the log say so)."""
-        key = self.key_for(config, message, sender_domain)
-        if key is None:
+        """The message signed by each key that applies (the last one's header on top), or
+        unchanged when none applies or signing fails (a delivery is not held back by a broken
+        key; the metric and the log say so). Each signature covers the message as it was
+        before any of them, so the order does not matter to a verifier."""
+        now = self._clock()
+        fields: list[bytes] = []
+        for key in self.keys_for(config, message, sender_domain):
+            try:
+                signed = sign_message(message, key, now=now)
+            except (dkimpy.DKIMException, ValueError) as exc:
+                self._metrics.dkim_signatures.labels(key.algorithm, "error").inc()
+                log.warning("DKIM signing for %s (%s) failed, sending without this signature: "
+                            "%s", key.domain, key.algorithm, type(exc).__name__)
+                continue
+            self._metrics.dkim_signatures.labels(key.algorithm, "ok").inc()
+            fields.append(signed[:len(signed) - len(message)])
+        if not fields:
             return message
-        try:
-            signed = sign_message(message, key, now=self._clock())
-        except (dkimpy.DKIMException, ValueError) as exc:
-            self._metrics.dkim_signatures.labels(key.algorithm, "error").inc()
-            log.warning("DKIM signing for %s failed, sending unsigned: %s",
-                        key.domain, type(exc).__name__)
-            return message
-        self._metrics.dkim_signatures.labels(key.algorithm, "ok").inc()
-        return signed
+        return b"".join(reversed(fields)) + message

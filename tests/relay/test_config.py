@@ -221,3 +221,20 @@ def test_a_yaml_error_gives_the_position_not_the_line() -> None:
     with pytest.raises(ConfigError, match=r"not valid YAML at line 4, column \d+") as err:
         parse_documents([("relay.yaml", text)])
     assert "SECRET-MARKER" not in str(err.value)
+
+
+def test_additional_dkim_pairs_two_algorithms_under_two_selectors() -> None:
+    from mailplane_relay.config import Domain
+
+    key = {"selector": "s1", "algorithm": "rsa-sha256", "privateKey": "x"}
+    ok = Domain.model_validate({"name": "example.com", "dkim": key, "additionalDkim": [
+        {"selector": "s2", "algorithm": "ed25519-sha256", "privateKey": "y"}]})
+    assert [k.selector for k in ok.dkim_keys] == ["s1", "s2"]
+    with pytest.raises(ValueError, match="dual signing pairs two algorithms"):
+        Domain.model_validate({"name": "example.com", "dkim": key, "additionalDkim": [
+            {**key, "selector": "s2"}]})
+    with pytest.raises(ValueError, match="each key needs its own selector"):
+        Domain.model_validate({"name": "example.com", "dkim": key, "additionalDkim": [
+            {**key, "algorithm": "ed25519-sha256"}]})
+    with pytest.raises(ValueError, match="additionalDkim is set but dkim is not"):
+        Domain.model_validate({"name": "example.com", "additionalDkim": [key]})

@@ -103,7 +103,8 @@ def test_a_signing_failure_sends_unsigned_and_says_so(caplog: pytest.LogCaptureF
     [record] = [r for r in caplog.records if r.name == "mailplane_relay.dkim"]
     assert record.levelname == "WARNING"
     assert record.getMessage() == (
-        "DKIM signing for example.com failed, sending unsigned: MessageFormatError")
+        "DKIM signing for example.com (rsa-sha256) failed, sending without this signature: "
+        "MessageFormatError")
 
 
 def test_an_unusable_key_is_reported_once_per_configuration(
@@ -114,7 +115,8 @@ def test_an_unusable_key_is_reported_once_per_configuration(
         assert signer.sign(config, MESSAGE, "example.com") is MESSAGE
     [record] = [r for r in caplog.records if r.name == "mailplane_relay.dkim"]
     assert record.getMessage() == (
-        "DKIM key for example.com (selector s1) unusable, its mail goes out unsigned: "
+        "DKIM key for example.com (selector s1) unusable, its mail goes out without this "
+        "signature: "
         "algorithm rsa-sha256 needs an RSA private key")
 
 

@@ -193,3 +193,46 @@ def test_one_click_unsubscribe_headers_are_signed_and_verify(port53_dns: Loopbac
     assert dkimverify.mail_dkim(signed, port53_dns).ok
     [result] = dkimverify.mailauth(signed, port53_dns)
     assert result["status"] == "pass", result
+
+
+def dual_sign(dns: LoopbackDNS, tag: str, message: bytes) -> tuple[bytes, RelayMetrics]:
+    rsa_key, ed_key = rsa_pem(), ed25519_pem()
+    dns.add_txt(f"{tag}-rsa._domainkey.example.com", public_key_record(rsa_key))
+    dns.add_txt(f"{tag}-ed._domainkey.example.com", public_key_record(ed_key))
+    metrics = RelayMetrics.create()
+    signer = DKIMSigner(metrics=metrics)
+    domain = dkim_domain("example.com", f"{tag}-rsa", rsa_key, "rsa-sha256")
+    domain["additionalDkim"] = [{"selector": f"{tag}-ed", "algorithm": "ed25519-sha256",
+                                 "privateKey": ed_key.decode()}]
+    signed = signer.sign(relay_config([domain]), message, "example.com")
+    return signed, metrics
+
+
+@pytest.mark.parametrize("body", ["plain", "8bit"])
+def test_a_dual_signed_message_verifies_with_every_verifier(
+        port53_dns: LoopbackDNS, body: str) -> None:
+    """RFC 8463 dual signing: Mail::DKIM (no Ed25519 in Debian 12) passes the RSA signature,
+    mailauth passes both, libopendkim passes."""
+    message = HEADERS + BODIES[body]
+    signed, metrics = dual_sign(port53_dns, f"dual-{body}", message)
+    assert signed.count(b"DKIM-Signature: ") == 2 and signed.endswith(message)
+    for algorithm in ("rsa-sha256", "ed25519-sha256"):
+        assert metrics.registry.get_sample_value(
+            "mailplane_relay_dkim_signatures_total",
+            {"algorithm": algorithm, "result": "ok"}) == 1
+    results = dkimverify.mailauth(signed, port53_dns)
+    assert sorted((r["algo"], r["status"]) for r in results) == [
+        ("ed25519-sha256", "pass"), ("rsa-sha256", "pass")], results
+    lines = dkimverify.mail_dkim(signed, port53_dns).detail.splitlines()
+    assert lines == ["signature ed25519-sha256 invalid (unsupported algorithm ed25519-sha256)",
+                     "signature rsa-sha256 pass", "overall pass"], lines
+    verdict = dkimverify.opendkim(signed, port53_dns)
+    assert verdict.ok, verdict.detail
+
+
+def test_a_dual_signed_message_altered_after_signing_fails_both(port53_dns: LoopbackDNS) -> None:
+    signed, _ = dual_sign(port53_dns, "dual-tamper", HEADERS + BODIES["plain"])
+    results = dkimverify.mailauth(tamper(signed), port53_dns)
+    assert len(results) == 2 and all(r["status"] != "pass" for r in results), results
+    assert "overall pass" not in dkimverify.mail_dkim(tamper(signed), port53_dns).detail
+    assert not dkimverify.opendkim(tamper(signed), port53_dns).ok

@@ -55,6 +55,9 @@ KeyFactory = Callable[[str], str]
 """algorithm ("rsa-2048" | "ed25519") -> private key PEM (PKCS#8)."""
 
 ANN_DKIM_STATE = "mailplane.io/dkim-state"
+# Dual signing (dkim.algorithm rsa-2048+ed25519): the second key's own rotation state.
+ANN_DKIM_SECOND_STATE = "mailplane.io/dkim-second-state"
+SECOND_SELECTOR_SUFFIX = "-ed25519"
 LABEL_DOMAIN = "mailplane.io/sending-domain"
 
 DKIM_VERIFIED = "DKIMVerified"
@@ -184,6 +187,9 @@ class DKIMState:
     retiring: str | None = None
     retire_at: datetime | None = None
     rotation_request: str | None = None
+    published: bool = True
+    """The second key of a dual-signing domain signs only once DNS served its record (or
+    verification is skipped): a signature receivers cannot check is worse than none."""
 
     @property
     def active_key(self) -> DKIMKeyInfo:
@@ -195,22 +201,23 @@ class DKIMSecretUnreadable(SpecError):
     that would silently break signing for selectors already published in DNS."""
 
 
-def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
-    """The rotation state and keys stored in the DKIM Secret; None if there is no Secret or it
-    holds no state of ours yet. Raises DKIMSecretUnreadable when our state is there but cannot
-    be used."""
+def state_from_secret(secret: Mapping[str, Any] | None,
+                      annotation: str = ANN_DKIM_STATE) -> DKIMState | None:
+    """The rotation state and keys stored in the DKIM Secret (the second key's with
+    ``annotation=ANN_DKIM_SECOND_STATE``); None if there is no Secret or it holds no such state
+    yet. Raises DKIMSecretUnreadable when our state is there but cannot be used."""
     if not secret:
         return None
     meta = secret.get("metadata") or {}
-    if ANN_DKIM_STATE not in (meta.get("annotations") or {}):
+    if annotation not in (meta.get("annotations") or {}):
         return None
     unreadable = DKIMSecretUnreadable(
-        f"Secret {meta.get('namespace')}/{meta.get('name')}: the annotation {ANN_DKIM_STATE} or "
+        f"Secret {meta.get('namespace')}/{meta.get('name')}: the annotation {annotation} or "
         "a key it names cannot be read; restore the Secret from a backup, or delete it to "
         "generate new keys (then publish the new DKIM record listed in status.dnsRecords)")
     ann = meta.get("annotations") or {}
     try:
-        raw = json.loads(ann.get(ANN_DKIM_STATE) or "")
+        raw = json.loads(ann.get(annotation) or "")
         keys: dict[str, DKIMKeyInfo] = {}
         for sel, info in raw["keys"].items():
             pem = secret_value(secret, f"{sel}.pem")
@@ -223,6 +230,7 @@ def state_from_secret(secret: Mapping[str, Any] | None) -> DKIMState | None:
             next=raw.get("next"), retiring=raw.get("retiring"),
             retire_at=parse_time(raw.get("retireAt")),
             rotation_request=raw.get("rotationRequest"),
+            published=raw.get("published", True) is True,
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise unreadable from None
@@ -283,8 +291,8 @@ def secret_name(domain: SendingDomain) -> str:
     return f"{domain.meta.name}-dkim"
 
 
-def secret_manifest(domain: SendingDomain, state: DKIMState) -> dict[str, Any]:
-    info = {
+def _state_info(state: DKIMState) -> dict[str, Any]:
+    return {
         "phase": state.phase, "active": state.active, "next": state.next,
         "retiring": state.retiring, "phaseSince": format_time(state.phase_since),
         "retireAt": format_time(state.retire_at) if state.retire_at else None,
@@ -292,6 +300,16 @@ def secret_manifest(domain: SendingDomain, state: DKIMState) -> dict[str, Any]:
         "keys": {s: {"algorithm": k.algorithm, "createdAt": format_time(k.created_at)}
                  for s, k in sorted(state.keys.items())},
     }
+
+
+def secret_manifest(domain: SendingDomain, state: DKIMState,
+                    second: DKIMState | None = None) -> dict[str, Any]:
+    annotations = {ANN_DKIM_STATE: json.dumps(_state_info(state), sort_keys=True)}
+    keys = dict(state.keys)
+    if second is not None:
+        annotations[ANN_DKIM_SECOND_STATE] = json.dumps(
+            {**_state_info(second), "published": second.published}, sort_keys=True)
+        keys.update(second.keys)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -301,32 +319,34 @@ def secret_manifest(domain: SendingDomain, state: DKIMState) -> dict[str, Any]:
             "namespace": domain.meta.namespace,
             "labels": {LABEL_DOMAIN: domain.meta.name,
                        "app.kubernetes.io/managed-by": "mailplane-operator"},
-            "annotations": {ANN_DKIM_STATE: json.dumps(info, sort_keys=True)},
+            "annotations": annotations,
             "ownerReferences": [owner_reference("SendingDomain", domain.meta)],
         },
         "data": {f"{s}.pem": base64.b64encode(k.pem.encode()).decode()
-                 for s, k in sorted(state.keys.items())},
+                 for s, k in sorted(keys.items())},
     }
 
 
-def _next_selector(domain: SendingDomain, state: DKIMState, now: datetime) -> str:
-    base = f"{domain.spec.dkim.selector}-{now:%Y%m%d}"
+def _next_selector(base_selector: str, state: DKIMState, now: datetime) -> str:
+    base = f"{base_selector}-{now:%Y%m%d}"
     candidate, n = base, 2
     while candidate in state.keys or candidate == state.retiring:
         candidate, n = f"{base}-{n}", n + 1
     return candidate
 
 
-def rotation_cause(domain: SendingDomain, state: DKIMState, now: datetime) -> str | None:
-    """Why a rotation starts now, or None. Only a Stable state starts one."""
+def rotation_cause(domain: SendingDomain, state: DKIMState, now: datetime,
+                   algorithm: str | None = None) -> str | None:
+    """Why a rotation starts now, or None. Only a Stable state starts one. ``algorithm``: the
+    one this key should have (default: the spec's first)."""
     if state.phase != "Stable":
         return None
     token = domain.meta.annotations.get(ANN_ROTATE)
     if token and token != state.rotation_request:
         return "requested by the mailplane.io/rotate annotation"
-    if state.active_key.algorithm != domain.spec.dkim.algorithm:
-        return (f"the algorithm changed from {state.active_key.algorithm} to "
-                f"{domain.spec.dkim.algorithm}")
+    want = algorithm or domain.spec.dkim.primary_algorithm
+    if state.active_key.algorithm != want:
+        return f"the algorithm changed from {state.active_key.algorithm} to {want}"
     interval = domain.spec.dkim.rotation_interval
     if interval is not None and now >= state.active_key.created_at + timedelta(seconds=interval):
         return "the rotation interval has passed"
@@ -340,24 +360,29 @@ def advance(
     next_served: bool,
     now: datetime,
     key_factory: KeyFactory,
+    second: bool = False,
 ) -> tuple[DKIMState, list[Event]]:
     """One step of the key lifecycle (see the module docstring). ``next_served``: DNS serves the
-    next selector's record (or verification is skipped)."""
+    next selector's record (or verification is skipped). ``second``: the lifecycle of a
+    dual-signing domain's second key (its algorithm, under ``<selector>-ed25519``)."""
     spec = domain.spec.dkim
+    algorithm = (spec.second_algorithm if second else None) or spec.primary_algorithm
+    base_selector = spec.selector + (SECOND_SELECTOR_SUFFIX if second else "")
     if state is None:
-        pem = key_factory(spec.algorithm)
-        key = DKIMKeyInfo(spec.selector, spec.algorithm, now, pem)
-        new = DKIMState("Stable", spec.selector, {spec.selector: key}, now,
-                        rotation_request=domain.meta.annotations.get(ANN_ROTATE))
+        pem = key_factory(algorithm)
+        key = DKIMKeyInfo(base_selector, algorithm, now, pem)
+        new = DKIMState("Stable", base_selector, {base_selector: key}, now,
+                        rotation_request=domain.meta.annotations.get(ANN_ROTATE),
+                        published=not second)
         return new, [Event("Normal", "DKIMKeyGenerated",
-                           f"generated a {spec.algorithm} DKIM key under selector "
-                           f"{spec.selector}; publish the TXT record listed in status.dnsRecords")]
+                           f"generated a {algorithm} DKIM key under selector "
+                           f"{base_selector}; publish the TXT record listed in status.dnsRecords")]
     if state.phase == "Stable":
-        cause = rotation_cause(domain, state, now)
+        cause = rotation_cause(domain, state, now, algorithm)
         if cause is None:
             return state, []
-        selector = _next_selector(domain, state, now)
-        key = DKIMKeyInfo(selector, spec.algorithm, now, key_factory(spec.algorithm))
+        selector = _next_selector(base_selector, state, now)
+        key = DKIMKeyInfo(selector, algorithm, now, key_factory(algorithm))
         new = replace(state, phase="NextKeyPublished", next=selector, phase_since=now,
                       keys={**state.keys, selector: key},
                       rotation_request=domain.meta.annotations.get(ANN_ROTATE)
@@ -390,9 +415,7 @@ def advance(
 # --------------------------------------------------------------------------------------------
 
 
-def dns_records(domain: SendingDomain, state: DKIMState) -> list[DNSRecord]:
-    """What to publish: DKIM TXT records (active, next, retiring), the SPF and DMARC suggestions."""
-    name = domain.spec.domain
+def _key_records(name: str, state: DKIMState) -> list[DNSRecord]:
     records = [DNSRecord("dkim", dkim_record_name(state.active, name),
                          dkim_txt_value(state.active_key.pem), state.active, "active")]
     if state.next:
@@ -402,6 +425,17 @@ def dns_records(domain: SendingDomain, state: DKIMState) -> list[DNSRecord]:
         records.append(DNSRecord("dkim", dkim_record_name(state.retiring, name),
                                  dkim_txt_value(state.keys[state.retiring].pem), state.retiring,
                                  "retiring"))
+    return records
+
+
+def dns_records(domain: SendingDomain, state: DKIMState,
+                second: DKIMState | None = None) -> list[DNSRecord]:
+    """What to publish: DKIM TXT records (active, next, retiring; then those of a dual-signing
+    domain's second key), the SPF and DMARC suggestions."""
+    name = domain.spec.domain
+    records = _key_records(name, state)
+    if second is not None:
+        records += _key_records(name, second)
     records.append(DNSRecord("spf", name, spf_value(domain)))
     records.append(DNSRecord("dmarc", f"_dmarc.{name}", dmarc_value(domain)))
     return records
@@ -414,6 +448,10 @@ def names_to_check(domain: SendingDomain, existing_secret: Mapping[str, Any] | N
     selectors = [domain.spec.dkim.selector] if state is None else [state.active]
     if state is not None and state.next:
         selectors.append(state.next)
+    second = state_from_secret(existing_secret, ANN_DKIM_SECOND_STATE)
+    if domain.spec.dkim.second_algorithm is not None:
+        selectors += ([domain.spec.dkim.selector + SECOND_SELECTOR_SUFFIX] if second is None
+                      else [second.active, *([second.next] if second.next else [])])
     return [*(dkim_record_name(s, name) for s in selectors), name, f"_dmarc.{name}"]
 
 
@@ -467,11 +505,22 @@ def spf_ok(domain: SendingDomain, observed: Observed) -> tuple[bool | None, str,
 
 @dataclass(frozen=True)
 class DomainSigning:
-    """What the relay needs to sign for this domain. ``pem`` is secret: never log or show."""
+    """What the relay needs to sign for this domain. ``pem`` is secret: never log or show.
+    ``also``: the second key of a dual-signing domain, once DNS served its record."""
 
     selector: str
     algorithm: str
     pem: str = field(repr=False)
+    also: DomainSigning | None = None
+
+
+def _signing(state: DKIMState, second: DKIMState | None) -> DomainSigning:
+    key = state.active_key
+    also = None
+    if second is not None and second.published:
+        extra = second.active_key
+        also = DomainSigning(extra.selector, RELAY_ALGORITHMS[extra.algorithm], extra.pem)
+    return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem, also)
 
 
 @dataclass(frozen=True)
@@ -493,11 +542,12 @@ class DomainResult:
     """Verified by DNS (or skipped where allowed), whether or not this claim owns the domain."""
     disable_time: datetime | None = None
     """Set while DNS answers that the DKIM record is gone: when the domain will be disabled."""
+    second: DKIMState | None = None
+    """The second key's state of a dual-signing domain."""
 
     @property
     def signing(self) -> DomainSigning:
-        key = self.state.active_key
-        return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem)
+        return _signing(self.state, self.second)
 
 
 @dataclass(frozen=True)
@@ -611,7 +661,10 @@ def reconcile_domain(
         next_served = skip or bool(served)
     state, events = advance(domain, state, next_served=next_served, now=now,
                             key_factory=key_factory)
-    records = dns_records(domain, state)
+    second, second_events = _advance_second(domain, existing_secret, obs=obs, skip=skip, now=now,
+                                            key_factory=key_factory)
+    events += second_events
+    records = dns_records(domain, state, second)
 
     verified: dict[str, bool | None] = {}
     for rec in records:
@@ -681,7 +734,7 @@ def reconcile_domain(
         "conditions": conds,
         "domain": domain.spec.domain,
         "relay": f"{domain.relay_namespace}/{domain.spec.relay_ref.name}",
-        "dkim": _dkim_status(state),
+        "dkim": _dkim_status(state, second),
         "dnsRecords": [r.to_status(verified.get(r.name)) for r in records],
     }
     if check.verified_time is not None:
@@ -695,10 +748,44 @@ def reconcile_domain(
     elif "lastCheckTime" in domain.status:
         status["lastCheckTime"] = domain.status["lastCheckTime"]
     nxt = _next_check(domain, state)
+    if second is not None:
+        nxt2 = _next_check(domain, second)
+        nxt = nxt2 if nxt is None else nxt if nxt2 is None else min(nxt, nxt2)
     if check.disable_time is not None:
         nxt = min(nxt, check.disable_time) if nxt is not None else check.disable_time
-    return DomainResult(secret_manifest(domain, state), state, status, events, enabled, nxt,
-                        is_verified, check.disable_time)
+    return DomainResult(secret_manifest(domain, state, second), state, status, events, enabled,
+                        nxt, is_verified, check.disable_time, second)
+
+
+def _advance_second(domain: SendingDomain, existing_secret: Mapping[str, Any] | None, *,
+                    obs: Observed, skip: bool, now: datetime,
+                    key_factory: KeyFactory) -> tuple[DKIMState | None, list[Event]]:
+    """One step of a dual-signing domain's second key: generated (not signing yet), signing once
+    DNS serves its record (or verification is skipped), then rotated like the first. A domain
+    that stops dual signing drops it (its record is no longer listed)."""
+    second = state_from_secret(existing_secret, ANN_DKIM_SECOND_STATE)
+    if domain.spec.dkim.second_algorithm is None:
+        if second is None:
+            return None, []
+        return None, [Event("Normal", "DKIMKeyRetired",
+                            f"dual signing turned off: retired DKIM selector {second.active}; "
+                            "its TXT record can be removed")]
+    name = domain.spec.domain
+    next_served = skip
+    if second is not None and second.next:
+        next_served = skip or bool(dkim_served(
+            DNSRecord("dkim", dkim_record_name(second.next, name),
+                      dkim_txt_value(second.keys[second.next].pem)), obs))
+    second, events = advance(domain, second, next_served=next_served, now=now,
+                             key_factory=key_factory, second=True)
+    if not second.published and (skip or dkim_served(
+            DNSRecord("dkim", dkim_record_name(second.active, name),
+                      dkim_txt_value(second.active_key.pem)), obs)):
+        second = replace(second, published=True)
+        events.append(Event("Normal", "DKIMSecondKeySigning",
+                            f"DNS serves the {second.active_key.algorithm} key of selector "
+                            f"{second.active}: mail is signed with it too"))
+    return second, events
 
 
 _REFUSALS = frozenset({REASON_DOMAIN_CONFLICT, REASON_SKIP_NOT_ALLOWED,
@@ -742,7 +829,14 @@ def _readiness(  # noqa: PLR0917 - the inputs of one decision
     return True, REASON_VERIFIED, message
 
 
-def _dkim_status(state: DKIMState) -> dict[str, Any]:
+def _dkim_status(state: DKIMState, second: DKIMState | None = None) -> dict[str, Any]:
+    out = _key_status(state)
+    if second is not None:
+        out["second"] = {**_key_status(second), "signing": second.published}
+    return out
+
+
+def _key_status(state: DKIMState) -> dict[str, Any]:
     out: dict[str, Any] = {
         "phase": state.phase,
         "activeSelector": state.active,
@@ -781,12 +875,12 @@ def signing_from_secret(secret: Mapping[str, Any] | None) -> DomainSigning | Non
     usable key; the domain's own reconcile reports an unreadable Secret)."""
     try:
         state = state_from_secret(secret)
+        second = state_from_secret(secret, ANN_DKIM_SECOND_STATE)
     except DKIMSecretUnreadable:
         return None
     if state is None:
         return None
-    key = state.active_key
-    return DomainSigning(key.selector, RELAY_ALGORITHMS[key.algorithm], key.pem)
+    return _signing(state, second)
 
 
 def random_key_factory(random: RandomBytes = os.urandom) -> KeyFactory:

@@ -508,11 +508,24 @@ class SmtpRelaySpec(_Spec):
 
 class DKIMSpec(_Spec):
     selector: str = Field("mailplane", pattern=SELECTOR_PATTERN)
-    algorithm: Literal["rsa-2048", "ed25519"] = "rsa-2048"
+    # "rsa-2048+ed25519": dual signing (RFC 8463), an RSA and an Ed25519 signature on each
+    # message, each key with its own selector and staged rotation.
+    algorithm: Literal["rsa-2048", "ed25519", "rsa-2048+ed25519"] = "rsa-2048"
     rotation_interval: float | None = Field(None, alias="rotationInterval", ge=3600)
     retire_after: float = Field(7 * 86400.0, alias="retireAfter", ge=0)
 
     _d = _durations("rotation_interval", "retire_after")
+
+    @property
+    def primary_algorithm(self) -> str:
+        """The algorithm of the key under ``selector`` (RSA for dual signing)."""
+        return self.algorithm.split("+")[0]
+
+    @property
+    def second_algorithm(self) -> str | None:
+        """The algorithm of the second key (under ``<selector>-ed25519``), or None."""
+        parts = self.algorithm.split("+")
+        return parts[1] if len(parts) > 1 else None
 
     @model_validator(mode="after")
     def _retire_before_next_rotation(self) -> DKIMSpec:

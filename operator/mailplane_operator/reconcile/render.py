@@ -306,9 +306,14 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
 
 
 def _domain_entry(name: str, signing: domain_mod.DomainSigning) -> dict[str, Any]:
-    return {"name": name, "dkim": {"selector": signing.selector,
-                                   "algorithm": signing.algorithm,
-                                   "privateKey": signing.pem}}
+    entry: dict[str, Any] = {"name": name, "dkim": {"selector": signing.selector,
+                                                    "algorithm": signing.algorithm,
+                                                    "privateKey": signing.pem}}
+    if signing.also is not None:
+        entry["additionalDkim"] = [{"selector": signing.also.selector,
+                                    "algorithm": signing.also.algorithm,
+                                    "privateKey": signing.also.pem}]
+    return entry
 
 
 def _pack(entries: list[tuple[str, dict[str, Any]]], first_used: int,
