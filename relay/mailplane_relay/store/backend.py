@@ -31,6 +31,18 @@ def complaint_hash(key: bytes, address: str) -> str:
     return f"hmac-sha256:{digest}"
 
 
+def mask_address(address: str) -> str:
+    """``jane.doe@example.com`` -> ``j***@example.com``: what stays of an erased address where
+    a record must remain readable (the portal's audit log)."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+# The portal keeps an audit log in the same database (portal/mailplane_portal/records.py); an
+# erasure masks the address there too when the table exists.
+PORTAL_AUDIT = "portal_audit"
+
+
 class StoreError(Exception):
     """The store cannot be used (missing, unreachable, or written by a newer version)."""
 

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .backend import (
     LOG_COLUMNS,
+    PORTAL_AUDIT,
     Entry,
     EraseReport,
     ErasureState,
@@ -35,6 +36,7 @@ from .backend import (
     StoreError,
     StoreUnavailable,
     SuppressionDelta,
+    mask_address,
 )
 
 log = logging.getLogger(__name__)
@@ -417,6 +419,14 @@ class PostgresBackend:
             await conn.execute(
                 "UPDATE suppression_changes SET address = %s WHERE address = %s",
                 (_FORGOTTEN, address))
+            exists = await (await conn.execute("SELECT to_regclass(%s)",
+                                               (PORTAL_AUDIT,))).fetchone()
+            if exists is not None and exists[0] is not None:
+                cur = await conn.execute(
+                    f"UPDATE {PORTAL_AUDIT} SET target = %s "  # noqa: S608
+                    "WHERE lower(target) = %s", (mask_address(address), address))
+                if cur.rowcount:
+                    report.add(PORTAL_AUDIT, cur.rowcount)
         return report
 
     # ---- sending limits ----------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from .backend import (
     LOG_COLUMNS,
+    PORTAL_AUDIT,
     Entry,
     EraseReport,
     ErasureState,
@@ -29,6 +30,7 @@ from .backend import (
     LogRow,
     StoreError,
     SuppressionDelta,
+    mask_address,
 )
 
 log = logging.getLogger(__name__)
@@ -370,6 +372,13 @@ def _erase(conn: sqlite3.Connection, address: str, keep_hash: str | None) -> Era
             # cache to reload in full, which is how caches holding the address learn it is gone.
             conn.execute("UPDATE suppression_changes SET address = ? WHERE address = ?",
                          (_FORGOTTEN, address))
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (PORTAL_AUDIT,)).fetchone():
+                n = conn.execute(f"UPDATE {PORTAL_AUDIT} SET target = ? "  # noqa: S608
+                                 "WHERE lower(target) = ?",
+                                 (mask_address(address), address)).rowcount
+                if n:
+                    report.add(PORTAL_AUDIT, n)
     finally:
         conn.execute("PRAGMA secure_delete = FAST")
     busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
