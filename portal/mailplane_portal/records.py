@@ -145,6 +145,11 @@ class Records:
         """An erased address leaves the namespace's audit log too (its masked form stays)."""
         await self._do("UPDATE portal_audit SET target = ? WHERE namespace = ? AND "
                        "lower(target) = ?", (mask(address), namespace, address))
+        # A note or reason may name it too (as typed: any case).
+        pattern = "%" + address.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+        await self._do("UPDATE portal_audit SET detail = replace(lower(detail), ?, ?) "
+                       "WHERE namespace = ? AND lower(detail) LIKE ? ESCAPE '!'",
+                       (address, mask(address), namespace, pattern))
 
     # ---- the team's view of the suppression list
 

@@ -126,11 +126,12 @@ def test_erasure_removes_the_address_from_the_audit_log(portal: RunningPortal) -
     alice = portal.session("alice-token")
     base = portal.url + "/api/v1/namespaces/shop"
     assert alice.delete(base + "/suppression/customer7@mail.example",
-                        params={"reason": "fixed mailbox"}).status_code == 200
+                        params={"reason": "Customer7@Mail.Example fixed her mailbox"}
+                        ).status_code == 200
     r = alice.post(base + "/erasures", json={"address": "customer7@mail.example"})
     portal.wait_erasure(alice, "shop", r.json()["id"])
     text = alice.get(base + "/audit").text
-    assert "customer7@" not in text and "c***@mail.example" in text
+    assert "customer7@" not in text.lower() and "c***@mail.example" in text
 
 
 def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal) -> None:
