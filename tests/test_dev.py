@@ -55,7 +55,7 @@ class DevProcess:
         self.proc = subprocess.Popen(
             [*_command(), "--examples", str(ROOT / "examples"), "--state-dir", str(state),
              "--smtp-port", str(self.ports["smtp"]), "--smtps-port", str(self.ports["smtps"]),
-             "--http-port", str(self.ports["http"]), *extra_args],
+             "--http-port", str(self.ports["http"]), "--portal-port", "0", *extra_args],
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                 str(ROOT / p) for p in ("relay", "operator", "cli"))},

@@ -29,10 +29,11 @@ import ipaddress
 import itertools
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ DEFAULT_SMTPS_PORT = 2465
 DEFAULT_HTTP_PORT = 8080
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
+DEFAULT_PORTAL_PORT = 8480
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -82,6 +84,9 @@ def register(subparsers: SubParsers) -> None:
     p.add_argument("--store", metavar="URL",
                    help="share a PostgreSQL store (postgresql://USER:PASSWORD@HOST/DB) instead "
                         "of the SQLite file in the state directory; see docs/store.md")
+    p.add_argument("--portal-port", type=int, default=DEFAULT_PORTAL_PORT, metavar="N",
+                   help=f"customer portal port (default {DEFAULT_PORTAL_PORT}; 0: any free "
+                        "port; -1: no portal)")
     p.set_defaults(func=run)
 
 
@@ -436,7 +441,8 @@ def _store_option(dev: DevState) -> str:
     return f"--state-dir {dev.state_dir}"
 
 
-def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int) -> str:
+def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int,
+                 portal_port: int | None = None) -> str:
     state = dev.state_dir
     lines = [
         "",
@@ -450,6 +456,8 @@ def instructions(dev: DevState, smtp_port: int, smtps_port: int, http_port: int)
         f"  resource status     {state / 'status'}/ (conditions, DNS records to publish)",
         f"  delivered mail      {state / 'outbox'}/ (one .eml file per message)",
         f"  message log         mailplane logs {_store_option(dev)}",
+        *([f"  portal              http://localhost:{portal_port}/  (log in with the token "
+            f"in {state / 'portal-token'})"] if portal_port is not None else []),
         "  domains             treated as verified (no DNS checks on a laptop): "
         + (", ".join(dev.result.domains) or "none"),
     ]
@@ -509,16 +517,54 @@ async def _run(args: argparse.Namespace) -> int:
                 app.request_stop()
                 break
             await asyncio.sleep(0.05)
+        portal = None
+        if app.readiness.ready and args.portal_port >= 0:
+            portal = await _start_portal(dev, manifests, args.portal_port)
         if app.readiness.ready:
-            print(instructions(dev, args.smtp_port, args.smtps_port, args.http_port),
-                  flush=True)
-        await relay_task
+            print(instructions(dev, args.smtp_port, args.smtps_port, args.http_port,
+                               portal[1] if portal is not None else None), flush=True)
+        try:
+            await relay_task
+        finally:
+            if portal is not None:
+                await portal[0]()
         return 0
     finally:
         sink.close()
         await sink.wait_closed()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _start_portal(dev: DevState, manifests: Manifests, port: int
+                        ) -> tuple[Callable[[], Awaitable[None]], int]:
+    """The customer portal beside the relay, on the relay's store, with a dev login: a token
+    written to state-dir/portal-token that stands for a user who may see every namespace."""
+    from mailplane_portal.cli import start_site, store_for  # noqa: PLC0415
+    from mailplane_portal.devkube import DevKube  # noqa: PLC0415
+    from mailplane_portal.web import Portal  # noqa: PLC0415
+
+    token_file = dev.state_dir / "portal-token"
+    if not token_file.is_file():
+        write_private(token_file, secrets.token_urlsafe(32) + "\n")
+    specs: dict[tuple[str, str, str], Any] = {}
+    for plural, objs in (("smtpcredentials", manifests.credentials),
+                         ("sendingdomains", manifests.domains)):
+        for obj in objs:
+            specs[(plural, obj.meta.namespace, obj.meta.name)] = obj.spec.model_dump(
+                by_alias=True, exclude_none=True, mode="json")
+    kube = DevKube(dev.state_dir, token_file.read_text().strip(), specs)
+    store, records = store_for(dev.result.config.settings)
+    await store.open()
+    await records.open()
+    runner, bound = await start_site(Portal(store, kube, records), HOST, port)
+
+    async def stop() -> None:
+        await runner.cleanup()
+        await records.close()
+        await store.close()
+
+    return stop, bound
 
 
 def run(args: argparse.Namespace) -> int:

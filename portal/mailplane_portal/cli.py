@@ -50,6 +50,35 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def store_for(settings: Any) -> tuple[Any, Any]:
+    """The store a relay configuration names, and the portal's records in the same database."""
+    from mailplane_relay.store import SqliteBackend  # noqa: PLC0415
+    from mailplane_relay.store.factory import read_dsn  # noqa: PLC0415
+
+    from .records import Records  # noqa: PLC0415
+
+    if settings.store.backend == "postgresql":
+        from mailplane_relay.store.postgres import PostgresBackend  # noqa: PLC0415
+
+        dsn = read_dsn(settings.store.dsn_file)
+        return PostgresBackend(dsn), Records(dsn=dsn)
+    return SqliteBackend(settings.message_log.path), Records(
+        sqlite_path=settings.message_log.path)
+
+
+async def start_site(portal: Any, host: str, port: int) -> tuple[Any, int]:
+    """Serve ``portal``; the runner (to clean up) and the port bound (``port`` may be 0)."""
+    from aiohttp import web  # noqa: PLC0415
+
+    from .web import build_app  # noqa: PLC0415
+
+    runner = web.AppRunner(build_app(portal), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
     """The store's backend and the portal's own records in the same database."""
     from mailplane_relay.config import load_config  # noqa: PLC0415

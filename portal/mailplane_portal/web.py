@@ -23,6 +23,7 @@ from mailplane_relay.store import StoreBackend, StoreError, complaint_hash
 
 from . import charts, openapi
 from . import html as h
+from .devkube import DevKube
 from .kube import Identity, KubeClient, KubeUnavailable
 from .records import OTHER_TEAM, Records, figures, mask, own_source
 from .search import (
@@ -55,7 +56,7 @@ class Caller:
 
 
 class Portal:
-    def __init__(self, store: StoreBackend, kube: KubeClient, records: Records, *,
+    def __init__(self, store: StoreBackend, kube: KubeClient | DevKube, records: Records, *,
                  sessions: SessionStore | None = None, secure_cookie: bool = True) -> None:
         self.store = store
         self.kube = kube
