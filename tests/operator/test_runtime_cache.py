@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
+import yaml
+
 from mailplane_operator import kube as k
 from mailplane_operator.dnscheck import DnsChecker
 from mailplane_operator.metrics import OperatorMetrics
 from mailplane_operator.runtime import BoundedCache, OperatorConfig, Runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_bounded_cache_drops_the_least_recently_used() -> None:
@@ -31,3 +40,19 @@ def test_the_runtime_caches_take_their_size_from_the_config() -> None:
         rt.remember_secret("ns", str(i), None)
     assert len(rt.parsed) == 3 and len(rt.secrets) == 3
     assert client.discovery_ttl == 7.0
+
+
+def test_the_cli_refuses_a_cache_too_small_to_be_useful(tmp_path: pathlib.Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    env = {k_: v for k_, v in os.environ.items() if not k_.startswith("KUBERNETES_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig", str(kubeconfig),
+         "--metrics-port", "0", "--cache-size", "10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--cache-size must be at least 100" in done.stderr
