@@ -38,7 +38,8 @@ async def test_platform_erasure_masks_the_address_in_every_namespace_audit_log(
 ) -> None:
     backend, records = store
     await records.audit("team-a", "alice", "suppression.add", "gone@dest.test", "opt-out")
-    await records.audit("team-b", "bob", "suppression.remove", "gone@dest.test", "was manual")
+    await records.audit("team-b", "bob", "suppression.remove", "gone@dest.test",
+                        "was manual: Gone@dest.test asked us")
     await records.audit("team-b", "bob", "suppression.add", "stay@dest.test", "")
 
     report = await erase_address(backend, "Gone@Dest.test")
@@ -47,6 +48,7 @@ async def test_platform_erasure_masks_the_address_in_every_namespace_audit_log(
     rows = (await records.audit_log("team-a")) + (await records.audit_log("team-b"))
     targets = sorted(r["target"] for r in rows)
     assert targets == ["g***@dest.test", "g***@dest.test", "stay@dest.test"]
+    assert not [r for r in rows if "gone@" in r["detail"].lower()]
 
 
 async def test_platform_erasure_without_the_portal_tables(tmp_path: Path) -> None:

@@ -38,6 +38,11 @@ def mask_address(address: str) -> str:
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (``ESCAPE '!'``) matching any value that contains ``text``."""
+    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
 # The portal keeps an audit log in the same database (portal/mailplane_portal/records.py); an
 # erasure masks the address there too when the table exists.
 PORTAL_AUDIT = "portal_audit"

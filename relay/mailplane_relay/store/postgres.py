@@ -36,6 +36,7 @@ from .backend import (
     StoreError,
     StoreUnavailable,
     SuppressionDelta,
+    like_pattern,
     mask_address,
 )
 
@@ -427,6 +428,11 @@ class PostgresBackend:
                     "WHERE lower(target) = %s", (mask_address(address), address))
                 if cur.rowcount:
                     report.add(PORTAL_AUDIT, cur.rowcount)
+                # A note or reason typed by a user may name it too.
+                await conn.execute(
+                    f"UPDATE {PORTAL_AUDIT} SET detail = replace(lower(detail), %s, %s) "  # noqa: S608
+                    "WHERE lower(detail) LIKE %s ESCAPE '!'",
+                    (address, mask_address(address), like_pattern(address)))
         return report
 
     # ---- sending limits ----------------------------------------------------------------

@@ -30,6 +30,7 @@ from .backend import (
     LogRow,
     StoreError,
     SuppressionDelta,
+    like_pattern,
     mask_address,
 )
 
@@ -377,6 +378,11 @@ def _erase(conn: sqlite3.Connection, address: str, keep_hash: str | None) -> Era
                 n = conn.execute(f"UPDATE {PORTAL_AUDIT} SET target = ? "  # noqa: S608
                                  "WHERE lower(target) = ?",
                                  (mask_address(address), address)).rowcount
+                # A note or reason typed by a user may name it too.
+                conn.execute(f"UPDATE {PORTAL_AUDIT} SET detail = "  # noqa: S608
+                             "replace(lower(detail), ?, ?) WHERE lower(detail) LIKE ? "
+                             "ESCAPE '!'", (address, mask_address(address),
+                                            like_pattern(address)))
                 if n:
                     report.add(PORTAL_AUDIT, n)
     finally:
