@@ -24,8 +24,9 @@ from mailplane_operator import kube as opkube
 from mailplane_portal.kube import KubeClient
 from mailplane_portal.records import Records
 from mailplane_portal.web import Portal, build_app
-from mailplane_relay.store import SqliteBackend
+from mailplane_relay.store import SqliteBackend, StoreBackend
 from mailplane_relay.store.backend import LOG_COLUMNS
+from mailplane_relay.store.postgres import PostgresBackend
 from tests.helpers.kube import KubeApi, credential_body, running_emulator
 
 NOW = time.time()
@@ -81,6 +82,21 @@ class RunningPortal:
     portal: Portal
     db: Path
     loop: asyncio.AbstractEventLoop
+    dsn: str | None = None  # the PostgreSQL store, when the test runs on one
+
+    def new_store(self) -> StoreBackend:
+        return PostgresBackend(self.dsn) if self.dsn else SqliteBackend(str(self.db))
+
+    def sql(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A query on the store's database (``?`` placeholders), outside the portal."""
+        async def run() -> list[tuple[Any, ...]]:
+            records = Records(dsn=self.dsn) if self.dsn else Records(sqlite_path=str(self.db))
+            await records.open()
+            try:
+                return [tuple(r.values()) for r in await records._all(query, args)]
+            finally:
+                await records.close()
+        return asyncio.run(run())
 
     def wait_erasure(self, s: requests.Session, ns: str, erasure_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 10
@@ -124,8 +140,16 @@ def _setup_kube(api: KubeApi) -> None:
 
 
 @pytest.fixture
-def portal(tmp_path: Path) -> Iterator[RunningPortal]:
+def backend() -> str:
+    """The store the portal runs on; a module parametrizes it to run on PostgreSQL too."""
+    return "sqlite"
+
+
+@pytest.fixture
+def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest
+           ) -> Iterator[RunningPortal]:
     db = tmp_path / "store.db"
+    dsn: str | None = request.getfixturevalue("pg_dsn") if backend == "postgresql" else None
     with running_emulator() as api:
         _setup_kube(api)
         loop = asyncio.new_event_loop()
@@ -134,7 +158,7 @@ def portal(tmp_path: Path) -> Iterator[RunningPortal]:
         stop = asyncio.Event()
 
         async def serve() -> None:
-            store = SqliteBackend(str(db))
+            store: StoreBackend = PostgresBackend(dsn) if dsn else SqliteBackend(str(db))
             await store.open()
             await store.write_events(seed_rows())
             await store.suppression_upsert("customer7@mail.example", "bounce", "delivery",
@@ -143,7 +167,7 @@ def portal(tmp_path: Path) -> Iterator[RunningPortal]:
                                            NOW - 40)
             await store.suppression_upsert("reader@secret.example", "bounce", "delivery",
                                            NOW - 30)
-            records = Records(sqlite_path=str(db))
+            records = Records(dsn=dsn) if dsn else Records(sqlite_path=str(db))
             await records.open()
             kube = KubeClient(api.url)
             p = Portal(store, kube, records)
@@ -176,7 +200,7 @@ def portal(tmp_path: Path) -> Iterator[RunningPortal]:
         thread.start()
         assert started.wait(15) and "error" not in box, box.get("error")
         try:
-            yield RunningPortal(box["url"], api, box["portal"], db, loop)
+            yield RunningPortal(box["url"], api, box["portal"], db, loop, dsn)
         finally:
             loop.call_soon_threadsafe(stop.set)
             thread.join(15)

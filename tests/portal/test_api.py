@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import io
 
+import pytest
 import requests
 
 from .conftest import RunningPortal
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 def test_login_sets_one_strict_session_cookie_and_rotates_it(portal: RunningPortal) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mailplane_operator import kube as opkube
 from tests.helpers.kube import domain_body
 
 from .conftest import RunningPortal
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 def test_figures_count_the_namespace_per_credential_and_domain(portal: RunningPortal) -> None:

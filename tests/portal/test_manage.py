@@ -4,18 +4,18 @@ reaches the store, and that nothing crosses into another namespace."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
+import pytest
 import requests
 
-from mailplane_relay.store import SqliteBackend
-
 from .conftest import RunningPortal
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 def _store_suppression(portal: RunningPortal) -> dict[str, str]:
     async def read() -> dict[str, str]:
-        store = SqliteBackend(str(portal.db))
+        store = portal.new_store()
         await store.open()
         try:
             return {e["address"]: e["reason"] for e in await store.suppression_list()}
@@ -107,12 +107,11 @@ def test_erasure_request_runs_and_reports_only_the_namespace(portal: RunningPort
     # shop's own rows: one; blog's row with the same address is blog's, and stays
     assert done["report"] == {"message_log_rows_as_sender": 0,
                               "message_log_rows_as_recipient": 1, "suppression_entries": 0}
-    with sqlite3.connect(portal.db) as conn:
-        assert conn.execute("SELECT namespace FROM message_log WHERE recipient = ?",
-                            ("customer1@mail.example",)).fetchall() == [("blog",)]
-        kept = [r[0] for r in conn.execute("SELECT address_hint || address_hash || report "
-                                           "FROM portal_erasures")]
-        assert not any("customer1" in k for k in kept)
+    assert portal.sql("SELECT namespace FROM message_log WHERE recipient = ?",
+                      ("customer1@mail.example",)) == [("blog",)]
+    kept = [r[0] for r in portal.sql("SELECT address_hint || address_hash || report "
+                                     "FROM portal_erasures")]
+    assert not any("customer1" in k for k in kept)
     # bob cannot see or follow it
     bob = portal.session("bob-token")
     assert bob.get(portal.url + "/api/v1/namespaces/blog/erasures").json()["items"] == []
@@ -154,9 +153,8 @@ def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal
     done = portal.wait_erasure(alice, "shop", r.json()["id"])
     assert done["state"] == "done" and done["report"]["suppression_entries"] == 0
     assert _store_suppression(portal)["customer1@mail.example"] == "manual"
-    with sqlite3.connect(portal.db) as conn:
-        assert conn.execute("SELECT namespace FROM message_log WHERE recipient = ?",
-                            ("customer1@mail.example",)).fetchall() == [("blog",)]
+    assert portal.sql("SELECT namespace FROM message_log WHERE recipient = ?",
+                      ("customer1@mail.example",)) == [("blog",)]
     audit = bob.get(portal.url + "/api/v1/namespaces/blog/audit").json()["items"]
     assert audit[0]["target"] == "customer1@mail.example"  # blog's audit log is blog's
     # The team's own entry goes with its own erasure.
