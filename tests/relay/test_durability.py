@@ -21,6 +21,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,3 +196,73 @@ async def test_a_power_cut_after_any_250_loses_no_acknowledged_message(
                     acked[qid].split(b"To: ")[1].split(b"\r\n")[0].decode()]
         finally:
             await spool.close()
+
+
+ERASE_SCRIPT = """
+import asyncio, socket, sys
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.spool import Spool
+
+async def main(directory):
+    s = Spool(directory, fsync=True, metrics=RelayMetrics.create())
+    await s.start()
+    data = b"Subject: erasure\\r\\n\\r\\nbody\\r\\n"
+    kept = await s.commit(mail_from="app@example.com", data=data, message_id=None,
+                          recipients=["gone@example.net", "keep@example.net"],
+                          credential=None, sender_domain="example.com", listener="t")
+    await s.save_state(kept)
+    alone = await s.commit(mail_from="app@example.com", data=data, message_id=None,
+                           recipients=["gone@example.net"],
+                           credential=None, sender_domain="example.com", listener="t")
+    mark, _peer = socket.socketpair()
+    mark.send(b"queued as BEFORE\\r\\n")
+    await s.erase_address("gone@example.net")
+    mark.send(b"queued as ERASED\\r\\n")  # the shim journals this "reply" when erasure returned
+    print(kept.queue_id, alone.queue_id)
+    await s.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_an_erasure_is_durable_when_it_returns(tmp_path: Path) -> None:
+    """A power cut right after erase_address returned: the address is in no spool file, the
+    message kept for another recipient is intact, the one left without recipients is gone."""
+    lib = build_shim(tmp_path)
+    log, snaps, spool_dir = tmp_path / "journal.log", tmp_path / "snaps", tmp_path / "spool"
+    snaps.mkdir()
+    script = tmp_path / "erase.py"
+    script.write_text(ERASE_SCRIPT)
+    env = {**os.environ, "LD_PRELOAD": str(lib), "SYNCSHIM_LOG": str(log),
+           "SYNCSHIM_SNAP": str(snaps)}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script), str(spool_dir)], env=env,
+        capture_output=True, text=True, timeout=60, check=True)
+    kept, alone = done.stdout.split()
+    journal = Journal.read(log)
+    marks = journal.replies()
+    rewritten = [s for s, k, r in journal.events if k == "rename"
+                 and r[1] == f"{spool_dir}/{kept}.msg" and marks["BEFORE"] < s]
+    assert rewritten, "the kept message's file was not rewritten"
+    tmp = next(r[0] for s, k, r in journal.events if s == rewritten[0])
+    synced = [s for s, k, r in journal.events if k in ("fdatasync", "fsync")
+              and " ".join(r[2:]) == tmp]
+    dir_synced = [s for s, k, r in journal.events if k == "fsync"
+                  and " ".join(r[2:]) == str(spool_dir) and s > rewritten[-1]]
+    assert synced and synced[0] < rewritten[0], "the rewritten file was not synced first"
+    assert dir_synced and dir_synced[0] < marks["ERASED"], "no directory fsync before return"
+
+    state = tmp_path / "after-cut"
+    rebuild(journal, snaps, spool_dir, marks["ERASED"], state)
+    for p in state.iterdir():
+        if p.is_file():
+            assert b"gone@example.net" not in p.read_bytes(), f"{p.name} names the address"
+    spool = Spool(str(state), fsync=True, metrics=RelayMetrics.create())
+    recovered = {m.queue_id: m for m in await spool.start()}
+    try:
+        assert list(recovered) == [kept]
+        assert [r.address for r in recovered[kept].recipients] == ["keep@example.net"]
+        assert spool.read(kept) == b"Subject: erasure\r\n\r\nbody\r\n"
+        assert alone not in recovered
+    finally:
+        await spool.close()
