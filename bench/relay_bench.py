@@ -514,8 +514,10 @@ async def bench(
     from relaybench.postfix import PostfixRelay
 
     def new_relay(name: str, sink: SinkProcess) -> MailplaneRelay:
+        store = ({"backend": "postgresql", "dsnFile": args.store_dsn_file}
+                 if args.store_dsn_file else None)
         relay = MailplaneRelay(tmp / name, port=free_port(), http_port=free_port(),
-                               sink_port=sink.port, workers=workers)
+                               sink_port=sink.port, workers=workers, store=store)
         relay.write_config()
         return relay
 
@@ -690,6 +692,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the relay scenarios, alternating systems; the summary takes "
                    "medians (use on a machine that is not quiet)")
+    p.add_argument("--store-dsn-file", metavar="PATH", default=None,
+                   help="run Mailplane with a PostgreSQL store: a file holding the connection "
+                        "string (docs/store.md); default the SQLite file per relay")
     p.add_argument("--skip-harness", action="store_true")
     p.add_argument("--skip-dkim", action="store_true")
     p.add_argument("--profile", nargs="?", const="gil", choices=("gil", "wall"), default=None,

@@ -41,8 +41,10 @@ class MailplaneRelay:
     def __init__(
         self, base: Path, *, port: int, http_port: int, sink_port: int, workers: int,
         extra_env: dict[str, str] | None = None, delivery: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
     ) -> None:
         self.base = base
+        self.store = store  # the relay config's `store` section; None: the SQLite default
         self.port = port
         self.http_port = http_port
         self.sink_port = sink_port
@@ -89,6 +91,7 @@ class MailplaneRelay:
             "spool": {"directory": str(self.base / "spool"), "fsync": True},
             "delivery": self.delivery,
             "messageLog": {"path": str(self.base / "messagelog.sqlite3")},
+            **({"store": self.store} if self.store else {}),
             "trustedNetworks": ["127.0.0.0/8"],
             "workers": self.workers,
             "shutdownGrace": "5s",

@@ -488,7 +488,7 @@ class RelayApp:
         async def erase_spool(address: str) -> dict[str, int]:
             result = await self.erase_from_spool(address)
             if self.message_log is not None:
-                await self.message_log.flush()  # rows still in memory reach the final erase
+                await self.message_log.drain()  # rows held here reach the final erase
             return {"spool_recipients_removed": result.recipients_removed,
                     "spool_messages_deleted": result.messages_deleted}
 

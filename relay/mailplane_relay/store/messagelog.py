@@ -258,6 +258,14 @@ class MessageLog:
                      self.backend.description)
         return done
 
+    async def drain(self) -> None:
+        """Write everything held, from memory and from the disk buffer (erasure needs every
+        row of this process in the store before its final pass)."""
+        await self.flush()
+        while self._buffer_dir is not None and self._disk_events:
+            if not await self.replay():
+                break
+
     # ---- retention and search ------------------------------------------------------------
 
     async def purge(self, *, now: float, message_log_retention: float,
