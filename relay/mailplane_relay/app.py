@@ -174,6 +174,9 @@ def _adopt_orphans(root: Path, workers: int, index: int | None, fsync: bool) -> 
     return stranded
 
 
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to this worker when the supervisor dies, so an orphaned worker
     drains and exits instead of holding the ports and its spool for a new supervisor."""
@@ -309,6 +312,10 @@ class RelayApp:
                 return
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.worker is not None:
+            # The supervisor starts workers with these signals blocked, so one that arrives
+            # during start-up waits for the handlers above instead of killing the worker.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         stages: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         tasks = _Tasks(self._fail)
         try:
@@ -755,12 +762,24 @@ class Supervisor:
         crashes = 0
         while not self._stopping:
             started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mailplane_relay.cli", "relay",
-                "--config", self.config_path, "--log-level", self.log_level,
-                "--worker-spec", spec.to_json(), env=env,
-            )
+            # A SIGTERM that reaches a worker before it has installed its handlers must not
+            # kill it: the worker inherits these signals blocked and unblocks them once its
+            # handlers are in place (a pending one is then delivered and the worker drains).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "mailplane_relay.cli", "relay",
+                    "--config", self.config_path, "--log-level", self.log_level,
+                    "--worker-spec", spec.to_json(), env=env,
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self._procs[spec.index] = proc
+            if self._stopping:
+                # Shutdown began while this worker was being started: it missed the SIGTERM
+                # sent to the others.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
             rc = await proc.wait()
             _forget_worker_metrics(proc.pid, spec.state_dir)
             (Path(spec.state_dir) / _READY_FILE.format(index=spec.index)).unlink(missing_ok=True)
@@ -781,6 +800,8 @@ class Supervisor:
             self._exit_codes[spec.index] = rc
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+        # Stopped before this worker was ever started: nothing failed.
+        self._exit_codes.setdefault(spec.index, 0)
 
 
 # -------------------------------------------------------------------------------------------
@@ -800,9 +821,12 @@ def run_relay(config_path: str, *, log_level: str = "info",
               worker: WorkerSpec | None = None) -> int:
     """Run until signalled. Raises ConfigError if the configuration cannot be used at start."""
     cfg = load_config(config_path)
-    with _runner() as runner:
+    supervise = worker is None and cfg.settings.workers > 1
+    # The supervisor carries no traffic and stays on the standard event loop: its children
+    # inherit the signal mask it starts them with (libuv's spawn would clear it).
+    with asyncio.Runner() if supervise else _runner() as runner:
         try:
-            if worker is None and cfg.settings.workers > 1:
+            if supervise:
                 return runner.run(Supervisor(config_path, cfg, log_level=log_level).run())
             runner.run(RelayApp(config_path, worker=worker, initial_config=cfg).run())
         except Exception:

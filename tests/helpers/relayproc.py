@@ -142,14 +142,7 @@ class RelayProcess:
         (read ``ports`` and ``http_port`` after start)."""
         for _ in range(PORT_RETRIES):
             assert self.proc is None or self.proc.poll() is not None, "relay already running"
-            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with self.log_path.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [*relay_command(), "--config", str(self.config_dir), "--log-level",
-                     "debug"],
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**os.environ, **self.env} if self.env else None,
-                )
+            self.spawn()
             try:
                 self.wait_ready(timeout)
                 return
@@ -159,6 +152,16 @@ class RelayProcess:
                 self.kill()
                 self._move_ports()
         raise AssertionError(f"relay found no free ports in {PORT_RETRIES} tries")
+
+    def spawn(self) -> None:
+        """Start the command without waiting for it to be ready."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*relay_command(), "--config", str(self.config_dir), "--log-level", "debug"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+            )
 
     def _move_ports(self) -> None:
         spec, raw = self._written

@@ -431,3 +431,43 @@ async def test_sigterm_closes_a_session_still_open_at_the_grace_deadline(
     assert relay.spooled_files() == []  # no 250 was given, nothing was kept
     assert "closing 1 sessions still open at the drain deadline" in relay.log()
     writer.close()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM yet (bit 15 of SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+async def test_sigterm_while_workers_start_stops_them_cleanly(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    """A SIGTERM that reaches the workers before they have installed their handlers (Kubernetes
+    deleting a pod that just started) drains them: the supervisor exits 0, no worker dies of
+    the signal."""
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    relay.spawn()
+    assert relay.proc is not None
+
+    def both_workers_exist() -> bool:
+        deadline = time.monotonic() + 60  # bounds a hang only
+        while time.monotonic() < deadline:
+            if len(worker_pids(relay)) == 2:
+                return True
+            time.sleep(0.002)
+        return False
+
+    assert await asyncio.to_thread(both_workers_exist), f"no two workers:\n{relay.log()}"
+    starting = [pid for pid in worker_pids(relay) if not catches_sigterm(pid)]
+    relay.terminate()
+    assert starting, "both workers had their handlers already: the start-up window was missed"
+    try:
+        rc = await asyncio.to_thread(relay.wait, 60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the relay did not stop:\n{relay.log()}") from None
+    assert rc == 0, relay.log()
+    assert "exited unexpectedly" not in relay.log()
+    assert "all 2 workers stopped" in relay.log()
