@@ -689,6 +689,7 @@ class Supervisor:
         self._stopping = False
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._exit_codes: dict[int, int] = {}
+        self._spawning = asyncio.Lock()
 
     async def run(self) -> int:
         settings = self.config.settings
@@ -765,15 +766,18 @@ class Supervisor:
             # A SIGTERM that reaches a worker before it has installed its handlers must not
             # kill it: the worker inherits these signals blocked and unblocks them once its
             # handlers are in place (a pending one is then delivered and the worker drains).
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "mailplane_relay.cli", "relay",
-                    "--config", self.config_path, "--log-level", self.log_level,
-                    "--worker-spec", spec.to_json(), env=env,
-                )
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            # One start at a time, so that each puts back the mask it found (two interleaved
+            # would leave the supervisor deaf to SIGTERM).
+            async with self._spawning:
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "mailplane_relay.cli", "relay",
+                        "--config", self.config_path, "--log-level", self.log_level,
+                        "--worker-spec", spec.to_json(), env=env,
+                    )
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self._procs[spec.index] = proc
             if self._stopping:
                 # Shutdown began while this worker was being started: it missed the SIGTERM
