@@ -121,6 +121,10 @@ _SERVE_BY_ACTION = {
 }
 
 
+# How long a wait on the operator gives up: it returns as soon as the condition holds, so this
+# only bounds a hang, and must outlast a reconcile on a loaded 2-core machine.
+WAIT = 30.0
+
 class _FastDispatch(kmock.RawHandler):  # type: ignore[misc]
     """Serves object requests straight from the emulator's handlers.
 
@@ -673,7 +677,7 @@ class KubeApi:
     def events(self, namespace: str | None = None) -> list[dict[str, Any]]:
         return self.list(opkube.EVENTS, namespace)
 
-    def wait_until(self, check: Callable[[], Any], timeout: float = 10.0,
+    def wait_until(self, check: Callable[[], Any], timeout: float = WAIT,
                    what: str = "the condition", poll: float | None = None) -> Any:
         """Re-check after every write to the emulator until `check()` is truthy. `poll` also
         re-checks that often, for conditions on the operator's own state (no API write)."""
@@ -695,7 +699,7 @@ class KubeApi:
 
     def wait_for(self, resource: opkube.Resource, namespace: str | None, name: str,
                  predicate: Callable[[dict[str, Any] | None], Any] = lambda o: o is not None,
-                 timeout: float = 10.0) -> Any:
+                 timeout: float = WAIT) -> Any:
         def check() -> Any:
             obj = self.get(resource, namespace, name)
             if not predicate(obj):

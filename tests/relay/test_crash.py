@@ -28,7 +28,7 @@ from mailplane_relay.store.sync import query_log
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import Sink
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CLIENTS = 8
 TEST_ID = re.compile(rb"^X-Test-Id: (\d+)\r?$", re.MULTILINE)
@@ -114,7 +114,8 @@ async def test_sigkill_loses_no_acknowledged_message(
 
     started = time.monotonic()
     killing = asyncio.create_task(killer())
-    async with asyncio.timeout(60):
+    # Only bounds a hang: every kill restarts the relay, which takes seconds on a loaded machine.
+    async with asyncio.timeout(180):
         await asyncio.gather(*(sender(n) for n in range(CLIENTS)))
         await killing
 
@@ -127,7 +128,7 @@ async def test_sigkill_loses_no_acknowledged_message(
         return ids
 
     try:
-        await sink.wait_for(lambda: acked <= set(arrived()), timeout=30)
+        await sink.wait_for(lambda: acked <= set(arrived()), timeout=60)
     finally:
         got = arrived()
         missing = sorted(acked - set(got))
