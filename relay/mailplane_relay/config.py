@@ -15,6 +15,7 @@ Every default lives here, in the field declarations. ``docs/relay-config.md`` do
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import ipaddress
@@ -166,6 +167,9 @@ class SmarthostSettings(_Model):
     password_file: str | None = Field(None, alias="passwordFile")
     verify_tls: bool = Field(True, alias="verifyTls")
     ca_file: str | None = Field(None, alias="caFile")
+    # AUTH over a connection without TLS sends the password readable by anyone on the path:
+    # refused unless asked for by name (a smarthost on the same host or a private link).
+    allow_plaintext_auth: bool = Field(False, alias="allowPlaintextAuth")
 
     @model_validator(mode="after")
     def _auth_pair(self) -> SmarthostSettings:
@@ -174,7 +178,43 @@ class SmarthostSettings(_Model):
                 "delivery.smarthost.username and delivery.smarthost.passwordFile go together: "
                 "set both for AUTH to the smarthost, or neither"
             )
+        if self.username is not None and self.tls == "none" and not self.allow_plaintext_auth:
+            raise ValueError(
+                "delivery.smarthost.tls is 'none' but delivery.smarthost.username is set: the "
+                "password would cross the network in clear text; use tls 'starttls' or "
+                "'implicit', or set delivery.smarthost.allowPlaintextAuth: true if the path "
+                "to the smarthost is private"
+            )
         return self
+
+
+TLSLevel = Literal["none", "may", "encrypt", "verify"]
+
+
+class TLSPolicyRule(_Model):
+    """A TLS level for the MX hosts of some recipient domains (shell-style patterns:
+    ``example.com``, ``*.example.com``); the first rule that matches wins."""
+
+    domains: tuple[str, ...] = Field(min_length=1)
+    level: TLSLevel
+
+    @field_validator("domains", mode="after")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.lower().rstrip(".") for v in value)
+
+
+class MXTLSSettings(_Model):
+    """TLS toward MX hosts, per destination like Postfix's smtp_tls_policy_maps: ``none`` (no
+    STARTTLS), ``may`` (STARTTLS when offered, unverified, clear text when it fails),
+    ``encrypt`` (STARTTLS required, unverified: never in clear text), ``verify`` (STARTTLS
+    required and the certificate valid for the MX host name)."""
+
+    # Unset: "may", or "none" when delivery.opportunisticTls is false.
+    level: TLSLevel | None = None
+    # CA bundle for "verify" (default: the system's).
+    ca_file: str | None = Field(None, alias="caFile")
+    policies: tuple[TLSPolicyRule, ...] = ()
 
 
 class ResolverSettings(_Model):
@@ -221,6 +261,7 @@ class DeliverySettings(_Model):
     mx_port: int = Field(25, alias="mxPort", ge=1, le=65535)
     resolver: ResolverSettings = ResolverSettings()
     opportunistic_tls: bool = Field(True, alias="opportunisticTls")
+    mx_tls: MXTLSSettings = Field(MXTLSSettings(), alias="mxTls")
     # Timeouts: RFC 5321 section 4.5.3.2 gives the minimum for each step.
     connect_timeout: Duration = Field(30.0, alias="connectTimeout")
     greeting_timeout: Duration = Field(300.0, alias="greetingTimeout")
@@ -254,6 +295,16 @@ class DeliverySettings(_Model):
                     + ": give every rule its own name"
                 )
         return self
+
+    def tls_level(self, domain: str) -> TLSLevel:
+        """The TLS level toward the MX hosts of a recipient domain."""
+        domain = domain.lower().rstrip(".")
+        for rule in self.mx_tls.policies:
+            if any(fnmatch.fnmatchcase(domain, pattern) for pattern in rule.domains):
+                return rule.level
+        if self.mx_tls.level is not None:
+            return self.mx_tls.level
+        return "may" if self.opportunistic_tls else "none"
 
     @model_validator(mode="after")
     def _smarthost_needed(self) -> DeliverySettings:

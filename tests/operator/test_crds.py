@@ -352,6 +352,19 @@ CEL_CASES = [
      "spf.record replaces the suggestion"),
     ("SendingDomain", {"domain": "example.com", "relayRef": {"name": "r"},
                        "dkim": {"rotationInterval": "2160h"}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mode": "smarthost", "smarthost": {
+        "host": "h", "tls": "none", "username": "u", "passwordSecretRef": {"name": "s"}}}},
+     "smarthost.tls is none but smarthost.username is set"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mode": "smarthost", "smarthost": {
+        "host": "h", "tls": "none", "username": "u", "passwordSecretRef": {"name": "s"},
+        "allowPlaintextAuth": True}}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mode": "smarthost", "smarthost": {
+        "host": "h", "username": "u", "passwordSecretRef": {"name": "s"}}}}, None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mxTls": {
+        "level": "encrypt", "policies": [{"domains": ["*.bank.example"], "level": "verify"}]}}},
+     None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mxTls": {
+        "policies": [{"domains": ["x.example"], "level": "dane"}]}}}, "dane"),
     ("RetentionPolicy", {"messageLog": "30m"}, "messageLog must be between 1h and 2160h"),
     ("RetentionPolicy", {"purgeInterval": "25h"}, "purgeInterval must be between 1m and 24h"),
     ("RetentionPolicy", {"messageLog": "24h", "purgeInterval": "24h"}, None),

@@ -412,3 +412,17 @@ def test_one_namespace_filling_the_config_slots_loses_only_its_own_entries() -> 
     assert any(k.startswith("a-flood/") for k in result.credentials)
     config = parse_documents(sorted(result.files.items()))
     assert set(config.credentials) == {k.replace("/", ".") for k in result.credentials}
+
+
+def test_the_mx_tls_policy_and_plaintext_auth_consent_reach_the_relay() -> None:
+    r = relay(delivery={"mxTls": {"level": "encrypt", "policies": [
+        {"domains": ["*.bank.example"], "level": "verify"}]}})
+    delivery = run(r, [], []).config.settings.delivery
+    assert delivery.tls_level("www.bank.example") == "verify"
+    assert delivery.tls_level("example.org") == "encrypt"
+    assert run(relay(), [], []).config.settings.delivery.tls_level("example.org") == "may"
+    sh = relay(delivery={"mode": "smarthost", "smarthost": {
+        "host": "10.0.0.5", "tls": "none", "username": "u", "passwordSecretRef": {"name": "s"},
+        "allowPlaintextAuth": True}})
+    smarthost = run(sh, [], []).config.settings.delivery.smarthost
+    assert smarthost is not None and smarthost.allow_plaintext_auth

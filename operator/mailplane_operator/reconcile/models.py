@@ -195,19 +195,35 @@ class SmarthostSpec(_Spec):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     username: str | None = Field(None, min_length=1, max_length=256)
     password_secret_ref: SecretKeyRef | None = Field(None, alias="passwordSecretRef")
+    allow_plaintext_auth: bool = Field(False, alias="allowPlaintextAuth")
 
     @model_validator(mode="after")
     def _auth_pair(self) -> SmarthostSpec:
         if (self.username is None) != (self.password_secret_ref is None):
             raise ValueError("username and passwordSecretRef go together: set both for AUTH "
                              "to the smarthost, or neither")
+        if self.username is not None and self.tls == "none" and not self.allow_plaintext_auth:
+            raise ValueError("smarthost.tls is none but smarthost.username is set, so the "
+                             "password would cross the network in clear text; use tls "
+                             "starttls or implicit, or set smarthost.allowPlaintextAuth true")
         return self
+
+
+class MXTLSPolicySpec(_Spec):
+    domains: tuple[str, ...] = Field(min_length=1, max_length=100)
+    level: Literal["none", "may", "encrypt", "verify"]
+
+
+class MXTLSSpec(_Spec):
+    level: Literal["none", "may", "encrypt", "verify"] | None = None
+    policies: tuple[MXTLSPolicySpec, ...] = Field((), max_length=200)
 
 
 class DeliverySpec(_Spec):
     mode: Literal["mx", "smarthost"] = "mx"
     smarthost: SmarthostSpec | None = None
     helo_name: str | None = Field(None, alias="heloName", max_length=253)
+    mx_tls: MXTLSSpec = Field(MXTLSSpec(), alias="mxTls")
 
     @model_validator(mode="after")
     def _smarthost_needed(self) -> DeliverySpec:

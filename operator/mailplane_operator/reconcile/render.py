@@ -265,6 +265,14 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         if sh.username is not None:
             delivery["smarthost"].update(username=sh.username,
                                          passwordFile=paths.smarthost_password)
+        if sh.allow_plaintext_auth:
+            delivery["smarthost"]["allowPlaintextAuth"] = True
+    mx_tls = spec.delivery.mx_tls
+    if mx_tls.level is not None or mx_tls.policies:
+        delivery["mxTls"] = {"policies": [{"domains": list(p.domains), "level": p.level}
+                                          for p in mx_tls.policies]}
+        if mx_tls.level is not None:
+            delivery["mxTls"]["level"] = mx_tls.level
     if spec.delivery.helo_name:
         delivery["heloName"] = spec.delivery.helo_name
     limits: dict[str, Any] = {"maxMessageSize": spec.limits.max_message_size,

@@ -329,7 +329,7 @@ class DeliveryQueue:
             resolver = self._mx_resolver(delivery.resolver)
             try:
                 route = await resolver.route(domain)
-                targets, error = await self._mx_targets(delivery, resolver, route)
+                targets, error = await self._mx_targets(delivery, resolver, route, domain)
             except PermanentDNSFailure as exc:
                 targets, error = [], exc
             except TemporaryDNSFailure as exc:
@@ -342,13 +342,18 @@ class DeliveryQueue:
             return
         shape = shape_for(delivery, domain, route.hosts)
         key = route.destination if shape.name == "default" else f"{route.destination}/{shape.name}"
+        if targets[0].tls in ("encrypt", "verify"):
+            # Pooled connections of a stricter level stay apart: a clear-text connection
+            # opened for another domain of these MX hosts must never carry this mail.
+            key += f"+tls={targets[0].tls}"
         dest = self._destination(key, delivery, domain, route.hosts)
         self._enqueue(dest, Work(attempt, recipients, targets, domain))
 
-    async def _mx_targets(self, delivery: DeliverySettings, resolver: MXResolver, route: MXRoute
+    async def _mx_targets(self, delivery: DeliverySettings, resolver: MXResolver, route: MXRoute,
+                          domain: str
                           ) -> tuple[list[Target], PermanentDNSFailure | TemporaryDNSFailure]:
         """Addresses to try, in order; when there are none, the failure that explains why."""
-        mode: TLSMode = "opportunistic" if delivery.opportunistic_tls else "none"
+        mode: TLSMode = _TLS_MODES[delivery.tls_level(domain)]
         limit = delivery.max_mx_addresses
         targets: list[Target] = []
         temporary: TemporaryDNSFailure | None = None
@@ -698,8 +703,11 @@ class DeliveryQueue:
     async def _connect(self, cfg: RelayConfig, target: Target, timeouts: Timeouts
                        ) -> Connection:
         delivery = cfg.settings.delivery
-        if target.tls == "opportunistic":
+        if target.tls in ("opportunistic", "encrypt"):
             ctx = self._tls_context(False, None)
+        elif target.tls == "verify":
+            # The certificate must be valid for the MX host name (Target.host).
+            ctx = self._tls_context(True, delivery.mx_tls.ca_file)
         else:
             smarthost = delivery.smarthost
             verify = smarthost.verify_tls if smarthost is not None else True
@@ -773,4 +781,8 @@ class DeliveryQueue:
 def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:
     """What pooled connections were opened with: when it changes they are closed."""
     return (delivery.smarthost, delivery.mode, delivery.mx_port, delivery.opportunistic_tls,
-            delivery.helo_name)
+            delivery.mx_tls, delivery.helo_name)
+
+
+_TLS_MODES: dict[str, TLSMode] = {"none": "none", "may": "opportunistic", "encrypt": "encrypt",
+                                  "verify": "verify"}

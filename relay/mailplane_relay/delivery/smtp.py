@@ -42,7 +42,10 @@ from .policy import (
 
 QUIT_TIMEOUT = 2.0
 
-TLSMode = Literal["starttls", "implicit", "none", "opportunistic"]
+TLSMode = Literal["starttls", "implicit", "none", "opportunistic", "encrypt", "verify"]
+"""smarthost: starttls | implicit | none; MX hosts (delivery.mxTls levels): none,
+opportunistic (may), encrypt, verify — the last two never fall back to clear text."""
+_STARTTLS_MODES = ("starttls", "opportunistic", "encrypt", "verify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +180,14 @@ async def open_connection(target: Target, ctx: ssl.SSLContext, helo: str, t: Tim
         await client.connect(timeout=t.greeting)
         stage = "ehlo"
         await client.ehlo()
-        if use_starttls and target.tls in ("starttls", "opportunistic"):
+        if use_starttls and target.tls in _STARTTLS_MODES:
             if client.supports_extension("starttls"):
                 await _starttls(client, target, ctx)
-            elif target.tls == "starttls":
+            elif target.tls != "opportunistic":
+                why = ("delivery.smarthost.tls is starttls" if target.tls == "starttls"
+                       else f"the TLS policy for this destination is {target.tls}")
                 raise ConnectFailed(f"451 4.7.4 {target.remote} does not offer STARTTLS "
-                                    "(delivery.smarthost.tls is starttls)", stage="ehlo")
+                                    f"({why}); not sent in clear text", stage="ehlo")
     except aiosmtplib.SMTPResponseException as exc:
         client.close()
         sock.close()
