@@ -37,6 +37,7 @@ _HEADER_NAME = b"DKIM-Signature"
 _CANONICALIZATION = b"relaxed/relaxed"
 _POLICY = CanonicalizationPolicy.from_c_value(_CANONICALIZATION)
 _MIN_RSA_BITS = 1024
+_MAX_RSA_BITS = 4096
 # Room that forces b= onto its own line, so that the folding of every tag before it is the same
 # in the hashed (empty b=) and the final header.
 _B_PLACEHOLDER = b"0" * 60
@@ -69,6 +70,9 @@ def parse_private_key(pem: bytes, algorithm: str) -> PrivateKey:
             raise DKIMKeyError("algorithm rsa-sha256 needs an RSA private key")
         if key.key_size < _MIN_RSA_BITS:
             raise DKIMKeyError(f"RSA key of {key.key_size} bits is too short (min 1024)")
+        if key.key_size > _MAX_RSA_BITS:
+            raise DKIMKeyError(f"RSA key of {key.key_size} bits is too long (max 4096: "
+                               "receivers need not verify longer keys, RFC 8301)")
         return key
     if algorithm == "ed25519-sha256":
         if not isinstance(key, ed25519.Ed25519PrivateKey):

@@ -11,6 +11,7 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailplane_operator.reconcile import domain as dm
 from mailplane_operator.reconcile import ownership
@@ -321,3 +322,17 @@ def test_an_unreadable_secret_is_never_replaced() -> None:
     with pytest.raises(dm.DKIMSecretUnreadable, match="mail/example-com-dkim"):
         reconcile(domain(), broken)
     assert dm.signing_from_secret(broken) is None  # the relay render goes on without it
+
+
+def test_a_tenant_key_outside_2048_to_4096_bits_is_not_usable() -> None:
+    """The DKIM Secret is tenant-writable: a huge key would crowd other tenants out of the
+    relay's configuration, and receivers need not verify keys over 4096 bits (RFC 8301)."""
+    def pem(bits: int) -> str:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode()
+
+    assert dm._usable_key(pem(4096), "rsa-2048")
+    assert dm._usable_key(pem(2048), "rsa-2048")
+    assert not dm._usable_key(pem(4104), "rsa-2048")
+    assert not dm._usable_key(pem(1024), "rsa-2048")

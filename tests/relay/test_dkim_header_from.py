@@ -147,3 +147,11 @@ def test_only_rsa_and_ed25519_keys_can_be_published() -> None:
     with pytest.raises(DKIMKeyError,
                        match=r"^only RSA and Ed25519 keys can be published for DKIM$"):
         public_key_record(pem)
+
+
+def test_an_rsa_key_over_4096_bits_is_refused_and_4096_accepted() -> None:
+    longest = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    assert parse_private_key(_pem(longest), "rsa-sha256").key_size == 4096
+    too_long = rsa.generate_private_key(public_exponent=65537, key_size=4104)
+    with pytest.raises(DKIMKeyError, match=r"^RSA key of 4104 bits is too long \(max 4096"):
+        parse_private_key(_pem(too_long), "rsa-sha256")

@@ -241,6 +241,9 @@ def state_from_secret(secret: Mapping[str, Any] | None,
     return state
 
 
+MAX_RSA_BITS = 4096
+
+
 @functools.lru_cache(maxsize=4096)
 def _usable_key(pem: str, algorithm: str) -> bool:
     """Whether a PEM from the (tenant-writable) DKIM Secret is a private key of its algorithm:
@@ -250,8 +253,10 @@ def _usable_key(pem: str, algorithm: str) -> bool:
     except (ValueError, TypeError):
         return False
     want = rsa.RSAPrivateKey if algorithm == "rsa-2048" else ed25519.Ed25519PrivateKey
+    # At most 4096 bits: receivers need not verify longer keys (RFC 8301), and a tenant's huge
+    # keys would crowd everyone's entries out of the relay's configuration Secrets.
     return isinstance(key, want) and (not isinstance(key, rsa.RSAPrivateKey)
-                                      or key.key_size >= 2048)
+                                      or 2048 <= key.key_size <= MAX_RSA_BITS)
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
