@@ -80,6 +80,9 @@ class MessageLog:
         self._id_prefix = secrets.token_hex(8) + "-"
         self._next_id = 0
         self._flush_lock = asyncio.Lock()
+        # One replay at a time: the writer's and an erasure's drain must not both hold a file's
+        # rows, or the writer's could reach the store after the erasure's final pass.
+        self._replay_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dropped_since_warning = 0
@@ -232,6 +235,10 @@ class MessageLog:
     async def replay(self) -> int:
         """Write buffered files to the store, oldest first; each file is deleted once the
         store took it. Returns the number of events replayed."""
+        async with self._replay_lock:
+            return await self._replay()
+
+    async def _replay(self) -> int:
         if self._buffer_dir is None or not self._disk_events:
             return 0
         files = sorted(await asyncio.to_thread(lambda: list(self._buffer_dir.glob("*.jsonl"))))  # type: ignore[union-attr]
