@@ -438,6 +438,9 @@ class RelayApp:
                           lease_size=settings.store.lease_size, peer_id=peer_id)
         await _try(limiter.heartbeat(), health, "limits")
         stages.append(("unused limits", limiter.give_back_unused))
+        # Stopping: not waited for by erasure requests, not counted in the limits' share.
+        stages.append(("store peer", lambda: _try(backend.peer_gone(peer_id), health,
+                                                  "limits")))
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
                                   log=msglog, suppression=suppression, limiter=limiter,
                                   metrics=metrics, reputation=reputation,

@@ -92,7 +92,12 @@ class Reputation:
             await self._store.reputation_add(
                 {key: (d, b) for key, (d, b) in batch.items()})
         except BaseException:
-            for key, (d, b) in batch.items():  # put back, merged with what came meanwhile
+            # Put back, merged with what came meanwhile; minutes past the window no longer
+            # count, so a long outage holds at most one window of buckets.
+            horizon = int(self._clock() // _BUCKET_SECONDS) - self._window_minutes()
+            for key, (d, b) in batch.items():
+                if key[1] <= horizon:
+                    continue
                 cur = self._unsent.setdefault(key, [0, 0])
                 cur[0] += d
                 cur[1] += b

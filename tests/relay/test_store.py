@@ -564,3 +564,38 @@ async def test_a_locked_sqlite_database_keeps_the_batch_and_retries(
     finally:
         await ml.close()
         await backend.close()
+
+
+async def test_an_erasure_request_waits_for_live_workers_only(
+    backend: StoreBackend, other: StoreBackend, mlog: MessageLog
+) -> None:
+    from mailplane_relay.store.erasure import carry_out_requests, erase_across_pool
+
+    now = time.time()
+    await backend.peers("w1", now, 60)
+    await backend.peers("w2", now, 60)
+    await backend.peers("old", now - 3600, 60)  # not seen for an hour: not waited for
+    mlog.record(event(1, recipient="gone@dest.test"))
+    await mlog.flush()
+    request_id, report, complete = await erase_across_pool(other, "Gone@dest.test", wait=False)
+    assert not complete and report.counts == {"message_log": 1}
+    [(rid, address)] = await backend.erasure_pending("w1")
+    assert (rid, address) == (request_id, "gone@dest.test")
+
+    async def spool_part(addr: str) -> dict[str, int]:
+        assert addr == "gone@dest.test"
+        return {"spool_messages_deleted": 1}
+
+    assert await carry_out_requests(backend, "w1", spool_part) == 1
+    state = await backend.erasure_state(request_id, time.time(), 60)
+    assert state is not None and state.waiting == 1 and state.address == "gone@dest.test"
+    await backend.peer_gone("w2")  # w2 stops: the request completes without it
+    assert await carry_out_requests(backend, "w1", spool_part) == 0
+    state = await backend.erasure_state(request_id, time.time(), 60)
+    assert state is not None and state.waiting == 0
+    from mailplane_relay.store.erasure import complete_if_done
+
+    state = await complete_if_done(other, request_id)
+    assert state is not None and state.completed is not None
+    assert state.address is None  # the address is dropped, the counts kept
+    assert state.report == {"message_log": 0, "spool_messages_deleted": 1, "workers": 1}

@@ -160,6 +160,8 @@ class StoreBackend(Protocol):
         """Return unused messages of a lease (a worker stopping)."""
     async def peers(self, peer: str, now: float, horizon: float) -> int:
         """Note a worker as alive; the number of workers seen within ``horizon``."""
+    async def peer_gone(self, peer: str) -> None:
+        """A worker stopping: nobody waits for it any more (erasure, the limits' share)."""
     async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
         """Add (delivered, bounced) counts per (credential, minute)."""
     async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:

@@ -477,6 +477,11 @@ class PostgresBackend:
             ).fetchone()
         return int(row[0]) if row else 1
 
+    async def peer_gone(self, peer: str) -> None:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM store_peers WHERE peer = %s", (peer,))
+
     # ---- erasure requests -------------------------------------------------------------
 
     async def erasure_request(self, address: str, now: float) -> int:

@@ -549,6 +549,12 @@ class SqliteBackend:
             return int(row[0])
         return await self._run(run)
 
+    async def peer_gone(self, peer: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM store_peers WHERE peer = ?", (peer,))
+        await self._run(run)
+
     # ---- reputation
 
     async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
