@@ -176,6 +176,12 @@ class Records:
                 row["source"] = OTHER_TEAM
         return rows
 
+    async def suppression_entry(self, address: str) -> dict[str, Any] | None:
+        """The pool's entry for an address (whoever added it), or None."""
+        rows = await self._all("SELECT reason, source FROM suppression WHERE address = ?",
+                               (address,))
+        return rows[0] if rows else None
+
     async def erase_in_namespace(self, namespace: str, address: str) -> None:
         """Delete this namespace's message-log rows where the address is the sender or a
         recipient; other namespaces' rows are theirs (erasure across every team is the platform

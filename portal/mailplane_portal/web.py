@@ -496,8 +496,11 @@ async def suppression_add(portal: Portal, caller: Caller, ns: str, data: dict[st
     await portal.authorise(caller, ns, WRITE)
     address = _address(data.get("address"))
     note = _note(data.get("note"), "note", required=False)
-    await portal.store.suppression_upsert(
-        address, "manual", f"portal:{ns}:{caller.identity.username}"[:200], time.time())
+    # An address already suppressed (a complaint, a bounce, another team's entry) keeps its
+    # entry: re-adding it as this team's own would let the team remove it next.
+    if await portal.records.suppression_entry(address) is None:
+        await portal.store.suppression_upsert(
+            address, "manual", f"portal:{ns}:{caller.identity.username}"[:200], time.time())
     await portal.records.audit(ns, caller.identity.username, "suppression.add", address, note)
     return address
 

@@ -164,3 +164,24 @@ def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal
     done = portal.wait_erasure(alice, "shop", r.json()["id"])
     assert done["report"]["suppression_entries"] == 1
     assert "customer2@mail.example" not in _store_suppression(portal)
+
+
+def test_adding_an_entry_does_not_take_over_a_complaint_or_another_teams_entry(
+        portal: RunningPortal) -> None:
+    """Adding an address that is already suppressed keeps the entry as it is: otherwise a team
+    re-adds a complaint (or another team's opt-out) as its own manual entry and then removes
+    it, and the complainant gets mail again."""
+    bob = portal.session("bob-token")  # blog has mailed customer1 too
+    r = bob.post(portal.url + "/api/v1/namespaces/blog/suppression",
+                 json={"address": "customer1@mail.example", "note": "asked to stop"})
+    assert r.status_code == 201, r.text
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop/suppression"
+    for address in ("customer8@mail.example", "customer1@mail.example"):
+        before = _store_suppression(portal)[address]
+        r = alice.post(base, json={"address": address, "note": "mine now"})
+        assert r.status_code in (200, 201), r.text
+        assert _store_suppression(portal)[address] == before
+        r = alice.delete(f"{base}/{address}", params={"reason": "lift it"})
+        assert r.status_code == 409, (address, r.text)
+        assert _store_suppression(portal)[address] == before
