@@ -213,10 +213,11 @@ async def test_message_deadline_drops_a_transaction_before_its_data_not_after(
 
 async def test_time_waiting_for_a_connection_does_not_count_against_the_deadline(
         relay: RelayFactory, smtp_sink: SinkFactory) -> None:
-    # One connection, each delivery takes 0.25 s: the fifth message waits a second for its
-    # turn, more than messageDeadline, and is still delivered at its first attempt.
-    sink = await smtp_sink(data_delay=0.25)
-    delivery = smarthost(sink) | {"concurrencyPerDestination": 1, "messageDeadline": 0.6}
+    # One connection, each delivery takes 0.5 s: the fifth message waits two seconds for its
+    # turn, more than messageDeadline, and is still delivered at its first attempt. The
+    # deadline leaves a second to each delivery beyond the sink's delay, for a loaded machine.
+    sink = await smtp_sink(data_delay=0.5)
+    delivery = smarthost(sink) | {"concurrencyPerDestination": 1, "messageDeadline": 1.5}
     r = await relay(make_config(delivery))
     msgs = [await r.send([f"u{i}@example.net"]) for i in range(5)]
     await r.wait(lambda: r.queue.queued == 0, 20)

@@ -26,7 +26,7 @@ from mailplane_relay.spool import QueuedMessage, Spool
 from mailplane_relay.store import MessageLog, SqliteBackend, SuppressionList
 from mailplane_relay.store.sync import query_log
 from tests.helpers.dns import LoopbackDNS
-from tests.helpers.ports import free_port
+from tests.helpers.ports import refusing_port
 from tests.helpers.sink import Sink
 from tests.relay.test_dkim_signer import ed25519_pem, rsa_pem
 
@@ -342,7 +342,11 @@ async def test_mixed_outcomes_in_one_message(relay: Any, smtp_sink: SinkFactory)
 
 
 async def test_upstream_down_defers(relay: Any) -> None:
-    port = free_port()  # nothing listens here
+    with refusing_port() as port:  # nothing listens here, and nothing can start to
+        await _upstream_down_defers(relay, port)
+
+
+async def _upstream_down_defers(relay: Any, port: int) -> None:
     config = make_config({"mode": "smarthost", **TIMEOUTS,
                           "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none"}},
                          queue={"retryInitial": 30, "retryMax": 30})
