@@ -29,6 +29,7 @@ from .conftest import ROOT
 pytestmark = pytest.mark.slow
 
 PROMETHEUS = "/usr/bin/prometheus"
+PORT_RETRIES = 5
 DEADLINE = 25.0  # first scrape takes ~5 s on these machines; everything else is quick
 
 
@@ -56,13 +57,26 @@ class Prometheus:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.log = (self.base / "prometheus.log").open("wb")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.base / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.base / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}",
-             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        """Start and wait until it serves. Prometheus cannot bind port 0 and say which port it
+        got, so the port is picked free first; if another process took it in between,
+        Prometheus exits and starts again on another port."""
+        self.log = (self.base / "prometheus.log").open("ab")
+        for _ in range(PORT_RETRIES):
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={self.base / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={self.base / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+                stdout=self.log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + DEADLINE
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if self._answers():
+                    return
+                time.sleep(0.1)
+            if self.proc.poll() is None or "address already in use" not in self.output():
+                raise AssertionError(f"prometheus did not start:\n{self.output()}")
+            self.port = free_port()
+        raise AssertionError(f"prometheus found no free port in {PORT_RETRIES} tries")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -89,6 +103,9 @@ class Prometheus:
 
     def ready(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.output()
+        return self._answers()
+
+    def _answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1):
                 return True
