@@ -47,13 +47,39 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "mailplane_cli.dev"]
 
 
+PORT_RETRIES = 5
+START_TIMEOUT = 60.0
+
+
 class DevProcess:
+    """``mailplane dev`` as a subprocess, waited for until it prints its instructions. Its
+    ports are picked free before it binds them; if another process took one in between, it
+    exits saying so and is started again on new ports."""
+
     def __init__(self, state: Path, log: Path, *extra_args: str) -> None:
         self.state = state
-        self.ports = {"smtp": free_port(), "smtps": free_port(), "http": free_port()}
+        self._log_path = log
         self._log = log.open("ab")
+        self.output: list[str] = []
+        for _ in range(PORT_RETRIES):
+            self.ports = {"smtp": free_port(), "smtps": free_port(), "http": free_port()}
+            offset = log.stat().st_size
+            self._spawn(extra_args)
+            # The first line on stdout comes once the relay listens (or never, if it exits).
+            first = self.lines.get(timeout=START_TIMEOUT)
+            if first is not None:
+                self._first: list[str] = [first]
+                return
+            self.proc.wait()
+            self._log.flush()
+            if "pick other ports" not in log.read_bytes()[offset:].decode(errors="replace"):
+                raise AssertionError(f"mailplane dev exited ({self.proc.returncode}):\n"
+                                     + log.read_text(errors="replace"))
+        raise AssertionError(f"mailplane dev found no free ports in {PORT_RETRIES} tries")
+
+    def _spawn(self, extra_args: tuple[str, ...]) -> None:
         self.proc = subprocess.Popen(
-            [*_command(), "--examples", str(ROOT / "examples"), "--state-dir", str(state),
+            [*_command(), "--examples", str(ROOT / "examples"), "--state-dir", str(self.state),
              "--smtp-port", str(self.ports["smtp"]), "--smtps-port", str(self.ports["smtps"]),
              "--http-port", str(self.ports["http"]), "--portal-port", "0", *extra_args],
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,
@@ -61,21 +87,21 @@ class DevProcess:
                 str(ROOT / p) for p in ("relay", "operator", "cli"))},
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
 
     def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"no line matching {pattern!r} in:\n{''.join(self.output)}"
-            line = self.lines.get(timeout=remaining)
+            line = self._first.pop() if self._first else self.lines.get(timeout=remaining)
             assert line is not None, f"exited ({self.proc.wait()}):\n{''.join(self.output)}"
             self.output.append(line)
             if re.search(pattern, line):
