@@ -284,6 +284,20 @@ async def test_an_erased_complaint_stays_suppressed_as_a_keyed_hash(
         await supp.close()
 
 
+async def test_a_complaint_is_not_overwritten_by_a_later_bounce_or_manual_entry(
+    backend: StoreBackend,
+) -> None:
+    await backend.suppression_upsert("angry@dest.test", "complaint", "fbl", 5.0)
+    await backend.suppression_upsert("angry@dest.test", "hard bounce: 550 5.1.1", "bounce", 6.0)
+    await backend.suppression_upsert("angry@dest.test", "manual", "portal:shop:alice", 7.0)
+    [entry] = await backend.suppression_list()
+    assert (entry["reason"], entry["source"]) == ("complaint", "fbl")
+    await backend.suppression_upsert("bounced@dest.test", "hard bounce: 550", "bounce", 5.0)
+    await backend.suppression_upsert("bounced@dest.test", "complaint", "fbl", 6.0)
+    assert {e["address"]: e["reason"] for e in await backend.suppression_list()} == {
+        "angry@dest.test": "complaint", "bounced@dest.test": "complaint"}
+
+
 async def test_suppression_cache_picks_up_entries_written_elsewhere(
     backend: StoreBackend, other: StoreBackend, metrics: RelayMetrics
 ) -> None:

@@ -343,7 +343,9 @@ class PostgresBackend:
             await conn.execute(
                 "INSERT INTO suppression (address, reason, source, created) "
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (address) DO UPDATE SET "
-                "reason = excluded.reason, source = excluded.source, created = excluded.created",
+                "reason = excluded.reason, source = excluded.source, created = excluded.created "
+                # A complaint is never turned into something a team may lift (a bounce, manual).
+                "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
                 (address, reason, source, created))
 
     async def suppression_delete(self, address: str) -> bool:

@@ -344,7 +344,9 @@ def _upsert(conn: sqlite3.Connection, address: str, reason: str, source: str,
         conn.execute(
             "INSERT INTO suppression (address, reason, source, created) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, "
-            "source = excluded.source, created = excluded.created",
+            "source = excluded.source, created = excluded.created "
+            # A complaint is never turned into something a team may lift (a bounce, manual).
+            "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
             (address, reason, source, created),
         )
 
