@@ -40,9 +40,14 @@ def check_namespace(ns: str) -> str:
 def parse_time(value: str, field: str) -> float:
     text = value.strip()
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number) or abs(number) > 1e11:
+            raise BadRequest(f"{field}: {value[:40]!r} is not a time; give ISO 8601 such as "
+                             "2026-12-07T17:00 or seconds since the epoch")
+        return number
     try:
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -120,6 +120,9 @@ def test_search_is_scoped_and_paged(portal: RunningPortal) -> None:
     assert r.status_code == 400 and "status" in r.json()["error"]
     r = s.get(portal.url + "/api/v1/namespaces/shop/logs", params={"since": "yesterday"})
     assert r.status_code == 400 and "since" in r.json()["error"]
+    for bad in ("nan", "inf", "-1e300"):
+        r = s.get(portal.url + "/api/v1/namespaces/shop/logs", params={"until": bad})
+        assert r.status_code == 400 and "until" in r.json()["error"], bad
 
 
 def test_message_history_lists_every_attempt(portal: RunningPortal) -> None:
