@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -38,16 +39,39 @@ def _kubeconfig(path: pathlib.Path, server: str) -> pathlib.Path:
     return path
 
 
+def _serves_metrics(proc: subprocess.Popen[str], port: int) -> bool:
+    """Wait until the operator serves /metrics (True) or exits (False)."""
+    deadline = time.monotonic() + 60  # bounds a hang only
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    assert proc.poll() is not None, "the operator did not serve metrics in 60s"
+    return False
+
+
 @pytest.mark.slow
 def test_the_operator_command_runs_against_the_kubeconfig_cluster(
         kube_api: KubeApi, tmp_path: pathlib.Path) -> None:
-    port = free_port()
     kubeconfig = _kubeconfig(tmp_path / "kubeconfig", kube_api.url)
     env = {k_: v for k_, v in os.environ.items() if not k_.startswith("KUBERNETES_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig", str(kubeconfig),
-         "--metrics-port", str(port), "--all-namespaces", "--cluster-domain", "corp.internal"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The metrics port is picked free before the operator binds it; if another process took it
+    # in between, the operator exits saying so and is started again on another port.
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailplane_cli.main", "operator", "--kubeconfig",
+             str(kubeconfig), "--metrics-port", str(port), "--all-namespaces",
+             "--cluster-domain", "corp.internal"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if _serves_metrics(proc, port):
+            break
+        output, _ = proc.communicate(timeout=30)
+        assert "address already in use" in output.lower(), output[-3000:]
+    else:
+        raise AssertionError("the operator found no free metrics port in 5 tries")
     try:
         kube_api.create(k.NAMESPACES, namespace_body("mail"))
         kube_api.create(k.NAMESPACES, namespace_body("shop", **{
