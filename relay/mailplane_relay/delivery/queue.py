@@ -44,6 +44,7 @@ from ..reputation import Reputation
 from ..spool import QueuedMessage, Recipient, Spool, SpoolError
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
+from .downgrade import needs_smtputf8, to_seven_bit
 from .outcomes import Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
 from .smtp import (
@@ -615,7 +616,8 @@ class DeliveryQueue:
         conn = dest.take_idle()
         if conn is not None:
             try:
-                result = await transaction(conn, msg.mail_from, pending, data,
+                wire = await self._wire_data(attempt, conn, data)
+                result = await transaction(conn, msg.mail_from, pending, wire,
                                            outcomes=outcomes, t=timeouts, reused=True,
                                            deadline=deadline, on_accepted=dest.taking_mail)
             except ReusedConnectionLost as exc:
@@ -650,7 +652,8 @@ class DeliveryQueue:
                 continue
             session = True
             dest.session_worked()
-            result = await transaction(conn, msg.mail_from, pending, data, outcomes=outcomes,
+            wire = await self._wire_data(attempt, conn, data)
+            result = await transaction(conn, msg.mail_from, pending, wire, outcomes=outcomes,
                                        t=timeouts, reused=False, deadline=deadline,
                                        on_accepted=dest.taking_mail)
             self._release(dest, conn, result.reusable)
@@ -667,6 +670,26 @@ class DeliveryQueue:
         # found nowhere else to go: suspend the destination instead of hammering it.
         if pending and failure is not None and (not session or failure == "throttled"):
             self._suspend(dest, cfg, last_reply, failure)
+
+    async def _wire_data(self, attempt: Attempt, conn: Connection, data: bytes) -> bytes:
+        """What goes to this server: the signed message, or — for an 8-bit body toward a
+        server without 8BITMIME (RFC 6152) — the spooled message converted to quoted-printable
+        and then signed (once per attempt). A message that needs SMTPUTF8 is left as is (the
+        transaction bounces it where SMTPUTF8 is missing); one that cannot be converted is
+        returned as is too and bounced by the transaction with 554 5.6.3."""
+        if (data.isascii() or conn.client.supports_extension("8bitmime")
+                or needs_smtputf8(data)):
+            return data
+        if attempt.seven_bit is None:
+            msg, cfg = attempt.msg, attempt.cfg
+            try:
+                original = await self._read(msg)
+            except SpoolError:
+                return data
+            converted = await asyncio.to_thread(to_seven_bit, original)
+            attempt.seven_bit = (b"" if converted is None
+                                 else self._signer.sign(cfg, converted, msg.sender_domain))
+        return attempt.seven_bit or data
 
     def _suspend(self, dest: Destination, cfg: RelayConfig, reason: str,
                  kind: SuspendReason) -> None:

@@ -31,6 +31,7 @@ from aiosmtplib.protocol import SMTPProtocol
 
 from ..config import DeliverySettings
 from ..spool import Recipient
+from .downgrade import needs_smtputf8
 from .policy import (
     RecipientOutcome,
     Stage,
@@ -376,7 +377,9 @@ class TransactionResult:
 
 
 def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Recipient]
-             ) -> tuple[list[str], str] | None:
+             ) -> tuple[list[str], str] | str:
+    """The MAIL options and the command encoding, or the bounce reply when the message needs
+    SMTPUTF8 and the server does not offer it (RFC 6531 §3.4, codes of RFC 6533)."""
     client = conn.client
     options: list[str] = []
     encoding = "ascii"
@@ -385,11 +388,21 @@ def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Rec
         options.append(f"SIZE={len(data)}")
     if not data.isascii() and client.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
-    if not (mail_from.isascii() and all(r.address.isascii() for r in recipients)):
+    ascii_addresses = mail_from.isascii() and all(r.address.isascii() for r in recipients)
+    if not ascii_addresses or needs_smtputf8(data):
         if not client.supports_extension("smtputf8"):
-            return None
+            if not ascii_addresses:
+                return ("553 5.6.7 Destination does not support internationalised addresses "
+                        "(SMTPUTF8)")
+            return ("554 5.6.9 UTF-8 header message cannot be transferred: the destination "
+                    "does not support SMTPUTF8")
         options.append("SMTPUTF8")
-        encoding = "utf-8"
+        encoding = "utf-8" if not ascii_addresses else "ascii"
+    elif not data.isascii() and not client.supports_extension("8bitmime"):
+        # RFC 6152 §3: never 8-bit data to a server without 8BITMIME; the queue hands over a
+        # quoted-printable copy when the message can be converted (downgrade.py).
+        return ("554 5.6.3 Conversion required but not supported: the destination does not "
+                "support 8BITMIME and the message cannot be converted to 7 bits")
     return options, encoding
 
 
@@ -423,9 +436,8 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
             outcomes[r.address] = outcome
 
     prepared = _options(conn, data, mail_from, recipients)
-    if prepared is None:
-        all_get(RecipientOutcome("bounced", "553 5.6.7 Destination does not support "
-                                 "internationalised addresses (SMTPUTF8)", remote, tls=tls))
+    if isinstance(prepared, str):
+        all_get(RecipientOutcome("bounced", prepared, remote, tls=tls))
         return TransactionResult(reusable=True)
     options, encoding = prepared
     commands = _commands(mail_from, recipients, options, encoding)

@@ -23,6 +23,9 @@ class Attempt:
     # The message as it goes on the wire (read from the spool and DKIM-signed once, by the
     # first work item that gets a connection slot).
     data: asyncio.Future[bytes | None] | None = None
+    # The message converted to 7 bits and signed, for servers without 8BITMIME; b"" when it
+    # cannot be converted.
+    seven_bit: bytes | None = None
 
 
 @dataclass(eq=False)
