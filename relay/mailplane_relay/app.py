@@ -174,6 +174,33 @@ def _adopt_orphans(root: Path, workers: int, index: int | None, fsync: bool) -> 
     return stranded
 
 
+def _adopt_store_buffers(root: Path, workers: int, index: int) -> int:
+    """Store buffers of worker indexes this layout no longer runs (fewer workers than before),
+    by the rule of ``_orphan_dirs``: their log rows move into this worker's buffer and are
+    replayed with its own, and their suppression cache is deleted (a stale copy would keep
+    addresses erased or purged since, on the volume, for good). Returns the files moved."""
+    own = root / f"w{index}" / "log"
+    moved = 0
+    for source in _orphan_dirs(root, workers, index):
+        if source == root:
+            continue
+        logs = source / "log"
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(logs)):
+                if name.endswith(".jsonl"):
+                    own.mkdir(parents=True, exist_ok=True)
+                    os.replace(logs / name, own / name)
+                    moved += 1
+                else:
+                    (logs / name).unlink(missing_ok=True)
+            logs.rmdir()
+        for name in ("suppression.json", "suppression.tmp"):
+            (source / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            source.rmdir()
+    return moved
+
+
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
@@ -380,6 +407,9 @@ class RelayApp:
         health = StoreHealth.create(self.registry, backend.description)
         self.store_health = health
         local_dir = buffer_directory(settings) / (f"w{worker.index}" if worker else "w0")
+        if backend.shared:
+            await asyncio.to_thread(_adopt_store_buffers, buffer_directory(settings),
+                                    settings.workers, worker.index if worker else 0)
         msglog = MessageLog(backend, flush_interval=settings.message_log.flush_interval,
                             metrics=metrics, tenant_of=self._tenant_of, health=health,
                             buffer_dir=str(local_dir / "log") if backend.shared else None)

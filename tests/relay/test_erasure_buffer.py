@@ -4,18 +4,23 @@ PostgreSQL store was down must not be written back after the address was erased.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mailplane_relay.app import _adopt_store_buffers
 from mailplane_relay.events import LogEvent
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.store import LogQuery, MessageLog
 from mailplane_relay.store.backend import LogRow
 from mailplane_relay.store.erasure import carry_out_requests, erase_across_pool
 from mailplane_relay.store.postgres import PostgresBackend
+from mailplane_relay.store.sync import query_log
+from tests.helpers.relayproc import RelayProcess
 
 
 class Outage:
@@ -92,3 +97,48 @@ async def test_rows_buffered_on_disk_are_not_written_back_after_an_erasure(
         assert mlog.pending == 0
     finally:
         await mlog.close()
+
+
+def test_buffers_of_workers_no_longer_run_are_adopted_and_their_caches_deleted(
+    tmp_path: Path,
+) -> None:
+    """Fewer workers than before: the rows a removed worker buffered are replayed by the worker
+    that adopts them (not left on the volume for good), and its suppression cache, which may
+    name addresses erased since, is deleted."""
+    root = tmp_path / "store-buffer"
+    for j in (0, 2, 3):
+        (root / f"w{j}" / "log").mkdir(parents=True)
+        (root / f"w{j}" / "suppression.json").write_text('{"entries": {"gone@dest.test": []}}')
+    (root / "w2" / "log" / "00000000000000000001-7.jsonl").write_text('["e1"]\n')
+    assert _adopt_store_buffers(root, 2, 0) == 1
+    assert sorted(p.name for p in (root / "w0" / "log").iterdir()) == [
+        "00000000000000000001-7.jsonl"]
+    assert not (root / "w2").exists()  # rows moved, cache deleted
+    assert (root / "w0" / "suppression.json").exists()  # its own stays
+    assert (root / "w3" / "suppression.json").exists()  # worker 1's to adopt
+    assert _adopt_store_buffers(root, 2, 1) == 0
+    assert not (root / "w3").exists()
+
+
+async def test_a_relay_replays_the_buffer_of_a_worker_it_no_longer_runs(
+    relay_factory: Callable[..., RelayProcess], pg_dsn: str, tmp_path: Path,
+) -> None:
+    """A pod that ran two workers restarts with one: the rows the second worker buffered
+    during an outage reach the store, and its stale suppression cache leaves the volume."""
+    dsn_file = tmp_path / "store-dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    relay = relay_factory(smarthost_port=9,  # no mail is sent
+                          extra={"store": {"backend": "postgresql", "dsnFile": str(dsn_file)}})
+    stale = relay.state_dir / "store-buffer" / "w1"
+    (stale / "log").mkdir(parents=True)
+    row = ["stale-1", 1_700_000_000.0, "received", "QSTALE", "<s@x>", "app", "", "app@x.test",
+           "someone@dest.test", "250 2.0.0 Ok", 10, 0, None]
+    (stale / "log" / "00000000000000000001-1.jsonl").write_text(json.dumps(row) + "\n")
+    (stale / "suppression.json").write_text('{"key": null, "entries": {"gone@dest.test": '
+                                            '["manual", 1.0]}}')
+    await asyncio.to_thread(relay.start)
+    deadline = time.monotonic() + 20
+    while not await asyncio.to_thread(query_log, pg_dsn, queue_id="QSTALE"):
+        assert time.monotonic() < deadline, "the stale worker's rows never reached the store"
+        await asyncio.sleep(0.1)
+    assert not stale.exists()
