@@ -557,6 +557,7 @@ async def _start_portal(dev: DevState, manifests: Manifests, port: int
     store, records = store_for(dev.result.config.settings)
     await store.open()
     await records.open()
+    await records.fail_interrupted()
     runner, bound = await start_site(Portal(store, kube, records), HOST, port)
 
     async def stop() -> None:

@@ -131,6 +131,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
     async def run() -> None:
         await store.open()
         await records.open()
+        await records.fail_interrupted()
         portal = Portal(store, kube, records, secure_cookie=not args.insecure_cookie,
                         sessions=SessionStore(idle=args.session_idle,
                                               lifetime=args.session_lifetime))

@@ -215,6 +215,16 @@ class Records:
                         e.created))
         return e
 
+    async def fail_interrupted(self) -> int:
+        """At the portal's start: requests a previous run left pending or running cannot be
+        finished (the address is not kept); they fail, saying to ask again."""
+        rows = await self._all("SELECT id FROM portal_erasures WHERE state IN "
+                               "('pending', 'running')")
+        await self._do("UPDATE portal_erasures SET state = 'failed', finished = ?, error = ? "
+                       "WHERE state IN ('pending', 'running')",
+                       (time.time(), "the portal restarted before it finished; ask again"))
+        return len(rows)
+
     async def erasure_update(self, erasure_id: str, state: str, report: dict[str, int],
                              error: str = "") -> None:
         await self._do("UPDATE portal_erasures SET state = ?, report = ?, error = ?, "

@@ -185,3 +185,21 @@ def test_adding_an_entry_does_not_take_over_a_complaint_or_another_teams_entry(
         r = alice.delete(f"{base}/{address}", params={"reason": "lift it"})
         assert r.status_code == 409, (address, r.text)
         assert _store_suppression(portal)[address] == before
+
+
+def test_an_erasure_cut_by_a_restart_fails_and_says_to_ask_again(portal: RunningPortal) -> None:
+    from mailplane_portal.records import Records
+
+    async def run() -> tuple[int, list[str]]:
+        records = (Records(dsn=portal.dsn) if portal.dsn
+                   else Records(sqlite_path=str(portal.db)))
+        await records.open()
+        try:
+            e = await records.erasure_create("shop", "alice", "x@mail.example", "hmac:1")
+            n = await records.fail_interrupted()
+            return n, [x.state + ":" + x.error for x in await records.erasures("shop", e.id)]
+        finally:
+            await records.close()
+
+    n, states = asyncio.run(run())
+    assert n == 1 and states == ["failed:the portal restarted before it finished; ask again"]
