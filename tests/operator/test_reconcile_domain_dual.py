@@ -7,6 +7,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from mailplane_operator.reconcile import domain as dm
 from mailplane_operator.reconcile import render
 from mailplane_relay.config import Domain
@@ -117,3 +119,16 @@ def test_moving_from_ed25519_to_dual_and_back() -> None:
     assert dm.ANN_DKIM_SECOND_STATE not in back.secret["metadata"]["annotations"]
     assert not any(s.startswith("mp-ed25519") for s in back.secret["data"])
     assert back.second is None and back.signing.also is None
+
+
+def test_a_second_key_state_naming_an_unknown_algorithm_makes_the_secret_unreadable() -> None:
+    d = domain(**DUAL)
+    first = reconcile(d, None, factory=key_factory())
+    secret = json.loads(json.dumps(first.secret))
+    ann = secret["metadata"]["annotations"]
+    state = json.loads(ann[dm.ANN_DKIM_SECOND_STATE])
+    state["keys"]["mp-ed25519"]["algorithm"] = "ed448"  # a tenant's hand edit
+    ann[dm.ANN_DKIM_SECOND_STATE] = json.dumps(state)
+    assert dm.signing_from_secret(secret) is None  # the render leaves the domain out
+    with pytest.raises(dm.DKIMSecretUnreadable):
+        dm.state_from_secret(secret, dm.ANN_DKIM_SECOND_STATE)

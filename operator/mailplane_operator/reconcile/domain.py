@@ -236,6 +236,8 @@ def state_from_secret(secret: Mapping[str, Any] | None,
         raise unreadable from None
     if state.active not in keys or (state.next and state.next not in keys):
         raise unreadable
+    if not all(k.algorithm in RELAY_ALGORITHMS for k in keys.values()):
+        raise unreadable  # the annotation is tenant-writable: only the algorithms we sign with
     if not all(_usable_key(k.pem, k.algorithm) for k in keys.values()):
         raise unreadable
     return state

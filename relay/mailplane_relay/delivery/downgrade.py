@@ -8,6 +8,7 @@ message, or in a part declared ``binary`` inside a ``message/*`` part."""
 from __future__ import annotations
 
 import email
+import email.errors
 import email.policy
 import io
 import quopri
@@ -34,6 +35,13 @@ def to_seven_bit(data: bytes) -> bytes | None:
         return data
     if needs_smtputf8(data):
         return None
+    try:
+        return _convert(data)
+    except (ValueError, TypeError, LookupError, email.errors.MessageError):
+        return None  # a message the parser cannot take apart is not converted: it bounces
+
+
+def _convert(data: bytes) -> bytes | None:
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
     for part in msg.walk():
         if part.is_multipart():
