@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +76,6 @@ def postfix_sink() -> Iterator[PostfixSink]:
     sink.stop()
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Callable[[RelayConfig], Awaitable[Relay]]]:
-    relays: list[Relay] = []
-
-    async def make(config: RelayConfig) -> Relay:
-        r = Relay(tmp_path / f"r{len(relays)}", config)
-        await r.start()
-        relays.append(r)
-        return r
-
-    yield make
-    for r in relays:
-        await r.stop()
 
 
 def config(sink: PostfixSink) -> RelayConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,6 @@ SinkFactory = Callable[..., Awaitable[Sink]]
 RelayFactory = Callable[[RelayConfig], Awaitable[Relay]]
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
-    relays: list[Relay] = []
-
-    async def make(config: RelayConfig) -> Relay:
-        r = Relay(tmp_path / f"r{len(relays)}", config)
-        await r.start()
-        relays.append(r)
-        return r
-
-    yield make
-    for r in relays:
-        await r.stop()
 
 
 class Upstream:

@@ -10,7 +10,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,19 +133,6 @@ class Relay:
         return sorted(p.name for p in (self.directory / "spool").glob("*.msg"))
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Callable[[RelayConfig], Awaitable[Relay]]]:
-    relays: list[Relay] = []
-
-    async def make(config: RelayConfig) -> Relay:
-        r = Relay(tmp_path / f"r{len(relays)}", config)
-        await r.start()
-        relays.append(r)
-        return r
-
-    yield make
-    for r in relays:
-        await r.stop()
 
 
 @pytest.fixture(params=[False, True], ids=["one-by-one", "pipelined"])

@@ -5,33 +5,18 @@ MX records from a real DNS server on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailplane_relay.config import DeliverySettings, RelayConfig, SmarthostSettings
+from mailplane_relay.config import DeliverySettings, SmarthostSettings
 from tests.helpers.dns import LoopbackDNS
 from tests.helpers.sink import Sink
-from tests.relay.test_delivery_flows import Relay, make_config, mx_mode
+from tests.relay.test_delivery_flows import make_config, mx_mode
 
 SLOW_RETRY = {"retryInitial": 30, "retryMax": 30}
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Callable[[RelayConfig], Awaitable[Relay]]]:
-    relays: list[Relay] = []
-
-    async def make(config: RelayConfig) -> Relay:
-        r = Relay(tmp_path / f"r{len(relays)}", config)
-        await r.start()
-        relays.append(r)
-        return r
-
-    yield make
-    for r in relays:
-        await r.stop()
 
 
 def policy(level: str, sink: Sink | None = None, **extra: Any) -> dict[str, Any]:
