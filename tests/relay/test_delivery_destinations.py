@@ -23,6 +23,7 @@ from tests.relay.test_delivery_flows import (
     dsns,
     make_config,
     mx_mode,
+    sinks_on_one_port,
     smarthost,
 )
 
@@ -323,14 +324,9 @@ async def test_the_backup_mx_takes_the_mail_in_the_same_attempt(
 
 async def test_a_rcpt_deferral_does_not_move_to_the_backup(
         relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
-    for _ in range(10):
-        primary = await smtp_sink(host="127.0.0.2",
-                                  rcpt_replies={"a@example.net": "450 4.2.0 greylisted"})
-        try:
-            backup = await smtp_sink(host="127.0.0.1", port=primary.port)
-        except OSError:
-            continue
-        break
+    primary, backup = await sinks_on_one_port(
+        smtp_sink, "127.0.0.2", "127.0.0.1",
+        rcpt_replies={"a@example.net": "450 4.2.0 greylisted"})
     dns_server.add_mx("example.net", "mx1.example.net", 10)
     dns_server.add_mx("example.net", "mx2.example.net", 20)
     dns_server.add_a("mx1.example.net", "127.0.0.2")

@@ -420,15 +420,22 @@ async def test_already_suppressed_recipient_is_not_sent(relay: Any, smtp_sink: S
 # ------------------------------------------------------------------------------ MX mode
 
 
-async def test_mx_preference_order_and_fallback_to_next_host(
-        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
-    for _ in range(5):  # two sinks on one port (the relay's mxPort), on two loopback IPs
-        low = await smtp_sink(host="127.0.0.1")
+async def sinks_on_one_port(smtp_sink: SinkFactory, first_host: str, second_host: str,
+                            **first: Any) -> tuple[Sink, Sink]:
+    """Two sinks on one port number (MX delivery uses one port, the relay's mxPort), on two
+    loopback addresses; if that port is taken on the second address, both start again."""
+    for _ in range(10):
+        one = await smtp_sink(host=first_host, **first)
         try:
-            high = await smtp_sink(host="127.0.0.2", port=low.port)
+            return one, await smtp_sink(host=second_host, port=one.port)
         except OSError:
             continue
-        break
+    raise RuntimeError(f"no port free on both {first_host} and {second_host}")
+
+
+async def test_mx_preference_order_and_fallback_to_next_host(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    low, high = await sinks_on_one_port(smtp_sink, "127.0.0.1", "127.0.0.2")
     dns_server.add_mx("example.net", "mx-b.example.net", 20)
     dns_server.add_mx("example.net", "mx-a.example.net", 10)
     dns_server.add_a("mx-a.example.net", "127.0.0.2")
