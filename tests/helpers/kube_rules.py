@@ -46,36 +46,35 @@ class Invalid(Exception):
         self.errors = errors
 
 
-def dns1123_label_errors(value: str) -> list[str]:
+def _name_errors(value: str, max_length: int, pattern: re.Pattern[str],
+                 message: str) -> list[str]:
     out = []
-    if len(value) > DNS1123_LABEL_MAX:
-        out.append(f"must be no more than {DNS1123_LABEL_MAX} characters")
-    if not _DNS1123_LABEL.fullmatch(value):
-        out.append("a lowercase RFC 1123 label must consist of lower case alphanumeric "
-                   "characters or '-', and must start and end with an alphanumeric character")
+    if len(value) > max_length:
+        out.append(f"must be no more than {max_length} characters")
+    if not pattern.fullmatch(value):
+        out.append(message)
     return out
+
+
+def dns1123_label_errors(value: str) -> list[str]:
+    return _name_errors(
+        value, DNS1123_LABEL_MAX, _DNS1123_LABEL,
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric "
+        "characters or '-', and must start and end with an alphanumeric character")
 
 
 def dns1123_subdomain_errors(value: str) -> list[str]:
-    out = []
-    if len(value) > DNS1123_SUBDOMAIN_MAX:
-        out.append(f"must be no more than {DNS1123_SUBDOMAIN_MAX} characters")
-    if not _DNS1123_SUBDOMAIN.fullmatch(value):
-        out.append("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
-                   "characters, '-' or '.', and must start and end with an alphanumeric "
-                   "character")
-    return out
+    return _name_errors(
+        value, DNS1123_SUBDOMAIN_MAX, _DNS1123_SUBDOMAIN,
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+        "characters, '-' or '.', and must start and end with an alphanumeric character")
 
 
 def dns1035_label_errors(value: str) -> list[str]:
-    out = []
-    if len(value) > DNS1123_LABEL_MAX:
-        out.append(f"must be no more than {DNS1123_LABEL_MAX} characters")
-    if not _DNS1035_LABEL.fullmatch(value):
-        out.append("a DNS-1035 label must consist of lower case alphanumeric characters or "
-                   "'-', start with an alphabetic character, and end with an alphanumeric "
-                   "character")
-    return out
+    return _name_errors(
+        value, DNS1123_LABEL_MAX, _DNS1035_LABEL,
+        "a DNS-1035 label must consist of lower case alphanumeric characters or "
+        "'-', start with an alphabetic character, and end with an alphanumeric character")
 
 
 def qualified_name_errors(value: str) -> list[str]:
