@@ -12,6 +12,8 @@ callers fall back (disk buffer, cached suppression list, local share of the limi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -148,6 +150,18 @@ CREATE TABLE IF NOT EXISTS reputation_buckets (
 );
 """.replace("_LOCK", str(_SUPPRESSION_LOCK))
 
+# Tenant-first indexes for the portal's searches (one namespace, by status or by a sender's or
+# recipient's domain): without them such a search walks the pool-wide index and filters on the
+# namespace (docs/benchmarks.md). They are built CONCURRENTLY, outside the schema transaction
+# and in the background: on an existing log of millions of rows a plain CREATE INDEX would
+# block every relay's inserts for as long as the build takes.
+SEARCH_INDEXES = {
+    "message_log_ns_status_ts": "(namespace, status, ts)",
+    "message_log_ns_recipient_domain": "(namespace, split_part(lower(recipient), '@', 2), ts)",
+    "message_log_ns_sender_domain": "(namespace, split_part(lower(sender), '@', 2), ts)",
+}
+_INDEX_LOCK = _SUPPRESSION_LOCK + 2
+
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS message_log_in (event_id text, ts double precision, "
     "status text, queue_id text, message_id text, credential text, namespace text, sender "
@@ -208,6 +222,7 @@ class PostgresBackend:
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._schema_ready = False
+        self._index_task: asyncio.Task[None] | None = None
 
     # ---- connections ------------------------------------------------------------------
 
@@ -233,6 +248,11 @@ class PostgresBackend:
                       self.description, exc)
 
     async def close(self) -> None:
+        task, self._index_task = self._index_task, None
+        if task is not None and not task.done():
+            task.cancel()  # an index left half-built is INVALID: the next start rebuilds it
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close(timeout=5.0)
@@ -268,6 +288,61 @@ class PostgresBackend:
                     f"store {self.description}: schema version {row[0]} was written by a "
                     f"newer mailplane (this one reads {SCHEMA_VERSION}); upgrade mailplane")
         self._schema_ready = True
+        if self._index_task is None:
+            self._index_task = asyncio.create_task(self._search_indexes_in_background())
+
+    async def _search_indexes_in_background(self) -> None:
+        try:
+            await self.ensure_search_indexes()
+        except (StoreError, psycopg.Error) as exc:
+            log.warning("store %s: search indexes not built (%s); the next start tries again",
+                        self.description, _first_line(exc))
+
+    async def search_indexes_settled(self) -> None:
+        """Wait for the background build that the schema check started (tests, benchmarks)."""
+        if self._index_task is not None:
+            await asyncio.shield(self._index_task)
+
+    async def ensure_search_indexes(self) -> list[str]:
+        """Build the missing (or half-built, INVALID) SEARCH_INDEXES; the names built.
+
+        One process at a time (a session advisory lock; the others leave it to that one).
+        Inserts go on during a build (CREATE INDEX CONCURRENTLY)."""
+        built: list[str] = []
+        # A connection of its own (not the pool's): a build holds it for minutes, and closing
+        # it ends the advisory lock whatever happened.
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                application_name="mailplane-index")
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"store {self.description}: {_first_line(exc)}") from exc
+        async with conn:
+            missing: list[tuple[str, bool]] = []  # (name, exists but INVALID)
+            for name in SEARCH_INDEXES:
+                row = await (await conn.execute(
+                    "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                    (name,))).fetchone()
+                if row is None or not row[0]:
+                    missing.append((name, row is not None))
+            if not missing:
+                return built
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                            (_INDEX_LOCK,))).fetchone()
+            if not row or not row[0]:
+                return built  # another process is building them
+            for name, invalid in missing:
+                t = time.monotonic()
+                log.info("store %s: building index %s (inserts continue meanwhile)",
+                         self.description, name)
+                if invalid:
+                    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                await conn.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} "
+                                   f"ON message_log {SEARCH_INDEXES[name]}")
+                log.info("store %s: index %s built in %.1fs", self.description, name,
+                         time.monotonic() - t)
+                built.append(name)
+        return built
 
     # ---- message log ------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ CREATE INDEX IF NOT EXISTS message_log_sender ON message_log (sender, ts);
 CREATE INDEX IF NOT EXISTS message_log_recipient ON message_log (recipient, ts);
 CREATE INDEX IF NOT EXISTS message_log_status_ts ON message_log (status, ts);
 CREATE INDEX IF NOT EXISTS message_log_namespace_ts ON message_log (namespace, ts);
+CREATE INDEX IF NOT EXISTS message_log_ns_status_ts ON message_log (namespace, status, ts);
 CREATE UNIQUE INDEX IF NOT EXISTS message_log_event_id ON message_log (event_id);
 CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
 CREATE INDEX IF NOT EXISTS suppression_changes_ts ON suppression_changes (ts);
