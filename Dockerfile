@@ -16,14 +16,21 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# Dependencies first, from the hash-pinned lock (scripts/lock): the same versions as CI tests,
+# and a download that does not match its hash fails the build. This layer is cached until a
+# lock file changes.
+COPY requirements/runtime.lock requirements/build.lock ./requirements/
+RUN pip install --require-hashes -r requirements/build.lock \
+ && python -m venv --without-pip /opt/mailplane \
+ && pip --python /opt/mailplane/bin/python install --require-hashes -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY operator ./operator
 COPY cli ./cli
 COPY portal ./portal
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv --without-pip /opt/mailplane \
- && pip --python /opt/mailplane/bin/python install /wheels/mailplane-*.whl \
+# The package itself, with nothing resolved or fetched: every dependency is already installed.
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+ && pip --python /opt/mailplane/bin/python install --no-deps /wheels/mailplane-*.whl \
  && /opt/mailplane/bin/python -m compileall -q /opt/mailplane/lib
 
 # ---- runtime: the venv on a clean base, no pip in the venv, no build tools ----------------

@@ -97,7 +97,8 @@ def test_no_remote_add_and_no_build_tools() -> None:
 def test_build_context_holds_what_the_wheel_needs() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = ["pyproject.toml", pyproject["project"]["readme"],
-              *pyproject["tool"]["setuptools"]["packages"]["find"]["where"]]
+              *pyproject["tool"]["setuptools"]["packages"]["find"]["where"],
+              "requirements/runtime.lock", "requirements/build.lock"]
     ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
 
@@ -115,3 +116,20 @@ def test_build_context_holds_what_the_wheel_needs() -> None:
     _args, stages = parse(DOCKERFILE.read_text())
     copied = " ".join(v for op, v in stages[0].instructions if op == "COPY")
     assert [p for p in needed if p not in copied] == []
+
+
+def test_dependencies_come_from_the_hash_pinned_lock() -> None:
+    """Every pip install in the image takes the lock with --require-hashes, or installs the
+    package alone (--no-deps); nothing is resolved at build time."""
+    _args, stages = parse(DOCKERFILE.read_text())
+    runs = [v for op, v in stages[0].instructions if op == "RUN"]
+    installs = [part.strip() for run in runs for part in run.split("&&")
+                if re.search(r"\bpip\b.*\binstall\b", part)]
+    assert installs, "the builder installs the dependencies"
+    for cmd in installs:
+        assert ("--require-hashes -r requirements/" in cmd) or ("--no-deps" in cmd), cmd
+    assert any("requirements/runtime.lock" in cmd for cmd in installs)
+    copied = " ".join(v for op, v in stages[0].instructions if op == "COPY")
+    assert "requirements/runtime.lock" in copied and "requirements/build.lock" in copied
+    wheel = [part for run in runs for part in run.split("&&") if "pip wheel" in part]
+    assert wheel and all("--no-deps" in w and "--no-build-isolation" in w for w in wheel)
