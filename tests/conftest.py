@@ -13,6 +13,7 @@ pytest_plugins = [
         "tests.helpers.ports",
         "tests.helpers.sink",
         "tests.helpers.dns",
+        "tests.helpers.mtasts",
         "tests.helpers.relayproc",
         "tests.helpers.postgres",
         "tests.helpers.kube",

@@ -217,6 +217,27 @@ class MXTLSSettings(_Model):
     policies: tuple[TLSPolicyRule, ...] = ()
 
 
+class MTASTSSettings(_Model):
+    """MTA-STS (RFC 8461) toward MX hosts: a recipient domain that publishes a policy in
+    ``enforce`` mode gets mail only over TLS verified for an MX host its policy names; one in
+    ``testing`` mode gets it as usual, with failures counted. A ``delivery.mxTls.policies``
+    rule that names the domain wins over its MTA-STS policy."""
+
+    enabled: bool = True
+    # CA bundle for the policy fetch (HTTPS) and for MX certificates under an enforce policy.
+    ca_file: str | None = Field(None, alias="caFile")
+    fetch_timeout: Duration = Field(10.0, alias="fetchTimeout")
+    # A policy's max_age is cut to this (RFC 8461 allows up to 31557600 s, a year).
+    max_age: Duration = Field(31557600.0, alias="maxAge")
+    # Where policies persist across restarts (default: mta-sts-policies.json in the spool).
+    cache_file: str | None = Field(None, alias="cacheFile")
+    # Policy domains that get a label of their own in the TLS metrics; later ones count
+    # as "other".
+    report_domains: int = Field(100, alias="reportDomains", ge=0, le=10000)
+
+    _d = _durations("fetch_timeout", "max_age")
+
+
 class ResolverSettings(_Model):
     """DNS used for MX lookups. Empty ``nameservers``: the system resolver."""
 
@@ -262,6 +283,7 @@ class DeliverySettings(_Model):
     resolver: ResolverSettings = ResolverSettings()
     opportunistic_tls: bool = Field(True, alias="opportunisticTls")
     mx_tls: MXTLSSettings = Field(MXTLSSettings(), alias="mxTls")
+    mta_sts: MTASTSSettings = Field(MTASTSSettings(), alias="mtaSts")
     # Timeouts: RFC 5321 section 4.5.3.2 gives the minimum for each step.
     connect_timeout: Duration = Field(30.0, alias="connectTimeout")
     greeting_timeout: Duration = Field(300.0, alias="greetingTimeout")
@@ -296,12 +318,19 @@ class DeliverySettings(_Model):
                 )
         return self
 
-    def tls_level(self, domain: str) -> TLSLevel:
-        """The TLS level toward the MX hosts of a recipient domain."""
+    def tls_rule(self, domain: str) -> TLSPolicyRule | None:
+        """The first ``delivery.mxTls.policies`` rule that names a recipient domain."""
         domain = domain.lower().rstrip(".")
         for rule in self.mx_tls.policies:
             if any(fnmatch.fnmatchcase(domain, pattern) for pattern in rule.domains):
-                return rule.level
+                return rule
+        return None
+
+    def tls_level(self, domain: str) -> TLSLevel:
+        """The TLS level toward the MX hosts of a recipient domain."""
+        rule = self.tls_rule(domain)
+        if rule is not None:
+            return rule.level
         if self.mx_tls.level is not None:
             return self.mx_tls.level
         return "may" if self.opportunistic_tls else "none"

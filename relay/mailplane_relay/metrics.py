@@ -56,6 +56,7 @@ class RelayMetrics:
     destinations: Gauge
     destination_suspensions: Counter
     connections_in_use: Gauge
+    delivery_tls_sessions: Counter
     spool_orphaned_messages: Gauge
 
     @classmethod
@@ -158,4 +159,11 @@ class RelayMetrics:
                 "Outgoing SMTP connections carrying a transaction now (bounded by "
                 "delivery.maxConcurrency; idle pooled connections are not counted).",
                 multiprocess_mode="livesum", registry=r),
+            delivery_tls_sessions=Counter(
+                f"{NS}_delivery_tls_sessions",
+                "TLS results of new connections to MX hosts and of MTA-STS policy fetches, "
+                "after TLS-RPT (RFC 8460): policy_type sts or no-policy-found, policy_domain "
+                "(only with a policy; capped by delivery.mtaSts.reportDomains, then other), "
+                "result success or an RFC 8460 result type.",
+                ["policy_type", "policy_domain", "result"], registry=r),
         )

@@ -116,3 +116,15 @@ class MXResolver:
         if not found:
             raise PermanentDNSFailure(f"550 5.1.2 Host {host} has no address")
         return found
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each record's strings joined (RFC 7208 3.3 style);
+        [] when the name or the record does not exist. Raises TemporaryDNSFailure."""
+        try:
+            answer = await self._resolver.resolve(name, "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as exc:
+            raise TemporaryDNSFailure(
+                f"451 4.4.3 TXT lookup for {name} failed: {type(exc).__name__}") from None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]

@@ -16,6 +16,10 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
     a human to look at and deleted after ``corrupt_retention`` (default 24 h): they may hold
     mail, which the relay keeps no longer than it must.
 
+``mta-sts-policies.json``
+    Only in the spool root (``spool.directory``), by the delivery queue, not the spool: the
+    MTA-STS policies of recipient domains (no mail data; see ``delivery.mtasts``).
+
 Nothing else is kept. A message whose recipients are all final is deleted at once (its file and
 its state file are unlinked): no copy of a delivered message's body, subject or recipients
 stays in the spool. Files are never recycled. That has a cost: on ext4 under churn (20,000

@@ -29,10 +29,12 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import random
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..aiotasks import cancel_and_wait
@@ -45,6 +47,7 @@ from ..spool import QueuedMessage, Recipient, Spool, SpoolError
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .downgrade import needs_smtputf8, to_seven_bit
+from .mtasts import MTASTS, Policy
 from .outcomes import Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
 from .smtp import (
@@ -72,6 +75,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 DESTINATION_IDLE_FORGET = 600.0
 # DNS lookups of due messages running at once.
 ROUTING_CONCURRENCY = 64
+# Where MTA-STS policies persist when delivery.mtaSts.cacheFile is not set: the spool root
+# (shared by the workers of a relay).
+MTA_STS_CACHE_NAME = "mta-sts-policies.json"
 
 
 class DeliveryQueue:
@@ -121,6 +127,8 @@ class DeliveryQueue:
         self._closers: set[asyncio.Task[None]] = set()
         self._resolver: MXResolver | None = None
         self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+        self._sts: MTASTS | None = None
+        self._report_domains: set[str] = set()  # policy domains with a metric label
         self._connection_settings = _connection_settings(config().settings.delivery)
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -330,7 +338,14 @@ class DeliveryQueue:
             resolver = self._mx_resolver(delivery.resolver)
             try:
                 route = await resolver.route(domain)
-                targets, error = await self._mx_targets(delivery, resolver, route, domain)
+                policy = await self._sts_policy(cfg, resolver, domain)
+                sts_route = route
+                if policy is not None and policy.mode == "enforce":
+                    # Only the MX hosts the policy names (RFC 8461 section 4.1).
+                    sts_route = MXRoute(route.domain, tuple(
+                        h for h in route.hosts if policy.matches(h)), route.implicit)
+                targets, error = await self._mx_targets(delivery, resolver, sts_route,
+                                                        domain, policy)
             except PermanentDNSFailure as exc:
                 targets, error = [], exc
             except TemporaryDNSFailure as exc:
@@ -342,8 +357,13 @@ class DeliveryQueue:
             await self._work_done(attempt)
             return
         shape = shape_for(delivery, domain, route.hosts)
-        key = route.destination if shape.name == "default" else f"{route.destination}/{shape.name}"
-        if targets[0].tls in ("encrypt", "verify"):
+        site = sts_route.destination
+        key = site if shape.name == "default" else f"{site}/{shape.name}"
+        if targets[0].sts == "enforce":
+            # Connections verified against delivery.mtaSts.caFile, to the hosts the policy
+            # names only: pooled apart from every other level.
+            key += "+sts"
+        elif targets[0].tls in ("encrypt", "verify"):
             # Pooled connections of a stricter level stay apart: a clear-text connection
             # opened for another domain of these MX hosts must never carry this mail.
             key += f"+tls={targets[0].tls}"
@@ -351,10 +371,21 @@ class DeliveryQueue:
         self._enqueue(dest, Work(attempt, recipients, targets, domain))
 
     async def _mx_targets(self, delivery: DeliverySettings, resolver: MXResolver, route: MXRoute,
-                          domain: str
+                          domain: str, policy: Policy | None = None
                           ) -> tuple[list[Target], PermanentDNSFailure | TemporaryDNSFailure]:
-        """Addresses to try, in order; when there are none, the failure that explains why."""
+        """Addresses to try, in order; when there are none, the failure that explains why.
+        Under an MTA-STS ``enforce`` policy ``route`` holds only the hosts it names, and TLS
+        must verify."""
         mode: TLSMode = _TLS_MODES[delivery.tls_level(domain)]
+        sts = None if policy is None or policy.mode == "none" else policy.mode
+        if sts == "enforce":
+            mode = "verify"
+            if not route.hosts:
+                assert policy is not None
+                self._tls_report("sts", domain, "validation-failure")
+                return [], TemporaryDNSFailure(
+                    f"451 4.7.5 No MX host of {domain} matches its MTA-STS policy "
+                    f"(mx: {', '.join(policy.mx)})"[:300])
         limit = delivery.max_mx_addresses
         targets: list[Target] = []
         temporary: TemporaryDNSFailure | None = None
@@ -368,7 +399,9 @@ class DeliveryQueue:
             except TemporaryDNSFailure as exc:
                 temporary = exc
                 continue
-            targets.extend(Target(host, a, delivery.mx_port, mode) for a in addresses)
+            mx_ok = policy is None or policy.matches(host)
+            targets.extend(Target(host, a, delivery.mx_port, mode, sts=sts, sts_mx_ok=mx_ok,
+                                  policy_domain=domain) for a in addresses)
             if len(targets) >= limit:
                 break
         if temporary is not None:
@@ -380,6 +413,42 @@ class DeliveryQueue:
                 "451 4.4.3 " + permanent.reply.split(" ", 2)[-1])
         return targets[:limit], permanent or PermanentDNSFailure(
             f"550 5.1.2 No address for {route.domain}")
+
+    async def _sts_policy(self, cfg: RelayConfig, resolver: MXResolver, domain: str
+                          ) -> Policy | None:
+        """The MTA-STS policy in force for a recipient domain (None: none, mode none, MTA-STS
+        disabled, or a delivery.mxTls.policies rule names the domain: that rule wins)."""
+        delivery = cfg.settings.delivery
+        settings = delivery.mta_sts
+        if not settings.enabled or delivery.tls_rule(domain) is not None:
+            return None
+        path = Path(settings.cache_file or os.path.join(cfg.settings.spool.directory,
+                                                        MTA_STS_CACHE_NAME))
+        if self._sts is None or self._sts.cache_file != path:
+            self._sts = MTASTS(path, clock=self._clock)
+        sts = self._sts
+        try:
+            lookup = await sts.lookup(domain, resolver, settings)
+        except Exception:
+            # A bug must not lift an enforce policy: the cached policy stays in force.
+            log.exception("mta-sts: policy lookup for %s failed", domain)
+            return sts.cached(domain)
+        if lookup.failure is not None:
+            self._tls_report("sts", domain, lookup.failure)
+        policy = lookup.policy
+        return policy if policy is not None and policy.mode != "none" else None
+
+    def _tls_report(self, policy_type: str, domain: str, result: str) -> None:
+        """Count a TLS result (RFC 8460 result types) for a policy domain. Domains get a label
+        of their own only with a policy, and only the first delivery.mtaSts.reportDomains of
+        them; later ones count as "other"."""
+        label = ""
+        if policy_type == "sts":
+            cap = self._config().settings.delivery.mta_sts.report_domains
+            if domain not in self._report_domains and len(self._report_domains) < cap:
+                self._report_domains.add(domain)
+            label = domain if domain in self._report_domains else "other"
+        self._metrics.delivery_tls_sessions.labels(policy_type, label, result).inc()
 
     def _mx_resolver(self, settings: ResolverSettings) -> MXResolver:
         if self._resolver is None or self._resolver.settings != settings:
@@ -726,8 +795,12 @@ class DeliveryQueue:
     async def _connect(self, cfg: RelayConfig, target: Target, timeouts: Timeouts
                        ) -> Connection:
         delivery = cfg.settings.delivery
+        sts_ctx = (self._mta_sts_context(cfg) if target.sts is not None else None)
         if target.tls in ("opportunistic", "encrypt"):
             ctx = self._tls_context(False, None)
+        elif target.tls == "verify" and sts_ctx is not None and target.sts == "enforce":
+            # MTA-STS enforce: valid for the MX host name (Target.host), which the policy names.
+            ctx = sts_ctx
         elif target.tls == "verify":
             # The certificate must be valid for the MX host name (Target.host).
             ctx = self._tls_context(True, delivery.mx_tls.ca_file)
@@ -737,19 +810,69 @@ class DeliveryQueue:
             ca_file = smarthost.ca_file if smarthost is not None else None
             ctx = self._tls_context(verify, ca_file)
         helo = delivery.helo_name or cfg.settings.hostname
+        reported = False
+        if target.sts == "testing" and sts_ctx is not None and target.tls != "none":
+            conn = await self._sts_test(target, sts_ctx, helo, timeouts)
+            if conn is not None:
+                return await self._opened(conn, target)
+            reported = True
         try:
             conn = await open_connection(target, ctx, helo, timeouts,
                                          use_starttls=target.tls != "none")
         except TLSFailed as exc:
+            if not reported:
+                self._report_mx(target, exc.tls_result)
             if target.tls != "opportunistic":
                 raise
             # A broken STARTTLS at an MX host: deliver in clear text, as MTAs do.
             log.info("delivery: %s; retrying without TLS", exc.reply)
             conn = await open_connection(target, ctx, helo, timeouts, use_starttls=False)
+        except ConnectFailed as exc:
+            if exc.tls_result is not None and not reported:
+                self._report_mx(target, exc.tls_result)
+            raise
+        else:
+            if not reported and target.tls != "none":
+                self._report_mx(target, "success" if conn.tls else "starttls-not-supported")
+        return await self._opened(conn, target)
+
+    async def _opened(self, conn: Connection, target: Target) -> Connection:
         if target.auth is not None:
             await login(conn, target)
         self.connections_opened += 1
         return conn
+
+    async def _sts_test(self, target: Target, ctx: ssl.SSLContext, helo: str,
+                        timeouts: Timeouts) -> Connection | None:
+        """MTA-STS testing mode: try the session as enforce would (verified TLS to a host the
+        policy names) and count the result; a session that passes carries the mail, one that
+        fails is reported and the mail goes as the TLS level says (None)."""
+        if not target.sts_mx_ok:
+            self._report_mx(target, "validation-failure")
+            return None
+        strict = Target(target.host, target.address, target.port, "verify")
+        try:
+            conn = await open_connection(strict, ctx, helo, timeouts, use_starttls=True)
+        except ConnectFailed as exc:
+            if exc.tls_result is None:
+                raise  # refused, timed out, no session: not about TLS
+            self._report_mx(target, exc.tls_result)
+            log.info("delivery: %s (MTA-STS testing for %s: delivering anyway)", exc.reply,
+                     target.policy_domain)
+            return None
+        self._report_mx(target, "success")
+        return conn
+
+    def _report_mx(self, target: Target, result: str | None) -> None:
+        if target.policy_domain is not None and result is not None:
+            self._tls_report("sts" if target.sts else "no-policy-found",
+                             target.policy_domain, result)
+
+    def _mta_sts_context(self, cfg: RelayConfig) -> ssl.SSLContext:
+        ca_file = cfg.settings.delivery.mta_sts.ca_file
+        if self._sts is not None:
+            return self._sts.context(ca_file)
+        return self._tls_context(True, ca_file)
 
     def _release(self, dest: Destination, conn: Connection, reusable: bool) -> None:
         conn.messages += 1

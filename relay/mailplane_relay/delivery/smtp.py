@@ -75,6 +75,13 @@ class Target:
     port: int
     tls: TLSMode
     auth: tuple[str, str] | None = None  # (username, password file)
+    # MTA-STS (RFC 8461) of the recipient domain: "enforce" (tls is then "verify", against
+    # delivery.mtaSts.caFile), "testing" (tls as the level says; verification only reported),
+    # or None (no policy). ``policy_domain`` is the domain whose policy applies.
+    sts: Literal["enforce", "testing"] | None = None
+    sts_mx_ok: bool = True  # testing: whether the policy names this host
+    # MX targets: the recipient domain (TLS results are counted); None for the smarthost.
+    policy_domain: str | None = None
 
     @property
     def remote(self) -> str:
@@ -107,12 +114,14 @@ class ConnectFailed(Exception):
     (None when there was no reply: refused, timeout, reset); ``stage`` where it failed."""
 
     def __init__(self, reply: str, *, code: int | None = None, stage: Stage = "connect",
-                 text: str = "") -> None:
+                 text: str = "", tls_result: str | None = None) -> None:
         super().__init__(reply)
         self.reply = reply
         self.code = code
         self.stage = stage
         self.throttled = code is not None and throttling(code, text, stage)
+        # The RFC 8460 result type of a failed TLS negotiation (None: not about TLS).
+        self.tls_result = tls_result
 
 
 class TLSFailed(ConnectFailed):
@@ -186,9 +195,12 @@ async def open_connection(target: Target, ctx: ssl.SSLContext, helo: str, t: Tim
                 await _starttls(client, target, ctx)
             elif target.tls != "opportunistic":
                 why = ("delivery.smarthost.tls is starttls" if target.tls == "starttls"
+                       else f"the MTA-STS policy of {target.policy_domain} is enforce"
+                       if target.sts == "enforce"
                        else f"the TLS policy for this destination is {target.tls}")
                 raise ConnectFailed(f"451 4.7.4 {target.remote} does not offer STARTTLS "
-                                    f"({why}); not sent in clear text", stage="ehlo")
+                                    f"({why}); not sent in clear text", stage="ehlo",
+                                    tls_result="starttls-not-supported")
     except aiosmtplib.SMTPResponseException as exc:
         client.close()
         sock.close()
@@ -220,7 +232,26 @@ async def _starttls(client: aiosmtplib.SMTP, target: Target, ctx: ssl.SSLContext
         client.close()
         reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else None
         raise TLSFailed(f"451 4.7.5 TLS with {target.remote} failed: "
-                        f"{reason or describe(exc)}", stage="ehlo") from None
+                        f"{reason or describe(exc)}", stage="ehlo",
+                        tls_result=tls_result_type(exc)) from None
+
+
+# OpenSSL's X509_V_ERR codes and the RFC 8460 result types they stand for.
+_VERIFY_RESULTS = {
+    62: "certificate-host-mismatch",  # X509_V_ERR_HOSTNAME_MISMATCH
+    10: "certificate-expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+    18: "certificate-not-trusted",  # self-signed leaf
+    19: "certificate-not-trusted",  # self-signed certificate in the chain
+    20: "certificate-not-trusted",  # unable to get the local issuer certificate
+    21: "certificate-not-trusted",  # unable to verify the leaf signature
+}
+
+
+def tls_result_type(exc: BaseException) -> str:
+    """The RFC 8460 failure type of a failed TLS handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_RESULTS.get(exc.verify_code, "validation-failure")
+    return "validation-failure"
 
 
 def _read_secret(path: str) -> str:

@@ -1,0 +1,387 @@
+"""MTA-STS (RFC 8461): which MX hosts of a recipient domain may receive its mail, and whether
+TLS to them must verify.
+
+A domain announces a policy with a TXT record at ``_mta-sts.<domain>`` (``v=STSv1; id=...``)
+and serves it at ``https://mta-sts.<domain>/.well-known/mta-sts.txt``. :class:`MTASTS` looks the
+record up for every delivery attempt (the resolver caches it for its TTL), fetches the policy
+when the ``id`` changed or half its lifetime has passed, and keeps policies in memory and in a
+JSON file, so that after a restart an ``enforce`` policy holds even while its web server is down.
+
+The fetch follows section 3.3: HTTPS with a certificate valid for ``mta-sts.<domain>``, no
+redirects, status 200, ``text/plain``, at most 64 KiB, within ``fetchTimeout``. A failed fetch
+leaves a cached policy in force until it expires; a domain without a usable cached policy is
+treated as having none (section 5). Fetches for one domain are not repeated more often than
+every :data:`FETCH_RETRY` seconds after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiohttp
+
+from ..config import MTASTSSettings
+from ..mx import DNSFailure, MXResolver
+
+log = logging.getLogger(__name__)
+
+MAX_POLICY_BYTES = 64 * 1024
+FETCH_RETRY = 300.0  # seconds between fetch attempts for a domain whose fetch failed
+MAX_CACHED = 50_000  # policies kept; the soonest to expire go first
+RFC_MAX_AGE = 31557600
+
+Mode = Literal["enforce", "testing", "none"]
+_MODES: dict[str, Mode] = {"enforce": "enforce", "testing": "testing", "none": "none"}
+_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class PolicyError(Exception):
+    """``result`` is the RFC 8460 result type: sts-policy-fetch-error or sts-policy-invalid."""
+
+    def __init__(self, message: str, result: str = "sts-policy-invalid") -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    domain: str
+    policy_id: str  # the TXT record's id when this policy was fetched
+    mode: Mode
+    mx: tuple[str, ...]
+    max_age: int
+    fetched_at: float  # epoch seconds
+    expires_at: float
+
+    def matches(self, host: str) -> bool:
+        """Whether an MX host name is one the policy allows (section 4.1): an exact name, or
+        ``*.example.com`` for exactly one more label on the left."""
+        host = host.lower().rstrip(".")
+        for pattern in self.mx:
+            if pattern.startswith("*."):
+                head, dot, rest = host.partition(".")
+                if head and dot and rest == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.policy_id, "mode": self.mode, "mx": list(self.mx),
+                "maxAge": self.max_age, "fetchedAt": self.fetched_at,
+                "expiresAt": self.expires_at}
+
+    @classmethod
+    def from_json(cls, domain: str, raw: dict[str, object]) -> Policy:
+        mode = _MODES[str(raw["mode"])]
+        mx = raw["mx"]
+        if not isinstance(mx, list) or not all(isinstance(m, str) for m in mx):
+            raise ValueError("mx")
+        return cls(domain, str(raw["id"]), mode, tuple(mx), int(str(raw["maxAge"])),
+                   float(str(raw["fetchedAt"])), float(str(raw["expiresAt"])))
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def parse_txt(records: list[str]) -> str | None:
+    """The policy id of the ``_mta-sts`` TXT records, or None when the domain announces no
+    (valid) policy: records not starting with ``v=STSv1`` are ignored, and anything but exactly
+    one remaining valid record means no policy (section 3.1)."""
+    found = [r for r in records if r.startswith("v=STSv1")]
+    if len(found) != 1:
+        return None
+    fields: dict[str, str] = {}
+    for raw in found[0].split(";"):
+        part = raw.strip(" \t")
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            return None
+        fields.setdefault(key, value)
+    if fields.get("v") != "STSv1":
+        return None
+    policy_id = fields.get("id", "")
+    return policy_id if _ID.match(policy_id) else None
+
+
+def parse_policy(text: str, *, domain: str, policy_id: str, now: float, max_age_cap: float
+                 ) -> Policy:
+    """A policy file (section 3.2): ``key: value`` lines. The first instance of a key counts
+    (``mx`` may repeat); unknown keys are ignored. Raises PolicyError naming what is wrong."""
+    fields: dict[str, str] = {}
+    mx: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        key, colon, value = line.partition(":")
+        key, value = key.strip(), value.strip(" \t")
+        if not colon or not _KEY.match(key):
+            raise PolicyError(f"line {line[:40]!r} is not 'key: value'")
+        if key == "mx":
+            mx.append(value.lower().rstrip("."))
+        else:
+            fields.setdefault(key, value)
+    if fields.get("version") != "STSv1":
+        raise PolicyError("version is not STSv1")
+    raw_mode = fields.get("mode", "")
+    mode = _MODES.get(raw_mode)
+    if mode is None:
+        raise PolicyError(f"mode {raw_mode[:20]!r} is not enforce, testing or none")
+    raw_age = fields.get("max_age", "")
+    if not raw_age.isdigit() or len(raw_age) > 10:
+        raise PolicyError(f"max_age {raw_age[:20]!r} is not a number of seconds")
+    if mode != "none" and not mx:
+        raise PolicyError("no mx pattern")
+    for pattern in mx:
+        name = pattern[2:] if pattern.startswith("*.") else pattern
+        if not name or "*" in name or not all(
+                label and len(label) < 64 for label in name.split(".")):
+            raise PolicyError(f"mx {pattern[:80]!r} is not a host name or *.domain pattern")
+    max_age = min(int(raw_age), RFC_MAX_AGE)
+    lifetime = min(float(max_age), max_age_cap)
+    return Policy(domain, policy_id, mode, tuple(mx), max_age, now, now + lifetime)
+
+
+# ------------------------------------------------------------------------------ fetching
+
+
+def _host_in_url(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+async def fetch_policy_text(domain: str, addresses: list[str], ctx: ssl.SSLContext,
+                            limit: float) -> str:
+    """GET the policy from the first address that answers; the certificate must be valid for
+    ``mta-sts.<domain>``. Raises PolicyError (``sts-policy-fetch-error`` or, for a body that is
+    not a policy file, ``sts-policy-invalid``)."""
+    host = f"mta-sts.{domain}"
+    error = PolicyError(f"no address for {host}", "sts-policy-fetch-error")
+    client_timeout = aiohttp.ClientTimeout(total=limit)
+    for address in addresses[:2]:
+        url = f"https://{_host_in_url(address)}/.well-known/mta-sts.txt"
+        try:
+            async with asyncio.timeout(limit), aiohttp.ClientSession(
+                    timeout=client_timeout, auto_decompress=False) as session, session.get(
+                    url, headers={"Host": host, "Accept": "text/plain"}, ssl=ctx,
+                    server_hostname=host, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    # Section 3.3: redirects are not followed; anything but 200 is a failure.
+                    raise PolicyError(f"{host} answered HTTP {resp.status}",
+                                      "sts-policy-fetch-error")
+                if resp.content_type != "text/plain":
+                    raise PolicyError(f"{host} served {resp.content_type[:60]!r}, "
+                                      "not text/plain", "sts-policy-invalid")
+                if (resp.content_length or 0) > MAX_POLICY_BYTES:
+                    raise PolicyError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(8192):
+                    body += chunk
+                    if len(body) > MAX_POLICY_BYTES:
+                        raise PolicyError(
+                            f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+            try:
+                return body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PolicyError(f"{host}: policy is not UTF-8 text") from None
+        except PolicyError:
+            raise
+        except TimeoutError:
+            error = PolicyError(f"{host}: no policy within {limit:g}s",
+                                "sts-policy-fetch-error")
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            text = " ".join(str(exc).split())[:160]
+            error = PolicyError(f"{host}: {type(exc).__name__}: {text}",
+                                "sts-policy-fetch-error")
+    raise error
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What delivery does for a domain: ``policy`` in force (None: no policy), and the RFC 8460
+    result type of a failed refresh (a cached policy may still be in force)."""
+
+    policy: Policy | None
+    failure: str | None = None
+    failure_reason: str = ""
+
+
+class MTASTS:
+    """Policies of recipient domains, per relay worker; persisted to ``cache_file``."""
+
+    def __init__(self, cache_file: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.cache_file = cache_file
+        self._clock = clock
+        self._policies: dict[str, Policy] = {}
+        self._failed_until: dict[str, float] = {}  # no new fetch before this
+        self._fetching: dict[str, asyncio.Future[Lookup]] = {}
+        self._contexts: dict[str | None, ssl.SSLContext] = {}
+        self._loaded = False
+        self._save_lock = asyncio.Lock()
+        self.fetches = 0  # for tests
+
+    def cached(self, domain: str) -> Policy | None:
+        policy = self._policies.get(domain)
+        if policy is not None and self._clock() >= policy.expires_at:
+            del self._policies[domain]
+            return None
+        return policy
+
+    def context(self, ca_file: str | None) -> ssl.SSLContext:
+        """The verifying context for policy fetches and MX hosts under an enforce policy."""
+        ctx = self._contexts.get(ca_file)
+        if ctx is None:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._contexts[ca_file] = ctx
+        return ctx
+
+    async def lookup(self, domain: str, resolver: MXResolver, settings: MTASTSSettings
+                     ) -> Lookup:
+        if not self._loaded:
+            self._loaded = True
+            await asyncio.to_thread(self._load)
+        cached = self.cached(domain)
+        try:
+            policy_id = parse_txt(await resolver.txt(f"_mta-sts.{domain}"))
+        except DNSFailure:
+            return Lookup(cached)  # section 5: the cached policy stays in force
+        if policy_id is None:
+            return Lookup(cached)  # no record (any more): a cached policy holds until it expires
+        now = self._clock()
+        if cached is not None and cached.policy_id == policy_id and \
+                now < cached.fetched_at + (cached.expires_at - cached.fetched_at) / 2:
+            return Lookup(cached)
+        if now < self._failed_until.get(domain, 0.0):
+            return Lookup(cached)
+        running = self._fetching.get(domain)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self._fetching[domain] = future
+        try:
+            result = await self._refresh(domain, policy_id, cached, resolver, settings)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it through the shield
+            raise
+        finally:
+            del self._fetching[domain]
+
+    async def _refresh(self, domain: str, policy_id: str, cached: Policy | None,
+                       resolver: MXResolver, settings: MTASTSSettings) -> Lookup:
+        self.fetches += 1
+        host = f"mta-sts.{domain}"
+        try:
+            try:
+                addresses = await resolver.addresses(host)
+            except DNSFailure as exc:
+                raise PolicyError(f"{host}: {exc.reply[10:]}", "sts-policy-fetch-error") \
+                    from None
+            text = await fetch_policy_text(domain, addresses, self.context(settings.ca_file),
+                                           settings.fetch_timeout)
+            policy = parse_policy(text, domain=domain, policy_id=policy_id,
+                                  now=self._clock(), max_age_cap=settings.max_age)
+        except PolicyError as exc:
+            self._failed_until[domain] = self._clock() + FETCH_RETRY
+            log.warning("mta-sts: policy of %s not refreshed (%s); %s", domain, exc,
+                        "the cached policy stays in force" if cached else
+                        "delivering as without a policy")
+            return Lookup(cached, exc.result, str(exc))
+        self._failed_until.pop(domain, None)
+        self._policies[domain] = policy
+        if len(self._policies) > MAX_CACHED:
+            for name, _ in sorted(self._policies.items(), key=lambda kv: kv[1].expires_at)[
+                    :len(self._policies) - MAX_CACHED]:
+                del self._policies[name]
+        if cached is None or cached.mode != policy.mode or cached.mx != policy.mx:
+            log.info("mta-sts: %s has policy id %s: mode %s, mx %s", domain, policy_id,
+                     policy.mode, ",".join(policy.mx))
+        await self._save()
+        return Lookup(policy)
+
+    # ---------------------------------------------------------------- persistence
+
+    def _load(self) -> None:
+        try:
+            raw = json.loads(self.cache_file.read_text())
+            entries = raw["policies"]
+            assert isinstance(entries, dict)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            log.warning("mta-sts: cache %s not read (%s); starting without cached policies",
+                        self.cache_file, type(exc).__name__)
+            return
+        now = self._clock()
+        for domain, entry in entries.items():
+            try:
+                policy = Policy.from_json(str(domain), entry)
+            except (KeyError, ValueError, TypeError):
+                continue
+            if policy.expires_at > now and domain not in self._policies:
+                self._policies[domain] = policy
+        log.info("mta-sts: %d cached policies loaded from %s", len(self._policies),
+                 self.cache_file)
+
+    async def _save(self) -> None:
+        async with self._save_lock:
+            mine = dict(self._policies)
+            try:
+                await asyncio.to_thread(self._merge_and_write, mine)
+            except OSError as exc:
+                log.error("mta-sts: cannot write the policy cache %s: %s", self.cache_file,
+                          exc.strerror)
+
+    def _merge_and_write(self, mine: dict[str, Policy]) -> None:
+        """Worker processes share the file: keep the other workers' policies, the most
+        recently fetched one per domain, and drop the expired ones."""
+        now = self._clock()
+        merged: dict[str, Policy] = {}
+        try:
+            entries = json.loads(self.cache_file.read_text()).get("policies", {})
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+        if isinstance(entries, dict):
+            for domain, entry in entries.items():
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    merged[str(domain)] = Policy.from_json(str(domain), entry)
+        for domain, policy in mine.items():
+            other = merged.get(domain)
+            if other is None or other.fetched_at <= policy.fetched_at:
+                merged[domain] = policy
+        live = sorted((p for p in merged.values() if p.expires_at > now),
+                      key=lambda p: p.expires_at, reverse=True)[:MAX_CACHED]
+        data = {"version": 1, "policies": {p.domain: p.to_json() for p in live}}
+        _write_atomically(self.cache_file, json.dumps(data, sort_keys=True).encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,0 +1,355 @@
+"""MTA-STS (RFC 8461) and its TLS-RPT (RFC 8460) counters, end to end: the policy is served
+over real HTTPS on port 443 of a loopback address with a certificate from a test CA, the
+``_mta-sts`` TXT record, the policy host and the MX hosts come from a real DNS server on
+loopback, and the MX hosts are aiosmtpd sinks with and without STARTTLS and with certificates
+for other names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailplane_relay.delivery.mtasts import Policy, PolicyError, parse_policy, parse_txt
+from tests.helpers.dns import LoopbackDNS
+from tests.helpers.mtasts import PolicyServer
+from tests.helpers.sink import Sink
+from tests.relay.test_delivery_flows import Relay, make_config, mx_mode
+
+SLOW_RETRY = {"retryInitial": 30, "retryMax": 30}
+DOMAIN = "example.net"
+ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: sink.test\r\nmax_age: 86400\r\n"
+
+ServerFactory = Callable[..., Awaitable[PolicyServer]]
+SinkFactory = Callable[..., Awaitable[Sink]]
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+def policy_text(mode: str, *mx: str, max_age: int = 86400) -> str:
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx),
+             f"max_age: {max_age}"]
+    return "\n".join(lines) + "\n"
+
+
+async def published(policy_server: ServerFactory, dns: LoopbackDNS, ca: trustme.CA,
+                    policy: str, *, policy_id: str = "20261207a", mx_host: str = "sink.test",
+                    cert_name: str | None = None) -> PolicyServer:
+    """A domain that publishes ``policy``; its MX is ``mx_host`` on 127.0.0.1."""
+    server = await policy_server(ca, DOMAIN, cert_name=cert_name)
+    server.policy = policy
+    dns.add_txt(f"_mta-sts.{DOMAIN}", f"v=STSv1; id={policy_id};")
+    dns.add_a(f"mta-sts.{DOMAIN}", server.address)
+    dns.add_mx(DOMAIN, mx_host)
+    dns.add_a(mx_host, "127.0.0.1")
+    return server
+
+
+def config(dns: LoopbackDNS, sink: Sink, ca_file: str, cache: Path, **extra: Any) -> Any:
+    mta_sts = {"caFile": ca_file, "cacheFile": str(cache), "fetchTimeout": 3,
+               **extra.pop("mtaSts", {})}
+    return make_config(mx_mode(dns, sink.port, mtaSts=mta_sts, **extra), queue=SLOW_RETRY)
+
+
+def tls_count(r: Relay, result: str, policy_type: str = "sts", domain: str = DOMAIN) -> float:
+    value = r.metrics.registry.get_sample_value(
+        "mailplane_relay_delivery_tls_sessions_total",
+        {"policy_type": policy_type, "policy_domain": domain if policy_type == "sts" else "",
+         "result": result})
+    return value or 0.0
+
+
+async def deferred_reply(r: Relay) -> str:
+    await r.wait(lambda: r.count("deferred") == 1)
+    msg = next(iter(r.queue._messages.values()))
+    [event] = await r.events(msg)
+    assert event["status"] == "deferred"
+    return str(event["response"])
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ enforce
+
+
+async def test_enforce_delivers_over_tls_verified_for_the_mx_the_policy_names(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    msg = await r.send([f"user@{DOMAIN}"])
+    await r.done(msg)
+    assert sink.messages[0].tls
+    assert server.requests == [(f"mta-sts.{DOMAIN}", "/.well-known/mta-sts.txt")]
+    assert tls_count(r, "success") == 1
+    # Persisted for the next start: nothing but the policy.
+    saved = json.loads((tmp_path / "sts.json").read_text())["policies"][DOMAIN]
+    assert saved["mode"] == "enforce" and saved["mx"] == ["sink.test"]
+    assert saved["id"] == "20261207a"
+
+
+async def test_enforce_defers_an_mx_without_starttls_instead_of_sending_in_clear(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)  # no STARTTLS
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.send([f"user@{DOMAIN}"])
+    reply = await deferred_reply(r)
+    assert reply.startswith("451 4.7.4"), reply
+    assert "the MTA-STS policy of example.net is enforce" in reply, reply
+    assert sink.messages == []
+    assert tls_count(r, "starttls-not-supported") == 1
+
+
+async def test_enforce_defers_a_certificate_for_another_name(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    # The policy names mx.example.net; its certificate (trusted CA) is for sink.test.
+    await published(policy_server, dns_server, ca, policy_text("enforce", "mx.example.net"),
+                    mx_host="mx.example.net")
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.send([f"user@{DOMAIN}"])
+    reply = await deferred_reply(r)
+    assert reply.startswith("451 4.7.5") and "CERTIFICATE_VERIFY_FAILED" in reply, reply
+    assert sink.messages == [] and sink.connections == 1  # no clear-text second try
+    assert tls_count(r, "certificate-host-mismatch") == 1
+
+
+async def test_enforce_never_connects_to_an_mx_the_policy_does_not_name(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, policy_text("enforce", "*.mail.example.net"))
+    sink = await smtp_sink(ca=ca, starttls=True)  # would verify: the name is what is wrong
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.send([f"user@{DOMAIN}"])
+    reply = await deferred_reply(r)
+    assert reply.startswith("451 4.7.5 No MX host of example.net matches its MTA-STS"), reply
+    assert sink.connections == 0
+    assert tls_count(r, "validation-failure") == 1
+
+
+async def test_enforce_picks_the_mx_the_policy_names_among_others(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    """The preferred MX (rogue.example.org, clear text) is not in the policy: skipped."""
+    await published(policy_server, dns_server, ca, policy_text("enforce", "*.example.net"),
+                    mx_host="mx1.example.net")
+    dns_server.add_mx(DOMAIN, "rogue.example.org", preference=1)
+    dns_server.add_a("rogue.example.org", "127.0.0.1")
+    dns_server.add_a("mx1.example.net", "127.0.0.1")
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.send([f"user@{DOMAIN}"])
+    reply = await deferred_reply(r)
+    # Only mx1.example.net was tried (and its certificate names sink.test, not mx1).
+    assert "mx1.example.net" in reply and "rogue" not in reply, reply
+    assert sink.connections == 1 and sink.messages == []
+
+
+# ------------------------------------------------------------------------------ testing
+
+
+async def test_testing_mode_delivers_as_usual_and_counts_the_failures(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, policy_text("testing", "mx.example.net"),
+                    mx_host="mx.example.net")
+    sink = await smtp_sink(ca=ca, starttls=True)  # certificate for sink.test
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert sink.messages[0].tls  # opportunistic TLS, unverified, as without a policy
+    assert tls_count(r, "certificate-host-mismatch") == 1
+    assert tls_count(r, "success") == 0
+
+
+async def test_testing_mode_without_starttls_delivers_in_clear_and_counts(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, policy_text("testing", "sink.test"))
+    sink = await smtp_sink(ca=ca)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert not sink.messages[0].tls
+    assert tls_count(r, "starttls-not-supported") == 1
+
+
+async def test_testing_mode_that_verifies_counts_success(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, policy_text("testing", "sink.test"))
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert sink.messages[0].tls and sink.connections == 1  # the verified session carried it
+    assert tls_count(r, "success") == 1
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+async def test_a_restart_honours_the_cached_enforce_policy_while_the_policy_host_is_down(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    cache = tmp_path / "sts.json"
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    good = await smtp_sink(ca=ca, starttls=True)
+    first = await relay(config(dns_server, good, ca_file, cache))
+    await first.done(await first.send([f"user@{DOMAIN}"]))
+    await first.stop()
+    # The policy host goes down, the id changes (a refresh is due), and an attacker who
+    # strips STARTTLS now answers for the MX.
+    await server.stop()
+    dns_server.clear()
+    dns_server.add_txt(f"_mta-sts.{DOMAIN}", "v=STSv1; id=20261208b;")
+    dns_server.add_a(f"mta-sts.{DOMAIN}", server.address)
+    dns_server.add_mx(DOMAIN, "sink.test")
+    dns_server.add_a("sink.test", "127.0.0.1")
+    stripped = await smtp_sink(ca=ca)
+    second = await relay(config(dns_server, stripped, ca_file, cache))
+    await second.send([f"user@{DOMAIN}"])
+    reply = await deferred_reply(second)
+    assert reply.startswith("451 4.7.4"), reply
+    assert stripped.messages == []
+    assert tls_count(second, "sts-policy-fetch-error") == 1
+    # Without the cache, the same relay would have had no policy: delivered in clear text.
+    third = await relay(config(dns_server, stripped, ca_file, tmp_path / "empty.json"))
+    await third.done(await third.send([f"user@{DOMAIN}"]))
+    assert [m.tls for m in stripped.messages] == [False]
+
+
+async def test_a_changed_id_refetches_and_mode_none_lifts_the_policy(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    cache = tmp_path / "sts.json"
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)  # no STARTTLS
+    first = await relay(config(dns_server, sink, ca_file, cache))
+    await first.send([f"user@{DOMAIN}"])
+    await deferred_reply(first)
+    await first.stop()
+    # Same id after a restart: the cached policy is used, not fetched again.
+    again = await relay(config(dns_server, sink, ca_file, cache))
+    await again.send([f"user@{DOMAIN}"])
+    await deferred_reply(again)
+    assert len(server.requests) == 1
+    await again.stop()
+    dns_server.clear()
+    dns_server.add_txt(f"_mta-sts.{DOMAIN}", "v=STSv1; id=20261208b;")
+    dns_server.add_a(f"mta-sts.{DOMAIN}", server.address)
+    dns_server.add_mx(DOMAIN, "sink.test")
+    dns_server.add_a("sink.test", "127.0.0.1")
+    server.policy = "version: STSv1\nmode: none\nmax_age: 86400\n"
+    last = await relay(config(dns_server, sink, ca_file, cache))
+    await last.done(await last.send([f"user@{DOMAIN}"]))
+    assert len(server.requests) == 2 and len(sink.messages) == 1
+    assert tls_count(last, "starttls-not-supported", "no-policy-found") == 1
+
+
+# ------------------------------------------------------------------------------ fetching
+
+
+@pytest.mark.parametrize(("fault", "result"), [
+    ("redirect", "sts-policy-fetch-error"),
+    ("not-found", "sts-policy-fetch-error"),
+    ("html", "sts-policy-invalid"),
+    ("too-large", "sts-policy-invalid"),
+    ("bad-policy", "sts-policy-invalid"),
+    ("wrong-certificate", "sts-policy-fetch-error"),
+])
+async def test_a_policy_not_served_as_rfc_8461_requires_is_not_used(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path,
+        fault: str, result: str) -> None:
+    server = await published(policy_server, dns_server, ca, ENFORCE,
+                             cert_name="www.example.net" if fault == "wrong-certificate"
+                             else None)
+    if fault == "redirect":
+        server.status, server.location = 301, f"https://{server.address}/policy"
+    elif fault == "not-found":
+        server.status = 404
+    elif fault == "html":
+        server.content_type = "text/html"
+    elif fault == "too-large":
+        server.policy = ENFORCE + "x-pad: " + "a" * 70000 + "\n"
+    elif fault == "bad-policy":
+        server.policy = ENFORCE.replace("mode: enforce", "mode: strict")
+    sink = await smtp_sink(ca=ca)  # no STARTTLS: delivered only because there is no policy
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert len(sink.messages) == 1
+    assert tls_count(r, result) == 1
+    assert len(server.requests) <= 1  # a redirect is not followed
+
+
+async def test_an_mxtls_rule_for_the_domain_wins_over_its_mta_sts_policy(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)
+    rules = {"policies": [{"domains": [DOMAIN], "level": "may"}]}
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json", mxTls=rules))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert len(sink.messages) == 1 and server.requests == []
+
+
+async def test_mta_sts_can_be_turned_off(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json",
+                           mtaSts={"enabled": False}))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert len(sink.messages) == 1 and server.requests == []
+    assert tls_count(r, "starttls-not-supported", "no-policy-found") == 1
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def test_txt_record_needs_exactly_one_v_stsv1_record_with_a_valid_id() -> None:
+    assert parse_txt(["v=STSv1; id=20160831085700Z;"]) == "20160831085700Z"
+    assert parse_txt(["v=spf1 -all", "v=STSv1;id=abc"]) == "abc"
+    assert parse_txt([]) is None
+    assert parse_txt(["v=STSv1; id=a;", "v=STSv1; id=b;"]) is None
+    assert parse_txt(["v=STSv1; id=has-dash;"]) is None
+    assert parse_txt(["v=STSv1; id=" + "a" * 33]) is None
+    assert parse_txt(["v=STSv1;"]) is None
+
+
+def test_policy_parsing_and_mx_patterns() -> None:
+    p = parse_policy("version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\n"
+                     "mx: *.Example.NET.\r\nmax_age: 9999999999\r\nfuture: x\r\n",
+                     domain="example.com", policy_id="a", now=1000.0, max_age_cap=86400)
+    assert p.mode == "enforce" and p.mx == ("mail.example.com", "*.example.net")
+    assert p.max_age == 31557600 and p.expires_at == 1000.0 + 86400
+    assert p.matches("MAIL.example.com.") and p.matches("mx1.example.net")
+    assert not p.matches("a.b.example.net") and not p.matches("example.net")
+    assert not p.matches("xmail.example.com")
+    assert Policy.from_json("example.com", p.to_json()) == p
+    for bad, why in [("version: STSv2\nmode: enforce\nmx: a\nmax_age: 1", "version"),
+                     ("version: STSv1\nmode: on\nmx: a\nmax_age: 1", "mode"),
+                     ("version: STSv1\nmode: enforce\nmax_age: 1", "no mx"),
+                     ("version: STSv1\nmode: enforce\nmx: a\nmax_age: -1", "max_age"),
+                     ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1", "mx"),
+                     ("<html>", "not 'key: value'")]:
+        with pytest.raises(PolicyError, match=why):
+            parse_policy(bad, domain="d", policy_id="a", now=0, max_age_cap=1e9)
+    assert parse_policy("version: STSv1\nmode: none\nmax_age: 0\n", domain="d",
+                        policy_id="a", now=0, max_age_cap=1e9).mx == ()
