@@ -19,6 +19,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("hash-password", "mailplane_relay.cli"),
     ("check-config", "mailplane_relay.cli"),
     ("erase", "mailplane_relay.cli"),
+    ("queue", "mailplane_relay.cli"),
     ("operator", "mailplane_operator.cli"),
     ("portal", "mailplane_portal.cli"),
     ("dev", "mailplane_cli.dev"),

@@ -39,6 +39,7 @@ from .config import (
     domain_of,
     load_config,
 )
+from .control import ControlError, ControlServer, socket_path
 from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
 from .ingress import SubmissionServer
@@ -456,6 +457,16 @@ class RelayApp:
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))
         tasks.spawn("spool-recovery", _feed_recovered(spool, queue, spool_dir))
+        control = ControlServer(
+            socket_path(settings.spool.directory, worker.index if worker is not None else 0),
+            queue=queue, spool=spool)
+        try:
+            await control.start()
+        except (ControlError, OSError) as exc:
+            # Mail flows without it; only `mailplane queue` cannot reach this process.
+            log.error("queue administration socket not available: %s", exc)
+        else:
+            stages.append(("queue administration socket", control.close))
 
         tls = ReloadingTLS(self.config)
         await tls.start()

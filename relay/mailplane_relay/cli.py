@@ -30,6 +30,8 @@ T = TypeVar("T")
 # Where `mailplane dev --state-dir DIR` keeps the relay's message log.
 DEV_MESSAGE_LOG = Path("relay") / "messagelog.sqlite3"
 
+# Where the relay's configuration is mounted in its pod.
+DEFAULT_CONFIG = "/etc/mailplane/config"
 _TIME_HELP = "ISO 8601 (2026-01-31T12:00:00Z) or an age such as 30m, 1h, 7d"
 
 
@@ -112,6 +114,54 @@ def register(subparsers: SubParsers) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line (list)")
     _db_options(p)
     p.set_defaults(func=_cmd_suppression)
+
+    _register_queue(subparsers)
+
+
+def _register_queue(subparsers: SubParsers) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG,
+                       help="the relay's configuration: its spool.directory holds the "
+                            f"administration sockets (default {DEFAULT_CONFIG})")
+    where.add_argument("--control-dir", metavar="DIR",
+                       help="the directory of the administration sockets "
+                            "(<spool.directory>/control)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    p = subparsers.add_parser(
+        "queue", help="list and manage the messages queued in the running relay",
+        description="Administer the queue of the relay running on this machine (or pod: "
+                    "kubectl exec RELAY-POD -- mailplane queue list). Every worker process "
+                    "of the relay is asked; each answers for its own spool. Run it as the "
+                    "relay's user.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("list", parents=[common], help="queued messages, oldest first")
+    a.add_argument("--destination", metavar="DOMAIN",
+                   help="only messages with a pending recipient at this domain")
+    a.add_argument("--older-than", metavar="T", help="only messages queued longer than T "
+                                                     "(e.g. 30m, 4h, 2d)")
+    a = actions.add_parser("show", parents=[common],
+                           help="one message's envelope and state (never its content)")
+    a.add_argument("queue_id", metavar="ID")
+    actions.add_parser("destinations", parents=[common],
+                       help="delivery destinations: state, suspension and its reason")
+    a = actions.add_parser("flush", parents=[common],
+                           help="retry now: every message (or those for DESTINATION), and "
+                                "end the suspension of the destinations concerned")
+    a.add_argument("destination", metavar="DESTINATION", nargs="?")
+    for name, what in (("hold", "keep a message (or every message for a destination) out "
+                                "of delivery until released; survives restarts"),
+                       ("release", "let held messages be delivered again")):
+        a = actions.add_parser(name, parents=[common], help=what)
+        a.add_argument("target", metavar="ID|DESTINATION")
+    a = actions.add_parser("delete", parents=[common],
+                           help="delete a message from the queue (no notice to the sender)")
+    a.add_argument("queue_id", metavar="ID")
+    a = actions.add_parser("bounce", parents=[common],
+                           help="return a message to its sender with a delivery status "
+                                "notification and remove it")
+    a.add_argument("queue_id", metavar="ID")
+    p.set_defaults(func=_cmd_queue)
 
 
 def _db_options(p: argparse.ArgumentParser) -> None:
@@ -380,6 +430,145 @@ def _print_entries(entries: list[dict[str, Any]], *, as_json: bool) -> None:
     _print_table(["ADDRESS", "REASON", "SOURCE", "SINCE"],
                  [[e["address"], e["reason"], e["source"], _iso(e["created"])]
                   for e in entries])
+
+
+# ---- queue --------------------------------------------------------------------------------
+
+
+def _queue_request(args: argparse.Namespace) -> dict[str, Any]:
+    action = args.action
+    request: dict[str, Any] = {"op": action}
+    if action == "list":
+        if args.destination:
+            request["destination"] = args.destination.lower()
+        if args.older_than:
+            try:
+                request["older_than"] = parse_duration(args.older_than)
+            except ValueError as exc:
+                raise UsageError(f"--older-than: {exc}") from None
+    elif action in ("show", "delete", "bounce"):
+        request["queue_id"] = _queue_id_arg(args.queue_id)
+    elif action == "flush" and args.destination:
+        request["destination"] = args.destination.lower()
+    elif action in ("hold", "release"):
+        target = args.target.strip()
+        if _looks_like_queue_id(target):
+            request["queue_id"] = target.upper()
+        elif is_domain(target.lower()):
+            request["destination"] = target.lower()
+        else:
+            raise UsageError(f"{target!r} is neither a queue id (20 characters, as `mailplane "
+                             "queue list` prints) nor a destination domain")
+    return request
+
+
+def _looks_like_queue_id(value: str) -> bool:
+    return len(value) == 20 and not value.upper().strip("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def _queue_id_arg(value: str) -> str:
+    if not _looks_like_queue_id(value.strip()):
+        raise UsageError(f"{value!r} is not a queue id (20 characters, as `mailplane queue "
+                         "list` prints)")
+    return value.strip().upper()
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from .control import ControlError, control_dir, request_all  # noqa: PLC0415
+
+    try:
+        request = _queue_request(args)
+        if args.control_dir:
+            directory = Path(args.control_dir)
+        else:
+            directory = control_dir(load_config(args.config).settings.spool.directory)
+        answers, stale = request_all(directory, request)
+    except (UsageError, ConfigError) as exc:
+        return _fail("queue", str(exc), 2)
+    except ControlError as exc:
+        return _fail("queue", str(exc), 1)
+    except OSError as exc:
+        return _fail("queue", f"cannot reach the relay: {exc}", 1)
+    for name in stale:
+        print(f"mailplane queue: {name}: no relay process listens (a worker that is gone); "
+              "skipped", file=sys.stderr)
+    ok = [(worker, a["result"]) for worker, a in answers if a.get("ok")]
+    errors = [(worker, str(a.get("error"))) for worker, a in answers if not a.get("ok")]
+    if "queue_id" in request:
+        if not ok:
+            reasons = sorted({e for _, e in errors})
+            return _fail("queue", "; ".join(reasons) or "no relay process answered", 1)
+    elif errors:
+        for worker, error in errors:
+            print(f"mailplane queue: {worker}: {error}", file=sys.stderr)
+    _print_queue_answer(args, ok)
+    return 1 if errors and "queue_id" not in request else 0
+
+
+def _print_queue_answer(args: argparse.Namespace, ok: list[tuple[str, Any]]) -> None:
+    action = args.action
+    if action == "list":
+        rows = sorted(({**m, "worker": w} for w, result in ok for m in result),
+                      key=lambda m: m["queue_id"])
+        if args.json:
+            for m in rows:
+                print(json.dumps(m))
+            return
+        now = datetime.now(UTC).timestamp()
+        _print_table(["QUEUE ID", "WORKER", "STATE", "AGE", "SIZE", "SENDER", "RECIPIENTS",
+                      "LAST REPLY"],
+                     [[m["queue_id"], m["worker"], m["state"],
+                       _age(now - m["received_at"]), str(m["size"]), m["sender"] or "<>",
+                       ",".join(r["address"] for r in m["recipients"]),
+                       _last_reply(m["recipients"])] for m in rows])
+        print(f"{len(rows)} message(s)")
+        return
+    if action == "show":
+        worker, doc = ok[0]
+        print(json.dumps({**doc, "worker": worker}, indent=None if args.json else 2))
+        return
+    if action == "destinations":
+        dests = [{**d, "worker": w} for w, result in ok for d in result]
+        if args.json:
+            for d in dests:
+                print(json.dumps(d))
+            return
+        _print_table(["DESTINATION", "WORKER", "STATE", "READY", "IN USE", "LIMIT",
+                      "SUSPENDED FOR", "REASON"],
+                     [[d["destination"], d["worker"], d["state"], str(d["ready"]),
+                       str(d["connectionsInUse"]), str(d["connectionLimit"]),
+                       _age(d["suspendedFor"]) if d["suspendedFor"] else "",
+                       d["reason"]] for d in dests])
+        return
+    if action == "flush":
+        messages = sorted(q for _, r in ok for q in r["messages"])
+        resumed = sorted(d for _, r in ok for d in r["destinations"])
+        if args.json:
+            print(json.dumps({"messages": messages, "destinations": resumed}))
+            return
+        print(f"flushed {len(messages)} message(s)"
+              + (f"; resumed {', '.join(resumed)}" if resumed else ""))
+        return
+    ids = sorted(q for _, r in ok for q in r)
+    if args.json:
+        print(json.dumps(ids))
+        return
+    verb = {"hold": "held", "release": "released", "delete": "deleted",
+            "bounce": "bounced"}[action]
+    print(f"{verb} {len(ids)} message(s)" + (f": {' '.join(ids)}" if ids else ""))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _last_reply(recipients: list[dict[str, Any]]) -> str:
+    replies = [r["last_response"] for r in recipients if r.get("last_response")]
+    return replies[-1][:60] if replies else ""
 
 
 def main(argv: list[str] | None = None) -> int:

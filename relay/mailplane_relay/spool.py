@@ -421,6 +421,30 @@ class Spool:
             raise SpoolError(f"spool read of {queue_id} failed: {exc}") from exc
         return raw[offset:]
 
+    def queue_ids(self) -> list[str]:
+        """The queue ids of the messages in the spool, oldest first."""
+        return sorted(self._live)
+
+    def envelope(self, queue_id: str) -> QueuedMessage | None:
+        """The current envelope of a message: the object in memory when the spool holds one,
+        else read from its files (blocking; a small read). None when the message is gone or
+        unreadable. Never the message data."""
+        held = self._envelopes.get(queue_id)
+        if held is not None:
+            return held
+        if queue_id not in self._live:
+            return None
+        try:
+            with open(self._d + queue_id + _MSG, "rb") as f:
+                _, raw = _read_header(f)
+            msg = QueuedMessage.from_json(raw)
+            if queue_id in self._states:
+                with open(self._d + queue_id + _STATE, "rb") as f:
+                    msg = QueuedMessage.from_json(f.read())
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return msg if msg.queue_id == queue_id else None
+
     async def save_state(self, msg: QueuedMessage, *, durable: bool = False) -> None:
         """Rewrite the envelope atomically. Not fsynced unless ``durable``: a lost update only
         repeats an attempt (at-least-once)."""

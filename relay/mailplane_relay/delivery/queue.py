@@ -73,6 +73,9 @@ SIGN_IN_THREAD_BYTES = 256 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 # A destination with nothing queued, no connection and no suspension is forgotten after this.
 DESTINATION_IDLE_FORGET = 600.0
+# The envelope mark of a message on hold (``mailplane queue hold``): not scheduled until
+# released, across restarts.
+HELD = "held"
 # DNS lookups of due messages running at once.
 ROUTING_CONCURRENCY = 64
 # Where MTA-STS policies persist when delivery.mtaSts.cacheFile is not set: the spool root
@@ -223,6 +226,99 @@ class DeliveryQueue:
             "reason": d.reason, "failures": d.failures, "delivered": d.delivered,
         } for d in sorted(self._destinations.values(), key=lambda d: d.key)]
 
+    # ------------------------------------------------------------------ administration
+
+    def state_of(self, msg: QueuedMessage) -> str:
+        """``active`` (an attempt runs), ``held``, or ``scheduled`` (waits for its next
+        attempt)."""
+        if msg.queue_id in self._attempts:
+            return "active"
+        return "held" if msg.extra.get(HELD) else "scheduled"
+
+    async def hold(self, queue_id: str) -> bool:
+        """Take a message out of the schedule until :meth:`release`; durable (the hold is in
+        its state file and survives restarts). An attempt already running finishes. False when
+        it was held already; KeyError when the queue does not hold it."""
+        msg = self._admin_message(queue_id)
+        if msg.extra.get(HELD):
+            return False
+        msg.extra[HELD] = True
+        try:
+            await self._spool.save_state(msg, durable=True)
+        except SpoolError:
+            del msg.extra[HELD]
+            raise
+        self._scheduled.pop(queue_id, None)  # its heap entry is superseded
+        self._changed.set()
+        return True
+
+    async def release(self, queue_id: str) -> bool:
+        """Put a held message back on the schedule, due at once. False when it was not
+        held."""
+        msg = self._admin_message(queue_id)
+        if not msg.extra.get(HELD):
+            return False
+        del msg.extra[HELD]
+        try:
+            await self._spool.save_state(msg, durable=True)
+        except SpoolError:
+            msg.extra[HELD] = True
+            raise
+        if queue_id not in self._attempts:
+            msg.next_attempt = min(msg.next_attempt, self._clock())
+            self._schedule(msg)
+        return True
+
+    def flush(self, queue_id: str) -> bool:
+        """Make a scheduled message due now. False when it is held or an attempt runs."""
+        msg = self._admin_message(queue_id)
+        if queue_id in self._attempts:
+            return False
+        msg.next_attempt = self._clock()
+        self._schedule(msg)  # which leaves a held message out
+        return not msg.extra.get(HELD)
+
+    def resume_destinations(self, name: str | None) -> list[str]:
+        """End the suspension of the destinations whose key or recipient domain is ``name``
+        (every destination when None): the next work item for each is the probe. Their
+        keys."""
+        now = self._clock()
+        resumed = []
+        for dest in self._destinations.values():
+            if not dest.suspended(now):
+                continue
+            if name is not None and name not in (dest.key, dest.match[0]):
+                continue
+            dest.suspended_until = now
+            resumed.append(dest.key)
+        self._dispatch_wake.set()
+        return resumed
+
+    async def delete(self, queue_id: str) -> None:
+        """Delete a message from the spool and the schedule, without a DSN. An attempt in
+        flight ends without recording anything (as after an erasure)."""
+        self._admin_message(queue_id)
+        await self._spool.remove(queue_id)
+        self.forget(queue_id)
+
+    async def bounce(self, queue_id: str, reply: str) -> None:
+        """Fail every pending recipient with ``reply``: logged as bounced, and a DSN goes to
+        the sender as for any failure (never for a null sender). Refused (ValueError) while an
+        attempt runs: its outcome would race this one."""
+        msg = self._admin_message(queue_id)
+        if queue_id in self._attempts:
+            raise ValueError(f"{queue_id} has a delivery attempt in progress; hold it, wait "
+                             "for the attempt to end, then bounce it")
+        outcomes = {r.address: RecipientOutcome("bounced", reply) for r in msg.pending()}
+        self._scheduled.pop(queue_id, None)
+        await self._outcomes.apply(self._config(), msg, outcomes)
+
+    def _admin_message(self, queue_id: str) -> QueuedMessage:
+        msg = self._messages.get(queue_id)
+        if msg is None:
+            raise KeyError(queue_id)
+        return msg
+
     def forget(self, queue_id: str) -> None:
         """The spool deleted this message (erasure): drop it from the schedule. An attempt in
         flight finds it without recipients and ends without sending, logging or bouncing."""
@@ -257,6 +353,10 @@ class DeliveryQueue:
     # ------------------------------------------------------------------ scheduled stage
 
     def _schedule(self, msg: QueuedMessage) -> None:
+        if msg.extra.get(HELD):
+            self._scheduled.pop(msg.queue_id, None)  # held: out of the schedule until released
+            self._changed.set()
+            return
         seq = next(self._seq)
         self._scheduled[msg.queue_id] = seq
         heapq.heappush(self._heap, (msg.next_attempt, seq, msg.queue_id))

@@ -1,0 +1,331 @@
+"""The queue administration socket: ``mailplane queue`` talks to every relay process here.
+
+Each relay process (each worker with ``workers: N``) listens on a unix socket of its own,
+``<spool.directory>/control/w<index>.sock`` (``w0.sock`` for a single process), and answers
+for the messages of its own spool. The directory is mode 0700 and the socket 0600, owned by
+the relay's user; a peer of another user (other than root) is refused as well, whatever the
+file modes say. The socket is reachable only inside the pod (``kubectl exec``), never over
+the network: the ops HTTP port has no authentication and serves none of this.
+
+The protocol is one JSON object per line each way: a request ``{"op": "list", ...}``, then
+one answer ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``, then the
+relay closes the connection. Nothing here reads message data: ``show`` answers the envelope
+and its delivery state, never the body or a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import domain_of
+from .spool import QueuedMessage, Spool, SpoolError
+
+if TYPE_CHECKING:
+    from .delivery import DeliveryQueue
+
+log = logging.getLogger(__name__)
+
+CONTROL_DIR = "control"
+# Requests are small (an operation and a few names); anything longer is not ours.
+MAX_REQUEST = 16 * 1024
+# The answer to `bounce`: the recipients fail with it, and the sender's DSN quotes it.
+ADMIN_BOUNCE_REPLY = "550 5.0.0 Returned to the sender by the relay administrator"
+# Unix socket paths are limited to 107 bytes on Linux.
+MAX_SOCKET_PATH = 107
+OPS = ("list", "show", "destinations", "hold", "release", "flush", "delete", "bounce")
+
+
+def control_dir(spool_root: str | Path) -> Path:
+    """Where the sockets of the relay processes using ``spool.directory`` are."""
+    return Path(spool_root) / CONTROL_DIR
+
+
+def socket_path(spool_root: str | Path, index: int) -> Path:
+    return control_dir(spool_root) / f"w{index}.sock"
+
+
+class ControlError(Exception):
+    """A request the relay cannot carry out; the text says why and what to do."""
+
+
+class ControlServer:
+    def __init__(self, path: Path, *, queue: DeliveryQueue, spool: Spool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._queue = queue
+        self._spool = spool
+        self._clock = clock
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Bind the socket (the caller holds the spool lock of this worker, so a socket left
+        at this path belongs to a process that is gone: it is replaced)."""
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"queue administration socket path {self.path} is longer than "
+                f"{MAX_SOCKET_PATH} bytes; use a shorter spool.directory")
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(
+            self._handle, path=str(self.path), limit=MAX_REQUEST)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            answer: dict[str, Any]
+            if not _peer_allowed(writer):
+                answer = {"ok": False, "error": "permission denied: run this as the relay's "
+                                                "user (or root)"}
+            else:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), 10.0)
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                except (ValueError, TimeoutError, asyncio.LimitOverrunError):
+                    answer = {"ok": False, "error": "bad request: send one JSON object on a "
+                                                    "line"}
+                else:
+                    answer = await self.call(request)
+            writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op not in OPS:
+                raise ControlError(f"unknown operation {op!r}; one of {', '.join(OPS)}")
+            result = await getattr(self, f"_op_{op}")(request)
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except SpoolError as exc:
+            return {"ok": False, "error": f"spool: {exc}"}
+        log.info("queue administration: %s %s", op, _target(request))
+        return {"ok": True, "result": result}
+
+    # ---------------------------------------------------------------- operations
+
+    async def _op_list(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        destination = _optional_str(request, "destination")
+        older_than = request.get("older_than")
+        if older_than is not None and not isinstance(older_than, int | float):
+            raise ControlError("older_than must be a number of seconds")
+        now = self._clock()
+        out = []
+        for msg in await self._envelopes():
+            if older_than is not None and now - msg.received_at < older_than:
+                continue
+            if destination is not None and destination not in _domains(msg):
+                continue
+            out.append(self._summary(msg))
+        return out
+
+    async def _op_show(self, request: dict[str, Any]) -> dict[str, Any]:
+        queue_id = _queue_id(request)
+        msg = await asyncio.to_thread(self._spool.envelope, queue_id)
+        if msg is None:
+            raise ControlError(f"{queue_id}: not in this relay process's queue")
+        held = self._queue.message(queue_id)
+        if held is not None:
+            msg = held
+        doc = json.loads(msg.to_json())
+        doc["state"] = self._state(msg)
+        return dict(doc)
+
+    async def _op_destinations(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._queue.destinations()
+
+    async def _op_hold(self, request: dict[str, Any]) -> list[str]:
+        return [qid for qid in await self._targets(request) if await self._queue.hold(qid)]
+
+    async def _op_release(self, request: dict[str, Any]) -> list[str]:
+        return [qid for qid in await self._targets(request) if await self._queue.release(qid)]
+
+    async def _op_flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        destination = _optional_str(request, "destination")
+        resumed = self._queue.resume_destinations(destination)
+        if destination is None:
+            ids = [m.queue_id for m in await self._envelopes()]
+        else:
+            ids = await self._targets(request)
+        flushed = []
+        for qid in ids:
+            with contextlib.suppress(KeyError):
+                if self._queue.flush(qid):
+                    flushed.append(qid)
+        return {"messages": flushed, "destinations": resumed}
+
+    async def _op_delete(self, request: dict[str, Any]) -> list[str]:
+        queue_id = _queue_id(request)
+        try:
+            await self._queue.delete(queue_id)
+        except KeyError:
+            raise ControlError(f"{queue_id}: not in this relay process's queue") from None
+        return [queue_id]
+
+    async def _op_bounce(self, request: dict[str, Any]) -> list[str]:
+        queue_id = _queue_id(request)
+        try:
+            await self._queue.bounce(queue_id, ADMIN_BOUNCE_REPLY)
+        except KeyError:
+            raise ControlError(f"{queue_id}: not in this relay process's queue") from None
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        return [queue_id]
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _envelopes(self) -> list[QueuedMessage]:
+        """Every message of this spool, oldest first: listed from the spool, each envelope the
+        queue's own object when it holds one, else read from the spool files (in a thread)."""
+        ids = self._spool.queue_ids()
+        found: list[QueuedMessage] = []
+        unread: list[str] = []
+        for qid in ids:
+            msg = self._queue.message(qid)
+            if msg is None:
+                unread.append(qid)
+            else:
+                found.append(msg)
+        if unread:
+            read = await asyncio.to_thread(lambda: [self._spool.envelope(q) for q in unread])
+            found.extend(m for m in read if m is not None)
+        found.sort(key=lambda m: m.queue_id)
+        return found
+
+    async def _targets(self, request: dict[str, Any]) -> list[str]:
+        """The queue ids a hold/release/flush names: one id, or every message with a pending
+        recipient at a destination (recipient domain). Only messages the queue holds."""
+        queue_id = _optional_str(request, "queue_id")
+        if queue_id is not None:
+            if self._queue.message(queue_id) is None:
+                raise ControlError(f"{queue_id}: not in this relay process's queue")
+            return [queue_id]
+        destination = _optional_str(request, "destination")
+        if destination is None:
+            raise ControlError("name a queue id or a destination")
+        return [m.queue_id for m in await self._envelopes()
+                if destination in _domains(m) and self._queue.message(m.queue_id) is not None]
+
+    def _state(self, msg: QueuedMessage) -> str:
+        if self._queue.message(msg.queue_id) is msg:
+            return self._queue.state_of(msg)
+        return "final" if not msg.needs_work() else "loading"
+
+    def _summary(self, msg: QueuedMessage) -> dict[str, Any]:
+        return {
+            "queue_id": msg.queue_id, "sender": msg.mail_from, "received_at": msg.received_at,
+            "size": msg.size, "state": self._state(msg), "next_attempt": msg.next_attempt,
+            "attempts": msg.attempts, "destinations": sorted(_domains(msg)),
+            "recipients": [{"address": r.address, "status": r.status,
+                            "last_response": r.last_response}
+                           for r in msg.recipients if r.status == "pending" or r.dsn_owed],
+        }
+
+
+def _domains(msg: QueuedMessage) -> set[str]:
+    return {domain_of(r.address) for r in msg.recipients if r.status == "pending"}
+
+
+def _optional_str(request: dict[str, Any], name: str) -> str | None:
+    value = request.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ControlError(f"{name} must be a non-empty string")
+    return value.lower() if name == "destination" else value
+
+
+def _queue_id(request: dict[str, Any]) -> str:
+    value = _optional_str(request, "queue_id")
+    if value is None:
+        raise ControlError("this operation needs a queue id")
+    return value
+
+
+def _target(request: dict[str, Any]) -> str:
+    parts = [f"{k}={request[k]}" for k in ("queue_id", "destination") if request.get(k)]
+    return " ".join(parts)
+
+
+def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return True  # the 0700 directory is the protection where credentials are unknown
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.geteuid())
+
+
+# ---------------------------------------------------------------- client (the CLI)
+
+
+def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0
+                ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """Send ``request`` to every relay process with a socket in ``directory``: the answers
+    ``(worker, answer)`` of the processes that replied, and a note for each socket nobody
+    listens on (a worker that is gone)."""
+    try:
+        names = sorted(p.name for p in directory.iterdir() if p.name.endswith(".sock"))
+    except FileNotFoundError:
+        raise ControlError(
+            f"{directory} does not exist: no relay runs with this spool.directory (give the "
+            "relay's --config, or --control-dir)") from None
+    except PermissionError:
+        raise ControlError(f"{directory}: permission denied; run this as the relay's user "
+                           "(e.g. through kubectl exec)") from None
+    answers: list[tuple[str, dict[str, Any]]] = []
+    stale: list[str] = []
+    payload = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+    for name in names:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(directory / name))
+            except (ConnectionRefusedError, FileNotFoundError):
+                stale.append(name)
+                continue
+            except PermissionError:
+                raise ControlError(f"{directory / name}: permission denied; run this as the "
+                                   "relay's user (e.g. through kubectl exec)") from None
+            sock.sendall(payload)
+            chunks = []
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise ControlError(f"{name}: the relay gave no answer (did it stop?)") from None
+        answers.append((name.removesuffix(".sock"), answer))
+    if not answers and not stale:
+        raise ControlError(f"no relay process has a socket in {directory}; is the relay "
+                           "running?")
+    return answers, stale

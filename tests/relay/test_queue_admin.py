@@ -1,0 +1,186 @@
+"""`mailplane queue` against a real relay with two worker processes and a throttling upstream:
+list (both workers answer), destinations (the suspension and its reason), hold (by id and by
+destination, surviving a restart), flush (ends the suspension, held mail stays), release,
+show (envelope, never the content), delete and bounce (a DSN to the sender). The command is
+the real CLI in a subprocess, talking to the relay's unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import json
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from email.message import Message
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from tests.helpers.relayproc import RelayProcess
+from tests.helpers.sink import Sink
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+MARKER = "QueueAdminBodyMarker"
+
+
+def queue(relay: RelayProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailplane_cli.main", "queue", *args,
+         "--config", str(relay.config_dir)],
+        capture_output=True, text=True, timeout=60, check=False)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def listed(relay: RelayProcess, *args: str) -> list[dict[str, Any]]:
+    out = queue(relay, "list", "--json", *args).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def send(relay: RelayProcess, rcpt: str, n: int) -> None:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports["submissions"],
+                           use_tls=True, tls_context=relay.client_tls(), timeout=10)
+    await smtp.connect()
+    await smtp.login("app", "app-password")
+    data = f"From: app@example.com\r\nSubject: {MARKER} {n}\r\n\r\n{MARKER} body\r\n"
+    await smtp.sendmail("app@example.com", [rcpt], data.encode())
+    await smtp.quit()
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def start(relay: RelayProcess) -> None:
+    await asyncio.to_thread(relay.start)
+    deadline = time.monotonic() + 30
+    while relay.metric("mailplane_relay_ready") != 2:
+        assert time.monotonic() < deadline, "both workers ready"
+        await asyncio.sleep(0.1)
+
+
+def delivered(sink: Sink) -> set[str]:
+    return {r for m in sink.messages for r in m.rcpt_tos}
+
+
+async def test_queue_administration_with_two_workers(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+) -> None:
+    sink: Sink = await smtp_sink(mail_reply="451 4.7.0 Throttled, try again later")
+    # A long backoff: nothing is retried unless the command says so, and no attempt runs
+    # while the commands act (a hold is saved by the command, not by an attempt's outcome).
+    relay = relay_factory(smarthost_port=sink.port, workers=2, extra={
+        "queue": {"retryInitial": "1h", "retryMax": "1h", "retryJitter": 0.0}})
+    await start(relay)
+    control = relay.spool_dir / "control"
+    assert stat.S_IMODE(control.stat().st_mode) == 0o700
+    assert sorted(p.name for p in control.iterdir()) == ["w0.sock", "w1.sock"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in control.iterdir())
+
+    # Mail to three domains; the kernel spreads connections over the workers: send until both
+    # workers hold some.
+    n = 0
+    for domain in ("a.test", "b.test", "c.test"):
+        for _ in range(3):
+            await send(relay, f"u{n}@{domain}", n)
+            n += 1
+    while not all(any((relay.spool_dir / w).glob("*.msg")) for w in ("w0", "w1")):
+        assert n < 60, "the kernel never gave worker 1 a connection"
+        await send(relay, f"u{n}@a.test", n)
+        n += 1
+    await eventually(lambda: len([m for m in listed(relay) if m["attempts"] >= 1]) == n,
+                     "every message deferred once")
+    rows = listed(relay)
+    assert {m["worker"] for m in rows} == {"w0", "w1"}
+    assert all(m["state"] == "scheduled" and m["sender"] == "app@example.com" for m in rows)
+    assert all(m["next_attempt"] > time.time() + 3000 for m in rows)
+    assert {m["queue_id"] for m in listed(relay, "--destination", "b.test")} == {
+        m["queue_id"] for m in rows if m["destinations"] == ["b.test"]}
+    assert len(listed(relay, "--destination", "b.test")) == 3
+    assert listed(relay, "--older-than", "1h") == []
+
+    # The throttled smarthost is suspended, and the table says why.
+    dests = [json.loads(line) for line in queue(relay, "destinations", "--json")
+             .stdout.splitlines()]
+    assert any(d["state"] == "suspended" and "4.7.0 Throttled" in d["reason"]
+               for d in dests), dests
+    assert "4.7.0 Throttled" in queue(relay, "destinations").stdout
+
+    # show: envelope and state, never the content.
+    c_ids = [m["queue_id"] for m in rows if m["destinations"] == ["c.test"]]
+    shown = queue(relay, "show", c_ids[0]).stdout
+    doc = json.loads(shown)
+    assert doc["queue_id"] == c_ids[0] and doc["recipients"][0]["address"].endswith("@c.test")
+    assert MARKER not in shown
+
+    # Hold one a.test message by id and every b.test message by destination.
+    held_one = next(m for m in rows if m["destinations"] == ["a.test"])
+    assert held_one["queue_id"] in queue(relay, "hold", held_one["queue_id"]).stdout
+    assert queue(relay, "hold", "b.test").stdout.startswith("held 3 message(s)")
+    held = {held_one["queue_id"]} | {m["queue_id"] for m in rows
+                                     if m["destinations"] == ["b.test"]}
+
+    # A hold survives a restart.
+    assert await asyncio.to_thread(relay.stop) == 0
+    await start(relay)
+    await eventually(lambda: {m["queue_id"] for m in listed(relay)
+                              if m["state"] == "held"} == held, "holds after the restart")
+
+    # The upstream recovers, except for the c.test mailboxes. flush retries at once and ends
+    # the suspension; held mail stays.
+    sink.behaviour.mail_reply = None
+    sink.behaviour.rcpt_replies = {f"u{i}@c.test": "451 4.2.0 Mailbox busy" for i in range(n)}
+    attempts_before = len(sink.rcpt_attempts)
+    queue(relay, "flush")
+    a_rcpts = {r["address"] for m in rows if m["destinations"] == ["a.test"]
+               for r in m["recipients"] if m["queue_id"] != held_one["queue_id"]}
+    await eventually(lambda: a_rcpts <= delivered(sink), "a.test delivered after flush")
+    await eventually(lambda: any(r.endswith("@c.test")
+                                 for r in sink.rcpt_attempts[attempts_before:]),
+                     "c.test tried after flush")
+    assert not any(r.endswith("@b.test") for r in sink.rcpt_attempts)
+    assert held_one["recipients"][0]["address"] not in sink.rcpt_attempts
+
+    # release: by destination and by id.
+    assert queue(relay, "release", "b.test").stdout.startswith("released 3 message(s)")
+    queue(relay, "release", held_one["queue_id"])
+    await eventually(lambda: sum(1 for r in delivered(sink) if r.endswith("@b.test")) == 3
+                     and held_one["recipients"][0]["address"] in delivered(sink),
+                     "released mail delivered")
+
+    # delete (no notice) and bounce (a DSN to the sender).
+    proc = queue(relay, "delete", c_ids[0])
+    assert c_ids[0] in proc.stdout
+    await eventually(lambda: c_ids[1] in {m["queue_id"] for m in listed(relay)
+                                          if m["state"] == "scheduled"}, "c.test scheduled")
+    assert c_ids[1] in queue(relay, "bounce", c_ids[1]).stdout
+    await eventually(lambda: any(m.mail_from == "" for m in sink.messages), "the DSN")
+    dsn = next(m for m in sink.messages if m.mail_from == "")
+    assert dsn.rcpt_tos == ["app@example.com"]
+    report = email.message_from_bytes(dsn.data)
+    assert report.get_content_type() == "multipart/report"
+    parts = report.get_payload()
+    assert isinstance(parts, list)
+    status: list[Message] = parts[1].get_payload()
+    assert status[1]["Action"] == "failed"
+    assert status[1]["Status"] == "5.0.0"
+    assert "administrator" in status[1]["Diagnostic-Code"]
+    assert MARKER + " body" not in dsn.data.decode()
+    remaining = {m["queue_id"] for m in listed(relay)}
+    assert c_ids[0] not in remaining and c_ids[1] not in remaining
+
+    # Unknown ids and bad input: a clear message and a non-zero status.
+    proc = queue(relay, "show", c_ids[0], check=False)
+    assert proc.returncode == 1 and "not in this relay process's queue" in proc.stderr
+    proc = queue(relay, "hold", "not a thing", check=False)
+    assert proc.returncode == 2 and "neither a queue id" in proc.stderr
+    assert await asyncio.to_thread(relay.stop) == 0
