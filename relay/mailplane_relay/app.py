@@ -31,8 +31,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 
+from . import verp
 from .config import (
     ConfigError,
+    IntakeSettings,
     RelayConfig,
     RelaySettings,
     config_fingerprint,
@@ -44,6 +46,7 @@ from .delivery import DeliveryQueue
 from .http import OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
+from .intake.listener import IntakeHandler, IntakeServer
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
@@ -233,6 +236,7 @@ async def _export_paused(reputation: Reputation, metrics: RelayMetrics) -> None:
     so this is polled rather than set on events)."""
     while True:
         metrics.credentials_paused.set(reputation.paused_count())
+        metrics.credentials_paused_complaints.set(reputation.paused_count("complaint"))
         await asyncio.sleep(10.0)
 
 
@@ -305,6 +309,7 @@ class RelayApp:
         self.readiness = Readiness(on_change=self._readiness_changed)
         self.http: OpsServer | None = None
         self.server: SubmissionServer | None = None
+        self.intake: IntakeServer | None = None
         self.queue: DeliveryQueue | None = None
         self.spool: Spool | None = None
         self.tls: ReloadingTLS | None = None
@@ -489,7 +494,15 @@ class RelayApp:
         self.server = server
         await server.start()
         stages.append(("smtp server", self._drain_server))
-        ports = " ".join(f"{k}={v}" for k, v in sorted(server.bound_ports.items()))
+        bound = server.bound_ports
+        # The intake listener runs in one process per pod (reports are few): the first worker.
+        if settings.intake is not None and (worker is None or worker.index == 0):
+            intake = await self._start_intake(settings.intake, suppression=suppression,
+                                              reputation=reputation, queue=queue,
+                                              msglog=msglog, tls=tls)
+            stages.append(("intake listener", intake.stop))
+            bound["intake"] = intake.port
+        ports = " ".join(f"{k}={v}" for k, v in sorted(bound.items()))
         http_port = f" http={self.http.port}" if self.http else ""
         log.info("listening: %s%s", ports, http_port)
         self.readiness.mark("listeners bound")
@@ -500,6 +513,29 @@ class RelayApp:
         tasks.spawn("erasure", self._erasure_loop(backend, health, peer_id))
         if worker is None or worker.purge:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
+
+    async def _start_intake(self, settings: IntakeSettings, *, suppression: SuppressionList,
+                            reputation: Reputation, queue: DeliveryQueue, msglog: MessageLog,
+                            tls: ReloadingTLS) -> IntakeServer:
+        keys = verp.KeyFile()
+        try:
+            keys.get(settings.key_file)
+        except verp.VERPKeyError as exc:
+            raise ConfigError(str(exc)) from None
+
+        def key() -> bytes:
+            intake = self.config().settings.intake
+            return keys.get(intake.key_file if intake is not None else settings.key_file)
+
+        handler = IntakeHandler(config=self.config, key=key, log=msglog,
+                                suppression=suppression, metrics=self.metrics,
+                                reputation=reputation, hard_bounce=queue.hard_bounce)
+        intake = IntakeServer(config=self.config, tls=tls, handler=handler,
+                              metrics=self.metrics)
+        port = self.worker.listener_ports.get("intake") if self.worker else None
+        await intake.start(port=port)
+        self.intake = intake
+        return intake
 
     def _readiness_changed(self, ready: bool) -> None:
         self.metrics.ready.set(1 if ready else 0)
@@ -752,6 +788,8 @@ class Supervisor:
         await http.start()
         # Resolve port 0 once so that every worker (and every restart) binds the same port.
         ports = {lst.name: lst.port or _free_port(lst.address) for lst in settings.listeners}
+        if settings.intake is not None:
+            ports["intake"] = settings.intake.port or _free_port(settings.intake.address)
         log.info("supervisor: %d workers, listening: %s http=%d", self.workers,
                  " ".join(f"{k}={v}" for k, v in sorted(ports.items())), http.port)
 

@@ -392,14 +392,46 @@ class LimitSettings(_Model):
 
 
 class AbuseSettings(_Model):
-    """Automatic pausing of senders whose bounce rate crosses a threshold (acceptable use)."""
+    """Automatic pausing of senders whose bounce or complaint rate crosses a threshold
+    (acceptable use). Complaints come from feedback-loop reports on the intake listener."""
 
     pause_senders: bool = Field(True, alias="pauseSenders")
-    bounce_rate: float = Field(0.10, alias="bounceRate", gt=0.0, le=1.0)
+    bounce_rate: float = Field(0.05, alias="bounceRate", gt=0.0, le=1.0)
+    # A share of the recipients delivered in the window; 0.1 % as SES pauses at.
+    complaint_rate: float = Field(0.001, alias="complaintRate", gt=0.0, le=1.0)
     min_recipients: int = Field(50, alias="minRecipients", ge=1)
     window: Duration = Field(3600.0, ge=60.0)
 
     _d = _durations("window")
+
+
+class IntakeSettings(_Model):
+    """The bounce and complaint intake: a VERP return path on ``domain`` for every message
+    delivered, and an SMTP listener that takes DSNs (RFC 3464) and ARF reports (RFC 5965) for
+    that domain only. ``keyFile`` holds the secret that authenticates the return paths."""
+
+    domain: str
+    local_part: str = Field("bounces", alias="localPart", pattern=r"^[a-z0-9][a-z0-9.-]{0,19}$")
+    key_file: str = Field(alias="keyFile")
+    address: str = "0.0.0.0"
+    port: int = Field(25, ge=0, le=65535)
+    max_message_size: int = Field(256 * 1024, alias="maxMessageSize", ge=4096,
+                                  le=10 * 1024 * 1024)
+    max_sessions: int = Field(50, alias="maxSessions", ge=1)
+    max_sessions_per_address: int = Field(5, alias="maxSessionsPerAddress", ge=1)
+    reports_per_minute: int = Field(600, alias="reportsPerMinute", ge=1)
+    session_timeout: Duration = Field(60.0, alias="sessionTimeout")
+
+    _d = _durations("session_timeout")
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.strip().lower().rstrip(".")
+        if not re.fullmatch(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*", v):
+            raise ValueError(f"intake.domain {v!r} must be a DNS name such as "
+                             "'bounces.example.com' (an internationalised name in its xn-- form)")
+        return v
 
 
 # The privacy policy (section 5) retains delivery logs 90 days: no configuration keeps longer.
@@ -659,6 +691,7 @@ class RelaySettings(_Model):
     limits: LimitSettings = LimitSettings()
     retention: RetentionSettings = RetentionSettings()
     abuse: AbuseSettings = AbuseSettings()
+    intake: IntakeSettings | None = None
     message_log: MessageLogSettings = Field(MessageLogSettings(), alias="messageLog")
     store: StoreSettings = StoreSettings()
     trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
@@ -700,6 +733,9 @@ class RelaySettings(_Model):
         names = [lst.name for lst in self.listeners]
         if len(set(names)) != len(names):
             raise ValueError(f"listener names must be unique, got {names}")
+        if self.intake is not None and "intake" in names:
+            raise ValueError("the listener name 'intake' is the intake listener's (its port is "
+                             "intake.port): rename the listener")
         return self
 
 

@@ -50,6 +50,9 @@ class RelayMetrics:
     suppression_entries: Gauge
     ready: Gauge
     credentials_paused: Gauge
+    credentials_paused_complaints: Gauge
+    intake_reports: Counter
+    async_bounces: Counter
     spool_commit_latency: Histogram
     spool_corrupt_files: Gauge
     spool_corrupt_purged: Counter
@@ -125,8 +128,23 @@ class RelayMetrics:
             ready=Gauge(f"{NS}_ready", "1 when the relay accepts mail.", registry=r),
             credentials_paused=Gauge(
                 f"{NS}_credentials_paused",
-                "Credentials paused because their bounce rate crossed abuse.bounceRate.",
+                "Credentials paused because their bounce or complaint rate crossed "
+                "abuse.bounceRate or abuse.complaintRate.",
                 multiprocess_mode="livemax", registry=r),
+            credentials_paused_complaints=Gauge(
+                f"{NS}_credentials_paused_complaints",
+                "Credentials paused because their complaint rate crossed abuse.complaintRate.",
+                multiprocess_mode="livemax", registry=r),
+            intake_reports=Counter(
+                f"{NS}_intake_reports",
+                "Reports taken by the intake listener, by kind (dsn, arf, other) and result "
+                "(matched, unmatched: no message or recipient of ours, forged: the return "
+                "path did not verify, ignored: not a failure or complaint, malformed).",
+                ["kind", "result"], registry=r),
+            async_bounces=Counter(
+                f"{NS}_async_bounces",
+                "Recipients reported failed by a DSN after the relay had delivered to them.",
+                ["sender_domain", "credential"], registry=r),
             spool_commit_latency=Histogram(
                 f"{NS}_spool_commit_seconds", "Time to make a message durable (fsync).",
                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),

@@ -100,3 +100,81 @@ async def test_a_paused_credential_gets_451_at_mail_from_and_others_do_not(
     finally:
         await c.close()
     assert [e.status for e in relay.log.events].count("rejected") == 1
+
+
+def test_pauses_when_complaints_cross_the_complaint_rate_of_delivered_mail() -> None:
+    rep, _ = make(complaintRate=0.05)
+    feed(rep, "app", 40, 0)
+    rep.record("app", "complained")
+    assert rep.paused("app") is None  # 1 of 40 delivered: 2.5 %
+    rep.record("app", "complained")
+    pause = rep.paused("app")
+    assert pause is not None and pause.cause == "complaint" and pause.bounce_rate == 0.05
+    reply = pause.reply("app")
+    assert reply.startswith("451 4.7.1 Sending paused for app: complaints about 5% of the "
+                            "last 40 recipients within 10m (limit 5%)")
+    assert rep.paused_count("complaint") == 1 and rep.paused_count("bounce") == 0
+
+
+def test_complaints_need_the_minimum_volume_and_slide_out_of_the_window() -> None:
+    rep, clock = make(complaintRate=0.001, minRecipients=20)
+    feed(rep, "app", 10, 0)
+    rep.record("app", "complained")
+    assert rep.paused("app") is None  # 10 recipients: below minRecipients
+    feed(rep, "app", 10, 0)
+    assert rep.paused("app") is not None
+    clock.now += 11 * 60
+    assert rep.paused("app") is None
+
+
+def test_the_ses_defaults() -> None:
+    abuse = AbuseSettings()
+    assert abuse.complaint_rate == 0.001
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.outcomes: dict[tuple[str, int], list[int]] = {}
+        self.complaints: dict[tuple[str, int], int] = {}
+
+    async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
+        for key, (d, b) in buckets.items():
+            cur = self.outcomes.setdefault(key, [0, 0])
+            cur[0] += d
+            cur[1] += b
+
+    async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for (c, m), (d, b) in self.outcomes.items():
+            if m > since_minute:
+                d0, b0 = out.get(c, (0, 0))
+                out[c] = (d0 + d, b0 + b)
+        return out
+
+    async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+        for key, n in buckets.items():
+            self.complaints[key] = self.complaints.get(key, 0) + n
+
+    async def complaints_window(self, since_minute: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (c, m), n in self.complaints.items():
+            if m > since_minute:
+                out[c] = out.get(c, 0) + n
+        return out
+
+
+async def test_complaints_recorded_by_one_process_pause_the_credential_in_another() -> None:
+    store = MemoryStore()
+    abuse = AbuseSettings.model_validate({"complaintRate": 0.05, "minRecipients": 20,
+                                          "window": "10m"})
+    clock = Clock()
+    sender = Reputation(lambda: abuse, clock=clock, store=store)
+    intake = Reputation(lambda: abuse, clock=clock, store=store)
+    feed(sender, "app", 20, 0)
+    intake.record("app", "complained")
+    await sender.sync()
+    await intake.sync()
+    assert sender.paused("app") is None  # the intake's complaint is not in the store yet
+    await sender.sync()
+    pause = sender.paused("app")
+    assert pause is not None and pause.cause == "complaint"

@@ -437,6 +437,10 @@ async def test_reputation_counts_add_up_across_writers(
     await other.reputation_add({("app", 101): (2, 3), ("web", 101): (1, 0)})
     assert await backend.reputation_window(99) == {"app": (8, 4), "web": (1, 0)}
     assert await other.reputation_window(100) == {"app": (3, 3), "web": (1, 0)}
+    await backend.complaints_add({("app", 100): 1, ("app", 101): 1})
+    await other.complaints_add({("app", 101): 2, ("web", 101): 1})
+    assert await backend.complaints_window(99) == {"app": 4, "web": 1}
+    assert await other.complaints_window(100) == {"app": 3, "web": 1}
 
 
 # ---- SQLite specifics ---------------------------------------------------------------------

@@ -99,7 +99,7 @@ class Outcomes:
             if status == "delivered":
                 self._metrics.delivery_latency.observe(max(0.0, now - msg.received_at))
             elif status == "bounced" and outcome.hard:
-                await self._hard_bounce(r.address, outcome.response, now)
+                await self.hard_bounce(r.address, outcome.response, now)
         if results:
             result = ("deferred" if "deferred" in results
                       else "delivered" if results == {"delivered"} else "bounced")
@@ -117,7 +117,7 @@ class Outcomes:
         await self._save(msg)
         self._reschedule(msg)
 
-    async def _hard_bounce(self, address: str, response: str, now: float) -> None:
+    async def hard_bounce(self, address: str, response: str, now: float) -> None:
         """Suppress an address when the bounce is certain (user unknown and kin), or when it
         is the second uncertain hard bounce (a bare 550, a 5.1.x about the domain) within the
         window. One answer about a domain never suppresses an address for a year."""

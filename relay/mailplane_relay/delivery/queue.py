@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import verp
 from ..aiotasks import cancel_and_wait
 from ..config import DeliverySettings, RelayConfig, ResolverSettings, domain_of
 from ..dkim import DKIMSigner
@@ -108,6 +109,7 @@ class DeliveryQueue:
         self._clock = clock
         self._rng = rng or random.Random()
         self._signer = signer or DKIMSigner(metrics=metrics, clock=clock)
+        self._verp_key = verp.KeyFile()
         self._outcomes = Outcomes(
             spool=lambda: self._spool, log=log, suppression=suppression, metrics=metrics,
             reputation=reputation, clock=clock, rng=self._rng, read=self._read,
@@ -786,9 +788,10 @@ class DeliveryQueue:
         if conn is not None:
             try:
                 wire = await self._wire_data(attempt, conn, data)
-                result = await transaction(conn, msg.mail_from, pending, wire,
-                                           outcomes=outcomes, t=timeouts, reused=True,
-                                           deadline=deadline, on_accepted=dest.taking_mail)
+                result = await transaction(conn, self._return_path(cfg, msg, pending),
+                                           pending, wire, outcomes=outcomes, t=timeouts,
+                                           reused=True, deadline=deadline,
+                                           on_accepted=dest.taking_mail)
             except ReusedConnectionLost as exc:
                 log.info("delivery: pooled connection to %s failed before the transaction "
                          "(%s); retrying on a fresh connection", conn.remote, exc.reason)
@@ -822,9 +825,9 @@ class DeliveryQueue:
             session = True
             dest.session_worked()
             wire = await self._wire_data(attempt, conn, data)
-            result = await transaction(conn, msg.mail_from, pending, wire, outcomes=outcomes,
-                                       t=timeouts, reused=False, deadline=deadline,
-                                       on_accepted=dest.taking_mail)
+            result = await transaction(conn, self._return_path(cfg, msg, pending), pending,
+                                       wire, outcomes=outcomes, t=timeouts, reused=False,
+                                       deadline=deadline, on_accepted=dest.taking_mail)
             self._release(dest, conn, result.reusable)
             if result.ended:
                 dest.delivered += 1
@@ -839,6 +842,28 @@ class DeliveryQueue:
         # found nowhere else to go: suspend the destination instead of hammering it.
         if pending and failure is not None and (not session or failure == "throttled"):
             self._suspend(dest, cfg, last_reply, failure)
+
+    def _return_path(self, cfg: RelayConfig, msg: QueuedMessage, recipients: list[Recipient]
+                     ) -> str:
+        """The MAIL FROM of a transaction: a VERP address on the intake domain when the relay
+        has one (bounces and complaints come back to the relay), else the sender's. The null
+        sender of a DSN stays null (RFC 5321 §4.5.5)."""
+        intake = cfg.settings.intake
+        if intake is None or not msg.mail_from:
+            return msg.mail_from
+        try:
+            key = self._verp_key.get(intake.key_file)
+        except verp.VERPKeyError as exc:
+            log.error("delivery: no VERP return path for %s, the sender's is used: %s",
+                      msg.queue_id, exc)
+            return msg.mail_from
+        return verp.return_path(key, intake.local_part, intake.domain, msg.queue_id,
+                                [r.address for r in recipients])
+
+    async def hard_bounce(self, address: str, response: str, now: float) -> None:
+        """A hard bounce learned after delivery (a DSN): the same suppression rules as a
+        bounce during the transaction."""
+        await self._outcomes.hard_bounce(address, response, now)
 
     async def _wire_data(self, attempt: Attempt, conn: Connection, data: bytes) -> bytes:
         """What goes to this server: the signed message, or — for an 8-bit body toward a

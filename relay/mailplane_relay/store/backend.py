@@ -166,6 +166,10 @@ class StoreBackend(Protocol):
         """Add (delivered, bounced) counts per (credential, minute)."""
     async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
         """(delivered, bounced) per credential summed over minutes after ``since_minute``."""
+    async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+        """Add complaint counts per (credential, minute) (reports taken by the intake)."""
+    async def complaints_window(self, since_minute: int) -> dict[str, int]:
+        """Complaints per credential summed over minutes after ``since_minute``."""
 
     # ---- erasure requests (docs/store.md, "Erasure across the pool")
     async def erasure_request(self, address: str, now: float) -> int:

@@ -140,6 +140,13 @@ CREATE TABLE IF NOT EXISTS erasure_progress (
     report text NOT NULL,
     PRIMARY KEY (request_id, peer)
 );
+-- Complaints (feedback-loop reports) per credential per minute, for the complaint-rate pause.
+CREATE TABLE IF NOT EXISTS complaint_buckets (
+    credential text NOT NULL,
+    minute bigint NOT NULL,
+    complaints bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (credential, minute)
+);
 -- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential text NOT NULL,
@@ -406,6 +413,8 @@ class PostgresBackend:
                                (int(now // 60) - 5, int(now // 86400) - 2))
             await conn.execute("DELETE FROM reputation_buckets WHERE minute < %s",
                                (int(now // 60) - 7 * 24 * 60,))
+            await conn.execute("DELETE FROM complaint_buckets WHERE minute < %s",
+                               (int(now // 60) - 7 * 24 * 60,))
             await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - 86400,))
         return n_log, n_supp
 
@@ -643,6 +652,26 @@ class PostgresBackend:
                 "SELECT credential, sum(delivered), sum(bounced) FROM reputation_buckets "
                 "WHERE minute > %s GROUP BY credential", (since_minute,))).fetchall()
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+        if not buckets:
+            return
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            cur = conn.cursor()
+            await cur.executemany(
+                "INSERT INTO complaint_buckets AS b (credential, minute, complaints) "
+                "VALUES (%s, %s, %s) ON CONFLICT (credential, minute) DO UPDATE SET "
+                "complaints = b.complaints + excluded.complaints",
+                [(c, m, n) for (c, m), n in buckets.items()])
+
+    async def complaints_window(self, since_minute: int) -> dict[str, int]:
+        await self._ready()
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT credential, sum(complaints) FROM complaint_buckets "
+                "WHERE minute > %s GROUP BY credential", (since_minute,))).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
 
 async def _all_entries(conn: AsyncConnection[Any]) -> dict[str, Entry | None]:

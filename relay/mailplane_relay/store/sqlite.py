@@ -95,6 +95,12 @@ CREATE TABLE IF NOT EXISTS reputation_buckets (
     bounced INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (credential, minute)
 );
+CREATE TABLE IF NOT EXISTS complaint_buckets (
+    credential TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    complaints INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (credential, minute)
+);
 CREATE TABLE IF NOT EXISTS suppression (
     address TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -474,6 +480,8 @@ class SqliteBackend:
                              (int(now // 60) - 5, int(now // 86400) - 2))
                 conn.execute("DELETE FROM reputation_buckets WHERE minute < ?",
                              (int(now // 60) - 7 * 24 * 60,))
+                conn.execute("DELETE FROM complaint_buckets WHERE minute < ?",
+                             (int(now // 60) - 7 * 24 * 60,))
                 conn.execute("DELETE FROM store_peers WHERE seen < ?", (now - 86400,))
             return counts
         return await self._run(run)
@@ -579,6 +587,25 @@ class SqliteBackend:
             "SELECT credential, sum(delivered), sum(bounced) FROM reputation_buckets "
             "WHERE minute > ? GROUP BY credential", (since_minute,)).fetchall())
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+        if not buckets:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO complaint_buckets (credential, minute, complaints) "
+                    "VALUES (?, ?, ?) ON CONFLICT (credential, minute) DO UPDATE SET "
+                    "complaints = complaints + excluded.complaints",
+                    [(c, m, n) for (c, m), n in buckets.items()])
+        await self._run(run)
+
+    async def complaints_window(self, since_minute: int) -> dict[str, int]:
+        rows = await self._run(lambda conn: conn.execute(
+            "SELECT credential, sum(complaints) FROM complaint_buckets "
+            "WHERE minute > ? GROUP BY credential", (since_minute,)).fetchall())
+        return {r[0]: int(r[1]) for r in rows}
 
     # ---- erasure requests (carried out by every worker of the pod)
 
