@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              '{"pod": {labels, annotations, imagePullSecrets, nodeSelector, '
                              'tolerations, affinity, topologySpreadConstraints, '
                              'priorityClassName}, "service": {type, annotations}}')
+    parser.add_argument("--dns-endpoints", action="store_true",
+                        help="publish the DNS records of SendingDomains that leave "
+                             "spec.dnsEndpoint.enabled unset through external-dns DNSEndpoint "
+                             "objects (where the cluster serves that CRD and the relay's "
+                             "spec.tenancy.dnsPublishNamespaces allows it)")
     parser.add_argument("--cache-size", type=int, default=20_000, metavar="N",
                         help="entries kept per cache (parsed resources, Secrets read by name; "
                              "least recently used dropped). Keep it above the number of "
@@ -158,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
         image=args.image,
         cluster_domain=args.cluster_domain,
         relay_defaults=args.relay_defaults,
+        dns_endpoints=args.dns_endpoints,
     )
     metrics = OperatorMetrics.create()
     if args.metrics_port:

@@ -62,6 +62,9 @@ class OperatorConfig:
     namespace_cache_ttl: float = 30.0
     delete_timeout: float = 60.0
     cluster_domain: str = "cluster.local"
+    dns_endpoints: bool = False
+    """Publish the records of SendingDomains that leave spec.dnsEndpoint.enabled unset through
+    external-dns DNSEndpoints (--dns-endpoints)."""
     relay_defaults: RelayDefaults = field(default_factory=RelayDefaults)
     """Pod and Service shape of relays whose SmtpRelay does not set it (--relay-defaults)."""
     """The DNS suffix of Services, for the host written into application Secrets."""

@@ -606,6 +606,13 @@ def serve_service_monitors(emulator: MailplaneKubeEmulator) -> None:
     )
 
 
+def serve_dns_endpoints(emulator: MailplaneKubeEmulator) -> None:
+    """Make the emulator serve external-dns's DNSEndpoint, as if its CRD existed."""
+    emulator.resources["externaldns.k8s.io/v1alpha1/dnsendpoints"] = kmock.ResourceInfo(
+        kind="DNSEndpoint", singular="dnsendpoint", namespaced=True, verbs=_CR_VERBS,
+    )
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:300]}")

@@ -31,6 +31,7 @@ from tests.helpers.kube import (
     relay_body,
     rendered_credentials,
     retention_body,
+    serve_dns_endpoints,
     serve_service_monitors,
 )
 from tests.helpers.rbac import Authorizer, Request
@@ -99,10 +100,12 @@ def run_flows(api: KubeApi) -> set[Request]:
     api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
     api.create(k.SMTP_RELAYS, relay_body(labels={"tier": "a"}))
     api.create(k.RETENTION_POLICIES, retention_body("p", selector={"tier": "a"}))
-    api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+    api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com",
+                                              dnsEndpoint={"enabled": True}))
     api.create(k.SENDING_DOMAINS, domain_body("other", "other.example", skip_verification=False))
     api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
     api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="render")
+    api.wait_for(k.DNS_ENDPOINTS, "mail", "example-com-dns")
     blocking = blocking_owner_requests(api)  # before the owners go
     # A spool size change: the StatefulSet is replaced (orphan delete) and the volumes grow.
     api.create(k.PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
@@ -113,6 +116,9 @@ def run_flows(api: KubeApi) -> set[Request]:
     api.wait_for(k.PVCS, "mail", "spool-main-0",
                  lambda o: o and o["spec"]["resources"]["requests"]["storage"] == "20Gi")
     api.patch(k.NAMESPACES, None, "shop", {"metadata": {"labels": {"team": "shop"}}})
+    api.patch(k.SENDING_DOMAINS, "mail", "example-com",
+              {"spec": {"dnsEndpoint": {"enabled": False}}})
+    api.wait_for(k.DNS_ENDPOINTS, "mail", "example-com-dns", lambda o: o is None)
     api.delete(k.SMTP_CREDENTIALS, "shop", "orders")
     api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None)
     api.delete(k.SENDING_DOMAINS, "mail", "other")
@@ -134,6 +140,7 @@ def test_every_operator_call_is_allowed_by_the_chart_rbac(
     user = operator_identity(rendered)
 
     serve_service_monitors(kube_api.emulator)
+    serve_dns_endpoints(kube_api.emulator)
     operator_factory(dns_resolver=(dns_server.address, dns_server.port), namespaces=namespaces)
     blocking = run_flows(kube_api)
 
@@ -151,7 +158,8 @@ def test_every_operator_call_is_allowed_by_the_chart_rbac(
     # The flows reached the permissions that matter (a run that made no calls proves nothing).
     made = {(r.verb, r.resource) for _m, _p, r in checked}
     assert {("create", "secrets"), ("patch", "smtprelays/status"), ("create", "servicemonitors"),
-            ("watch", "namespaces"), ("watch", "customresourcedefinitions")} - made == set(), \
+            ("watch", "namespaces"), ("watch", "customresourcedefinitions"),
+            ("create", "dnsendpoints"), ("delete", "dnsendpoints")} - made == set(), \
         sorted(made)
 
 

@@ -196,6 +196,18 @@ def child_write_failed(rt: Runtime, body: Body, manifest: Mapping[str, Any],
     return message
 
 
+async def delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str, name: str,
+                          owner_uid: str) -> None:
+    """Delete a child the spec no longer asks for, only if `owner_uid` controls it (a user's
+    own object of the same name is left alone)."""
+    obj = await rt.client.get(resource, namespace, name)
+    if obj is None:
+        return
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
+        await rt.client.delete(resource, namespace, name)
+
+
 async def patch_status(rt: Runtime, resource: kube.Resource, body: Body,
                        status: Mapping[str, Any]) -> None:
     diff = merge_diff(body.get("status") or {}, status)

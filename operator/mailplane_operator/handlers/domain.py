@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
 
 from .. import kube
 from ..kube import ApiError
+from ..reconcile import dnsendpoint, ownership
 from ..reconcile import domain as domain_mod
-from ..reconcile import ownership
 from ..reconcile.conditions import READY, Event, get_condition, set_condition
-from ..reconcile.models import SendingDomain, SpecError, parse_sending_domain
+from ..reconcile.models import SendingDomain, SmtpRelay, SpecError, parse_sending_domain
 from ..runtime import Body, Runtime
 from .common import (
     REASON_CHILD_WRITE_FAILED,
     child_write_failed,
+    delete_if_owned,
     generation_of,
     invalid_spec_status,
     key_of,
@@ -71,9 +72,10 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
                 reason=REASON_CHILD_WRITE_FAILED, message=message)))
             raise
         rt.remember_secret(dom.meta.namespace, domain_mod.secret_name(dom), obj)
+        conditions = await _publish(rt, body, dom, relay=relay, ns_labels=ns_labels,
+                                    status=result.status)
         await patch_status(rt, kube.SENDING_DOMAINS, body, {
-            **result.status,
-            "conditions": reconciled(rt, result.status.get("conditions"), body, True)})
+            **result.status, "conditions": reconciled(rt, conditions, body, True)})
         post_events(body, result.events)
         conds = result.status.get("conditions")
         dkim_ok = get_condition(conds, domain_mod.DKIM_VERIFIED)
@@ -92,7 +94,57 @@ async def reconcile_domain_once(rt: Runtime, body: Body, indexes: Mapping[str, A
         # A published next key is waited for like an unverified record: with backoff.
         settled = result.verified and result.disable_time is None and (
             result.state.phase != "NextKeyPublished")
-        return settled, result.next_check
+        next_check = result.next_check
+        published = get_condition(conditions, dnsendpoint.DNS_PUBLISHED) or {}
+        if published.get("reason") in (dnsendpoint.REASON_CRD_MISSING,
+                                       REASON_CHILD_WRITE_FAILED):
+            # Asked again at the next discovery refresh (external-dns may be installed later; a
+            # refused write may be allowed by then), not at the next hourly DNS check.
+            soon = now + timedelta(seconds=rt.config.discovery_ttl)
+            next_check = soon if next_check is None else min(next_check, soon)
+        return settled, next_check
+
+
+async def _publish(rt: Runtime, body: Body, dom: SendingDomain, *, relay: SmtpRelay | None,
+                   ns_labels: Mapping[str, str], status: Mapping[str, Any],
+                   ) -> list[dict[str, Any]]:
+    """Write (or delete) the domain's external-dns DNSEndpoint; return the status conditions
+    with ``DNSPublished`` set (removed when publication is not requested). A failed write is
+    reported on that condition (and as ChildWriteFailed) without stopping verification."""
+    conditions = list(status.get("conditions") or [])
+    served = False
+    wanted = dnsendpoint.requested(dom, rt.config.dns_endpoints)
+    had = get_condition((body.get("status") or {}).get("conditions"),
+                        dnsendpoint.DNS_PUBLISHED) is not None
+    if wanted or had:
+        try:
+            served = await rt.client.has_api(dnsendpoint.GROUP_VERSION, dnsendpoint.PLURAL)
+        except (ApiError, OSError, TimeoutError) as exc:
+            # Unknown: nothing written or deleted this time, the condition says why.
+            return set_condition(conditions, dnsendpoint.DNS_PUBLISHED, "Unknown",
+                                 REASON_CHILD_WRITE_FAILED,
+                                 f"API discovery of {dnsendpoint.PLURAL} failed: {exc}",
+                                 generation_of(body), rt.clock())
+    plan = dnsendpoint.publication(dom, relay=relay, namespace_labels=ns_labels, status=status,
+                                   default=rt.config.dns_endpoints, crd_served=served)
+    try:
+        if plan.manifest is not None:
+            await rt.client.apply(plan.manifest, owner_uid=dom.meta.uid)
+        elif served:
+            await delete_if_owned(rt, kube.DNS_ENDPOINTS, dom.meta.namespace,
+                                  dnsendpoint.endpoint_name(dom), dom.meta.uid)
+    except (ApiError, OSError, TimeoutError) as exc:
+        message = child_write_failed(rt, body, plan.manifest or {
+            "kind": dnsendpoint.KIND,
+            "metadata": {"name": dnsendpoint.endpoint_name(dom)}}, exc)
+        return set_condition(conditions, dnsendpoint.DNS_PUBLISHED, False,
+                             REASON_CHILD_WRITE_FAILED, message, generation_of(body),
+                             rt.clock())
+    if plan.condition is None:
+        return [c for c in conditions if c.get("type") != dnsendpoint.DNS_PUBLISHED]
+    ok, reason, message = plan.condition
+    return set_condition(conditions, dnsendpoint.DNS_PUBLISHED, ok, reason, message,
+                         generation_of(body), rt.clock())
 
 
 async def _secret_conflict(rt: Runtime, body: Body, exc: SpecError) -> None:

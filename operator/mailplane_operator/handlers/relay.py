@@ -47,6 +47,7 @@ from .common import (
     REASON_CHILD_WRITE_FAILED,
     child_write_failed,
     credential_inputs,
+    delete_if_owned,
     domain_inputs,
     first,
     invalid_spec_status,
@@ -151,7 +152,7 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         for api_version, kind, child_name in relay_mod.unwanted_children(
                 relay, service_monitor_available=monitor):
             try:
-                await _delete_if_owned(rt, kube.BY_KIND[(api_version, kind)], namespace,
+                await delete_if_owned(rt, kube.BY_KIND[(api_version, kind)], namespace,
                                        child_name, relay.meta.uid)
             except (ApiError, OSError, TimeoutError) as exc:
                 failed.append(child_write_failed(rt, body, {
@@ -255,18 +256,6 @@ def _recheck_stale_domains(rt: Runtime, result: RenderResult, bodies: Iterable[B
                 and exclusion.reason != ready.get("reason"))
         if stale:
             rt.wake_domain(key)
-
-
-async def _delete_if_owned(rt: Runtime, resource: kube.Resource, namespace: str, name: str,
-                           owner_uid: str) -> None:
-    """Delete a child the spec no longer asks for, only if this relay controls it (a user's own
-    object of the same name is left alone)."""
-    obj = await rt.client.get(resource, namespace, name)
-    if obj is None:
-        return
-    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
-    if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
-        await rt.client.delete(resource, namespace, name)
 
 
 def _announce_render_exclusions(rt: Runtime, key: RelayKey, result: RenderResult,

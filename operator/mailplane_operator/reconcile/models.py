@@ -319,6 +319,11 @@ class TenancySpec(_Spec):
         None, alias="verificationSkipNamespaces")
     """Namespaces whose SendingDomains may use ``verification.skip`` (the relay's own namespace
     always may; absent: no other)."""
+    dns_publish_namespaces: LabelSelector | None = Field(None, alias="dnsPublishNamespaces")
+    """Namespaces whose SendingDomains may have the operator publish their records through an
+    external-dns DNSEndpoint (the relay's own namespace always may; absent: no other). As
+    strong as skipping verification: external-dns writes whatever name it is given in the
+    zones it manages."""
     dns_grace_period: float = Field(72 * 3600.0, alias="dnsGracePeriod", ge=0)
     """How long a verified domain stays enabled after DNS answers that its DKIM record is gone,
     before it is disabled."""
@@ -577,6 +582,37 @@ class VerificationSpec(_Spec):
     skip: bool = False
 
 
+DNSRecordPurpose = Literal["dkim", "spf", "dmarc"]
+DNS_RECORD_PURPOSES: tuple[DNSRecordPurpose, ...] = ("dkim", "spf", "dmarc")
+
+
+class DNSEndpointSpec(_Spec):
+    """Publishing the domain's records through an external-dns ``DNSEndpoint``.
+
+    ``enabled`` absent: the operator's default (``--dns-endpoints``, the chart's
+    ``operator.dnsEndpoints``). Takes effect only where the relay allows it
+    (``spec.tenancy.dnsPublishNamespaces``; the relay's own namespace always may)."""
+
+    enabled: bool | None = None
+    records: tuple[DNSRecordPurpose, ...] = Field(
+        DNS_RECORD_PURPOSES, min_length=1, max_length=3)
+    """Which of the records listed in ``status.dnsRecords`` to publish."""
+    ttl: int | None = Field(None, alias="recordTTL", ge=1, le=86400)
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels on the DNSEndpoint (for external-dns ``--label-filter``)."""
+    split_txt: bool = Field(False, alias="splitTXT")
+    """Write a TXT value longer than 255 characters as quoted 255-character strings
+    (``"..." "..."``), the form providers such as Route 53 need for RSA keys."""
+
+    @model_validator(mode="after")
+    def _labels(self) -> DNSEndpointSpec:
+        _check_keys("dnsEndpoint.labels", self.labels)
+        _check_label_values("dnsEndpoint.labels", self.labels)
+        if len(set(self.records)) != len(self.records):
+            raise ValueError("dnsEndpoint.records lists a record kind twice")
+        return self
+
+
 class SendingDomainSpec(_Spec):
     domain: str
     relay_ref: ObjectRef = Field(alias="relayRef")
@@ -587,6 +623,7 @@ class SendingDomainSpec(_Spec):
     spf: SPFSpec = SPFSpec()
     dmarc: DMARCSpec = DMARCSpec()
     verification: VerificationSpec = VerificationSpec()
+    dns_endpoint: DNSEndpointSpec = Field(DNSEndpointSpec(), alias="dnsEndpoint")
 
     @field_validator("domain", mode="before")
     @classmethod
