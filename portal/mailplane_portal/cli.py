@@ -38,6 +38,37 @@ def register(subparsers: SubParsers) -> None:
                    help="a session ends after this long without a request (default 900)")
     p.add_argument("--session-lifetime", type=float, default=28800, metavar="SECONDS",
                    help="a session ends this long after login (default 28800)")
+    oidc = p.add_argument_group(
+        "OIDC login", "a redirect login at the issuer the cluster trusts (authorization code "
+        "with PKCE); the claims map to a user and groups as the API server's --oidc-* flags do")
+    oidc.add_argument("--oidc-issuer", metavar="URL",
+                      help="the issuer URL (as in the ID tokens' iss), e.g. https://dex.example")
+    oidc.add_argument("--oidc-client-id", metavar="ID", help="the portal's client id there")
+    oidc.add_argument("--oidc-client-secret-file", metavar="PATH",
+                      help="a file holding the client secret (a mounted Secret)")
+    oidc.add_argument("--oidc-redirect-url", metavar="URL",
+                      help="https://PORTAL/login/callback, as registered at the issuer")
+    oidc.add_argument("--oidc-username-claim", default="sub", metavar="CLAIM",
+                      help="the claim naming the user (default sub)")
+    oidc.add_argument("--oidc-username-prefix", metavar="PREFIX",
+                      help="put before the user name; default ISSUER# unless the claim is "
+                           "email; '-' for none (as the API server)")
+    oidc.add_argument("--oidc-groups-claim", metavar="CLAIM",
+                      help="the claim listing the user's groups (default: no groups)")
+    oidc.add_argument("--oidc-groups-prefix", default="", metavar="PREFIX",
+                      help="put before each group name")
+    oidc.add_argument("--oidc-scopes", default="openid email profile", metavar="SCOPES",
+                      help="scopes to ask for, space-separated (default 'openid email "
+                           "profile')")
+    oidc.add_argument("--oidc-ca-file", metavar="PATH",
+                      help="CA bundle for the issuer's TLS (default: the system's)")
+    p.add_argument("--login-rate", type=int, default=10, metavar="N",
+                   help="login attempts per minute from one client address (default 10)")
+    p.add_argument("--login-rate-user", type=int, default=5, metavar="N",
+                   help="logins per minute of one user (default 5)")
+    p.add_argument("--trusted-proxies", default="", metavar="CIDRS",
+                   help="comma-separated proxies (the ingress controller) whose "
+                        "X-Forwarded-For names the client; default: none")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_cmd_portal)
 
@@ -114,6 +145,8 @@ def _cmd_portal(args: argparse.Namespace) -> int:
     from aiohttp import web  # noqa: PLC0415
 
     from .kube import KubeClient, KubeUnavailable  # noqa: PLC0415
+    from .oidc import OidcClient, OidcSettings  # noqa: PLC0415
+    from .ratelimit import Limiter, parse_networks  # noqa: PLC0415
     from .sessions import SessionStore  # noqa: PLC0415
     from .web import Portal, build_app  # noqa: PLC0415
 
@@ -126,15 +159,39 @@ def _cmd_portal(args: argparse.Namespace) -> int:
     except KubeUnavailable as exc:
         print(f"mailplane portal: {exc}", file=sys.stderr)
         return 2
+    oidc_args = (args.oidc_issuer, args.oidc_client_id, args.oidc_client_secret_file,
+                 args.oidc_redirect_url)
+    settings = None
+    try:
+        if any(oidc_args):
+            if not all(oidc_args):
+                raise ValueError("OIDC login needs all of --oidc-issuer, --oidc-client-id, "
+                                 "--oidc-client-secret-file and --oidc-redirect-url")
+            settings = OidcSettings.from_args(
+                issuer=args.oidc_issuer, client_id=args.oidc_client_id,
+                client_secret_file=args.oidc_client_secret_file,
+                redirect_url=args.oidc_redirect_url, username_claim=args.oidc_username_claim,
+                username_prefix=args.oidc_username_prefix, groups_claim=args.oidc_groups_claim,
+                groups_prefix=args.oidc_groups_prefix, scopes=args.oidc_scopes,
+                ca_file=args.oidc_ca_file)
+        trusted = parse_networks(args.trusted_proxies)
+        by_address = Limiter(burst=args.login_rate, per_minute=args.login_rate)
+        by_user = Limiter(burst=args.login_rate_user, per_minute=args.login_rate_user)
+    except ValueError as exc:
+        print(f"mailplane portal: {exc}", file=sys.stderr)
+        return 2
     store, records = _store(args)
 
     async def run() -> None:
         await store.open()
         await records.open()
         await records.fail_interrupted()
+        oidc = OidcClient(settings) if settings is not None else None
         portal = Portal(store, kube, records, secure_cookie=not args.insecure_cookie,
-                        sessions=SessionStore(idle=args.session_idle,
-                                              lifetime=args.session_lifetime))
+                        sessions=SessionStore(records, idle=args.session_idle,
+                                              lifetime=args.session_lifetime),
+                        oidc=oidc, login_by_address=by_address, login_by_user=by_user,
+                        trusted_proxies=trusted)
         runner = web.AppRunner(build_app(portal), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -145,6 +202,8 @@ def _cmd_portal(args: argparse.Namespace) -> int:
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
+            if oidc is not None:
+                await oidc.close()
             await kube.close()
             await records.close()
             await store.close()

@@ -8,6 +8,8 @@ store):
   detail). An erased address is replaced in it by its masked form.
 - ``portal_erasures``: erasure requests (id, namespace, user, masked address, keyed hash of the
   address, state, times, the namespace's own counts). Never the address itself.
+- ``portal_sessions``: login sessions (sessions.py): a SHA-256 hash of the cookie's value, the
+  user's name and groups, times. Never the cookie's value or a token.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ _SCHEMA = (
         created {real} NOT NULL, finished {real}, report TEXT NOT NULL DEFAULT '{{}}',
         error TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS portal_erasures_ns ON portal_erasures (namespace, created)",
+    """CREATE TABLE IF NOT EXISTS portal_sessions (
+        id_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, username TEXT NOT NULL,
+        data TEXT NOT NULL, created {real} NOT NULL, seen {real} NOT NULL,
+        expires {real} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS portal_sessions_expires ON portal_sessions (expires)",
+    "CREATE INDEX IF NOT EXISTS portal_sessions_user ON portal_sessions (username)",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from . import charts, openapi
 from . import html as h
 from .devkube import DevKube
 from .kube import Identity, KubeClient, KubeUnavailable
+from .oidc import OidcClient, OidcError, OidcUnavailable
+from .ratelimit import Limiter, Network, client_address, retry_after
 from .records import OTHER_TEAM, Records, figures, mask, own_source
 from .search import (
     BadRequest,
@@ -57,13 +60,20 @@ class Caller:
 
 class Portal:
     def __init__(self, store: StoreBackend, kube: KubeClient | DevKube, records: Records, *,
-                 sessions: SessionStore | None = None, secure_cookie: bool = True) -> None:
+                 sessions: SessionStore | None = None, secure_cookie: bool = True,
+                 oidc: OidcClient | None = None, login_by_address: Limiter | None = None,
+                 login_by_user: Limiter | None = None,
+                 trusted_proxies: tuple[Network, ...] = ()) -> None:
         self.store = store
         self.kube = kube
         self.records = records
         self.tasks: set[asyncio.Task[None]] = set()
-        self.sessions = sessions or SessionStore()
+        self.sessions = sessions or SessionStore(records)
         self.secure_cookie = secure_cookie
+        self.oidc = oidc
+        self.login_by_address = login_by_address or Limiter(burst=10, per_minute=10)
+        self.login_by_user = login_by_user or Limiter(burst=5, per_minute=5)
+        self.trusted_proxies = trusted_proxies
 
     # ---- who is calling
 
@@ -72,7 +82,7 @@ class Portal:
         if auth.lower().startswith("bearer ") and request.path.startswith("/api/"):
             identity = await self.kube.review_token(auth[7:].strip())
             return Caller(identity, None) if identity is not None else None
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = await self.sessions.get(request.cookies.get(COOKIE))
         return Caller(session.identity, session) if session is not None else None
 
     async def authorise(self, caller: Caller, namespace: str, verb: str) -> None:
@@ -204,8 +214,15 @@ def _html(title: str, body: str, request: web.Request, namespace: str | None = N
 
 
 async def login_form(request: web.Request, error: str | None = None,
-                     status: int = 200) -> web.Response:
-    body = (h.error_box(error) if error else "") + (
+                     status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    portal = request.app[PORTAL]
+    oidc = ""
+    if portal.oidc is not None:
+        oidc = ('<div class="login"><p><a class="button" id="oidc-login" href="/login/oidc">'
+                "Log in with your organisation's account</a></p>"
+                f'<p class="muted">Through {h.e(portal.oidc.settings.issuer)}, the identity '
+                "provider the cluster trusts.</p></div><h2>Or with a token</h2>")
+    body = (h.error_box(error) if error else "") + oidc + (
         '<div class="login"><form method="post" action="/login">'
         '<label>Kubernetes token<textarea name="token" id="token" required autocomplete="off" '
         'spellcheck="false"></textarea></label>'
@@ -214,15 +231,57 @@ async def login_form(request: web.Request, error: str | None = None,
         'API server and not kept.</p>'
         '<button type="submit" id="login">Log in</button></form></div>')
     return web.Response(text=h.layout("Log in", body), content_type="text/html",
-                        status=status)
+                        status=status, headers=headers)
 
 
 async def login_get(request: web.Request) -> web.Response:
     return await login_form(request)
 
 
+def _too_many(request: web.Request, limiter: Limiter, key: str, who: str
+              ) -> tuple[str, dict[str, str]] | None:
+    wait = limiter.take(key)
+    if not wait:
+        return None
+    after = retry_after(wait)
+    log.warning("login: too many attempts from %s", who)
+    return (f"too many login attempts {who}: wait {after} seconds and try again",
+            {"Retry-After": after})
+
+
+def _address_limit(request: web.Request) -> tuple[str, dict[str, str]] | None:
+    portal = request.app[PORTAL]
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                             portal.trusted_proxies)
+    return _too_many(request, portal.login_by_address, address, "from your address")
+
+
+async def _start_session(request: web.Request, identity: Identity) -> web.Response | Session:
+    """A new session for ``identity`` (the one the browser held ends), or the answer refusing
+    it when this user logs in too often."""
+    portal = request.app[PORTAL]
+    refused = _too_many(request, portal.login_by_user, identity.username, "for this user")
+    if refused:
+        return await login_form(request, refused[0], 429, refused[1])
+    old = request.cookies.get(COOKIE)
+    if old:
+        await portal.sessions.revoke(old)
+    session = await portal.sessions.create(identity)
+    log.info("login: %s", identity.username)
+    return session
+
+
+def _set_session_cookie(portal: Portal, response: web.StreamResponse, session: Session) -> None:
+    response.set_cookie(COOKIE, session.sid, path="/", httponly=True,
+                        secure=portal.secure_cookie, samesite="Strict",
+                        max_age=int(portal.sessions.lifetime))
+
+
 async def login_post(request: web.Request) -> web.StreamResponse:
     portal = request.app[PORTAL]
+    refused = _address_limit(request)
+    if refused:
+        return await login_form(request, refused[0], 429, refused[1])
     form = await request.post()
     token = str(form.get("token") or "").strip()
     if not token or len(token) > 16384:
@@ -230,24 +289,96 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     identity = await portal.kube.review_token(token)
     if identity is None:
         return await login_form(request, "the API server did not accept this token", 401)
-    # A new session at every login; an old one this browser held is ended.
-    old = request.cookies.get(COOKIE)
-    if old:
-        portal.sessions.revoke(old)
-    session = portal.sessions.create(identity)
-    log.info("login: %s", identity.username)
+    session = await _start_session(request, identity)
+    if isinstance(session, web.Response):
+        return session
     response = web.HTTPSeeOther("/")
-    response.set_cookie(COOKIE, session.sid, path="/", httponly=True,
-                        secure=portal.secure_cookie, samesite="Strict",
-                        max_age=int(portal.sessions.lifetime))
+    _set_session_cookie(portal, response, session)
     raise response
+
+
+async def oidc_start(request: web.Request) -> web.StreamResponse:
+    """Send the browser to the issuer; the started login is kept server-side and named by the
+    session cookie, set SameSite=Lax for this one step: a Strict cookie would not come back
+    with the issuer's cross-site redirect. It grants nothing."""
+    portal = request.app[PORTAL]
+    if portal.oidc is None:
+        raise web.HTTPNotFound(text="OIDC login is not configured on this portal")
+    refused = _address_limit(request)
+    if refused:
+        return await login_form(request, refused[0], 429, refused[1])
+    try:
+        url, start = await portal.oidc.begin()
+    except OidcError as exc:
+        log.warning("oidc: %s", exc)
+        return await login_form(request, f"log in with your organisation's account: {exc}",
+                                503 if isinstance(exc, OidcUnavailable) else 400)
+    old = request.cookies.get(COOKIE)
+    if old:  # rotated at login: the session this browser held ends here
+        await portal.sessions.revoke(old)
+    pid = await portal.sessions.begin_login(start)
+    response = web.HTTPSeeOther(url)
+    response.set_cookie(COOKIE, pid, path="/", httponly=True,
+                        secure=portal.secure_cookie, samesite="Lax", max_age=600)
+    raise response
+
+
+async def oidc_callback(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL]
+    if portal.oidc is None:
+        raise web.HTTPNotFound(text="OIDC login is not configured on this portal")
+    start = await portal.sessions.take_login(request.cookies.get(COOKIE))
+    clear = {"Set-Cookie": f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly"
+                           + ("; Secure" if portal.secure_cookie else "") + "; SameSite=Strict"}
+
+    async def refuse(message: str, status: int = 400) -> web.Response:
+        log.warning("oidc login refused: %s", message)
+        return await login_form(request, f"login refused: {message}", status, clear)
+
+    if start is None:
+        return await refuse("this browser has no login under way (it took longer than ten "
+                            "minutes, or was started in another browser or already finished): "
+                            "start again")
+    state = request.query.get("state", "")
+    if not secrets.compare_digest(state.encode(), start.state.encode()):
+        return await refuse("the answer does not belong to the login this browser started "
+                            "(state mismatch): start again")
+    if "error" in request.query:
+        detail = request.query.get("error_description", "")[:200]
+        return await refuse(f"the identity provider said {request.query['error'][:80]}"
+                            + (f": {detail}" if detail else ""), 401)
+    code = request.query.get("code", "")
+    if not code or len(code) > 4096:
+        return await refuse("the identity provider sent no authorization code")
+    try:
+        identity = await portal.oidc.finish(start, code)
+    except OidcUnavailable as exc:
+        return await refuse(str(exc), 503)
+    except OidcError as exc:
+        return await refuse(str(exc), 401)
+    # As the API server's authenticator does for every authenticated user.
+    if "system:authenticated" not in identity.groups:
+        identity = Identity(identity.username, identity.uid,
+                            (*identity.groups, "system:authenticated"), identity.extra)
+    session = await _start_session(request, identity)
+    if isinstance(session, web.Response):
+        return session
+    # The browser got here by the issuer's cross-site redirect, so it would not send a Strict
+    # cookie with a redirect straight on; a page of the portal's own that moves on does.
+    body = ('<p>You are logged in.</p><p><a class="button" id="continue" href="/">Continue</a>'
+            "</p>")
+    html = h.layout("Logged in", body).replace(
+        "<title>", '<meta http-equiv="refresh" content="0;url=/"><title>', 1)
+    response = web.Response(text=html, content_type="text/html")
+    _set_session_cookie(portal, response, session)
+    return response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     portal = request.app[PORTAL]
     caller = _caller(request)
     if caller.session is not None:
-        portal.sessions.revoke(caller.session.sid)
+        await portal.sessions.revoke(caller.session.sid)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE, path="/")
     raise response
@@ -427,6 +558,8 @@ def build_app(portal: Portal) -> web.Application:
     r = app.router
     r.add_get("/login", login_get)
     r.add_post("/login", login_post)
+    r.add_get("/login/oidc", oidc_start)
+    r.add_get("/login/callback", oidc_callback)
     r.add_post("/logout", logout)
     r.add_get("/", home)
     r.add_get("/ns/{ns}/logs", logs_page)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,8 +146,15 @@ def backend() -> str:
 
 
 @pytest.fixture
-def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest
-           ) -> Iterator[RunningPortal]:
+def portal_setup() -> Callable[[Portal, str], None] | None:
+    """Called in the portal's event loop with the portal and its URL once it serves (a module
+    overrides it, e.g. to configure OIDC login, which needs the portal's URL)."""
+    return None
+
+
+@pytest.fixture
+def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest,
+           portal_setup: Callable[[Portal, str], None] | None) -> Iterator[RunningPortal]:
     db = tmp_path / "store.db"
     dsn: str | None = request.getfixturevalue("pg_dsn") if backend == "postgresql" else None
     with running_emulator() as api:
@@ -177,11 +184,15 @@ def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             box.update(portal=p, url=f"http://localhost:{port}")
+            if portal_setup is not None:
+                portal_setup(p, box["url"])
             started.set()
             try:
                 await stop.wait()
             finally:
                 await runner.cleanup()
+                if p.oidc is not None:
+                    await p.oidc.close()
                 await kube.close()
                 await records.close()
                 await store.close()

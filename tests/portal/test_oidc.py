@@ -1,0 +1,228 @@
+"""OIDC redirect login against a real (small, strict) issuer on loopback over TLS: the flow in
+Chromium, and each way an answer can be wrong refused with a page saying why."""
+
+from __future__ import annotations
+
+import html
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import trustme
+
+from mailplane_portal.oidc import OidcClient, OidcSettings
+from mailplane_portal.web import Portal
+from tests.helpers.oidc import Issuer, running_issuer
+
+from .conftest import RunningPortal
+from .test_browser import CHROMIUM, browser  # noqa: F401 (a fixture)
+
+COOKIE = "mailplane_session"
+ALICE = {"sub": "u-1001", "email": "alice@shop.example", "email_verified": True,
+         "groups": ["shop-team"]}
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> Iterator[Issuer]:
+    with running_issuer(trustme.CA(), tmp_path / "issuer") as running:
+        running.user = dict(ALICE)
+        yield running
+
+
+@pytest.fixture
+def portal_setup(issuer: Issuer) -> Callable[[Portal, str], None]:
+    def setup(p: Portal, url: str) -> None:
+        issuer.client.redirect_uri = url + "/login/callback"
+        p.oidc = OidcClient(OidcSettings(
+            issuer=issuer.url, client_id=issuer.client.client_id,
+            client_secret=issuer.client.secret, redirect_url=issuer.client.redirect_uri,
+            username_claim="email", groups_claim="groups", groups_prefix="oidc:",
+            ca_file=str(issuer.ca_file)))
+    return setup
+
+
+@pytest.fixture
+def grants(portal: RunningPortal) -> RunningPortal:
+    portal.api.emulator.grant("group:oidc:shop-team", "get", "smtpcredentials", "shop")
+    return portal
+
+
+def _start(portal: RunningPortal, issuer: Issuer) -> tuple[str, str]:
+    """Begin a login: the started login's cookie and the issuer's authorize URL."""
+    r = requests.get(portal.url + "/login/oidc", allow_redirects=False)
+    assert r.status_code == 303, r.text
+    location = r.headers["Location"]
+    assert location.startswith(issuer.url + "/authorize?")
+    cookie = r.headers["Set-Cookie"]
+    for flag in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/"):
+        assert flag in cookie, cookie
+    return r.cookies[COOKIE], location
+
+
+def _at_issuer(issuer: Issuer, url: str) -> str:
+    r = requests.get(url, verify=str(issuer.ca_file), allow_redirects=False)
+    assert r.status_code == 302, r.text
+    return str(r.headers["Location"])
+
+
+def _callback(url: str, pid: str) -> requests.Response:
+    return requests.get(url, cookies={COOKIE: pid}, allow_redirects=False)
+
+
+def _login(portal: RunningPortal, issuer: Issuer) -> requests.Response:
+    pid, authorize = _start(portal, issuer)
+    return _callback(_at_issuer(issuer, authorize), pid)
+
+
+def _whoami(portal: RunningPortal, sid: str) -> requests.Response:
+    return requests.get(portal.url + "/api/v1/whoami", cookies={COOKIE: sid})
+
+
+def test_the_flow_logs_in_with_the_claims_as_the_api_server_names_them(
+        grants: RunningPortal, issuer: Issuer) -> None:
+    portal = grants
+    pid, authorize = _start(portal, issuer)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize).query)
+    assert query["code_challenge_method"] == ["S256"] and query["response_type"] == ["code"]
+    assert "openid" in query["scope"][0].split()
+    r = _callback(_at_issuer(issuer, authorize), pid)
+    assert r.status_code == 200, r.text
+    assert 'http-equiv="refresh"' in r.text
+    cookies = r.raw.headers.getlist("Set-Cookie")
+    assert len(cookies) == 1 and "SameSite=Strict" in cookies[0], cookies
+    sid = r.cookies[COOKIE]
+    assert sid != pid
+    me = _whoami(portal, sid).json()
+    assert me["username"] == "alice@shop.example"
+    assert set(me["groups"]) == {"oidc:shop-team", "system:authenticated"}
+    # The SubjectAccessReview decides, with that user and those groups.
+    assert requests.get(portal.url + "/api/v1/namespaces/shop/logs",
+                        cookies={COOKIE: sid}).status_code == 200
+    assert requests.get(portal.url + "/api/v1/namespaces/blog/logs",
+                        cookies={COOKIE: sid}).status_code == 403
+    # The started login is used once; it never was a session.
+    assert _whoami(portal, pid).status_code == 401
+    again = _callback(_at_issuer(issuer, authorize), pid)
+    assert again.status_code == 400 and "no login under way" in again.text
+    assert issuer.refusals == []
+
+
+def test_es256_and_a_rotated_key_are_fetched_and_accepted(grants: RunningPortal,
+                                                          issuer: Issuer) -> None:
+    assert _login(grants, issuer).status_code == 200
+    assert issuer.jwks_fetches == 1
+    assert _login(grants, issuer).status_code == 200
+    assert issuer.jwks_fetches == 1  # cached
+    issuer.rotate()
+    issuer.alg = "ES256"
+    r = _login(grants, issuer)
+    assert r.status_code == 200, r.text
+    assert issuer.jwks_fetches == 2  # an unknown key id: fetched again
+
+
+@pytest.mark.parametrize(("forge", "message"), [
+    ({"nonce": "someone-elses-nonce"}, "nonce does not match"),
+    ({"exp": -3600}, "has expired"),
+    ({"iat": 4102444800}, "issued in the future"),
+    ({"aud": "another-client"}, "not meant for this portal"),
+    ({"aud": ["mailplane-portal", "another-client"], "azp": "another-client"},
+     "authorized party"),
+    ({"iss": "https://evil.example"}, "issued by 'https://evil.example'"),
+    ({"bad_signature": True}, "signature is not valid"),
+    ({"alg": "none"}, "signed with 'none'"),
+    ({"alg": "HS256"}, "signed with 'HS256'"),
+    ({"email_verified": False}, "not verified"),
+])
+def test_a_wrong_id_token_is_refused_with_the_reason(
+        grants: RunningPortal, issuer: Issuer, forge: dict[str, Any], message: str) -> None:
+    issuer.forge = forge
+    pid, authorize = _start(grants, issuer)
+    r = _callback(_at_issuer(issuer, authorize), pid)
+    assert r.status_code == 401, r.text
+    text = html.unescape(r.text)
+    assert "login refused" in text and message in text, text
+    assert "Max-Age=0" in r.headers["Set-Cookie"]  # the started login's cookie is cleared
+    assert _whoami(grants, pid).status_code == 401
+
+
+def test_a_wrong_state_or_a_foreign_browser_is_refused(grants: RunningPortal,
+                                                       issuer: Issuer) -> None:
+    pid, authorize = _start(grants, issuer)
+    back = _at_issuer(issuer, authorize)
+    parts = urllib.parse.urlsplit(back)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    forged = back.replace(urllib.parse.quote(query["state"]), "forged-state")
+    r = _callback(forged, pid)
+    assert r.status_code == 400 and "state mismatch" in r.text, r.text
+    # An attacker's own code delivered to another browser (login CSRF): no login under way.
+    _attackers, authorize2 = _start(grants, issuer)
+    r = _callback(_at_issuer(issuer, authorize2), "not-this-browser")
+    assert r.status_code == 400 and "no login under way" in r.text
+    # The issuer's refusal is shown as it said it.
+    pid3, authorize3 = _start(grants, issuer)
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(authorize3).query))["state"]
+    r = _callback(grants.url + "/login/callback?" + urllib.parse.urlencode(
+        {"error": "access_denied", "error_description": "the user said no",
+         "state": state}), pid3)
+    assert r.status_code == 401 and "access_denied: the user said no" in r.text
+
+
+def test_a_wrong_client_secret_is_shown_as_the_issuer_refusing(
+        grants: RunningPortal, issuer: Issuer) -> None:
+    issuer.client.secret = "rotated-at-the-issuer"
+    r = _login(grants, issuer)
+    assert r.status_code == 401
+    assert "refused the token request: invalid_client" in r.text
+    assert issuer.refusals == ["invalid_client: client authentication failed"]
+
+
+def test_claims_map_like_the_api_servers_flags() -> None:
+    base = {"issuer": "https://idp.example", "client_id": "c", "client_secret": "s",
+            "redirect_url": "https://portal.example/login/callback"}
+    claims = {"sub": "42", "email": "a@b.example", "groups": ["x", "y"]}
+    name = OidcClient(OidcSettings(**base)).identity(claims)  # type: ignore[arg-type]
+    assert name.username == "https://idp.example#42" and name.groups == ()
+    name = OidcClient(OidcSettings(**base, username_prefix="-", groups_claim="groups",  # type: ignore[arg-type]
+                                   groups_prefix="idp:")).identity(claims)
+    assert name.username == "42" and name.groups == ("idp:x", "idp:y")
+    name = OidcClient(OidcSettings(**base, username_claim="email",  # type: ignore[arg-type]
+                                   username_prefix="oidc:")).identity(claims)
+    assert name.username == "oidc:a@b.example"
+    with pytest.raises(ValueError, match="https://"):
+        OidcSettings(**{**base, "issuer": "http://idp.example"})  # type: ignore[arg-type]
+
+
+def test_in_chromium(browser: Any, grants: RunningPortal, issuer: Issuer,  # noqa: F811
+                     tmp_path: Path) -> None:
+    assert Path(CHROMIUM).exists()
+    # The issuer's certificate is from the test CA, which this browser does not know; the
+    # portal itself checks it (ca_file) on every call it makes.
+    context = browser.new_context(ignore_https_errors=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(grants.url + "/login")
+    page.screenshot(path=str(tmp_path / "oidc-login.png"), full_page=True)
+    page.click("#oidc-login")
+    page.wait_for_url(grants.url + "/")
+    assert page.locator("#namespaces li").all_inner_texts() == ["shop\nMessage log"]
+    assert "alice@shop.example" in page.locator("nav .user").inner_text()
+    cookies = context.cookies()
+    assert [(c["name"], c["sameSite"], c["httpOnly"]) for c in cookies] == [
+        (COOKIE, "Strict", True)]
+    page.screenshot(path=str(tmp_path / "oidc-home.png"), full_page=True)
+    page.click("#logout")
+    page.wait_for_url(grants.url + "/login")
+
+    issuer.forge = {"aud": "another-client"}
+    page.click("#oidc-login")
+    page.wait_for_selector(".error")
+    assert "not meant for this portal" in page.locator(".error").inner_text()
+    page.screenshot(path=str(tmp_path / "oidc-refused.png"), full_page=True)
+    assert context.cookies() == []
+    # The one console error is the refusal's own status (401); nothing the CSP blocked.
+    assert [e for e in errors if "status of 401" not in e] == [], errors
+    context.close()
