@@ -17,6 +17,7 @@ pytest_plugins = [
         "tests.helpers.relayproc",
         "tests.helpers.postgres",
         "tests.helpers.kube",
+        "tests.helpers.webhook",
     )
     if importlib.util.find_spec(name) is not None
 ]

@@ -58,6 +58,7 @@ from .store.erasure import carry_out_requests
 from .store.factory import backend_for, buffer_directory
 from .store.health import StoreHealth
 from .tlsctx import ReloadingTLS
+from .webhooks import OutboxMaker, WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,8 @@ class RelayApp:
         self.store_health: StoreHealth | None = None
         self._tenants: tuple[str, dict[str, str]] = ("", {})
         self._queue_deadline: float | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self._outbox = OutboxMaker(self.config)
 
     # ---- the config callable every component reads --------------------------------------
 
@@ -418,6 +421,7 @@ class RelayApp:
                                     settings.workers, worker.index if worker else 0)
         msglog = MessageLog(backend, flush_interval=settings.message_log.flush_interval,
                             metrics=metrics, tenant_of=self._tenant_of, health=health,
+                            outbox_of=self._outbox,
                             buffer_dir=str(local_dir / "log") if backend.shared else None)
         await msglog.start()
         stages.append(("message log", msglog.close))
@@ -511,6 +515,10 @@ class RelayApp:
         tasks.spawn("reputation-gauge", _export_paused(reputation, metrics))
         tasks.spawn("store-sync", _sync_shared_state(limiter, reputation, health))
         tasks.spawn("erasure", self._erasure_loop(backend, health, peer_id))
+        webhooks = WebhookDispatcher(backend, self.config, self.registry, peer_id, health)
+        self.webhooks = webhooks
+        stages.append(("webhooks", webhooks.close))
+        tasks.spawn("webhooks", webhooks.run())
         if worker is None or worker.purge:
             tasks.spawn("retention-purge", self._purge_loop(msglog))
 
@@ -636,6 +644,12 @@ class RelayApp:
             if not rows:
                 log.info("complaint for an address with no delivery on record; not attributed")
                 continue
+            events = self._outbox.complaint(address, rows[0])
+            if events:
+                try:
+                    await self.message_log.backend.webhook_enqueue(events)
+                except Exception:
+                    log.exception("complaint: could not queue its webhook events")
             domain = domain_of(str(rows[0]["sender"]))
             self.metrics.complaints.labels(
                 domain if domain in cfg.domains else "other",

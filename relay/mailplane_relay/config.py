@@ -486,6 +486,142 @@ class StoreSettings(_Model):
         return self
 
 
+# Delivery event webhooks (docs/webhooks.md). The types a webhook can receive; each names a
+# message-log status except ``complained`` (a complaint recorded on the suppression list).
+WebhookEventType = Literal["delivered", "deferred", "bounced", "expired", "suppressed",
+                           "complained"]
+WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
+    "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
+# A signing secret shorter than this is refused: HMAC-SHA256 wants at least 128 bits.
+MIN_WEBHOOK_SECRET_BYTES = 16
+_LOOPBACK_HOSTS = ("localhost",)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class WebhookEndpoint(_Model):
+    """Where delivery events are posted, signed with HMAC-SHA256. One or two signing secrets:
+    two during a rotation (each event then carries a signature by each). The secrets are inline
+    (``secrets``, as the operator renders them from the referenced Secret into the relay's
+    configuration Secret) or in files (``secretFiles``, one secret per file)."""
+
+    url: str
+    secrets: tuple[str, ...] | None = Field(None, repr=False, min_length=1, max_length=2)
+    secret_files: tuple[str, ...] | None = Field(None, alias="secretFiles", min_length=1,
+                                                 max_length=2)
+    events: tuple[WebhookEventType, ...] = WEBHOOK_EVENT_TYPES
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit  # noqa: PLC0415 - only when webhooks are configured
+
+        try:
+            parts = urlsplit(v)
+            host = parts.hostname or ""
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"webhook url {v!r} is not a URL ({exc})") from None
+        if parts.scheme not in ("https", "http") or not host:
+            raise ValueError(f"webhook url {v!r} must be https://HOST/PATH")
+        if parts.scheme == "http" and not _is_loopback_host(host):
+            raise ValueError(f"webhook url {v!r}: plain http is allowed only to a loopback "
+                             "address (a local test receiver); use https://")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"webhook url for host {host!r} holds credentials: the events "
+                             "are authenticated by their signature; remove user:password@")
+        if parts.fragment:
+            raise ValueError(f"webhook url {v!r}: remove the #fragment")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_length(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for secret in v or ():
+            if len(secret.strip().encode()) < MIN_WEBHOOK_SECRET_BYTES:
+                raise ValueError(f"a webhook signing secret is shorter than "
+                                 f"{MIN_WEBHOOK_SECRET_BYTES} bytes; use at least 32 random "
+                                 "bytes (e.g. `openssl rand -hex 32`)")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("webhook events is empty: list the event types to post, or "
+                             "leave it out for all of them")
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WebhookEndpoint:
+        if (self.secrets is None) == (self.secret_files is None):
+            raise ValueError("webhook: set exactly one of secrets and secretFiles (the signing "
+                             "secret, or the file holding it)")
+        return self
+
+    def load_secrets(self) -> list[bytes]:
+        """The signing secrets, newest first. Raises OSError/ValueError naming the file."""
+        if self.secrets is not None:
+            return [s.strip().encode() for s in self.secrets]
+        out = []
+        for name in self.secret_files or ():
+            raw = Path(name).read_bytes().strip()
+            if len(raw) < MIN_WEBHOOK_SECRET_BYTES:
+                raise ValueError(f"webhook secret file {name} holds fewer than "
+                                 f"{MIN_WEBHOOK_SECRET_BYTES} bytes")
+            out.append(raw)
+        return out
+
+
+def _networks_field(v: tuple[str, ...]) -> tuple[str, ...]:
+    for net in v:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"network {net!r} is not a network such as '10.0.0.0/8'") from None
+    return v
+
+
+class WebhookSettings(_Model):
+    """How delivery events are posted: the platform's endpoint (every event of this relay),
+    and the rules for every endpoint, including the credentials' own (``credentials[].webhook``).
+
+    Endpoints must resolve to public addresses; ``allowPrivateNetworks`` (the platform's
+    endpoint) and ``credentialPrivateNetworks`` (the tenants' endpoints) open named private
+    ranges, such as the cluster's Service network for an in-cluster receiver."""
+
+    endpoint: WebhookEndpoint | None = None
+    ca_file: str | None = Field(None, alias="caFile")
+    allow_private_networks: tuple[str, ...] = Field((), alias="allowPrivateNetworks")
+    credential_private_networks: tuple[str, ...] = Field((), alias="credentialPrivateNetworks")
+    timeout: Duration = Field(10.0, gt=0, le=60.0)
+    concurrency: int = Field(8, ge=1, le=256)
+    retry_initial: Duration = Field(30.0, alias="retryInitial", gt=0)
+    retry_max: Duration = Field(3600.0, alias="retryMax", gt=0)
+    max_age: Duration = Field(86400.0, alias="maxAge", gt=0, le=7 * 86400.0)
+    poll_interval: Duration = Field(1.0, alias="pollInterval", gt=0, le=60.0)
+
+    _d = _durations("timeout", "retry_initial", "retry_max", "max_age", "poll_interval")
+
+    @field_validator("allow_private_networks", "credential_private_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _networks_field(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> WebhookSettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("webhooks.retryMax is shorter than webhooks.retryInitial")
+        return self
+
+
 # --------------------------------------------------------------------------------------------
 # Domains and credentials
 # --------------------------------------------------------------------------------------------
@@ -623,6 +759,8 @@ class Credential(_Model):
     suspended: bool = False
     suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
     owner: str | None = None  # "namespace/name" of the SmtpCredential, for humans
+    # Delivery events of this credential's mail only (docs/webhooks.md).
+    webhook: WebhookEndpoint | None = None
 
     @field_validator("username")
     @classmethod
@@ -694,6 +832,7 @@ class RelaySettings(_Model):
     intake: IntakeSettings | None = None
     message_log: MessageLogSettings = Field(MessageLogSettings(), alias="messageLog")
     store: StoreSettings = StoreSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
     workers: int = Field(1, ge=1, le=64)
     shutdown_grace: Duration = Field(25.0, alias="shutdownGrace")

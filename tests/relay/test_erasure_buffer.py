@@ -16,7 +16,7 @@ from mailplane_relay.app import _adopt_store_buffers
 from mailplane_relay.events import LogEvent
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.store import LogQuery, MessageLog
-from mailplane_relay.store.backend import LogRow
+from mailplane_relay.store.backend import LogRow, OutboxRow
 from mailplane_relay.store.erasure import carry_out_requests, erase_across_pool
 from mailplane_relay.store.postgres import PostgresBackend
 from mailplane_relay.store.sync import query_log
@@ -31,10 +31,11 @@ class Outage:
         self.down = False
         self.description = backend.description
 
-    async def write_events(self, rows: list[LogRow]) -> None:
+    async def write_events(self, rows: list[LogRow],
+                           outbox: list[OutboxRow] | None = None) -> None:
         if self.down:
             raise OSError("connection refused")
-        await self.backend.write_events(rows)
+        await self.backend.write_events(rows, outbox)
 
 
 @pytest.fixture

@@ -21,6 +21,17 @@ LOG_COLUMNS: tuple[str, ...] = (
 )
 LogRow = tuple[Any, ...]
 
+# One webhook event waiting in the outbox (docs/webhooks.md), in this column order. Written in
+# the same transaction as the log rows it comes from; ``target`` is ``relay`` (the platform's
+# endpoint) or ``credential:<username>`` (that credential's endpoint, its own events only).
+OUTBOX_COLUMNS: tuple[str, ...] = (
+    "event_id", "target", "type", "ts", "credential", "namespace", "sender", "recipient",
+    "queue_id", "message_id", "response", "attempt", "next_attempt",
+)
+OutboxRow = tuple[Any, ...]
+# What a claim returns per event: the columns above plus these.
+OUTBOX_CLAIMED: tuple[str, ...] = ("id", *OUTBOX_COLUMNS[:-1], "attempts")
+
 # (reason, created) of a suppression entry.
 Entry = tuple[str, float]
 
@@ -125,8 +136,10 @@ class StoreBackend(Protocol):
     async def close(self) -> None: ...
 
     # ---- message log
-    async def write_events(self, rows: list[LogRow]) -> None:
-        """Append rows; a row whose ``event_id`` is already stored is skipped (replay)."""
+    async def write_events(self, rows: list[LogRow],
+                           outbox: list[OutboxRow] | None = None) -> None:
+        """Append rows, and the webhook events made from them, in one transaction; a row (an
+        event) whose ``event_id`` (and target) is already stored is skipped (replay)."""
     async def query(self, q: LogQuery) -> list[dict[str, Any]]: ...
     async def oldest_event(self) -> float | None:
         """Timestamp of the oldest message-log row, or None when the log is empty."""
@@ -150,6 +163,23 @@ class StoreBackend(Protocol):
     async def erase(self, address: str, *, keep_hash: str | None) -> EraseReport:
         """Delete every log row and suppression entry of ``address``. A complaint entry is
         replaced by ``keep_hash`` (a keyed hash of the address) when one is given."""
+
+    # ---- webhook outbox (docs/webhooks.md)
+    async def webhook_enqueue(self, outbox: list[OutboxRow]) -> None:
+        """Add events not made from log rows (complaints); known (event, target) skipped."""
+    async def webhook_claim(self, owner: str, now: float, lease_until: float,
+                            limit: int) -> list[dict[str, Any]]:
+        """Lease up to ``limit`` events due at ``now`` and not leased by anyone, to ``owner``
+        until ``lease_until``: no other worker of the pool gets them meanwhile."""
+    async def webhook_done(self, event_ids: list[int]) -> None:
+        """Delete delivered (or dropped) events, by outbox id."""
+    async def webhook_retry(self, outbox_id: int, owner: str, next_attempt: float,
+                            error: str) -> None:
+        """A failed attempt: due again at ``next_attempt``; ignored if the lease was lost."""
+    async def webhook_expire(self, before: float) -> int:
+        """Delete events older than ``before`` (given up); returns how many."""
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        """(events waiting, timestamp of the oldest)."""
 
     # ---- shared sending state
     async def lease(self, kind: str, credential: str, window_start: int, want: int,

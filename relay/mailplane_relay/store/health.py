@@ -11,7 +11,8 @@ from ..metrics import NS
 
 log = logging.getLogger(__name__)
 
-OPERATIONS = ("log_write", "suppression", "limits", "reputation", "purge", "erasure")
+OPERATIONS = ("log_write", "suppression", "limits", "reputation", "purge", "erasure",
+              "webhooks")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 from ..aiotasks import cancel_and_wait
 from ..events import LogEvent
 from ..metrics import NS, RelayMetrics
-from .backend import LogQuery, LogRow, StoreBackend
+from .backend import LogQuery, LogRow, OutboxRow, StoreBackend
 from .health import StoreHealth
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,16 @@ ERROR_LOG_INTERVAL = 10.0
 REPLAY_FILES_PER_PASS = 20
 
 TenantOf = Callable[[str | None], str | None]
+# The webhook events (outbox rows) a batch of log rows makes, per the configuration in force.
+OutboxOf = Callable[[list[LogRow]], list[OutboxRow]]
 
 
 def _no_tenant(_credential: str | None) -> str | None:
     return None
+
+
+def _no_outbox(_rows: list[LogRow]) -> list[OutboxRow]:
+    return []
 
 
 class MessageLog:
@@ -67,8 +73,12 @@ class MessageLog:
         buffer_dir: str | None = None,
         tenant_of: TenantOf = _no_tenant,
         health: StoreHealth | None = None,
+        outbox_of: OutboxOf = _no_outbox,
     ) -> None:
         self.backend = backend
+        # Webhook events are made when a batch goes to the store (also a batch replayed from
+        # the disk buffer) and written in its transaction: a row in the log has its events.
+        self._outbox_of = outbox_of
         self._health = health
         self.flush_interval = flush_interval
         self._metrics = metrics
@@ -184,7 +194,7 @@ class MessageLog:
             try:
                 # Shielded: a write handed to the backend may complete even if this caller is
                 # cancelled; ids make a second write of the same batch harmless anyway.
-                await asyncio.shield(self.backend.write_events(batch))
+                await asyncio.shield(self.backend.write_events(batch, self._outbox(batch)))
             except Exception as exc:
                 self.write_errors.inc()
                 if self._health is not None:
@@ -207,6 +217,13 @@ class MessageLog:
                 raise
             if self._health is not None:
                 self._health.ok("log_write")
+
+    def _outbox(self, rows: list[LogRow]) -> list[OutboxRow]:
+        try:
+            return self._outbox_of(rows)
+        except Exception:  # a bug here must not hold the log back
+            log.exception("message log: could not make the webhook events of a batch")
+            return []
 
     # ---- the disk buffer --------------------------------------------------------------
 
@@ -250,7 +267,7 @@ class MessageLog:
                 continue
             rows = [tuple(json.loads(line)) for line in text.splitlines() if line]
             try:
-                await self.backend.write_events(rows)
+                await self.backend.write_events(rows, self._outbox(rows))
             except Exception as exc:
                 if self._health is not None:
                     self._health.failed("log_write", exc)

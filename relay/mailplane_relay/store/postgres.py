@@ -29,12 +29,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .backend import (
     LOG_COLUMNS,
+    OUTBOX_CLAIMED,
+    OUTBOX_COLUMNS,
     PORTAL_AUDIT,
     Entry,
     EraseReport,
     ErasureState,
     LogQuery,
     LogRow,
+    OutboxRow,
     StoreError,
     StoreUnavailable,
     SuppressionDelta,
@@ -147,6 +150,34 @@ CREATE TABLE IF NOT EXISTS complaint_buckets (
     complaints bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (credential, minute)
 );
+-- Webhook events waiting for their endpoint (docs/webhooks.md), written in the same transaction
+-- as the log rows they come from; leased with FOR UPDATE SKIP LOCKED so that exactly one worker
+-- of the pool posts each; deleted once delivered or given up.
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id text NOT NULL,
+    target text NOT NULL,
+    type text NOT NULL,
+    ts double precision NOT NULL,
+    credential text,
+    namespace text,
+    sender text,
+    recipient text,
+    queue_id text,
+    message_id text,
+    response text,
+    attempt integer,
+    next_attempt double precision NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    lease_owner text,
+    leased_until double precision,
+    last_error text,
+    UNIQUE (event_id, target)
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
+CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
+CREATE INDEX IF NOT EXISTS webhook_outbox_sender ON webhook_outbox (lower(sender));
+CREATE INDEX IF NOT EXISTS webhook_outbox_recipient ON webhook_outbox (lower(recipient));
 -- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential text NOT NULL,
@@ -178,6 +209,11 @@ _STAGING = (
 _COLS = ", ".join(LOG_COLUMNS)
 _SELECT_COLUMNS = ", ".join(c for c in LOG_COLUMNS if c != "event_id")
 _FORGOTTEN = ""
+_OUTBOX_INSERT = (
+    f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('%s' for _ in OUTBOX_COLUMNS)}) ON CONFLICT (event_id, target) "
+    "DO NOTHING"
+)
 
 
 def _conninfo_description(dsn: str) -> str:
@@ -353,7 +389,8 @@ class PostgresBackend:
 
     # ---- message log ------------------------------------------------------------------
 
-    async def write_events(self, rows: list[LogRow]) -> None:
+    async def write_events(self, rows: list[LogRow],
+                           outbox: list[OutboxRow] | None = None) -> None:
         if not rows:
             return
         await self._ready()
@@ -367,6 +404,8 @@ class PostgresBackend:
             await conn.execute(
                 f"INSERT INTO message_log ({_COLS}) SELECT {_COLS} FROM message_log_in "  # noqa: S608
                 "ON CONFLICT (event_id) DO NOTHING")
+            if outbox:
+                await conn.cursor().executemany(_OUTBOX_INSERT, outbox)
 
     async def query(self, q: LogQuery) -> list[dict[str, Any]]:
         await self._ready()
@@ -491,6 +530,12 @@ class PostgresBackend:
         report.add("message_log", await self._delete_chunks(
             "message_log", "id", "lower(sender) = %s OR lower(recipient) = %s",
             (address, address)))
+        # Webhook events not posted yet (counted when there were some, like the portal's).
+        pending = await self._delete_chunks(
+            "webhook_outbox", "id", "lower(sender) = %s OR lower(recipient) = %s",
+            (address, address))
+        if pending:
+            report.add("webhook_outbox", pending)
         async with self._conn() as conn, conn.transaction():
             row = await (await conn.execute(
                 "DELETE FROM suppression WHERE address = %s RETURNING reason, source, created",
@@ -520,6 +565,57 @@ class PostgresBackend:
                     "WHERE lower(detail) LIKE %s ESCAPE '!'",
                     (address, mask_address(address), like_pattern(address)))
         return report
+
+    # ---- webhook outbox ------------------------------------------------------------------
+
+    async def webhook_enqueue(self, outbox: list[OutboxRow]) -> None:
+        if not outbox:
+            return
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            await conn.cursor().executemany(_OUTBOX_INSERT, outbox)
+
+    async def webhook_claim(self, owner: str, now: float, lease_until: float,
+                            limit: int) -> list[dict[str, Any]]:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            # SKIP LOCKED: workers claiming together each get other events, none waits.
+            await cur.execute(
+                "UPDATE webhook_outbox SET lease_owner = %s, leased_until = %s WHERE id IN "  # noqa: S608
+                "(SELECT id FROM webhook_outbox WHERE next_attempt <= %s AND (leased_until IS "
+                "NULL OR leased_until < %s) ORDER BY next_attempt LIMIT %s "
+                f"FOR UPDATE SKIP LOCKED) RETURNING {', '.join(OUTBOX_CLAIMED)}",
+                (owner, lease_until, now, now, limit))
+            return list(await cur.fetchall())
+
+    async def webhook_done(self, event_ids: list[int]) -> None:
+        if not event_ids:
+            return
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM webhook_outbox WHERE id = ANY(%s)", (event_ids,))
+
+    async def webhook_retry(self, outbox_id: int, owner: str, next_attempt: float,
+                            error: str) -> None:
+        await self._ready()
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt = %s, "
+                "last_error = %s, lease_owner = NULL, leased_until = NULL "
+                "WHERE id = %s AND lease_owner = %s", (next_attempt, error, outbox_id, owner))
+
+    async def webhook_expire(self, before: float) -> int:
+        await self._ready()
+        return await self._delete_chunks("webhook_outbox", "id", "ts < %s", (before,))
+
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "SELECT count(*), min(ts) FROM webhook_outbox")).fetchone()
+        assert row is not None
+        return int(row[0]), None if row[1] is None else float(row[1])
 
     # ---- sending limits ----------------------------------------------------------------
 

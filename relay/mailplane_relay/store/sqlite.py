@@ -22,12 +22,15 @@ from typing import Any, TypeVar
 
 from .backend import (
     LOG_COLUMNS,
+    OUTBOX_CLAIMED,
+    OUTBOX_COLUMNS,
     PORTAL_AUDIT,
     Entry,
     EraseReport,
     ErasureState,
     LogQuery,
     LogRow,
+    OutboxRow,
     StoreError,
     SuppressionDelta,
     like_pattern,
@@ -101,6 +104,31 @@ CREATE TABLE IF NOT EXISTS complaint_buckets (
     complaints INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (credential, minute)
 );
+-- Webhook events waiting for their endpoint (docs/webhooks.md): metadata of the log rows they
+-- come from, written in the same transaction; deleted once delivered or given up.
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    type TEXT NOT NULL,
+    ts REAL NOT NULL,
+    credential TEXT,
+    namespace TEXT,
+    sender TEXT COLLATE NOCASE,
+    recipient TEXT COLLATE NOCASE,
+    queue_id TEXT,
+    message_id TEXT,
+    response TEXT,
+    attempt INTEGER,
+    next_attempt REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    leased_until REAL,
+    last_error TEXT,
+    UNIQUE (event_id, target)
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
+CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
 CREATE TABLE IF NOT EXISTS suppression (
     address TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -147,6 +175,10 @@ _INSERT = (
     f"VALUES ({', '.join('?' for _ in LOG_COLUMNS)})"
 )
 _SELECT_COLUMNS = tuple(c for c in LOG_COLUMNS if c != "event_id")
+_OUTBOX_INSERT = (
+    f"INSERT OR IGNORE INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in OUTBOX_COLUMNS)})"
+)
 
 # What erasure leaves in the change log instead of the address (never a valid address).
 _FORGOTTEN = ""
@@ -366,6 +398,11 @@ def _erase(conn: sqlite3.Connection, address: str, keep_hash: str | None) -> Era
     try:
         report.add("message_log", _delete_in_chunks(
             conn, "message_log", "sender = ? OR recipient = ?", (address, address)))
+        # Webhook events not posted yet (counted when there were some, like the portal's).
+        pending = _delete_in_chunks(conn, "webhook_outbox", "sender = ? OR recipient = ?",
+                                    (address, address))
+        if pending:
+            report.add("webhook_outbox", pending)
         with _transaction(conn):
             row = conn.execute("SELECT reason, source, created FROM suppression "
                                "WHERE address = ?", (address,)).fetchone()
@@ -446,10 +483,13 @@ class SqliteBackend:
 
     # ---- message log
 
-    async def write_events(self, rows: list[LogRow]) -> None:
+    async def write_events(self, rows: list[LogRow],
+                           outbox: list[OutboxRow] | None = None) -> None:
         def write(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.executemany(_INSERT, rows)
+                if outbox:
+                    conn.executemany(_OUTBOX_INSERT, outbox)
         await self._run(write)
 
     async def query(self, q: LogQuery) -> list[dict[str, Any]]:
@@ -521,6 +561,55 @@ class SqliteBackend:
 
     async def erase(self, address: str, *, keep_hash: str | None) -> EraseReport:
         return await self._run(lambda conn: _erase(conn, address, keep_hash))
+
+    # ---- webhook outbox
+
+    async def webhook_enqueue(self, outbox: list[OutboxRow]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(_OUTBOX_INSERT, outbox)
+        if outbox:
+            await self._run(run)
+
+    async def webhook_claim(self, owner: str, now: float, lease_until: float,
+                            limit: int) -> list[dict[str, Any]]:
+        sql = (f"UPDATE webhook_outbox SET lease_owner = ?, leased_until = ? WHERE id IN "  # noqa: S608
+               "(SELECT id FROM webhook_outbox WHERE next_attempt <= ? AND (leased_until IS "
+               "NULL OR leased_until < ?) ORDER BY next_attempt LIMIT ?) "
+               f"RETURNING {', '.join(OUTBOX_CLAIMED)}")
+
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            with _transaction(conn):
+                return [dict(r) for r in conn.execute(
+                    sql, (owner, lease_until, now, now, limit)).fetchall()]
+        return await self._run(run)
+
+    async def webhook_done(self, event_ids: list[int]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany("DELETE FROM webhook_outbox WHERE id = ?",
+                                 [(i,) for i in event_ids])
+        if event_ids:
+            await self._run(run)
+
+    async def webhook_retry(self, outbox_id: int, owner: str, next_attempt: float,
+                            error: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("UPDATE webhook_outbox SET attempts = attempts + 1, "
+                             "next_attempt = ?, last_error = ?, lease_owner = NULL, "
+                             "leased_until = NULL WHERE id = ? AND lease_owner = ?",
+                             (next_attempt, error, outbox_id, owner))
+        await self._run(run)
+
+    async def webhook_expire(self, before: float) -> int:
+        return await self._run(lambda conn: _delete_in_chunks(
+            conn, "webhook_outbox", "ts < ?", (before,)))
+
+    async def webhook_backlog(self) -> tuple[int, float | None]:
+        row = await self._run(lambda conn: conn.execute(
+            "SELECT count(*), min(ts) FROM webhook_outbox").fetchone())
+        return int(row[0]), None if row[1] is None else float(row[1])
 
     # ---- sending limits (shared by the worker processes of a pod)
 
