@@ -284,3 +284,26 @@ async def test_outbox_leases_erasure_and_expiry(
         assert await backend.webhook_backlog() == (0, None)
     finally:
         await other.close()
+
+
+async def test_a_claim_skips_events_another_worker_is_claiming(pg_dsn: str) -> None:
+    """PostgreSQL: rows locked by a claim in flight (another pod's transaction) are skipped at
+    once, neither waited for nor handed out twice."""
+    import psycopg
+
+    from mailplane_relay.store.postgres import PostgresBackend
+
+    backend = PostgresBackend(pg_dsn)
+    await backend.open()
+    cfg = Cfg(endpoint={"url": "https://hooks.example.net/x", "secrets": [SECRET.decode()]})
+    try:
+        await log_events(backend, cfg, [event(i) for i in range(10)])
+        held = await psycopg.AsyncConnection.connect(pg_dsn)
+        async with held, held.transaction():
+            locked = {r[0] for r in await (await held.execute(
+                "SELECT id FROM webhook_outbox ORDER BY id LIMIT 4 FOR UPDATE")).fetchall()}
+            now = time.time()
+            got = await asyncio.wait_for(backend.webhook_claim("b", now, now + 60, 10), 5)
+            assert len(got) == 6 and not locked & {e["id"] for e in got}
+    finally:
+        await backend.close()
