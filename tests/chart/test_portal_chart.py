@@ -22,7 +22,7 @@ def test_portal_renders_with_least_privilege() -> None:
     rendered = render_install(load_values(CHART_DIR / "ci" / "portal-values.yaml"))
     deployment = rendered.one("Deployment", NAME)
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
+    assert spec["replicas"] == 2
     pod = spec["template"]["spec"]
     [container] = pod["containers"]
     assert container["args"][:3] == ["portal", "--store=@/etc/mailplane/store/dsn",
@@ -61,3 +61,89 @@ def test_portal_needs_the_postgresql_store() -> None:
     with pytest.raises(helm.HelmError, match=r"portal\.ingress\.host"):
         render_install({"portal": {"enabled": True, "storeSecretRef": {"name": "db"},
                                    "ingress": {"enabled": True}}})
+
+
+OIDC_VALUES = {"portal": {
+    "enabled": True, "storeSecretRef": {"name": "mailplane-db-app"},
+    "trustedProxies": ["10.0.0.0/8", "192.168.0.0/16"],
+    "ingress": {"enabled": True, "host": "mail.example.com"},
+    "oidc": {"enabled": True, "issuer": "https://dex.example.com", "clientId": "mailplane",
+             "clientSecretRef": {"name": "portal-oidc"}, "groupsClaim": "groups",
+             "groupsPrefix": "oidc:", "usernamePrefix": "-",
+             "caConfigMapRef": {"name": "corp-ca"}},
+    "networkPolicy": {"egress": {"apiServerCIDRs": ["172.20.0.1/32"],
+                                 "storeCIDRs": ["10.3.0.0/16"]}}}}
+
+
+def test_portal_runs_replicas_with_oidc_from_a_mounted_secret() -> None:
+    rendered = render_install(OIDC_VALUES)
+    spec = rendered.one("Deployment", NAME)["spec"]
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    args = build_parser().parse_args(container["args"])  # the portal takes what the chart gives
+    assert (args.oidc_issuer, args.oidc_client_id, args.oidc_redirect_url) == (
+        "https://dex.example.com", "mailplane", "https://mail.example.com/login/callback")
+    assert (args.oidc_groups_claim, args.oidc_groups_prefix, args.oidc_username_prefix,
+            args.oidc_username_claim) == ("groups", "oidc:", "-", "sub")
+    assert args.trusted_proxies == "10.0.0.0/8,192.168.0.0/16"
+    assert (args.login_rate, args.login_rate_user) == (10, 5)
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert args.oidc_client_secret_file.startswith("/etc/mailplane/oidc/")
+    assert mounts["/etc/mailplane/oidc"] == "oidc"
+    assert args.oidc_ca_file == "/etc/mailplane/oidc-ca/ca.crt"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["oidc"]["secret"] == {"secretName": "portal-oidc", "items": [
+        {"key": "client-secret", "path": "client-secret"}]}
+    assert volumes["oidc-ca"]["configMap"]["name"] == "corp-ca"
+    assert "env" not in container  # the secret is a file, never an environment variable
+    assert "portal-oidc" not in str(container["args"])
+
+
+@pytest.mark.parametrize(("oidc", "message"), [
+    ({"issuer": "http://dex.example.com"}, r"portal\.oidc\.issuer"),
+    ({"clientId": ""}, r"portal\.oidc\.clientId"),
+    ({"clientSecretRef": {"name": ""}}, r"portal\.oidc\.clientSecretRef\.name"),
+])
+def test_portal_oidc_values_are_checked(oidc: dict[str, object], message: str) -> None:
+    values = {"portal": {**OIDC_VALUES["portal"],  # type: ignore[dict-item]
+                         "oidc": {**OIDC_VALUES["portal"]["oidc"], **oidc}}}  # type: ignore[index]
+    with pytest.raises(helm.HelmError, match=message):
+        render_install(values)
+    no_host = {"portal": {**OIDC_VALUES["portal"], "ingress": {"enabled": False}}}  # type: ignore[dict-item]
+    with pytest.raises(helm.HelmError, match=r"portal\.oidc\.redirectUrl"):
+        render_install(no_host)
+
+
+def test_portal_network_policy_fences_both_ways() -> None:
+    policy = render_install(OIDC_VALUES).one("NetworkPolicy", NAME)
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == NAME
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [{
+        "from": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "ports": [{"protocol": "TCP", "port": 8443}]}]
+    dns, api, store, issuer = spec["egress"]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "kube-system"}}}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert api == {"to": [{"ipBlock": {"cidr": "172.20.0.1/32"}}],
+                   "ports": [{"protocol": "TCP", "port": 443},
+                             {"protocol": "TCP", "port": 6443}]}
+    assert store == {"to": [{"ipBlock": {"cidr": "10.3.0.0/16"}}],
+                     "ports": [{"protocol": "TCP", "port": 5432}]}
+    assert issuer == {"ports": [{"protocol": "TCP", "port": 443}]}  # any address, port 443
+
+
+def test_portal_network_policy_without_oidc_has_no_issuer_rule_and_can_be_left_out() -> None:
+    values = {"portal": {"enabled": True, "storeSecretRef": {"name": "db"},
+                         "networkPolicy": {"ingressNamespaceSelector": {"matchLabels": {
+                             "kubernetes.io/metadata.name": "traefik"}}}}}
+    spec = render_install(values).one("NetworkPolicy", NAME)["spec"]
+    assert len(spec["egress"]) == 3
+    assert spec["egress"][2]["to"] == [{"namespaceSelector": {}}]  # the store: any namespace
+    assert spec["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "traefik"}
+    off = render_install({**values, "networkPolicy": {"enabled": False}})
+    assert not [o for o in off.objects if o["kind"] == "NetworkPolicy"]

@@ -85,7 +85,8 @@ def leaf_paths(node: Any, prefix: str = "") -> list[str]:
             # Free-form maps and CR specs are documented as a whole.
             if key in ("spec", "labels", "annotations", "podAnnotations", "podLabels",
                        "nodeSelector", "affinity", "resources", "requests", "limits",
-                       "matchLabels", "metricsNamespaceSelector"):
+                       "matchLabels", "metricsNamespaceSelector", "ingressNamespaceSelector",
+                       "dnsNamespaceSelector", "storeNamespaceSelector"):
                 out.append(path)
             else:
                 out.extend(leaf_paths(child, path))
