@@ -128,12 +128,12 @@ def _lock_spool(directory: str) -> int:
 
 
 async def _feed_recovered(spool: Spool, queue: DeliveryQueue, spool_dir: str) -> None:
-    """Hand the spooled messages to the delivery queue batch by batch, oldest first."""
+    """Hand the spooled messages to the delivery queue batch by batch, oldest first (queue
+    ids and due times: envelopes are read again when their messages fall due)."""
     started = time.monotonic()
     count = 0
     async for batch in spool.recover():
-        for msg in batch:
-            queue.submit(msg)
+        queue.schedule(batch)
         count += len(batch)
     if count:
         log.info("spool %s: recovered %d messages in %.1fs", spool_dir, count,

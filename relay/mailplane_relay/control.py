@@ -152,9 +152,6 @@ class ControlServer:
         msg = await asyncio.to_thread(self._spool.envelope, queue_id)
         if msg is None:
             raise ControlError(f"{queue_id}: not in this relay process's queue")
-        held = self._queue.message(queue_id)
-        if held is not None:
-            msg = held
         doc = json.loads(msg.to_json())
         doc["state"] = self._state(msg)
         return dict(doc)
@@ -204,38 +201,28 @@ class ControlServer:
 
     async def _envelopes(self) -> list[QueuedMessage]:
         """Every message of this spool, oldest first: listed from the spool, each envelope the
-        queue's own object when it holds one, else read from the spool files (in a thread)."""
+        object in memory when there is one (an attempt's), else read from the spool files (in
+        a thread; the queue keeps deferred messages' envelopes on disk only)."""
         ids = self._spool.queue_ids()
-        found: list[QueuedMessage] = []
-        unread: list[str] = []
-        for qid in ids:
-            msg = self._queue.message(qid)
-            if msg is None:
-                unread.append(qid)
-            else:
-                found.append(msg)
-        if unread:
-            read = await asyncio.to_thread(lambda: [self._spool.envelope(q) for q in unread])
-            found.extend(m for m in read if m is not None)
-        found.sort(key=lambda m: m.queue_id)
-        return found
+        read = await asyncio.to_thread(lambda: [self._spool.envelope(q) for q in ids])
+        return [m for m in read if m is not None]
 
     async def _targets(self, request: dict[str, Any]) -> list[str]:
         """The queue ids a hold/release/flush names: one id, or every message with a pending
         recipient at a destination (recipient domain). Only messages the queue holds."""
         queue_id = _optional_str(request, "queue_id")
         if queue_id is not None:
-            if self._queue.message(queue_id) is None:
+            if not self._queue.is_queued(queue_id):
                 raise ControlError(f"{queue_id}: not in this relay process's queue")
             return [queue_id]
         destination = _optional_str(request, "destination")
         if destination is None:
             raise ControlError("name a queue id or a destination")
         return [m.queue_id for m in await self._envelopes()
-                if destination in _domains(m) and self._queue.message(m.queue_id) is not None]
+                if destination in _domains(m) and self._queue.is_queued(m.queue_id)]
 
     def _state(self, msg: QueuedMessage) -> str:
-        if self._queue.message(msg.queue_id) is msg:
+        if self._queue.is_queued(msg.queue_id):
             return self._queue.state_of(msg)
         return "final" if not msg.needs_work() else "loading"
 

@@ -65,11 +65,12 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .metrics import RelayMetrics
 
@@ -108,7 +109,7 @@ class Recipient:
     dsn_owed: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class QueuedMessage:
     queue_id: str
     mail_from: str
@@ -161,6 +162,21 @@ class QueuedMessage:
             if isinstance(value, str):
                 doc[name] = sys.intern(value)
         return cls(recipients=recipients, **doc)
+
+
+# The mark in an envelope's ``extra`` of a message on hold (``mailplane queue hold``): not
+# scheduled until released, across restarts.
+HELD = "held"
+
+
+class Due(NamedTuple):
+    """What recovery hands to the delivery queue for a message: its id, next attempt and
+    whether it is on hold. The envelope itself is read again (:meth:`Spool.load`) when the
+    message falls due."""
+
+    queue_id: str
+    next_attempt: float
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,9 +282,16 @@ class Spool:
         # loop's view, so removals and state updates need no stat or failing rename.
         self._live: set[str] = set()
         self._states: set[str] = set()
-        # The envelope objects of live messages, the very ones commit() and start() returned
-        # (the delivery queue holds the same objects): erasure edits them in place.
-        self._envelopes: dict[str, QueuedMessage] = {}
+        # The envelope objects of live messages that are in memory anywhere (returned by
+        # commit(), start() or load() and still referenced, e.g. by a delivery attempt); one
+        # object per message, so erasure edits the very object an attempt works on. Weak: an
+        # envelope leaves memory when the delivery queue drops it (a deferred message is
+        # scheduled by queue id and due time only).
+        self._envelopes: weakref.WeakValueDictionary[str, QueuedMessage] = (
+            weakref.WeakValueDictionary())
+        # Envelopes whose latest state could not be written (save_state failed): kept in
+        # memory until a later save succeeds, so the state is not lost while the relay runs.
+        self._pinned: dict[str, QueuedMessage] = {}
         # Lazy recovery: the message files listed at start and not read yet.
         self._unread: list[str] = []
         self._stale_states: list[str] = []
@@ -296,6 +319,8 @@ class Spool:
                 recovered: list[QueuedMessage] = []
             else:
                 recovered = await self._run(self._recover)
+                for msg in recovered:
+                    self._envelopes[msg.queue_id] = msg
                 self._recovered.set()
         except OSError as exc:
             raise SpoolError(f"spool {self.directory}: cannot open: {exc.strerror}") from exc
@@ -303,19 +328,24 @@ class Spool:
             self._purge_corrupt_loop(), name="spool-corrupt-purge")
         return recovered
 
-    async def recover(self, batch: int = 2000) -> AsyncIterator[list[QueuedMessage]]:
-        """After ``start(lazy=True)``: the messages that need work, in batches, oldest first.
-        A batch is read in a thread; a message committed since the start is not among them."""
+    async def recover(self, batch: int = 2000) -> AsyncIterator[list[Due]]:
+        """After ``start(lazy=True)``: the messages that need work, in batches, oldest first,
+        as queue id and next attempt (the envelopes are read here and dropped; :meth:`load`
+        reads one again when it is needed). A batch is read in a thread; a message committed
+        since the start is not among them."""
         try:
-            while self._unread:
-                chunk, self._unread = self._unread[:batch], self._unread[batch:]
+            start = 0
+            while start < len(self._unread):
+                chunk = self._unread[start:start + batch]
+                start += batch
                 try:
-                    messages, final, bad = await self._run(self._load_batch, chunk)
+                    due, final, bad = await self._run(self._due_batch, chunk)
                 except OSError as exc:
                     raise SpoolError(f"spool recovery failed: {exc.strerror or exc}") from exc
-                self._apply_batch(messages, final, bad)
-                if messages:
-                    yield messages
+                self._apply_batch(final, bad)
+                if due:
+                    yield due
+            self._unread = []
             await self._run(self._end_recovery, self._stale_states)
         finally:
             self._recovered.set()
@@ -445,9 +475,28 @@ class Spool:
             return None
         return msg if msg.queue_id == queue_id else None
 
+    def load(self, queue_id: str) -> QueuedMessage | None:
+        """The envelope of a live message: the object already in memory if there is one
+        (so that every holder sees the same state), else read from its files (blocking; a
+        small read). None if the message is gone, or its file is unreadable (then set aside
+        in corrupt/, as recovery does)."""
+        if queue_id not in self._live:
+            return None
+        msg = self._envelopes.get(queue_id)
+        if msg is not None:
+            return msg
+        msg = self._load(queue_id)
+        if msg is None:
+            self._live.discard(queue_id)
+            self._states.discard(queue_id)
+            return None
+        self._envelopes[queue_id] = msg
+        return msg
+
     async def save_state(self, msg: QueuedMessage, *, durable: bool = False) -> None:
         """Rewrite the envelope atomically. Not fsynced unless ``durable``: a lost update only
-        repeats an attempt (at-least-once)."""
+        repeats an attempt (at-least-once). When the write fails the envelope is kept in memory
+        (:meth:`load` returns it) until a later one succeeds."""
         if msg.queue_id not in self._live:
             return  # removed meanwhile (or never committed): a state file would be an orphan
         try:
@@ -456,10 +505,13 @@ class Spool:
             else:
                 self._write_state(msg, False)
         except OSError as exc:
+            if msg.queue_id in self._live:
+                self._pinned[msg.queue_id] = msg
             raise SpoolError(
                 f"spool state update of {msg.queue_id} failed: {exc.strerror}"
             ) from exc
         self._states.add(msg.queue_id)
+        self._pinned.pop(msg.queue_id, None)
 
     async def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all final."""
@@ -476,9 +528,11 @@ class Spool:
         without recipients is deleted. A message kept for its other recipients is rewritten
         (new file, fdatasynced, renamed over the old one; its state file rewritten too), so no
         file in the spool names the address afterwards; the directory is fsynced at the end.
-        Addresses compare case-insensitively. The envelope objects are edited in place, so the
-        delivery queue holding them sees the change at once: a deleted message is left with no
-        recipient and a null sender (nothing more is sent, logged or bounced for it).
+        Addresses compare case-insensitively. Every live message is looked at: envelopes in
+        memory, and the files of the others (read in a thread; a deferred message's envelope
+        is not kept in memory). Envelope objects are edited in place, so a delivery attempt
+        holding one sees the change at once: a deleted message is left with no recipient and
+        a null sender (nothing more is sent, logged or bounced for it).
 
         The message data is the sender's and is not edited: a copy still being delivered to
         others keeps the headers it was submitted with (which may name the address) until it
@@ -489,10 +543,32 @@ class Spool:
         if self._unread:
             raise SpoolError("spool recovery did not finish: erasure would miss messages")
         key = address.casefold()
+        # Strong references for the whole erasure: while it runs, load() returns these very
+        # objects, so an attempt starting meanwhile works on the edited envelope.
+        candidates = dict(self._envelopes.items())
+        others = [qid for qid in self._live if qid not in candidates]
+        try:
+            found, bad = await self._run(self._scan, others, key)
+        except OSError as exc:
+            raise SpoolError(f"spool erasure failed: {exc.strerror or exc}") from exc
+        for qid in bad:
+            if qid in self._live and qid not in self._envelopes:
+                # Unreadable: set aside (and purged) as recovery and load() do.
+                self._quarantine(Path(self._d + qid + _MSG), ValueError("unreadable"))
+                self._live.discard(qid)
+                if qid in self._states:
+                    self._states.discard(qid)
+                    _unlink_quiet(self._d + qid + _STATE)
+        for msg in found:
+            if msg.queue_id not in self._live:
+                continue  # removed while the files were read
+            # Loaded meanwhile by an attempt: that object is the one to edit.
+            current = self._envelopes.setdefault(msg.queue_id, msg)
+            candidates[msg.queue_id] = current
         removed = 0
         deleted: list[str] = []
         rewrite: list[QueuedMessage] = []
-        for msg in list(self._envelopes.values()):
+        for msg in list(candidates.values()):
             if msg.mail_from.casefold() == key:
                 deleted.append(msg.queue_id)
                 continue
@@ -508,7 +584,7 @@ class Spool:
             rewrite.append(msg)
         try:
             for qid in deleted:
-                msg = self._envelopes[qid]
+                msg = candidates[qid]
                 msg.recipients.clear()
                 msg.mail_from = ""
                 msg.extra.clear()
@@ -521,6 +597,56 @@ class Spool:
             raise SpoolError(f"spool erasure failed: {exc.strerror or exc}") from exc
         return SpoolErasure(recipients_removed=removed, messages_deleted=len(deleted),
                             deleted_ids=tuple(deleted))
+
+    def _scan(self, qids: list[str], key: str) -> tuple[list[QueuedMessage], list[str]]:
+        """The envelopes among these messages that name ``key`` (a casefolded address) as
+        sender or recipient, and the messages whose files cannot be read (thread)."""
+        # Cheap pre-check on the raw envelope when the address is plain ASCII (JSON leaves it
+        # as is): most envelopes are not parsed at all.
+        needle = key.encode() if key.isascii() and not set(key) & set('"\\') else None
+        found: list[QueuedMessage] = []
+        bad: list[str] = []
+        for qid in qids:
+            if needle is not None:
+                try:
+                    if not self._mentions(qid, needle):
+                        continue
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError):
+                    pass  # read properly below
+            try:
+                msg = self._read_envelope(qid)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except (OSError, ValueError, TypeError, KeyError):
+                bad.append(qid)
+                continue
+            if msg.mail_from.casefold() == key or any(
+                    r.address.casefold() == key for r in msg.recipients):
+                found.append(msg)
+        return found, bad
+
+    def _mentions(self, qid: str, needle: bytes) -> bool:
+        """Whether the envelope in the message file, or the state file, may name ``needle``
+        (lower-cased ASCII). An envelope with escaped non-ASCII text may (some characters
+        casefold to ASCII ones): it is parsed."""
+        fd = os.open(self._d + qid + _MSG, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, _HEAD_READ)
+        finally:
+            os.close(fd)
+        _, envelope = _read_header(io.BytesIO(head))  # ValueError: a large envelope
+        if needle in envelope.lower() or b"\\u" in envelope:
+            return True
+        if qid in self._states:
+            try:
+                with open(self._d + qid + _STATE, "rb") as f:
+                    state = f.read()
+            except FileNotFoundError:
+                return False
+            return needle in state.lower() or b"\\u" in state
+        return False
 
     async def _rewrite(self, msg: QueuedMessage) -> None:
         """Replace the message file with one carrying the current envelope (same data)."""
@@ -684,6 +810,7 @@ class Spool:
         # deletes, never a state file that marks a live message delivered.
         self._live.discard(queue_id)
         self._envelopes.pop(queue_id, None)
+        self._pinned.pop(queue_id, None)
         _unlink_quiet(self._d + queue_id + _MSG)
         if queue_id in self._states:
             self._states.discard(queue_id)
@@ -692,7 +819,7 @@ class Spool:
     def _recover(self) -> list[QueuedMessage]:
         live, stale_states = self._list()
         messages, final, bad = self._load_batch(live)
-        self._apply_batch(messages, final, bad)
+        self._apply_batch(final, bad)
         self._end_recovery(stale_states)
         return messages
 
@@ -741,13 +868,16 @@ class Spool:
                 _unlink_quiet(self._d + qid + _STATE)
         return messages, final, bad
 
-    def _apply_batch(self, messages: list[QueuedMessage], final: list[str],
-                     bad: list[str]) -> None:
+    def _due_batch(self, qids: list[str]) -> tuple[list[Due], list[str], list[str]]:
+        """:meth:`_load_batch`, keeping of each message only what scheduling needs."""
+        messages, final, bad = self._load_batch(qids)
+        return ([Due(m.queue_id, m.next_attempt, bool(m.extra.get(HELD))) for m in messages],
+                final, bad)
+
+    def _apply_batch(self, final: list[str], bad: list[str]) -> None:
         for qid in final + bad:
             self._live.discard(qid)
             self._states.discard(qid)
-        for msg in messages:
-            self._envelopes[msg.queue_id] = msg
 
     def _end_recovery(self, stale_states: list[str]) -> None:
         for qid in stale_states:
@@ -757,32 +887,39 @@ class Spool:
             self._fsync_dir()
 
     def _load(self, qid: str) -> QueuedMessage | None:
-        # Plain string paths and raw reads of the head only: recovery runs this per message.
-        path = self._d + qid + _MSG
+        """The message's current envelope, or None when its file is unreadable (then set
+        aside in corrupt/)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                head = os.read(fd, _HEAD_READ)
-                offset, envelope = _read_header(io.BytesIO(head))
-                size = os.fstat(fd).st_size - offset
-            except ValueError:
-                if len(head) < _HEAD_READ:
-                    raise
-                # A large envelope (many recipients): read the header through the file.
-                os.lseek(fd, 0, os.SEEK_SET)
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    offset, envelope = _read_header(f)
-                size = os.fstat(fd).st_size - offset
-            finally:
-                os.close(fd)
-            msg = QueuedMessage.from_json(envelope)
-            if msg.queue_id != qid or msg.size != size:
-                raise ValueError("envelope does not match the file")
+            return self._read_envelope(qid)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             # Committed files are complete (fsync before rename), so this is a disk fault or a
             # foreign file: keep it aside for a human rather than delete mail.
-            self._quarantine(Path(path), exc)
+            self._quarantine(Path(self._d + qid + _MSG), exc)
             return None
+
+    def _read_envelope(self, qid: str) -> QueuedMessage:
+        """The envelope of a message file, or the state file's when there is one (raises
+        OSError, ValueError, TypeError or KeyError on a missing or unreadable message file)."""
+        # Plain string paths and raw reads of the head only: recovery runs this per message.
+        path = self._d + qid + _MSG
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, _HEAD_READ)
+            offset, envelope = _read_header(io.BytesIO(head))
+            size = os.fstat(fd).st_size - offset
+        except ValueError:
+            if len(head) < _HEAD_READ:
+                raise
+            # A large envelope (many recipients): read the header through the file.
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                offset, envelope = _read_header(f)
+            size = os.fstat(fd).st_size - offset
+        finally:
+            os.close(fd)
+        msg = QueuedMessage.from_json(envelope)
+        if msg.queue_id != qid or msg.size != size:
+            raise ValueError("envelope does not match the file")
         if qid not in self._states:
             return msg
         try:

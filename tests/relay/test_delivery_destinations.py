@@ -287,7 +287,9 @@ async def test_a_refused_connection_suspends_the_destination(relay: RelayFactory
     assert r.metrics.registry.get_sample_value(
         "mailplane_relay_delivery_destination_suspensions_total", {"reason": "connect"}) == 1
     # Deferred mail is not retried before the suspension ends.
-    assert all(m.next_attempt >= time.time() + 20 for m in r.queue._messages.values())
+    queued = [r.queue.message(q) for q in r.queue.queued_ids()]
+    assert len(queued) == 10
+    assert all(m is not None and m.next_attempt >= time.time() + 20 for m in queued)
 
 
 # ------------------------------------------------------------------------------ MX fallback

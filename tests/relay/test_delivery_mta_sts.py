@@ -64,7 +64,8 @@ def tls_count(r: Relay, result: str, policy_type: str = "sts", domain: str = DOM
 
 async def deferred_reply(r: Relay) -> str:
     await r.wait(lambda: r.count("deferred") == 1)
-    msg = next(iter(r.queue._messages.values()))
+    msg = r.queue.message(r.queue.queued_ids()[0])
+    assert msg is not None
     [event] = await r.events(msg)
     assert event["status"] == "deferred"
     return str(event["response"])

@@ -3,7 +3,12 @@
 Two stages, after KumoMTA's scheduled and ready queues:
 
 1. **Scheduled.** Every spooled message with pending recipients waits in a heap ordered by its
-   next attempt. When it falls due, suppressed recipients are set aside and the rest are
+   next attempt, as its queue id and due time only: a deferred message's envelope stays on
+   disk and is read again (:meth:`Spool.load`) when it falls due, and dropped after the
+   attempt (a freshly committed message keeps the envelope it was committed with until its
+   first attempt). At most ``MAX_ATTEMPTS`` attempts are in progress (envelopes in memory) at
+   once; more due messages wait in the heap. When one falls due, suppressed recipients are set
+   aside and the rest are
    routed: to the smarthost, or per recipient domain to the domain's MX site (DNS answers that
    decide the recipient, such as a null MX, are recorded at once). Each piece becomes a work
    item in its destination's ready queue. Nothing is held while routing or waiting.
@@ -29,6 +34,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import random
 import ssl
@@ -44,7 +50,7 @@ from ..dkim import DKIMSigner
 from ..metrics import RelayMetrics
 from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
 from ..reputation import Reputation
-from ..spool import QueuedMessage, Recipient, Spool, SpoolError
+from ..spool import HELD, Due, QueuedMessage, Recipient, Spool, SpoolError, queue_id_number
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .downgrade import needs_smtputf8, to_seven_bit
@@ -74,14 +80,18 @@ SIGN_IN_THREAD_BYTES = 256 * 1024
 HOUSEKEEPING_INTERVAL = 1.0
 # A destination with nothing queued, no connection and no suspension is forgotten after this.
 DESTINATION_IDLE_FORGET = 600.0
-# The envelope mark of a message on hold (``mailplane queue hold``): not scheduled until
-# released, across restarts.
-HELD = "held"
 # DNS lookups of due messages running at once.
 ROUTING_CONCURRENCY = 64
 # Where MTA-STS policies persist when delivery.mtaSts.cacheFile is not set: the spool root
 # (shared by the workers of a relay).
 MTA_STS_CACHE_NAME = "mta-sts-policies.json"
+# Attempts in progress at once (each holds its message's envelope in memory, ~2 KB); due
+# messages beyond this wait in the schedule, which holds only queue ids and due times.
+MAX_ATTEMPTS = 20_000
+# The scheduler lets the loop run after starting this many attempts in a row.
+BEGIN_BATCH = 200
+_IN_ATTEMPT = math.inf  # the due time recorded for a message while an attempt runs
+_ON_HOLD = -math.inf  # the due time recorded for a message on hold (never due)
 
 
 class DeliveryQueue:
@@ -114,10 +124,14 @@ class DeliveryQueue:
             spool=lambda: self._spool, log=log, suppression=suppression, metrics=metrics,
             reputation=reputation, clock=clock, rng=self._rng, read=self._read,
             submit=self.submit, reschedule=self._schedule, forget=self._forget)
-        # Scheduled stage
-        self._messages: dict[str, QueuedMessage] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._scheduled: dict[str, int] = {}  # queue id -> sequence of its live heap entry
+        # Scheduled stage: every queued message's id and due time (_IN_ATTEMPT while an
+        # attempt runs); the heap holds (due, queue id) entries, an entry being live while it
+        # matches _due. Envelopes in memory: those of attempts and _kept (committed and not
+        # tried yet, or whose state could not be recorded).
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._kept: dict[str, QueuedMessage] = {}
+        self._oldest: str | None = None  # smallest queue id queued (None: to be computed)
         self._seq = itertools.count()
         self._attempts: dict[str, Attempt] = {}  # messages with an attempt in progress
         self._schedule_wake = asyncio.Event()
@@ -154,12 +168,32 @@ class DeliveryQueue:
         self.update_gauges()
 
     def submit(self, msg: QueuedMessage) -> None:
-        if msg.queue_id in self._messages:
+        """A message just committed (or recovered by a full start): its envelope is kept
+        until its first attempt."""
+        if msg.queue_id in self._due:
             return
-        self._messages[msg.queue_id] = msg
-        self._schedule(msg)
-        self._metrics.queue_messages.set(len(self._messages))
-        self._changed.set()
+        held = bool(msg.extra.get(HELD))
+        if not held:
+            self._kept[msg.queue_id] = msg
+        self._add(msg.queue_id, msg.next_attempt, held)
+
+    def schedule(self, due: list[Due]) -> None:
+        """Messages recovered from the spool, by queue id and next attempt: their envelopes
+        are read when they fall due."""
+        for queue_id, next_attempt, held in due:
+            if queue_id not in self._due:
+                self._add(queue_id, next_attempt, held)
+
+    def _add(self, queue_id: str, due: float, held: bool) -> None:
+        if held:
+            self._due[queue_id] = _ON_HOLD
+            self._changed.set()
+        else:
+            self._push(queue_id, due)
+        # (None with other messages queued: recomputed when the gauge is next updated.)
+        if (queue_id < self._oldest) if self._oldest is not None else len(self._due) == 1:
+            self._oldest = queue_id
+        self._metrics.queue_messages.set(len(self._due))
 
     def reconfigure(self) -> None:
         """Apply a new configuration. Destinations keep their state (connections in use,
@@ -213,10 +247,19 @@ class DeliveryQueue:
 
     @property
     def queued(self) -> int:
-        return len(self._messages)
+        return len(self._due)
+
+    def queued_ids(self) -> list[str]:
+        return list(self._due)
 
     def message(self, queue_id: str) -> QueuedMessage | None:
-        return self._messages.get(queue_id)
+        """A queued message's envelope (read from the spool when it is not in memory)."""
+        if queue_id not in self._due:
+            return None
+        attempt = self._attempts.get(queue_id)
+        if attempt is not None:
+            return attempt.msg
+        return self._kept.get(queue_id) or self._spool.load(queue_id)
 
     def destinations(self) -> list[dict[str, Any]]:
         """The queue view of destinations: state, reason, limits, backlog."""
@@ -250,7 +293,9 @@ class DeliveryQueue:
         except SpoolError:
             del msg.extra[HELD]
             raise
-        self._scheduled.pop(queue_id, None)  # its heap entry is superseded
+        if queue_id not in self._attempts:
+            self._due[queue_id] = _ON_HOLD  # its heap entry is superseded
+            self._kept.pop(queue_id, None)  # its state is on disk
         self._changed.set()
         return True
 
@@ -272,13 +317,15 @@ class DeliveryQueue:
         return True
 
     def flush(self, queue_id: str) -> bool:
-        """Make a scheduled message due now. False when it is held or an attempt runs."""
-        msg = self._admin_message(queue_id)
-        if queue_id in self._attempts:
+        """Make a scheduled message due now. False when it is held or an attempt runs.
+        (Its envelope is not read: the schedule knows which messages are on hold.)"""
+        due = self._due.get(queue_id)
+        if due is None:
+            raise KeyError(queue_id)
+        if due in (_IN_ATTEMPT, _ON_HOLD):
             return False
-        msg.next_attempt = self._clock()
-        self._schedule(msg)  # which leaves a held message out
-        return not msg.extra.get(HELD)
+        self._push(queue_id, self._clock())
+        return True
 
     def resume_destinations(self, name: str | None) -> list[str]:
         """End the suspension of the destinations whose key or recipient domain is ``name``
@@ -299,7 +346,8 @@ class DeliveryQueue:
     async def delete(self, queue_id: str) -> None:
         """Delete a message from the spool and the schedule, without a DSN. An attempt in
         flight ends without recording anything (as after an erasure)."""
-        self._admin_message(queue_id)
+        if queue_id not in self._due:
+            raise KeyError(queue_id)
         await self._spool.remove(queue_id)
         self.forget(queue_id)
 
@@ -312,11 +360,14 @@ class DeliveryQueue:
             raise ValueError(f"{queue_id} has a delivery attempt in progress; hold it, wait "
                              "for the attempt to end, then bounce it")
         outcomes = {r.address: RecipientOutcome("bounced", reply) for r in msg.pending()}
-        self._scheduled.pop(queue_id, None)
+        self._due[queue_id] = _IN_ATTEMPT  # its heap entry is superseded
         await self._outcomes.apply(self._config(), msg, outcomes)
 
+    def is_queued(self, queue_id: str) -> bool:
+        return queue_id in self._due
+
     def _admin_message(self, queue_id: str) -> QueuedMessage:
-        msg = self._messages.get(queue_id)
+        msg = self.message(queue_id)
         if msg is None:
             raise KeyError(queue_id)
         return msg
@@ -324,9 +375,7 @@ class DeliveryQueue:
     def forget(self, queue_id: str) -> None:
         """The spool deleted this message (erasure): drop it from the schedule. An attempt in
         flight finds it without recipients and ends without sending, logging or bouncing."""
-        msg = self._messages.get(queue_id)
-        if msg is not None:
-            self._forget(msg)
+        self._forget_id(queue_id)
         self.update_gauges()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -338,9 +387,12 @@ class DeliveryQueue:
             await self._changed.wait()
 
     def update_gauges(self) -> None:
-        self._metrics.queue_messages.set(len(self._messages))
-        if self._messages:
-            oldest = min(m.received_at for m in self._messages.values())
+        self._metrics.queue_messages.set(len(self._due))
+        if self._due:
+            if self._oldest is None:
+                self._oldest = min(self._due)
+            # A queue id starts with its commit time in milliseconds.
+            oldest = (queue_id_number(self._oldest) >> 50) / 1000
             self._metrics.queue_oldest_age.set(max(0.0, self._clock() - oldest))
         else:
             self._metrics.queue_oldest_age.set(0)
@@ -354,40 +406,78 @@ class DeliveryQueue:
 
     # ------------------------------------------------------------------ scheduled stage
 
-    def _schedule(self, msg: QueuedMessage) -> None:
-        if msg.extra.get(HELD):
-            self._scheduled.pop(msg.queue_id, None)  # held: out of the schedule until released
-            self._changed.set()
-            return
-        seq = next(self._seq)
-        self._scheduled[msg.queue_id] = seq
-        heapq.heappush(self._heap, (msg.next_attempt, seq, msg.queue_id))
+    def _push(self, queue_id: str, due: float) -> None:
+        self._due[queue_id] = due
+        heapq.heappush(self._heap, (due, queue_id))
         self._schedule_wake.set()
         self._changed.set()
 
+    def _schedule(self, msg: QueuedMessage) -> None:
+        """Schedule the next attempt of a queued message (its state is in the spool, or held
+        there if it could not be written): only its id and due time stay here."""
+        if msg.queue_id not in self._due:
+            return
+        if msg.extra.get(HELD):
+            self._due[msg.queue_id] = _ON_HOLD  # out of the schedule until released
+            self._changed.set()
+        else:
+            self._push(msg.queue_id, msg.next_attempt)
+
     def _forget(self, msg: QueuedMessage) -> None:
-        self._messages.pop(msg.queue_id, None)
-        self._scheduled.pop(msg.queue_id, None)
-        self._metrics.queue_messages.set(len(self._messages))
+        self._forget_id(msg.queue_id)
+
+    def _forget_id(self, queue_id: str) -> None:
+        if self._due.pop(queue_id, None) is None:
+            return
+        self._kept.pop(queue_id, None)
+        if queue_id == self._oldest:
+            self._oldest = None
+        self._metrics.queue_messages.set(len(self._due))
         self._changed.set()
 
     async def _scheduler(self) -> None:
+        begun = 0
         while not self._stopping:
-            while self._heap and self._scheduled.get(self._heap[0][2]) != self._heap[0][1]:
+            while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
                 heapq.heappop(self._heap)  # superseded entry
             now = self._clock()
-            if self._heap and self._heap[0][0] <= now:
-                _, _, queue_id = heapq.heappop(self._heap)
-                del self._scheduled[queue_id]
-                msg = self._messages.get(queue_id)
-                if msg is not None and queue_id not in self._attempts:
-                    self._begin(msg)
+            if (self._heap and self._heap[0][0] <= now and len(self._attempts) < MAX_ATTEMPTS
+                    and begun < BEGIN_BATCH):
+                _, queue_id = heapq.heappop(self._heap)
+                if queue_id in self._attempts:  # its last attempt is still being recorded
+                    self._push(queue_id, now + 1.0)
+                    continue
+                if self._begin_due(queue_id):
+                    begun += 1
                 continue
-            wait = self._heap[0][0] - now if self._heap else None
+            if begun >= BEGIN_BATCH:
+                begun = 0
+                await asyncio.sleep(0)  # let sessions and attempts run
+                continue
+            begun = 0
+            wait = None
+            if self._heap and len(self._attempts) < MAX_ATTEMPTS:
+                wait = self._heap[0][0] - now
             self._schedule_wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._schedule_wake.wait()
+
+    def _begin_due(self, queue_id: str) -> bool:
+        """Start the attempt of a message that fell due, its envelope read from the spool
+        unless kept (no reference stays here: it leaves memory with its attempt)."""
+        self._due[queue_id] = _IN_ATTEMPT
+        msg = self._kept.pop(queue_id, None) or self._spool.load(queue_id)
+        if msg is None:
+            log.error("delivery: %s is no longer readable from the spool; dropped from the "
+                      "queue", queue_id)
+            self._forget_id(queue_id)
+            return False
+        if msg.extra.get(HELD):
+            self._due[queue_id] = _ON_HOLD  # held while its due time passed
+            return False
+        self._begin(msg)
+        return True
 
     def _begin(self, msg: QueuedMessage) -> None:
         """Start an attempt: set suppressed recipients aside, route the others."""
@@ -709,9 +799,9 @@ class DeliveryQueue:
 
     async def _complete(self, attempt: Attempt) -> None:
         msg = attempt.msg
-        if self._messages.get(msg.queue_id) is not msg:
+        if msg.queue_id not in self._due:
             # Erased while the attempt ran (the spool deleted it): nothing to record.
-            self._attempts.pop(msg.queue_id, None)
+            self._end_attempt(msg.queue_id)
             return
         try:
             await self._outcomes.apply(attempt.cfg, msg, attempt.outcomes)
@@ -720,10 +810,17 @@ class DeliveryQueue:
         except Exception:
             log.exception("recording the attempt of %s failed; retrying later", msg.queue_id)
             msg.next_attempt = self._clock() + attempt.cfg.settings.queue.retry_initial
-            if msg.queue_id in self._messages:
+            if msg.queue_id in self._due:
+                self._kept[msg.queue_id] = msg  # its state may not be in the spool
                 self._schedule(msg)
         finally:
-            self._attempts.pop(msg.queue_id, None)
+            self._end_attempt(msg.queue_id)
+
+    def _end_attempt(self, queue_id: str) -> None:
+        self._attempts.pop(queue_id, None)
+        if len(self._attempts) == MAX_ATTEMPTS - 1:
+            self._schedule_wake.set()  # the scheduler may start another
+        self._changed.set()
 
     # ------------------------------------------------------------------ one work item
 
