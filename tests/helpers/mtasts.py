@@ -27,6 +27,7 @@ class PolicyServer:
         self.status = 200
         self.content_type = "text/plain"
         self.location: str | None = None
+        self.chunked = False  # no Content-Length: the client must cap what it reads
         self.requests: list[tuple[str, str]] = []  # (Host header, path)
         self.address = ""
         self._runner: web.AppRunner | None = None
@@ -36,6 +37,16 @@ class PolicyServer:
         if request.path != "/.well-known/mta-sts.txt":
             return web.Response(status=404)
         headers = {"Location": self.location} if self.location else None
+        if self.chunked:
+            resp = web.StreamResponse(status=self.status, headers=headers)
+            resp.content_type = self.content_type
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            body = self.policy.encode()
+            for start in range(0, len(body), 4096):
+                await resp.write(body[start:start + 4096])
+            await resp.write_eof()
+            return resp
         return web.Response(body=self.policy.encode(), status=self.status, headers=headers,
                             content_type=self.content_type)
 

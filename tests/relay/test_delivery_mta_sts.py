@@ -234,6 +234,29 @@ async def test_a_restart_honours_the_cached_enforce_policy_while_the_policy_host
     assert [m.tls for m in stripped.messages] == [False]
 
 
+@pytest.mark.parametrize("txt", ["servfail", "removed"])
+async def test_a_cached_policy_holds_when_the_txt_record_fails_or_disappears(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path,
+        txt: str) -> None:
+    cache = tmp_path / "sts.json"
+    await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)  # no STARTTLS
+    first = await relay(config(dns_server, sink, ca_file, cache))
+    await first.send([f"user@{DOMAIN}"])
+    await deferred_reply(first)
+    await first.stop()
+    dns_server.clear()
+    dns_server.add_mx(DOMAIN, "sink.test")
+    dns_server.add_a("sink.test", "127.0.0.1")
+    if txt == "servfail":
+        dns_server.set_servfail(f"_mta-sts.{DOMAIN}")
+    second = await relay(config(dns_server, sink, ca_file, cache))
+    await second.send([f"user@{DOMAIN}"])
+    assert (await deferred_reply(second)).startswith("451 4.7.4")
+    assert sink.messages == []
+
+
 async def test_a_changed_id_refetches_and_mode_none_lifts_the_policy(
         relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
         policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
@@ -270,6 +293,7 @@ async def test_a_changed_id_refetches_and_mode_none_lifts_the_policy(
     ("not-found", "sts-policy-fetch-error"),
     ("html", "sts-policy-invalid"),
     ("too-large", "sts-policy-invalid"),
+    ("too-large-chunked", "sts-policy-invalid"),
     ("bad-policy", "sts-policy-invalid"),
     ("wrong-certificate", "sts-policy-fetch-error"),
 ])
@@ -286,7 +310,8 @@ async def test_a_policy_not_served_as_rfc_8461_requires_is_not_used(
         server.status = 404
     elif fault == "html":
         server.content_type = "text/html"
-    elif fault == "too-large":
+    elif fault.startswith("too-large"):
+        server.chunked = fault.endswith("chunked")
         server.policy = ENFORCE + "x-pad: " + "a" * 70000 + "\n"
     elif fault == "bad-policy":
         server.policy = ENFORCE.replace("mode: enforce", "mode: strict")
