@@ -103,6 +103,19 @@ async def test_enforce_delivers_over_tls_verified_for_the_mx_the_policy_names(
     assert saved["id"] == "20261207a"
 
 
+async def test_concurrent_deliveries_share_one_policy_fetch(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    msgs = [await r.send([f"user{i}@{DOMAIN}"]) for i in range(5)]
+    for msg in msgs:
+        await r.done(msg)
+    assert len(sink.messages) == 5 and all(m.tls for m in sink.messages)
+    assert len(server.requests) == 1
+
+
 async def test_enforce_defers_an_mx_without_starttls_instead_of_sending_in_clear(
         relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
         policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_POLICY_BYTES = 64 * 1024
 FETCH_RETRY = 300.0  # seconds between fetch attempts for a domain whose fetch failed
 MAX_CACHED = 50_000  # policies kept; the soonest to expire go first
+FETCH_CONCURRENCY = 16  # policy fetches running at once (a slow web server holds one)
 RFC_MAX_AGE = 31557600
 
 Mode = Literal["enforce", "testing", "none"]
@@ -234,6 +235,7 @@ class MTASTS:
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._loaded = False
         self._save_lock = asyncio.Lock()
+        self._fetch_slots = asyncio.Semaphore(FETCH_CONCURRENCY)
         self.fetches = 0  # for tests
 
     def cached(self, domain: str) -> Policy | None:
@@ -252,14 +254,18 @@ class MTASTS:
             self._contexts[ca_file] = ctx
         return ctx
 
-    async def lookup(self, domain: str, resolver: MXResolver, settings: MTASTSSettings
-                     ) -> Lookup:
+    async def lookup(self, domain: str, resolver: MXResolver, settings: MTASTSSettings, *,
+                     dns_slots: asyncio.Semaphore) -> Lookup:
+        """The policy in force for ``domain``; the TXT lookup takes one of ``dns_slots`` (the
+        queue's routing slots), a fetch one of this object's own."""
         if not self._loaded:
             self._loaded = True
             await asyncio.to_thread(self._load)
         cached = self.cached(domain)
         try:
-            policy_id = parse_txt(await resolver.txt(f"_mta-sts.{domain}"))
+            async with dns_slots:
+                records = await resolver.txt(f"_mta-sts.{domain}")
+            policy_id = parse_txt(records)
         except DNSFailure:
             return Lookup(cached)  # section 5: the cached policy stays in force
         if policy_id is None:
@@ -272,16 +278,20 @@ class MTASTS:
             return Lookup(cached)
         running = self._fetching.get(domain)
         if running is not None:
-            return await asyncio.shield(running)
+            # Wait for the fetch another delivery started, without taking on its failure.
+            await asyncio.wait([running])
+            if running.cancelled() or running.exception() is not None:
+                return Lookup(self.cached(domain))
+            return running.result()
         future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self._fetching[domain] = future
         try:
-            result = await self._refresh(domain, policy_id, cached, resolver, settings)
+            async with self._fetch_slots:
+                result = await self._refresh(domain, policy_id, cached, resolver, settings)
             future.set_result(result)
             return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters get it through the shield
+        except BaseException:
+            future.cancel()  # waiters fall back to the cached policy
             raise
         finally:
             del self._fetching[domain]
@@ -301,7 +311,10 @@ class MTASTS:
             policy = parse_policy(text, domain=domain, policy_id=policy_id,
                                   now=self._clock(), max_age_cap=settings.max_age)
         except PolicyError as exc:
-            self._failed_until[domain] = self._clock() + FETCH_RETRY
+            now = self._clock()
+            if len(self._failed_until) >= MAX_CACHED:
+                self._failed_until = {d: t for d, t in self._failed_until.items() if t > now}
+            self._failed_until[domain] = now + FETCH_RETRY
             log.warning("mta-sts: policy of %s not refreshed (%s); %s", domain, exc,
                         "the cached policy stays in force" if cached else
                         "delivering as without a policy")

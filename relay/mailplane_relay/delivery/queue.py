@@ -526,22 +526,24 @@ class DeliveryQueue:
     async def _route(self, attempt: Attempt, domain: str, recipients: list[Recipient]) -> None:
         cfg = attempt.cfg
         delivery = cfg.settings.delivery
-        async with self._routing:
-            resolver = self._mx_resolver(delivery.resolver)
-            try:
+        resolver = self._mx_resolver(delivery.resolver)
+        try:
+            async with self._routing:
                 route = await resolver.route(domain)
-                policy = await self._sts_policy(cfg, resolver, domain)
-                sts_route = route
-                if policy is not None and policy.mode == "enforce":
-                    # Only the MX hosts the policy names (RFC 8461 section 4.1).
-                    sts_route = MXRoute(route.domain, tuple(
-                        h for h in route.hosts if policy.matches(h)), route.implicit)
+            # Not in a routing slot: a slow policy web server holds up its own domain only.
+            policy = await self._sts_policy(cfg, resolver, domain)
+            sts_route = route
+            if policy is not None and policy.mode == "enforce":
+                # Only the MX hosts the policy names (RFC 8461 section 4.1).
+                sts_route = MXRoute(route.domain, tuple(
+                    h for h in route.hosts if policy.matches(h)), route.implicit)
+            async with self._routing:
                 targets, error = await self._mx_targets(delivery, resolver, sts_route,
                                                         domain, policy)
-            except PermanentDNSFailure as exc:
-                targets, error = [], exc
-            except TemporaryDNSFailure as exc:
-                targets, error = [], exc
+        except PermanentDNSFailure as exc:
+            targets, error = [], exc
+        except TemporaryDNSFailure as exc:
+            targets, error = [], exc
         if not targets:
             outcome = dns_outcome(error.reply, permanent=isinstance(error, PermanentDNSFailure))
             for r in recipients:
@@ -620,7 +622,7 @@ class DeliveryQueue:
             self._sts = MTASTS(path, clock=self._clock)
         sts = self._sts
         try:
-            lookup = await sts.lookup(domain, resolver, settings)
+            lookup = await sts.lookup(domain, resolver, settings, dns_slots=self._routing)
         except Exception:
             # A bug must not lift an enforce policy: the cached policy stays in force.
             log.exception("mta-sts: policy lookup for %s failed", domain)
