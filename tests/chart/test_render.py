@@ -422,3 +422,32 @@ def test_operator_replicas_elect_a_leader() -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert "--leader-election" not in container["args"]
+
+
+def test_the_default_pool_takes_abuse_limits_and_the_intake_from_the_values() -> None:
+    values = load_values(RESOURCES_VALUES)
+    [relay] = render_upgrade(values).of_kind("SmtpRelay")
+    assert relay["spec"]["abuse"]["bounceRate"] == 0.05
+    assert relay["spec"]["abuse"]["complaintRate"] == 0.001
+    assert "intake" not in relay["spec"]  # off unless asked
+    values["defaultRelay"]["intake"] = {
+        "domain": "bounces.example.com", "keySecretRef": {"name": "mailplane-intake-key"},
+        "service": {"type": "LoadBalancer"}}
+    values["defaultRelay"]["abuse"] = {**values["defaultRelay"].get("abuse", {}),
+                                       "complaintRate": 0.003}
+    rendered = render_upgrade(values)
+    [relay] = rendered.of_kind("SmtpRelay")
+    assert relay["spec"]["intake"]["domain"] == "bounces.example.com"
+    assert relay["spec"]["abuse"]["complaintRate"] == 0.003
+    children = default_pool_children(rendered)
+    intake = [c for c in children if c["kind"] == "Service"
+              and c["metadata"]["name"].endswith("-intake")]
+    assert len(intake) == 1 and intake[0]["spec"]["type"] == "LoadBalancer"
+    # The pool's own spec wins.
+    values["defaultRelay"]["spec"]["abuse"] = {"bounceRate": 0.2}
+    [relay] = render_upgrade(values).of_kind("SmtpRelay")
+    assert relay["spec"]["abuse"] == {"bounceRate": 0.2}
+    # An intake without its key is refused by the values schema.
+    values["defaultRelay"]["intake"] = {"domain": "bounces.example.com"}
+    with pytest.raises(helm.HelmError, match="keySecretRef"):
+        render_upgrade(values)

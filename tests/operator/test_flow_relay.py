@@ -263,3 +263,28 @@ def test_relay_pods_get_the_operators_defaults_unless_their_spec_says_otherwise(
     assert eu["imagePullSecrets"] == [{"name": "eu"}]
     assert eu["priorityClassName"] == "mail"
     assert kube_api.wait_for(k.SERVICES, "mail", "eu")["spec"]["type"] == "ClusterIP"
+
+
+def test_the_intake_gets_its_service_status_records_and_goes_when_removed(
+        kube_api: KubeApi, operator_running: RunningOperator) -> None:
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    kube_api.create(k.SMTP_RELAYS, relay_body(intake={
+        "domain": "bounces.example.com", "keySecretRef": {"name": "main-intake-key"},
+        "service": {"type": "LoadBalancer"}}, hostname="mx.example.com"))
+    relay = kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                              lambda o: bool(o and o.get("status", {}).get("intake")))
+    records = relay["status"]["intake"]["dnsRecords"]
+    assert [(r["type"], r["name"], r["value"]) for r in records] == [
+        ("MX", "bounces.example.com", "10 mx.example.com."),
+        ("TXT", "bounces.example.com", "v=spf1 a:mx.example.com ~all")]
+    svc = kube_api.get(k.SERVICES, "mail", "main-intake")
+    assert svc is not None and svc["spec"]["ports"][0]["port"] == 25
+    config = parse_documents(sorted(rendered_config(kube_api).items()))
+    assert config.settings.intake is not None
+    assert config.settings.intake.key_file == "/etc/mailplane/intake/key"
+
+    kube_api.patch(k.SMTP_RELAYS, "mail", "main", {"spec": {"intake": None}})
+    kube_api.wait_for(k.SERVICES, "mail", "main-intake", lambda o: o is None)
+    kube_api.wait_for(k.SMTP_RELAYS, "mail", "main",
+                      lambda o: bool(o) and "intake" not in o.get("status", {}))
+    assert parse_documents(sorted(rendered_config(kube_api).items())).settings.intake is None

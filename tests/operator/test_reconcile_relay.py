@@ -288,14 +288,15 @@ def test_network_policy_can_be_turned_off_and_is_then_deleted() -> None:
     off = relay(networkPolicy={"enabled": False})
     assert "NetworkPolicy" not in by_kind(relay_mod.relay_children(off))
     hpa = ("autoscaling/v2", "HorizontalPodAutoscaler", "main")  # autoscaling is off
+    intake = ("v1", "Service", "main-intake")  # the intake is off
     assert relay_mod.unwanted_children(off) == [
-        ("networking.k8s.io/v1", "NetworkPolicy", "main"), hpa]
-    assert relay_mod.unwanted_children(relay()) == [hpa]
+        ("networking.k8s.io/v1", "NetworkPolicy", "main"), hpa, intake]
+    assert relay_mod.unwanted_children(relay()) == [hpa, intake]
     # A disabled ServiceMonitor goes too, where the cluster has the CRD.
     no_sm = relay(monitoring={"serviceMonitor": {"enabled": False}})
     assert relay_mod.unwanted_children(no_sm, service_monitor_available=True) == [
-        ("monitoring.coreos.com/v1", "ServiceMonitor", "main"), hpa]
-    assert relay_mod.unwanted_children(no_sm) == [hpa]
+        ("monitoring.coreos.com/v1", "ServiceMonitor", "main"), hpa, intake]
+    assert relay_mod.unwanted_children(no_sm) == [hpa, intake]
 
 
 POD_DEFAULTS = models.parse_relay_defaults(json.dumps({
@@ -444,3 +445,78 @@ def test_autoscaling_is_opt_in_scales_the_smtprelay_and_never_scales_down_by_def
 def test_autoscaling_bounds_are_checked() -> None:
     with pytest.raises(models.SpecError, match="minReplicas must not exceed maxReplicas"):
         relay(autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2})
+
+
+INTAKE = {"domain": "bounces.example.com", "keySecretRef": {"name": "main-intake-key"}}
+
+
+def test_the_intake_gets_a_service_a_port_the_key_and_a_hole_in_the_network_policy() -> None:
+    r = relay(intake={**INTAKE, "service": {"type": "LoadBalancer"}}, hostname="mx.example.com")
+    children = relay_mod.relay_children(r)
+    svc = next(c for c in children if c["metadata"]["name"] == "main-intake")
+    assert svc["kind"] == "Service"
+    assert svc["metadata"]["labels"]["mailplane.io/component"] == "intake"
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["ports"] == [{"name": "smtp", "port": 25, "targetPort": "intake",
+                                     "protocol": "TCP"}]
+    for child in children:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kubernetes_validate.validate(child, kubernetes_validate.latest_version(),
+                                         strict=True)
+    pod = by_kind(children)["StatefulSet"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "intake", "containerPort": 1025, "protocol": "TCP"} in container["ports"]
+    assert {"name": "intake", "mountPath": "/etc/mailplane/intake",
+            "readOnly": True} in container["volumeMounts"]
+    assert {"name": "intake", "secret": {"secretName": "main-intake-key", "items": [
+        {"key": "key", "path": "key"}]}} in pod["volumes"]
+    policy = by_kind(children)["NetworkPolicy"]["spec"]["ingress"]
+    assert {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}],
+            "ports": [{"protocol": "TCP", "port": 1025}]} in policy
+    # Only the intake port is open to the Internet: the SMTP submission rule is unchanged.
+    assert all(rule["ports"] == [{"protocol": "TCP", "port": 1025}] for rule in policy
+               if any("ipBlock" in p for p in rule["from"]))
+    assert ("v1", "Service", "main-intake") not in relay_mod.unwanted_children(r)
+    # Turned off: the Service goes, the port and key too.
+    off = relay(intake={**INTAKE, "enabled": False})
+    assert "main-intake" not in {c["metadata"]["name"] for c in relay_mod.relay_children(off)}
+    assert ("v1", "Service", "main-intake") in relay_mod.unwanted_children(off)
+
+
+def test_the_status_shows_the_bounce_domain_records_and_clears_them_when_turned_off() -> None:
+    r = relay(intake={**INTAKE, "mxHost": "intake.example.com"}, hostname="mx.example.com")
+    patch = relay_mod.relay_status(
+        r, statefulset_status={"replicas": 2, "readyReplicas": 2}, config_hash="h",
+        config_secrets=[], domains=[], credentials=0, excluded=0, retention_policies=[],
+        now=NOW)
+    assert patch["intake"] == {
+        "domain": "bounces.example.com", "service": "main-intake",
+        "returnPath": "bounces+<token>@bounces.example.com",
+        "dnsRecords": [
+            {"purpose": "intake-mx", "type": "MX", "name": "bounces.example.com",
+             "value": "10 intake.example.com."},
+            {"purpose": "intake-spf", "type": "TXT", "name": "bounces.example.com",
+             "value": "v=spf1 a:mx.example.com ~all"}]}
+    off = relay(intake={**INTAKE, "enabled": False})
+    off.status["intake"] = patch["intake"]
+    cleared = relay_mod.relay_status(
+        off, statefulset_status={}, config_hash="h", config_secrets=[], domains=[],
+        credentials=0, excluded=0, retention_policies=[], now=NOW)
+    assert cleared["intake"] is None
+    assert "intake" not in relay_mod.relay_status(
+        relay(), statefulset_status={}, config_hash="h", config_secrets=[], domains=[],
+        credentials=0, excluded=0, retention_policies=[], now=NOW)
+
+
+@pytest.mark.parametrize(("intake", "problem"), [
+    ({"domain": "bounces.example.com"}, "keySecretRef"),
+    ({**INTAKE, "domain": "Not A Domain"}, "domain"),
+    ({**INTAKE, "localPart": "Bounces+x"}, "localPart"),
+    ({**INTAKE, "fromCIDRs": ["everyone"]}, "fromCIDRs"),
+    ({**INTAKE, "maxMessageSize": 100}, "maxMessageSize"),
+])
+def test_a_bad_intake_is_refused_naming_the_field(intake: dict[str, Any], problem: str) -> None:
+    with pytest.raises(models.SpecError, match=problem):
+        relay(intake=intake)

@@ -426,3 +426,27 @@ def test_the_mx_tls_policy_and_plaintext_auth_consent_reach_the_relay() -> None:
         "allowPlaintextAuth": True}})
     smarthost = run(sh, [], []).config.settings.delivery.smarthost
     assert smarthost is not None and smarthost.allow_plaintext_auth
+
+
+def test_the_intake_and_abuse_settings_reach_the_relay_and_the_key_stays_in_its_secret() -> None:
+    r = relay(intake={"domain": "bounces.example.com", "localPart": "rp",
+                      "keySecretRef": {"name": "main-intake-key"}, "maxMessageSize": 65536},
+              abuse={"complaintRate": 0.002, "bounceRate": 0.08, "window": "30m",
+                     "minRecipients": 200})
+    result = run(r, [verified("example.com")], [], validate="documents")
+    settings = parse_documents(sorted(result.files.items())).settings
+    assert settings.intake is not None
+    assert (settings.intake.domain, settings.intake.local_part, settings.intake.key_file,
+            settings.intake.port, settings.intake.max_message_size) == (
+        "bounces.example.com", "rp", "/etc/mailplane/intake/key", 1025, 65536)
+    assert (settings.abuse.complaint_rate, settings.abuse.bounce_rate, settings.abuse.window,
+            settings.abuse.min_recipients, settings.abuse.pause_senders) == (
+        0.002, 0.08, 1800, 200, True)
+    # Defaults: SES-style rates; no intake unless asked for.
+    plain = parse_documents(sorted(run(relay(), [], [], validate="documents")
+                                   .files.items())).settings
+    assert plain.intake is None
+    assert (plain.abuse.bounce_rate, plain.abuse.complaint_rate) == (0.05, 0.001)
+    off = relay(intake={"domain": "bounces.example.com", "enabled": False,
+                        "keySecretRef": {"name": "k"}})
+    assert run(off, [], []).config.settings.intake is None

@@ -495,6 +495,60 @@ class StoreSpec(_Spec):
         return self
 
 
+class AbuseSpec(_Spec):
+    """Pausing credentials whose bounce or complaint rate crosses a threshold (the relay's
+    ``abuse`` settings; SES-style defaults)."""
+
+    pause_senders: bool = Field(True, alias="pauseSenders")
+    bounce_rate: float = Field(0.05, alias="bounceRate", ge=0.0001, le=1.0)
+    complaint_rate: float = Field(0.001, alias="complaintRate", ge=0.0001, le=1.0)
+    min_recipients: int = Field(50, alias="minRecipients", ge=1, le=10_000_000)
+    window: float = Field(3600.0, ge=60, le=7 * 86400)
+
+    _d = _durations("window")
+
+
+class IntakeKeyRef(SecretKeyRef):
+    key: str = Field("key", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class IntakeSpec(_Spec):
+    """The bounce and complaint intake: VERP return paths on ``domain`` and an SMTP listener
+    (Service ``<relay>-intake``, port 25) for the DSNs and ARF reports sent back to them."""
+
+    enabled: bool = True
+    domain: str = Field(max_length=253, pattern=DOMAIN_PATTERN_RE2)
+    local_part: str = Field("bounces", alias="localPart", pattern=r"^[a-z0-9][a-z0-9.-]{0,19}$")
+    key_secret_ref: IntakeKeyRef = Field(alias="keySecretRef")
+    port: int = Field(25, ge=1, le=65535)
+    max_message_size: int = Field(256 * 1024, alias="maxMessageSize", ge=4096,
+                                  le=10 * 1024 * 1024)
+    service: RelayServiceSpec = RelayServiceSpec()
+    mx_host: str | None = Field(None, alias="mxHost", max_length=253,
+                                pattern=DOMAIN_PATTERN_RE2)
+    """The name the bounce domain's MX points to (the intake Service's external name); shown
+    in the suggested DNS records. Default: the relay's hostname."""
+    spf_record: str | None = Field(None, alias="spfRecord", max_length=450,
+                                   pattern=r"^v=spf1( [!-~]+)*$")
+    """The SPF record suggested for the bounce domain (the return path's domain is the one
+    SPF checks). Default: ``v=spf1 a:<relay hostname> ~all``."""
+    from_cidrs: tuple[str, ...] = Field(("0.0.0.0/0", "::/0"), alias="fromCIDRs",
+                                        max_length=64)
+    """Who may reach the intake port through the NetworkPolicy: the Internet by default
+    (reports come from any mail server)."""
+
+    @field_validator("from_cidrs")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or "
+                                 "2001:db8::/32") from None
+        return v
+
+
 class SmtpRelaySpec(_Spec):
     replicas: int = Field(2, ge=0, le=100)
     image: str | None = None
@@ -506,6 +560,8 @@ class SmtpRelaySpec(_Spec):
     spool: SpoolSpec = SpoolSpec()
     store: StoreSpec = StoreSpec()
     limits: LimitsSpec = LimitsSpec()
+    abuse: AbuseSpec = AbuseSpec()
+    intake: IntakeSpec | None = None
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
     shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)
     service_account_name: str = Field(

@@ -20,7 +20,11 @@ owned by the SmtpRelay, so deleting the relay removes them):
 - ServiceMonitor ``<relay>`` when the caller says the cluster has that CRD.
 - NetworkPolicy ``<relay>`` (unless ``spec.networkPolicy.enabled`` is false): ingress to the
   relay pods only on the SMTP container ports from the relay's namespace and the namespaces
-  ``spec.allowedNamespaces`` selects, and on the http port from the monitoring namespaces.
+  ``spec.allowedNamespaces`` selects, on the http port from the monitoring namespaces, and (with
+  the intake) on the intake port from ``spec.intake.fromCIDRs`` (the Internet by default).
+- Service ``<relay>-intake`` when ``spec.intake`` is set: port 25 -> container 1025, the
+  bounce and complaint intake; the bounce domain's MX points at it. The VERP key Secret
+  (``spec.intake.keySecretRef``) is mounted at /etc/mailplane/intake.
 
 The pod template depends on the SmtpRelay spec only. The configuration is a projected volume of
 ``CONFIG_SECRET_SLOTS`` optional Secrets ``<relay>-config-0..N``: a credential or domain change
@@ -36,7 +40,14 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from .conditions import READY, set_condition
-from .models import API_VERSION, LabelSelector, RelayDefaults, SmtpRelay, owner_reference
+from .models import (
+    API_VERSION,
+    IntakeSpec,
+    LabelSelector,
+    RelayDefaults,
+    SmtpRelay,
+    owner_reference,
+)
 
 DEFAULT_IMAGE = "ghcr.io/mailplane/mailplane:0.1.0"
 CONFIG_SECRET_SLOTS = 16
@@ -46,9 +57,11 @@ CONFIG_DIR = "/etc/mailplane/config"
 TLS_DIR = "/etc/mailplane/tls"
 SMARTHOST_DIR = "/etc/mailplane/smarthost"
 STORE_DIR = "/etc/mailplane/store"
+INTAKE_DIR = "/etc/mailplane/intake"
 DATA_DIR = "/var/lib/mailplane"
 SUBMISSION_CONTAINER_PORT = 1587
 SUBMISSIONS_CONTAINER_PORT = 1465
+INTAKE_CONTAINER_PORT = 1025
 HTTP_PORT = 8080
 PRESTOP_SECONDS = 5
 RUN_AS_USER = 65532  # the image's "nonroot" user (Dockerfile)
@@ -59,6 +72,7 @@ LABEL_COMPONENT = "mailplane.io/component"
 COMPONENT_SUBMISSION = "submission"
 COMPONENT_HEADLESS = "headless"
 COMPONENT_METRICS = "metrics"
+COMPONENT_INTAKE = "intake"
 METRICS_PORT_NAME = "metrics"
 
 
@@ -165,7 +179,16 @@ def pod_template(relay: SmtpRelay, image: str,
         volumes.append({"name": "store", "secret": {
             "secretName": ref.name, "items": [{"key": ref.key, "path": "dsn"}]}})
         mounts.append({"name": "store", "mountPath": STORE_DIR, "readOnly": True})
+    intake = intake_of(relay)
+    if intake is not None:
+        ref = intake.key_secret_ref
+        volumes.append({"name": "intake", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}]}})
+        mounts.append({"name": "intake", "mountPath": INTAKE_DIR, "readOnly": True})
     ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    if intake is not None:
+        ports.append({"name": "intake", "containerPort": INTAKE_CONTAINER_PORT,
+                      "protocol": "TCP"})
     if spec.listeners.submission.enabled:
         ports.append({"name": "submission", "containerPort": SUBMISSION_CONTAINER_PORT,
                       "protocol": "TCP"})
@@ -296,6 +319,45 @@ def service_type(relay: SmtpRelay, defaults: RelayDefaults = NO_DEFAULTS) -> str
     return _pick(relay.spec.service.type, defaults.service.type) or "ClusterIP"
 
 
+def intake_of(relay: SmtpRelay) -> IntakeSpec | None:
+    """The relay's intake settings when the intake is on."""
+    intake = relay.spec.intake
+    return intake if intake is not None and intake.enabled else None
+
+
+def intake_service_name(relay_name: str) -> str:
+    return f"{relay_name}-intake"
+
+
+def intake_service(relay: SmtpRelay, intake: IntakeSpec) -> dict[str, Any]:
+    """``<relay>-intake``: where the bounce domain's MX points (port 25 -> the intake container
+    port). Mail servers on the Internet reach it, so it is usually a LoadBalancer."""
+    meta = _component_metadata(relay, intake_service_name(relay.meta.name), COMPONENT_INTAKE)
+    if intake.service.annotations:
+        meta["annotations"] = dict(intake.service.annotations)
+    spec: dict[str, Any] = {
+        "type": intake.service.type or "ClusterIP", "selector": selector_labels(relay),
+        "ports": [{"name": "smtp", "port": intake.port, "targetPort": "intake",
+                   "protocol": "TCP"}]}
+    if spec["type"] != "ClusterIP":
+        # The intake's per-address session cap needs the client's address.
+        spec["externalTrafficPolicy"] = "Local"
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def intake_dns_records(relay: SmtpRelay, intake: IntakeSpec, hostname: str
+                       ) -> list[dict[str, str]]:
+    """What to publish for the bounce domain: its MX (to the intake Service) and an SPF record
+    (the return path's domain is the one SPF checks)."""
+    mx_host = intake.mx_host or hostname
+    return [
+        {"purpose": "intake-mx", "type": "MX", "name": intake.domain,
+         "value": f"10 {mx_host.rstrip('.')}."},
+        {"purpose": "intake-spf", "type": "TXT", "name": intake.domain,
+         "value": intake.spf_record or f"v=spf1 a:{hostname} ~all"},
+    ]
+
+
 def headless_service(relay: SmtpRelay) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -419,17 +481,23 @@ def network_policy(relay: SmtpRelay) -> dict[str, Any]:
     if spec.listeners.submissions.enabled:
         smtp_ports.append({"protocol": "TCP", "port": SUBMISSIONS_CONTAINER_PORT})
     scrapers = _selector_dict(spec.network_policy.metrics_namespace_selector)
+    ingress: list[dict[str, Any]] = [
+        {"from": smtp_clients, "ports": smtp_ports},
+        {"from": [{"namespaceSelector": scrapers}],
+         "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
+    ]
+    intake = intake_of(relay)
+    if intake is not None:
+        # Reports come from mail servers anywhere: the intake port only, from intake.fromCIDRs.
+        ingress.append({"from": [{"ipBlock": {"cidr": c}} for c in intake.from_cidrs],
+                        "ports": [{"protocol": "TCP", "port": INTAKE_CONTAINER_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _metadata(relay, relay.meta.name),
         "spec": {
             "podSelector": {"matchLabels": selector_labels(relay)},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": smtp_clients, "ports": smtp_ports},
-                {"from": [{"namespaceSelector": scrapers}],
-                 "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
-            ],
+            "ingress": ingress,
         },
     }
 
@@ -445,6 +513,8 @@ def unwanted_children(relay: SmtpRelay, *,
         out.append(("monitoring.coreos.com/v1", "ServiceMonitor", relay.meta.name))
     if not relay.spec.autoscaling.enabled:
         out.append(("autoscaling/v2", "HorizontalPodAutoscaler", relay.meta.name))
+    if intake_of(relay) is None:
+        out.append(("v1", "Service", intake_service_name(relay.meta.name)))
     return out
 
 
@@ -459,6 +529,9 @@ def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
     out += [service(relay, defaults), headless_service(relay), metrics_service(relay),
             pod_disruption_budget(relay),
             statefulset(relay, image=image, config_hash=config_hash, defaults=defaults)]
+    intake = intake_of(relay)
+    if intake is not None:
+        out.append(intake_service(relay, intake))
     if service_monitor_available and relay.spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(relay))
     if relay.spec.autoscaling.enabled:
@@ -519,7 +592,26 @@ def relay_status(
              "message": str(e.get("message"))[:MAX_EXCLUSION_MESSAGE]}
             for e in list(excluded_entries)[:MAX_LISTED_EXCLUSIONS]],
         "retentionPolicies": retention_policies,
+        **_intake_status(relay),
     }
+
+
+def relay_hostname(relay: SmtpRelay) -> str:
+    """The relay's hostname as the configuration renders it by default."""
+    return relay.spec.hostname or f"{relay.meta.name}.{relay.meta.namespace}.svc"
+
+
+def _intake_status(relay: SmtpRelay) -> dict[str, Any]:
+    intake = intake_of(relay)
+    if intake is None:
+        # A merge patch: null removes what an earlier intake left in the status.
+        return {"intake": None} if relay.status.get("intake") else {}
+    return {"intake": {
+        "domain": intake.domain,
+        "service": intake_service_name(relay.meta.name),
+        "returnPath": f"{intake.local_part}+<token>@{intake.domain}",
+        "dnsRecords": intake_dns_records(relay, intake, relay_hostname(relay)),
+    }}
 
 
 CONFIG_COMPLETE = "ConfigComplete"

@@ -101,6 +101,8 @@ class RuntimePaths:
     message_log: str = f"{relay_mod.DATA_DIR}/messagelog.sqlite3"
     smarthost_password: str = f"{relay_mod.SMARTHOST_DIR}/password"
     store_dsn: str = f"{relay_mod.STORE_DIR}/dsn"
+    intake_key: str = f"{relay_mod.INTAKE_DIR}/key"
+    intake_port: int = relay_mod.INTAKE_CONTAINER_PORT
     listen_address: str = "0.0.0.0"
     submission_port: int = relay_mod.SUBMISSION_CONTAINER_PORT
     submissions_port: int = relay_mod.SUBMISSIONS_CONTAINER_PORT
@@ -301,6 +303,17 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         "messageLog": {"path": paths.message_log},
         "shutdownGrace": spec.shutdown_grace,
     }
+    abuse = spec.abuse
+    settings["abuse"] = {"pauseSenders": abuse.pause_senders, "bounceRate": abuse.bounce_rate,
+                         "complaintRate": abuse.complaint_rate,
+                         "minRecipients": abuse.min_recipients, "window": abuse.window}
+    intake = spec.intake
+    if intake is not None and intake.enabled:
+        # The key stays in its Secret, mounted as a file (relay.py).
+        settings["intake"] = {"domain": intake.domain, "localPart": intake.local_part,
+                              "keyFile": paths.intake_key, "address": paths.listen_address,
+                              "port": paths.intake_port,
+                              "maxMessageSize": intake.max_message_size}
     if spec.store.backend == "postgresql":
         # The connection string stays in its Secret, mounted as a file (relay.py): it is never
         # part of the rendered configuration, a log line or a status.
