@@ -7,7 +7,8 @@ from .html import e
 from .search import iso
 
 COLOURS = {"delivered": "#2e9e4f", "deferred": "#e0a800", "bounced": "#c93c3c",
-           "expired": "#8a1f1f", "suppressed": "#7b55c7", "rejected": "#555f73"}
+           "expired": "#8a1f1f", "suppressed": "#7b55c7", "rejected": "#555f73",
+           "complained": "#e8590c"}
 WIDTH, HEIGHT, PAD_LEFT, PAD_BOTTOM = 640, 180, 44, 22
 
 
@@ -55,11 +56,18 @@ def legend() -> str:
     return f'<p class="legend">{items}</p>'
 
 
-def rates(series: dict[int, dict[str, int]]) -> dict[str, float]:
+def rates(series: dict[int, dict[str, int]], *, complaints: bool = False) -> dict[str, float]:
+    """Shares of the delivery attempts; with ``complaints``, also ``complained``: complaints
+    per delivered message, as the relays' complaint-rate pause (and mailbox providers) count
+    them. ``total`` counts the log's events (complaints are not among them)."""
     total: dict[str, int] = {}
     for counts in series.values():
         for status, n in counts.items():
             total[status] = total.get(status, 0) + n
     attempts = sum(total.get(s, 0) for s in ("delivered", "bounced", "expired", "deferred"))
-    return {s: (total.get(s, 0) / attempts if attempts else 0.0)
-            for s in ("delivered", "deferred", "bounced")} | {"total": float(sum(total.values()))}
+    out = {s: (total.get(s, 0) / attempts if attempts else 0.0)
+           for s in ("delivered", "deferred", "bounced")}
+    if complaints:
+        delivered = total.get("delivered", 0)
+        out["complained"] = total.get("complained", 0) / delivered if delivered else 0.0
+    return out | {"total": float(sum(n for s, n in total.items() if s != "complained"))}

@@ -271,10 +271,28 @@ async def _figures(records: Records, namespace: str, since: float, bucket: int
         "GROUP BY 1, 2, 3, 4", (namespace, since))
 
 
+COMPLAINT_DAYS = 7
+"""How far back the store keeps complaint counts (``complaint_buckets``, per minute)."""
+
+
+async def _complaints(records: Records, credentials: list[str], since: float
+                      ) -> list[dict[str, Any]]:
+    """Complaints (feedback-loop reports the relays' intake matched) per credential per minute:
+    the store keeps them per credential only, for the pool's complaint-rate pause."""
+    if not credentials:
+        return []
+    marks = ", ".join("?" for _ in credentials)
+    return await records._all(
+        "SELECT credential, minute, complaints FROM complaint_buckets "  # noqa: S608
+        f"WHERE minute >= ? AND credential IN ({marks})",
+        (int(since // 60), *credentials))
+
+
 async def figures(records: Records, namespace: str, since: float, bucket: int
                   ) -> dict[str, dict[str, dict[int, dict[str, int]]]]:
     """Counts per status, per time bucket, per credential and per sender domain:
-    ``{"credential": {name: {bucket_start: {status: n}}}, "domain": {...}}``."""
+    ``{"credential": {name: {bucket_start: {status: n}}}, "domain": {...}}``. A credential's
+    series also counts ``complained`` (complaints are kept per credential, not per domain)."""
     out: dict[str, dict[str, dict[int, dict[str, int]]]] = {"credential": {}, "domain": {}}
     for row in await _figures(records, namespace, since, bucket):
         start = int(row["bucket"]) * bucket
@@ -282,4 +300,11 @@ async def figures(records: Records, namespace: str, since: float, bucket: int
             series = out[kind].setdefault(str(row[kind] or "(none)"), {})
             counts = series.setdefault(start, {})
             counts[row["status"]] = counts.get(row["status"], 0) + int(row["n"])
+    # Only credentials this namespace's own mail went out with (a credential's username is
+    # unique in the pool); a complaint always follows mail it sent, so it is in the window.
+    own = [c for c in out["credential"] if c != "(none)"]
+    for row in await _complaints(records, own, since):
+        start = int(row["minute"]) * 60 // bucket * bucket
+        counts = out["credential"][str(row["credential"])].setdefault(start, {})
+        counts["complained"] = counts.get("complained", 0) + int(row["complaints"])
     return out

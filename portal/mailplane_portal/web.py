@@ -28,7 +28,7 @@ from .devkube import DevKube
 from .kube import Identity, KubeClient, KubeUnavailable
 from .oidc import OidcClient, OidcError, OidcUnavailable
 from .ratelimit import Limiter, Network, client_address, retry_after
-from .records import OTHER_TEAM, Records, figures, mask, own_source
+from .records import COMPLAINT_DAYS, OTHER_TEAM, Records, figures, mask, own_source
 from .search import (
     BadRequest,
     Search,
@@ -910,7 +910,10 @@ async def figures_page(request: web.Request) -> web.Response:
     tabs = " ".join(
         f'<a href="{h.e(h.url(f"/ns/{ns}/figures", {"range": r}))}"'
         + (' class="current"' if r == span_name else "") + f">{r}</a>" for r in RANGES)
-    body = f'<p class="pager">{tabs}</p>' + charts.legend()
+    body = f'<p class="pager">{tabs}</p>' + charts.legend() + (
+        '<p class="muted">Complaints (feedback-loop reports about your mail) are counted per '
+        "credential, as a share of the mail it delivered, for the last "
+        f"{COMPLAINT_DAYS} days; the store does not keep them per sender domain.</p>")
     for kind, label in (("domain", "Sender domain"), ("credential", "Credential")):
         body += f"<h2>Per {label.lower()}</h2>"
         if not data[kind]:
@@ -918,10 +921,12 @@ async def figures_page(request: web.Request) -> web.Response:
             continue
         body += '<div class="charts">'
         for name, series in sorted(data[kind].items()):
-            r = charts.rates(series)
+            r = charts.rates(series, complaints=kind == "credential")
             caption = (f"{label} {name}: {int(r['total'])} events, delivered "
                        f"{r['delivered']:.1%}, deferred {r['deferred']:.1%}, bounced "
-                       f"{r['bounced']:.1%}")
+                       f"{r['bounced']:.1%}"
+                       + (f", complained {r['complained']:.2%} of delivered"
+                          if "complained" in r else ""))
             body += (f'<figure class="figure-{kind}"><figcaption>{h.e(caption)}</figcaption>'
                      + charts.stacked_bars(f"{label} {name}", series, since, now, bucket)
                      + "</figure>")
@@ -933,7 +938,7 @@ async def api_figures(request: web.Request) -> web.Response:
     ns, span_name, since, bucket, data = await _figures(request)
     return web.json_response({
         "namespace": ns, "range": span_name, "bucket_seconds": bucket, "since": since,
-        **{kind: {name: {"rates": charts.rates(series),
+        **{kind: {name: {"rates": charts.rates(series, complaints=kind == "credential"),
                          "buckets": [{"start": b, **counts} for b, counts in
                                      sorted(series.items())]}
                   for name, series in data[kind].items()}

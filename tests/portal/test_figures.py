@@ -56,3 +56,36 @@ def test_resources_show_the_namespace_credentials_and_domains_by_permission(
     page = alice.get(portal.url + "/ns/shop/resources").text
     assert "mp._domainkey.shop.example." in page and "blog.example" not in page
     assert alice.get(portal.url + "/api/v1/namespaces/blog/resources").status_code == 403
+
+
+def test_complaint_rates_per_credential_and_only_the_namespaces_own(
+        portal: RunningPortal) -> None:
+    import asyncio
+    import time
+
+    async def complain() -> None:
+        store = portal.new_store()
+        await store.open()
+        minute = int(time.time() // 60)
+        await store.complaints_add({("shop-orders", minute - 30): 2, ("blog-news", minute): 1,
+                                    ("somebody-else", minute): 9,
+                                    ("shop-orders", minute - 3 * 24 * 60): 5})
+        await store.close()
+    asyncio.run(complain())
+    alice = portal.session("alice-token")
+    body = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "24h"}).json()
+    series = body["credential"]["shop-orders"]
+    assert sum(b.get("complained", 0) for b in series["buckets"]) == 2  # 3 days ago: not in 24h
+    assert series["rates"]["complained"] == 2 / 121  # of the delivered
+    assert series["rates"]["total"] == 122  # log events; complaints are not among them
+    assert "complained" not in body["domain"]["shop.example"]["rates"]
+    week = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "7d"}).json()
+    assert sum(b.get("complained", 0) for b in week["credential"]["shop-orders"]["buckets"]) == 7
+    page = alice.get(portal.url + "/ns/shop/figures?range=24h").text
+    assert "complained 1.65% of delivered" in page
+    assert "somebody-else" not in page and "blog-news" not in page
+    bob = portal.session("bob-token")
+    blog = bob.get(portal.url + "/api/v1/namespaces/blog/figures").json()
+    assert blog["credential"]["blog-news"]["rates"]["complained"] == 1.0  # 1 delivered
