@@ -62,7 +62,7 @@ _STATUS_TYPES = frozenset({"delivered", "deferred", "bounced", "expired", "suppr
 # The SMTP response is cut to this many characters in an event.
 MAX_RESPONSE_CHARS = 1000
 # A lease outlives the attempt's timeout by this much before another worker may take it.
-LEASE_MARGIN = 30.0
+LEASE_MARGIN = 10.0
 # How often the expiry and the backlog gauges run.
 MAINTENANCE_INTERVAL = 5.0
 # At most this much of an endpoint's answer is read (and thrown away).

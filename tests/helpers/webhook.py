@@ -4,7 +4,8 @@ It checks every post as a receiver following docs/webhooks.md would, with its ow
 the relay's): the ``Mailplane-Signature`` header's ``t=`` within the replay window and a
 ``v1=`` matching HMAC-SHA256 over ``<t>.<body>`` by one of its secrets. Posts with a bad
 signature are answered 400 and kept in ``rejected``. ``script`` holds what to do with the next
-posts (an HTTP status, or ``"hang"`` to never answer); when it is empty every post gets 200.
+posts (an HTTP status, or ``"hang"`` to never answer); when it is empty every post gets
+``refuse_with`` if set, else 200.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Receiver:
     secrets: list[bytes]
     host: str = "127.0.0.1"
     script: list[int | str] = field(default_factory=list)
+    # While set, every post (after the script) gets this status: an endpoint that is down.
+    refuse_with: int | None = None
     accepted: list[Post] = field(default_factory=list)
     rejected: list[Post] = field(default_factory=list)
     attempts: list[Post] = field(default_factory=list)
@@ -70,7 +73,8 @@ class Receiver:
             post.status = 400
             self.rejected.append(post)
             return web.Response(status=400, text="bad signature")
-        action: int | str = self.script.pop(0) if self.script else 200
+        action: int | str = (self.script.pop(0) if self.script
+                             else self.refuse_with or 200)
         post.status = action
         if action == "hang":
             await asyncio.sleep(3600)
