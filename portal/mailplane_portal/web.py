@@ -304,6 +304,10 @@ async def oidc_start(request: web.Request) -> web.StreamResponse:
     portal = request.app[PORTAL]
     if portal.oidc is None:
         raise web.HTTPNotFound(text="OIDC login is not configured on this portal")
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        # Another site linking here would replace this browser's session cookie (a forced
+        # logout); the portal's own button is same-origin.
+        raise web.HTTPSeeOther("/login")
     refused = _address_limit(request)
     if refused:
         return await login_form(request, refused[0], 429, refused[1])
@@ -332,6 +336,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
                            + ("; Secure" if portal.secure_cookie else "") + "; SameSite=Strict"}
 
     async def refuse(message: str, status: int = 400) -> web.Response:
+        message = "".join(c if c.isprintable() else " " for c in message)
         log.warning("oidc login refused: %s", message)
         return await login_form(request, f"login refused: {message}", status, clear)
 

@@ -170,6 +170,14 @@ def test_a_wrong_state_or_a_foreign_browser_is_refused(grants: RunningPortal,
     assert r.status_code == 401 and "access_denied: the user said no" in r.text
 
 
+def test_another_site_cannot_start_a_login(grants: RunningPortal, issuer: Issuer) -> None:
+    """A link from another site would replace the browser's session cookie (a forced logout)."""
+    r = requests.get(grants.url + "/login/oidc", allow_redirects=False,
+                     headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 303 and r.headers["Location"] == "/login"
+    assert "Set-Cookie" not in r.headers
+
+
 def test_a_wrong_client_secret_is_shown_as_the_issuer_refusing(
         grants: RunningPortal, issuer: Issuer) -> None:
     issuer.client.secret = "rotated-at-the-issuer"
