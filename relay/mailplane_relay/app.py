@@ -43,6 +43,7 @@ from .config import (
 )
 from .control import ControlError, ControlServer, socket_path
 from .delivery import DeliveryQueue
+from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer
 from .http import OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
@@ -309,6 +310,8 @@ class RelayApp:
         self.metrics = RelayMetrics.create(self.registry)
         self.readiness = Readiness(on_change=self._readiness_changed)
         self.http: OpsServer | None = None
+        self.admin = AdminEndpoints()
+        self.drainer: Drainer | None = None
         self.server: SubmissionServer | None = None
         self.intake: IntakeServer | None = None
         self.queue: DeliveryQueue | None = None
@@ -405,7 +408,8 @@ class RelayApp:
 
         if worker is None:
             self.http = OpsServer(address=settings.http.address, port=settings.http.port,
-                                  readiness=self.readiness, registry=self.registry)
+                                  readiness=self.readiness, registry=self.registry,
+                                  admin_routes=self.admin.routes(), max_body=MAX_HANDOFF_BODY)
             await self.http.start()
             stages.append(("ops http", self.http.stop))
 
@@ -498,6 +502,12 @@ class RelayApp:
         self.server = server
         await server.start()
         stages.append(("smtp server", self._drain_server))
+        if worker is None:
+            self.drainer = Drainer(config=self.config, spool=spool, queue=queue,
+                                   listeners=server, readiness=self.readiness,
+                                   registry=self.registry)
+            self.admin.drainer = self.drainer
+            stages.append(("drain", self.drainer.stop_task))
         bound = server.bound_ports
         # The intake listener runs in one process per pod (reports are few): the first worker.
         if settings.intake is not None and (worker is None or worker.index == 0):
@@ -797,8 +807,11 @@ class Supervisor:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
         readiness = _WorkersReadiness(state_dir, self.workers)
+        admin = AdminEndpoints()
+        admin.unsupported = ("a relay with several workers does not drain (its spools are the "
+                             "workers'); run workers: 1 where pods are drained")
         http = OpsServer(address=settings.http.address, port=settings.http.port,
-                         readiness=readiness, registry=registry)
+                         readiness=readiness, registry=registry, admin_routes=admin.routes())
         await http.start()
         # Resolve port 0 once so that every worker (and every restart) binds the same port.
         ports = {lst.name: lst.port or _free_port(lst.address) for lst in settings.listeners}

@@ -147,6 +147,15 @@ class HTTPSettings(_Model):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class AdminSettings(_Model):
+    """The authenticated administration endpoints of the operations port (``/admin/...``):
+    drain (hand the queue to other pods of the pool) and hand-off (take a message from a
+    draining pod). Callers present a bearer token whose SHA-256 (hex) is ``tokenSHA256``; the
+    token itself is never in the configuration. Absent: no ``/admin`` endpoint."""
+
+    token_sha256: str = Field(alias="tokenSHA256", pattern=r"^[0-9a-f]{64}$")
+
+
 class SpoolSettings(_Model):
     """The durable queue. A message is fsynced (file and directory) before the 250 reply;
     messages that arrive while a sync runs share the next one (group commit, no waiting)."""
@@ -823,6 +832,7 @@ class RelaySettings(_Model):
     listeners: tuple[Listener, ...] = Field(default_factory=_default_listeners, min_length=1)
     tls: TLSSettings | None = None
     http: HTTPSettings = HTTPSettings()
+    admin: AdminSettings | None = None
     spool: SpoolSettings = SpoolSettings()
     delivery: DeliverySettings = DeliverySettings()
     queue: QueueSettings = QueueSettings()

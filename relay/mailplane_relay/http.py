@@ -1,4 +1,5 @@
-"""The operations HTTP server: ``/metrics``, ``/livez``, ``/readyz``.
+"""The operations HTTP server: ``/metrics``, ``/livez``, ``/readyz`` (and the authenticated
+``/admin`` routes of drain.py).
 
 Readiness is a set of named conditions the composition root sets as it starts (listeners bound,
 configuration loaded, spool recovered) and clears when it stops; ``/readyz`` answers 503 naming
@@ -33,6 +34,7 @@ class Readiness:
     def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
         self._missing: list[str] = list(READINESS_CONDITIONS)
         self._shutting_down = False
+        self._draining = False
         self._on_change = on_change
 
     def mark(self, condition: str) -> None:
@@ -44,14 +46,21 @@ class Readiness:
         self._shutting_down = True
         self._changed()
 
+    def set_draining(self, on: bool) -> None:
+        """While the relay hands its queue to other pods (drain.py): not ready."""
+        self._draining = on
+        self._changed()
+
     @property
     def ready(self) -> bool:
-        return not self._missing and not self._shutting_down
+        return not self._missing and not self._shutting_down and not self._draining
 
     @property
     def reason(self) -> str:
         if self._shutting_down:
             return "shutting down"
+        if self._draining:
+            return "draining"
         if self._missing:
             return "waiting for: " + ", ".join(self._missing)
         return "ok"
@@ -72,17 +81,22 @@ class OpsServer:
         readiness: ReadinessProbe,
         registry: CollectorRegistry,
         reuse_port: bool = False,
+        admin_routes: list[web.RouteDef] | None = None,
+        max_body: int = 1024**2,
     ) -> None:
         self._address = address
         self._port = port
         self._readiness = readiness
         self._registry = registry
         self._reuse_port = reuse_port
+        self._admin_routes = list(admin_routes or [])
+        self._max_body = max_body
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=self._max_body)
+        app.add_routes(self._admin_routes)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)

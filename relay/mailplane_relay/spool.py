@@ -399,6 +399,34 @@ class Spool:
             next_attempt=now,
             extra=dict(extra or {}),
         )
+        return await self._store(msg, data, started)
+
+    async def commit_handoff(self, envelope: QueuedMessage, data: bytes) -> QueuedMessage:
+        """Store a message handed over by another relay of the pool (it drains): its envelope
+        as it was there — recipients and their states, attempts, reception time, credential,
+        extra — under a new queue id of this spool, due at once. Durable when this returns;
+        raises SpoolError, leaving nothing."""
+        if self._executor is None:
+            raise SpoolError("spool is not started")
+        started = time.perf_counter()
+        msg = QueuedMessage(
+            queue_id=self._new_queue_id(),
+            mail_from=envelope.mail_from,
+            recipients=[Recipient(r.address, r.status, r.attempts, r.last_response, r.dsn_owed)
+                        for r in envelope.recipients],
+            received_at=envelope.received_at,
+            size=len(data),
+            message_id=envelope.message_id,
+            credential=envelope.credential,
+            sender_domain=envelope.sender_domain,
+            listener=envelope.listener,
+            next_attempt=time.time(),
+            attempts=envelope.attempts,
+            extra=dict(envelope.extra),
+        )
+        return await self._store(msg, data, started)
+
+    async def _store(self, msg: QueuedMessage, data: bytes, started: float) -> QueuedMessage:
         envelope = msg.to_json()
         head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)
         name = msg.queue_id + _MSG

@@ -299,6 +299,25 @@ class DeliveryQueue:
         self._changed.set()
         return True
 
+    def set_aside(self, queue_id: str) -> bool:
+        """Take a message out of the schedule in memory only, for a drain's hand-off
+        (drain.py): nothing is written to its state file, so a relay that stops meanwhile
+        schedules it again at its next start. False when an attempt runs or it is on hold;
+        undone by :meth:`put_back`; KeyError when the queue does not hold it."""
+        due = self._due.get(queue_id)
+        if due is None:
+            raise KeyError(queue_id)
+        if due in (_IN_ATTEMPT, _ON_HOLD):
+            return False
+        self._due[queue_id] = _ON_HOLD  # its heap entry is superseded
+        self._changed.set()
+        return True
+
+    def put_back(self, queue_id: str) -> None:
+        """Undo :meth:`set_aside`: the message is due at once."""
+        if self._due.get(queue_id) == _ON_HOLD:
+            self._push(queue_id, self._clock())
+
     async def release(self, queue_id: str) -> bool:
         """Put a held message back on the schedule, due at once. False when it was not
         held."""

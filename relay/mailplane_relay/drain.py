@@ -1,0 +1,318 @@
+"""Drain: before a relay pod goes away, its queue is handed to the other pods of its pool.
+
+The operator (scaling an SmtpRelay down) tells each pod to be removed to drain, over the
+operations port, authenticated with a bearer token whose SHA-256 is ``admin.tokenSHA256`` in the
+configuration: ``POST /admin/drain`` with ``{"peers": ["http://IP:PORT", ...], "token": "..."}``
+(the ops ports of the pods that stay, and the token to present to them). A draining relay:
+
+- is not ready (``/readyz`` answers 503 ``draining``), so the Service stops sending it
+  connections, and closes its SMTP listeners (open sessions finish their transaction);
+- hands every spooled message to a peer with ``POST /admin/handoff`` — the envelope as it is
+  here (recipients and their states, attempts, reception time, credential) in the header
+  ``X-Mailplane-Envelope`` (base64 JSON), the message data as the body. The peer answers 200
+  only once the message is durable in its own spool; only then is it removed here. A message
+  with a delivery attempt running is handed off when the attempt ends; a peer that refuses or
+  does not answer is skipped, and the message tried again later (never lost, at worst
+  delivered twice after a crash between the peer's answer and the removal here);
+- keeps delivering what is due meanwhile (a message is either being delivered here or being
+  handed off, never both: it is set aside — in memory only, so a relay that stops meanwhile
+  delivers it after its restart — while it is sent to a peer).
+
+``GET /admin/drain`` reports ``draining``, ``queued`` (messages still in this spool),
+``sessions`` (SMTP sessions still open) and ``configHash``; the operator lowers the
+StatefulSet's replicas once every pod to remove reports ``queued`` and ``sessions`` 0.
+``DELETE /admin/drain`` stops draining (a scale-down called off): the listeners open again and
+the messages held for hand-off are released. A relay refuses hand-offs while it drains itself.
+
+Only a single-process relay (``workers: 1``, what the operator runs) drains; with several
+workers the ``/admin`` endpoints answer 501.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .config import RelayConfig
+from .spool import HELD, QueuedMessage, Spool, SpoolError
+
+if TYPE_CHECKING:
+    from .delivery import DeliveryQueue
+
+log = logging.getLogger(__name__)
+
+DRAIN_PATH = "/admin/drain"
+HANDOFF_PATH = "/admin/handoff"
+ENVELOPE_HEADER = "X-Mailplane-Envelope"
+# An authenticated hand-off carries one message (the relay's own size limit is 25 MiB).
+MAX_HANDOFF_BODY = 256 * 1024 * 1024
+HANDOFF_TIMEOUT = 60.0
+RETRY_PAUSE = 1.0
+
+
+def token_sha256(token: str) -> str:
+    """What ``admin.tokenSHA256`` holds for a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Listeners(Protocol):
+    """The SMTP server, as far as draining needs it."""
+
+    draining: bool
+
+    @property
+    def active_sessions(self) -> int: ...
+    async def start(self) -> None: ...
+    async def stop_accepting(self) -> None: ...
+
+
+class DrainReadiness(Protocol):
+    def set_draining(self, on: bool) -> None: ...
+
+
+class Drainer:
+    """The drain and hand-off logic of one relay process (``workers: 1``)."""
+
+    def __init__(self, *, config: Callable[[], RelayConfig], spool: Spool, queue: DeliveryQueue,
+                 listeners: Listeners, readiness: DrainReadiness,
+                 registry: CollectorRegistry) -> None:
+        self._config = config
+        self._spool = spool
+        self._queue = queue
+        self._listeners = listeners
+        self._readiness = readiness
+        self._peers: list[str] = []
+        self._token = ""
+        self._next_peer = 0
+        self._task: asyncio.Task[None] | None = None
+        self._held: set[str] = set()
+        """Messages this drain held to hand them off (released if the drain is called off)."""
+        self.draining_gauge = Gauge(
+            "mailplane_relay_draining",
+            "1 while this relay drains (hands its queue to the other pods of its pool).",
+            registry=registry)
+        self.handoffs = Counter(
+            "mailplane_relay_handoffs",
+            "Messages handed to another pod (sent) or taken from one (received), by result.",
+            ["direction", "result"], registry=registry)
+
+    @property
+    def draining(self) -> bool:
+        return self._task is not None
+
+    # ---- authentication -----------------------------------------------------------------
+
+    def authorized(self, header: str | None) -> bool:
+        admin = self._config().settings.admin
+        if admin is None or not header or not header.startswith("Bearer "):
+            return False
+        presented = token_sha256(header.removeprefix("Bearer ").strip())
+        return hmac.compare_digest(presented, admin.token_sha256)
+
+    # ---- drain --------------------------------------------------------------------------
+
+    async def start(self, peers: list[str], token: str) -> None:
+        """Drain toward `peers` (base URLs of their ops ports), presenting `token` to them.
+        Again while draining: the peers and token are replaced."""
+        self._peers, self._token = list(peers), token
+        if self._task is not None:
+            return
+        log.info("draining: handing the queue to %d peer(s)", len(peers))
+        self._readiness.set_draining(True)
+        self.draining_gauge.set(1)
+        await self._listeners.stop_accepting()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="drain")
+
+    async def stop(self) -> None:
+        """Call the drain off: accept mail again, release what was held for hand-off."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for qid in sorted(self._held):
+            self._queue.put_back(qid)
+        self._held.clear()
+        self._listeners.draining = False
+        await self._listeners.start()
+        self._readiness.set_draining(False)
+        self.draining_gauge.set(0)
+        log.info("drain called off: accepting mail again")
+
+    async def stop_task(self) -> None:
+        """The relay stops: end the hand-off loop (a message being handed off stays here;
+        being set aside in memory only, it is scheduled again at the next start)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def status(self) -> dict[str, Any]:
+        return {"draining": self.draining, "queued": len(self._spool.queue_ids()),
+                "sessions": self._listeners.active_sessions,
+                "configHash": self._config().source_hash}
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=HANDOFF_TIMEOUT)) as http:
+            while True:
+                moved = 0
+                for qid in self._spool.queue_ids():
+                    try:
+                        moved += await self._hand_off(http, qid)
+                    except (SpoolError, KeyError) as exc:
+                        log.warning("drain: %s stays here for now: %s", qid, exc)
+                await asyncio.sleep(0.05 if moved else RETRY_PAUSE)
+
+    async def _hand_off(self, http: aiohttp.ClientSession, qid: str) -> int:
+        if qid not in self._held:
+            try:
+                aside = self._queue.set_aside(qid)
+            except KeyError:
+                return 0  # not scheduled (yet): still being recovered, or already final
+            if aside:
+                self._held.add(qid)
+            else:
+                # An attempt runs (handed off when it ends), or an administrator holds it
+                # (handed off held: the hold is in its envelope and stays so at the peer).
+                current = self._queue.message(qid)
+                if current is None or not current.extra.get(HELD) or (
+                        self._queue.state_of(current) == "active"):
+                    return 0
+        msg = await asyncio.to_thread(self._spool.load, qid)
+        if msg is None:
+            self._held.discard(qid)
+            return 0
+        data = await asyncio.to_thread(self._spool.read, qid)
+        envelope = base64.b64encode(msg.to_json()).decode()
+        for _ in range(len(self._peers)):
+            peer = self._peers[self._next_peer % len(self._peers)]
+            self._next_peer += 1
+            if await self._send(http, peer, envelope, data, qid):
+                await self._queue.delete(qid)
+                self._held.discard(qid)
+                self.handoffs.labels("sent", "ok").inc()
+                return 1
+        self.handoffs.labels("sent", "failed").inc()
+        return 0
+
+    async def _send(self, http: aiohttp.ClientSession, peer: str, envelope: str, data: bytes,
+                    qid: str) -> bool:
+        try:
+            async with http.post(
+                    peer.rstrip("/") + HANDOFF_PATH, data=data,
+                    headers={"Authorization": f"Bearer {self._token}",
+                             ENVELOPE_HEADER: envelope,
+                             "Content-Type": "application/octet-stream"}) as resp:
+                text = await resp.text()
+                if resp.status == 200:
+                    log.info("drain: %s handed to %s as %s", qid, peer,
+                             json.loads(text).get("queueId"))
+                    return True
+                log.warning("drain: %s refused %s: %d %s", peer, qid, resp.status, text[:200])
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("drain: handing %s to %s failed: %s", qid, peer, exc)
+        return False
+
+    # ---- hand-off (receiving side) ------------------------------------------------------
+
+    async def receive(self, envelope_b64: str, data: bytes) -> QueuedMessage:
+        """Store a message another pod hands over; durable when this returns. ValueError for
+        a malformed envelope, RuntimeError when this relay drains itself."""
+        if self.draining:
+            raise RuntimeError("this relay is draining; hand the message to another pod")
+        try:
+            envelope = QueuedMessage.from_json(base64.b64decode(envelope_b64, validate=True))
+        except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+            raise ValueError(f"the {ENVELOPE_HEADER} header is not a spool envelope: {exc}"
+                             ) from None
+        if not envelope.needs_work():
+            raise ValueError("the envelope has no pending recipient and no DSN owed")
+        msg = await self._spool.commit_handoff(envelope, data)
+        self._queue.submit(msg)
+        self.handoffs.labels("received", "ok").inc()
+        log.info("hand-off: took %s (was %s) with %d pending recipient(s)", msg.queue_id,
+                 envelope.queue_id, len(msg.pending()))
+        return msg
+
+
+class AdminEndpoints:
+    """The ``/admin`` routes of the operations port, bound to a `Drainer` once the relay has
+    one (before that, and with several workers, they answer 503 / 501)."""
+
+    def __init__(self) -> None:
+        self.drainer: Drainer | None = None
+        self.unsupported: str | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get(DRAIN_PATH, self._status), web.post(DRAIN_PATH, self._drain),
+                web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff)]
+
+    def _check(self, request: web.Request) -> Drainer:
+        if self.unsupported is not None:
+            raise web.HTTPNotImplemented(text=self.unsupported + "\n")
+        drainer = self.drainer
+        if drainer is None:
+            raise web.HTTPServiceUnavailable(text="starting\n")
+        if not drainer.authorized(request.headers.get("Authorization")):
+            # Also when the configuration has no admin token: nothing to authenticate with.
+            raise web.HTTPUnauthorized(text="a valid bearer token is required (admin."
+                                            "tokenSHA256 in the configuration)\n")
+        return drainer
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self._check(request).status())
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        drainer = self._check(request)
+        try:
+            doc = await request.json()
+            peers, token = doc["peers"], doc["token"]
+            if not (isinstance(peers, list) and all(isinstance(p, str) and p.startswith(
+                    ("http://", "https://")) for p in peers) and isinstance(token, str)):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='send {"peers": ["http://IP:PORT", ...], '
+                                          '"token": "..."}\n') from None
+        await drainer.start(peers, token)
+        return web.json_response(drainer.status(), status=202)
+
+    async def _undrain(self, request: web.Request) -> web.Response:
+        drainer = self._check(request)
+        await drainer.stop()
+        return web.json_response(drainer.status())
+
+    async def _handoff(self, request: web.Request) -> web.Response:
+        drainer = self._check(request)
+        envelope = request.headers.get(ENVELOPE_HEADER)
+        if not envelope:
+            raise web.HTTPBadRequest(text=f"the {ENVELOPE_HEADER} header is missing\n")
+        data = await request.read()
+        started = time.monotonic()
+        try:
+            msg = await drainer.receive(envelope, data)
+        except ValueError as exc:
+            drainer.handoffs.labels("received", "refused").inc()
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        except RuntimeError as exc:
+            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+        except SpoolError as exc:
+            drainer.handoffs.labels("received", "failed").inc()
+            raise web.HTTPInsufficientStorage(text=f"{exc}\n") from None
+        return web.json_response({"queueId": msg.queue_id,
+                                  "seconds": round(time.monotonic() - started, 3)})

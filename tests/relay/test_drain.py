@@ -1,0 +1,153 @@
+"""Drain: a real relay process hands its queue to another over the authenticated ops port.
+
+Two `mailplane relay` processes deliver to one sink that defers everything (451), so mail stays
+queued. Relay B is told to drain toward A: it stops being ready and stops accepting, and hands
+every message to A, which stores it (same recipients, attempts, reception time) before B removes
+its copy. When the upstream recovers, every message arrives once, from A. Calling the drain off
+opens B's listeners again."""
+
+from __future__ import annotations
+
+import email
+import json
+import smtplib
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from mailplane_relay.drain import token_sha256
+from tests.helpers.ports import free_port
+from tests.helpers.relayproc import RelayProcess
+from tests.helpers.sink import running_sink_in_thread
+
+TOKEN = "drain-test-token-0123456789"
+
+
+def _admin(relay: RelayProcess, method: str, path: str, body: Any = None,
+           token: str | None = TOKEN, headers: dict[str, str] | None = None,
+           data: bytes | None = None) -> tuple[int, Any]:
+    payload = data if data is not None else (
+        json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{relay.http_port}{path}", data=payload, method=method,
+        headers={**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _send(relay: RelayProcess, count: int, tag: str) -> list[str]:
+    ids = []
+    with smtplib.SMTP("127.0.0.1", relay.ports["submission"], timeout=10) as smtp:
+        smtp.starttls(context=relay.client_tls())
+        smtp.login("app", "app-password")
+        for i in range(count):
+            msg = EmailMessage()
+            msg["From"] = "app@example.com"
+            msg["To"] = f"rcpt{i}@dest.example"
+            msg["Subject"] = f"{tag} {i}"
+            msg["Message-ID"] = f"<{tag}-{i}@example.com>"
+            msg.set_content("queued while the upstream defers\n")
+            smtp.send_message(msg)
+            ids.append(f"<{tag}-{i}@example.com>")
+    return ids
+
+
+def _wait(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _message_id(data: bytes) -> str:
+    return str(email.message_from_bytes(data)["Message-ID"])
+
+
+@pytest.fixture
+def pair(relay_factory: Callable[..., RelayProcess]) -> Any:
+    with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
+        admin = {"admin": {"tokenSHA256": token_sha256(TOKEN)}}
+        a = relay_factory(smarthost_port=sink.address[1], extra=admin)
+        b = relay_factory(smarthost_port=sink.address[1], extra=admin)
+        a.start()
+        b.start()
+        yield a, b, sink
+
+
+def test_a_draining_relay_hands_every_message_to_its_peer_before_removing_it(pair: Any) -> None:
+    a, b, sink = pair
+    ids = _send(b, 6, "drain")
+    _wait(lambda: b.metric("mailplane_relay_delivery_attempts_total", result="deferred") >= 6,
+          "the upstream deferring B's mail")
+    assert len(b.spooled_files()) == 6 and not a.spooled_files()
+
+    status, doc = _admin(b, "POST", "/admin/drain",
+                         {"peers": [f"http://127.0.0.1:{a.http_port}"], "token": TOKEN})
+    assert status == 202 and doc["draining"] is True
+    assert b.readyz() == (503, "draining\n")
+    with pytest.raises((ConnectionRefusedError, smtplib.SMTPServerDisconnected)):
+        _send(b, 1, "refused")
+    _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
+    assert b.spooled_files() == []
+    assert len(a.spooled_files()) == 6
+    assert b.metric("mailplane_relay_handoffs_total", direction="sent", result="ok") == 6
+    assert a.metric("mailplane_relay_handoffs_total", direction="received", result="ok") == 6
+    # A peer that drains itself takes nothing.
+    status, text = _admin(b, "POST", "/admin/handoff", data=b"x",
+                          headers={"X-Mailplane-Envelope": "e30="})
+    assert status == 503 and "draining" in text
+
+    sink.behaviour.data_reply = None  # the upstream recovers: A delivers all six, once each
+    _wait(lambda: len(sink.messages) >= 6, "six deliveries")
+    time.sleep(0.5)
+    got = sorted(_message_id(m.data) for m in sink.messages)
+    assert got == sorted(ids)
+    assert len(got) == len(set(got))
+
+    # Called off: B accepts mail again.
+    status, doc = _admin(b, "DELETE", "/admin/drain")
+    assert status == 200 and doc["draining"] is False
+    _wait(lambda: b.readyz()[0] == 200, "B ready again")
+    _send(b, 1, "again")
+
+
+def test_admin_endpoints_need_the_token(pair: Any) -> None:
+    a, b, _sink = pair
+    for token in (None, "wrong"):
+        assert _admin(b, "GET", "/admin/drain", token=token)[0] == 401
+        assert _admin(b, "POST", "/admin/drain", {"peers": [], "token": "x"}, token=token)[0] == 401
+        assert _admin(a, "POST", "/admin/handoff", data=b"x", token=token,
+                      headers={"X-Mailplane-Envelope": "e30="})[0] == 401
+    assert b.readyz()[0] == 200  # nothing drained
+    status, text = _admin(a, "POST", "/admin/handoff", data=b"x",
+                          headers={"X-Mailplane-Envelope": "not base64!"})
+    assert status == 400 and "X-Mailplane-Envelope" in text
+    assert a.spooled_files() == []
+
+
+def test_nothing_leaves_the_spool_until_a_peer_has_stored_it(pair: Any) -> None:
+    a, b, _sink = pair
+    _send(b, 3, "kept")
+    # A is draining itself (it refuses hand-offs), the other peer does not listen.
+    assert _admin(a, "POST", "/admin/drain", {"peers": [], "token": TOKEN})[0] == 202
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert _admin(b, "POST", "/admin/drain",
+                  {"peers": [f"http://127.0.0.1:{a.http_port}", closed], "token": TOKEN})[0] == 202
+    _wait(lambda: b.metric("mailplane_relay_handoffs_total", direction="sent",
+                           result="failed") >= 6, "hand-offs refused")
+    assert _admin(b, "GET", "/admin/drain")[1]["queued"] == 3
+    assert len(b.spooled_files()) == 3 and a.spooled_files() == []
+    # Once A takes mail again, B's queue moves there.
+    assert _admin(a, "DELETE", "/admin/drain")[0] == 200
+    _wait(lambda: len(a.spooled_files()) == 3 and not b.spooled_files(), "the hand-off")
