@@ -19,6 +19,7 @@ from mailplane_operator.metrics import OperatorMetrics
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.store import MessageLog, SqliteBackend
 from mailplane_relay.store.health import StoreHealth
+from mailplane_relay.webhooks import WebhookMetrics
 
 from .conftest import ROOT
 
@@ -48,6 +49,7 @@ def exported_metric_names() -> set[str]:
     # The store's metrics live with its components, on the same registry.
     StoreHealth.create(metrics.registry)
     MessageLog(SqliteBackend("unused.sqlite3"), flush_interval=1.0, metrics=metrics)
+    WebhookMetrics(metrics.registry)
     relay = series_names(metrics.registry)
     operator = series_names(OperatorMetrics.create().registry)
     assert "mailplane_relay_recipients_total" in relay
