@@ -234,3 +234,22 @@ def test_in_chromium(browser: Any, grants: RunningPortal, issuer: Issuer,  # noq
     # The one console error is the refusal's own status (401); nothing the CSP blocked.
     assert [e for e in errors if "status of 401" not in e] == [], errors
     context.close()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--oidc-issuer", "https://idp.example"], "needs all of --oidc-issuer, --oidc-client-id"),
+    (["--oidc-issuer", "https://idp.example", "--oidc-client-id", "c",
+      "--oidc-client-secret-file", "/nonexistent/secret", "--oidc-redirect-url",
+      "https://p.example/login/callback"], "--oidc-client-secret-file /nonexistent/secret: "
+                                           "cannot read it"),
+    (["--trusted-proxies", "ten"], "--trusted-proxies 'ten'"),
+])
+def test_the_command_line_names_a_bad_oidc_setting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
+        message: str) -> None:
+    from mailplane_cli.main import build_parser
+
+    args = build_parser().parse_args(["portal", "--db", str(tmp_path / "s.db"), "--kube-api",
+                                      "http://127.0.0.1:9", *extra])
+    assert args.func(args) == 2
+    assert message in capsys.readouterr().err

@@ -134,3 +134,48 @@ def test_client_address() -> None:
     assert client_address("10.1.1.1", None, ()) == "10.1.1.1"
     with pytest.raises(ValueError, match="--trusted-proxies 'ten'"):
         parse_networks("ten")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_replicas_share_sessions_over_http(portal: RunningPortal) -> None:
+    """A second portal process on the same store: a cookie from one works on the other, and
+    logging out on the second ends it on the first (a rollout or a restart logs nobody out)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from mailplane_portal.kube import KubeClient
+    from mailplane_portal.web import Portal, build_app
+
+    async def start() -> tuple[web.AppRunner, Records, KubeClient, str]:
+        records = Records(dsn=portal.dsn) if portal.dsn else Records(
+            sqlite_path=str(portal.db))
+        await records.open()
+        kube = KubeClient(portal.api.url)
+        runner = web.AppRunner(build_app(Portal(portal.portal.store, kube, records)),
+                               access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, records, kube, f"http://localhost:{runner.addresses[0][1]}"
+
+    runner, records, kube, second = asyncio.run_coroutine_threadsafe(
+        start(), portal.loop).result(15)
+    try:
+        s = portal.session("alice-token")
+        sid = s.cookies["mailplane_session"]
+        me = requests.get(second + "/api/v1/whoami", cookies={"mailplane_session": sid})
+        assert me.status_code == 200 and me.json()["username"] == "alice"
+        assert me.json()["csrf"] == s.headers["X-CSRF-Token"]
+        r = requests.post(second + "/logout", data={"csrf": s.headers["X-CSRF-Token"]},
+                          cookies={"mailplane_session": sid}, allow_redirects=False,
+                          headers={"Origin": second})
+        assert r.status_code == 303
+        assert requests.get(portal.url + "/api/v1/whoami",
+                            cookies={"mailplane_session": sid}).status_code == 401
+    finally:
+        async def stop() -> None:
+            await runner.cleanup()
+            await kube.close()
+            await records.close()
+        asyncio.run_coroutine_threadsafe(stop(), portal.loop).result(15)
