@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,17 +70,14 @@ class ControlServer:
     async def start(self) -> None:
         """Bind the socket (the caller holds the spool lock of this worker, so a socket left
         at this path belongs to a process that is gone: it is replaced)."""
-        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
-            raise ControlError(
-                f"queue administration socket path {self.path} is longer than "
-                f"{MAX_SOCKET_PATH} bytes; use a shorter spool.directory")
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._handle, path=str(self.path), limit=MAX_REQUEST)
+        with _short_path(self.path) as bind_path:
+            self._server = await asyncio.start_unix_server(
+                self._handle, path=bind_path, limit=MAX_REQUEST)
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
@@ -262,6 +259,24 @@ def _target(request: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits a unix socket address (107 bytes on Linux): the path
+    itself when short enough, else the socket's name under ``/proc/self/fd/<directory fd>``
+    (a deep spool directory works too)."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise ControlError(f"queue administration socket path {path} is longer than "
+                           f"{MAX_SOCKET_PATH} bytes; use a shorter spool.directory")
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
     sock = writer.get_extra_info("socket")
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
@@ -295,7 +310,8 @@ def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             try:
-                sock.connect(str(directory / name))
+                with _short_path(directory / name) as address:
+                    sock.connect(address)
             except (ConnectionRefusedError, FileNotFoundError):
                 stale.append(name)
                 continue
