@@ -365,8 +365,16 @@ class QueueSettings(_Model):
     retry_jitter: float = Field(0.2, alias="retryJitter", ge=0.0, le=1.0)
     max_lifetime: Duration = Field(5 * 86400.0, alias="maxLifetime")
     dsn: bool = True
+    # A message still queued this long gets one delay warning DSN (RFC 3464 Action: delayed)
+    # for its recipients whose NOTIFY allows it; 0 (or null) sends none.
+    delay_warning: Duration = Field(4 * 3600.0, alias="delayWarning")
 
     _d = _durations("retry_initial", "retry_max", "max_lifetime")
+
+    @field_validator("delay_warning", mode="before")
+    @classmethod
+    def _delay_warning(cls, value: object) -> float:
+        return 0.0 if value is None else parse_duration(value)
 
     @model_validator(mode="after")
     def _order(self) -> QueueSettings:

@@ -1,7 +1,14 @@
 """Delivery status notifications (RFC 3464): ``multipart/report; report-type=delivery-status``.
 
-A DSN carries the original message's header section only, never its body: the relay promises
-that message content is processed solely for delivery, and a bounce is not a delivery.
+Three kinds, by the ``Action`` of each recipient: ``failed`` (bounced, expired, suppressed, or
+returned by the administrator), ``delayed`` (a warning: still queued and retried) and
+``relayed`` (a success notice the sender asked for with ``NOTIFY=SUCCESS``, sent when the next
+hop does not take the DSN request over). The ENVID and ORCPT given at submission (RFC 3461) are
+returned as ``Original-Envelope-Id`` and ``Original-Recipient``.
+
+A DSN carries the original message's header section only, never its body, whatever ``RET``
+asked: the relay promises that message content is processed solely for delivery, and a notice
+is not a delivery. ``RET=FULL`` is therefore honoured as headers only.
 """
 
 from __future__ import annotations
@@ -17,15 +24,32 @@ MAX_ORIGINAL_HEADERS = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class FailedRecipient:
+    """One recipient reported in a DSN (failed, delayed or relayed, by ``status``)."""
+
     address: str
-    status: str  # "bounced" | "expired" | "suppressed"
+    # "bounced" | "expired" | "suppressed" (Action: failed), "pending" (delayed), "delivered"
+    # (relayed)
+    status: str
     response: str | None  # the last SMTP reply (or our own), e.g. "550 5.1.1 No such user"
     remote: str | None  # host:port that answered, if any
     last_attempt: float
+    orcpt: str | None = None  # RFC 3461 ORCPT as given: "rfc822;<address>"
+    retry_until: float | None = None  # delayed: when the relay gives up
+
+
+def xtext_encode(value: str) -> str:
+    """The xtext form of printable ASCII (RFC 3461 §4), to pass ENVID and ORCPT on."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+def action_of(status: str) -> str:
+    return {"delivered": "relayed", "pending": "delayed"}.get(status, "failed")
 
 
 def enhanced_status(response: str | None, status: str) -> str:
-    """The RFC 3463 code for the Status field: from the reply when it has one."""
+    """The RFC 3463 code for the Status field: from the reply when it has one, in the class
+    of the action (2 relayed, 4 delayed, 5 failed)."""
+    want = {"relayed": "2", "delayed": "4"}.get(action_of(status), "5")
     if response:
         parts = response.split()
         if len(parts) > 1:
@@ -34,9 +58,11 @@ def enhanced_status(response: str | None, status: str) -> str:
             if len(pieces) == 3 and pieces[0] in ("2", "4", "5") and all(
                     p.isdigit() for p in pieces):
                 # An expired recipient failed permanently, whatever its last 4xx said.
-                return "5" + code[1:] if status == "expired" else code
-        if parts and parts[0][:1] == "5":
+                return want + code[1:] if status == "expired" or want != "5" else code
+        if want == "5" and parts and parts[0][:1] == "5":
             return "5.0.0"
+    if want != "5":
+        return f"{want}.0.0"
     # Action: failed always carries a permanent (5.x.x) status.
     return "5.4.7" if status == "expired" else "5.0.0"
 
@@ -60,6 +86,22 @@ _WHY = {
     "expired": "delivery attempts expired",
     "suppressed": "not sent: the address is on the suppression list (earlier hard bounce or "
                   "complaint)",
+    "pending": "not delivered yet, still trying",
+    "delivered": "relayed to the next server, which does not send delivery notices",
+}
+
+_INTRO = {
+    "failed": "Your message could not be delivered to the following recipients.",
+    "delayed": "Your message has not been delivered yet to the following recipients. This is "
+               "a warning only: the relay keeps trying, you do not need to send it again.",
+    "relayed": "Your message was relayed to the following recipients' servers, as you asked. "
+               "They do not send delivery notices, so this is the last notice you get.",
+}
+
+_SUBJECT = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Relay Report",
 }
 
 
@@ -71,15 +113,21 @@ def _fold_field(name: str, value: str) -> str:
     return f"{name}: {_header_safe(value)}"
 
 
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
 def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
               original_queue_id: str, arrival: float, recipients: list[FailedRecipient],
-              now: float) -> bytes:
+              now: float, envid: str | None = None) -> bytes:
     """The DSN message (CRLF line ends), to be sent from the null sender to
-    ``original_sender``."""
+    ``original_sender``. Recipients of one DSN share one action (the caller groups them)."""
     boundary = f"=_mailplane_{secrets.token_hex(12)}"
+    actions = {action_of(r.status) for r in recipients}
+    action = actions.pop() if len(actions) == 1 else "failed"
     expired_only = all(r.status == "expired" for r in recipients)
     subject = ("Delivery expired: message not delivered" if expired_only
-               else "Undelivered Mail Returned to Sender")
+               else _SUBJECT[action])
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{original_sender}>",
@@ -98,7 +146,7 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         "",
         f"This is the mail system at {reporting_mta}.",
         "",
-        "Your message could not be delivered to the following recipients.",
+        _INTRO[action],
         "Only the message headers are returned below; the body is not kept.",
         "",
     ]
@@ -110,23 +158,31 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         f"--{boundary}",
         "Content-Type: message/delivery-status",
         "",
+    ]
+    if envid is not None:
+        lines.append(_fold_field("Original-Envelope-Id", envid))
+    lines += [
         _fold_field("Reporting-MTA", f"dns; {reporting_mta}"),
         _fold_field("X-Mailplane-Queue-ID", original_queue_id),
-        _fold_field("Arrival-Date", format_datetime(datetime.fromtimestamp(arrival, UTC))),
+        _fold_field("Arrival-Date", _date(arrival)),
     ]
     for r in recipients:
+        lines.append("")
+        if r.orcpt:
+            addr_type, _, address = r.orcpt.partition(";")
+            lines.append(_fold_field("Original-Recipient", f"{addr_type}; {address}"))
         lines += [
-            "",
             _fold_field("Final-Recipient", f"rfc822; {r.address}"),
-            "Action: failed",
+            f"Action: {action_of(r.status)}",
             _fold_field("Status", enhanced_status(r.response, r.status)),
         ]
         if r.remote:
             lines.append(_fold_field("Remote-MTA", f"dns; {r.remote.rsplit(':', 1)[0]}"))
         if r.response:
             lines.append(_fold_field("Diagnostic-Code", f"smtp; {r.response}"))
-        lines.append(_fold_field(
-            "Last-Attempt-Date", format_datetime(datetime.fromtimestamp(r.last_attempt, UTC))))
+        lines.append(_fold_field("Last-Attempt-Date", _date(r.last_attempt)))
+        if r.retry_until is not None:
+            lines.append(_fold_field("Will-Retry-Until", _date(r.retry_until)))
     lines += [
         "",
         f"--{boundary}",

@@ -104,9 +104,20 @@ class Recipient:
     status: RecipientStatus = "pending"
     attempts: int = 0
     last_response: str | None = None
-    # A DSN reporting this recipient's failure is owed to the sender and not yet spooled. The
-    # spool keeps a message while any recipient is pending or owed a DSN, across restarts.
+    # A DSN reporting this recipient's final status is owed to the sender and not yet spooled.
+    # The spool keeps a message while any recipient is pending or owed a DSN, across restarts.
     dsn_owed: bool = False
+    # RFC 3461, as given at RCPT: NOTIFY (["NEVER"] or some of SUCCESS, FAILURE, DELAY; None:
+    # not given) and ORCPT ("rfc822;<address>", decoded).
+    notify: list[str] | None = None
+    orcpt: str | None = None
+
+    def wants(self, kind: Literal["SUCCESS", "FAILURE", "DELAY"]) -> bool:
+        """Does the sender want a DSN of this kind for this recipient? Without NOTIFY:
+        failures and delays (RFC 3461 §4.1 leaves the default to the relay)."""
+        if self.notify is None:
+            return kind != "SUCCESS"
+        return kind in self.notify
 
 
 @dataclass(slots=True, weakref_slot=True)
@@ -136,7 +147,9 @@ class QueuedMessage:
             "queue_id": self.queue_id, "mail_from": self.mail_from,
             "recipients": [
                 {"address": r.address, "status": r.status, "attempts": r.attempts,
-                 "last_response": r.last_response, **({"dsn_owed": True} if r.dsn_owed else {})}
+                 "last_response": r.last_response, **({"dsn_owed": True} if r.dsn_owed else {}),
+                 **({"notify": r.notify} if r.notify is not None else {}),
+                 **({"orcpt": r.orcpt} if r.orcpt is not None else {})}
                 for r in self.recipients
             ],
             "received_at": self.received_at, "size": self.size, "message_id": self.message_id,
@@ -378,10 +391,12 @@ class Spool:
         sender_domain: str,
         listener: str,
         extra: dict[str, Any] | None = None,
+        dsn: list[tuple[tuple[str, ...] | None, str | None]] | None = None,
     ) -> QueuedMessage:
         """Store a message; durable when this returns. Raises SpoolError, leaving nothing.
         ``extra`` starts the envelope's ``extra`` (the ingress records ``smtputf8``, ``body``
-        and ``eight_bit`` there)."""
+        and ``eight_bit`` there, and the RFC 3461 ``dsn_ret`` and ``envid``). ``dsn``: the
+        RFC 3461 NOTIFY and ORCPT of each recipient, in order."""
         if self._executor is None:
             raise SpoolError("spool is not started")
         started = time.perf_counter()
@@ -389,7 +404,9 @@ class Spool:
         msg = QueuedMessage(
             queue_id=self._new_queue_id(),
             mail_from=mail_from,
-            recipients=[Recipient(a) for a in recipients],
+            recipients=[Recipient(a) for a in recipients] if not dsn else [
+                Recipient(a, notify=None if n is None else list(n), orcpt=o)
+                for a, (n, o) in zip(recipients, dsn, strict=True)],
             received_at=now,
             size=len(data),
             message_id=message_id,
@@ -600,7 +617,9 @@ class Spool:
             if msg.mail_from.casefold() == key:
                 deleted.append(msg.queue_id)
                 continue
-            keep = [r for r in msg.recipients if r.address.casefold() != key]
+            # ORCPT (RFC 3461) may name the address as the recipient's original one.
+            keep = [r for r in msg.recipients if r.address.casefold() != key
+                    and (r.orcpt or "").partition(";")[2].casefold() != key]
             if len(keep) == len(msg.recipients):
                 continue
             removed += len(msg.recipients) - len(keep)

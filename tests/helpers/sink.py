@@ -42,6 +42,7 @@ class CapturedMessage:
     tls: bool
     auth_user: str | None
     mail_options: tuple[str, ...] = ()
+    rcpt_options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +62,9 @@ class SinkBehaviour:
     require_starttls: bool = False
     auth: dict[str, str] | None = None  # username -> password; AUTH required when set
     pipelining: bool = False  # advertise PIPELINING (aiosmtpd reads pipelined commands)
+    # advertise DSN (RFC 3461) and take RET, ENVID, NOTIFY and ORCPT (recorded, upper-cased
+    # as aiosmtpd hands options over)
+    dsn: bool = False
 
 
 class _CountingSMTP(SMTP):  # type: ignore[misc]
@@ -78,6 +82,13 @@ class _CountingSMTP(SMTP):  # type: ignore[misc]
             self._sink._notify()
         super().connection_made(transport)
 
+    def _getparams(self, params: list[str]) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = super()._getparams(params)
+        if found is not None and self._sink.behaviour.dsn:
+            for name in ("RET", "ENVID", "NOTIFY", "ORCPT"):  # taken (RFC 3461), not acted on
+                found.pop(name, None)
+        return found
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._sink._sessions.discard(self)
         self._sink.disconnections += 1
@@ -94,6 +105,8 @@ class _Handler:
         session.host_name = hostname
         if self.sink.behaviour.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if self.sink.behaviour.dsn:
+            responses.insert(-1, "250-DSN")
         return responses
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -120,6 +133,7 @@ class _Handler:
         if reply is not None:
             return reply
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -146,6 +160,7 @@ class _Handler:
             auth_user=(session.auth_data.login.decode()
                        if session.auth_data is not None and session.auth_data.login else None),
             mail_options=tuple(envelope.mail_options),
+            rcpt_options=tuple(envelope.rcpt_options),
         ))
         return f"250 2.0.0 Ok: queued as S{len(self.sink.messages)}"
 

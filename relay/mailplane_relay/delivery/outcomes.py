@@ -33,6 +33,8 @@ log = logging.getLogger("mailplane_relay.delivery")
 _MAX_REMEMBERED_BOUNCES = 100_000
 # Addresses of failed recipients already told to the sender (a DSN went out for them).
 DSN_REPORTED = "dsn_reported"
+# The message's delay warning went out (or none was wanted when it was due).
+DELAY_WARNED = "delay_warned"
 
 
 class Outcomes:
@@ -80,8 +82,13 @@ class Outcomes:
             if status != "deferred":
                 r.status = status
                 # The duty to report it is stored with the message (the spool keeps the
-                # message until the DSN is spooled, across restarts).
-                r.dsn_owed = (status != "delivered" and queue.dsn and bool(msg.mail_from))
+                # message until the DSN is spooled, across restarts). RFC 3461: a failure is
+                # reported unless NOTIFY leaves FAILURE out; a delivery only when NOTIFY asks
+                # for SUCCESS and the server that took it does not send the notice itself. A
+                # null reverse-path is never sent one.
+                r.dsn_owed = queue.dsn and bool(msg.mail_from) and (
+                    r.wants("SUCCESS") and not outcome.dsn_passed if status == "delivered"
+                    else r.wants("FAILURE"))
             elif outcome.not_before is not None:
                 not_before = max(not_before, outcome.not_before)
             if outcome.remote:
@@ -110,12 +117,40 @@ class Outcomes:
         # Recipients that failed for good are reported now, not when the whole message is
         # final (which may be days later).
         await self._report(cfg, msg)
+        warned = await self._warn_delay(cfg, msg, now, expire_at)
         delay = next_retry_delay(msg.attempts, queue, self._rng)
         # The last try happens at the end of the lifetime, not a whole backoff after it; a
         # suspended destination is not tried before its suspension ends.
         msg.next_attempt = max(now, min(max(now + delay, not_before), expire_at))
-        await self._save(msg)
+        warn_at = msg.received_at + queue.delay_warning
+        if (queue.delay_warning and queue.dsn and msg.mail_from and now < warn_at
+                and DELAY_WARNED not in msg.extra
+                and any(r.wants("DELAY") for r in msg.pending())):
+            # An attempt when the warning is due, so that it goes out on time.
+            msg.next_attempt = min(msg.next_attempt, warn_at)
+        await self._save(msg, durable=warned)
         self._reschedule(msg)
+
+    async def _warn_delay(self, cfg: RelayConfig, msg: QueuedMessage, now: float,
+                          expire_at: float) -> bool:
+        """Send the message's one delay warning once it has been queued ``delayWarning``,
+        for the pending recipients whose NOTIFY allows DELAY. True when it was sent (or none
+        was wanted) now: the mark must then be saved durably, so a restart does not repeat
+        it."""
+        queue = cfg.settings.queue
+        if (not queue.delay_warning or not queue.dsn or not msg.mail_from
+                or DELAY_WARNED in msg.extra or now - msg.received_at < queue.delay_warning):
+            return False
+        waiting = [r for r in msg.pending() if r.wants("DELAY")]
+        if waiting:
+            try:
+                await self._send_dsn(cfg, msg, waiting, retry_until=expire_at)
+            except SpoolError as exc:
+                log.error("delivery: delay warning for %s not queued (%s); retrying at the "
+                          "next attempt", msg.queue_id, exc)
+                return False
+        msg.extra[DELAY_WARNED] = True
+        return True
 
     async def hard_bounce(self, address: str, response: str, now: float) -> None:
         """Suppress an address when the bounce is certain (user unknown and kin), or when it
@@ -140,37 +175,48 @@ class Outcomes:
             log.exception("delivery: could not add a hard-bounced address to the suppression "
                           "list")
 
-    async def _save(self, msg: QueuedMessage) -> None:
+    async def _save(self, msg: QueuedMessage, *, durable: bool = False) -> None:
         try:
-            await self._spool_of().save_state(msg)
+            await self._spool_of().save_state(msg, durable=durable)
         except SpoolError as exc:
             # The attempt is repeated after a restart at worst (at-least-once).
             log.error("delivery: state of %s not saved: %s", msg.queue_id, exc)
 
     async def _report(self, cfg: RelayConfig, msg: QueuedMessage) -> bool:
-        """Send one DSN for the failed recipients owed one. False if it could not be spooled:
-        the duty is then saved durably with the message and the DSN retried."""
+        """Send one DSN for the failed recipients owed one, and one for the delivered ones
+        owed a success notice. False if one could not be spooled: the duty is then saved
+        durably with the message and the DSN retried."""
         reported = set(msg.extra.get(DSN_REPORTED, ()))
         # A recipient suppressed after the message was accepted is reported too: the sender
         # was told 250 and must learn that this copy was not sent.
         failed = [r for r in msg.recipients
                   if r.status in ("bounced", "expired", "suppressed")
-                  and (r.dsn_owed or (cfg.settings.queue.dsn and r.address not in reported))]
-        if not failed or not msg.mail_from:
+                  and (r.dsn_owed or (cfg.settings.queue.dsn and r.wants("FAILURE")
+                                      and r.address not in reported))]
+        relayed = [r for r in msg.recipients if r.status == "delivered" and r.dsn_owed]
+        if not (failed or relayed) or not msg.mail_from:
             return True
+        sent: list[Recipient] = []
         try:
-            await self._send_dsn(cfg, msg, failed)
+            # One notice per kind: a failure report and a success report are read apart.
+            for group in (failed, relayed):
+                if group:
+                    await self._send_dsn(cfg, msg, group)
+                    sent += group
         except SpoolError as exc:
             log.error("delivery: DSN for %s not queued (%s); retrying", msg.queue_id, exc)
-            for r in failed:
-                r.dsn_owed = True
+            sent_ids = {id(r) for r in sent}
+            for r in failed + relayed:
+                r.dsn_owed = id(r) not in sent_ids
+            msg.extra[DSN_REPORTED] = sorted(reported | {r.address for r in failed
+                                                         if id(r) in sent_ids})
             try:
                 # Durable: the duty must survive a restart before the retry.
                 await self._spool_of().save_state(msg, durable=True)
             except SpoolError as save_exc:
                 log.error("delivery: state of %s not saved: %s", msg.queue_id, save_exc)
             return False
-        for r in failed:
+        for r in sent:
             r.dsn_owed = False
         msg.extra[DSN_REPORTED] = sorted(reported | {r.address for r in failed})
         return True
@@ -187,7 +233,7 @@ class Outcomes:
         self._forget(msg)
 
     async def _send_dsn(self, cfg: RelayConfig, msg: QueuedMessage,
-                        failed: list[Recipient]) -> None:
+                        failed: list[Recipient], retry_until: float | None = None) -> None:
         remotes: dict[str, str] = msg.extra.get("remotes", {})
         now = self._clock()
         try:
@@ -199,7 +245,9 @@ class Outcomes:
             reporting_mta=hostname, original_sender=msg.mail_from, original_data=original,
             original_queue_id=msg.queue_id, arrival=msg.received_at, now=now,
             recipients=[FailedRecipient(r.address, r.status, r.last_response,
-                                        remotes.get(r.address), now) for r in failed],
+                                        remotes.get(r.address), now, r.orcpt, retry_until)
+                        for r in failed],
+            envid=msg.extra.get("envid") if isinstance(msg.extra.get("envid"), str) else None,
         )
         dsn = await self._spool_of().commit(
             mail_from="", recipients=[msg.mail_from], data=body, message_id=None,

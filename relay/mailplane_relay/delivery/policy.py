@@ -30,6 +30,9 @@ class RecipientOutcome:
     tls: bool = False
     # A deferral caused by a suspended destination: no retry before this time (epoch seconds).
     not_before: float | None = None
+    # Delivered to a server that offers DSN (RFC 3461), with the sender's DSN request passed
+    # on: that server sends any success notice, not the relay.
+    dsn_passed: bool = False
 
 
 # ------------------------------------------------------------------------------ retry schedule

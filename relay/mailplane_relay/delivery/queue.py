@@ -906,10 +906,11 @@ class DeliveryQueue:
         if conn is not None:
             try:
                 wire = await self._wire_data(attempt, conn, data)
-                result = await transaction(conn, self._return_path(cfg, msg, pending),
-                                           pending, wire, outcomes=outcomes, t=timeouts,
-                                           reused=True, deadline=deadline,
-                                           on_accepted=dest.taking_mail)
+                return_path = self._return_path(cfg, msg, pending)
+                result = await transaction(conn, return_path, pending, wire,
+                                           outcomes=outcomes, t=timeouts, reused=True,
+                                           deadline=deadline, on_accepted=dest.taking_mail,
+                                           extra=_dsn_extra(msg, return_path))
             except ReusedConnectionLost as exc:
                 log.info("delivery: pooled connection to %s failed before the transaction "
                          "(%s); retrying on a fresh connection", conn.remote, exc.reason)
@@ -943,9 +944,11 @@ class DeliveryQueue:
             session = True
             dest.session_worked()
             wire = await self._wire_data(attempt, conn, data)
-            result = await transaction(conn, self._return_path(cfg, msg, pending), pending,
-                                       wire, outcomes=outcomes, t=timeouts, reused=False,
-                                       deadline=deadline, on_accepted=dest.taking_mail)
+            return_path = self._return_path(cfg, msg, pending)
+            result = await transaction(conn, return_path, pending, wire, outcomes=outcomes,
+                                       t=timeouts, reused=False, deadline=deadline,
+                                       on_accepted=dest.taking_mail,
+                                       extra=_dsn_extra(msg, return_path))
             self._release(dest, conn, result.reusable)
             if result.ended:
                 dest.delivered += 1
@@ -1165,6 +1168,13 @@ class DeliveryQueue:
                 if (not dest.idle and not dest.active and not dest.ready
                         and not dest.suspended(now) and dest.last_used < forget_before):
                     del self._destinations[key]
+
+
+def _dsn_extra(msg: QueuedMessage, return_path: str) -> dict[str, Any] | None:
+    """The envelope whose RFC 3461 parameters may go to a next hop that offers DSN: only when
+    its notices would reach the sender. With a VERP return path they would come back to the
+    relay's intake instead, so the relay keeps the duty (and sends ``relayed`` notices)."""
+    return msg.extra if return_path == msg.mail_from else None
 
 
 def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:

@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
 from ..config import DeliverySettings
+from ..dsn import xtext_encode
 from ..spool import Recipient
 from .downgrade import needs_smtputf8
 from .policy import (
@@ -407,6 +408,26 @@ class TransactionResult:
     ended: bool = False  # the final dot was answered (the server may have taken the message)
 
 
+def _dsn_options(extra: dict[str, Any]) -> list[str]:
+    """RFC 3461 MAIL parameters to pass on to a server that offers DSN."""
+    options = []
+    if isinstance(extra.get("dsn_ret"), str):
+        options.append(f"RET={extra['dsn_ret']}")
+    if isinstance(extra.get("envid"), str):
+        options.append(f"ENVID={xtext_encode(extra['envid'])}")
+    return options
+
+
+def _rcpt_dsn_options(r: Recipient) -> bytes:
+    out = b""
+    if r.notify:
+        out += b" NOTIFY=" + ",".join(r.notify).encode("ascii")
+    if r.orcpt:
+        addr_type, _, address = r.orcpt.partition(";")
+        out += b" ORCPT=" + f"{addr_type};{xtext_encode(address)}".encode("ascii")
+    return out
+
+
 def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Recipient]
              ) -> tuple[list[str], str] | str:
     """The MAIL options and the command encoding, or the bounce reply when the message needs
@@ -437,11 +458,12 @@ def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Rec
     return options, encoding
 
 
-def _commands(mail_from: str, recipients: list[Recipient], options: list[str], encoding: str
-              ) -> tuple[bytes, list[bytes]] | None:
+def _commands(mail_from: str, recipients: list[Recipient], options: list[str], encoding: str,
+              dsn: bool = False) -> tuple[bytes, list[bytes]] | None:
     try:
         mail = b"MAIL FROM:" + quote_address(mail_from).encode(encoding)
-        rcpts = [b"RCPT TO:" + quote_address(r.address).encode(encoding) for r in recipients]
+        rcpts = [b"RCPT TO:" + quote_address(r.address).encode(encoding)
+                 + (_rcpt_dsn_options(r) if dsn else b"") for r in recipients]
     except (UnicodeError, ValueError):
         return None
     mail += b"".join(b" " + o.encode("ascii") for o in options)
@@ -453,13 +475,17 @@ def _commands(mail_from: str, recipients: list[Recipient], options: list[str], e
 async def transaction(conn: Connection, mail_from: str, recipients: list[Recipient],
                       data: bytes, *, outcomes: dict[str, RecipientOutcome], t: Timeouts,
                       reused: bool, deadline: float | None = None,
-                      on_accepted: Callable[[], None] | None = None) -> TransactionResult:
+                      on_accepted: Callable[[], None] | None = None,
+                      extra: dict[str, Any] | None = None) -> TransactionResult:
     """One MAIL/RCPT/DATA transaction. Fills ``outcomes`` for the recipients it decided.
     ``deadline`` (a ``time.monotonic()`` value): when it has passed before the body is sent,
     the transaction is abandoned cleanly (the connection is dropped before the final dot, so
     the server discards it) and its recipients are deferred; once the body is on its way the
     transaction runs to its reply or its own timeout. ``on_accepted`` is called when the
-    server took recipients and asked for the data (it is taking mail, however slowly)."""
+    server took recipients and asked for the data (it is taking mail, however slowly).
+    ``extra``: the envelope's extra; its RFC 3461 RET and ENVID, and the recipients' NOTIFY
+    and ORCPT, go to a server that offers DSN (which then owns the notices: a recipient it
+    accepts is marked ``dsn_passed``). None: no DSN parameter is passed on."""
     client, remote, tls = conn.client, conn.remote, conn.tls
 
     def all_get(outcome: RecipientOutcome) -> None:
@@ -471,7 +497,10 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
         all_get(RecipientOutcome("bounced", prepared, remote, tls=tls))
         return TransactionResult(reusable=True)
     options, encoding = prepared
-    commands = _commands(mail_from, recipients, options, encoding)
+    dsn = extra is not None and client.supports_extension("dsn")
+    if dsn:
+        options += _dsn_options(extra or {})
+    commands = _commands(mail_from, recipients, options, encoding, dsn)
     if commands is None:
         all_get(RecipientOutcome("bounced", "553 5.1.3 Address cannot be sent on an SMTP "
                                  "command line", remote, tls=tls))
@@ -582,8 +611,9 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
             assert answer is not None
             if answer.code == 250 and final is not None:
                 for r in accepted:
-                    outcomes[r.address] = reply_outcome(250, answer.message, "data", remote,
-                                                        tls)
+                    outcome = reply_outcome(250, answer.message, "data", remote, tls)
+                    outcome.dsn_passed = dsn
+                    outcomes[r.address] = outcome
                 if not closing:
                     return result  # RFC 5321 allows MAIL right after a completed transaction
             else:

@@ -1,5 +1,6 @@
 """The syntax of ``MAIL FROM`` and ``RCPT TO``: the path and its parameters (RFC 5321 §4.1.2,
-SIZE RFC 1870, BODY RFC 6152, SMTPUTF8 RFC 6531, AUTH RFC 4954).
+SIZE RFC 1870, BODY RFC 6152, SMTPUTF8 RFC 6531, AUTH RFC 4954, and the DSN parameters of
+RFC 3461: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT, with xtext decoding).
 
 Pure functions on the command argument; each answers the parsed command or a :class:`Refusal`.
 """
@@ -30,12 +31,49 @@ class MailFrom:
     body: str | None = None  # "7BIT" or "8BITMIME" when the client declared it
     smtputf8: bool = False
     options: list[str] = field(default_factory=list)
+    ret: str | None = None  # RFC 3461 RET: "FULL" or "HDRS"
+    envid: str | None = None  # RFC 3461 ENVID, xtext-decoded
 
 
 @dataclass(frozen=True, slots=True)
 class RcptTo:
     address: str
     options: list[str] = field(default_factory=list)
+    # RFC 3461 NOTIFY: ("NEVER",) or some of SUCCESS, FAILURE, DELAY; None when not given.
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None  # RFC 3461 ORCPT: "<addr-type>;<address>", xtext-decoded
+
+
+# RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT values a server must accept.
+MAX_ENVID = 100
+MAX_ORCPT = 500
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
+
+
+def xtext_decode(value: str) -> str | None:
+    """RFC 3461 §4: ``+XX`` (two upper-case hex digits) stands for one byte; every other
+    character is itself, from ``!`` to ``~`` except ``+`` and ``=``. None when ``value`` is not
+    xtext or decodes to something other than printable ASCII."""
+    out = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "+":
+            hexpair = value[i + 1:i + 3]
+            if len(hexpair) != 2 or hexpair.strip("0123456789ABCDEF"):
+                return None
+            out.append(chr(int(hexpair, 16)))
+            i += 3
+            continue
+        if not "!" <= ch <= "~" or ch == "=":
+            return None
+        out.append(ch)
+        i += 1
+    decoded = "".join(out)
+    if any(not " " <= c <= "~" for c in decoded):
+        return None
+    return decoded
 
 
 def parse_mail(arg: str | None) -> MailFrom | Refusal:
@@ -55,6 +93,8 @@ def parse_mail(arg: str | None) -> MailFrom | Refusal:
     size: int | None = None
     body: str | None = None
     smtputf8 = False
+    ret: str | None = None
+    envid: str | None = None
     for option in options:
         match = _PARAM.match(option)
         if match is None:
@@ -74,12 +114,24 @@ def parse_mail(arg: str | None) -> MailFrom | Refusal:
             smtputf8 = True
         elif name == "AUTH":
             pass  # RFC 4954 §5: the submitter's identity is ours to decide (the session's)
+        elif name == "RET":
+            if ret is not None or (value or "").upper() not in ("FULL", "HDRS"):
+                return Refusal("bad_syntax", R.DSN_PARAMETER.format(
+                    what="RET must be given once, as RET=FULL or RET=HDRS"))
+            ret = (value or "").upper()
+        elif name == "ENVID":
+            envid_value = xtext_decode(value or "")
+            if envid is not None or not envid_value or len(value or "") > MAX_ENVID:
+                return Refusal("bad_syntax", R.DSN_PARAMETER.format(
+                    what=f"ENVID must be given once, as xtext of at most {MAX_ENVID} "
+                         "characters (printable ASCII; '+', '=' and spaces as +2B, +3D, +20)"))
+            envid = envid_value
         else:
             return Refusal("bad_syntax", R.UNKNOWN_PARAMETER.format(command="MAIL FROM",
                                                                      name=name))
     if not address.isascii() and not smtputf8:
         return Refusal("bad_syntax", R.NON_ASCII_ADDRESS)
-    return MailFrom(address, size, body, smtputf8, options)
+    return MailFrom(address, size, body, smtputf8, options, ret, envid)
 
 
 def parse_rcpt(arg: str | None, smtputf8: bool) -> RcptTo | Refusal:
@@ -91,15 +143,37 @@ def parse_rcpt(arg: str | None, smtputf8: bool) -> RcptTo | Refusal:
         return Refusal("bad_syntax", R.BAD_ADDRESS)
     address, params = parsed
     options = params.split()
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
     for option in options:
         match = _PARAM.match(option)
         if match is None:
             return Refusal("bad_syntax", R.RCPT_SYNTAX)
-        return Refusal("bad_syntax", R.UNKNOWN_PARAMETER.format(
-            command="RCPT TO", name=match.group(1).upper()))
+        name, value = match.group(1).upper(), match.group(2) or ""
+        if name == "NOTIFY":
+            words = tuple(value.upper().split(","))
+            if notify is not None or not (
+                    words == ("NEVER",) or (set(words) <= set(_NOTIFY)
+                                            and len(set(words)) == len(words))):
+                return Refusal("bad_syntax", R.DSN_PARAMETER.format(
+                    what="NOTIFY must be given once, as NOTIFY=NEVER or a comma-separated "
+                         "list of SUCCESS, FAILURE and DELAY"))
+            notify = tuple(w for w in _NOTIFY if w in words) or ("NEVER",)
+        elif name == "ORCPT":
+            addr_type, semi, raw = value.partition(";")
+            decoded = xtext_decode(raw) if semi else None
+            if (orcpt is not None or not decoded or len(value) > MAX_ORCPT
+                    or not _ADDR_TYPE.match(addr_type)):
+                return Refusal("bad_syntax", R.DSN_PARAMETER.format(
+                    what="ORCPT must be given once, as ORCPT=rfc822;<address in xtext> "
+                         f"(at most {MAX_ORCPT} characters)"))
+            orcpt = f"{addr_type.lower()};{decoded}"
+        else:
+            return Refusal("bad_syntax", R.UNKNOWN_PARAMETER.format(command="RCPT TO",
+                                                                     name=name))
     if not address.isascii() and not smtputf8:
         return Refusal("bad_syntax", R.NON_ASCII_ADDRESS)
-    return RcptTo(address, options)
+    return RcptTo(address, options, notify, orcpt)
 
 
 def valid_mailbox(address: str) -> bool:

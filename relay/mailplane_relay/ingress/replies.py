@@ -87,6 +87,7 @@ class R:
     TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size of {limit} bytes"
     NON_ASCII_ADDRESS = ("553 5.6.7 Non-ASCII address: send MAIL FROM with the SMTPUTF8 "
                          "parameter (RFC 6531)")
+    DSN_PARAMETER = "501 5.5.4 {what} (RFC 3461)"
     UNKNOWN_PARAMETER = "555 5.5.4 {command} parameter {name} is not supported"
     SUSPENDED = "554 5.7.1 Credential {user} is suspended: {reason}"
     CREDENTIAL_GONE = "554 5.7.1 Credential {user} is no longer valid"

@@ -97,6 +97,10 @@ class RelaySMTP(SMTP):
         self._ending: tuple[str, str] | None = None
         self.address_key = ""
         self.tls_version: str | None = None
+        # RFC 3461 parameters of the current transaction: of MAIL (envelope ``extra``
+        # entries), and of each accepted RCPT in order (NOTIFY, ORCPT).
+        self._dsn_mail: dict[str, str] = {}
+        self._dsn_rcpts: list[tuple[tuple[str, ...] | None, str | None]] = []
         self._init_protocol(server, cfg.hostname, cfg.limits.session_timeout)
 
     def _init_protocol(self, server: SubmissionServer, hostname: str, timeout: float) -> None:
@@ -507,7 +511,7 @@ class RelaySMTP(SMTP):
     def ehlo_responses(self) -> list[str]:
         limits = self.server.config().settings.limits
         lines = [self.hostname, f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8",
-                 "PIPELINING", "ENHANCEDSTATUSCODES"]
+                 "PIPELINING", "ENHANCEDSTATUSCODES", "DSN"]
         if self._starttls and not self.secure:
             lines.append("STARTTLS")
         if self.secure:
@@ -576,6 +580,11 @@ class RelaySMTP(SMTP):
         self.envelope.mail_from = address
         self.envelope.mail_options.extend(mail.options)
         self.envelope.smtp_utf8 = mail.smtputf8
+        # RFC 3461: what the sender asked of delivery status notifications, for this
+        # transaction (a new MAIL starts a new one, so the lists start empty).
+        self._dsn_mail = {k: v for k, v in (("dsn_ret", mail.ret), ("envid", mail.envid))
+                          if v is not None}
+        self._dsn_rcpts = []
         return R.MAIL_OK
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -610,6 +619,7 @@ class RelaySMTP(SMTP):
             return self._refuse(Refusal("suppressed", reply), sender, address)
         self.envelope.rcpt_tos.append(address)
         self.envelope.rcpt_options.extend(rcpt.options)
+        self._dsn_rcpts.append((rcpt.notify, rcpt.orcpt))
         return R.RCPT_OK
 
     def count_refusal(self, reason: str) -> None:
@@ -715,6 +725,7 @@ class RelaySMTP(SMTP):
             extra["body"] = "8BITMIME"
         if content.eight_bit:
             extra["eight_bit"] = True
+        extra.update(self._dsn_mail)
         # Take the message from the credential's limits (pool-wide with a shared store) before
         # committing; give it back if the commit fails.
         credential = cfg.credentials.get(self.username) if self.username is not None else None
@@ -726,7 +737,8 @@ class RelaySMTP(SMTP):
             msg = await _commit_shielded(
                 srv, mail_from=sender, recipients=list(env.rcpt_tos), data=data,
                 message_id=message_id, credential=self.username,
-                sender_domain=self._sender_domain, listener=self.listener.name, extra=extra)
+                sender_domain=self._sender_domain, listener=self.listener.name, extra=extra,
+                dsn=list(self._dsn_rcpts))
         except SpoolError as exc:
             log.error("spool commit failed: %s", exc)
             if credential is not None:
