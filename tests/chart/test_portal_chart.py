@@ -147,3 +147,19 @@ def test_portal_network_policy_without_oidc_has_no_issuer_rule_and_can_be_left_o
         "kubernetes.io/metadata.name": "traefik"}
     off = render_install({**values, "networkPolicy": {"enabled": False}})
     assert not [o for o in off.objects if o["kind"] == "NetworkPolicy"]
+
+
+def test_portal_pods_take_connections_only_from_the_ingress_controller() -> None:
+    from tests.helpers.netpol import Pod, ingress_allowed
+
+    rendered = render_install(OIDC_VALUES)
+    policies = [o for o in rendered.objects if o["kind"] == "NetworkPolicy"]
+    labels = rendered.one("Deployment", NAME)["spec"]["template"]["metadata"]["labels"]
+    portal = Pod("mailplane-system", labels, ports={"http": 8443})
+    controller = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    tenant = Pod("shop", {"app": "web"})
+    neighbour = Pod("mailplane-system", {"app.kubernetes.io/name": "mailplane-relay"})
+    assert ingress_allowed(policies, controller, portal, 8443)
+    assert not ingress_allowed(policies, controller, portal, 9090)
+    assert not ingress_allowed(policies, tenant, portal, 8443)
+    assert not ingress_allowed(policies, neighbour, portal, 8443)
