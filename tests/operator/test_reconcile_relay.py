@@ -499,6 +499,11 @@ def test_the_status_shows_the_bounce_domain_records_and_clears_them_when_turned_
              "value": "10 intake.example.com."},
             {"purpose": "intake-spf", "type": "TXT", "name": "bounces.example.com",
              "value": "v=spf1 a:mx.example.com ~all"}]}
+    # Without a public name, the records say what to fill in rather than guess.
+    unnamed = relay(intake=INTAKE)
+    assert [r["value"] for r in relay_mod.intake_dns_records(unnamed, unnamed.spec.intake)] == [
+        "10 <the external DNS name of Service main-intake>.",
+        "v=spf1 ip4:<the relay's egress addresses> ~all"]
     off = relay(intake={**INTAKE, "enabled": False})
     off.status["intake"] = patch["intake"]
     cleared = relay_mod.relay_status(

@@ -345,16 +345,19 @@ def intake_service(relay: SmtpRelay, intake: IntakeSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
 
 
-def intake_dns_records(relay: SmtpRelay, intake: IntakeSpec, hostname: str
-                       ) -> list[dict[str, str]]:
+def intake_dns_records(relay: SmtpRelay, intake: IntakeSpec) -> list[dict[str, str]]:
     """What to publish for the bounce domain: its MX (to the intake Service) and an SPF record
-    (the return path's domain is the one SPF checks)."""
+    (the return path's domain is the one SPF checks). Without a public name to go by
+    (``intake.mxHost``, ``spec.hostname``) the value says what to fill in."""
+    hostname = relay.spec.hostname
     mx_host = intake.mx_host or hostname
+    mx = (f"10 {mx_host.rstrip('.')}." if mx_host else
+          f"10 <the external DNS name of Service {intake_service_name(relay.meta.name)}>.")
+    spf = intake.spf_record or (f"v=spf1 a:{hostname} ~all" if hostname
+                                else "v=spf1 ip4:<the relay's egress addresses> ~all")
     return [
-        {"purpose": "intake-mx", "type": "MX", "name": intake.domain,
-         "value": f"10 {mx_host.rstrip('.')}."},
-        {"purpose": "intake-spf", "type": "TXT", "name": intake.domain,
-         "value": intake.spf_record or f"v=spf1 a:{hostname} ~all"},
+        {"purpose": "intake-mx", "type": "MX", "name": intake.domain, "value": mx},
+        {"purpose": "intake-spf", "type": "TXT", "name": intake.domain, "value": spf},
     ]
 
 
@@ -596,11 +599,6 @@ def relay_status(
     }
 
 
-def relay_hostname(relay: SmtpRelay) -> str:
-    """The relay's hostname as the configuration renders it by default."""
-    return relay.spec.hostname or f"{relay.meta.name}.{relay.meta.namespace}.svc"
-
-
 def _intake_status(relay: SmtpRelay) -> dict[str, Any]:
     intake = intake_of(relay)
     if intake is None:
@@ -610,7 +608,7 @@ def _intake_status(relay: SmtpRelay) -> dict[str, Any]:
         "domain": intake.domain,
         "service": intake_service_name(relay.meta.name),
         "returnPath": f"{intake.local_part}+<token>@{intake.domain}",
-        "dnsRecords": intake_dns_records(relay, intake, relay_hostname(relay)),
+        "dnsRecords": intake_dns_records(relay, intake),
     }}
 
 
