@@ -1,0 +1,148 @@
+"""What the intake does with a report once read: which reports are matched, which are dropped,
+and what a match changes (suppression, counters, the reputation window). The stores are
+in-memory stand-ins; the listener and real stores are exercised in test_intake.py."""
+
+from __future__ import annotations
+
+from mailplane_relay import verp
+from mailplane_relay.config import AbuseSettings, RelayConfig, RelaySettings
+from mailplane_relay.events import LogEvent
+from mailplane_relay.intake.listener import IntakeHandler
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.reputation import Reputation
+from mailplane_relay.store import LogQuery
+from tests.relay.test_intake_reports import fill
+
+KEY = b"s" * 32
+DOMAIN = "b.example.com"
+QID = "0J8Z3K4M7QX2C9T4PB1R"
+
+
+class Log:
+    def __init__(self, rows: list[dict[str, object]]) -> None:
+        self.rows = rows
+        self.events: list[LogEvent] = []
+
+    def record(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    async def query(self, q: LogQuery) -> list[dict[str, object]]:
+        return [r for r in self.rows if r["queue_id"] == q.queue_id
+                and str(r["recipient"]).lower() == (q.recipient or "").lower()
+                and r["status"] == q.status][:q.limit]
+
+
+class Suppression:
+    def __init__(self) -> None:
+        self.added: list[tuple[str, str, str]] = []
+
+    async def add(self, address: str, reason: str, *, source: str) -> None:
+        self.added.append((address, reason, source))
+
+
+def delivered(recipient: str, credential: str = "app") -> dict[str, object]:
+    return {"queue_id": QID, "recipient": recipient, "status": "delivered",
+            "credential": credential, "sender": "app@example.com", "message_id": "<m@x>"}
+
+
+def handler(rows: list[dict[str, object]]) -> tuple[IntakeHandler, Log, Suppression,
+                                                     RelayMetrics, Reputation, list[str]]:
+    cfg = RelayConfig(settings=RelaySettings.model_validate({
+        "tls": {"certFile": "/c", "keyFile": "/k"}, "domains": [{"name": "example.com"}],
+        "intake": {"domain": DOMAIN, "keyFile": "/unused"}}))
+    log, supp, metrics = Log(rows), Suppression(), RelayMetrics.create()
+    rep = Reputation(lambda: AbuseSettings.model_validate({"minRecipients": 1}))
+    hard: list[str] = []
+
+    async def hard_bounce(address: str, response: str, now: float) -> None:
+        hard.append(f"{address} {response}")
+
+    h = IntakeHandler(config=lambda: cfg, key=lambda: KEY, log=log, suppression=supp,
+                      metrics=metrics, reputation=rep, hard_bounce=hard_bounce)
+    return h, log, supp, metrics, rep, hard
+
+
+def reports(metrics: RelayMetrics, kind: str, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "mailplane_relay_intake_reports_total", {"kind": kind, "result": result})
+    return value or 0.0
+
+
+def dsn(rp: str, recipient: str, status: str = "5.1.1") -> bytes:
+    return fill("postfix-dsn.eml", RETURN_PATH=rp, RECIPIENT=recipient, LOCAL="x").replace(
+        b"Status: 5.1.1", b"Status: " + status.encode())
+
+
+async def test_a_message_token_acts_only_for_recipients_the_message_log_shows() -> None:
+    h, log, _supp, metrics, rep, hard = handler([delivered("a@dest.test"),
+                                                 delivered("b@dest.test")])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test", "b@dest.test"])
+    assert (await h.handle(dsn(rp, "ceo@dest.test"), [rp])).startswith("250 2.0.0")
+    assert reports(metrics, "dsn", "unmatched") == 1 and hard == [] and log.events == []
+    await h.handle(dsn(rp, "B@dest.test"), [rp])
+    assert reports(metrics, "dsn", "matched") == 1
+    assert hard == ['b@dest.test 550 5.1.1 unknown user: "x"']
+    [event] = log.events
+    assert (event.status, event.queue_id, event.credential, event.recipient) == (
+        "bounced", QID, "app", "b@dest.test")
+    assert event.response is not None and event.response.startswith("DSN after delivery: 550 5.1.1")
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_async_bounces_total",
+        {"sender_domain": "example.com", "credential": "app"}) == 1
+    assert rep.paused("app") is not None  # 1 bounce of 1 outcome, minRecipients 1
+
+
+async def test_a_recipient_token_acts_without_a_log_row_but_attributes_nothing() -> None:
+    h, log, _supp, metrics, _rep, hard = handler([])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    await h.handle(dsn(rp, "a@dest.test"), [rp])
+    assert reports(metrics, "dsn", "matched") == 1 and len(hard) == 1
+    assert log.events[0].credential is None
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_async_bounces_total",
+        {"sender_domain": "other", "credential": "none"}) == 1
+
+
+async def test_a_full_mailbox_or_policy_bounce_counts_but_does_not_suppress() -> None:
+    h, log, _supp, _metrics, _rep, hard = handler([delivered("a@dest.test")])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    for status in ("5.2.2", "5.7.1", "5.1.7"):
+        await h.handle(dsn(rp, "a@dest.test", status), [rp])
+    assert hard == [] and len(log.events) == 3
+    # 5.1.2 (the domain) is a hard bounce that suppresses only when repeated: handed over.
+    await h.handle(dsn(rp, "a@dest.test", "5.1.2"), [rp])
+    assert len(hard) == 1
+
+
+async def test_reports_naming_nothing_of_ours_are_counted_and_dropped() -> None:
+    h, log, supp, metrics, _rep, hard = handler([delivered("a@dest.test")])
+    await h.handle(dsn("someone@elsewhere.test", "a@dest.test"), [f"x@{DOMAIN}"])
+    assert reports(metrics, "dsn", "unmatched") == 1
+    await h.handle(b"Subject: out of office\r\n\r\nI am away\r\n", [f"x@{DOMAIN}"])
+    assert reports(metrics, "other", "ignored") == 1
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    not_spam = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp,
+                    RECIPIENT="a@dest.test").replace(b"Feedback-Type: abuse",
+                                                     b"Feedback-Type: not-spam")
+    await h.handle(not_spam, [f"fbl@{DOMAIN}"])
+    assert reports(metrics, "arf", "ignored") == 1
+    assert hard == [] and supp.added == [] and log.events == []
+
+
+async def test_a_complaint_suppresses_as_complaint_and_fills_the_complaint_window() -> None:
+    h, _log, supp, metrics, rep, _hard = handler([delivered("a@dest.test")])
+    for _ in range(999):
+        rep.record("app", "delivered")
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="a@dest.test")
+    await h.handle(arf, [f"fbl@{DOMAIN}"])
+    assert supp.added == [("a@dest.test", "complaint", "feedback")]
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_complaints_total",
+        {"sender_domain": "example.com", "credential": "app"}) == 1
+    pause = rep.paused("app")
+    assert pause is not None and pause.cause == "complaint"  # 1 in 999 delivered > 0.1 %
+    # The same report about another recipient of ours, with a forged return path: dropped.
+    forged = arf.replace(b"<a@dest.test>", b"<victim@dest.test>")
+    await h.handle(forged, [f"fbl@{DOMAIN}"])
+    assert reports(metrics, "arf", "forged") == 1 and len(supp.added) == 1
