@@ -365,6 +365,17 @@ CEL_CASES = [
      None),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mxTls": {
         "policies": [{"domains": ["x.example"], "level": "dane"}]}}}, "dane"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {"url": "https://h.example/x"}},
+     "webhooks.url and webhooks.secretRef go together"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {
+        "url": "https://h.example/x", "secretRef": {"name": "s"}, "maxAge": "200h"}},
+     "webhooks.maxAge must be between 1m and 168h"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {
+        "url": "https://h.example/x", "secretRef": {"name": "s"}, "timeout": "90s"}},
+     "webhooks.timeout must be between 100ms and 60s"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {
+        "url": "https://h.example/x", "secretRef": {"name": "s", "previousKey": "old"},
+        "allowPrivateNetworks": ["10.96.0.0/12"], "maxAge": "24h"}}, None),
     ("RetentionPolicy", {"messageLog": "30m"}, "messageLog must be between 1h and 2160h"),
     ("RetentionPolicy", {"purgeInterval": "25h"}, "purgeInterval must be between 1m and 24h"),
     ("RetentionPolicy", {"messageLog": "24h", "purgeInterval": "24h"}, None),

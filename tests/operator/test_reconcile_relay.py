@@ -525,3 +525,38 @@ def test_the_status_shows_the_bounce_domain_records_and_clears_them_when_turned_
 def test_a_bad_intake_is_refused_naming_the_field(intake: dict[str, Any], problem: str) -> None:
     with pytest.raises(models.SpecError, match=problem):
         relay(intake=intake)
+
+
+def test_the_webhook_signing_secret_and_ca_are_mounted_never_rendered() -> None:
+    r = relay(webhooks={"url": "https://hooks.platform.example/mail",
+                        "secretRef": {"name": "main-webhook", "previousKey": "old"},
+                        "caSecretRef": {"name": "private-ca", "key": "bundle.pem"}})
+    children = relay_mod.relay_children(r)
+    pod = by_kind(children)["StatefulSet"]["spec"]["template"]["spec"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert {"name": "webhook", "mountPath": "/etc/mailplane/webhook", "readOnly": True} in mounts
+    assert {"name": "webhook-ca", "mountPath": "/etc/mailplane/webhook-ca",
+            "readOnly": True} in mounts
+    assert {"name": "webhook", "secret": {"secretName": "main-webhook", "items": [
+        {"key": "secret", "path": "secret"}, {"key": "old", "path": "previous"}]}} in pod["volumes"]
+    assert {"name": "webhook-ca", "secret": {"secretName": "private-ca", "items": [
+        {"key": "bundle.pem", "path": "ca.crt"}]}} in pod["volumes"]
+    for child in children:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kubernetes_validate.validate(child, kubernetes_validate.latest_version(),
+                                         strict=True)
+
+
+@pytest.mark.parametrize(("webhooks", "problem"), [
+    ({"url": "https://hooks.example/x"}, "url and webhooks.secretRef go together"),
+    ({"secretRef": {"name": "s"}}, "url and webhooks.secretRef go together"),
+    ({"url": "http://hooks.example/x", "secretRef": {"name": "s"}}, "url"),
+    ({"url": "https://u:p@hooks.example/x", "secretRef": {"name": "s"}}, "url"),
+    ({"allowPrivateNetworks": ["cluster"]}, "not a CIDR"),
+    ({"timeout": "2m"}, "timeout"),
+])
+def test_a_bad_webhook_spec_is_refused_naming_the_field(webhooks: dict[str, Any],
+                                                        problem: str) -> None:
+    with pytest.raises(models.SpecError, match=problem):
+        relay(webhooks=webhooks)

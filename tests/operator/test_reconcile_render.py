@@ -450,3 +450,29 @@ def test_the_intake_and_abuse_settings_reach_the_relay_and_the_key_stays_in_its_
     off = relay(intake={"domain": "bounces.example.com", "enabled": False,
                         "keySecretRef": {"name": "k"}})
     assert run(off, [], []).config.settings.intake is None
+
+
+def test_the_webhook_settings_reach_the_relay_and_the_secret_stays_in_its_secret() -> None:
+    r = relay(webhooks={"url": "https://hooks.platform.example/mail",
+                        "secretRef": {"name": "main-webhook", "previousKey": "old"},
+                        "events": ["bounced", "complained"],
+                        "caSecretRef": {"name": "private-ca"},
+                        "allowPrivateNetworks": ["10.96.0.0/12"], "timeout": "5s",
+                        "concurrency": 4, "maxAge": "12h"})
+    result = run(r, [verified("example.com")], [], validate="documents")
+    settings = parse_documents(sorted(result.files.items())).settings.webhooks
+    assert settings.endpoint is not None
+    assert settings.endpoint.url == "https://hooks.platform.example/mail"
+    assert settings.endpoint.secret_files == ("/etc/mailplane/webhook/secret",
+                                              "/etc/mailplane/webhook/previous")
+    assert settings.endpoint.secrets is None  # never rendered into the configuration
+    assert settings.endpoint.events == ("bounced", "complained")
+    assert (settings.ca_file, settings.allow_private_networks,
+            settings.credential_private_networks, settings.timeout, settings.concurrency,
+            settings.max_age) == ("/etc/mailplane/webhook-ca/ca.crt", ("10.96.0.0/12",), (),
+                                  5.0, 4, 43200.0)
+    # Rules without a platform endpoint (for the credentials' endpoints); none by default.
+    rules = run(relay(webhooks={"credentialPrivateNetworks": ["10.0.0.0/8"]}), [], [])
+    assert rules.config.settings.webhooks.endpoint is None
+    assert rules.config.settings.webhooks.credential_private_networks == ("10.0.0.0/8",)
+    assert run(relay(), [], []).config.settings.webhooks.endpoint is None

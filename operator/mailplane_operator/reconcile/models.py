@@ -549,6 +549,64 @@ class IntakeSpec(_Spec):
         return v
 
 
+class WebhookSecretRef(SecretKeyRef):
+    """The signing secret: ``key``, and during a rotation ``previousKey`` too (both sign)."""
+
+    key: str = Field("secret", pattern=r"^[-._a-zA-Z0-9]+$")
+    previous_key: str | None = Field(None, alias="previousKey", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class CASecretRef(SecretKeyRef):
+    key: str = Field("ca.crt", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+def _check_cidrs(v: tuple[str, ...]) -> tuple[str, ...]:
+    for cidr in v:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not a CIDR such as 10.96.0.0/12 or "
+                             "fd00::/8") from None
+    return v
+
+
+WebhookEvent = Literal["delivered", "deferred", "bounced", "expired", "suppressed",
+                       "complained"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
+
+
+class RelayWebhooksSpec(_Spec):
+    """Delivery event webhooks (docs/webhooks.md): the platform's endpoint for every event of
+    the relay, and the rules for every endpoint (the relay's and the credentials')."""
+
+    url: str | None = Field(None, max_length=2048, pattern=r"^https://[^\s/@]+(/\S*)?$")
+    secret_ref: WebhookSecretRef | None = Field(None, alias="secretRef")
+    events: tuple[WebhookEvent, ...] = Field(WEBHOOK_EVENTS, min_length=1)
+    ca_secret_ref: CASecretRef | None = Field(None, alias="caSecretRef")
+    allow_private_networks: tuple[str, ...] = Field((), alias="allowPrivateNetworks",
+                                                    max_length=64)
+    credential_private_networks: tuple[str, ...] = Field(
+        (), alias="credentialPrivateNetworks", max_length=64)
+    timeout: float = Field(10.0, ge=0.1, le=60)
+    concurrency: int = Field(8, ge=1, le=256)
+    max_age: float = Field(86400.0, alias="maxAge", ge=60, le=7 * 86400)
+
+    _d = _durations("timeout", "max_age")
+
+    @field_validator("allow_private_networks", "credential_private_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_cidrs(v)
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> RelayWebhooksSpec:
+        if (self.url is None) != (self.secret_ref is None):
+            raise ValueError("webhooks.url and webhooks.secretRef go together: the endpoint "
+                             "and the Secret holding its signing secret")
+        return self
+
+
 class SmtpRelaySpec(_Spec):
     replicas: int = Field(2, ge=0, le=100)
     image: str | None = None
@@ -562,6 +620,7 @@ class SmtpRelaySpec(_Spec):
     limits: LimitsSpec = LimitsSpec()
     abuse: AbuseSpec = AbuseSpec()
     intake: IntakeSpec | None = None
+    webhooks: RelayWebhooksSpec | None = None
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
     shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)
     service_account_name: str = Field(

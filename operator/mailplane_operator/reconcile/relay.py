@@ -58,6 +58,8 @@ TLS_DIR = "/etc/mailplane/tls"
 SMARTHOST_DIR = "/etc/mailplane/smarthost"
 STORE_DIR = "/etc/mailplane/store"
 INTAKE_DIR = "/etc/mailplane/intake"
+WEBHOOK_DIR = "/etc/mailplane/webhook"
+WEBHOOK_CA_DIR = "/etc/mailplane/webhook-ca"
 DATA_DIR = "/var/lib/mailplane"
 SUBMISSION_CONTAINER_PORT = 1587
 SUBMISSIONS_CONTAINER_PORT = 1465
@@ -185,6 +187,20 @@ def pod_template(relay: SmtpRelay, image: str,
         volumes.append({"name": "intake", "secret": {
             "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}]}})
         mounts.append({"name": "intake", "mountPath": INTAKE_DIR, "readOnly": True})
+    hooks = spec.webhooks
+    if hooks is not None and hooks.secret_ref is not None:
+        # The signing secret(s) stay in their Secret, mounted as files (never rendered).
+        ref = hooks.secret_ref
+        items = [{"key": ref.key, "path": "secret"}]
+        if ref.previous_key:
+            items.append({"key": ref.previous_key, "path": "previous"})
+        volumes.append({"name": "webhook", "secret": {"secretName": ref.name, "items": items}})
+        mounts.append({"name": "webhook", "mountPath": WEBHOOK_DIR, "readOnly": True})
+    if hooks is not None and hooks.ca_secret_ref is not None:
+        ref = hooks.ca_secret_ref
+        volumes.append({"name": "webhook-ca", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "ca.crt"}]}})
+        mounts.append({"name": "webhook-ca", "mountPath": WEBHOOK_CA_DIR, "readOnly": True})
     ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     if intake is not None:
         ports.append({"name": "intake", "containerPort": INTAKE_CONTAINER_PORT,

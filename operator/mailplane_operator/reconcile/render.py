@@ -102,6 +102,8 @@ class RuntimePaths:
     smarthost_password: str = f"{relay_mod.SMARTHOST_DIR}/password"
     store_dsn: str = f"{relay_mod.STORE_DIR}/dsn"
     intake_key: str = f"{relay_mod.INTAKE_DIR}/key"
+    webhook_dir: str = relay_mod.WEBHOOK_DIR
+    webhook_ca: str = f"{relay_mod.WEBHOOK_CA_DIR}/ca.crt"
     intake_port: int = relay_mod.INTAKE_CONTAINER_PORT
     listen_address: str = "0.0.0.0"
     submission_port: int = relay_mod.SUBMISSION_CONTAINER_PORT
@@ -318,6 +320,23 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         # The connection string stays in its Secret, mounted as a file (relay.py): it is never
         # part of the rendered configuration, a log line or a status.
         settings["store"] = {"backend": "postgresql", "dsnFile": paths.store_dsn}
+    hooks = spec.webhooks
+    if hooks is not None:
+        webhooks: dict[str, Any] = {
+            "allowPrivateNetworks": list(hooks.allow_private_networks),
+            "credentialPrivateNetworks": list(hooks.credential_private_networks),
+            "timeout": hooks.timeout, "concurrency": hooks.concurrency,
+            "maxAge": hooks.max_age}
+        if hooks.url is not None and hooks.secret_ref is not None:
+            # The signing secrets stay in their Secret, mounted as files (relay.py).
+            files = [f"{paths.webhook_dir}/secret"]
+            if hooks.secret_ref.previous_key:
+                files.append(f"{paths.webhook_dir}/previous")
+            webhooks["endpoint"] = {"url": hooks.url, "secretFiles": files,
+                                    "events": list(hooks.events)}
+        if hooks.ca_secret_ref is not None:
+            webhooks["caFile"] = paths.webhook_ca
+        settings["webhooks"] = webhooks
     for key, value in paths.extra_settings.items():
         if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
             settings[key] = {**settings[key], **value}
