@@ -4,18 +4,28 @@ Usage (through ``scripts/mutation``, which installs what it needs first):
 
     scripts/mutation                     # every promise module, every mutant
     scripts/mutation dkim spool          # some modules (names below, or a source path)
-    scripts/mutation --sample 30 --gate  # CI: 30 mutants per module, fail under the target
+    scripts/mutation --sample 30 --gate  # 30 mutants per module, fail under the target
+    scripts/mutation limits --record     # full run; its killed mutants become the ratchet
+    scripts/mutation --ci                # CI: recorded killed mutants must stay killed
 
 Each module is mutated in a staging copy of the tree (``.mutation/``, git-ignored) laid out as
 mutmut expects (``src/<package>``), and only the tests named for it are run against each
 mutant: in-process tests, since a relay started as a subprocess would import the unmutated code.
 A mutant that no test kills either gets a test, or is listed in ``tests/mutation/equivalent.toml``
 with the reason it cannot change behaviour. The score is killed / (mutants - equivalent).
+
+The ratchet (``tests/mutation/killed/<module>.txt``, written by ``--record`` after a full run)
+lists every mutant a full run killed, with a fingerprint of the mutated function. CI runs a
+sample of them and fails if one survives: a test that lost its power shows up on the change
+that weakened it. A mutant whose fingerprint no longer matches (its function was edited, so the
+name may now mean another change) is left out of the sample, and reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import json
 import random
 import re
@@ -29,10 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".mutation"
 EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
+RATCHET = ROOT / "tests" / "mutation" / "killed"
 PACKAGES = {"relay": "mailplane_relay", "operator": "mailplane_operator", "cli": "mailplane_cli"}
 TARGET = 0.85
-CI_MODULES = 2
-CI_MUTANTS = 10
+CI_MODULES = 3  # modules per CI run, besides those the last commit touched
+CI_MUTANTS = 15  # recorded killed mutants per module that must stay killed
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,9 @@ class Module:
     name: str
     source: str  # path in the repository
     tests: tuple[str, ...]
+    # Only the mutants of these functions (of a larger file), matched against mutmut's name of
+    # the mutant (``x_<function>__mutmut_N``, ``xǁ<Class>ǁ<method>__mutmut_N``).
+    functions: str = ""
 
 
 # The modules that carry the promises, and the in-process tests that guard each one.
@@ -48,22 +62,28 @@ MODULES = (
            ("tests/relay/test_dkim_signer.py", "tests/relay/test_dkim_header_from.py",
             "tests/relay/test_dkim_independent.py")),
     Module("passwords", "relay/mailplane_relay/config.py",
-           ("tests/relay/test_config.py", "tests/relay/test_ingress_auth.py")),
+           ("tests/relay/test_config.py", "tests/relay/test_ingress_auth.py"),
+           functions=r"\.(x_hash_password|x_verify_password|x__check_hash|"
+                     r"xǁCredentialǁ\w+)__mutmut_\d+$"),
     Module("authentication", "relay/mailplane_relay/ingress/auth.py",
            ("tests/relay/test_ingress_auth.py", "tests/relay/test_ingress_abuse.py")),
     Module("auth-throttle", "relay/mailplane_relay/ingress/throttle.py",
-           ("tests/relay/test_ingress_throttle.py", "tests/relay/test_ingress_abuse.py")),
+           ("tests/relay/test_ingress_throttle.py", "tests/relay/test_ingress_abuse.py",
+            "tests/relay/test_throttle_units.py")),
     Module("sender-policy", "relay/mailplane_relay/ingress/policy.py",
-           ("tests/relay/test_ingress_policy.py", "tests/relay/test_ingress_ratelimit.py")),
+           ("tests/relay/test_ingress_policy.py", "tests/relay/test_ingress_ratelimit.py",
+            "tests/relay/test_policy_units.py")),
     Module("limits", "relay/mailplane_relay/ratelimit.py",
-           ("tests/relay/test_ingress_ratelimit.py",)),
+           ("tests/relay/test_ingress_ratelimit.py", "tests/relay/test_limits_pool.py",
+            "tests/relay/test_limits_units.py")),
     Module("reputation", "relay/mailplane_relay/reputation.py",
-           ("tests/relay/test_reputation.py",)),
+           ("tests/relay/test_reputation.py", "tests/relay/test_reputation_units.py",
+            "tests/relay/test_limits_pool.py")),
     Module("spool", "relay/mailplane_relay/spool.py",
            ("tests/relay/test_spool.py", "tests/relay/test_spool_privacy.py",
             "tests/relay/test_spool_erasure.py")),
     Module("suppression", "relay/mailplane_relay/store/suppression.py",
-           ("tests/relay/test_store.py",)),
+           ("tests/relay/test_store.py", "tests/relay/test_suppression_units.py")),
     Module("credential-reconciler", "operator/mailplane_operator/reconcile/credential.py",
            ("tests/operator/test_reconcile_credential.py",)),
     Module("domain-reconciler", "operator/mailplane_operator/reconcile/domain.py",
@@ -130,6 +150,45 @@ def results(module: Module) -> dict[str, str]:
     return {key: STATUS_BY_EXIT.get(code, f"exit {code}") for key, code in codes.items()}
 
 
+def fingerprints(module: Module) -> dict[str, str]:
+    """Mutant name -> a digest of its mutated function (name and decorators left out): the
+    same name with another digest is another mutation."""
+    path = STAGE / "mutants" / staged_source(module)
+    if not path.exists():
+        return {}
+    prefix = staged_source(module).removeprefix("src/").removesuffix(".py").replace("/", ".")
+    found: dict[str, str] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and re.search(
+                r"__mutmut_\d+$", node.name):
+            name = f"{prefix}.{node.name}"
+            node.name, node.decorator_list = "", []
+            found[name] = hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
+    return found
+
+
+def ratchet_path(module: Module) -> Path:
+    return RATCHET / f"{module.name}.txt"
+
+
+def load_ratchet(module: Module) -> dict[str, str]:
+    path = ratchet_path(module)
+    if not path.exists():
+        return {}
+    lines = (line.split() for line in path.read_text().splitlines()
+             if line.strip() and not line.startswith("#"))
+    return {parts[0]: parts[1] for parts in lines}
+
+
+def record_ratchet(module: Module, killed: list[str]) -> None:
+    prints = fingerprints(module)
+    RATCHET.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {module.source}: mutants the full run killed (scripts/mutation "
+             f"{module.name} --record); CI checks that a sample stays killed"]
+    lines += [f"{name} {prints[name]}" for name in sorted(killed) if name in prints]
+    ratchet_path(module).write_text("\n".join(lines) + "\n")
+
+
 def load_equivalent() -> dict[str, str]:
     if not EQUIVALENT.exists():
         return {}
@@ -144,6 +203,7 @@ class Score:
     killed: int
     equivalent: int
     survivors: list[str]
+    killed_names: list[str]
 
     @property
     def score(self) -> float:
@@ -151,16 +211,23 @@ class Score:
         return self.killed / counted if counted else 1.0
 
 
-def run_module(module: Module, *, sample: int | None, seed: int, workers: int) -> Score:
+def generate(module: Module, workers: int) -> list[str]:
     stage(module)
     # Generate every mutant and collect which tests reach which function, running none yet:
     # a name that matches no mutant makes mutmut stop after generation and stats.
     mutmut("run", "--max-children", str(workers), "no-such-mutant")
-    names = sorted(results(module))
+    names = sorted(n for n in results(module)
+                   if not module.functions or re.search(module.functions, n))
     if not names:
         raise SystemExit(f"{module.name}: mutmut generated no mutants for {module.source} "
                          "(does the path exist, and do its tests run?)")
-    chosen = names if sample is None else sorted(
+    return names
+
+
+def run_module(module: Module, *, sample: int | None, seed: int, workers: int,
+               only: list[str] | None = None) -> Score:
+    names = generate(module, workers) if only is None else only
+    chosen = names if sample is None or only is not None else sorted(
         random.Random(seed).sample(names, min(sample, len(names))))
     done = mutmut("run", "--max-children", str(workers), *chosen)
     status = results(module)
@@ -169,10 +236,47 @@ def run_module(module: Module, *, sample: int | None, seed: int, workers: int) -
         raise SystemExit(f"{module.name}: mutmut ran no mutant:\n{done.stdout[-2000:]}"
                          f"{done.stderr[-2000:]}")
     equivalent = load_equivalent()
-    killed = sum(1 for v in checked.values() if v == "killed")
+    killed = [k for k, v in checked.items() if v == "killed"]
     equiv = [k for k, v in checked.items() if v != "killed" and k in equivalent]
     survivors = [k for k, v in checked.items() if v != "killed" and k not in equivalent]
-    return Score(module.name, len(checked), killed, len(equiv), survivors)
+    return Score(module.name, len(checked), len(killed), len(equiv), survivors, killed)
+
+
+def ratchet_module(module: Module, *, seed: int, workers: int) -> list[str]:
+    """Run a sample of the mutants the recorded full run killed; the ones that survive now."""
+    recorded = load_ratchet(module)
+    if not recorded:
+        print(f"{module.name:24} no ratchet recorded (scripts/mutation {module.name} --record)")
+        return []
+    names = generate(module, workers)
+    current = fingerprints(module)
+    valid = sorted(n for n, digest in recorded.items() if current.get(n) == digest)
+    stale = len(recorded) - len(valid)
+    chosen = sorted(random.Random(seed).sample(valid, min(CI_MUTANTS, len(valid))))
+    new = len(set(names) - set(recorded) - set(load_equivalent()))
+    if not chosen:
+        print(f"{module.name:24} every recorded mutant changed: rerun "
+              f"scripts/mutation {module.name} --record")
+        return []
+    score = run_module(module, sample=None, seed=seed, workers=workers, only=chosen)
+    lost = [n for n in chosen if n not in score.killed_names]
+    print(f"{module.name:24} {len(chosen)} of {len(valid)} recorded killed mutants checked, "
+          f"{len(lost)} survive; {stale} recorded changed since, {new} not in the record",
+          flush=True)
+    if stale > len(recorded) // 2:
+        print(f"  the record is stale: rerun scripts/mutation {module.name} --record")
+    for name in lost:
+        print(mutmut("show", name).stdout.rstrip())
+    return lost
+
+
+def ci_modules(seed: int) -> list[Module]:
+    """The modules the last commit touched (source or tests), then others by rotation."""
+    out = subprocess.run(["git", "diff", "--name-only", "HEAD~1", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True, check=False).stdout.split()
+    touched = [m for m in MODULES if m.source in out or any(t in out for t in m.tests)]
+    rest = [m for m in MODULES if m not in touched]
+    return touched + random.Random(seed).sample(rest, min(CI_MODULES, len(rest)))
 
 
 def _head_commit() -> str:
@@ -200,14 +304,30 @@ def main() -> int:
                         help=f"exit 1 when a module scores under {TARGET:.0%}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--show", type=int, default=5, help="diffs of survivors to print")
+    parser.add_argument("--record", action="store_true",
+                        help="after a full run, write the killed mutants to the ratchet "
+                             "(tests/mutation/killed/MODULE.txt)")
     parser.add_argument("--ci", action="store_true",
-                        help="the bounded sample CI runs: CI_MUTANTS mutants of CI_MODULES "
-                             "modules chosen from the commit, reported (the gate is the full run)")
+                        help=f"the CI gate: {CI_MUTANTS} recorded killed mutants of each module "
+                             f"the last commit touched and of {CI_MODULES} more (chosen from "
+                             "the commit) must stay killed")
     args = parser.parse_args()
+    if args.record and args.sample:
+        parser.error("--record needs a full run (no --sample)")
     if args.ci:
-        seed = int(_head_commit()[:8], 16)
-        chosen = random.Random(seed).sample(MODULES, CI_MODULES)
-        args.modules, args.sample, args.seed = [m.name for m in chosen], CI_MUTANTS, seed
+        seed = args.seed if args.seed is not None else int(_head_commit()[:8], 16)
+        modules = pick(args.modules) if args.modules else ci_modules(seed)
+        print(f"mutation ratchet: {', '.join(m.name for m in modules)}; seed {seed} "
+              f"(rerun with scripts/mutation --ci --seed {seed} MODULE)", flush=True)
+        lost: list[str] = []
+        for module in modules:
+            lost += ratchet_module(module, seed=seed, workers=args.workers)
+        if lost:
+            print(f"{len(lost)} mutant(s) the recorded full run killed survive now: a test "
+                  "lost its power. Restore the test, or if the change is intended, rerun "
+                  "the full run with --record.")
+            return 1
+        return 0
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     if args.sample:
         print(f"sample of {args.sample} mutants per module, seed {seed} "
@@ -216,6 +336,8 @@ def main() -> int:
     for module in pick(args.modules):
         score = run_module(module, sample=args.sample, seed=seed, workers=args.workers)
         scores.append(score)
+        if args.record:
+            record_ratchet(module, score.killed_names)
         print(f"{module.name:24} {module.source:55} mutants {score.mutants:4}  killed "
               f"{score.killed:4}  equivalent {score.equivalent:3}  score {score.score:6.1%}",
               flush=True)
