@@ -27,7 +27,8 @@ class Clock:
 
 def abuse(**settings: object) -> AbuseSettings:
     return AbuseSettings.model_validate(
-        {"bounceRate": 0.25, "minRecipients": 4, "window": "10m", **settings})
+        {"bounceRate": 0.25, "complaintRate": 0.5, "minRecipients": 4, "window": "10m",
+         **settings})
 
 
 def make(store: Any = None, clock: Clock | None = None, **settings: object
@@ -51,6 +52,7 @@ class Flaky:
         self.store = store
         self.down = False
         self.added: list[dict[tuple[str, int], tuple[int, int]]] = []
+        self.complaints: list[dict[tuple[str, int], int]] = []
 
     async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
         if self.down:
@@ -60,6 +62,15 @@ class Flaky:
 
     async def reputation_window(self, since_minute: int) -> dict[str, tuple[int, int]]:
         return await self.store.reputation_window(since_minute)
+
+    async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+        if self.down:
+            raise ConnectionError("store down")
+        self.complaints.append(dict(buckets))
+        await self.store.complaints_add(buckets)
+
+    async def complaints_window(self, since_minute: int) -> dict[str, int]:
+        return await self.store.complaints_window(since_minute)
 
 
 @pytest.fixture
@@ -345,3 +356,99 @@ async def test_outcomes_recorded_during_a_failed_write_are_merged(store: SqliteB
     pool.down = False
     await rep.sync()
     assert pool.added[-1] == {("app", MINUTE): (3, 4)}
+
+
+# ------------------------------------------------------------------ complaints
+
+def complain(rep: Reputation, user: str, n: int) -> None:
+    for _ in range(n):
+        rep.record(user, "complained")
+
+
+def test_complaints_pause_against_the_mail_delivered() -> None:
+    rep, _ = make()
+    feed(rep, "app", 4, 0)
+    complain(rep, "app", 1)
+    assert rep.paused("app") is None  # 1 of 4 delivered: 25 %, under 50 %
+    complain(rep, "app", 1)
+    pause = rep.paused("app")
+    assert pause == Pause(0.5, 4, 0.5, 600.0, cause="complaint")
+    assert pause is not None and pause.reply("app") == (
+        "451 4.7.1 Sending paused for app: complaints about 50% of the last 4 recipients "
+        "within 10m (limit 50%); send only to recipients who asked for the mail, it resumes "
+        "as the rate drops")
+    assert rep.paused_count() == 1
+    assert rep.paused_count("complaint") == 1 and rep.paused_count("bounce") == 0
+
+
+def test_bounces_are_judged_before_complaints() -> None:
+    rep, _ = make()
+    feed(rep, "app", 3, 1)
+    complain(rep, "app", 3)
+    assert rep.paused("app") == Pause(0.25, 4, 0.25, 600.0)
+    assert rep.paused_count("bounce") == 1 and rep.paused_count("complaint") == 0
+
+
+def test_complaints_need_min_recipients_and_leave_with_the_window() -> None:
+    rep, clock = make()
+    complain(rep, "app", 5)
+    assert rep.paused("app") is None  # no recipients at all
+    feed(rep, "app", 3, 0)
+    assert rep.paused("app") is None  # 3 < minRecipients
+    clock.now += 60
+    feed(rep, "app", 1, 0)
+    assert rep.paused("app") is not None
+    clock.now = T0 + 600  # the complaints and 3 deliveries leave the window
+    feed(rep, "app", 3, 0)
+    assert rep.paused("app") is None
+
+
+def test_the_complaint_rate_is_shown_to_two_figures() -> None:
+    pause = Pause(0.00125, 800, 0.001, 3600.0, cause="complaint")
+    assert "complaints about 0.12% of the last 800 recipients within 1h (limit 0.1%)" in (
+        pause.reply("app"))
+
+
+async def test_complaints_go_through_the_pool(store: SqliteBackend) -> None:
+    pool = Flaky(store)
+    writer, clock = make(pool)
+    feed(writer, "app", 4, 0)
+    complain(writer, "app", 1)
+    await writer.sync()
+    assert pool.complaints == [{("app", MINUTE): 1}]
+    reader, _ = make(store, clock)
+    await reader.sync()
+    assert reader.paused("app") is None  # 1 of 4
+    reader.record("app", "complained")  # not written yet: counts on top
+    assert reader.paused("app") == Pause(0.5, 4, 0.5, 600.0, cause="complaint")
+    reader.record("web", "complained")
+    assert reader.paused("app") == Pause(0.5, 4, 0.5, 600.0, cause="complaint")
+    clock.now = T0 + 600
+    assert reader.paused("app") is None
+
+
+async def test_complaints_a_failed_write_kept_are_written_later(store: SqliteBackend) -> None:
+    class ComplaintsDown(Flaky):
+        async def reputation_add(self, buckets: dict[tuple[str, int], tuple[int, int]]) -> None:
+            await self.store.reputation_add(buckets)  # only the complaints' write fails
+
+        async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
+            if self.down:
+                complain(holder[0], "app", 1)  # recorded while the write is in flight
+                raise ConnectionError("store down")
+            await super().complaints_add(buckets)
+
+    holder: list[Reputation] = []
+    pool = ComplaintsDown(store)
+    rep, clock = make(pool)
+    holder.append(rep)
+    complain(rep, "app", 2)
+    clock.now += 60
+    complain(rep, "app", 1)
+    pool.down = True
+    clock.now = T0 + 600  # the first minute is past the window: dropped
+    with pytest.raises(ConnectionError):
+        await rep.sync()
+    pool.down = False
+    await rep.sync()
+    assert pool.complaints[-1] == {("app", MINUTE + 1): 1, ("app", MINUTE + 10): 1}
