@@ -445,10 +445,37 @@ async def test_complaints_a_failed_write_kept_are_written_later(store: SqliteBac
     complain(rep, "app", 2)
     clock.now += 60
     complain(rep, "app", 1)
-    pool.down = True
     clock.now = T0 + 600  # the first minute is past the window: dropped
+    complain(rep, "app", 1)
+    pool.down = True
     with pytest.raises(ConnectionError):
         await rep.sync()
     pool.down = False
     await rep.sync()
-    assert pool.complaints[-1] == {("app", MINUTE + 1): 1, ("app", MINUTE + 10): 1}
+    # The complaint recorded meanwhile, in the same minute, is added to the one kept.
+    assert pool.complaints[-1] == {("app", MINUTE + 1): 1, ("app", MINUTE + 10): 2}
+
+
+def test_one_delivery_is_the_whole_base_of_the_complaint_rate() -> None:
+    rep, _ = make(minRecipients=1, complaintRate=0.6)
+    rep.record("app", "delivered")
+    complain(rep, "app", 1)
+    assert rep.paused("app") == Pause(1.0, 1, 0.6, 600.0, cause="complaint")
+
+
+def test_expired_complaints_stop_counting_exactly() -> None:
+    rep, clock = make()
+    feed(rep, "app", 4, 0)
+    complain(rep, "app", 1)
+    clock.now = T0 + 600  # the first minute, with its complaint, leaves the window
+    feed(rep, "app", 4, 0)
+    complain(rep, "app", 2)
+    assert rep.paused("app") == Pause(0.5, 4, 0.5, 600.0, cause="complaint")
+
+
+async def test_complaints_of_one_minute_are_written_as_one_count(store: SqliteBackend) -> None:
+    pool = Flaky(store)
+    rep, _ = make(pool)
+    complain(rep, "app", 3)
+    await rep.sync()
+    assert pool.complaints == [{("app", MINUTE): 3}]
