@@ -114,7 +114,8 @@ def test_the_least_recently_failed_key_is_given_up_first() -> None:
     throttle.begin("192.0.2.3", "c")  # two more keys: .2's are given up
     assert throttle.tracked_keys() == 4
     assert throttle.begin("192.0.2.1", "a") is None  # .1 kept both failures
-    assert throttle.begin("192.0.2.2", "b") is not None
+    assert throttle.begin("192.0.2.3", "c") is not None  # .3 kept its first failure:
+    assert throttle.begin("192.0.2.3", "c") is None  # the second reaches the limit
     assert throttle.tracked_keys() == 4
 
 
