@@ -43,6 +43,9 @@ _SCHEMA = (
 )
 
 
+_SCHEMA_LOCK = 0x6D70706F  # "mppo": the portal's tables
+
+
 def mask(address: str) -> str:
     """``jane.doe@example.com`` -> ``j***@example.com``: enough to tell requests apart."""
     local, _, domain = address.partition("@")
@@ -107,7 +110,10 @@ class Records:
                                              timeout=5, kwargs={"row_factory": dict_row,
                                                                 "autocommit": True})
             await self._pool.open()
-            async with self._pool.connection() as conn:
+            async with self._pool.connection() as conn, conn.transaction():
+                # Replicas start together: one at a time creates the tables (concurrent
+                # CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog).
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 for stmt in _SCHEMA:
                     await conn.execute(stmt.format(serial="BIGSERIAL",
                                                    real="DOUBLE PRECISION"))

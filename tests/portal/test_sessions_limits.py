@@ -179,3 +179,15 @@ def test_two_replicas_share_sessions_over_http(portal: RunningPortal) -> None:
             await kube.close()
             await records.close()
         asyncio.run_coroutine_threadsafe(stop(), portal.loop).result(15)
+
+
+async def test_replicas_starting_together_create_the_tables_once(pg_dsn: str) -> None:
+    import asyncio
+
+    many = [Records(dsn=pg_dsn) for _ in range(6)]
+    await asyncio.gather(*(r.open() for r in many))
+    try:
+        assert await SessionStore(many[0]).count() == 0
+    finally:
+        for r in many:
+            await r.close()
