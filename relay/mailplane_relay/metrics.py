@@ -182,6 +182,7 @@ class RelayMetrics:
                 "TLS results of new connections to MX hosts and of MTA-STS policy fetches, "
                 "after TLS-RPT (RFC 8460): policy_type sts or no-policy-found, policy_domain "
                 "(only with a policy; capped by delivery.mtaSts.reportDomains, then other), "
-                "result success or an RFC 8460 result type.",
-                ["policy_type", "policy_domain", "result"], registry=r),
+                "mode of the policy in force (enforce, testing, none), result success or an "
+                "RFC 8460 result type.",
+                ["policy_type", "policy_domain", "mode", "result"], registry=r),
         )

@@ -595,7 +595,7 @@ class DeliveryQueue:
             mode = "verify"
             if not route.hosts:
                 assert policy is not None
-                self._tls_report("sts", domain, "validation-failure")
+                self._tls_report("sts", "enforce", domain, "validation-failure")
                 return [], TemporaryDNSFailure(
                     f"451 4.7.5 No MX host of {domain} matches its MTA-STS policy "
                     f"(mx: {', '.join(policy.mx)})"[:300])
@@ -646,22 +646,23 @@ class DeliveryQueue:
             # A bug must not lift an enforce policy: the cached policy stays in force.
             log.exception("mta-sts: policy lookup for %s failed", domain)
             return sts.cached(domain)
-        if lookup.failure is not None:
-            self._tls_report("sts", domain, lookup.failure)
         policy = lookup.policy
+        if lookup.failure is not None:
+            self._tls_report("sts", policy.mode if policy else "none", domain, lookup.failure)
         return policy if policy is not None and policy.mode != "none" else None
 
-    def _tls_report(self, policy_type: str, domain: str, result: str) -> None:
-        """Count a TLS result (RFC 8460 result types) for a policy domain. Domains get a label
-        of their own only with a policy, and only the first delivery.mtaSts.reportDomains of
-        them; later ones count as "other"."""
+    def _tls_report(self, policy_type: str, mode: str, domain: str, result: str) -> None:
+        """Count a TLS result (RFC 8460 result types) for a policy domain, with the mode of
+        the policy in force (enforce, testing; none). Domains get a label of their own only
+        with a policy, and only the first delivery.mtaSts.reportDomains of them; later ones
+        count as "other"."""
         label = ""
         if policy_type == "sts":
             cap = self._config().settings.delivery.mta_sts.report_domains
             if domain not in self._report_domains and len(self._report_domains) < cap:
                 self._report_domains.add(domain)
             label = domain if domain in self._report_domains else "other"
-        self._metrics.delivery_tls_sessions.labels(policy_type, label, result).inc()
+        self._metrics.delivery_tls_sessions.labels(policy_type, label, mode, result).inc()
 
     def _mx_resolver(self, settings: ResolverSettings) -> MXResolver:
         if self._resolver is None or self._resolver.settings != settings:
@@ -1111,7 +1112,7 @@ class DeliveryQueue:
 
     def _report_mx(self, target: Target, result: str | None) -> None:
         if target.policy_domain is not None and result is not None:
-            self._tls_report("sts" if target.sts else "no-policy-found",
+            self._tls_report("sts" if target.sts else "no-policy-found", target.sts or "none",
                              target.policy_domain, result)
 
     def _mta_sts_context(self, cfg: RelayConfig) -> ssl.SSLContext:
