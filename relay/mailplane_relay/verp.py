@@ -6,7 +6,8 @@ A delivered message's MAIL FROM becomes ``<localPart>+<queue id><kind><tag>@<int
 - the queue id (20 Crockford base32 digits, written in lower case);
 - ``kind`` ``r`` when the transaction had one recipient, whose address the tag covers, or
   ``m`` when it had several (the tag covers the message only, and a report must then name one
-  of the message's recipients, as the message log knows them);
+  of the message's recipients, as the message log knows them). The delivery queue gives every
+  recipient its own transaction while the intake is on, so it makes ``r`` tokens only;
 - ``tag``: the first 50 bits of HMAC-SHA256(key, kind, queue id, recipient) in base32.
 
 Every part is lower case and survives receivers that change the case of a local part. A report

@@ -125,6 +125,34 @@ async def test_a_dsn_for_a_delivered_message_suppresses_the_address_and_counts_a
     assert "body number" not in relay.log()
 
 
+async def test_each_recipient_gets_its_own_transaction_and_return_path(
+        relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """A recipient of a message must not hold a return path that reports about another: with
+    the intake, recipients that would share a transaction get one each."""
+    sink: Sink = await smtp_sink()
+    relay = intake_relay(relay_factory, sink, tmp_path)
+    await asyncio.to_thread(relay.start)
+    smtp = await client(relay)
+    msg = message(1)
+    del msg["To"]
+    msg["To"] = "victim@dest.test, attacker@dest.test"
+    await smtp.send_message(msg)
+    await smtp.quit()
+    got = await sink.wait_for_messages(2)
+    assert sorted(len(m.rcpt_tos) for m in got) == [1, 1]
+    paths = {m.rcpt_tos[0]: m.mail_from for m in got}
+    assert all(VERP.match(p) and p.split("@")[0][-11] == "r" for p in paths.values())
+    assert paths["victim@dest.test"] != paths["attacker@dest.test"]
+    # The attacker's return path does not carry a report about the victim.
+    forged = fill("postfix-dsn.eml", RETURN_PATH=paths["attacker@dest.test"],
+                  RECIPIENT="victim@dest.test", LOCAL="victim")
+    await asyncio.to_thread(swaks, relay, paths["attacker@dest.test"], forged)
+    await eventually(lambda: relay.metric("mailplane_relay_intake_reports_total",
+                                          kind="dsn", result="forged") == 1, "forged counted")
+    assert "victim@dest.test" not in await asyncio.to_thread(suppression, relay)
+
+
 async def test_an_arf_complaint_suppresses_counts_and_pauses_the_credential(
         relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
         tmp_path: Path) -> None:

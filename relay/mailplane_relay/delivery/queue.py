@@ -525,8 +525,10 @@ class DeliveryQueue:
             for r in to_send:
                 by_shape.setdefault(shape_for(delivery, domain_of(r.address)).name,
                                     []).append(r)
-            attempt.outstanding = len(by_shape)
-            for name, rcpts in by_shape.items():
+            groups = [(name, part) for name, rcpts in by_shape.items()
+                      for part in _transactions(cfg, msg, rcpts)]
+            attempt.outstanding = len(groups)
+            for name, rcpts in groups:
                 key = f"smarthost:{smarthost.host}:{smarthost.port}"
                 domain = None
                 if name != "default":
@@ -581,7 +583,11 @@ class DeliveryQueue:
             # opened for another domain of these MX hosts must never carry this mail.
             key += f"+tls={targets[0].tls}"
         dest = self._destination(key, delivery, domain, route.hosts)
-        self._enqueue(dest, Work(attempt, recipients, targets, domain))
+        parts = _transactions(cfg, attempt.msg, recipients)
+        # This domain's work counted once already; more items are added before any can end.
+        attempt.outstanding += len(parts) - 1
+        for part in parts:
+            self._enqueue(dest, Work(attempt, part, targets, domain))
 
     async def _mx_targets(self, delivery: DeliverySettings, resolver: MXResolver, route: MXRoute,
                           domain: str, policy: Policy | None = None
@@ -1176,6 +1182,17 @@ def _dsn_extra(msg: QueuedMessage, return_path: str) -> dict[str, Any] | None:
     its notices would reach the sender. With a VERP return path they would come back to the
     relay's intake instead, so the relay keeps the duty (and sends ``relayed`` notices)."""
     return msg.extra if return_path == msg.mail_from else None
+
+
+def _transactions(cfg: RelayConfig, msg: QueuedMessage, recipients: list[Recipient]
+                  ) -> list[list[Recipient]]:
+    """How recipients of one destination share transactions: all in one; with the intake
+    (VERP), one each, so that every return path names its recipient (a report about one
+    recipient cannot be made with another's return path). The relay's own DSNs (null sender)
+    carry no return path and stay together."""
+    if cfg.settings.intake is None or not msg.mail_from or len(recipients) < 2:
+        return [recipients]
+    return [[r] for r in recipients]
 
 
 def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:
