@@ -140,6 +140,8 @@ def _register_queue(subparsers: SubParsers) -> None:
                    help="only messages with a pending recipient at this domain")
     a.add_argument("--older-than", metavar="T", help="only messages queued longer than T "
                                                      "(e.g. 30m, 4h, 2d)")
+    a.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="at most N messages per worker process (default 1000; 0: all)")
     a = actions.add_parser("show", parents=[common],
                            help="one message's envelope and state (never its content)")
     a.add_argument("queue_id", metavar="ID")
@@ -439,6 +441,9 @@ def _queue_request(args: argparse.Namespace) -> dict[str, Any]:
     action = args.action
     request: dict[str, Any] = {"op": action}
     if action == "list":
+        if args.limit < 0:
+            raise UsageError("--limit must be 0 (no limit) or more")
+        request["limit"] = args.limit
         if args.destination:
             request["destination"] = args.destination.lower()
         if args.older_than:
@@ -508,8 +513,9 @@ def _cmd_queue(args: argparse.Namespace) -> int:
 def _print_queue_answer(args: argparse.Namespace, ok: list[tuple[str, Any]]) -> None:
     action = args.action
     if action == "list":
-        rows = sorted(({**m, "worker": w} for w, result in ok for m in result),
+        rows = sorted(({**m, "worker": w} for w, result in ok for m in result["messages"]),
                       key=lambda m: m["queue_id"])
+        matched = sum(result["matched"] for _, result in ok)
         if args.json:
             for m in rows:
                 print(json.dumps(m))
@@ -521,7 +527,8 @@ def _print_queue_answer(args: argparse.Namespace, ok: list[tuple[str, Any]]) -> 
                        _age(now - m["received_at"]), str(m["size"]), m["sender"] or "<>",
                        ",".join(r["address"] for r in m["recipients"]),
                        _last_reply(m["recipients"])] for m in rows])
-        print(f"{len(rows)} message(s)")
+        print(f"{len(rows)} message(s)" + (f" of {matched} (raise --limit to see more)"
+                                            if matched > len(rows) else ""))
         return
     if action == "show":
         worker, doc = ok[0]

@@ -9,17 +9,22 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from email.message import Message
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import aiosmtplib
 import pytest
 
+from mailplane_relay.control import ControlServer, request_all
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import Sink
 
@@ -107,6 +112,8 @@ async def test_queue_administration_with_two_workers(
         m["queue_id"] for m in rows if m["destinations"] == ["b.test"]}
     assert len(listed(relay, "--destination", "b.test")) == 3
     assert listed(relay, "--older-than", "1h") == []
+    assert len(listed(relay, "--limit", "1")) == 2  # one per worker
+    assert f"2 message(s) of {n} (raise --limit" in queue(relay, "list", "--limit", "1").stdout
 
     # The throttled smarthost is suspended, and the table says why.
     dests = [json.loads(line) for line in queue(relay, "destinations", "--json")
@@ -184,3 +191,52 @@ async def test_queue_administration_with_two_workers(
     proc = queue(relay, "hold", "not a thing", check=False)
     assert proc.returncode == 2 and "neither a queue id" in proc.stderr
     assert await asyncio.to_thread(relay.stop) == 0
+
+
+PEER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("EACCES")
+    sys.exit(0)
+s.sendall(b'{"op":"destinations"}\\n')
+print(s.recv(65536).decode())
+"""
+
+
+class _Queue:
+    def destinations(self) -> list[dict[str, Any]]:
+        return [{"destination": "smarthost:x:25"}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+async def test_the_socket_refuses_other_users(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The 0700 directory keeps other users out; with modes loosened by mistake, the relay
+    still refuses a peer of another user (SO_PEERCRED). Root and the relay's own user pass."""
+    base = Path(tempfile.mkdtemp(prefix="qa-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        path = base / "control" / "w0.sock"
+        server = ControlServer(path, queue=cast(Any, _Queue()), spool=cast(Any, None))
+        await server.start()
+
+        def as_nobody() -> str:
+            return subprocess.run(["/usr/bin/python3", "-c", PEER, str(path)], user=65534,
+                                  capture_output=True, text=True, timeout=30,
+                                  check=True).stdout
+
+        assert (await asyncio.to_thread(as_nobody)).strip() == "EACCES"
+        os.chmod(path.parent, 0o755)
+        os.chmod(path, 0o666)
+        answer = json.loads(await asyncio.to_thread(as_nobody))
+        assert answer == {"ok": False, "error": "permission denied: run this as the relay's "
+                                                "user (or root)"}
+        ok, stale = await asyncio.to_thread(request_all, path.parent, {"op": "destinations"})
+        assert ok == [("w0", {"ok": True, "result": [{"destination": "smarthost:x:25"}]})]
+        assert stale == []
+        await server.close()
+        assert not path.exists()
+    finally:
+        shutil.rmtree(base)

@@ -280,6 +280,16 @@ class DeliveryQueue:
             return "active"
         return "held" if msg.extra.get(HELD) else "scheduled"
 
+    def state_by_id(self, queue_id: str) -> str | None:
+        """:meth:`state_of` from the schedule alone (no envelope read): also ``held`` while a
+        drain has set the message aside; None when the queue does not hold it."""
+        due = self._due.get(queue_id)
+        if due is None:
+            return None
+        if queue_id in self._attempts or due == _IN_ATTEMPT:
+            return "active"
+        return "held" if due == _ON_HOLD else "scheduled"
+
     async def hold(self, queue_id: str) -> bool:
         """Take a message out of the schedule until :meth:`release`; durable (the hold is in
         its state file and survives restarts). An attempt already running finishes. False when
