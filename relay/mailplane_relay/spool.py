@@ -617,11 +617,18 @@ class Spool:
             if msg.mail_from.casefold() == key:
                 deleted.append(msg.queue_id)
                 continue
-            # ORCPT (RFC 3461) may name the address as the recipient's original one.
-            keep = [r for r in msg.recipients if r.address.casefold() != key
-                    and (r.orcpt or "").partition(";")[2].casefold() != key]
-            if len(keep) == len(msg.recipients):
+            keep = [r for r in msg.recipients if r.address.casefold() != key]
+            # RFC 3461 parameters may name the address too: ORCPT as a recipient's original
+            # address (the recipient stays, its ORCPT goes), ENVID as free text.
+            named = [r for r in keep if (r.orcpt or "").partition(";")[2].casefold() == key]
+            envid = msg.extra.get("envid")
+            envid_named = isinstance(envid, str) and key in envid.casefold()
+            if len(keep) == len(msg.recipients) and not named and not envid_named:
                 continue
+            for r in named:
+                r.orcpt = None
+            if envid_named:
+                del msg.extra["envid"]
             removed += len(msg.recipients) - len(keep)
             if not keep:
                 deleted.append(msg.queue_id)
@@ -670,7 +677,9 @@ class Spool:
                 bad.append(qid)
                 continue
             if msg.mail_from.casefold() == key or any(
-                    r.address.casefold() == key for r in msg.recipients):
+                    r.address.casefold() == key
+                    or (r.orcpt or "").partition(";")[2].casefold() == key
+                    for r in msg.recipients) or key in str(msg.extra.get("envid", "")).casefold():
                 found.append(msg)
         return found, bad
 

@@ -84,6 +84,37 @@ async def test_erasure_edits_envelopes_deletes_messages_and_leaves_no_trace(
     assert erased.encode() not in tree_bytes(tmp_path).lower()
 
 
+async def test_erasure_removes_the_address_from_dsn_parameters(tmp_path: Path) -> None:
+    """ORCPT may name the address as another recipient's original one (forwarding), ENVID
+    may hold it as text: the recipient stays, the parameters naming the address go."""
+    s = Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create())
+    await s.start()
+    erased = ERASED.lower()
+    forwarded = await s.commit(
+        mail_from="app@example.com", recipients=["new@example.org", "other@example.org"],
+        data=data("fwd"), message_id=None, credential="app", sender_domain="example.com",
+        listener="submission", extra={"envid": f"order for {ERASED}"},
+        dsn=[(("FAILURE",), f"rfc822;{ERASED}"), (None, "rfc822;other@example.org")])
+    await s.close()  # erased from the files, not from an envelope held in memory
+    s = Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create())
+    await s.start(lazy=True)
+    async for _ in s.recover():
+        pass
+    assert erased.encode() in tree_bytes(tmp_path).lower()
+
+    result = await s.erase_address(ERASED)
+
+    assert (result.recipients_removed, result.messages_deleted) == (0, 0)
+    assert erased.encode() not in tree_bytes(tmp_path).lower()
+    msg = s.envelope(forwarded.queue_id)
+    assert msg is not None
+    assert [(r.address, r.notify, r.orcpt) for r in msg.recipients] == [
+        ("new@example.org", ["FAILURE"], None),
+        ("other@example.org", None, "rfc822;other@example.org")]
+    assert "envid" not in msg.extra
+    await s.close()
+
+
 async def test_erasure_while_the_relay_delivers(tmp_path: Path, smtp_sink: Any) -> None:
     sink = await smtp_sink(mail_reply="451 4.3.0 Try again later")
     r = Relay(tmp_path, make_config(smarthost(sink)))
