@@ -214,6 +214,17 @@ async def test_testing_mode_without_starttls_delivers_in_clear_and_counts(
     assert tls_count(r, "starttls-not-supported") == 1
 
 
+async def test_testing_mode_delivers_to_an_mx_the_policy_does_not_name_and_counts_it(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    await published(policy_server, dns_server, ca, policy_text("testing", "*.other.example"))
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    await r.done(await r.send([f"user@{DOMAIN}"]))
+    assert len(sink.messages) == 1 and sink.connections == 1
+    assert tls_modes(r) == {("sts", "testing", "validation-failure")}
+
+
 async def test_testing_mode_that_verifies_counts_success(
         relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
         policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:

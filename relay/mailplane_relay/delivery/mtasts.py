@@ -177,7 +177,8 @@ async def fetch_policy_text(domain: str, addresses: list[str], ctx: ssl.SSLConte
         try:
             async with asyncio.timeout(limit), aiohttp.ClientSession(
                     timeout=client_timeout, auto_decompress=False) as session, session.get(
-                    url, headers={"Host": host, "Accept": "text/plain"}, ssl=ctx,
+                    url, headers={"Host": host, "Accept": "text/plain",
+                                  "Accept-Encoding": "identity"}, ssl=ctx,
                     server_hostname=host, allow_redirects=False) as resp:
                 if resp.status != 200:
                     # Section 3.3: redirects are not followed; anything but 200 is a failure.
@@ -254,6 +255,9 @@ class MTASTS:
             self._contexts[ca_file] = ctx
         return ctx
 
+    def reset_contexts(self) -> None:
+        self._contexts.clear()
+
     async def lookup(self, domain: str, resolver: MXResolver, settings: MTASTSSettings, *,
                      dns_slots: asyncio.Semaphore) -> Lookup:
         """The policy in force for ``domain``; the TXT lookup takes one of ``dns_slots`` (the
@@ -327,7 +331,7 @@ class MTASTS:
                 del self._policies[name]
         if cached is None or cached.mode != policy.mode or cached.mx != policy.mx:
             log.info("mta-sts: %s has policy id %s: mode %s, mx %s", domain, policy_id,
-                     policy.mode, ",".join(policy.mx))
+                     policy.mode, ",".join(policy.mx[:10])[:300])
         await self._save()
         return Lookup(policy)
 

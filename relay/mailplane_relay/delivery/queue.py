@@ -209,6 +209,8 @@ class DeliveryQueue:
         if settings != self._connection_settings:
             self._connection_settings = settings
             self._tls_contexts.clear()
+            if self._sts is not None:
+                self._sts.reset_contexts()  # a changed mtaSts.caFile applies at once
             for dest in self._destinations.values():
                 self._close_idle(dest, keep=lambda _c: False)
         now = self._clock()
@@ -1208,7 +1210,7 @@ def _transactions(cfg: RelayConfig, msg: QueuedMessage, recipients: list[Recipie
 def _connection_settings(delivery: DeliverySettings) -> tuple[object, ...]:
     """What pooled connections were opened with: when it changes they are closed."""
     return (delivery.smarthost, delivery.mode, delivery.mx_port, delivery.opportunistic_tls,
-            delivery.mx_tls, delivery.helo_name)
+            delivery.mx_tls, delivery.mta_sts, delivery.helo_name)
 
 
 _TLS_MODES: dict[str, TLSMode] = {"none": "none", "may": "opportunistic", "encrypt": "encrypt",
