@@ -428,6 +428,14 @@ def test_the_mx_tls_policy_and_plaintext_auth_consent_reach_the_relay() -> None:
     assert smarthost is not None and smarthost.allow_plaintext_auth
 
 
+def test_the_delay_warning_reaches_the_relay() -> None:
+    assert run(relay(), [], []).config.settings.queue.delay_warning == 4 * 3600
+    off = relay(queue={"delayWarning": "0s"})
+    assert run(off, [], []).config.settings.queue.delay_warning == 0
+    later = relay(queue={"delayWarning": "12h"})
+    assert run(later, [], []).config.settings.queue.delay_warning == 12 * 3600
+
+
 def test_the_intake_and_abuse_settings_reach_the_relay_and_the_key_stays_in_its_secret() -> None:
     r = relay(intake={"domain": "bounces.example.com", "localPart": "rp",
                       "keySecretRef": {"name": "main-intake-key"}, "maxMessageSize": 65536},

@@ -240,8 +240,9 @@ class QueueSpec(_Spec):
     retry_initial: float = Field(60.0, alias="retryInitial", ge=1)
     retry_max: float = Field(3600.0, alias="retryMax", ge=1)
     max_lifetime: float = Field(5 * 86400.0, alias="maxLifetime", ge=60)
+    delay_warning: float = Field(4 * 3600.0, alias="delayWarning", ge=0)
 
-    _d = _durations("retry_initial", "retry_max", "max_lifetime")
+    _d = _durations("retry_initial", "retry_max", "max_lifetime", "delay_warning")
 
     @model_validator(mode="after")
     def _order(self) -> QueueSpec:
