@@ -253,3 +253,47 @@ def test_the_command_line_names_a_bad_oidc_setting(
                                       "http://127.0.0.1:9", *extra])
     assert args.func(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_starts_with_oidc_login(tmp_path: Path, issuer: Issuer) -> None:
+    """`mailplane portal` with the --oidc-* flags (as the chart passes them): the login page
+    offers the issuer, and a login goes there with this client and redirect URL."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.kube import running_emulator
+
+    secret = tmp_path / "client-secret"
+    secret.write_text(issuer.client.secret + "\n")
+    with running_emulator() as api:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailplane_cli.main", "portal", "--db",
+             str(tmp_path / "store.db"), "--listen", "127.0.0.1:0", "--kube-api", api.url,
+             "--oidc-issuer", issuer.url, "--oidc-client-id", issuer.client.client_id,
+             "--oidc-client-secret-file", str(secret), "--oidc-redirect-url",
+             "https://portal.example/login/callback", "--oidc-ca-file", str(issuer.ca_file),
+             "--oidc-groups-claim", "groups"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            url = None
+            while url is None and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                assert line, "the portal exited before serving"
+                found = re.search(r"serving on (http://[\d.]+:\d+)/", line)
+                url = found.group(1) if found else None
+            assert url is not None
+            page = requests.get(url + "/login").text
+            assert 'id="oidc-login"' in page and issuer.url in page
+            r = requests.get(url + "/login/oidc", allow_redirects=False)
+            assert r.status_code == 303, r.text
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
+                r.headers["Location"]).query))
+            assert query["client_id"] == "mailplane-portal"
+            assert query["redirect_uri"] == "https://portal.example/login/callback"
+        finally:
+            proc.terminate()
+            proc.wait(15)
