@@ -244,7 +244,7 @@ def _too_many(request: web.Request, limiter: Limiter, key: str, who: str
     if not wait:
         return None
     after = retry_after(wait)
-    log.warning("login: too many attempts from %s", who)
+    log.warning("login refused: too many attempts %s", who)
     return (f"too many login attempts {who}: wait {after} seconds and try again",
             {"Retry-After": after})
 
