@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import domain_of
 from .spool import QueuedMessage, Spool, SpoolError
+from .spool import valid_queue_id as _valid_queue_id
 
 if TYPE_CHECKING:
     from .delivery import DeliveryQueue
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_DIR = "control"
+# Destination names: domains, and keys such as "smarthost:host:587/bulk+tls=verify".
+_DESTINATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:/+=_-]{0,252}\Z")
 # Requests are small (an operation and a few names); anything longer is not ours.
 MAX_REQUEST = 16 * 1024
 # The answer to `bounce`: the recipients fail with it, and the sender's DSN quotes it.
@@ -123,7 +127,9 @@ class ControlServer:
         op = request.get("op")
         try:
             if op not in OPS:
-                raise ControlError(f"unknown operation {op!r}; one of {', '.join(OPS)}")
+                raise ControlError(f"unknown operation; one of {', '.join(OPS)}")
+            for name in ("queue_id", "destination"):
+                _optional_str(request, name)  # checked before anything is done or logged
             result = await getattr(self, f"_op_{op}")(request)
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
@@ -258,12 +264,23 @@ def _domains(msg: QueuedMessage) -> set[str]:
 
 
 def _optional_str(request: dict[str, Any], name: str) -> str | None:
+    """A queue id (20 characters of the queue id alphabet) or a destination (a domain name,
+    or a destination key as `destinations` prints it): checked, so that what is logged and
+    echoed is what the relay issued."""
     value = request.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > 255:
-        raise ControlError(f"{name} must be a non-empty string")
-    return value.lower() if name == "destination" else value
+    if not isinstance(value, str):
+        raise ControlError(f"{name} must be a string")
+    if name == "queue_id":
+        if not _valid_queue_id(value):
+            raise ControlError("queue_id must be a queue id (20 characters, as `mailplane "
+                               "queue list` prints)")
+        return value
+    if not _DESTINATION.match(value):
+        raise ControlError(f"{name} must be a domain name or a destination as "
+                           "`mailplane queue destinations` prints it")
+    return value.lower()
 
 
 def _queue_id(request: dict[str, Any]) -> str:

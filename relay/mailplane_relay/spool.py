@@ -230,8 +230,11 @@ _SYSTEM_RANDOM = random.SystemRandom()
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
-def _valid_queue_id(qid: str) -> bool:
+def valid_queue_id(qid: str) -> bool:
     return len(qid) == 20 and not qid.strip(_CROCKFORD)
+
+
+_valid_queue_id = valid_queue_id
 
 
 def _load_sync_file_range() -> Callable[[int], None] | None:

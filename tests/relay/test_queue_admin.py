@@ -240,3 +240,20 @@ async def test_the_socket_refuses_other_users(tmp_path_factory: pytest.TempPathF
         assert not path.exists()
     finally:
         shutil.rmtree(base)
+
+
+async def test_requests_are_checked_before_anything_is_done_or_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = ControlServer(Path("/nonexistent/w0.sock"), queue=cast(Any, _Queue()),
+                           spool=cast(Any, None))
+    for request, error in (
+            ({"op": "destinations", "queue_id": "0J8Z3K4M7QX2C9T4PB1R\nforged"}, "queue_id"),
+            ({"op": "hold", "destination": "a.test\nlevel=error forged"}, "destination"),
+            ({"op": "hold", "destination": 7}, "destination"),
+            ({"op": "drop-tables"}, "unknown operation"),
+            ({"op": "list", "limit": -1}, "limit")):
+        answer = await server.call(request)
+        assert answer["ok"] is False and error in answer["error"], request
+        assert "forged" not in answer["error"]
+    assert "forged" not in caplog.text
+    assert (await server.call({"op": "destinations"}))["ok"] is True
