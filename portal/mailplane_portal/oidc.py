@@ -4,7 +4,8 @@ Connect Core 1.0), against the issuer the cluster trusts.
 The portal sends the browser to the issuer with a fresh ``state``, ``nonce`` and PKCE challenge
 (S256), exchanges the code it gets back (with the client secret and the PKCE verifier) for an ID
 token, and verifies that token itself: its signature (RS256 or ES256) with a key of the issuer's
-JWKS (fetched and cached; fetched again when a token names an unknown key id), ``iss``, ``aud``
+JWKS (fetched and cached for ten minutes; fetched again when a token names an unknown key id, so a
+key the issuer withdraws is trusted ten minutes at most), ``iss``, ``aud``
 (and ``azp``), ``exp`` and ``iat`` with a small clock skew, and ``nonce``. The user and groups
 come from the claims the way the API server's ``--oidc-username-claim``, ``--oidc-username-prefix``,
 ``--oidc-groups-claim`` and ``--oidc-groups-prefix`` make them, so a SubjectAccessReview for
@@ -36,6 +37,7 @@ SKEW = 30.0  # seconds of clock difference allowed on exp and iat
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 ALGORITHMS = ("RS256", "ES256")
 LOGIN_TTL = 600.0  # seconds a started login may take at the issuer
+KEYS_TTL = 600.0  # seconds the issuer's key set is trusted before it is fetched again
 
 
 class OidcError(Exception):
@@ -177,6 +179,7 @@ class OidcClient:
         self._session: aiohttp.ClientSession | None = None
         self._discovery: dict[str, Any] | None = None
         self._keys: list[dict[str, Any]] = []
+        self._keys_fetched = float("-inf")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -242,6 +245,7 @@ class OidcClient:
         if not isinstance(keys, list):
             raise OidcUnavailable("the issuer's key set has no keys")
         self._keys = [k for k in keys if isinstance(k, dict)]
+        self._keys_fetched = self.clock()
 
     async def _key(self, kid: str | None, alg: str) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
@@ -252,6 +256,8 @@ class OidcClient:
                 return None  # without a kid only an unambiguous key will do
             return fitting[0] if fitting else None
 
+        if self.clock() - self._keys_fetched > KEYS_TTL:
+            await self._fetch_keys()  # a key the issuer withdrew is not trusted for long
         key = find()
         if key is None:  # a key rotated in since the last fetch
             await self._fetch_keys()

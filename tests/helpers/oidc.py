@@ -10,7 +10,8 @@ verifier against the S256 challenge. Every request it refuses is recorded in ``i
 ``issuer.forge`` changes the next ID tokens, for negative tests: ``{"nonce": "x"}``,
 ``{"aud": "other"}``, ``{"exp": -3600}`` (relative to now), ``{"alg": "none"}``,
 ``{"bad_signature": True}``, ``{"iss": "..."}``; ``issuer.alg`` picks RS256 or ES256;
-``issuer.rotate()`` signs with a new key from then on (the old one leaves the JWKS).
+``issuer.rotate()`` signs with a new key from then on (the old one leaves the JWKS);
+``issuer.withdrawn`` leaves key ids out of the JWKS while still signing with them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Issuer:
     forge: dict[str, Any] = field(default_factory=dict)
     refusals: list[str] = field(default_factory=list)
     jwks_fetches: int = 0
+    withdrawn: set[str] = field(default_factory=set)  # key ids left out of the JWKS
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rsa_key: rsa.RSAPrivateKey = field(
         default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048))
@@ -79,12 +81,13 @@ class Issuer:
     def jwks(self) -> dict[str, Any]:
         rn = self.rsa_key.public_key().public_numbers()
         en = self.ec_key.public_key().public_numbers()
-        return {"keys": [
+        keys = [
             {"kty": "RSA", "kid": self.rsa_kid, "use": "sig", "alg": "RS256",
              "n": _uint(rn.n), "e": _uint(rn.e)},
             {"kty": "EC", "kid": self.ec_kid, "use": "sig", "alg": "ES256", "crv": "P-256",
              "x": b64(en.x.to_bytes(32, "big")), "y": b64(en.y.to_bytes(32, "big"))},
-        ]}
+        ]
+        return {"keys": [k for k in keys if k["kid"] not in self.withdrawn]}
 
     def id_token(self, nonce: str) -> str:
         now = int(time.time())

@@ -123,6 +123,20 @@ def test_es256_and_a_rotated_key_are_fetched_and_accepted(grants: RunningPortal,
     assert issuer.jwks_fetches == 2  # an unknown key id: fetched again
 
 
+def test_a_withdrawn_key_is_trusted_ten_minutes_at_most(grants: RunningPortal,
+                                                        issuer: Issuer) -> None:
+    from mailplane_portal.oidc import KEYS_TTL
+
+    assert _login(grants, issuer).status_code == 200
+    issuer.withdrawn.add(issuer.rsa_kid)  # e.g. a leaked key, still used by an attacker
+    assert _login(grants, issuer).status_code == 200  # the cached key set still has it
+    oidc = grants.portal.oidc
+    assert oidc is not None
+    oidc._keys_fetched -= KEYS_TTL + 1  # ten minutes on
+    r = _login(grants, issuer)
+    assert r.status_code == 401 and "a key the issuer does not publish" in r.text
+
+
 @pytest.mark.parametrize(("forge", "message"), [
     ({"nonce": "someone-elses-nonce"}, "nonce does not match"),
     ({"exp": -3600}, "has expired"),
