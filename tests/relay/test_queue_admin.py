@@ -257,3 +257,23 @@ async def test_requests_are_checked_before_anything_is_done_or_logged(
         assert "forged" not in answer["error"]
     assert "forged" not in caplog.text
     assert (await server.call({"op": "destinations"}))["ok"] is True
+
+
+async def test_a_slow_upstream_shows_the_attempt_and_bounce_waits_for_it(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+) -> None:
+    sink: Sink = await smtp_sink(data_delay=4.0)
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    await start(relay)
+    await send(relay, "slow@a.test", 0)
+    await eventually(lambda: [m["state"] for m in listed(relay)] == ["active"],
+                     "the attempt in progress")
+    [row] = listed(relay)
+    proc = queue(relay, "bounce", row["queue_id"], check=False)
+    assert proc.returncode == 1 and "attempt in progress" in proc.stderr
+    # A hold during the attempt lets it finish: the message is delivered and leaves.
+    queue(relay, "hold", row["queue_id"])
+    await eventually(lambda: listed(relay) == [], "delivered")
+    assert delivered(sink) == {"slow@a.test"}
+    assert [m for m in sink.messages if m.mail_from == ""] == []
+    assert await asyncio.to_thread(relay.stop) == 0
