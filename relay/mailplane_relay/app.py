@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -487,7 +486,9 @@ class RelayApp:
         self.tls = tls
 
         shared_limits = backend.shared or settings.workers > 1
-        peer_id = f"{settings.hostname}/{os.getpid()}/{secrets.token_hex(4)}"
+        # One id per spool, the same after a restart (the pod's name and its spool directory):
+        # a worker that crashed and came back is not taken for a second worker that is down.
+        peer_id = f"{socket.gethostname()}:{spool_dir}"
         limiter = Limiter(self.config, pool=backend if shared_limits else None,
                           lease_size=settings.store.lease_size, peer_id=peer_id)
         await _try(limiter.heartbeat(), health, "limits")

@@ -371,9 +371,16 @@ def _cmd_erase(args: argparse.Namespace, command: str = "erase") -> int:
     else:
         parts = ", ".join(f"{n} {place.replace('_', ' ')}" for place, n in
                           sorted(report.counts.items()) if n) or "nothing found"
-        state = "" if complete else (
-            f" (request {request_id} still open: not every relay worker reported within "
-            f"{_days(timeout)}; they finish it)")
+        unreachable = report.counts.get("workers_unreachable", 0)
+        if complete:
+            state = ""
+        elif unreachable:
+            state = (f" (INCOMPLETE: {unreachable} relay worker(s) down, not seen for over a "
+                     "minute, did not erase their spools; run the erasure again once they are "
+                     "back)")
+        else:
+            state = (f" (request {request_id} still open: not every relay worker reported "
+                     f"within {_days(timeout)}; they finish it)")
         print(f"erased {address}: {parts}{state}")
     return 0 if complete or not wait else 1
 

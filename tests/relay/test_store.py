@@ -616,4 +616,10 @@ async def test_an_erasure_request_waits_for_live_workers_only(
     state = await complete_if_done(other, request_id)
     assert state is not None and state.completed is not None
     assert state.address is None  # the address is dropped, the counts kept
-    assert state.report == {"message_log": 0, "spool_messages_deleted": 1, "workers": 1}
+    # "old" (seen an hour ago, down) was not waited for: its spool was not erased, and the
+    # report says so instead of claiming the erasure complete.
+    assert state.report == {"message_log": 0, "spool_messages_deleted": 1, "workers": 1,
+                            "workers_unreachable": 1}
+    from mailplane_relay.store.erasure import is_complete
+
+    assert not is_complete(state.report)

@@ -57,6 +57,11 @@ def like_pattern(text: str) -> str:
 # The portal keeps an audit log in the same database (portal/mailplane_portal/records.py); an
 # erasure masks the address there too when the table exists.
 PORTAL_AUDIT = "portal_audit"
+# A worker not seen for this long is forgotten (the purge deletes its row): it no longer counts
+# as unreachable in an erasure report.
+PEER_MEMORY = 86400.0
+# The portal's records purged with the message log's retention: table -> its time column.
+PORTAL_RECORDS: dict[str, str] = {PORTAL_AUDIT: "ts", "portal_erasures": "created"}
 
 
 class StoreError(Exception):
@@ -113,7 +118,9 @@ class EraseReport:
 @dataclass(frozen=True, slots=True)
 class ErasureState:
     """An erasure request: ``address`` until it completes (then None), the reports of the
-    workers that carried it out, and how many live workers have not yet."""
+    workers that carried it out, how many live workers have not yet, and how many workers
+    seen within the last day but not within the liveness horizon (down, not waited for) have
+    not either: their spools were not erased."""
 
     id: int
     address: str | None
@@ -122,6 +129,7 @@ class ErasureState:
     report: dict[str, int] | None
     worker_reports: list[dict[str, int]]
     waiting: int
+    unreachable: int = 0
 
 
 class StoreBackend(Protocol):
@@ -147,6 +155,10 @@ class StoreBackend(Protocol):
                     changes_before: float) -> tuple[int, int]:
         """Delete log rows and suppression entries older than the cut-offs; suppression
         changes older than ``changes_before``. Returns (log rows, suppression entries)."""
+
+    async def purge_portal(self, before: float) -> dict[str, int]:
+        """Delete the portal's audit entries and erasure records older than ``before`` (when
+        the portal keeps them in this store); rows deleted per table."""
 
     # ---- suppression list
     async def suppression_upsert(self, address: str, reason: str, source: str,

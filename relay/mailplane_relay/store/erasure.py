@@ -23,6 +23,13 @@ POLL_INTERVAL = 5.0  # how often each worker looks for requests
 # A worker not seen for this long is not waited for (it is down; see docs/store.md).
 PEER_HORIZON = 60.0
 DEFAULT_TIMEOUT = 60.0
+# The report's count of workers that were down (seen within a day, not within PEER_HORIZON)
+# and did not erase their spools; a report with it is not complete.
+UNREACHABLE = "workers_unreachable"
+
+
+def is_complete(report: dict[str, int] | None) -> bool:
+    return report is not None and not report.get(UNREACHABLE)
 
 
 async def erase_address(backend: StoreBackend, address: str) -> EraseReport:
@@ -51,6 +58,9 @@ async def complete_if_done(backend: StoreBackend, request_id: int,
     for counts in state.worker_reports:
         _merge(report, counts)
     report.counts["workers"] = len(state.worker_reports)
+    if state.unreachable:
+        # Down workers were not waited for: their spools may still name the address.
+        report.counts[UNREACHABLE] = state.unreachable
     await backend.erasure_complete(request_id, now, report.counts)
     return await backend.erasure_state(request_id, now, PEER_HORIZON)
 
@@ -60,7 +70,8 @@ async def erase_across_pool(
     poll: float = 0.5, wait: bool = True,
 ) -> tuple[int, EraseReport, bool]:
     """Erase now from the store, request the spools' part, and (``wait``) wait up to
-    ``wait_for`` seconds for every live worker. Returns (request id, report so far, complete?)."""
+    ``wait_for`` seconds for every live worker. Returns (request id, report so far, complete?):
+    complete only when closed with no worker left out (``UNREACHABLE``)."""
     address = normalise(address)
     first = await erase_address(backend, address)
     request_id = await backend.erasure_request(address, time.time())
@@ -70,7 +81,7 @@ async def erase_across_pool(
         if state is not None and state.completed is not None:
             report = EraseReport(dict(state.report or {}))
             _merge(report, first.counts)
-            return request_id, report, True
+            return request_id, report, is_complete(state.report)
         if not wait or time.monotonic() >= deadline:
             report = EraseReport(dict(first.counts))
             for counts in state.worker_reports if state else []:

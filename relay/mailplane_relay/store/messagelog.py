@@ -302,6 +302,11 @@ class MessageLog:
         )
         self._metrics.purged_records.labels(table="message_log").inc(n_log)
         self._metrics.purged_records.labels(table="suppression").inc(n_supp)
+        # The portal's audit log and erasure records follow the message log's retention.
+        for table, n in (await self.backend.purge_portal(now - message_log_retention)).items():
+            self._metrics.purged_records.labels(table=table).inc(n)
+            if n:
+                log.info("retention purge: removed %d %s records", n, table)
         self._metrics.last_purge.set(now)
         if n_log or n_supp:
             log.info("retention purge: removed %d log records, %d suppression entries",

@@ -31,7 +31,9 @@ from .backend import (
     LOG_COLUMNS,
     OUTBOX_CLAIMED,
     OUTBOX_COLUMNS,
+    PEER_MEMORY,
     PORTAL_AUDIT,
+    PORTAL_RECORDS,
     Entry,
     EraseReport,
     ErasureState,
@@ -454,8 +456,20 @@ class PostgresBackend:
                                (int(now // 60) - 7 * 24 * 60,))
             await conn.execute("DELETE FROM complaint_buckets WHERE minute < %s",
                                (int(now // 60) - 7 * 24 * 60,))
-            await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - 86400,))
+            await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - PEER_MEMORY,))
         return n_log, n_supp
+
+    async def purge_portal(self, before: float) -> dict[str, int]:
+        await self._ready()
+        out = {}
+        for table, column in PORTAL_RECORDS.items():
+            async with self._conn() as conn:
+                exists = await (await conn.execute("SELECT to_regclass(%s)",
+                                                   (table,))).fetchone()
+            if exists is not None and exists[0] is not None:
+                key = "id"
+                out[table] = await self._delete_chunks(table, key, f"{column} < %s", (before,))
+        return out
 
     # ---- suppression ------------------------------------------------------------------
 
@@ -710,10 +724,15 @@ class PostgresBackend:
                 "SELECT count(*) FROM store_peers s WHERE s.seen >= %s AND NOT EXISTS (SELECT 1 "
                 "FROM erasure_progress p WHERE p.request_id = %s AND p.peer = s.peer)",
                 (now - horizon, request_id))).fetchone()
+            unreachable = await (await conn.execute(
+                "SELECT count(*) FROM store_peers s WHERE s.seen < %s AND s.seen >= %s AND NOT "
+                "EXISTS (SELECT 1 FROM erasure_progress p WHERE p.request_id = %s AND "
+                "p.peer = s.peer)", (now - horizon, now - PEER_MEMORY, request_id))).fetchone()
         return ErasureState(request_id, row[0], float(row[1]),
                             None if row[2] is None else float(row[2]),
                             json.loads(row[3]) if row[3] else None, reports,
-                            int(waiting[0]) if waiting else 0)
+                            int(waiting[0]) if waiting else 0,
+                            int(unreachable[0]) if unreachable else 0)
 
     async def erasure_complete(self, request_id: int, now: float,
                                report: dict[str, int]) -> bool:

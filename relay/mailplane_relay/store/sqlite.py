@@ -24,7 +24,9 @@ from .backend import (
     LOG_COLUMNS,
     OUTBOX_CLAIMED,
     OUTBOX_COLUMNS,
+    PEER_MEMORY,
     PORTAL_AUDIT,
+    PORTAL_RECORDS,
     Entry,
     EraseReport,
     ErasureState,
@@ -522,8 +524,18 @@ class SqliteBackend:
                              (int(now // 60) - 7 * 24 * 60,))
                 conn.execute("DELETE FROM complaint_buckets WHERE minute < ?",
                              (int(now // 60) - 7 * 24 * 60,))
-                conn.execute("DELETE FROM store_peers WHERE seen < ?", (now - 86400,))
+                conn.execute("DELETE FROM store_peers WHERE seen < ?", (now - PEER_MEMORY,))
             return counts
+        return await self._run(run)
+
+    async def purge_portal(self, before: float) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            out = {}
+            for table, column in PORTAL_RECORDS.items():
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (table,)).fetchone():
+                    out[table] = _delete_in_chunks(conn, table, f"{column} < ?", (before,))
+            return out
         return await self._run(run)
 
     # ---- suppression
@@ -735,9 +747,14 @@ class SqliteBackend:
                 "SELECT count(*) FROM store_peers s WHERE s.seen >= ? AND NOT EXISTS (SELECT 1 "
                 "FROM erasure_progress p WHERE p.request_id = ? AND p.peer = s.peer)",
                 (now - horizon, request_id)).fetchone()[0]
+            unreachable = conn.execute(
+                "SELECT count(*) FROM store_peers s WHERE s.seen < ? AND s.seen >= ? AND NOT "
+                "EXISTS (SELECT 1 FROM erasure_progress p WHERE p.request_id = ? AND "
+                "p.peer = s.peer)", (now - horizon, now - PEER_MEMORY, request_id)).fetchone()[0]
             return ErasureState(request_id, row[0], float(row[1]),
                                 None if row[2] is None else float(row[2]),
-                                json.loads(row[3]) if row[3] else None, reports, int(waiting))
+                                json.loads(row[3]) if row[3] else None, reports, int(waiting),
+                                int(unreachable))
         return await self._run(run)
 
     async def erasure_complete(self, request_id: int, now: float,
