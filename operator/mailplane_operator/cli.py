@@ -164,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
         cluster_domain=args.cluster_domain,
         relay_defaults=args.relay_defaults,
         dns_endpoints=args.dns_endpoints,
+        operator_namespace=connection.default_namespace,
     )
     metrics = OperatorMetrics.create()
     if args.metrics_port:

@@ -79,13 +79,14 @@ PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+PODS = Resource("", "v1", "pods", "Pod")
 DNS_ENDPOINTS = Resource("externaldns.k8s.io", "v1alpha1", "dnsendpoints", "DNSEndpoint")
 
 BY_KIND: dict[tuple[str, str], Resource] = {
     (r.api_version, r.kind): r
     for r in (SMTP_RELAYS, SENDING_DOMAINS, SMTP_CREDENTIALS, RETENTION_POLICIES, SECRETS,
               SERVICES, EVENTS, NAMESPACES, STATEFULSETS, PDBS, SERVICE_MONITORS, PVCS, LEASES,
-              HPAS, NETWORK_POLICIES, DNS_ENDPOINTS)
+              HPAS, NETWORK_POLICIES, DNS_ENDPOINTS, PODS)
 }
 
 

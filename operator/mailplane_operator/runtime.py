@@ -62,6 +62,11 @@ class OperatorConfig:
     namespace_cache_ttl: float = 30.0
     delete_timeout: float = 60.0
     cluster_domain: str = "cluster.local"
+    operator_namespace: str | None = None
+    """The operator's own namespace (in a pod): relays' NetworkPolicies let it reach the pods'
+    ops port, where it tells pods to drain on a scale-down."""
+    drain_poll: float = 2.0
+    """How often a relay whose scale-down drains is rendered again."""
     dns_endpoints: bool = False
     """Publish the records of SendingDomains that leave spec.dnsEndpoint.enabled unset through
     external-dns DNSEndpoints (--dns-endpoints)."""

@@ -406,7 +406,7 @@ def test_external_clients_of_a_load_balancer_are_admitted_by_range() -> None:
         relay(networkPolicy={"smtpFromCIDRs": ["mail.example.com"]})
 
 
-def test_autoscaling_is_opt_in_scales_the_smtprelay_and_never_scales_down_by_default() -> None:
+def test_autoscaling_is_opt_in_scales_the_smtprelay_and_scales_down_unless_told_not_to() -> None:
     off = relay()
     assert "HorizontalPodAutoscaler" not in by_kind(relay_mod.relay_children(off))
     assert ("autoscaling/v2", "HorizontalPodAutoscaler", "main") in (
@@ -428,7 +428,12 @@ def test_autoscaling_is_opt_in_scales_the_smtprelay_and_never_scales_down_by_def
     assert spec["metrics"] == [{"type": "Pods", "pods": {
         "metric": {"name": "mailplane_relay_queue_oldest_message_age_seconds"},
         "target": {"type": "AverageValue", "averageValue": "300"}}}]
-    assert spec["behavior"]["scaleDown"] == {"selectPolicy": "Disabled"}
+    # Scale-down is on by default (the operator drains a removed pod's queue first).
+    assert spec["behavior"]["scaleDown"]["policies"] == [
+        {"type": "Pods", "value": 1, "periodSeconds": 300}]
+    held = relay(autoscaling={"enabled": True, "scaleDown": False})
+    assert by_kind(relay_mod.relay_children(held))["HorizontalPodAutoscaler"]["spec"][
+        "behavior"]["scaleDown"] == {"selectPolicy": "Disabled"}
     down = relay(autoscaling={"enabled": True, "scaleDown": True})
     scale_down = by_kind(relay_mod.relay_children(down))["HorizontalPodAutoscaler"]["spec"][
         "behavior"]["scaleDown"]

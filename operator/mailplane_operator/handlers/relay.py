@@ -22,7 +22,7 @@ from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
 from ..reconcile import relay as relay_mod
-from ..reconcile.conditions import READY, Event, get_condition
+from ..reconcile.conditions import READY, Event, get_condition, set_condition
 from ..reconcile.models import (
     RetentionPolicy,
     SmtpCredential,
@@ -39,10 +39,11 @@ from ..reconcile.render import (
     RENDER_REASONS,
     RenderError,
     RenderResult,
+    RuntimePaths,
     render_relay_config,
 )
 from ..runtime import MANAGED_BY_LABELS, Body, RelayKey, RelayWorker, Runtime
-from . import retention
+from . import retention, scaledown
 from .common import (
     REASON_CHILD_WRITE_FAILED,
     child_write_failed,
@@ -60,6 +61,7 @@ from .common import (
 )
 
 logger = logging.getLogger(__name__)
+DRAINING = "Draining"
 
 @dataclass
 class Rendered:
@@ -69,6 +71,8 @@ class Rendered:
 
     result: RenderResult | None
     failed: list[str] = field(default_factory=list)
+    again: float | None = None
+    """Render again this soon (a scale-down drains), whatever else happens."""
 
 
 async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
@@ -97,12 +101,14 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
             [namespace, *(d.domain.meta.namespace for d in domains),
              *(c.credential.meta.namespace for c in creds)])
         previous_hash = (body.get("status") or {}).get("configHash")
+        token = await scaledown.admin_token(rt, relay)
+        paths = RuntimePaths(admin_token_sha256=scaledown.token_sha256(token))
         try:
             # CPU-bound (and slower with many RSA keys to validate): off the event loop, so
             # that kopf keeps handling events while a large relay renders.
             result = await asyncio.to_thread(
                 render_relay_config, relay, domains=domains, credentials=creds,
-                policies=policies, namespace_labels=ns_labels, now=now)
+                policies=policies, namespace_labels=ns_labels, now=now, paths=paths)
         except RenderError as exc:
             status = relay_mod.relay_status(
                 relay, statefulset_status=None, config_hash=previous_hash or "",
@@ -141,14 +147,33 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         # others.
         failed: list[str] = []
         monitor = await rt.client.has_api("monitoring.coreos.com/v1", "servicemonitors")
+        sts = await rt.client.get(kube.STATEFULSETS, namespace, name)
+        try:
+            scale = await scaledown.step(rt, relay, sts, token)
+        except (ApiError, OSError, TimeoutError) as exc:
+            # Whatever the StatefulSet runs stays as it is until the next render.
+            current = ((sts or {}).get("spec") or {}).get("replicas")
+            scale = scaledown.ScaleStep(current if isinstance(current, int) else None,
+                                        progress=f"scale-down step failed: {exc}")
+        sts_written = True
         for child in relay_mod.relay_children(relay, image=relay.spec.image or rt.config.image,
                                               service_monitor_available=monitor,
                                               config_hash=result.config_hash,
-                                              defaults=rt.config.relay_defaults):
+                                              defaults=rt.config.relay_defaults,
+                                              replicas=scale.replicas,
+                                              operator_namespace=rt.config.operator_namespace):
             try:
                 await _write_child(rt, body, relay, child, log)
             except (ApiError, OSError, TimeoutError) as exc:
                 failed.append(child_write_failed(rt, body, child, exc))
+                sts_written &= child.get("kind") != "StatefulSet"
+        if scale.removed and sts_written:
+            log.info("Scaled down to %d: the queues of ordinals %s were handed to the pool",
+                     relay.spec.replicas, scale.removed)
+            post_events(body, [Event("Normal", "ScaledDown", (
+                f"{len(scale.removed)} pod(s) removed after their queues were handed to the "
+                f"remaining {relay.spec.replicas}; their spool volumes are deleted"))])
+            await scaledown.delete_volumes(rt, body, relay, scale.removed)
         for api_version, kind, child_name in relay_mod.unwanted_children(
                 relay, service_monitor_available=monitor):
             try:
@@ -167,6 +192,8 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                 {"kind": e.kind, "name": e.key, "reason": e.reason, "message": e.message}
                 for e in sorted(result.excluded, key=lambda e: (
                     e.reason not in RENDER_REASONS, e.kind, e.key))])
+        status["conditions"] = _draining_condition(rt, status["conditions"], relay,
+                                                   scale.progress)
         if failed:
             status["conditions"] = reconciled(rt, status["conditions"], body, False,
                                               reason=REASON_CHILD_WRITE_FAILED,
@@ -188,7 +215,18 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         _recheck_stale_domains(rt, result, indexes["domains_idx"].get(key, ()))
-        return Rendered(result, failed)
+        return Rendered(result, failed,
+                        again=rt.config.drain_poll if scale.progress is not None else None)
+
+
+def _draining_condition(rt: Runtime, conditions: list[dict[str, Any]], relay: SmtpRelay,
+                        progress: str | None) -> list[dict[str, Any]]:
+    """``Draining`` while a scale-down hands the removed pods' queues to the pool (the
+    message says how far it is); no such condition otherwise."""
+    if progress is None:
+        return [c for c in conditions if c.get("type") != DRAINING]
+    return set_condition(conditions, DRAINING, True, DRAINING, progress,
+                         relay.meta.generation, rt.clock())
 
 
 async def _write_child(rt: Runtime, body: Body, relay: SmtpRelay, child: Mapping[str, Any],
@@ -361,6 +399,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                                        "%.1fs: %s", failures, delay, "; ".join(rendered.failed))
                     else:
                         failures = 0
+                    if rendered.again is not None:
+                        delay = min(delay, rendered.again)
                 except Exception as exc:
                     # Logged and retried with backoff; the worker must outlive any one failure
                     # or the relay's pokes would go nowhere.

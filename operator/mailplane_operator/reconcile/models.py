@@ -436,8 +436,8 @@ def _monitoring_namespace() -> LabelSelector:
 
 class AutoscalingSpec(_Spec):
     """Opt-in HorizontalPodAutoscaler on a relay queue metric (served to the HPA through the
-    Prometheus adapter). Scale-down is off unless `scaleDown`: a removed pod's queue waits on
-    its volume until the pool grows again."""
+    Prometheus adapter). Scale-down (on unless `scaleDown: false`) is safe: the operator drains
+    a removed pod's queue to the remaining pods before the StatefulSet shrinks."""
 
     enabled: bool = False
     min_replicas: int = Field(1, alias="minReplicas", ge=1, le=100)
@@ -445,7 +445,7 @@ class AutoscalingSpec(_Spec):
     metric: Literal["queueMessages", "oldestMessageAge"] = "queueMessages"
     target: int = Field(100, ge=1, le=10_000_000)
     """Average per pod: messages queued, or seconds the oldest message has waited."""
-    scale_down: bool = Field(False, alias="scaleDown")
+    scale_down: bool = Field(True, alias="scaleDown")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:

@@ -261,7 +261,10 @@ def pod_template(relay: SmtpRelay, image: str,
 
 def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
                 config_hash: str | None = None,
-                defaults: RelayDefaults = NO_DEFAULTS) -> dict[str, Any]:
+                defaults: RelayDefaults = NO_DEFAULTS,
+                replicas: int | None = None) -> dict[str, Any]:
+    """``replicas``: what the StatefulSet runs while a scale-down drains the pods to be removed
+    (default ``spec.replicas``)."""
     spool = relay.spec.spool
     pvc_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
                                 "resources": {"requests": {"storage": spool.size}}}
@@ -273,13 +276,17 @@ def statefulset(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
         "kind": "StatefulSet",
         "metadata": _metadata(relay, relay.meta.name, annotations=annotations),
         "spec": {
-            "replicas": relay.spec.replicas,
+            "replicas": relay.spec.replicas if replicas is None else replicas,
             "serviceName": headless_service_name(relay.meta.name),
             # Pods are independent relays with their own spools: no ordering needed.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(relay)},
             "updateStrategy": {"type": "RollingUpdate"},
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain",
+            # Deleted with the SmtpRelay: the pool and its queue go together. Kept on a scale
+            # down: the operator drains a pod's queue to the remaining pods first, then deletes
+            # the emptied volume itself (Delete here would drop the volume of a pod removed by a
+            # hand edit of the StatefulSet, queue and all).
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete",
                                                      "whenScaled": "Retain"},
             "template": pod_template(relay, image, defaults),
             "volumeClaimTemplates": [{"metadata": {"name": "spool"}, "spec": pvc_spec}],
@@ -481,7 +488,7 @@ def _selector_dict(selector: LabelSelector) -> dict[str, Any]:
     return out
 
 
-def network_policy(relay: SmtpRelay) -> dict[str, Any]:
+def network_policy(relay: SmtpRelay, operator_namespace: str | None = None) -> dict[str, Any]:
     """Who may open a connection to a relay pod. Tenants (the namespaces allowed to attach
     credentials) reach the SMTP listeners only; the metrics port, whose series name every
     tenant's usernames and domains, is for the monitoring namespaces; nothing else gets in.
@@ -505,6 +512,13 @@ def network_policy(relay: SmtpRelay) -> dict[str, Any]:
         {"from": [{"namespaceSelector": scrapers}],
          "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
     ]
+    # The authenticated /admin endpoints of the ops port: the operator tells a pod to drain
+    # and asks how far it is; a draining pod hands its messages to the others of its pool.
+    admins: list[dict[str, Any]] = [{"podSelector": {"matchLabels": selector_labels(relay)}}]
+    if operator_namespace:
+        admins.append({"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": operator_namespace}}})
+    ingress.append({"from": admins, "ports": [{"protocol": "TCP", "port": HTTP_PORT}]})
     intake = intake_of(relay)
     if intake is not None:
         # Reports come from mail servers anywhere: the intake port only, from intake.fromCIDRs.
@@ -540,14 +554,20 @@ def unwanted_children(relay: SmtpRelay, *,
 def relay_children(relay: SmtpRelay, *, image: str = DEFAULT_IMAGE,
                    service_monitor_available: bool = False,
                    config_hash: str | None = None,
-                   defaults: RelayDefaults = NO_DEFAULTS) -> list[dict[str, Any]]:
+                   defaults: RelayDefaults = NO_DEFAULTS,
+                   replicas: int | None = None,
+                   operator_namespace: str | None = None) -> list[dict[str, Any]]:
     """The desired children, in apply order. ``service_monitor_available``: the cluster serves
-    monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery)."""
+    monitoring.coreos.com/v1 ServiceMonitor (the caller checks discovery); ``replicas``: the
+    StatefulSet's while a scale-down drains; ``operator_namespace``: where the operator runs
+    (the NetworkPolicy lets it reach the pods' ops port)."""
     # The policy first: no pod runs unfenced while the rest is created.
-    out = [network_policy(relay)] if relay.spec.network_policy.enabled else []
+    out = [network_policy(relay, operator_namespace)] if relay.spec.network_policy.enabled \
+        else []
     out += [service(relay, defaults), headless_service(relay), metrics_service(relay),
             pod_disruption_budget(relay),
-            statefulset(relay, image=image, config_hash=config_hash, defaults=defaults)]
+            statefulset(relay, image=image, config_hash=config_hash, defaults=defaults,
+                        replicas=replicas)]
     intake = intake_of(relay)
     if intake is not None:
         out.append(intake_service(relay, intake))

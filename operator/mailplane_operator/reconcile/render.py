@@ -111,6 +111,8 @@ class RuntimePaths:
     http_address: str = "0.0.0.0"
     http_port: int = relay_mod.HTTP_PORT
     hostname: str | None = None
+    admin_token_sha256: str | None = None
+    """SHA-256 of the token the operator presents to the pods' /admin endpoints (drain)."""
     extra_settings: Mapping[str, Any] = field(default_factory=dict)
     """Merged over the rendered settings (top-level keys), e.g. ``{"spool": {"fsync": False}}``."""
 
@@ -338,6 +340,8 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         if hooks.ca_secret_ref is not None:
             webhooks["caFile"] = paths.webhook_ca
         settings["webhooks"] = webhooks
+    if paths.admin_token_sha256:
+        settings["admin"] = {"tokenSHA256": paths.admin_token_sha256}
     for key, value in paths.extra_settings.items():
         if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
             settings[key] = {**settings[key], **value}

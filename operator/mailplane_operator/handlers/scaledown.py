@@ -1,0 +1,222 @@
+"""Scaling a relay pool down without stranding mail.
+
+When ``spec.replicas`` drops below the StatefulSet's replicas, the StatefulSet keeps its pods
+until their queues are elsewhere: each render of the relay
+
+1. lists the relay's pods (label selector) and tells every pod to be removed (ordinals
+   ``spec.replicas`` and up) to drain toward the pods that stay — ``POST /admin/drain`` on its
+   ops port with the bearer token of the Secret ``<relay>-admin`` (relay drain.py);
+2. asks each of them how far it is (``GET /admin/drain``);
+3. once every one of them reports an empty spool and no open session, lowers the StatefulSet's
+   replicas and deletes the removed ordinals' spool volumes (``spool-<relay>-<n>``), which
+   hold nothing any more.
+
+Until then the StatefulSet keeps its size, the relay's ``Draining`` condition says how many
+messages are left where, and the relay is rendered again every few seconds. A scale-down
+called off (replicas raised again) stops the drains. A pod to be removed that is not running
+holds its volume back: the scale-down waits for the StatefulSet to restart it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .. import kube
+from ..kube import ApiError
+from ..reconcile import relay as relay_mod
+from ..reconcile.models import SmtpRelay, owner_reference
+from ..runtime import Body, Runtime
+from .common import child_write_failed
+
+logger = logging.getLogger(__name__)
+
+ADMIN_KEY = "token"
+DRAIN_PATH = "/admin/drain"
+HTTP_TIMEOUT = 5.0
+
+
+def admin_secret_name(relay: SmtpRelay) -> str:
+    return f"{relay.meta.name}-admin"
+
+
+async def admin_token(rt: Runtime, relay: SmtpRelay) -> str:
+    """The bearer token of the relay pods' /admin endpoints, from the Secret ``<relay>-admin``
+    in the relay's namespace (made once, owned by the SmtpRelay; only its SHA-256 goes into the
+    configuration)."""
+    name = admin_secret_name(relay)
+    secret = await rt.secret(relay.meta.namespace, name)
+    token = _token_of(secret)
+    if token is None:
+        secret = await rt.secret(relay.meta.namespace, name, fresh=True)
+        token = _token_of(secret)
+    if token is None:
+        token = base64.urlsafe_b64encode(rt.random(32)).decode().rstrip("=")
+        manifest = {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": relay.meta.namespace,
+                         "labels": {**relay_mod.child_labels(relay),
+                                    relay_mod.LABEL_COMPONENT: "admin"},
+                         "ownerReferences": [owner_reference("SmtpRelay", relay.meta)]},
+            "stringData": {ADMIN_KEY: token},
+        }
+        _action, obj = await rt.client.apply(manifest, owner_uid=relay.meta.uid)
+        rt.remember_secret(relay.meta.namespace, name, obj)
+    return token
+
+
+def _token_of(secret: dict[str, Any] | None) -> str | None:
+    raw = ((secret or {}).get("data") or {}).get(ADMIN_KEY)
+    try:
+        token = base64.b64decode(raw).decode() if raw else ""
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return token if len(token) >= 32 else None
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class ScaleStep:
+    """What this render does about the pool's size."""
+
+    replicas: int | None
+    """The StatefulSet's replicas to write (None: spec.replicas)."""
+    removed: list[int] = field(default_factory=list)
+    """Ordinals whose queues are drained: their volumes go once the StatefulSet shrank."""
+    progress: str | None = None
+    """While a scale-down drains: how far it is (the Draining condition)."""
+
+
+_ORDINAL = re.compile(r"-([0-9]+)$")
+
+
+def _ordinal(pod: dict[str, Any], relay: SmtpRelay) -> int | None:
+    name = str((pod.get("metadata") or {}).get("name") or "")
+    match = _ORDINAL.search(name)
+    if not name.startswith(relay.meta.name + "-") or match is None:
+        return None
+    return int(match.group(1))
+
+
+def _url(pod: dict[str, Any]) -> str | None:
+    """http://IP:PORT of the pod's ops port (its container port named "http")."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    port = relay_mod.HTTP_PORT
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for p in container.get("ports") or []:
+            if p.get("name") == "http" and p.get("containerPort"):
+                port = int(p["containerPort"])
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}"
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+async def _call(http: aiohttp.ClientSession, method: str, url: str, token: str,
+                body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """One /admin call; None when the pod cannot be asked (not answering, refusing)."""
+    try:
+        async with http.request(method, url + DRAIN_PATH, json=body,
+                                headers={"Authorization": f"Bearer {token}"}) as resp:
+            if resp.status >= 300:
+                logger.warning("%s %s%s: %d %s", method, url, DRAIN_PATH, resp.status,
+                               (await resp.text())[:200])
+                return None
+            doc = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        logger.warning("%s %s%s failed: %s", method, url, DRAIN_PATH, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
+               token: str) -> ScaleStep:
+    """One step of a scale-down (see the module docstring)."""
+    desired = relay.spec.replicas
+    current = ((sts or {}).get("spec") or {}).get("replicas")
+    if not isinstance(current, int) or current <= desired:
+        status = (sts or {}).get("status") or {}
+        if int(status.get("readyReplicas") or 0) < int(status.get("replicas") or 0):
+            await _call_off(rt, relay, token, desired)
+        return ScaleStep(None)
+    pods = await rt.client.list(kube.PODS, relay.meta.namespace,
+                                labels=relay_mod.selector_labels(relay))
+    by_ordinal = {o: p for p in pods if (o := _ordinal(p, relay)) is not None}
+    peers = [u for o, p in sorted(by_ordinal.items())
+             if o < desired and _ready(p) and (u := _url(p)) is not None]
+    removing = list(range(desired, current))
+    if not peers:
+        return ScaleStep(current, progress=(
+            f"scaling {current} -> {desired}: waiting for a ready pod among ordinals "
+            f"{_span(list(range(desired)))} to take the queues of ordinals {_span(removing)}"))
+    left: dict[int, str] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
+        for ordinal in removing:
+            pod = by_ordinal.get(ordinal)
+            url = _url(pod) if pod is not None else None
+            if url is None:
+                left[ordinal] = "pod not running (its volume holds its queue)"
+                continue
+            state = await _call(http, "GET", url, token)
+            if state is not None and not state.get("draining"):
+                state = await _call(http, "POST", url, token, {"peers": peers, "token": token})
+            if state is None:
+                left[ordinal] = "not answering"
+                continue
+            queued, sessions = int(state.get("queued") or 0), int(state.get("sessions") or 0)
+            if queued or sessions or not state.get("draining"):
+                left[ordinal] = f"{queued} message(s), {sessions} session(s)"
+    if left:
+        return ScaleStep(current, progress=f"scaling {current} -> {desired}: draining " + "; ".join(
+            f"{relay.meta.name}-{o}: {why}" for o, why in sorted(left.items())))
+    return ScaleStep(desired, removed=removing)
+
+
+async def _call_off(rt: Runtime, relay: SmtpRelay, token: str, desired: int) -> None:
+    """No scale-down pending: a pod still draining from one called off accepts mail again.
+    Only pods that are not ready are asked (a draining pod never is)."""
+    pods = await rt.client.list(kube.PODS, relay.meta.namespace,
+                                labels=relay_mod.selector_labels(relay))
+    waiting = [(o, u) for p in pods if not _ready(p)
+               and (o := _ordinal(p, relay)) is not None and o < desired
+               and (u := _url(p)) is not None]
+    if not waiting:
+        return
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
+        for ordinal, url in waiting:
+            state = await _call(http, "GET", url, token)
+            if state is not None and state.get("draining"):
+                logger.info("Scale-down of %s called off: %s-%d accepts mail again",
+                            relay.meta.key, relay.meta.name, ordinal)
+                await _call(http, "DELETE", url, token)
+
+
+async def delete_volumes(rt: Runtime, body: Body, relay: SmtpRelay, ordinals: list[int]) -> None:
+    """Delete the spool volumes of drained ordinals (Kubernetes keeps a volume until its pod is
+    gone). A refusal is reported (Event, metric); the volume holds no mail."""
+    for ordinal in ordinals:
+        name = f"spool-{relay.meta.name}-{ordinal}"
+        try:
+            if await rt.client.delete(kube.PVCS, relay.meta.namespace, name):
+                logger.info("Spool volume %s deleted: its queue was handed to the pool", name)
+        except ApiError as exc:
+            child_write_failed(rt, body, {"kind": "PersistentVolumeClaim",
+                                          "metadata": {"name": name}}, exc)
+
+
+def _span(ordinals: list[int]) -> str:
+    return f"{ordinals[0]}-{ordinals[-1]}" if len(ordinals) > 1 else str(ordinals[0])
