@@ -259,3 +259,20 @@ async def test_a_failure_is_not_reported_unless_notify_allows_it(
     assert b"gone2@example.net" in sink.messages[0].data
     assert b"gone@example.net" not in sink.messages[0].data.replace(b"gone2@", b"")
     assert len(sink.messages) == 1
+
+
+async def test_the_delay_warning_is_not_late_by_a_whole_backoff(relay: Any,
+                                                              smtp_sink: SinkFactory) -> None:
+    """The retry after a deferral would come a minute later; the warning is due after 1 s:
+    an attempt is made when it is due, so the warning goes out then."""
+    sink = await smtp_sink(rcpt_replies={"busy@example.net": "451 4.2.1 Mailbox busy"})
+    r = await relay(make_config(smarthost(sink), queue={
+        "retryInitial": 60, "retryMax": 60, "maxLifetime": 600, "delayWarning": 1}))
+    msg = await r.send(["busy@example.net"])
+    started = time.monotonic()
+    await sink.wait_for(lambda: any(m.mail_from == "" for m in sink.messages), timeout=15)
+    assert time.monotonic() - started < 15
+    [dsn] = [m for m in sink.messages if m.mail_from == ""]
+    assert b"Action: delayed" in dsn.data and b"Status: 4.2.1" in dsn.data
+    assert sink.rcpt_attempts.count("busy@example.net") == 2  # the first try, the warning's
+    assert r.queue.is_queued(msg.queue_id)
