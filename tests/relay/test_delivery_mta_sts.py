@@ -18,7 +18,7 @@ from mailplane_relay.delivery.mtasts import Policy, PolicyError, parse_policy, p
 from tests.helpers.dns import LoopbackDNS
 from tests.helpers.mtasts import PolicyServer
 from tests.helpers.sink import Sink
-from tests.relay.test_delivery_flows import Relay, make_config, mx_mode
+from tests.relay.test_delivery_flows import Relay, make_config, message, mx_mode
 
 SLOW_RETRY = {"retryInitial": 30, "retryMax": 30}
 DOMAIN = "example.net"
@@ -267,6 +267,43 @@ async def test_a_restart_honours_the_cached_enforce_policy_while_the_policy_host
     third = await relay(config(dns_server, stripped, ca_file, tmp_path / "empty.json"))
     await third.done(await third.send([f"user@{DOMAIN}"]))
     assert [m.tls for m in stripped.messages] == [False]
+
+
+async def test_every_delivery_after_a_restart_waits_for_the_cache_to_load(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    """Deliveries that start together after a restart all see the cached enforce policy: none
+    of them finds the cache still empty, fails to fetch (the policy host is down) and sends in
+    clear text."""
+    cache = tmp_path / "sts.json"
+    server = await published(policy_server, dns_server, ca, ENFORCE)
+    good = await smtp_sink(ca=ca, starttls=True)
+    first = await relay(config(dns_server, good, ca_file, cache))
+    await first.done(await first.send([f"user@{DOMAIN}"]))
+    await first.stop()
+    await server.stop()
+    # A large cache (other domains' policies) takes a while to load.
+    saved = json.loads(cache.read_text())
+    mine = saved["policies"][DOMAIN]
+    saved["policies"].update({f"d{i}.example": mine for i in range(30000)})
+    cache.write_text(json.dumps(saved))
+    stripped = await smtp_sink(ca=ca)
+    # Eight messages on the spool when the queue starts: their routes run together.
+    second = Relay(tmp_path / "second", config(dns_server, stripped, ca_file, cache))
+    await second.spool.start()
+    await second.store.open()
+    await second.log.start()
+    await second.suppression.start()
+    spooled = [await second.spool.commit(
+        mail_from="app@example.com", recipients=[f"user{i}@{DOMAIN}"],
+        data=message(f"user{i}@{DOMAIN}"), message_id=None, credential="app1",
+        sender_domain="example.com", listener="submission") for i in range(8)]
+    try:
+        await second.queue.start(spooled)
+        await second.wait(lambda: second.count("deferred") + second.count("delivered") == 8)
+    finally:
+        await second.stop()
+    assert stripped.messages == [] and second.count("deferred") == 8
 
 
 @pytest.mark.parametrize("txt", ["servfail", "removed"])

@@ -234,7 +234,7 @@ class MTASTS:
         self._failed_until: dict[str, float] = {}  # no new fetch before this
         self._fetching: dict[str, asyncio.Future[Lookup]] = {}
         self._contexts: dict[str | None, ssl.SSLContext] = {}
-        self._loaded = False
+        self._loading: asyncio.Future[None] | None = None
         self._save_lock = asyncio.Lock()
         self._fetch_slots = asyncio.Semaphore(FETCH_CONCURRENCY)
         self.fetches = 0  # for tests
@@ -262,9 +262,11 @@ class MTASTS:
                      dns_slots: asyncio.Semaphore) -> Lookup:
         """The policy in force for ``domain``; the TXT lookup takes one of ``dns_slots`` (the
         queue's routing slots), a fetch one of this object's own."""
-        if not self._loaded:
-            self._loaded = True
-            await asyncio.to_thread(self._load)
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        # Every lookup waits for the file: one that went ahead with an empty cache could
+        # miss an enforce policy whose web server is down.
+        await asyncio.shield(self._loading)
         cached = self.cached(domain)
         try:
             async with dns_slots:
