@@ -852,6 +852,9 @@ class RelaySettings(_Model):
     store: StoreSettings = StoreSettings()
     webhooks: WebhookSettings = WebhookSettings()
     trusted_networks: tuple[str, ...] = Field((), alias="trustedNetworks")
+    # The submitting client's address in the Received: header each message carries to its
+    # recipients; off: a pod address means nothing to them (docs/store.md, client addresses).
+    trace_client_address: bool = Field(False, alias="traceClientAddress")
     workers: int = Field(1, ge=1, le=64)
     shutdown_grace: Duration = Field(25.0, alias="shutdownGrace")
     domains: tuple[Domain, ...] = ()

@@ -129,3 +129,26 @@ async def test_smtp_source_concurrent_sessions_from_a_trusted_network(relay: Rel
     assert len(relay.queue.submitted) == 200
     assert len({m.queue_id for m in relay.queue.submitted}) == 200
     assert len(list(relay.spool.directory.glob("*.msg"))) == 200
+
+
+async def test_the_received_header_names_the_client_address_only_when_configured(
+    relay: Relay,
+) -> None:
+    """The submitting client's address is not sent to recipients unless the platform asks for
+    it (traceClientAddress), docs/store.md."""
+
+    async def send() -> bytes:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.starttls_port,
+                                   start_tls=True, tls_context=relay.client_tls(),
+                                   timeout=10) as client:
+            await client.login("app1", PASSWORD)
+            _errors, reply = await client.sendmail(
+                "app@example.com", ["a@example.net"],
+                message(sender="app@example.com", to="a@example.net"))
+        head = relay.spool.read(reply.rsplit(" ", 1)[1]).split(b"\r\n\r\n")[0]
+        return head.split(b"\r\n\t")[0]
+
+    first = await send()
+    assert first.startswith(b"Received: from ") and b"127.0.0.1" not in first, first
+    relay.reconfigure(lambda doc: doc.update(traceClientAddress=True))
+    assert (await send()).endswith(b" (127.0.0.1)")

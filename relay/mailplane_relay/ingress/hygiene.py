@@ -147,10 +147,13 @@ def header_fields(content: bytes) -> tuple[list[str], str | None]:
     return c.from_values, c.message_id
 
 
-def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str,
+def received_header(*, helo: str, peer_ip: str | None, hostname: str, protocol: str,
                     stamp: str) -> bytes:
     """The trace header (RFC 5321 §4.4); a HELO name that is not plainly a host name is shown as
-    ``unknown`` (it is peer-supplied)."""
+    ``unknown`` (it is peer-supplied). The client's address (the optional TCP-info) only when
+    given: by default the relay does not send it to recipients (docs/store.md, client
+    addresses)."""
     helo = helo if HELO_SAFE.match(helo) else "unknown"
-    return (f"Received: from {helo} ({peer_ip})\r\n\tby {hostname} with {protocol};"
+    tcp_info = f" ({peer_ip})" if peer_ip else ""
+    return (f"Received: from {helo}{tcp_info}\r\n\tby {hostname} with {protocol};"
             f" {stamp}\r\n").encode("ascii")

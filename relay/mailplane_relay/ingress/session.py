@@ -761,7 +761,9 @@ class RelaySMTP(SMTP):
         proto = (("UTF8SMTP" if self.envelope.smtp_utf8 else "ESMTP")
                  + ("S" if self.secure else "") + ("A" if self.username else ""))
         return hygiene.received_header(
-            helo=self.session.host_name or "", peer_ip=self.peer_ip, hostname=self.hostname,
+            helo=self.session.host_name or "",
+            peer_ip=self.peer_ip if self.server.config().settings.trace_client_address else None,
+            hostname=self.hostname,
             protocol=proto, stamp=self.server.date_stamp())
 
 
