@@ -29,7 +29,10 @@ class Log:
     async def query(self, q: LogQuery) -> list[dict[str, object]]:
         return [r for r in self.rows if r["queue_id"] == q.queue_id
                 and str(r["recipient"]).lower() == (q.recipient or "").lower()
-                and r["status"] == q.status][:q.limit]
+                and q.status in (None, r["status"])][:q.limit]
+
+    async def flush(self) -> None:
+        pass
 
 
 class Suppression:
@@ -90,6 +93,23 @@ async def test_a_message_token_acts_only_for_recipients_the_message_log_shows() 
         "mailplane_relay_async_bounces_total",
         {"sender_domain": "example.com", "credential": "app"}) == 1
     assert rep.paused("app") is not None  # 1 bounce of 1 outcome, minRecipients 1
+
+
+async def test_a_recipient_token_takes_the_credential_from_the_acceptance_row() -> None:
+    """A bounce may come back before the delivery is recorded: the row written when the
+    message was accepted names the credential."""
+    received = {**delivered("a@dest.test"), "status": "received"}
+    h, log, _supp, metrics, _rep, _hard = handler([received])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    await h.handle(dsn(rp, "a@dest.test"), [rp])
+    assert log.events[0].credential == "app"
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_async_bounces_total",
+        {"sender_domain": "example.com", "credential": "app"}) == 1
+    # A message token is not enough with the acceptance row alone.
+    rp_m = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test", "b@dest.test"])
+    await h.handle(dsn(rp_m, "a@dest.test"), [rp_m])
+    assert reports(metrics, "dsn", "unmatched") == 1
 
 
 async def test_a_recipient_token_acts_without_a_log_row_but_attributes_nothing() -> None:

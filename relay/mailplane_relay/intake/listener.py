@@ -47,6 +47,7 @@ COMPLAINT_REASON = "complaint"
 class MessageLogLike(Protocol):
     def record(self, event: LogEvent) -> None: ...
     async def query(self, q: LogQuery) -> list[dict[str, object]]: ...
+    async def flush(self) -> None: ...
 
 
 class SuppressionLike(Protocol):
@@ -118,9 +119,15 @@ class IntakeHandler:
         for token in tokens:
             if not verp.verify(key, token, recipient):
                 continue
-            rows = await self._log.query(LogQuery(queue_id=token.queue_id,
-                                                  recipient=recipient, status="delivered",
-                                                  limit=1))
+            # An "r" tag proves the delivery to this recipient: any row of the message names
+            # the credential and sender (the "received" row is written at acceptance; a fast
+            # bounce may arrive before the delivery is recorded). An "m" tag needs the delivery.
+            query = LogQuery(queue_id=token.queue_id, recipient=recipient,
+                             status="delivered" if token.kind == "m" else None, limit=1)
+            rows = await self._log.query(query)
+            if not rows:
+                await self._log.flush()  # rows still in the writer's batch
+                rows = await self._log.query(query)
             if rows:
                 row = rows[0]
                 cred = row.get("credential")
