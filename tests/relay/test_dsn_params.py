@@ -276,3 +276,18 @@ async def test_the_delay_warning_is_not_late_by_a_whole_backoff(relay: Any,
     assert b"Action: delayed" in dsn.data and b"Status: 4.2.1" in dsn.data
     assert sink.rcpt_attempts.count("busy@example.net") == 2  # the first try, the warning's
     assert r.queue.is_queued(msg.queue_id)
+
+
+@pytest.mark.parametrize("setting", [0, None, "0s"])
+async def test_delay_warnings_can_be_turned_off(relay: Any, smtp_sink: SinkFactory,
+                                                setting: Any) -> None:
+    sink = await smtp_sink(rcpt_replies={"busy@example.net": "451 4.2.1 Mailbox busy"})
+    r = await relay(make_config(smarthost(sink), queue={
+        "retryInitial": 0.2, "retryMax": 0.2, "maxLifetime": 1.5, "delayWarning": setting}))
+    assert r.config.settings.queue.delay_warning == 0
+    msg = await r.send(["busy@example.net"])
+    await r.done(msg)
+    await r.wait(lambda: r.queue.queued == 0)
+    [dsn] = [m for m in sink.messages if m.mail_from == ""]  # the expiry notice only
+    assert b"Action: failed" in dsn.data and b"Action: delayed" not in dsn.data
+    assert sink.rcpt_attempts.count("busy@example.net") >= 3
