@@ -36,6 +36,7 @@ from .kube import Identity
 SKEW = 30.0  # seconds of clock difference allowed on exp and iat
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 ALGORITHMS = ("RS256", "ES256")
+RESERVED = "system:"  # the prefix of Kubernetes' own user and group names
 LOGIN_TTL = 600.0  # seconds a started login may take at the issuer
 KEYS_TTL = 600.0  # seconds the issuer's key set is trusted before it is fetched again
 
@@ -376,4 +377,15 @@ class OidcClient:
                 raise OidcError(f"the ID token's {s.groups_claim!r} claim is not a list of "
                                 "names")
             groups = tuple(s.groups_prefix + g for g in raw or ())
-        return Identity(username=s.user_prefix() + value, groups=groups)
+        username = s.user_prefix() + value
+        # ``system:`` names Kubernetes' own users and groups (service accounts, nodes,
+        # ``system:masters``): a name an identity provider gives must not become one of them.
+        if username.startswith(RESERVED):
+            raise OidcError(f"the ID token names you {username[:80]!r}, a name Kubernetes "
+                            f"reserves for itself ({RESERVED}...): set --oidc-username-prefix")
+        reserved = [g for g in groups if g.startswith(RESERVED)]
+        if reserved:
+            raise OidcError(f"the ID token puts you in the group {reserved[0][:80]!r}, a name "
+                            f"Kubernetes reserves for itself ({RESERVED}...): set "
+                            "--oidc-groups-prefix")
+        return Identity(username=username, groups=groups)

@@ -311,3 +311,28 @@ def test_the_command_starts_with_oidc_login(tmp_path: Path, issuer: Issuer) -> N
         finally:
             proc.terminate()
             proc.wait(15)
+
+
+@pytest.mark.parametrize(("claims", "groups_prefix", "message"), [
+    # An email claim is taken as it is (no prefix, as the API server does).
+    ({"email": "system:kube-controller-manager"}, "oidc:", "a name Kubernetes reserves"),
+    ({"groups": ["shop-team", "system:masters"]}, "", "the group 'system:masters'"),
+])
+def test_an_issuer_cannot_name_a_kubernetes_system_user_or_group(
+        grants: RunningPortal, issuer: Issuer, claims: dict[str, Any], groups_prefix: str,
+        message: str) -> None:
+    """A SubjectAccessReview for ``system:masters`` is always allowed: a name the identity
+    provider hands out (an email, a self-service group) must not become one."""
+    import dataclasses
+
+    oidc = grants.portal.oidc
+    assert oidc is not None
+    oidc.settings = dataclasses.replace(oidc.settings, groups_prefix=groups_prefix)
+    grants.api.emulator.grant("group:system:masters", "get", "smtpcredentials", "blog")
+    issuer.user.update(claims)
+    pid, authorize = _start(grants, issuer)
+    r = _callback(_at_issuer(issuer, authorize), pid)
+    assert r.status_code == 401, r.text
+    text = html.unescape(r.text)
+    assert "login refused" in text and message in text, text
+    assert "Set-Cookie" in r.headers and "Max-Age=0" in r.headers["Set-Cookie"]
