@@ -186,7 +186,7 @@ def public_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     text = "" if value is None else str(value)
     # A spreadsheet runs a cell that starts with one of these as a formula: an address or an
     # SMTP reply chosen by a stranger must stay text.
@@ -204,7 +204,7 @@ async def export_csv(store: StoreBackend, namespace: str, search: Search) -> str
     while written < CSV_MAX:
         rows, cursor = await page(store, namespace, search)
         for row in rows:
-            writer.writerow([iso(float(row["ts"]))] + [_cell(row.get(c)) for c in COLUMNS[1:]])
+            writer.writerow([iso(float(row["ts"]))] + [csv_cell(row.get(c)) for c in COLUMNS[1:]])
         written += len(rows)
         if cursor is None:
             break

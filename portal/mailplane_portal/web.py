@@ -33,6 +33,7 @@ from .search import (
     BadRequest,
     Search,
     check_namespace,
+    csv_cell,
     export_csv,
     history,
     iso,
@@ -718,8 +719,8 @@ async def suppression_csv(request: web.Request) -> web.Response:
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(["address", "reason", "source", "created"])
     for entry in await portal.records.team_suppression(ns, None, limit=100_000):
-        writer.writerow([("'" + v) if str(v)[:1] in "=+-@" else v for v in (
-            entry["address"], entry["reason"], entry["source"], iso(entry["created"]))])
+        writer.writerow([csv_cell(entry["address"]), csv_cell(entry["reason"]),
+                         csv_cell(entry["source"]), iso(entry["created"])])
     return web.Response(text=buf.getvalue(), content_type="text/csv", headers={
         "Content-Disposition": f'attachment; filename="mailplane-{ns}-suppression.csv"'})
 
@@ -784,10 +785,11 @@ async def erasures_page(request: web.Request) -> web.StreamResponse:
     await portal.authorise(caller, ns, READ)
     items = await portal.records.erasures(ns)
     action = h.e(h.url(f"/ns/{ns}/erasures"))
-    body = ('<p class="muted">Erasure deletes every message-log row where the address is the '
-            "sender or a recipient and its suppression entry, for the whole platform (a "
-            "complaint is kept as a keyed hash so the address still gets no mail). The request "
-            "keeps only a masked form of the address.</p>"
+    body = ('<p class="muted">Erasure deletes this namespace\'s message-log rows where the '
+            "address is the sender or a recipient, and its suppression entry when your team "
+            "added it here (a bounce, a complaint or another team's entry stays). Other teams' "
+            "records are theirs: erasure across the whole platform is the platform team's. "
+            "The request keeps only a masked form of the address.</p>"
             f'<form class="search" method="post" action="{action}">{_csrf_field(request)}'
             '<label>Address to erase<input name="address" id="f-erase" required type="email">'
             '</label><button type="submit" id="erase">Request erasure</button></form>'
