@@ -365,6 +365,10 @@ CEL_CASES = [
      None),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mxTls": {
         "policies": [{"domains": ["x.example"], "level": "dane"}]}}}, "dane"),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mtaSts": {"enabled": False}}},
+     None),
+    ("SmtpRelay", {"tls": {"secretName": "t"}, "delivery": {"mtaSts": {"enabled": 5}}},
+     "enabled"),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {"url": "https://h.example/x"}},
      "webhooks.url and webhooks.secretRef go together"),
     ("SmtpRelay", {"tls": {"secretName": "t"}, "webhooks": {

@@ -421,6 +421,9 @@ def test_the_mx_tls_policy_and_plaintext_auth_consent_reach_the_relay() -> None:
     assert delivery.tls_level("www.bank.example") == "verify"
     assert delivery.tls_level("example.org") == "encrypt"
     assert run(relay(), [], []).config.settings.delivery.tls_level("example.org") == "may"
+    assert run(relay(), [], []).config.settings.delivery.mta_sts.enabled
+    off = relay(delivery={"mtaSts": {"enabled": False}})
+    assert not run(off, [], []).config.settings.delivery.mta_sts.enabled
     sh = relay(delivery={"mode": "smarthost", "smarthost": {
         "host": "10.0.0.5", "tls": "none", "username": "u", "passwordSecretRef": {"name": "s"},
         "allowPlaintextAuth": True}})

@@ -219,11 +219,16 @@ class MXTLSSpec(_Spec):
     policies: tuple[MXTLSPolicySpec, ...] = Field((), max_length=200)
 
 
+class MTASTSSpec(_Spec):
+    enabled: bool = True
+
+
 class DeliverySpec(_Spec):
     mode: Literal["mx", "smarthost"] = "mx"
     smarthost: SmarthostSpec | None = None
     helo_name: str | None = Field(None, alias="heloName", max_length=253)
     mx_tls: MXTLSSpec = Field(MXTLSSpec(), alias="mxTls")
+    mta_sts: MTASTSSpec = Field(MTASTSSpec(), alias="mtaSts")
 
     @model_validator(mode="after")
     def _smarthost_needed(self) -> DeliverySpec:

@@ -279,6 +279,8 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
                                           for p in mx_tls.policies]}
         if mx_tls.level is not None:
             delivery["mxTls"]["level"] = mx_tls.level
+    if not spec.delivery.mta_sts.enabled:
+        delivery["mtaSts"] = {"enabled": False}
     if spec.delivery.helo_name:
         delivery["heloName"] = spec.delivery.helo_name
     limits: dict[str, Any] = {"maxMessageSize": spec.limits.max_message_size,
