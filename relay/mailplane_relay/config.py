@@ -967,10 +967,13 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
     """Merge YAML sources (name, text) into one validated RelayConfig."""
     settings_doc: dict[str, Any] | None = None
     settings_where = ""
+    parts: Any = None
+    texts: dict[str, str] = {}
     domains: list[Any] = []
     credentials: list[Any] = []
     digest = hashlib.sha256()
     for where, text in sources:
+        texts[where.rsplit("/", 1)[-1]] = text
         digest.update(where.rsplit("/", 1)[-1].encode() + b"\0" + text.encode() + b"\0")
         try:
             docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
@@ -1005,6 +1008,9 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
                         f"{settings_where}); keep exactly one"
                     )
                 settings_doc, settings_where = dict(spec), label
+                meta = doc.get("metadata")
+                parts = meta.get("parts") if isinstance(meta, Mapping) else None
+                settings_file = where.rsplit("/", 1)[-1]
             elif kind in (KIND_CREDENTIALS, KIND_DOMAINS):
                 key = "credentials" if kind == KIND_CREDENTIALS else "domains"
                 if set(spec) - {key}:
@@ -1017,6 +1023,8 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
                 raise ConfigError(f"{label}: kind {kind!r} is not one of {list(KINDS)}")
     if settings_doc is None:
         raise ConfigError("no RelayConfig document found; exactly one is required")
+    if parts is not None:
+        _check_parts(parts, {n: t for n, t in texts.items() if n != settings_file})
     settings_doc.setdefault("domains", [])
     settings_doc.setdefault("credentials", [])
     settings_doc["domains"] = list(settings_doc["domains"]) + domains
@@ -1028,6 +1036,31 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
     _check_unique("domain", [d.name for d in settings.domains])
     _check_unique("credential username", [c.username for c in settings.credentials])
     return RelayConfig(settings=settings, source_hash=digest.hexdigest()[:16])
+
+
+def part_digest(text: str) -> str:
+    """What the RelayConfig document's ``metadata.parts`` lists for each other file."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_parts(parts: Any, others: Mapping[str, str]) -> None:
+    """A configuration split over several files (several Secrets) is used only when every file
+    is the one the RelayConfig document names (``metadata.parts``: file -> SHA-256): while a
+    volume update has brought some parts of a new render and not the others, the relay keeps
+    the configuration it runs. Names only in the message, never content."""
+    if not isinstance(parts, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parts.items()):
+        raise ConfigError("metadata.parts of the RelayConfig document must map file names to "
+                          "SHA-256 digests")
+    missing = sorted(set(parts) - set(others))
+    unknown = sorted(set(others) - set(parts))
+    changed = sorted(n for n in set(parts) & set(others) if part_digest(others[n]) != parts[n])
+    if missing or unknown or changed:
+        detail = "; ".join(f"{what}: {', '.join(names)}" for what, names in (
+            ("missing", missing), ("not listed", unknown), ("other version", changed)) if names)
+        raise ConfigError(f"the configuration's parts are not all of one version ({detail}); "
+                          "the relay keeps the configuration it runs until every part is "
+                          "present at the version metadata.parts names")
 
 
 def _check_unique(what: str, names: list[str]) -> None:
@@ -1061,11 +1094,14 @@ def config_fingerprint(path: str | os.PathLike[str]) -> tuple[tuple[str, int, in
         return ()
 
 
-def render_document(kind: str, spec: Mapping[str, Any], name: str | None = None) -> str:
-    """One YAML document of this contract, for the operator and for `mailplane dev`."""
+def render_document(kind: str, spec: Mapping[str, Any], name: str | None = None,
+                    parts: Mapping[str, str] | None = None) -> str:
+    """One YAML document of this contract, for the operator and for `mailplane dev`.
+    ``parts``: (RelayConfig) the other files of the configuration and their digests."""
     doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind}
-    if name:
-        doc["metadata"] = {"name": name}
+    if name or parts:
+        doc["metadata"] = {**({"name": name} if name else {}),
+                           **({"parts": dict(sorted(parts.items()))} if parts else {})}
     doc["spec"] = json.loads(json.dumps(spec, default=str))
     return yaml.safe_dump(doc, sort_keys=False)
 

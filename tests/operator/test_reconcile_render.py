@@ -19,8 +19,10 @@ from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile.models import Meta, RetentionPolicy, RetentionPolicySpec
 from mailplane_relay.config import (
     KIND_CREDENTIALS,
+    ConfigError,
     Domain,
     hash_password,
+    load_config,
     parse_documents,
     render_document,
 )
@@ -487,3 +489,37 @@ def test_the_webhook_settings_reach_the_relay_and_the_secret_stays_in_its_secret
     assert rules.config.settings.webhooks.endpoint is None
     assert rules.config.settings.webhooks.credential_private_networks == ("10.0.0.0/8",)
     assert run(relay(), [], []).config.settings.webhooks.endpoint is None
+
+
+def test_a_configuration_in_several_secrets_is_used_only_with_every_part_of_one_render(
+        tmp_path: Any) -> None:
+    """What a projected volume may hold while kubelet syncs its Secrets one by one: parts of two
+    renders. The relay refuses that mix (and keeps what it runs) until all parts match."""
+    def render_with(n: int) -> dict[str, str]:
+        creds = [with_secret(credential(f"app{i}")) for i in range(n)]
+        result = run(relay(), [verified("example.com")], creds, max_secret_bytes=9000)
+        assert len(result.secrets) > 2 and len(result.credentials) == n
+        return result.files
+
+    def write(files: dict[str, str]) -> None:
+        for old in tmp_path.glob("*.yaml"):
+            old.unlink()
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
+
+    before, after = render_with(40), render_with(39)  # one credential revoked
+    write(before)
+    assert len(load_config(tmp_path).credentials) == 40
+    for name in sorted(set(before) | set(after)):  # one Secret's files synced, not the others
+        mixed = dict(before)
+        if name in after:
+            mixed[name] = after[name]
+        else:
+            del mixed[name]
+        if mixed == before:
+            continue
+        write(mixed)
+        with pytest.raises(ConfigError, match="not all of one version"):
+            load_config(tmp_path)
+    write(after)
+    assert len(load_config(tmp_path).credentials) == 39
