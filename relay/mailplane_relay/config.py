@@ -494,6 +494,9 @@ class StoreSettings(_Model):
     buffer_directory: str | None = Field(None, alias="bufferDirectory")
     # Messages of quota/rate leased from the shared counters at a time, per worker.
     lease_size: int = Field(10, alias="leaseSize", ge=1, le=1000)
+    # Files (from a Secret) holding the key erased complaint addresses are hashed with, newest
+    # first (two during a rotation); none: a key kept in the store itself (docs/store.md).
+    erasure_key_files: tuple[str, ...] = Field((), alias="erasureKeyFiles", max_length=2)
 
     @model_validator(mode="after")
     def _dsn(self) -> StoreSettings:

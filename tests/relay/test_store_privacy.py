@@ -13,14 +13,23 @@ from prometheus_client import CollectorRegistry
 
 from mailplane_portal.records import Records
 from mailplane_relay.metrics import RelayMetrics
-from mailplane_relay.store import MessageLog, SqliteBackend, StoreBackend
+from mailplane_relay.store import (
+    MessageLog,
+    SqliteBackend,
+    StoreBackend,
+    StoreError,
+    SuppressionList,
+    complaint_hash,
+)
 from mailplane_relay.store.backend import PEER_MEMORY
 from mailplane_relay.store.erasure import (
     PEER_HORIZON,
     UNREACHABLE,
     carry_out_requests,
     erase_across_pool,
+    erase_address,
 )
+from mailplane_relay.store.factory import read_erasure_key
 
 DAY = 86400.0
 
@@ -111,3 +120,58 @@ async def test_an_erasure_that_skipped_a_down_worker_is_reported_incomplete(
     _done, (_rid, report, complete) = await asyncio.gather(
         worker(), erase_across_pool(backend, "c@dest.test", wait_for=20, poll=0.05))
     assert complete
+
+
+async def complain(backend: StoreBackend, address: str) -> None:
+    await backend.suppression_upsert(address, "complaint", "fbl", time.time())
+    await erase_address(backend, address)
+
+
+async def test_the_erasure_key_from_a_file_keeps_earlier_hashes_working(
+    stores: tuple[StoreBackend, Records], tmp_path: Path,
+) -> None:
+    backend, _records = stores
+    metrics = RelayMetrics.create(CollectorRegistry())
+    # Before: the key kept in the store hashes an erased complaint.
+    await complain(backend, "old@dest.test")
+    stored_key = await backend.erasure_key()
+    # The key moves to a file (a Secret): new hashes use it; the earlier hash still suppresses.
+    key_file = tmp_path / "erasure-key"
+    key_file.write_text("ab" * 32 + "\n")
+    backend.configured_keys = (read_erasure_key(str(key_file)),)
+    assert await backend.erasure_key() == bytes.fromhex("ab" * 32)
+    await complain(backend, "new@dest.test")
+    entries = {e["address"] for e in await backend.suppression_list()}
+    assert complaint_hash(bytes.fromhex("ab" * 32), "new@dest.test") in entries
+    assert complaint_hash(stored_key, "old@dest.test") in entries
+    cache = SuppressionList(backend, metrics, refresh_interval=3600)
+    await cache.refresh()
+    assert cache.is_suppressed("Old@dest.test") and cache.is_suppressed("new@dest.test")
+    assert not cache.is_suppressed("other@dest.test")
+
+
+async def test_with_a_key_file_the_store_never_holds_a_key(
+    stores: tuple[StoreBackend, Records], tmp_path: Path,
+) -> None:
+    backend, _records = stores
+    backend.configured_keys = (b"k" * 32,)
+    await complain(backend, "x@dest.test")
+    cache = SuppressionList(backend, RelayMetrics.create(CollectorRegistry()),
+                            refresh_interval=3600)
+    await cache.refresh()
+    assert cache.is_suppressed("x@dest.test")
+    assert await backend.erasure_keys() == [b"k" * 32]  # none made in the store
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("abcd", "shorter than 32 bytes"),
+    ("", "shorter than 32 bytes"),
+])
+def test_a_bad_erasure_key_file_is_refused_naming_it(tmp_path: Path, content: str,
+                                                      problem: str) -> None:
+    path = tmp_path / "key"
+    path.write_text(content)
+    with pytest.raises(StoreError, match=problem):
+        read_erasure_key(str(path))
+    with pytest.raises(StoreError, match="cannot read it"):
+        read_erasure_key(str(tmp_path / "missing"))

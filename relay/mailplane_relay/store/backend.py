@@ -170,8 +170,16 @@ class StoreBackend(Protocol):
         """What changed after change number ``since`` (-1: everything); None if nothing."""
 
     # ---- erasure
+    #: keys for erased complaint addresses from files (``store.erasureKeyFiles``), newest
+    #: first; empty: the key kept in the store itself (made once)
+    configured_keys: tuple[bytes, ...]
+
     async def erasure_key(self) -> bytes:
-        """The pool's key for hashing erased complaint addresses (made once, then kept)."""
+        """The key new hashes of erased complaint addresses are made with: the first configured
+        key, else the store's own (made once, then kept)."""
+    async def erasure_keys(self) -> list[bytes]:
+        """Every key a hash may have been made with: the configured keys and the store's own
+        key if it has one (hashes made before the keys moved to files). Never creates one."""
     async def erase(self, address: str, *, keep_hash: str | None) -> EraseReport:
         """Delete every log row and suppression entry of ``address``. A complaint entry is
         replaced by ``keep_hash`` (a keyed hash of the address) when one is given."""

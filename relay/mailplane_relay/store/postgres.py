@@ -265,6 +265,7 @@ class PostgresBackend:
         self._dsn = dsn
         self.description = _conninfo_description(dsn)
         self._pool_size = pool_size
+        self.configured_keys: tuple[bytes, ...] = ()
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._schema_ready = False
         self._index_task: asyncio.Task[None] | None = None
@@ -527,7 +528,16 @@ class PostgresBackend:
 
     # ---- erasure ----------------------------------------------------------------------
 
+    async def erasure_keys(self) -> list[bytes]:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "SELECT value FROM mailplane_meta WHERE name = 'erasure_key'")).fetchone()
+        return [*self.configured_keys, *([bytes.fromhex(row[0])] if row else [])]
+
     async def erasure_key(self) -> bytes:
+        if self.configured_keys:
+            return self.configured_keys[0]
         await self._ready()
         async with self._conn() as conn:
             await conn.execute(

@@ -455,6 +455,7 @@ class SqliteBackend:
         self.readonly = readonly
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self.configured_keys: tuple[bytes, ...] = ()
 
     async def _raw(self, fn: Callable[[], T]) -> T:
         if self._executor is None:
@@ -561,7 +562,15 @@ class SqliteBackend:
 
     # ---- erasure
 
+    async def erasure_keys(self) -> list[bytes]:
+        row = await self._run(lambda conn: conn.execute(
+            "SELECT value FROM store_meta WHERE name = ?", ("erasure_key",)).fetchone())
+        return [*self.configured_keys, *([bytes.fromhex(row[0])] if row else [])]
+
     async def erasure_key(self) -> bytes:
+        if self.configured_keys:
+            return self.configured_keys[0]
+
         def run(conn: sqlite3.Connection) -> bytes:
             with _transaction(conn):
                 conn.execute("INSERT OR IGNORE INTO store_meta (name, value) VALUES (?, ?)",

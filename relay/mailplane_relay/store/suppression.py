@@ -10,8 +10,9 @@ the store cannot be reached at start: a pod that starts while the database is do
 suppressed addresses.
 
 An erased complaint stays on the list as a keyed hash of the address, never the address itself:
-it still suppresses, and nobody can read the address back from it. The key is the store's
-(``backend.erasure_key()``), fetched at the first successful refresh.
+it still suppresses, and nobody can read the address back from it. The keys are the configured
+ones (``store.erasureKeyFiles``) and the store's own if it has one (``backend.erasure_keys()``),
+fetched at the first successful refresh; an address is checked against a hash by each.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SuppressionList:
         self._export_gauge = export_gauge
         self._refresh_interval = refresh_interval
         self._use_key = use_erasure_key
-        self._key: bytes | None = None
+        self._keys: list[bytes] = []
         self._cache_file = Path(cache_file) if cache_file else None
         self._cache: dict[str, Entry] = {}
         self._version = -1  # number of the last change applied to the cache; -1: none yet
@@ -101,8 +102,11 @@ class SuppressionList:
     def is_suppressed(self, address: str) -> Entry | None:
         address = normalise(address)
         entry = self._cache.get(address)
-        if entry is None and self._key is not None and self._cache:
-            entry = self._cache.get(complaint_hash(self._key, address))
+        if entry is None and self._cache:
+            for key in self._keys:
+                entry = self._cache.get(complaint_hash(key, address))
+                if entry is not None:
+                    break
         return entry
 
     async def add(self, address: str, reason: str, *, source: str) -> None:
@@ -137,8 +141,10 @@ class SuppressionList:
 
     async def refresh(self) -> bool:
         """Apply the changes made since the last look (by anyone); True if there were any."""
-        if self._key is None and self._use_key:
-            self._key = await self.backend.erasure_key()
+        if not self._keys and self._use_key:
+            # Made once (the store's key is created if there is none and none is configured).
+            await self.backend.erasure_key()
+            self._keys = await self.backend.erasure_keys()
         since = self._version
         changes = await self.backend.suppression_changes(since, self._delta_limit)
         if changes is None:
@@ -210,7 +216,12 @@ class SuppressionList:
         if path is None:
             return
         snapshot = {a: list(e) for a, e in self._cache.items()}
-        key = self._key.hex() if self._key is not None else None
+        # The store's own key (if used) is kept with the cache, so that a pod starting while the
+        # database is down still recognises hashed complaints; configured keys are not: they
+        # are on the pod already, in their files.
+        configured = set(getattr(self.backend, "configured_keys", ()))
+        stored = [k.hex() for k in self._keys if k not in configured]
+        key = stored[0] if stored else None
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +255,8 @@ class SuppressionList:
         try:
             self._cache = {str(a): (str(e[0]), float(e[1]))
                            for a, e in dict(data["entries"]).items()}
-            if data.get("key"):
-                self._key = bytes.fromhex(str(data["key"]))
+            stored = [bytes.fromhex(str(data["key"]))] if data.get("key") else []
+            self._keys = [*getattr(self.backend, "configured_keys", ()), *stored]
         except (KeyError, TypeError, ValueError, IndexError):
             log.error("suppression list: the cache file %s is unreadable; ignoring it", path)
             return False
