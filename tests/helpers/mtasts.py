@@ -62,6 +62,9 @@ class PolicyServer:
             site = web.TCPSite(self._runner, address, 443, ssl_context=ctx)
             try:
                 await site.start()
+            except PermissionError:
+                raise RuntimeError("binding port 443 needs root or CAP_NET_BIND_SERVICE (the "
+                                   "relay fetches MTA-STS policies from the real port)") from None
             except OSError:
                 continue
             self.address = address
