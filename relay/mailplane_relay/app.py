@@ -40,7 +40,7 @@ from .config import (
     domain_of,
     load_config,
 )
-from .control import ControlError, ControlServer, socket_path
+from .control import ControlError, ControlServer, control_dir, remove_stale_sockets, socket_path
 from .delivery import DeliveryQueue
 from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer
 from .http import OpsServer, Readiness
@@ -479,6 +479,10 @@ class RelayApp:
             log.error("queue administration socket not available: %s", exc)
         else:
             stages.append(("queue administration socket", control.close))
+            if worker is None or worker.index == 0:
+                # Sockets of workers the layout no longer has (after `workers` was lowered).
+                await asyncio.to_thread(remove_stale_sockets,
+                                        control_dir(settings.spool.directory), settings.workers)
 
         tls = ReloadingTLS(self.config)
         await tls.start()

@@ -62,6 +62,35 @@ def socket_path(spool_root: str | Path, index: int) -> Path:
     return control_dir(spool_root) / f"w{index}.sock"
 
 
+def remove_stale_sockets(directory: Path, workers: int) -> list[str]:
+    """Delete the sockets of worker indexes at or above ``workers`` that nobody listens on
+    (left by a layout with more workers); their names."""
+    removed: list[str] = []
+    try:
+        paths = sorted(directory.glob("w*.sock"))
+    except OSError:
+        return removed
+    for path in paths:
+        index = path.name[1:-len(".sock")]
+        if not index.isdigit() or int(index) < workers:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            try:
+                with _short_path(path) as address:
+                    sock.connect(address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed.append(path.name)
+            except (OSError, ControlError):
+                continue
+    if removed:
+        log.info("queue administration: removed the sockets of gone workers: %s",
+                 " ".join(removed))
+    return removed
+
+
 class ControlError(Exception):
     """A request the relay cannot carry out; the text says why and what to do."""
 

@@ -276,4 +276,16 @@ async def test_a_slow_upstream_shows_the_attempt_and_bounce_waits_for_it(
     await eventually(lambda: listed(relay) == [], "delivered")
     assert delivered(sink) == {"slow@a.test"}
     assert [m for m in sink.messages if m.mail_from == ""] == []
+
+    # Killed, the workers leave their sockets; one worker from now on: w1's goes at start.
+    await asyncio.to_thread(relay.kill)
+    control = relay.spool_dir / "control"
+    assert sorted(p.name for p in control.iterdir()) == ["w0.sock", "w1.sock"]
+    relay.workers = 1
+    relay.write_config()
+    await asyncio.to_thread(relay.start)
+    await eventually(lambda: sorted(p.name for p in control.iterdir()) == ["w0.sock"],
+                     "the stale socket removed")
+    proc = queue(relay, "list")
+    assert proc.stderr == "" and "0 message(s)" in proc.stdout
     assert await asyncio.to_thread(relay.stop) == 0
