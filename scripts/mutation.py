@@ -64,7 +64,8 @@ MODULES = (
            ("tests/relay/test_dkim_signer.py", "tests/relay/test_dkim_header_from.py",
             "tests/relay/test_dkim_independent.py")),
     Module("passwords", "relay/mailplane_relay/config.py",
-           ("tests/relay/test_config.py", "tests/relay/test_ingress_auth.py"),
+           ("tests/relay/test_config.py", "tests/relay/test_ingress_auth.py",
+            "tests/relay/test_passwords_units.py"),
            functions=r"\.(x_hash_password|x_verify_password|x__check_hash|"
                      r"xǁCredentialǁ\w+)__mutmut_\d+$"),
     Module("authentication", "relay/mailplane_relay/ingress/auth.py",
