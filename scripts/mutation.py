@@ -69,7 +69,8 @@ MODULES = (
            functions=r"\.(x_hash_password|x_verify_password|x__check_hash|"
                      r"xǁCredentialǁ\w+)__mutmut_\d+$"),
     Module("authentication", "relay/mailplane_relay/ingress/auth.py",
-           ("tests/relay/test_ingress_auth.py", "tests/relay/test_ingress_abuse.py")),
+           ("tests/relay/test_ingress_auth.py", "tests/relay/test_ingress_abuse.py",
+            "tests/relay/test_auth_units.py")),
     Module("auth-throttle", "relay/mailplane_relay/ingress/throttle.py",
            ("tests/relay/test_ingress_throttle.py", "tests/relay/test_ingress_abuse.py",
             "tests/relay/test_throttle_units.py")),
