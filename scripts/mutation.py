@@ -314,6 +314,9 @@ def main() -> int:
                         help=f"exit 1 when a module scores under {TARGET:.0%}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--show", type=int, default=5, help="diffs of survivors to print")
+    parser.add_argument("--mutants", nargs="+", default=None, metavar="NAME",
+                        help="run only these mutants (e.g. the survivors of a full run, after "
+                             "adding tests)")
     parser.add_argument("--record", action="store_true",
                         help="after a full run, write the killed mutants to the ratchet "
                              "(tests/mutation/killed/MODULE.txt)")
@@ -322,8 +325,8 @@ def main() -> int:
                              f"the last commit touched and of {CI_MODULES} more (chosen from "
                              "the commit) must stay killed")
     args = parser.parse_args()
-    if args.record and args.sample:
-        parser.error("--record needs a full run (no --sample)")
+    if args.record and (args.sample or args.mutants):
+        parser.error("--record needs a full run (no --sample, no --mutants)")
     if args.ci:
         seed = args.seed if args.seed is not None else int(_head_commit()[:8], 16)
         modules = pick(args.modules) if args.modules else ci_modules(seed)
@@ -344,7 +347,14 @@ def main() -> int:
               f"(rerun with --seed {seed})")
     scores = []
     for module in pick(args.modules):
-        score = run_module(module, sample=args.sample, seed=seed, workers=args.workers)
+        if args.mutants:
+            names = set(generate(module, args.workers))
+            only = [n for n in args.mutants if n in names]
+            if not only:
+                continue
+            score = run_module(module, sample=None, seed=seed, workers=args.workers, only=only)
+        else:
+            score = run_module(module, sample=args.sample, seed=seed, workers=args.workers)
         scores.append(score)
         if args.record:
             record_ratchet(module, score.killed_names)
