@@ -92,7 +92,8 @@ MODULES = (
            ("tests/relay/test_store.py", "tests/relay/test_suppression_units.py"),
            pytest_args=("-k", "not postgresql")),
     Module("credential-reconciler", "operator/mailplane_operator/reconcile/credential.py",
-           ("tests/operator/test_reconcile_credential.py",)),
+           ("tests/operator/test_reconcile_credential.py",
+            "tests/operator/test_credential_units.py")),
     Module("domain-reconciler", "operator/mailplane_operator/reconcile/domain.py",
            ("tests/operator/test_reconcile_domain.py",)),
 )

@@ -1,0 +1,118 @@
+"""The credential reconciler's words and bookkeeping, exactly: the events of each rotation,
+each admission's reason and message (a SendingDomain that does not grant the namespace
+included), and the status fields a user and kubectl read."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from mailplane_operator.reconcile import credential as cm
+from mailplane_operator.reconcile import credential_state as cs
+from mailplane_operator.reconcile.conditions import get_condition
+from mailplane_operator.reconcile.models import LabelSelector
+from mailplane_operator.reconcile.ownership import REASON_SENDER_NOT_GRANTED
+from tests.operator.reconcile_builders import NOW, credential, relay
+from tests.operator.test_reconcile_credential import owners, reconcile
+
+
+def test_rotation_events_say_what_happened_to_which_secret() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "2h"})
+    first = reconcile(cred)
+    assert [(e.type, e.reason, e.message) for e in first.events] == [
+        ("Normal", cs.ROTATION_INITIAL, "generated a password into Secret app-smtp")]
+    scheduled = reconcile(cred, first, now=NOW + timedelta(hours=24))
+    assert [e.message for e in scheduled.events] == [
+        "rotated the password in Secret app-smtp on schedule; the previous password works "
+        "until 2026-11-28T14:00:00Z"]
+    asked = credential(annotations={cs.ANN_ROTATE: "now"}, uid=cred.meta.uid,
+                       rotation={"interval": "24h", "overlap": "0s"})
+    requested = reconcile(asked, first, now=NOW + timedelta(hours=1))
+    assert [(e.reason, e.message) for e in requested.events] == [
+        (cs.ROTATION_REQUESTED, "rotated the password in Secret app-smtp on request; the "
+                                "previous password no longer works")]
+
+
+def test_a_reissued_password_says_why() -> None:
+    cred = credential(rotation={"overlap": "1h"})
+    first = reconcile(cred)
+    assert first.secret is not None
+    edited = {**first.secret, "data": {**first.secret["data"], "password": "ZWRpdGVk"}}
+    again = reconcile(cred, first, existing=edited, now=NOW + timedelta(minutes=1))
+    assert [(e.reason, e.message) for e in again.events] == [
+        (cs.ROTATION_REISSUED, "Secret app-smtp did not hold the password issued (edited or "
+                               "deleted); a new one was written; the previous password works "
+                               "until 2026-11-27T13:01:00Z")]
+
+
+def test_admission_messages() -> None:
+    cred = credential(namespace="shop", relay_namespace="mail")
+    missing = reconcile(cred, r=None).admission
+    assert (missing.allowed, missing.message) == (False, "SmtpRelay mail/main does not exist")
+    closed = reconcile(cred).admission
+    assert closed.message == ("SmtpRelay mail/main does not allow namespace 'shop' (see its "
+                              "spec.allowedNamespaces)")
+    open_relay = relay(allowedNamespaces={})
+    ready = reconcile(cred, r=open_relay).admission
+    assert (ready.allowed, ready.reason, ready.message) == (
+        True, cm.REASON_READY, "accepted by SmtpRelay mail/main")
+    two = credential(senders=("example.com", "a@example.org", "example.net"))
+    refused = reconcile(two).admission
+    assert (refused.allowed, refused.reason, refused.message) == (
+        False, cm.REASON_SENDER_NOT_ATTACHED,
+        "allowed senders use domains not attached to SmtpRelay mail/main or not verified yet: "
+        "example.net, example.org")
+
+
+def test_a_domain_owner_that_does_not_grant_the_namespace_refuses_the_credential() -> None:
+    cred = credential(namespace="shop", relay_namespace="mail")
+    open_relay = relay(allowedNamespaces={})
+    billing = LabelSelector.model_validate({"matchLabels": {"team": "billing"}})
+    only_billing = owners("example.com", namespace="mail", allowed=billing)
+    refused = reconcile(cred, r=open_relay, attached=only_billing, labels={"team": "shop"})
+    assert (refused.admission.allowed, refused.admission.reason) == (
+        False, REASON_SENDER_NOT_GRANTED)
+    assert refused.admission.message.startswith(
+        "example.com belongs to SendingDomain mail/example-com, which does not grant namespace "
+        "'shop'")
+    assert [(e.type, e.reason) for e in refused.events][-1] == (
+        "Warning", REASON_SENDER_NOT_GRANTED)
+    ready = get_condition(refused.status["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "False"
+    granted = reconcile(cred, r=open_relay, attached=only_billing, labels={"team": "billing"})
+    assert granted.admission.allowed
+
+
+def test_status_fields() -> None:
+    cred = credential(generation=7, suspended=True, suspendedReason="paused by us")
+    status = reconcile(cred).status
+    assert status["observedGeneration"] == 7
+    assert status["username"] == "mail.app"
+    assert status["relay"] == "mail/main"
+    assert status["secretName"] == "app-smtp"
+    ready = get_condition(status["conditions"], "Ready")
+    assert ready is not None
+    assert (ready["reason"], ready["message"], ready["observedGeneration"]) == (
+        cm.REASON_SUSPENDED, "suspended: paused by us", 7)
+
+
+def test_an_unchanged_condition_keeps_its_transition_time() -> None:
+    cred = credential()
+    first = reconcile(cred)
+    seen = credential(status=first.status, uid=cred.meta.uid)
+    later = reconcile(seen, first, now=NOW + timedelta(hours=3))
+    before = get_condition(first.status["conditions"], "Ready")
+    after = get_condition(later.status["conditions"], "Ready")
+    assert before is not None and after is not None
+    assert after["lastTransitionTime"] == before["lastTransitionTime"] == "2026-11-27T12:00:00Z"
+
+
+def test_every_capped_limit_is_named() -> None:
+    capped_relay = relay(limits={"maxRatePerMinute": 10, "maxDailyQuota": 100})
+    cred = credential(ratePerMinute=50, dailyQuota=500)
+    result = reconcile(cred, r=capped_relay)
+    condition = get_condition(result.status["conditions"], cm.LIMITS_CAPPED)
+    assert condition is not None
+    assert condition["message"] == (
+        "spec.ratePerMinute 50 is above the ceiling of SmtpRelay mail/main "
+        "(spec.limits.maxRatePerMinute 10): 10 applies; spec.dailyQuota 500 is above the "
+        "ceiling of SmtpRelay mail/main (spec.limits.maxDailyQuota 100): 100 applies")
