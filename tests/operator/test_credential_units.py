@@ -116,3 +116,24 @@ def test_every_capped_limit_is_named() -> None:
         "spec.ratePerMinute 50 is above the ceiling of SmtpRelay mail/main "
         "(spec.limits.maxRatePerMinute 10): 10 applies; spec.dailyQuota 500 is above the "
         "ceiling of SmtpRelay mail/main (spec.limits.maxDailyQuota 100): 100 applies")
+
+
+def test_status_names_the_last_rotation_and_the_limits_within_ceilings() -> None:
+    cred = credential(generation=3)
+    status = reconcile(cred, r=relay(limits={"maxRatePerMinute": 10})).status
+    assert status["lastRotationTime"] == "2026-11-27T12:00:00Z"
+    capped = get_condition(status["conditions"], cm.LIMITS_CAPPED)
+    assert capped is not None
+    assert (capped["status"], capped["message"], capped["observedGeneration"]) == (
+        "False", "the limits asked for are within the ceilings of SmtpRelay mail/main", 3)
+
+
+def test_the_relay_entry_carries_limits_only_when_asked_or_capped() -> None:
+    cred = credential()
+    result = reconcile(cred)
+    assert result.state is not None
+    entry = cm.credential_entry(cred, result.state, NOW, relay())
+    assert "ratePerMinute" not in entry and "dailyQuota" not in entry
+    assert "previousPasswordHash" not in entry and "previousExpires" not in entry
+    capped = cm.credential_entry(cred, result.state, NOW, relay(limits={"maxDailyQuota": 5}))
+    assert capped["dailyQuota"] == 5 and "ratePerMinute" not in capped
