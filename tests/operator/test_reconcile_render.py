@@ -523,3 +523,16 @@ def test_a_configuration_in_several_secrets_is_used_only_with_every_part_of_one_
             load_config(tmp_path)
     write(after)
     assert len(load_config(tmp_path).credentials) == 39
+
+
+def test_the_erasure_key_is_mounted_and_named_never_rendered() -> None:
+    r = relay(store={"erasureKeySecretRef": {"name": "erasure", "previousKey": "old"}})
+    settings = run(r, [], [], validate="documents").config.settings.store
+    assert settings.erasure_key_files == ("/etc/mailplane/erasure-key/key",
+                                          "/etc/mailplane/erasure-key/previous")
+    pod = relay_mod.statefulset(r, config_hash="h")["spec"]["template"]["spec"]
+    assert {"name": "erasure-key", "secret": {"secretName": "erasure", "items": [
+        {"key": "key", "path": "key"}, {"key": "old", "path": "previous"}]}} in pod["volumes"]
+    assert {"name": "erasure-key", "mountPath": "/etc/mailplane/erasure-key",
+            "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert run(relay(), [], []).config.settings.store.erasure_key_files == ()

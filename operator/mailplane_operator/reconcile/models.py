@@ -486,12 +486,21 @@ class StoreSecretRef(SecretKeyRef):
     key: str = Field("uri", pattern=r"^[-._a-zA-Z0-9]+$")  # CloudNativePG's app Secret
 
 
+class ErasureKeyRef(SecretKeyRef):
+    """The key erased complaint addresses are hashed with: ``key``, and during a rotation
+    ``previousKey`` too."""
+
+    key: str = Field("key", pattern=r"^[-._a-zA-Z0-9]+$")
+    previous_key: str | None = Field(None, alias="previousKey", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
 class StoreSpec(_Spec):
     """The relay pool's store (docs/store.md): a SQLite file per pod, or one PostgreSQL
     database for the pool, reached with the connection string in ``secretRef``."""
 
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     secret_ref: StoreSecretRef | None = Field(None, alias="secretRef")
+    erasure_key_secret_ref: ErasureKeyRef | None = Field(None, alias="erasureKeySecretRef")
 
     @model_validator(mode="after")
     def _secret_needed(self) -> StoreSpec:

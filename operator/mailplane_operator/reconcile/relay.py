@@ -59,6 +59,7 @@ SMARTHOST_DIR = "/etc/mailplane/smarthost"
 STORE_DIR = "/etc/mailplane/store"
 INTAKE_DIR = "/etc/mailplane/intake"
 WEBHOOK_DIR = "/etc/mailplane/webhook"
+ERASURE_KEY_DIR = "/etc/mailplane/erasure-key"
 WEBHOOK_CA_DIR = "/etc/mailplane/webhook-ca"
 DATA_DIR = "/var/lib/mailplane"
 SUBMISSION_CONTAINER_PORT = 1587
@@ -187,6 +188,15 @@ def pod_template(relay: SmtpRelay, image: str,
         volumes.append({"name": "intake", "secret": {
             "secretName": ref.name, "items": [{"key": ref.key, "path": "key"}]}})
         mounts.append({"name": "intake", "mountPath": INTAKE_DIR, "readOnly": True})
+    erasure_ref = spec.store.erasure_key_secret_ref
+    if erasure_ref is not None:
+        # The key stays in its Secret, mounted as files (never rendered, never in the store).
+        items = [{"key": erasure_ref.key, "path": "key"}]
+        if erasure_ref.previous_key:
+            items.append({"key": erasure_ref.previous_key, "path": "previous"})
+        volumes.append({"name": "erasure-key", "secret": {"secretName": erasure_ref.name,
+                                                          "items": items}})
+        mounts.append({"name": "erasure-key", "mountPath": ERASURE_KEY_DIR, "readOnly": True})
     hooks = spec.webhooks
     if hooks is not None and hooks.secret_ref is not None:
         # The signing secret(s) stay in their Secret, mounted as files (never rendered).

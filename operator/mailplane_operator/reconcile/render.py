@@ -104,6 +104,7 @@ class RuntimePaths:
     store_dsn: str = f"{relay_mod.STORE_DIR}/dsn"
     intake_key: str = f"{relay_mod.INTAKE_DIR}/key"
     webhook_dir: str = relay_mod.WEBHOOK_DIR
+    erasure_key_dir: str = relay_mod.ERASURE_KEY_DIR
     webhook_ca: str = f"{relay_mod.WEBHOOK_CA_DIR}/ca.crt"
     intake_port: int = relay_mod.INTAKE_CONTAINER_PORT
     listen_address: str = "0.0.0.0"
@@ -326,6 +327,12 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         # The connection string stays in its Secret, mounted as a file (relay.py): it is never
         # part of the rendered configuration, a log line or a status.
         settings["store"] = {"backend": "postgresql", "dsnFile": paths.store_dsn}
+    erasure_ref = spec.store.erasure_key_secret_ref
+    if erasure_ref is not None:
+        files = [f"{paths.erasure_key_dir}/key"]
+        if erasure_ref.previous_key:
+            files.append(f"{paths.erasure_key_dir}/previous")
+        settings.setdefault("store", {})["erasureKeyFiles"] = files
     hooks = spec.webhooks
     if hooks is not None:
         webhooks: dict[str, Any] = {
