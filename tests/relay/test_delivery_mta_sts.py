@@ -108,10 +108,6 @@ async def test_enforce_delivers_over_tls_verified_for_the_mx_the_policy_names(
     assert sink.messages[0].tls
     assert server.requests == [(f"mta-sts.{DOMAIN}", "/.well-known/mta-sts.txt")]
     assert tls_modes(r) == {("sts", "enforce", "success")}
-    # Persisted for the next start: nothing but the policy.
-    saved = json.loads((tmp_path / "sts.json").read_text())["policies"][DOMAIN]
-    assert saved["mode"] == "enforce" and saved["mx"] == ["sink.test"]
-    assert saved["id"] == "20261207a"
 
 
 async def test_concurrent_deliveries_share_one_policy_fetch(
@@ -248,6 +244,11 @@ async def test_a_restart_honours_the_cached_enforce_policy_while_the_policy_host
     first = await relay(config(dns_server, good, ca_file, cache))
     await first.done(await first.send([f"user@{DOMAIN}"]))
     await first.stop()
+    # Persisted at the stop: nothing but the policy.
+    saved = json.loads(cache.read_text())["policies"]
+    assert list(saved) == [DOMAIN]
+    assert saved[DOMAIN]["mode"] == "enforce" and saved[DOMAIN]["mx"] == ["sink.test"]
+    assert saved[DOMAIN]["id"] == "20261207a"
     # The policy host goes down, the id changes (a refresh is due), and an attacker who
     # strips STARTTLS now answers for the MX.
     await server.stop()

@@ -235,7 +235,8 @@ class MTASTS:
         self._fetching: dict[str, asyncio.Future[Lookup]] = {}
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._loading: asyncio.Future[None] | None = None
-        self._save_lock = asyncio.Lock()
+        self._dirty = False
+        self._saver: asyncio.Task[None] | None = None
         self._fetch_slots = asyncio.Semaphore(FETCH_CONCURRENCY)
         self.fetches = 0  # for tests
 
@@ -334,7 +335,7 @@ class MTASTS:
         if cached is None or cached.mode != policy.mode or cached.mx != policy.mx:
             log.info("mta-sts: %s has policy id %s: mode %s, mx %s", domain, policy_id,
                      policy.mode, ",".join(policy.mx[:10])[:300])
-        await self._save()
+        self._schedule_save()
         return Lookup(policy)
 
     # ---------------------------------------------------------------- persistence
@@ -361,14 +362,30 @@ class MTASTS:
         log.info("mta-sts: %d cached policies loaded from %s", len(self._policies),
                  self.cache_file)
 
-    async def _save(self) -> None:
-        async with self._save_lock:
+    def _schedule_save(self) -> None:
+        """Write the cache in the background, one write at a time: a burst of new policies
+        (the first hours after a deployment) makes a few writes, and no delivery waits."""
+        self._dirty = True
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(
+                self._save_while_dirty(), name="mta-sts-save")
+
+    async def _save_while_dirty(self) -> None:
+        while self._dirty:
+            self._dirty = False
             mine = dict(self._policies)
             try:
                 await asyncio.to_thread(self._merge_and_write, mine)
             except OSError as exc:
                 log.error("mta-sts: cannot write the policy cache %s: %s", self.cache_file,
                           exc.strerror)
+            except Exception:
+                log.exception("mta-sts: writing the policy cache %s failed", self.cache_file)
+
+    async def flush(self) -> None:
+        """Wait for the cache file to hold every policy fetched so far (at shutdown)."""
+        if self._saver is not None:
+            await asyncio.shield(self._saver)
 
     def _merge_and_write(self, mine: dict[str, Policy]) -> None:
         """Worker processes share the file: keep the other workers' policies, the most

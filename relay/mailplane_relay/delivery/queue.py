@@ -244,6 +244,10 @@ class DeliveryQueue:
             self._close_idle(dest, keep=lambda _c: False)
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=2.5)
+        if self._sts is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._sts.flush()  # the policies a restart must honour
 
     # ------------------------------------------------------------------ introspection
 
