@@ -30,12 +30,12 @@ VERP = re.compile(r"^bounces\+[0-9a-z]{20}[rm][0-9a-z]{10}@bounces\.example\.com
 
 
 def intake_relay(factory: Callable[..., RelayProcess], sink: Sink, tmp_path: Path,
-                 **abuse: Any) -> RelayProcess:
+                 intake: dict[str, Any] | None = None, **abuse: Any) -> RelayProcess:
     key = tmp_path / "verp-key"
     key.write_text("0123456789abcdef0123456789abcdef\n")
     extra: dict[str, Any] = {"intake": {"domain": DOMAIN, "keyFile": str(key),
                                         "address": "127.0.0.1", "port": free_port(),
-                                        "maxMessageSize": 8192}}
+                                        "maxMessageSize": 8192, **(intake or {})}}
     if abuse:
         extra["abuse"] = abuse
     relay = factory(smarthost_port=sink.port, extra=extra)
@@ -212,3 +212,28 @@ async def test_the_listener_takes_its_domain_only_caps_size_and_offers_starttls_
     assert "AUTH" not in r.stdout.split("TLS started")[1]
     await asyncio.sleep(0)
     assert sink.messages == []
+
+
+async def test_sessions_per_address_and_reports_per_minute_are_capped(
+        relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+        tmp_path: Path) -> None:
+    sink: Sink = await smtp_sink()
+    relay = intake_relay(relay_factory, sink, tmp_path,
+                         intake={"maxSessionsPerAddress": 1, "reportsPerMinute": 1})
+    await asyncio.to_thread(relay.start)
+    port = relay.spec()["intake"]["port"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"220 ")
+    # A second session from the same address while the first is open: refused.
+    r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+    assert (await r2.readline()).startswith(b"421 4.7.0 Too many connections")
+    w2.close()
+    writer.write(b"QUIT\r\n")
+    await writer.drain()
+    await reader.read()
+    writer.close()
+    # One report a minute: the first is taken, the second deferred (the sender retries).
+    first = await asyncio.to_thread(swaks, relay, f"x@{DOMAIN}", b"Subject: a\r\n\r\nx")
+    assert "250 2.0.0" in first.stdout, first.stdout
+    second = await asyncio.to_thread(swaks, relay, f"x@{DOMAIN}", b"Subject: b\r\n\r\nx")
+    assert "451 4.7.1 Too many reports" in second.stdout, second.stdout
