@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,14 @@ def swaks(relay: RelayProcess, to: str, data: bytes | None = None, *, tls: bool 
                  "--tls-sni", "relay.test", "--quit-after", "EHLO"]
     return subprocess.run(args, input=(data or b"").decode(), capture_output=True, text=True,
                           timeout=30)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def suppression(relay: RelayProcess) -> str:
@@ -237,3 +246,25 @@ async def test_sessions_per_address_and_reports_per_minute_are_capped(
     assert "250 2.0.0" in first.stdout, first.stdout
     second = await asyncio.to_thread(swaks, relay, f"x@{DOMAIN}", b"Subject: b\r\n\r\nx")
     assert "451 4.7.1 Too many reports" in second.stdout, second.stdout
+
+
+async def test_with_two_workers_one_intake_listener_takes_the_reports(
+        relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+        tmp_path: Path) -> None:
+    sink: Sink = await smtp_sink()
+    key = tmp_path / "verp-key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    relay = relay_factory(smarthost_port=sink.port, workers=2, extra={"intake": {
+        "domain": DOMAIN, "keyFile": str(key), "address": "127.0.0.1", "port": free_port()}})
+    await asyncio.to_thread(relay.start)
+    (return_path,) = await deliver(relay, sink, 1)
+    # The pool is ready when one worker is; the intake is the first worker's.
+    await eventually(lambda: port_open(relay.spec()["intake"]["port"]),
+                     "the first worker's intake listener")
+    dsn = fill("postfix-dsn.eml", RETURN_PATH=return_path, RECIPIENT="user1@dest.test",
+               LOCAL="user1")
+    r = await asyncio.to_thread(swaks, relay, return_path, dsn)
+    assert "250 2.0.0" in r.stdout, r.stdout
+    await eventually(lambda: relay.metric("mailplane_relay_intake_reports_total", kind="dsn",
+                                          result="matched") == 1, "the DSN matched")
+    assert "user1@dest.test" in await asyncio.to_thread(suppression, relay)
