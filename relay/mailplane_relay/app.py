@@ -552,7 +552,8 @@ class RelayApp:
 
         handler = IntakeHandler(config=self.config, key=key, log=msglog,
                                 suppression=suppression, metrics=self.metrics,
-                                reputation=reputation, hard_bounce=queue.hard_bounce)
+                                reputation=reputation, hard_bounce=queue.hard_bounce,
+                                domain_complaints=msglog.backend.domain_complaints_add)
         intake = IntakeServer(config=self.config, tls=tls, handler=handler,
                               metrics=self.metrics)
         port = self.worker.listener_ports.get("intake") if self.worker else None

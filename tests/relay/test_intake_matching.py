@@ -4,6 +4,11 @@ in-memory stand-ins; the listener and real stores are exercised in test_intake.p
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
 from mailplane_relay import verp
 from mailplane_relay.config import AbuseSettings, RelayConfig, RelaySettings
 from mailplane_relay.events import LogEvent
@@ -48,8 +53,10 @@ def delivered(recipient: str, credential: str = "app") -> dict[str, object]:
             "credential": credential, "sender": "app@example.com", "message_id": "<m@x>"}
 
 
-def handler(rows: list[dict[str, object]]) -> tuple[IntakeHandler, Log, Suppression,
-                                                     RelayMetrics, Reputation, list[str]]:
+def handler(rows: list[dict[str, object]], *,
+            domain_complaints: Callable[[dict[tuple[str, str, int], int]], Awaitable[None]]
+            | None = None, clock: Callable[[], float] = time.time,
+            ) -> tuple[IntakeHandler, Log, Suppression, RelayMetrics, Reputation, list[str]]:
     cfg = RelayConfig(settings=RelaySettings.model_validate({
         "tls": {"certFile": "/c", "keyFile": "/k"}, "domains": [{"name": "example.com"}],
         "intake": {"domain": DOMAIN, "keyFile": "/unused"}}))
@@ -61,7 +68,8 @@ def handler(rows: list[dict[str, object]]) -> tuple[IntakeHandler, Log, Suppress
         hard.append(f"{address} {response}")
 
     h = IntakeHandler(config=lambda: cfg, key=lambda: KEY, log=log, suppression=supp,
-                      metrics=metrics, reputation=rep, hard_bounce=hard_bounce)
+                      metrics=metrics, reputation=rep, hard_bounce=hard_bounce,
+                      domain_complaints=domain_complaints, clock=clock)
     return h, log, supp, metrics, rep, hard
 
 
@@ -166,3 +174,24 @@ async def test_a_complaint_suppresses_as_complaint_and_fills_the_complaint_windo
     forged = arf.replace(b"<a@dest.test>", b"<victim@dest.test>")
     await h.handle(forged, [f"fbl@{DOMAIN}"])
     assert reports(metrics, "arf", "forged") == 1 and len(supp.added) == 1
+
+
+async def test_a_complaint_is_counted_per_credential_sender_domain_and_minute(
+        tmp_path: Path) -> None:
+    """Into the store, where the portal's figures read a sender domain's complaint rate."""
+    from mailplane_relay.store import SqliteBackend
+
+    store = SqliteBackend(str(tmp_path / "store.sqlite3"))
+    await store.open()
+    h, _log, _supp, _metrics, _rep, _hard = handler(
+        [delivered("a@dest.test") | {"sender": "News@Example.COM"}],
+        domain_complaints=store.domain_complaints_add, clock=lambda: 1_800_000_030.0)
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="a@dest.test")
+    await h.handle(arf, [f"fbl@{DOMAIN}"])
+    await h.handle(arf, [f"fbl@{DOMAIN}"])  # a second report (the count is what the pause sees)
+    await store.close()
+    with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+        rows = conn.execute("SELECT credential, domain, minute, complaints "
+                            "FROM complaint_domain_buckets").fetchall()
+    assert rows == [("app", "example.com", 30_000_000, 2)]

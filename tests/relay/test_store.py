@@ -443,6 +443,42 @@ async def test_reputation_counts_add_up_across_writers(
     assert await other.complaints_window(100) == {"app": 3, "web": 1}
 
 
+async def test_complaints_per_sender_domain_add_up_and_leave_after_a_week(
+    backend: StoreBackend, other: StoreBackend, mlog: MessageLog, request: pytest.FixtureRequest
+) -> None:
+    """The intake's count per (credential, sender domain, minute), read by the portal's
+    figures; kept as long as the per-credential complaint counts (7 days)."""
+    minute = int(time.time() // 60)
+    week = 7 * 24 * 60
+    await backend.domain_complaints_add({("app", "example.com", minute): 1,
+                                         ("app", "example.com", minute - week - 5): 3})
+    await other.domain_complaints_add({("app", "example.com", minute): 2,
+                                       ("app", "example.org", minute): 1,
+                                       ("web", "example.com", minute): 1})
+
+    async def counts() -> dict[tuple[str, str, int], int]:
+        sql = "SELECT credential, domain, minute, complaints FROM complaint_domain_buckets"
+        if isinstance(backend, SqliteBackend):
+            with sqlite3.connect(backend.path) as conn:
+                found = conn.execute(sql).fetchall()
+        else:
+            import psycopg
+
+            async with await psycopg.AsyncConnection.connect(
+                    request.getfixturevalue("pg_dsn")) as conn:
+                found = await (await conn.execute(sql)).fetchall()
+        return {(c, d, int(m)): int(n) for c, d, m, n in found}
+
+    assert await counts() == {("app", "example.com", minute): 3,
+                              ("app", "example.com", minute - week - 5): 3,
+                              ("app", "example.org", minute): 1,
+                              ("web", "example.com", minute): 1}
+    await mlog.purge(now=time.time(), message_log_retention=90 * 86400.0,
+                     suppression_retention=365 * 86400.0, changes_retention=86400.0)
+    assert ("app", "example.com", minute - week - 5) not in await counts()
+    assert len(await counts()) == 3
+
+
 # ---- SQLite specifics ---------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ through the VERP return path it names, and acted on:
   address as a synchronous hard bounce does; every permanent failure counts as a bounce of the
   credential (``async_bounces_total``, the bounce-rate window, a ``bounced`` log row);
 - an ARF ``abuse`` report suppresses the complainant with reason ``complaint``, counts in
-  ``complaints_total`` and in the credential's complaint-rate window.
+  ``complaints_total`` and in the credential's complaint-rate window, and in the store per
+  credential, sender domain and minute (``complaint_domain_buckets``, the portal's figures).
 
 A report whose return path does not verify, or that names no message or recipient of ours, is
 counted and dropped. Logs hold metadata only (kind, queue id, result), never addresses.
@@ -70,6 +71,8 @@ class IntakeHandler:
                  log: MessageLogLike, suppression: SuppressionLike, metrics: RelayMetrics,
                  reputation: Reputation | None,
                  hard_bounce: Callable[[str, str, float], Awaitable[None]],
+                 domain_complaints: Callable[[dict[tuple[str, str, int], int]],
+                                             Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._key = key
@@ -78,6 +81,7 @@ class IntakeHandler:
         self._metrics = metrics
         self._reputation = reputation
         self._hard_bounce = hard_bounce
+        self._domain_complaints = domain_complaints
         self._clock = clock
 
     def _count(self, kind: str, result: str, n: int = 1) -> None:
@@ -210,6 +214,17 @@ class IntakeHandler:
             raise
         except Exception:
             log.exception("intake: could not add a complainant to the suppression list")
+        # Per sender domain too, for the team's figures; a match through the recipient tag
+        # alone (no log row) names no sender or credential and is not counted there.
+        if self._domain_complaints is not None and match.credential and domain:
+            minute = int(self._clock() // 60)
+            try:
+                await self._domain_complaints({(match.credential, domain, minute): 1})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("intake: could not count a complaint per sender domain: %s",
+                            type(exc).__name__)
         log.info("intake: complaint matched %s", match.queue_id)
 
 

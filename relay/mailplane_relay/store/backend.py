@@ -220,6 +220,8 @@ class StoreBackend(Protocol):
         """Add complaint counts per (credential, minute) (reports taken by the intake)."""
     async def complaints_window(self, since_minute: int) -> dict[str, int]:
         """Complaints per credential summed over minutes after ``since_minute``."""
+    async def domain_complaints_add(self, buckets: dict[tuple[str, str, int], int]) -> None:
+        """Add complaint counts per (credential, sender domain, minute), for the figures."""
 
     # ---- erasure requests (docs/store.md, "Erasure across the pool")
     async def erasure_request(self, address: str, now: float) -> int:

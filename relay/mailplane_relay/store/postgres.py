@@ -152,6 +152,14 @@ CREATE TABLE IF NOT EXISTS complaint_buckets (
     complaints bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (credential, minute)
 );
+-- The same complaints per credential, sender domain and minute (the portal's figures).
+CREATE TABLE IF NOT EXISTS complaint_domain_buckets (
+    credential text NOT NULL,
+    domain text NOT NULL,
+    minute bigint NOT NULL,
+    complaints bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (credential, domain, minute)
+);
 -- Webhook events waiting for their endpoint (docs/webhooks.md), written in the same transaction
 -- as the log rows they come from; leased with FOR UPDATE SKIP LOCKED so that exactly one worker
 -- of the pool posts each; deleted once delivered or given up.
@@ -456,6 +464,8 @@ class PostgresBackend:
             await conn.execute("DELETE FROM reputation_buckets WHERE minute < %s",
                                (int(now // 60) - 7 * 24 * 60,))
             await conn.execute("DELETE FROM complaint_buckets WHERE minute < %s",
+                               (int(now // 60) - 7 * 24 * 60,))
+            await conn.execute("DELETE FROM complaint_domain_buckets WHERE minute < %s",
                                (int(now // 60) - 7 * 24 * 60,))
             await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - PEER_MEMORY,))
         return n_log, n_supp
@@ -789,6 +799,18 @@ class PostgresBackend:
                 "VALUES (%s, %s, %s) ON CONFLICT (credential, minute) DO UPDATE SET "
                 "complaints = b.complaints + excluded.complaints",
                 [(c, m, n) for (c, m), n in buckets.items()])
+
+    async def domain_complaints_add(self, buckets: dict[tuple[str, str, int], int]) -> None:
+        if not buckets:
+            return
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            cur = conn.cursor()
+            await cur.executemany(
+                "INSERT INTO complaint_domain_buckets AS b (credential, domain, minute, "
+                "complaints) VALUES (%s, %s, %s, %s) ON CONFLICT (credential, domain, minute) "
+                "DO UPDATE SET complaints = b.complaints + excluded.complaints",
+                [(c, d, m, n) for (c, d, m), n in sorted(buckets.items())])
 
     async def complaints_window(self, since_minute: int) -> dict[str, int]:
         await self._ready()

@@ -106,6 +106,14 @@ CREATE TABLE IF NOT EXISTS complaint_buckets (
     complaints INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (credential, minute)
 );
+-- The same complaints per credential, sender domain and minute (the portal's figures).
+CREATE TABLE IF NOT EXISTS complaint_domain_buckets (
+    credential TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    complaints INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (credential, domain, minute)
+);
 -- Webhook events waiting for their endpoint (docs/webhooks.md): metadata of the log rows they
 -- come from, written in the same transaction; deleted once delivered or given up.
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -525,6 +533,8 @@ class SqliteBackend:
                              (int(now // 60) - 7 * 24 * 60,))
                 conn.execute("DELETE FROM complaint_buckets WHERE minute < ?",
                              (int(now // 60) - 7 * 24 * 60,))
+                conn.execute("DELETE FROM complaint_domain_buckets WHERE minute < ?",
+                             (int(now // 60) - 7 * 24 * 60,))
                 conn.execute("DELETE FROM store_peers WHERE seen < ?", (now - PEER_MEMORY,))
             return counts
         return await self._run(run)
@@ -709,6 +719,19 @@ class SqliteBackend:
                     "VALUES (?, ?, ?) ON CONFLICT (credential, minute) DO UPDATE SET "
                     "complaints = complaints + excluded.complaints",
                     [(c, m, n) for (c, m), n in buckets.items()])
+        await self._run(run)
+
+    async def domain_complaints_add(self, buckets: dict[tuple[str, str, int], int]) -> None:
+        if not buckets:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO complaint_domain_buckets (credential, domain, minute, "
+                    "complaints) VALUES (?, ?, ?, ?) ON CONFLICT (credential, domain, minute) "
+                    "DO UPDATE SET complaints = complaints + excluded.complaints",
+                    [(c, d, m, n) for (c, d, m), n in buckets.items()])
         await self._run(run)
 
     async def complaints_window(self, since_minute: int) -> dict[str, int]:
