@@ -278,7 +278,8 @@ async def _figures(records: Records, namespace: str, since: float, bucket: int
 
 
 COMPLAINT_DAYS = 7
-"""How far back the store keeps complaint counts (``complaint_buckets``, per minute)."""
+"""How far back the store keeps complaint counts (``complaint_buckets`` per credential and
+``complaint_domain_buckets`` per credential and sender domain, per minute)."""
 
 
 async def _complaints(records: Records, credentials: list[str], since: float
@@ -294,11 +295,24 @@ async def _complaints(records: Records, credentials: list[str], since: float
         (int(since // 60), *credentials))
 
 
+async def _domain_complaints(records: Records, credentials: list[str], since: float
+                             ) -> list[dict[str, Any]]:
+    """Complaints per sender domain per minute, of these credentials' mail only: a domain's
+    complaints about mail another team sent (with its own credential) are that team's."""
+    if not credentials:
+        return []
+    marks = ", ".join("?" for _ in credentials)
+    return await records._all(
+        "SELECT domain, minute, sum(complaints) AS complaints "  # noqa: S608
+        f"FROM complaint_domain_buckets WHERE minute >= ? AND credential IN ({marks}) "
+        "GROUP BY domain, minute", (int(since // 60), *credentials))
+
+
 async def figures(records: Records, namespace: str, since: float, bucket: int
                   ) -> dict[str, dict[str, dict[int, dict[str, int]]]]:
     """Counts per status, per time bucket, per credential and per sender domain:
-    ``{"credential": {name: {bucket_start: {status: n}}}, "domain": {...}}``. A credential's
-    series also counts ``complained`` (complaints are kept per credential, not per domain)."""
+    ``{"credential": {name: {bucket_start: {status: n}}}, "domain": {...}}``. Both also count
+    ``complained``: the complaints the relays' intake matched to this namespace's mail."""
     out: dict[str, dict[str, dict[int, dict[str, int]]]] = {"credential": {}, "domain": {}}
     for row in await _figures(records, namespace, since, bucket):
         start = int(row["bucket"]) * bucket
@@ -312,5 +326,10 @@ async def figures(records: Records, namespace: str, since: float, bucket: int
     for row in await _complaints(records, own, since):
         start = int(row["minute"]) * 60 // bucket * bucket
         counts = out["credential"][str(row["credential"])].setdefault(start, {})
+        counts["complained"] = counts.get("complained", 0) + int(row["complaints"])
+    for row in await _domain_complaints(records, own, since):
+        start = int(row["minute"]) * 60 // bucket * bucket
+        series = out["domain"].setdefault(str(row["domain"]), {})
+        counts = series.setdefault(start, {})
         counts["complained"] = counts.get("complained", 0) + int(row["complaints"])
     return out

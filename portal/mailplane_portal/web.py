@@ -919,8 +919,8 @@ async def figures_page(request: web.Request) -> web.Response:
         + (' class="current"' if r == span_name else "") + f">{r}</a>" for r in RANGES)
     body = f'<p class="pager">{tabs}</p>' + charts.legend() + (
         '<p class="muted">Complaints (feedback-loop reports about your mail) are counted per '
-        "credential, as a share of the mail it delivered, for the last "
-        f"{COMPLAINT_DAYS} days; the store does not keep them per sender domain.</p>")
+        "sender domain and per credential, as a share of the mail it delivered; the store "
+        f"keeps them for {COMPLAINT_DAYS} days.</p>")
     for kind, label in (("domain", "Sender domain"), ("credential", "Credential")):
         body += f"<h2>Per {label.lower()}</h2>"
         if not data[kind]:
@@ -928,7 +928,7 @@ async def figures_page(request: web.Request) -> web.Response:
             continue
         body += '<div class="charts">'
         for name, series in sorted(data[kind].items()):
-            r = charts.rates(series, complaints=kind == "credential")
+            r = charts.rates(series, complaints=True)
             caption = (f"{label} {name}: {int(r['total'])} events, delivered "
                        f"{r['delivered']:.1%}, deferred {r['deferred']:.1%}, bounced "
                        f"{r['bounced']:.1%}"
@@ -945,7 +945,7 @@ async def api_figures(request: web.Request) -> web.Response:
     ns, span_name, since, bucket, data = await _figures(request)
     return web.json_response({
         "namespace": ns, "range": span_name, "bucket_seconds": bucket, "since": since,
-        **{kind: {name: {"rates": charts.rates(series, complaints=kind == "credential"),
+        **{kind: {name: {"rates": charts.rates(series, complaints=True),
                          "buckets": [{"start": b, **counts} for b, counts in
                                      sorted(series.items())]}
                   for name, series in data[kind].items()}

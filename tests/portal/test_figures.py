@@ -79,7 +79,8 @@ def test_complaint_rates_per_credential_and_only_the_namespaces_own(
     assert sum(b.get("complained", 0) for b in series["buckets"]) == 2  # 3 days ago: not in 24h
     assert series["rates"]["complained"] == 2 / 121  # of the delivered
     assert series["rates"]["total"] == 122  # log events; complaints are not among them
-    assert "complained" not in body["domain"]["shop.example"]["rates"]
+    # Counted per credential only: the domain chart has none of them.
+    assert body["domain"]["shop.example"]["rates"]["complained"] == 0
     week = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
                      params={"range": "7d"}).json()
     assert sum(b.get("complained", 0) for b in week["credential"]["shop-orders"]["buckets"]) == 7
@@ -89,3 +90,48 @@ def test_complaint_rates_per_credential_and_only_the_namespaces_own(
     bob = portal.session("bob-token")
     blog = bob.get(portal.url + "/api/v1/namespaces/blog/figures").json()
     assert blog["credential"]["blog-news"]["rates"]["complained"] == 1.0  # 1 delivered
+
+
+def test_complaint_rates_per_sender_domain_count_only_the_namespaces_own_mail(
+        portal: RunningPortal) -> None:
+    """The intake counts complaints per credential, sender domain and minute; a team sees its
+    domains' rates from its own credentials' mail, never another team's complaints about the
+    same domain."""
+    import asyncio
+    import time
+
+    async def complain() -> None:
+        store = portal.new_store()
+        await store.open()
+        minute = int(time.time() // 60)
+        await store.domain_complaints_add({
+            ("shop-orders", "shop.example", minute - 30): 2,
+            ("shop-orders", "shop.example", minute - 29): 1,
+            ("shop-orders", "shop.example", minute - 3 * 24 * 60): 5,  # in 7d, not in 24h
+            # Another team's credential sending as shop.example, and another domain.
+            ("blog-news", "shop.example", minute): 40,
+            ("blog-news", "blog.example", minute): 1,
+            ("somebody-else", "shop.example", minute): 9,
+        })
+        await store.domain_complaints_add({("shop-orders", "shop.example", minute - 30): 1})
+        await store.close()
+    asyncio.run(complain())
+    alice = portal.session("alice-token")
+    body = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "24h"}).json()
+    assert set(body["domain"]) == {"shop.example"}
+    series = body["domain"]["shop.example"]
+    assert sum(b.get("complained", 0) for b in series["buckets"]) == 4
+    assert series["rates"]["complained"] == 4 / 121  # of the delivered
+    assert series["rates"]["total"] == 122
+    week = alice.get(portal.url + "/api/v1/namespaces/shop/figures",
+                     params={"range": "7d"}).json()
+    assert sum(b.get("complained", 0) for b in week["domain"]["shop.example"]["buckets"]) == 9
+    page = alice.get(portal.url + "/ns/shop/figures?range=24h").text
+    assert "Sender domain shop.example: 122 events" in page
+    assert "complained 3.31% of delivered" in page
+    bob = portal.session("bob-token")
+    blog = bob.get(portal.url + "/api/v1/namespaces/blog/figures").json()
+    # bob's own credential's complaints, under the domains it sent as.
+    assert blog["domain"]["blog.example"]["rates"]["complained"] == 1.0  # 1 delivered
+    assert sum(b.get("complained", 0) for b in blog["domain"]["shop.example"]["buckets"]) == 40
