@@ -186,8 +186,8 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
 CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
-CREATE INDEX IF NOT EXISTS webhook_outbox_sender ON webhook_outbox (lower(sender));
-CREATE INDEX IF NOT EXISTS webhook_outbox_recipient ON webhook_outbox (lower(recipient));
+-- No address indexes: the outbox holds only events not posted yet (usually few), so an erasure
+-- scans it, and every insert stays cheaper.
 -- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential text NOT NULL,
@@ -219,11 +219,25 @@ _STAGING = (
 _COLS = ", ".join(LOG_COLUMNS)
 _SELECT_COLUMNS = ", ".join(c for c in LOG_COLUMNS if c != "event_id")
 _FORGOTTEN = ""
-_OUTBOX_INSERT = (
-    f"INSERT INTO webhook_outbox ({', '.join(OUTBOX_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('%s' for _ in OUTBOX_COLUMNS)}) ON CONFLICT (event_id, target) "
-    "DO NOTHING"
+_OUTBOX_COLS = ", ".join(OUTBOX_COLUMNS)
+_OUTBOX_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS webhook_outbox_in (event_id text, target text, type text, "
+    "ts double precision, credential text, namespace text, sender text, recipient text, "
+    "queue_id text, message_id text, response text, attempt integer, "
+    "next_attempt double precision) ON COMMIT DELETE ROWS"
 )
+
+
+async def _copy_outbox(conn: AsyncConnection[Any], outbox: list[OutboxRow]) -> None:
+    """Webhook events in, as the log rows go (COPY into staging, then one INSERT); an event
+    already there (a replayed batch) is skipped. Inside the caller's transaction."""
+    await conn.execute(_OUTBOX_STAGING)
+    async with conn.cursor().copy(f"COPY webhook_outbox_in ({_OUTBOX_COLS}) FROM STDIN") as copy:
+        for row in outbox:
+            await copy.write_row(row)
+    await conn.execute(
+        f"INSERT INTO webhook_outbox ({_OUTBOX_COLS}) SELECT {_OUTBOX_COLS} "  # noqa: S608
+        "FROM webhook_outbox_in ON CONFLICT (event_id, target) DO NOTHING")
 
 
 def _conninfo_description(dsn: str) -> str:
@@ -416,7 +430,7 @@ class PostgresBackend:
                 f"INSERT INTO message_log ({_COLS}) SELECT {_COLS} FROM message_log_in "  # noqa: S608
                 "ON CONFLICT (event_id) DO NOTHING")
             if outbox:
-                await conn.cursor().executemany(_OUTBOX_INSERT, outbox)
+                await _copy_outbox(conn, outbox)
 
     async def query(self, q: LogQuery) -> list[dict[str, Any]]:
         await self._ready()
@@ -607,7 +621,7 @@ class PostgresBackend:
             return
         await self._ready()
         async with self._conn() as conn, conn.transaction():
-            await conn.cursor().executemany(_OUTBOX_INSERT, outbox)
+            await _copy_outbox(conn, outbox)
 
     async def webhook_claim(self, owner: str, now: float, lease_until: float,
                             limit: int) -> list[dict[str, Any]]:
