@@ -307,6 +307,32 @@ async def test_every_delivery_after_a_restart_waits_for_the_cache_to_load(
     assert stripped.messages == [] and second.count("deferred") == 8
 
 
+async def test_workers_sharing_the_cache_file_keep_each_others_policies(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    cache = tmp_path / "sts.json"
+    await published(policy_server, dns_server, ca, ENFORCE)
+    other = await policy_server(ca, "example.org")
+    other.policy = policy_text("testing", "sink.test")
+    dns_server.add_txt("_mta-sts.example.org", "v=STSv1; id=org1;")
+    dns_server.add_a("mta-sts.example.org", other.address)
+    dns_server.add_mx("example.org", "sink.test")
+    sink = await smtp_sink(ca=ca, starttls=True)
+    dns_server.add_mx("plain.example", "sink.test")
+    one = await relay(config(dns_server, sink, ca_file, cache))
+    two = await relay(config(dns_server, sink, ca_file, cache))
+    # Both read the (still missing) file before either fetched a policy.
+    await one.done(await one.send(["user@plain.example"]))
+    await two.done(await two.send(["user@plain.example"]))
+    await one.done(await one.send([f"user@{DOMAIN}"]))
+    await two.done(await two.send(["user@example.org"]))
+    await one.stop()
+    await two.stop()
+    saved = json.loads(cache.read_text())["policies"]
+    assert {d: p["mode"] for d, p in saved.items()} == {DOMAIN: "enforce",
+                                                       "example.org": "testing"}
+
+
 @pytest.mark.parametrize("txt", ["servfail", "removed"])
 async def test_a_cached_policy_holds_when_the_txt_record_fails_or_disappears(
         relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
