@@ -260,11 +260,36 @@ async def test_removed_message_leaves_no_byte_of_it_on_disk(tmp_path: Path) -> N
     msg.recipients[0].status = "delivered"
     await s.save_state(msg)
     await s.remove(msg.queue_id)
-    await commit(s, b"another\r\n")  # a later commit reuses nothing of the removed one
+    # Its two files wait in free/, zeros only, for reuse.
+    free = sorted((tmp_path / "free").iterdir())
+    assert len(free) == 2 and all(set(p.read_bytes()) == {0} for p in free)
+    assert marker.encode() not in tree_bytes(tmp_path)
+    # A later commit reuses one, holding nothing of the removed message.
+    another = await commit(s, b"another\r\n")
+    assert s.recycled == 1 and len(list((tmp_path / "free").iterdir())) == 1
+    assert (tmp_path / f"{another.queue_id}.msg").read_bytes().endswith(b"another\r\n")
     await s.close()
     assert marker.encode() not in tree_bytes(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "free") == [
         p.name for p in tmp_path.glob("*.msg")]
+
+
+async def test_a_larger_message_reuses_a_smaller_scrubbed_file_and_a_smaller_one_a_larger(
+        tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    small = await commit(s, b"x" * 100)
+    await s.remove(small.queue_id)
+    big = await commit(s, b"y" * 9000)
+    await s.remove(big.queue_id)
+    tiny = await commit(s, b"z" * 10)
+    await s.close()
+    again = make_spool(tmp_path)
+    [recovered] = await again.start()
+    assert recovered.queue_id == tiny.queue_id
+    assert again.read(tiny.queue_id) == b"z" * 10
+    assert s.recycled == 2
+    await again.close()
 
 
 async def test_free_files_of_older_versions_are_deleted_at_start(tmp_path: Path) -> None:
@@ -273,7 +298,7 @@ async def test_free_files_of_older_versions_are_deleted_at_start(tmp_path: Path)
     s = make_spool(tmp_path)
     assert await s.start() == []
     await s.close()
-    assert not (tmp_path / "free").exists()
+    assert list((tmp_path / "free").iterdir()) == []
 
 
 async def test_quarantined_files_are_purged_after_the_retention(tmp_path: Path) -> None:
