@@ -196,16 +196,21 @@ class Records:
                                (address,))
         return rows[0] if rows else None
 
-    async def erase_in_namespace(self, namespace: str, address: str) -> None:
+    async def erase_in_namespace(self, namespace: str, address: str) -> int:
         """Delete this namespace's message-log rows where the address is the sender or a
-        recipient; other namespaces' rows are theirs (erasure across every team is the platform
-        team's: ``mailplane erase``)."""
+        recipient, and its webhook events not yet delivered that name it; other namespaces'
+        rows are theirs (erasure across every team is the platform team's: ``mailplane
+        erase``). Returns how many webhook events went."""
         col = "{0}" if self.sqlite_path else "lower({0})"
         if self.sqlite_path:
             await self._do("PRAGMA secure_delete = ON")
-        await self._do(
-            f"DELETE FROM message_log WHERE namespace = ? AND ({col.format('sender')} = ? "  # noqa: S608
-            f"OR {col.format('recipient')} = ?)", (namespace, address, address))
+        where = (f"namespace = ? AND ({col.format('sender')} = ? "
+                 f"OR {col.format('recipient')} = ?)")
+        await self._do(f"DELETE FROM message_log WHERE {where}",  # noqa: S608
+                       (namespace, address, address))
+        events = await self._all(f"DELETE FROM webhook_outbox WHERE {where} "  # noqa: S608
+                                 "RETURNING id", (namespace, address, address))
+        return len(events)
 
     async def namespace_knows(self, namespace: str, address: str) -> dict[str, int]:
         """Rows of this namespace's log where the address is the sender or a recipient."""

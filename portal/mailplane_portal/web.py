@@ -733,7 +733,7 @@ async def _run_erasure(portal: Portal, erasure_id: str, ns: str, address: str) -
         # This namespace's records only: another team's log rows and suppression entries are
         # that team's (a tenant must not be able to wipe them by mailing the address once);
         # erasure across every team is the platform team's (``mailplane erase``).
-        await portal.records.erase_in_namespace(ns, address)
+        webhook_events = await portal.records.erase_in_namespace(ns, address)
         own = (team_entry is not None and team_entry["reason"] != "complaint"
                and own_source(ns, str(team_entry["source"])))
         if own:
@@ -741,7 +741,8 @@ async def _run_erasure(portal: Portal, erasure_id: str, ns: str, address: str) -
         await portal.records.mask_in_audit(ns, address)
         report = {"message_log_rows_as_sender": counts["as_sender"],
                   "message_log_rows_as_recipient": counts["as_recipient"],
-                  "suppression_entries": 1 if own else 0}
+                  "suppression_entries": 1 if own else 0,
+                  "webhook_events_not_yet_sent": webhook_events}
         await portal.records.erasure_update(erasure_id, "done", report)
     except Exception as exc:  # the request shows it failed; the user can ask again
         log.warning("erasure %s failed: %s", erasure_id, type(exc).__name__)
@@ -786,9 +787,10 @@ async def erasures_page(request: web.Request) -> web.StreamResponse:
     items = await portal.records.erasures(ns)
     action = h.e(h.url(f"/ns/{ns}/erasures"))
     body = ('<p class="muted">Erasure deletes this namespace\'s message-log rows where the '
-            "address is the sender or a recipient, and its suppression entry when your team "
-            "added it here (a bounce, a complaint or another team's entry stays). Other teams' "
-            "records are theirs: erasure across the whole platform is the platform team's. "
+            "address is the sender or a recipient, its webhook events not yet sent, and its "
+            "suppression entry when your team added it here (a bounce, a complaint or another "
+            "team's entry stays). Other teams' records are theirs: erasure across the whole "
+            "platform is the platform team's. "
             "The request keeps only a masked form of the address.</p>"
             f'<form class="search" method="post" action="{action}">{_csrf_field(request)}'
             '<label>Address to erase<input name="address" id="f-erase" required type="email">'

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import requests
 
-from .conftest import RunningPortal
+from .conftest import NOW, RunningPortal
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
@@ -96,6 +96,17 @@ def test_changes_need_update_permission_and_stay_in_the_namespace(
 
 
 def test_erasure_request_runs_and_reports_only_the_namespace(portal: RunningPortal) -> None:
+    async def pending_webhooks() -> None:
+        # Events naming the address still waiting for each team's endpoint.
+        store = portal.new_store()
+        await store.open()
+        await store.webhook_enqueue([
+            (f"ev-{ns}", f"https://hooks.{ns}.example/", "delivered", NOW, cred, ns,
+             sender, "Customer1@mail.example", "Q1", "<q1@x>", "250 ok", 1, NOW + 3600)
+            for ns, cred, sender in (("shop", "shop-orders", "orders@shop.example"),
+                                     ("blog", "blog-news", "news@blog.example"))])
+        await store.close()
+    asyncio.run(pending_webhooks())
     alice = portal.session("alice-token")
     r = alice.post(portal.url + "/api/v1/namespaces/shop/erasures",
                    json={"address": "customer1@mail.example"})
@@ -106,9 +117,12 @@ def test_erasure_request_runs_and_reports_only_the_namespace(portal: RunningPort
     assert done["state"] == "done"
     # shop's own rows: one; blog's row with the same address is blog's, and stays
     assert done["report"] == {"message_log_rows_as_sender": 0,
-                              "message_log_rows_as_recipient": 1, "suppression_entries": 0}
+                              "message_log_rows_as_recipient": 1, "suppression_entries": 0,
+                              "webhook_events_not_yet_sent": 1}
     assert portal.sql("SELECT namespace FROM message_log WHERE recipient = ?",
                       ("customer1@mail.example",)) == [("blog",)]
+    assert portal.sql("SELECT namespace, recipient FROM webhook_outbox") == [
+        ("blog", "Customer1@mail.example")]
     kept = [r[0] for r in portal.sql("SELECT address_hint || address_hash || report "
                                      "FROM portal_erasures")]
     assert not any("customer1" in k for k in kept)
