@@ -289,3 +289,28 @@ async def test_a_slow_upstream_shows_the_attempt_and_bounce_waits_for_it(
     proc = queue(relay, "list")
     assert proc.stderr == "" and "0 message(s)" in proc.stdout
     assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_flushing_a_domain_probes_its_suspended_destination(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+) -> None:
+    """The smarthost throttled and is suspended for an hour; it recovers. `flush a.test`
+    delivers a.test's mail now (the flushed message is the probe), b.test's waits for its
+    retry until flushed too."""
+    sink: Sink = await smtp_sink(mail_reply="451 4.7.0 Throttled, try again later")
+    relay = relay_factory(smarthost_port=sink.port, extra={
+        "queue": {"retryInitial": "1h", "retryMax": "1h", "retryJitter": 0.0}})
+    await asyncio.to_thread(relay.start)
+    await send(relay, "x@a.test", 0)
+    await send(relay, "y@b.test", 1)
+    await eventually(lambda: [m["attempts"] for m in listed(relay)] == [1, 1], "deferred")
+    [dest] = [json.loads(line) for line in queue(relay, "destinations", "--json")
+              .stdout.splitlines()]
+    assert dest["state"] == "suspended" and dest["suspendedFor"] > 3000
+    sink.behaviour.mail_reply = None
+    assert queue(relay, "flush", "a.test").stdout.startswith("flushed 1 message(s)")
+    await eventually(lambda: delivered(sink) == {"x@a.test"}, "a.test delivered")
+    assert [m["destinations"] for m in listed(relay)] == [["b.test"]]
+    queue(relay, "flush")
+    await eventually(lambda: delivered(sink) == {"x@a.test", "y@b.test"}, "b.test delivered")
+    assert await asyncio.to_thread(relay.stop) == 0

@@ -131,6 +131,7 @@ class DeliveryQueue:
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._kept: dict[str, QueuedMessage] = {}
+        self._flushed: set[str] = set()  # flushed by an administrator, attempt not begun
         self._oldest: str | None = None  # smallest queue id queued (None: to be computed)
         self._seq = itertools.count()
         self._attempts: dict[str, Attempt] = {}  # messages with an attempt in progress
@@ -359,6 +360,7 @@ class DeliveryQueue:
             raise KeyError(queue_id)
         if due in (_IN_ATTEMPT, _ON_HOLD):
             return False
+        self._flushed.add(queue_id)
         self._push(queue_id, self._clock())
         return True
 
@@ -465,6 +467,7 @@ class DeliveryQueue:
         if self._due.pop(queue_id, None) is None:
             return
         self._kept.pop(queue_id, None)
+        self._flushed.discard(queue_id)
         if queue_id == self._oldest:
             self._oldest = None
         self._metrics.queue_messages.set(len(self._due))
@@ -518,6 +521,9 @@ class DeliveryQueue:
         """Start an attempt: set suppressed recipients aside, route the others."""
         cfg = self._config()
         attempt = Attempt(msg, cfg)
+        if msg.queue_id in self._flushed:
+            self._flushed.discard(msg.queue_id)
+            attempt.flushed = True
         self._attempts[msg.queue_id] = attempt
         to_send: list[Recipient] = []
         for r in msg.pending():
@@ -707,8 +713,12 @@ class DeliveryQueue:
     def _enqueue(self, dest: Destination, work: Work) -> None:
         now = self._clock()
         if dest.suspended(now):
-            self._spawn(self._defer_suspended(dest, work), "delivery-suspended")
-            return
+            if not work.attempt.flushed:
+                self._spawn(self._defer_suspended(dest, work), "delivery-suspended")
+                return
+            # An administrator's flush: this work is the destination's probe now.
+            dest.suspended_until = now
+            log.info("delivery: suspension of %s ended by a flush", dest.key)
         dest.ready.append(work)
         self._ring_add(dest)
 

@@ -26,6 +26,9 @@ class Attempt:
     # The message converted to 7 bits and signed, for servers without 8BITMIME; b"" when it
     # cannot be converted.
     seven_bit: bytes | None = None
+    # Flushed by an administrator (`mailplane queue flush`): a suspended destination takes it
+    # as its probe instead of deferring it.
+    flushed: bool = False
 
 
 @dataclass(eq=False)
