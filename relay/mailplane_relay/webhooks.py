@@ -259,6 +259,8 @@ class WebhookDispatcher:
         self._health = health
         self._sessions: dict[str, tuple[tuple[Any, ...], aiohttp.ClientSession]] = {}
         self._last_maintenance = -MAINTENANCE_INTERVAL
+        self._backlog = -1  # at the last maintenance; -1: not known yet
+        self._configured: tuple[str, bool] = ("", True)
         self._wakeup = asyncio.Event()
         self._retired: list[aiohttp.ClientSession] = []
 
@@ -296,6 +298,8 @@ class WebhookDispatcher:
         if now - self._last_maintenance >= MAINTENANCE_INTERVAL:
             self._last_maintenance = now
             await self.maintain(now, settings)
+        if self._backlog == 0 and not self._any_endpoint():
+            return 0  # no webhooks here: no claims against the store every second
         events = await self.backend.webhook_claim(
             self._owner, now, now + settings.timeout + LEASE_MARGIN, settings.concurrency)
         if not events:
@@ -316,8 +320,16 @@ class WebhookDispatcher:
             log.warning("webhooks: gave up %d events older than %gs (webhooks.maxAge)",
                         expired, settings.max_age)
         waiting, oldest = await self.backend.webhook_backlog()
+        self._backlog = waiting
         self.metrics.backlog.set(waiting)
         self.metrics.oldest_age.set(0 if oldest is None else max(0.0, now - oldest))
+
+    def _any_endpoint(self) -> bool:
+        cfg = self._config()
+        if self._configured[0] != cfg.source_hash or not cfg.source_hash:
+            relay, creds = _endpoints(cfg)
+            self._configured = (cfg.source_hash, relay is not None or bool(creds))
+        return self._configured[1]
 
     def _endpoint(self, target: str) -> tuple[WebhookEndpoint | None, str]:
         cfg = self._config()

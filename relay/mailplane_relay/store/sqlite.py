@@ -610,6 +610,12 @@ class SqliteBackend:
                f"RETURNING {', '.join(OUTBOX_CLAIMED)}")
 
         def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            # A read first: with nothing due no write lock is taken (the log writers of the
+            # pod's workers share the file).
+            if conn.execute("SELECT 1 FROM webhook_outbox WHERE next_attempt <= ? AND "
+                            "(leased_until IS NULL OR leased_until < ?) LIMIT 1",
+                            (now, now)).fetchone() is None:
+                return []
             with _transaction(conn):
                 return [dict(r) for r in conn.execute(
                     sql, (owner, lease_until, now, now, limit)).fetchall()]
