@@ -66,6 +66,9 @@ class OperatorConfig:
     """The operator's own namespace (in a pod): relays' NetworkPolicies let it reach the pods'
     ops port, where it tells pods to drain on a scale-down."""
     drain_poll: float = 2.0
+    revocation_timeout: float = 300.0
+    """How long a deleted credential's finalizer waits for every relay pod to run a
+    configuration without it before it is released anyway (Event RevocationUnconfirmed)."""
     """How often a relay whose scale-down drains is rendered again."""
     dns_endpoints: bool = False
     """Publish the records of SendingDomains that leave spec.dnsEndpoint.enabled unset through
@@ -137,6 +140,9 @@ class RelayWorker:
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
         self.last: RenderResult | None = None
+        self.history: list[str] = []
+        """The render ids, oldest first (the last 64): a pod running one at or after a given
+        render runs everything that render removed."""
         self.renders = 0
         self.render_seconds = 0.0
         """Total time spent rendering (for the benchmark and debug logs)."""
@@ -154,6 +160,16 @@ class RelayWorker:
             except TimeoutError:
                 return False
         return True
+
+    def rendered_hash(self, render_id: str) -> None:
+        if not self.history or self.history[-1] != render_id:
+            self.history = [*self.history[-63:], render_id]
+
+    def since(self, render_id: str) -> set[str]:
+        """The renders at or after `render_id` (empty when it is not remembered)."""
+        if render_id not in self.history:
+            return set()
+        return set(self.history[len(self.history) - 1 - self.history[::-1].index(render_id):])
 
     async def done(self, ticket: int) -> None:
         async with self.changed:

@@ -907,6 +907,9 @@ class RelayConfig(_Model):
 
     settings: RelaySettings
     source_hash: str = ""
+    render_id: str = ""
+    """The operator's id of the render (``metadata.render`` of the RelayConfig document): the
+    same in every pod running that render, whatever the pod changed locally."""
     _domain_index: dict[str, Domain] = PrivateAttr(default_factory=dict)
     _credential_index: dict[str, Credential] = PrivateAttr(default_factory=dict)
     _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = PrivateAttr(())
@@ -971,6 +974,7 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
     settings_doc: dict[str, Any] | None = None
     settings_where = ""
     parts: Any = None
+    render_id: Any = None
     texts: dict[str, str] = {}
     domains: list[Any] = []
     credentials: list[Any] = []
@@ -1013,6 +1017,7 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
                 settings_doc, settings_where = dict(spec), label
                 meta = doc.get("metadata")
                 parts = meta.get("parts") if isinstance(meta, Mapping) else None
+                render_id = meta.get("render") if isinstance(meta, Mapping) else None
                 settings_file = where.rsplit("/", 1)[-1]
             elif kind in (KIND_CREDENTIALS, KIND_DOMAINS):
                 key = "credentials" if kind == KIND_CREDENTIALS else "domains"
@@ -1038,7 +1043,8 @@ def parse_documents(sources: Iterable[tuple[str, str]]) -> RelayConfig:
         raise ConfigError(format_validation_error(settings_where, exc)) from None
     _check_unique("domain", [d.name for d in settings.domains])
     _check_unique("credential username", [c.username for c in settings.credentials])
-    return RelayConfig(settings=settings, source_hash=digest.hexdigest()[:16])
+    return RelayConfig(settings=settings, source_hash=digest.hexdigest()[:16],
+                       render_id=render_id if isinstance(render_id, str) else "")
 
 
 def part_digest(text: str) -> str:
@@ -1098,12 +1104,14 @@ def config_fingerprint(path: str | os.PathLike[str]) -> tuple[tuple[str, int, in
 
 
 def render_document(kind: str, spec: Mapping[str, Any], name: str | None = None,
-                    parts: Mapping[str, str] | None = None) -> str:
+                    parts: Mapping[str, str] | None = None, render: str | None = None) -> str:
     """One YAML document of this contract, for the operator and for `mailplane dev`.
-    ``parts``: (RelayConfig) the other files of the configuration and their digests."""
+    ``parts``: (RelayConfig) the other files of the configuration and their digests;
+    ``render``: the operator's id of the render (reported by the relay as it runs it)."""
     doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind}
-    if name or parts:
+    if name or parts or render:
         doc["metadata"] = {**({"name": name} if name else {}),
+                           **({"render": render} if render else {}),
                            **({"parts": dict(sorted(parts.items()))} if parts else {})}
     doc["spec"] = json.loads(json.dumps(spec, default=str))
     return yaml.safe_dump(doc, sort_keys=False)

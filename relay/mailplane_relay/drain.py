@@ -18,8 +18,9 @@ configuration: ``POST /admin/drain`` with ``{"peers": ["http://IP:PORT", ...], "
   handed off, never both: it is set aside — in memory only, so a relay that stops meanwhile
   delivers it after its restart — while it is sent to a peer).
 
-``GET /admin/drain`` reports ``draining``, ``queued`` (messages still in this spool),
-``sessions`` (SMTP sessions still open) and ``configHash``; the operator lowers the
+``GET /admin/drain`` (or ``/admin/status``) reports ``draining``, ``queued`` (messages still in
+this spool), ``sessions`` (SMTP sessions still open) and ``configHash`` (the configuration in
+force: the operator confirms a revocation by it); the operator lowers the
 StatefulSet's replicas once every pod to remove reports ``queued`` and ``sessions`` 0.
 ``DELETE /admin/drain`` stops draining (a scale-down called off): the listeners open again and
 the messages held for hand-off are released. A relay refuses hand-offs while it drains itself.
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_PATH = "/admin/drain"
+STATUS_PATH = "/admin/status"
 HANDOFF_PATH = "/admin/handoff"
 ENVELOPE_HEADER = "X-Mailplane-Envelope"
 # An authenticated hand-off carries one message (the relay's own size limit is 25 MiB).
@@ -165,7 +167,8 @@ class Drainer:
     def status(self) -> dict[str, Any]:
         return {"draining": self.draining, "queued": len(self._spool.queue_ids()),
                 "sessions": self._listeners.active_sessions,
-                "configHash": self._config().source_hash}
+                "configHash": self._config().source_hash,
+                "render": self._config().render_id}
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(
@@ -260,7 +263,8 @@ class AdminEndpoints:
         self.unsupported: str | None = None
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get(DRAIN_PATH, self._status), web.post(DRAIN_PATH, self._drain),
+        return [web.get(DRAIN_PATH, self._status), web.get(STATUS_PATH, self._status),
+                web.post(DRAIN_PATH, self._drain),
                 web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff)]
 
     def _check(self, request: web.Request) -> Drainer:

@@ -11,7 +11,7 @@ import kopf
 from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
-from ..reconcile.conditions import Event
+from ..reconcile.conditions import Event, parse_time
 from ..reconcile.credential_state import (
     COMPONENT_STATE,
     LABEL_COMPONENT,
@@ -22,7 +22,8 @@ from ..reconcile.credential_state import (
 from ..reconcile.models import SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import RENDER_REASONS, attached_domains, owners_of
-from ..runtime import Body, Runtime
+from ..runtime import Body, RelayKey, Runtime
+from . import scaledown
 from .common import (
     REASON_CHILD_WRITE_FAILED,
     REASON_INVALID_SPEC,
@@ -128,6 +129,33 @@ async def _write(rt: Runtime, body: Body, manifest: Mapping[str, Any],
         raise
 
 
+async def _confirm_revocation(rt: Runtime, body: Body, relays_idx: Any, relay_key: RelayKey,
+                              render_id: str) -> None:
+    """Hold the finalizer until every running relay pod reports a configuration at or after
+    the render without this credential (``GET /admin/status``); after
+    ``revocation_timeout`` it is released anyway with a Warning Event naming the pods."""
+    relay = relay_of(relays_idx, relay_key)
+    worker = rt.workers.get(relay_key)
+    if relay is None or worker is None:
+        return
+    token = await scaledown.admin_token(rt, relay)
+    accepted = worker.since(render_id) or {render_id}
+    running = await scaledown.pod_configs(rt, relay, token)
+    behind = sorted(n for n, c in running.items() if c.render not in accepted)
+    if not behind:
+        return
+    deleted = parse_time((body.get("metadata") or {}).get("deletionTimestamp"))
+    waited = (rt.clock() - deleted).total_seconds() if deleted else 0.0
+    if waited < rt.config.revocation_timeout:
+        raise kopf.TemporaryError(
+            f"waiting for relay pods {', '.join(behind)} to run a configuration without this "
+            "credential", delay=1)
+    post_events(body, [Event("Warning", "RevocationUnconfirmed", (
+        f"relay pods {', '.join(behind)} did not report a configuration without this credential "
+        f"within {rt.config.revocation_timeout:.0f}s; released anyway (the relay pods' "
+        "configuration volume will catch up)"))])
+
+
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
              resource: tuple[str, str, str]) -> None:
     """Create/update/resume, the rotation timer, and the deletion handler."""
@@ -171,6 +199,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 # The finalizer stays until the relay no longer accepts this credential.
                 raise kopf.TemporaryError("the relay configuration still holds this credential",
                                           delay=1)
+            await _confirm_revocation(rt, body, kwargs["relays_idx"], relay_key,
+                                      result.render_id)
         # The relay no longer accepts it: its rotation state goes too (a namespaced owner
         # reference cannot reach across namespaces, so nothing else would delete it).
         state_ns = ((body.get("spec") or {}).get("relayRef") or {}).get("namespace") or namespace

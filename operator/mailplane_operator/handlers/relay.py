@@ -194,6 +194,15 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
                     e.reason not in RENDER_REASONS, e.kind, e.key))])
         status["conditions"] = _draining_condition(rt, status["conditions"], relay,
                                                    scale.progress)
+        try:
+            running = await scaledown.pod_configs(rt, relay, token)
+        except (ApiError, OSError, TimeoutError) as exc:
+            log.warning("Listing the relay's pods failed: %s", exc)
+            running = {}
+        status["pods"] = [{"name": n, "configHash": c.config_hash, "render": c.render,
+                           "current": c.render == result.render_id}
+                          for n, c in sorted(running.items())]
+        behind = any(c.render != result.render_id for c in running.values())
         if failed:
             status["conditions"] = reconciled(rt, status["conditions"], body, False,
                                               reason=REASON_CHILD_WRITE_FAILED,
@@ -215,8 +224,10 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         await retention.refresh_statuses(rt, namespace, indexes, now)
         _recheck_stale_credentials(rt, relay, result, indexes["credentials_idx"].get(key, ()))
         _recheck_stale_domains(rt, result, indexes["domains_idx"].get(key, ()))
-        return Rendered(result, failed,
-                        again=rt.config.drain_poll if scale.progress is not None else None)
+        again = rt.config.drain_poll if scale.progress is not None else (
+            # Pods reload within a kubelet sync: the status follows them meanwhile.
+            rt.config.drain_poll * 5 if behind else None)
+        return Rendered(result, failed, again=again)
 
 
 def _draining_condition(rt: Runtime, conditions: list[dict[str, Any]], relay: SmtpRelay,
@@ -389,6 +400,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                 try:
                     rendered = await render_relay(rt, key, kwargs, logger)
                     worker.last = rendered.result
+                    if rendered.result is not None:
+                        worker.rendered_hash(rendered.result.render_id)
                     worker.renders += 1
                     if rendered.failed:
                         # The configuration is written (requesters waiting for it are done);

@@ -19,6 +19,7 @@ holds its volume back: the scale-down waits for the StatefulSet to restart it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 ADMIN_KEY = "token"
 DRAIN_PATH = "/admin/drain"
-HTTP_TIMEOUT = 5.0
+STATUS_PATH = "/admin/status"
+HTTP_TIMEOUT = 3.0
 
 
 def admin_secret_name(relay: SmtpRelay) -> str:
@@ -127,10 +129,11 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 async def _call(http: aiohttp.ClientSession, method: str, url: str, token: str,
-                body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                body: dict[str, Any] | None = None, *,
+                path: str = DRAIN_PATH) -> dict[str, Any] | None:
     """One /admin call; None when the pod cannot be asked (not answering, refusing)."""
     try:
-        async with http.request(method, url + DRAIN_PATH, json=body,
+        async with http.request(method, url + path, json=body,
                                 headers={"Authorization": f"Bearer {token}"}) as resp:
             if resp.status >= 300:
                 logger.warning("%s %s%s: %d %s", method, url, DRAIN_PATH, resp.status,
@@ -216,6 +219,31 @@ async def delete_volumes(rt: Runtime, body: Body, relay: SmtpRelay, ordinals: li
         except ApiError as exc:
             child_write_failed(rt, body, {"kind": "PersistentVolumeClaim",
                                           "metadata": {"name": name}}, exc)
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """What a running relay pod reports it runs (empty strings: it did not answer)."""
+
+    config_hash: str = ""
+    render: str = ""
+
+
+async def pod_configs(rt: Runtime, relay: SmtpRelay, token: str) -> dict[str, PodConfig]:
+    """Pod name -> the configuration it runs (``GET /admin/status``: the relay's own hash of
+    its files, and the operator's render id), for every running pod of the relay."""
+    pods = await rt.client.list(kube.PODS, relay.meta.namespace,
+                                labels=relay_mod.selector_labels(relay))
+    targets = sorted((str(p["metadata"]["name"]), u) for p in pods
+                     if _ordinal(p, relay) is not None and (u := _url(p)) is not None)
+    if not targets:
+        return {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
+        answers = await asyncio.gather(*(_call(http, "GET", u, token, path=STATUS_PATH)
+                                         for _n, u in targets))
+    return {name: PodConfig(str((a or {}).get("configHash") or ""),
+                            str((a or {}).get("render") or ""))
+            for (name, _u), a in zip(targets, answers, strict=True)}
 
 
 def _span(ordinals: list[int]) -> str:

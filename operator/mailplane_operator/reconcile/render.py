@@ -152,6 +152,8 @@ class RenderResult:
     files: dict[str, str]
     """File name -> YAML text: exactly what the relay reads from its config directory."""
     config_hash: str
+    render_id: str
+    """Identifies the render (``metadata.render`` of relay.yaml; reported by the pods)."""
     domains: tuple[str, ...]
     owners: Mapping[str, ownership.DomainOwner]
     """Each rendered domain's owning SendingDomain and its grants (for credential admission)."""
@@ -423,14 +425,15 @@ _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _document(kind: str, spec: Mapping[str, Any], name: str | None = None,
-              parts: Mapping[str, str] | None = None) -> str:
+              parts: Mapping[str, str] | None = None, render: str | None = None) -> str:
     """``mailplane_relay.config.render_document``, byte for byte, through libyaml's emitter when
     present (6x faster on thousands of credentials; a test checks both agree)."""
     if _Dumper is yaml.SafeDumper:
-        return render_document(kind, spec, name, parts)
+        return render_document(kind, spec, name, parts, render)
     doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind}
-    if name or parts:
+    if name or parts or render:
         doc["metadata"] = {**({"name": name} if name else {}),
+                           **({"render": render} if render else {}),
                            **({"parts": dict(sorted(parts.items()))} if parts else {})}
     doc["spec"] = json.loads(json.dumps(spec, default=str))
     text: str = yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
@@ -654,9 +657,11 @@ def render_relay_config(
     # configuration it runs until all parts are of one render.
     parts = {n: part_digest(t) for files in per_secret for n, t in files.items()
              if n != "relay.yaml"}
-    if parts:
-        per_secret[0]["relay.yaml"] = _document(KIND_CONFIG, settings, name=relay.meta.name,
-                                                parts=parts)
+    # The render's id: what every pod running this render reports, whatever it changed locally.
+    render_id = hashlib.sha256(json.dumps([settings, parts], sort_keys=True, default=str)
+                               .encode()).hexdigest()[:16]
+    per_secret[0]["relay.yaml"] = _document(KIND_CONFIG, settings, name=relay.meta.name,
+                                            parts=parts or None, render=render_id)
     secrets = [config_secret(relay, i, f) for i, f in enumerate(per_secret)]
     all_files = {name: text for files in per_secret for name, text in files.items()}
     # The same digest the relay computes over its config directory (``source_hash``), so the
@@ -677,6 +682,7 @@ def render_relay_config(
         secrets=secrets,
         files=all_files,
         config_hash=config_hash,
+        render_id=render_id,
         domains=tuple(sorted(included)),
         owners=owners,
         credentials=tuple(rendered_creds),
