@@ -138,7 +138,9 @@ async def test_a_relay_replays_the_buffer_of_a_worker_it_no_longer_runs(
     (stale / "suppression.json").write_text('{"key": null, "entries": {"gone@dest.test": '
                                             '["manual", 1.0]}}')
     await asyncio.to_thread(relay.start)
-    deadline = time.monotonic() + 20
+    # A bound that only ends a hang: on a loaded 2-core machine the first connection to the
+    # store and the replay have taken over 20 s.
+    deadline = time.monotonic() + 90
     while not await asyncio.to_thread(query_log, pg_dsn, queue_id="QSTALE"):
         assert time.monotonic() < deadline, "the stale worker's rows never reached the store"
         await asyncio.sleep(0.1)
