@@ -13,7 +13,7 @@ import importlib.resources
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,10 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
     """Security headers on every answer; errors as JSON on the API and HTML elsewhere."""
     try:
         response = await handler(request)
-    except web.HTTPRedirection:
+    except web.HTTPRedirection as exc:
+        # A redirect may set the session cookie (login) or name a page: the same headers,
+        # so no cache keeps it.
+        _secure_headers(exc.headers)
         raise
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -145,7 +148,11 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
     except StoreError as exc:
         log.warning("store: %s", exc)
         response = _problem(request, 503, "the message store did not answer; try again")
-    headers = response.headers
+    _secure_headers(response.headers)
+    return response
+
+
+def _secure_headers(headers: MutableMapping[str, str]) -> None:
     headers["Content-Security-Policy"] = CSP
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Referrer-Policy"] = "no-referrer"
@@ -153,7 +160,6 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
     headers["Cross-Origin-Opener-Policy"] = "same-origin"
     headers["Cross-Origin-Resource-Policy"] = "same-origin"
     headers.setdefault("Cache-Control", "no-store")
-    return response
 
 
 PUBLIC = ("/login", "/static/", "/openapi.json", "/healthz", "/favicon.ico")

@@ -64,6 +64,16 @@ def test_security_headers(portal: RunningPortal) -> None:
         assert r.headers["Cache-Control"] == "no-store"
     page = s.get(portal.url + "/ns/shop/logs").text
     assert "<script" not in page and "style=" not in page
+    # Redirects too: the login's answer carries the session cookie.
+    login = requests.post(portal.url + "/login", data={"token": "alice-token"},
+                          allow_redirects=False)
+    away = requests.get(portal.url + "/ns/shop/logs", allow_redirects=False)
+    for r in (login, away):
+        assert r.status_code == 303
+        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    assert "mailplane_session" in login.headers["Set-Cookie"]
 
 
 def test_logout_revokes_the_session_server_side(portal: RunningPortal) -> None:
