@@ -546,17 +546,34 @@ class Spool:
     def load(self, queue_id: str) -> QueuedMessage | None:
         """The envelope of a live message: the object already in memory if there is one
         (so that every holder sees the same state), else read from its files (blocking; a
-        small read). None if the message is gone, or its file is unreadable (then set aside
-        in corrupt/, as recovery does)."""
+        small read). None if the message is gone, or its content is not a message (then set
+        aside in corrupt/, as recovery does). SpoolError when the files cannot be read now
+        (e.g. too many open files, an I/O error): nothing is set aside for that."""
         if queue_id not in self._live:
             return None
         msg = self._envelopes.get(queue_id)
         if msg is not None:
             return msg
-        msg = self._load(queue_id)
+        try:
+            msg = self._read_envelope(queue_id)
+        except FileNotFoundError:
+            msg = None
+        except OSError as exc:
+            raise SpoolError(f"spool read of {queue_id} failed: {exc.strerror or exc}") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            self._quarantine(Path(self._d + queue_id + _MSG), exc)
+            if queue_id in self._states:
+                # Its state file names the recipients too: it goes (and is purged) with it.
+                with contextlib.suppress(OSError):
+                    os.rename(self._d + queue_id + _STATE,
+                              self._corrupt_dir / (queue_id + _STATE))
+                    os.utime(self._corrupt_dir / (queue_id + _STATE))
+            msg = None
         if msg is None:
             self._live.discard(queue_id)
-            self._states.discard(queue_id)
+            if queue_id in self._states:
+                self._states.discard(queue_id)
+                _unlink_quiet(self._d + queue_id + _STATE)
             return None
         self._envelopes[queue_id] = msg
         return msg

@@ -8,12 +8,14 @@ wiring of test_delivery_flows)."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
+from mailplane_relay.delivery import queue as queue_module
 from mailplane_relay.spool import QueuedMessage
 from tests.relay.test_delivery_flows import Relay, dsns, make_config, message, smarthost
 
@@ -166,3 +168,43 @@ async def test_expiry_and_its_dsn_work_on_a_reloaded_envelope(relay: Any, smtp_s
     assert r.count("expired") == 1
     assert "Status: 5.4.1" in list(dsns(sink)[0].iter_parts())[1].as_string()
     assert f"{qid}.msg" not in r.spooled()
+
+
+async def test_a_transient_read_error_retries_and_sets_nothing_aside(
+        relay: Any, smtp_sink: Any) -> None:
+    sink = await smtp_sink(rcpt_replies={"later@example.net": "451 4.2.0 Try again later"})
+    r = await relay(make_config(smarthost(sink), queue={**SLOW_RETRY, "retryInitial": 0.2}))
+    qid = (await r.send(["later@example.net"])).queue_id
+    await deferred(r, 1)
+    assert not in_memory(r, qid)
+    real, failures = r.spool._read_envelope, []
+
+    def flaky(queue_id: str) -> QueuedMessage:
+        if not failures:
+            failures.append(queue_id)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(queue_id)
+
+    r.spool._read_envelope = flaky  # type: ignore[method-assign]
+    sink.behaviour.rcpt_replies.clear()
+    make_due(r, qid)
+    await r.wait(lambda: r.queue.queued == 0)
+    assert failures == [qid]
+    assert [m.rcpt_tos for m in sink.messages] == [["later@example.net"]]
+    assert not (r.directory / "spool" / "corrupt").exists()
+
+
+async def test_beyond_the_kept_envelopes_a_fresh_message_is_read_when_due(
+        relay: Any, smtp_sink: Any, monkeypatch: Any) -> None:
+    # As when a backlog is worked off while mail keeps coming: no more envelopes are kept.
+    monkeypatch.setattr(queue_module, "MAX_KEPT", 0)
+    sink = await smtp_sink()
+    r = await relay(make_config(smarthost(sink), queue=SLOW_RETRY))
+    loads = count_loads(r)
+    msg = await r.send(["a@example.net"])
+    qid = msg.queue_id
+    assert qid not in r.queue._kept
+    del msg
+    await r.wait(lambda: r.queue.queued == 0)
+    assert loads == [qid]  # read from the spool for its first attempt
+    assert [m.rcpt_tos for m in sink.messages] == [["a@example.net"]]

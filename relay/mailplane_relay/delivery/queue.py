@@ -90,6 +90,9 @@ MTA_STS_CACHE_NAME = "mta-sts-policies.json"
 MAX_ATTEMPTS = 20_000
 # The scheduler lets the loop run after starting this many attempts in a row.
 BEGIN_BATCH = 200
+# Envelopes of freshly committed messages kept in memory for their first attempt; beyond this
+# (a backlog being worked off while mail keeps coming) they are read again when due.
+MAX_KEPT = 10_000
 _IN_ATTEMPT = math.inf  # the due time recorded for a message while an attempt runs
 _ON_HOLD = -math.inf  # the due time recorded for a message on hold (never due)
 
@@ -174,7 +177,7 @@ class DeliveryQueue:
         if msg.queue_id in self._due:
             return
         held = bool(msg.extra.get(HELD))
-        if not held:
+        if not held and len(self._kept) < MAX_KEPT:
             self._kept[msg.queue_id] = msg
         self._add(msg.queue_id, msg.next_attempt, held)
 
@@ -505,7 +508,14 @@ class DeliveryQueue:
         """Start the attempt of a message that fell due, its envelope read from the spool
         unless kept (no reference stays here: it leaves memory with its attempt)."""
         self._due[queue_id] = _IN_ATTEMPT
-        msg = self._kept.pop(queue_id, None) or self._spool.load(queue_id)
+        try:
+            msg = self._kept.pop(queue_id, None) or self._spool.load(queue_id)
+        except SpoolError as exc:
+            # The disk or the process is short of something (EMFILE, EIO): try again later.
+            retry = self._config().settings.queue.retry_initial
+            log.error("delivery: %s: %s; retrying in %.0fs", queue_id, exc, retry)
+            self._push(queue_id, self._clock() + retry)
+            return False
         if msg is None:
             log.error("delivery: %s is no longer readable from the spool; dropped from the "
                       "queue", queue_id)
