@@ -33,7 +33,8 @@ class Log:
 
     async def query(self, q: LogQuery) -> list[dict[str, object]]:
         return [r for r in self.rows if r["queue_id"] == q.queue_id
-                and str(r["recipient"]).lower() == (q.recipient or "").lower()
+                and (q.recipient is None
+                     or q.recipient.lower() == str(r["recipient"]).lower())
                 and q.status in (None, r["status"])][:q.limit]
 
     async def flush(self) -> None:
@@ -195,3 +196,19 @@ async def test_a_complaint_is_counted_per_credential_sender_domain_and_minute(
         rows = conn.execute("SELECT credential, domain, minute, complaints "
                             "FROM complaint_domain_buckets").fetchall()
     assert rows == [("app", "example.com", 30_000_000, 2)]
+
+
+async def test_a_complaint_with_the_recipient_redacted_is_matched_through_the_return_path(
+) -> None:
+    h, _log, supp, metrics, _rep, _hard = handler([delivered("a@dest.test"),
+                                                   delivered("b@dest.test")])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["b@dest.test"])
+    arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="x")
+    redacted = arf.replace(b"Original-Rcpt-To: <x>\r\n", b"").replace(b"To: <x>", b"To: <>")
+    assert b"Original-Rcpt-To" not in redacted
+    await h.handle(redacted, [f"fbl@{DOMAIN}"])
+    assert supp.added == [("b@dest.test", "complaint", "feedback")]
+    assert reports(metrics, "arf", "matched") == 1
+    # Without a return path of ours there is nobody to attribute it to.
+    await h.handle(redacted.replace(rp.encode(), b"someone@elsewhere.test"), [f"fbl@{DOMAIN}"])
+    assert reports(metrics, "arf", "unmatched") == 1 and len(supp.added) == 1

@@ -43,6 +43,8 @@ from .reports import Report
 log = logging.getLogger(__name__)
 
 COMPLAINT_REASON = "complaint"
+# Message-log rows read to find which recipient a redacted complaint is about.
+MAX_RECIPIENTS_SEARCHED = 1000
 
 
 class MessageLogLike(Protocol):
@@ -188,8 +190,12 @@ class IntakeHandler:
         tokens = self._tokens([*report.return_paths, *rcpt_tos])
         complainants = list(dict.fromkeys(a.lower() for a in report.complainants))
         if not complainants:
-            self._count("arf", "unmatched" if not tokens else "forged")
-            log.info("intake: ARF report names no original recipient")
+            # Many feedback loops redact the recipient. The return path still names it: the
+            # recipient of that message (as the message log knows them) whose tag verifies.
+            complainants = await self._recipient_of(tokens)
+        if not complainants:
+            self._count("arf", "unmatched")
+            log.info("intake: ARF report names no recipient of ours")
             return
         for address in complainants[:10]:
             match = await self._match(tokens, address)
@@ -200,6 +206,18 @@ class IntakeHandler:
                 continue
             self._count("arf", "matched")
             await self._complained(match)
+
+    async def _recipient_of(self, tokens: list[verp.Token]) -> list[str]:
+        key = self._key()
+        for token in tokens:
+            if token.kind != "r":
+                continue
+            rows = await self._log.query(LogQuery(queue_id=token.queue_id,
+                                                  limit=MAX_RECIPIENTS_SEARCHED))
+            for address in dict.fromkeys(str(r.get("recipient") or "").lower() for r in rows):
+                if address and verp.verify(key, token, address):
+                    return [address]
+        return []
 
     async def _complained(self, match: Match) -> None:
         cfg = self._config()
