@@ -536,3 +536,8 @@ def test_the_erasure_key_is_mounted_and_named_never_rendered() -> None:
     assert {"name": "erasure-key", "mountPath": "/etc/mailplane/erasure-key",
             "readOnly": True} in pod["containers"][0]["volumeMounts"]
     assert run(relay(), [], []).config.settings.store.erasure_key_files == ()
+
+
+def test_the_client_address_reaches_received_headers_only_when_the_relay_asks() -> None:
+    assert run(relay(), [], []).config.settings.trace_client_address is False
+    assert run(relay(traceClientAddress=True), [], []).config.settings.trace_client_address

@@ -636,6 +636,7 @@ class SmtpRelaySpec(_Spec):
     abuse: AbuseSpec = AbuseSpec()
     intake: IntakeSpec | None = None
     webhooks: RelayWebhooksSpec | None = None
+    trace_client_address: bool = Field(False, alias="traceClientAddress")
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")
     shutdown_grace: float = Field(25.0, alias="shutdownGrace", ge=1, le=3600)
     service_account_name: str = Field(

@@ -335,6 +335,8 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
         if erasure_ref.previous_key:
             files.append(f"{paths.erasure_key_dir}/previous")
         settings.setdefault("store", {})["erasureKeyFiles"] = files
+    if spec.trace_client_address:
+        settings["traceClientAddress"] = True
     hooks = spec.webhooks
     if hooks is not None:
         webhooks: dict[str, Any] = {
