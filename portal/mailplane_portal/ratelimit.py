@@ -43,6 +43,14 @@ class Limiter:
             self._buckets.popitem(last=False)
         return wait
 
+    def held(self, key: str) -> float:
+        """0 when an attempt would be allowed now, else the seconds until one is; counts
+        nothing (for keys that are charged only when an attempt fails)."""
+        now = self.clock()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
 
 def retry_after(wait: float) -> str:
     return str(max(1, math.ceil(wait)))

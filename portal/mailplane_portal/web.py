@@ -140,6 +140,8 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
         if exc.status < 400:
             raise
         response = _problem(request, exc.status, exc.text or exc.reason)
+        if "Retry-After" in exc.headers:
+            response.headers["Retry-After"] = exc.headers["Retry-After"]
     except BadRequest as exc:
         response = _problem(request, 400, str(exc))
     except KubeUnavailable as exc:
@@ -174,8 +176,20 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if request.method not in ("GET", "HEAD"):
             _same_origin(request)
         return await handler(request)
+    bearer = (_wants_json(request) and request.headers.get("Authorization", "").lower()
+              .startswith("bearer "))
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                             portal.trusted_proxies)
+    if bearer and (wait := portal.login_by_address.held(address)):
+        # Tokens guessed over the API are held back as on the login page (and the API
+        # server is not asked on their behalf).
+        raise web.HTTPTooManyRequests(
+            text=f"too many refused tokens from your address: wait {retry_after(wait)} "
+                 "seconds and try again", headers={"Retry-After": retry_after(wait)})
     caller = await portal.caller(request)
     if caller is None:
+        if bearer:
+            portal.login_by_address.take(address)
         if _wants_json(request):
             raise web.HTTPUnauthorized(text="log in: send 'Authorization: Bearer TOKEN' (a "
                                             "Kubernetes token) or a session cookie")

@@ -105,6 +105,21 @@ def test_too_many_attempts_from_one_address_get_429(portal: RunningPortal) -> No
     assert "Set-Cookie" not in r.headers
 
 
+def test_tokens_guessed_over_the_api_are_held_back_like_logins(portal: RunningPortal) -> None:
+    portal.portal.login_by_address = Limiter(burst=3, per_minute=3)
+    url = portal.url + "/api/v1/namespaces/shop/logs"
+    for _ in range(5):  # a good token is never charged
+        assert requests.get(url, headers={"Authorization": "Bearer alice-token"}
+                            ).status_code == 200
+    for _ in range(3):
+        assert requests.get(url, headers={"Authorization": "Bearer guess"}).status_code == 401
+    r = requests.get(url, headers={"Authorization": "Bearer guess-again"})
+    assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 20
+    assert "too many refused tokens from your address" in r.json()["error"]
+    # held for the address: the login page too
+    assert _post_login(portal, "alice-token").status_code == 429
+
+
 def test_too_many_logins_of_one_user_get_429(portal: RunningPortal) -> None:
     portal.portal.login_by_user = Limiter(burst=2, per_minute=2)
     assert _post_login(portal, "alice-token").status_code == 303
