@@ -156,6 +156,10 @@ async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
         if int(status.get("readyReplicas") or 0) < int(status.get("replicas") or 0):
             await _call_off(rt, relay, token, desired)
         return ScaleStep(None)
+    if desired == 0:
+        # No pod stays to take the queues: the pool stops, every volume is kept with its
+        # queue (whenScaled: Retain), delivered when the pool runs again.
+        return ScaleStep(None)
     pods = await rt.client.list(kube.PODS, relay.meta.namespace,
                                 labels=relay_mod.selector_labels(relay))
     by_ordinal = {o: p for p in pods if (o := _ordinal(p, relay)) is not None}
