@@ -918,10 +918,9 @@ class Spool:
         target = self._f + str(next(self._free_names))
         try:
             os.rename(path, target)
-        except FileNotFoundError:
-            return
         except OSError:
-            _unlink_quiet(path)  # e.g. free/ removed under us: delete as before
+            # Gone already, or free/ removed under us: delete as before.
+            _unlink_quiet(path)
             return
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)

@@ -274,6 +274,16 @@ async def test_removed_message_leaves_no_byte_of_it_on_disk(tmp_path: Path) -> N
         p.name for p in tmp_path.glob("*.msg")]
 
 
+async def test_a_removal_without_free_dir_still_deletes_the_message(tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    msg = await commit(s, b"gone\r\n")
+    (tmp_path / "free").rmdir()  # removed under the running spool
+    await s.remove(msg.queue_id)
+    await s.close()
+    assert list(tmp_path.glob("*.msg")) == []
+
+
 async def test_a_larger_message_reuses_a_smaller_scrubbed_file_and_a_smaller_one_a_larger(
         tmp_path: Path) -> None:
     s = make_spool(tmp_path)
