@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,9 @@ def register(subparsers: SubParsers) -> None:
                    help="a session ends after this long without a request (default 900)")
     p.add_argument("--session-lifetime", type=float, default=28800, metavar="SECONDS",
                    help="a session ends this long after login (default 28800)")
+    p.add_argument("--audit-address-days", type=float, default=90, metavar="DAYS",
+                   help="audit log rows older than this keep who did what, with the addresses "
+                        "in them masked (default 90, the message log's retention)")
     oidc = p.add_argument_group(
         "OIDC login", "a redirect login at the issuer the cluster trusts (authorization code "
         "with PKCE); the claims map to a user and groups as the API server's --oidc-* flags do")
@@ -141,6 +145,24 @@ def _store(args: argparse.Namespace) -> tuple[Any, Any]:
     return PostgresBackend(dsn or ""), Records(dsn=dsn)
 
 
+log = logging.getLogger(__name__)
+UPKEEP_EVERY = 3600.0  # seconds between two rounds of the portal's own retention
+
+
+async def _upkeep(portal: Any, address_retention: float) -> None:
+    """Hourly: expired sessions go (not only when someone logs in), and old audit rows lose
+    the addresses in them."""
+    while True:
+        try:
+            await portal.sessions.purge()
+            masked = await portal.records.mask_old_audit(time.time() - address_retention)
+            if masked:
+                log.info("audit log: addresses masked in %d rows past retention", masked)
+        except Exception as exc:  # the store not answering: next round
+            log.warning("portal upkeep: %s", type(exc).__name__)
+        await asyncio.sleep(UPKEEP_EVERY)
+
+
 def _cmd_portal(args: argparse.Namespace) -> int:
     from aiohttp import web  # noqa: PLC0415
 
@@ -192,6 +214,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
                                               lifetime=args.session_lifetime),
                         oidc=oidc, login_by_address=by_address, login_by_user=by_user,
                         trusted_proxies=trusted)
+        upkeep = asyncio.create_task(_upkeep(portal, args.audit_address_days * 86400))
         runner = web.AppRunner(build_app(portal), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -201,6 +224,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
         try:
             await asyncio.Event().wait()
         finally:
+            upkeep.cancel()
             await runner.cleanup()
             if oidc is not None:
                 await oidc.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 import uuid
@@ -44,6 +45,10 @@ _SCHEMA = (
 
 
 _SCHEMA_LOCK = 0x6D70706F  # "mppo": the portal's tables
+
+
+_ADDRESS_RE = re.compile(r"[^\s@<>,;\"'()*]+@[^\s@<>,;\"'()]+")
+"""An address in an audit row's text (what is already masked, ``j***@...``, is left)."""
 
 
 def mask(address: str) -> str:
@@ -164,6 +169,22 @@ class Records:
         await self._do("UPDATE portal_audit SET detail = replace(lower(detail), ?, ?) "
                        "WHERE namespace = ? AND lower(detail) LIKE ? ESCAPE '!'",
                        (address, mask(address), namespace, pattern))
+
+    async def mask_old_audit(self, before: float) -> int:
+        """Audit rows older than ``before`` keep who did what and when, with every address in
+        them masked: the addresses stay no longer than the message log's rows about them."""
+        rows = await self._all(
+            "SELECT id, target, detail FROM portal_audit WHERE ts < ? AND "
+            "(target LIKE ? OR detail LIKE ?)", (before, "%@%", "%@%"))
+        changed = 0
+        for row in rows:
+            target = _ADDRESS_RE.sub(lambda m: mask(m.group(0)), str(row["target"]))
+            detail = _ADDRESS_RE.sub(lambda m: mask(m.group(0)), str(row["detail"]))
+            if (target, detail) != (row["target"], row["detail"]):
+                await self._do("UPDATE portal_audit SET target = ?, detail = ? WHERE id = ?",
+                               (target, detail, row["id"]))
+                changed += 1
+        return changed
 
     # ---- the team's view of the suppression list
 

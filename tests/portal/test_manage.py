@@ -217,3 +217,52 @@ def test_an_erasure_cut_by_a_restart_fails_and_says_to_ask_again(portal: Running
 
     n, states = asyncio.run(run())
     assert n == 1 and states == ["failed:the portal restarted before it finished; ask again"]
+
+
+def test_old_audit_rows_keep_who_did_what_but_not_the_address(portal: RunningPortal) -> None:
+    """The portal's hourly upkeep: an audit row past the message log's retention names the
+    address only masked (its note too); newer rows are left; expired sessions go."""
+    import time
+    from types import SimpleNamespace
+
+    from mailplane_portal.cli import _upkeep
+    from mailplane_portal.kube import Identity
+    from mailplane_portal.records import Records
+    from mailplane_portal.sessions import SessionStore
+
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop/suppression"
+    for address in ("old.friend@mail.example", "new.friend@mail.example"):
+        r = alice.post(base, json={"address": address, "note": f"asked by {address.title()}"})
+        assert r.status_code == 201, r.text
+    portal.sql("UPDATE portal_audit SET ts = ? WHERE target = ?",
+               (time.time() - 91 * 86400, "old.friend@mail.example"))
+
+    async def one_round() -> None:
+        records = Records(dsn=portal.dsn) if portal.dsn else Records(
+            sqlite_path=str(portal.db))
+        await records.open()
+        sessions = SessionStore(records, idle=60)
+        stale = await sessions.create(Identity("mallory"))
+        await records._do("UPDATE portal_sessions SET seen = seen - 3600 WHERE username = ?",
+                          ("mallory",))
+        task = asyncio.create_task(_upkeep(SimpleNamespace(sessions=sessions, records=records),
+                                           90 * 86400))
+        for _ in range(200):
+            rows = await records._all("SELECT target FROM portal_audit WHERE target LIKE ?",
+                                      ("o***@%",))
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        # Gone from the table (not only refused when shown again).
+        assert await records._all("SELECT id_hash FROM portal_sessions WHERE username = ?",
+                                  ("mallory",)) == []
+        assert await sessions.get(stale.sid) is None
+        await records.close()
+    asyncio.run(one_round())
+    rows = {r[0]: (r[1], r[2]) for r in portal.sql(
+        "SELECT target, actor, detail FROM portal_audit WHERE action = 'suppression.add'")}
+    assert rows["o***@mail.example"] == ("alice", "asked by O***@Mail.Example")
+    assert rows["new.friend@mail.example"] == ("alice", "asked by New.Friend@Mail.Example")
+    assert "old.friend" not in str(portal.sql("SELECT * FROM portal_audit")).lower()
