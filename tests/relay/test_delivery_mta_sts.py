@@ -479,3 +479,32 @@ def test_policy_parsing_and_mx_patterns() -> None:
             parse_policy(bad, domain="d", policy_id="a", now=0, max_age_cap=1e9)
     assert parse_policy("version: STSv1\nmode: none\nmax_age: 0\n", domain="d",
                         policy_id="a", now=0, max_age_cap=1e9).mx == ()
+
+
+# ------------------------------------------------------------------------------ IDNA
+
+UDOMAIN = "bücher.example"
+ADOMAIN = "xn--bcher-kva.example"
+
+
+async def test_an_idna_recipient_domain_has_its_policy_fetched_under_its_a_label_name(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path) -> None:
+    """A recipient domain in U-labels (an SMTPUTF8 address) has its policy fetched with the
+    A-label host name a web server knows (HTTP Host is ASCII), and both spellings of the
+    domain share one cached policy."""
+    server = await policy_server(ca, ADOMAIN)
+    server.policy = policy_text("enforce", "sink.test")
+    dns_server.add_txt(f"_mta-sts.{ADOMAIN}", "v=STSv1; id=idna1;")
+    dns_server.add_a(f"mta-sts.{ADOMAIN}", server.address)
+    dns_server.add_mx(ADOMAIN, "sink.test")
+    dns_server.add_a("sink.test", "127.0.0.1")
+    sink = await smtp_sink(ca=ca, starttls=True)
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json"))
+    for address in (f"user@{UDOMAIN}", f"user@{ADOMAIN}"):
+        msg = await r.send([address])
+        await r.done(msg)
+        [event] = await r.events(msg)
+        assert str(event["remote"]).endswith(" tls")  # the sink's answer, over verified TLS
+    assert server.requests == [(f"mta-sts.{ADOMAIN}", "/.well-known/mta-sts.txt")]
+    assert {m for _, m, _ in tls_modes(r)} == {"enforce"}

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
+import dns.exception
+import dns.name
 
 from ..config import MTASTSSettings
 from ..mx import DNSFailure, MXResolver
@@ -157,6 +159,17 @@ def parse_policy(text: str, *, domain: str, policy_id: str, now: float, max_age_
     return Policy(domain, policy_id, mode, tuple(mx), max_age, now, now + lifetime)
 
 
+def ascii_domain(domain: str) -> str | None:
+    """The name a recipient domain has in DNS, in certificates and in an HTTP Host header:
+    lower case, internationalised labels as A-labels (IDNA 2008, as the resolver encodes them),
+    no trailing dot. None for a name that cannot be encoded."""
+    try:
+        name = dns.name.from_text(domain.rstrip("."))
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+    return name.to_text(omit_final_dot=True).lower()
+
+
 # ------------------------------------------------------------------------------ fetching
 
 
@@ -262,7 +275,12 @@ class MTASTS:
     async def lookup(self, domain: str, resolver: MXResolver, settings: MTASTSSettings, *,
                      dns_slots: asyncio.Semaphore) -> Lookup:
         """The policy in force for ``domain``; the TXT lookup takes one of ``dns_slots`` (the
-        queue's routing slots), a fetch one of this object's own."""
+        queue's routing slots), a fetch one of this object's own. ``domain`` is cached, looked
+        up and fetched under its A-label name (see :func:`ascii_domain`)."""
+        name = ascii_domain(domain)
+        if name is None:
+            return Lookup(None)
+        domain = name
         if self._loading is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
         # Every lookup waits for the file: one that went ahead with an empty cache could

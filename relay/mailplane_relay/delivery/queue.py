@@ -54,7 +54,7 @@ from ..spool import HELD, Due, QueuedMessage, Recipient, Spool, SpoolError, queu
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .downgrade import needs_smtputf8, to_seven_bit
-from .mtasts import MTASTS, Policy
+from .mtasts import MTASTS, Policy, ascii_domain
 from .outcomes import Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
 from .smtp import (
@@ -633,7 +633,7 @@ class DeliveryQueue:
             mode = "verify"
             if not route.hosts:
                 assert policy is not None
-                self._tls_report("sts", "enforce", domain, "validation-failure")
+                self._tls_report("sts", "enforce", policy.domain, "validation-failure")
                 return [], TemporaryDNSFailure(
                     f"451 4.7.5 No MX host of {domain} matches its MTA-STS policy "
                     f"(mx: {', '.join(policy.mx)})"[:300])
@@ -652,7 +652,8 @@ class DeliveryQueue:
                 continue
             mx_ok = policy is None or policy.matches(host)
             targets.extend(Target(host, a, delivery.mx_port, mode, sts=sts, sts_mx_ok=mx_ok,
-                                  policy_domain=domain) for a in addresses)
+                                  policy_domain=policy.domain if policy else domain)
+                           for a in addresses)
             if len(targets) >= limit:
                 break
         if temporary is not None:
@@ -678,6 +679,8 @@ class DeliveryQueue:
         if self._sts is None or self._sts.cache_file != path:
             self._sts = MTASTS(path, clock=self._clock)
         sts = self._sts
+        # One policy, cache entry and metric label per domain, however the address spells it.
+        domain = ascii_domain(domain) or domain
         try:
             lookup = await sts.lookup(domain, resolver, settings, dns_slots=self._routing)
         except Exception:
