@@ -13,10 +13,13 @@ is not a delivery. ``RET=FULL`` is therefore honoured as headers only.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
+
+_NOT_ASCII = re.compile(r"[^ -~]")
 
 # Header sections larger than this are cut (RFC 3462 allows any subset of the headers).
 MAX_ORIGINAL_HEADERS = 64 * 1024
@@ -109,6 +112,12 @@ def _header_safe(value: str) -> str:
     return " ".join(value.replace("\r", " ").replace("\n", " ").split())
 
 
+def _ascii(value: str) -> str:
+    """A server's reply as the status part may carry it (RFC 3464: US-ASCII): one line, any
+    other character ``?``."""
+    return _NOT_ASCII.sub("?", _header_safe(value))
+
+
 def _fold_field(name: str, value: str) -> str:
     return f"{name}: {_header_safe(value)}"
 
@@ -152,7 +161,7 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
     ]
     for r in recipients:
         why = _WHY.get(r.status, "rejected")
-        lines.append(f"<{r.address}>: {why}: {_header_safe(r.response or 'no response')}")
+        lines.append(f"<{r.address}>: {why}: {_ascii(r.response or 'no response')}")
     lines += [
         "",
         f"--{boundary}",
@@ -163,8 +172,9 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         lines.append(_fold_field("Original-Envelope-Id", envid))
     lines += [
         _fold_field("Reporting-MTA", f"dns; {reporting_mta}"),
-        _fold_field("X-Mailplane-Queue-ID", original_queue_id),
         _fold_field("Arrival-Date", _date(arrival)),
+        # An extension field: after the fields RFC 3464 section 2.2 names, in its order.
+        _fold_field("X-Mailplane-Queue-ID", original_queue_id),
     ]
     for r in recipients:
         lines.append("")
@@ -177,9 +187,9 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
             _fold_field("Status", enhanced_status(r.response, r.status)),
         ]
         if r.remote:
-            lines.append(_fold_field("Remote-MTA", f"dns; {r.remote.rsplit(':', 1)[0]}"))
+            lines.append(_fold_field("Remote-MTA", f"dns; {_ascii(r.remote.rsplit(':', 1)[0])}"))
         if r.response:
-            lines.append(_fold_field("Diagnostic-Code", f"smtp; {r.response}"))
+            lines.append(_fold_field("Diagnostic-Code", f"smtp; {_ascii(r.response)}"))
         lines.append(_fold_field("Last-Attempt-Date", _date(r.last_attempt)))
         if r.retry_until is not None:
             lines.append(_fold_field("Will-Retry-Until", _date(r.retry_until)))
@@ -189,6 +199,7 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    text = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    # "replace": a lone surrogate (an undecodable byte a peer sent) must not stop the notice.
+    text = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
     headers = original_headers(original_data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return text + headers + f"\r\n--{boundary}--\r\n".encode()

@@ -116,3 +116,30 @@ def test_original_headers_cut_at_blank_line_for_lf_and_crlf() -> None:
     assert original_headers(b"A: 1\r\nB: 2\r\n\r\nbody") == b"A: 1\r\nB: 2\r\n"
     assert original_headers(b"A: 1\nB: 2\n\nbody") == b"A: 1\nB: 2\n"
     assert original_headers(b"A: 1\r\n") == b"A: 1\r\n"
+
+
+def test_a_reply_outside_ascii_is_logged_and_quoted_as_ascii() -> None:
+    # aiosmtplib decodes a byte that is not UTF-8 as a lone surrogate; no UTF-8 encoder (the
+    # message log, the DSN) takes one.
+    line = format_reply(550, "5.1.1 caf\udcff \u00e9t\u00e9 \x1b[31m")
+    assert line == "550 5.1.1 caf? ?t? ?[31m"
+    line.encode("ascii")
+
+
+def test_a_dsn_quotes_a_hostile_reply_in_ascii_and_keeps_the_field_order() -> None:
+    raw = build_dsn(
+        reporting_mta="relay.example.com", original_sender="a@example.com",
+        original_data=b"Subject: x\r\n\r\nbody\r\n", original_queue_id="Q1",
+        arrival=1_790_000_000.0, now=1_790_000_100.0,
+        recipients=[FailedRecipient("b@example.net", "bounced", "550 5.1.1 caf\udcff \u00e9",
+                                    "mx.example.net:25", 1_790_000_050.0)],
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    status = list(msg.iter_parts())[1]
+    text = status.as_bytes()
+    text.decode("ascii")  # RFC 3464: the status part is US-ASCII
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 caf? ?" in text
+    # RFC 3464 section 2.2: extension fields come after Reporting-MTA and Arrival-Date.
+    per_message = text.split(b"\r\n\r\n" if b"\r\n\r\n" in text else b"\n\n")[1]
+    names = [line.split(b":")[0] for line in per_message.splitlines()]
+    assert names == [b"Reporting-MTA", b"Arrival-Date", b"X-Mailplane-Queue-ID"]

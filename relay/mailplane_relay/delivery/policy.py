@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from ..config import QueueSettings
 
 MAX_RESPONSE_CHARS = 300
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 Outcome = Literal["delivered", "deferred", "bounced", "suppressed"]
 Stage = Literal["connect", "greeting", "ehlo", "mail", "rcpt", "data"]
@@ -67,9 +69,12 @@ def enhanced_code(text: str) -> str | None:
 
 
 def format_reply(code: int, text: str) -> str:
-    """One line, truncated: the message log stores replies, never anything longer."""
-    line = " ".join(f"{code} {text}".split())
-    return line[:MAX_RESPONSE_CHARS]
+    """One line of printable ASCII, truncated: the message log stores replies, never anything
+    longer, and a DSN quotes them in its ASCII-only status part (RFC 3464). A byte a server
+    sent outside ASCII (its client decodes it as a lone surrogate, which no UTF-8 encoder
+    takes) becomes ``?``."""
+    line = " ".join(f"{code} {text}".split())[:MAX_RESPONSE_CHARS]
+    return line if line.isascii() and line.isprintable() else _NOT_PRINTABLE.sub("?", line)
 
 
 # 5.1.7 and 5.1.8 are about the sender's address, not the recipient's.
