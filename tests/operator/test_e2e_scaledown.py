@@ -157,8 +157,8 @@ def _run(kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
         kube_api.wait_for(k.STATEFULSETS, "mail", "main",
                           lambda o: o and o["spec"]["replicas"] == 1, timeout=60)
         assert [_spooled(v) for v in volumes] == [10, 0, 0]
-        for i in (1, 2):
-            assert kube_api.get(k.PVCS, "mail", f"spool-main-{i}") is None
+        for i in (1, 2):  # deleted right after the StatefulSet shrank
+            kube_api.wait_for(k.PVCS, "mail", f"spool-main-{i}", lambda o: o is None)
         assert kube_api.get(k.PVCS, "mail", "spool-main-0") is not None
         kube_api.wait_until(lambda: _draining(kube_api) is None, what="Draining cleared")
         reasons = [e["reason"] for e in kube_api.events("mail")]
