@@ -208,3 +208,22 @@ async def test_beyond_the_kept_envelopes_a_fresh_message_is_read_when_due(
     await r.wait(lambda: r.queue.queued == 0)
     assert loads == [qid]  # read from the spool for its first attempt
     assert [m.rcpt_tos for m in sink.messages] == [["a@example.net"]]
+
+
+async def test_the_oldest_message_gauge_follows_removals_and_stays_compact(
+        relay: Any, smtp_sink: Any) -> None:
+    sink = await smtp_sink(rcpt_replies={"old@example.net": "451 4.2.0 Try again later"})
+    r = await relay(make_config(smarthost(sink), queue=SLOW_RETRY))
+    old = (await r.send(["old@example.net"])).queue_id
+    await deferred(r, 1)
+    for i in range(1200):  # delivered behind the deferred one
+        await r.send([f"u{i}@example.net"])
+    await r.wait(lambda: r.queue.queued == 1, 60)
+    r.queue.update_gauges()
+    age = r.metrics.registry.get_sample_value("mailplane_relay_queue_oldest_message_age_seconds")
+    assert age is not None and age > 0
+    assert len(r.queue._by_age) <= 1000 + 2  # rebuilt, not 1,201 ids
+    await r.spool.remove(old)
+    r.queue.forget(old)
+    assert r.metrics.registry.get_sample_value(
+        "mailplane_relay_queue_oldest_message_age_seconds") == 0

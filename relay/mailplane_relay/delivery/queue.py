@@ -135,7 +135,9 @@ class DeliveryQueue:
         self._heap: list[tuple[float, str]] = []
         self._kept: dict[str, QueuedMessage] = {}
         self._flushed: set[str] = set()  # flushed by an administrator, attempt not begun
-        self._oldest: str | None = None  # smallest queue id queued (None: to be computed)
+        # Queue ids by age (a heap; ids sort by commit time): the oldest-message gauge pops
+        # the ids no longer queued, instead of scanning every queued id.
+        self._by_age: list[str] = []
         self._seq = itertools.count()
         self._attempts: dict[str, Attempt] = {}  # messages with an attempt in progress
         self._schedule_wake = asyncio.Event()
@@ -194,9 +196,7 @@ class DeliveryQueue:
             self._changed.set()
         else:
             self._push(queue_id, due)
-        # (None with other messages queued: recomputed when the gauge is next updated.)
-        if (queue_id < self._oldest) if self._oldest is not None else len(self._due) == 1:
-            self._oldest = queue_id
+        heapq.heappush(self._by_age, queue_id)
         self._metrics.queue_messages.set(len(self._due))
 
     def reconfigure(self) -> None:
@@ -428,11 +428,15 @@ class DeliveryQueue:
 
     def update_gauges(self) -> None:
         self._metrics.queue_messages.set(len(self._due))
+        if len(self._by_age) > 2 * len(self._due) + 1000:
+            # Ids of messages no longer queued pile up behind an old one: rebuild (a sorted
+            # list is a heap).
+            self._by_age = sorted(self._due)
         if self._due:
-            if self._oldest is None:
-                self._oldest = min(self._due)
+            while self._by_age[0] not in self._due:
+                heapq.heappop(self._by_age)
             # A queue id starts with its commit time in milliseconds.
-            oldest = (queue_id_number(self._oldest) >> 50) / 1000
+            oldest = (queue_id_number(self._by_age[0]) >> 50) / 1000
             self._metrics.queue_oldest_age.set(max(0.0, self._clock() - oldest))
         else:
             self._metrics.queue_oldest_age.set(0)
@@ -471,8 +475,6 @@ class DeliveryQueue:
             return
         self._kept.pop(queue_id, None)
         self._flushed.discard(queue_id)
-        if queue_id == self._oldest:
-            self._oldest = None
         self._metrics.queue_messages.set(len(self._due))
         self._changed.set()
 
