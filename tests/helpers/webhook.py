@@ -48,6 +48,8 @@ class Receiver:
     attempts: list[Post] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
+    # Set when the receiver stops: a hanging post then ends (its client is long gone).
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -77,7 +79,8 @@ class Receiver:
                              else self.refuse_with or 200)
         post.status = action
         if action == "hang":
-            await asyncio.sleep(3600)
+            await self._released.wait()
+            return web.Response(status=503, text="stopped")
         assert isinstance(action, int)
         if 200 <= action < 300:
             self.accepted.append(post)
@@ -101,6 +104,7 @@ class Receiver:
         return self
 
     async def stop(self) -> None:
+        self._released.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
