@@ -190,14 +190,17 @@ class Records:
 
     async def team_suppression(self, namespace: str, contains: str | None = None,
                                limit: int = 1000) -> list[dict[str, Any]]:
-        """Entries for addresses this namespace has sent mail to (they are in its own log).
+        """Entries for addresses this namespace has sent mail to (they are in its own log),
+        and those it added itself through the portal (an address it never mailed, too).
         An entry another team added through the portal shows as ``OTHER_TEAM``: its source
         names that team's namespace and user."""
         sql = ("SELECT s.address, s.reason, s.source, s.created FROM suppression s "  # noqa: S608
-               "WHERE EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
+               "WHERE (EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
                + ("m.recipient = s.address" if self.sqlite_path
-                  else "lower(m.recipient) = s.address") + ")")
-        args: list[Any] = [namespace]
+                  else "lower(m.recipient) = s.address") + ") "
+               "OR substr(s.source, 1, ?) = ?)")
+        own = f"portal:{namespace}:"
+        args: list[Any] = [namespace, len(own), own]
         if contains:
             sql += " AND s.address LIKE ? ESCAPE '!'"
             args.append("%" + contains.lower().replace("!", "!!").replace("%", "!%")

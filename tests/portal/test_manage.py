@@ -266,3 +266,22 @@ def test_old_audit_rows_keep_who_did_what_but_not_the_address(portal: RunningPor
     assert rows["o***@mail.example"] == ("alice", "asked by O***@Mail.Example")
     assert rows["new.friend@mail.example"] == ("alice", "asked by New.Friend@Mail.Example")
     assert "old.friend" not in str(portal.sql("SELECT * FROM portal_audit")).lower()
+
+
+def test_an_address_the_team_never_mailed_is_on_its_list_once_it_adds_it(
+        portal: RunningPortal) -> None:
+    """Else the team could neither see nor remove its own entry (and it suppresses the
+    address for every team)."""
+    alice = portal.session("alice-token")
+    base = portal.url + "/api/v1/namespaces/shop/suppression"
+    r = alice.post(base, json={"address": "opted.out@never.example", "note": "by letter"})
+    assert r.status_code == 201, r.text
+    items = {i["address"]: i for i in alice.get(base).json()["items"]}
+    assert items["opted.out@never.example"]["reason"] == "manual"
+    assert items["opted.out@never.example"]["source"] == "portal:shop:alice"
+    bob = portal.session("bob-token")
+    blog = bob.get(portal.url + "/api/v1/namespaces/blog/suppression").json()["items"]
+    assert "opted.out@never.example" not in [i["address"] for i in blog]
+    r = alice.delete(base + "/opted.out@never.example", params={"reason": "wrong address"})
+    assert r.status_code == 200, r.text
+    assert "opted.out@never.example" not in _store_suppression(portal)
