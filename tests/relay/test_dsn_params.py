@@ -291,3 +291,59 @@ async def test_delay_warnings_can_be_turned_off(relay: Any, smtp_sink: SinkFacto
     [dsn] = [m for m in sink.messages if m.mail_from == ""]  # the expiry notice only
     assert b"Action: failed" in dsn.data and b"Action: delayed" not in dsn.data
     assert sink.rcpt_attempts.count("busy@example.net") >= 3
+
+
+async def test_a_reply_with_a_byte_outside_utf8_still_gets_its_notice(relay: Any) -> None:
+    """A hostile or broken next hop answers RCPT with a byte that is not UTF-8: the recipient
+    bounces, the sender's notice goes out (quoting the reply in ASCII) and the message leaves
+    the queue, instead of the notice failing at every retry for ever."""
+    received: list[tuple[str, bytes]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        sender = ""
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250 raw.test\r\n")
+            elif verb == b"MAIL":
+                sender = line.decode().split("<", 1)[1].split(">", 1)[0]
+                writer.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT" and b"gone@" in line:
+                writer.write(b"550 5.1.1 caf\xe9 \xff unknown\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 Go\r\n")
+                await writer.drain()
+                data = b""
+                while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                    data += chunk
+                received.append((sender, data))
+                writer.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 Bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        r = await relay(make_config({"mode": "smarthost", "connectTimeout": 2,
+                                     "commandTimeout": 2, "messageDeadline": 10,
+                                     "smarthost": {"host": "127.0.0.1", "port": port,
+                                                   "tls": "none"}}))
+        msg = await r.send(["gone@example.net"])
+        await r.done(msg)
+        await r.wait(lambda: r.queue.queued == 0)
+    finally:
+        server.close()
+    [(sender, data)] = received
+    assert sender == ""
+    report = email.message_from_bytes(data)
+    status = report.get_payload()[1].as_bytes()  # type: ignore[index]
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 caf? ? unknown" in status
+    assert [e["response"] for e in await r.events(msg) if e["status"] == "bounced"] == [
+        "550 5.1.1 caf? ? unknown"]
