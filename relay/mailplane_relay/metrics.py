@@ -20,7 +20,7 @@ REJECT_REASONS = (
     "bad_syntax", "bare_lf", "smuggling", "line_too_long", "spool_error", "internal_error",
     "too_many_sessions", "shutting_down", "paused", "unknown_command", "too_many_refused",
     "too_many_sessions_per_address", "auth_deadline", "session_lifetime", "duplicate_header",
-    "non_ascii_header",
+    "non_ascii_header", "nul",
 )
 AUTH_FAILURE_REASONS = ("bad_credentials", "throttled", "malformed", "suspended")
 

@@ -67,6 +67,29 @@ async def test_bare_cr_or_lf_in_data_is_refused_in_strict_mode(relay: Relay,
     assert relay.queue.submitted == []
 
 
+@pytest.mark.parametrize("body", [
+    b"first\r\n\x00.\r\n" + SMUGGLED + b"From: ceo@example.com\r\n\r\nsmuggled\r\n",
+    b"first\r\n.\x00\r\n" + SMUGGLED + b"From: ceo@example.com\r\n\r\nsmuggled\r\n",
+    b"text with a \x00 in the middle\r\n",
+])
+async def test_a_nul_octet_in_data_is_refused(relay: Relay, body: bytes) -> None:
+    """A NUL is not text (RFC 5321 section 2.3.8; 8BITMIME excludes it too, RFC 6152), and
+    a next hop that drops NULs would read ``<CRLF><NUL>.<CRLF>`` as the end of data: the
+    relay must never pass one on."""
+    c = await ready_session(relay)
+    try:
+        await _open_data(c)
+        await c.send(b"From: a@example.com\r\nSubject: x\r\n\r\n" + body + b".\r\n")
+        _, text = await c.reply()
+        assert text == ("554 5.6.0 Message contains a NUL octet; binary content must be "
+                        "encoded (base64)")
+        assert (await c.cmd("NOOP"))[1] == "250 2.0.0 Ok"
+    finally:
+        await c.close()
+    assert relay.queue.submitted == []
+    assert relay.rejected("nul") == 1
+
+
 @pytest.mark.parametrize("line", [
     b"MAIL FROM:<a\x00b@example.com>", b"MAIL FROM:<a\rb@example.com>",
     b"MAIL FROM:<a@example.com>\x1b[31m", b"MAIL FROM:<a@exa\x7fmple.com>",

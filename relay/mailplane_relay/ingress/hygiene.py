@@ -5,7 +5,7 @@
   ``<CR><LF>.<CR>`` — is refused as smuggling, always. Otherwise, with ``limits.bareNewline:
   normalize`` (the default, as Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``) a bare LF
   is taken as a line end and stored as CRLF, and a bare CR is refused; with ``reject`` any bare CR
-  or LF refuses the message.
+  or LF refuses the message. A NUL octet refuses the message, always.
 - Dot-stuffing is undone; lines over ``maxLineLength`` and content over ``maxMessageSize`` are
   refused.
 - The header: a second ``From:``, ``Date:``, ``Subject:``… (fields RFC 5322 §3.6 allows once) is
@@ -65,6 +65,10 @@ def too_big(limits: LimitSettings) -> Refusal:
 def normalise(raw: bytes, limits: LimitSettings) -> Content | Refusal:
     """``raw`` is the DATA transfer up to and including the final ``.<CRLF>``."""
     body = raw[:-3]  # drop ".\r\n"; the last line keeps its CRLF
+    if b"\x00" in body:
+        # Not text (RFC 5321 section 2.3.8, RFC 6152), and a next hop that drops NULs would
+        # take <CRLF><NUL>.<CRLF> for the end of data: never passed on.
+        return Refusal("nul", R.NUL)
     crlf = body.count(b"\r\n")
     if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
         if _DOT_LINE.search(body):

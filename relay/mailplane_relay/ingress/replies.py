@@ -98,4 +98,5 @@ class R:
     NON_ASCII_HEADER = ("554 5.6.0 Message header has raw non-ASCII characters: send it with "
                         "SMTPUTF8 (RFC 6532) or encode them (RFC 2047)")
     SMUGGLING = "554 5.6.0 Malformed end-of-data sequence; message refused"
+    NUL = "554 5.6.0 Message contains a NUL octet; binary content must be encoded (base64)"
     DATA_LINE_TOO_LONG = "554 5.6.0 Message has a line longer than {limit} characters"
