@@ -655,6 +655,10 @@ class RelayApp:
         cfg = self.config()
         assert self.message_log is not None
         for address in complained:
+            # Every pod's feed sees the entry; the one that claims it counts it, once per pool.
+            # Complaints the intake received were counted there and are never claimable.
+            if not await self.message_log.backend.suppression_claim(address):
+                continue
             rows = await self.message_log.query(
                 LogQuery(recipient=address, status="delivered", limit=1))
             if not rows:

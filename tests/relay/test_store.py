@@ -659,3 +659,27 @@ async def test_an_erasure_request_waits_for_live_workers_only(
     from mailplane_relay.store.erasure import is_complete
 
     assert not is_complete(state.report)
+
+
+async def test_a_complaint_is_claimed_for_counting_once_and_never_one_the_intake_counted(
+    backend: StoreBackend, other: StoreBackend
+) -> None:
+    # Written by hand (the CLI): the first claimer, of two connections, counts it.
+    await backend.suppression_upsert("hand@dest.test", "complaint", "cli", 1.0)
+    assert [await backend.suppression_claim("hand@dest.test"),
+            await other.suppression_claim("hand@dest.test")] == [True, False]
+    # Received by the intake, which counted it then: nobody claims it.
+    await backend.suppression_upsert("fbl@dest.test", "complaint", "feedback", 1.0)
+    assert await other.suppression_claim("fbl@dest.test") is False
+    # Not complaints: nothing to count.
+    await backend.suppression_upsert("gone@dest.test", "hard_bounce", "delivery", 1.0)
+    assert await backend.suppression_claim("gone@dest.test") is False
+    # A bounce turned into a complaint by hand is a new complaint; the same complaint written
+    # again is not (and the intake's receipt of one written by hand leaves it counted).
+    await backend.suppression_upsert("gone@dest.test", "complaint", "cli", 2.0)
+    assert await other.suppression_claim("gone@dest.test") is True
+    await backend.suppression_upsert("gone@dest.test", "complaint", "cli", 3.0)
+    assert await other.suppression_claim("gone@dest.test") is False
+    await backend.suppression_upsert("late@dest.test", "complaint", "cli", 1.0)
+    await backend.suppression_upsert("late@dest.test", "complaint", "feedback", 2.0)
+    assert await other.suppression_claim("late@dest.test") is False

@@ -324,3 +324,38 @@ async def test_an_erasure_reaches_every_pod_within_a_minute(
         assert gone.encode() not in content
     assert all(r.metric("mailplane_relay_erasure_requests_total", result="success") == 1
                for r in (a, b))
+
+
+async def test_a_complaint_added_by_hand_counts_once_in_the_pool(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any],
+    pool_store: tuple[str, Path],
+) -> None:
+    """Every pod's change feed sees the complaint the CLI writes; only the pod that claims it
+    in the store counts it (and queues its webhook events), so the pool counts it once."""
+    _dsn, dsn_file = pool_store
+    sink: Sink = await smtp_sink()
+    a, b = await asyncio.to_thread(pool, relay_factory, sink, dsn_file, 2)
+    assert await send(a, message(1)) == 250
+    await sink.wait_for_messages(1)
+    await eventually(lambda: a.metric("mailplane_relay_recipients_total",
+                                      outcome="delivered") == 1, "the delivery")
+
+    def add(address: str, reason: str) -> None:
+        subprocess.run(
+            [*relay_command()[:-1], "suppression", "add", address, "--reason", reason,
+             "--config", str(b.config_dir)],
+            capture_output=True, text=True, timeout=30, check=True)
+
+    def entries(n: int) -> bool:
+        return all(r.metric("mailplane_relay_suppression_entries") == n for r in (a, b))
+
+    def complaints() -> float:
+        return sum(r.metric("mailplane_relay_complaints_total") for r in (a, b))
+
+    await asyncio.to_thread(add, "user1@dest.test", "complaint")
+    await eventually(lambda: entries(1), "both pods seeing the complaint")
+    # A pod hands the entries of one pass to the counting step before its next pass; an entry
+    # added after both saw the complaint, once seen by both, means both finished counting.
+    await asyncio.to_thread(add, "later@dest.test", "manual")
+    await eventually(lambda: entries(2), "both pods seeing the later entry")
+    assert complaints() == 1

@@ -36,6 +36,7 @@ from ..events import LogEvent
 from ..metrics import RelayMetrics
 from ..reputation import Reputation
 from ..store import LogQuery
+from ..store.backend import INTAKE_SOURCE
 from ..tlsctx import ReloadingTLS
 from . import reports
 from .reports import Report
@@ -227,7 +228,7 @@ class IntakeHandler:
         if self._reputation is not None:
             self._reputation.record(match.credential, "complained")
         try:
-            await self._suppression.add(match.recipient, COMPLAINT_REASON, source="feedback")
+            await self._suppression.add(match.recipient, COMPLAINT_REASON, source=INTAKE_SOURCE)
         except asyncio.CancelledError:
             raise
         except Exception:

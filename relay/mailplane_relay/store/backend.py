@@ -36,6 +36,19 @@ OUTBOX_CLAIMED: tuple[str, ...] = ("id", *OUTBOX_COLUMNS[:-1], "attempts")
 Entry = tuple[str, float]
 
 
+# The source the intake writes its complaints with: the receiving worker counted the complaint
+# already (complaints_total, the rate window), so no change feed counts it again.
+INTAKE_SOURCE = "feedback"
+
+
+def counted_at_write(reason: str, source: str) -> bool:
+    """Whether a suppression entry needs no counting by a change feed: anything but a complaint,
+    and a complaint the intake counted on receipt. A complaint written any other way (the CLI,
+    a feedback-loop processor) is counted once per pool, by the pod that claims it
+    (``suppression_claim``)."""
+    return reason != "complaint" or source == INTAKE_SOURCE
+
+
 def complaint_hash(key: bytes, address: str) -> str:
     """What an erased complaint address is kept as: a keyed hash, never the address."""
     digest = hmac.new(key, address.strip().lower().encode(), hashlib.sha256).hexdigest()
@@ -163,6 +176,9 @@ class StoreBackend(Protocol):
     # ---- suppression list
     async def suppression_upsert(self, address: str, reason: str, source: str,
                                  created: float) -> None: ...
+    async def suppression_claim(self, address: str) -> bool:
+        """Mark a complaint not yet counted as counted; True for the one caller (in the pool)
+        that did, which then counts it."""
     async def suppression_delete(self, address: str) -> bool: ...
     async def suppression_list(self) -> list[dict[str, Any]]: ...
     async def suppression_changes(self, since: int, delta_limit: int

@@ -43,6 +43,7 @@ from .backend import (
     StoreError,
     StoreUnavailable,
     SuppressionDelta,
+    counted_at_write,
     like_pattern,
     mask_address,
 )
@@ -94,8 +95,12 @@ CREATE TABLE IF NOT EXISTS suppression (
     address text PRIMARY KEY,
     reason text NOT NULL,
     source text NOT NULL,
-    created double precision NOT NULL
+    created double precision NOT NULL,
+    -- false: a complaint not yet counted in complaints_total (one written by the CLI); the
+    -- first pod whose change feed sees it claims it (suppression_claim), so it counts once.
+    counted boolean NOT NULL DEFAULT true
 );
+ALTER TABLE suppression ADD COLUMN IF NOT EXISTS counted boolean NOT NULL DEFAULT true;
 CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
 -- The change feed every worker's cache polls. Writers take a transaction-scoped advisory
 -- lock before numbering a change, so numbers are handed out in commit order: a reader that saw
@@ -503,12 +508,22 @@ class PostgresBackend:
         await self._ready()
         async with self._conn() as conn:
             await conn.execute(
-                "INSERT INTO suppression (address, reason, source, created) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (address) DO UPDATE SET "
-                "reason = excluded.reason, source = excluded.source, created = excluded.created "
+                "INSERT INTO suppression (address, reason, source, created, counted) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (address) DO UPDATE SET "
+                "reason = excluded.reason, source = excluded.source, created = excluded.created, "
+                "counted = CASE WHEN suppression.reason = excluded.reason "
+                "THEN suppression.counted OR excluded.counted ELSE excluded.counted END "
                 # A complaint is never turned into something a team may lift (a bounce, manual).
                 "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
-                (address, reason, source, created))
+                (address, reason, source, created, counted_at_write(reason, source)))
+
+    async def suppression_claim(self, address: str) -> bool:
+        await self._ready()
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "UPDATE suppression SET counted = true WHERE address = %s AND NOT counted",
+                (address,))
+        return cur.rowcount > 0
 
     async def suppression_delete(self, address: str) -> bool:
         await self._ready()

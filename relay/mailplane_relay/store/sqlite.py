@@ -35,6 +35,7 @@ from .backend import (
     OutboxRow,
     StoreError,
     SuppressionDelta,
+    counted_at_write,
     like_pattern,
     mask_address,
 )
@@ -143,7 +144,8 @@ CREATE TABLE IF NOT EXISTS suppression (
     address TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
     source TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    counted INTEGER NOT NULL DEFAULT 1  -- 0: a complaint not yet counted (postgres.py)
 );
 -- Every change to the suppression list, numbered and timed, written by triggers: whoever writes
 -- (relay workers, the CLI, the purge), each cache reads only the addresses changed since it
@@ -257,6 +259,9 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
                 f"{path}: schema version {version} was written by a newer mailplane "
                 f"(this one reads {SCHEMA_VERSION}); upgrade mailplane"
             )
+        # Added within version 2 (default: counted, so older entries are not counted again).
+        if "counted" not in {r[1] for r in conn.execute("PRAGMA table_info(suppression)")}:
+            conn.execute("ALTER TABLE suppression ADD COLUMN counted INTEGER NOT NULL DEFAULT 1")
         if version < 2:
             have = {r[1] for r in conn.execute("PRAGMA table_info(message_log)")}
             for column in ("event_id", "namespace"):
@@ -391,13 +396,23 @@ def _upsert(conn: sqlite3.Connection, address: str, reason: str, source: str,
             created: float) -> None:
     with _transaction(conn):
         conn.execute(
-            "INSERT INTO suppression (address, reason, source, created) VALUES (?, ?, ?, ?) "
+            "INSERT INTO suppression (address, reason, source, created, counted) "
+            "VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, "
-            "source = excluded.source, created = excluded.created "
+            "source = excluded.source, created = excluded.created, "
+            "counted = CASE WHEN suppression.reason = excluded.reason "
+            "THEN max(suppression.counted, excluded.counted) ELSE excluded.counted END "
             # A complaint is never turned into something a team may lift (a bounce, manual).
             "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
-            (address, reason, source, created),
+            (address, reason, source, created, int(counted_at_write(reason, source))),
         )
+
+
+def _claim(conn: sqlite3.Connection, address: str) -> bool:
+    with _transaction(conn):
+        cur = conn.execute(
+            "UPDATE suppression SET counted = 1 WHERE address = ? AND counted = 0", (address,))
+    return cur.rowcount > 0
 
 
 def _erase(conn: sqlite3.Connection, address: str, keep_hash: str | None) -> EraseReport:
@@ -554,6 +569,9 @@ class SqliteBackend:
     async def suppression_upsert(self, address: str, reason: str, source: str,
                                  created: float) -> None:
         await self._run(lambda conn: _upsert(conn, address, reason, source, created))
+
+    async def suppression_claim(self, address: str) -> bool:
+        return await self._run(lambda conn: _claim(conn, address))
 
     async def suppression_delete(self, address: str) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
