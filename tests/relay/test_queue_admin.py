@@ -27,6 +27,7 @@ import pytest
 from mailplane_relay.control import ControlServer, request_all
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import Sink
+from tests.relay.test_delivery_flows import make_config, smarthost
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -314,3 +315,33 @@ async def test_flushing_a_domain_probes_its_suspended_destination(
     queue(relay, "flush")
     await eventually(lambda: delivered(sink) == {"x@a.test", "y@b.test"}, "b.test delivered")
     assert await asyncio.to_thread(relay.stop) == 0
+
+
+async def test_a_hold_is_not_lost_to_an_attempt_beginning_while_it_is_written(
+        relay: Any, smtp_sink: Callable[..., Any]) -> None:
+    """`hold` writes its mark durably (fsync in a thread); the message may fall due meanwhile
+    (its retry time, or a `flush` racing the hold). The attempt must then see the mark: the
+    spool hands every holder the same envelope object. Were it a fresh copy, the attempt would
+    contact the destination and save its state over the hold."""
+    sink: Sink = await smtp_sink(rcpt_replies={"busy@a.test": "451 4.2.1 Mailbox busy"})
+    r = await relay(make_config(smarthost(sink), queue={"retryInitial": 60, "retryMax": 60}))
+    msg = await r.send(["busy@a.test"])
+    await sink.wait_for(lambda: sink.rcpt_attempts.count("busy@a.test") == 1)
+    await r.wait(lambda: r.queue.state_by_id(msg.queue_id) == "scheduled")
+
+    save_state = r.spool.save_state
+
+    async def slow_durable_save(m: Any, *, durable: bool = False) -> None:
+        if durable:
+            r.queue.flush(msg.queue_id)  # due now, while the mark is being written
+            await asyncio.sleep(0.5)
+        await save_state(m, durable=durable)
+
+    r.spool.save_state = slow_durable_save
+    assert await r.queue.hold(msg.queue_id) is True
+    r.spool.save_state = save_state
+    await r.wait(lambda: msg.queue_id not in r.queue._attempts)
+    assert r.queue.state_by_id(msg.queue_id) == "held"
+    assert sink.rcpt_attempts.count("busy@a.test") == 1  # no attempt while held
+    loaded = r.spool.load(msg.queue_id)
+    assert loaded is not None and loaded.extra.get("held") is True
