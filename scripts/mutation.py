@@ -95,7 +95,9 @@ MODULES = (
            ("tests/operator/test_reconcile_credential.py",
             "tests/operator/test_credential_units.py")),
     Module("domain-reconciler", "operator/mailplane_operator/reconcile/domain.py",
-           ("tests/operator/test_reconcile_domain.py",)),
+           ("tests/operator/test_reconcile_domain.py",
+            "tests/operator/test_reconcile_domain_dual.py",
+            "tests/operator/test_reconcile_ownership.py")),
 )
 
 STATUS_BY_EXIT = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
