@@ -97,7 +97,8 @@ MODULES = (
     Module("domain-reconciler", "operator/mailplane_operator/reconcile/domain.py",
            ("tests/operator/test_reconcile_domain.py",
             "tests/operator/test_reconcile_domain_dual.py",
-            "tests/operator/test_reconcile_ownership.py")),
+            "tests/operator/test_reconcile_ownership.py",
+            "tests/operator/test_domain_units.py")),
 )
 
 STATUS_BY_EXIT = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
