@@ -358,3 +358,57 @@ async def test_wait_refreshed_waits_for_a_pass_that_starts_after_the_call(
         assert supp.is_suppressed("x@dest.test") is not None
     finally:
         await supp.close()
+
+
+async def test_a_cache_file_without_a_key_still_gives_its_entries(
+        tmp_path: Path, sqlite: SqliteBackend, metrics: RelayMetrics,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "suppression.json"
+    cache.write_text(json.dumps({"key": None, "entries": {"a@dest.test": ["manual", 1.0]}}))
+    store = Wrapped(sqlite)
+    store.down = True
+    supp = SuppressionList(store, metrics, refresh_interval=3600, cache_file=str(cache))
+    with caplog.at_level(logging.ERROR):
+        await supp.start()
+    try:
+        assert supp.is_suppressed("a@dest.test") == ("manual", 1.0)
+        assert [r.getMessage() for r in caplog.records
+                if r.name == "mailplane_relay.store.suppression"] == [
+            "suppression list: the store (postgresql://db.test/mail) did not answer "
+            "(connection refused); using the 1 entries cached on disk until it does"]
+    finally:
+        await supp.close()
+
+
+async def test_the_cache_file_directory_is_made_with_its_parents(
+        tmp_path: Path, sqlite: SqliteBackend, metrics: RelayMetrics) -> None:
+    cache = tmp_path / "var" / "cache" / "mailplane" / "suppression.json"
+    supp = SuppressionList(sqlite, metrics, refresh_interval=3600, cache_file=str(cache))
+    await supp.start()
+    await supp.add("a@dest.test", "manual", source="cli")
+    await supp.close()
+    assert list(json.loads(cache.read_text())["entries"]) == ["a@dest.test"]
+
+
+async def test_closing_a_list_that_never_started(sqlite: SqliteBackend,
+                                                 metrics: RelayMetrics) -> None:
+    supp = SuppressionList(sqlite, metrics, refresh_interval=3600)
+    await supp.close()
+
+
+async def test_a_failed_refresh_is_logged_with_its_cause(
+        sqlite: SqliteBackend, metrics: RelayMetrics, caplog: pytest.LogCaptureFixture) -> None:
+    store = Wrapped(sqlite)
+    supp = SuppressionList(store, metrics, refresh_interval=0.01)
+    await supp.start()
+    try:
+        store.down = True
+        with caplog.at_level(logging.ERROR, logger="mailplane_relay.store.suppression"):
+            await supp.wait_refreshed()
+            await supp.wait_refreshed()
+        store.down = False
+    finally:
+        await supp.close()
+    assert [r.getMessage() for r in caplog.records][:1] == [
+        "suppression list: refresh from postgresql://db.test/mail failed (connection refused); "
+        "keeping the cached entries"]
