@@ -3,6 +3,7 @@ gives for an unverified domain, and the signing keys read back from the DKIM Sec
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,7 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailplane_operator.reconcile import domain as dm
-from tests.operator.reconcile_builders import domain
+from mailplane_operator.reconcile.conditions import format_time
+from tests.operator.reconcile_builders import NOW, domain
+from tests.operator.test_reconcile_ownership import _cond, _step, _verified_domain
 
 
 def test_rsa_keys_are_2048_bits_with_the_usual_exponent() -> None:
@@ -57,3 +60,25 @@ def test_the_reason_for_an_unverified_domain_is_its_ready_reason(
 
 def test_no_secret_no_signing() -> None:
     assert dm.signing_from_secret(None) is None
+
+
+def test_dns_verification_through_a_grace_period_exactly() -> None:
+    d, ok, good = _verified_domain()
+    name = "mp._domainkey.example.com"
+    t1 = NOW + timedelta(hours=1)
+    missing = _step(d, ok, {**good, name: []}, t1)
+    # The lookup fails while the record is missing: the base message stays, the end is named.
+    failed = _step(d, missing, {**good, name: None}, t1 + timedelta(hours=1),
+                   {name: "no nameserver answered (SERVFAIL or refused)"})
+    status, _, message = _cond(failed, "DNSVerified")
+    assert status == "Unknown" and "SERVFAIL" in message
+    assert message.endswith(
+        f"; DNS last answered that the record is gone (since {format_time(t1)}): disabled "
+        f"after {format_time(t1 + timedelta(hours=72))} once DNS answers so again")
+    back = _step(d, missing, good, t1 + timedelta(hours=2))
+    assert [(e.type, e.reason) for e in back.events if e.reason == "DNSRecordsRestored"] == [
+        ("Normal", "DNSRecordsRestored")]
+    disabled = _step(d, missing, {**good, name: []}, t1 + timedelta(hours=72))
+    assert _cond(disabled, "DNSVerified")[0] == "False"
+    assert [(e.type, e.reason) for e in disabled.events if e.reason == "DomainDisabled"] == [
+        ("Warning", "DomainDisabled")]
