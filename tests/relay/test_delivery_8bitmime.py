@@ -157,3 +157,20 @@ async def test_an_8bit_message_that_cannot_be_converted_bounces_with_5_6_3(
     assert event["status"] == "bounced"
     assert event["response"].startswith("554 5.6.3 Conversion required but not supported")
     assert postfix_sink.dumps() == []
+
+
+async def test_an_address_with_only_its_domain_internationalised_goes_in_a_labels(
+        relay: Any, postfix_sink: PostfixSink) -> None:
+    """``user@bücher.example`` needs no SMTPUTF8 (RFC 6531 section 3.2): the domain goes in
+    A-labels to an upstream without SMTPUTF8. A UTF-8 local part still bounces with 5.6.7."""
+    r = await relay(config(postfix_sink))
+    data = HEAD.replace(b"Caf\xc3\xa9", b"Cafe") + b"\r\nplain body\r\n"
+    msg = await r.send(["user@b\u00fccher.example"], data=data)
+    await r.done(msg, timeout=20)
+    assert [e["status"] for e in await r.events(msg)] == ["delivered"]
+    [dump] = postfix_sink.dumps()
+    assert b"X-Rcpt-Args: <user@xn--bcher-kva.example>" in dump
+    msg = await r.send(["p\u00e9l\u00e9@b\u00fccher.example"], data=data)
+    await r.done(msg, timeout=20)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("553 5.6.7 Destination does not support")

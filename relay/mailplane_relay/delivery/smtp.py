@@ -33,6 +33,7 @@ from ..config import DeliverySettings
 from ..dsn import xtext_encode
 from ..spool import Recipient
 from .downgrade import needs_smtputf8
+from .mtasts import ascii_domain
 from .policy import (
     RecipientOutcome,
     Stage,
@@ -440,7 +441,10 @@ def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Rec
         options.append(f"SIZE={len(data)}")
     if not data.isascii() and client.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
-    ascii_addresses = mail_from.isascii() and all(r.address.isascii() for r in recipients)
+    # An address whose only non-ASCII part is its domain goes with the domain in A-labels and
+    # needs no SMTPUTF8 (RFC 6531 section 3.2): only a UTF-8 local part or header does.
+    ascii_addresses = _seven_bit_address(mail_from).isascii() and all(
+        _seven_bit_address(r.address).isascii() for r in recipients)
     if not ascii_addresses or needs_smtputf8(data):
         if not client.supports_extension("smtputf8"):
             if not ascii_addresses:
@@ -458,11 +462,22 @@ def _options(conn: Connection, data: bytes, mail_from: str, recipients: list[Rec
     return options, encoding
 
 
+def _seven_bit_address(address: str) -> str:
+    """``local@domain`` with an ASCII local part and the domain in A-labels (IDNA 2008, as DNS
+    knows it); any other address unchanged."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or not local.isascii():
+        return address
+    name = ascii_domain(domain)
+    return f"{local}@{name}" if name is not None else address
+
+
 def _commands(mail_from: str, recipients: list[Recipient], options: list[str], encoding: str,
               dsn: bool = False) -> tuple[bytes, list[bytes]] | None:
+    wire = _seven_bit_address if encoding == "ascii" else str
     try:
-        mail = b"MAIL FROM:" + quote_address(mail_from).encode(encoding)
-        rcpts = [b"RCPT TO:" + quote_address(r.address).encode(encoding)
+        mail = b"MAIL FROM:" + quote_address(wire(mail_from)).encode(encoding)
+        rcpts = [b"RCPT TO:" + quote_address(wire(r.address)).encode(encoding)
                  + (_rcpt_dsn_options(r) if dsn else b"") for r in recipients]
     except (UnicodeError, ValueError):
         return None
