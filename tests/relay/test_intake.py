@@ -9,6 +9,7 @@ import asyncio
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -185,6 +186,11 @@ async def test_an_arf_complaint_suppresses_counts_and_pauses_the_credential(
                      "the complaint counted")
     listed = await asyncio.to_thread(suppression, relay)
     assert "user2@dest.test" in listed and "complaint" in listed
+    # In the store per credential and sender domain too (the portal's figures).
+    with sqlite3.connect(relay.message_log) as conn:
+        counted = conn.execute("SELECT credential, domain, sum(complaints) FROM "
+                               "complaint_domain_buckets GROUP BY 1, 2").fetchall()
+    assert counted == [("app", "example.com", 1)]
     # 1 complaint in 3 delivered: below 40 %, still sending.
     smtp = await client(relay)
     await smtp.send_message(message(4))
