@@ -48,6 +48,10 @@ class Suppression:
     async def add(self, address: str, reason: str, *, source: str) -> None:
         self.added.append((address, reason, source))
 
+    def is_suppressed(self, address: str) -> tuple[str, float] | None:
+        reasons = [r for a, r, _s in self.added if a == address.lower()]
+        return (reasons[-1], 0.0) if reasons else None
+
 
 def delivered(recipient: str, credential: str = "app") -> dict[str, object]:
     return {"queue_id": QID, "recipient": recipient, "status": "delivered",
@@ -190,12 +194,12 @@ async def test_a_complaint_is_counted_per_credential_sender_domain_and_minute(
     rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
     arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="a@dest.test")
     await h.handle(arf, [f"fbl@{DOMAIN}"])
-    await h.handle(arf, [f"fbl@{DOMAIN}"])  # a second report (the count is what the pause sees)
+    await h.handle(arf, [f"fbl@{DOMAIN}"])  # the same report again: not counted again
     await store.close()
     with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
         rows = conn.execute("SELECT credential, domain, minute, complaints "
                             "FROM complaint_domain_buckets").fetchall()
-    assert rows == [("app", "example.com", 30_000_000, 2)]
+    assert rows == [("app", "example.com", 30_000_000, 1)]
 
 
 async def test_a_complaint_with_the_recipient_redacted_is_matched_through_the_return_path(
@@ -212,3 +216,38 @@ async def test_a_complaint_with_the_recipient_redacted_is_matched_through_the_re
     # Without a return path of ours there is nobody to attribute it to.
     await h.handle(redacted.replace(rp.encode(), b"someone@elsewhere.test"), [f"fbl@{DOMAIN}"])
     assert reports(metrics, "arf", "unmatched") == 1 and len(supp.added) == 1
+
+
+async def test_a_replayed_report_counts_once_per_message_and_recipient() -> None:
+    """Whoever received a message holds its return path and may send the same report again
+    and again; one recipient must not push the sender's bounce or complaint rate alone."""
+    h, log, supp, metrics, rep, _hard = handler([delivered("a@dest.test")])
+    recorded = log.record
+
+    def record(event: LogEvent) -> None:  # the store shows what was recorded
+        recorded(event)
+        log.rows.append({"queue_id": event.queue_id, "recipient": event.recipient,
+                         "status": event.status, "credential": event.credential,
+                         "sender": event.sender, "message_id": event.message_id})
+
+    log.record = record  # type: ignore[method-assign]
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    for _ in range(3):
+        await h.handle(dsn(rp, "a@dest.test", "5.2.2"), [rp])
+    assert reports(metrics, "dsn", "matched") == 1 and reports(metrics, "dsn", "duplicate") == 2
+    assert len(log.events) == 1
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_async_bounces_total",
+        {"sender_domain": "example.com", "credential": "app"}) == 1
+
+    arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="a@dest.test")
+    for _ in range(3):
+        await h.handle(arf, [f"fbl@{DOMAIN}"])
+    assert reports(metrics, "arf", "matched") == 1 and reports(metrics, "arf", "duplicate") == 2
+    assert len(supp.added) == 1
+    assert metrics.registry.get_sample_value(
+        "mailplane_relay_complaints_total",
+        {"sender_domain": "example.com", "credential": "app"}) == 1
+    for _ in range(2000):
+        rep.record("app", "delivered")
+    assert rep.paused("app") is None  # one complaint in 2000 deliveries: under 0.1 %

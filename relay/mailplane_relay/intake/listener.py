@@ -56,6 +56,7 @@ class MessageLogLike(Protocol):
 
 class SuppressionLike(Protocol):
     async def add(self, address: str, reason: str, *, source: str) -> None: ...
+    def is_suppressed(self, address: str) -> tuple[str, float] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +164,22 @@ class IntakeHandler:
                 log.info("intake: DSN %s: %s", match or "unmatched",
                          tokens[0].queue_id if tokens else "no return path of ours")
                 continue
+            if await self._bounced_before(match):
+                # A replayed report (whoever holds the return path may send it again) counts
+                # once: one bounce per message and recipient.
+                self._count("dsn", "duplicate")
+                continue
             self._count("dsn", "matched")
             response = f"550 {failed.status} {failed.diagnostic}".strip()[:250]
             await self._bounced(match, response, now)
+
+    async def _bounced_before(self, match: Match) -> bool:
+        query = LogQuery(queue_id=match.queue_id, recipient=match.recipient, status="bounced",
+                         limit=1)
+        if await self._log.query(query):
+            return True
+        await self._log.flush()  # a report matched moments ago is still in the writer's batch
+        return bool(await self._log.query(query))
 
     async def _bounced(self, match: Match, response: str, now: float) -> None:
         cfg = self._config()
@@ -204,6 +218,13 @@ class IntakeHandler:
                 self._count("arf", match or "unmatched")
                 log.info("intake: ARF %s: %s", match or "unmatched",
                          tokens[0].queue_id if tokens else "no return path of ours")
+                continue
+            entry = self._suppression.is_suppressed(match.recipient)
+            if entry is not None and entry[0] == COMPLAINT_REASON:
+                # Complained already (a replayed report, or a second one about the same
+                # address): counting it again would let one recipient push the sender's
+                # complaint rate over the limit alone.
+                self._count("arf", "duplicate")
                 continue
             self._count("arf", "matched")
             await self._complained(match)
