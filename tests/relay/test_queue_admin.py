@@ -24,7 +24,7 @@ from typing import Any, cast
 import aiosmtplib
 import pytest
 
-from mailplane_relay.control import ControlServer, request_all
+from mailplane_relay.control import ADMIN_BOUNCE_REPLY, ControlServer, request_all
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import Sink
 from tests.relay.test_delivery_flows import make_config, smarthost
@@ -345,3 +345,23 @@ async def test_a_hold_is_not_lost_to_an_attempt_beginning_while_it_is_written(
     assert sink.rcpt_attempts.count("busy@a.test") == 1  # no attempt while held
     loaded = r.spool.load(msg.queue_id)
     assert loaded is not None and loaded.extra.get("held") is True
+
+
+async def test_an_administrative_bounce_does_not_pause_the_sender(
+        relay: Any, smtp_sink: Callable[..., Any]) -> None:
+    """The operator returns a tenant's stuck mail (its destination is down): the sender gets
+    its notice, but the returned recipients are not the sender's bounces, so they must not
+    push the credential's bounce rate over `abuse.bounceRate` and pause it."""
+    sink: Sink = await smtp_sink(mail_reply="451 4.3.0 Down for maintenance")
+    config = make_config(smarthost(sink), queue={"retryInitial": 60, "retryMax": 60})
+    settings = config.settings.model_copy(update={
+        "abuse": config.settings.abuse.model_copy(update={"min_recipients": 1})})
+    r = await relay(type(config)(settings=settings))
+    msgs = [await r.send([f"user{i}@a.test"]) for i in range(3)]
+    await r.wait(lambda: all(r.queue.state_by_id(m.queue_id) == "scheduled" for m in msgs))
+    sink.behaviour.mail_reply = None
+    for m in msgs:
+        await r.queue.bounce(m.queue_id, ADMIN_BOUNCE_REPLY)
+    await sink.wait_for(lambda: len([m for m in sink.messages if m.mail_from == ""]) == 3)
+    assert r.reputation.paused("app1") is None
+    assert r.count("bounced") == 3  # still logged and counted as bounced

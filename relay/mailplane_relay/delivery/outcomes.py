@@ -101,7 +101,7 @@ class Outcomes:
                 remote=_remote_label(outcome),
             ))
             self._metrics.recipients.labels(status, msg.sender_domain, credential).inc()
-            if self._reputation is not None:
+            if self._reputation is not None and not outcome.administrative:
                 self._reputation.record(msg.credential, status)
             if status == "delivered":
                 self._metrics.delivery_latency.observe(max(0.0, now - msg.received_at))

@@ -35,6 +35,10 @@ class RecipientOutcome:
     # Delivered to a server that offers DSN (RFC 3461), with the sender's DSN request passed
     # on: that server sends any success notice, not the relay.
     dsn_passed: bool = False
+    # Returned by the relay administrator (`mailplane queue bounce`), not refused by a
+    # receiver: it says nothing of the sender's list, so it does not count toward the
+    # credential's bounce rate (which pauses senders).
+    administrative: bool = False
 
 
 # ------------------------------------------------------------------------------ retry schedule

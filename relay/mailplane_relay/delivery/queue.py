@@ -399,7 +399,8 @@ class DeliveryQueue:
         if queue_id in self._attempts:
             raise ValueError(f"{queue_id} has a delivery attempt in progress; hold it, wait "
                              "for the attempt to end, then bounce it")
-        outcomes = {r.address: RecipientOutcome("bounced", reply) for r in msg.pending()}
+        outcomes = {r.address: RecipientOutcome("bounced", reply, administrative=True)
+                    for r in msg.pending()}
         self._due[queue_id] = _IN_ATTEMPT  # its heap entry is superseded
         await self._outcomes.apply(self._config(), msg, outcomes)
 
