@@ -210,7 +210,18 @@ class TLSPolicyRule(_Model):
     @field_validator("domains", mode="after")
     @classmethod
     def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.lower().rstrip(".") for v in value)
+        patterns = tuple(v.lower().rstrip(".") for v in value)
+        for pattern in patterns:
+            if not pattern.isascii():
+                # Recipient domains are matched as DNS has them (A-labels), whatever the
+                # address's spelling: a U-label pattern would never match.
+                a_labels = ".".join(
+                    label if label.isascii() else "xn--" + label.encode("punycode").decode()
+                    for label in pattern.split("."))
+                raise ValueError(
+                    f"delivery.mxTls.policies: domain {pattern!r} is not ASCII; write "
+                    f"internationalised domains in A-labels: {a_labels!r}")
+        return patterns
 
 
 class MXTLSSettings(_Model):
@@ -328,7 +339,8 @@ class DeliverySettings(_Model):
         return self
 
     def tls_rule(self, domain: str) -> TLSPolicyRule | None:
-        """The first ``delivery.mxTls.policies`` rule that names a recipient domain."""
+        """The first ``delivery.mxTls.policies`` rule that names a recipient domain (given in
+        A-labels: rules name internationalised domains so)."""
         domain = domain.lower().rstrip(".")
         for rule in self.mx_tls.policies:
             if any(fnmatch.fnmatchcase(domain, pattern) for pattern in rule.domains):

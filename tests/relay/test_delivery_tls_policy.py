@@ -144,3 +144,26 @@ async def test_a_pooled_clear_text_connection_never_carries_mail_that_requires_t
     [event] = await r.events(msg)
     assert event["response"].startswith("451 4.7.4"), event
     assert [m.rcpt_tos for m in sink.messages] == [["user@example.org"]]
+
+
+async def test_a_rule_holds_for_an_internationalised_domain_however_the_address_spells_it(
+        relay: Any, smtp_sink: Any, dns_server: LoopbackDNS) -> None:
+    """A rule names a domain as DNS has it (A-labels); ``user@bücher.example`` is the same
+    destination and gets the rule's level, never the opportunistic default."""
+    sink = await smtp_sink()  # no STARTTLS offered
+    dns_server.add_mx("xn--bcher-kva.example", "sink.test")
+    dns_server.add_a("sink.test", "127.0.0.1")
+    rules = {"mxTls": {"policies": [{"domains": ["xn--bcher-kva.example"],
+                                     "level": "encrypt"}]}}
+    r = await relay(make_config(mx_mode(dns_server, sink.port, **rules), queue=SLOW_RETRY))
+    msg = await r.send(["user@b\u00fccher.example"])
+    await r.wait(lambda: r.count("deferred") == 1)
+    [event] = await r.events(msg)
+    assert event["response"].startswith("451 4.7.4"), event
+    assert sink.messages == []  # never in clear text
+
+
+def test_a_rule_with_a_non_ascii_domain_is_refused_with_the_a_label_to_write() -> None:
+    with pytest.raises(ValueError, match=r"\*\.xn--bcher-kva\.example"):
+        DeliverySettings.model_validate({"mxTls": {"policies": [
+            {"domains": ["*.b\u00fccher.example"], "level": "verify"}]}})

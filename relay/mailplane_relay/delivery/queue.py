@@ -630,7 +630,7 @@ class DeliveryQueue:
         """Addresses to try, in order; when there are none, the failure that explains why.
         Under an MTA-STS ``enforce`` policy ``route`` holds only the hosts it names, and TLS
         must verify."""
-        mode: TLSMode = _TLS_MODES[delivery.tls_level(domain)]
+        mode: TLSMode = _TLS_MODES[delivery.tls_level(ascii_domain(domain) or domain)]
         sts = None if policy is None or policy.mode == "none" else policy.mode
         if sts == "enforce":
             mode = "verify"
@@ -675,6 +675,9 @@ class DeliveryQueue:
         disabled, or a delivery.mxTls.policies rule names the domain: that rule wins)."""
         delivery = cfg.settings.delivery
         settings = delivery.mta_sts
+        # One policy, cache entry and metric label per domain, however the address spells it;
+        # mxTls rules name internationalised domains in A-labels too.
+        domain = ascii_domain(domain) or domain
         if not settings.enabled or delivery.tls_rule(domain) is not None:
             return None
         path = Path(settings.cache_file or os.path.join(cfg.settings.spool.directory,
@@ -682,8 +685,6 @@ class DeliveryQueue:
         if self._sts is None or self._sts.cache_file != path:
             self._sts = MTASTS(path, clock=self._clock)
         sts = self._sts
-        # One policy, cache entry and metric label per domain, however the address spells it.
-        domain = ascii_domain(domain) or domain
         try:
             lookup = await sts.lookup(domain, resolver, settings, dns_slots=self._routing)
         except Exception:
