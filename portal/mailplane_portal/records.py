@@ -164,11 +164,14 @@ class Records:
         """An erased address leaves the namespace's audit log too (its masked form stays)."""
         await self._do("UPDATE portal_audit SET target = ? WHERE namespace = ? AND "
                        "lower(target) = ?", (mask(address), namespace, address))
-        # A note or reason may name it too (as typed: any case).
+        # A note or reason may name it too (as typed: any case); the rest of it stays as
+        # written.
         pattern = "%" + address.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
-        await self._do("UPDATE portal_audit SET detail = replace(lower(detail), ?, ?) "
-                       "WHERE namespace = ? AND lower(detail) LIKE ? ESCAPE '!'",
-                       (address, mask(address), namespace, pattern))
+        typed = re.compile(re.escape(address), re.IGNORECASE)
+        for row in await self._all("SELECT id, detail FROM portal_audit WHERE namespace = ? "
+                                   "AND lower(detail) LIKE ? ESCAPE '!'", (namespace, pattern)):
+            await self._do("UPDATE portal_audit SET detail = ? WHERE id = ?",
+                           (typed.sub(mask(address), str(row["detail"])), row["id"]))
 
     async def mask_old_audit(self, before: float) -> int:
         """Audit rows older than ``before`` keep who did what and when, with every address in

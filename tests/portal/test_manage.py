@@ -139,12 +139,14 @@ def test_erasure_removes_the_address_from_the_audit_log(portal: RunningPortal) -
     alice = portal.session("alice-token")
     base = portal.url + "/api/v1/namespaces/shop"
     assert alice.delete(base + "/suppression/customer7@mail.example",
-                        params={"reason": "Customer7@Mail.Example fixed her mailbox"}
+                        params={"reason": "Customer7@Mail.Example Fixed Her Mailbox"}
                         ).status_code == 200
     r = alice.post(base + "/erasures", json={"address": "customer7@mail.example"})
     portal.wait_erasure(alice, "shop", r.json()["id"])
     text = alice.get(base + "/audit").text
     assert "customer7@" not in text.lower() and "c***@mail.example" in text
+    details = [a["detail"] for a in alice.get(base + "/audit").json()["items"]]
+    assert "was bounce: c***@mail.example Fixed Her Mailbox" in details  # the rest as written
 
 
 def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal) -> None:
