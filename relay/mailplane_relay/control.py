@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -128,19 +129,24 @@ class ControlServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             answer: dict[str, Any]
-            try:
-                line = await asyncio.wait_for(reader.readline(), 10.0)
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-            except (ValueError, TimeoutError, asyncio.LimitOverrunError):
-                answer = {"ok": False, "error": "bad request: send one JSON object on a line"}
+            if not _peer_allowed(writer):
+                # Refused before its request is parsed, and given a second to send it (read
+                # and dropped, so that the answer is not lost to a reset connection).
+                log.warning("queue administration: refused a client of another user")
+                with contextlib.suppress(ValueError, TimeoutError, asyncio.LimitOverrunError):
+                    await asyncio.wait_for(reader.readline(), 1.0)
+                answer = {"ok": False, "error": "permission denied: run this as the "
+                                                "relay's user (or root)"}
             else:
-                if not _peer_allowed(writer):
-                    # Not carried out, and not logged with its arguments.
-                    log.warning("queue administration: refused a client of another user")
-                    answer = {"ok": False, "error": "permission denied: run this as the "
-                                                    "relay's user (or root)"}
+                try:
+                    line = await asyncio.wait_for(reader.readline(), 10.0)
+                    # RecursionError: nesting deeper than the parser goes ("[[[[...").
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                except (ValueError, RecursionError, TimeoutError, asyncio.LimitOverrunError):
+                    answer = {"ok": False,
+                              "error": "bad request: send one JSON object on a line"}
                 else:
                     answer = await self.call(request)
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
@@ -172,7 +178,8 @@ class ControlServer:
     async def _op_list(self, request: dict[str, Any]) -> dict[str, Any]:
         destination = _optional_str(request, "destination")
         older_than = request.get("older_than")
-        if older_than is not None and not isinstance(older_than, int | float):
+        if older_than is not None and (not isinstance(older_than, int | float)
+                                       or not math.isfinite(older_than)):
             raise ControlError("older_than must be a number of seconds")
         limit = request.get("limit", DEFAULT_LIST_LIMIT)
         if not isinstance(limit, int) or limit < 0:

@@ -365,3 +365,30 @@ async def test_an_administrative_bounce_does_not_pause_the_sender(
     await sink.wait_for(lambda: len([m for m in sink.messages if m.mail_from == ""]) == 3)
     assert r.reputation.paused("app1") is None
     assert r.count("bounced") == 3  # still logged and counted as bounced
+
+
+async def test_a_malformed_request_gets_an_answer_naming_the_problem() -> None:
+    """Nesting deeper than the JSON parser goes, or a NaN age, is answered as a bad request
+    (before, the nesting killed the handler: the client heard nothing and reported a relay that
+    had stopped; the NaN listed every message)."""
+    base = Path(tempfile.mkdtemp(prefix="qa-", dir="/tmp"))
+    try:
+        path = base / "control" / "w0.sock"
+        server = ControlServer(path, queue=cast(Any, _Queue()), spool=cast(Any, None))
+        await server.start()
+
+        async def ask(raw: bytes) -> Any:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(raw)
+            answer = await reader.read()
+            writer.close()
+            return json.loads(answer)
+
+        assert await ask(b"[" * 5000 + b"\n") == {
+            "ok": False, "error": "bad request: send one JSON object on a line"}
+        answer = await ask(b'{"op":"list","older_than":NaN}\n')
+        assert answer == {"ok": False, "error": "older_than must be a number of seconds"}
+        assert (await ask(b'{"op":"destinations"}\n'))["ok"] is True
+        await server.close()
+    finally:
+        shutil.rmtree(base)
