@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -295,6 +296,7 @@ class IntakeSMTP(SMTP):
         self.intake_settings = settings
         self._peer_key = ""
         self._refused = False
+        self._plain_replies = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -320,11 +322,48 @@ class IntakeSMTP(SMTP):
         await self.push("502 5.5.1 AUTH is not available on this port: it takes reports for "
                         "the bounce domain only")
 
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and status.startswith("552 Error"):
             status = (f"552 5.3.4 Report too big: at most "
                       f"{self.intake_settings.max_message_size} bytes")
+        elif isinstance(status, str) and not self._plain_replies:
+            status = with_enhanced_code(status, self.hostname)
         await super().push(status)
+
+
+# The enhanced code (RFC 3463) given to a reply of aiosmtpd's own that has none, by reply code.
+_ENHANCED_DEFAULTS = {
+    "220": "2.0.0", "221": "2.0.0", "250": "2.0.0", "252": "2.5.0", "354": "2.0.0",
+    "421": "4.3.0", "451": "4.3.0", "454": "4.7.0", "500": "5.5.2", "501": "5.5.4",
+    "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0", "554": "5.7.0",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def with_enhanced_code(reply: str, hostname: str) -> str:
+    """``500 Error: bad syntax`` -> ``500 5.5.2 Error: bad syntax``; replies that have a code,
+    the greeting, and continuation lines are left as they are."""
+    code = reply[:3]
+    if (len(reply) < 4 or reply[3] != " " or _HAS_ENHANCED.match(reply)
+            or code not in _ENHANCED_DEFAULTS or reply.startswith(f"220 {hostname} ")):
+        return reply
+    if code == "500" and "not recognized" in reply:
+        return f"500 5.5.1 {reply[4:]}"
+    return f"{code} {_ENHANCED_DEFAULTS[code]} {reply[4:]}"
 
 
 class IntakeServer:
