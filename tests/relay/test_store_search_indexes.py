@@ -3,6 +3,8 @@ one (built concurrently, in the background), a half-built one rebuilt, one build
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -86,3 +88,46 @@ async def test_one_builder_at_a_time(pg_dsn: str) -> None:
         await other.execute("SELECT pg_advisory_unlock(%s)", (_INDEX_LOCK,))
     assert await backend.ensure_search_indexes() == ["message_log_ns_status_ts"]
     await backend.close()
+
+
+async def test_a_process_starting_during_a_build_neither_waits_for_it_nor_deadlocks(
+        pg_dsn: str) -> None:
+    # A build (CREATE INDEX CONCURRENTLY) holds its table lock until every transaction with an
+    # older snapshot has ended. A relay or portal starting meanwhile checks the schema in a
+    # transaction: had that check asked for a lock on message_log (a plain CREATE INDEX IF NOT
+    # EXISTS does, even for an index that exists), it would wait for the build while the build
+    # waits for it, a deadlock (or, on a large log, a store unusable for the whole build).
+    builder = PostgresBackend(pg_dsn)
+    await builder.open()
+    await builder.search_indexes_settled()
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as reader:
+        await reader.execute("DROP INDEX message_log_ns_status_ts")
+        # A long reader (a portal search, a backup): the build stalls behind its snapshot.
+        await reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await reader.execute("SELECT count(*) FROM message_log")
+        build = asyncio.create_task(builder.ensure_search_indexes())
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as watch:
+            for _ in range(500):
+                row = await (await watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'mailplane-index' AND wait_event = 'virtualxid'")).fetchone()
+                if row and row[0]:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the build never reached its wait for older snapshots")
+        starting = PostgresBackend(pg_dsn)
+        try:
+            await asyncio.wait_for(starting.open(), 10)
+            assert starting._schema_ready  # the schema check went through, not around
+            await asyncio.wait_for(starting.suppression_upsert(
+                "a@dest.test", "manual", "cli", 1.0), 10)
+        finally:
+            await reader.execute("COMMIT")
+            await starting.close()
+            try:
+                built = await asyncio.wait_for(build, 30)
+            finally:
+                await builder.close()
+    assert built == ["message_log_ns_status_ts"]
+    assert (await _indexes(pg_dsn))["message_log_ns_status_ts"] is True

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -215,6 +216,15 @@ SEARCH_INDEXES = {
 }
 _INDEX_LOCK = _SUPPRESSION_LOCK + 2
 
+# The schema's own indexes are created only when missing: CREATE INDEX IF NOT EXISTS locks its
+# table (SHARE) even when the index exists, and on message_log that lock waits for a search
+# index build, which in turn waits for the schema transaction's snapshot to end: a process
+# starting during a build would deadlock with it, or find its store unusable for the build.
+_INDEX_STATEMENT = re.compile(
+    r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)\s+ON [^;]+;\n?")
+_SCHEMA_INDEXES = [(m.group(1), m.group(0)) for m in _INDEX_STATEMENT.finditer(_SCHEMA)]
+_SCHEMA_TABLES = _INDEX_STATEMENT.sub("", _SCHEMA)
+
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS message_log_in (event_id text, ts double precision, "
     "status text, queue_id text, message_id text, credential text, namespace text, sender "
@@ -351,7 +361,13 @@ class PostgresBackend:
         async with self._conn() as conn, conn.transaction():
             # One process at a time creates or checks the schema (DDL races otherwise).
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SUPPRESSION_LOCK + 1,))
-            await conn.execute(_SCHEMA)
+            await conn.execute(_SCHEMA_TABLES)
+            present = {r[0] for r in await (await conn.execute(
+                "SELECT relname FROM pg_class WHERE relkind = 'i' AND relnamespace = "
+                "current_schema()::regnamespace")).fetchall()}
+            for name, statement in _SCHEMA_INDEXES:
+                if name not in present:
+                    await conn.execute(statement)
             row = await (await conn.execute("SELECT version FROM mailplane_schema")).fetchone()
             if row is None:
                 await conn.execute("INSERT INTO mailplane_schema (version) VALUES (%s)",
