@@ -457,6 +457,10 @@ def test_txt_record_needs_exactly_one_v_stsv1_record_with_a_valid_id() -> None:
     assert parse_txt(["v=STSv1; id=has-dash;"]) is None
     assert parse_txt(["v=STSv1; id=" + "a" * 33]) is None
     assert parse_txt(["v=STSv1;"]) is None
+    # Only records that begin with "v=STSv1;" count (section 3.1): another version is
+    # discarded, not taken for a second record.
+    assert parse_txt(["v=STSv10; id=b;", "v=STSv1 ; id=a"]) == "a"
+    assert parse_txt(["v=STSv1x; id=b;"]) is None
 
 
 def test_policy_parsing_and_mx_patterns() -> None:

@@ -48,6 +48,7 @@ Mode = Literal["enforce", "testing", "none"]
 _MODES: dict[str, Mode] = {"enforce": "enforce", "testing": "testing", "none": "none"}
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+_STS_RECORD = re.compile(r"v=STSv1[ \t]*;")  # "v=STSv1" and a field delimiter (section 3.1)
 
 
 class PolicyError(Exception):
@@ -101,9 +102,9 @@ class Policy:
 
 def parse_txt(records: list[str]) -> str | None:
     """The policy id of the ``_mta-sts`` TXT records, or None when the domain announces no
-    (valid) policy: records not starting with ``v=STSv1`` are ignored, and anything but exactly
+    (valid) policy: records not starting with ``v=STSv1;`` are ignored, and anything but exactly
     one remaining valid record means no policy (section 3.1)."""
-    found = [r for r in records if r.startswith("v=STSv1")]
+    found = [r for r in records if _STS_RECORD.match(r)]
     if len(found) != 1:
         return None
     fields: dict[str, str] = {}
