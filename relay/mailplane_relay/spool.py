@@ -35,7 +35,11 @@ files on the same filesystem) a cycle took 128-162 us of CPU this way against 33
 every removed file was unlinked and every commit created one (measured by
 ``_MAX_FREE = 0``). A scrubbed file is never recovered as mail: recovery reads only ``.msg``
 names, and every envelope names its own queue id and size, which recovery checks (a file that
-fails the check is set aside in ``corrupt/``).
+fails the check is set aside in ``corrupt/``). A state update is not synced, so after a power
+cut a ``.state`` name may point at a reused file whose new content never reached the disk and
+which still holds an older file's bytes (a removed message's, body included): a state file that
+is not a valid envelope of its own message is deleted when read, and the commit-time envelope
+used instead.
 
 Group commit: a commit writes its file on the event loop (a few KB into the page cache cost
 microseconds; a thread hand-off costs more, in wake-ups and GIL traffic) and joins the open batch.
@@ -1080,17 +1084,29 @@ class Spool:
             raise ValueError("envelope does not match the file")
         if qid not in self._states:
             return msg
+        state_path = self._d + qid + _STATE
         try:
-            with open(self._d + qid + _STATE, "rb") as f:
+            with open(state_path, "rb") as f:
                 state = QueuedMessage.from_json(f.read())
         except FileNotFoundError:
             return msg
-        except (OSError, ValueError, TypeError, KeyError):
-            # An unsynced state update torn by a crash: the commit-time envelope is the safe
-            # fallback (every recipient pending again: duplicates, no loss).
+        except OSError:
+            # Not readable now (e.g. too many open files): the commit-time envelope, and the
+            # file stays for the next read.
             log.warning("spool: state file of %s unreadable, using the committed envelope", qid)
             return msg
-        return state if state.queue_id == qid else msg
+        except (ValueError, TypeError, KeyError):
+            state = None
+        if state is None or state.queue_id != qid:
+            # An unsynced state update cut by a crash. Its file may be a reused one whose new
+            # content never reached the disk, so it may hold an older file's bytes: those of a
+            # removed message, body included. It is deleted, and the commit-time envelope is
+            # the safe fallback (every recipient pending again: duplicates, no loss).
+            log.warning("spool: state file of %s is not this message's state (cut by a crash); "
+                        "deleted, using the committed envelope", qid)
+            _unlink_quiet(state_path)
+            return msg
+        return state
 
     def _quarantine(self, path: Path, exc: BaseException) -> None:
         log.error("spool: %s is not a valid message file (%s); moved to %s/", path.name,

@@ -1,0 +1,173 @@
+"""Durability and privacy while the spool reuses the files of final messages.
+
+A relay under the LD_PRELOAD shim of ``test_durability`` delivers some messages (their files
+go to ``free/``, are overwritten with zeros and reused by later commits and state writes) and
+defers others (their state updates reuse files too). A power cut is then replayed after every
+journalled event (each fdatasync, fsync, rename and 250: the zero-fill and the reuse write are
+unsynced, so the disk is the same between two such events), and for each the spool's recovery
+must:
+
+- recover every acknowledged message with its own bytes;
+- recover no message carrying another message's bytes (a reused file whose new content was not
+  synced must not be taken for the old message or for a new one);
+- leave no body or subject of a message whose removal was made durable anywhere in the spool
+  tree (``corrupt/`` included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.spool import Spool, SpoolError
+from tests.helpers.relayproc import RelayProcess
+from tests.helpers.sink import Sink
+from tests.relay.test_durability import Journal, build_shim, rebuild
+
+pytestmark = pytest.mark.timeout(120)
+
+CLIENTS = 4
+FIRST = 3  # messages per client before the deliveries are awaited
+SECOND = 4  # messages per client that may reuse the files of delivered ones
+
+
+def sent(i: int, j: int) -> bytes:
+    return (f"From: app@example.com\r\nTo: user{i}@dest.test\r\nSubject: reuse-subject-{i}-{j}"
+            f"\r\n\r\n").encode() + f"reuse-body-{i}-{j} ".encode() * 40 + b"\r\n"
+
+
+def marks(data: bytes) -> list[bytes]:
+    """Byte strings unique to one message: its subject and its body text."""
+    subject = data.split(b"Subject: ")[1].split(b"\r\n")[0]
+    return [subject, b"reuse-body-" + subject.split(b"reuse-subject-")[1] + b" "]
+
+
+async def test_a_power_cut_at_any_point_of_file_reuse_keeps_mail_and_privacy(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any], tmp_path: Path,
+) -> None:
+    lib = build_shim(tmp_path)
+    log, snaps = tmp_path / "journal.log", tmp_path / "snaps"
+    snaps.mkdir()
+    # Odd clients' recipients are deferred (their messages stay and get state updates), even
+    # clients' are delivered (their files are recycled).
+    sink: Sink = await smtp_sink(rcpt_replies={
+        f"user{i}@dest.test": "451 4.2.0 Try later" for i in range(1, CLIENTS, 2)})
+    relay = relay_factory(
+        smarthost_port=sink.port, extra={"trustedNetworks": ["127.0.0.0/8"]},
+        env={"LD_PRELOAD": str(lib), "SYNCSHIM_LOG": str(log), "SYNCSHIM_SNAP": str(snaps)})
+    await asyncio.to_thread(relay.start)
+    acked: dict[str, bytes] = {}
+
+    async def client(i: int, js: range) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports["submission"],
+                               start_tls=False, timeout=10)
+        await smtp.connect()
+        for j in js:
+            data = sent(i, j)
+            _, reply = await smtp.sendmail("app@example.com", [f"user{i}@dest.test"], data)
+            acked[reply.rsplit(" ", 1)[1]] = data
+        await smtp.quit()
+
+    delivered = CLIENTS // 2
+    await asyncio.gather(*(client(i, range(FIRST)) for i in range(CLIENTS)))
+    await sink.wait_for_messages(delivered * FIRST, timeout=30)
+    await asyncio.gather(*(client(i, range(FIRST, FIRST + SECOND)) for i in range(CLIENTS)))
+    await sink.wait_for_messages(delivered * (FIRST + SECOND), timeout=30)
+    spool_dir = relay.spool_dir
+    free = f"{spool_dir}/free/"
+    journal = Journal.read(log)
+
+    def recycled_all() -> bool:
+        gone = {r[0] for _, k, r in Journal.read(log).events
+                if k == "rename" and r[1].startswith(free)}
+        return len(gone) >= delivered * (FIRST + SECOND)
+
+    for _ in range(200):  # the removals follow the deliveries
+        if recycled_all():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(relay.kill)
+    journal = Journal.read(log)
+    assert len(acked) == CLIENTS * (FIRST + SECOND)
+
+    # When each message's file went to free/, and when that removal became durable (the next
+    # fsync of the spool directory).
+    # (The copy of the listing is taken when the fsync starts, which may precede a rename that
+    # completes before it: a removal is durable at the first fsync whose listing lacks it.)
+    dir_syncs = [(s, {line.split(" ", 1)[1] for line in
+                      (snaps / r[1]).read_text().splitlines()})
+                 for s, k, r in journal.events
+                 if k == "fsync" and " ".join(r[2:]) == str(spool_dir)]
+    removed_durably: dict[str, int] = {}
+    gone: set[str] = set()
+    for seq, kind, rest in journal.events:
+        if kind == "rename" and rest[1].startswith(free) and rest[0].endswith(".msg"):
+            qid = Path(rest[0]).name[: -len(".msg")]
+            gone.add(qid)
+            later = [s for s, names in dir_syncs if s > seq and f"{qid}.msg" not in names]
+            if later:
+                removed_durably[qid] = later[0]
+    reused = [s for s, k, r in journal.events if k == "rename" and r[0].startswith(free)]
+    assert [s for s, k, r in journal.events if k == "rename" and r[0].startswith(free)
+            and r[1].endswith(".msg")], "no commit reused a recycled file"
+    assert [s for s, k, r in journal.events if k == "rename" and r[0].startswith(free)
+            and r[1].endswith(".state")], "no state write reused a recycled file"
+    assert len(removed_durably) >= delivered * FIRST
+    assert list((spool_dir / "free").iterdir()), "no recycled file waits in free/"
+
+    # No delivered message's text in the spool tree as the relay left it.
+    for p in spool_dir.rglob("*"):
+        if p.is_file():
+            raw = p.read_bytes()
+            for qid in gone:
+                for m in marks(acked[qid]):
+                    assert m not in raw, f"{p.relative_to(spool_dir)} holds {m!r} of {qid}"
+
+    replies = journal.replies()
+    events = {e[0]: e for e in journal.events}
+    first_reuse = reused[0]
+    points = sorted({s for s, _, _ in journal.events if s >= first_reuse - 1})
+    for n, crash in enumerate(points):
+        state = tmp_path / f"cut{n}"
+        rebuild(journal, snaps, spool_dir, crash, state)
+        spool = Spool(str(state), fsync=True, metrics=RelayMetrics.create())
+        recovered = {m.queue_id: m for m in await spool.start()}
+        try:
+            where = f"power cut after event {crash} {events[crash][1:]}"
+            for qid, seq in replies.items():
+                # A delivered message may come back (its removal was not durable yet: at least
+                # once) or not; a deferred one must.
+                if seq <= crash and qid not in gone:
+                    assert qid in recovered, f"{where}: acknowledged {qid} is lost"
+            for qid, msg in recovered.items():
+                assert qid in acked, f"{where}: recovered {qid} was never acknowledged"
+                try:
+                    data = spool.read(qid)
+                except SpoolError as exc:
+                    pytest.fail(f"{where}: {qid} recovered but unreadable ({exc})")
+                assert data.endswith(acked[qid]), (
+                    f"{where}: {qid} recovered with other bytes than its own")
+                assert [r.address for r in msg.recipients] == [
+                    acked[qid].split(b"To: ")[1].split(b"\r\n")[0].decode()], (
+                    f"{where}: {qid} recovered with another message's recipients")
+            for p in state.rglob("*"):
+                if not p.is_file():
+                    continue
+                raw = p.read_bytes()
+                for qid, durable_at in removed_durably.items():
+                    if durable_at > crash:
+                        continue
+                    for m in marks(acked[qid]):
+                        assert m not in raw, (
+                            f"{where}: {p.relative_to(state)} holds {m!r} of {qid}, "
+                            f"removed durably at event {durable_at}")
+        finally:
+            await spool.close()
+    assert os.listdir(tmp_path / "cut0")
