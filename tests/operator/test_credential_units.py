@@ -4,6 +4,7 @@ included), and the status fields a user and kubectl read."""
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 from mailplane_operator.reconcile import credential as cm
@@ -137,3 +138,60 @@ def test_the_relay_entry_carries_limits_only_when_asked_or_capped() -> None:
     assert "previousPasswordHash" not in entry and "previousExpires" not in entry
     capped = cm.credential_entry(cred, result.state, NOW, relay(limits={"maxDailyQuota": 5}))
     assert capped["dailyQuota"] == 5 and "ratePerMinute" not in capped
+
+
+def test_the_application_secret_is_an_opaque_secret_with_our_labels() -> None:
+    result = reconcile(credential())
+    assert result.secret is not None
+    assert (result.secret["apiVersion"], result.secret["kind"], result.secret["type"]) == (
+        "v1", "Secret", "Opaque")
+    assert result.secret["metadata"]["labels"] == {
+        cm.LABEL_CREDENTIAL: "app", cm.LABEL_MANAGED_BY: cm.MANAGED_BY}
+    assert result.rotated is True
+    assert reconcile(credential(), result).rotated is False
+
+
+def test_urls_quote_every_reserved_character_of_the_username_and_password() -> None:
+    endpoint = cm.Endpoint("relay.test", 587, 465)
+    secret = cm.secret_manifest(credential(), "p/a:s@s", endpoint, username="u/x")
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    assert url == "smtp://u%2Fx:p%2Fa%3As%40s@relay.test:587"
+
+
+def test_a_suspension_by_name_wins_over_one_of_the_whole_namespace() -> None:
+    r = relay(tenancy={"suspensions": [
+        {"namespace": "mail", "reason": "the whole namespace"},
+        {"namespace": "mail", "name": "app", "reason": "this credential"}]})
+    assert cm.platform_suspension(credential(), r) == "this credential"
+
+
+def test_a_limit_at_the_ceiling_is_not_capped() -> None:
+    result = reconcile(credential(ratePerMinute=10), r=relay(limits={"maxRatePerMinute": 10}))
+    condition = get_condition(result.status["conditions"], cm.LIMITS_CAPPED)
+    assert condition is not None and condition["status"] == "False"
+    assert result.status["effectiveRatePerMinute"] == 10
+
+
+def test_without_the_implicit_tls_listener_there_is_no_smtps_url() -> None:
+    result = reconcile(credential(), r=relay(listeners={"submissions": {"enabled": False}}))
+    assert result.secret is not None
+    assert "smtps-url" not in result.secret["data"] and "smtps-port" not in result.secret["data"]
+
+
+def test_warnings_carry_their_message_and_a_changed_cap_warns_again() -> None:
+    cred = credential(namespace="shop", relay_namespace="mail")
+    closed = reconcile(cred)
+    assert [(e.type, e.message) for e in closed.events] == [
+        ("Warning", "SmtpRelay mail/main does not allow namespace 'shop' (see its "
+                    "spec.allowedNamespaces)")]
+    capped = credential(ratePerMinute=50)
+    first = reconcile(capped, r=relay(limits={"maxRatePerMinute": 10}))
+    [warning] = [e for e in first.events if e.reason == cm.REASON_LIMIT_CAPPED]
+    assert warning.message.startswith("spec.ratePerMinute 50 is above the ceiling")
+    seen = credential(ratePerMinute=50, status=first.status, uid=capped.meta.uid)
+    same = reconcile(seen, first, r=relay(limits={"maxRatePerMinute": 10}))
+    assert [e for e in same.events if e.reason == cm.REASON_LIMIT_CAPPED] == []
+    lower = reconcile(seen, first, r=relay(limits={"maxRatePerMinute": 5}))
+    assert [e.message for e in lower.events if e.reason == cm.REASON_LIMIT_CAPPED] == [
+        "spec.ratePerMinute 50 is above the ceiling of SmtpRelay mail/main "
+        "(spec.limits.maxRatePerMinute 5): 5 applies"]
