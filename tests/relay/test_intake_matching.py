@@ -251,3 +251,27 @@ async def test_a_replayed_report_counts_once_per_message_and_recipient() -> None
     for _ in range(2000):
         rep.record("app", "delivered")
     assert rep.paused("app") is None  # one complaint in 2000 deliveries: under 0.1 %
+
+
+async def test_a_crafted_report_is_read_for_its_first_return_paths_and_recipients_only() -> None:
+    """Thousands of return paths and recipients fit in the size limit; each pair costs a tag
+    check and maybe a log query. A genuine report names one of each: ten are read."""
+    h, _log, supp, metrics, _rep, hard = handler([delivered("a@dest.test")])
+    rp = verp.return_path(KEY, "bounces", DOMAIN, QID, ["a@dest.test"])
+    decoys = "".join(f"Final-Recipient: rfc822; v{i}@dest.test\r\nAction: failed\r\n"
+                     f"Status: 5.1.1\r\n\r\n" for i in range(10))
+    many = dsn(rp, "a@dest.test").replace(b"Final-Recipient", decoys.encode()
+                                          + b"Final-Recipient", 1)
+    await h.handle(many, [rp])
+    assert hard == [] and reports(metrics, "dsn", "forged") == 10
+    forged = "".join(f"Original-Mail-From: <bounces+{QID.lower()}r{i:010d}@{DOMAIN}>\r\n"
+                     for i in range(10))
+    arf = fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp, RECIPIENT="a@dest.test")
+    arf = arf.replace(b"Original-Mail-From", forged.encode() + b"Original-Mail-From", 1)
+    await h.handle(arf, [f"fbl@{DOMAIN}"])
+    assert supp.added == [] and reports(metrics, "arf", "forged") == 1
+    # The same reports with nothing ahead of ours are acted on.
+    await h.handle(dsn(rp, "a@dest.test"), [rp])
+    await h.handle(fill("arf-abuse.eml", TO=f"fbl@{DOMAIN}", RETURN_PATH=rp,
+                        RECIPIENT="a@dest.test"), [f"fbl@{DOMAIN}"])
+    assert len(hard) == 1 and supp.added == [("a@dest.test", "complaint", "feedback")]

@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 COMPLAINT_REASON = "complaint"
 # Message-log rows read to find which recipient a redacted complaint is about.
 MAX_RECIPIENTS_SEARCHED = 1000
+# Return paths of ours, and recipients, taken from one report: a genuine report names one of
+# each (a return path per recipient); the cap keeps a crafted one (thousands of fields within
+# the size limit) from costing tokens x recipients tag checks and log queries.
+MAX_TOKENS = 10
+MAX_RECIPIENTS = 10
 
 
 class MessageLogLike(Protocol):
@@ -117,6 +122,8 @@ class IntakeHandler:
             token = verp.parse(address, intake.local_part, intake.domain)
             if token is not None and token not in found:
                 found.append(token)
+                if len(found) >= MAX_TOKENS:
+                    break
         return found
 
     async def _match(self, tokens: list[verp.Token], recipient: str) -> Match | str | None:
@@ -158,7 +165,7 @@ class IntakeHandler:
         # A DSN goes to the return path itself; a returned header section may name it too.
         tokens = self._tokens([*rcpt_tos, *report.return_paths])
         now = self._clock()
-        for failed in report.failed:
+        for failed in report.failed[:MAX_RECIPIENTS]:
             match = await self._match(tokens, failed.address)
             if not isinstance(match, Match):
                 self._count("dsn", match or "unmatched")
@@ -213,7 +220,7 @@ class IntakeHandler:
             self._count("arf", "unmatched")
             log.info("intake: ARF report names no recipient of ours")
             return
-        for address in complainants[:10]:
+        for address in complainants[:MAX_RECIPIENTS]:
             match = await self._match(tokens, address)
             if not isinstance(match, Match):
                 self._count("arf", match or "unmatched")
