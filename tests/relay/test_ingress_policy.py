@@ -219,3 +219,20 @@ async def test_obsolete_spaced_from_header_cannot_slip_past_the_policy(relay: Re
         assert text.startswith("550 5.7.1") and "other.org" in text
     finally:
         await c.close()
+
+
+@pytest.mark.parametrize("value", [b"ceo@other.org\\@example.com", b"@example.com"])
+async def test_a_from_address_without_a_local_part_is_refused(relay: Relay,
+                                                              value: bytes) -> None:
+    """``ceo@other.org\\@example.com`` parses here as ``@example.com`` (an enabled domain), while
+    a reader or a receiver's DMARC check may take ``ceo@other.org`` from it: a From: address
+    the relay cannot read as local-part@domain is refused, never checked for what it is not."""
+    c = await ready_session(relay)
+    try:
+        _, text = await send(c, "a@example.com", ["x@example.net"],
+                             b"From: " + value + b"\r\nSubject: s\r\n\r\nhi\r\n")
+        assert text == ("550 5.7.1 Header From: has a malformed address; write it as "
+                        "local-part@domain")
+    finally:
+        await c.close()
+    assert relay.queue.submitted == []

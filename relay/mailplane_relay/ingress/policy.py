@@ -77,6 +77,11 @@ def header_from(cfg: RelayConfig, credential: Credential, values: list[str]) -> 
     if not addresses:
         return Refusal("sender_not_allowed", R.HEADER_FROM_MISSING)
     for address in addresses:
+        local, at, domain = address.rpartition("@")
+        if not (local and at and domain):
+            # What the parser made of text it could not read (``a@other.org\@example.com``
+            # reads as ``@example.com``): a reader may see another address in it.
+            return Refusal("sender_not_allowed", R.HEADER_FROM_MALFORMED)
         domain = domain_of(address)
         if domain not in cfg.domains:
             return Refusal("domain_not_enabled", R.HEADER_FROM_DOMAIN.format(domain=domain))

@@ -83,6 +83,8 @@ class R:
     HEADER_FROM_NOT_ALLOWED = (
         "550 5.7.1 Credential {user} may not send as header From: domain {domain}")
     HEADER_FROM_MISSING = "550 5.7.1 Message has no From: header address"
+    HEADER_FROM_MALFORMED = (
+        "550 5.7.1 Header From: has a malformed address; write it as local-part@domain")
     SUPPRESSED = "550 5.1.1 Recipient {address} is on the suppression list ({reason})"
     TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size of {limit} bytes"
     NON_ASCII_ADDRESS = ("553 5.6.7 Non-ASCII address: send MAIL FROM with the SMTPUTF8 "
