@@ -177,14 +177,29 @@ class BlockedAddress(OSError):
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
 def check_address(address: str, allowed: Networks) -> None:
     """Raise BlockedAddress unless ``address`` is public or in an explicitly allowed network."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in allowed):
+    given = ipaddress.ip_address(address.split("%", 1)[0])
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = given
+    inside = False
+    if isinstance(given, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one reaches that IPv4 address: mapped, NAT64
+        # (an IPv6-only cluster's gateway translates 64:ff9b::a00:5 to 10.0.0.5), 6to4 and the
+        # old IPv4-compatible form. The IPv4 address is what is checked.
+        embedded = given.ipv4_mapped or given.sixtofour
+        if embedded is None and (given in _NAT64 or given in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(given) & 0xFFFFFFFF)
+        ip = embedded or given
+        # A network's own translator (RFC 8215) reaches inside by definition.
+        inside = given in _NAT64_LOCAL
+    if any(given in net or ip in net for net in allowed):
         return
-    if not ip.is_global or ip.is_multicast:
+    if inside or not ip.is_global or ip.is_multicast:
         raise BlockedAddress(
             f"address {ip} is not public (private, loopback, link-local or reserved); an "
             "endpoint inside the cluster needs its network in webhooks.allowPrivateNetworks "

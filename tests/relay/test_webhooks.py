@@ -4,6 +4,7 @@ which checks signatures with its own code), on both real store backends."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from mailplane_relay.events import LogEvent
 from mailplane_relay.metrics import RelayMetrics
 from mailplane_relay.store import MessageLog, SqliteBackend, StoreBackend
 from mailplane_relay.store.erasure import erase_address
-from mailplane_relay.webhooks import OutboxMaker, WebhookDispatcher
+from mailplane_relay.webhooks import BlockedAddress, OutboxMaker, WebhookDispatcher, check_address
 from tests.helpers.pki import write_ca_file
 from tests.helpers.webhook import Receiver
 
@@ -307,3 +308,23 @@ async def test_a_claim_skips_events_another_worker_is_claiming(pg_dsn: str) -> N
             assert len(got) == 6 and not locked & {e["id"] for e in got}
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a9fe:a9fe",   # NAT64 of 169.254.169.254, the cloud metadata address
+    "64:ff9b::a00:5",       # NAT64 of 10.0.0.5: an IPv6-only cluster's gateway translates it
+    "64:ff9b:1::808:808",   # a network's own translator (RFC 8215)
+    "2002:a00:5::1",        # 6to4 of 10.0.0.5
+    "::a00:5",              # IPv4-compatible form of 10.0.0.5
+    "::ffff:127.0.0.1", "::1", "fd00::1", "169.254.169.254", "100.64.0.1",
+])
+def test_an_address_that_reaches_a_private_one_is_refused(address: str) -> None:
+    with pytest.raises(BlockedAddress, match="is not public"):
+        check_address(address, ())
+
+
+def test_a_public_address_or_an_allowed_network_passes() -> None:
+    for address in ("8.8.8.8", "2606:4700::1111", "64:ff9b::808:808", "2002:808:808::1"):
+        check_address(address, ())
+    check_address("64:ff9b::a00:5", (ipaddress.ip_network("10.0.0.0/8"),))
+    check_address("::1", (ipaddress.ip_network("::1/128"),))
