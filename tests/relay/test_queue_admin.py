@@ -392,3 +392,21 @@ async def test_a_malformed_request_gets_an_answer_naming_the_problem() -> None:
         await server.close()
     finally:
         shutil.rmtree(base)
+
+
+async def test_repeated_flushes_do_not_grow_the_schedule(
+        relay: Any, smtp_sink: Callable[..., Any]) -> None:
+    """`flush` from a script, over a queue whose messages are due already and wait for
+    attempt slots, added one schedule entry per message each time (about 100 MB per flush of
+    a million messages); a message already due keeps its entry."""
+    sink: Sink = await smtp_sink(rcpt_replies={f"busy{i}@a.test": "451 4.2.1 Busy"
+                                               for i in range(5)})
+    r = await relay(make_config(smarthost(sink), queue={"retryInitial": 60, "retryMax": 60}))
+    msgs = [await r.send([f"busy{i}@a.test"]) for i in range(5)]
+    await r.wait(lambda: all(r.queue.state_by_id(m.queue_id) == "scheduled" for m in msgs))
+    # No await between the calls: the scheduler cannot begin (and pop) anything meanwhile.
+    assert all(r.queue.flush(m.queue_id) for m in msgs)
+    size = len(r.queue._heap)
+    for _ in range(10):
+        assert all(r.queue.flush(m.queue_id) for m in msgs)
+    assert len(r.queue._heap) == size

@@ -364,7 +364,11 @@ class DeliveryQueue:
         if due in (_IN_ATTEMPT, _ON_HOLD):
             return False
         self._flushed.add(queue_id)
-        self._push(queue_id, self._clock())
+        now = self._clock()
+        if due > now:
+            # One heap entry per flush of a message not yet due: a flush storm over a queue
+            # waiting for attempt slots must not add an entry per message each time.
+            self._push(queue_id, now)
         return True
 
     def resume_destinations(self, name: str | None) -> list[str]:
