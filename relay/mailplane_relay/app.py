@@ -43,7 +43,7 @@ from .config import (
 from .control import ControlError, ControlServer, control_dir, remove_stale_sockets, socket_path
 from .delivery import DeliveryQueue
 from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer
-from .http import OpsServer, Readiness
+from .http import AdminServer, OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
 from .intake.listener import IntakeHandler, IntakeServer
@@ -309,6 +309,7 @@ class RelayApp:
         self.metrics = RelayMetrics.create(self.registry)
         self.readiness = Readiness(on_change=self._readiness_changed)
         self.http: OpsServer | None = None
+        self.admin_http: AdminServer | None = None
         self.admin = AdminEndpoints()
         self.drainer: Drainer | None = None
         self.server: SubmissionServer | None = None
@@ -407,8 +408,7 @@ class RelayApp:
 
         if worker is None:
             self.http = OpsServer(address=settings.http.address, port=settings.http.port,
-                                  readiness=self.readiness, registry=self.registry,
-                                  admin_routes=self.admin.routes(), max_body=MAX_HANDOFF_BODY)
+                                  readiness=self.readiness, registry=self.registry)
             await self.http.start()
             stages.append(("ops http", self.http.stop))
 
@@ -513,6 +513,14 @@ class RelayApp:
                                    registry=self.registry)
             self.admin.drainer = self.drainer
             stages.append(("drain", self.drainer.stop_task))
+            if settings.admin is not None:
+                # HTTPS with the listeners' live context: the token, the drain orders and the
+                # handed-off messages never cross the network in clear text.
+                self.admin_http = AdminServer(
+                    address=settings.admin.address, port=settings.admin.port,
+                    routes=self.admin.routes(), context=tls.context, max_body=MAX_HANDOFF_BODY)
+                await self.admin_http.start()
+                stages.append(("admin https", self.admin_http.stop))
         bound = server.bound_ports
         # The intake listener runs in one process per pod (reports are few): the first worker.
         if settings.intake is not None and (worker is None or worker.index == 0):
@@ -817,11 +825,10 @@ class Supervisor:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
         readiness = _WorkersReadiness(state_dir, self.workers)
-        admin = AdminEndpoints()
-        admin.unsupported = ("a relay with several workers does not drain (its spools are the "
-                             "workers'); run workers: 1 where pods are drained")
+        # A relay with several workers does not drain (its spools are the workers'): it serves
+        # no /admin endpoint (workers: 1 where pods are drained, as the operator renders).
         http = OpsServer(address=settings.http.address, port=settings.http.port,
-                         readiness=readiness, registry=registry, admin_routes=admin.routes())
+                         readiness=readiness, registry=registry)
         await http.start()
         # Resolve port 0 once so that every worker (and every restart) binds the same port.
         ports = {lst.name: lst.port or _free_port(lst.address) for lst in settings.listeners}

@@ -148,12 +148,27 @@ class HTTPSettings(_Model):
 
 
 class AdminSettings(_Model):
-    """The authenticated administration endpoints of the operations port (``/admin/...``):
-    drain (hand the queue to other pods of the pool) and hand-off (take a message from a
-    draining pod). Callers present a bearer token whose SHA-256 (hex) is ``tokenSHA256``; the
-    token itself is never in the configuration. Absent: no ``/admin`` endpoint."""
+    """The authenticated administration endpoints (``/admin/...``), served over HTTPS on their
+    own port with the relay's serving certificate (``tls``): drain (hand the queue to other
+    pods of the pool), hand-off (take a message from a draining pod) and status. Callers
+    present a bearer token whose SHA-256 (hex) is ``tokenSHA256``; the token itself is never in
+    the configuration. A draining relay hands messages only to peers whose certificate chains
+    to ``caFile`` and names ``serverName``. Absent: no ``/admin`` endpoint."""
 
     token_sha256: str = Field(alias="tokenSHA256", pattern=r"^[0-9a-f]{64}$")
+    address: str = "0.0.0.0"
+    port: int = Field(8443, ge=0, le=65535)
+    ca_file: str | None = Field(None, alias="caFile")
+    server_name: str | None = Field(None, alias="serverName", min_length=1, max_length=253)
+
+    @model_validator(mode="after")
+    def _verify_pair(self) -> AdminSettings:
+        if (self.ca_file is None) != (self.server_name is None):
+            raise ValueError(
+                "admin.caFile and admin.serverName go together: a draining relay verifies the "
+                "peers it hands messages to against caFile and expects serverName in their "
+                "certificate; set both (or neither: then this relay hands nothing off)")
+        return self
 
 
 class SpoolSettings(_Model):

@@ -1,9 +1,14 @@
 """Drain: before a relay pod goes away, its queue is handed to the other pods of its pool.
 
 The operator (scaling an SmtpRelay down) tells each pod to be removed to drain, over the
-operations port, authenticated with a bearer token whose SHA-256 is ``admin.tokenSHA256`` in the
-configuration: ``POST /admin/drain`` with ``{"peers": ["http://IP:PORT", ...], "token": "..."}``
-(the ops ports of the pods that stay, and the token to present to them). A draining relay:
+administration port (HTTPS with the relay's serving certificate, ``admin.port``; the plain-HTTP
+ops port serves only /metrics, /livez and /readyz), authenticated with a bearer token whose
+SHA-256 is ``admin.tokenSHA256`` in the configuration: ``POST /admin/drain`` with
+``{"peers": ["https://IP:PORT", ...], "token": "..."}`` (the admin ports of the pods that stay,
+and the token to present to them). Peers are reached by IP, so a draining relay verifies each
+one's certificate against ``admin.caFile`` and requires the name ``admin.serverName`` in it
+(sent as SNI); a peer that is not HTTPS, not signed by that CA or not named so gets nothing.
+A draining relay:
 
 - is not ready (``/readyz`` answers 503 ``draining``), so the Service stops sending it
   connections, and closes its SMTP listeners (open sessions finish their transaction);
@@ -39,6 +44,7 @@ import hashlib
 import hmac
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -100,6 +106,8 @@ class Drainer:
         self._token = ""
         self._next_peer = 0
         self._task: asyncio.Task[None] | None = None
+        self._peer_ctx: ssl.SSLContext | None = None
+        self._peer_name = ""
         self._held: set[str] = set()
         """Messages this drain held to hand them off (released if the drain is called off)."""
         self.draining_gauge = Gauge(
@@ -170,11 +178,35 @@ class Drainer:
                 "configHash": self._config().source_hash,
                 "render": self._config().render_id}
 
+    def _peer_tls(self) -> tuple[ssl.SSLContext, str] | None:
+        """The context verifying peers and the name their certificate must carry; None (with
+        the reason logged) when the configuration gives no way to verify them."""
+        admin = self._config().settings.admin
+        if admin is None or admin.ca_file is None or admin.server_name is None:
+            log.error("drain: nothing handed off: admin.caFile and admin.serverName are not "
+                      "set, so no peer can be verified (message bodies only go over verified "
+                      "TLS)")
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=admin.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("drain: nothing handed off: admin.caFile %s cannot be loaded (%s)",
+                      admin.ca_file, type(exc).__name__)
+            return None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx, admin.server_name
+
     async def _run(self) -> None:
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=HANDOFF_TIMEOUT)) as http:
             while True:
                 moved = 0
+                # Loaded each pass: a renewed CA bundle is used without a restart.
+                peer_tls = await asyncio.to_thread(self._peer_tls)
+                if peer_tls is None:
+                    await asyncio.sleep(RETRY_PAUSE * 5)
+                    continue
+                self._peer_ctx, self._peer_name = peer_tls
                 for qid in self._spool.queue_ids():
                     try:
                         moved += await self._hand_off(http, qid)
@@ -216,9 +248,14 @@ class Drainer:
 
     async def _send(self, http: aiohttp.ClientSession, peer: str, envelope: str, data: bytes,
                     qid: str) -> bool:
+        if not peer.startswith("https://") or self._peer_ctx is None:
+            log.error("drain: %s not handed to %s: a message goes only over verified TLS",
+                      qid, peer)
+            return False
         try:
             async with http.post(
-                    peer.rstrip("/") + HANDOFF_PATH, data=data,
+                    peer.rstrip("/") + HANDOFF_PATH, data=data, ssl=self._peer_ctx,
+                    server_hostname=self._peer_name,
                     headers={"Authorization": f"Bearer {self._token}",
                              ENVELOPE_HEADER: envelope,
                              "Content-Type": "application/octet-stream"}) as resp:
@@ -255,12 +292,11 @@ class Drainer:
 
 
 class AdminEndpoints:
-    """The ``/admin`` routes of the operations port, bound to a `Drainer` once the relay has
-    one (before that, and with several workers, they answer 503 / 501)."""
+    """The ``/admin`` routes of the administration port (HTTPS), bound to a `Drainer` once the
+    relay has one (before that they answer 503)."""
 
     def __init__(self) -> None:
         self.drainer: Drainer | None = None
-        self.unsupported: str | None = None
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(DRAIN_PATH, self._status), web.get(STATUS_PATH, self._status),
@@ -268,8 +304,6 @@ class AdminEndpoints:
                 web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff)]
 
     def _check(self, request: web.Request) -> Drainer:
-        if self.unsupported is not None:
-            raise web.HTTPNotImplemented(text=self.unsupported + "\n")
         drainer = self.drainer
         if drainer is None:
             raise web.HTTPServiceUnavailable(text="starting\n")
@@ -288,11 +322,13 @@ class AdminEndpoints:
             doc = await request.json()
             peers, token = doc["peers"], doc["token"]
             if not (isinstance(peers, list) and all(isinstance(p, str) and p.startswith(
-                    ("http://", "https://")) for p in peers) and isinstance(token, str)):
+                    "https://") for p in peers) and isinstance(token, str)):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise web.HTTPBadRequest(text='send {"peers": ["http://IP:PORT", ...], '
-                                          '"token": "..."}\n') from None
+            raise web.HTTPBadRequest(text='send {"peers": ["https://IP:PORT", ...], '
+                                          '"token": "..."} (the peers\' admin ports: '
+                                          'messages are handed off over verified TLS only)\n'
+                                     ) from None
         await drainer.start(peers, token)
         return web.json_response(drainer.status(), status=202)
 

@@ -1,5 +1,6 @@
-"""The operations HTTP server: ``/metrics``, ``/livez``, ``/readyz`` (and the authenticated
-``/admin`` routes of drain.py).
+"""The operations HTTP server: ``/metrics``, ``/livez``, ``/readyz``, unauthenticated and
+plain HTTP (probes and scrapers); and the administration server: the authenticated ``/admin``
+routes of drain.py, HTTPS only, on a port of their own, with the relay's serving certificate.
 
 Readiness is a set of named conditions the composition root sets as it starts (listeners bound,
 configuration loaded, spool recovered) and clears when it stops; ``/readyz`` answers 503 naming
@@ -9,6 +10,7 @@ the first condition that is not met, so ``kubectl describe`` shows why a pod is 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
@@ -81,22 +83,17 @@ class OpsServer:
         readiness: ReadinessProbe,
         registry: CollectorRegistry,
         reuse_port: bool = False,
-        admin_routes: list[web.RouteDef] | None = None,
-        max_body: int = 1024**2,
     ) -> None:
         self._address = address
         self._port = port
         self._readiness = readiness
         self._registry = registry
         self._reuse_port = reuse_port
-        self._admin_routes = list(admin_routes or [])
-        self._max_body = max_body
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=self._max_body)
-        app.add_routes(self._admin_routes)
+        app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
@@ -128,3 +125,40 @@ class OpsServer:
         if self._readiness.ready:
             return web.Response(text="ok\n")
         return web.Response(status=503, text=self._readiness.reason + "\n")
+
+
+class AdminServer:
+    """The ``/admin`` routes over HTTPS on ``address:port`` (port 0 picks a free port, see
+    ``port`` after ``start``). `context` is the relay's live server context (tlsctx.py): a
+    renewed certificate is presented at the next handshake, as on the SMTP listeners. A client
+    speaking plain HTTP to this port fails the handshake: nothing is read from it."""
+
+    def __init__(self, *, address: str, port: int, routes: list[web.RouteDef],
+                 context: ssl.SSLContext, max_body: int) -> None:
+        self._address = address
+        self._port = port
+        self._routes = list(routes)
+        self._context = context
+        self._max_body = max_body
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self._max_body)
+        app.add_routes(self._routes)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._address, self._port, ssl_context=self._context)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("admin https listening on %s:%d", self._address, self.port)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

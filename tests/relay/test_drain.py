@@ -1,4 +1,5 @@
-"""Drain: a real relay process hands its queue to another over the authenticated ops port.
+"""Drain: a real relay process hands its queue to another over the authenticated admin port
+(HTTPS with the relay's serving certificate; peers verified against a CA and a fixed name).
 
 Two `mailplane relay` processes deliver to one sink that defers everything (451), so mail stays
 queued. Relay B is told to drain toward A: it stops being ready and stops accepting, and hands
@@ -9,6 +10,7 @@ opens B's listeners again."""
 from __future__ import annotations
 
 import email
+import http.client
 import json
 import smtplib
 import time
@@ -16,16 +18,30 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from mailplane_relay.drain import token_sha256
+from tests.helpers.pki import client_context, write_server_pair
 from tests.helpers.ports import free_port
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import running_sink_in_thread
 
 TOKEN = "drain-test-token-0123456789"
+
+
+SERVER_NAME = "relay.test"  # in every test relay's certificate (tests/helpers/relayproc.py)
+
+
+def _admin_port(relay: RelayProcess) -> int:
+    return int(relay.extra["admin"]["port"])
+
+
+def _peer(relay: RelayProcess) -> str:
+    return f"https://127.0.0.1:{_admin_port(relay)}"
 
 
 def _admin(relay: RelayProcess, method: str, path: str, body: Any = None,
@@ -34,10 +50,11 @@ def _admin(relay: RelayProcess, method: str, path: str, body: Any = None,
     payload = data if data is not None else (
         json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(
-        f"http://127.0.0.1:{relay.http_port}{path}", data=payload, method=method,
+        _peer(relay) + path, data=payload, method=method,
         headers={**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10,
+                                    context=client_context(relay.ca)) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -74,12 +91,18 @@ def _message_id(data: bytes) -> str:
     return str(email.message_from_bytes(data)["Message-ID"])
 
 
+def _admin_settings(ca: trustme.CA, base: Path) -> dict[str, Any]:
+    ca_file = base / "admin-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return {"admin": {"tokenSHA256": token_sha256(TOKEN), "address": "127.0.0.1",
+                      "port": free_port(), "caFile": str(ca_file), "serverName": SERVER_NAME}}
+
+
 @pytest.fixture
-def pair(relay_factory: Callable[..., RelayProcess]) -> Any:
+def pair(relay_factory: Callable[..., RelayProcess], tls_ca: trustme.CA, tmp_path: Path) -> Any:
     with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
-        admin = {"admin": {"tokenSHA256": token_sha256(TOKEN)}}
-        a = relay_factory(smarthost_port=sink.address[1], extra=admin)
-        b = relay_factory(smarthost_port=sink.address[1], extra=admin)
+        a = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
+        b = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
         a.start()
         b.start()
         yield a, b, sink
@@ -93,7 +116,7 @@ def test_a_draining_relay_hands_every_message_to_its_peer_before_removing_it(pai
     assert len(b.spooled_files()) == 6 and not a.spooled_files()
 
     status, doc = _admin(b, "POST", "/admin/drain",
-                         {"peers": [f"http://127.0.0.1:{a.http_port}"], "token": TOKEN})
+                         {"peers": [_peer(a)], "token": TOKEN})
     assert status == 202 and doc["draining"] is True
     assert b.readyz() == (503, "draining\n")
     with pytest.raises((ConnectionRefusedError, smtplib.SMTPServerDisconnected)):
@@ -141,9 +164,9 @@ def test_nothing_leaves_the_spool_until_a_peer_has_stored_it(pair: Any) -> None:
     _send(b, 3, "kept")
     # A is draining itself (it refuses hand-offs), the other peer does not listen.
     assert _admin(a, "POST", "/admin/drain", {"peers": [], "token": TOKEN})[0] == 202
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"https://127.0.0.1:{free_port()}"
     assert _admin(b, "POST", "/admin/drain",
-                  {"peers": [f"http://127.0.0.1:{a.http_port}", closed], "token": TOKEN})[0] == 202
+                  {"peers": [_peer(a), closed], "token": TOKEN})[0] == 202
     _wait(lambda: b.metric("mailplane_relay_handoffs_total", direction="sent",
                            result="failed") >= 6, "hand-offs refused")
     assert _admin(b, "GET", "/admin/drain")[1]["queued"] == 3
@@ -151,3 +174,54 @@ def test_nothing_leaves_the_spool_until_a_peer_has_stored_it(pair: Any) -> None:
     # Once A takes mail again, B's queue moves there.
     assert _admin(a, "DELETE", "/admin/drain")[0] == 200
     _wait(lambda: len(a.spooled_files()) == 3 and not b.spooled_files(), "the hand-off")
+
+
+def test_the_ops_port_serves_no_admin_route_and_the_admin_port_no_plain_http(pair: Any) -> None:
+    _a, b, _sink = pair
+    # The token and the drain orders never travel in clear: the ops port has no /admin route...
+    for path in ("/admin/drain", "/admin/status", "/admin/handoff"):
+        request = urllib.request.Request(f"http://127.0.0.1:{b.http_port}{path}",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code in (404, 405)
+    # ...and the admin port does not speak plain HTTP.
+    request = urllib.request.Request(f"http://127.0.0.1:{_admin_port(b)}/admin/status",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(request, timeout=10)
+    assert b.readyz()[0] == 200
+
+
+def test_a_drain_toward_a_plain_http_peer_is_refused(pair: Any) -> None:
+    a, b, _sink = pair
+    status, text = _admin(b, "POST", "/admin/drain",
+                          {"peers": [f"http://127.0.0.1:{a.http_port}"], "token": TOKEN})
+    assert status == 400 and "https://" in text
+    assert b.readyz()[0] == 200
+
+
+@pytest.mark.parametrize("impostor", ["wrong name", "other CA"])
+def test_nothing_is_handed_to_a_peer_whose_certificate_does_not_verify(
+        relay_factory: Callable[..., RelayProcess], tls_ca: trustme.CA, tmp_path: Path,
+        impostor: str) -> None:
+    with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
+        rogue = relay_factory(smarthost_port=sink.address[1],
+                              extra=_admin_settings(tls_ca, tmp_path))
+        if impostor == "wrong name":  # signed by the pool's CA, but not for the pool's name
+            write_server_pair(tls_ca, rogue.tls_dir, names=("127.0.0.1", "elsewhere.test"))
+        else:  # the pool's name, from a CA the pool does not trust
+            write_server_pair(trustme.CA(), rogue.tls_dir,
+                              names=("127.0.0.1", "localhost", SERVER_NAME))
+        b = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
+        rogue.start()
+        b.start()
+        _send(b, 2, "kept")
+        assert _admin(b, "POST", "/admin/drain",
+                      {"peers": [_peer(rogue)], "token": TOKEN})[0] == 202
+        _wait(lambda: b.metric("mailplane_relay_handoffs_total", direction="sent",
+                               result="failed") >= 2, "hand-offs refused")
+        assert len(b.spooled_files()) == 2 and rogue.spooled_files() == []
+        assert rogue.metric("mailplane_relay_handoffs_total", direction="received",
+                            result="ok") == 0
+        assert "certificate" in b.log_path.read_text().lower()
