@@ -15,6 +15,7 @@ reason; after the credential is deleted, AUTH fails.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import smtplib
@@ -76,6 +77,15 @@ def _sink() -> Iterator[tuple[Sink, asyncio.AbstractEventLoop]]:
         loop.close()
 
 
+def create_tls_secret(api: KubeApi, ca: trustme.CA, namespace: str = "mail",
+                      name: str = "main-tls") -> None:
+    """The relay's TLS Secret as cert-manager writes it; the operator reads only its ca.crt
+    (to verify the pods' admin port). The pods' own pairs are files (SecretVolume)."""
+    api.create(k.SECRETS, {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                           "metadata": {"name": name, "namespace": namespace},
+                           "data": {"ca.crt": base64.b64encode(ca.cert_pem.bytes()).decode()}})
+
+
 class SecretVolume:
     """The relay's config directory, kept in step with the config Secrets like a kubelet does."""
 
@@ -85,9 +95,14 @@ class SecretVolume:
         self.dir.mkdir(parents=True)
         self.state = base / "state"
         self.state.mkdir()
-        self.pair = write_server_pair(ca, base / "tls", names=("127.0.0.1", "localhost"))
+        # The name the admin port's clients check (the relay Service's, <relay>.<namespace>.svc).
+        self.pair = write_server_pair(ca, base / "tls",
+                                      names=("127.0.0.1", "localhost", "main.mail.svc"))
+        self.ca_file = base / "tls" / "ca.crt"
+        ca.cert_pem.write_to_path(str(self.ca_file))
         self.ports = {"submission": free_port(), "submissions": free_port()}
         self.http_port = free_port()
+        self.admin_port = free_port()
         self.generation = 0
 
     def _localize(self, text: str) -> str:
@@ -98,6 +113,9 @@ class SecretVolume:
             listener.update(address="127.0.0.1", port=self.ports[listener["name"]])
         spec["tls"].update(certFile=str(self.pair.cert_file), keyFile=str(self.pair.key_file))
         spec["http"] = {"address": "127.0.0.1", "port": self.http_port}
+        if "admin" in spec:
+            spec["admin"].update(address="127.0.0.1", port=self.admin_port,
+                                 caFile=str(self.ca_file))
         spec["spool"] = {**spec.get("spool", {}), "directory": str(self.state / "spool")}
         spec["messageLog"] = {"path": str(self.state / "messagelog.sqlite3"),
                               "flushInterval": "50ms"}
@@ -177,6 +195,7 @@ class Relay:
                     raise
             volume.ports = {name: free_port() for name in volume.ports}
             volume.http_port = free_port()
+            volume.admin_port = free_port()
             volume.sync()
         raise AssertionError("the relay found no free ports in 5 tries")
 

@@ -31,7 +31,7 @@ from tests.helpers.kube import (
     rendered_credentials,
 )
 from tests.helpers.pki import client_context
-from tests.operator.test_e2e import Relay, SecretVolume
+from tests.operator.test_e2e import Relay, SecretVolume, create_tls_secret
 from tests.operator.test_e2e_scaledown import _pod
 
 
@@ -56,6 +56,7 @@ def test_a_deleted_credential_is_released_only_when_the_pod_runs_a_configuration
         tls_ca: trustme.CA, tmp_path: Path) -> None:
     operator_factory(drain_poll=0.2)
     kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    create_tls_secret(kube_api, tls_ca)
     kube_api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
     kube_api.create(k.SMTP_RELAYS, relay_body(
         delivery={"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": 9,

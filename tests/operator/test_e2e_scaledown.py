@@ -35,7 +35,7 @@ from tests.helpers.kube import (
 )
 from tests.helpers.pki import client_context
 from tests.helpers.sink import Sink, running_sink_in_thread
-from tests.operator.test_e2e import Relay, SecretVolume
+from tests.operator.test_e2e import Relay, SecretVolume, create_tls_secret
 
 SELECTOR = {"app.kubernetes.io/name": "mailplane-relay", "app.kubernetes.io/instance": "main"}
 
@@ -44,7 +44,8 @@ def _pod(ordinal: int, volume: SecretVolume) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"main-{ordinal}", "namespace": "mail", "labels": SELECTOR},
             "spec": {"containers": [{"name": "relay", "image": "mailplane", "ports": [
-                {"name": "http", "containerPort": volume.http_port}]}]},
+                {"name": "http", "containerPort": volume.http_port},
+                {"name": "admin", "containerPort": volume.admin_port}]}]},
             "status": {"podIP": "127.0.0.1",
                        "conditions": [{"type": "Ready", "status": "True"}]}}
 
@@ -109,6 +110,7 @@ def _run(kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
          tls_ca: trustme.CA, tmp_path: Path, sink: Sink) -> None:
     operator_factory(drain_poll=0.3)
     kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    create_tls_secret(kube_api, tls_ca)
     kube_api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
     kube_api.create(k.SMTP_RELAYS, relay_body(
         replicas=3,
@@ -153,7 +155,8 @@ def _run(kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
         relays[2] = Relay.start(volumes[2], tmp_path / "relay2-again.log")
         kube_api.patch(k.PODS, "mail", "main-2", {"spec": {"containers": [
             {"name": "relay", "image": "mailplane", "ports": [
-                {"name": "http", "containerPort": volumes[2].http_port}]}]}})
+                {"name": "http", "containerPort": volumes[2].http_port},
+                {"name": "admin", "containerPort": volumes[2].admin_port}]}]}})
         kube_api.wait_for(k.STATEFULSETS, "mail", "main",
                           lambda o: o and o["spec"]["replicas"] == 1, timeout=60)
         assert [_spooled(v) for v in volumes] == [10, 0, 0]

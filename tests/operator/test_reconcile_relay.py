@@ -140,7 +140,7 @@ def test_services_map_the_standard_ports_to_unprivileged_container_ports() -> No
     assert ports["submissions"]["port"] == 465
     container = children["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     cports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert cports == {"http": 8080, "submission": 1587, "submissions": 1465}
+    assert cports == {"http": 8080, "admin": 8443, "submission": 1587, "submissions": 1465}
     headless = children["Service/headless"]
     assert headless["spec"]["clusterIP"] == "None"
     assert children["StatefulSet"]["spec"]["serviceName"] == "main-headless"
@@ -240,7 +240,7 @@ def _relay_pod(children: list[dict[str, Any]]) -> Pod:
 
 def _reachable(children: list[dict[str, Any]], source: Pod) -> set[int]:
     dest = _relay_pod(children)
-    return {port for port in (1587, 1465, 8080, 9999)
+    return {port for port in (1587, 1465, 8080, 8443, 9999)
             if ingress_allowed(children, source, dest, port)}
 
 
@@ -263,7 +263,25 @@ def test_network_policy_lets_tenants_reach_smtp_and_monitoring_reach_metrics_onl
     assert _reachable(children, PROMETHEUS) == {8080}
     # Without the policy every pod in the cluster could reach every port.
     unfenced = [c for c in children if c["kind"] != "NetworkPolicy"]
-    assert _reachable(unfenced, OTHER) == {1587, 1465, 8080, 9999}
+    assert _reachable(unfenced, OTHER) == {1587, 1465, 8080, 8443, 9999}
+
+
+def test_the_admin_port_is_reachable_from_the_pool_and_the_operator_only() -> None:
+    children = relay_mod.relay_children(relay(), operator_namespace="mailplane-system")
+    pool_pod = Pod("mail", dict(relay_mod.selector_labels(relay())))
+    operator = Pod("mailplane-system", {"app": "operator"})
+    # The pool's own pods hand messages to each other; the operator drains and asks status.
+    assert 8443 in _reachable(children, pool_pod)
+    assert _reachable(children, operator) == {8443}
+    # Anyone else in the relay's namespace, a tenant, the monitoring: never the admin port.
+    for other in (PLATFORM_APP, TENANT, PROMETHEUS):
+        assert 8443 not in _reachable(children, other)
+    # The admin routes left the plain-HTTP port: the operator has no business there.
+    assert 8080 not in _reachable(children, operator)
+    sts = by_kind(children)["StatefulSet"]["spec"]["template"]["spec"]
+    ca = next(v for v in sts["volumes"] if v["name"] == "tls-ca")
+    assert ca["secret"] == {"secretName": "main-tls", "optional": True,
+                            "items": [{"key": "ca.crt", "path": "ca.crt"}]}
 
 
 def test_network_policy_follows_the_relay_spec() -> None:

@@ -138,9 +138,9 @@ async def _confirm_revocation(rt: Runtime, body: Body, relays_idx: Any, relay_ke
     worker = rt.workers.get(relay_key)
     if relay is None or worker is None:
         return
-    token = await scaledown.admin_token(rt, relay)
+    admin = await scaledown.admin_client(rt, relay)
     accepted = worker.since(render_id) or {render_id}
-    running = await scaledown.pod_configs(rt, relay, token)
+    running = await scaledown.pod_configs(rt, relay, admin)
     behind = sorted(n for n, c in running.items() if c.render not in accepted)
     if not behind:
         return

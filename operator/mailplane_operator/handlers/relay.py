@@ -148,8 +148,10 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         failed: list[str] = []
         monitor = await rt.client.has_api("monitoring.coreos.com/v1", "servicemonitors")
         sts = await rt.client.get(kube.STATEFULSETS, namespace, name)
+        admin: scaledown.AdminClient | None = None
         try:
-            scale = await scaledown.step(rt, relay, sts, token)
+            admin = await scaledown.admin_client(rt, relay)
+            scale = await scaledown.step(rt, relay, sts, admin)
         except (ApiError, OSError, TimeoutError) as exc:
             # Whatever the StatefulSet runs stays as it is until the next render.
             current = ((sts or {}).get("spec") or {}).get("replicas")
@@ -195,7 +197,8 @@ async def render_relay(rt: Runtime, key: RelayKey, indexes: Mapping[str, Any],
         status["conditions"] = _draining_condition(rt, status["conditions"], relay,
                                                    scale.progress)
         try:
-            running = await scaledown.pod_configs(rt, relay, token)
+            running = await scaledown.pod_configs(
+                rt, relay, admin or await scaledown.admin_client(rt, relay))
         except (ApiError, OSError, TimeoutError) as exc:
             log.warning("Listing the relay's pods failed: %s", exc)
             running = {}

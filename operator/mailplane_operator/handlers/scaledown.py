@@ -5,7 +5,7 @@ until their queues are elsewhere: each render of the relay
 
 1. lists the relay's pods (label selector) and tells every pod to be removed (ordinals
    ``spec.replicas`` and up) to drain toward the pods that stay — ``POST /admin/drain`` on its
-   ops port with the bearer token of the Secret ``<relay>-admin`` (relay drain.py);
+   admin port with the bearer token of the Secret ``<relay>-admin`` (relay drain.py);
 2. asks each of them how far it is (``GET /admin/drain``);
 3. once every one of them reports an empty spool and no open session, lowers the StatefulSet's
    replicas and deletes the removed ordinals' spool volumes (``spool-<relay>-<n>``), which
@@ -15,6 +15,12 @@ Until then the StatefulSet keeps its size, the relay's ``Draining`` condition sa
 messages are left where, and the relay is rendered again every few seconds. A scale-down
 called off (replicas raised again) stops the drains. A pod to be removed that is not running
 holds its volume back: the scale-down waits for the StatefulSet to restart it.
+
+Every /admin call is HTTPS (the pods' admin port, container port ``admin``) and verifies the
+pod: its certificate must chain to the ``ca.crt`` of the relay's TLS Secret
+(``spec.tls.secretName``, as cert-manager writes it) and name ``<relay>.<namespace>.svc`` (pods
+are reached by IP; that name is sent as SNI and checked). Without a ``ca.crt`` no pod is asked
+anything: the token is never presented to a server that was not verified.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import base64
 import hashlib
 import logging
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,17 +117,55 @@ def _ordinal(pod: dict[str, Any], relay: SmtpRelay) -> int | None:
 
 
 def _url(pod: dict[str, Any]) -> str | None:
-    """http://IP:PORT of the pod's ops port (its container port named "http")."""
+    """https://IP:PORT of the pod's admin port (its container port named "admin")."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip or (pod.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    port = relay_mod.HTTP_PORT
+    port = relay_mod.ADMIN_PORT
     for container in (pod.get("spec") or {}).get("containers") or []:
         for p in container.get("ports") or []:
-            if p.get("name") == "http" and p.get("containerPort"):
+            if p.get("name") == "admin" and p.get("containerPort"):
                 port = int(p["containerPort"])
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
+    return f"https://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    """How the operator reaches a relay's pods: the token, and how their servers are verified."""
+
+    token: str
+    context: ssl.SSLContext | None
+    """None: the relay's TLS Secret has no usable ``ca.crt`` (``problem`` says why)."""
+    server_name: str
+    problem: str = ""
+
+
+async def admin_client(rt: Runtime, relay: SmtpRelay) -> AdminClient:
+    """The token of ``<relay>-admin`` and a context trusting the ``ca.crt`` of the relay's TLS
+    Secret only (re-read when it is missing or unusable: cert-manager may write it later)."""
+    token = await admin_token(rt, relay)
+    name = relay_mod.admin_server_name(relay)
+    secret_name = relay.spec.tls.secret_name
+    problem = ""
+    for fresh in (False, True):
+        secret = await rt.secret(relay.meta.namespace, secret_name, fresh=fresh)
+        raw = ((secret or {}).get("data") or {}).get("ca.crt")
+        if not raw:
+            problem = (f"the relay pods cannot be verified: the Secret {secret_name} "
+                       "(spec.tls.secretName) has no ca.crt (the CA that signed the pods' "
+                       "certificate; cert-manager writes it for a CA or self-signed issuer)")
+            continue
+        try:
+            ctx = ssl.create_default_context(cadata=base64.b64decode(raw).decode())
+        except (ValueError, ssl.SSLError) as exc:
+            problem = (f"the relay pods cannot be verified: ca.crt of the Secret {secret_name} "
+                       f"is not a PEM CA bundle ({type(exc).__name__})")
+            continue
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return AdminClient(token, ctx, name)
+    logger.warning("SmtpRelay %s: %s", relay.meta.key, problem)
+    return AdminClient(token, None, name, problem)
 
 
 def _ready(pod: dict[str, Any]) -> bool:
@@ -128,33 +173,37 @@ def _ready(pod: dict[str, Any]) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
-async def _call(http: aiohttp.ClientSession, method: str, url: str, token: str,
+async def _call(http: aiohttp.ClientSession, method: str, url: str, admin: AdminClient,
                 body: dict[str, Any] | None = None, *,
                 path: str = DRAIN_PATH) -> dict[str, Any] | None:
-    """One /admin call; None when the pod cannot be asked (not answering, refusing)."""
+    """One /admin call over verified TLS; None when the pod cannot be asked (not answering,
+    refusing, not verified)."""
+    if admin.context is None or not url.startswith("https://"):
+        return None
     try:
-        async with http.request(method, url + path, json=body,
-                                headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with http.request(method, url + path, json=body, ssl=admin.context,
+                                server_hostname=admin.server_name,
+                                headers={"Authorization": f"Bearer {admin.token}"}) as resp:
             if resp.status >= 300:
-                logger.warning("%s %s%s: %d %s", method, url, DRAIN_PATH, resp.status,
+                logger.warning("%s %s%s: %d %s", method, url, path, resp.status,
                                (await resp.text())[:200])
                 return None
             doc = await resp.json()
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        logger.warning("%s %s%s failed: %s", method, url, DRAIN_PATH, exc)
+        logger.warning("%s %s%s failed: %s", method, url, path, exc)
         return None
     return doc if isinstance(doc, dict) else None
 
 
 async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
-               token: str) -> ScaleStep:
+               admin: AdminClient) -> ScaleStep:
     """One step of a scale-down (see the module docstring)."""
     desired = relay.spec.replicas
     current = ((sts or {}).get("spec") or {}).get("replicas")
     if not isinstance(current, int) or current <= desired:
         status = (sts or {}).get("status") or {}
         if int(status.get("readyReplicas") or 0) < int(status.get("replicas") or 0):
-            await _call_off(rt, relay, token, desired)
+            await _call_off(rt, relay, admin, desired)
         return ScaleStep(None)
     if desired == 0:
         # No pod stays to take the queues: the pool stops, every volume is kept with its
@@ -170,6 +219,8 @@ async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
         return ScaleStep(current, progress=(
             f"scaling {current} -> {desired}: waiting for a ready pod among ordinals "
             f"{_span(list(range(desired)))} to take the queues of ordinals {_span(removing)}"))
+    if admin.context is None:
+        return ScaleStep(current, progress=f"scaling {current} -> {desired}: {admin.problem}")
     left: dict[int, str] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
         for ordinal in removing:
@@ -178,9 +229,10 @@ async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
             if url is None:
                 left[ordinal] = "pod not running (its volume holds its queue)"
                 continue
-            state = await _call(http, "GET", url, token)
+            state = await _call(http, "GET", url, admin)
             if state is not None and not state.get("draining"):
-                state = await _call(http, "POST", url, token, {"peers": peers, "token": token})
+                state = await _call(http, "POST", url, admin,
+                                    {"peers": peers, "token": admin.token})
             if state is None:
                 left[ordinal] = "not answering"
                 continue
@@ -193,7 +245,7 @@ async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
     return ScaleStep(desired, removed=removing)
 
 
-async def _call_off(rt: Runtime, relay: SmtpRelay, token: str, desired: int) -> None:
+async def _call_off(rt: Runtime, relay: SmtpRelay, admin: AdminClient, desired: int) -> None:
     """No scale-down pending: a pod still draining from one called off accepts mail again.
     Only pods that are not ready are asked (a draining pod never is)."""
     pods = await rt.client.list(kube.PODS, relay.meta.namespace,
@@ -205,11 +257,11 @@ async def _call_off(rt: Runtime, relay: SmtpRelay, token: str, desired: int) -> 
         return
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
         for ordinal, url in waiting:
-            state = await _call(http, "GET", url, token)
+            state = await _call(http, "GET", url, admin)
             if state is not None and state.get("draining"):
                 logger.info("Scale-down of %s called off: %s-%d accepts mail again",
                             relay.meta.key, relay.meta.name, ordinal)
-                await _call(http, "DELETE", url, token)
+                await _call(http, "DELETE", url, admin)
 
 
 async def delete_volumes(rt: Runtime, body: Body, relay: SmtpRelay, ordinals: list[int]) -> None:
@@ -233,7 +285,8 @@ class PodConfig:
     render: str = ""
 
 
-async def pod_configs(rt: Runtime, relay: SmtpRelay, token: str) -> dict[str, PodConfig]:
+async def pod_configs(rt: Runtime, relay: SmtpRelay,
+                      admin: AdminClient) -> dict[str, PodConfig]:
     """Pod name -> the configuration it runs (``GET /admin/status``: the relay's own hash of
     its files, and the operator's render id), for every running pod of the relay."""
     pods = await rt.client.list(kube.PODS, relay.meta.namespace,
@@ -243,7 +296,7 @@ async def pod_configs(rt: Runtime, relay: SmtpRelay, token: str) -> dict[str, Po
     if not targets:
         return {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
-        answers = await asyncio.gather(*(_call(http, "GET", u, token, path=STATUS_PATH)
+        answers = await asyncio.gather(*(_call(http, "GET", u, admin, path=STATUS_PATH)
                                          for _n, u in targets))
     return {name: PodConfig(str((a or {}).get("configHash") or ""),
                             str((a or {}).get("render") or ""))

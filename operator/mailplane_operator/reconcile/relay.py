@@ -61,11 +61,13 @@ INTAKE_DIR = "/etc/mailplane/intake"
 WEBHOOK_DIR = "/etc/mailplane/webhook"
 ERASURE_KEY_DIR = "/etc/mailplane/erasure-key"
 WEBHOOK_CA_DIR = "/etc/mailplane/webhook-ca"
+TLS_CA_DIR = "/etc/mailplane/tls-ca"
 DATA_DIR = "/var/lib/mailplane"
 SUBMISSION_CONTAINER_PORT = 1587
 SUBMISSIONS_CONTAINER_PORT = 1465
 INTAKE_CONTAINER_PORT = 1025
 HTTP_PORT = 8080
+ADMIN_PORT = 8443
 PRESTOP_SECONDS = 5
 RUN_AS_USER = 65532  # the image's "nonroot" user (Dockerfile)
 
@@ -163,11 +165,17 @@ def pod_template(relay: SmtpRelay, image: str,
         {"name": "tls", "secret": {"secretName": spec.tls.secret_name,
                                    "items": [{"key": "tls.crt", "path": "tls.crt"},
                                              {"key": "tls.key", "path": "tls.key"}]}},
+        # The CA that signed the pool's certificates (cert-manager writes ca.crt): a draining
+        # pod verifies the peers it hands messages to. Optional: without it nothing is handed
+        # off, and the relay says so.
+        {"name": "tls-ca", "secret": {"secretName": spec.tls.secret_name, "optional": True,
+                                      "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+        {"name": "tls-ca", "mountPath": TLS_CA_DIR, "readOnly": True},
         {"name": "spool", "mountPath": DATA_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -211,7 +219,8 @@ def pod_template(relay: SmtpRelay, image: str,
         volumes.append({"name": "webhook-ca", "secret": {
             "secretName": ref.name, "items": [{"key": ref.key, "path": "ca.crt"}]}})
         mounts.append({"name": "webhook-ca", "mountPath": WEBHOOK_CA_DIR, "readOnly": True})
-    ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    ports = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}]
     if intake is not None:
         ports.append({"name": "intake", "containerPort": INTAKE_CONTAINER_PORT,
                       "protocol": "TCP"})
@@ -498,6 +507,12 @@ def _selector_dict(selector: LabelSelector) -> dict[str, Any]:
     return out
 
 
+def admin_server_name(relay: SmtpRelay) -> str:
+    """The name a relay pod's certificate must carry for the admin port's clients (the
+    operator, the pool's other pods): pods are reached by IP, and this is checked instead."""
+    return f"{relay.meta.name}.{relay.meta.namespace}.svc"
+
+
 def network_policy(relay: SmtpRelay, operator_namespace: str | None = None) -> dict[str, Any]:
     """Who may open a connection to a relay pod. Tenants (the namespaces allowed to attach
     credentials) reach the SMTP listeners only; the metrics port, whose series name every
@@ -522,13 +537,13 @@ def network_policy(relay: SmtpRelay, operator_namespace: str | None = None) -> d
         {"from": [{"namespaceSelector": scrapers}],
          "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
     ]
-    # The authenticated /admin endpoints of the ops port: the operator tells a pod to drain
-    # and asks how far it is; a draining pod hands its messages to the others of its pool.
+    # The authenticated /admin endpoints (HTTPS, their own port): the operator tells a pod to
+    # drain and asks what it runs; a draining pod hands its messages to the others of its pool.
     admins: list[dict[str, Any]] = [{"podSelector": {"matchLabels": selector_labels(relay)}}]
     if operator_namespace:
         admins.append({"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": operator_namespace}}})
-    ingress.append({"from": admins, "ports": [{"protocol": "TCP", "port": HTTP_PORT}]})
+    ingress.append({"from": admins, "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]})
     intake = intake_of(relay)
     if intake is not None:
         # Reports come from mail servers anywhere: the intake port only, from intake.fromCIDRs.

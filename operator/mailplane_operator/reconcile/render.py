@@ -98,6 +98,7 @@ class RuntimePaths:
 
     tls_cert: str = f"{relay_mod.TLS_DIR}/tls.crt"
     tls_key: str = f"{relay_mod.TLS_DIR}/tls.key"
+    tls_ca: str = f"{relay_mod.TLS_CA_DIR}/ca.crt"
     spool: str = f"{relay_mod.DATA_DIR}/spool"
     message_log: str = f"{relay_mod.DATA_DIR}/messagelog.sqlite3"
     smarthost_password: str = f"{relay_mod.SMARTHOST_DIR}/password"
@@ -112,6 +113,7 @@ class RuntimePaths:
     submissions_port: int = relay_mod.SUBMISSIONS_CONTAINER_PORT
     http_address: str = "0.0.0.0"
     http_port: int = relay_mod.HTTP_PORT
+    admin_port: int = relay_mod.ADMIN_PORT
     hostname: str | None = None
     admin_token_sha256: str | None = None
     """SHA-256 of the token the operator presents to the pods' /admin endpoints (drain)."""
@@ -355,7 +357,9 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
             webhooks["caFile"] = paths.webhook_ca
         settings["webhooks"] = webhooks
     if paths.admin_token_sha256:
-        settings["admin"] = {"tokenSHA256": paths.admin_token_sha256}
+        settings["admin"] = {"tokenSHA256": paths.admin_token_sha256, "port": paths.admin_port,
+                             "caFile": paths.tls_ca,
+                             "serverName": relay_mod.admin_server_name(relay)}
     for key, value in paths.extra_settings.items():
         if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
             settings[key] = {**settings[key], **value}
