@@ -531,6 +531,7 @@ def test_sqlite_version_1_files_are_migrated_and_lose_client_addresses(db: str) 
                    (2, 'delivered', 'A', 's@x.test', 'r@y.test', 'mx.y.test tls');
         CREATE TABLE suppression (address TEXT PRIMARY KEY, reason TEXT NOT NULL,
             source TEXT NOT NULL, created REAL NOT NULL);
+        INSERT INTO suppression VALUES ('old@y.test', 'complaint', 'cli', 1);
         CREATE TABLE suppression_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,
             address TEXT NOT NULL);
     """)
@@ -540,6 +541,10 @@ def test_sqlite_version_1_files_are_migrated_and_lose_client_addresses(db: str) 
         b = SqliteBackend(db)
         await b.open()
         try:
+            # A complaint from before the counted column was counted then: not claimable.
+            assert await b.suppression_claim("old@y.test") is False
+            await b.suppression_upsert("new@y.test", "complaint", "cli", 2.0)
+            assert await b.suppression_claim("new@y.test") is True
             return await query(b)
         finally:
             await b.close()
