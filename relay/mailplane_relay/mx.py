@@ -65,6 +65,17 @@ def build_resolver(settings: ResolverSettings) -> dns.asyncresolver.Resolver:
     return resolver
 
 
+def ascii_domain(domain: str) -> str | None:
+    """The name a recipient domain has in DNS, in certificates and in an HTTP Host header:
+    lower case, internationalised labels as A-labels (IDNA 2008, as the resolver encodes them),
+    no trailing dot. None for a name that cannot be encoded."""
+    try:
+        name = dns.name.from_text(domain.rstrip("."))
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+    return name.to_text(omit_final_dot=True).lower()
+
+
 class MXResolver:
     def __init__(self, settings: ResolverSettings, rng: random.Random | None = None) -> None:
         self.settings = settings
@@ -76,6 +87,9 @@ class MXResolver:
         if not domain or domain.startswith("["):
             raise PermanentDNSFailure(f"550 5.1.2 Address literal or empty domain {domain!r} "
                                       "is not accepted for delivery")
+        # The name DNS, certificates and MTA-STS policies know: an implicit MX host (the
+        # domain itself) is verified and matched under it.
+        domain = ascii_domain(domain) or domain
         try:
             answer = await self._resolver.resolve(domain, "MX", search=False)
         except dns.resolver.NXDOMAIN:

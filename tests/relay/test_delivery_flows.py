@@ -465,6 +465,21 @@ async def test_implicit_mx_uses_the_domain_address(relay: Any, smtp_sink: SinkFa
     assert sink.messages[0].rcpt_tos == ["user@example.net"]
 
 
+async def test_implicit_mx_of_an_internationalised_domain_is_its_a_label_name(
+        relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
+    """The host name TLS verifies and MTA-STS matches is the one DNS has (A-labels), also when
+    the domain has no MX and the address spells it in U-labels."""
+    sink = await smtp_sink()
+    dns_server.add_a("xn--bcher-kva.example", "127.0.0.1")
+    r = await relay(make_config(mx_mode(dns_server, sink.port)))
+    msg = await r.send(["user@b\u00fccher.example"],
+                       data=message("user@xn--bcher-kva.example", "app@example.com"))
+    await r.done(msg)
+    [event] = await r.events(msg)
+    assert event["status"] == "delivered", event["response"]
+    assert event["remote"].startswith(f"xn--bcher-kva.example:{sink.port}"), event
+
+
 async def test_opportunistic_starttls_to_mx_without_verification(
         relay: Any, smtp_sink: SinkFactory, dns_server: LoopbackDNS) -> None:
     sink = await smtp_sink(starttls=True)  # certificate from a CA the relay does not trust

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
-import dns.exception
-import dns.name
 
 from ..config import MTASTSSettings
-from ..mx import DNSFailure, MXResolver
+from ..mx import DNSFailure, MXResolver, ascii_domain
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +156,6 @@ def parse_policy(text: str, *, domain: str, policy_id: str, now: float, max_age_
     max_age = min(int(raw_age), RFC_MAX_AGE)
     lifetime = min(float(max_age), max_age_cap)
     return Policy(domain, policy_id, mode, tuple(mx), max_age, now, now + lifetime)
-
-
-def ascii_domain(domain: str) -> str | None:
-    """The name a recipient domain has in DNS, in certificates and in an HTTP Host header:
-    lower case, internationalised labels as A-labels (IDNA 2008, as the resolver encodes them),
-    no trailing dot. None for a name that cannot be encoded."""
-    try:
-        name = dns.name.from_text(domain.rstrip("."))
-    except (dns.exception.DNSException, UnicodeError, ValueError):
-        return None
-    return name.to_text(omit_final_dot=True).lower()
 
 
 # ------------------------------------------------------------------------------ fetching

@@ -48,13 +48,13 @@ from ..aiotasks import cancel_and_wait
 from ..config import DeliverySettings, RelayConfig, ResolverSettings, domain_of
 from ..dkim import DKIMSigner
 from ..metrics import RelayMetrics
-from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure
+from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure, ascii_domain
 from ..reputation import Reputation
 from ..spool import HELD, Due, QueuedMessage, Recipient, Spool, SpoolError, queue_id_number
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .downgrade import needs_smtputf8, to_seven_bit
-from .mtasts import MTASTS, Policy, ascii_domain
+from .mtasts import MTASTS, Policy
 from .outcomes import Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
 from .smtp import (

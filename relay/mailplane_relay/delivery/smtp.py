@@ -31,9 +31,9 @@ from aiosmtplib.protocol import SMTPProtocol
 
 from ..config import DeliverySettings
 from ..dsn import xtext_encode
+from ..mx import ascii_domain
 from ..spool import Recipient
 from .downgrade import needs_smtputf8
-from .mtasts import ascii_domain
 from .policy import (
     RecipientOutcome,
     Stage,
