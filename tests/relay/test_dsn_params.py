@@ -347,3 +347,27 @@ async def test_a_reply_with_a_byte_outside_utf8_still_gets_its_notice(relay: Any
     assert b"Diagnostic-Code: smtp; 550 5.1.1 caf? ? unknown" in status
     assert [e["response"] for e in await r.events(msg) if e["status"] == "bounced"] == [
         "550 5.1.1 caf? ? unknown"]
+
+
+async def test_the_state_saying_a_dsn_went_out_is_written_durably(
+        relay: Any, smtp_sink: SinkFactory) -> None:
+    """One recipient bounces, the other is deferred: the failure notice is spooled (fsynced)
+    at once, and the message's state that says so must be written durably too; otherwise a
+    crash before the next write makes the restarted relay send the notice a second time."""
+    sink = await smtp_sink(rcpt_replies={"gone@example.net": "550 5.1.1 No such user",
+                                         "busy@example.net": "451 4.2.1 Busy"})
+    r = await relay(make_config(smarthost(sink), queue={"retryInitial": 60, "retryMax": 60}))
+    saves: list[tuple[str, bool]] = []
+    save_state = r.spool.save_state
+
+    async def recording(m: Any, *, durable: bool = False) -> None:
+        saves.append((m.queue_id, durable))
+        await save_state(m, durable=durable)
+
+    r.spool.save_state = recording
+    msg = await r.send(["gone@example.net", "busy@example.net"])
+    await sink.wait_for(lambda: any(m.mail_from == "" for m in sink.messages))
+    # The notice delivered and gone; the message waits for its retry.
+    await r.wait(lambda: r.queue.queued == 1
+                 and r.queue.state_by_id(msg.queue_id) == "scheduled")
+    assert (msg.queue_id, True) in saves, saves

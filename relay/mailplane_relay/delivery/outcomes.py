@@ -115,7 +115,10 @@ class Outcomes:
             await self.finish(cfg, msg)
             return
         # Recipients that failed for good are reported now, not when the whole message is
-        # final (which may be days later).
+        # final (which may be days later). The DSN is in the spool (fsynced): the state that
+        # says it went out must be durable too, or a crash before the next write sends it
+        # again after the restart.
+        owed = any(r.dsn_owed for r in msg.recipients)
         await self._report(cfg, msg)
         warned = await self._warn_delay(cfg, msg, now, expire_at)
         delay = next_retry_delay(msg.attempts, queue, self._rng)
@@ -128,7 +131,7 @@ class Outcomes:
                 and any(r.wants("DELAY") for r in msg.pending())):
             # An attempt when the warning is due, so that it goes out on time.
             msg.next_attempt = min(msg.next_attempt, warn_at)
-        await self._save(msg, durable=warned)
+        await self._save(msg, durable=warned or owed)
         self._reschedule(msg)
 
     async def _warn_delay(self, cfg: RelayConfig, msg: QueuedMessage, now: float,
