@@ -744,6 +744,9 @@ class RelayApp:
                 # The proof of the retention promise: the oldest row left, right after a purge.
                 oldest = await msglog.backend.oldest_event()
                 health.oldest_record_age.set(0 if oldest is None else max(0.0, now - oldest))
+                for table, ts in (await msglog.backend.oldest_records()).items():
+                    health.oldest_by_table.labels(table).set(
+                        0 if ts is None else max(0.0, now - ts))
             except Exception as exc:
                 health.purge_runs.labels("failure").inc()
                 health.failed("purge", exc)

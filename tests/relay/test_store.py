@@ -232,6 +232,8 @@ async def test_purge_by_retention(mlog: MessageLog, backend: StoreBackend,
     await mlog.flush()
     await backend.suppression_upsert("old@dest.test", "hard_bounce", "bounce", now - 400 * day)
     await backend.suppression_upsert("new@dest.test", "hard_bounce", "bounce", now - 10 * day)
+    assert await backend.oldest_records() == {"message_log": now - 91 * day,
+                                              "suppression": now - 400 * day}
 
     removed = await mlog.purge(now=now, message_log_retention=90 * day,
                                suppression_retention=365 * day, changes_retention=day)
@@ -240,6 +242,9 @@ async def test_purge_by_retention(mlog: MessageLog, backend: StoreBackend,
     assert [r["queue_id"] for r in await query(backend, limit=10_000)] == ["KEEP"]
     assert [e["address"] for e in await backend.suppression_list()] == ["new@dest.test"]
     assert await backend.oldest_event() == now - 89 * day
+    # The proof per table: what is left is within each table's retention.
+    assert await backend.oldest_records() == {"message_log": now - 89 * day,
+                                              "suppression": now - 10 * day}
     assert sample(metrics, "mailplane_relay_purged_records_total", table="message_log") == len(old)
     assert sample(metrics, "mailplane_relay_purged_records_total", table="suppression") == 1
     assert sample(metrics, "mailplane_relay_last_purge_timestamp_seconds") == now

@@ -164,6 +164,9 @@ class StoreBackend(Protocol):
     async def query(self, q: LogQuery) -> list[dict[str, Any]]: ...
     async def oldest_event(self) -> float | None:
         """Timestamp of the oldest message-log row, or None when the log is empty."""
+    async def oldest_records(self) -> dict[str, float | None]:
+        """Per table that holds addresses under a retention (``message_log``,
+        ``suppression``): the timestamp of its oldest record, None when it is empty."""
     async def purge(self, *, log_before: float, suppression_before: float,
                     changes_before: float) -> tuple[int, int]:
         """Delete log rows and suppression entries older than the cut-offs; suppression

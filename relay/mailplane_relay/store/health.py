@@ -22,6 +22,7 @@ class StoreHealth:
     up: Gauge
     errors: Counter
     oldest_record_age: Gauge
+    oldest_by_table: Gauge
     purge_runs: Counter
     erasures: Counter
     retention: Gauge
@@ -42,6 +43,11 @@ class StoreHealth:
                 f"{NS}_messagelog_oldest_record_age_seconds",
                 "Age of the oldest message-log record in the store (at the last purge run).",
                 multiprocess_mode="livemax", registry=registry),
+            oldest_by_table=Gauge(
+                f"{NS}_store_oldest_record_age_seconds",
+                "Age of the oldest record, by table holding addresses under a retention "
+                "(message_log, suppression), at the last purge run.",
+                ["table"], multiprocess_mode="livemax", registry=registry),
             purge_runs=Counter(f"{NS}_purge_runs", "Retention purge runs by result.",
                                ["result"], registry=registry),
             erasures=Counter(f"{NS}_erasure_requests",

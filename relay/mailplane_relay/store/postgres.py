@@ -470,6 +470,16 @@ class PostgresBackend:
             row = await (await conn.execute("SELECT min(ts) FROM message_log")).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    async def oldest_records(self) -> dict[str, float | None]:
+        await self._ready()
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "SELECT (SELECT min(ts) FROM message_log), "
+                "(SELECT min(created) FROM suppression)")).fetchone()
+        assert row is not None
+        return {"message_log": None if row[0] is None else float(row[0]),
+                "suppression": None if row[1] is None else float(row[1])}
+
     async def _delete_chunks(self, table: str, key: str, where: str,
                              args: tuple[Any, ...]) -> int:
         total = 0

@@ -529,6 +529,13 @@ class SqliteBackend:
         row = await self._run(lambda c: c.execute("SELECT MIN(ts) FROM message_log").fetchone())
         return None if row[0] is None else float(row[0])
 
+    async def oldest_records(self) -> dict[str, float | None]:
+        row = await self._run(lambda c: c.execute(
+            "SELECT (SELECT MIN(ts) FROM message_log), "
+            "(SELECT MIN(created) FROM suppression)").fetchone())
+        return {"message_log": None if row[0] is None else float(row[0]),
+                "suppression": None if row[1] is None else float(row[1])}
+
     async def purge(self, *, log_before: float, suppression_before: float,
                     changes_before: float) -> tuple[int, int]:
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
