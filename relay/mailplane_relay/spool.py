@@ -54,6 +54,10 @@ Removals (a rename and a small overwrite) and non-durable state updates (small w
 renames) are done on the loop too. The spool keeps in memory which messages are live and which
 have a state file, so it never asks the disk about a file it knows is absent.
 
+State updates are serialized on the loop and numbered there; a durable one is written in a
+thread, and is not renamed into place when a later update already was, nor left behind when
+its message was removed or erased while it ran.
+
 Delivery semantics are at-least-once: a state update is not fsynced by default (losing one only
 repeats an attempt), and a message is removed only when no recipient is pending. A crash after a
 delivery but before its state reached the disk redelivers that recipient: a duplicate is possible,
@@ -337,6 +341,11 @@ class Spool:
         self._free_names = itertools.count()
         self._f = str(self.directory / _FREE) + os.sep
         self.recycled = 0  # commits and state writes that reused a scrubbed file
+        # State writes are numbered on the loop; the latest number renamed into place per
+        # message, so a slower thread's older state never replaces a newer one.
+        self._state_versions = itertools.count()
+        self._state_written: dict[str, int] = {}
+        self._state_lock = threading.Lock()
         # Counters for tests and benchmarks: how many fsyncs a workload cost.
         self._count_lock = threading.Lock()
         self.file_fsyncs = 0
@@ -586,20 +595,29 @@ class Spool:
         """Rewrite the envelope atomically. Not fsynced unless ``durable``: a lost update only
         repeats an attempt (at-least-once). When the write fails the envelope is kept in memory
         (:meth:`load` returns it) until a later one succeeds."""
-        if msg.queue_id not in self._live:
+        qid = msg.queue_id
+        if qid not in self._live:
             return  # removed meanwhile (or never committed): a state file would be an orphan
+        # Serialized here, on the loop: a thread must not read an envelope the loop may be
+        # editing, and the version orders this write against later ones.
+        envelope = msg.to_json()
+        version = next(self._state_versions)
         try:
             if durable and self.fsync:
-                await self._run(self._write_state, msg, True)
+                await self._run(self._write_state, qid, envelope, version, True)
             else:
-                self._write_state(msg, False)
+                self._write_state(qid, envelope, version, False)
         except OSError as exc:
-            if msg.queue_id in self._live:
-                self._pinned[msg.queue_id] = msg
-            raise SpoolError(
-                f"spool state update of {msg.queue_id} failed: {exc.strerror}"
-            ) from exc
-        self._states.add(msg.queue_id)
+            if qid in self._live:
+                self._pinned[qid] = msg
+            raise SpoolError(f"spool state update of {qid} failed: {exc.strerror}") from exc
+        if qid not in self._live:
+            # Removed (delivered, deleted, erased) while the write ran in a thread: the state
+            # file it left would outlive the message, naming its recipients.
+            self._discard(self._d + qid + _STATE)
+            self._state_written.pop(qid, None)
+            return
+        self._states.add(qid)
         self._pinned.pop(msg.queue_id, None)
 
     async def remove(self, queue_id: str) -> None:
@@ -763,7 +781,7 @@ class Spool:
             raise
         if qid in self._states:
             # The old state file names the address too: replace it with the current envelope.
-            self._write_state(msg, False)
+            self._write_state(qid, msg.to_json(), next(self._state_versions), False)
 
     def _write_rewritten(self, qid: str, envelope: bytes) -> str:
         with open(self._d + qid + _MSG, "rb") as f:
@@ -942,10 +960,12 @@ class Spool:
             return
         self._free.append((target, size))
 
-    def _write_state(self, msg: QueuedMessage, sync: bool) -> None:
-        name = msg.queue_id + _STATE
+    def _write_state(self, qid: str, envelope: bytes, version: int, sync: bool) -> None:
+        """Write a state file, unless a later version of it (taken on the loop after this
+        one's) is in place already: two writes in threads may finish in either order."""
+        name = qid + _STATE
         final = self._d + name
-        tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{name}", msg.to_json(), b"")
+        tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{name}", envelope, b"")
         try:
             if sync:
                 os.fsync(fd)
@@ -956,11 +976,16 @@ class Spool:
             _unlink_quiet(tmp)
             raise
         os.close(fd)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            _unlink_quiet(tmp)
-            raise
+        with self._state_lock:
+            if self._state_written.get(qid, -1) > version:
+                self._discard(tmp)  # superseded: scrubbed like any removed file
+                return
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                _unlink_quiet(tmp)
+                raise
+            self._state_written[qid] = version
         if sync:
             self._fsync_dir()
 
@@ -970,6 +995,7 @@ class Spool:
         self._live.discard(queue_id)
         self._envelopes.pop(queue_id, None)
         self._pinned.pop(queue_id, None)
+        self._state_written.pop(queue_id, None)
         self._discard(self._d + queue_id + _MSG)
         if queue_id in self._states:
             self._states.discard(queue_id)

@@ -1,0 +1,93 @@
+"""A durable state update (``mailplane queue hold``/``release``) runs in a thread; the message
+may be removed or erased on the event loop meanwhile. Neither may leave a state file naming
+what was removed or erased. The thread is held at the start of its write by a wrapper around
+the spool's own write (real files, real threads), so each interleaving is reached every run."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailplane_relay.metrics import RelayMetrics
+from mailplane_relay.spool import HELD, Spool
+
+pytestmark = pytest.mark.timeout(30)
+
+ADDRESS = "erase-me@example.net"
+
+
+def tree_bytes(root: Path) -> bytes:
+    return b"\n".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+def gate(spool: Spool) -> tuple[threading.Event, threading.Event]:
+    """Hold the next state write in its thread: ``entered`` is set when it starts, and it
+    goes on when ``go`` is set."""
+    entered, go = threading.Event(), threading.Event()
+    real: Callable[..., None] = spool._write_state
+
+    def held(*args: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            assert go.wait(10)
+        real(*args)
+
+    spool._write_state = held  # type: ignore[method-assign,assignment]
+    return entered, go
+
+
+async def started(spool: Spool, tmp_path: Path) -> Spool:
+    await spool.start()
+    return spool
+
+
+async def test_a_message_removed_during_a_durable_state_write_leaves_no_state_file(
+        tmp_path: Path) -> None:
+    spool = await started(Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create()),
+                          tmp_path)
+    try:
+        msg = await spool.commit(mail_from="app@example.com", recipients=[ADDRESS],
+                                 data=b"Subject: s\r\n\r\nb\r\n", message_id=None,
+                                 credential=None, sender_domain="example.com", listener="t")
+        entered, go = gate(spool)
+        msg.extra[HELD] = True
+        write = asyncio.ensure_future(spool.save_state(msg, durable=True))
+        await asyncio.to_thread(entered.wait, 10)
+        await spool.remove(msg.queue_id)  # delivered meanwhile
+        go.set()
+        await write
+        assert not (tmp_path / f"{msg.queue_id}.state").exists(), "an orphan state file"
+        assert ADDRESS.encode() not in tree_bytes(tmp_path)
+    finally:
+        await spool.close()
+
+
+async def test_an_erasure_during_a_durable_state_write_is_not_undone_by_it(
+        tmp_path: Path) -> None:
+    spool = await started(Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create()),
+                          tmp_path)
+    try:
+        msg = await spool.commit(mail_from="app@example.com",
+                                 recipients=[ADDRESS, "keep@example.org"],
+                                 data=b"Subject: s\r\n\r\nb\r\n", message_id=None,
+                                 credential=None, sender_domain="example.com", listener="t")
+        await spool.save_state(msg)  # a state file exists: the erasure rewrites it
+        entered, go = gate(spool)
+        msg.extra[HELD] = True
+        write = asyncio.ensure_future(spool.save_state(msg, durable=True))
+        await asyncio.to_thread(entered.wait, 10)
+        erasure = await spool.erase_address(ADDRESS)
+        assert erasure.recipients_removed == 1
+        go.set()
+        await write
+        assert ADDRESS.encode() not in tree_bytes(tmp_path), (
+            "the state write that started before the erasure put the address back")
+        state = (tmp_path / f"{msg.queue_id}.state").read_bytes()
+        assert b"keep@example.org" in state and b'"held":true' in state
+    finally:
+        await spool.close()
