@@ -444,6 +444,9 @@ class AbuseSettings(_Model):
     # A share of the recipients delivered in the window; 0.1 % as SES pauses at.
     complaint_rate: float = Field(0.001, alias="complaintRate", gt=0.0, le=1.0)
     min_recipients: int = Field(50, alias="minRecipients", ge=1)
+    # Complaints needed in the window before the complaint rate pauses: one recipient (whose
+    # complaint counts once) cannot pause a small sender alone.
+    min_complaints: int = Field(2, alias="minComplaints", ge=1)
     window: Duration = Field(3600.0, ge=60.0)
 
     _d = _durations("window")

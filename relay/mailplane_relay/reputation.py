@@ -204,7 +204,7 @@ class Reputation:
             return Pause(rate, total, settings.bounce_rate, settings.window)
         # SES measures complaints against the mail delivered.
         complaint_rate = complained / max(delivered, 1)
-        if complaint_rate >= settings.complaint_rate:
+        if complained >= settings.min_complaints and complaint_rate >= settings.complaint_rate:
             return Pause(complaint_rate, total, settings.complaint_rate, settings.window,
                          cause="complaint")
         return None

@@ -445,7 +445,7 @@ def test_the_intake_and_abuse_settings_reach_the_relay_and_the_key_stays_in_its_
     r = relay(intake={"domain": "bounces.example.com", "localPart": "rp",
                       "keySecretRef": {"name": "main-intake-key"}, "maxMessageSize": 65536},
               abuse={"complaintRate": 0.002, "bounceRate": 0.08, "window": "30m",
-                     "minRecipients": 200})
+                     "minRecipients": 200, "minComplaints": 5})
     result = run(r, [verified("example.com")], [], validate="documents")
     settings = parse_documents(sorted(result.files.items())).settings
     assert settings.intake is not None
@@ -453,8 +453,8 @@ def test_the_intake_and_abuse_settings_reach_the_relay_and_the_key_stays_in_its_
             settings.intake.port, settings.intake.max_message_size) == (
         "bounces.example.com", "rp", "/etc/mailplane/intake/key", 1025, 65536)
     assert (settings.abuse.complaint_rate, settings.abuse.bounce_rate, settings.abuse.window,
-            settings.abuse.min_recipients, settings.abuse.pause_senders) == (
-        0.002, 0.08, 1800, 200, True)
+            settings.abuse.min_recipients, settings.abuse.pause_senders,
+            settings.abuse.min_complaints) == (0.002, 0.08, 1800, 200, True, 5)
     # Defaults: SES-style rates; no intake unless asked for.
     plain = parse_documents(sorted(run(relay(), [], [], validate="documents")
                                    .files.items())).settings

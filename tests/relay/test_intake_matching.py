@@ -66,7 +66,8 @@ def handler(rows: list[dict[str, object]], *,
         "tls": {"certFile": "/c", "keyFile": "/k"}, "domains": [{"name": "example.com"}],
         "intake": {"domain": DOMAIN, "keyFile": "/unused"}}))
     log, supp, metrics = Log(rows), Suppression(), RelayMetrics.create()
-    rep = Reputation(lambda: AbuseSettings.model_validate({"minRecipients": 1}))
+    rep = Reputation(lambda: AbuseSettings.model_validate({"minRecipients": 1,
+                                                           "minComplaints": 1}))
     hard: list[str] = []
 
     async def hard_bounce(address: str, response: str, now: float) -> None:

@@ -28,7 +28,7 @@ class Clock:
 def abuse(**settings: object) -> AbuseSettings:
     return AbuseSettings.model_validate(
         {"bounceRate": 0.25, "complaintRate": 0.5, "minRecipients": 4, "window": "10m",
-         **settings})
+         "minComplaints": 1, **settings})
 
 
 def make(store: Any = None, clock: Clock | None = None, **settings: object
@@ -479,3 +479,20 @@ async def test_complaints_of_one_minute_are_written_as_one_count(store: SqliteBa
     complain(rep, "app", 3)
     await rep.sync()
     assert pool.complaints == [{("app", MINUTE): 3}]
+
+
+def test_one_complaint_does_not_pause_a_small_sender_however_high_its_rate() -> None:
+    """A recipient's complaint counts once: with ``minComplaints`` (2) one recipient cannot
+    pause a sender alone, even at 1 complaint in 4 deliveries."""
+    assert AbuseSettings.model_validate({}).min_complaints == 2
+    rep, _ = make(complaintRate=0.001, minComplaints=2)
+    feed(rep, "app", 4, 0)
+    complain(rep, "app", 1)
+    assert rep.paused("app") is None
+    complain(rep, "app", 1)
+    pause = rep.paused("app")
+    assert pause is not None and pause.cause == "complaint"
+    strict, _ = make(complaintRate=0.001, minComplaints=1)
+    feed(strict, "app", 4, 0)
+    complain(strict, "app", 1)
+    assert strict.paused("app") is not None

@@ -518,6 +518,7 @@ class AbuseSpec(_Spec):
     bounce_rate: float = Field(0.05, alias="bounceRate", ge=0.0001, le=1.0)
     complaint_rate: float = Field(0.001, alias="complaintRate", ge=0.0001, le=1.0)
     min_recipients: int = Field(50, alias="minRecipients", ge=1, le=10_000_000)
+    min_complaints: int = Field(2, alias="minComplaints", ge=1, le=10_000_000)
     window: float = Field(3600.0, ge=60, le=7 * 86400)
 
     _d = _durations("window")

@@ -319,7 +319,8 @@ def settings_spec(relay: SmtpRelay, retention: Retention, paths: RuntimePaths) -
     abuse = spec.abuse
     settings["abuse"] = {"pauseSenders": abuse.pause_senders, "bounceRate": abuse.bounce_rate,
                          "complaintRate": abuse.complaint_rate,
-                         "minRecipients": abuse.min_recipients, "window": abuse.window}
+                         "minRecipients": abuse.min_recipients,
+                         "minComplaints": abuse.min_complaints, "window": abuse.window}
     intake = spec.intake
     if intake is not None and intake.enabled:
         # The key stays in its Secret, mounted as a file (relay.py).
