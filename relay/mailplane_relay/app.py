@@ -50,6 +50,8 @@ from .intake.listener import IntakeHandler, IntakeServer
 from .metrics import RelayMetrics
 from .ratelimit import Limiter
 from .reputation import Reputation
+from .revocation import FILE_NAME as REVOCATIONS_FILE
+from .revocation import Revocations
 from .spool import Spool, SpoolErasure, SpoolError, adopt
 from .spool import count_messages as spool_count_messages
 from .store import LogQuery, MessageLog, StoreBackend, SuppressionList
@@ -310,6 +312,8 @@ class RelayApp:
         self.readiness = Readiness(on_change=self._readiness_changed)
         self.http: OpsServer | None = None
         self.admin_http: AdminServer | None = None
+        self.revocations: Revocations | None = None
+        self._mounted: RelayConfig | None = None
         self.admin = AdminEndpoints()
         self.drainer: Drainer | None = None
         self.server: SubmissionServer | None = None
@@ -330,6 +334,14 @@ class RelayApp:
     def config(self) -> RelayConfig:
         assert self._config is not None, "config() called before the app loaded it"
         return self._config
+
+    def revoke(self, username: str) -> bool:
+        """Refuse `username` from now on (AUTH and open sessions), ahead of the mounted
+        configuration (revocation.py). True once it is refused here."""
+        assert self.revocations is not None and self._mounted is not None
+        self.revocations.revoke(username, self._mounted)
+        self._config = self.revocations.apply(self._mounted)
+        return username not in self._config.credentials
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -400,7 +412,16 @@ class RelayApp:
         if cfg is None:
             cfg = await asyncio.to_thread(load_config, self.config_path)
         self._config = _with_listener_ports(cfg, worker.listener_ports if worker else {})
+        self._mounted = self._config
         settings = self._config.settings
+        if worker is None and settings.admin is not None:
+            # Revocations the operator pushed ahead of the mounted configuration (kept across a
+            # restart: the mounted render may still be the stale one).
+            self.revocations = Revocations(
+                Path(settings.message_log.path).parent / REVOCATIONS_FILE)
+            self.revocations.prune(self._mounted)
+            self._config = self.revocations.apply(self._mounted)
+            self.admin.revoke = self.revoke
         metrics = self.metrics
         metrics.ready.set(0)
         self._count_config_load(None)
@@ -712,6 +733,10 @@ class RelayApp:
             new = _with_listener_ports(new, self.worker.listener_ports)
         if new.source_hash == old.source_hash:
             return True
+        self._mounted = new
+        if self.revocations is not None:
+            self.revocations.prune(new)
+            new = self.revocations.apply(new)
         self._config = new
         self._count_config_load(old)
         for name in _RESTART_ONLY:

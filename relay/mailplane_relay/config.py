@@ -959,6 +959,14 @@ class RelayConfig(_Model):
             ipaddress.ip_network(n, strict=False) for n in self.settings.trusted_networks
         )
 
+    def without_credentials(self, usernames: set[str]) -> RelayConfig:
+        """A copy in which `usernames` are unknown (revocation.py): AUTH and sessions see them
+        as absent; the settings document and its hashes stay as loaded."""
+        copy = self.model_copy()
+        copy._credential_index = {u: c for u, c in self._credential_index.items()
+                                  if u not in usernames}
+        return copy
+
     def is_trusted(self, peer_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(peer_ip)

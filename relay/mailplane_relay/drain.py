@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 DRAIN_PATH = "/admin/drain"
 STATUS_PATH = "/admin/status"
 HANDOFF_PATH = "/admin/handoff"
+REVOKE_PATH = "/admin/revoke"
 ENVELOPE_HEADER = "X-Mailplane-Envelope"
 # An authenticated hand-off carries one message (the relay's own size limit is 25 MiB).
 MAX_HANDOFF_BODY = 256 * 1024 * 1024
@@ -297,11 +298,14 @@ class AdminEndpoints:
 
     def __init__(self) -> None:
         self.drainer: Drainer | None = None
+        self.revoke: Callable[[str], bool] | None = None
+        """Refuse a username ahead of the mounted configuration (app.py, revocation.py)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(DRAIN_PATH, self._status), web.get(STATUS_PATH, self._status),
                 web.post(DRAIN_PATH, self._drain),
-                web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff)]
+                web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff),
+                web.post(REVOKE_PATH, self._revoke)]
 
     def _check(self, request: web.Request) -> Drainer:
         drainer = self.drainer
@@ -331,6 +335,21 @@ class AdminEndpoints:
                                      ) from None
         await drainer.start(peers, token)
         return web.json_response(drainer.status(), status=202)
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        drainer = self._check(request)
+        try:
+            doc = await request.json()
+            username = doc["username"]
+            if not isinstance(username, str) or not username:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='send {"username": "..."}\n') from None
+        if self.revoke is None:
+            raise web.HTTPServiceUnavailable(text="starting\n")
+        in_force = self.revoke(username)
+        return web.json_response({"username": username, "revoked": in_force,
+                                  **drainer.status()})
 
     async def _undrain(self, request: web.Request) -> web.Response:
         drainer = self._check(request)
