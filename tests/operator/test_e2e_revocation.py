@@ -1,12 +1,14 @@
-"""End to end: a deleted credential is reported revoked only once every relay pod runs a
-configuration without it.
+"""End to end: a deleted credential is refused by every relay pod within seconds, long before
+the pods' mounted configuration catches up.
 
 The operator runs against the Kubernetes emulator; a real `mailplane relay` stands in for the
-StatefulSet's pod (a Pod object carries its IP and ops port). After the SmtpCredential is deleted
-the operator renders a configuration without it at once, but the pod still runs the old one
-(the test plays a kubelet that has not synced the Secret volume yet): the finalizer stays, and
-the SmtpRelay's status shows the pod behind. Once the volume is synced and the relay reloads,
-the finalizer goes. The figures printed are the operator's part of the revocation time.
+StatefulSet's pod (a Pod object carries its IP and admin port). The test plays a kubelet that
+has not synced the Secret volume: the pod keeps the old render, which still holds the
+credential, for as long as the test runs (kubelet's 60-90 s). The operator renders a
+configuration without the credential and pushes the revocation to the pod over its HTTPS admin
+port; the pod refuses the password at once (535), the finalizer goes once the pod confirms, and
+the refusal survives a restart on the stale render. Once the volume is synced, the pushed entry
+is dropped. The figure printed is delete -> 535, end to end.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _pods_status(api: KubeApi) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_deleted_credential_is_released_only_when_the_pod_runs_a_configuration_without_it(
+def test_a_deleted_credential_is_refused_within_seconds_while_the_pod_runs_a_stale_render(
         kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
         tls_ca: trustme.CA, tmp_path: Path) -> None:
     operator_factory(drain_poll=0.2)
@@ -63,9 +65,11 @@ def test_a_deleted_credential_is_released_only_when_the_pod_runs_a_configuration
                                                      "tls": "none"}}))
     kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
     kube_api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["orders@example.com"]))
-    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api),
-                        what="the credential rendered")
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body("billing", ["orders@example.com"]))
+    kube_api.wait_until(lambda: {"shop.orders", "shop.billing"} <= set(
+        rendered_credentials(kube_api)), what="the credentials rendered")
     app = kube_api.secret_data("shop", "orders-smtp")
+    other = kube_api.secret_data("shop", "billing-smtp")
     volume = SecretVolume(kube_api, tmp_path / "pod0", tls_ca)
     volume.sync()
     relay = Relay.start(volume, tmp_path / "relay.log")
@@ -78,25 +82,50 @@ def test_a_deleted_credential_is_released_only_when_the_pod_runs_a_configuration
         kube_api.wait_until(lambda: [(p["name"], p["current"]) for p in _pods_status(
             kube_api)] == [("main-0", True)], what="the pod current in the status")
         _login(volume, tls_ca, app["username"], app["password"])
+        # A session authenticated before the deletion, still open.
+        session = smtplib.SMTP("127.0.0.1", volume.ports["submission"], timeout=10)
+        session.starttls(context=client_context(tls_ca))
+        session.login(app["username"], app["password"])
 
         started = time.monotonic()
         kube_api.delete(k.SMTP_CREDENTIALS, "shop", "orders")
-        kube_api.wait_until(lambda: "shop.orders" not in rendered_credentials(kube_api),
-                            what="a configuration without the credential")
-        rendered = time.monotonic() - started
-        # The pod still runs the old configuration: the deletion is not reported done.
-        time.sleep(1.5)
-        held = kube_api.get(k.SMTP_CREDENTIALS, "shop", "orders")
-        assert held is not None and held["metadata"].get("deletionTimestamp")
-        kube_api.wait_until(lambda: [(p["name"], p["current"]) for p in _pods_status(
-            kube_api)] == [("main-0", False)], what="the pod shown behind")
-
-        volume.sync()  # the kubelet's sync: the relay reloads
-        kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None)
+        # No volume sync from here on: the pod's files keep the render with the credential.
+        deadline = started + 15
+        while True:
+            try:
+                _login(volume, tls_ca, app["username"], app["password"])
+            except smtplib.SMTPAuthenticationError as exc:
+                assert exc.smtp_code == 535
+                break
+            assert time.monotonic() < deadline, "still accepted 15 s after the delete"
+            time.sleep(0.05)
+        refused = time.monotonic() - started
+        kube_api.wait_for(k.SMTP_CREDENTIALS, "shop", "orders", lambda o: o is None, timeout=15)
         released = time.monotonic() - started
+        assert released < 15
+        # The open session is refused at its next transaction; other credentials still work.
+        code, _msg = session.mail("orders@example.com")
+        assert code >= 500
+        session.close()
+        _login(volume, tls_ca, other["username"], other["password"])
+        # All of it while the mounted files still hold the credential.
+        assert any("shop.orders" in f.read_text() for f in volume.dir.iterdir()
+                   if not f.name.startswith("."))
+
+        # A restart on the same stale render still refuses it (the list is on the volume).
+        assert relay.stop() == 0
+        relay = Relay.start(volume, tmp_path / "relay-again.log")
         with pytest.raises(smtplib.SMTPAuthenticationError):
             _login(volume, tls_ca, app["username"], app["password"])
-        print(f"\nrevocation: configuration without it {rendered:.2f}s after the delete; "
-              f"finalizer released {released:.2f}s after (1.5 s of it the simulated kubelet lag)")
+        _login(volume, tls_ca, other["username"], other["password"])
+        revocations = volume.state / "revocations.json"
+        assert "shop.orders" in revocations.read_text()
+
+        volume.sync()  # the kubelet's sync at last: the pushed entry is no longer needed
+        relay.wait(lambda: "shop.orders" not in revocations.read_text(), "the entry dropped")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            _login(volume, tls_ca, app["username"], app["password"])
+        print(f"\nrevocation: 535 {refused:.2f}s after the delete, finalizer released "
+              f"{released:.2f}s after (the pod's mounted render still held the credential)")
     finally:
         assert relay.stop() == 0

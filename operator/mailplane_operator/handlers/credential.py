@@ -144,6 +144,14 @@ async def _confirm_revocation(rt: Runtime, body: Body, relays_idx: Any, relay_ke
     behind = sorted(n for n, c in running.items() if c.render not in accepted)
     if not behind:
         return
+    # Kubelet brings the new render to the pods' volume 60-90 s later: the pods behind are
+    # told now, and one that confirms it refuses the credential is done.
+    meta = body.get("metadata") or {}
+    refused = await scaledown.push_revocation(
+        rt, relay, admin, cred_mod.username_of(str(meta.get("namespace")), str(meta.get("name"))))
+    behind = [n for n in behind if n not in refused]
+    if not behind:
+        return
     deleted = parse_time((body.get("metadata") or {}).get("deletionTimestamp"))
     waited = (rt.clock() - deleted).total_seconds() if deleted else 0.0
     if waited < rt.config.revocation_timeout:

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 ADMIN_KEY = "token"
 DRAIN_PATH = "/admin/drain"
 STATUS_PATH = "/admin/status"
+REVOKE_PATH = "/admin/revoke"
 HTTP_TIMEOUT = 3.0
 
 
@@ -305,3 +306,21 @@ async def pod_configs(rt: Runtime, relay: SmtpRelay,
 
 def _span(ordinals: list[int]) -> str:
     return f"{ordinals[0]}-{ordinals[-1]}" if len(ordinals) > 1 else str(ordinals[0])
+
+
+async def push_revocation(rt: Runtime, relay: SmtpRelay, admin: AdminClient,
+                          username: str) -> set[str]:
+    """Tell every running pod of the relay to refuse `username` now (``POST /admin/revoke``),
+    ahead of its mounted configuration; the names of the pods that confirm it is refused."""
+    pods = await rt.client.list(kube.PODS, relay.meta.namespace,
+                                labels=relay_mod.selector_labels(relay))
+    targets = sorted((str(p["metadata"]["name"]), u) for p in pods
+                     if _ordinal(p, relay) is not None and (u := _url(p)) is not None)
+    if not targets:
+        return set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
+        answers = await asyncio.gather(*(
+            _call(http, "POST", u, admin, {"username": username}, path=REVOKE_PATH)
+            for _n, u in targets))
+    return {name for (name, _u), a in zip(targets, answers, strict=True)
+            if a is not None and a.get("revoked") is True}

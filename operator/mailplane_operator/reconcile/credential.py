@@ -92,7 +92,12 @@ def relay_endpoint(relay: SmtpRelay, cluster_domain: str = "cluster.local") -> E
 def username_for(cred: SmtpCredential) -> str:
     """``<namespace>.<name>``: unique per cluster (namespaces hold no dots), readable in logs.
     Names too long for the relay's 128-character limit are shortened with a digest."""
-    name = f"{cred.meta.namespace}.{cred.meta.name}"
+    return username_of(cred.meta.namespace, cred.meta.name)
+
+
+def username_of(namespace: str, name: str) -> str:
+    """`username_for` from the credential's namespace and name alone."""
+    name = f"{namespace}.{name}"
     if len(name) <= 128:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
