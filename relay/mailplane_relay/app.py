@@ -518,9 +518,16 @@ class RelayApp:
                           lease_size=settings.store.lease_size, peer_id=peer_id)
         await _try(limiter.heartbeat(), health, "limits")
         stages.append(("unused limits", limiter.give_back_unused))
-        # Stopping: not waited for by erasure requests, not counted in the limits' share.
-        stages.append(("store peer", lambda: _try(backend.peer_gone(peer_id), health,
-                                                  "limits")))
+        # Stopping with an empty spool: not waited for by erasure requests, not counted in the
+        # limits' share. A spool still holding messages (a restart, not a drained scale-down)
+        # keeps the worker listed: an erasure meanwhile waits for it (it carries the request
+        # out when back) or is reported incomplete, never complete while its spool names the
+        # address.
+        async def leave_pool() -> None:
+            if await asyncio.to_thread(spool_count_messages, spool_dir) == 0:
+                await _try(backend.peer_gone(peer_id), health, "limits")
+
+        stages.append(("store peer", leave_pool))
         server = SubmissionServer(config=self.config, tls=tls, spool=spool, queue=queue,
                                   log=msglog, suppression=suppression, limiter=limiter,
                                   metrics=metrics, reputation=reputation,

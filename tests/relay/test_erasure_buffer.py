@@ -7,8 +7,10 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from email.message import EmailMessage
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +22,7 @@ from mailplane_relay.store.backend import LogRow, OutboxRow
 from mailplane_relay.store.erasure import carry_out_requests, erase_across_pool
 from mailplane_relay.store.postgres import PostgresBackend
 from mailplane_relay.store.sync import query_log
+from tests.helpers.ports import refusing_port
 from tests.helpers.relayproc import RelayProcess
 
 
@@ -145,3 +148,48 @@ async def test_a_relay_replays_the_buffer_of_a_worker_it_no_longer_runs(
         assert time.monotonic() < deadline, "the stale worker's rows never reached the store"
         await asyncio.sleep(0.1)
     assert not stale.exists()
+
+
+async def test_an_erasure_while_a_relay_restarts_waits_for_its_spool(
+    relay_factory: Callable[..., RelayProcess], pg_dsn: str, backend: PostgresBackend,
+    tmp_path: Path,
+) -> None:
+    """A relay stopped cleanly (a rolling restart) with a message for the address still in its
+    spool: an erasure meanwhile must not be reported complete; the relay carries it out when
+    it is back, and the message leaves its spool."""
+    dsn_file = tmp_path / "store-dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    with refusing_port() as port:  # the next hop refuses: the message stays queued
+        relay = relay_factory(smarthost_port=port, extra={
+            "store": {"backend": "postgresql", "dsnFile": str(dsn_file)},
+            "queue": {"retryInitial": "1h", "retryMax": "1h", "retryJitter": 0.0}})
+        await asyncio.to_thread(relay.start)
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "app@example.com", "gone@dest.test", "hi"
+        msg.set_content("body\n")
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports["submission"],
+                               tls_context=relay.client_tls(), start_tls=True, timeout=15)
+        await smtp.connect()
+        await smtp.login("app", "app-password")
+        await smtp.send_message(msg)
+        await smtp.quit()
+        assert await asyncio.to_thread(relay.stop) == 0
+        assert len(relay.spooled_files()) == 1  # kept for after the restart
+
+        request_id, _report, complete = await erase_across_pool(
+            backend, "gone@dest.test", wait_for=1.0, poll=0.2)
+        assert not complete  # the stopped relay's spool still names the address
+
+        await asyncio.to_thread(relay.start)
+        deadline = time.monotonic() + 90
+        while True:
+            state = await backend.erasure_state(request_id, time.time(), 60.0)
+            assert state is not None
+            if state.completed is not None:
+                break
+            assert time.monotonic() < deadline, "the restarted relay never carried it out"
+            await asyncio.sleep(0.2)
+        assert state.report is not None and state.report.get("spool_messages_deleted") == 1
+        assert "workers_unreachable" not in state.report
+        assert relay.spooled_files() == []
+        await asyncio.to_thread(relay.stop)
