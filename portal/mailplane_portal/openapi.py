@@ -111,7 +111,8 @@ def document() -> dict[str, Any]:
                 "get": {"operationId": "listSuppression",
                         "parameters": [_NS, _q("q", {"type": "string", "maxLength": 320})],
                         "responses": _ok(_obj({"items": {"type": "array", "items": _obj({
-                            "address": _S, "reason": _S, "source": _S, "created": _N})}}))},
+                            "address": _S, "scope": {"type": "string", "enum": ["team", "pool"]},
+                            "reason": _S, "source": _S, "created": _N})}}))},
                 "post": {"operationId": "addSuppression", "parameters": [_NS],
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": _obj({"address": addr, "note": {

@@ -193,22 +193,26 @@ class Records:
 
     async def team_suppression(self, namespace: str, contains: str | None = None,
                                limit: int = 1000) -> list[dict[str, Any]]:
-        """Entries for addresses this namespace has sent mail to (they are in its own log),
-        and those it added itself through the portal (an address it never mailed, too).
-        An entry another team added through the portal shows as ``OTHER_TEAM``: its source
-        names that team's namespace and user."""
-        sql = ("SELECT s.address, s.reason, s.source, s.created FROM suppression s "  # noqa: S608
-               "WHERE (EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
+        """The team's own entries (added through the portal; they stop only its mail, scope
+        ``team``), and the pool-wide ones (scope ``pool``) for addresses it has sent mail to
+        (they are in its own log) or added itself before entries had scopes. Another team's
+        own entries are not shown: they do not stop this team's mail. A pool-wide entry another
+        team added through the portal (before scopes) shows as ``OTHER_TEAM``: its source names
+        that team's namespace and user."""
+        sql = ("SELECT s.address, s.reason, s.source, s.created, "  # noqa: S608
+               "CASE WHEN s.namespace = '' THEN 'pool' ELSE 'team' END AS scope "
+               "FROM suppression s WHERE (s.namespace = ? OR (s.namespace = '' AND ("
+               "EXISTS (SELECT 1 FROM message_log m WHERE m.namespace = ? AND "
                + ("m.recipient = s.address" if self.sqlite_path
                   else "lower(m.recipient) = s.address") + ") "
-               "OR substr(s.source, 1, ?) = ?)")
+               "OR substr(s.source, 1, ?) = ?)))")
         own = f"portal:{namespace}:"
-        args: list[Any] = [namespace, len(own), own]
+        args: list[Any] = [namespace, namespace, len(own), own]
         if contains:
             sql += " AND s.address LIKE ? ESCAPE '!'"
             args.append("%" + contains.lower().replace("!", "!!").replace("%", "!%")
                         .replace("_", "!_") + "%")
-        sql += " ORDER BY s.address LIMIT ?"
+        sql += " ORDER BY s.address, s.namespace LIMIT ?"
         args.append(limit)
         rows = await self._all(sql, args)
         for row in rows:
@@ -217,10 +221,11 @@ class Records:
                 row["source"] = OTHER_TEAM
         return rows
 
-    async def suppression_entry(self, address: str) -> dict[str, Any] | None:
-        """The pool's entry for an address (whoever added it), or None."""
-        rows = await self._all("SELECT reason, source FROM suppression WHERE address = ?",
-                               (address,))
+    async def suppression_entry(self, address: str, namespace: str) -> dict[str, Any] | None:
+        """The entry that stops this namespace's mail to an address (pool-wide, whoever added
+        it, or the namespace's own), or None."""
+        rows = await self._all("SELECT reason, source FROM suppression WHERE address = ? "
+                               "AND namespace IN ('', ?)", (address, namespace))
         return rows[0] if rows else None
 
     async def erase_in_namespace(self, namespace: str, address: str) -> int:

@@ -643,11 +643,17 @@ def _csrf_field(request: web.Request) -> str:
     return f'<input type="hidden" name="csrf" value="{h.e(token)}">'
 
 
+SCOPES = {"team": "Your team", "pool": "Every team"}
+"""How an entry's scope shows on the page."""
+
+
 async def _team_entry(portal: Portal, ns: str, address: str) -> dict[str, Any] | None:
+    """The team's own entry for the address if it has one, else the pool-wide one it sees."""
+    found = None
     for entry in await portal.records.team_suppression(ns, address, limit=50):
-        if entry["address"] == address:
-            return entry
-    return None
+        if entry["address"] == address and (found is None or entry["scope"] == "team"):
+            found = entry
+    return found
 
 
 async def suppression_add(portal: Portal, caller: Caller, ns: str, data: dict[str, Any]
@@ -655,11 +661,14 @@ async def suppression_add(portal: Portal, caller: Caller, ns: str, data: dict[st
     await portal.authorise(caller, ns, WRITE)
     address = _address(data.get("address"))
     note = _note(data.get("note"), "note", required=False)
-    # An address already suppressed (a complaint, a bounce, another team's entry) keeps its
-    # entry: re-adding it as this team's own would let the team remove it next.
-    if await portal.records.suppression_entry(address) is None:
+    # The team's own entry: it stops only mail sent with this namespace's credentials (a
+    # team must not stop another team's mail). An address already suppressed for this team
+    # (pool-wide: a complaint, a bounce; or the team's own entry) keeps its entry: re-adding a
+    # pool-wide one as the team's own would change nothing but its source.
+    if await portal.records.suppression_entry(address, ns) is None:
         await portal.store.suppression_upsert(
-            address, "manual", f"portal:{ns}:{caller.identity.username}"[:200], time.time())
+            address, "manual", f"portal:{ns}:{caller.identity.username}"[:200], time.time(),
+            namespace=ns)
     await portal.records.audit(ns, caller.identity.username, "suppression.add", address, note)
     return address
 
@@ -678,7 +687,7 @@ async def suppression_remove(portal: Portal, caller: Caller, ns: str, data: dict
     if entry["source"] == OTHER_TEAM:
         raise web.HTTPConflict(text=f"{address} was added by another team: only that team or "
                                     "the platform team can remove it")
-    await portal.store.suppression_delete(address)
+    await portal.store.suppression_delete(address, ns if entry["scope"] == "team" else "")
     await portal.records.audit(ns, caller.identity.username, "suppression.remove", address,
                                f"was {entry['reason']}: {reason}")
     return address
@@ -703,7 +712,8 @@ async def suppression_page(request: web.Request) -> web.Response:
     entries = await portal.records.team_suppression(ns, q or None)
     csrf = _csrf_field(request)
     action = h.e(h.url(f"/ns/{ns}/suppression"))
-    rows = [[h.e(e_["address"]), h.e(e_["reason"]), h.e(e_["source"]), h.when(e_["created"]),
+    rows = [[h.e(e_["address"]), h.e(SCOPES[e_["scope"]]), h.e(e_["reason"]), h.e(e_["source"]),
+             h.when(e_["created"]),
              (f'<form method="post" action="{action}" class="remove">{csrf}'
               f'<input type="hidden" name="action" value="remove">'
               f'<input type="hidden" name="address" value="{h.e(e_["address"])}">'
@@ -712,15 +722,17 @@ async def suppression_page(request: web.Request) -> web.Response:
               if e_["reason"] != "complaint" else '<span class="muted">complaint: kept</span>')]
             for e_ in entries]
     body = (f'<p class="notice" role="status">{h.e(notice)}</p>' if notice else "") + (
-        '<p class="muted">Addresses your team has sent to that the relay will not deliver to '
-        "(hard bounces, complaints, manual entries). The list is shared by every team on the "
-        "platform: an address added here is suppressed for all.</p>"
+        '<p class="muted">Addresses the relay will not deliver your team\'s mail to. '
+        "<b>Your team</b>: added here; they stop only mail sent with your namespace's "
+        "credentials. <b>Every team</b>: hard bounces, complaints and the platform team's "
+        "entries, for addresses your team has sent to; they stop every team's mail.</p>"
         f'<form class="search" method="get" action="{action}">'
         f'<label>Search<input name="q" id="f-q" value="{h.e(q)}"></label>'
         '<button type="submit">Search</button>'
         f'<a class="button secondary" href="{h.e(h.url(f"/ns/{ns}/suppression.csv"))}">'
         "Export CSV</a></form>"
-        + h.table(("Address", "Reason", "Source", "Since", ""), rows, cls="suppression")
+        + h.table(("Address", "Scope", "Reason", "Source", "Since", ""), rows,
+                  cls="suppression")
         + f'<h2>Add an address</h2><form class="search" method="post" action="{action}">{csrf}'
         '<label>Address<input name="address" id="f-add" required type="email"></label>'
         '<label>Note<input name="note"></label>'
@@ -737,9 +749,9 @@ async def suppression_csv(request: web.Request) -> web.Response:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(["address", "reason", "source", "created"])
+    writer.writerow(["address", "scope", "reason", "source", "created"])
     for entry in await portal.records.team_suppression(ns, None, limit=100_000):
-        writer.writerow([csv_cell(entry["address"]), csv_cell(entry["reason"]),
+        writer.writerow([csv_cell(entry["address"]), entry["scope"], csv_cell(entry["reason"]),
                          csv_cell(entry["source"]), iso(entry["created"])])
     return web.Response(text=buf.getvalue(), content_type="text/csv", headers={
         "Content-Disposition": f'attachment; filename="mailplane-{ns}-suppression.csv"'})
@@ -757,7 +769,9 @@ async def _run_erasure(portal: Portal, erasure_id: str, ns: str, address: str) -
         own = (team_entry is not None and team_entry["reason"] != "complaint"
                and own_source(ns, str(team_entry["source"])))
         if own:
-            await portal.store.suppression_delete(address)
+            assert team_entry is not None
+            await portal.store.suppression_delete(
+                address, ns if team_entry["scope"] == "team" else "")
         await portal.records.mask_in_audit(ns, address)
         report = {"message_log_rows_as_sender": counts["as_sender"],
                   "message_log_rows_as_recipient": counts["as_recipient"],

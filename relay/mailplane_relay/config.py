@@ -812,6 +812,13 @@ class Credential(_Model):
     # Delivery events of this credential's mail only (docs/webhooks.md).
     webhook: WebhookEndpoint | None = None
 
+    @property
+    def namespace(self) -> str | None:
+        """The tenant: namespace of the SmtpCredential (None for one not from a namespace)."""
+        if self.owner and "/" in self.owner:
+            return self.owner.partition("/")[0]
+        return None
+
     @field_validator("username")
     @classmethod
     def _username(cls, v: str) -> str:

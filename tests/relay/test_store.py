@@ -693,3 +693,124 @@ async def test_a_complaint_is_claimed_for_counting_once_and_never_one_the_intake
     await backend.suppression_upsert("late@dest.test", "complaint", "cli", 1.0)
     await backend.suppression_upsert("late@dest.test", "complaint", "feedback", 2.0)
     assert await other.suppression_claim("late@dest.test") is False
+
+
+async def test_a_team_s_own_entry_stops_only_that_team_s_mail(
+    backend: StoreBackend, other: StoreBackend, metrics: RelayMetrics
+) -> None:
+    supp = SuppressionList(backend, metrics, refresh_interval=0.05)
+    await supp.start()
+    try:
+        # Team A suppresses x through the portal: its own entry, written by another process.
+        await other.suppression_upsert("x@dest.test", "manual", "portal:team-a:alice", 1.0,
+                                       namespace="team-a")
+        await supp.wait_refreshed()
+        assert supp.is_suppressed("X@dest.test", "team-a") == ("manual", 1.0)
+        assert supp.is_suppressed("x@dest.test", "team-b") is None
+        assert supp.is_suppressed("x@dest.test") is None  # a client of no namespace
+        # Team B's own entry for the same address is a second entry, not a takeover.
+        await other.suppression_upsert("x@dest.test", "manual", "portal:team-b:bob", 2.0,
+                                       namespace="team-b")
+        # A delivery fact is pool-wide and stops everybody's mail.
+        await other.suppression_upsert("x@dest.test", "hard bounce: 550", "delivery", 3.0)
+        await supp.wait_refreshed()
+        assert {(e["namespace"], e["source"]) for e in await backend.suppression_list()} == {
+            ("", "delivery"), ("team-a", "portal:team-a:alice"), ("team-b", "portal:team-b:bob")}
+        assert supp.is_suppressed("x@dest.test", "team-c") == ("hard bounce: 550", 3.0)
+        assert supp.is_suppressed("x@dest.test") == ("hard bounce: 550", 3.0)
+
+        # Removing one scope leaves the others.
+        assert await other.suppression_delete("x@dest.test", "")
+        assert await other.suppression_delete("x@dest.test", "team-b")
+        assert not await other.suppression_delete("x@dest.test", "team-c")
+        await supp.wait_refreshed()
+        assert supp.is_suppressed("x@dest.test", "team-c") is None
+        assert supp.is_suppressed("x@dest.test", "team-b") is None
+        assert supp.is_suppressed("x@dest.test", "team-a") == ("manual", 1.0)
+
+        # A cache that loads in full (a new pod) sees the same scopes.
+        fresh = SuppressionList(other, metrics, refresh_interval=3600, export_gauge=False)
+        await fresh.start()
+        try:
+            assert fresh.is_suppressed("x@dest.test", "team-a") == ("manual", 1.0)
+            assert fresh.is_suppressed("x@dest.test", "team-b") is None
+        finally:
+            await fresh.close()
+
+        # The platform's remove (no namespace) takes every entry of the address.
+        assert await other.suppression_delete("x@dest.test")
+        await supp.wait_refreshed()
+        assert supp.is_suppressed("x@dest.test", "team-a") is None
+        assert await backend.suppression_list() == []
+    finally:
+        await supp.close()
+
+
+async def test_an_erasure_takes_every_scope_and_keeps_only_the_complaint_as_a_hash(
+    backend: StoreBackend,
+) -> None:
+    await backend.suppression_upsert("gone@dest.test", "complaint", "fbl", 1.0)
+    await backend.suppression_upsert("gone@dest.test", "manual", "portal:team-a:alice", 2.0,
+                                     namespace="team-a")
+    report = await backend.erase("gone@dest.test", keep_hash="h" * 64)
+    assert report.counts["suppression"] == 2
+    assert [(e["address"], e["reason"], e["namespace"])
+            for e in await backend.suppression_list()] == [("h" * 64, "complaint", "")]
+
+
+def test_sqlite_entries_from_before_scopes_become_pool_wide(db: str,
+                                                            metrics: RelayMetrics) -> None:
+    Path(db).parent.mkdir(parents=True)
+    first = SqliteBackend(db)
+
+    async def make() -> None:
+        await first.open()
+        await first.close()
+    asyncio.run(make())
+    # The table as it was before scopes (address alone the key).
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        DROP TABLE suppression;
+        CREATE TABLE suppression (address TEXT PRIMARY KEY, reason TEXT NOT NULL,
+            source TEXT NOT NULL, created REAL NOT NULL, counted INTEGER NOT NULL DEFAULT 1);
+        INSERT INTO suppression VALUES ('old@dest.test', 'manual', 'portal:team-a:alice', 1, 1);
+    """)
+    conn.close()
+
+    async def check() -> None:
+        b = SqliteBackend(db)
+        await b.open()
+        supp = SuppressionList(b, metrics, refresh_interval=3600)
+        try:
+            await supp.start()
+            assert supp.is_suppressed("old@dest.test", "team-b") == ("manual", 1.0)
+            await b.suppression_upsert("old@dest.test", "manual", "portal:team-b:bob", 2.0,
+                                       namespace="team-b")
+            assert [e["namespace"] for e in await b.suppression_list()] == ["", "team-b"]
+            assert await supp.refresh()  # the change feed's triggers are back on the new table
+        finally:
+            await supp.close()
+            await b.close()
+    asyncio.run(check())
+
+
+async def test_postgresql_entries_from_before_scopes_become_pool_wide(
+        pg_dsn: str, metrics: RelayMetrics) -> None:
+    import psycopg
+
+    from mailplane_relay.store.postgres import PostgresBackend
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE suppression (address text PRIMARY KEY, reason text NOT NULL, "
+                     "source text NOT NULL, created double precision NOT NULL)")
+        conn.execute("INSERT INTO suppression VALUES "
+                     "('old@dest.test', 'manual', 'portal:team-a:alice', 1)")
+    b = PostgresBackend(pg_dsn)
+    await b.open()
+    try:
+        await b.suppression_upsert("old@dest.test", "manual", "portal:team-b:bob", 2.0,
+                                   namespace="team-b")
+        assert [(e["namespace"], e["source"]) for e in await b.suppression_list()] == [
+            ("", "portal:team-a:alice"), ("team-b", "portal:team-b:bob")]
+    finally:
+        await b.close()

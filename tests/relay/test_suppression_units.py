@@ -318,7 +318,7 @@ async def test_the_cache_file_is_written_only_after_a_change(
         await supp.wait_refreshed()
         await supp.wait_refreshed()
         entries = json.loads(cache.read_text())["entries"]
-        assert list(entries) == ["a@dest.test"] and entries["a@dest.test"][0] == "manual"
+        assert list(entries) == ["a@dest.test"] and entries["a@dest.test"][""][0] == "manual"
     finally:
         await supp.close()
 

@@ -543,8 +543,11 @@ class DeliveryQueue:
             attempt.flushed = True
         self._attempts[msg.queue_id] = attempt
         to_send: list[Recipient] = []
+        credential = (cfg.credentials.get(msg.credential)
+                      if msg.credential is not None else None)
+        namespace = credential.namespace if credential is not None else None
         for r in msg.pending():
-            if self._suppression.is_suppressed(r.address) is not None:
+            if self._suppression.is_suppressed(r.address, namespace) is not None:
                 attempt.outcomes[r.address] = RecipientOutcome(
                     "suppressed", "550 5.1.1 Recipient is on the suppression list (not sent)")
             else:

@@ -38,7 +38,8 @@ class MessageLogLike(Protocol):
 
 
 class SuppressionLike(Protocol):
-    def is_suppressed(self, address: str) -> tuple[str, float] | None: ...
+    def is_suppressed(self, address: str, namespace: str | None = None
+                      ) -> tuple[str, float] | None: ...
 
 
 class SubmissionServer:

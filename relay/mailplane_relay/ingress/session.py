@@ -613,7 +613,11 @@ class RelaySMTP(SMTP):
         if isinstance(rcpt, Refusal):
             return self._refuse(rcpt, sender)
         address = rcpt.address
-        suppressed = srv.suppression.is_suppressed(address)
+        credential = (srv.config().credentials.get(self.username)
+                      if self.username is not None else None)
+        # Pool-wide entries, and those the sending credential's own team added.
+        suppressed = srv.suppression.is_suppressed(
+            address, credential.namespace if credential is not None else None)
         if suppressed is not None:
             reply = R.SUPPRESSED.format(address=address, reason=suppressed[0])
             return self._refuse(Refusal("suppressed", reply), sender, address)

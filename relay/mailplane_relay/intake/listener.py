@@ -62,7 +62,8 @@ class MessageLogLike(Protocol):
 
 class SuppressionLike(Protocol):
     async def add(self, address: str, reason: str, *, source: str) -> None: ...
-    def is_suppressed(self, address: str) -> tuple[str, float] | None: ...
+    def is_suppressed(self, address: str, namespace: str | None = None
+                      ) -> tuple[str, float] | None: ...
 
 
 @dataclass(frozen=True, slots=True)

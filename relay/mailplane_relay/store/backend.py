@@ -34,6 +34,10 @@ OUTBOX_CLAIMED: tuple[str, ...] = ("id", *OUTBOX_COLUMNS[:-1], "attempts")
 
 # (reason, created) of a suppression entry.
 Entry = tuple[str, float]
+# The entries of one address by scope: "" is pool-wide (delivery facts, the platform's CLI);
+# a namespace is an entry that namespace's team added (the portal), stopping only its own mail.
+Scopes = dict[str, Entry]
+POOL_WIDE = ""
 
 
 # The source the intake writes its complaints with: the receiving worker counted the complaint
@@ -111,11 +115,11 @@ class SuppressionDelta:
     """Changes to the suppression list after a cache's last change number.
 
     ``full``: ``entries`` is the whole list (the cache replaces its content); otherwise it holds
-    the changed addresses only, None meaning the address left the list."""
+    the changed addresses only, each with every entry it has now (none: it left the list)."""
 
     last: int
     full: bool
-    entries: dict[str, Entry | None]
+    entries: dict[str, Scopes]
 
 
 @dataclass(slots=True)
@@ -178,11 +182,13 @@ class StoreBackend(Protocol):
 
     # ---- suppression list
     async def suppression_upsert(self, address: str, reason: str, source: str,
-                                 created: float) -> None: ...
+                                 created: float, namespace: str = POOL_WIDE) -> None: ...
     async def suppression_claim(self, address: str) -> bool:
         """Mark a complaint not yet counted as counted; True for the one caller (in the pool)
         that did, which then counts it."""
-    async def suppression_delete(self, address: str) -> bool: ...
+    async def suppression_delete(self, address: str, namespace: str | None = None) -> bool:
+        """Delete the address's entry of that scope (``POOL_WIDE`` or a namespace), or every
+        entry of the address (None: the platform's CLI)."""
     async def suppression_list(self) -> list[dict[str, Any]]: ...
     async def suppression_changes(self, since: int, delta_limit: int
                                   ) -> SuppressionDelta | None:

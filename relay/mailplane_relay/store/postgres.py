@@ -33,14 +33,15 @@ from .backend import (
     OUTBOX_CLAIMED,
     OUTBOX_COLUMNS,
     PEER_MEMORY,
+    POOL_WIDE,
     PORTAL_AUDIT,
     PORTAL_RECORDS,
-    Entry,
     EraseReport,
     ErasureState,
     LogQuery,
     LogRow,
     OutboxRow,
+    Scopes,
     StoreError,
     StoreUnavailable,
     SuppressionDelta,
@@ -93,15 +94,30 @@ CREATE INDEX IF NOT EXISTS message_log_namespace_ts ON message_log (namespace, t
 CREATE INDEX IF NOT EXISTS message_log_credential_ts ON message_log (credential, ts);
 
 CREATE TABLE IF NOT EXISTS suppression (
-    address text PRIMARY KEY,
+    address text NOT NULL,
     reason text NOT NULL,
     source text NOT NULL,
     created double precision NOT NULL,
     -- false: a complaint not yet counted in complaints_total (one written by the CLI); the
     -- first pod whose change feed sees it claims it (suppression_claim), so it counts once.
-    counted boolean NOT NULL DEFAULT true
+    counted boolean NOT NULL DEFAULT true,
+    -- '': pool-wide; a namespace: that team's own entry (it stops only that team's mail)
+    namespace text NOT NULL DEFAULT '',
+    PRIMARY KEY (address, namespace)
 );
 ALTER TABLE suppression ADD COLUMN IF NOT EXISTS counted boolean NOT NULL DEFAULT true;
+-- Entries made before scopes existed are pool-wide; the key becomes (address, namespace).
+ALTER TABLE suppression ADD COLUMN IF NOT EXISTS namespace text NOT NULL DEFAULT '';
+DO $$
+DECLARE pkey record;
+BEGIN
+    SELECT conname, array_length(conkey, 1) AS n INTO pkey FROM pg_constraint
+        WHERE conrelid = 'suppression'::regclass AND contype = 'p';
+    IF pkey.n = 1 THEN
+        EXECUTE format('ALTER TABLE suppression DROP CONSTRAINT %I', pkey.conname);
+        ALTER TABLE suppression ADD PRIMARY KEY (address, namespace);
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS suppression_created ON suppression (created);
 -- The change feed every worker's cache polls. Writers take a transaction-scoped advisory
 -- lock before numbering a change, so numbers are handed out in commit order: a reader that saw
@@ -530,31 +546,39 @@ class PostgresBackend:
     # ---- suppression ------------------------------------------------------------------
 
     async def suppression_upsert(self, address: str, reason: str, source: str,
-                                 created: float) -> None:
+                                 created: float, namespace: str = POOL_WIDE) -> None:
         await self._ready()
         async with self._conn() as conn:
             await conn.execute(
-                "INSERT INTO suppression (address, reason, source, created, counted) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (address) DO UPDATE SET "
+                "INSERT INTO suppression (address, reason, source, created, counted, namespace) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (address, namespace) DO UPDATE SET "
                 "reason = excluded.reason, source = excluded.source, created = excluded.created, "
                 "counted = CASE WHEN suppression.reason = excluded.reason "
                 "THEN suppression.counted OR excluded.counted ELSE excluded.counted END "
                 # A complaint is never turned into something a team may lift (a bounce, manual).
                 "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
-                (address, reason, source, created, counted_at_write(reason, source)))
+                (address, reason, source, created, counted_at_write(reason, source),
+                 namespace))
 
     async def suppression_claim(self, address: str) -> bool:
         await self._ready()
         async with self._conn() as conn:
             cur = await conn.execute(
-                "UPDATE suppression SET counted = true WHERE address = %s AND NOT counted",
+                "UPDATE suppression SET counted = true WHERE address = %s AND namespace = '' "
+                "AND NOT counted",
                 (address,))
         return cur.rowcount > 0
 
-    async def suppression_delete(self, address: str) -> bool:
+    async def suppression_delete(self, address: str, namespace: str | None = None) -> bool:
         await self._ready()
         async with self._conn() as conn:
-            cur = await conn.execute("DELETE FROM suppression WHERE address = %s", (address,))
+            if namespace is None:
+                cur = await conn.execute("DELETE FROM suppression WHERE address = %s",
+                                         (address,))
+            else:
+                cur = await conn.execute(
+                    "DELETE FROM suppression WHERE address = %s AND namespace = %s",
+                    (address, namespace))
         return cur.rowcount > 0
 
     async def suppression_list(self) -> list[dict[str, Any]]:
@@ -562,7 +586,8 @@ class PostgresBackend:
         async with self._conn() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                "SELECT address, reason, source, created FROM suppression ORDER BY address")
+                "SELECT address, reason, source, created, namespace FROM suppression "
+                "ORDER BY address, namespace")
             return list(await cur.fetchall())
 
     async def suppression_changes(self, since: int, delta_limit: int
@@ -584,11 +609,11 @@ class PostgresBackend:
                 (since,))).fetchall()]
             if _FORGOTTEN in changed:
                 return SuppressionDelta(last, True, await _all_entries(conn))
-            delta: dict[str, Entry | None] = dict.fromkeys(changed)
+            delta: dict[str, Scopes] = {address: {} for address in changed}
             for r in await (await conn.execute(
-                "SELECT address, reason, created FROM suppression WHERE address = ANY(%s)",
-                (changed,))).fetchall():
-                delta[r[0]] = (r[1], float(r[2]))
+                "SELECT address, reason, created, namespace FROM suppression "
+                "WHERE address = ANY(%s)", (changed,))).fetchall():
+                delta[r[0]][r[3]] = (r[1], float(r[2]))
             return SuppressionDelta(last, False, delta)
 
     # ---- erasure ----------------------------------------------------------------------
@@ -626,15 +651,17 @@ class PostgresBackend:
         if pending:
             report.add("webhook_outbox", pending)
         async with self._conn() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "DELETE FROM suppression WHERE address = %s RETURNING reason, source, created",
-                (address,))).fetchone()
-            if row is not None:
-                report.add("suppression", 1)
+            rows = await (await conn.execute(
+                "DELETE FROM suppression WHERE address = %s "
+                "RETURNING reason, source, created, namespace", (address,))).fetchall()
+            if rows:
+                report.add("suppression", len(rows))
+                # A complaint is pool-wide; a team's own entries just go.
+                row = min(rows, key=lambda r: r[3])
                 if keep_hash is not None and row[0] == "complaint":
                     await conn.execute(
                         "INSERT INTO suppression (address, reason, source, created) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (address) DO NOTHING",
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (address, namespace) DO NOTHING",
                         (keep_hash, "complaint", row[1], row[2]))
                     report.add("suppression_kept_as_hash", 1)
             await conn.execute(
@@ -876,10 +903,12 @@ class PostgresBackend:
         return {r[0]: int(r[1]) for r in rows}
 
 
-async def _all_entries(conn: AsyncConnection[Any]) -> dict[str, Entry | None]:
-    rows = await (await conn.execute(
-        "SELECT address, reason, created FROM suppression")).fetchall()
-    return {r[0]: (r[1], float(r[2])) for r in rows}
+async def _all_entries(conn: AsyncConnection[Any]) -> dict[str, Scopes]:
+    entries: dict[str, Scopes] = {}
+    for r in await (await conn.execute(
+            "SELECT address, reason, created, namespace FROM suppression")).fetchall():
+        entries.setdefault(r[0], {})[r[3]] = (r[1], float(r[2]))
+    return entries
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,14 +25,15 @@ from .backend import (
     OUTBOX_CLAIMED,
     OUTBOX_COLUMNS,
     PEER_MEMORY,
+    POOL_WIDE,
     PORTAL_AUDIT,
     PORTAL_RECORDS,
-    Entry,
     EraseReport,
     ErasureState,
     LogQuery,
     LogRow,
     OutboxRow,
+    Scopes,
     StoreError,
     SuppressionDelta,
     counted_at_write,
@@ -51,6 +52,30 @@ T = TypeVar("T")
 
 # Seconds since the epoch, in SQL (unixepoch('subsec') needs SQLite 3.42; Debian 12 has 3.40).
 _NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+
+_SUPPRESSION_TABLE = """
+CREATE TABLE IF NOT EXISTS suppression (
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    counted INTEGER NOT NULL DEFAULT 1,  -- 0: a complaint not yet counted (postgres.py)
+    -- '': pool-wide; a namespace: that team's own entry (it stops only that team's mail)
+    namespace TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (address, namespace)
+);
+"""
+_SUPPRESSION_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS suppression_after_insert AFTER INSERT ON suppression BEGIN
+    INSERT INTO suppression_changes (address, ts) VALUES (NEW.address, _NOW);
+END;
+CREATE TRIGGER IF NOT EXISTS suppression_after_update AFTER UPDATE ON suppression BEGIN
+    INSERT INTO suppression_changes (address, ts) VALUES (NEW.address, _NOW);
+END;
+CREATE TRIGGER IF NOT EXISTS suppression_after_delete AFTER DELETE ON suppression BEGIN
+    INSERT INTO suppression_changes (address, ts) VALUES (OLD.address, _NOW);
+END;
+""".replace("_NOW", _NOW_SQL)
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -140,13 +165,7 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
 CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
-CREATE TABLE IF NOT EXISTS suppression (
-    address TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL,
-    counted INTEGER NOT NULL DEFAULT 1  -- 0: a complaint not yet counted (postgres.py)
-);
+""" + _SUPPRESSION_TABLE + """
 -- Every change to the suppression list, numbered and timed, written by triggers: whoever writes
 -- (relay workers, the CLI, the purge), each cache reads only the addresses changed since it
 -- last looked. Changes are trimmed by age (the purge); a cache that fell further behind than
@@ -156,16 +175,7 @@ CREATE TABLE IF NOT EXISTS suppression_changes (
     address TEXT NOT NULL,
     ts REAL
 );
-CREATE TRIGGER IF NOT EXISTS suppression_after_insert AFTER INSERT ON suppression BEGIN
-    INSERT INTO suppression_changes (address, ts) VALUES (NEW.address, _NOW);
-END;
-CREATE TRIGGER IF NOT EXISTS suppression_after_update AFTER UPDATE ON suppression BEGIN
-    INSERT INTO suppression_changes (address, ts) VALUES (NEW.address, _NOW);
-END;
-CREATE TRIGGER IF NOT EXISTS suppression_after_delete AFTER DELETE ON suppression BEGIN
-    INSERT INTO suppression_changes (address, ts) VALUES (OLD.address, _NOW);
-END;
-""".replace("_NOW", _NOW_SQL)
+""" + _SUPPRESSION_TRIGGERS
 
 # Created after the migration (they name columns that version 1 files lack).
 _INDEXES = """
@@ -246,6 +256,23 @@ def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
         time.sleep(0.01)
 
 
+def _scope_suppression(conn: sqlite3.Connection) -> None:
+    """Key the suppression list by (address, namespace); every existing entry is pool-wide.
+    SQLite cannot change a primary key in place: copy into a new table (the rename keeps the
+    change feed's triggers off the copy; they are made again for the new table)."""
+    conn.execute("ALTER TABLE suppression RENAME TO suppression_unscoped")
+    for trigger in ("insert", "update", "delete"):
+        conn.execute(f"DROP TRIGGER IF EXISTS suppression_after_{trigger}")
+    conn.execute("DROP INDEX IF EXISTS suppression_created")
+    conn.execute(_SUPPRESSION_TABLE)
+    # The same entries: no change for the caches to read.
+    conn.execute("INSERT INTO suppression (address, reason, source, created, counted) "
+                 "SELECT address, reason, source, created, counted FROM suppression_unscoped")
+    conn.execute("DROP TABLE suppression_unscoped")
+    for trigger in _SUPPRESSION_TRIGGERS.split("END;")[:-1]:
+        conn.execute(trigger + "END;")
+
+
 def _migrate(conn: sqlite3.Connection, path: str) -> None:
     """Bring a file to SCHEMA_VERSION inside one write transaction (processes may race)."""
     with _transaction(conn):
@@ -277,6 +304,9 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("UPDATE message_log SET remote = NULL "
                          "WHERE status IN ('received', 'rejected')")
             conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        # Added within version 2: entries scoped to a namespace.
+        if "namespace" not in {r[1] for r in conn.execute("PRAGMA table_info(suppression)")}:
+            _scope_suppression(conn)
 
 
 def open_database(path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
@@ -358,9 +388,11 @@ def _last_change(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _read_all_suppression(conn: sqlite3.Connection) -> dict[str, Entry | None]:
-    return {row[0]: (row[1], row[2])
-            for row in conn.execute("SELECT address, reason, created FROM suppression")}
+def _read_all_suppression(conn: sqlite3.Connection) -> dict[str, Scopes]:
+    entries: dict[str, Scopes] = {}
+    for row in conn.execute("SELECT address, reason, created, namespace FROM suppression"):
+        entries.setdefault(row[0], {})[row[3]] = (row[1], row[2])
+    return entries
 
 
 def _read_changes(conn: sqlite3.Connection, since: int,
@@ -378,40 +410,42 @@ def _read_changes(conn: sqlite3.Connection, since: int,
             "SELECT DISTINCT address FROM suppression_changes WHERE seq > ?", (since,))]
         if _FORGOTTEN in changed:
             return SuppressionDelta(last, True, _read_all_suppression(conn))
-        delta: dict[str, Entry | None] = dict.fromkeys(changed)
+        delta: dict[str, Scopes] = {address: {} for address in changed}
         for i in range(0, len(changed), 500):
             chunk = changed[i:i + 500]
             marks = ",".join("?" * len(chunk))
             for row in conn.execute(
-                f"SELECT address, reason, created FROM suppression "  # noqa: S608
+                f"SELECT address, reason, created, namespace FROM suppression "  # noqa: S608
                 f"WHERE address IN ({marks})", chunk,
             ):
-                delta[row[0]] = (row[1], row[2])
+                delta[row[0]][row[3]] = (row[1], row[2])
         return SuppressionDelta(last, False, delta)
     finally:
         conn.execute("COMMIT")
 
 
 def _upsert(conn: sqlite3.Connection, address: str, reason: str, source: str,
-            created: float) -> None:
+            created: float, *, namespace: str) -> None:
     with _transaction(conn):
         conn.execute(
-            "INSERT INTO suppression (address, reason, source, created, counted) "
-            "VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, "
+            "INSERT INTO suppression (address, reason, source, created, counted, namespace) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (address, namespace) DO UPDATE SET reason = excluded.reason, "
             "source = excluded.source, created = excluded.created, "
             "counted = CASE WHEN suppression.reason = excluded.reason "
             "THEN max(suppression.counted, excluded.counted) ELSE excluded.counted END "
             # A complaint is never turned into something a team may lift (a bounce, manual).
             "WHERE suppression.reason <> 'complaint' OR excluded.reason = 'complaint'",
-            (address, reason, source, created, int(counted_at_write(reason, source))),
+            (address, reason, source, created, int(counted_at_write(reason, source)),
+             namespace),
         )
 
 
 def _claim(conn: sqlite3.Connection, address: str) -> bool:
     with _transaction(conn):
         cur = conn.execute(
-            "UPDATE suppression SET counted = 1 WHERE address = ? AND counted = 0", (address,))
+            "UPDATE suppression SET counted = 1 WHERE address = ? AND namespace = '' "
+            "AND counted = 0", (address,))
     return cur.rowcount > 0
 
 
@@ -429,11 +463,13 @@ def _erase(conn: sqlite3.Connection, address: str, keep_hash: str | None) -> Era
         if pending:
             report.add("webhook_outbox", pending)
         with _transaction(conn):
-            row = conn.execute("SELECT reason, source, created FROM suppression "
-                               "WHERE address = ?", (address,)).fetchone()
-            if row is not None:
+            rows = conn.execute("SELECT reason, source, created FROM suppression "
+                                "WHERE address = ? ORDER BY namespace", (address,)).fetchall()
+            if rows:
                 conn.execute("DELETE FROM suppression WHERE address = ?", (address,))
-                report.add("suppression", 1)
+                report.add("suppression", len(rows))
+                # A complaint is pool-wide ('' sorts first); a team's own entries just go.
+                row = rows[0]
                 if keep_hash is not None and row["reason"] == "complaint":
                     conn.execute(
                         "INSERT OR REPLACE INTO suppression (address, reason, source, created) "
@@ -574,22 +610,28 @@ class SqliteBackend:
     # ---- suppression
 
     async def suppression_upsert(self, address: str, reason: str, source: str,
-                                 created: float) -> None:
-        await self._run(lambda conn: _upsert(conn, address, reason, source, created))
+                                 created: float, namespace: str = POOL_WIDE) -> None:
+        await self._run(lambda conn: _upsert(conn, address, reason, source, created,
+                                                     namespace=namespace))
 
     async def suppression_claim(self, address: str) -> bool:
         return await self._run(lambda conn: _claim(conn, address))
 
-    async def suppression_delete(self, address: str) -> bool:
+    async def suppression_delete(self, address: str, namespace: str | None = None) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
-                cur = conn.execute("DELETE FROM suppression WHERE address = ?", (address,))
+                if namespace is None:
+                    cur = conn.execute("DELETE FROM suppression WHERE address = ?", (address,))
+                else:
+                    cur = conn.execute("DELETE FROM suppression WHERE address = ? "
+                                       "AND namespace = ?", (address, namespace))
             return cur.rowcount > 0
         return await self._run(run)
 
     async def suppression_list(self) -> list[dict[str, Any]]:
         return await self._run(lambda conn: [dict(r) for r in conn.execute(
-            "SELECT address, reason, source, created FROM suppression ORDER BY address")])
+            "SELECT address, reason, source, created, namespace FROM suppression "
+            "ORDER BY address, namespace")])
 
     async def suppression_changes(self, since: int, delta_limit: int
                                   ) -> SuppressionDelta | None:

@@ -13,6 +13,10 @@ An erased complaint stays on the list as a keyed hash of the address, never the 
 it still suppresses, and nobody can read the address back from it. The keys are the configured
 ones (``store.erasureKeyFiles``) and the store's own if it has one (``backend.erasure_keys()``),
 fetched at the first successful refresh; an address is checked against a hash by each.
+
+An entry is pool-wide (delivery facts: bounces, complaints; the platform's CLI) or scoped to a
+namespace (added by that team through the portal): a scoped entry stops only mail sent with
+that namespace's credentials (``is_suppressed(address, namespace)``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 from ..aiotasks import cancel_and_wait
 from ..metrics import RelayMetrics
-from .backend import Entry, StoreBackend, complaint_hash
+from .backend import POOL_WIDE, Entry, Scopes, StoreBackend, complaint_hash
 from .health import StoreHealth
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ class SuppressionList:
         self._use_key = use_erasure_key
         self._keys: list[bytes] = []
         self._cache_file = Path(cache_file) if cache_file else None
-        self._cache: dict[str, Entry] = {}
+        self._cache: dict[str, Scopes] = {}
         self._version = -1  # number of the last change applied to the cache; -1: none yet
         self._delta_limit = delta_limit
         self.full_reloads = 0  # for tests: how often the whole table was read
@@ -99,15 +103,24 @@ class SuppressionList:
                       else "an EMPTY list (no cache on disk yet)")
         self._task = asyncio.create_task(self._refresher(), name="suppression-refresh")
 
-    def is_suppressed(self, address: str) -> Entry | None:
+    def is_suppressed(self, address: str, namespace: str | None = None) -> Entry | None:
+        """The entry that stops mail to ``address`` sent with credentials of ``namespace``
+        (None: a client of no namespace): a pool-wide one, or one that namespace added."""
         address = normalise(address)
-        entry = self._cache.get(address)
-        if entry is None and self._cache:
+        scopes = self._cache.get(address)
+        if scopes:
+            entry = scopes.get(POOL_WIDE)
+            if entry is None and namespace:
+                entry = scopes.get(namespace)
+            if entry is not None:
+                return entry
+        if self._cache:
             for key in self._keys:
-                entry = self._cache.get(complaint_hash(key, address))
+                # A complaint kept as a hash is pool-wide, like every complaint.
+                entry = self._cache.get(complaint_hash(key, address), {}).get(POOL_WIDE)
                 if entry is not None:
-                    break
-        return entry
+                    return entry
+        return None
 
     async def add(self, address: str, reason: str, *, source: str) -> None:
         """Suppress an address: at once in this worker, in the store as soon as it answers
@@ -115,7 +128,7 @@ class SuppressionList:
         address = normalise(address)
         created = time.time()
         # In the cache first: this worker suppresses at once, even if the store is down.
-        self._cache[address] = (reason, created)
+        self._cache.setdefault(address, {})[POOL_WIDE] = (reason, created)
         self._set_gauge()
         self._cache_dirty = True
         try:
@@ -132,6 +145,7 @@ class SuppressionList:
                 del self._unsent[address]
 
     async def remove(self, address: str) -> bool:
+        """Remove every entry of the address (pool-wide and scoped)."""
         address = normalise(address)
         removed = await self.backend.suppression_delete(address)
         self._cache.pop(address, None)
@@ -153,18 +167,20 @@ class SuppressionList:
         before = self._cache
         self._version = changes.last
         entries = changes.entries
-        added = [(a, e[0]) for a, e in entries.items()
-                 if e is not None and (a not in before or before[a][0] != e[0])]
+        # New pool-wide entries (or a new reason): complaints are counted from these.
+        added = [(a, e[POOL_WIDE][0]) for a, e in entries.items()
+                 if POOL_WIDE in e and (POOL_WIDE not in before.get(a, {})
+                                        or before[a][POOL_WIDE][0] != e[POOL_WIDE][0])]
         if changes.full:
-            self._cache = {a: e for a, e in entries.items() if e is not None}
+            self._cache = {a: dict(e) for a, e in entries.items() if e}
             for address, (reason, _source, created) in self._unsent.items():
-                self._cache.setdefault(address, (reason, created))
+                self._cache.setdefault(address, {}).setdefault(POOL_WIDE, (reason, created))
         else:
-            for address, entry in entries.items():
-                if entry is None:
-                    self._cache.pop(address, None)
+            for address, scopes in entries.items():
+                if scopes:
+                    self._cache[address] = dict(scopes)
                 else:
-                    self._cache[address] = entry
+                    self._cache.pop(address, None)
         self.full_reloads += changes.full
         self._set_gauge()
         self._cache_dirty = True
@@ -215,7 +231,8 @@ class SuppressionList:
         self._cache_dirty = False
         if path is None:
             return
-        snapshot = {a: list(e) for a, e in self._cache.items()}
+        snapshot = {a: {ns: list(e) for ns, e in scopes.items()}
+                    for a, scopes in self._cache.items()}
         # The store's own key (if used) is kept with the cache, so that a pod starting while the
         # database is down still recognises hashed complaints; configured keys are not: they
         # are on the pod already, in their files.
@@ -253,7 +270,7 @@ class SuppressionList:
         if data is None:
             return False
         try:
-            self._cache = {str(a): (str(e[0]), float(e[1]))
+            self._cache = {str(a): _scopes_from_file(e)
                            for a, e in dict(data["entries"]).items()}
             stored = [bytes.fromhex(str(data["key"]))] if data.get("key") else []
             self._keys = [*getattr(self.backend, "configured_keys", ()), *stored]
@@ -269,3 +286,11 @@ class SuppressionList:
             await cancel_and_wait(task)
         if self._cache_dirty:
             await self._save_cache_file()
+
+
+def _scopes_from_file(value: Any) -> Scopes:
+    """An address's entries as the cache file holds them: {namespace: [reason, created]};
+    a file written before scopes existed holds one [reason, created], pool-wide."""
+    if isinstance(value, list):
+        return {POOL_WIDE: (str(value[0]), float(value[1]))}
+    return {str(ns): (str(e[0]), float(e[1])) for ns, e in dict(value).items()}
