@@ -14,11 +14,19 @@ pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 def _store_suppression(portal: RunningPortal) -> dict[str, str]:
-    async def read() -> dict[str, str]:
+    """address: reason of the pool-wide entries and of the first team's own entry."""
+    # Listed by address, then namespace: reversed, the pool-wide entry ('') is written last.
+    return {a: e[0] for (a, _ns), e in reversed(_store_scopes(portal).items())}
+
+
+def _store_scopes(portal: RunningPortal) -> dict[str, tuple[str, str]]:
+    """(address, namespace): (reason, source) of every entry in the store."""
+    async def read() -> dict[str, tuple[str, str]]:
         store = portal.new_store()
         await store.open()
         try:
-            return {e["address"]: e["reason"] for e in await store.suppression_list()}
+            return {(e["address"], e["namespace"]): (e["reason"], e["source"])
+                    for e in await store.suppression_list()}
         finally:
             await store.close()
     return asyncio.run(read())
@@ -156,19 +164,21 @@ def test_a_team_cannot_undo_or_erase_another_teams_records(portal: RunningPortal
     r = bob.post(portal.url + "/api/v1/namespaces/blog/suppression",
                  json={"address": "customer1@mail.example", "note": "asked to stop"})
     assert r.status_code == 201, r.text
+    blogs = {("customer1@mail.example", "blog"): ("manual", "portal:blog:bob")}
+    assert _store_scopes(portal).items() >= blogs.items()
     alice = portal.session("alice-token")
     base = portal.url + "/api/v1/namespaces/shop"
-    [entry] = [i for i in alice.get(base + "/suppression").json()["items"]
-               if i["address"] == "customer1@mail.example"]
-    assert "blog" not in entry["source"] and "bob" not in entry["source"]
+    # blog's own entry stops only blog's mail: shop does not see it at all.
+    assert "customer1@mail.example" not in [
+        i["address"] for i in alice.get(base + "/suppression").json()["items"]]
     assert "bob" not in alice.get(portal.url + "/ns/shop/suppression.csv").text
     r = alice.delete(base + "/suppression/customer1@mail.example", params={"reason": "x"})
-    assert r.status_code == 409 and "another team" in r.text
-    assert _store_suppression(portal)["customer1@mail.example"] == "manual"
+    assert r.status_code == 404
+    assert _store_scopes(portal).items() >= blogs.items()
     r = alice.post(base + "/erasures", json={"address": "customer1@mail.example"})
     done = portal.wait_erasure(alice, "shop", r.json()["id"])
     assert done["state"] == "done" and done["report"]["suppression_entries"] == 0
-    assert _store_suppression(portal)["customer1@mail.example"] == "manual"
+    assert _store_scopes(portal).items() >= blogs.items()
     assert portal.sql("SELECT namespace FROM message_log WHERE recipient = ?",
                       ("customer1@mail.example",)) == [("blog",)]
     audit = bob.get(portal.url + "/api/v1/namespaces/blog/audit").json()["items"]
@@ -193,14 +203,25 @@ def test_adding_an_entry_does_not_take_over_a_complaint_or_another_teams_entry(
     assert r.status_code == 201, r.text
     alice = portal.session("alice-token")
     base = portal.url + "/api/v1/namespaces/shop/suppression"
-    for address in ("customer8@mail.example", "customer1@mail.example"):
-        before = _store_suppression(portal)[address]
-        r = alice.post(base, json={"address": address, "note": "mine now"})
-        assert r.status_code in (200, 201), r.text
-        assert _store_suppression(portal)[address] == before
-        r = alice.delete(f"{base}/{address}", params={"reason": "lift it"})
-        assert r.status_code == 409, (address, r.text)
-        assert _store_suppression(portal)[address] == before
+    before = _store_scopes(portal)
+    r = alice.post(base, json={"address": "customer8@mail.example", "note": "mine now"})
+    assert r.status_code in (200, 201), r.text
+    assert _store_scopes(portal) == before
+    r = alice.delete(f"{base}/customer8@mail.example", params={"reason": "lift it"})
+    assert r.status_code == 409, r.text
+    assert _store_scopes(portal) == before
+    # Another team's entry is that team's: shop's own entry is a second one, and removing it
+    # leaves blog's.
+    r = alice.post(base, json={"address": "customer1@mail.example", "note": "mine too"})
+    assert r.status_code == 201, r.text
+    assert _store_scopes(portal) == {
+        **before, ("customer1@mail.example", "shop"): ("manual", "portal:shop:alice")}
+    [item] = [i for i in alice.get(base).json()["items"]
+              if i["address"] == "customer1@mail.example"]
+    assert (item["scope"], item["source"]) == ("team", "portal:shop:alice")
+    r = alice.delete(f"{base}/customer1@mail.example", params={"reason": "lift it"})
+    assert r.status_code == 200, r.text
+    assert _store_scopes(portal) == before
 
 
 def test_an_erasure_cut_by_a_restart_fails_and_says_to_ask_again(portal: RunningPortal) -> None:
