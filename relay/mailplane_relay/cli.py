@@ -436,9 +436,10 @@ def _print_entries(entries: list[dict[str, Any]], *, as_json: bool) -> None:
         for e in entries:
             print(json.dumps({**e, "time": _iso(e["created"])}))
         return
-    _print_table(["ADDRESS", "REASON", "SOURCE", "SINCE"],
-                 [[e["address"], e["reason"], e["source"], _iso(e["created"])]
-                  for e in entries])
+    # SCOPE: "pool" (every team's mail) or the namespace whose mail alone it stops.
+    _print_table(["ADDRESS", "SCOPE", "REASON", "SOURCE", "SINCE"],
+                 [[e["address"], e.get("namespace") or "pool", e["reason"], e["source"],
+                   _iso(e["created"])] for e in entries])
 
 
 # ---- queue --------------------------------------------------------------------------------
