@@ -568,7 +568,7 @@ class Spool:
         if msg is not None:
             return msg
         try:
-            msg = self._read_envelope(queue_id)
+            msg = self._read_envelope(queue_id, state_errors=True)
         except FileNotFoundError:
             msg = None
         except OSError as exc:
@@ -1085,9 +1085,12 @@ class Spool:
             self._quarantine(Path(self._d + qid + _MSG), exc)
             return None
 
-    def _read_envelope(self, qid: str) -> QueuedMessage:
+    def _read_envelope(self, qid: str, *, state_errors: bool = False) -> QueuedMessage:
         """The envelope of a message file, or the state file's when there is one (raises
-        OSError, ValueError, TypeError or KeyError on a missing or unreadable message file)."""
+        OSError, ValueError, TypeError or KeyError on a missing or unreadable message file).
+        ``state_errors``: a state file that exists but cannot be read now (too many open
+        files, an I/O error) raises OSError too, rather than giving the commit-time envelope
+        (which would undo deliveries and holds for a running relay)."""
         # Plain string paths and raw reads of the head only: recovery runs this per message.
         path = self._d + qid + _MSG
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -1117,8 +1120,10 @@ class Spool:
         except FileNotFoundError:
             return msg
         except OSError:
-            # Not readable now (e.g. too many open files): the commit-time envelope, and the
-            # file stays for the next read.
+            if state_errors:
+                raise
+            # Not readable now (e.g. too many open files): the commit-time envelope (at
+            # recovery: duplicates, no loss), and the file stays for the next read.
             log.warning("spool: state file of %s unreadable, using the committed envelope", qid)
             return msg
         except (ValueError, TypeError, KeyError):

@@ -179,11 +179,11 @@ async def test_a_transient_read_error_retries_and_sets_nothing_aside(
     assert not in_memory(r, qid)
     real, failures = r.spool._read_envelope, []
 
-    def flaky(queue_id: str) -> QueuedMessage:
+    def flaky(queue_id: str, **options: bool) -> QueuedMessage:
         if not failures:
             failures.append(queue_id)
             raise OSError(errno.EMFILE, "Too many open files")
-        return real(queue_id)
+        return real(queue_id, **options)
 
     r.spool._read_envelope = flaky  # type: ignore[method-assign]
     sink.behaviour.rcpt_replies.clear()

@@ -6,6 +6,7 @@ the spool's own write (real files, real threads), so each interleaving is reache
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from mailplane_relay.metrics import RelayMetrics
-from mailplane_relay.spool import HELD, Spool
+from mailplane_relay.spool import HELD, Spool, SpoolError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -89,5 +90,40 @@ async def test_an_erasure_during_a_durable_state_write_is_not_undone_by_it(
             "the state write that started before the erasure put the address back")
         state = (tmp_path / f"{msg.queue_id}.state").read_bytes()
         assert b"keep@example.org" in state and b'"held":true' in state
+    finally:
+        await spool.close()
+
+
+async def test_a_state_file_unreadable_at_load_is_an_error_not_the_committed_envelope(
+        tmp_path: Path) -> None:
+    """A deferred message's envelope is read again when it falls due. When its state file
+    cannot be read at that moment, the load fails (the queue retries later): the commit-time
+    envelope would have every recipient pending again and no hold."""
+    spool = await started(Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create()),
+                          tmp_path)
+    try:
+        msg = await spool.commit(mail_from="app@example.com",
+                                 recipients=["done@example.org", "later@example.org"],
+                                 data=b"Subject: s\r\n\r\nb\r\n", message_id=None,
+                                 credential=None, sender_domain="example.com", listener="t")
+        qid = msg.queue_id
+        msg.recipients[0].status = "delivered"
+        msg.extra[HELD] = True
+        await spool.save_state(msg, durable=True)
+        del msg
+        gc.collect()
+        assert qid not in spool._envelopes
+        state = tmp_path / f"{qid}.state"
+        state.rename(tmp_path / "aside")
+        state.mkdir()  # open() of it fails (EISDIR), as it would on EMFILE or EIO
+        with pytest.raises(SpoolError, match=qid):
+            spool.load(qid)
+        assert qid not in spool._envelopes
+        assert not (tmp_path / "corrupt").exists()
+        state.rmdir()
+        (tmp_path / "aside").rename(state)
+        loaded = spool.load(qid)
+        assert loaded is not None and loaded.extra.get(HELD)
+        assert [r.status for r in loaded.recipients] == ["delivered", "pending"]
     finally:
         await spool.close()
