@@ -329,11 +329,14 @@ class WebhookDispatcher:
         return len(events)
 
     async def maintain(self, now: float, settings: WebhookSettings) -> None:
-        expired = await self.backend.webhook_expire(now - settings.max_age)
+        # An event is a copy of a log row: it never outlives the message log's retention
+        # either, when that is the shorter.
+        max_age = min(settings.max_age, self._config().settings.retention.message_log)
+        expired = await self.backend.webhook_expire(now - max_age)
         if expired:
             self.metrics.deliveries.labels("expired").inc(expired)
-            log.warning("webhooks: gave up %d events older than %gs (webhooks.maxAge)",
-                        expired, settings.max_age)
+            log.warning("webhooks: gave up %d events older than %gs (webhooks.maxAge, or the "
+                        "message log's retention when shorter)", expired, max_age)
         waiting, oldest = await self.backend.webhook_backlog()
         self._backlog = waiting
         self.metrics.backlog.set(waiting)

@@ -4,6 +4,7 @@ which checks signatures with its own code), on both real store backends."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,7 @@ class Cfg:
         self.n = 0
         self.webhooks = webhooks
         self.creds: dict[str, Any] = {}
+        self.retention: dict[str, Any] = {}
         self.cfg = self.build()
 
     def build(self) -> RelayConfig:
@@ -54,6 +56,7 @@ class Cfg:
             "tls": {"certFile": "unused.crt", "keyFile": "unused.key"},
             "webhooks": {"retryInitial": "100ms", "retryMax": "200ms", "timeout": "2s",
                          "pollInterval": "50ms", **self.webhooks},
+            **({"retention": self.retention} if self.retention else {}),
             "credentials": [
                 {"username": name, "passwordHash": _HASH,
                  "allowedSenders": [f"{name}.example"], "owner": f"team-{name}/{name}",
@@ -328,3 +331,22 @@ def test_a_public_address_or_an_allowed_network_passes() -> None:
         check_address(address, ())
     check_address("64:ff9b::a00:5", (ipaddress.ip_network("10.0.0.0/8"),))
     check_address("::1", (ipaddress.ip_network("::1/128"),))
+
+
+async def test_an_event_never_outlives_the_message_logs_retention(backend: StoreBackend) -> None:
+    cfg = Cfg(endpoint={"url": "https://hooks.example.net/x", "secrets": [SECRET.decode()]},
+              maxAge="1d")
+    now = time.time()
+    old = dataclasses.replace(event(1), ts=now - 2 * 3600)  # two hours old, within maxAge
+    await log_events(backend, cfg, [old, event(2)])
+    d = dispatcher(backend, cfg)
+    try:
+        await d.maintain(now, cfg().settings.webhooks)
+        assert (await backend.webhook_backlog())[0] == 2  # within both
+        cfg.retention = {"messageLog": "1h"}
+        cfg.build()
+        await d.maintain(now, cfg().settings.webhooks)
+        assert (await backend.webhook_backlog())[0] == 1  # the log keeps an hour: so do events
+        assert sample(d, "expired") == 1
+    finally:
+        await d.close()
