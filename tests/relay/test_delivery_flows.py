@@ -17,7 +17,7 @@ from typing import Any
 import dkim
 import pytest
 
-from mailplane_relay.config import RelayConfig, RelaySettings
+from mailplane_relay.config import Credential, RelayConfig, RelaySettings, hash_password
 from mailplane_relay.delivery import DeliveryQueue
 from mailplane_relay.dkim import public_key_record
 from mailplane_relay.metrics import RelayMetrics
@@ -415,6 +415,29 @@ async def test_already_suppressed_recipient_is_not_sent(relay: Any, smtp_sink: S
     await sink.wait_for(lambda: len(dsns(sink)) == 1)
     assert [m.rcpt_tos for m in sink.messages if m.mail_from] == [["ok@example.net"]]
     assert "suppression list" in dsns(sink)[0].as_string()
+
+
+async def test_a_team_s_own_entry_stops_only_that_team_s_queued_mail(
+        relay: Any, smtp_sink: SinkFactory) -> None:
+    """Checked again at delivery (a message queued before the entry was added): an entry a
+    team added stops the mail of that team's credentials only."""
+    sink = await smtp_sink()
+    cfg = make_config(smarthost(sink))
+    settings = cfg.settings.model_copy(update={"credentials": (Credential.model_validate({
+        "username": "app1", "passwordHash": hash_password("unused"),
+        "allowedSenders": ["example.com"], "owner": "shop/app1"}),)})
+    r = await relay(RelayConfig(settings=settings))
+    await r.store.suppression_upsert("mine@example.net", "manual", "portal:shop:alice", 1.0,
+                                     namespace="shop")
+    await r.store.suppression_upsert("theirs@example.net", "manual", "portal:blog:bob", 1.0,
+                                     namespace="blog")
+    assert await r.suppression.refresh()
+    msg = await r.send(["mine@example.net", "theirs@example.net"])
+    await r.done(msg)
+    rows = await r.events(msg)
+    assert r.statuses(rows, "mine@example.net") == ["suppressed"]
+    assert r.statuses(rows, "theirs@example.net") == ["delivered"]
+    assert [m.rcpt_tos for m in sink.messages if m.mail_from] == [["theirs@example.net"]]
 
 
 # ------------------------------------------------------------------------------ MX mode
