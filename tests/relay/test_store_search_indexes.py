@@ -131,3 +131,27 @@ async def test_a_process_starting_during_a_build_neither_waits_for_it_nor_deadlo
                 await builder.close()
     assert built == ["message_log_ns_status_ts"]
     assert (await _indexes(pg_dsn))["message_log_ns_status_ts"] is True
+
+
+async def test_a_process_starting_during_a_backup_is_not_held_up_by_it(pg_dsn: str) -> None:
+    # A backup (pg_dump) reads every table in one long transaction. A schema check that asked
+    # for an exclusive lock on an existing table (ALTER TABLE ... ADD COLUMN IF NOT EXISTS does,
+    # even for a column that exists) would wait for the whole dump, and every suppression
+    # lookup of the pool would queue behind it.
+    first = PostgresBackend(pg_dsn)
+    await first.open()
+    await first.search_indexes_settled()
+    await first.close()
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as dump:
+        await dump.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        for table in ("message_log", "suppression", "suppression_changes", "webhook_outbox"):
+            await dump.execute(f"SELECT count(*) FROM {table}")
+        starting = PostgresBackend(pg_dsn)
+        try:
+            await asyncio.wait_for(starting.open(), 10)
+            assert starting._schema_ready
+            await asyncio.wait_for(starting.suppression_upsert(
+                "a@dest.test", "manual", "cli", 1.0), 10)
+        finally:
+            await dump.execute("COMMIT")
+            await starting.close()

@@ -105,9 +105,21 @@ CREATE TABLE IF NOT EXISTS suppression (
     namespace text NOT NULL DEFAULT '',
     PRIMARY KEY (address, namespace)
 );
-ALTER TABLE suppression ADD COLUMN IF NOT EXISTS counted boolean NOT NULL DEFAULT true;
+-- Columns added by later versions, only when missing: ALTER TABLE locks the table (ACCESS
+-- EXCLUSIVE) even when the column exists, so on every start it would queue behind any reader
+-- (a backup's pg_dump holds its lock for the whole dump) and every suppression read behind it.
 -- Entries made before scopes existed are pool-wide; the key becomes (address, namespace).
-ALTER TABLE suppression ADD COLUMN IF NOT EXISTS namespace text NOT NULL DEFAULT '';
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'suppression'::regclass
+                   AND attname = 'counted' AND NOT attisdropped) THEN
+        ALTER TABLE suppression ADD COLUMN counted boolean NOT NULL DEFAULT true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'suppression'::regclass
+                   AND attname = 'namespace' AND NOT attisdropped) THEN
+        ALTER TABLE suppression ADD COLUMN namespace text NOT NULL DEFAULT '';
+    END IF;
+END $$;
 DO $$
 DECLARE pkey record;
 BEGIN
