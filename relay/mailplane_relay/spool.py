@@ -14,7 +14,8 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
 ``corrupt/``
     Files recovery could not read as a message (a disk fault or a foreign file), set aside for
     a human to look at and deleted after ``corrupt_retention`` (default 24 h): they may hold
-    mail, which the relay keeps no longer than it must.
+    mail, which the relay keeps no longer than it must. A message file that starts with zeros
+    is a removed message's whose removal a crash cut short during its zero-fill: deleted.
 
 ``mta-sts-policies.json``
     Only in the spool root (``spool.directory``), by the delivery queue, not the spool: the
@@ -110,6 +111,8 @@ _MAX_FREE = 256
 _ZEROS = bytes(64 * 1024)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _MAX_HEADER = 64
+# A message file whose first bytes are all zeros was being scrubbed when the relay stopped.
+_SCRUBBED_HEAD = 16
 # Recovery reads this much of a message file at once: the header line and a typical envelope.
 _HEAD_READ = 8192
 # Larger messages are written in a thread rather than on the event loop.
@@ -1140,6 +1143,13 @@ class Spool:
         return state
 
     def _quarantine(self, path: Path, exc: BaseException) -> None:
+        if _scrubbed(path):
+            # A removed message's file whose removal a crash undid, its zero-fill begun: what
+            # is left of the message was delivered or bounced, and is not kept.
+            log.warning("spool: %s was being deleted when the relay stopped; deleted",
+                        path.name)
+            _unlink_quiet(path)
+            return
         log.error("spool: %s is not a valid message file (%s); moved to %s/", path.name,
                   type(exc).__name__, _CORRUPT)
         target = self._corrupt_dir
@@ -1310,6 +1320,17 @@ def _remove_tree_files(directory: Path) -> None:
             _unlink_quiet(directory / name)
     with contextlib.suppress(OSError):
         os.rmdir(directory)
+
+
+def _scrubbed(path: Path) -> bool:
+    """Does the file start with zeros, as a removed message's file being overwritten does (a
+    message file starts with its header)?"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SCRUBBED_HEAD)
+    except OSError:
+        return False
+    return len(head) == _SCRUBBED_HEAD and not head.strip(b"\0")
 
 
 def _unlink_quiet(path: str | Path) -> None:

@@ -127,3 +127,31 @@ async def test_a_state_file_unreadable_at_load_is_an_error_not_the_committed_env
         assert [r.status for r in loaded.recipients] == ["delivered", "pending"]
     finally:
         await spool.close()
+
+
+async def test_a_removal_cut_by_a_crash_during_its_zero_fill_is_deleted_not_set_aside(
+        tmp_path: Path) -> None:
+    """After a power cut, a removed message's name may be back (its rename into free/ was not
+    durable) with its zero-fill half on the disk: the rest of the delivered message is not
+    kept in corrupt/. A damaged file that is not zeros still is."""
+    first = Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create())
+    await first.start()
+    try:
+        kept = []
+        for _ in range(2):
+            m = await first.commit(mail_from="app@example.com", recipients=[ADDRESS],
+                                   data=b"Subject: s\r\n\r\n" + b"delivered body " * 50,
+                                   message_id=None, credential=None,
+                                   sender_domain="example.com", listener="t")
+            kept.append(m.queue_id)
+    finally:
+        await first.close()
+    half, damaged = (tmp_path / f"{qid}.msg" for qid in kept)
+    raw = half.read_bytes()
+    half.write_bytes(bytes(len(raw) // 2) + raw[len(raw) // 2:])
+    damaged.write_bytes(b"XPS1" + raw[4:])
+    again = Spool(str(tmp_path), fsync=True, metrics=RelayMetrics.create())
+    assert await again.start() == []
+    await again.close()
+    assert not half.exists()
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [damaged.name]
