@@ -1,6 +1,7 @@
 """An MTA-STS policy web server (RFC 8461 section 3.3) on port 443 of an address of its own in
 127.0.0.0/8, serving ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` with a certificate
-from a test CA, and misbehaving on request (redirects, wrong type, oversized body, down)::
+from a test CA, and misbehaving on request (redirects, wrong type, oversized body, down, no
+answer until ``hold`` is set)::
 
     server = await policy_server(ca, "example.net")
     dns.add_a("mta-sts.example.net", server.address)
@@ -9,6 +10,7 @@ from a test CA, and misbehaving on request (redirects, wrong type, oversized bod
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,12 +30,17 @@ class PolicyServer:
         self.content_type = "text/plain"
         self.location: str | None = None
         self.chunked = False  # no Content-Length: the client must cap what it reads
+        self.hold: asyncio.Event | None = None  # set: requests wait for it before any answer
+        self.requested = asyncio.Event()  # set at the first request
         self.requests: list[tuple[str, str]] = []  # (Host header, path)
         self.address = ""
         self._runner: web.AppRunner | None = None
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.headers.get("Host", ""), request.path))
+        self.requested.set()
+        if self.hold is not None:
+            await self.hold.wait()
         if request.path != "/.well-known/mta-sts.txt":
             return web.Response(status=404)
         headers = {"Location": self.location} if self.location else None
@@ -72,6 +79,8 @@ class PolicyServer:
         raise RuntimeError("no free 127.44.x.y address with port 443")
 
     async def stop(self) -> None:
+        if self.hold is not None:
+            self.hold.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

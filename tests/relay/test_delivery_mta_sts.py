@@ -6,6 +6,7 @@ for other names."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Any
 import pytest
 import trustme
 
-from mailplane_relay.delivery.mtasts import Policy, PolicyError, parse_policy, parse_txt
+from mailplane_relay.config import MTASTSSettings, ResolverSettings
+from mailplane_relay.delivery import mtasts
+from mailplane_relay.delivery.mtasts import (
+    MTASTS,
+    Policy,
+    PolicyError,
+    parse_policy,
+    parse_txt,
+)
+from mailplane_relay.mx import MXResolver
 from tests.helpers.dns import LoopbackDNS
 from tests.helpers.mtasts import PolicyServer
 from tests.helpers.sink import Sink
@@ -382,6 +392,136 @@ async def test_a_changed_id_refetches_and_mode_none_lifts_the_policy(
     await last.done(await last.send([f"user@{DOMAIN}"]))
     assert len(server.requests) == 2 and len(sink.messages) == 1
     assert tls_count(last, "starttls-not-supported", "no-policy-found") == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sts_parts(dns: LoopbackDNS, ca_file: str, tmp_path: Path, clock: Clock
+              ) -> tuple[MTASTS, MXResolver, MTASTSSettings]:
+    settings = MTASTSSettings.model_validate({"caFile": ca_file, "fetchTimeout": 2})
+    resolver = MXResolver(ResolverSettings.model_validate(dns.resolver_settings(timeout=0.5)))
+    return MTASTS(tmp_path / "sts.json", clock=clock), resolver, settings
+
+
+@pytest.mark.parametrize("txt", ["servfail", "removed"])
+async def test_a_cached_policy_is_refreshed_over_https_while_its_txt_record_is_blocked(
+        dns_server: LoopbackDNS, policy_server: ServerFactory, ca: trustme.CA, ca_file: str,
+        tmp_path: Path, txt: str) -> None:
+    """RFC 8461 section 5.1: an attacker who blocks the TXT lookup for longer than max_age
+    does not make an enforce policy lapse; the policy is fetched over HTTPS once half its
+    lifetime has passed, and extended."""
+    server = await published(policy_server, dns_server, ca,
+                             policy_text("enforce", "sink.test", max_age=1000))
+    clock = Clock()
+    sts, resolver, settings = sts_parts(dns_server, ca_file, tmp_path, clock)
+    slots = asyncio.Semaphore(4)
+    first = (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy
+    assert first is not None and first.mode == "enforce"
+    assert first.expires_at == clock.now + 1000
+    if txt == "servfail":
+        dns_server.set_servfail(f"_mta-sts.{DOMAIN}")
+    else:
+        dns_server.clear()
+        dns_server.add_a(f"mta-sts.{DOMAIN}", server.address)
+    # A fresh resolver: no TXT answer cached from before.
+    resolver = MXResolver(resolver.settings)
+    clock.now += 400  # not due yet: the cached policy, no fetch
+    assert (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy == first
+    assert len(server.requests) == 1
+    clock.now += 200  # past half the lifetime: fetched over HTTPS without a TXT answer
+    second = (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy
+    assert len(server.requests) == 2
+    assert second is not None and second.mode == "enforce"
+    assert second.expires_at == clock.now + 1000 and second.policy_id == first.policy_id
+    clock.now = first.expires_at + 1  # past the first policy's max_age: still enforce
+    assert (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy == second
+    # The policy host down too: the cached policy holds until it expires, and no longer.
+    await server.stop()
+    clock.now = second.expires_at - 1
+    assert (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy == second
+    clock.now = second.expires_at
+    assert (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy is None
+    await sts.flush()
+
+
+async def slow_domain(policy_server: ServerFactory, dns: LoopbackDNS, ca: trustme.CA,
+                      domain: str) -> tuple[asyncio.Event, list[PolicyServer]]:
+    """A domain whose two policy web servers take every request and never answer (until the
+    event is set): its fetch holds a slot for twice fetchTimeout."""
+    hold = asyncio.Event()
+    servers = []
+    dns.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=slow1;")
+    dns.add_mx(domain, "sink.test")
+    for _ in range(2):
+        server = await policy_server(ca, domain)
+        server.hold = hold
+        servers.append(server)
+        dns.add_a(f"mta-sts.{domain}", server.address)
+    return hold, servers
+
+
+async def test_a_delivery_waits_for_a_fetch_slot_no_longer_than_fetch_timeout(
+        relay: RelayFactory, smtp_sink: SinkFactory, dns_server: LoopbackDNS,
+        policy_server: ServerFactory, ca: trustme.CA, ca_file: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow policy web servers hold every fetch slot (one here): a domain without a cached
+    policy is deferred with a reply naming the policy fetch, never sent as without a policy
+    (it might publish enforce)."""
+    monkeypatch.setattr(mtasts, "FETCH_CONCURRENCY", 1)
+    hold, slow = await slow_domain(policy_server, dns_server, ca, "slow.example")
+    await published(policy_server, dns_server, ca, ENFORCE)
+    sink = await smtp_sink(ca=ca)  # no STARTTLS: sent in clear without the policy
+    r = await relay(config(dns_server, sink, ca_file, tmp_path / "sts.json",
+                           mtaSts={"fetchTimeout": 1}))
+    await r.send(["user@slow.example"])
+    async with asyncio.timeout(10):  # its fetch holds the slot
+        await slow[0].requested.wait()
+    await r.send([f"user@{DOMAIN}"])
+    await r.wait(lambda: r.count("deferred") >= 1)
+    events = [e for q in r.queue.queued_ids() if (m := r.queue.message(q)) is not None
+              for e in await r.events(m)]
+    replies = [str(e["response"]) for e in events if e["status"] == "deferred"]
+    assert any(reply.startswith(
+        "451 4.4.3 MTA-STS policy of example.net not fetched: all 1 policy fetches busy "
+        "for 1s") for reply in replies), replies
+    assert sink.messages == []
+    hold.set()
+
+
+async def test_a_cached_policy_is_used_when_no_fetch_slot_is_free_in_time(
+        dns_server: LoopbackDNS, policy_server: ServerFactory, ca: trustme.CA, ca_file: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mtasts, "FETCH_CONCURRENCY", 1)
+    server = await published(policy_server, dns_server, ca,
+                             policy_text("enforce", "sink.test", max_age=1000))
+    hold, slow_servers = await slow_domain(policy_server, dns_server, ca, "slow.example")
+    clock = Clock()
+    sts, resolver, settings = sts_parts(dns_server, ca_file, tmp_path, clock)
+    slots = asyncio.Semaphore(4)
+    first = (await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)).policy
+    assert first is not None
+    clock.now += 600  # a refresh is due
+    slow = asyncio.ensure_future(sts.lookup("slow.example", resolver, settings,
+                                            dns_slots=slots))
+    try:
+        async with asyncio.timeout(10):  # the slow domain's fetch holds the only slot
+            await slow_servers[0].requested.wait()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        lookup = await sts.lookup(DOMAIN, resolver, settings, dns_slots=slots)
+        assert lookup.policy == first and lookup.defer is None
+        assert loop.time() - started >= 1.5  # waited fetchTimeout (2s) for a slot
+        assert len(server.requests) == 1
+    finally:
+        hold.set()
+        await slow
+        await sts.flush()
 
 
 # ------------------------------------------------------------------------------ fetching

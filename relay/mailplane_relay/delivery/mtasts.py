@@ -4,14 +4,17 @@ TLS to them must verify.
 A domain announces a policy with a TXT record at ``_mta-sts.<domain>`` (``v=STSv1; id=...``)
 and serves it at ``https://mta-sts.<domain>/.well-known/mta-sts.txt``. :class:`MTASTS` looks the
 record up for every delivery attempt (the resolver caches it for its TTL), fetches the policy
-when the ``id`` changed or half its lifetime has passed, and keeps policies in memory and in a
-JSON file, so that after a restart an ``enforce`` policy holds even while its web server is down.
+when the ``id`` changed or half its lifetime has passed (then also when the TXT lookup fails or
+finds no record: section 5.1), and keeps policies in memory and in a JSON file, so that after a
+restart an ``enforce`` policy holds even while its web server is down.
 
 The fetch follows section 3.3: HTTPS with a certificate valid for ``mta-sts.<domain>``, no
 redirects, status 200, ``text/plain``, at most 64 KiB, within ``fetchTimeout``. A failed fetch
 leaves a cached policy in force until it expires; a domain without a usable cached policy is
 treated as having none (section 5). Fetches for one domain are not repeated more often than
-every :data:`FETCH_RETRY` seconds after a failure.
+every :data:`FETCH_RETRY` seconds after a failure. A delivery waits at most ``fetchTimeout``
+for one of the :data:`FETCH_CONCURRENCY` fetch slots; a domain whose fetch got none keeps its
+cached policy, or without one has its mail deferred.
 """
 
 from __future__ import annotations
@@ -217,12 +220,19 @@ async def fetch_policy_text(domain: str, addresses: list[str], ctx: ssl.SSLConte
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """What delivery does for a domain: ``policy`` in force (None: no policy), and the RFC 8460
-    result type of a failed refresh (a cached policy may still be in force)."""
+    """What delivery does for a domain: ``policy`` in force (None: no policy), the RFC 8460
+    result type of a failed refresh (a cached policy may still be in force), and ``defer``,
+    a reply to defer the mail with when whether a policy is in force is not known."""
 
     policy: Policy | None
     failure: str | None = None
     failure_reason: str = ""
+    defer: str | None = None  # an SMTP reply: defer the mail, the policy is not known
+
+
+def _refresh_due(policy: Policy, now: float) -> bool:
+    """Half the policy's lifetime has passed: time to fetch it again."""
+    return now >= policy.fetched_at + (policy.expires_at - policy.fetched_at) / 2
 
 
 class MTASTS:
@@ -280,12 +290,18 @@ class MTASTS:
                 records = await resolver.txt(f"_mta-sts.{domain}")
             policy_id = parse_txt(records)
         except DNSFailure:
-            return Lookup(cached)  # section 5: the cached policy stays in force
-        if policy_id is None:
-            return Lookup(cached)  # no record (any more): a cached policy holds until it expires
+            policy_id = None
         now = self._clock()
-        if cached is not None and cached.policy_id == policy_id and \
-                now < cached.fetched_at + (cached.expires_at - cached.fetched_at) / 2:
+        if policy_id is None:
+            # No (valid) record, or its lookup failed: the cached policy stays in force
+            # (section 5), and is refreshed over HTTPS all the same once half its lifetime has
+            # passed (section 5.1), so that an attacker who blocks the TXT lookup for longer
+            # than max_age cannot make an enforce policy lapse.
+            if cached is None or not _refresh_due(cached, now):
+                return Lookup(cached)
+            policy_id = cached.policy_id
+        elif cached is not None and cached.policy_id == policy_id and \
+                not _refresh_due(cached, now):
             return Lookup(cached)
         if now < self._failed_until.get(domain, 0.0):
             return Lookup(cached)
@@ -299,8 +315,7 @@ class MTASTS:
         future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self._fetching[domain] = future
         try:
-            async with self._fetch_slots:
-                result = await self._refresh(domain, policy_id, cached, resolver, settings)
+            result = await self._refresh_in_slot(domain, policy_id, cached, resolver, settings)
             future.set_result(result)
             return result
         except BaseException:
@@ -308,6 +323,33 @@ class MTASTS:
             raise
         finally:
             del self._fetching[domain]
+
+    async def _refresh_in_slot(self, domain: str, policy_id: str, cached: Policy | None,
+                               resolver: MXResolver, settings: MTASTSSettings) -> Lookup:
+        """The fetch, in one of the fetch slots. The wait for a slot is bounded by
+        ``fetchTimeout``: slow policy web servers that hold every slot must not hold up
+        deliveries to other domains without limit. A domain whose fetch got no slot in time
+        keeps its cached policy; one without a cached policy is deferred (it might publish
+        enforce), never delivered as without a policy."""
+        try:
+            async with asyncio.timeout(settings.fetch_timeout):
+                await self._fetch_slots.acquire()
+        except TimeoutError:
+            if cached is not None:
+                log.info("mta-sts: no fetch slot for %s within %gs; the cached policy stays "
+                         "in force", domain, settings.fetch_timeout)
+                return Lookup(cached)
+            log.warning("mta-sts: no fetch slot for %s within %gs (%d policy fetches busy); "
+                        "deferring its mail", domain, settings.fetch_timeout,
+                        FETCH_CONCURRENCY)
+            return Lookup(None, defer=(
+                f"451 4.4.3 MTA-STS policy of {domain} not fetched: all {FETCH_CONCURRENCY} "
+                f"policy fetches busy for {settings.fetch_timeout:g}s; deferred, not sent "
+                "without its policy"))
+        try:
+            return await self._refresh(domain, policy_id, cached, resolver, settings)
+        finally:
+            self._fetch_slots.release()
 
     async def _refresh(self, domain: str, policy_id: str, cached: Policy | None,
                        resolver: MXResolver, settings: MTASTSSettings) -> Lookup:

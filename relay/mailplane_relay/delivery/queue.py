@@ -698,6 +698,9 @@ class DeliveryQueue:
             # A bug must not lift an enforce policy: the cached policy stays in force.
             log.exception("mta-sts: policy lookup for %s failed", domain)
             return sts.cached(domain)
+        if lookup.defer is not None:
+            # Whether the domain publishes enforce is not known: defer, never send in clear.
+            raise TemporaryDNSFailure(lookup.defer)
         policy = lookup.policy
         if lookup.failure is not None:
             self._tls_report("sts", policy.mode if policy else "none", domain, lookup.failure)
