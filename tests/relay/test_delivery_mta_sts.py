@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -341,6 +343,31 @@ async def test_workers_sharing_the_cache_file_keep_each_others_policies(
     saved = json.loads(cache.read_text())["policies"]
     assert {d: p["mode"] for d, p in saved.items()} == {DOMAIN: "enforce",
                                                        "example.org": "testing"}
+
+
+def test_workers_writing_the_cache_file_at_once_lose_no_policy(tmp_path: Path) -> None:
+    """Each write reads the file, merges and replaces it: without a lock, a worker's write
+    based on what it read before another's write drops the other's policies."""
+    cache = tmp_path / "sts.json"
+    now = time.time()
+    workers = [MTASTS(cache) for _ in range(4)]
+    start = threading.Barrier(len(workers))
+
+    def write(i: int) -> None:
+        mine: dict[str, Policy] = {}
+        start.wait()
+        for n in range(30):
+            domain = f"w{i}-{n}.example"
+            mine[domain] = Policy(domain, "id1", "enforce", ("sink.test",), 86400, now,
+                                  now + 86400)
+            workers[i]._merge_and_write(dict(mine))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(json.loads(cache.read_text())["policies"]) == 120
 
 
 @pytest.mark.parametrize("txt", ["servfail", "removed"])

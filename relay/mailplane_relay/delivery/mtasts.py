@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -437,7 +438,15 @@ class MTASTS:
 
     def _merge_and_write(self, mine: dict[str, Policy]) -> None:
         """Worker processes share the file: keep the other workers' policies, the most
-        recently fetched one per domain, and drop the expired ones."""
+        recently fetched one per domain, and drop the expired ones. The read, merge and write
+        hold an exclusive lock on a file beside it: two workers writing at once would each
+        write what it read before the other's write, and one's policies would be lost."""
+        lock = self.cache_file.with_name(f".{self.cache_file.name}.lock")
+        with open(lock, "a") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            self._merge_and_write_locked(mine)
+
+    def _merge_and_write_locked(self, mine: dict[str, Policy]) -> None:
         now = self._clock()
         merged: dict[str, Policy] = {}
         try:
