@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,10 @@ def register(subparsers: SubParsers) -> None:
                    help="API server URL (default: in-cluster service account)")
     p.add_argument("--kube-token-file", metavar="PATH", help="the portal's own token")
     p.add_argument("--kube-ca", metavar="PATH", help="CA bundle of the API server")
+    p.add_argument("--public-url", metavar="URL",
+                   help="the portal's URL as browsers see it (https://portal.example); a "
+                        "state change must come from this origin (default: the origin of "
+                        "--oidc-redirect-url, else the Host each request was sent to)")
     p.add_argument("--insecure-cookie", action="store_true",
                    help="leave out the cookie's Secure flag (plain HTTP, not localhost; "
                         "development only)")
@@ -196,6 +201,11 @@ def _cmd_portal(args: argparse.Namespace) -> int:
                 username_prefix=args.oidc_username_prefix, groups_claim=args.oidc_groups_claim,
                 groups_prefix=args.oidc_groups_prefix, scopes=args.oidc_scopes,
                 ca_file=args.oidc_ca_file)
+        if args.public_url is not None:
+            parsed = urllib.parse.urlsplit(args.public_url)
+            if parsed.scheme not in ("https", "http") or not parsed.hostname:
+                raise ValueError(f"--public-url {args.public_url!r}: give the portal's URL "
+                                 "as browsers see it, e.g. https://portal.example")
         trusted = parse_networks(args.trusted_proxies)
         by_address = Limiter(burst=args.login_rate, per_minute=args.login_rate)
         by_user = Limiter(burst=args.login_rate_user, per_minute=args.login_rate_user)
@@ -213,7 +223,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
                         sessions=SessionStore(records, idle=args.session_idle,
                                               lifetime=args.session_lifetime),
                         oidc=oidc, login_by_address=by_address, login_by_user=by_user,
-                        trusted_proxies=trusted)
+                        trusted_proxies=trusted, public_url=args.public_url)
         upkeep = asyncio.create_task(_upkeep(portal, args.audit_address_days * 86400))
         runner = web.AppRunner(build_app(portal), access_log=None)
         await runner.setup()

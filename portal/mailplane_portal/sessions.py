@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from .records import Records
 
 COOKIE = "mailplane_session"
+# Before login: a random value naming nothing, kept on /login only, to bind the login forms'
+# CSRF token to this browser (a separate name, so that setting it never ends a session).
+LOGIN_COOKIE = "mailplane_login"
+LOGIN_COOKIE_AGE = 30 * 60  # seconds: a login page left open longer is reloaded
 TOUCH_EVERY = 30.0  # seconds: how stale ``seen`` may get before a request writes it
 
 
@@ -138,6 +142,25 @@ class SessionStore:
         rows = await self.records._all(
             "SELECT count(*) AS n FROM portal_sessions WHERE kind = 'session'")
         return int(rows[0]["n"])
+
+
+def login_csrf(value: str) -> str:
+    """The login forms' CSRF token for the pre-login cookie ``value``."""
+    mac = hmac.new(value.encode(), b"mailplane-login-csrf", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def login_value(value: str | None) -> str | None:
+    """``value`` if it can be a pre-login cookie the portal set, else None."""
+    if value and 32 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value):
+        return value
+    return None
+
+
+def login_csrf_ok(cookie: str | None, offered: str | None) -> bool:
+    value = login_value(cookie)
+    return (value is not None and bool(offered)
+            and hmac.compare_digest(login_csrf(value).encode(), (offered or "").encode()))
 
 
 def csrf_ok(session: Session, offered: str | None) -> bool:

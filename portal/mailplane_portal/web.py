@@ -9,10 +9,12 @@ requests: a permission taken away in Kubernetes is gone at the next click.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,17 @@ from .search import (
     page,
     public_row,
 )
-from .sessions import COOKIE, Session, SessionStore, csrf_ok
+from .sessions import (
+    COOKIE,
+    LOGIN_COOKIE,
+    LOGIN_COOKIE_AGE,
+    Session,
+    SessionStore,
+    csrf_ok,
+    login_csrf,
+    login_csrf_ok,
+    login_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +76,8 @@ class Portal:
                  sessions: SessionStore | None = None, secure_cookie: bool = True,
                  oidc: OidcClient | None = None, login_by_address: Limiter | None = None,
                  login_by_user: Limiter | None = None,
-                 trusted_proxies: tuple[Network, ...] = ()) -> None:
+                 trusted_proxies: tuple[Network, ...] = (),
+                 public_url: str | None = None) -> None:
         self.store = store
         self.kube = kube
         self.records = records
@@ -75,6 +88,14 @@ class Portal:
         self.login_by_address = login_by_address or Limiter(burst=10, per_minute=10)
         self.login_by_user = login_by_user or Limiter(burst=5, per_minute=5)
         self.trusted_proxies = trusted_proxies
+        self.public_url = public_url
+
+    @property
+    def public_origin(self) -> tuple[str, str, int] | None:
+        """The origin browsers show for the portal's own pages: the configured public URL's, or
+        else the OIDC redirect URL's (None: the request's Host, see ``_same_origin``)."""
+        url = self.public_url or (self.oidc.settings.redirect_url if self.oidc else None)
+        return _origin(url) if url else None
 
     # ---- who is calling
 
@@ -155,9 +176,9 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def _secure_headers(headers: MutableMapping[str, str]) -> None:
-    headers["Content-Security-Policy"] = CSP
+    headers.setdefault("Content-Security-Policy", CSP)  # the login page widens form-action
     headers["X-Content-Type-Options"] = "nosniff"
-    headers["Referrer-Policy"] = "no-referrer"
+    headers["Referrer-Policy"] = "same-origin"
     headers["X-Frame-Options"] = "DENY"
     headers["Cross-Origin-Opener-Policy"] = "same-origin"
     headers["Cross-Origin-Resource-Policy"] = "same-origin"
@@ -207,15 +228,53 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """Scheme, host and port of ``url`` (the default port filled in), or None if it has none."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
 def _same_origin(request: web.Request) -> None:
+    """A state change must come from a page of the portal: its Origin (or, when a browser sends
+    none or ``null``, its Referer) must have the portal's scheme, host and port. A request with
+    neither is refused: a browser too old to send them is left without login CSRF protection
+    otherwise."""
+    portal = request.app[PORTAL]
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        if request.headers.get("Sec-Fetch-Site") in (None, "same-origin", "none"):
-            return  # not a browser, or a browser that says it is the same site
-        raise web.HTTPForbidden(text="cross-site request refused")
-    host = request.headers.get("Host", "")
-    if origin.split("://", 1)[-1] != host:
-        raise web.HTTPForbidden(text="cross-site request refused")
+    source = origin if origin not in (None, "null") else request.headers.get("Referer")
+    if not source:
+        raise web.HTTPForbidden(text=(
+            "request refused: it names no origin (neither an Origin header, or only 'null', "
+            "nor a Referer), so it cannot be told apart from one sent by another site; use a "
+            "current browser (or send 'Origin: <the portal's URL>'), or call the API with "
+            "'Authorization: Bearer TOKEN'"))
+    theirs = _origin(source)
+    ours = portal.public_origin
+    if ours is None:
+        # No public URL configured: the Host the request was sent to, over the scheme it
+        # arrived by or HTTPS (a proxy in front may end TLS), on the port the Host names or
+        # else that scheme's default port.
+        try:
+            sent_to = urllib.parse.urlsplit("//" + request.headers.get("Host", ""))
+            named_port = sent_to.port
+        except ValueError:
+            sent_to, named_port = urllib.parse.urlsplit(""), None
+        ok = (theirs is not None and theirs[1] == (sent_to.hostname or "").lower()
+              and theirs[0] in {request.scheme, "https"}
+              and theirs[2] == (named_port or (443 if theirs[0] == "https" else 80)))
+    else:
+        ok = theirs == ours
+    if not ok:
+        raise web.HTTPForbidden(text=(
+            f"cross-site request refused: it comes from {source[:100]!r}, not from the "
+            "portal's own pages (scheme, host and port must match)"))
 
 
 def _caller(request: web.Request) -> Caller:
@@ -237,10 +296,14 @@ def _html(title: str, body: str, request: web.Request, namespace: str | None = N
 async def login_form(request: web.Request, error: str | None = None,
                      status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     portal = request.app[PORTAL]
+    # The pre-login cookie (kept if the browser has one) binds the login CSRF token below.
+    value = login_value(request.cookies.get(LOGIN_COOKIE)) or secrets.token_urlsafe(32)
     oidc = ""
     if portal.oidc is not None:
-        oidc = ('<div class="login"><p><a class="button" id="oidc-login" href="/login/oidc">'
-                "Log in with your organisation's account</a></p>"
+        oidc = ('<div class="login"><form method="post" action="/login/oidc">'
+                f'<input type="hidden" name="csrf" value="{h.e(login_csrf(value))}">'
+                '<p><button type="submit" class="button" id="oidc-login">'
+                "Log in with your organisation's account</button></p></form>"
                 f'<p class="muted">Through {h.e(portal.oidc.settings.issuer)}, the identity '
                 "provider the cluster trusts.</p></div><h2>Or with a token</h2>")
     body = (h.error_box(error) if error else "") + oidc + (
@@ -251,8 +314,24 @@ async def login_form(request: web.Request, error: str | None = None,
         '<code>kubectl create token NAME</code> or your OIDC login. It is checked with the '
         'API server and not kept.</p>'
         '<button type="submit" id="login">Log in</button></form></div>')
-    return web.Response(text=h.layout("Log in", body), content_type="text/html",
-                        status=status, headers=headers)
+    response = web.Response(text=h.layout("Log in", body), content_type="text/html",
+                            status=status, headers=headers)
+    if portal.oidc is not None:  # only the OIDC button uses it
+        # The button's form is answered by a redirect to the issuer, which the browser
+        # follows only where form-action allows.
+        endpoint = portal.oidc.settings.issuer
+        with contextlib.suppress(OidcError):  # pressing the button shows why
+            endpoint = (await portal.oidc.discovery())["authorization_endpoint"]
+        found = _origin(endpoint)
+        if found is not None:
+            scheme, host, port = found
+            bracketed = f"[{host}]" if ":" in host else host
+            response.headers["Content-Security-Policy"] = CSP.replace(
+                "form-action 'self'", f"form-action 'self' {scheme}://{bracketed}:{port}")
+        response.set_cookie(LOGIN_COOKIE, value, path="/login", httponly=True,
+                            secure=portal.secure_cookie, samesite="Strict",
+                            max_age=LOGIN_COOKIE_AGE)
+    return response
 
 
 async def login_get(request: web.Request) -> web.Response:
@@ -315,20 +394,34 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         return session
     response = web.HTTPSeeOther("/")
     _set_session_cookie(portal, response, session)
+    if LOGIN_COOKIE in request.cookies:
+        response.del_cookie(LOGIN_COOKIE, path="/login")
     raise response
+
+
+async def oidc_start_get(request: web.Request) -> web.StreamResponse:
+    """A link here (from a bookmark, or from another site) starts nothing and ends nothing:
+    a login starts with the button on the login page."""
+    raise web.HTTPSeeOther("/login")
 
 
 async def oidc_start(request: web.Request) -> web.StreamResponse:
     """Send the browser to the issuer; the started login is kept server-side and named by the
     session cookie, set SameSite=Lax for this one step: a Strict cookie would not come back
-    with the issuer's cross-site redirect. It grants nothing."""
+    with the issuer's cross-site redirect. It grants nothing.
+
+    It replaces the session this browser held, so only the portal's own login page may start
+    it: the form carries the login CSRF token bound to the pre-login cookie (SameSite=Strict,
+    so another site's form arrives without it)."""
     portal = request.app[PORTAL]
     if portal.oidc is None:
         raise web.HTTPNotFound(text="OIDC login is not configured on this portal")
-    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
-        # Another site linking here would replace this browser's session cookie (a forced
-        # logout); the portal's own button is same-origin.
-        raise web.HTTPSeeOther("/login")
+    offered = str((await request.post()).get("csrf") or "")
+    if not login_csrf_ok(request.cookies.get(LOGIN_COOKIE), offered):
+        log.warning("oidc login refused: login CSRF token missing or wrong")
+        return await login_form(request, "the login page was out of date (login CSRF token "
+                                "missing or wrong, or the page was open longer than 30 "
+                                "minutes): press the button again", 403)
     refused = _address_limit(request)
     if refused:
         return await login_form(request, refused[0], 429, refused[1])
@@ -345,6 +438,7 @@ async def oidc_start(request: web.Request) -> web.StreamResponse:
     response = web.HTTPSeeOther(url)
     response.set_cookie(COOKIE, pid, path="/", httponly=True,
                         secure=portal.secure_cookie, samesite="Lax", max_age=600)
+    response.del_cookie(LOGIN_COOKIE, path="/login")  # used: the callback does not need it
     raise response
 
 
@@ -584,7 +678,8 @@ def build_app(portal: Portal) -> web.Application:
     r = app.router
     r.add_get("/login", login_get)
     r.add_post("/login", login_post)
-    r.add_get("/login/oidc", oidc_start)
+    r.add_get("/login/oidc", oidc_start_get)
+    r.add_post("/login/oidc", oidc_start)
     r.add_get("/login/callback", oidc_callback)
     r.add_post("/logout", logout)
     r.add_get("/", home)

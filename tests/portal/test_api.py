@@ -66,7 +66,7 @@ def test_security_headers(portal: RunningPortal) -> None:
     assert "<script" not in page and "style=" not in page
     # Redirects too: the login's answer carries the session cookie.
     login = requests.post(portal.url + "/login", data={"token": "alice-token"},
-                          allow_redirects=False)
+                          allow_redirects=False, headers={"Origin": portal.url})
     away = requests.get(portal.url + "/ns/shop/logs", allow_redirects=False)
     for r in (login, away):
         assert r.status_code == 303
@@ -97,6 +97,36 @@ def test_state_change_needs_csrf_token_and_same_origin(portal: RunningPortal) ->
                headers={"Origin": "https://evil.example"})
     assert r.status_code == 403 and "cross-site" in r.text
     assert s.get(portal.url + "/api/v1/whoami").status_code == 200  # still logged in
+
+
+def test_origin_is_scheme_host_and_port_and_one_of_origin_or_referer_is_needed(
+        portal: RunningPortal) -> None:
+    """A login form posted from another origin, or by a browser that names none, would log the
+    victim in as the attacker (login CSRF): the token login form has only this check."""
+    host = portal.url.split("://", 1)[1]
+    port = host.rsplit(":", 1)[1]
+
+    def login(headers: dict[str, str]) -> requests.Response:
+        return requests.post(portal.url + "/login", data={"token": "alice-token"},
+                             allow_redirects=False, headers=headers)
+
+    for headers in ({"Origin": "ftp://" + host},
+                    {"Origin": "http://127.0.0.2:" + port},
+                    {"Origin": portal.url.rsplit(":", 1)[0] + ":1"},
+                    {"Origin": "null", "Referer": "https://evil.example/"},
+                    {"Referer": "http://" + host + ".evil.example/login"},
+                    {"Origin": "http://evil.example", "Referer": portal.url + "/login"}):
+        r = login(headers)
+        assert r.status_code == 403 and "cross-site request refused" in r.text, headers
+        assert "Set-Cookie" not in r.headers
+    for headers in ({}, {"Origin": "null"}):  # a browser too old to say where it came from
+        r = login(headers)
+        assert r.status_code == 403 and "names no origin" in r.text, headers
+        assert "Set-Cookie" not in r.headers
+    for headers in ({"Origin": portal.url}, {"Origin": portal.url.upper()},
+                    {"Origin": "null", "Referer": portal.url + "/login"},
+                    {"Referer": portal.url + "/login?x=1"}):
+        assert login(headers).status_code == 303, headers
 
 
 def test_namespaces_are_those_the_user_may_read(portal: RunningPortal) -> None:

@@ -4,6 +4,7 @@ Chromium, and each way an answer can be wrong refused with a page saying why."""
 from __future__ import annotations
 
 import html
+import re
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from .conftest import RunningPortal
 from .test_browser import CHROMIUM, browser  # noqa: F401 (a fixture)
 
 COOKIE = "mailplane_session"
+LOGIN_COOKIE = "mailplane_login"
 ALICE = {"sub": "u-1001", "email": "alice@shop.example", "email_verified": True,
          "groups": ["shop-team"]}
 
@@ -52,7 +54,7 @@ def grants(portal: RunningPortal) -> RunningPortal:
 
 def _start(portal: RunningPortal, issuer: Issuer) -> tuple[str, str]:
     """Begin a login: the started login's cookie and the issuer's authorize URL."""
-    r = requests.get(portal.url + "/login/oidc", allow_redirects=False)
+    r = _press_button(portal.url)
     assert r.status_code == 303, r.text
     location = r.headers["Location"]
     assert location.startswith(issuer.url + "/authorize?")
@@ -60,6 +62,25 @@ def _start(portal: RunningPortal, issuer: Issuer) -> tuple[str, str]:
     for flag in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/"):
         assert flag in cookie, cookie
     return r.cookies[COOKIE], location
+
+
+def _login_page(url: str) -> tuple[str, str]:
+    """The pre-login cookie and the login CSRF token of the login page's OIDC button."""
+    page = requests.get(url + "/login")
+    assert page.status_code == 200, page.text
+    cookie = page.headers["Set-Cookie"]
+    for flag in ("HttpOnly", "Secure", "SameSite=Strict", "Path=/login", "Max-Age=1800"):
+        assert flag in cookie, cookie
+    found = re.search(r'action="/login/oidc"><input type="hidden" name="csrf" value="([^"]+)"',
+                      page.text)
+    assert found, page.text
+    return page.cookies[LOGIN_COOKIE], html.unescape(found.group(1))
+
+
+def _press_button(url: str, origin: str | None = None) -> requests.Response:
+    value, token = _login_page(url)
+    return requests.post(url + "/login/oidc", data={"csrf": token}, allow_redirects=False,
+                         cookies={LOGIN_COOKIE: value}, headers={"Origin": origin or url})
 
 
 def _at_issuer(issuer: Issuer, url: str) -> str:
@@ -185,11 +206,34 @@ def test_a_wrong_state_or_a_foreign_browser_is_refused(grants: RunningPortal,
 
 
 def test_another_site_cannot_start_a_login(grants: RunningPortal, issuer: Issuer) -> None:
-    """A link from another site would replace the browser's session cookie (a forced logout)."""
-    r = requests.get(grants.url + "/login/oidc", allow_redirects=False,
-                     headers={"Sec-Fetch-Site": "cross-site"})
+    """Starting a login replaces the browser's session cookie: a link or form of another site
+    must not do it (a forced logout), whatever headers the browser sends or leaves out."""
+    sid = _login(grants, issuer).cookies[COOKIE]
+    assert _whoami(grants, sid).status_code == 200
+    # A link (or an image) to the old address: back to the login page, nothing changed.
+    r = requests.get(grants.url + "/login/oidc", allow_redirects=False, cookies={COOKIE: sid})
     assert r.status_code == 303 and r.headers["Location"] == "/login"
     assert "Set-Cookie" not in r.headers
+    value, token = _login_page(grants.url)
+    # Another site's form, from a browser that sends no Origin, Referer or Sec-Fetch-Site:
+    # its SameSite=Strict pre-login cookie stays home, and the site cannot read the token.
+    for cookies, data in (({COOKIE: sid}, {"csrf": token}),
+                          ({COOKIE: sid, LOGIN_COOKIE: value}, {}),
+                          ({COOKIE: sid, LOGIN_COOKIE: value}, {"csrf": "forged"}),
+                          ({COOKIE: sid, LOGIN_COOKIE: "A" * 43}, {"csrf": token})):
+        r = requests.post(grants.url + "/login/oidc", data=data, cookies=cookies,
+                          allow_redirects=False, headers={"Referer": grants.url + "/login"})
+        assert r.status_code == 403 and "login CSRF token" in r.text, (cookies, data, r.text)
+        assert COOKIE + "=" not in r.headers.get("Set-Cookie", "")
+    # The right token from another origin (scheme, host or port differing) is refused too.
+    for origin in ("https://evil.example", grants.url.replace("http://", "https://"),
+                   grants.url.rsplit(":", 1)[0] + ":1"):
+        r = requests.post(grants.url + "/login/oidc", data={"csrf": token},
+                          cookies={COOKIE: sid, LOGIN_COOKIE: value}, allow_redirects=False,
+                          headers={"Origin": origin})
+        assert r.status_code == 403 and "cross-site" in r.text, origin
+    assert _whoami(grants, sid).status_code == 200  # still logged in
+    assert issuer.url not in str(r.headers.get("Location"))
 
 
 def test_a_wrong_client_secret_is_shown_as_the_issuer_refusing(
@@ -244,7 +288,9 @@ def test_in_chromium(browser: Any, grants: RunningPortal, issuer: Issuer,  # noq
     page.wait_for_selector(".error")
     assert "not meant for this portal" in page.locator(".error").inner_text()
     page.screenshot(path=str(tmp_path / "oidc-refused.png"), full_page=True)
-    assert context.cookies() == []
+    # Only the login page's own pre-login cookie is left (on /login, for the next try).
+    assert [(c["name"], c["path"], c["sameSite"], c["httpOnly"])
+            for c in context.cookies()] == [(LOGIN_COOKIE, "/login", "Strict", True)]
     # The one console error is the refusal's own status (401); nothing the CSP blocked.
     assert [e for e in errors if "status of 401" not in e] == [], errors
     context.close()
@@ -257,6 +303,7 @@ def test_in_chromium(browser: Any, grants: RunningPortal, issuer: Issuer,  # noq
       "https://p.example/login/callback"], "--oidc-client-secret-file /nonexistent/secret: "
                                            "cannot read it"),
     (["--trusted-proxies", "ten"], "--trusted-proxies 'ten'"),
+    (["--public-url", "portal.example"], "--public-url 'portal.example': give the portal's"),
 ])
 def test_the_command_line_names_a_bad_oidc_setting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
@@ -302,7 +349,10 @@ def test_the_command_starts_with_oidc_login(tmp_path: Path, issuer: Issuer) -> N
             assert url is not None
             page = requests.get(url + "/login").text
             assert 'id="oidc-login"' in page and issuer.url in page
-            r = requests.get(url + "/login/oidc", allow_redirects=False)
+            # The portal's origin is its public one (here the redirect URL's), not the
+            # address it listens on.
+            assert _press_button(url).status_code == 403
+            r = _press_button(url, origin="https://portal.example")
             assert r.status_code == 303, r.text
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
                 r.headers["Location"]).query))
