@@ -34,6 +34,8 @@ def test_portal_renders_with_least_privilege() -> None:
     args = build_parser().parse_args(container["args"])  # the portal takes what the chart gives
     assert (args.command, args.store, args.session_idle) == ("portal", "@/etc/mailplane/store/dsn",
                                                              900)
+    # State changes must come from the Ingress host's origin (scheme, host and port).
+    assert args.public_url == "https://mail.example.com"
     role = rendered.one("ClusterRole", NAME)
     assert role["rules"] == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
