@@ -447,8 +447,13 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if portal.oidc is None:
         raise web.HTTPNotFound(text="OIDC login is not configured on this portal")
     start = await portal.sessions.take_login(request.cookies.get(COOKIE))
+    # A refusal drops the started login's cookie; not a session's: a link here (from another
+    # site, which sends no Strict cookie, or this one) must not log the browser out.
     clear = {"Set-Cookie": f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly"
                            + ("; Secure" if portal.secure_cookie else "") + "; SameSite=Strict"}
+    held = request.cookies.get(COOKIE)
+    if start is None and (not held or await portal.sessions.get(held) is not None):
+        clear = {}
 
     async def refuse(message: str, status: int = 400) -> web.Response:
         message = "".join(c if c.isprintable() else " " for c in message)

@@ -234,6 +234,14 @@ def test_another_site_cannot_start_a_login(grants: RunningPortal, issuer: Issuer
         assert r.status_code == 403 and "cross-site" in r.text, origin
     assert _whoami(grants, sid).status_code == 200  # still logged in
     assert issuer.url not in str(r.headers.get("Location"))
+    # A link to the callback, from another site (no Strict cookie sent) or this one: refused,
+    # and the browser keeps its session cookie.
+    for cookies in ({}, {COOKIE: sid}):
+        r = requests.get(grants.url + "/login/callback?state=x&code=y", cookies=cookies,
+                         allow_redirects=False)
+        assert r.status_code == 400 and "no login under way" in r.text
+        assert COOKIE + "=" not in r.headers.get("Set-Cookie", ""), cookies
+    assert _whoami(grants, sid).status_code == 200
 
 
 def test_a_wrong_client_secret_is_shown_as_the_issuer_refusing(
