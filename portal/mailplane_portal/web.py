@@ -320,8 +320,11 @@ async def login_form(request: web.Request, error: str | None = None,
         # The button's form is answered by a redirect to the issuer, which the browser
         # follows only where form-action allows.
         endpoint = portal.oidc.settings.issuer
-        with contextlib.suppress(OidcError):  # pressing the button shows why
-            endpoint = (await portal.oidc.discovery())["authorization_endpoint"]
+        # Read once and kept; an issuer not answering delays this page 2 s at most (pressing
+        # the button shows why).
+        with contextlib.suppress(OidcError, TimeoutError):
+            endpoint = (await asyncio.wait_for(portal.oidc.discovery(), 2))[
+                "authorization_endpoint"]
         found = _origin(endpoint)
         if found is not None:
             scheme, host, port = found

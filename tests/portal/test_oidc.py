@@ -208,7 +208,7 @@ def test_a_wrong_state_or_a_foreign_browser_is_refused(grants: RunningPortal,
 def test_another_site_cannot_start_a_login(grants: RunningPortal, issuer: Issuer) -> None:
     """Starting a login replaces the browser's session cookie: a link or form of another site
     must not do it (a forced logout), whatever headers the browser sends or leaves out."""
-    sid = _login(grants, issuer).cookies[COOKIE]
+    sid = str(_login(grants, issuer).cookies[COOKIE])
     assert _whoami(grants, sid).status_code == 200
     # A link (or an image) to the old address: back to the login page, nothing changed.
     r = requests.get(grants.url + "/login/oidc", allow_redirects=False, cookies={COOKIE: sid})
@@ -394,3 +394,22 @@ def test_an_issuer_cannot_name_a_kubernetes_system_user_or_group(
     text = html.unescape(r.text)
     assert "login refused" in text and message in text, text
     assert "Set-Cookie" in r.headers and "Max-Age=0" in r.headers["Set-Cookie"]
+
+
+def test_the_login_page_lets_the_button_go_to_the_issuer(grants: RunningPortal,
+                                                         issuer: Issuer) -> None:
+    """The button's form is redirected to the issuer: the login page's form-action names the
+    authorization endpoint's origin (a browser would stop there otherwise), and an issuer that
+    does not answer leaves the page usable, naming the issuer's own origin."""
+    r = requests.get(grants.url + "/login")
+    host = urllib.parse.urlsplit(issuer.url)
+    assert f"form-action 'self' https://{host.hostname}:{host.port};" in (
+        r.headers["Content-Security-Policy"])
+    settings = grants.portal.oidc.settings  # type: ignore[union-attr]
+    grants.portal.oidc = OidcClient(OidcSettings(**{**settings.__dict__,
+                                                    "issuer": "https://127.0.0.1:1"}))
+    r = requests.get(grants.url + "/login")
+    assert r.status_code == 200 and 'id="oidc-login"' in r.text
+    assert "form-action 'self' https://127.0.0.1:1;" in r.headers["Content-Security-Policy"]
+    r = _press_button(grants.url)
+    assert r.status_code == 503 and "did not answer" in html.unescape(r.text)
