@@ -66,7 +66,8 @@ class StaticSuppression:
         self.entries: dict[str, tuple[str, float]] = {}
         self.fail_with: Exception | None = None
 
-    def is_suppressed(self, address: str) -> tuple[str, float] | None:
+    def is_suppressed(self, address: str, namespace: str | None = None
+                      ) -> tuple[str, float] | None:
         if self.fail_with is not None:
             raise self.fail_with
         return self.entries.get(address.lower())

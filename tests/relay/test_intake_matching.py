@@ -48,7 +48,8 @@ class Suppression:
     async def add(self, address: str, reason: str, *, source: str) -> None:
         self.added.append((address, reason, source))
 
-    def is_suppressed(self, address: str) -> tuple[str, float] | None:
+    def is_suppressed(self, address: str, namespace: str | None = None
+                      ) -> tuple[str, float] | None:
         reasons = [r for a, r, _s in self.added if a == address.lower()]
         return (reasons[-1], 0.0) if reasons else None
 

@@ -117,7 +117,7 @@ def test_pauses_when_complaints_cross_the_complaint_rate_of_delivered_mail() -> 
 
 
 def test_complaints_need_the_minimum_volume_and_slide_out_of_the_window() -> None:
-    rep, clock = make(complaintRate=0.001, minRecipients=20)
+    rep, clock = make(complaintRate=0.001, minRecipients=20, minComplaints=1)
     feed(rep, "app", 10, 0)
     rep.record("app", "complained")
     assert rep.paused("app") is None  # 10 recipients: below minRecipients
@@ -166,7 +166,7 @@ class MemoryStore:
 async def test_complaints_recorded_by_one_process_pause_the_credential_in_another() -> None:
     store = MemoryStore()
     abuse = AbuseSettings.model_validate({"complaintRate": 0.05, "minRecipients": 20,
-                                          "window": "10m"})
+                                          "minComplaints": 1, "window": "10m"})
     clock = Clock()
     sender = Reputation(lambda: abuse, clock=clock, store=store)
     intake = Reputation(lambda: abuse, clock=clock, store=store)
