@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -72,6 +72,26 @@ class Readiness:
             self._on_change(self.ready)
 
 
+async def _serve(app: web.Application, address: str, port: int,
+                 **site: Any) -> tuple[web.AppRunner, int]:
+    """Starts `app` on ``address:port`` (``TCPSite`` keywords in `site`); returns the runner
+    and the bound port. A failed bind cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port, **site).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
+
+
+async def _stop(server: OpsServer | AdminServer) -> None:
+    runner, server._runner = server._runner, None
+    if runner is not None:
+        await runner.cleanup()
+
+
 class OpsServer:
     """aiohttp on ``address:port`` (port 0 picks a free port, see ``port`` after ``start``)."""
 
@@ -97,22 +117,12 @@ class OpsServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._address, self._port, reuse_port=self._reuse_port or None)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await _serve(app, self._address, self._port,
+                                               reuse_port=self._reuse_port or None)
         log.info("ops http listening on %s:%d", self._address, self.port)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await _stop(self)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._registry)
@@ -146,19 +156,9 @@ class AdminServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=self._max_body)
         app.add_routes(self._routes)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._address, self._port, ssl_context=self._context)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await _serve(app, self._address, self._port,
+                                               ssl_context=self._context)
         log.info("admin https listening on %s:%d", self._address, self.port)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await _stop(self)

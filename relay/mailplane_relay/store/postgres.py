@@ -19,7 +19,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -883,28 +883,28 @@ class PostgresBackend:
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     async def complaints_add(self, buckets: dict[tuple[str, int], int]) -> None:
-        if not buckets:
-            return
-        await self._ready()
-        async with self._conn() as conn, conn.transaction():
-            cur = conn.cursor()
-            await cur.executemany(
-                "INSERT INTO complaint_buckets AS b (credential, minute, complaints) "
-                "VALUES (%s, %s, %s) ON CONFLICT (credential, minute) DO UPDATE SET "
-                "complaints = b.complaints + excluded.complaints",
-                [(c, m, n) for (c, m), n in buckets.items()])
+        await self._add_complaints("complaint_buckets", ("credential", "minute"), buckets)
 
     async def domain_complaints_add(self, buckets: dict[tuple[str, str, int], int]) -> None:
+        await self._add_complaints("complaint_domain_buckets", ("credential", "domain", "minute"),
+                                   buckets)
+
+    async def _add_complaints(self, table: str, key: tuple[str, ...],
+                              buckets: Mapping[tuple[Any, ...], int]) -> None:
+        """Adds counts to per-minute complaint buckets keyed by `key` (sorted, so concurrent
+        writers lock rows in one order)."""
         if not buckets:
             return
         await self._ready()
+        columns = ", ".join(key)
+        marks = ", ".join(["%s"] * (len(key) + 1))
         async with self._conn() as conn, conn.transaction():
             cur = conn.cursor()
             await cur.executemany(
-                "INSERT INTO complaint_domain_buckets AS b (credential, domain, minute, "
-                "complaints) VALUES (%s, %s, %s, %s) ON CONFLICT (credential, domain, minute) "
-                "DO UPDATE SET complaints = b.complaints + excluded.complaints",
-                [(c, d, m, n) for (c, d, m), n in sorted(buckets.items())])
+                f"INSERT INTO {table} AS b ({columns}, complaints) VALUES ({marks}) "  # noqa: S608
+                f"ON CONFLICT ({columns}) DO UPDATE SET "
+                "complaints = b.complaints + excluded.complaints",
+                [(*k, n) for k, n in sorted(buckets.items())])
 
     async def complaints_window(self, since_minute: int) -> dict[str, int]:
         await self._ready()
