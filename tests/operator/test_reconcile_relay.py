@@ -543,6 +543,8 @@ def test_the_status_shows_the_bounce_domain_records_and_clears_them_when_turned_
     ({**INTAKE, "domain": "Not A Domain"}, "domain"),
     ({**INTAKE, "localPart": "Bounces+x"}, "localPart"),
     ({**INTAKE, "fromCIDRs": ["everyone"]}, "fromCIDRs"),
+    # A NetworkPolicy ipBlock needs a prefix length; the API server refuses a bare address.
+    ({**INTAKE, "fromCIDRs": ["203.0.113.7"]}, "needs a prefix length"),
     ({**INTAKE, "maxMessageSize": 100}, "maxMessageSize"),
 ])
 def test_a_bad_intake_is_refused_naming_the_field(intake: dict[str, Any], problem: str) -> None:

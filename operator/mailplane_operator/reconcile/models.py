@@ -459,6 +459,19 @@ class AutoscalingSpec(_Spec):
         return self
 
 
+
+def _network_policy_cidrs(v: tuple[str, ...]) -> tuple[str, ...]:
+    """CIDRs for a NetworkPolicy ``ipBlock``: the API server wants a prefix length."""
+    for cidr in v:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not a CIDR such as 203.0.113.0/24 or "
+                             "2001:db8::/32") from None
+        if "/" not in cidr:
+            raise ValueError(f"{cidr!r} needs a prefix length, e.g. {cidr}/32")
+    return v
+
 class NetworkPolicySpec(_Spec):
     """The relay's ingress NetworkPolicy: SMTP from the relay's own and the allowed namespaces,
     the metrics port from the monitoring namespaces, nothing else."""
@@ -471,15 +484,7 @@ class NetworkPolicySpec(_Spec):
     @field_validator("smtp_from_cidrs")
     @classmethod
     def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in v:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a CIDR such as 203.0.113.0/24 or "
-                                 "2001:db8::/32") from None
-            if "/" not in cidr:
-                raise ValueError(f"{cidr!r} needs a prefix length, e.g. {cidr}/32")
-        return v
+        return _network_policy_cidrs(v)
 
 
 class StoreSecretRef(SecretKeyRef):
@@ -556,13 +561,7 @@ class IntakeSpec(_Spec):
     @field_validator("from_cidrs")
     @classmethod
     def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in v:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a CIDR such as 0.0.0.0/0 or "
-                                 "2001:db8::/32") from None
-        return v
+        return _network_policy_cidrs(v)
 
 
 class WebhookSecretRef(SecretKeyRef):
