@@ -26,7 +26,7 @@ import trustme
 
 from mailplane_relay.drain import token_sha256
 from tests.helpers.pki import client_context, write_server_pair
-from tests.helpers.ports import free_port
+from tests.helpers.ports import free_port, refusing_port
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import running_sink_in_thread
 
@@ -164,16 +164,19 @@ def test_nothing_leaves_the_spool_until_a_peer_has_stored_it(pair: Any) -> None:
     _send(b, 3, "kept")
     # A is draining itself (it refuses hand-offs), the other peer does not listen.
     assert _admin(a, "POST", "/admin/drain", {"peers": [], "token": TOKEN})[0] == 202
-    closed = f"https://127.0.0.1:{free_port()}"
-    assert _admin(b, "POST", "/admin/drain",
-                  {"peers": [_peer(a), closed], "token": TOKEN})[0] == 202
-    _wait(lambda: b.metric("mailplane_relay_handoffs_total", direction="sent",
-                           result="failed") >= 6, "hand-offs refused")
-    assert _admin(b, "GET", "/admin/drain")[1]["queued"] == 3
-    assert len(b.spooled_files()) == 3 and a.spooled_files() == []
-    # Once A takes mail again, B's queue moves there.
-    assert _admin(a, "DELETE", "/admin/drain")[0] == 200
-    _wait(lambda: len(a.spooled_files()) == 3 and not b.spooled_files(), "the hand-off")
+    # A port bound but not listening for the whole test: connections are refused and no other
+    # process on the machine can take it meanwhile.
+    with refusing_port() as port:
+        closed = f"https://127.0.0.1:{port}"
+        assert _admin(b, "POST", "/admin/drain",
+                      {"peers": [_peer(a), closed], "token": TOKEN})[0] == 202
+        _wait(lambda: b.metric("mailplane_relay_handoffs_total", direction="sent",
+                               result="failed") >= 6, "hand-offs refused")
+        assert _admin(b, "GET", "/admin/drain")[1]["queued"] == 3
+        assert len(b.spooled_files()) == 3 and a.spooled_files() == []
+        # Once A takes mail again, B's queue moves there.
+        assert _admin(a, "DELETE", "/admin/drain")[0] == 200
+        _wait(lambda: len(a.spooled_files()) == 3 and not b.spooled_files(), "the hand-off")
 
 
 def test_the_ops_port_serves_no_admin_route_and_the_admin_port_no_plain_http(pair: Any) -> None:
