@@ -42,7 +42,7 @@ from .config import (
 )
 from .control import ControlError, ControlServer, control_dir, remove_stale_sockets, socket_path
 from .delivery import DeliveryQueue
-from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer
+from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer, HandoffLedger
 from .http import AdminServer, OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
@@ -475,6 +475,11 @@ class RelayApp:
         await spool.start(lazy=True)
         stages.append(("spool", spool.close))
         self.spool = spool
+        # Read before any recovered message is delivered: a hand-off whose ledger line was cut
+        # by a crash counts as taken when its message file is listed.
+        ledger = HandoffLedger(spool_dir, fsync=settings.spool.fsync)
+        await asyncio.to_thread(ledger.open, spool.queue_ids())
+        stages.append(("hand-off ledger", lambda: asyncio.to_thread(ledger.close)))
         self.readiness.mark("spool recovered")
 
         # Pauses and limits are the store's (shared by the pod's workers, or by the pool), so
@@ -538,7 +543,7 @@ class RelayApp:
         if worker is None:
             self.drainer = Drainer(config=self.config, spool=spool, queue=queue,
                                    listeners=server, readiness=self.readiness,
-                                   registry=self.registry)
+                                   registry=self.registry, ledger=ledger)
             self.admin.drainer = self.drainer
             stages.append(("drain", self.drainer.stop_task))
             if settings.admin is not None:

@@ -17,8 +17,11 @@ A draining relay:
   ``X-Mailplane-Envelope`` (base64 JSON), the message data as the body. The peer answers 200
   only once the message is durable in its own spool; only then is it removed here. A message
   with a delivery attempt running is handed off when the attempt ends; a peer that refuses or
-  does not answer is skipped, and the message tried again later (never lost, at worst
-  delivered twice after a crash between the peer's answer and the removal here);
+  does not answer is skipped, and the message tried again later (never lost);
+- is answered 200 without a second copy when it hands over a message again that the peer
+  already took (it crashed between the peer's answer and the removal here): the peer keeps the
+  sender's queue id of each hand-off in its `HandoffLedger`, and a message is always offered
+  first to the same peer (`first_peer`);
 - keeps delivering what is due meanwhile (a message is either being delivered here or being
   handed off, never both: it is set aside — in memory only, so a relay that stops meanwhile
   delivers it after its restart — while it is sent to a peer).
@@ -44,9 +47,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import ssl
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -54,7 +60,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .config import RelayConfig
-from .spool import HELD, QueuedMessage, Spool, SpoolError
+from .spool import HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
 
 if TYPE_CHECKING:
     from .delivery import DeliveryQueue
@@ -70,11 +76,112 @@ ENVELOPE_HEADER = "X-Mailplane-Envelope"
 MAX_HANDOFF_BODY = 256 * 1024 * 1024
 HANDOFF_TIMEOUT = 60.0
 RETRY_PAUSE = 1.0
+LEDGER_NAME = "handoffs.log"
+LEDGER_KEEP = 7 * 86400.0
+"""How long a relay remembers a hand-off it took (a sender retries within minutes of its
+restart; a week covers a node that stays down over a weekend)."""
 
 
 def token_sha256(token: str) -> str:
     """What ``admin.tokenSHA256`` holds for a token."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class HandoffLedger:
+    """The hand-offs this spool took, by the sending relay's queue id, in ``handoffs.log``
+    beside the messages, so that a message handed over again (the sender crashed between our
+    200 and removing its copy) is recognised and not stored twice.
+
+    Each hand-off writes two lines, each made durable before the next step: ``P <sender id>
+    <local id> <time>`` before the message is stored under the local id, ``T ...`` once it is.
+    At start an intent without its ``T`` line counts as taken only when its message file is in
+    the spool (the crash came after the store, before the ``T`` line); the others (the store
+    never finished) are dropped. Entries older than `LEDGER_KEEP` are dropped at start too.
+    Queue ids and times only: nothing of the message is written here."""
+
+    def __init__(self, directory: str | Path, *, fsync: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(directory) / LEDGER_NAME
+        self.fsync = fsync
+        self._clock = clock
+        self._taken: dict[str, tuple[str, float]] = {}
+        self._fd: int | None = None
+
+    def open(self, spooled: Iterable[str]) -> None:
+        """Read the ledger (blocking): `spooled` are the queue ids of the spool's message
+        files, listed before any of them was delivered."""
+        live = set(spooled)
+        intents: dict[str, tuple[str, float]] = {}
+        taken: dict[str, tuple[str, float]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.path.read_text(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) != 4 or parts[0] not in ("P", "T"):
+                    continue  # a line cut by a crash
+                try:
+                    when = float(parts[3])
+                except ValueError:
+                    continue
+                (taken if parts[0] == "T" else intents)[parts[1]] = (parts[2], when)
+        for sender, (local, when) in intents.items():
+            if sender not in taken and local in live:
+                taken[sender] = (local, when)
+        horizon = self._clock() - LEDGER_KEEP
+        self._taken = {s: v for s, v in taken.items() if v[1] >= horizon}
+        tmp = self.path.with_name(LEDGER_NAME + ".new")
+        with tmp.open("w") as out:
+            out.writelines(f"T {s} {local} {when:.0f}\n"
+                           for s, (local, when) in sorted(self._taken.items()))
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self._sync_dir()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def taken(self, sender_id: str) -> str | None:
+        """The local queue id of a hand-off already taken, None if it was not."""
+        entry = self._taken.get(sender_id)
+        return entry[0] if entry else None
+
+    def intend(self, sender_id: str, local_id: str) -> None:
+        self._append("P", sender_id, local_id)
+
+    def record(self, sender_id: str, local_id: str) -> None:
+        self._append("T", sender_id, local_id)
+        self._taken[sender_id] = (local_id, self._clock())
+
+    def _append(self, kind: str, sender_id: str, local_id: str) -> None:
+        if self._fd is None:
+            raise SpoolError("the hand-off ledger is not open")
+        line = f"{kind} {sender_id} {local_id} {self._clock():.0f}\n".encode()
+        try:
+            os.write(self._fd, line)
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise SpoolError(f"hand-off ledger write failed: {exc.strerror or exc}") from exc
+
+    def _sync_dir(self) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def first_peer(queue_id: str, peers: int) -> int:
+    """Where the hand-off of a message starts among `peers`: the same peer for the same
+    message, so that a hand-off retried after a crash goes where the first one went (which
+    recognises it) as long as the pool is the same."""
+    return zlib.crc32(queue_id.encode()) % peers
 
 
 class Listeners(Protocol):
@@ -97,15 +204,16 @@ class Drainer:
 
     def __init__(self, *, config: Callable[[], RelayConfig], spool: Spool, queue: DeliveryQueue,
                  listeners: Listeners, readiness: DrainReadiness,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, ledger: HandoffLedger) -> None:
         self._config = config
         self._spool = spool
+        self._ledger = ledger
+        self._taking: dict[str, asyncio.Future[QueuedMessage | str]] = {}
         self._queue = queue
         self._listeners = listeners
         self._readiness = readiness
         self._peers: list[str] = []
         self._token = ""
-        self._next_peer = 0
         self._task: asyncio.Task[None] | None = None
         self._peer_ctx: ssl.SSLContext | None = None
         self._peer_name = ""
@@ -236,9 +344,9 @@ class Drainer:
             return 0
         data = await asyncio.to_thread(self._spool.read, qid)
         envelope = base64.b64encode(msg.to_json()).decode()
-        for _ in range(len(self._peers)):
-            peer = self._peers[self._next_peer % len(self._peers)]
-            self._next_peer += 1
+        peers = list(self._peers)
+        start = first_peer(qid, len(peers)) if peers else 0
+        for peer in peers[start:] + peers[:start]:
             if await self._send(http, peer, envelope, data, qid):
                 await self._queue.delete(qid)
                 self._held.discard(qid)
@@ -272,9 +380,11 @@ class Drainer:
 
     # ---- hand-off (receiving side) ------------------------------------------------------
 
-    async def receive(self, envelope_b64: str, data: bytes) -> QueuedMessage:
-        """Store a message another pod hands over; durable when this returns. ValueError for
-        a malformed envelope, RuntimeError when this relay drains itself."""
+    async def receive(self, envelope_b64: str, data: bytes) -> tuple[str, bool]:
+        """Store a message another pod hands over; durable when this returns. Returns its queue
+        id here, and whether it was taken before (handed over again after the sender crashed
+        between our answer and its removal: not stored a second time). ValueError for a
+        malformed envelope, RuntimeError when this relay drains itself."""
         if self.draining:
             raise RuntimeError("this relay is draining; hand the message to another pod")
         try:
@@ -282,14 +392,41 @@ class Drainer:
         except (ValueError, TypeError, KeyError, binascii.Error) as exc:
             raise ValueError(f"the {ENVELOPE_HEADER} header is not a spool envelope: {exc}"
                              ) from None
+        if not valid_queue_id(envelope.queue_id):
+            raise ValueError(f"the {ENVELOPE_HEADER} header has no valid queue id")
         if not envelope.needs_work():
             raise ValueError("the envelope has no pending recipient and no DSN owed")
-        msg = await self._spool.commit_handoff(envelope, data)
+        sender = envelope.queue_id
+        while (running := self._taking.get(sender)) is not None:
+            # The same message handed over twice at once (a retry after a timeout): the
+            # second answers like the first once that one is stored.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+        local = self._ledger.taken(sender)
+        if local is not None:
+            self.handoffs.labels("received", "duplicate").inc()
+            log.info("hand-off: %s was taken before as %s; not stored again", sender, local)
+            return local, True
+        done: asyncio.Future[QueuedMessage | str] = asyncio.get_running_loop().create_future()
+        self._taking[sender] = done
+        try:
+            qid = self._spool.new_queue_id()
+            await asyncio.to_thread(self._ledger.intend, sender, qid)
+            msg = await self._spool.commit_handoff(envelope, data, queue_id=qid)
+            await asyncio.to_thread(self._ledger.record, sender, qid)
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: a waiter may not exist
+            raise
+        else:
+            done.set_result(qid)
+        finally:
+            del self._taking[sender]
         self._queue.submit(msg)
         self.handoffs.labels("received", "ok").inc()
         log.info("hand-off: took %s (was %s) with %d pending recipient(s)", msg.queue_id,
-                 envelope.queue_id, len(msg.pending()))
-        return msg
+                 sender, len(msg.pending()))
+        return msg.queue_id, False
 
 
 class AdminEndpoints:
@@ -364,7 +501,7 @@ class AdminEndpoints:
         data = await request.read()
         started = time.monotonic()
         try:
-            msg = await drainer.receive(envelope, data)
+            queue_id, again = await drainer.receive(envelope, data)
         except ValueError as exc:
             drainer.handoffs.labels("received", "refused").inc()
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
@@ -373,5 +510,5 @@ class AdminEndpoints:
         except SpoolError as exc:
             drainer.handoffs.labels("received", "failed").inc()
             raise web.HTTPInsufficientStorage(text=f"{exc}\n") from None
-        return web.json_response({"queueId": msg.queue_id,
+        return web.json_response({"queueId": queue_id, "duplicate": again,
                                   "seconds": round(time.monotonic() - started, 3)})

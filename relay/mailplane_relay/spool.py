@@ -457,16 +457,21 @@ class Spool:
         )
         return await self._store(msg, data, started)
 
-    async def commit_handoff(self, envelope: QueuedMessage, data: bytes) -> QueuedMessage:
+    def new_queue_id(self) -> str:
+        """A queue id for a message about to be stored here (`commit_handoff`)."""
+        return self._new_queue_id()
+
+    async def commit_handoff(self, envelope: QueuedMessage, data: bytes, *,
+                             queue_id: str | None = None) -> QueuedMessage:
         """Store a message handed over by another relay of the pool (it drains): its envelope
         as it was there — recipients and their states, attempts, reception time, credential,
-        extra — under a new queue id of this spool, due at once. Durable when this returns;
-        raises SpoolError, leaving nothing."""
+        extra — under a new queue id of this spool (`queue_id`, from `new_queue_id`), due at
+        once. Durable when this returns; raises SpoolError, leaving nothing."""
         if self._executor is None:
             raise SpoolError("spool is not started")
         started = time.perf_counter()
         msg = QueuedMessage(
-            queue_id=self._new_queue_id(),
+            queue_id=queue_id or self._new_queue_id(),
             mail_from=envelope.mail_from,
             recipients=[Recipient(r.address, r.status, r.attempts, r.last_response, r.dsn_owed)
                         for r in envelope.recipients],

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import email
 import http.client
+import http.server
 import json
 import smtplib
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -228,3 +231,87 @@ def test_nothing_is_handed_to_a_peer_whose_certificate_does_not_verify(
         assert rogue.metric("mailplane_relay_handoffs_total", direction="received",
                             result="ok") == 0
         assert "certificate" in b.log_path.read_text().lower()
+
+
+class _KillingFront:
+    """A peer in front of relay A (TLS with a certificate for the pool's name): it passes the
+    first hand-off on to A and, once A has answered 200 (the message is durable there), kills
+    the draining relay with SIGKILL instead of passing the answer back. So the draining relay
+    dies with A holding the message and its own copy still spooled: the crash between the
+    peer's 200 and the removal."""
+
+    def __init__(self, ca: trustme.CA, base: Path, target: str, victim: RelayProcess) -> None:
+        pair = write_server_pair(ca, base / "front", names=("127.0.0.1", SERVER_NAME))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(pair.cert_file, pair.key_file)
+        self.answers: list[tuple[int, Any]] = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = urllib.request.Request(
+                    target + self.path, data=body, method="POST",
+                    headers={name: self.headers[name] for name in (
+                        "Authorization", "X-Mailplane-Envelope", "Content-Type")})
+                with urllib.request.urlopen(request, timeout=30,
+                                            context=client_context(ca)) as resp:
+                    front.answers.append((resp.status, json.loads(resp.read())))
+                victim.kill()  # before answering: the relay never learns of the 200
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _KillingFront:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_a_message_handed_over_again_after_a_crash_is_not_stored_twice(
+        pair: Any, tls_ca: trustme.CA, tmp_path: Path) -> None:
+    a, b, sink = pair
+    ids = _send(b, 3, "crash")
+    assert len(b.spooled_files()) == 3
+    with _KillingFront(tls_ca, tmp_path, _peer(a), b) as front:
+        assert _admin(b, "POST", "/admin/drain", {"peers": [front.url], "token": TOKEN})[0] == 202
+        _wait(lambda: not b.running, "the draining relay killed")
+    # A took the first message and answered 200; B died before removing its copy.
+    assert len(front.answers) == 1 and front.answers[0][0] == 200
+    first = front.answers[0][1]["queueId"]
+    assert front.answers[0][1]["duplicate"] is False
+    assert [p.stem for p in a.spooled_files()] == [first]
+    assert len(b.spooled_files()) == 3
+
+    # B starts again on the same spool and drains to A itself: the message A already holds is
+    # answered 200 and not stored again; the other two move.
+    b.start()
+    assert _admin(b, "POST", "/admin/drain", {"peers": [_peer(a)], "token": TOKEN})[0] == 202
+    _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
+    assert b.spooled_files() == []
+    assert len(a.spooled_files()) == 3
+    assert a.metric("mailplane_relay_handoffs_total", direction="received",
+                    result="duplicate") == 1
+    # Taken: the first through the front, the other two now.
+    assert a.metric("mailplane_relay_handoffs_total", direction="received", result="ok") == 3
+    assert f"taken before as {first}" in a.log_path.read_text()
+
+    # A restarted keeps what it took (the ledger is on its volume).
+    assert a.stop() == 0
+    a.start()
+    assert (a.spool_dir / "handoffs.log").read_text().count(" " + first + " ") == 1
+
+    sink.behaviour.data_reply = None  # the upstream recovers: each message arrives once
+    _wait(lambda: len(sink.messages) >= 3 and not a.spooled_files(), "three deliveries")
+    got = sorted(_message_id(m.data) for m in sink.messages)
+    assert got == sorted(ids)

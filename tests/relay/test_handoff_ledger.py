@@ -1,0 +1,56 @@
+"""The hand-off ledger: which hand-offs a spool took, across restarts and cut writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailplane_relay.drain import LEDGER_KEEP, HandoffLedger, first_peer
+
+NOW = 1_800_000_000.0
+
+
+def _ledger(tmp_path: Path, spooled: list[str], now: float = NOW) -> HandoffLedger:
+    ledger = HandoffLedger(tmp_path, fsync=False, clock=lambda: now)
+    ledger.open(spooled)
+    return ledger
+
+
+def test_a_taken_hand_off_is_known_after_a_restart(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, [])
+    ledger.intend("SENDER1", "LOCAL1")
+    assert ledger.taken("SENDER1") is None  # not stored yet
+    ledger.record("SENDER1", "LOCAL1")
+    assert ledger.taken("SENDER1") == "LOCAL1"
+    ledger.close()
+    # Delivered meanwhile (no longer spooled): still taken.
+    assert _ledger(tmp_path, []).taken("SENDER1") == "LOCAL1"
+
+
+def test_an_intent_counts_only_when_its_message_was_stored(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, [])
+    ledger.intend("STORED", "LOCAL1")  # crash after the store, before the T line
+    ledger.intend("NEVER", "LOCAL2")  # crash before the store finished
+    ledger.close()
+    with (tmp_path / "handoffs.log").open("a") as out:
+        out.write("T CUT LOC")  # a line cut by the crash
+    again = _ledger(tmp_path, ["LOCAL1"])
+    assert again.taken("STORED") == "LOCAL1"
+    assert again.taken("NEVER") is None
+    assert again.taken("CUT") is None
+    again.close()
+    # The start rewrote the ledger: the intent that came true is a T line now.
+    assert _ledger(tmp_path, []).taken("STORED") == "LOCAL1"
+
+
+def test_old_hand_offs_are_forgotten(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, [])
+    ledger.record("OLD", "LOCAL1")
+    ledger.close()
+    assert _ledger(tmp_path, [], now=NOW + LEDGER_KEEP - 60).taken("OLD") == "LOCAL1"
+    assert _ledger(tmp_path, [], now=NOW + LEDGER_KEEP + 60).taken("OLD") is None
+
+
+def test_a_message_starts_at_the_same_peer_every_time() -> None:
+    starts = {first_peer(f"01M998RFPMVFW61P0C{n:02d}", 3) for n in range(30)}
+    assert starts == {0, 1, 2}  # spread over the pool
+    assert first_peer("01M998RFPMVFW61P0CWE", 3) == first_peer("01M998RFPMVFW61P0CWE", 3)
