@@ -257,6 +257,40 @@ async def test_non_ascii_address_without_smtputf8_is_553_5_6_7(relay: Relay) -> 
         await c.close()
 
 
+async def test_parameters_after_helo_are_refused_555_naming_ehlo(relay: Relay) -> None:
+    """RFC 1869/3461: MAIL and RCPT parameters are extensions, which a HELO session has not
+    been offered. A real client (aiosmtplib sends the options it is given) greets with HELO from
+    a trusted network, so the transaction itself would be accepted."""
+    relay.reconfigure(lambda d: d.update(trustedNetworks=["127.0.0.0/8"]))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.starttls_port,
+                             start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        assert (await client.helo(hostname="client.test")).code == 250
+        for options, name in ((["RET=HDRS"], "RET"), (["ENVID=x", "RET=FULL"], "ENVID"),
+                              (["SIZE=100"], "SIZE")):
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as sender_refused:
+                await client.mail("app@example.com", options=options)
+            assert (f"{sender_refused.value.code} {sender_refused.value.message}"
+                    == R.PARAMETER_NEEDS_EHLO.format(command="MAIL FROM", name=name))
+        assert (await client.mail("app@example.com")).code == 250
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as rcpt_refused:
+            await client.rcpt("rcpt@example.net", options=["NOTIFY=NEVER"])
+        assert f"{rcpt_refused.value.code} {rcpt_refused.value.message}" == (
+            "555 5.5.4 RCPT TO parameter NOTIFY needs a session opened with EHLO, not HELO "
+            "(RFC 1869); send EHLO, then the command again")
+        assert (await client.rcpt("rcpt@example.net")).code == 250
+        # The same parameters are accepted once the client greets with EHLO.
+        assert (await client.ehlo(hostname="client.test")).code == 250
+        assert (await client.mail("app@example.com", options=["RET=HDRS"])).code == 250
+        assert (await client.rcpt("rcpt@example.net", options=["NOTIFY=NEVER"])).code == 250
+        assert (await client.data(message())).code == 250
+    finally:
+        await client.quit()
+    [queued] = relay.queue.submitted
+    assert queued.extra.get("dsn_ret") == "HDRS"
+
+
 # ------------------------------------------------------------------ (6) 8BITMIME
 
 

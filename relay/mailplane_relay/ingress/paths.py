@@ -76,7 +76,8 @@ def xtext_decode(value: str) -> str | None:
     return decoded
 
 
-def parse_mail(arg: str | None) -> MailFrom | Refusal:
+def parse_mail(arg: str | None, extended: bool = True) -> MailFrom | Refusal:
+    """``extended`` is False in a session greeted with HELO: it may not use parameters."""
     rest = _strip_keyword(arg, "FROM:")
     if rest is None:
         return Refusal("bad_syntax", R.MAIL_SYNTAX)
@@ -90,6 +91,8 @@ def parse_mail(arg: str | None) -> MailFrom | Refusal:
             return Refusal("bad_syntax", R.BAD_ADDRESS)
         address, params = parsed
     options = params.split()
+    if options and not extended:
+        return _needs_ehlo("MAIL FROM", options[0])
     size: int | None = None
     body: str | None = None
     smtputf8 = False
@@ -134,7 +137,7 @@ def parse_mail(arg: str | None) -> MailFrom | Refusal:
     return MailFrom(address, size, body, smtputf8, options, ret, envid)
 
 
-def parse_rcpt(arg: str | None, smtputf8: bool) -> RcptTo | Refusal:
+def parse_rcpt(arg: str | None, smtputf8: bool, extended: bool = True) -> RcptTo | Refusal:
     rest = _strip_keyword(arg, "TO:")
     if rest is None:
         return Refusal("bad_syntax", R.RCPT_SYNTAX)
@@ -143,6 +146,8 @@ def parse_rcpt(arg: str | None, smtputf8: bool) -> RcptTo | Refusal:
         return Refusal("bad_syntax", R.BAD_ADDRESS)
     address, params = parsed
     options = params.split()
+    if options and not extended:
+        return _needs_ehlo("RCPT TO", options[0])
     notify: tuple[str, ...] | None = None
     orcpt: str | None = None
     for option in options:
@@ -174,6 +179,13 @@ def parse_rcpt(arg: str | None, smtputf8: bool) -> RcptTo | Refusal:
     if not address.isascii() and not smtputf8:
         return Refusal("bad_syntax", R.NON_ASCII_ADDRESS)
     return RcptTo(address, options, notify, orcpt)
+
+
+def _needs_ehlo(command: str, option: str) -> Refusal:
+    """RFC 1869 §4.4 (and RFC 3461 §4 for the DSN parameters): MAIL and RCPT parameters are
+    service extensions, which only a session opened with EHLO may use."""
+    name = option.partition("=")[0].upper()
+    return Refusal("bad_syntax", R.PARAMETER_NEEDS_EHLO.format(command=command, name=name))
 
 
 def valid_mailbox(address: str) -> bool:

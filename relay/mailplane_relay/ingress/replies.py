@@ -91,6 +91,8 @@ class R:
                          "parameter (RFC 6531)")
     DSN_PARAMETER = "501 5.5.4 {what} (RFC 3461)"
     UNKNOWN_PARAMETER = "555 5.5.4 {command} parameter {name} is not supported"
+    PARAMETER_NEEDS_EHLO = ("555 5.5.4 {command} parameter {name} needs a session opened with "
+                            "EHLO, not HELO (RFC 1869); send EHLO, then the command again")
     SUSPENDED = "554 5.7.1 Credential {user} is suspended: {reason}"
     CREDENTIAL_GONE = "554 5.7.1 Credential {user} is no longer valid"
     BARE_LF = "554 5.6.0 Message contains a bare CR or LF; lines must end with CRLF"

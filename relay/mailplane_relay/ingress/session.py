@@ -565,7 +565,8 @@ class RelaySMTP(SMTP):
         cfg = self.server.config()
         limits = cfg.settings.limits
         assert self.envelope is not None
-        mail = paths.parse_mail(arg)
+        assert self.session is not None
+        mail = paths.parse_mail(arg, self.session.extended_smtp)
         if isinstance(mail, Refusal):
             return self._refuse(mail, None)
         address = mail.address
@@ -609,7 +610,8 @@ class RelaySMTP(SMTP):
         if len(self.envelope.rcpt_tos) >= limit:
             return self._refuse(Refusal("too_many_recipients",
                                         R.TOO_MANY_RCPTS.format(limit=limit)), sender)
-        rcpt = paths.parse_rcpt(arg, self.envelope.smtp_utf8)
+        assert self.session is not None
+        rcpt = paths.parse_rcpt(arg, self.envelope.smtp_utf8, self.session.extended_smtp)
         if isinstance(rcpt, Refusal):
             return self._refuse(rcpt, sender)
         address = rcpt.address
