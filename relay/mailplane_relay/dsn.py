@@ -6,6 +6,13 @@ returned by the administrator), ``delayed`` (a warning: still queued and retried
 hop does not take the DSN request over). The ENVID and ORCPT given at submission (RFC 3461) are
 returned as ``Original-Envelope-Id`` and ``Original-Recipient``.
 
+A notice about a message with UTF-8 addresses (the sender's, a recipient's or an ORCPT) or a
+UTF-8 header section (RFC 6531/6532 mail) is internationalised as RFC 6533 asks:
+``report-type=global-delivery-status``, a ``message/global-delivery-status`` part whose UTF-8
+addresses are of type ``utf-8`` (``Final-Recipient: utf-8; josé@example.net``), and the
+original header section as ``message/global-headers``. Other notices keep the ASCII forms of
+RFC 3464 (``message/delivery-status``, ``text/rfc822-headers``).
+
 A DSN carries the original message's header section only, never its body, whatever ``RET``
 asked: the relay promises that message content is processed solely for delivery, and a notice
 is not a delivery. ``RET=FULL`` is therefore honoured as headers only.
@@ -118,6 +125,33 @@ def _ascii(value: str) -> str:
     return _NOT_ASCII.sub("?", _header_safe(value))
 
 
+_EMBEDDED_UNICODE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _unicode_escapes(value: str) -> str:
+    """``\\x{E9}`` -> ``é``: an ORCPT of type utf-8 arrives in utf-8-addr-xtext (RFC 6533
+    §3), whose embedded-unicode escapes the global status part writes as the characters."""
+    def char(m: re.Match[str]) -> str:
+        code = int(m.group(1), 16)
+        return chr(code) if 0x80 <= code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "?"
+    return _EMBEDDED_UNICODE.sub(char, value)
+
+
+def is_global(original_sender: str, recipients: list[FailedRecipient], headers: bytes) -> bool:
+    """Does the notice need the internationalised forms of RFC 6533? (UTF-8 in an address the
+    status part names, in the sender's address, or in the returned header section.)"""
+    return not (original_sender.isascii() and headers.isascii() and all(
+        r.address.isascii() and (r.orcpt is None or (r.orcpt.isascii() and not (
+            r.orcpt.lower().startswith("utf-8;"))))
+        for r in recipients))
+
+
+def _address_field(address: str, global_: bool) -> str:
+    """The address-type and address of Final-Recipient: ``utf-8`` (RFC 6533) for a UTF-8
+    address in a global notice, ``rfc822`` otherwise."""
+    return f"utf-8; {address}" if global_ and not address.isascii() else f"rfc822; {address}"
+
+
 def _fold_field(name: str, value: str) -> str:
     return f"{name}: {_header_safe(value)}"
 
@@ -132,6 +166,11 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
     """The DSN message (CRLF line ends), to be sent from the null sender to
     ``original_sender``. Recipients of one DSN share one action (the caller groups them)."""
     boundary = f"=_mailplane_{secrets.token_hex(12)}"
+    headers = original_headers(original_data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    global_ = is_global(original_sender, recipients, headers)
+    report_type = "global-delivery-status" if global_ else "delivery-status"
+    # A server's reply is ASCII in an RFC 3464 status part; the global one carries UTF-8.
+    reply_text = _header_safe if global_ else _ascii
     actions = {action_of(r.status) for r in recipients}
     action = actions.pop() if len(actions) == 1 else "failed"
     expired_only = all(r.status == "expired" for r in recipients)
@@ -145,7 +184,7 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         f"Message-ID: <{original_queue_id}.{secrets.token_hex(6)}.dsn@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={report_type}; boundary="{boundary}"',
         "",
         "This is a MIME-encapsulated delivery status notification.",
         "",
@@ -165,9 +204,11 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
     lines += [
         "",
         f"--{boundary}",
-        "Content-Type: message/delivery-status",
-        "",
+        f"Content-Type: message/{report_type}",
     ]
+    if global_:
+        lines.append("Content-Transfer-Encoding: 8bit")
+    lines.append("")
     if envid is not None:
         lines.append(_fold_field("Original-Envelope-Id", envid))
     lines += [
@@ -180,26 +221,29 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         lines.append("")
         if r.orcpt:
             addr_type, _, address = r.orcpt.partition(";")
+            if global_ and addr_type.lower() == "utf-8":
+                address = _unicode_escapes(address)
             lines.append(_fold_field("Original-Recipient", f"{addr_type}; {address}"))
         lines += [
-            _fold_field("Final-Recipient", f"rfc822; {r.address}"),
+            _fold_field("Final-Recipient", _address_field(r.address, global_)),
             f"Action: {action_of(r.status)}",
             _fold_field("Status", enhanced_status(r.response, r.status)),
         ]
         if r.remote:
             lines.append(_fold_field("Remote-MTA", f"dns; {_ascii(r.remote.rsplit(':', 1)[0])}"))
         if r.response:
-            lines.append(_fold_field("Diagnostic-Code", f"smtp; {_ascii(r.response)}"))
+            lines.append(_fold_field("Diagnostic-Code", f"smtp; {reply_text(r.response)}"))
         lines.append(_fold_field("Last-Attempt-Date", _date(r.last_attempt)))
         if r.retry_until is not None:
             lines.append(_fold_field("Will-Retry-Until", _date(r.retry_until)))
     lines += [
         "",
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "",
+        "Content-Type: message/global-headers" if global_ else "Content-Type: text/rfc822-headers",
     ]
+    if global_:
+        lines.append("Content-Transfer-Encoding: 8bit")
+    lines.append("")
     # "replace": a lone surrogate (an undecodable byte a peer sent) must not stop the notice.
     text = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
-    headers = original_headers(original_data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return text + headers + f"\r\n--{boundary}--\r\n".encode()

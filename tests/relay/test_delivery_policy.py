@@ -143,3 +143,62 @@ def test_a_dsn_quotes_a_hostile_reply_in_ascii_and_keeps_the_field_order() -> No
     per_message = text.split(b"\r\n\r\n" if b"\r\n\r\n" in text else b"\n\n")[1]
     names = [line.split(b":")[0] for line in per_message.splitlines()]
     assert names == [b"Reporting-MTA", b"Arrival-Date", b"X-Mailplane-Queue-ID"]
+
+
+def test_a_dsn_about_utf8_addresses_uses_the_global_forms_of_rfc6533() -> None:
+    original = ("From: José <josé@example.com>\r\nTo: Zoë <zoë@exämple.net>\r\n"
+                "Subject: olá\r\n\r\nTHE BODY MUST NOT LEAK\r\n").encode()
+    raw = build_dsn(
+        reporting_mta="relay.example.com", original_sender="josé@example.com",
+        original_data=original, original_queue_id="Q1", arrival=1_790_000_000.0,
+        now=1_790_000_100.0,
+        recipients=[
+            FailedRecipient("zoë@exämple.net", "bounced", "550 5.1.1 Boîte inconnue",
+                            "mx.example.net:25", 1_790_000_050.0,
+                            orcpt="utf-8;zo\\x{EB}@ex\\x{E4}mple.net"),
+            FailedRecipient("plain@example.net", "bounced", "550 5.1.1 No such user",
+                            "mx.example.net:25", 1_790_000_050.0),
+        ],
+    )
+    assert b"THE BODY MUST NOT LEAK" not in raw
+    # The notice is UTF-8 as a whole (RFC 6532 headers, 8bit parts): read as such.
+    msg = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
+    assert msg["To"].addresses[0].addr_spec == "josé@example.com"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "global-delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/global-delivery-status", "message/global-headers"]
+    # The status part: the per-message group, then one group per recipient (RFC 3464 §2.1),
+    # UTF-8 throughout (RFC 6533 §6: the fields of message/global-delivery-status).
+    assert parts[1]["Content-Transfer-Encoding"] == "8bit"
+    # The email package reads a message/* part as an enclosed message: its header section is
+    # the per-message group, its body the per-recipient groups.
+    [per_message] = parts[1].get_payload()
+    rest = per_message.get_payload()
+    assert isinstance(rest, str)
+    groups = [per_message] + [email.message_from_string(g, policy=email.policy.default)
+                              for g in rest.replace("\r\n", "\n").strip().split("\n\n")]
+    assert groups[0]["Reporting-MTA"] == "dns; relay.example.com"
+    assert groups[1]["Final-Recipient"] == "utf-8; zoë@exämple.net"
+    assert groups[1]["Original-Recipient"] == "utf-8; zoë@exämple.net"
+    assert groups[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 Boîte inconnue"
+    assert groups[1]["Status"] == "5.1.1" and groups[1]["Action"] == "failed"
+    # An ASCII address keeps its rfc822 type, even in a global notice.
+    assert groups[2]["Final-Recipient"] == "rfc822; plain@example.net"
+    [returned] = parts[2].get_payload()
+    assert returned["Subject"] == "olá" and returned["To"].addresses[0].username == "zoë"
+
+
+def test_a_dsn_with_only_a_utf8_header_section_is_global_too() -> None:
+    raw = build_dsn(
+        reporting_mta="relay.example.com", original_sender="a@example.com",
+        original_data="Subject: olá\r\n\r\nbody\r\n".encode(), original_queue_id="Q1",
+        arrival=1_790_000_000.0, now=1_790_000_100.0,
+        recipients=[FailedRecipient("b@example.net", "bounced", "550 5.1.1 No such user",
+                                    None, 1_790_000_050.0)],
+    )
+    msg = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert [p.get_content_type() for p in msg.iter_parts()][1:] == [
+        "message/global-delivery-status", "message/global-headers"]
