@@ -3,8 +3,9 @@
 Layout, everything under the ``directory`` the spool is given (one per worker process):
 
 ``<queue-id>.msg``
-    One file per message: a header line ``MPS1 <n>\\n``, then ``n`` bytes of envelope JSON,
-    then the message data. Written under a temporary name, fsynced, then renamed into place,
+    One file per message: a header line ``MPS2 <n> <crc>\\n``, then ``n`` bytes of envelope
+    JSON, then the message data, whose CRC-32 is ``crc`` (files of earlier versions have the
+    header ``MPS1 <n>\\n`` and no checksum; they are still read). Written under a temporary name, fsynced, then renamed into place,
     so a ``.msg`` file is complete or absent: recovery never takes half a message for real.
 ``<queue-id>.state``
     The latest envelope (per-recipient state, attempts, next attempt), rewritten atomically by
@@ -40,7 +41,12 @@ fails the check is set aside in ``corrupt/``). A state update is not synced, so 
 cut a ``.state`` name may point at a reused file whose new content never reached the disk and
 which still holds an older file's bytes (a removed message's, body included): a state file that
 is not a valid envelope of its own message is deleted when read, and the commit-time envelope
-used instead.
+used instead. A disk that tears a write (a power cut while it writes the sectors of a page,
+or one that acknowledges a flush it has not done) can leave a reused message file with its new
+header and envelope but some sectors of an older file's bytes: every read of the data checks
+its CRC-32 (about 1 us for a few KB), and a message whose data does not match is never
+delivered: its envelope alone is set aside in ``corrupt/<id>.torn`` (for a human to tell its
+sender; the torn bytes may be another message's and are not kept) and its files are scrubbed.
 
 Group commit: a commit writes its file on the event loop (a few KB into the page cache cost
 microseconds; a thread hand-off costs more, in wake-ups and GIL traffic) and joins the open batch.
@@ -85,6 +91,7 @@ import sys
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,7 +105,9 @@ log = logging.getLogger(__name__)
 RecipientStatus = Literal["pending", "delivered", "bounced", "expired", "suppressed"]
 _RECIPIENT_STATUSES = ("pending", "delivered", "bounced", "expired", "suppressed")
 
-_MAGIC = b"MPS1 "
+_MAGIC = b"MPS1 "  # format 1: "MPS1 <envelope length>\n"
+_MAGIC2 = b"MPS2 "  # format 2: "MPS2 <envelope length> <CRC-32 of the data>\n"
+_TORN = ".torn"
 _MSG = ".msg"
 _STATE = ".state"
 _TMP = ".tmp-"
@@ -488,8 +497,7 @@ class Spool:
         return await self._store(msg, data, started)
 
     async def _store(self, msg: QueuedMessage, data: bytes, started: float) -> QueuedMessage:
-        envelope = msg.to_json()
-        head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)
+        head = _head(msg.to_json(), data)
         name = msg.queue_id + _MSG
         final = self._d + name
         try:
@@ -535,10 +543,32 @@ class Spool:
                     raw = b"".join(chunks)
             finally:
                 os.close(fd)
-            offset, _ = _read_header(io.BytesIO(raw))
+            offset, _, crc = _read_header_crc(io.BytesIO(raw))
         except (OSError, ValueError) as exc:
             raise SpoolError(f"spool read of {queue_id} failed: {exc}") from exc
+        if crc is not None and zlib.crc32(memoryview(raw)[offset:]) != crc:
+            self._set_aside_torn(queue_id, raw[:offset])
+            raise SpoolError(f"spool read of {queue_id} failed: its data does not match its "
+                             f"checksum (a write torn by a crash); not delivered, its envelope "
+                             f"set aside in {_CORRUPT}/{queue_id}{_TORN}")
         return raw[offset:]
+
+    def _set_aside_torn(self, queue_id: str, head: bytes) -> None:
+        """A message whose data is torn: its envelope (the latest one known) goes to
+        ``corrupt/`` for a human, without any data byte (some may be another message's), and
+        its files are scrubbed like a removed message's."""
+        held = self._envelopes.get(queue_id) or self._pinned.get(queue_id)
+        envelope = held.to_json() if held is not None else head
+        log.error("spool: data of %s does not match its checksum (a write torn by a crash); "
+                  "not delivered, envelope set aside in %s/", queue_id, _CORRUPT)
+        try:
+            self._corrupt_dir.mkdir(exist_ok=True)
+            with open(self._corrupt_dir / (queue_id + _TORN), "wb") as f:
+                f.write(envelope)
+        except OSError:
+            log.exception("spool: cannot set aside the envelope of %s", queue_id)
+        self._remove(queue_id)
+        self._count_corrupt()
 
     def queue_ids(self) -> list[str]:
         """The queue ids of the messages in the spool, oldest first."""
@@ -796,7 +826,7 @@ class Spool:
             offset, _ = _read_header(f)
             f.seek(offset)
             data = f.read()
-        head = b"%s%d\n%s" % (_MAGIC, len(envelope), envelope)
+        head = _head(envelope, data)
         tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{qid}{_MSG}", head, data)
         try:
             if self.fsync:
@@ -1290,15 +1320,33 @@ def adopt(source: str | Path, target: str | Path, *, fsync: bool,
     return moved
 
 
+def _head(envelope: bytes, data: bytes) -> bytes:
+    """The header line and envelope of a message file of the current format."""
+    return b"%s%d %d\n%s" % (_MAGIC2, len(envelope), zlib.crc32(data), envelope)
+
+
 def _read_header(f: Any) -> tuple[int, bytes]:
+    offset, envelope, _ = _read_header_crc(f)
+    return offset, envelope
+
+
+def _read_header_crc(f: Any) -> tuple[int, bytes, int | None]:
+    """The data's offset, the envelope and the data's CRC-32 (None in format 1)."""
     line = f.readline(_MAX_HEADER)
-    if not line.startswith(_MAGIC) or not line.endswith(b"\n"):
+    if not line.endswith(b"\n"):
         raise ValueError("not a spool file")
-    length = int(line[len(_MAGIC):-1])
+    crc: int | None = None
+    if line.startswith(_MAGIC2):
+        length_text, _, crc_text = line[len(_MAGIC2):-1].partition(b" ")
+        length, crc = int(length_text), int(crc_text)
+    elif line.startswith(_MAGIC):
+        length = int(line[len(_MAGIC):-1])
+    else:
+        raise ValueError("not a spool file")
     envelope = f.read(length)
     if len(envelope) != length:
         raise ValueError("truncated envelope")
-    return len(line) + length, envelope
+    return len(line) + length, envelope, crc
 
 
 def _write_all(fd: int, head: bytes, body: bytes) -> None:

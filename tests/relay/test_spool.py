@@ -169,6 +169,55 @@ async def test_a_quarantined_message_takes_its_state_file_along(tmp_path: Path) 
     await again.close()
 
 
+async def test_data_whose_checksum_fails_is_never_read_and_its_envelope_set_aside(
+        tmp_path: Path) -> None:
+    """A torn write: the header and envelope are the message's, a later sector holds other
+    bytes. The data is not returned (so never delivered); the envelope alone goes to
+    corrupt/, no data byte, and the message's files are scrubbed."""
+    s = make_spool(tmp_path)
+    await s.start()
+    data = b"Subject: torn\r\n\r\n" + b"own-body " * 200
+    msg = await commit(s, data)
+    await s.save_state(msg)
+    path = tmp_path / f"{msg.queue_id}.msg"
+    raw = path.read_bytes()
+    assert raw.startswith(b"MPS2 ")
+    torn = raw[:1024] + b"other-mail-body " * 20
+    path.write_bytes(torn + raw[len(torn):])  # same size: the envelope check still passes
+    assert s.load(msg.queue_id) is msg
+    with pytest.raises(SpoolError, match="does not match its checksum"):
+        s.read(msg.queue_id)
+    assert msg.queue_id not in s.queue_ids() and s.load(msg.queue_id) is None
+    assert files(tmp_path) == []
+    [aside] = (tmp_path / "corrupt").iterdir()
+    assert aside.name == f"{msg.queue_id}.torn"
+    kept = aside.read_bytes()
+    assert json.loads(kept)["recipients"][0]["address"] == "a@example.net"
+    assert b"own-body" not in kept and b"other-mail" not in kept
+    for p in (tmp_path / "free").iterdir():
+        assert b"other-mail" not in p.read_bytes() and b"own-body" not in p.read_bytes()
+    assert s.metrics.registry.get_sample_value("mailplane_relay_spool_corrupt_files") == 1
+    await s.close()
+
+
+async def test_message_files_of_format_1_without_checksum_are_still_read(
+        tmp_path: Path) -> None:
+    s = make_spool(tmp_path)
+    await s.start()
+    data = b"Subject: old\r\n\r\nold body\r\n"
+    msg = await commit(s, data)
+    await s.close()
+    path = tmp_path / f"{msg.queue_id}.msg"
+    header, rest = path.read_bytes().split(b"\n", 1)
+    assert header.startswith(b"MPS2 ")
+    path.write_bytes(b"MPS1 %s\n" % header.split()[1] + rest)
+    again = make_spool(tmp_path)
+    [recovered] = await again.start()
+    assert recovered.queue_id == msg.queue_id
+    assert again.read(msg.queue_id) == data
+    await again.close()
+
+
 async def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
     s = make_spool(tmp_path)
     await s.start()
