@@ -5,8 +5,9 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
 ``<queue-id>.msg``
     One file per message: a header line ``MPS2 <n> <crc>\\n``, then ``n`` bytes of envelope
     JSON, then the message data, whose CRC-32 is ``crc`` (files of earlier versions have the
-    header ``MPS1 <n>\\n`` and no checksum; they are still read). Written under a temporary name, fsynced, then renamed into place,
-    so a ``.msg`` file is complete or absent: recovery never takes half a message for real.
+    header ``MPS1 <n>\\n`` and no checksum; they are still read). Written under a temporary
+    name, fsynced, then renamed into place, so a ``.msg`` file is complete or absent: recovery
+    never takes half a message for real.
 ``<queue-id>.state``
     The latest envelope (per-recipient state, attempts, next attempt), rewritten atomically by
     :meth:`Spool.save_state`. When present it wins over the envelope inside the ``.msg`` file.
