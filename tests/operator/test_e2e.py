@@ -162,7 +162,7 @@ class Relay:
         except OSError:
             return 0, ""
 
-    def wait(self, check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         # Another process: nothing to await but its HTTP endpoint, polled briefly.
         deadline = time.monotonic() + timeout
         while not check():
