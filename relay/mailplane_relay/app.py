@@ -42,7 +42,7 @@ from .config import (
 )
 from .control import ControlError, ControlServer, control_dir, remove_stale_sockets, socket_path
 from .delivery import DeliveryQueue
-from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer, HandoffLedger
+from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer, HandoffLedger, Siblings
 from .http import AdminServer, OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
@@ -540,12 +540,17 @@ class RelayApp:
         self.server = server
         await server.start()
         stages.append(("smtp server", self._drain_server))
-        if worker is None:
-            self.drainer = Drainer(config=self.config, spool=spool, queue=queue,
-                                   listeners=server, readiness=self.readiness,
-                                   registry=self.registry, ledger=ledger)
+        # Every process drains its own spool; the first one serves the admin port and passes
+        # drain orders to the others over their control sockets.
+        self.drainer = Drainer(config=self.config, spool=spool, queue=queue,
+                               listeners=server, readiness=self.readiness,
+                               registry=self.registry, ledger=ledger)
+        control.drainer = self.drainer
+        stages.append(("drain", self.drainer.stop_task))
+        if worker is None or worker.index == 0:
             self.admin.drainer = self.drainer
-            stages.append(("drain", self.drainer.stop_task))
+            if worker is not None and settings.workers > 1:
+                self.admin.siblings = Siblings(settings.spool.directory, settings.workers)
             if settings.admin is not None:
                 # HTTPS with the listeners' live context: the token, the drain orders and the
                 # handed-off messages never cross the network in clear text.
@@ -865,8 +870,7 @@ class Supervisor:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
         readiness = _WorkersReadiness(state_dir, self.workers)
-        # A relay with several workers does not drain (its spools are the workers'): it serves
-        # no /admin endpoint (workers: 1 where pods are drained, as the operator renders).
+        # The /admin endpoints (drain, hand-off) are served by worker 0 on its own port.
         http = OpsServer(address=settings.http.address, port=settings.http.port,
                          readiness=readiness, registry=registry)
         await http.start()

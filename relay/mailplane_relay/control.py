@@ -35,6 +35,7 @@ from .spool import valid_queue_id as _valid_queue_id
 
 if TYPE_CHECKING:
     from .delivery import DeliveryQueue
+    from .drain import Drainer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ DEFAULT_LIST_LIMIT = 1000
 # Envelopes read per thread hand-off while listing.
 LIST_BATCH = 500
 OPS = ("list", "show", "destinations", "hold", "release", "flush", "delete", "bounce")
+# Between the workers of one pod (drain.py): the worker serving the admin port passes drain
+# orders to the others and adds up their state. Not for the CLI (not listed to it).
+WORKER_OPS = ("drain", "undrain", "drain-status")
 
 
 def control_dir(spool_root: str | Path) -> Path:
@@ -104,6 +108,8 @@ class ControlServer:
         self._spool = spool
         self._clock = clock
         self._server: asyncio.AbstractServer | None = None
+        self.drainer: Drainer | None = None
+        """This process's drainer, for the drain orders of the worker serving the admin port."""
 
     async def start(self) -> None:
         """Bind the socket (the caller holds the spool lock of this worker, so a socket left
@@ -161,6 +167,8 @@ class ControlServer:
     async def call(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         try:
+            if op in WORKER_OPS:
+                return {"ok": True, "result": await self._worker_op(str(op), request)}
             if op not in OPS:
                 raise ControlError(f"unknown operation; one of {', '.join(OPS)}")
             for name in ("queue_id", "destination"):
@@ -172,6 +180,22 @@ class ControlServer:
             return {"ok": False, "error": f"spool: {exc}"}
         log.info("queue administration: %s %s", op, _target(request))
         return {"ok": True, "result": result}
+
+    async def _worker_op(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """A drain order from the worker serving the admin port (the token it carries is
+        never logged)."""
+        drainer = self.drainer
+        if drainer is None:
+            raise ControlError("this process does not drain (yet): try again")
+        if op == "drain":
+            peers, token = request.get("peers"), request.get("token")
+            if not (isinstance(peers, list) and all(isinstance(p, str) for p in peers)
+                    and isinstance(token, str)):
+                raise ControlError("drain needs peers (a list of URLs) and token")
+            await drainer.start(peers, token)
+        elif op == "undrain":
+            await drainer.stop()
+        return drainer.status()
 
     # ---------------------------------------------------------------- operations
 
@@ -359,6 +383,38 @@ def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
 
 
 # ---------------------------------------------------------------- client (the CLI)
+
+
+WORKER_CALL_TIMEOUT = 10.0
+
+
+async def call_worker(spool_root: str | Path, index: int,
+                      request: dict[str, Any]) -> dict[str, Any]:
+    """One request to the relay process ``w<index>`` of this pod; its result. ControlError
+    when it does not answer or refuses."""
+    path = socket_path(spool_root, index)
+    payload = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+    try:
+        async with asyncio.timeout(WORKER_CALL_TIMEOUT):
+            with _short_path(path) as address:
+                reader, writer = await asyncio.open_unix_connection(address, limit=1 << 20)
+            try:
+                writer.write(payload)
+                await writer.drain()
+                raw = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError, OSError):
+                    await writer.wait_closed()
+        answer = json.loads(raw)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ControlError(f"worker {index} does not answer ({type(exc).__name__})") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else "no answer"
+        raise ControlError(f"worker {index}: {error}")
+    result = answer.get("result")
+    return result if isinstance(result, dict) else {}
+
 
 
 def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0

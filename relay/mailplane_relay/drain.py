@@ -33,8 +33,10 @@ StatefulSet's replicas once every pod to remove reports ``queued`` and ``session
 ``DELETE /admin/drain`` stops draining (a scale-down called off): the listeners open again and
 the messages held for hand-off are released. A relay refuses hand-offs while it drains itself.
 
-Only a single-process relay (``workers: 1``, what the operator runs) drains; with several
-workers the ``/admin`` endpoints answer 501.
+With several workers each one drains its own spool: worker 0 serves the admin port, passes
+drain orders to the others over their control sockets (control.py) and answers their state
+added up (`combined`); hand-offs from other pods go to its own spool. ``/admin/revoke``
+answers 501 there (a revocation pushed to one worker would not hold in the others).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .config import RelayConfig
+from .control import ControlError, call_worker
 from .spool import HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
 
 if TYPE_CHECKING:
@@ -200,7 +203,7 @@ class DrainReadiness(Protocol):
 
 
 class Drainer:
-    """The drain and hand-off logic of one relay process (``workers: 1``)."""
+    """The drain and hand-off logic of one relay process (each worker drains its own spool)."""
 
     def __init__(self, *, config: Callable[[], RelayConfig], spool: Spool, queue: DeliveryQueue,
                  listeners: Listeners, readiness: DrainReadiness,
@@ -429,14 +432,58 @@ class Drainer:
         return msg.queue_id, False
 
 
+class Siblings:
+    """The other worker processes of this pod (``workers: N``), as the worker serving the
+    admin port (worker 0) reaches them: over their queue administration sockets."""
+
+    def __init__(self, spool_root: str, workers: int) -> None:
+        self.spool_root = spool_root
+        self.indexes = range(1, workers)
+
+    async def call(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each one's drain state after `request`; ControlError if one does not answer."""
+        return list(await asyncio.gather(
+            *(call_worker(self.spool_root, i, request) for i in self.indexes)))
+
+
+def combined(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The drain state of a pod from its workers' (the first is the one answering): draining
+    when every worker drains, the messages and sessions of all; a configuration hash only when
+    every worker runs the same configuration ("" while they differ, during a reload)."""
+    first = states[0]
+    out = dict(first)
+    out["draining"] = all(bool(s.get("draining")) for s in states)
+    out["queued"] = sum(int(s.get("queued") or 0) for s in states)
+    out["sessions"] = sum(int(s.get("sessions") or 0) for s in states)
+    for key in ("configHash", "render"):
+        if any(s.get(key) != first.get(key) for s in states):
+            out[key] = ""
+    out["workers"] = len(states)
+    return out
+
+
 class AdminEndpoints:
     """The ``/admin`` routes of the administration port (HTTPS), bound to a `Drainer` once the
-    relay has one (before that they answer 503)."""
+    relay has one (before that they answer 503). With several workers the first one serves
+    them: drain orders go to every worker (`siblings`) and the state answered is theirs
+    together; hand-offs are stored in its own spool."""
 
     def __init__(self) -> None:
         self.drainer: Drainer | None = None
+        self.siblings: Siblings | None = None
         self.revoke: Callable[[str], bool] | None = None
         """Refuse a username ahead of the mounted configuration (app.py, revocation.py)."""
+
+    async def _all(self, drainer: Drainer, request: dict[str, Any] | None) -> dict[str, Any]:
+        """This process's state and, with several workers, the others' after `request`."""
+        own = drainer.status()
+        if self.siblings is None:
+            return own
+        try:
+            others = await self.siblings.call(request or {"op": "drain-status"})
+        except ControlError as exc:
+            raise web.HTTPServiceUnavailable(text=f"{exc}; ask again\n") from None
+        return combined([own, *others])
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(DRAIN_PATH, self._status), web.get(STATUS_PATH, self._status),
@@ -455,7 +502,7 @@ class AdminEndpoints:
         return drainer
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._check(request).status())
+        return web.json_response(await self._all(self._check(request), None))
 
     async def _drain(self, request: web.Request) -> web.Response:
         drainer = self._check(request)
@@ -471,7 +518,8 @@ class AdminEndpoints:
                                           'messages are handed off over verified TLS only)\n'
                                      ) from None
         await drainer.start(peers, token)
-        return web.json_response(drainer.status(), status=202)
+        state = await self._all(drainer, {"op": "drain", "peers": peers, "token": token})
+        return web.json_response(state, status=202)
 
     async def _revoke(self, request: web.Request) -> web.Response:
         drainer = self._check(request)
@@ -482,6 +530,10 @@ class AdminEndpoints:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise web.HTTPBadRequest(text='send {"username": "..."}\n') from None
+        if self.siblings is not None:
+            raise web.HTTPNotImplemented(
+                text="a relay with several workers takes revocations from its mounted "
+                     "configuration only (workers: 1 for pushed revocations)\n")
         if self.revoke is None:
             raise web.HTTPServiceUnavailable(text="starting\n")
         in_force = self.revoke(username)
@@ -491,7 +543,7 @@ class AdminEndpoints:
     async def _undrain(self, request: web.Request) -> web.Response:
         drainer = self._check(request)
         await drainer.stop()
-        return web.json_response(drainer.status())
+        return web.json_response(await self._all(drainer, {"op": "undrain"}))
 
     async def _handoff(self, request: web.Request) -> web.Response:
         drainer = self._check(request)

@@ -315,3 +315,45 @@ def test_a_message_handed_over_again_after_a_crash_is_not_stored_twice(
     _wait(lambda: len(sink.messages) >= 3 and not a.spooled_files(), "three deliveries")
     got = sorted(_message_id(m.data) for m in sink.messages)
     assert got == sorted(ids)
+
+
+def test_a_relay_with_several_workers_hands_off_every_workers_spool(
+        relay_factory: Callable[..., RelayProcess], tls_ca: trustme.CA, tmp_path: Path) -> None:
+    with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
+        a = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
+        b = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path),
+                          workers=2)
+        a.start()
+        b.start()
+        # The kernel spreads connections over the workers: one message per connection until
+        # both workers' spools hold mail.
+        ids: list[str] = []
+        for n in range(64):
+            ids += _send(b, 1, f"w{n}")
+            if all(list((b.spool_dir / w).glob("*.msg")) for w in ("w0", "w1")):
+                break
+        assert all(list((b.spool_dir / w).glob("*.msg")) for w in ("w0", "w1"))
+
+        status, doc = _admin(b, "GET", "/admin/status")
+        assert status == 200 and doc["workers"] == 2 and doc["queued"] == len(ids)
+        assert doc["draining"] is False
+        status, doc = _admin(b, "POST", "/admin/drain", {"peers": [_peer(a)], "token": TOKEN})
+        assert status == 202 and doc["draining"] is True and doc["workers"] == 2
+        _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
+        assert b.spooled_files() == []
+        assert len(a.spooled_files()) == len(ids)
+        assert b.readyz()[0] == 503  # no worker takes mail
+        # Pushed revocations need a single process: refused, not half done.
+        status, text = _admin(b, "POST", "/admin/revoke", {"username": "app"})
+        assert status == 501 and "workers" in text
+
+        sink.behaviour.data_reply = None  # A delivers every message of both workers, once
+        _wait(lambda: len(sink.messages) >= len(ids) and not a.spooled_files(), "deliveries")
+        got = sorted(_message_id(m.data) for m in sink.messages)
+        assert got == sorted(ids)
+
+        # Called off: every worker accepts mail again.
+        status, doc = _admin(b, "DELETE", "/admin/drain")
+        assert status == 200 and doc["draining"] is False
+        _wait(lambda: b.readyz()[0] == 200, "B ready again")
+        _wait(lambda: _admin(b, "GET", "/admin/status")[1]["draining"] is False, "undrained")
