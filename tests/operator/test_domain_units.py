@@ -11,9 +11,24 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailplane_operator.reconcile import domain as dm
+from mailplane_operator.reconcile import models
 from mailplane_operator.reconcile.conditions import format_time
-from tests.operator.reconcile_builders import NOW, domain
-from tests.operator.test_reconcile_ownership import _cond, _step, _verified_domain
+from mailplane_operator.reconcile.credential_state import ANN_ROTATE
+from tests.operator.reconcile_builders import NOW, body, counting_random, domain, relay
+from tests.operator.test_reconcile_domain import reconcile, serving
+from tests.operator.test_reconcile_ownership import (
+    GRANT_SHOP,
+    LABELS,
+    _cond,
+    _step,
+    _verified_domain,
+    claim,
+    verified_status,
+)
+
+
+def factory() -> dm.KeyFactory:
+    return dm.random_key_factory(counting_random())
 
 
 def test_rsa_keys_are_2048_bits_with_the_usual_exponent() -> None:
@@ -82,3 +97,230 @@ def test_dns_verification_through_a_grace_period_exactly() -> None:
     assert _cond(disabled, "DNSVerified")[0] == "False"
     assert [(e.type, e.reason) for e in disabled.events if e.reason == "DomainDisabled"] == [
         ("Warning", "DomainDisabled")]
+
+
+def test_the_grace_period_events_name_the_domain_and_the_dates() -> None:
+    d, ok, good = _verified_domain()
+    name = "mp._domainkey.example.com"
+    t1 = NOW + timedelta(hours=1)
+    missing = _step(d, ok, {**good, name: []}, t1)
+    assert [(e.type, e.reason, e.message) for e in missing.events
+            if e.reason == "DNSRecordsMissing"] == [(
+                "Warning", "DNSRecordsMissing",
+                f"no DKIM record at {name}: example.com stays enabled until "
+                f"{format_time(t1 + timedelta(hours=72))} and is disabled then unless DNS "
+                "serves the record listed in status.dnsRecords again")]
+    back = _step(d, missing, good, t1 + timedelta(hours=1))
+    assert [e.message for e in back.events if e.reason == "DNSRecordsRestored"] == [
+        "DNS serves the DKIM record of example.com again; the domain stays enabled"]
+    disabled = _step(d, missing, {**good, name: []}, t1 + timedelta(hours=72))
+    assert [e.message for e in disabled.events if e.reason == "DomainDisabled"] == [
+        f"example.com disabled: no DKIM record at {name} since {format_time(t1)}, longer than "
+        "the grace period (spec.tenancy.dnsGracePeriod of the SmtpRelay); publish the DKIM "
+        "record listed in status.dnsRecords to verify it again"]
+
+
+def test_a_renamed_domain_starts_without_the_old_names_missing_records() -> None:
+    d, ok, good = _verified_domain()
+    missing = _step(d, ok, {**good, "mp._domainkey.example.com": []}, NOW + timedelta(hours=1))
+    assert "recordsMissingSince" in missing.status
+    renamed = claim("mail", domain_name="example.org", status=missing.status,
+                    dkim={"selector": "mp", "algorithm": "ed25519"})
+    new_name = "mp._domainkey.example.org"
+    failed = dm.reconcile_domain(renamed, relay=relay(), namespace_labels={},
+                                 existing_secret=missing.secret, observed={new_name: None},
+                                 now=NOW + timedelta(hours=2))
+    assert _cond(failed, "DNSVerified") == (
+        "Unknown", "DNSLookupFailed", f"the TXT lookup of {new_name} failed")
+    assert "disableTime" not in failed.status and "recordsMissingSince" not in failed.status
+    value = next(r["value"] for r in failed.status["dnsRecords"] if r["name"] == new_name)
+    served = dm.reconcile_domain(renamed, relay=relay(), namespace_labels={},
+                                 existing_secret=missing.secret, observed={new_name: [value]},
+                                 now=NOW + timedelta(hours=2))
+    assert served.enabled
+    assert "DNSRecordsRestored" not in [e.reason for e in served.events]
+
+
+# --------------------------------------------------------------------------------------------
+# Which claims take part in the election of a domain's owner
+# --------------------------------------------------------------------------------------------
+
+
+def _ours(r: Any, others: list[Any], labels: dict[str, dict[str, str]]) -> tuple[str, str]:
+    """Ready (status, reason) of a verified claim in the relay's namespace, created after
+    ``others``, reconciled with them in view."""
+    mine = claim("mail", name="ours", created="2026-11-20T00:00:00Z", status=verified_status())
+    result = dm.reconcile_domain(mine, relay=r, namespace_labels={}, existing_secret=None,
+                                 observed=None, now=NOW, key_factory=factory(),
+                                 claims=others, claim_labels=labels)
+    status, reason, _ = _cond(result, "Ready")
+    return status, reason
+
+
+def test_an_earlier_verified_claim_owns_the_domain_however_its_namespace_is_allowed() -> None:
+    by_label = relay(allowedNamespaces=GRANT_SHOP,
+                     tenancy={"verificationSkipNamespaces": GRANT_SHOP})
+    # In the relay's own namespace (a relay without allowedNamespaces).
+    home = claim("mail", status=verified_status())
+    assert _ours(relay(), [home], {}) == ("False", "DomainConflict")
+    # In a namespace the relay allows by its labels.
+    shop = claim("shop", status=verified_status())
+    assert _ours(by_label, [shop], LABELS) == ("False", "DomainConflict")
+    assert _ours(by_label, [shop], {}) == ("True", "Verified")  # labels unknown: not allowed
+    # Skipping verification where the relay allows it by the namespace's labels.
+    skipping = claim("shop", verification={"skip": True})
+    assert _ours(by_label, [skipping], LABELS) == ("False", "DomainConflict")
+
+
+def test_claims_on_another_relay_deleted_or_unverified_do_not_own_the_domain() -> None:
+    r = relay(allowedNamespaces={})  # every namespace
+    other_relay = claim("shop", status=verified_status(), relayRef={"name": "other",
+                                                                     "namespace": "mail"})
+    elsewhere = claim("shop", status=verified_status(), relayRef={"name": "main",
+                                                                  "namespace": "shop"})
+    deleted_body = body("SendingDomain", "dom", "shop",
+                        {"domain": "example.com", "relayRef": {"name": "main",
+                                                               "namespace": "mail"}},
+                        status=verified_status())
+    deleted_body["metadata"]["creationTimestamp"] = "2026-11-01T00:00:00Z"
+    deleted_body["metadata"]["deletionTimestamp"] = "2026-11-27T11:00:00Z"
+    deleted = models.parse_sending_domain(deleted_body)
+    unverified = claim("shop")
+    for other in (other_relay, elsewhere, deleted, unverified):
+        assert _ours(r, [other], LABELS) == ("True", "Verified"), other.spec
+    # The same claims, not deleted and verified, on this relay: the earlier one owns.
+    assert _ours(r, [claim("shop", status=verified_status())], LABELS) == (
+        "False", "DomainConflict")
+
+
+# --------------------------------------------------------------------------------------------
+# What DNS must serve
+# --------------------------------------------------------------------------------------------
+
+
+def _spf(d: Any, *answers: str) -> tuple[str, str, str]:
+    first = reconcile(d, None)
+    observed = {**serving(first), "example.com": list(answers)}
+    return _cond(reconcile(d, first.secret, observed), "SPFVerified")
+
+
+def test_spf_names_what_the_published_record_lacks() -> None:
+    exact = domain(spf={"record": "v=spf1 a -all"})
+    assert _spf(exact, "v=spf1 mx -all") == (
+        "False", "RecordMismatch",
+        "the SPF record at example.com lacks the exact record from spec.spf.record")
+    assert _spf(exact, "V=SPF1 A -ALL")[0] == "True"
+    include = domain(spf={"include": ["_spf.example.net"], "ip6": ["2001:db8::/32"]})
+    assert _spf(include, "v=spf1 ip6:2001:db8::/32 -all") == (
+        "False", "RecordMismatch",
+        "the SPF record at example.com lacks include:_spf.example.net")
+    assert _spf(include, "v=spf1 -all")[2] == (
+        "the SPF record at example.com lacks include:_spf.example.net, ip6:2001:db8::/32")
+    assert _spf(include, "v=spf1 include:_spf.example.net ip6:2001:db8::/32 -all")[0] == "True"
+    # Nothing asked for (the suggestion is "mx"): any one SPF record will do.
+    assert _spf(domain(), "v=spf1 include:_spf.google.com ~all") == (
+        "True", "Verified", "SPF record at example.com authorises the relay")
+    assert _spf(domain(), "v=spf1 mx ~all", "v=spf1 -all") == (
+        "False", "RecordMismatch",
+        "2 SPF records at example.com; receivers treat that as an error (RFC 7208 4.5)")
+
+
+def test_the_dkim_key_is_recognised_however_the_record_is_spaced() -> None:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519"})
+    first = reconcile(d, None)
+    name = "mp._domainkey.example.com"
+    value = serving(first)[name][0]  # type: ignore[index]
+    p = value.partition("p=")[2]
+    assert p.endswith("=")  # base64 padding: the value holds a second "="
+    for served in (f"v=DKIM1;k=ed25519;p={p}", f"v=DKIM1; k=ed25519; p={p[:20]} {p[20:]}",
+                   f"v=DKIM1; k=ed25519; p = {p} ;"):
+        result = reconcile(d, first.secret, {**serving(first), name: [served]})
+        assert _cond(result, "DKIMVerified")[:2] == ("True", "Verified"), served
+    # Another Ed25519 key (its value padded the same way) is a mismatch.
+    other = dm.dkim_txt_value(dm.generate_dkim_key("ed25519", lambda n: b"\x07" * n))
+    result = reconcile(d, first.secret, {**serving(first), name: [other]})
+    assert _cond(result, "DKIMVerified")[:2] == ("False", "RecordMismatch")
+    result = reconcile(d, first.secret, {**serving(first), name: ["v=DKIM1; k=ed25519"]})
+    assert _cond(result, "DKIMVerified")[:2] == ("False", "RecordMismatch")
+
+
+def test_the_names_to_look_up_follow_the_keys_in_the_secret() -> None:
+    dual = domain(dkim={"selector": "mp", "algorithm": "rsa-2048+ed25519"})
+    assert dm.names_to_check(dual, None) == [
+        "mp._domainkey.example.com", "mp-ed25519._domainkey.example.com", "example.com",
+        "_dmarc.example.com"]
+    # The selector in the spec was edited after the key was made: the key's own selector.
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519"})
+    renamed = domain(dkim={"selector": "new", "algorithm": "ed25519"})
+    assert dm.names_to_check(renamed, reconcile(d, None).secret)[0] == (
+        "mp._domainkey.example.com")
+
+
+# --------------------------------------------------------------------------------------------
+# Rotation
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_rotation_says_why_it_started() -> None:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519", "rotationInterval": "720h"})
+    stable = reconcile(d, None)
+    due = reconcile(d, stable.secret, now=NOW + timedelta(days=30))
+    assert [e.message for e in due.events] == [
+        "DKIM key rotation started (the rotation interval has passed): publish the TXT record "
+        "of selector mp-20261227 listed in status.dnsRecords"]
+    asked = domain(dkim={"selector": "mp", "algorithm": "ed25519"},
+                   annotations={ANN_ROTATE: "2026-11-27"})
+    started = reconcile(asked, stable.secret, now=NOW + timedelta(minutes=1))
+    assert [e.message for e in started.events] == [
+        "DKIM key rotation started (requested by the mailplane.io/rotate annotation): publish "
+        "the TXT record of selector mp-20261127 listed in status.dnsRecords"]
+
+
+def test_a_rotation_never_reuses_a_selector_the_secret_holds() -> None:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519"},
+               annotations={ANN_ROTATE: "again"})
+    pems = dm.random_key_factory(counting_random())
+
+    def key(selector: str) -> dm.DKIMKeyInfo:
+        return dm.DKIMKeyInfo(selector, "ed25519", NOW, pems("ed25519"))
+
+    # Keys restored from a backup: today's selector and its "-2" are taken.
+    held = {s: key(s) for s in ("mp", "mp-20261127", "mp-20261127-2")}
+    state = dm.DKIMState("Stable", "mp", held, NOW - timedelta(days=1))
+    new, _ = dm.advance(d, state, next_served=False, now=NOW, key_factory=pems)
+    assert new.next == "mp-20261127-3"
+    assert set(new.keys) == {*held, "mp-20261127-3"}
+    one = {s: key(s) for s in ("mp", "mp-20261127")}
+    new, _ = dm.advance(d, dm.DKIMState("Stable", "mp", one, NOW), next_served=False, now=NOW,
+                        key_factory=pems)
+    assert new.next == "mp-20261127-2"
+
+
+def test_a_failed_lookup_neither_restarts_nor_ends_the_grace_period() -> None:
+    d, ok, good = _verified_domain()
+    name = "mp._domainkey.example.com"
+    short = relay(tenancy={"dnsGracePeriod": "10h"})
+
+    def step(last: dm.DomainResult, observed: Any, now: Any) -> dm.DomainResult:
+        current = models.SendingDomain(d.meta, d.spec, last.status)
+        return dm.reconcile_domain(current, relay=short, namespace_labels={},
+                                   existing_secret=last.secret, observed=observed, now=now)
+
+    assert _cond(ok, "DNSVerified")[:2] == ("True", "Verified")
+    failed = step(ok, {**good, name: None}, NOW)
+    assert _cond(failed, "DNSVerified") == (
+        "Unknown", "DNSLookupFailed", f"the TXT lookup of {name} failed; the domain stays "
+        "enabled until DNS answers that the record is gone")
+    t1 = NOW + timedelta(hours=1)
+    missing = step(ok, {**good, name: []}, t1)
+    end = t1 + timedelta(hours=10)
+    failed = step(missing, {**good, name: None}, t1 + timedelta(hours=1))
+    assert failed.enabled and failed.status["verifiedTime"] == format_time(NOW)
+    assert failed.status["recordsMissingSince"] == format_time(t1)
+    assert failed.status["disableTime"] == format_time(end) and failed.next_check == end
+    assert f"disabled after {format_time(end)} once DNS answers so again" in _cond(
+        failed, "DNSVerified")[2]
+    # Gone again at the end of the period counted from the first answer: disabled.
+    disabled = step(failed, {**good, name: []}, end)
+    assert not disabled.enabled
+    assert _cond(disabled, "Ready")[:2] == ("False", "DKIMNotVerified")
