@@ -52,6 +52,8 @@ from .ratelimit import Limiter
 from .reputation import Reputation
 from .revocation import FILE_NAME as REVOCATIONS_FILE
 from .revocation import Revocations
+from .rotation import FILE_NAME as ROTATIONS_FILE
+from .rotation import Rotations, parse_push
 from .spool import Spool, SpoolErasure, SpoolError, adopt
 from .spool import count_messages as spool_count_messages
 from .store import LogQuery, MessageLog, StoreBackend, SuppressionList
@@ -313,6 +315,7 @@ class RelayApp:
         self.http: OpsServer | None = None
         self.admin_http: AdminServer | None = None
         self.revocations: Revocations | None = None
+        self.rotations: Rotations | None = None
         self._mounted: RelayConfig | None = None
         self.admin = AdminEndpoints()
         self.drainer: Drainer | None = None
@@ -338,10 +341,31 @@ class RelayApp:
     def revoke(self, username: str) -> bool:
         """Refuse `username` from now on (AUTH and open sessions), ahead of the mounted
         configuration (revocation.py). True once it is refused here."""
-        assert self.revocations is not None and self._mounted is not None
-        self.revocations.revoke(username, self._mounted)
-        self._config = self.revocations.apply(self._mounted)
+        assert self.revocations is not None and self.rotations is not None
+        assert self._mounted is not None
+        held = self.rotations.held(username)
+        self.revocations.revoke(username, self._mounted, held.hashes() if held else ())
+        self.rotations.forget(username)
+        self._config = self._effective(self._mounted)
         return username not in self._config.credentials
+
+    def push_password(self, doc: object) -> tuple[str, int]:
+        """Run a rotated password ahead of the mounted configuration (rotation.py): the
+        username and the serial in force for it. ValueError for a malformed push, PushRefused
+        for a credential this relay does not serve."""
+        assert self.revocations is not None and self.rotations is not None
+        assert self._mounted is not None
+        username, pushed = parse_push(doc)
+        serial = self.rotations.push(username, pushed, self.revocations.apply(self._mounted))
+        self._config = self._effective(self._mounted)
+        return username, serial
+
+    def _effective(self, mounted: RelayConfig) -> RelayConfig:
+        """The mounted configuration without what was revoked, with what was rotated, both
+        pushed ahead of it."""
+        if self.revocations is None or self.rotations is None:
+            return mounted
+        return self.rotations.apply(self.revocations.apply(mounted))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -420,8 +444,12 @@ class RelayApp:
             self.revocations = Revocations(
                 Path(settings.message_log.path).parent / REVOCATIONS_FILE)
             self.revocations.prune(self._mounted)
-            self._config = self.revocations.apply(self._mounted)
+            self.rotations = Rotations(
+                Path(settings.message_log.path).parent / ROTATIONS_FILE)
+            self.rotations.prune(self._mounted)
+            self._config = self._effective(self._mounted)
             self.admin.revoke = self.revoke
+            self.admin.push_password = self.push_password
         metrics = self.metrics
         metrics.ready.set(0)
         self._count_config_load(None)
@@ -751,9 +779,10 @@ class RelayApp:
         if new.source_hash == old.source_hash:
             return True
         self._mounted = new
-        if self.revocations is not None:
+        if self.revocations is not None and self.rotations is not None:
             self.revocations.prune(new)
-            new = self.revocations.apply(new)
+            self.rotations.prune(new)
+            new = self._effective(new)
         self._config = new
         self._count_config_load(old)
         for name in _RESTART_ONLY:

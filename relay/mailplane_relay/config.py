@@ -809,6 +809,10 @@ class Credential(_Model):
     suspended: bool = False
     suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
     owner: str | None = None  # "namespace/name" of the SmtpCredential, for humans
+    password_serial: int = Field(0, alias="passwordSerial", ge=0)
+    """The number of the rotation that issued ``passwordHash`` (the operator counts them): a
+    password pushed ahead of the mounted configuration (rotation.py) is in force until the
+    mounted entry's serial reaches it."""
     # Delivery events of this credential's mail only (docs/webhooks.md).
     webhook: WebhookEndpoint | None = None
 
@@ -972,6 +976,14 @@ class RelayConfig(_Model):
         copy = self.model_copy()
         copy._credential_index = {u: c for u, c in self._credential_index.items()
                                   if u not in usernames}
+        return copy
+
+    def with_credentials(self, replaced: Mapping[str, Credential]) -> RelayConfig:
+        """A copy in which the credentials of `replaced` are the ones given (rotation.py); the
+        settings document and its hashes stay as loaded."""
+        copy = self.model_copy()
+        copy._credential_index = {u: replaced.get(u, c)
+                                  for u, c in self._credential_index.items()}
         return copy
 
     def is_trusted(self, peer_ip: str) -> bool:

@@ -36,7 +36,8 @@ the messages held for hand-off are released. A relay refuses hand-offs while it 
 With several workers each one drains its own spool: worker 0 serves the admin port, passes
 drain orders to the others over their control sockets (control.py) and answers their state
 added up (`combined`); hand-offs from other pods go to its own spool. ``/admin/revoke``
-answers 501 there (a revocation pushed to one worker would not hold in the others).
+and ``/admin/credential`` answer 501 there (a revocation or a rotated password pushed to one
+worker would not hold in the others).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .config import RelayConfig
 from .control import ControlError, call_worker
+from .rotation import PushRefused
 from .spool import HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ DRAIN_PATH = "/admin/drain"
 STATUS_PATH = "/admin/status"
 HANDOFF_PATH = "/admin/handoff"
 REVOKE_PATH = "/admin/revoke"
+CREDENTIAL_PATH = "/admin/credential"
 ENVELOPE_HEADER = "X-Mailplane-Envelope"
 # An authenticated hand-off carries one message (the relay's own size limit is 25 MiB).
 MAX_HANDOFF_BODY = 256 * 1024 * 1024
@@ -473,6 +476,8 @@ class AdminEndpoints:
         self.siblings: Siblings | None = None
         self.revoke: Callable[[str], bool] | None = None
         """Refuse a username ahead of the mounted configuration (app.py, revocation.py)."""
+        self.push_password: Callable[[object], tuple[str, int]] | None = None
+        """Run a rotated password ahead of the mounted configuration (app.py, rotation.py)."""
 
     async def _all(self, drainer: Drainer, request: dict[str, Any] | None) -> dict[str, Any]:
         """This process's state and, with several workers, the others' after `request`."""
@@ -489,7 +494,7 @@ class AdminEndpoints:
         return [web.get(DRAIN_PATH, self._status), web.get(STATUS_PATH, self._status),
                 web.post(DRAIN_PATH, self._drain),
                 web.delete(DRAIN_PATH, self._undrain), web.post(HANDOFF_PATH, self._handoff),
-                web.post(REVOKE_PATH, self._revoke)]
+                web.post(REVOKE_PATH, self._revoke), web.post(CREDENTIAL_PATH, self._credential)]
 
     def _check(self, request: web.Request) -> Drainer:
         drainer = self.drainer
@@ -538,6 +543,27 @@ class AdminEndpoints:
             raise web.HTTPServiceUnavailable(text="starting\n")
         in_force = self.revoke(username)
         return web.json_response({"username": username, "revoked": in_force,
+                                  **drainer.status()})
+
+    async def _credential(self, request: web.Request) -> web.Response:
+        drainer = self._check(request)
+        if self.siblings is not None:
+            raise web.HTTPNotImplemented(
+                text="a relay with several workers takes rotated passwords from its mounted "
+                     "configuration only (workers: 1 for pushed rotations)\n")
+        if self.push_password is None:
+            raise web.HTTPServiceUnavailable(text="starting\n")
+        try:
+            doc = await request.json()
+        except ValueError:
+            doc = None
+        try:
+            username, serial = self.push_password(doc)
+        except PushRefused as exc:
+            raise web.HTTPConflict(text=f"{exc}\n") from None
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        return web.json_response({"username": username, "passwordSerial": serial,
                                   **drainer.status()})
 
     async def _undrain(self, request: web.Request) -> web.Response:

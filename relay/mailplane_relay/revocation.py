@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from .config import Credential, RelayConfig
@@ -67,13 +68,16 @@ class Revocations:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def revoke(self, username: str, config: RelayConfig) -> bool:
-        """Revoke what `username` has in `config` (the configuration as mounted); False if it
-        has nothing there (already revoked by the configuration itself)."""
+    def revoke(self, username: str, config: RelayConfig, also: Iterable[str] = ()) -> bool:
+        """Revoke what `username` has in `config` (the configuration as mounted) and the
+        hashes `also` (pushed at a rotation, rotation.py: the mounted render that catches up
+        holds them); False if it has nothing there (already revoked by the configuration
+        itself)."""
         credential = config.credentials.get(username)
         if credential is None:
             return False
-        self._entries.setdefault(username, set()).update(_hashes(credential))
+        self._entries.setdefault(username, set()).update(
+            _hashes(credential) | {fingerprint(h) for h in also})
         self._save()
         log.info("revocations: %s refused from now on (pushed ahead of the configuration)",
                  username)
