@@ -199,6 +199,8 @@ class Runtime:
     """When each credential's timer must reconcile (None: nothing scheduled); a missing entry
     means "reconcile at the next tick"."""
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    rotation_pushes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    """Per credential: the confirmation of its last rotation pushed to the relay pods."""
     domain_wakers: dict[str, asyncio.Event] = field(default_factory=dict)
     parsed: BoundedCache[tuple[str, str], tuple[str, Any]] = field(
         default_factory=lambda: BoundedCache(CACHE_SIZE))

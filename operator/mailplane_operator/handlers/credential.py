@@ -3,7 +3,11 @@ finalizer held until the relay's configuration no longer accepts a deleted crede
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -11,7 +15,7 @@ import kopf
 from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
-from ..reconcile.conditions import Event, parse_time
+from ..reconcile.conditions import Event, format_time, parse_time
 from ..reconcile.credential_state import (
     COMPONENT_STATE,
     LABEL_COMPONENT,
@@ -19,7 +23,7 @@ from ..reconcile.credential_state import (
     state_secret_name,
     state_secret_name_of,
 )
-from ..reconcile.models import SpecError, parse_smtp_credential
+from ..reconcile.models import SmtpRelay, SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import RENDER_REASONS, attached_domains, owners_of
 from ..runtime import Body, RelayKey, Runtime
@@ -39,6 +43,15 @@ from .common import (
     relay_of,
     with_conditions,
 )
+
+logger = logging.getLogger(__name__)
+
+# Reasons of status.rotation (a rotated password pushed to the relay pods).
+REASON_ROTATION_PENDING = "RotationPending"
+REASON_ROTATION_CONFIRMED = "RotationConfirmed"
+REASON_ROTATION_UNCONFIRMED = "RotationUnconfirmed"
+PUSH_RETRY = 1.0
+"""Seconds between two pushes of a rotated password to the pods that have not confirmed it."""
 
 
 def _credential_state(result: cred_mod.CredentialResult) -> str:
@@ -95,13 +108,22 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 action, obj = await _write(rt, body, result.state_secret)
                 rt.remember_secret(cred.relay_namespace, state_name, obj)
                 written = action != "unchanged"
+            push = cred_mod.pushed_password(cred, result, now, relay)
+            first: _Round | None = None
+            if push is not None and relay is not None:
+                # Then the relay pods, ahead of their mounted configuration: the pods that
+                # answer run the new password before the application can read it.
+                _cancel_push(rt, key)
+                first = await _push_round(rt, relay, push)
             if result.secret is not None:
                 # Guarded: a Secret someone else created in between is never overwritten.
                 action, obj = await _write(rt, body, result.secret, owner_uid=cred.meta.uid)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
                 written |= action != "unchanged"
             status = {**result.status, "conditions": reconciled(
-                rt, result.status.get("conditions"), body, True)}
+                rt, result.status.get("conditions"), body, True),
+                # Written by the confirmation of a pushed rotation only (left as it is here).
+                "rotation": (body.get("status") or {}).get("rotation")}
             diff = merge_diff(body.get("status") or {}, status)
             if diff:
                 patch.setdefault("status", {}).update(diff)
@@ -111,8 +133,101 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 cred.meta.namespace, cred.meta.name, state=_credential_state(result),
                 rotated_at=result.state.rotated_at.timestamp() if result.state else None,
                 interval=cred.spec.rotation.interval)
+    if push is not None and first is not None:
+        rt.rotation_pushes[key] = asyncio.create_task(
+            _confirm_rotation(rt, body, indexes["relays_idx"], relay_key, push=push,
+                              first=first),
+            name=f"rotation push {key}")
     if written or poke:
         rt.poke(relay_key)
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One push of a rotated password: the running pods asked, those that confirmed, and why
+    none could be asked (empty: they could)."""
+
+    asked: list[str]
+    confirmed: set[str]
+    problem: str = ""
+
+
+async def _push_round(rt: Runtime, relay: SmtpRelay, push: dict[str, Any]) -> _Round:
+    admin = await scaledown.admin_client(rt, relay)
+    if admin.context is None:
+        return _Round([], set(), admin.problem)
+    asked, confirmed = await scaledown.push_password(rt, relay, admin, push)
+    return _Round(asked, confirmed)
+
+
+def _cancel_push(rt: Runtime, key: str) -> None:
+    """A newer rotation (or the deletion) supersedes the confirmation of an earlier one."""
+    task = rt.rotation_pushes.pop(key, None)
+    if task is not None:
+        task.cancel()
+
+
+async def _confirm_rotation(rt: Runtime, body: Body, relays_idx: Any, relay_key: RelayKey, *,
+                            push: dict[str, Any], first: _Round) -> None:
+    """Push the rotated password again (every second, re-listing the pods: one restarted or
+    replaced meanwhile is asked too) until every running pod has confirmed it, at most
+    ``revocation_timeout``; then say so in ``status.rotation`` (and a Warning Event naming the
+    pods when some never confirmed)."""
+    started = time.monotonic()
+    serial = int(push["passwordSerial"])
+    meta = body.get("metadata") or {}
+    namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+    confirmed = set(first.confirmed)
+    this_round = first
+    where = (namespace, name, serial)
+    await _rotation_status(rt, where, False, REASON_ROTATION_PENDING, (
+        f"pushing the password of rotation {serial} to the relay pods"), last=this_round,
+        confirmed=confirmed)
+    while True:
+        pending = sorted(set(this_round.asked) - confirmed)
+        if not this_round.problem and not pending:
+            await _rotation_status(rt, where, True, REASON_ROTATION_CONFIRMED, (
+                f"every running relay pod ({len(this_round.asked)}) runs the password of "
+                f"rotation {serial}; the previous password works only as "
+                "status.previousPasswordExpires says" if this_round.asked else
+                "no relay pod is running; pods that start read the rotated password from "
+                "their configuration"), last=this_round, confirmed=confirmed,
+                seconds=time.monotonic() - started)
+            return
+        if time.monotonic() - started >= rt.config.revocation_timeout:
+            why = this_round.problem or (
+                f"relay pods {', '.join(pending)} did not confirm the password of rotation "
+                f"{serial} within {rt.config.revocation_timeout:.0f}s (not answering or "
+                "refusing it); they run it once their configuration volume catches up")
+            post_events(body, [Event("Warning", REASON_ROTATION_UNCONFIRMED, why)])
+            await _rotation_status(rt, where, False, REASON_ROTATION_UNCONFIRMED, why,
+                                   last=this_round, confirmed=confirmed)
+            return
+        await asyncio.sleep(PUSH_RETRY)
+        relay = relay_of(relays_idx, relay_key)
+        if relay is None:
+            return
+        this_round = await _push_round(rt, relay, push)
+        confirmed |= this_round.confirmed
+
+
+async def _rotation_status(rt: Runtime, where: tuple[str, str, int], done: bool, reason: str,
+                           message: str, *, last: _Round, confirmed: set[str],
+                           seconds: float | None = None) -> None:
+    """``status.rotation``: whether every running relay pod runs the rotated password."""
+    namespace, name, serial = where
+    status = {"serial": serial, "confirmed": done, "reason": reason, "message": message,
+              "confirmedPods": sorted(confirmed & set(last.asked)),
+              "pendingPods": sorted(set(last.asked) - confirmed),
+              "time": format_time(rt.clock()),
+              "confirmedAfterSeconds": round(seconds, 3) if seconds is not None else None}
+    try:
+        await rt.client.patch(kube.SMTP_CREDENTIALS, namespace, name,
+                              {"status": {"rotation": status}}, status=True)
+    except ApiError as exc:
+        # Deleted meanwhile, or the API server away: the next rotation writes it again.
+        logger.warning("SmtpCredential %s/%s: status.rotation not written: %s", namespace,
+                       name, exc)
 
 
 async def _write(rt: Runtime, body: Body, manifest: Mapping[str, Any],
@@ -223,5 +338,6 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
             await rt.client.delete(kube.SECRETS, state_ns, state_secret_name_of(uid))
             rt.remember_secret(state_ns, state_secret_name_of(uid), None)
         rt.credential_next_check.pop(key, None)
+        _cancel_push(rt, key)
         rt.locks.pop(key, None)
         rt.metrics.credential(namespace, name, state=None)

@@ -49,6 +49,7 @@ ADMIN_KEY = "token"
 DRAIN_PATH = "/admin/drain"
 STATUS_PATH = "/admin/status"
 REVOKE_PATH = "/admin/revoke"
+CREDENTIAL_PATH = "/admin/credential"
 HTTP_TIMEOUT = 3.0
 
 
@@ -324,3 +325,25 @@ async def push_revocation(rt: Runtime, relay: SmtpRelay, admin: AdminClient,
             for _n, u in targets))
     return {name for (name, _u), a in zip(targets, answers, strict=True)
             if a is not None and a.get("revoked") is True}
+
+
+async def push_password(rt: Runtime, relay: SmtpRelay, admin: AdminClient,
+                        fields: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """Tell every running pod of the relay to run a rotated password now (``POST
+    /admin/credential`` with the credential's password fields: hashes and ``passwordSerial``),
+    ahead of its mounted configuration: the running pods asked, and the names of those that
+    answer a serial at or after the one pushed."""
+    pods = await rt.client.list(kube.PODS, relay.meta.namespace,
+                                labels=relay_mod.selector_labels(relay))
+    targets = sorted((str(p["metadata"]["name"]), u) for p in pods
+                     if _ordinal(p, relay) is not None and (u := _url(p)) is not None)
+    if not targets:
+        return [], set()
+    serial = int(fields["passwordSerial"])
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http:
+        answers = await asyncio.gather(*(
+            _call(http, "POST", u, admin, fields, path=CREDENTIAL_PATH) for _n, u in targets))
+    return [n for n, _u in targets], {
+        name for (name, _u), a in zip(targets, answers, strict=True)
+        if a is not None and isinstance(a.get("passwordSerial"), int)
+        and a["passwordSerial"] >= serial}

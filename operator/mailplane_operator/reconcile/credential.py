@@ -307,6 +307,8 @@ def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime
         "allowedSenders": list(cred.spec.allowed_senders),
         "owner": cred.meta.key,
     }
+    if state.serial:
+        entry["passwordSerial"] = state.serial
     if state.previous_hash and state.previous_expires:
         entry["previousPasswordHash"] = state.previous_hash
         entry["previousExpires"] = format_time(state.previous_expires)
@@ -339,6 +341,8 @@ class CredentialResult:
     rotated: bool
     next_check: datetime | None
     """When to reconcile again (scheduled rotation, end of an overlap window); None: no need."""
+    cause: str | None = None
+    """Why the password changed (``ROTATION_*``), when ``rotated``."""
 
 
 def current_state(cred: SmtpCredential, stored_state: Mapping[str, Any] | None,
@@ -388,6 +392,7 @@ def reconcile_credential(
     secret: dict[str, Any] | None = None
     state_secret: dict[str, Any] | None = None
     rotated = False
+    cause: str | None = None
     if relay is not None and conflict is None and (
             admission.reason != REASON_NAMESPACE_NOT_ALLOWED):
         state = current_state(cred, stored_state, existing_secret, now)
@@ -419,7 +424,26 @@ def reconcile_credential(
             or before.get("message") != capped["message"]):
         events.append(Event("Warning", REASON_LIMIT_CAPPED, capped["message"]))
     return CredentialResult(secret, state_secret, state, status, events, admission, rotated,
-                            next_check(cred, state))
+                            next_check(cred, state), cause if rotated else None)
+
+
+PUSHED_FIELDS = ("username", "owner", "passwordSerial", "passwordHash", "previousPasswordHash",
+                 "previousExpires")
+
+
+def pushed_password(cred: SmtpCredential, result: CredentialResult, now: datetime,
+                    relay: SmtpRelay | None) -> dict[str, Any] | None:
+    """What the relay pods are told at a rotation, ahead of their configuration (``POST
+    /admin/credential``): the password fields of the credential's entry and the rotation's
+    serial (hashes, never the password). None when nothing is to be pushed: no rotation, the
+    first password (the pods do not have the credential yet), or a credential the relay does
+    not accept."""
+    if (not result.rotated or result.cause == ROTATION_INITIAL or result.state is None
+            or relay is None or not result.admission.allowed):
+        return None
+    entry = credential_entry(cred, result.state, now, relay)
+    entry["passwordSerial"] = result.state.serial
+    return {k: entry[k] for k in PUSHED_FIELDS if k in entry}
 
 
 def _rotation_message(cause: str, cred: SmtpCredential, state: CredentialState) -> str:

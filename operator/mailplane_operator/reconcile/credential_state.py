@@ -49,6 +49,7 @@ KEY_PREVIOUS_HASH = "previousPasswordHash"
 KEY_PREVIOUS_EXPIRES = "previousExpires"
 KEY_ROTATED_AT = "rotatedAt"
 KEY_ROTATION_REQUEST = "rotationRequest"
+KEY_SERIAL = "passwordSerial"
 
 # Annotations of the application Secret that held the state before (read once to migrate).
 ANN_PASSWORD_HASH = "mailplane.io/password-hash"  # noqa: S105 - an annotation key
@@ -116,10 +117,13 @@ class CredentialState:
     previous_hash: str | None = None
     previous_expires: datetime | None = None
     rotation_request: str | None = None
+    serial: int = 0
+    """The number of the rotation that issued ``password_hash`` (0: from before the count);
+    orders the passwords pushed to the relay pods ahead of their configuration."""
 
     def __repr__(self) -> str:  # hashes stay out of logs too
         return (f"CredentialState(rotated_at={self.rotated_at!r}, "
-                f"previous_expires={self.previous_expires!r})")
+                f"previous_expires={self.previous_expires!r}, serial={self.serial})")
 
     def issued(self, password: str | None) -> bool:
         """Whether ``password`` is the current one issued."""
@@ -192,7 +196,15 @@ def state_from_store(secret: Mapping[str, Any] | None) -> CredentialState | None
         previous_hash=previous if keep else None,
         previous_expires=expires if keep else None,
         rotation_request=_token(secret_value(secret, KEY_ROTATION_REQUEST)),
+        serial=_serial(secret_value(secret, KEY_SERIAL)),
     )
+
+
+def _serial(value: str | None) -> int:
+    try:
+        return max(0, int(value or "0"))
+    except ValueError:
+        return 0
 
 
 def state_from_legacy_secret(cred: SmtpCredential, secret: Mapping[str, Any] | None,
@@ -235,6 +247,8 @@ def state_manifest(cred: SmtpCredential, relay: SmtpRelay,
         values[KEY_PREVIOUS_EXPIRES] = format_time(state.previous_expires)
     if state.rotation_request:
         values[KEY_ROTATION_REQUEST] = state.rotation_request
+    if state.serial:
+        values[KEY_SERIAL] = str(state.serial)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -289,6 +303,7 @@ def rotate(cred: SmtpCredential, state: CredentialState | None, now: datetime,
         previous_expires=previous_expires,
         rotation_request=_token(cred.meta.annotations.get(ANN_ROTATE))
         or (state.rotation_request if state else None),
+        serial=(state.serial if state else 0) + 1,
     ), password
 
 
