@@ -103,7 +103,7 @@ def _push(volume: SecretVolume, ca: trustme.CA, token: str, doc: dict[str, Any]
         data=json.dumps(doc).encode(), headers={"Authorization": f"Bearer {token}",
                                                 "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, context=ctx, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(request, context=ctx, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
