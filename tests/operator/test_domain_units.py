@@ -324,3 +324,71 @@ def test_a_failed_lookup_neither_restarts_nor_ends_the_grace_period() -> None:
     disabled = step(failed, {**good, name: []}, end)
     assert not disabled.enabled
     assert _cond(disabled, "Ready")[:2] == ("False", "DKIMNotVerified")
+
+
+def test_a_record_never_served_is_no_verification() -> None:
+    d = domain()
+    first = reconcile(d, None)
+    gone = reconcile(d, first.secret, {**serving(first), "mailplane._domainkey.example.com": []})
+    assert _cond(gone, "DNSVerified")[:2] == ("False", "RecordNotFound")
+    assert not gone.enabled and "recordsMissingSince" not in gone.status
+
+
+def test_the_dns_verified_condition_while_records_are_missing_names_the_end() -> None:
+    d, ok, good = _verified_domain()
+    name = "mp._domainkey.example.com"
+    t1 = NOW + timedelta(hours=1)
+    missing = _step(d, ok, {**good, name: []}, t1)
+    assert _cond(missing, "DNSVerified") == (
+        "False", "RecordNotFound", f"no DKIM record at {name}; disabled at "
+        f"{format_time(t1 + timedelta(hours=72))} unless it is published again")
+
+
+def test_the_returned_state_is_what_the_secret_gives_back() -> None:
+    """What the operator keeps (the Secret) and what it acted on (the result) never differ:
+    a restart in the middle of a rotation resumes where it stopped."""
+    spec: dict[str, Any] = {"dkim": {"selector": "mp", "algorithm": "rsa-2048+ed25519",
+                                     "rotationInterval": "720h", "retireAfter": "168h"}}
+    d = domain(**spec, annotations={ANN_ROTATE: "at-creation"})
+    first = reconcile(d, None)
+    assert first.signing.selector == "mp"
+    steps = [first]
+    for now in (NOW + timedelta(minutes=1), NOW + timedelta(days=30),
+                NOW + timedelta(days=30, hours=1), NOW + timedelta(days=38)):
+        steps.append(reconcile(d, steps[-1].secret, serving(steps[-1]), now=now))
+    assert [s.state.phase for s in steps] == [
+        "Stable", "Stable", "NextKeyPublished", "Switched", "Stable"]
+    for result in steps:
+        assert dm.state_from_secret(result.secret) == result.state
+        assert dm.state_from_secret(result.secret, dm.ANN_DKIM_SECOND_STATE) == result.second
+    # Every step tells what happened and what to do, once per key; the rotate token the
+    # domain was created with is no request to rotate the new key.
+    publish = "publish the TXT record"
+    assert [[(e.type, e.message) for e in s.events if e.reason.startswith("DKIM")]
+            for s in steps] == [
+        [("Normal", f"generated a rsa-2048 DKIM key under selector mp; {publish} listed in "
+                    "status.dnsRecords"),
+         ("Normal", f"generated a ed25519 DKIM key under selector mp-ed25519; {publish} "
+                    "listed in status.dnsRecords")],
+        [("Normal", "DNS serves the ed25519 key of selector mp-ed25519: mail is signed with "
+                    "it too")],
+        [("Normal", "DKIM key rotation started (the rotation interval has passed): "
+                    f"{publish} of selector {sel} listed in status.dnsRecords")
+         for sel in ("mp-20261227", "mp-ed25519-20261227")],
+        [("Normal", f"signing with selector {new} now; selector {old} stays published until "
+                    "2027-01-03T13:00:00Z")
+         for new, old in (("mp-20261227", "mp"), ("mp-ed25519-20261227", "mp-ed25519"))],
+        [("Normal", f"retired DKIM selector {old}; its TXT record can be removed")
+         for old in ("mp", "mp-ed25519")],
+    ]
+    single = domain(dkim={"selector": "mp", "algorithm": "rsa-2048"})
+    off = reconcile(single, steps[-1].secret, serving(steps[-1]), now=NOW + timedelta(days=39))
+    assert [(e.type, e.reason, e.message) for e in off.events if e.reason.startswith("DKIM")] == [
+        ("Normal", "DKIMKeyRetired", "dual signing turned off: retired DKIM selector "
+                                     "mp-ed25519-20261227; its TXT record can be removed")]
+
+
+def test_the_spf_suggestion_without_mechanisms_is_mx() -> None:
+    records = {r["purpose"]: r["value"] for r in reconcile(domain(), None).status["dnsRecords"]}
+    assert records["spf"] == "v=spf1 mx ~all"
+    assert records["dmarc"] == "v=DMARC1; p=none"
