@@ -6,6 +6,7 @@ Usage (through ``scripts/mutation``, which installs what it needs first):
     scripts/mutation dkim spool          # some modules (names below, or a source path)
     scripts/mutation --sample 30 --gate  # 30 mutants per module, fail under the target
     scripts/mutation limits --record     # full run; its killed mutants become the ratchet
+    scripts/mutation limits --mutants NAME... --record  # a part of it: updates those entries
     scripts/mutation --ci                # CI: recorded killed mutants must stay killed
 
 Each module is mutated in a staging copy of the tree (``.mutation/``, git-ignored) laid out as
@@ -191,12 +192,20 @@ def load_ratchet(module: Module) -> dict[str, str]:
     return {parts[0]: parts[1] for parts in lines}
 
 
-def record_ratchet(module: Module, killed: list[str]) -> None:
+def record_ratchet(module: Module, killed: list[str], *, ran: list[str] | None = None) -> None:
+    """Write the killed mutants of a full run. ``ran``: only these mutants were run (a part of
+    the full run, or its survivors again after new tests): the record keeps its other entries
+    whose function is unchanged, and of these it keeps the killed ones."""
     prints = fingerprints(module)
+    entries = {name: prints[name] for name in killed if name in prints}
+    if ran is not None:
+        done = set(ran)
+        entries |= {name: digest for name, digest in load_ratchet(module).items()
+                    if name not in done and prints.get(name) == digest}
     RATCHET.mkdir(parents=True, exist_ok=True)
     lines = [f"# {module.source}: mutants the full run killed (scripts/mutation "
              f"{module.name} --record); CI checks that a sample stays killed"]
-    lines += [f"{name} {prints[name]}" for name in sorted(killed) if name in prints]
+    lines += [f"{name} {digest}" for name, digest in sorted(entries.items())]
     ratchet_path(module).write_text("\n".join(lines) + "\n")
 
 
@@ -323,14 +332,17 @@ def main() -> int:
                              "adding tests)")
     parser.add_argument("--record", action="store_true",
                         help="after a full run, write the killed mutants to the ratchet "
-                             "(tests/mutation/killed/MODULE.txt)")
+                             "(tests/mutation/killed/MODULE.txt); with --mutants, update the "
+                             "entries of those mutants only (a full run split in parts, or "
+                             "its survivors run again)")
     parser.add_argument("--ci", action="store_true",
                         help=f"the CI gate: {CI_MUTANTS} recorded killed mutants of each module "
                              f"the last commit touched and of {CI_MODULES} more (chosen from "
                              "the commit) must stay killed")
     args = parser.parse_args()
-    if args.record and (args.sample or args.mutants):
-        parser.error("--record needs a full run (no --sample, no --mutants)")
+    if args.record and args.sample:
+        parser.error("--record needs a full run, or a part of it named by --mutants "
+                     "(no --sample)")
     if args.ci:
         seed = args.seed if args.seed is not None else int(_head_commit()[:8], 16)
         modules = pick(args.modules) if args.modules else ci_modules(seed)
@@ -361,7 +373,8 @@ def main() -> int:
             score = run_module(module, sample=args.sample, seed=seed, workers=args.workers)
         scores.append(score)
         if args.record:
-            record_ratchet(module, score.killed_names)
+            record_ratchet(module, score.killed_names,
+                           ran=list(score.status) if args.mutants else None)
         print(f"{module.name:24} {module.source:55} mutants {score.mutants:4}  killed "
               f"{score.killed:4}  equivalent {score.equivalent:3}  score {score.score:6.1%}",
               flush=True)

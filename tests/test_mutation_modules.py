@@ -48,3 +48,32 @@ def test_every_ratchet_record_names_a_module_and_no_killed_mutant_is_called_equi
         assert all(len(digest) == 16 for digest in recorded.values()), path
         both = sorted(set(recorded) & set(equivalent))
         assert not both, f"killed by the recorded run, yet listed as equivalent: {both}"
+
+
+def test_a_record_of_some_mutants_keeps_the_rest_of_the_record(tmp_path: Path,
+                                                                monkeypatch: Any) -> None:
+    """A full run split in parts (or its survivors run again after new tests) is recorded part
+    by part: the entries of the mutants not run stay, those run are replaced."""
+    module = _script()
+    monkeypatch.setattr(module, "STAGE", tmp_path / "stage")
+    monkeypatch.setattr(module, "RATCHET", tmp_path / "killed")
+    entry = module.Module("toy", "relay/mailplane_relay/toy.py", ("tests/x.py",))
+    mutated = tmp_path / "stage" / "mutants" / "src" / "mailplane_relay" / "toy.py"
+    mutated.parent.mkdir(parents=True)
+
+    def write(bodies: dict[str, str]) -> None:
+        mutated.write_text("".join(f"def x_f__mutmut_{n}():\n    return {body}\n"
+                                   for n, body in bodies.items()))
+
+    name = "mailplane_relay.toy.x_f__mutmut_{}".format
+    write({"1": "1", "2": "2", "3": "3"})
+    module.record_ratchet(entry, [name(1), name(2)])  # the full run killed 1 and 2
+    first = module.load_ratchet(entry)
+    assert sorted(first) == [name(1), name(2)]
+    # 3 and 2 run again: 3 is killed now, 2 survives; 1 was not run and is kept.
+    module.record_ratchet(entry, [name(3)], ran=[name(2), name(3)])
+    assert sorted(module.load_ratchet(entry)) == [name(1), name(3)]
+    # A kept entry whose function changed since is dropped (its name means another change).
+    write({"1": "10", "2": "2", "3": "3"})
+    module.record_ratchet(entry, [], ran=[name(2)])
+    assert sorted(module.load_ratchet(entry)) == [name(3)]
