@@ -884,9 +884,9 @@ class Spool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _sync_batch(self, batch: list[_Pending]) -> None:
-        """Data of every file on disk, then every rename, then one directory fsync: a ``.msg``
-        name never points at data that could be lost, and every name in the batch is durable
-        when this returns without setting ``error``."""
+        """Write-back of every file started, then each file's data on disk before its rename,
+        then one directory fsync: a ``.msg`` name never points at data that could be lost, and
+        every name in the batch is durable when this returns without setting ``error``."""
         if _START_WRITEBACK is not None and len(batch) > 1:
             for p in batch:
                 _START_WRITEBACK(p.fd)
@@ -1201,7 +1201,7 @@ class Spool:
     # ---------------------------------------------------------------- corrupt files
 
     async def _purge_corrupt_loop(self) -> None:
-        interval = min(max(self.corrupt_retention / 4, 1.0), 3600.0)
+        interval = _purge_interval(self.corrupt_retention)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -1239,6 +1239,12 @@ class Spool:
         except FileNotFoundError:
             count = 0
         self.metrics.spool_corrupt_files.set(count)
+
+
+def _purge_interval(retention: float) -> float:
+    """How often the quarantine is purged: four times per retention (a file outlives it by a
+    quarter at most), not more than once a second, at least once an hour."""
+    return min(max(retention / 4, 1.0), 3600.0)
 
 
 def _scrub(value: Any, key: str) -> Any:
