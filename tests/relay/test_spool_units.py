@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def tree_bytes(directory: Path) -> bytes:
 
 
 def write_message(directory: Path, msg: QueuedMessage, data: bytes = DATA) -> Path:
-    """A message file as a commit leaves it."""
+    """A message file as a commit of the previous version (format 1, no checksum) left it."""
     envelope = msg.to_json()
     path = directory / f"{msg.queue_id}.msg"
     path.write_bytes(b"MPS1 %d\n%s%s" % (len(envelope), envelope, data))
@@ -145,7 +146,7 @@ async def test_commit_syncs_the_data_then_renames_then_syncs_the_directory(
     assert (spool.file_fsyncs, spool.dir_fsyncs) == (1, 2)
     raw = Path(final).read_bytes()
     header, rest = raw.split(b"\n", 1)
-    assert header == b"MPS1 %d" % len(msg.to_json())
+    assert header == b"MPS2 %d %d" % (len(msg.to_json()), zlib.crc32(DATA))
     assert json.loads(rest[: len(msg.to_json())]) == json.loads(msg.to_json())
     assert rest[len(msg.to_json()):] == DATA
     assert os.stat(final).st_mode & 0o777 == 0o600
@@ -769,6 +770,35 @@ async def test_load_with_an_unreadable_state_file_is_an_error_not_the_old_envelo
         spool.load(qid)
     assert qid in spool.queue_ids()  # nothing set aside for a passing error
     assert not (spool.directory / "corrupt").exists()
+
+
+async def test_a_message_whose_data_does_not_match_its_checksum_is_never_read(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    msg = await commit(spool, rcpts=("torn@example.net",))
+    msg.attempts = 3  # the latest envelope known is the one set aside
+    path = spool.directory / f"{msg.queue_id}.msg"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-4] + b"XXXX")
+    with pytest.raises(SpoolError, match="does not match its checksum"):
+        spool.read(msg.queue_id)
+    assert names(spool.directory) == []
+    torn = spool.directory / "corrupt" / f"{msg.queue_id}.torn"
+    assert QueuedMessage.from_json(torn.read_bytes()).attempts == 3
+    assert DATA[:10] not in tree_bytes(spool.directory)
+    assert spool.queue_ids() == [] and spool.load(msg.queue_id) is None
+    assert f"data of {msg.queue_id} does not match its checksum" in caplog.text
+    assert spool.metrics.registry.get_sample_value("mailplane_relay_spool_corrupt_files") == 1.0
+
+
+async def test_a_message_of_format_1_is_read_without_a_checksum(tmp_path: Path) -> None:
+    msg = envelope_of()
+    write_message(tmp_path, msg)
+    s = make(tmp_path)
+    try:
+        [got] = await s.start()
+        assert s.read(got.queue_id) == DATA
+    finally:
+        await s.close()
 
 
 async def test_read_of_a_missing_or_foreign_file_is_a_spool_error(spool: Spool) -> None:
