@@ -518,7 +518,7 @@ class RelayApp:
         stages.append(("reputation", lambda: _try(reputation.sync(), health, "reputation")))
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
                               suppression=suppression, metrics=metrics, reputation=reputation,
-                              on_failure=self._fail)
+                              on_failure=self._fail, shared_dir=settings.spool.directory)
         await queue.start([])
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))

@@ -22,6 +22,8 @@ Layout, everything under the ``directory`` the spool is given (one per worker pr
 ``mta-sts-policies.json``
     Only in the spool root (``spool.directory``), by the delivery queue, not the spool: the
     MTA-STS policies of recipient domains (no mail data; see ``delivery.mtasts``).
+``destination-suspensions.json``
+    Likewise: the delivery destinations suspended by any worker (``delivery.suspensions``).
 
 ``free/``
     Files of removed messages, overwritten with zeros, waiting to be reused by a commit or a

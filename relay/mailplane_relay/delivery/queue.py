@@ -70,6 +70,8 @@ from .smtp import (
     quit_connection,
     transaction,
 )
+from .suspensions import FILE_NAME as SUSPENSIONS_FILE
+from .suspensions import PROBE_POLL, SharedSuspensions, Suspension
 from .work import Attempt, Work
 
 log = logging.getLogger("mailplane_relay.delivery")
@@ -111,6 +113,7 @@ class DeliveryQueue:
         signer: DKIMSigner | None = None,
         reputation: Reputation | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        shared_dir: str | None = None,
     ) -> None:
         self._config = config
         # Told when a background task dies: the composition root stops the process (the queue
@@ -153,6 +156,10 @@ class DeliveryQueue:
         self._resolver: MXResolver | None = None
         self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._sts: MTASTS | None = None
+        # Suspensions shared by the relay's workers and kept across restarts (suspensions.py),
+        # in the spool root (``shared_dir``; default: this queue's spool directory).
+        self._shared = SharedSuspensions(
+            Path(shared_dir or spool.directory) / SUSPENSIONS_FILE, clock=clock)
         self._report_domains: set[str] = set()  # policy domains with a metric label
         self._connection_settings = _connection_settings(config().settings.delivery)
         self._background: list[asyncio.Task[None]] = []
@@ -274,12 +281,35 @@ class DeliveryQueue:
     def destinations(self) -> list[dict[str, Any]]:
         """The queue view of destinations: state, reason, limits, backlog."""
         now = self._clock()
+        for dest in self._destinations.values():
+            self._sync_shared(dest)
         return [{
             "destination": d.key, "shaping": d.shape.name, "state": d.state(now),
             "ready": len(d.ready), "connectionsInUse": d.active, "idleConnections": len(d.idle),
             "connectionLimit": d.limit(), "suspendedFor": max(0.0, d.suspended_until - now),
             "reason": d.reason, "failures": d.failures, "delivered": d.delivered,
-        } for d in sorted(self._destinations.values(), key=lambda d: d.key)]
+        } for d in sorted(self._destinations.values(), key=lambda d: d.key)] + [{
+            # Suspended by another worker of the relay (or before a restart), not used here.
+            "destination": key, "shaping": "", "state": "suspended", "ready": 0,
+            "connectionsInUse": 0, "idleConnections": 0, "connectionLimit": 1,
+            "suspendedFor": s.until - now, "reason": s.reason, "failures": s.failures,
+            "delivered": 0,
+        } for key, s in sorted(self._shared_view().items())
+            if key not in self._destinations and s.until > now]
+
+    def _shared_view(self) -> dict[str, Suspension]:
+        return self._shared.view()
+
+    def _sync_shared(self, dest: Destination) -> None:
+        """Take over a suspension that another worker of the relay recorded (or this relay
+        before a restart) and that outlasts this worker's own."""
+        entry = self._shared.view().get(dest.key)
+        if entry is not None and entry.until > dest.suspended_until:
+            dest.suspended_until = entry.until
+            dest.failures = entry.failures
+            dest.reason = entry.reason
+            dest.proven = False
+            dest.window = 1
 
     # ------------------------------------------------------------------ administration
 
@@ -384,8 +414,16 @@ class DeliveryQueue:
                 continue
             dest.suspended_until = now
             resumed.append(dest.key)
+        shared = self._shared
+        ended = sorted(set(resumed) | {k for k, s in shared.view().items()
+                                       if s.until > now and name in (None, k)})
+        try:
+            shared.end_now(ended)
+        except OSError as exc:
+            log.error("delivery: cannot record the end of suspensions in %s: %s",
+                      shared.path, exc)
         self._dispatch_wake.set()
-        return resumed
+        return ended
 
     async def delete(self, queue_id: str) -> None:
         """Delete a message from the spool and the schedule, without a DSN. An attempt in
@@ -448,7 +486,10 @@ class DeliveryQueue:
         now = self._clock()
         counts = dict.fromkeys(STATES, 0)
         for dest in self._destinations.values():
+            self._sync_shared(dest)
             counts[dest.state(now)] += 1
+        counts["suspended"] += sum(1 for key, s in self._shared_view().items()
+                                   if key not in self._destinations and s.until > now)
         for state, count in counts.items():
             self._metrics.destinations.labels(state).set(count)
         self._metrics.connections_in_use.set(self._in_use)
@@ -739,12 +780,15 @@ class DeliveryQueue:
 
     def _enqueue(self, dest: Destination, work: Work) -> None:
         now = self._clock()
+        self._sync_shared(dest)
         if dest.suspended(now):
             if not work.attempt.flushed:
                 self._spawn(self._defer_suspended(dest, work), "delivery-suspended")
                 return
             # An administrator's flush: this work is the destination's probe now.
             dest.suspended_until = now
+            with contextlib.suppress(OSError):
+                self._shared.end_now([dest.key])
             log.info("delivery: suspension of %s ended by a flush", dest.key)
         dest.ready.append(work)
         self._ring_add(dest)
@@ -795,6 +839,8 @@ class DeliveryQueue:
         if not dest.ready:
             dest.in_ring = False
             return False
+        cfg = self._config()
+        self._sync_shared(dest)
         if dest.suspended(now):
             dest.in_ring = False
             self._spawn(self._defer_all(dest), "delivery-suspended")
@@ -811,12 +857,35 @@ class DeliveryQueue:
             dest.in_ring = False
             heapq.heappush(self._timers, (now + wait, next(self._seq), dest))
             return False
+        if dest.failures and not dest.proven and not self._may_probe(dest, cfg, now):
+            dest.in_ring = False
+            self._spawn(self._defer_all(dest), "delivery-suspended")
+            return False
         work = dest.ready.popleft()
         dest.take_rate(now)
         dest.active += 1
         self._in_use += 1
         self._spawn(self._run(dest, work), f"delivery-{work.attempt.msg.queue_id}")
         return True
+
+    def _may_probe(self, dest: Destination, cfg: RelayConfig, now: float) -> bool:
+        """The suspension of ``dest`` ended: may this worker send the probe? One worker of the
+        relay claims it; the others wait for its outcome (their work deferred meanwhile)."""
+        try:
+            blocked = self._shared.claim_probe(
+                dest.key, lease=cfg.settings.delivery.message_deadline)
+        except OSError as exc:
+            log.error("delivery: cannot claim the probe of %s (%s); probing anyway", dest.key,
+                      exc)
+            return True
+        if blocked is None:
+            return True
+        if blocked.until > now:
+            dest.suspended_until = blocked.until
+            dest.failures, dest.reason = blocked.failures, blocked.reason
+        else:  # another worker probes: look again soon
+            dest.suspended_until = min(blocked.probe_until, now + PROBE_POLL)
+        return False
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -1002,6 +1071,12 @@ class DeliveryQueue:
                     failure = "throttled" if exc.throttled else "connect"
                 continue
             session = True
+            if dest.failures and not dest.proven:
+                try:  # the probe worked: the suspension ends for every worker
+                    self._shared.lift(dest.key)
+                except OSError as exc:
+                    log.error("delivery: cannot record the end of the suspension of %s: %s",
+                              dest.key, exc)
             dest.session_worked()
             wire = await self._wire_data(attempt, conn, data)
             return_path = self._return_path(cfg, msg, pending)
@@ -1071,11 +1146,24 @@ class DeliveryQueue:
         now = self._clock()
         if dest.suspended(now):
             return
-        delay = next_retry_delay(dest.failures + 1, cfg.settings.queue, self._rng)
+        try:
+            # Recorded for the relay's other workers and its next start; a suspension another
+            # worker recorded meanwhile is adopted as it is.
+            entry, new = self._shared.suspend(
+                dest.key, failures=dest.failures, reason=reason, kind=kind,
+                delay=lambda step: next_retry_delay(step, cfg.settings.queue, self._rng))
+            delay, failures, reason = entry.until - now, entry.failures, entry.reason
+        except OSError as exc:
+            log.error("delivery: cannot record the suspension of %s in the spool root: %s",
+                      dest.key, exc)
+            delay = next_retry_delay(dest.failures + 1, cfg.settings.queue, self._rng)
+            failures, new = dest.failures + 1, True
         dest.suspend(now, delay, reason, kind)
-        self._metrics.destination_suspensions.labels(kind).inc()
-        log.warning("delivery: destination %s suspended for %.0fs (%s): %s", dest.key, delay,
-                    kind, reason)
+        dest.failures = failures
+        if new:
+            self._metrics.destination_suspensions.labels(kind).inc()
+            log.warning("delivery: destination %s suspended for %.0fs (%s): %s", dest.key,
+                        delay, kind, reason)
         self._close_idle(dest, keep=lambda _c: False)
         if dest.ready:
             self._spawn(self._defer_all(dest), "delivery-suspended")
