@@ -37,6 +37,7 @@ from tests.helpers.kube import (
     rendered_credentials,
 )
 from tests.helpers.pki import client_context
+from tests.helpers.ports import refusing_port
 from tests.operator.test_e2e import Relay, SecretVolume, create_tls_secret
 from tests.operator.test_e2e_scaledown import _pod
 
@@ -213,3 +214,69 @@ def test_a_rotated_password_works_and_the_old_one_is_refused_within_seconds_on_a
               f"render still held the old password)")
     finally:
         assert relay.stop() == 0
+
+
+@pytest.mark.slow
+def test_racing_rotations_end_on_the_last_password_and_an_unreachable_pod_is_reported(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
+        tls_ca: trustme.CA, tmp_path: Path) -> None:
+    # The bound on confirmations (5 minutes in production) cut short for the test.
+    operator_factory(drain_poll=0.2, revocation_timeout=3.0)
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    create_tls_secret(kube_api, tls_ca)
+    kube_api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
+    kube_api.create(k.SMTP_RELAYS, relay_body(
+        delivery={"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": 9,
+                                                     "tls": "none"}}))
+    kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "orders", ["orders@example.com"], rotation={"overlap": "0s"}))
+    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api),
+                        what="the credential rendered")
+    user, first = (kube_api.secret_data("shop", "orders-smtp")[f]
+                   for f in ("username", "password"))
+    uid = (kube_api.get(k.SMTP_CREDENTIALS, "shop", "orders") or {})["metadata"]["uid"]
+    volume = _Volume(kube_api, tmp_path / "pod0", tls_ca)
+    volume.sync()
+    relay = Relay.start(volume, tmp_path / "relay.log")
+    # A second pod whose admin port refuses connections for the whole test.
+    with refusing_port() as closed:
+        try:
+            pod = _pod(0, volume)
+            kube_api.create(k.PODS, pod)
+            kube_api.patch(k.PODS, "mail", "main-0", {"status": pod["status"]}, status=True)
+            gone = _pod(1, volume)
+            gone["spec"]["containers"][0]["ports"][1]["containerPort"] = closed
+            kube_api.create(k.PODS, gone)
+            kube_api.patch(k.PODS, "mail", "main-1", {"status": gone["status"]}, status=True)
+
+            # The tenant asks for rotations as fast as it can.
+            seen = {first}
+            for n in range(1, 6):
+                _rotate(kube_api, f"race-{n}")
+                seen.add(kube_api.secret_data("shop", "orders-smtp")["password"])
+
+            def settled() -> bool:
+                state = kube_api.secret_data("mail", f"mailplane-credential-{uid}")
+                rotation = _rotation(kube_api)
+                return (state.get("rotationRequest") == "race-5"
+                        and rotation.get("serial") == int(state["passwordSerial"])
+                        and rotation.get("reason") == "RotationUnconfirmed")
+
+            kube_api.wait_until(settled, what="the last rotation reported", poll=0.2)
+            status = _rotation(kube_api)
+            last = kube_api.secret_data("shop", "orders-smtp")["password"]
+            assert status["confirmed"] is False
+            assert status["confirmedPods"] == ["main-0"] and status["pendingPods"] == ["main-1"]
+            warnings = [e for e in kube_api.events("shop")
+                        if e.get("reason") == "RotationUnconfirmed"]
+            assert warnings and "main-1" in warnings[-1]["message"]
+            assert warnings[-1]["type"] == "Warning"
+            # The pod that answers runs the last password only, whatever order pushes came in.
+            assert _auth(volume, tls_ca, user, last) == 235
+            for password in seen - {last}:
+                assert _auth(volume, tls_ca, user, password) == 535
+            held = json.loads((volume.state / "rotations.json").read_text())
+            assert held[user]["passwordSerial"] == status["serial"]
+        finally:
+            assert relay.stop() == 0
