@@ -7,11 +7,35 @@ string. ``sender_domain`` is ``other`` for a domain that is not configured (trus
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 NS = "mailplane_relay"
+
+# prometheus_client's multiprocess mode (a worker of a relay with several workers) checks the
+# process id on every increment, set and observation (one getpid system call each, about 30 per
+# relayed message) so that a forked child does not write into its parent's file. The id is kept
+# here instead and renewed in a forked child, which keeps that guarantee without the calls.
+# Replaced before any metric exists: values made by the library's own class would map the same
+# file a second time.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def process_id() -> int:
+    """This process's id as of its start or its last fork (no system call)."""
+    return _pid
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+if getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
 
 OUTCOMES = ("delivered", "deferred", "bounced", "expired", "suppressed")
 REJECT_REASONS = (
