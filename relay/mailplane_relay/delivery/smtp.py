@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiosmtplib
-from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
 from ..config import DeliverySettings
@@ -472,12 +471,28 @@ def _seven_bit_address(address: str) -> str:
     return f"{local}@{name}" if name is not None else address
 
 
+# Outside a quoted local part these would end the path early or start a parameter.
+_PATH_BREAKERS = re.compile(r'[\s<>"]')
+_QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+
+
+def smtp_path(address: str) -> str:
+    """``<address>`` for MAIL FROM or RCPT TO; ValueError for an address that could end the
+    path early or add a parameter (whitespace, angle brackets, a quote outside a quoted local
+    part). Spooled addresses were parsed as RFC 5321 paths when they were received, so they go
+    out as they are: aiosmtplib's ``quote_address`` parses each with ``email.utils.parseaddr``
+    first, which cost about 15 us per address, the most expensive step of a transaction."""
+    if _PATH_BREAKERS.search(_QUOTED_LOCAL_PART.sub("", address, count=1)):
+        raise ValueError("address cannot stand in an SMTP path")
+    return f"<{address}>"
+
+
 def _commands(mail_from: str, recipients: list[Recipient], options: list[str], encoding: str,
               dsn: bool = False) -> tuple[bytes, list[bytes]] | None:
     wire = _seven_bit_address if encoding == "ascii" else str
     try:
-        mail = b"MAIL FROM:" + quote_address(wire(mail_from)).encode(encoding)
-        rcpts = [b"RCPT TO:" + quote_address(wire(r.address)).encode(encoding)
+        mail = b"MAIL FROM:" + smtp_path(wire(mail_from)).encode(encoding)
+        rcpts = [b"RCPT TO:" + smtp_path(wire(r.address)).encode(encoding)
                  + (_rcpt_dsn_options(r) if dsn else b"") for r in recipients]
     except (UnicodeError, ValueError):
         return None
