@@ -68,7 +68,9 @@ class OperatorConfig:
     drain_poll: float = 2.0
     revocation_timeout: float = 300.0
     """How long a deleted credential's finalizer waits for every relay pod to run a
-    configuration without it before it is released anyway (Event RevocationUnconfirmed)."""
+    configuration without it before it is released anyway (Event RevocationUnconfirmed), and
+    how long a rotated password is pushed again to pods that have not confirmed it (Event
+    RotationUnconfirmed)."""
     """How often a relay whose scale-down drains is rendered again."""
     dns_endpoints: bool = False
     """Publish the records of SendingDomains that leave spec.dnsEndpoint.enabled unset through

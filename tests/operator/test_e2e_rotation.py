@@ -280,3 +280,49 @@ def test_racing_rotations_end_on_the_last_password_and_an_unreachable_pod_is_rep
             assert held[user]["passwordSerial"] == status["serial"]
         finally:
             assert relay.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_confirmation_cut_short_by_an_operator_restart_is_taken_up_by_the_next_operator(
+        kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
+        tls_ca: trustme.CA, tmp_path: Path) -> None:
+    first_operator = operator_factory(drain_poll=0.2)
+    kube_api.create(k.NAMESPACES, namespace_body("mail"))
+    create_tls_secret(kube_api, tls_ca)
+    kube_api.create(k.NAMESPACES, namespace_body("shop", **{"mailplane.io/smtp-access": "true"}))
+    kube_api.create(k.SMTP_RELAYS, relay_body(
+        delivery={"mode": "smarthost", "smarthost": {"host": "127.0.0.1", "port": 9,
+                                                     "tls": "none"}}))
+    kube_api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com"))
+    kube_api.create(k.SMTP_CREDENTIALS, credential_body(
+        "orders", ["orders@example.com"], rotation={"overlap": "0s"}))
+    kube_api.wait_until(lambda: "shop.orders" in rendered_credentials(kube_api),
+                        what="the credential rendered")
+    user, first = (kube_api.secret_data("shop", "orders-smtp")[f]
+                   for f in ("username", "password"))
+    volume = _Volume(kube_api, tmp_path / "pod0", tls_ca)
+    volume.sync()
+    # The pod is down while the password rotates (its admin port refuses), and the operator
+    # stops before it comes back.
+    pod = _pod(0, volume)
+    kube_api.create(k.PODS, pod)
+    kube_api.patch(k.PODS, "mail", "main-0", {"status": pod["status"]}, status=True)
+    _rotate(kube_api, "1")
+    second = _new_password(kube_api, first)
+    kube_api.wait_until(lambda: _rotation(kube_api).get("reason") == "RotationPending",
+                        what="the rotation pending")
+    first_operator.stop()
+    relay = Relay.start(volume, tmp_path / "relay.log")
+    try:
+        # Nobody pushes: the pod runs its stale render.
+        assert _auth(volume, tls_ca, user, first) == 235
+        assert _auth(volume, tls_ca, user, second) == 535
+        started = time.monotonic()
+        operator_factory(drain_poll=0.2)
+        _until(lambda: _auth(volume, tls_ca, user, second) == 235, "the new password", started)
+        assert _auth(volume, tls_ca, user, first) == 535
+        kube_api.wait_until(lambda: _rotation(kube_api).get("confirmed") is True,
+                            what="the rotation confirmed by the next operator")
+        assert _rotation(kube_api)["confirmedPods"] == ["main-0"]
+    finally:
+        assert relay.stop() == 0

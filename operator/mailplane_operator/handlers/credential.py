@@ -109,6 +109,10 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 rt.remember_secret(cred.relay_namespace, state_name, obj)
                 written = action != "unchanged"
             push = cred_mod.pushed_password(cred, result, now, relay)
+            if push is None and _confirmation_cut_short(rt, key, body, result):
+                # Pending in the status but confirmed by no one here (the operator restarted
+                # meanwhile): the same rotation is pushed again.
+                push = cred_mod.pushed_password(cred, result, now, relay, resume=True)
             first: _Round | None = None
             if push is not None and relay is not None:
                 # Then the relay pods, ahead of their mounted configuration: the pods that
@@ -140,6 +144,15 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             name=f"rotation push {key}")
     if written or poke:
         rt.poke(relay_key)
+
+
+def _confirmation_cut_short(rt: Runtime, key: str, body: Body,
+                            result: cred_mod.CredentialResult) -> bool:
+    rotation = (body.get("status") or {}).get("rotation") or {}
+    task = rt.rotation_pushes.get(key)
+    return (result.state is not None and rotation.get("reason") == REASON_ROTATION_PENDING
+            and rotation.get("serial") == result.state.serial
+            and (task is None or task.done()))
 
 
 @dataclass(frozen=True)

@@ -432,14 +432,18 @@ PUSHED_FIELDS = ("username", "owner", "passwordSerial", "passwordHash", "previou
 
 
 def pushed_password(cred: SmtpCredential, result: CredentialResult, now: datetime,
-                    relay: SmtpRelay | None) -> dict[str, Any] | None:
+                    relay: SmtpRelay | None, *, resume: bool = False) -> dict[str, Any] | None:
     """What the relay pods are told at a rotation, ahead of their configuration (``POST
     /admin/credential``): the password fields of the credential's entry and the rotation's
     serial (hashes, never the password). None when nothing is to be pushed: no rotation, the
     first password (the pods do not have the credential yet), or a credential the relay does
-    not accept."""
-    if (not result.rotated or result.cause == ROTATION_INITIAL or result.state is None
-            or relay is None or not result.admission.allowed):
+    not accept. ``resume``: the fields of the rotation in the state, rotated now or not (its
+    confirmation was cut short, e.g. by an operator restart)."""
+    if result.state is None or relay is None or not result.admission.allowed:
+        return None
+    if not resume and (not result.rotated or result.cause == ROTATION_INITIAL):
+        return None
+    if resume and result.state.serial < 1:
         return None
     entry = credential_entry(cred, result.state, now, relay)
     entry["passwordSerial"] = result.state.serial
