@@ -59,7 +59,7 @@ async def run(config: OperatorConfig, *, metrics: OperatorMetrics | None = None,
     helpers: list[asyncio.Task[Any]] = []
     if stop_flag is not None:
         helpers.append(asyncio.create_task(_stop_when(stop_flag, stopping)))
-    async with KubeClient(config.connection) as client:
+    async with KubeClient(config.credentials) as client:
         elector = None
         try:
             if config.leader_election is not None:

@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
 
     from .app import LeadershipLost, run  # noqa: PLC0415
     from .dnscheck import parse_resolver  # noqa: PLC0415
-    from .kube import load_connection  # noqa: PLC0415
+    from .kube import load_credentials  # noqa: PLC0415
     from .leader import LeaseSettings  # noqa: PLC0415
     from .metrics import OperatorMetrics  # noqa: PLC0415
     from .runtime import OperatorConfig  # noqa: PLC0415
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"mailplane operator: --dns-resolver: {exc}", file=sys.stderr)
         return 2
     try:
-        connection = load_connection(args.kubeconfig, args.context)
+        credentials = load_credentials(args.kubeconfig, args.context)
     except Exception as exc:  # the kubernetes client raises several unrelated types here
         print(f"mailplane operator: cannot find the cluster: {exc}\n"
               "Run inside a pod with a service account, or point --kubeconfig/$KUBECONFIG at "
@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     lease = None
     if args.leader_election:
-        namespace = args.leader_election_namespace or connection.default_namespace
+        namespace = args.leader_election_namespace or credentials.default_namespace
         if not namespace:
             print("mailplane operator: --leader-election needs --leader-election-namespace "
                   "outside a pod (the namespace to keep the Lease in)", file=sys.stderr)
@@ -157,19 +157,19 @@ def main(args: argparse.Namespace) -> int:
     config = OperatorConfig(
         leader_election=lease,
         cache_size=args.cache_size,
-        connection=connection,
+        credentials=credentials,
         namespaces=tuple(args.namespace),
         dns_resolver=resolver,
         image=args.image,
         cluster_domain=args.cluster_domain,
         relay_defaults=args.relay_defaults,
         dns_endpoints=args.dns_endpoints,
-        operator_namespace=connection.default_namespace,
+        operator_namespace=credentials.default_namespace,
     )
     metrics = OperatorMetrics.create()
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=metrics.registry)
-    logger.info("Mailplane operator starting against %s, watching %s", connection.server,
+    logger.info("Mailplane operator starting against %s, watching %s", credentials.server,
                 ", ".join(config.namespaces) or "all namespaces")
     options: dict[str, Any] = {}
     if args.liveness_port:

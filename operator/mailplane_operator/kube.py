@@ -2,8 +2,12 @@
 
 kopf talks to the API through its own client for watching and for patching the resources it
 handles; everything else the operator writes (children, config Secrets, application Secrets,
-status from background tasks) goes through `KubeClient`. Both are configured from one
-`Connection`, built once by `load_connection` (in-cluster inside a pod, else the kubeconfig).
+status from background tasks) goes through `KubeClient`. Both authenticate with one
+`kopf.ConnectionInfo` held by `Credentials` (`load_credentials`: kopf's own
+``login_via_client``, in-cluster inside a pod, else the kubeconfig); TLS and the Authorization
+header come from kopf's ``as_ssl_context`` and ``as_http_headers``. What stays hand-written here
+is what no library does for us: the three-way apply below, and the few calls it needs
+(docs/operator.md, "The Kubernetes client").
 
 Writes are "apply by get, then create or merge-patch" with a three-way diff, as client-side
 `kubectl apply` does: the shape of what was applied last (field names and list digests, never a
@@ -17,20 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
-import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiohttp
+import kopf
+from kubernetes.utils.quantity import parse_quantity
 
 from .reconcile.models import GROUP, VERSION
 
@@ -136,71 +141,102 @@ def controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where the API server is and how to authenticate; shared by kopf and `KubeClient`."""
+REFRESH = 60.0
+"""How old the credentials `KubeClient` uses may get before it logs in again (a projected
+service account token is rewritten by the kubelet long before it expires)."""
 
-    server: str
-    ca_path: str | None = None
-    insecure: bool = False
-    token: str | None = field(default=None, repr=False)
-    token_path: str | None = None  # re-read when it changes: projected tokens rotate
-    certificate_path: str | None = None
-    private_key_path: str | None = None
-    default_namespace: str | None = None
-
-    def current_token(self) -> str | None:
-        if self.token_path:
-            try:
-                return Path(self.token_path).read_text().strip()
-            except OSError:
-                return self.token
-        return self.token
-
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if not self.server.startswith("https"):
-            return False
-        if self.insecure:
-            return False
-        ctx = ssl.create_default_context(cafile=self.ca_path)
-        if self.certificate_path and self.private_key_path:
-            ctx.load_cert_chain(self.certificate_path, self.private_key_path)
-        return ctx
+_SETTINGS = kopf.OperatorSettings()
 
 
-def load_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection:
-    """In-cluster settings inside a pod (service account), else the current kubeconfig."""
+class Credentials:
+    """Where the API server is and how to authenticate: one `kopf.ConnectionInfo`, for kopf
+    (its login handler returns `login()`) and for `KubeClient` alike, so the server, CA,
+    client certificate and token come from one place.
+
+    `login` is the function that logs in (`load_credentials`: kopf's own ``login_via_client``
+    unless a kubeconfig file or context is named); it runs again when kopf's API calls get a
+    401 (kopf calls its login handler), when ours do (`KubeClient` retries once with fresh
+    credentials), and every `REFRESH` seconds for `KubeClient` (a rotated token is picked up
+    before the old one expires). A fixed `kopf.ConnectionInfo` (tests) never changes."""
+
+    def __init__(self, login: Callable[[], kopf.ConnectionInfo] | kopf.ConnectionInfo) -> None:
+        if isinstance(login, kopf.ConnectionInfo):
+            fixed = login
+            self._login: Callable[[], kopf.ConnectionInfo] = lambda: fixed
+            self._info: kopf.ConnectionInfo | None = fixed
+        else:
+            self._login = login
+            self._info = None
+        self._at = time.monotonic()
+
+    def login(self) -> kopf.ConnectionInfo:
+        """Log in again (blocking: reads files, may run a kubeconfig's exec plugin)."""
+        info = self._login()
+        self._info, self._at = info, time.monotonic()
+        return info
+
+    def info(self) -> kopf.ConnectionInfo:
+        """The credentials in force (logging in first if there are none yet)."""
+        return self._info if self._info is not None else self.login()
+
+    def stale(self) -> bool:
+        return self._info is None or time.monotonic() - self._at > REFRESH
+
+    @property
+    def server(self) -> str:
+        return str(self.info().server).rstrip("/")
+
+    @property
+    def default_namespace(self) -> str | None:
+        return self.info().default_namespace
+
+
+def _in_cluster_namespace() -> str | None:
+    ns_file = SERVICE_ACCOUNT_DIR / "namespace"
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and ns_file.exists():
+        return ns_file.read_text().strip() or None
+    return None
+
+
+def _kubeconfig_login(kubeconfig: str | None, context: str | None) -> kopf.ConnectionInfo:
+    """A named kubeconfig file or context (kopf's login functions read only the default file
+    and its current context): loaded by the `kubernetes` client library, as kopf's
+    ``login_via_client`` does, and read out the same way."""
     from kubernetes import client as k8s_client  # noqa: PLC0415 - only the CLI needs it
     from kubernetes import config as k8s_config  # noqa: PLC0415
 
     cfg = k8s_client.Configuration()
-    token_path: str | None = None
-    in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (
-        SERVICE_ACCOUNT_DIR / "token").exists()
-    if in_cluster:
-        k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        token_path = str(SERVICE_ACCOUNT_DIR / "token")
-    else:
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, context=context, client_configuration=cfg)
-    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
-    token = None
-    if auth:
-        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
-    namespace = None
-    ns_file = SERVICE_ACCOUNT_DIR / "namespace"
-    if in_cluster and ns_file.exists():
-        namespace = ns_file.read_text().strip()
-    return Connection(
-        server=str(cfg.host).rstrip("/"),
-        ca_path=cfg.ssl_ca_cert or None,
-        insecure=not cfg.verify_ssl,
-        token=token,
-        token_path=token_path,
-        certificate_path=cfg.cert_file or None,
-        private_key_path=cfg.key_file or None,
-        default_namespace=namespace,
-    )
+    k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, context=context, client_configuration=cfg)
+    header = (cfg.get_api_key_with_prefix("BearerToken")
+              or cfg.get_api_key_with_prefix("authorization"))
+    scheme, _, token = str(header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=str(cfg.host), ca_path=cfg.ssl_ca_cert or None, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None,
+        scheme=scheme or None, token=token or None,
+        certificate_path=cfg.cert_file or None, private_key_path=cfg.key_file or None)
+
+
+def load_credentials(kubeconfig: str | None = None, context: str | None = None) -> Credentials:
+    """In-cluster settings inside a pod (service account), else the current kubeconfig: what
+    kopf's ``login_via_client`` finds; a named kubeconfig file or context is read by
+    `_kubeconfig_login`. Inside a pod the service account's namespace is the default one (the
+    Lease's and the operator's own). Logs in once here, so that a cluster that cannot be found
+    is reported at start."""
+
+    def login() -> kopf.ConnectionInfo:
+        if kubeconfig is not None or context is not None:
+            return _kubeconfig_login(kubeconfig, context)
+        info = kopf.login_via_client(logger=logger, settings=_SETTINGS)
+        if info is None:
+            raise kopf.LoginError("the kubernetes client library is not installed")
+        namespace = _in_cluster_namespace()
+        return dataclasses.replace(info, default_namespace=namespace) if namespace else info
+
+    credentials = Credentials(login)
+    credentials.login()
+    return credentials
 
 
 @dataclass
@@ -225,41 +261,26 @@ def _secret_to_data(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_QUANTITY = re.compile(
-    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
-_QUANTITY_UNITS: dict[str | None, Decimal] = {
-    None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
-    "P": Decimal(10**15), "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
 # Where the API server rewrites quantities into its canonical form (1.5Gi -> 1536Mi, 1 -> 1000m
 # or back): compared by value there, or every render would patch the StatefulSet again.
 _QUANTITY_KEYS = frozenset({"requests", "limits", "storage"})
 
 
-def _quantity(value: Any) -> Decimal | None:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    match = _QUANTITY.match(str(value))
-    if match is None:
-        return None
-    try:
-        return Decimal(match.group(1)) * _QUANTITY_UNITS[match.group(2)]
-    except InvalidOperation:
-        return None
-
-
 def quantity_value(value: Any) -> Decimal | None:
     """A resource quantity ("10Gi", "1536Mi", "500m") as a number; None if it is not one."""
-    return _quantity(value)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        return Decimal(parse_quantity(value))  # type: ignore[no-untyped-call]
+    except (ValueError, ArithmeticError):
+        return None
 
 
 def _same_quantity(have: Any, want: Any) -> bool:
     if isinstance(want, Mapping):
         return isinstance(have, Mapping) and set(have) >= set(want) and all(
             _same_quantity(have.get(k), v) for k, v in want.items())
-    a, b = _quantity(have), _quantity(want)
+    a, b = quantity_value(have), quantity_value(want)
     return a is not None and a == b
 
 
@@ -364,18 +385,19 @@ _SERVER_META = ("uid", "resourceVersion", "generation", "creationTimestamp", "ma
 class KubeClient:
     """Get, list, create, merge-patch, delete and apply, with one connection pool."""
 
-    def __init__(self, connection: Connection, *, timeout: float = 30.0,
+    def __init__(self, credentials: Credentials, *, timeout: float = 30.0,
                  concurrency: int = 32) -> None:
-        self.connection = connection
+        self.credentials = credentials
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
+        self._transport: tuple[Any, ...] | None = None
+        """What the sessions were made for (server, CA, client certificate)."""
         self._limit = asyncio.Semaphore(concurrency)
+        self._login_lock = asyncio.Lock()
         self.stats = ApplyStats()
         self._discovered: dict[str, tuple[float, bool]] = {}
         self.discovery_ttl = 300.0
-        self._token_checked = 0.0
-        self._token: str | None = None
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -389,45 +411,73 @@ class KubeClient:
                 await session.close()
         self._session = self._watch_session = None
 
-    def _headers(self, content_type: str | None) -> dict[str, str]:
-        now = time.monotonic()
-        if self._token is None or now - self._token_checked > 60:
-            self._token = self.connection.current_token()
-            self._token_checked = now
-        headers = {"Accept": "application/json", "User-Agent": "mailplane-operator"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+    async def _current(self, *, rejected: kopf.ConnectionInfo | None = None
+                       ) -> kopf.ConnectionInfo:
+        """The credentials to call with: logged in again when older than `REFRESH`, or when
+        they are still `rejected` (the API answered 401 to them); sessions made anew when the
+        server, CA or client certificate changed."""
+        creds = self.credentials
+        if creds.stale() or (rejected is not None and creds.info() is rejected):
+            async with self._login_lock:
+                if creds.stale() or (rejected is not None and creds.info() is rejected):
+                    await asyncio.to_thread(creds.login)
+        info = creds.info()
+        transport = (info.server, info.ca_path, info.ca_data, info.insecure,
+                     info.certificate_path, info.certificate_data, info.private_key_path,
+                     info.private_key_data)
+        if transport != self._transport:
+            await self.close()
+            self._transport = transport
+        return info
+
+    @staticmethod
+    def _headers(info: kopf.ConnectionInfo, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "mailplane-operator",
+                   **info.as_http_headers()}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
 
-    def _ensure_session(self) -> aiohttp.ClientSession:
+    def _ensure_session(self, info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=64)
+            connector = aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=64)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self._session
 
-    def _ensure_watch_session(self) -> aiohttp.ClientSession:
+    def _ensure_watch_session(self, info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
         """Watches hold their connection for minutes: their own pool, so that they never take
         the connections requests need."""
         if self._watch_session is None:
-            connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context(), limit=0)
+            connector = aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=0)
             self._watch_session = aiohttp.ClientSession(connector=connector)
         return self._watch_session
 
     async def _call(self, method: str, path: str, *, body: Any = None,
                     content_type: str | None = None,
                     params: Mapping[str, str] | None = None) -> Any:
-        session = self._ensure_session()
+        info = await self._current()
+        try:
+            return await self._request(info, method, path, body=body,
+                                       content_type=content_type, params=params)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+        # Credentials refused (a rotated or expired token): log in again and retry once (the
+        # API server did nothing with the refused request).
+        info = await self._current(rejected=info)
+        return await self._request(info, method, path, body=body, content_type=content_type,
+                                   params=params)
+
+    async def _request(self, info: kopf.ConnectionInfo, method: str, path: str, *, body: Any,
+                       content_type: str | None, params: Mapping[str, str] | None) -> Any:
+        session = self._ensure_session(info)
         payload = None if body is None else json.dumps(body).encode()
         async with self._limit, session.request(
-            method, self.connection.server + path, data=payload, params=params,
-            headers=self._headers(content_type if body is not None else None),
+            method, str(info.server).rstrip("/") + path, data=payload, params=params,
+            headers=self._headers(info, content_type if body is not None else None),
         ) as resp:
             text = await resp.text()
             if resp.status >= 400:
-                if resp.status == 401:
-                    self._token = None  # re-read a rotated service account token next time
                 try:
                     status = json.loads(text)
                     reason, message = status.get("reason", ""), status.get("message", "")
@@ -639,15 +689,17 @@ class KubeClient:
 
     async def _stream(self, path: str, selector: str, version: str,
                       window: int) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-        session = self._ensure_watch_session()
+        info = await self._current()
+        session = self._ensure_watch_session(info)
         params = {"watch": "true", "labelSelector": selector, "resourceVersion": version,
                   "timeoutSeconds": str(window), "allowWatchBookmarks": "true"}
         async with session.get(
-                self.connection.server + path, params=params, headers=self._headers(None),
+                str(info.server).rstrip("/") + path, params=params,
+                headers=self._headers(info, None),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=window + 30)) as resp:
             if resp.status >= 400:
                 if resp.status == 401:
-                    self._token = None  # re-read a rotated service account token
+                    await self._current(rejected=info)  # the relist logs in again
                 raise ApiError(resp.status, resp.reason or "", "watch refused",
                                method="GET", path=path)
             async for line in resp.content:

@@ -42,7 +42,8 @@ MANAGED_BY_LABELS = {"app.kubernetes.io/managed-by": "mailplane-operator"}
 class OperatorConfig:
     """Everything `mailplane operator` can be told; defaults are production values."""
 
-    connection: kube.Connection
+    credentials: kube.Credentials
+    """The API server and how to log in to it (kopf's and `KubeClient`'s)."""
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch (kopf patterns allowed); empty: the whole cluster."""
     dns_resolver: tuple[str, int] | None = None

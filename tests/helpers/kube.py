@@ -61,6 +61,7 @@ import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
+import kopf
 import prometheus_client
 import pytest
 import yaml
@@ -839,7 +840,7 @@ def start_operator(api: KubeApi, *, clock: FakeClock | None = None, debug_logs: 
     from mailplane_operator import app, runtime
 
     options: dict[str, Any] = {
-        "connection": opkube.Connection(server=api.url),
+        "credentials": opkube.Credentials(kopf.ConnectionInfo(server=api.url)),
         "rotation_check_interval": 0.3,
         "dns_check_initial": 0.2,
         "dns_check_max": 1.0,

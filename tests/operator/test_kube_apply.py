@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import kopf
 import pytest
 
 from mailplane_operator import kube as k
@@ -43,7 +44,7 @@ def test_a_guarded_apply_never_writes_an_object_it_does_not_control(kube_api: Ku
             "data": {"b": "Yg=="}}
 
     async def attempt() -> None:
-        async with k.KubeClient(k.Connection(server=kube_api.url)) as client:
+        async with k.KubeClient(k.Credentials(kopf.ConnectionInfo(server=kube_api.url))) as client:
             with pytest.raises(k.NotOwnedError):
                 await client.apply(mine, owner_uid="u-1")
             other = {**mine, "metadata": {**mine["metadata"], "name": "t"}}
@@ -59,7 +60,7 @@ def test_a_guarded_apply_never_writes_an_object_it_does_not_control(kube_api: Ku
 
 def _run(api: KubeApi, steps: Any) -> Any:
     async def go() -> Any:
-        async with k.KubeClient(k.Connection(server=api.url)) as client:
+        async with k.KubeClient(k.Credentials(kopf.ConnectionInfo(server=api.url))) as client:
             return await steps(client)
 
     return asyncio.run(go())

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import kopf
 import yaml
 
 from mailplane_operator import kube as k
@@ -30,9 +31,9 @@ def test_bounded_cache_drops_the_least_recently_used() -> None:
 
 
 def test_the_runtime_caches_take_their_size_from_the_config() -> None:
-    config = OperatorConfig(connection=k.Connection(server="http://127.0.0.1:1"), cache_size=3,
-                            discovery_ttl=7.0)
-    client = k.KubeClient(config.connection)
+    credentials = k.Credentials(kopf.ConnectionInfo(server="http://127.0.0.1:1"))
+    config = OperatorConfig(credentials=credentials, cache_size=3, discovery_ttl=7.0)
+    client = k.KubeClient(config.credentials)
     rt = Runtime(config=config, client=client, metrics=OperatorMetrics.create(),
                  dns=DnsChecker(None))
     for i in range(10):

@@ -56,15 +56,13 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
 
 
 def _register_login(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
-    conn = rt.config.connection
+    credentials = rt.config.credentials
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(
-            server=conn.server, ca_path=conn.ca_path, insecure=conn.insecure or None,
-            token=conn.current_token(), certificate_path=conn.certificate_path,
-            private_key_path=conn.private_key_path, default_namespace=conn.default_namespace,
-            scheme="Bearer" if conn.current_token() else None)
+        # kopf calls this at start and whenever the API refuses its credentials (401): log in
+        # again, for kopf and for the operator's own client (kube.Credentials).
+        return credentials.login()
 
 
 def _register_indexes(registry: kopf.OperatorRegistry) -> None:
