@@ -65,7 +65,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from .config import RelayConfig
 from .control import ControlError, call_worker
 from .rotation import PushRefused
-from .spool import HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
+from .spool import HANDOFF_LEDGER, HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
 
 if TYPE_CHECKING:
     from .delivery import DeliveryQueue
@@ -82,7 +82,7 @@ ENVELOPE_HEADER = "X-Mailplane-Envelope"
 MAX_HANDOFF_BODY = 256 * 1024 * 1024
 HANDOFF_TIMEOUT = 60.0
 RETRY_PAUSE = 1.0
-LEDGER_NAME = "handoffs.log"
+LEDGER_NAME = HANDOFF_LEDGER
 LEDGER_KEEP = 7 * 86400.0
 """How long a relay remembers a hand-off it took (a sender retries within minutes of its
 restart; a week covers a node that stays down over a weekend)."""

@@ -114,6 +114,8 @@ _TORN = ".torn"
 _MSG = ".msg"
 _STATE = ".state"
 _TMP = ".tmp-"
+HANDOFF_LEDGER = "handoffs.log"
+"""drain.HandoffLedger's file, beside the messages (moved with them when a spool is adopted)."""
 _CORRUPT = "corrupt"
 # Scrubbed files of removed messages, reused by commits; emptied at start.
 _FREE = "free"
@@ -1311,6 +1313,7 @@ def adopt(source: str | Path, target: str | Path, *, fsync: bool,
         with contextlib.suppress(OSError):
             os.rmdir(src / _CORRUPT)
     _remove_tree_files(src / _FREE)
+    _adopt_ledger(src, dst, fsync=fsync)
     if fsync:
         for d in (dst, src):
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -1327,6 +1330,22 @@ def adopt(source: str | Path, target: str | Path, *, fsync: bool,
     if moved:
         log.info("spool: adopted %d message(s) from %s into %s", moved, src, dst)
     return moved
+
+
+def _adopt_ledger(src: Path, dst: Path, *, fsync: bool) -> None:
+    """The hand-offs ``src`` took (drain.HandoffLedger) are ``dst``'s now, as its messages are:
+    appended to its ledger (read when ``dst`` starts), so a message handed over again is still
+    recognised after the layout changed."""
+    try:
+        taken = (src / HANDOFF_LEDGER).read_bytes()
+    except FileNotFoundError:
+        return
+    with open(dst / HANDOFF_LEDGER, "ab") as out:
+        out.write(b"\n" + taken)  # after a line a crash may have cut
+        out.flush()
+        if fsync:
+            os.fsync(out.fileno())
+    _unlink_quiet(src / HANDOFF_LEDGER)
 
 
 def _head(envelope: bytes, data: bytes) -> bytes:

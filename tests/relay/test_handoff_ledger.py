@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailplane_relay.drain import LEDGER_KEEP, HandoffLedger, first_peer
+from mailplane_relay.spool import adopt, new_queue_id
 
 NOW = 1_800_000_000.0
 
@@ -54,3 +55,26 @@ def test_a_message_starts_at_the_same_peer_every_time() -> None:
     starts = {first_peer(f"01M998RFPMVFW61P0C{n:02d}", 3) for n in range(30)}
     assert starts == {0, 1, 2}  # spread over the pool
     assert first_peer("01M998RFPMVFW61P0CWE", 3) == first_peer("01M998RFPMVFW61P0CWE", 3)
+
+
+def test_an_adopted_spool_brings_the_hand_offs_it_took(tmp_path: Path) -> None:
+    old, new = tmp_path / "w3", tmp_path / "w0"
+    old.mkdir()
+    new.mkdir()
+    ledger = _ledger(old, [])
+    ledger.record("SENDER1", "LOCAL1")
+    ledger.close()
+    local2 = new_queue_id()
+    with (old / "handoffs.log").open("a") as out:
+        out.write(f"P SENDER2 {local2} 1800000000")  # cut before its newline by a crash
+    (old / f"{local2}.msg").write_bytes(b"")  # stands for the message it names (moved too)
+    mine = _ledger(new, [])
+    mine.record("SENDER3", "LOCAL3")
+    mine.close()
+    adopt(old, new, fsync=False, remove_source=True)
+    assert not old.exists()
+    assert (new / f"{local2}.msg").exists()
+    after = _ledger(new, [local2])
+    assert after.taken("SENDER1") == "LOCAL1"
+    assert after.taken("SENDER2") == local2
+    assert after.taken("SENDER3") == "LOCAL3"
