@@ -582,9 +582,13 @@ class RelayApp:
             if settings.admin is not None:
                 # HTTPS with the listeners' live context: the token, the drain orders and the
                 # handed-off messages never cross the network in clear text.
+                # With workers, the port the supervisor resolved and holds (SO_REUSEPORT).
+                admin_port = (worker.listener_ports.get("admin", settings.admin.port)
+                              if worker is not None else settings.admin.port)
                 self.admin_http = AdminServer(
-                    address=settings.admin.address, port=settings.admin.port,
-                    routes=self.admin.routes(), context=tls.context, max_body=MAX_HANDOFF_BODY)
+                    address=settings.admin.address, port=admin_port,
+                    routes=self.admin.routes(), context=tls.context, max_body=MAX_HANDOFF_BODY,
+                    reuse_port=worker is not None)
                 await self.admin_http.start()
                 stages.append(("admin https", self.admin_http.stop))
         bound = server.bound_ports
@@ -595,9 +599,13 @@ class RelayApp:
                                               msglog=msglog, tls=tls)
             stages.append(("intake listener", intake.stop))
             bound["intake"] = intake.port
-        ports = " ".join(f"{k}={v}" for k, v in sorted(bound.items()))
-        http_port = f" http={self.http.port}" if self.http else ""
-        log.info("listening: %s%s", ports, http_port)
+        if self.http is not None:
+            bound["http"] = self.http.port
+        if self.admin_http is not None:
+            bound["admin"] = self.admin_http.port
+        # Every port this process bound (port 0 resolved): what a harness starting the relay
+        # on port 0 reads.
+        log.info("listening: %s", " ".join(f"{k}={v}" for k, v in sorted(bound.items())))
         self.readiness.mark("listeners bound")
 
         tasks.spawn("config-reload", self._watch_config())
@@ -631,7 +639,8 @@ class RelayApp:
         intake = IntakeServer(config=self.config, tls=tls, handler=handler,
                               metrics=self.metrics)
         port = self.worker.listener_ports.get("intake") if self.worker else None
-        await intake.start(port=port)
+        # With workers the supervisor holds the port (SO_REUSEPORT) across worker restarts.
+        await intake.start(port=port, reuse_port=self.worker is not None)
         self.intake = intake
         return intake
 
@@ -833,10 +842,35 @@ class RelayApp:
 # -------------------------------------------------------------------------------------------
 
 
-def _free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address if address != "0.0.0.0" else "", 0))
-        return int(s.getsockname()[1])
+def _reserve_port(address: str) -> socket.socket:
+    """A free port, held by a socket bound with SO_REUSEPORT and never listening: the workers
+    bind it too (with SO_REUSEPORT, as they do), no other program can take it between the
+    pick and their bind or while a worker restarts, and the kernel hands connections only to
+    the workers' listening sockets. The supervisor closes it when it stops. Not SO_REUSEADDR:
+    with it, any server setting SO_REUSEADDR (most do) could bind the port while it is not
+    listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address if address != "0.0.0.0" else "", 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _resolve_ports(wanted: dict[str, tuple[str, int]],
+                   reserved: list[socket.socket]) -> dict[str, int]:
+    """Listener name -> port, port 0 replaced by a port reserved in `reserved`."""
+    ports: dict[str, int] = {}
+    for name, (address, port) in wanted.items():
+        if port:
+            ports[name] = port
+            continue
+        sock = _reserve_port(address)
+        reserved.append(sock)
+        ports[name] = int(sock.getsockname()[1])
+    return ports
 
 
 def _forget_worker_metrics(pid: int, directory: str) -> None:
@@ -904,11 +938,21 @@ class Supervisor:
                          readiness=readiness, registry=registry)
         await http.start()
         # Resolve port 0 once so that every worker (and every restart) binds the same port.
-        ports = {lst.name: lst.port or _free_port(lst.address) for lst in settings.listeners}
+        wanted = {lst.name: (lst.address, lst.port) for lst in settings.listeners}
         if settings.intake is not None:
-            ports["intake"] = settings.intake.port or _free_port(settings.intake.address)
-        log.info("supervisor: %d workers, listening: %s http=%d", self.workers,
-                 " ".join(f"{k}={v}" for k, v in sorted(ports.items())), http.port)
+            wanted["intake"] = (settings.intake.address, settings.intake.port)
+        if settings.admin is not None:
+            wanted["admin"] = (settings.admin.address, settings.admin.port)
+        reserved: list[socket.socket] = []
+        try:
+            ports = _resolve_ports(wanted, reserved)
+        except BaseException:
+            for sock in reserved:
+                sock.close()
+            await http.stop()
+            raise
+        log.info("supervisor: %d workers, listening: %s", self.workers,
+                 " ".join(f"{k}={v}" for k, v in sorted({**ports, "http": http.port}.items())))
 
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -949,6 +993,8 @@ class Supervisor:
                 await asyncio.wait(pending, timeout=10)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            for sock in reserved:
+                sock.close()
             await http.stop()
         failed = {i: rc for i, rc in self._exit_codes.items() if rc != 0}
         if failed or len(self._exit_codes) < self.workers:

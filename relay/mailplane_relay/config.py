@@ -940,6 +940,10 @@ class RelaySettings(_Model):
         if self.intake is not None and "intake" in names:
             raise ValueError("the listener name 'intake' is the intake listener's (its port is "
                              "intake.port): rename the listener")
+        for taken, setting in (("http", "http.port"), ("admin", "admin.port")):
+            if taken in names:
+                raise ValueError(f"the listener name '{taken}' names the port {setting} sets "
+                                 "(in the relay's 'listening:' log line): rename the listener")
         return self
 
 

@@ -144,7 +144,8 @@ class AdminServer:
     speaking plain HTTP to this port fails the handshake: nothing is read from it."""
 
     def __init__(self, *, address: str, port: int, routes: list[web.RouteDef],
-                 context: ssl.SSLContext, max_body: int) -> None:
+                 context: ssl.SSLContext, max_body: int, reuse_port: bool = False) -> None:
+        self._reuse_port = reuse_port
         self._address = address
         self._port = port
         self._routes = list(routes)
@@ -157,7 +158,8 @@ class AdminServer:
         app = web.Application(client_max_size=self._max_body)
         app.add_routes(self._routes)
         self._runner, self.port = await _serve(app, self._address, self._port,
-                                               ssl_context=self._context)
+                                               ssl_context=self._context,
+                                               reuse_port=self._reuse_port or None)
         log.info("admin https listening on %s:%d", self._address, self.port)
 
     async def stop(self) -> None:

@@ -11,8 +11,11 @@ tmp dir, delivery to a smarthost such as the capture sink), starts the command, 
         ... smtplib.SMTP("127.0.0.1", relay.ports["submission"]) with relay.client_tls() ...
         assert relay.stop() == 0
 
-Ports are fixed when the configuration is written, so a restarted relay listens where the
-previous one did (the crash test reconnects to the same ports).
+Every listener (SMTP, intake, ops HTTP, admin HTTPS) is configured on port 0 unless a test
+sets a port: the relay binds a free port itself and logs the ports it bound in one
+``listening:`` line, which ``start`` reads into ``ports``, ``http_port``, ``intake_port`` and
+``admin_port``. No port is picked before the relay binds it, so no other process can take it in
+between. A restarted relay listens on new ports: read them from the object after each start.
 """
 
 from __future__ import annotations
@@ -37,13 +40,12 @@ import yaml
 
 from mailplane_relay.config import API_VERSION, hash_password
 from tests.helpers.pki import client_context, write_server_pair
-from tests.helpers.ports import free_port
 
 # The real command; `python -m` so the test venv's interpreter runs it wherever PATH points.
 RELAY_COMMAND = (sys.executable, "-m", "mailplane_cli.main", "relay")
 START_TIMEOUT = 20.0
-PORT_RETRIES = 5
-_ADDRESS_IN_USE = re.compile(r"Errno 98|[Aa]ddress already in use")
+# The relay's (or with workers, the supervisor's) line naming every port it bound.
+_LISTENING = re.compile(r'msg="(?:supervisor: \d+ workers, )?listening: ([^"]*)"')
 
 
 def relay_command() -> tuple[str, ...]:
@@ -72,8 +74,11 @@ class RelayProcess:
         self.spool_dir = self.state_dir / "spool"
         self.message_log = self.state_dir / "messagelog.sqlite3"
         self.log_path = base / "relay.log"
-        self.ports = {"submission": free_port(), "submissions": free_port()}
-        self.http_port = free_port()
+        # Known once started (see start).
+        self.ports: dict[str, int] = {}
+        self.http_port = 0
+        self.intake_port = 0
+        self.admin_port = 0
         self.smarthost_port = smarthost_port
         self.credentials = dict(credentials or {"app": "app-password"})
         self.domains = domains
@@ -93,14 +98,12 @@ class RelayProcess:
         spec: dict[str, Any] = {
             "hostname": "relay.test",
             "listeners": [
-                {"name": "submission", "address": "127.0.0.1",
-                 "port": self.ports["submission"], "tls": "starttls"},
-                {"name": "submissions", "address": "127.0.0.1",
-                 "port": self.ports["submissions"], "tls": "implicit"},
+                {"name": "submission", "address": "127.0.0.1", "port": 0, "tls": "starttls"},
+                {"name": "submissions", "address": "127.0.0.1", "port": 0, "tls": "implicit"},
             ],
             "tls": {"certFile": str(self.tls_pair.cert_file),
                     "keyFile": str(self.tls_pair.key_file)},
-            "http": {"address": "127.0.0.1", "port": self.http_port},
+            "http": {"address": "127.0.0.1", "port": 0},
             "spool": {"directory": str(self.spool_dir)},
             "messageLog": {"path": str(self.message_log), "flushInterval": "50ms"},
             "delivery": {
@@ -137,21 +140,11 @@ class RelayProcess:
     # ---- process ----------------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start and wait until ready. The ports were free when picked, but another process
-        may take one before the relay binds it: then the relay is started again on new ports
-        (read ``ports`` and ``http_port`` after start)."""
-        for _ in range(PORT_RETRIES):
-            assert self.proc is None or self.proc.poll() is not None, "relay already running"
-            self.spawn()
-            try:
-                self.wait_ready(timeout)
-                return
-            except AssertionError:
-                if not _ADDRESS_IN_USE.search(self.log_since_start()):
-                    raise
-                self.kill()
-                self._move_ports()
-        raise AssertionError(f"relay found no free ports in {PORT_RETRIES} tries")
+        """Start and wait until ready; ``ports``, ``http_port``, ``intake_port`` and
+        ``admin_port`` are then the ports this run of the relay bound."""
+        assert self.proc is None or self.proc.poll() is not None, "relay already running"
+        self.spawn()
+        self.wait_ready(timeout)
 
     def spawn(self) -> None:
         """Start the command without waiting for it to be ready."""
@@ -163,19 +156,31 @@ class RelayProcess:
                 env={**os.environ, **self.env} if self.env else None,
             )
 
-    def _move_ports(self) -> None:
-        spec, raw = self._written
-        assert raw is None, "a raw configuration cannot be moved to new ports"
-        self.ports = {name: free_port() for name in self.ports}
-        self.http_port = free_port()
-        if spec is not None:
-            for listener in spec.get("listeners", []):
-                listener["port"] = self.ports.get(listener["name"], listener["port"])
-            spec.setdefault("http", {})["port"] = self.http_port
-        self.write_config(spec)
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait for the line naming the ports this run bound, and take them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            found = _LISTENING.search(self.log_since_start())
+            if found:
+                bound = dict(item.split("=", 1) for item in found.group(1).split())
+                ports = {name: int(port) for name, port in bound.items()}
+                self.http_port = ports.pop("http")
+                self.admin_port = ports.pop("admin", 0)
+                self.intake_port = ports.pop("intake", 0)
+                self.ports = ports
+                return
+            rc = self.proc.poll()
+            if rc is not None:
+                raise AssertionError(f"relay exited with {rc} before ready:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"relay not ready (not listening) after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
+        self.wait_listening(timeout)
         while True:
             assert self.proc is not None
             rc = self.proc.poll()

@@ -129,6 +129,12 @@ def test_directory_merges_chunks_and_skips_kubernetes_links(tmp_path: Path) -> N
          "retention.messageLog: 91 days is outside (0, 90d]"),
         ([doc("RelayConfig", {**BASE, "store": {"backend": "postgresql"}})],
          "store.dsnFile is not set"),
+        ([doc("RelayConfig", {**BASE, "listeners": [
+            {"name": "http", "port": 2525, "tls": "starttls"}]})],
+         "the listener name 'http' names the port http.port sets"),
+        ([doc("RelayConfig", {**BASE, "listeners": [
+            {"name": "admin", "port": 2525, "tls": "starttls"}]})],
+         "the listener name 'admin' names the port admin.port sets"),
     ],
 )
 def test_bad_configuration_names_the_problem(docs: list[tuple[str, str]], message: str) -> None:

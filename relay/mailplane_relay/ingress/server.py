@@ -91,7 +91,8 @@ class SubmissionServer:
                 server = await loop.create_server(
                     partial(RelaySMTP, self, listener),
                     host=listener.address,
-                    port=listener.port,
+                    # Reopened after a drain was called off: the port it had (port 0 resolved).
+                    port=self._ports.get(listener.name) or listener.port,
                     ssl=self.tls.context if listener.tls == "implicit" else None,
                     reuse_address=True,
                     reuse_port=settings.workers > 1 or None,
