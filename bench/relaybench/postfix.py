@@ -23,30 +23,14 @@ from relaybench.procstat import tree_snapshot
 
 POSTFIX = "/usr/sbin/postfix"
 
-_MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command
-127.0.0.1:{port} inet n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# master.cf with ``{port}``: shared with the tests' Postfix (tests/relay/test_intake_postfix.py).
+MASTER_CF = Path(__file__).with_name("postfix-master.cf")
+
+
+def master_cf(port: int) -> str:
+    """The master.cf of a private instance whose smtpd listens on 127.0.0.1:`port`."""
+    return MASTER_CF.read_text().format(port=port)
+
 
 _MAIN_CF = """\
 compatibility_level = 3.6
@@ -119,7 +103,7 @@ class PostfixRelay:
         self.data_dir.mkdir()
         shutil.chown(self.data_dir, "postfix", "postfix")
         self.maillog.touch()
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(port=self.port))
+        (self.config_dir / "master.cf").write_text(master_cf(self.port))
         (self.config_dir / "main.cf").write_text(_MAIN_CF.format(
             queue=self.queue_dir, data=self.data_dir, sink_port=self.sink_port,
             maillog=self.maillog, base=self.base,
