@@ -53,7 +53,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,7 @@ from mailplane_operator import kube as opkube
 from mailplane_operator.metrics import OperatorMetrics
 
 from . import kube_rules
+from .loopthread import serving_in_thread
 
 CRD_DIR = pathlib.Path(__file__).resolve().parents[2] / "crds"
 
@@ -720,42 +721,18 @@ class KubeApi:
 @contextlib.contextmanager
 def running_emulator(*, service_monitors: bool = False) -> Iterator[KubeApi]:
     """The emulator on a free loopback port, served by its own thread and event loop."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    stop = asyncio.Event()
-    box: dict[str, Any] = {}
-
-    async def serve() -> None:
+    @contextlib.asynccontextmanager
+    async def serve() -> AsyncIterator[tuple[MailplaneKubeEmulator, str]]:
         emulator = MailplaneKubeEmulator()
         _load_resources(emulator, service_monitors=service_monitors)
         async with emulator, kmock.Server(emulator) as server:
-            box["emulator"] = emulator
-            box["url"] = str(server.url).rstrip("/")
-            started.set()
-            await stop.wait()
+            yield emulator, str(server.url).rstrip("/")
 
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            box["error"] = exc
-            started.set()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    thread = threading.Thread(target=main, name="kube-emulator", daemon=True)
-    thread.start()
-    if not started.wait(10) or "error" in box:
-        raise RuntimeError(f"the Kubernetes emulator did not start: {box.get('error')!r}")
-    api = KubeApi(url=box["url"], emulator=box["emulator"], loop=loop)
-    api.emulator.on_write.append(api.notify)
-    try:
+    with serving_in_thread(serve, name="kube-emulator") as served:
+        emulator, url = served.value
+        api = KubeApi(url=url, emulator=emulator, loop=served.loop)
+        api.emulator.on_write.append(api.notify)
         yield api
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
 
 
 @pytest.fixture

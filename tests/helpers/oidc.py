@@ -16,17 +16,15 @@ verifier against the S256 challenge. Every request it refuses is recorded in ``i
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import secrets
 import ssl
-import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from tests.helpers.loopthread import serving_in_thread
 
 
 def b64(data: bytes) -> str:
@@ -199,12 +199,8 @@ def running_issuer(ca: trustme.CA, directory: Path, host: str = "127.0.0.2"
     directory.mkdir(parents=True, exist_ok=True)
     issuer.ca_file = directory / "issuer-ca.pem"
     ca.cert_pem.write_to_path(str(issuer.ca_file))
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    stop = asyncio.Event()
-    box: dict[str, Any] = {}
-
-    async def serve() -> None:
+    @asynccontextmanager
+    async def serve() -> AsyncIterator[None]:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", issuer.discovery)
         app.router.add_get("/keys", issuer.keys)
@@ -212,32 +208,14 @@ def running_issuer(ca: trustme.CA, directory: Path, host: str = "127.0.0.2"
         app.router.add_post("/token", issuer.token)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, 0, ssl_context=ctx)
-        await site.start()
-        port = runner.addresses[0][1]
-        issuer.url = f"https://{host}:{port}"
-        started.set()
         try:
-            await stop.wait()
+            site = web.TCPSite(runner, host, 0, ssl_context=ctx)
+            await site.start()
+            port = runner.addresses[0][1]
+            issuer.url = f"https://{host}:{port}"
+            yield
         finally:
             await runner.cleanup()
 
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            box["error"] = exc
-            started.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=main, name="oidc-issuer", daemon=True)
-    thread.start()
-    if not started.wait(10) or "error" in box:
-        raise RuntimeError(f"the test issuer did not start: {box.get('error')!r}")
-    try:
+    with serving_in_thread(serve, name="oidc-issuer"):
         yield issuer
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)

@@ -9,9 +9,9 @@ namespace (mail from a trusted network) that no tenant may see.
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from mailplane_relay.store import SqliteBackend, StoreBackend
 from mailplane_relay.store.backend import LOG_COLUMNS
 from mailplane_relay.store.postgres import PostgresBackend
 from tests.helpers.kube import KubeApi, credential_body, running_emulator
+from tests.helpers.loopthread import serving_in_thread
 
 NOW = time.time()
 
@@ -159,12 +160,8 @@ def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest,
     dsn: str | None = request.getfixturevalue("pg_dsn") if backend == "postgresql" else None
     with running_emulator() as api:
         _setup_kube(api)
-        loop = asyncio.new_event_loop()
-        box: dict[str, Any] = {}
-        started = threading.Event()
-        stop = asyncio.Event()
-
-        async def serve() -> None:
+        @contextlib.asynccontextmanager
+        async def serve() -> AsyncIterator[tuple[Portal, str]]:
             store: StoreBackend = PostgresBackend(dsn) if dsn else SqliteBackend(str(db))
             await store.open()
             await store.write_events(seed_rows())
@@ -180,15 +177,14 @@ def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest,
             p = Portal(store, kube, records)
             runner = web.AppRunner(build_app(p), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            box.update(portal=p, url=f"http://localhost:{port}")
-            if portal_setup is not None:
-                portal_setup(p, box["url"])
-            started.set()
             try:
-                await stop.wait()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                url = f"http://localhost:{port}"
+                if portal_setup is not None:
+                    portal_setup(p, url)
+                yield p, url
             finally:
                 await runner.cleanup()
                 if p.oidc is not None:
@@ -197,21 +193,6 @@ def portal(tmp_path: Path, backend: str, request: pytest.FixtureRequest,
                 await records.close()
                 await store.close()
 
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(serve())
-            except BaseException as exc:
-                box["error"] = exc
-                started.set()
-            finally:
-                loop.close()
-
-        thread = threading.Thread(target=main, name="portal", daemon=True)
-        thread.start()
-        assert started.wait(15) and "error" not in box, box.get("error")
-        try:
-            yield RunningPortal(box["url"], api, box["portal"], db, loop, dsn)
-        finally:
-            loop.call_soon_threadsafe(stop.set)
-            thread.join(15)
+        with serving_in_thread(serve, name="portal") as served:
+            p, url = served.value
+            yield RunningPortal(url, api, p, db, served.loop, dsn)
