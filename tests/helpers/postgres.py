@@ -8,7 +8,7 @@ is stopped and removed at the end of the session. Each test gets its own databas
         backend = PostgresBackend(pg_dsn)
 
 ``pg_server.stop()`` / ``pg_server.start()`` take the database down and up again (fault tests).
-Tests needing it are skipped, with the reason, when PostgreSQL is not installed
+Tests needing it fail, naming the fix, when PostgreSQL is not installed
 (`scripts/bootstrap --test` installs it).
 """
 

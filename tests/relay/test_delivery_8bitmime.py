@@ -38,19 +38,32 @@ class PostfixSink:
         self._tmp = tempfile.TemporaryDirectory(prefix="postfix-sink-")
         self.directory = Path(self._tmp.name)
         self.directory.chmod(0o777)
-        self.port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen(
-            [SMTP_SINK, *user, "-8", "-d", f"{self.directory}/%H%M%S.",
-             f"127.0.0.1:{self.port}", "10"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
+        # smtp-sink cannot bind port 0: its port is picked free and, when another process took
+        # it meanwhile (smtp-sink exits: "Address already in use"), picked again.
+        for _ in range(5):
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [SMTP_SINK, *user, "-8", "-d", f"{self.directory}/%H%M%S.",
+                 f"127.0.0.1:{self.port}", "10"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+            error = self._wait_listening()
+            if error is None:
+                return
+            assert "Address already in use" in error, f"smtp-sink exited: {error}"
+        raise AssertionError("smtp-sink found no free port in 5 tries")
+
+    def _wait_listening(self) -> str | None:
+        """None once smtp-sink listens; its error output if it exited."""
+        deadline = time.monotonic() + 20  # bounds a hang only
         while True:
+            if self.proc.poll() is not None:
+                return self.proc.stderr.read().decode(errors="replace") if self.proc.stderr \
+                    else "smtp-sink exited"
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
+                return None
             except OSError:
-                assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr \
-                    else "smtp-sink exited"
                 assert time.monotonic() < deadline, "smtp-sink did not listen"
                 time.sleep(0.05)
 

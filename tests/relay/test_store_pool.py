@@ -8,6 +8,7 @@ to all of them; the capture sink is the smarthost.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import time
@@ -162,10 +163,18 @@ async def test_a_rate_holds_across_the_pool_within_a_minute(
     relays = await asyncio.to_thread(
         pool, relay_factory, sink, dsn_file, 2, limits={"authFailureDelay": 0,
                                                         "defaultRatePerMinute": 12})
-    # Stay inside one UTC minute so the bound is the per-minute limit itself.
-    if time.time() % 60 > 40:
+    # The bound is the per-minute limit itself only for sends inside one UTC minute. Sending
+    # across a minute boundary (a slow machine) proves nothing: sending starts again at the
+    # beginning of the next minute untouched by it.
+    for attempt in itertools.count(1):
+        if time.time() % 60 > 40:
+            await asyncio.sleep(61 - time.time() % 60)
+        minute = time.time() // 60
+        codes = [await send(relays[i % 2], message(i)) for i in range(30)]
+        if time.time() // 60 == minute:
+            break
+        assert attempt < 3, "30 sends never fitted in one minute"
         await asyncio.sleep(61 - time.time() % 60)
-    codes = [await send(relays[i % 2], message(i)) for i in range(30)]
     assert codes.count(250) == 12, codes
     assert set(codes) == {250, 451}
 
