@@ -347,6 +347,8 @@ def test_a_relay_with_several_workers_hands_off_every_workers_spool(
         # Pushed revocations need a single process: refused, not half done.
         status, text = _admin(b, "POST", "/admin/revoke", {"username": "app"})
         assert status == 501 and "workers" in text
+        status, text = _admin(b, "POST", "/admin/credential", {"username": "app"})
+        assert status == 501 and "workers" in text
 
         sink.behaviour.data_reply = None  # A delivers every message of both workers, once
         _wait(lambda: len(sink.messages) >= len(ids) and not a.spooled_files(), "deliveries")
