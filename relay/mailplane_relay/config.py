@@ -556,13 +556,33 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def redact_url(url: str) -> str:
+    """A webhook URL as it may be shown in an error, a log line or a status message:
+    ``scheme://host[:port]/path``. The query, the #fragment and any ``user:password@`` go:
+    a receiver's URL often carries a token in them."""
+    from urllib.parse import urlsplit  # noqa: PLC0415 - only when webhooks are configured
+
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(not a URL)"
+    if not parts.scheme or not host:
+        return "(not a URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
 class WebhookEndpoint(_Model):
     """Where delivery events are posted, signed with HMAC-SHA256. One or two signing secrets:
     two during a rotation (each event then carries a signature by each). The secrets are inline
     (``secrets``, as the operator renders them from the referenced Secret into the relay's
     configuration Secret) or in files (``secretFiles``, one secret per file)."""
 
-    url: str
+    url: str = Field(repr=False)
     secrets: tuple[str, ...] | None = Field(None, repr=False, min_length=1, max_length=2)
     secret_files: tuple[str, ...] | None = Field(None, alias="secretFiles", min_length=1,
                                                  max_length=2)
@@ -571,24 +591,28 @@ class WebhookEndpoint(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        # Every message names the URL redacted (redact_url): its query or user:password@ may
+        # hold a token, and these messages reach logs, Events and status conditions.
         from urllib.parse import urlsplit  # noqa: PLC0415 - only when webhooks are configured
 
+        shown = redact_url(v)
         try:
             parts = urlsplit(v)
             host = parts.hostname or ""
             _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"webhook url {v!r} is not a URL ({exc})") from None
+        except ValueError:
+            raise ValueError(f"webhook url {shown} is not a URL (a bad port or bracketed "
+                             "address): use https://HOST/PATH") from None
         if parts.scheme not in ("https", "http") or not host:
-            raise ValueError(f"webhook url {v!r} must be https://HOST/PATH")
+            raise ValueError(f"webhook url {shown} must be https://HOST/PATH")
         if parts.scheme == "http" and not _is_loopback_host(host):
-            raise ValueError(f"webhook url {v!r}: plain http is allowed only to a loopback "
+            raise ValueError(f"webhook url {shown}: plain http is allowed only to a loopback "
                              "address (a local test receiver); use https://")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(f"webhook url for host {host!r} holds credentials: the events "
+            raise ValueError(f"webhook url {shown} holds credentials: the events "
                              "are authenticated by their signature; remove user:password@")
         if parts.fragment:
-            raise ValueError(f"webhook url {v!r}: remove the #fragment")
+            raise ValueError(f"webhook url {shown}: remove the #fragment")
         return v
 
     @field_validator("secrets")

@@ -45,7 +45,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .config import RelayConfig, WebhookEndpoint, WebhookSettings
+from .config import RelayConfig, WebhookEndpoint, WebhookSettings, redact_url
 from .metrics import NS
 from .store.backend import LOG_COLUMNS, LogRow, OutboxRow, StoreBackend
 from .store.health import StoreHealth
@@ -390,7 +390,7 @@ class WebhookDispatcher:
         try:
             await self._attempt(event, endpoint, kind, settings)
         except Exception as exc:  # every failure is retried; the reason is logged
-            error = _describe(exc)
+            error = _describe(exc, endpoint.url)
             self.metrics.deliveries.labels("failure").inc()
             attempts = int(event["attempts"]) + 1
             delay = min(settings.retry_max, settings.retry_initial * 2 ** (attempts - 1))
@@ -442,7 +442,20 @@ class _HTTPStatus(Exception):
                          "followed)")
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, url: str) -> str:
+    """Why a post failed, for the log and the outbox's last error: never the whole URL (an
+    aiohttp error may quote it, with a token in its query or user:password@)."""
+    text = _describe_raw(exc).replace(url, redact_url(url))
+    parts = urlsplit(url)
+    hidden = [f"?{parts.query}" if parts.query else "",
+              f"#{parts.fragment}" if parts.fragment else "",
+              parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""]
+    for part in sorted(filter(None, hidden), key=len, reverse=True):
+        text = text.replace(part, "")
+    return text
+
+
+def _describe_raw(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer within webhooks.timeout"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
