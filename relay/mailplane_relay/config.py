@@ -483,6 +483,11 @@ class IntakeSettings(_Model):
 
 # The privacy policy (section 5) retains delivery logs 90 days: no configuration keeps longer.
 MAX_MESSAGE_LOG_RETENTION = 90 * 86400.0
+# Suppression entries are not delivery logs (docs/store.md, Retention): an address is kept to
+# stop mail to it (a bounce, a complaint, an unsubscribe), the privacy policy's abuse prevention
+# and protection of recipients (sections 2 and 4). The policy names no period for them: one year
+# is the ceiling the documentation promises, and no configuration keeps an address longer.
+MAX_SUPPRESSION_RETENTION = 365 * 86400.0
 
 
 class RetentionSettings(_Model):
@@ -498,6 +503,15 @@ class RetentionSettings(_Model):
         if not 0 < v <= MAX_MESSAGE_LOG_RETENTION:
             raise ValueError(f"{v / 86400:g} days is outside (0, 90d]: the privacy policy "
                              "keeps delivery logs at most 90 days; use 90d or less")
+        return v
+
+    @field_validator("suppression")
+    @classmethod
+    def _suppression_at_most_a_year(cls, v: float) -> float:
+        if not 0 < v <= MAX_SUPPRESSION_RETENTION:
+            raise ValueError(f"{v / 86400:g} days is outside (0, 365d]: suppression entries "
+                             "(complaints' keyed hashes included) are kept at most 365 days "
+                             "(docs/store.md, Retention); use 365d or less")
         return v
 
 

@@ -382,6 +382,8 @@ CEL_CASES = [
         "allowPrivateNetworks": ["10.96.0.0/12"], "maxAge": "24h"}}, None),
     ("RetentionPolicy", {"messageLog": "30m"}, "messageLog must be between 1h and 2160h"),
     ("RetentionPolicy", {"purgeInterval": "25h"}, "purgeInterval must be between 1m and 24h"),
+    ("RetentionPolicy", {"suppression": "8761h"}, "suppression must be between 1h and 8760h"),
+    ("RetentionPolicy", {"suppression": "8760h"}, None),
     ("RetentionPolicy", {"messageLog": "24h", "purgeInterval": "24h"}, None),
 ]
 

@@ -87,3 +87,11 @@ def test_a_retention_policy_keeps_logs_at_most_90_days() -> None:
         models.parse_retention_policy(body)
     body["spec"] = {"messageLog": "2160h"}
     assert models.parse_retention_policy(body).spec.message_log == 90 * 86400
+
+
+def test_a_retention_policy_keeps_suppression_entries_at_most_365_days() -> None:
+    body = {"metadata": {"name": "p", "namespace": "ns"}, "spec": {"suppression": "8761h"}}
+    with pytest.raises(SpecError, match="suppression"):
+        models.parse_retention_policy(body)
+    body["spec"] = {"suppression": "8760h"}
+    assert models.parse_retention_policy(body).spec.suppression == 365 * 86400

@@ -127,6 +127,8 @@ def test_directory_merges_chunks_and_skips_kubernetes_links(tmp_path: Path) -> N
         ([("x.yaml", "apiVersion: [")], "not valid YAML"),
         ([doc("RelayConfig", {**BASE, "retention": {"messageLog": "91d"}})],
          "retention.messageLog: 91 days is outside (0, 90d]"),
+        ([doc("RelayConfig", {**BASE, "retention": {"suppression": "366d"}})],
+         "retention.suppression: 366 days is outside (0, 365d]"),
         ([doc("RelayConfig", {**BASE, "store": {"backend": "postgresql"}})],
          "store.dsnFile is not set"),
         ([doc("RelayConfig", {**BASE, "listeners": [

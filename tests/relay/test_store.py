@@ -250,6 +250,32 @@ async def test_purge_by_retention(mlog: MessageLog, backend: StoreBackend,
     assert sample(metrics, "mailplane_relay_last_purge_timestamp_seconds") == now
 
 
+async def test_an_erased_complaints_hash_leaves_at_the_suppression_retention_of_the_complaint(
+    mlog: MessageLog, backend: StoreBackend, metrics: RelayMetrics
+) -> None:
+    # A complaint kept as a keyed hash after an erasure is purged a year after the complaint,
+    # like any suppression entry (not 90 days after it, the message log's cap, nor a year
+    # after the erasure).
+    now = 1_800_000_000.0
+    day = 86400.0
+    await backend.suppression_upsert("old@dest.test", "complaint", "fbl", now - 366 * day)
+    await backend.suppression_upsert("kept@dest.test", "complaint", "fbl", now - 100 * day)
+    await erase_address(backend, "old@dest.test")
+    await erase_address(backend, "kept@dest.test")
+    key = await backend.erasure_key()
+    assert await backend.oldest_records() == {"message_log": None,
+                                              "suppression": now - 366 * day}
+
+    await mlog.purge(now=now, message_log_retention=90 * day,
+                     suppression_retention=365 * day, changes_retention=day)
+
+    assert [(e["address"], e["created"]) for e in await backend.suppression_list()] == [
+        (complaint_hash(key, "kept@dest.test"), now - 100 * day)]
+    assert await backend.oldest_records() == {"message_log": None,
+                                              "suppression": now - 100 * day}
+    assert sample(metrics, "mailplane_relay_purged_records_total", table="suppression") == 1
+
+
 async def test_erase_deletes_every_record_of_an_address(
     mlog: MessageLog, backend: StoreBackend
 ) -> None:

@@ -826,7 +826,8 @@ class RetentionPolicySpec(_Spec):
     relay_selector: LabelSelector = Field(LabelSelector(), alias="relaySelector")
     # At most 90 days: the privacy policy's promise, and what the relay configuration accepts.
     message_log: float = Field(90 * 86400.0, alias="messageLog", ge=3600, le=90 * 86400.0)
-    suppression: float = Field(365 * 86400.0, ge=3600)
+    # At most 365 days: the ceiling docs/store.md promises, and what the relay accepts.
+    suppression: float = Field(365 * 86400.0, ge=3600, le=365 * 86400.0)
     purge_interval: float = Field(3600.0, alias="purgeInterval", ge=60, le=86400)
 
     _d = _durations("message_log", "suppression", "purge_interval")
