@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..events import STATUSES
 
@@ -130,6 +130,15 @@ class EraseReport:
 
     def add(self, place: str, n: int) -> None:
         self.counts[place] = self.counts.get(place, 0) + n
+
+
+class ErasureMark(NamedTuple):
+    """An erasure request as a held-back write checks it: the address while the request is
+    open, its keyed hash (``complaint_hash``) once closed, and when it was requested."""
+
+    address: str | None
+    address_hash: str | None
+    requested: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +267,11 @@ class StoreBackend(Protocol):
     async def erasure_state(self, request_id: int, now: float,
                             horizon: float) -> ErasureState | None: ...
     async def erasure_complete(self, request_id: int, now: float,
-                               report: dict[str, int]) -> bool:
-        """Close the request: the address is dropped, the report kept. False if it was
-        already closed (by another worker or the CLI)."""
+                               report: dict[str, int], address_hash: str | None = None) -> bool:
+        """Close the request: the address is dropped (``address_hash``, its keyed hash, kept
+        in its place), the report kept. False if it was already closed (by another worker or
+        the CLI)."""
+    async def erasures_since(self, since: float) -> list[ErasureMark]:
+        """The erasure requests made at or after ``since`` (open: by address; closed: by keyed
+        hash): a write held back since ``since`` (a disk buffer, an unsent suppression entry)
+        must not bring such an address back."""

@@ -61,7 +61,9 @@ async def complete_if_done(backend: StoreBackend, request_id: int,
     if state.unreachable:
         # Down workers were not waited for: their spools may still name the address.
         report.counts[UNREACHABLE] = state.unreachable
-    await backend.erasure_complete(request_id, now, report.counts)
+    key = await backend.erasure_key()
+    await backend.erasure_complete(request_id, now, report.counts,
+                                   address_hash=complaint_hash(key, state.address))
     return await backend.erasure_state(request_id, now, PEER_HORIZON)
 
 

@@ -31,7 +31,8 @@ from prometheus_client import Counter, Gauge
 from ..aiotasks import cancel_and_wait
 from ..events import LogEvent
 from ..metrics import NS, RelayMetrics
-from .backend import LogQuery, LogRow, OutboxRow, StoreBackend
+from .backend import LOG_COLUMNS, LogQuery, LogRow, OutboxRow, StoreBackend
+from .erased import erased_since
 from .health import StoreHealth
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ EARLY_FLUSH_EVENTS = 5_000
 ERROR_LOG_INTERVAL = 10.0
 # Buffered files replayed per writer pass, so a long backlog does not delay fresh batches.
 REPLAY_FILES_PER_PASS = 20
+_TS, _SENDER, _RECIPIENT = (LOG_COLUMNS.index(c) for c in ("ts", "sender", "recipient"))
 
 TenantOf = Callable[[str | None], str | None]
 # The webhook events (outbox rows) a batch of log rows makes, per the configuration in force.
@@ -119,7 +121,17 @@ class MessageLog:
             "Message-log events written to the store from the local disk buffer.",
             registry=metrics.registry,
         )
+        self.replay_erased = Counter(
+            f"{NS}_messagelog_replay_erased_events",
+            "Held-back message-log events (disk buffer, or memory after a failed write) not "
+            "written because their address was erased after they were recorded.",
+            registry=metrics.registry,
+        )
         self._disk_events = 0
+        # Set while a batch that failed is held in memory: it is checked against the erasures
+        # made since before it is written (as the disk buffer is when replayed).
+        self._held_since: float | None = None
+        self._erased_total = 0
 
     @property
     def pending(self) -> int:
@@ -192,6 +204,8 @@ class MessageLog:
                 return
             batch, self._buffer = self._buffer, []
             try:
+                if self._held_since is not None:
+                    batch = await self._without_erased(batch)
                 # Shielded: a write handed to the backend may complete even if this caller is
                 # cancelled; ids make a second write of the same batch harmless anyway.
                 await asyncio.shield(self.backend.write_events(batch, self._outbox(batch)))
@@ -208,6 +222,7 @@ class MessageLog:
                     else:
                         raise
                 # Put the batch back in front, in order, within the bound.
+                self._held_since = time.time()
                 merged = batch + self._buffer
                 overflow = len(merged) - self._max_buffered
                 if overflow > 0:
@@ -215,8 +230,26 @@ class MessageLog:
                     merged = merged[overflow:]
                 self._buffer = merged
                 raise
+            self._held_since = None
             if self._health is not None:
                 self._health.ok("log_write")
+
+    async def _without_erased(self, rows: list[LogRow]) -> list[LogRow]:
+        """``rows`` without those naming an address whose erasure was requested after they
+        were recorded (they were held back meanwhile). Raises when the store cannot say."""
+        if not rows:
+            return rows
+        erased = await erased_since(self.backend, min(float(r[_TS]) for r in rows))
+        if not erased:
+            return rows
+        kept = [r for r in rows if not (erased.erased(r[_SENDER], float(r[_TS]))
+                                        or erased.erased(r[_RECIPIENT], float(r[_TS])))]
+        if len(kept) < len(rows):
+            self._erased_total += len(rows) - len(kept)
+            self.replay_erased.inc(len(rows) - len(kept))
+            log.info("message log: %d held-back events not written: their address was erased "
+                     "after they were recorded", len(rows) - len(kept))
+        return kept
 
     def _outbox(self, rows: list[LogRow]) -> list[OutboxRow]:
         try:
@@ -251,7 +284,8 @@ class MessageLog:
 
     async def replay(self) -> int:
         """Write buffered files to the store, oldest first; each file is deleted once the
-        store took it. Returns the number of events replayed."""
+        store took it. Events naming an address erased after they were recorded are left out.
+        Returns the number of events taken from the buffer."""
         async with self._replay_lock:
             return await self._replay()
 
@@ -259,36 +293,42 @@ class MessageLog:
         if self._buffer_dir is None or not self._disk_events:
             return 0
         files = sorted(await asyncio.to_thread(lambda: list(self._buffer_dir.glob("*.jsonl"))))  # type: ignore[union-attr]
-        done = 0
+        done = written = 0  # events taken from the buffer; of them, written to the store
         for path in files[:REPLAY_FILES_PER_PASS]:
             try:
                 text = await asyncio.to_thread(path.read_text, encoding="utf-8")
             except FileNotFoundError:  # another worker of the pod replayed it
                 continue
-            rows = [tuple(json.loads(line)) for line in text.splitlines() if line]
+            held = [tuple(json.loads(line)) for line in text.splitlines() if line]
             try:
-                await self.backend.write_events(rows, self._outbox(rows))
+                rows = await self._without_erased(held)
+                if rows:
+                    await self.backend.write_events(rows, self._outbox(rows))
             except Exception as exc:
                 if self._health is not None:
                     self._health.failed("log_write", exc)
                 raise
             await asyncio.to_thread(path.unlink, missing_ok=True)
-            done += len(rows)
-            self._disk_events = max(0, self._disk_events - len(rows))
+            done += len(held)
+            written += len(rows)
+            self._disk_events = max(0, self._disk_events - len(held))
             self.buffered.set(self._disk_events)
             self.replayed.inc(len(rows))
-        if done:
-            log.info("message log: replayed %d buffered events into %s", done,
+        if written:
+            log.info("message log: replayed %d buffered events into %s", written,
                      self.backend.description)
         return done
 
-    async def drain(self) -> None:
+    async def drain(self) -> int:
         """Write everything held, from memory and from the disk buffer (erasure needs every
-        row of this process in the store before its final pass)."""
+        row of this process in the store before its final pass). Returns how many held rows
+        were left out as naming an address erased after they were recorded."""
+        before = self._erased_total
         await self.flush()
         while self._buffer_dir is not None and self._disk_events:
             if not await self.replay():
                 break
+        return self._erased_total - before
 
     # ---- retention and search ------------------------------------------------------------
 

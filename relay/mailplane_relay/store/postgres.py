@@ -37,6 +37,7 @@ from .backend import (
     PORTAL_AUDIT,
     PORTAL_RECORDS,
     EraseReport,
+    ErasureMark,
     ErasureState,
     LogQuery,
     LogRow,
@@ -164,14 +165,24 @@ CREATE TABLE IF NOT EXISTS send_leases (
 );
 -- Workers that took part recently: a worker cut off from the database takes 1/N of a limit.
 CREATE TABLE IF NOT EXISTS store_peers (peer text PRIMARY KEY, seen double precision NOT NULL);
--- Erasure requests: the address is kept only until every live worker erased it from its spool.
+-- Erasure requests: the address is kept only until every live worker erased it from its spool;
+-- then its keyed hash (address_hash), for the message log's retention, so that a write held back
+-- since before the request (a disk buffer replayed later) does not bring the address back.
 CREATE TABLE IF NOT EXISTS erasure_requests (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     address text,
     requested double precision NOT NULL,
     completed double precision,
-    report text
+    report text,
+    address_hash text
 );
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'erasure_requests'::regclass
+                   AND attname = 'address_hash' AND NOT attisdropped) THEN
+        ALTER TABLE erasure_requests ADD COLUMN address_hash text;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS erasure_progress (
     request_id bigint NOT NULL,
     peer text NOT NULL,
@@ -526,6 +537,10 @@ class PostgresBackend:
         n_log = await self._delete_chunks("message_log", "id", "ts < %s", (log_before,))
         n_supp = await self._delete_chunks("suppression", "address", "created < %s",
                                            (suppression_before,))
+        # A closed erasure's keyed hash is kept as long as a held-back log row could name it.
+        async with self._conn() as conn:
+            await conn.execute("UPDATE erasure_requests SET address_hash = NULL WHERE "
+                               "address_hash IS NOT NULL AND requested < %s", (log_before,))
         await self._delete_chunks(
             "suppression_changes", "seq",
             "ts < %s AND seq < (SELECT max(seq) FROM suppression_changes)", (changes_before,))
@@ -849,15 +864,25 @@ class PostgresBackend:
                             int(unreachable[0]) if unreachable else 0)
 
     async def erasure_complete(self, request_id: int, now: float,
-                               report: dict[str, int]) -> bool:
+                               report: dict[str, int], address_hash: str | None = None) -> bool:
         await self._ready()
         async with self._conn() as conn, conn.transaction():
             cur = await conn.execute(
-                "UPDATE erasure_requests SET address = NULL, completed = %s, report = %s "
-                "WHERE id = %s AND completed IS NULL", (now, json.dumps(report), request_id))
+                "UPDATE erasure_requests SET address = NULL, completed = %s, report = %s, "
+                "address_hash = %s WHERE id = %s AND completed IS NULL",
+                (now, json.dumps(report), address_hash, request_id))
             await conn.execute("DELETE FROM erasure_progress WHERE request_id = %s",
                                (request_id,))
         return cur.rowcount > 0
+
+    async def erasures_since(self, since: float) -> list[ErasureMark]:
+        await self._ready()
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT address, address_hash, requested FROM erasure_requests "
+                "WHERE requested >= %s AND (address IS NOT NULL OR address_hash IS NOT NULL)",
+                (since,))).fetchall()
+        return [ErasureMark(r[0], r[1], float(r[2])) for r in rows]
 
     # ---- reputation ---------------------------------------------------------------------
 

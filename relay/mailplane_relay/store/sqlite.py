@@ -29,6 +29,7 @@ from .backend import (
     PORTAL_AUDIT,
     PORTAL_RECORDS,
     EraseReport,
+    ErasureMark,
     ErasureState,
     LogQuery,
     LogRow,
@@ -104,13 +105,16 @@ CREATE TABLE IF NOT EXISTS send_leases (
     PRIMARY KEY (kind, credential, window_start)
 );
 CREATE TABLE IF NOT EXISTS store_peers (peer TEXT PRIMARY KEY, seen REAL NOT NULL);
--- Erasure requests: the address is kept only until every live worker erased it from its spool.
+-- Erasure requests: the address is kept only until every live worker erased it from its spool;
+-- then its keyed hash (address_hash), for the message log's retention, so that a write held back
+-- since before the request does not bring the address back.
 CREATE TABLE IF NOT EXISTS erasure_requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     address TEXT,
     requested REAL NOT NULL,
     completed REAL,
-    report TEXT
+    report TEXT,
+    address_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS erasure_progress (
     request_id INTEGER NOT NULL,
@@ -304,6 +308,10 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("UPDATE message_log SET remote = NULL "
                          "WHERE status IN ('received', 'rejected')")
             conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        # Added within version 2: closed erasures keep their address's keyed hash.
+        if "address_hash" not in {r[1] for r in conn.execute(
+                "PRAGMA table_info(erasure_requests)")}:
+            conn.execute("ALTER TABLE erasure_requests ADD COLUMN address_hash TEXT")
         # Added within version 2: entries scoped to a namespace.
         if "namespace" not in {r[1] for r in conn.execute("PRAGMA table_info(suppression)")}:
             _scope_suppression(conn)
@@ -584,6 +592,9 @@ class SqliteBackend:
                               (changes_before, _last_change(conn)))
             now = time.time()
             with _transaction(conn):
+                # A closed erasure's keyed hash: kept as long as a held-back row could name it.
+                conn.execute("UPDATE erasure_requests SET address_hash = NULL WHERE "
+                             "address_hash IS NOT NULL AND requested < ?", (log_before,))
                 conn.execute("DELETE FROM send_leases WHERE (kind = 'rate' AND "
                              "window_start < ?) OR (kind = 'quota' AND window_start < ?)",
                              (int(now // 60) - 5, int(now // 86400) - 2))
@@ -863,13 +874,20 @@ class SqliteBackend:
         return await self._run(run)
 
     async def erasure_complete(self, request_id: int, now: float,
-                               report: dict[str, int]) -> bool:
+                               report: dict[str, int], address_hash: str | None = None) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
                 cur = conn.execute(
-                    "UPDATE erasure_requests SET address = NULL, completed = ?, report = ? "
-                    "WHERE id = ? AND completed IS NULL", (now, json.dumps(report), request_id))
+                    "UPDATE erasure_requests SET address = NULL, completed = ?, report = ?, "
+                    "address_hash = ? WHERE id = ? AND completed IS NULL",
+                    (now, json.dumps(report), address_hash, request_id))
                 conn.execute("DELETE FROM erasure_progress WHERE request_id = ?",
                              (request_id,))
             return cur.rowcount > 0
         return await self._run(run)
+
+    async def erasures_since(self, since: float) -> list[ErasureMark]:
+        rows = await self._run(lambda conn: conn.execute(
+            "SELECT address, address_hash, requested FROM erasure_requests WHERE requested >= ? "
+            "AND (address IS NOT NULL OR address_hash IS NOT NULL)", (since,)).fetchall())
+        return [ErasureMark(r[0], r[1], float(r[2])) for r in rows]

@@ -33,6 +33,7 @@ from typing import Any
 from ..aiotasks import cancel_and_wait
 from ..metrics import RelayMetrics
 from .backend import POOL_WIDE, Entry, Scopes, StoreBackend, complaint_hash
+from .erased import erased_since
 from .health import StoreHealth
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,33 @@ class SuppressionList:
             raise
         self._unsent.pop(address, None)
 
-    async def _send_unsent(self) -> None:
+    async def send_unsent(self) -> None:
+        """Write the entries the store did not take when they were added (the refresher does
+        this about every second). An address whose erasure was requested after its entry was
+        added is not brought back: a complaint goes in as the address's keyed hash, as the
+        erasure would have left it; any other entry is dropped."""
+        if not self._unsent:
+            return
+        erased = await erased_since(self.backend,
+                                    min(created for _r, _s, created in self._unsent.values()))
         for address, (reason, source, created) in list(self._unsent.items()):
-            await self.backend.suppression_upsert(address, reason, source, created)
+            if erased.erased(address, created):
+                if reason == "complaint":
+                    key = await self.backend.erasure_key()
+                    await self.backend.suppression_upsert(complaint_hash(key, address), reason,
+                                                          source, created)
+                scopes = self._cache.get(address, {})
+                if scopes.get(POOL_WIDE) == (reason, created):
+                    del scopes[POOL_WIDE]
+                    if not scopes:
+                        self._cache.pop(address, None)
+                    self._set_gauge()
+                    self._cache_dirty = True
+                log.info("suppression list: an entry added before its address was erased was "
+                         "not written back (%s)", "kept as a keyed hash" if reason == "complaint"
+                         else "dropped")
+            else:
+                await self.backend.suppression_upsert(address, reason, source, created)
             if self._unsent.get(address) == (reason, source, created):
                 del self._unsent[address]
 
@@ -202,7 +227,7 @@ class SuppressionList:
             self._passes_started += 1
             try:
                 if self._unsent:
-                    await self._send_unsent()
+                    await self.send_unsent()
                 await self.refresh()
                 if self._health is not None:
                     self._health.ok("suppression")
