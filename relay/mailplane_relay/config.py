@@ -985,6 +985,9 @@ class RelaySettings(_Model):
         return self
 
 
+# Peer addresses whose trustedNetworks verdict a configuration keeps.
+_TRUST_CACHE_SIZE = 4096
+
 class RelayConfig(_Model):
     """The whole, merged configuration, with lookup tables built once."""
 
@@ -996,6 +999,9 @@ class RelayConfig(_Model):
     _domain_index: dict[str, Domain] = PrivateAttr(default_factory=dict)
     _credential_index: dict[str, Credential] = PrivateAttr(default_factory=dict)
     _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = PrivateAttr(())
+    # Peer address -> trusted, for this configuration's networks (an address is parsed and
+    # matched once, not at every session: about 8 us each).
+    _trusted: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     @property
     def domains(self) -> dict[str, Domain]:
@@ -1029,11 +1035,18 @@ class RelayConfig(_Model):
         return copy
 
     def is_trusted(self, peer_ip: str) -> bool:
+        known = self._trusted.get(peer_ip)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(peer_ip)
         except ValueError:
             return False
-        return any(ip in net for net in self._networks)
+        trusted = any(ip in net for net in self._networks)
+        if len(self._trusted) >= _TRUST_CACHE_SIZE:
+            self._trusted.clear()
+        self._trusted[peer_ip] = trusted
+        return trusted
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ window has passed are dropped when looked at.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict, deque
@@ -40,6 +41,7 @@ class Attempt:
     at: float
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the address; parsing costs ~6 us
 def client_key(address: str) -> str:
     """The throttling (and session-cap) key of a client address: the address itself for IPv4,
     its /64 for IPv6 (an IPv4-mapped IPv6 address counts as the IPv4 address)."""
