@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import random
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -30,6 +31,7 @@ from mailplane_relay.spool import (
     SpoolError,
     adopt,
     count_messages,
+    encode_queue_id,
     new_queue_id,
     queue_id_number,
     valid_queue_id,
@@ -384,6 +386,21 @@ def test_a_queue_id_is_the_clock_and_random_bits_in_crockford_base32() -> None:
     assert not valid_queue_id(qid + "0")
     assert not valid_queue_id(qid[:-1] + "U")  # not a Crockford digit
     assert not valid_queue_id(qid[:-1] + "a")
+
+
+def test_queue_id_digits_are_crockford_base32_of_the_number() -> None:
+    assert encode_queue_id(0) == "0" * 20
+    assert encode_queue_id(31) == "0" * 19 + "Z"
+    assert encode_queue_id(32) == "0" * 18 + "10"
+    assert encode_queue_id(2**100 - 1) == "Z" * 20
+    rng = random.Random(7)
+    for _ in range(2000):
+        n = rng.getrandbits(100)
+        qid = encode_queue_id(n)
+        assert valid_queue_id(qid) and queue_id_number(qid) == n
+        # Digit by digit, most significant first.
+        assert qid == "".join("0123456789ABCDEFGHJKMNPQRSTVWXYZ"[(n >> (5 * i)) & 31]
+                              for i in reversed(range(20)))
 
 
 # ------------------------------------------------------------------ envelopes
