@@ -9,7 +9,7 @@ import collections
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import RelayConfig
 from ..dsn import FailedRecipient, build_dsn
@@ -49,6 +49,9 @@ class Outcomes:
         self._log = log
         self._suppression = suppression
         self._metrics = metrics
+        # Labelled children of the per-recipient counter: labels() costs more than inc(). The
+        # keys are bounded by the configuration (outcomes x domains x credentials).
+        self._recipient_counters: dict[tuple[str, str, str], Any] = {}
         self._reputation = reputation
         self._clock = clock
         self._rng = rng
@@ -100,7 +103,13 @@ class Outcomes:
                 response=outcome.response, size=msg.size, attempt=msg.attempts,
                 remote=_remote_label(outcome),
             ))
-            self._metrics.recipients.labels(status, msg.sender_domain, credential).inc()
+            key = (status, msg.sender_domain, credential)
+            counter = self._recipient_counters.get(key)
+            if counter is None:
+                if len(self._recipient_counters) > 100_000:
+                    self._recipient_counters.clear()
+                counter = self._recipient_counters[key] = self._metrics.recipients.labels(*key)
+            counter.inc()
             if self._reputation is not None and not outcome.administrative:
                 self._reputation.record(msg.credential, status)
             if status == "delivered":
