@@ -38,6 +38,8 @@ async def test_aiosmtplib_starttls_submission_is_spooled_queued_logged(relay: Re
     assert msg.listener == "submission"
     stored = relay.spool.read(queue_id)
     assert stored.endswith(data)
+    # The queue is handed the very bytes the spool holds (its first attempt sends them).
+    assert relay.queue.data == [stored]
     assert stored.startswith(b"Received: from ")
     assert b"with ESMTPSA" in stored.split(b"\r\n\r\n")[0]
     received = _events(relay, "received")

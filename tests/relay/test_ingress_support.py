@@ -48,9 +48,11 @@ class ConfigBox:
 class RecordingQueue:
     def __init__(self) -> None:
         self.submitted: list[QueuedMessage] = []
+        self.data: list[bytes | None] = []
 
-    def submit(self, msg: QueuedMessage) -> None:
+    def submit(self, msg: QueuedMessage, data: bytes | None = None) -> None:
         self.submitted.append(msg)
+        self.data.append(data)
 
 
 class RecordingLog:

@@ -95,6 +95,9 @@ BEGIN_BATCH = 200
 # Envelopes of freshly committed messages kept in memory for their first attempt; beyond this
 # (a backlog being worked off while mail keeps coming) they are read again when due.
 MAX_KEPT = 10_000
+# The data of kept messages too (the bytes the spool would read back for the first attempt),
+# up to this many bytes in all; beyond it, and for every later attempt, the spool is read.
+MAX_KEPT_BYTES = 32 * 1024 * 1024
 _IN_ATTEMPT = math.inf  # the due time recorded for a message while an attempt runs
 _ON_HOLD = -math.inf  # the due time recorded for a message on hold (never due)
 
@@ -137,6 +140,8 @@ class DeliveryQueue:
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._kept: dict[str, QueuedMessage] = {}
+        self._kept_data: dict[str, bytes] = {}
+        self._kept_bytes = 0
         self._flushed: set[str] = set()  # flushed by an administrator, attempt not begun
         # Queue ids by age (a heap; ids sort by commit time): the oldest-message gauge pops
         # the ids no longer queued, instead of scanning every queued id.
@@ -180,14 +185,18 @@ class DeliveryQueue:
             self._background.append(task)
         self.update_gauges()
 
-    def submit(self, msg: QueuedMessage) -> None:
+    def submit(self, msg: QueuedMessage, data: bytes | None = None) -> None:
         """A message just committed (or recovered by a full start): its envelope is kept
-        until its first attempt."""
+        until its first attempt, and ``data`` (the message as committed) while the kept data
+        stays within ``MAX_KEPT_BYTES``: the first attempt then does not read the spool."""
         if msg.queue_id in self._due:
             return
         held = bool(msg.extra.get(HELD))
         if not held and len(self._kept) < MAX_KEPT:
             self._kept[msg.queue_id] = msg
+            if data is not None and self._kept_bytes + len(data) <= MAX_KEPT_BYTES:
+                self._kept_data[msg.queue_id] = data
+                self._kept_bytes += len(data)
         self._add(msg.queue_id, msg.next_attempt, held)
 
     def schedule(self, due: list[Due]) -> None:
@@ -346,6 +355,7 @@ class DeliveryQueue:
         if queue_id not in self._attempts:
             self._due[queue_id] = _ON_HOLD  # its heap entry is superseded
             self._kept.pop(queue_id, None)  # its state is on disk
+            self._take_data(queue_id)
         self._changed.set()
         return True
 
@@ -520,6 +530,7 @@ class DeliveryQueue:
         if self._due.pop(queue_id, None) is None:
             return
         self._kept.pop(queue_id, None)
+        self._take_data(queue_id)
         self._flushed.discard(queue_id)
         self._metrics.queue_messages.set(len(self._due))
         self._changed.set()
@@ -569,16 +580,23 @@ class DeliveryQueue:
                       "queue", queue_id)
             self._forget_id(queue_id)
             return False
+        data = self._take_data(queue_id)
         if msg.extra.get(HELD):
             self._due[queue_id] = _ON_HOLD  # held while its due time passed
             return False
-        self._begin(msg)
+        self._begin(msg, data)
         return True
 
-    def _begin(self, msg: QueuedMessage) -> None:
+    def _take_data(self, queue_id: str) -> bytes | None:
+        data = self._kept_data.pop(queue_id, None)
+        if data is not None:
+            self._kept_bytes -= len(data)
+        return data
+
+    def _begin(self, msg: QueuedMessage, data: bytes | None = None) -> None:
         """Start an attempt: set suppressed recipients aside, route the others."""
         cfg = self._config()
-        attempt = Attempt(msg, cfg)
+        attempt = Attempt(msg, cfg, committed=data)
         if msg.queue_id in self._flushed:
             self._flushed.discard(msg.queue_id)
             attempt.flushed = True
@@ -995,8 +1013,10 @@ class DeliveryQueue:
 
     async def _signed(self, attempt: Attempt) -> bytes | None:
         msg, cfg = attempt.msg, attempt.cfg
+        data, attempt.committed = attempt.committed, None
         try:
-            data = await self._read(msg)
+            if data is None:
+                data = await self._read(msg)
         except SpoolError as exc:
             log.error("delivery: cannot read %s from the spool: %s", msg.queue_id, exc)
             return None

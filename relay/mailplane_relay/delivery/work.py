@@ -20,6 +20,9 @@ class Attempt:
     cfg: RelayConfig
     outcomes: dict[str, RecipientOutcome] = field(default_factory=dict)
     outstanding: int = 0  # work items not done yet
+    # The message as committed, when the queue kept it from the commit (a first attempt):
+    # taken instead of reading the spool.
+    committed: bytes | None = None
     # The message as it goes on the wire (read from the spool and DKIM-signed once, by the
     # first work item that gets a connection slot).
     data: asyncio.Future[bytes | None] | None = None

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class QueueLike(Protocol):
-    def submit(self, msg: QueuedMessage) -> None: ...
+    def submit(self, msg: QueuedMessage, data: bytes | None = None) -> None: ...
 
 
 class MessageLogLike(Protocol):

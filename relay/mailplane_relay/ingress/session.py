@@ -789,5 +789,5 @@ async def _commit_shielded(srv: SubmissionServer, **kwargs: Any) -> QueuedMessag
     except asyncio.CancelledError:
         task.add_done_callback(srv.submit_orphan)
         raise
-    srv.queue.submit(msg)
+    srv.queue.submit(msg, kwargs["data"])
     return msg
