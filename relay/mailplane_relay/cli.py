@@ -495,7 +495,11 @@ def _cmd_queue(args: argparse.Namespace) -> int:
             directory = Path(args.control_dir)
         else:
             directory = control_dir(load_config(args.config).settings.spool.directory)
-        answers, stale = request_all(directory, request)
+        # hold, release and flush of many messages take a while: each worker reports its
+        # progress (and a silence of 30 s, not the whole operation, counts as no answer).
+        long_op = args.action in ("hold", "release", "flush")
+        answers, stale = request_all(directory, request,
+                                     progress=_queue_progress if long_op else None)
     except (UsageError, ConfigError) as exc:
         return _fail("queue", str(exc), 2)
     except ControlError as exc:
@@ -516,6 +520,12 @@ def _cmd_queue(args: argparse.Namespace) -> int:
             print(f"mailplane queue: {worker}: {error}", file=sys.stderr)
     _print_queue_answer(args, ok)
     return 1 if errors and "queue_id" not in request else 0
+
+
+def _queue_progress(worker: str, done: int, total: int) -> None:
+    if done < total:
+        print(f"mailplane queue: {worker}: {done} of {total} message(s) done...",
+              file=sys.stderr, flush=True)
 
 
 def _print_queue_answer(args: argparse.Namespace, ok: list[tuple[str, Any]]) -> None:

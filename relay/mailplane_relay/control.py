@@ -7,16 +7,20 @@ the relay's user; a peer of another user (other than root) is refused as well, w
 file modes say. The socket is reachable only inside the pod (``kubectl exec``), never over
 the network: the ops HTTP port has no authentication and serves none of this.
 
-The protocol is one JSON object per line each way: a request ``{"op": "list", ...}``, then
-one answer ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``, then the
-relay closes the connection. Nothing here reads message data: ``show`` answers the envelope
-and its delivery state, never the body or a header.
+The protocol is one JSON object per line each way: a request ``{"op": "list", ...}``, then one
+answer ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``, then the relay
+closes the connection. A request with ``"progress": true`` (hold, release and flush of many
+messages) is also sent ``{"progress": {"done": n, "total": m}}`` lines before its answer, at
+most every ``PROGRESS_EVERY`` seconds, so that the client knows the relay is working. Nothing
+here reads message data: ``show`` answers the envelope and its delivery state, never the body or
+a header.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -53,6 +57,11 @@ DEFAULT_LIST_LIMIT = 1000
 # Envelopes read per thread hand-off while listing.
 LIST_BATCH = 500
 OPS = ("list", "show", "destinations", "hold", "release", "flush", "delete", "bounce")
+# Seconds between two progress lines of a long operation.
+PROGRESS_EVERY = 1.0
+# The progress reporter of the request being served (one per connection task).
+_PROGRESS: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "control_progress", default=None)
 # Between the workers of one pod (drain.py): the worker serving the admin port passes drain
 # orders to the others and adds up their state. Not for the CLI (not listed to it).
 WORKER_OPS = ("drain", "undrain", "drain-status")
@@ -154,6 +163,8 @@ class ControlServer:
                     answer = {"ok": False,
                               "error": "bad request: send one JSON object on a line"}
                 else:
+                    if request.get("progress") is True:
+                        _PROGRESS.set(_reporter(writer))
                     answer = await self.call(request)
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
             await writer.drain()
@@ -234,10 +245,10 @@ class ControlServer:
         return self._queue.destinations()
 
     async def _op_hold(self, request: dict[str, Any]) -> list[str]:
-        return [qid for qid in await self._targets(request) if await self._queue.hold(qid)]
+        return await self._queue.hold_many(await self._targets(request), _PROGRESS.get())
 
     async def _op_release(self, request: dict[str, Any]) -> list[str]:
-        return [qid for qid in await self._targets(request) if await self._queue.release(qid)]
+        return await self._queue.release_many(await self._targets(request), _PROGRESS.get())
 
     async def _op_flush(self, request: dict[str, Any]) -> dict[str, Any]:
         destination = _optional_str(request, "destination")
@@ -246,11 +257,7 @@ class ControlServer:
             ids = self._queue.queued_ids()
         else:
             ids = await self._targets(request)
-        flushed = []
-        for qid in ids:
-            with contextlib.suppress(KeyError):
-                if self._queue.flush(qid):
-                    flushed.append(qid)
+        flushed = await self._queue.flush_many(ids, _PROGRESS.get())
         return {"messages": flushed, "destinations": resumed}
 
     async def _op_delete(self, request: dict[str, Any]) -> list[str]:
@@ -317,6 +324,23 @@ class ControlServer:
                             "last_response": r.last_response}
                            for r in msg.recipients if r.status == "pending" or r.dsn_owed],
         }
+
+
+def _reporter(writer: asyncio.StreamWriter) -> Callable[[int, int], None]:
+    """Progress lines to the client, at most every ``PROGRESS_EVERY`` seconds (the last one
+    of an operation always: the answer follows it)."""
+    last = [time.monotonic()]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < PROGRESS_EVERY:
+            return
+        last[0] = now
+        line = {"progress": {"done": done, "total": total}}
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            writer.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+
+    return report
 
 
 def _domains(msg: QueuedMessage) -> set[str]:
@@ -417,11 +441,27 @@ async def call_worker(spool_root: str | Path, index: int,
 
 
 
-def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0
+def _progress_line(line: bytes) -> tuple[int, int] | None:
+    """(done, total) of a progress line; None for any other line (the answer)."""
+    if not line.startswith(b'{"progress":'):
+        return None
+    try:
+        doc = json.loads(line)["progress"]
+        return int(doc["done"]), int(doc["total"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0,
+                progress: Callable[[str, int, int], None] | None = None,
                 ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """Send ``request`` to every relay process with a socket in ``directory``: the answers
     ``(worker, answer)`` of the processes that replied, and a note for each socket nobody
-    listens on (a worker that is gone)."""
+    listens on (a worker that is gone). ``timeout``: the longest silence of a relay process;
+    with ``progress``, the request asks for progress lines (each one restarts that wait) and
+    ``progress(worker, done, total)`` is called for each."""
+    if progress is not None:
+        request = {**request, "progress": True}
     try:
         names = sorted(p.name for p in directory.iterdir() if p.name.endswith(".sock"))
     except FileNotFoundError:
@@ -447,15 +487,28 @@ def request_all(directory: Path, request: dict[str, Any], timeout: float = 30.0
                 raise ControlError(f"{directory / name}: permission denied; run this as the "
                                    "relay's user (e.g. through kubectl exec)") from None
             sock.sendall(payload)
-            chunks = []
-            while chunk := sock.recv(1 << 16):
-                chunks.append(chunk)
-        raw = b"".join(chunks)
+            worker = name.removesuffix(".sock")
+            buffer = b""
+            try:
+                while chunk := sock.recv(1 << 16):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, rest = buffer.split(b"\n", 1)
+                        seen = _progress_line(line)
+                        if seen is None:
+                            break  # the answer (the last line)
+                        buffer = rest
+                        if progress is not None:
+                            progress(worker, *seen)
+            except TimeoutError:
+                raise ControlError(
+                    f"{worker}: no answer within {timeout:g}s; the relay may still be working "
+                    "on it (check with `mailplane queue list`), or raise --timeout") from None
         try:
-            answer = json.loads(raw)
+            answer = json.loads(buffer)
         except ValueError:
             raise ControlError(f"{name}: the relay gave no answer (did it stop?)") from None
-        answers.append((name.removesuffix(".sock"), answer))
+        answers.append((worker, answer))
     if not answers and not stale:
         raise ControlError(f"no relay process has a socket in {directory}; is the relay "
                            "running?")

@@ -671,6 +671,70 @@ class Spool:
         self._states.add(qid)
         self._pinned.pop(msg.queue_id, None)
 
+    async def save_states(self, msgs: list[QueuedMessage]) -> None:
+        """:meth:`save_state` with ``durable=True`` for many messages, as one group commit: the
+        state files are written, their write-back started together, fdatasynced one by one,
+        renamed into place, and the directory fsynced once (``mailplane queue hold`` of a
+        destination with a large backlog: one directory fsync per call, not per message).
+        On failure none is counted written and each envelope is kept in memory, as for
+        :meth:`save_state`."""
+        items = [(m.queue_id, m.to_json(), next(self._state_versions))
+                 for m in msgs if m.queue_id in self._live]
+        if not items:
+            return
+        try:
+            await self._run(self._write_states, items, self.fsync)
+        except OSError as exc:
+            for m in msgs:
+                if m.queue_id in self._live:
+                    self._pinned[m.queue_id] = m
+            raise SpoolError(f"spool state update of {len(items)} message(s) failed: "
+                             f"{exc.strerror or exc}") from exc
+        for qid, _, _ in items:
+            if qid not in self._live:  # removed while the thread ran
+                self._discard(self._d + qid + _STATE)
+                self._state_written.pop(qid, None)
+                continue
+            self._states.add(qid)
+            self._pinned.pop(qid, None)
+
+    def _write_states(self, items: list[tuple[str, bytes, int]], sync: bool) -> None:
+        written: list[tuple[str, int, str, int]] = []
+        try:
+            for qid, envelope, version in items:
+                tmp, fd = self._write_open(f"{secrets.token_hex(4)}-{qid}{_STATE}", envelope,
+                                           b"")
+                written.append((qid, version, tmp, fd))
+            if sync:
+                if _START_WRITEBACK is not None:
+                    for *_, fd in written:
+                        _START_WRITEBACK(fd)
+                for *_, fd in written:
+                    os.fdatasync(fd)
+                with self._count_lock:
+                    self.file_fsyncs += len(written)
+        except BaseException:
+            for _, _, tmp, fd in written:
+                os.close(fd)
+                _unlink_quiet(tmp)
+            raise
+        for *_, fd in written:
+            os.close(fd)
+        with self._state_lock:
+            for n, (qid, version, tmp, _) in enumerate(written):
+                if self._state_written.get(qid, -1) > version:
+                    self._discard(tmp)  # superseded: scrubbed like any removed file
+                    continue
+                try:
+                    os.rename(tmp, self._d + qid + _STATE)
+                except OSError:
+                    for _, _, rest, _ in written[n:]:
+                        _unlink_quiet(rest)
+                    raise
+                self._state_written[qid] = version
+        if sync:
+            self._fsync_dir()
+
     async def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all final."""
         try:

@@ -41,7 +41,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .. import verp
 from ..aiotasks import cancel_and_wait
@@ -75,6 +75,11 @@ from .suspensions import PROBE_POLL, SharedSuspensions, Suspension
 from .work import Attempt, Work
 
 log = logging.getLogger("mailplane_relay.delivery")
+
+# Administration of many messages (`mailplane queue hold/release/flush`): messages per slice,
+# between which the event loop runs other work; a hold or release slice is one group commit.
+ADMIN_SLICE = 500
+FLUSH_SLICE = 5000
 
 # Messages larger than this are read and signed in a thread, so one big message does not stall
 # the loop.
@@ -165,6 +170,7 @@ class DeliveryQueue:
         # in the spool root (``shared_dir``; default: this queue's spool directory).
         self._shared = SharedSuspensions(
             Path(shared_dir or spool.directory) / SUSPENSIONS_FILE, clock=clock)
+        self._probe_wait: dict[str, float] = {}  # destinations waiting for another's probe
         self._report_domains: set[str] = set()  # policy domains with a metric label
         self._connection_settings = _connection_settings(config().settings.delivery)
         self._background: list[asyncio.Task[None]] = []
@@ -394,6 +400,78 @@ class DeliveryQueue:
             msg.next_attempt = min(msg.next_attempt, self._clock())
             self._schedule(msg)
         return True
+
+    async def hold_many(self, queue_ids: list[str],
+                        progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """:meth:`hold` for many messages, ``ADMIN_SLICE`` at a time: each slice's state files
+        are made durable together (one group commit), and the loop runs other work between
+        slices. The ids held (those held already, or gone, are left out). ``progress(done,
+        total)`` after each slice."""
+        return await self._hold_or_release(queue_ids, True, progress)
+
+    async def release_many(self, queue_ids: list[str],
+                           progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """:meth:`release` for many messages, as :meth:`hold_many` does it."""
+        return await self._hold_or_release(queue_ids, False, progress)
+
+    async def _hold_or_release(self, queue_ids: list[str], hold: bool,
+                               progress: Callable[[int, int], None] | None) -> list[str]:
+        done: list[str] = []
+        for start in range(0, len(queue_ids), ADMIN_SLICE):
+            batch: list[QueuedMessage] = []
+            for qid in queue_ids[start:start + ADMIN_SLICE]:
+                try:
+                    msg = self._admin_message(qid)
+                except KeyError:
+                    continue  # delivered or deleted meanwhile
+                if bool(msg.extra.get(HELD)) == hold:
+                    continue
+                if hold:
+                    msg.extra[HELD] = True
+                else:
+                    del msg.extra[HELD]
+                batch.append(msg)
+            try:
+                await self._spool.save_states(batch)
+            except SpoolError:
+                for msg in batch:  # none of this slice is recorded: undone in memory too
+                    if hold:
+                        msg.extra.pop(HELD, None)
+                    else:
+                        msg.extra[HELD] = True
+                raise
+            now = self._clock()
+            for msg in batch:
+                qid = msg.queue_id
+                if qid in self._attempts or qid not in self._due:
+                    done.append(qid)
+                    continue
+                if hold:
+                    self._due[qid] = _ON_HOLD  # its heap entry is superseded
+                    self._kept.pop(qid, None)  # its state is on disk
+                else:
+                    msg.next_attempt = min(msg.next_attempt, now)
+                    self._schedule(msg)
+                done.append(qid)
+            self._changed.set()
+            if progress is not None:
+                progress(min(start + ADMIN_SLICE, len(queue_ids)), len(queue_ids))
+        return done
+
+    async def flush_many(self, queue_ids: list[str],
+                         progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """:meth:`flush` for many messages, ``FLUSH_SLICE`` at a time with the loop free in
+        between (a million ids take about a second): the ids made due."""
+        flushed: list[str] = []
+        for start in range(0, len(queue_ids), FLUSH_SLICE):
+            for qid in queue_ids[start:start + FLUSH_SLICE]:
+                with contextlib.suppress(KeyError):
+                    if self.flush(qid):
+                        flushed.append(qid)
+            if progress is not None:
+                progress(min(start + FLUSH_SLICE, len(queue_ids)), len(queue_ids))
+            await asyncio.sleep(0)
+        return flushed
 
     def flush(self, queue_id: str) -> bool:
         """Make a scheduled message due now. False when it is held or an attempt runs.
@@ -875,10 +953,19 @@ class DeliveryQueue:
             dest.in_ring = False
             heapq.heappush(self._timers, (now + wait, next(self._seq), dest))
             return False
-        if dest.failures and not dest.proven and not self._may_probe(dest, cfg, now):
-            dest.in_ring = False
-            self._spawn(self._defer_all(dest), "delivery-suspended")
-            return False
+        if dest.failures and not dest.proven:
+            if self._probe_wait.get(dest.key, 0.0) > now:
+                dest.in_ring = False  # its timer is set: another worker's probe is awaited
+                return False
+            verdict = self._may_probe(dest, cfg, now)
+            if verdict != "probe":
+                dest.in_ring = False
+                if verdict == "suspended":
+                    self._spawn(self._defer_all(dest), "delivery-suspended")
+                else:  # another worker probes: the work waits here for its outcome
+                    self._probe_wait[dest.key] = now + PROBE_POLL
+                    heapq.heappush(self._timers, (now + PROBE_POLL, next(self._seq), dest))
+                return False
         work = dest.ready.popleft()
         dest.take_rate(now)
         dest.active += 1
@@ -886,24 +973,27 @@ class DeliveryQueue:
         self._spawn(self._run(dest, work), f"delivery-{work.attempt.msg.queue_id}")
         return True
 
-    def _may_probe(self, dest: Destination, cfg: RelayConfig, now: float) -> bool:
+    def _may_probe(self, dest: Destination, cfg: RelayConfig, now: float
+                   ) -> Literal["probe", "suspended", "wait"]:
         """The suspension of ``dest`` ended: may this worker send the probe? One worker of the
-        relay claims it; the others wait for its outcome (their work deferred meanwhile)."""
+        relay claims it (``probe``); the others keep their work ready and look again every
+        ``PROBE_POLL`` seconds (``wait``) until its outcome is recorded: lifted, they go on;
+        ``suspended`` again (the probe failed), their work is deferred."""
         try:
             blocked = self._shared.claim_probe(
                 dest.key, lease=cfg.settings.delivery.message_deadline)
         except OSError as exc:
             log.error("delivery: cannot claim the probe of %s (%s); probing anyway", dest.key,
                       exc)
-            return True
+            return "probe"
+        self._probe_wait.pop(dest.key, None)
         if blocked is None:
-            return True
+            return "probe"
         if blocked.until > now:
             dest.suspended_until = blocked.until
             dest.failures, dest.reason = blocked.failures, blocked.reason
-        else:  # another worker probes: look again soon
-            dest.suspended_until = min(blocked.probe_until, now + PROBE_POLL)
-        return False
+            return "suspended"
+        return "wait"
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
