@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -439,6 +441,46 @@ def catches_sigterm(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_with_workers_a_port_picked_for_port_0_stays_the_relays_while_no_worker_listens(
+    relay_factory: Callable[..., RelayProcess], smtp_sink: Callable[..., Any]
+) -> None:
+    """The supervisor picks the port of a listener configured with port 0 once and holds it:
+    while both workers are dead no other server takes it (servers set SO_REUSEADDR, as
+    asyncio's do), and the replacements listen on it again."""
+    sink: Sink = await smtp_sink()
+    relay = relay_factory(smarthost_port=sink.port, workers=2)
+    await asyncio.to_thread(relay.start)
+    port = relay.ports["submission"]
+    await eventually(lambda: len(worker_pids(relay)) == 2, "two workers")
+    before = worker_pids(relay)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    # The first restart waits a second (WORKER_RESTART_BACKOFF): nothing listens meanwhile.
+    await eventually(lambda: _refused(port), "the port with no worker listening")
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError) as info:
+            stranger.bind(("127.0.0.1", port))
+        assert info.value.errno == errno.EADDRINUSE
+    await eventually(lambda: not set(worker_pids(relay)) & set(before)
+                     and len(worker_pids(relay)) == 2, "two replacement workers", timeout=30)
+    await eventually(lambda: relay.readyz()[0] == 200, "readiness after the restarts")
+    smtp = await client(relay)
+    assert relay.ports["submission"] == port
+    await smtp.send_message(message(1))
+    await smtp.quit()
+    await sink.wait_for(lambda: len(sink.messages) == 1, timeout=20)
+    assert await asyncio.to_thread(relay.stop) == 0
 
 
 async def test_sigterm_while_workers_start_stops_them_cleanly(
