@@ -317,8 +317,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.only or ["mailplane", "postfix"]:
             if name == "mailplane":
                 relay: Any = MailplaneRelay(
-                    tmp / "mailplane", port=free_port(), http_port=free_port(),
-                    sink_port=sink.port, workers=args.workers,
+                    tmp / "mailplane", sink_port=sink.port, workers=args.workers,
                     delivery={"mode": "mx", "mxPort": sink.port,
                               "resolver": dns.resolver_settings(timeout=2.0)})
                 relay.write_config()

@@ -516,8 +516,7 @@ async def bench(
     def new_relay(name: str, sink: SinkProcess) -> MailplaneRelay:
         store = ({"backend": "postgresql", "dsnFile": args.store_dsn_file}
                  if args.store_dsn_file else None)
-        relay = MailplaneRelay(tmp / name, port=free_port(), http_port=free_port(),
-                               sink_port=sink.port, workers=workers, store=store)
+        relay = MailplaneRelay(tmp / name, sink_port=sink.port, workers=workers, store=store)
         relay.write_config()
         return relay
 

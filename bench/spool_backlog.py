@@ -94,12 +94,6 @@ def group_rss(root: int) -> int:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def smtp_greets(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
@@ -111,8 +105,7 @@ def smtp_greets(port: int) -> bool:
 async def run(args: argparse.Namespace) -> dict[str, object]:
     base = Path(tempfile.mkdtemp(prefix="mailplane-backlog-", dir=args.dir))
     sink = await SinkProcess.start()
-    relay = MailplaneRelay(base, port=free_port(), http_port=free_port(), sink_port=sink.port,
-                           workers=args.workers)
+    relay = MailplaneRelay(base, sink_port=sink.port, workers=args.workers)
     result: dict[str, object] = {"messages": args.messages, "workers": args.workers}
     try:
         relay.write_config()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -35,11 +36,14 @@ DKIM_SELECTOR = "bench"
 USERNAME = "bench-app"
 
 
+_LISTENING = re.compile(r'msg="(?:supervisor: \d+ workers, )?listening: ([^"]*)"')
+
+
 class MailplaneRelay:
     name = "mailplane"
 
     def __init__(
-        self, base: Path, *, port: int, http_port: int, sink_port: int, workers: int,
+        self, base: Path, *, sink_port: int, workers: int, port: int = 0, http_port: int = 0,
         extra_env: dict[str, str] | None = None, delivery: dict[str, Any] | None = None,
         store: dict[str, Any] | None = None,
     ) -> None:
@@ -131,10 +135,20 @@ class MailplaneRelay:
                 raise RuntimeError(
                     f"mailplane relay exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            if self._ready():
+            if self._bound() and self._ready():
                 return
             time.sleep(0.1)
         raise RuntimeError(f"mailplane relay not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _bound(self) -> bool:
+        """Reads the ports the relay bound (port 0: any free port) from its 'listening:' line
+        (the supervisor's with several workers)."""
+        found = _LISTENING.search(self.stdout_path.read_text(errors="replace"))
+        if found is None:
+            return False
+        bound = dict(item.split("=", 1) for item in found.group(1).split())
+        self.port, self.http_port = int(bound["submission"]), int(bound["http"])
+        return True
 
     def _ready(self) -> bool:
         try:
