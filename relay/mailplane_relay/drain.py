@@ -214,7 +214,8 @@ class Drainer:
         self._config = config
         self._spool = spool
         self._ledger = ledger
-        self._taking: dict[str, asyncio.Future[QueuedMessage | str]] = {}
+        self._taking: dict[str, asyncio.Future[None]] = {}
+        """Hand-offs being stored, by the sender's queue id (done when stored or failed)."""
         self._queue = queue
         self._listeners = listeners
         self._readiness = readiness
@@ -405,29 +406,24 @@ class Drainer:
         sender = envelope.queue_id
         while (running := self._taking.get(sender)) is not None:
             # The same message handed over twice at once (a retry after a timeout): the
-            # second answers like the first once that one is stored.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(running)
+            # second answers like the first once that one is stored (or stores it if that
+            # one failed).
+            await asyncio.wait([running])
         local = self._ledger.taken(sender)
         if local is not None:
             self.handoffs.labels("received", "duplicate").inc()
             log.info("hand-off: %s was taken before as %s; not stored again", sender, local)
             return local, True
-        done: asyncio.Future[QueuedMessage | str] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._taking[sender] = done
         try:
             qid = self._spool.new_queue_id()
             await asyncio.to_thread(self._ledger.intend, sender, qid)
             msg = await self._spool.commit_handoff(envelope, data, queue_id=qid)
             await asyncio.to_thread(self._ledger.record, sender, qid)
-        except BaseException as exc:
-            done.set_exception(exc)
-            done.exception()  # retrieved: a waiter may not exist
-            raise
-        else:
-            done.set_result(qid)
         finally:
             del self._taking[sender]
+            done.set_result(None)
         self._queue.submit(msg)
         self.handoffs.labels("received", "ok").inc()
         log.info("hand-off: took %s (was %s) with %d pending recipient(s)", msg.queue_id,
