@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,22 @@ from mailplane_relay.spool import (
 )
 
 DATA = b"Subject: units\r\n\r\nbody of the message\r\n"
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory in memory (tmpfs) where the machine has one: the fsyncs are real system
+    calls, but return at once, so each test takes milliseconds (mutation testing runs them
+    for every mutant). What a disk makes of them is the crash tests' part."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path_factory.mktemp("spool")
+        return
+    directory = Path(tempfile.mkdtemp(prefix="spool-units-", dir=shm))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def make(directory: Path, *, fsync: bool = True, **kwargs: Any) -> Spool:
