@@ -65,6 +65,7 @@ class SinkBehaviour:
     # advertise DSN (RFC 3461) and take RET, ENVID, NOTIFY and ORCPT (recorded, upper-cased
     # as aiosmtpd hands options over)
     dsn: bool = False
+    smtputf8: bool = False  # advertise SMTPUTF8 (RFC 6531) and take UTF-8 addresses
 
 
 class _CountingSMTP(SMTP):  # type: ignore[misc]
@@ -205,7 +206,8 @@ class Sink:
 
     def _protocol(self) -> SMTP:
         b = self.behaviour
-        kwargs: dict[str, Any] = {"hostname": "sink.test", "timeout": 30}
+        kwargs: dict[str, Any] = {"hostname": "sink.test", "timeout": 30,
+                                  "enable_SMTPUTF8": b.smtputf8}
         if b.starttls or b.require_starttls:
             kwargs["tls_context"] = self._tls_context()
             kwargs["require_starttls"] = b.require_starttls

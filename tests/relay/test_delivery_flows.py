@@ -283,6 +283,34 @@ async def test_hard_bounce_sends_dsn_and_suppresses(relay: Any, smtp_sink: SinkF
     assert r.reputation._windows["app1"].bounced == 1  # feeds the sender's bounce rate
 
 
+async def test_a_bounce_of_utf8_mail_gets_an_rfc6533_notice(relay: Any,
+                                                             smtp_sink: SinkFactory) -> None:
+    """A sender and a recipient with UTF-8 local parts (SMTPUTF8 end to end): the notice is
+    internationalised (RFC 6533), delivered back under SMTPUTF8, and read by the email
+    package."""
+    sink = await smtp_sink(smtputf8=True,
+                           rcpt_replies={"zoë@exämple.net": "550 5.1.1 No such user here"})
+    r = await relay(make_config(smarthost(sink)))
+    msg = await r.send(["zoë@exämple.net"], sender="josé@example.com",
+                       data=message("zoë@exämple.net", subject="Private subject"))
+    await r.done(msg)
+    await sink.wait_for(lambda: len([m for m in sink.messages if m.mail_from == ""]) == 1)
+    [raw] = [m for m in sink.messages if m.mail_from == ""]
+    assert raw.rcpt_tos == ["josé@example.com"] and "SMTPUTF8" in raw.mail_options
+    assert BODY not in raw.data
+    dsn = email.message_from_string(raw.data.decode(), policy=email.policy.default)
+    assert dsn.get_param("report-type") == "global-delivery-status"
+    parts = list(dsn.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/global-delivery-status", "message/global-headers"]
+    [per_message] = parts[1].get_payload()
+    per_recipient = email.message_from_string(per_message.get_payload().strip())
+    assert per_recipient["Final-Recipient"] == "utf-8; zoë@exämple.net"
+    assert per_recipient["Status"] == "5.1.1"
+    [returned] = parts[2].get_payload()
+    assert returned["Subject"] == "Private subject"
+
+
 async def test_soft_5xx_bounces_without_suppression(relay: Any, smtp_sink: SinkFactory) -> None:
     sink = await smtp_sink(rcpt_replies={"full@example.net": "552 5.2.2 Mailbox full"})
     r = await relay(make_config(smarthost(sink), queue={"dsn": False}))
