@@ -392,3 +392,65 @@ def test_the_spf_suggestion_without_mechanisms_is_mx() -> None:
     records = {r["purpose"]: r["value"] for r in reconcile(domain(), None).status["dnsRecords"]}
     assert records["spf"] == "v=spf1 mx ~all"
     assert records["dmarc"] == "v=DMARC1; p=none"
+
+
+def _switched() -> tuple[Any, dm.DomainResult]:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519", "retireAfter": "168h"},
+               annotations={ANN_ROTATE: "go"})
+    stable = reconcile(domain(dkim={"selector": "mp", "algorithm": "ed25519"}), None)
+    started = reconcile(d, stable.secret, now=NOW + timedelta(minutes=1))
+    switched = reconcile(d, started.secret, serving(started), now=NOW + timedelta(minutes=2))
+    assert switched.state.phase == "Switched"
+    return d, switched
+
+
+def test_the_retiring_record_stays_listed_and_checked_until_it_is_retired() -> None:
+    d, switched = _switched()
+    old = dm.dkim_txt_value(switched.state.keys["mp"].pem)
+    checked = reconcile(d, switched.secret, serving(switched), now=NOW + timedelta(hours=1))
+    assert [r for r in checked.status["dnsRecords"] if r.get("state") == "retiring"] == [{
+        "purpose": "dkim", "type": "TXT", "name": "mp._domainkey.example.com", "value": old,
+        "strings": [old], "state": "retiring", "selector": "mp", "verified": True}]
+    assert dm.names_to_check(d, checked.secret) == [
+        "mp-20261127._domainkey.example.com", "example.com", "_dmarc.example.com"]
+
+
+def test_a_retiring_key_removed_from_the_secret_by_hand_is_no_longer_listed() -> None:
+    d, switched = _switched()
+    secret = {**switched.secret, "data": {k: v for k, v in switched.secret["data"].items()
+                                          if k != "mp.pem"}}
+    early = reconcile(d, secret, serving(switched), now=NOW + timedelta(hours=1))
+    assert early.state.phase == "Switched" and early.state.retiring == "mp"
+    assert [r["selector"] for r in early.status["dnsRecords"] if r.get("selector")] == [
+        "mp-20261127"]
+    assert early.signing.selector == "mp-20261127"
+    retired = reconcile(d, secret, now=NOW + timedelta(days=8))
+    assert retired.state.phase == "Stable" and set(retired.secret["data"]) == {
+        "mp-20261127.pem"}
+
+
+def _ready(d: Any, r: Any, labels: dict[str, str] | None, observed: Any = None) -> tuple[
+        str, str, str]:
+    first = dm.reconcile_domain(d, relay=r, namespace_labels=labels, existing_secret=None,
+                                observed=None, now=NOW, key_factory=factory())
+    result = dm.reconcile_domain(d, relay=r, namespace_labels=labels,
+                                 existing_secret=first.secret,
+                                 observed=observed and observed(first), now=NOW,
+                                 key_factory=factory())
+    return _cond(result, "Ready")
+
+
+def test_the_ready_condition_says_why_and_where() -> None:
+    shop = relay(allowedNamespaces=GRANT_SHOP, tenancy={"verificationSkipNamespaces": GRANT_SHOP})
+    tenant = claim("shop", verification={"skip": True})
+    assert _ready(tenant, None, LABELS["shop"]) == (
+        "False", "RelayNotFound", "SmtpRelay mail/main does not exist")
+    billing = claim("billing", verification={"skip": True})
+    assert _ready(billing, shop, LABELS["billing"]) == (
+        "False", "NamespaceNotAllowed",
+        "SmtpRelay mail/main does not allow namespace 'billing' (see its "
+        "spec.allowedNamespaces)")
+    assert _ready(tenant, shop, LABELS["shop"]) == (
+        "True", "VerificationSkipped", "DNS verification skipped (spec.verification.skip)")
+    assert _ready(domain(), relay(), {}, serving) == (
+        "True", "Verified", "DKIM verified; enabled on SmtpRelay mail/main")
