@@ -3,6 +3,8 @@ gives for an unverified domain, and the signing keys read back from the DKIM Sec
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -454,3 +456,74 @@ def test_the_ready_condition_says_why_and_where() -> None:
         "True", "VerificationSkipped", "DNS verification skipped (spec.verification.skip)")
     assert _ready(domain(), relay(), {}, serving) == (
         "True", "Verified", "DKIM verified; enabled on SmtpRelay mail/main")
+
+
+# --------------------------------------------------------------------------------------------
+# The DKIM Secret
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_dkim_secret_is_an_opaque_secret_owned_by_the_domain() -> None:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519"})
+    secret = reconcile(d, None).secret
+    assert (secret["apiVersion"], secret["kind"], secret["type"]) == ("v1", "Secret", "Opaque")
+    md = secret["metadata"]
+    assert md["labels"] == {"mailplane.io/sending-domain": "example-com",
+                            "app.kubernetes.io/managed-by": "mailplane-operator"}
+    assert set(md["annotations"]) == {"mailplane.io/dkim-state"}
+    assert md["ownerReferences"] == [models.owner_reference("SendingDomain", d.meta)]
+    assert md["ownerReferences"][0]["controller"] is True
+    assert json.loads(md["annotations"]["mailplane.io/dkim-state"]) == {
+        "phase": "Stable", "active": "mp", "next": None, "retiring": None,
+        "phaseSince": "2026-11-27T12:00:00Z", "retireAt": None, "rotationRequest": None,
+        "keys": {"mp": {"algorithm": "ed25519", "createdAt": "2026-11-27T12:00:00Z"}}}
+    pem = base64.b64decode(secret["data"]["mp.pem"]).decode()
+    assert pem.startswith("-----BEGIN PRIVATE KEY-----")
+
+
+def test_a_dkim_secret_is_ours_by_its_controller_or_by_what_the_operator_wrote() -> None:
+    d = domain(dkim={"selector": "mp", "algorithm": "ed25519"})
+    made = reconcile(d, None).secret
+    md = made["metadata"]
+
+    def variant(**meta: Any) -> dict[str, Any]:
+        return {**made, "metadata": {**md, **meta}}
+
+    # Restored from a backup without its ownerReference, or made for a domain of this name
+    # deleted and created again (another uid): ours.
+    assert dm.secret_conflict(d, variant(ownerReferences=[])) is None
+    again = domain(dkim={"selector": "mp", "algorithm": "ed25519"})
+    assert dm.secret_conflict(again, made) is None
+    # Ours by its controller's uid, whatever its labels say.
+    assert dm.secret_conflict(d, variant(labels={}, annotations={})) is None
+    # Not made for this SendingDomain: left alone, with the fix in the message.
+    foreign_controller = [{"kind": "Deployment", "name": "x", "uid": "u", "controller": True}]
+    for other in (variant(ownerReferences=foreign_controller),
+                  variant(ownerReferences=[], labels={dm.LABEL_DOMAIN: "other"}),
+                  variant(ownerReferences=[], annotations={})):
+        message = dm.secret_conflict(again, other)
+        assert message == (
+            "Secret mail/example-com-dkim already exists and was not made for this "
+            "SendingDomain; it is left untouched. Give the SendingDomain another name (its "
+            "DKIM keys go to the Secret <name>-dkim), or delete that Secret if it is not "
+            "needed"), other["metadata"]
+    # A reference that is not the controller's does not make it someone else's.
+    owner_only = [{"kind": "Deployment", "name": "x", "uid": "u", "controller": False}]
+    assert dm.secret_conflict(again, variant(ownerReferences=owner_only)) is None
+
+
+def test_the_ready_condition_of_a_verified_domain_tells_how_long_it_stays_enabled() -> None:
+    d, ok, good = _verified_domain()
+    name = "mp._domainkey.example.com"
+    assert _cond(ok, "Ready") == (
+        "True", "Verified", "DKIM verified; enabled on SmtpRelay mail/main")
+    failed = _step(d, ok, {**good, name: None}, NOW + timedelta(hours=1))
+    assert _cond(failed, "Ready") == (
+        "True", "Verified",
+        f"DKIM verified; enabled on SmtpRelay mail/main (the TXT lookup of {name} failed)")
+    t1 = NOW + timedelta(hours=2)
+    end = format_time(t1 + timedelta(hours=72))
+    missing = _step(d, ok, {**good, name: []}, t1)
+    assert _cond(missing, "Ready") == (
+        "True", "Verified", f"enabled on SmtpRelay mail/main until {end}: no DKIM record at "
+        f"{name}; disabled at {end} unless it is published again")
