@@ -48,6 +48,7 @@ def test_ed25519_keys_come_from_the_random_source_when_given() -> None:
     assert key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption()) == seed
     assert dm.generate_dkim_key("ed25519") != dm.generate_dkim_key("ed25519")
+    assert dm.random_key_factory(lambda n: seed[:n])("ed25519") == pem
 
 
 def test_an_unknown_algorithm_is_named_with_the_choices() -> None:
@@ -527,3 +528,58 @@ def test_the_ready_condition_of_a_verified_domain_tells_how_long_it_stays_enable
     assert _cond(missing, "Ready") == (
         "True", "Verified", f"enabled on SmtpRelay mail/main until {end}: no DKIM record at "
         f"{name}; disabled at {end} unless it is published again")
+    no_spf = _step(d, ok, {**good, "example.com": []}, t1)
+    assert _cond(no_spf, "Ready") == (
+        "True", "Verified", "DKIM verified; enabled on SmtpRelay mail/main; SPF (shown, not "
+        "enforced): no SPF record (v=spf1) at example.com")
+
+
+def test_the_dkim_status_shows_each_keys_stage_and_dates() -> None:
+    d, switched = _switched()
+    t = NOW + timedelta(minutes=2)
+    assert switched.status["dkim"] == {
+        "phase": "Switched", "activeSelector": "mp-20261127", "algorithm": "ed25519",
+        "keyCreatedAt": format_time(NOW + timedelta(minutes=1)), "phaseSince": format_time(t),
+        "retiringSelector": "mp", "retireAt": format_time(t + timedelta(days=7))}
+    dual = domain(dkim={"selector": "mp", "algorithm": "rsa-2048+ed25519"},
+                  annotations={ANN_ROTATE: "go"})
+    first = reconcile(domain(dkim={"selector": "mp", "algorithm": "rsa-2048+ed25519"}), None)
+    started = reconcile(dual, first.secret, now=NOW + timedelta(minutes=1))
+    assert started.status["dkim"] == {
+        "phase": "NextKeyPublished", "activeSelector": "mp", "algorithm": "rsa-2048",
+        "keyCreatedAt": format_time(NOW), "phaseSince": format_time(NOW + timedelta(minutes=1)),
+        "nextSelector": "mp-20261127",
+        "second": {"phase": "NextKeyPublished", "activeSelector": "mp-ed25519",
+                   "algorithm": "ed25519", "keyCreatedAt": format_time(NOW),
+                   "phaseSince": format_time(NOW + timedelta(minutes=1)),
+                   "nextSelector": "mp-ed25519-20261127", "signing": False}}
+
+
+def test_a_dual_signing_domain_that_skips_verification_signs_with_both_keys_at_once() -> None:
+    spec: dict[str, Any] = {"dkim": {"selector": "mp", "algorithm": "rsa-2048+ed25519"},
+                            "verification": {"skip": True}}
+    first = reconcile(domain(**spec), None)
+    assert first.enabled and first.status["dkim"]["second"]["signing"] is True
+    assert first.signing.also is not None and first.signing.also.selector == "mp-ed25519"
+    asked = domain(**spec, annotations={ANN_ROTATE: "go"})
+    started = reconcile(asked, first.secret, now=NOW + timedelta(minutes=1))
+    switched = reconcile(asked, started.secret, now=NOW + timedelta(minutes=2))
+    assert (switched.state.phase, switched.second.phase) == (  # type: ignore[union-attr]
+        "Switched", "Switched")
+    assert switched.signing.also is not None
+    assert switched.signing.also.selector == "mp-ed25519-20261127"
+
+
+def test_conditions_before_dns_is_checked_and_when_a_lookup_fails() -> None:
+    d = domain()
+    first = reconcile(d, None)
+    for kind in ("DKIMVerified", "SPFVerified"):
+        assert _cond(first, kind) == ("Unknown", "NotChecked", "DNS not checked yet")
+    assert _cond(first, "DNSVerified")[:2] == ("Unknown", "NotChecked")
+    failed = dm.reconcile_domain(d, relay=relay(), namespace_labels={},
+                                 existing_secret=first.secret,
+                                 observed={**serving(first), "example.com": None}, now=NOW,
+                                 lookup_errors={"example.com": "SERVFAIL from 192.0.2.53"})
+    assert _cond(failed, "SPFVerified") == (
+        "Unknown", "DNSLookupFailed", "the TXT lookup of example.com failed (SERVFAIL from "
+        "192.0.2.53)")
