@@ -583,3 +583,56 @@ def test_conditions_before_dns_is_checked_and_when_a_lookup_fails() -> None:
     assert _cond(failed, "SPFVerified") == (
         "Unknown", "DNSLookupFailed", "the TXT lookup of example.com failed (SERVFAIL from "
         "192.0.2.53)")
+
+
+def test_a_skipped_verification_is_shown_as_such_in_dns_verified() -> None:
+    result = reconcile(domain(verification={"skip": True}), None)
+    assert _cond(result, "DNSVerified") == (
+        "True", "VerificationSkipped", "DNS verification skipped (spec.verification.skip)")
+    assert _cond(result, "DKIMVerified")[:2] == ("Unknown", "NotChecked")
+
+
+def test_every_condition_names_the_generation_it_was_computed_for() -> None:
+    edited = models.parse_sending_domain(body(
+        "SendingDomain", "example-com", "mail",
+        {"domain": "example.com", "relayRef": {"name": "main"}}, generation=3))
+    result = reconcile(edited, None)
+    assert result.status["observedGeneration"] == 3
+    assert {c["type"]: c["observedGeneration"] for c in result.status["conditions"]} == {
+        "DKIMVerified": 3, "SPFVerified": 3, "DNSVerified": 3, "Ready": 3}
+
+
+def test_dkim_and_spf_events_only_when_their_answer_changes() -> None:
+    d = domain()
+    name = "mailplane._domainkey.example.com"
+    nothing = {name: [], "example.com": [], "_dmarc.example.com": []}
+    # Checked at once, nothing published yet: the key's own Event says what to publish.
+    first = reconcile(d, None, nothing)
+    assert [(e.type, e.reason) for e in first.events] == [("Normal", "DKIMKeyGenerated")]
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("dkim served", {**serving(first), "example.com": []}),
+        ("same again", {**serving(first), "example.com": []}),
+        ("dkim lookup fails", {**serving(first), name: None, "example.com": []}),
+        ("fails again", {**serving(first), name: None, "example.com": []}),
+        ("dkim back, spf published", serving(first)),
+        ("spf lookup fails", {**serving(first), "example.com": None}),
+        ("spf gone", {**serving(first), "example.com": []}),
+        ("spf still gone", {**serving(first), "example.com": []}),
+    ]
+    seen = {}
+    last = first
+    for i, (what, observed) in enumerate(steps):
+        last = reconcile(models.SendingDomain(d.meta, d.spec, last.status), first.secret,
+                         observed,
+                         now=NOW + timedelta(hours=i + 1))
+        seen[what] = [(e.type, e.reason) for e in last.events]
+    assert seen == {
+        "dkim served": [("Normal", "Verified")],
+        "same again": [],
+        "dkim lookup fails": [("Warning", "DNSLookupFailed")],
+        "fails again": [],
+        "dkim back, spf published": [("Normal", "Verified")] * 2,
+        "spf lookup fails": [("Warning", "DNSLookupFailed")],
+        "spf gone": [("Warning", "RecordNotFound")],
+        "spf still gone": [],
+    }
