@@ -535,7 +535,7 @@ def test_the_ready_condition_of_a_verified_domain_tells_how_long_it_stays_enable
 
 
 def test_the_dkim_status_shows_each_keys_stage_and_dates() -> None:
-    d, switched = _switched()
+    _d, switched = _switched()
     t = NOW + timedelta(minutes=2)
     assert switched.status["dkim"] == {
         "phase": "Switched", "activeSelector": "mp-20261127", "algorithm": "ed25519",
