@@ -103,8 +103,14 @@ def run_flows(api: KubeApi) -> set[Request]:
     api.create(k.SENDING_DOMAINS, domain_body("example-com", "example.com",
                                               dnsEndpoint={"enabled": True}))
     api.create(k.SENDING_DOMAINS, domain_body("other", "other.example", skip_verification=False))
-    api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"]))
-    api.wait_until(lambda: "shop.orders" in rendered_credentials(api), what="render")
+    # A webhook signing Secret, watched (label selector) in the credential's namespace.
+    api.create(k.SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": "hook", "namespace": "shop", "labels": {"mailplane.io/webhook-secret": "true"}},
+        "data": {"secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}})
+    api.create(k.SMTP_CREDENTIALS, credential_body("orders", ["example.com"], webhook={
+        "url": "https://hooks.example/x", "secretRef": {"name": "hook"}}))
+    api.wait_until(lambda: "webhook" in rendered_credentials(api).get("shop.orders", {}),
+                   what="render")
     api.wait_for(k.DNS_ENDPOINTS, "mail", "example-com-dns")
     blocking = blocking_owner_requests(api)  # before the owners go
     # A spool size change: the StatefulSet is replaced (orphan delete) and the volumes grow.
@@ -158,7 +164,7 @@ def test_every_operator_call_is_allowed_by_the_chart_rbac(
     # The flows reached the permissions that matter (a run that made no calls proves nothing).
     made = {(r.verb, r.resource) for _m, _p, r in checked}
     assert {("create", "secrets"), ("patch", "smtprelays/status"), ("create", "servicemonitors"),
-            ("watch", "namespaces"), ("watch", "customresourcedefinitions"),
+            ("watch", "namespaces"), ("watch", "customresourcedefinitions"), ("watch", "secrets"),
             ("create", "dnsendpoints"), ("delete", "dnsendpoints")} - made == set(), \
         sorted(made)
 

@@ -14,7 +14,7 @@ import pytest
 from mailplane_operator.reconcile import credential as cm
 from mailplane_operator.reconcile import credential_state as cs
 from mailplane_operator.reconcile import domain as dm
-from mailplane_operator.reconcile import ownership, render
+from mailplane_operator.reconcile import models, ownership, render
 from mailplane_operator.reconcile import relay as relay_mod
 from mailplane_operator.reconcile.models import Meta, RetentionPolicy, RetentionPolicySpec
 from mailplane_relay.config import (
@@ -541,3 +541,57 @@ def test_the_erasure_key_is_mounted_and_named_never_rendered() -> None:
 def test_the_client_address_reaches_received_headers_only_when_the_relay_asks() -> None:
     assert run(relay(), [], []).config.settings.trace_client_address is False
     assert run(relay(traceClientAddress=True), [], []).config.settings.trace_client_address
+
+
+HOOK_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def hook_secret(namespace: str, name: str = "hook", *, labelled: bool = True,
+                **data: str) -> dict[str, Any]:
+    labels = {cm.LABEL_WEBHOOK_SECRET: "true"} if labelled else {}
+    return {"metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def test_a_credentials_webhook_is_rendered_from_its_own_namespaces_secret() -> None:
+    hook = {"url": "https://hooks.shop.example/mail?token=t0k3n",
+            "secretRef": {"name": "hook", "previousKey": "old"}, "events": ["bounced"]}
+    c = credential("orders", "mail", webhook=hook)
+    item = with_secret(c)
+    ok = render.CredentialInput(c, item.secret, item.state, hook_secret(
+        "mail", secret=HOOK_SECRET, old=HOOK_SECRET[::-1]))
+    result = run(relay(), [verified("example.com")], [ok], validate="documents")
+    [entry] = parse_documents(sorted(result.files.items())).settings.credentials
+    assert entry.webhook is not None
+    assert entry.webhook.url == hook["url"]
+    assert entry.webhook.secrets == (HOOK_SECRET, HOOK_SECRET[::-1])
+    assert entry.webhook.events == ("bounced",)
+
+    # A Secret that is missing, unlabelled, short or without the key: the credential still
+    # sends, without a webhook, and the problem names the fix (never the value).
+    for secret, problem in [
+        (None, "Secret mail/hook (spec.webhook.secretRef) does not exist; create it"),
+        (hook_secret("mail", secret=HOOK_SECRET, old=HOOK_SECRET, labelled=False),
+         f"lacks the label {cm.LABEL_WEBHOOK_SECRET}=true"),
+        (hook_secret("mail", secret="short", old=HOOK_SECRET), "fewer than 16 bytes"),
+        (hook_secret("mail", secret=HOOK_SECRET), "has no key 'old'"),
+    ]:
+        assert cm.webhook_secrets(c, secret)[1] is not None
+        assert problem in str(cm.webhook_secrets(c, secret)[1])
+        assert HOOK_SECRET not in str(cm.webhook_secrets(c, secret)[1])
+        result = run(relay(), [verified("example.com")],
+                     [render.CredentialInput(c, item.secret, item.state, secret)])
+        assert result.credentials == ("mail/orders",)
+        [entry] = parse_documents(sorted(result.files.items())).settings.credentials
+        assert entry.webhook is None
+
+
+def test_a_credential_webhook_url_must_be_https_without_credentials_or_fragment() -> None:
+    for url in ("http://hooks.example/x", "https://user:pw@hooks.example/x",
+                "https://hooks.example/x#frag", "https://hooks.example?token=x"):
+        with pytest.raises(models.SpecError, match=r"spec\.webhook\.url"):
+            credential("orders", "shop", webhook={"url": url, "secretRef": {"name": "hook"}})
+    # A reference names no namespace: the Secret is always the credential's own.
+    with pytest.raises(models.SpecError, match="namespace"):
+        credential("orders", "shop", webhook={"url": "https://hooks.example/x",
+                                              "secretRef": {"name": "h", "namespace": "mail"}})

@@ -125,8 +125,16 @@ async def credential_inputs(rt: Runtime, bodies: Iterable[Body]) -> list[Credent
         rt.secret(c.meta.namespace, c.secret_name) for c in creds))
     states = await asyncio.gather(*(
         rt.secret(c.relay_namespace, state_secret_name(c)) for c in creds))
-    return [CredentialInput(c, s, st)
-            for c, s, st in zip(creds, secrets, states, strict=True)]
+    # Always the credential's own namespace: a reference names no other.
+    hooks = await asyncio.gather(*(
+        rt.secret(c.meta.namespace, c.spec.webhook.secret_ref.name) if c.spec.webhook
+        else _none() for c in creds))
+    return [CredentialInput(c, s, st, h)
+            for c, s, st, h in zip(creds, secrets, states, hooks, strict=True)]
+
+
+async def _none() -> None:
+    return None
 
 
 def relay_of(relays_idx: kopf.Index[RelayKey, Body], key: RelayKey) -> SmtpRelay | None:

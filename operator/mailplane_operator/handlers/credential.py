@@ -15,7 +15,7 @@ import kopf
 from .. import kube
 from ..kube import ApiError
 from ..reconcile import credential as cred_mod
-from ..reconcile.conditions import Event, format_time, parse_time
+from ..reconcile.conditions import Event, format_time, get_condition, parse_time, set_condition
 from ..reconcile.credential_state import (
     COMPONENT_STATE,
     LABEL_COMPONENT,
@@ -23,7 +23,7 @@ from ..reconcile.credential_state import (
     state_secret_name,
     state_secret_name_of,
 )
-from ..reconcile.models import SmtpRelay, SpecError, parse_smtp_credential
+from ..reconcile.models import SmtpCredential, SmtpRelay, SpecError, parse_smtp_credential
 from ..reconcile.ownership import DomainOwner
 from ..reconcile.render import RENDER_REASONS, attached_domains, owners_of
 from ..runtime import Body, RelayKey, Runtime
@@ -33,6 +33,7 @@ from .common import (
     REASON_INVALID_SPEC,
     child_write_failed,
     domain_inputs,
+    generation_of,
     invalid_spec_status,
     key_of,
     merge_diff,
@@ -124,14 +125,15 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
                 action, obj = await _write(rt, body, result.secret, owner_uid=cred.meta.uid)
                 rt.remember_secret(cred.meta.namespace, cred.secret_name, obj)
                 written |= action != "unchanged"
-            status = {**result.status, "conditions": reconciled(
-                rt, result.status.get("conditions"), body, True),
-                # Written by the confirmation of a pushed rotation only (left as it is here).
-                "rotation": (body.get("status") or {}).get("rotation")}
+            conditions, hook_events = await _webhook_condition(
+                rt, cred, body, reconciled(rt, result.status.get("conditions"), body, True))
+            status = {**result.status, "conditions": conditions,
+                      # Written by the confirmation of a pushed rotation only (left as it is).
+                      "rotation": (body.get("status") or {}).get("rotation")}
             diff = merge_diff(body.get("status") or {}, status)
             if diff:
                 patch.setdefault("status", {}).update(diff)
-            post_events(body, result.events)
+            post_events(body, [*result.events, *hook_events])
             rt.credential_next_check[key] = result.next_check
             rt.metrics.credential(
                 cred.meta.namespace, cred.meta.name, state=_credential_state(result),
@@ -144,6 +146,31 @@ async def reconcile_credential(rt: Runtime, body: Body, patch: kopf.Patch,
             name=f"rotation push {key}")
     if written or poke:
         rt.poke(relay_key)
+
+
+async def _webhook_condition(rt: Runtime, cred: SmtpCredential, body: Body,
+                             conditions: list[dict[str, Any]],
+                             ) -> tuple[list[dict[str, Any]], list[Event]]:
+    """The Webhook condition (only with spec.webhook), and a Warning Event when it turns
+    False: the Secret is missing, unlabelled, or lacks a usable key (the message says how to
+    fix it; the credential sends meanwhile, its events are not posted)."""
+    if cred.spec.webhook is None:
+        return [c for c in conditions if c.get("type") != cred_mod.WEBHOOK], []
+    ref = cred.spec.webhook.secret_ref
+    secret = await rt.secret(cred.meta.namespace, ref.name, fresh=True)
+    _secrets, problem = cred_mod.webhook_secrets(cred, secret)
+    before = get_condition(conditions, cred_mod.WEBHOOK)
+    if problem is None:
+        return set_condition(conditions, cred_mod.WEBHOOK, True,
+                             cred_mod.REASON_WEBHOOK_CONFIGURED,
+                             f"events are signed with Secret {cred.meta.namespace}/{ref.name}",
+                             generation_of(body), rt.clock()), []
+    events = [] if before is not None and before.get("status") == "False" and (
+        before.get("message") == problem) else [
+        Event("Warning", cred_mod.REASON_WEBHOOK_SECRET_MISSING, problem)]
+    return set_condition(conditions, cred_mod.WEBHOOK, False,
+                         cred_mod.REASON_WEBHOOK_SECRET_MISSING, problem, generation_of(body),
+                         rt.clock()), events
 
 
 def _confirmation_cut_short(rt: Runtime, key: str, body: Body,

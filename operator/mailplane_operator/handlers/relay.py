@@ -377,6 +377,70 @@ async def _watch_statefulset(rt: Runtime, key: RelayKey, worker: RelayWorker) ->
             await asyncio.sleep(backoff)
 
 
+def _webhook_refs(bodies: Any) -> dict[tuple[str, str], list[str]]:
+    """(namespace, Secret name) -> keys of the credentials whose spec.webhook signs with it."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for body in bodies:
+        meta = body.get("metadata") or {}
+        ref = (((body.get("spec") or {}).get("webhook") or {}).get("secretRef") or {})
+        if ref.get("name"):
+            out.setdefault((str(meta.get("namespace")), str(ref["name"])), []).append(
+                key_of(body))
+    return out
+
+
+async def _watch_webhook_secrets(rt: Runtime, key: RelayKey, worker: RelayWorker,
+                                 credentials_idx: Any) -> None:
+    """Re-render when a Secret a credential's webhook signs with changes, and let those
+    credentials' timers reconcile their Webhook condition at the next tick. One watch per
+    namespace where a credential of this relay names a webhook Secret (started and stopped as
+    credentials come and go), each with the label selector mailplane.io/webhook-secret=true
+    that the API server applies: never a cluster-wide Secret watch, never a tenant's other
+    Secrets."""
+    tasks: dict[str, asyncio.Task[None]] = {}
+    every = 0.2 if rt.config.fast else 5.0
+    try:
+        while True:
+            wanted = {ns for ns, _name in _webhook_refs(credentials_idx.get(key, ()))}
+            for ns in set(tasks) - wanted:
+                tasks.pop(ns).cancel()
+            for ns in wanted - set(tasks):
+                tasks[ns] = asyncio.create_task(
+                    _watch_webhook_secrets_in(rt, key, worker, credentials_idx, ns),
+                    name=f"webhook secrets {ns} for {key[0]}/{key[1]}")
+            await asyncio.sleep(every)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def _watch_webhook_secrets_in(rt: Runtime, key: RelayKey, worker: RelayWorker,
+                                    credentials_idx: Any, namespace: str) -> None:
+    labels = {cred_mod.LABEL_WEBHOOK_SECRET: "true"}
+    backoff = 0.2 if rt.config.fast else 2.0
+    while True:
+        try:
+            async for kind, obj in rt.client.watch(kube.SECRETS, namespace, labels,
+                                                    backoff=backoff):
+                if kind == "LISTED":
+                    continue
+                meta = (obj or {}).get("metadata") or {}
+                where = (namespace, str(meta.get("name")))
+                refs = _webhook_refs(credentials_idx.get(key, ()))
+                if where not in refs:
+                    continue  # a webhook Secret of no credential of this relay
+                rt.remember_secret(*where, None if kind == "DELETED" else obj)
+                for cred_key in refs[where]:
+                    rt.credential_next_check.pop(cred_key, None)
+                worker.poke()
+        except Exception:
+            # The periodic resync still re-reads every Secret; the watch must come back.
+            logger.exception("Watching webhook Secrets in %s for relay %s/%s failed; watching "
+                             "again", namespace, *key)
+            await asyncio.sleep(backoff)
+
+
 def register(registry: kopf.OperatorRegistry, rt: Runtime,
              resource: tuple[str, str, str]) -> None:
     """The relay worker and what pokes it: relay updates and deletions, StatefulSet events."""
@@ -390,6 +454,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
         last_full = time.monotonic()
         failures = 0
         watcher = asyncio.create_task(_watch_statefulset(rt, key, worker))
+        hooks = asyncio.create_task(_watch_webhook_secrets(rt, key, worker,
+                                                           kwargs["credentials_idx"]))
         try:
             while not stopped:
                 worker.wake.clear()
@@ -439,7 +505,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime,
                     await asyncio.sleep(max(config.render_debounce, min(took, 1.0)))
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            hooks.cancel()
+            await asyncio.gather(watcher, hooks, return_exceptions=True)
             if rt.workers.get(key) is worker:
                 del rt.workers[key]
             await worker.done(worker.requested)

@@ -297,9 +297,73 @@ def secret_manifest(cred: SmtpCredential, password: str, endpoint: Endpoint,
     }
 
 
+LABEL_WEBHOOK_SECRET = "mailplane.io/webhook-secret"  # noqa: S105 - a label, no secret
+"""A Secret a credential's webhook signs with carries this label (value ``true``): the
+operator watches only Secrets with it (a label selector the API server applies)."""
+MIN_WEBHOOK_SECRET_BYTES = 16
+WEBHOOK = "Webhook"
+"""Condition on a SmtpCredential with spec.webhook: whether its events are posted. Reasons:
+``WebhookConfigured``, ``WebhookSecretMissing`` (the message names the fix)."""
+REASON_WEBHOOK_CONFIGURED = "WebhookConfigured"
+REASON_WEBHOOK_SECRET_MISSING = "WebhookSecretMissing"  # noqa: S105 - a reason
+
+
+def webhook_secrets(cred: SmtpCredential, secret: Mapping[str, Any] | None
+                    ) -> tuple[list[str], str | None]:
+    """The signing secrets of the credential's webhook (newest first) read from the Secret its
+    ``spec.webhook.secretRef`` names in the credential's own namespace, or why there are none
+    (a message naming the Secret, the key and the fix; never a value)."""
+    hook = cred.spec.webhook
+    if hook is None:
+        return [], None
+    ns, ref = cred.meta.namespace, hook.secret_ref
+    where = f"Secret {ns}/{ref.name}"
+    create = (f"kubectl -n {ns} create secret generic {ref.name} "
+              f"--from-literal={ref.key}=$(openssl rand -hex 32) && kubectl -n {ns} label "
+              f"secret {ref.name} {LABEL_WEBHOOK_SECRET}=true")
+    if secret is None:
+        return [], f"{where} (spec.webhook.secretRef) does not exist; create it: {create}"
+    labels = ((secret.get("metadata") or {}).get("labels") or {})
+    if labels.get(LABEL_WEBHOOK_SECRET) != "true":
+        return [], (f"{where} lacks the label {LABEL_WEBHOOK_SECRET}=true (the operator reads "
+                    f"only webhook Secrets carrying it): kubectl -n {ns} label secret "
+                    f"{ref.name} {LABEL_WEBHOOK_SECRET}=true")
+    data = secret.get("data") or {}
+    out: list[str] = []
+    for key in (ref.key, ref.previous_key):
+        if key is None:
+            continue
+        raw = data.get(key)
+        if raw is None:
+            return [], f"{where} has no key {key!r}; add it, or set spec.webhook.secretRef.key"
+        try:
+            value = base64.b64decode(str(raw), validate=True).decode().strip()
+        except ValueError:
+            return [], f"{where} key {key!r} is not UTF-8 text; use `openssl rand -hex 32`"
+        if len(value.encode()) < MIN_WEBHOOK_SECRET_BYTES:
+            return [], (f"{where} key {key!r} holds fewer than {MIN_WEBHOOK_SECRET_BYTES} "
+                        "bytes; use at least 32 random bytes (`openssl rand -hex 32`)")
+        out.append(value)
+    return out, None
+
+
+def webhook_entry(cred: SmtpCredential, secret: Mapping[str, Any] | None
+                  ) -> dict[str, Any] | None:
+    """The credential's ``webhook`` in the relay configuration, or None (no webhook asked for,
+    or its Secret is not usable: the credential still sends, its events are not posted)."""
+    hook = cred.spec.webhook
+    secrets, problem = webhook_secrets(cred, secret)
+    if hook is None or problem is not None:
+        return None
+    return {"url": hook.url, "secrets": secrets, "events": list(hook.events)}
+
+
 def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime,
-                     relay: SmtpRelay) -> dict[str, Any]:
-    """The relay configuration entry (a ``RelayCredentials`` item): hashes, never the password."""
+                     relay: SmtpRelay, webhook_secret: Mapping[str, Any] | None = None,
+                     ) -> dict[str, Any]:
+    """The relay configuration entry (a ``RelayCredentials`` item): hashes, never the password;
+    the webhook's signing secrets inline (the entry lives in the relay's configuration
+    Secret)."""
     state = expire_previous(state, now)
     entry: dict[str, Any] = {
         "username": username_for(cred),
@@ -324,6 +388,9 @@ def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime
     if suspended is not None:
         entry["suspended"] = True
         entry["suspendedReason"] = suspended[1]
+    webhook = webhook_entry(cred, webhook_secret)
+    if webhook is not None:
+        entry["webhook"] = webhook
     return entry
 
 

@@ -786,6 +786,16 @@ class RotationSpec(_Spec):
         return self
 
 
+class CredentialWebhookSpec(_Spec):
+    """Delivery events of this credential's mail only (docs/webhooks.md). The signing Secret
+    is read in the credential's own namespace: a reference names no namespace."""
+
+    # https only, no user:password@ (posts are authenticated by their signature).
+    url: str = Field(max_length=2048, pattern=r"^https://[^\s/@?#]+(/[^\s#]*)?$")
+    secret_ref: WebhookSecretRef = Field(alias="secretRef")
+    events: tuple[WebhookEvent, ...] = Field(WEBHOOK_EVENTS, min_length=1)
+
+
 class SmtpCredentialSpec(_Spec):
     relay_ref: ObjectRef = Field(alias="relayRef")
     allowed_senders: tuple[str, ...] = Field(alias="allowedSenders", min_length=1, max_length=100)
@@ -797,6 +807,7 @@ class SmtpCredentialSpec(_Spec):
     secret_name: str | None = Field(None, alias="secretName", pattern=DNS_SUBDOMAIN_PATTERN,
                                     max_length=253)
     rotation: RotationSpec = RotationSpec()
+    webhook: CredentialWebhookSpec | None = None
 
     @field_validator("allowed_senders")
     @classmethod

@@ -135,6 +135,8 @@ class CredentialInput:
     exists, the bounded state an earlier version kept in its annotations)."""
     state: Mapping[str, Any] | None = None
     """The operator's state Secret in the relay's namespace (``credential_state``)."""
+    webhook_secret: Mapping[str, Any] | None = None
+    """The Secret ``spec.webhook.secretRef`` names, in the credential's own namespace."""
 
 
 @dataclass(frozen=True)
@@ -552,8 +554,12 @@ def _credential_outcome(relay: SmtpRelay, item: CredentialInput,
     if state is None:
         return Exclusion("SmtpCredential", key, REASON_SECRET_PENDING,
                          "no password generated yet")
-    entry = cred_mod.credential_entry(cred, state, now, relay)
+    entry = cred_mod.credential_entry(cred, state, now, relay, item.webhook_secret)
     problem = entry_problem(Credential, entry)
+    if problem is not None and "webhook" in entry:
+        # A webhook the relay would refuse must not take the credential's mail with it.
+        entry.pop("webhook")
+        problem = entry_problem(Credential, entry)
     if problem is not None:
         return Exclusion("SmtpCredential", key, REASON_INVALID_ENTRY, problem)
     return entry
