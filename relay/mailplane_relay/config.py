@@ -847,6 +847,10 @@ class Credential(_Model):
     suspended: bool = False
     suspended_reason: str | None = Field(None, alias="suspendedReason", max_length=200)
     owner: str | None = None  # "namespace/name" of the SmtpCredential, for humans
+    owner_uid: str | None = Field(None, alias="ownerUid", min_length=1, max_length=128)
+    """The SmtpCredential's ``metadata.uid``: one deleted and created again under the same name
+    is another credential, whose passwords pushed ahead of the configuration (rotation.py)
+    never mix with the deleted one's."""
     password_serial: int = Field(0, alias="passwordSerial", ge=0)
     """The number of the rotation that issued ``passwordHash`` (the operator counts them): a
     password pushed ahead of the mounted configuration (rotation.py) is in force until the

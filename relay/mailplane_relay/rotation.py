@@ -12,13 +12,18 @@ once. The rest of the entry (senders, limits, suspension) stays the mounted one.
 
 A push is refused (409) for a username the relay does not serve (absent from its configuration,
 or revoked: a push never adds a credential) and for one whose ``owner`` (``namespace/name`` of
-the SmtpCredential) differs from the mounted entry's. Pushes are ordered by serial: one at or
+the SmtpCredential) differs from the mounted entry's, or whose ``ownerUid`` (its
+``metadata.uid``) differs from the mounted entry's: a credential deleted and created again under
+the same name is another credential, its rotations counted again from 1. Pushes are ordered by
+serial: one at or
 below the serial in force (the mounted entry's, or a push held already) changes nothing, so a
 stale push arriving after a newer one cannot bring an older password back. The answer is the
 serial in force, which the operator compares with the one it pushed.
 
 A pushed entry stays until the mounted entry's serial reaches it (the render with the rotation
-arrived) or the mounted configuration no longer has the username. The list is written to
+arrived), the mounted configuration no longer has the username, or the mounted entry is another
+SmtpCredential (another ``ownerUid``: the one pushed for was deleted, and a pod that missed its
+revocation must not run the deleted credential's password for the new one). The list is written to
 ``rotations.json`` next to the message log (atomic replace) and read at start, so a pod that
 restarts on a stale mounted render still runs the rotated passwords. It holds the hashes the
 mounted configuration will hold (salted SHA-256 of 256-bit random passwords), never a password.
@@ -55,6 +60,7 @@ class Pushed:
     password_hash: str
     previous_password_hash: str | None = None
     previous_expires: datetime | None = None
+    owner_uid: str | None = None
 
     def __repr__(self) -> str:  # hashes stay out of logs
         return f"Pushed(serial={self.serial}, owner={self.owner!r})"
@@ -62,10 +68,19 @@ class Pushed:
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"passwordSerial": self.serial, "owner": self.owner,
                                "passwordHash": self.password_hash}
+        if self.owner_uid:
+            doc["ownerUid"] = self.owner_uid
         if self.previous_password_hash and self.previous_expires:
             doc["previousPasswordHash"] = self.previous_password_hash
             doc["previousExpires"] = self.previous_expires.isoformat()
         return doc
+
+    def of(self, credential: Credential) -> bool:
+        """Whether `credential` (a mounted entry of the same username) is the SmtpCredential
+        this was pushed for: the same owner and, when both name one, the same uid."""
+        return self.owner == credential.owner and (
+            not self.owner_uid or not credential.owner_uid
+            or self.owner_uid == credential.owner_uid)
 
     def hashes(self) -> list[str]:
         return [h for h in (self.password_hash, self.previous_password_hash) if h]
@@ -79,7 +94,8 @@ class Pushed:
             "password_serial": self.serial})
 
 
-USAGE = ('send {"username": "...", "owner": "namespace/name", "passwordSerial": N (1 or more), '
+USAGE = ('send {"username": "...", "owner": "namespace/name", "ownerUid": "the '
+         'SmtpCredential\'s metadata.uid", "passwordSerial": N (1 or more), '
          '"passwordHash": "sha256$...", and optionally "previousPasswordHash" with '
          '"previousExpires" (RFC 3339 with a time zone)}')
 
@@ -93,6 +109,9 @@ def parse_push(doc: object) -> tuple[str, Pushed]:
         raise ValueError(f"username is missing: {USAGE}")
     if owner is not None and not isinstance(owner, str):
         raise ValueError(f"owner must be a string: {USAGE}")
+    uid = doc.get("ownerUid")
+    if uid is not None and (not isinstance(uid, str) or not 1 <= len(uid) <= 128):
+        raise ValueError(f"ownerUid must be a string of 1-128 characters: {USAGE}")
     if isinstance(serial, bool) or not isinstance(serial, int) or serial < 1:
         raise ValueError(f"passwordSerial must be an integer of 1 or more: {USAGE}")
     current, previous = doc.get("passwordHash"), doc.get("previousPasswordHash")
@@ -116,7 +135,7 @@ def parse_push(doc: object) -> tuple[str, Pushed]:
     except ValueError as exc:
         # _check_hash's message names the expected form, never the value.
         raise ValueError(f"{exc}: {USAGE}") from None
-    return username, Pushed(serial, owner, current, previous, expires)
+    return username, Pushed(serial, owner, current, previous, expires, owner_uid=uid)
 
 
 class Rotations:
@@ -167,7 +186,15 @@ class Rotations:
             raise PushRefused(
                 f"{username} belongs to {credential.owner or 'no SmtpCredential'} in this "
                 f"relay's configuration, not to {pushed.owner or 'no SmtpCredential'}")
+        if not pushed.of(credential):
+            raise PushRefused(
+                f"{username} in this relay's configuration is another SmtpCredential "
+                f"{credential.owner} (uid {credential.owner_uid}) than the one pushed for (uid "
+                f"{pushed.owner_uid}): it was deleted and created again under its name; the "
+                "new one's rotations are pushed with its own uid")
         held = self._entries.get(username)
+        if held is not None and not held.of(credential):
+            held = None  # pushed for a deleted credential of that name (prune drops it)
         in_force = max(credential.password_serial, held.serial if held else 0)
         if pushed.serial <= in_force:
             log.info("rotations: %s push of serial %d ignored: serial %d is in force", username,
@@ -187,11 +214,12 @@ class Rotations:
     def prune(self, mounted: RelayConfig) -> None:
         """Drop the entries the mounted configuration has caught up with (or no longer has)."""
         gone = [u for u, p in self._entries.items()
-                if (c := mounted.credentials.get(u)) is None or c.password_serial >= p.serial]
+                if (c := mounted.credentials.get(u)) is None or c.password_serial >= p.serial
+                or not p.of(c)]
         for username in gone:
             del self._entries[username]
-            log.info("rotations: %s: the mounted configuration has caught up; entry dropped",
-                     username)
+            log.info("rotations: %s: the mounted configuration has caught up (or holds another "
+                     "SmtpCredential of that name); entry dropped", username)
         if gone:
             self._save()
 
@@ -199,5 +227,5 @@ class Rotations:
         """`config` with the pushed password fields (the same object when none applies)."""
         replaced = {u: p.over(c) for u, p in self._entries.items()
                     if (c := config.credentials.get(u)) is not None
-                    and c.owner == p.owner and c.password_serial < p.serial}
+                    and p.of(c) and c.password_serial < p.serial}
         return config.with_credentials(replaced) if replaced else config

@@ -278,6 +278,7 @@ def test_racing_rotations_end_on_the_last_password_and_an_unreachable_pod_is_rep
                 assert _auth(volume, tls_ca, user, password) == 535
             held = json.loads((volume.state / "rotations.json").read_text())
             assert held[user]["passwordSerial"] == status["serial"]
+            assert held[user]["ownerUid"] == uid  # the pushed fields name this very object
         finally:
             assert relay.stop() == 0
 

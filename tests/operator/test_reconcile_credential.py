@@ -154,6 +154,20 @@ def test_on_demand_rotation_runs_once_per_token() -> None:
     assert reconcile(renewed, rotated, now=NOW + timedelta(minutes=7)).rotated
 
 
+def test_the_entry_and_a_pushed_rotation_name_the_credential_by_its_uid() -> None:
+    """A credential deleted and created again under its name is another one to the relay: its
+    entry and its pushed rotations carry the object's uid (the relay's rotation.py)."""
+    cred = credential()
+    first = reconcile(cred)
+    asked = credential(annotations={cs.ANN_ROTATE: "t"}, uid=cred.meta.uid)
+    rotated = reconcile(asked, first, now=NOW + timedelta(minutes=5))
+    assert rotated.state is not None
+    assert cm.credential_entry(asked, rotated.state, NOW, relay())["ownerUid"] == cred.meta.uid
+    push = cm.pushed_password(asked, rotated, NOW, relay())
+    assert push is not None
+    assert (push["owner"], push["ownerUid"]) == ("mail/app", cred.meta.uid)
+
+
 def test_a_first_reconcile_with_a_token_does_not_rotate_twice() -> None:
     asked = credential(annotations={cs.ANN_ROTATE: "t1"})
     first = reconcile(asked)

@@ -18,10 +18,11 @@ from mailplane_relay.rotation import PushRefused, Rotations, parse_push
 OWNER = "shop/orders"
 
 
-def _config(serial: int = 0, **hashes: str) -> RelayConfig:
+def _config(serial: int = 0, uid: str | None = None, **hashes: str) -> RelayConfig:
     doc = {"tls": {"certFile": "/c", "keyFile": "/k"},
            "credentials": [{"username": u, "passwordHash": h, "allowedSenders": ["example.com"],
-                            "owner": f"shop/{u}", "passwordSerial": serial}
+                            "owner": f"shop/{u}", "passwordSerial": serial,
+                            **({"ownerUid": uid} if uid else {})}
                            for u, h in hashes.items()]}
     return RelayConfig(settings=RelaySettings.model_validate(doc))
 
@@ -109,6 +110,36 @@ def test_a_push_for_a_credential_not_served_here_is_refused(tmp_path: Path) -> N
     with pytest.raises(PushRefused, match="revoked"):
         rotations.push(*parse_push(_push(1, new)), revocations.apply(stale))
     assert len(rotations) == 0
+
+
+def test_a_deleted_credentials_push_never_applies_to_one_created_again_under_its_name(
+        tmp_path: Path) -> None:
+    """SmtpCredential shop/orders (uid A) was rotated to serial 5 and pushed; this pod missed
+    the revocation at its deletion (down or unreachable until the finalizer gave up) and, when
+    it reads its configuration again, shop/orders was created anew (uid B, a new state from
+    serial 1): same username, same owner, a lower serial."""
+    deleted, leaked, fresh, next_one = (hash_password(p) for p in ("a4", "a5", "b1", "b2"))
+    path = tmp_path / "rotations.json"
+    rotations = Rotations(path)
+    assert rotations.push(*parse_push(_push(5, leaked, ownerUid="uid-a")),
+                          _config(4, "uid-a", orders=deleted)) == 5
+    recreated = _config(1, "uid-b", orders=fresh)
+    again = Rotations(path)  # the pod restarts on the render with the new credential
+    again.prune(recreated)
+    effective = again.apply(recreated)
+    assert not _accepts(effective, "orders", "a5")  # the deleted credential's password
+    assert _accepts(effective, "orders", "b1")
+    assert len(again) == 0 and "orders" not in path.read_text()
+    # The new credential's first rotation (serial 2, below the deleted one's 5) is taken, and
+    # a late push of the deleted one is refused.
+    assert again.push(*parse_push(_push(2, next_one, ownerUid="uid-b")), recreated) == 2
+    assert _accepts(again.apply(recreated), "orders", "b2")
+    with pytest.raises(PushRefused, match="another SmtpCredential"):
+        again.push(*parse_push(_push(6, leaked, ownerUid="uid-a")), recreated)
+    # Without a restart too: a held push of uid A is not applied over uid B's entry.
+    held = Rotations(tmp_path / "held.json")
+    held.push(*parse_push(_push(5, leaked, ownerUid="uid-a")), _config(4, "uid-a", orders=deleted))
+    assert not _accepts(held.apply(recreated), "orders", "a5")
 
 
 @pytest.mark.parametrize(("doc", "problem"), [

@@ -371,6 +371,10 @@ def credential_entry(cred: SmtpCredential, state: CredentialState, now: datetime
         "allowedSenders": list(cred.spec.allowed_senders),
         "owner": cred.meta.key,
     }
+    if cred.meta.uid:
+        # A credential deleted and created again under its name is another one: passwords
+        # pushed for the deleted one never apply to it (the relay's rotation.py).
+        entry["ownerUid"] = cred.meta.uid
     if state.serial:
         entry["passwordSerial"] = state.serial
     if state.previous_hash and state.previous_expires:
@@ -494,8 +498,8 @@ def reconcile_credential(
                             next_check(cred, state), cause if rotated else None)
 
 
-PUSHED_FIELDS = ("username", "owner", "passwordSerial", "passwordHash", "previousPasswordHash",
-                 "previousExpires")
+PUSHED_FIELDS = ("username", "owner", "ownerUid", "passwordSerial", "passwordHash",
+                 "previousPasswordHash", "previousExpires")
 
 
 def pushed_password(cred: SmtpCredential, result: CredentialResult, now: datetime,
