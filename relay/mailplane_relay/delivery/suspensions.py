@@ -21,7 +21,8 @@ What it gives:
   recorded end, and its next failure is the next step of the schedule.
 
 The file names destinations only (the smarthost, or a recipient domain's MX hosts) and server
-replies; never a message, an address or a credential. A lost update (the file is not fsynced)
+replies, with any address a reply quotes replaced by ``<address>``: never a message, an address
+or a credential (so an erasure has nothing to find here). A lost update (the file is not fsynced)
 costs at most one extra probe.
 """
 
@@ -32,6 +33,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -44,6 +46,8 @@ FILE_NAME = "destination-suspensions.json"
 REFRESH = 0.25
 # A worker waiting for another's probe looks at the file again this often (seconds).
 PROBE_POLL = 2.0
+# What a server reply may quote of an envelope ("<user@example.net>", "user@example.net").
+_ADDRESS = re.compile(r"<?[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+>?")
 # Entries whose suspension ended this long ago with no probe outcome are dropped (seconds).
 FORGET_AFTER = 7 * 86400.0
 
@@ -149,7 +153,8 @@ class SharedSuspensions:
             if current is not None and current.until > now:
                 return current, False
             step = max(failures, current.failures if current is not None else 0) + 1
-            entry = Suspension(until=now + delay(step), failures=step, reason=reason, kind=kind)
+            entry = Suspension(until=now + delay(step), failures=step,
+                               reason=_ADDRESS.sub("<address>", reason), kind=kind)
             entries[key] = entry
             return entry, True
 

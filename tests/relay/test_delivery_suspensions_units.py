@@ -1,0 +1,63 @@
+"""The shared suspension file on its own: two workers (two objects on one file, a clock each
+test sets) adopt each other's suspension, claim one probe between them, lift it for both, and
+a new object (a restart) reads it back. The file never keeps an address a reply quoted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailplane_relay.delivery.suspensions import FILE_NAME, SharedSuspensions
+
+KEY = "smarthost:mx.example.net:25"
+
+
+def test_two_workers_share_one_suspension_and_one_probe(tmp_path: Path) -> None:
+    now = [1000.0]
+    path = tmp_path / FILE_NAME
+    a = SharedSuspensions(path, owner="a", clock=lambda: now[0])
+    b = SharedSuspensions(path, owner="b", clock=lambda: now[0])
+    delays: list[int] = []
+
+    def delay(step: int) -> float:
+        delays.append(step)
+        return 10.0 * step
+
+    entry, new = a.suspend(KEY, failures=0, delay=delay, kind="throttled",
+                           reason="451 4.4.1 421 4.7.0 <app@example.com> slow down, alice@x.org")
+    assert new and entry.failures == 1 and entry.until == 1010.0
+    assert "@" not in path.read_text() and "<address> slow down, <address>" in entry.reason
+    # b failed too meanwhile: it adopts a's suspension, no second step.
+    adopted, new = b.suspend(KEY, failures=0, delay=delay, kind="throttled", reason="other")
+    assert not new and adopted.failures == 1 and adopted.until == 1010.0 and delays == [1]
+    assert b.claim_probe(KEY, lease=60.0) is not None  # still suspended
+    now[0] = 1011.0
+    assert a.claim_probe(KEY, lease=60.0) is None  # a probes
+    blocked = b.claim_probe(KEY, lease=60.0)
+    assert blocked is not None and blocked.probe_by == "a"
+    # a's probe fails: the next step, for both.
+    entry, new = a.suspend(KEY, failures=1, delay=delay, kind="throttled", reason="again")
+    assert new and entry.failures == 2 and entry.until == 1031.0
+    # A restart: a new object reads the step and the end back.
+    again = SharedSuspensions(path, owner="a2", clock=lambda: now[0])
+    kept = again.get(KEY)
+    assert kept is not None and (kept.failures, kept.until) == (2, 1031.0)
+    # The probe after that works: lifted for everyone.
+    now[0] = 1032.0
+    assert b.claim_probe(KEY, lease=60.0) is None
+    b.lift(KEY)
+    assert SharedSuspensions(path, owner="c").get(KEY) is None
+    # A claim whose worker stopped lapses after its lease.
+    a.suspend(KEY, failures=0, delay=delay, kind="connect", reason="refused")
+    now[0] = 1100.0
+    assert a.claim_probe(KEY, lease=60.0) is None
+    now[0] = 1161.0
+    assert b.claim_probe(KEY, lease=60.0) is None
+
+
+def test_a_damaged_file_lifts_its_suspensions_and_is_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text("{not json")
+    s = SharedSuspensions(path, owner="a", clock=lambda: 5.0)
+    assert s.get(KEY) is None
+    entry, new = s.suspend(KEY, failures=0, delay=lambda n: 1.0, kind="connect", reason="x")
+    assert new and SharedSuspensions(path, owner="b").get(KEY) == entry
