@@ -10,7 +10,6 @@ pytest_plugins = [
     name
     for name in (
         "tests.helpers.pki",
-        "tests.helpers.ports",
         "tests.helpers.sink",
         "tests.helpers.dns",
         "tests.helpers.mtasts",

@@ -1,12 +1,13 @@
-"""Free loopback ports for servers that cannot bind port 0 themselves (subprocesses)."""
+"""Loopback ports for programs that cannot bind port 0 themselves (Postfix, smtp-sink,
+Prometheus, ...): ``free_port`` picks one, and its caller starts the program again on another
+when the program reports "address already in use" (another process may take the port between
+the pick and the bind). Servers that can bind port 0 do so and report the port they got."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Iterator
 
 
 def free_port() -> int:
@@ -23,7 +24,3 @@ def refusing_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         yield int(s.getsockname()[1])
 
-
-@pytest.fixture
-def unused_port() -> Callable[[], int]:
-    return free_port
