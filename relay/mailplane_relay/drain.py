@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -86,6 +87,9 @@ LEDGER_NAME = HANDOFF_LEDGER
 LEDGER_KEEP = 7 * 86400.0
 """How long a relay remembers a hand-off it took (a sender retries within minutes of its
 restart; a week covers a node that stays down over a weekend)."""
+LEDGER_COMPACT_LINES = 1024
+"""A running relay rewrites its ledger without the hand-offs older than `LEDGER_KEEP` after this
+many lines appended, so it stays about a week long however long the relay runs."""
 
 
 def token_sha256(token: str) -> str:
@@ -102,8 +106,10 @@ class HandoffLedger:
     <local id> <time>`` before the message is stored under the local id, ``T ...`` once it is.
     At start an intent without its ``T`` line counts as taken only when its message file is in
     the spool (the crash came after the store, before the ``T`` line); the others (the store
-    never finished) are dropped. Entries older than `LEDGER_KEEP` are dropped at start too.
-    Queue ids and times only: nothing of the message is written here."""
+    never finished) are dropped. Entries older than `LEDGER_KEEP` are dropped at start, and
+    every `LEDGER_COMPACT_LINES` lines appended while the relay runs (the file rewritten with
+    the hand-offs kept and the intents still open). Queue ids and times only: nothing of the
+    message is written here."""
 
     def __init__(self, directory: str | Path, *, fsync: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
@@ -111,7 +117,11 @@ class HandoffLedger:
         self.fsync = fsync
         self._clock = clock
         self._taken: dict[str, tuple[str, float]] = {}
+        self._open_intents: dict[str, tuple[str, float]] = {}
         self._fd: int | None = None
+        self._appended = 0
+        # Hand-offs are written from threads (asyncio.to_thread), one per message at once.
+        self._lock = threading.Lock()
 
     def open(self, spooled: Iterable[str]) -> None:
         """Read the ledger (blocking): `spooled` are the queue ids of the spool's message
@@ -132,46 +142,77 @@ class HandoffLedger:
         for sender, (local, when) in intents.items():
             if sender not in taken and local in live:
                 taken[sender] = (local, when)
+        self._taken = taken
+        with self._lock:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """The file again with the hand-offs of the last `LEDGER_KEEP` and the open intents
+        (the lock held)."""
         horizon = self._clock() - LEDGER_KEEP
-        self._taken = {s: v for s, v in taken.items() if v[1] >= horizon}
+        self._taken = {s: v for s, v in self._taken.items() if v[1] >= horizon}
+        # An intent whose store failed stays open; it goes with the week like the rest.
+        self._open_intents = {s: v for s, v in self._open_intents.items() if v[1] >= horizon}
         tmp = self.path.with_name(LEDGER_NAME + ".new")
         with tmp.open("w") as out:
             out.writelines(f"T {s} {local} {when:.0f}\n"
                            for s, (local, when) in sorted(self._taken.items()))
+            out.writelines(f"P {s} {local} {when:.0f}\n"
+                           for s, (local, when) in sorted(self._open_intents.items()))
             out.flush()
             if self.fsync:
                 os.fsync(out.fileno())
         os.replace(tmp, self.path)
         self._sync_dir()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-
-    def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._appended = 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def taken(self, sender_id: str) -> str | None:
         """The local queue id of a hand-off already taken, None if it was not."""
         entry = self._taken.get(sender_id)
-        return entry[0] if entry else None
+        if entry is None or entry[1] < self._clock() - LEDGER_KEEP:
+            return None
+        return entry[0]
 
     def intend(self, sender_id: str, local_id: str) -> None:
-        self._append("P", sender_id, local_id)
+        with self._lock:
+            now = self._append("P", sender_id, local_id)
+            self._open_intents[sender_id] = (local_id, now)
 
     def record(self, sender_id: str, local_id: str) -> None:
-        self._append("T", sender_id, local_id)
-        self._taken[sender_id] = (local_id, self._clock())
+        with self._lock:
+            now = self._append("T", sender_id, local_id)
+            self._open_intents.pop(sender_id, None)
+            self._taken[sender_id] = (local_id, now)
+            if self._appended >= LEDGER_COMPACT_LINES:
+                try:
+                    self._rewrite()
+                except OSError as exc:
+                    # The appended file is still whole: taken again at the next threshold.
+                    log.warning("hand-off ledger: not rewritten (%s)", exc.strerror or exc)
 
-    def _append(self, kind: str, sender_id: str, local_id: str) -> None:
+    def _append(self, kind: str, sender_id: str, local_id: str) -> float:
         if self._fd is None:
             raise SpoolError("the hand-off ledger is not open")
-        line = f"{kind} {sender_id} {local_id} {self._clock():.0f}\n".encode()
+        now = self._clock()
+        line = f"{kind} {sender_id} {local_id} {now:.0f}\n".encode()
         try:
             os.write(self._fd, line)
             if self.fsync:
                 os.fsync(self._fd)
         except OSError as exc:
             raise SpoolError(f"hand-off ledger write failed: {exc.strerror or exc}") from exc
+        self._appended += 1
+        return now
 
     def _sync_dir(self) -> None:
         if not self.fsync:

@@ -78,3 +78,32 @@ def test_an_adopted_spool_brings_the_hand_offs_it_took(tmp_path: Path) -> None:
     assert after.taken("SENDER1") == "LOCAL1"
     assert after.taken("SENDER2") == local2
     assert after.taken("SENDER3") == "LOCAL3"
+
+
+def test_a_relay_that_runs_for_weeks_keeps_a_week_of_hand_offs_in_its_ledger(
+        tmp_path: Path) -> None:
+    """Expiry is not left to the next start: a relay taking hand-offs for weeks without a
+    restart keeps its ledger (file and memory) to about a week, and an intent still open when
+    the file is rewritten stays in it (a crash after its store is recognised at the start)."""
+    now = [NOW]
+    ledger = HandoffLedger(tmp_path, fsync=False, clock=lambda: now[0])
+    ledger.open([])
+    ledger.record("FIRST", "LOCAL0")
+    path = tmp_path / "handoffs.log"
+    for day in range(1, 29):  # four weeks, 200 hand-offs a day
+        now[0] = NOW + day * 86400.0
+        if day == 25:
+            # Being stored while the ledger is rewritten (1600 lines follow): never finished.
+            ledger.intend("OPEN", "LOCALX")
+        for n in range(200):
+            ledger.intend(f"S{day}-{n}", f"L{day}-{n}")
+            ledger.record(f"S{day}-{n}", f"L{day}-{n}")
+    assert ledger.taken("FIRST") is None  # four weeks old
+    assert ledger.taken("S28-0") == "L28-0"
+    assert ledger.taken("S22-0") == "L22-0"  # within the week
+    lines = path.read_text().splitlines()
+    # At most about eight days of two lines per hand-off, not four weeks of them.
+    assert len(lines) <= 2 * 200 * 8 + 2048, len(lines)
+    assert not any(" FIRST " in line for line in lines)
+    ledger.close()
+    assert _ledger(tmp_path, ["LOCALX"], now=now[0]).taken("OPEN") == "LOCALX"
