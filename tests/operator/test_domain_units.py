@@ -626,6 +626,9 @@ def test_dkim_and_spf_events_only_when_their_answer_changes() -> None:
                          observed,
                          now=NOW + timedelta(hours=i + 1))
         seen[what] = [(e.type, e.reason) for e in last.events]
+        if what == "dkim served":
+            assert [e.message for e in last.events] == [
+                "DNS serves the DKIM key of selector mailplane"]
     assert seen == {
         "dkim served": [("Normal", "Verified")],
         "same again": [],
@@ -636,3 +639,23 @@ def test_dkim_and_spf_events_only_when_their_answer_changes() -> None:
         "spf gone": [("Warning", "RecordNotFound")],
         "spf still gone": [],
     }
+
+
+def test_a_refusal_is_an_event_once_not_at_every_reconcile() -> None:
+    owner = claim("shop", status=verified_status())
+    later = claim("mail", name="later", created="2026-11-20T00:00:00Z",
+                  status=verified_status())
+    r = relay(allowedNamespaces={})
+
+    def step(status: dict[str, Any], secret: Any = None) -> dm.DomainResult:
+        return dm.reconcile_domain(models.SendingDomain(later.meta, later.spec, status),
+                                   relay=r, namespace_labels={}, existing_secret=secret,
+                                   observed=None, now=NOW, key_factory=factory(),
+                                   claims=[owner], claim_labels=LABELS)
+
+    first = step(later.status)
+    _, reason, message = _cond(first, "Ready")
+    assert [(e.type, e.reason, e.message) for e in first.events
+            if e.reason == "DomainConflict"] == [("Warning", "DomainConflict", message)]
+    assert reason == "DomainConflict" and "SendingDomain shop/dom" in message
+    assert step(first.status, first.secret).events == []
