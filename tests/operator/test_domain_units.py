@@ -659,3 +659,31 @@ def test_a_refusal_is_an_event_once_not_at_every_reconcile() -> None:
             if e.reason == "DomainConflict"] == [("Warning", "DomainConflict", message)]
     assert reason == "DomainConflict" and "SendingDomain shop/dom" in message
     assert step(first.status, first.secret).events == []
+
+
+def test_the_next_reconcile_is_due_at_the_earliest_step_of_either_key_or_the_grace_end() -> None:
+    monthly = {"rotationInterval": "720h", "retireAfter": "168h"}
+    rsa_only = domain(dkim={"selector": "mp", "algorithm": "rsa-2048", **monthly})
+    first = reconcile(rsa_only, None)
+    assert first.next_check == NOW + timedelta(days=30)
+    assert reconcile(domain(), None).next_check is None  # no rotation interval
+    dual = domain(dkim={"selector": "mp", "algorithm": "rsa-2048+ed25519", **monthly})
+    later = reconcile(dual, first.secret, now=NOW + timedelta(days=10))
+    assert later.second is not None and later.second.phase == "Stable"
+    assert later.next_check == NOW + timedelta(days=30)  # the first key's, the earlier
+    # The first key waits for DNS (no date of its own): the second key's date.
+    ed = domain(dkim={"selector": "mp", "algorithm": "ed25519", **monthly})
+    moved = reconcile(dual, reconcile(ed, None).secret, now=NOW + timedelta(days=10))
+    assert moved.state.phase == "NextKeyPublished"
+    assert moved.next_check == NOW + timedelta(days=40)
+    # A verified domain whose record is gone: the end of the grace period, unless a rotation
+    # step comes first.
+    for interval, due in (("720h", timedelta(hours=73)), ("2h", timedelta(hours=2))):
+        d = claim("mail", dkim={"selector": "mp", "algorithm": "ed25519",
+                                "rotationInterval": interval, "retireAfter": "1h"})
+        made = dm.reconcile_domain(d, relay=relay(), namespace_labels={}, existing_secret=None,
+                                   observed=None, now=NOW, key_factory=factory())
+        good: dict[str, Any] = {r["name"]: [r["value"]] for r in made.status["dnsRecords"]}
+        ok = _step(d, made, good, NOW)
+        gone = _step(d, ok, {**good, "mp._domainkey.example.com": []}, NOW + timedelta(hours=1))
+        assert gone.next_check == NOW + due, interval
