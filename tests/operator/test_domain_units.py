@@ -687,3 +687,15 @@ def test_the_next_reconcile_is_due_at_the_earliest_step_of_either_key_or_the_gra
         ok = _step(d, made, good, NOW)
         gone = _step(d, ok, {**good, "mp._domainkey.example.com": []}, NOW + timedelta(hours=1))
         assert gone.next_check == NOW + due, interval
+
+
+def test_the_status_names_the_relay_and_keeps_the_last_check_time() -> None:
+    d = domain()
+    first = reconcile(d, None)
+    assert (first.status["domain"], first.status["relay"]) == ("example.com", "mail/main")
+    assert "lastCheckTime" not in first.status
+    checked = reconcile(d, first.secret, serving(first), now=NOW + timedelta(hours=1))
+    assert checked.status["lastCheckTime"] == format_time(NOW + timedelta(hours=1))
+    not_checked = reconcile(models.SendingDomain(d.meta, d.spec, checked.status),
+                            checked.secret, None, now=NOW + timedelta(hours=2))
+    assert not_checked.status["lastCheckTime"] == format_time(NOW + timedelta(hours=1))
