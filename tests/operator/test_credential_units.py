@@ -195,3 +195,34 @@ def test_warnings_carry_their_message_and_a_changed_cap_warns_again() -> None:
     assert [e.message for e in lower.events if e.reason == cm.REASON_LIMIT_CAPPED] == [
         "spec.ratePerMinute 50 is above the ceiling of SmtpRelay mail/main "
         "(spec.limits.maxRatePerMinute 5): 5 applies"]
+
+
+def test_the_longest_names_give_a_username_within_the_relays_128_characters() -> None:
+    # A namespace and a credential name are at most 63 characters each (the models refuse
+    # longer ones), so <namespace>.<name> fits the relay's limit whole: no digest needed.
+    longest = cm.username_for(credential(name="a" * 63, namespace="n" * 63))
+    assert longest == "n" * 63 + "." + "a" * 63 and len(longest) == 127
+
+
+def test_a_tenants_own_suspension_without_a_reason_says_so() -> None:
+    cred = credential(suspended=True)
+    assert cm.suspension(cred, relay()) == (cm.SUSPENDED_BY_TENANT, "suspended by its owner")
+    result = reconcile(cred)
+    assert result.state is not None
+    entry = cm.credential_entry(cred, result.state, NOW, relay())
+    assert (entry["suspended"], entry["suspendedReason"]) == (True, "suspended by its owner")
+    given = credential(suspended=True, suspendedReason="leaked key")
+    assert cm.suspension(given, None) == (cm.SUSPENDED_BY_TENANT, "leaked key")
+
+
+def test_the_relay_entry_keeps_the_previous_password_for_the_overlap_only() -> None:
+    cred = credential(rotation={"interval": "24h", "overlap": "2h"})
+    first = reconcile(cred)
+    rotated = reconcile(cred, first, now=NOW + timedelta(hours=24))
+    assert first.state is not None and rotated.state is not None
+    during = cm.credential_entry(cred, rotated.state, NOW + timedelta(hours=25), relay())
+    assert during["passwordHash"] == rotated.state.password_hash
+    assert during["previousPasswordHash"] == first.state.password_hash
+    assert during["previousExpires"] == "2026-11-28T14:00:00Z"
+    after = cm.credential_entry(cred, rotated.state, NOW + timedelta(hours=26), relay())
+    assert "previousPasswordHash" not in after and "previousExpires" not in after
