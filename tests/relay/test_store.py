@@ -29,7 +29,8 @@ from mailplane_relay.store import (
     SuppressionList,
     complaint_hash,
 )
-from mailplane_relay.store.erasure import erase_address
+from mailplane_relay.store.erased import erased_since
+from mailplane_relay.store.erasure import complete_if_done, erase_address
 from mailplane_relay.store.messagelog import EARLY_FLUSH_EVENTS
 from mailplane_relay.store.sqlite import DELETE_CHUNK
 
@@ -274,6 +275,34 @@ async def test_an_erased_complaints_hash_leaves_at_the_suppression_retention_of_
     assert await backend.oldest_records() == {"message_log": None,
                                               "suppression": now - 100 * day}
     assert sample(metrics, "mailplane_relay_purged_records_total", table="suppression") == 1
+
+
+async def test_a_closed_erasure_is_remembered_by_keyed_hash_for_the_logs_retention(
+    mlog: MessageLog, backend: StoreBackend
+) -> None:
+    # What a held-back write checks (store/erased.py): an open request by its address, a
+    # closed one by its keyed hash only, until the message log's retention has passed.
+    now = time.time()
+    closed = await backend.erasure_request("Closed@dest.test", now - 10)
+    await backend.erasure_request("open@dest.test", now - 5)
+    state = await complete_if_done(backend, closed, now=now)
+    assert state is not None and state.completed is not None and state.address is None
+    marks = await backend.erasures_since(now - 100)
+    assert sorted((m.address is None, m.address_hash is None) for m in marks) == [
+        (False, True), (True, False)]  # the open one by address, the closed one by hash only
+    assert all("closed@" not in str(m) for m in marks)
+
+    erased = await erased_since(backend, now - 100)
+    assert erased.erased("CLOSED@dest.test", now - 11)  # recorded before the request
+    assert not erased.erased("closed@dest.test", now - 9)  # recorded after it: new mail
+    assert erased.erased("open@dest.test", now - 6)
+    assert not erased.erased("other@dest.test", now - 100)
+    assert not (await erased_since(backend, now)).erased("open@dest.test", now - 6)
+
+    # Past the message log's retention no held-back row can name it: the hash goes.
+    await mlog.purge(now=now + 91 * 86400, message_log_retention=90 * 86400,
+                     suppression_retention=365 * 86400, changes_retention=86400)
+    assert [m.address for m in await backend.erasures_since(now - 100)] == ["open@dest.test"]
 
 
 async def test_erase_deletes_every_record_of_an_address(
