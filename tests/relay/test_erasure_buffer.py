@@ -143,7 +143,8 @@ async def test_a_relay_replays_the_buffer_of_a_worker_it_no_longer_runs(
                           extra={"store": {"backend": "postgresql", "dsnFile": str(dsn_file)}})
     stale = relay.state_dir / "store-buffer" / "w1"
     (stale / "log").mkdir(parents=True)
-    row = ["stale-1", 1_700_000_000.0, "received", "QSTALE", "<s@x>", "app", "", "app@x.test",
+    # Recent: a row older than the retention (90 days) is purged as soon as it is replayed.
+    row = ["stale-1", time.time() - 60, "received", "QSTALE", "<s@x>", "app", "", "app@x.test",
            "someone@dest.test", "250 2.0.0 Ok", 10, 0, None]
     (stale / "log" / "00000000000000000001-1.jsonl").write_text(json.dumps(row) + "\n")
     (stale / "suppression.json").write_text('{"key": null, "entries": {"gone@dest.test": '
