@@ -161,9 +161,13 @@ class Rotations:
 
     def _save(self) -> None:
         tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({u: p.to_json() for u, p in sorted(self._entries.items())}))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        # Readable by the relay's user only, like the spool's files, whatever the umask.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # a .tmp left by a crash keeps its old mode otherwise
+            f.write(json.dumps({u: p.to_json() for u, p in sorted(self._entries.items())}))
+            f.flush()
+            os.fsync(fd)
         os.replace(tmp, self._path)
 
     def __len__(self) -> int:

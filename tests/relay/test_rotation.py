@@ -184,3 +184,16 @@ def test_a_revocation_after_a_pushed_rotation_covers_the_pushed_password(tmp_pat
     revocations.prune(caught_up)
     rotations.prune(caught_up)
     assert "orders" not in rotations.apply(revocations.apply(caught_up)).credentials
+
+
+def test_the_pushed_hashes_are_readable_by_the_relays_user_only(tmp_path: Path) -> None:
+    """rotations.json holds password hashes (revocations.json their fingerprints): like the
+    spool's message files, only the relay's own user reads them, whatever the umask."""
+    old, new = hash_password("old"), hash_password("new")
+    stale = _config(orders=old)
+    rotations = Rotations(tmp_path / "rotations.json")
+    rotations.push(*parse_push(_push(1, new)), stale)
+    revocations = Revocations(tmp_path / "revocations.json")
+    revocations.revoke("orders", stale)
+    for name in ("rotations.json", "revocations.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
