@@ -325,7 +325,12 @@ class _Replies:
     at a time, lossy for a pipelined group, whose replies may arrive in separate segments in
     that gap. This object stands in for the future while a transaction is in flight (the
     protocol calls only ``done``, ``set_result``, ``set_exception`` and ``exception`` on it): it
-    is never done before an error, so no arrival is dropped, and it queues every reply."""
+    is never done before an error, so no arrival is dropped, and it queues every reply.
+
+    The reply timeouts share one timer per transaction: each wait sets a deadline, and the
+    timer, when it fires before the deadline in force, is set again for it (an
+    ``asyncio.timeout`` per reply cost about 6 us each, four per message). ``close`` stops it.
+    """
 
     def __init__(self, proto: SMTPProtocol, loop: asyncio.AbstractEventLoop) -> None:
         self._proto = proto
@@ -333,6 +338,9 @@ class _Replies:
         self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
         self._error: BaseException | None = None
         self._wake: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     def done(self) -> bool:
         return self._error is not None
@@ -366,19 +374,39 @@ class _Replies:
         while not self._replies:
             if self._error is not None:
                 raise self._error
+            if self._expired:
+                raise aiosmtplib.SMTPReadTimeoutError(f"no reply within {limit:g}s")
+            self._deadline = self._loop.time() + limit
+            timer = self._timer
+            if timer is None or timer.when() > self._deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self._loop.call_at(self._deadline, self._expire)
             self._wake = self._loop.create_future()
-            try:
-                async with asyncio.timeout(limit):
-                    await self._wake
-            except TimeoutError:
-                raise aiosmtplib.SMTPReadTimeoutError(
-                    f"no reply within {limit:g}s") from None
+            await self._wake
         return self._replies.popleft()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+            return
+        self._expired = True
+        self._notify()
+
+    def close(self) -> None:
+        """Stop the reply timer (the transaction is over)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def drain(self, stall: float) -> None:
         """Wait until the kernel took the buffered body; fail only when ``stall`` seconds pass
         without any progress (the 3-minute data block timeout of RFC 5321)."""
         proto = self._proto
+        if not proto._paused:
+            await proto._drain_helper()  # raises when the connection is lost; no wait
+            return
         last = _buffered(proto)
         while True:
             try:
@@ -630,6 +658,7 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                     final = await replies.next(t.data_done)
                     result.ended = bool(accepted)
             finally:
+                replies.close()
                 proto._response_pending = False
                 if proto._response_waiter is replies:  # type: ignore[comparison-overlap]
                     proto._response_waiter = (
