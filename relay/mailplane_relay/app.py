@@ -518,7 +518,8 @@ class RelayApp:
         stages.append(("reputation", lambda: _try(reputation.sync(), health, "reputation")))
         queue = DeliveryQueue(config=self.config, spool=spool, log=msglog,
                               suppression=suppression, metrics=metrics, reputation=reputation,
-                              on_failure=self._fail, shared_dir=settings.spool.directory)
+                              on_failure=self._fail, shared_dir=settings.spool.directory,
+                              reports_shared=worker is None or worker.index == 0)
         await queue.start([])
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))

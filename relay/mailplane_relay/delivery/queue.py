@@ -122,8 +122,13 @@ class DeliveryQueue:
         reputation: Reputation | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         shared_dir: str | None = None,
+        reports_shared: bool = True,
     ) -> None:
         self._config = config
+        # Whether this queue counts the shared suspensions in the destinations gauge: one
+        # worker of a relay does (the gauge is summed over the workers, and every worker sees
+        # the same file), the others count only their own suspensions missing from it.
+        self._reports_shared = reports_shared
         # Told when a background task dies: the composition root stops the process (the queue
         # stays on disk) rather than accept mail it would never deliver.
         self._on_failure = on_failure
@@ -573,11 +578,15 @@ class DeliveryQueue:
             self._metrics.queue_oldest_age.set(0)
         now = self._clock()
         counts = dict.fromkeys(STATES, 0)
+        shared = {key for key, s in self._shared_view().items() if s.until > now}
         for dest in self._destinations.values():
             self._sync_shared(dest)
-            counts[dest.state(now)] += 1
-        counts["suspended"] += sum(1 for key, s in self._shared_view().items()
-                                   if key not in self._destinations and s.until > now)
+            state = dest.state(now)
+            if state == "suspended" and dest.key in shared:
+                continue  # a shared suspension: counted once for the relay, below
+            counts[state] += 1
+        if self._reports_shared:
+            counts["suspended"] += len(shared)
         for state, count in counts.items():
             self._metrics.destinations.labels(state).set(count)
         self._metrics.connections_in_use.set(self._in_use)
