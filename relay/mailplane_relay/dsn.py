@@ -100,6 +100,11 @@ _WHY = {
     "delivered": "relayed to the next server, which does not send delivery notices",
 }
 
+_LOST = ("The relay lost this message: its stored copy was damaged by a crash before it "
+         "could be delivered, so neither its body nor its headers can be returned. It was not "
+         "delivered to these recipients; please send it again.")
+_LOST_WHY = "not delivered: the relay lost the message"
+
 _INTRO = {
     "failed": "Your message could not be delivered to the following recipients.",
     "delayed": "Your message has not been delivered yet to the following recipients. This is "
@@ -162,9 +167,11 @@ def _date(ts: float) -> str:
 
 def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
               original_queue_id: str, arrival: float, recipients: list[FailedRecipient],
-              now: float, envid: str | None = None) -> bytes:
+              now: float, envid: str | None = None, original_lost: bool = False) -> bytes:
     """The DSN message (CRLF line ends), to be sent from the null sender to
-    ``original_sender``. Recipients of one DSN share one action (the caller groups them)."""
+    ``original_sender``. Recipients of one DSN share one action (the caller groups them).
+    ``original_lost``: the relay lost the message's data (its spooled copy was torn by a
+    crash): the notice says so and has no header part."""
     boundary = f"=_mailplane_{secrets.token_hex(12)}"
     headers = original_headers(original_data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     global_ = is_global(original_sender, recipients, headers)
@@ -195,11 +202,12 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         f"This is the mail system at {reporting_mta}.",
         "",
         _INTRO[action],
+        _LOST if original_lost else
         "Only the message headers are returned below; the body is not kept.",
         "",
     ]
     for r in recipients:
-        why = _WHY.get(r.status, "rejected")
+        why = _LOST_WHY if original_lost else _WHY.get(r.status, "rejected")
         lines.append(f"<{r.address}>: {why}: {_ascii(r.response or 'no response')}")
     lines += [
         "",
@@ -236,6 +244,10 @@ def build_dsn(*, reporting_mta: str, original_sender: str, original_data: bytes,
         lines.append(_fold_field("Last-Attempt-Date", _date(r.last_attempt)))
         if r.retry_until is not None:
             lines.append(_fold_field("Will-Retry-Until", _date(r.retry_until)))
+    if original_lost:
+        # No header part (RFC 3464 makes it optional): there is nothing left to return.
+        lines += ["", f"--{boundary}--", ""]
+        return "\r\n".join(lines).encode("utf-8", "replace")
     lines += [
         "",
         f"--{boundary}",

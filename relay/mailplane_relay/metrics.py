@@ -80,6 +80,7 @@ class RelayMetrics:
     spool_commit_latency: Histogram
     spool_corrupt_files: Gauge
     spool_corrupt_purged: Counter
+    spool_torn_messages: Counter
     destinations: Gauge
     destination_suspensions: Counter
     connections_in_use: Gauge
@@ -185,6 +186,11 @@ class RelayMetrics:
             spool_corrupt_purged=Counter(
                 f"{NS}_spool_corrupt_purged",
                 "Quarantined spool files deleted once spool.corruptRetention passed.",
+                registry=r),
+            spool_torn_messages=Counter(
+                f"{NS}_spool_torn_messages",
+                "Messages whose spooled data failed its checksum at read (a write torn by a "
+                "crash): lost, their undecided recipients failed and the sender told.",
                 registry=r),
             destinations=Gauge(
                 f"{NS}_delivery_destinations",

@@ -48,8 +48,10 @@ used instead. A disk that tears a write (a power cut while it writes the sectors
 or one that acknowledges a flush it has not done) can leave a reused message file with its new
 header and envelope but some sectors of an older file's bytes: every read of the data checks
 its CRC-32 (about 1 us for a few KB), and a message whose data does not match is never
-delivered: its envelope alone is set aside in ``corrupt/<id>.torn`` (for a human to tell its
-sender; the torn bytes may be another message's and are not kept) and its files are scrubbed.
+delivered: its envelope alone is set aside in ``corrupt/<id>.torn`` (the torn bytes may be
+another message's and are not kept), its files are scrubbed, and the read raises
+:class:`SpoolDataLost`, on which the delivery queue fails the undecided recipients and sends
+the sender a DSN.
 
 Group commit: a commit writes its file on the event loop (a few KB into the page cache cost
 microseconds; a thread hand-off costs more, in wake-ups and GIL traffic) and joins the open batch.
@@ -136,6 +138,12 @@ LOOP_WRITE_LIMIT = 256 * 1024
 
 class SpoolError(Exception):
     """The spool cannot store or update a message (disk full, I/O error, permissions)."""
+
+
+class SpoolDataLost(SpoolError):
+    """A message's data failed its checksum (a write torn by a crash): it is lost for good.
+    Its envelope is set aside in ``corrupt/`` and its files are gone; the delivery queue fails
+    its undecided recipients and tells the sender."""
 
 
 @dataclass(slots=True)
@@ -561,7 +569,7 @@ class Spool:
             raise SpoolError(f"spool read of {queue_id} failed: {exc}") from exc
         if crc is not None and zlib.crc32(memoryview(raw)[offset:]) != crc:
             self._set_aside_torn(queue_id, raw[:offset])
-            raise SpoolError(f"spool read of {queue_id} failed: its data does not match its "
+            raise SpoolDataLost(f"spool read of {queue_id} failed: its data does not match its "
                              f"checksum (a write torn by a crash); not delivered, its envelope "
                              f"set aside in {_CORRUPT}/{queue_id}{_TORN}")
         return raw[offset:]
@@ -581,6 +589,7 @@ class Spool:
         except OSError:
             log.exception("spool: cannot set aside the envelope of %s", queue_id)
         self._remove(queue_id)
+        self.metrics.spool_torn_messages.inc()
         self._count_corrupt()
 
     def queue_ids(self) -> list[str]:

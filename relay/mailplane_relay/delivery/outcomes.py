@@ -35,6 +35,9 @@ _MAX_REMEMBERED_BOUNCES = 100_000
 DSN_REPORTED = "dsn_reported"
 # The message's delay warning went out (or none was wanted when it was due).
 DELAY_WARNED = "delay_warned"
+# The message's data was lost in the spool (torn): its notice can return no header (never
+# stored: the message's files are gone).
+DATA_LOST = "data_lost"
 
 
 class Outcomes:
@@ -248,8 +251,9 @@ class Outcomes:
                         failed: list[Recipient], retry_until: float | None = None) -> None:
         remotes: dict[str, str] = msg.extra.get("remotes", {})
         now = self._clock()
+        lost = bool(msg.extra.get(DATA_LOST))
         try:
-            original = await self._read(msg)
+            original = b"" if lost else await self._read(msg)
         except SpoolError:
             original = b""
         hostname = cfg.settings.hostname
@@ -260,6 +264,7 @@ class Outcomes:
                                         remotes.get(r.address), now, r.orcpt, retry_until)
                         for r in failed],
             envid=msg.extra.get("envid") if isinstance(msg.extra.get("envid"), str) else None,
+            original_lost=lost,
         )
         dsn = await self._spool_of().commit(
             mail_from="", recipients=[msg.mail_from], data=body, message_id=None,

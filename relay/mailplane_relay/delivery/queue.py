@@ -50,12 +50,21 @@ from ..dkim import DKIMSigner
 from ..metrics import RelayMetrics
 from ..mx import MXResolver, MXRoute, PermanentDNSFailure, TemporaryDNSFailure, ascii_domain
 from ..reputation import Reputation
-from ..spool import HELD, Due, QueuedMessage, Recipient, Spool, SpoolError, queue_id_number
+from ..spool import (
+    HELD,
+    Due,
+    QueuedMessage,
+    Recipient,
+    Spool,
+    SpoolDataLost,
+    SpoolError,
+    queue_id_number,
+)
 from ..store import MessageLog, SuppressionList
 from .destinations import STATES, Destination, shape_for
 from .downgrade import needs_smtputf8, to_seven_bit
 from .mtasts import MTASTS, Policy
-from .outcomes import Outcomes
+from .outcomes import DATA_LOST, Outcomes
 from .policy import RecipientOutcome, SuspendReason, dns_outcome, next_retry_delay
 from .smtp import (
     ConnectFailed,
@@ -105,6 +114,9 @@ MAX_KEPT = 10_000
 MAX_KEPT_BYTES = 32 * 1024 * 1024
 _IN_ATTEMPT = math.inf  # the due time recorded for a message while an attempt runs
 _ON_HOLD = -math.inf  # the due time recorded for a message on hold (never due)
+# The final reply of every undecided recipient of a message whose spooled data is torn.
+LOST_REPLY = ("554 5.3.0 Message lost by the relay: its spooled copy was damaged by a crash "
+              "(a torn write); not delivered, please send it again")
 
 
 class DeliveryQueue:
@@ -1070,6 +1082,13 @@ class DeliveryQueue:
             # Erased while the attempt ran (the spool deleted it): nothing to record.
             self._end_attempt(msg.queue_id)
             return
+        if attempt.lost:
+            # Nothing is left to deliver: every undecided recipient fails now (logged, counted
+            # and reported to the sender), not deferred to an attempt that finds no message.
+            msg.extra[DATA_LOST] = True
+            for r in msg.pending():
+                attempt.outcomes[r.address] = RecipientOutcome(
+                    "bounced", LOST_REPLY, administrative=True)
         try:
             await self._outcomes.apply(attempt.cfg, msg, attempt.outcomes)
         except asyncio.CancelledError:
@@ -1116,6 +1135,10 @@ class DeliveryQueue:
         try:
             if data is None:
                 data = await self._read(msg)
+        except SpoolDataLost as exc:
+            log.error("delivery: %s is lost: %s", msg.queue_id, exc)
+            attempt.lost = True
+            return None
         except SpoolError as exc:
             log.error("delivery: cannot read %s from the spool: %s", msg.queue_id, exc)
             return None
@@ -1141,7 +1164,11 @@ class DeliveryQueue:
         data = await self._data(attempt)
         if data is None:
             for r in work.recipients:
-                outcomes[r.address] = RecipientOutcome("deferred", "451 4.3.0 Spool read failed")
+                # A lost message's recipients all fail when the attempt ends (_complete).
+                outcomes[r.address] = (
+                    RecipientOutcome("bounced", LOST_REPLY, administrative=True)
+                    if attempt.lost else
+                    RecipientOutcome("deferred", "451 4.3.0 Spool read failed"))
             return
         deadline = time.monotonic() + delivery.message_deadline
         # A recipient erased from the message while the work waited is not sent to.

@@ -32,6 +32,9 @@ class Attempt:
     # Flushed by an administrator (`mailplane queue flush`): a suspended destination takes it
     # as its probe instead of deferring it.
     flushed: bool = False
+    # The spool found the message's data torn (SpoolDataLost): every undecided recipient
+    # fails at the end of the attempt.
+    lost: bool = False
 
 
 @dataclass(eq=False)
