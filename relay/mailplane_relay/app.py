@@ -47,7 +47,7 @@ from .http import AdminServer, OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
 from .intake.listener import IntakeHandler, IntakeServer
-from .metrics import RelayMetrics
+from .metrics import RelayMetrics, WorkerFilesCollector
 from .ratelimit import Limiter
 from .reputation import Reputation
 from .revocation import FILE_NAME as REVOCATIONS_FILE
@@ -938,7 +938,7 @@ class Supervisor:
 
     async def _run(self, settings: RelaySettings, state_dir: Path) -> int:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
+        WorkerFilesCollector(registry, path=str(state_dir))  # type: ignore[no-untyped-call]
         readiness = _WorkersReadiness(state_dir, self.workers)
         # The /admin endpoints (drain, hand-off) are served by worker 0 on its own port.
         http = OpsServer(address=settings.http.address, port=settings.http.port,

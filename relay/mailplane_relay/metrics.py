@@ -7,10 +7,17 @@ string. ``sender_domain`` is ``other`` for a domain that is not configured (trus
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.metrics_core import Metric
+
+log = logging.getLogger("mailplane_relay.metrics")
 
 NS = "mailplane_relay"
 
@@ -36,6 +43,38 @@ def process_id() -> int:
 os.register_at_fork(after_in_child=_renew_pid)
 if getattr(values.ValueClass, "_multiprocess", False):
     values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
+
+class WorkerFilesCollector(multiprocess.MultiProcessCollector):
+    """The supervisor's view of its workers' metric files (prometheus_client multiprocess
+    mode), read so that a scrape never fails while workers start or stop.
+
+    The library's collector reads every ``*.db`` file it lists and fails the whole scrape
+    (``/metrics`` answers 500) when one of them is removed after the listing (the supervisor
+    drops a dead worker's gauge files) or is still empty (a starting worker has created it
+    and not yet sized it). Here such a file is left out of that one scrape: a removed file's
+    values are gone anyway, an empty one has none yet."""
+
+    def collect(self) -> Iterable[Metric]:
+        metrics: dict[str, Metric] = {}
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                found: dict[str, Metric] = self._read_metrics([path])  # type: ignore[no-untyped-call]
+            except FileNotFoundError:
+                continue  # removed since the listing (a dead worker's gauges)
+            except struct.error:
+                continue  # created and not yet sized: no value in it yet
+            except RuntimeError as exc:  # the library's word for a damaged file
+                log.warning("metrics: %s skipped: %s", os.path.basename(path), exc)
+                continue
+            for name, metric in found.items():
+                held = metrics.get(name)
+                if held is None:
+                    metrics[name] = metric
+                else:
+                    held.samples.extend(metric.samples)
+        collected: Iterable[Metric] = self._accumulate_metrics(metrics, True)  # type: ignore[no-untyped-call]
+        return collected
+
 
 OUTCOMES = ("delivered", "deferred", "bounced", "expired", "suppressed")
 REJECT_REASONS = (
