@@ -61,3 +61,20 @@ def test_a_damaged_file_lifts_its_suspensions_and_is_rewritten(tmp_path: Path) -
     assert s.get(KEY) is None
     entry, new = s.suspend(KEY, failures=0, delay=lambda n: 1.0, kind="connect", reason="x")
     assert new and SharedSuspensions(path, owner="b").get(KEY) == entry
+
+
+def test_quoted_local_parts_and_address_literals_are_not_kept(tmp_path: Path) -> None:
+    """A reply may quote an address with a quoted local part (RFC 5321 Quoted-string, which
+    may hold spaces) or an address literal for its domain: neither reaches the file."""
+    path = tmp_path / FILE_NAME
+    shared = SharedSuspensions(path, owner="a", clock=lambda: 1000.0)
+    reply = ('451 4.4.1 421 4.7.0 <"jane doe"@example.com> and "j\\"o"@example.com, '
+             'bob@[192.0.2.7] and <carol@[IPv6:2001:db8::1]> slow down')
+    entry, new = shared.suspend(KEY, failures=0, delay=lambda step: 10.0, kind="throttled",
+                                reason=reply)
+    text = path.read_text()
+    assert new and "@" not in text and "@" not in entry.reason
+    for part in ("jane", "doe", "bob", "192.0.2.7", "carol", "2001"):
+        assert part not in text, part
+    assert entry.reason == ("451 4.4.1 421 4.7.0 <address> and <address>, <address> and "
+                            "<address> slow down")

@@ -46,8 +46,11 @@ FILE_NAME = "destination-suspensions.json"
 REFRESH = 0.25
 # A worker waiting for another's probe looks at the file again this often (seconds).
 PROBE_POLL = 2.0
-# What a server reply may quote of an envelope ("<user@example.net>", "user@example.net").
-_ADDRESS = re.compile(r"<?[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+>?")
+# What a server reply may quote of an envelope ("<user@example.net>", "user@example.net"),
+# with a quoted local part ('"jane doe"@example.net', RFC 5321 Quoted-string, spaces and
+# backslash escapes included) or an address literal ("user@[192.0.2.1]", "@[IPv6:...]").
+_ADDRESS = re.compile(r"<?(?:\"(?:[^\"\\]|\\.)*\"|[^\s<>()\[\]\"',;:]+)"
+                      r"@(?:\[[^\]\s]*\]|[^\s<>()\[\]\"',;:]+)>?")
 # Entries whose suspension ended this long ago with no probe outcome are dropped (seconds).
 FORGET_AFTER = 7 * 86400.0
 
