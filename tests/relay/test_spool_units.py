@@ -825,6 +825,22 @@ async def test_a_message_whose_data_does_not_match_its_checksum_is_never_read(
     assert spool.metrics.registry.get_sample_value("mailplane_relay_spool_corrupt_files") == 1.0
 
 
+async def test_a_torn_message_no_one_holds_is_set_aside_by_its_committed_envelope(
+        spool: Spool) -> None:
+    msg = await commit(spool, rcpts=("torn@example.net",))
+    qid = msg.queue_id
+    del msg
+    gc.collect()
+    path = spool.directory / f"{qid}.msg"
+    path.write_bytes(path.read_bytes()[:-4] + b"XXXX")
+    with pytest.raises(SpoolError, match="does not match its checksum"):
+        spool.read(qid)
+    torn = (spool.directory / "corrupt" / f"{qid}.torn").read_bytes()
+    # The envelope as committed (its header line included), for a human to tell the sender.
+    assert qid.encode() in torn and b"torn@example.net" in torn
+    assert DATA[:10] not in torn
+
+
 async def test_a_message_of_format_1_is_read_without_a_checksum(tmp_path: Path) -> None:
     msg = envelope_of()
     write_message(tmp_path, msg)
