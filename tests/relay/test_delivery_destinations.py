@@ -272,6 +272,29 @@ async def test_a_receiver_answering_421_at_the_greeting_gets_few_connections(
         await up.stop()
 
 
+async def test_a_suspension_the_spool_root_cannot_record_keeps_no_quoted_address(
+        relay: RelayFactory) -> None:
+    """The shared file cannot be written (here its lock is a directory): the suspension still
+    holds in this worker, and the reply it keeps (the queue view, the other messages' log rows,
+    the warning) names no address the server quoted."""
+    up = Upstream(mail_reply=b"421 4.7.0 <alice.private@example.org> rate limited, slow down")
+    port = await up.start()
+    try:
+        config = make_config(smarthost_at(port), queue={"retryInitial": 30, "retryMax": 30})
+        r = await relay(config)
+        (Path(r.spool.directory) / ".destination-suspensions.json.lock").mkdir(parents=True)
+        msgs = [await r.send([f"u{i}@example.net"]) for i in range(5)]
+        await r.wait(lambda: r.count("deferred") >= 5)
+        [view] = r.queue.destinations()
+        assert view["state"] == "suspended" and "rate limited" in view["reason"]
+        assert "alice" not in view["reason"] and "<address>" in view["reason"]
+        rows = await r.events(msgs[-1])
+        assert rows[0]["response"].endswith("(destination suspended; not tried)")
+        assert "alice" not in rows[0]["response"]
+    finally:
+        await up.stop()
+
+
 async def test_a_refused_connection_suspends_the_destination(relay: RelayFactory) -> None:
     up = Upstream()
     port = await up.start()

@@ -80,7 +80,7 @@ from .smtp import (
     transaction,
 )
 from .suspensions import FILE_NAME as SUSPENSIONS_FILE
-from .suspensions import PROBE_POLL, SharedSuspensions, Suspension
+from .suspensions import PROBE_POLL, SharedSuspensions, Suspension, without_addresses
 from .work import Attempt, Work
 
 log = logging.getLogger("mailplane_relay.delivery")
@@ -1292,6 +1292,9 @@ class DeliveryQueue:
         now = self._clock()
         if dest.suspended(now):
             return
+        # The reply is kept (queue view, other messages' log rows) without the addresses it
+        # quotes, as in the shared file, also when that file cannot be written.
+        reason = without_addresses(reason)
         try:
             # Recorded for the relay's other workers and its next start; a suspension another
             # worker recorded meanwhile is adopted as it is.

@@ -55,6 +55,11 @@ _ADDRESS = re.compile(r"<?(?:\"(?:[^\"\\]|\\.)*\"|[^\s<>()\[\]\"',;:]+)"
 FORGET_AFTER = 7 * 86400.0
 
 
+def without_addresses(reply: str) -> str:
+    """A server reply with every address it quotes replaced by ``<address>``."""
+    return _ADDRESS.sub("<address>", reply)
+
+
 @dataclass(slots=True)
 class Suspension:
     until: float  # wall-clock end of the suspension
@@ -157,7 +162,7 @@ class SharedSuspensions:
                 return current, False
             step = max(failures, current.failures if current is not None else 0) + 1
             entry = Suspension(until=now + delay(step), failures=step,
-                               reason=_ADDRESS.sub("<address>", reason), kind=kind)
+                               reason=without_addresses(reason), kind=kind)
             entries[key] = entry
             return entry, True
 
