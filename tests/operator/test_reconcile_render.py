@@ -595,3 +595,31 @@ def test_a_credential_webhook_url_must_be_https_without_credentials_or_fragment(
     with pytest.raises(models.SpecError, match="namespace"):
         credential("orders", "shop", webhook={"url": "https://hooks.example/x",
                                               "secretRef": {"name": "h", "namespace": "mail"}})
+
+
+def test_a_webhook_secret_too_large_for_the_relay_configuration_is_refused_by_name() -> None:
+    # A tenant's signing Secret is copied into the relay's configuration Secret: a large value
+    # must not take the tenant's share of it, nor leave the Webhook condition saying the events
+    # are signed while the render drops the webhook (its entry over MAX_ENTRY_BYTES).
+    hook = {"url": "https://hooks.shop.example/mail", "secretRef": {"name": "hook"}}
+    c = credential("orders", "mail", webhook=hook)
+    big = "a" * (cm.MAX_WEBHOOK_SECRET_BYTES + 1)
+    secrets, problem = cm.webhook_secrets(c, hook_secret("mail", secret=big))
+    assert secrets == []
+    assert problem is not None
+    assert f"more than {cm.MAX_WEBHOOK_SECRET_BYTES} bytes" in problem
+    assert "openssl rand -hex 32" in problem
+    assert big not in problem
+    fits = "a" * cm.MAX_WEBHOOK_SECRET_BYTES
+    assert cm.webhook_secrets(c, hook_secret("mail", secret=fits)) == ([fits], None)
+    # The largest webhook a credential can carry (two secrets at the limit, the longest URL)
+    # leaves its entry far under the relay configuration's per-entry limit.
+    longest = "https://h.example/" + "p" * (2048 - len("https://h.example/"))
+    c2 = credential("orders", "mail", webhook={
+        "url": longest, "secretRef": {"name": "hook", "previousKey": "old"}})
+    item = with_secret(c2)
+    result = run(relay(), [verified("example.com")], [render.CredentialInput(
+        c2, item.secret, item.state, hook_secret("mail", secret=fits, old=fits))])
+    [entry] = parse_documents(sorted(result.files.items())).settings.credentials
+    assert entry.webhook is not None
+    assert entry.webhook.secrets == (fits, fits)

@@ -301,6 +301,8 @@ LABEL_WEBHOOK_SECRET = "mailplane.io/webhook-secret"  # noqa: S105 - a label, no
 """A Secret a credential's webhook signs with carries this label (value ``true``): the
 operator watches only Secrets with it (a label selector the API server applies)."""
 MIN_WEBHOOK_SECRET_BYTES = 16
+MAX_WEBHOOK_SECRET_BYTES = 1024
+"""A longer signing secret is refused: it is copied into the relay's configuration Secret."""
 WEBHOOK = "Webhook"
 """Condition on a SmtpCredential with spec.webhook: whether its events are posted. Reasons:
 ``WebhookConfigured``, ``WebhookSecretMissing`` (the message names the fix)."""
@@ -343,6 +345,10 @@ def webhook_secrets(cred: SmtpCredential, secret: Mapping[str, Any] | None
         if len(value.encode()) < MIN_WEBHOOK_SECRET_BYTES:
             return [], (f"{where} key {key!r} holds fewer than {MIN_WEBHOOK_SECRET_BYTES} "
                         "bytes; use at least 32 random bytes (`openssl rand -hex 32`)")
+        if len(value.encode()) > MAX_WEBHOOK_SECRET_BYTES:
+            # Copied into the relay's configuration Secret, shared by every tenant of the relay.
+            return [], (f"{where} key {key!r} holds more than {MAX_WEBHOOK_SECRET_BYTES} "
+                        "bytes; use 32 random bytes (`openssl rand -hex 32`)")
         out.append(value)
     return out, None
 
