@@ -232,7 +232,9 @@ async def step(rt: Runtime, relay: SmtpRelay, sts: dict[str, Any] | None,
                 left[ordinal] = "pod not running (its volume holds its queue)"
                 continue
             state = await _call(http, "GET", url, admin)
-            if state is not None and not state.get("draining"):
+            # A pod restarted while draining stays drained but waits for the order again
+            # (it keeps the peers, never the token).
+            if state is not None and (not state.get("draining") or state.get("awaitingOrder")):
                 state = await _call(http, "POST", url, admin,
                                     {"peers": peers, "token": admin.token})
             if state is None:
