@@ -42,7 +42,14 @@ from .config import (
 )
 from .control import ControlError, ControlServer, control_dir, remove_stale_sockets, socket_path
 from .delivery import DeliveryQueue
-from .drain import MAX_HANDOFF_BODY, AdminEndpoints, Drainer, HandoffLedger, Siblings
+from .drain import (
+    MAX_HANDOFF_BODY,
+    ORDER_NAME,
+    AdminEndpoints,
+    Drainer,
+    HandoffLedger,
+    Siblings,
+)
 from .http import AdminServer, OpsServer, Readiness
 from .ingress import SubmissionServer
 from .ingress.throttle import AuthThrottle
@@ -520,6 +527,11 @@ class RelayApp:
                               suppression=suppression, metrics=metrics, reputation=reputation,
                               on_failure=self._fail, shared_dir=settings.spool.directory,
                               reports_shared=worker is None or worker.index == 0)
+        order_path = Path(settings.spool.directory) / ORDER_NAME
+        if await asyncio.to_thread(order_path.exists):
+            # Restarted while draining: a message may be at a peer already (handed off, the
+            # relay stopped before removing its copy); nothing is delivered here (drain.py).
+            queue.pause()
         await queue.start([])
         self.queue = queue
         stages.append(("delivery queue", self._stop_queue))
@@ -573,7 +585,9 @@ class RelayApp:
         # drain orders to the others over their control sockets.
         self.drainer = Drainer(config=self.config, spool=spool, queue=queue,
                                listeners=server, readiness=self.readiness,
-                               registry=self.registry, ledger=ledger)
+                               registry=self.registry, ledger=ledger,
+                               order_path=order_path, fsync=settings.spool.fsync)
+        await self.drainer.restore()
         control.drainer = self.drainer
         stages.append(("drain", self.drainer.stop_task))
         if worker is None or worker.index == 0:

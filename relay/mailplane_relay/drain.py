@@ -23,8 +23,14 @@ A draining relay:
   sender's queue id of each hand-off in its `HandoffLedger`, and a message is always offered
   first to the same peer (`first_peer`);
 - keeps delivering what is due meanwhile (a message is either being delivered here or being
-  handed off, never both: it is set aside — in memory only, so a relay that stops meanwhile
-  delivers it after its restart — while it is sent to a peer).
+  handed off, never both: it is set aside, in memory only, while it is sent to a peer);
+- keeps its drain order (the peers, never the token) in ``drain-order.json`` in the spool root,
+  written and fsynced before the drain starts and removed when it is called off. A relay that
+  starts with it stays drained — not ready, listeners closed, and no delivery at all (a message
+  handed off just before a crash may be at a peer already) — and reports ``awaitingOrder`` until
+  the operator sends the order again with the token, then goes on handing off. Each message is
+  offered first to the peer `first_peer` picks among the peers of the order as first given
+  (`handoff_order`), not among those a later order names (the ready ones at the time).
 
 ``GET /admin/drain`` (or ``/admin/status``) reports ``draining``, ``queued`` (messages still in
 this spool), ``sessions`` (SMTP sessions still open) and ``configHash`` (the configuration in
@@ -84,6 +90,9 @@ MAX_HANDOFF_BODY = 256 * 1024 * 1024
 HANDOFF_TIMEOUT = 60.0
 RETRY_PAUSE = 1.0
 LEDGER_NAME = HANDOFF_LEDGER
+ORDER_NAME = "drain-order.json"
+"""The drain order in force, in the spool root: written (and made durable) before a drain
+starts, removed when it is called off. A relay that starts with it stays draining."""
 LEDGER_KEEP = 7 * 86400.0
 """How long a relay remembers a hand-off it took (a sender retries within minutes of its
 restart; a week covers a node that stays down over a weekend)."""
@@ -231,6 +240,70 @@ def first_peer(queue_id: str, peers: int) -> int:
     return zlib.crc32(queue_id.encode()) % peers
 
 
+def read_order(path: Path) -> list[str] | None:
+    """The peers of the drain order kept at `path`, None when there is none (blocking). An
+    unreadable order counts as one without peers: the relay stays draining (a message it may
+    have handed off is not delivered here) until the operator sends the order again or calls
+    it off."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("drain: the drain order %s is unreadable (%s): staying drained; "
+                  "DELETE /admin/drain calls it off", path, exc)
+        return []
+    peers = doc.get("peers") if isinstance(doc, dict) else None
+    if not (isinstance(peers, list) and all(isinstance(p, str) for p in peers)):
+        log.error("drain: the drain order %s names no peers: staying drained", path)
+        return []
+    return list(peers)
+
+
+def write_order(path: Path, peers: list[str], *, fsync: bool = True) -> None:
+    """Keep a drain order durably (blocking): the peers only, never the token."""
+    tmp = path.with_name(f"{ORDER_NAME}.{os.getpid()}.new")
+    with tmp.open("wb") as out:
+        out.write(json.dumps({"peers": peers, "since": round(time.time())}).encode())
+        out.flush()
+        if fsync:
+            os.fsync(out.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _sync_dir(path.parent)
+
+
+def remove_order(path: Path, *, fsync: bool = True) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    if fsync:
+        _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def handoff_order(queue_id: str, recorded: list[str], current: list[str]) -> list[str]:
+    """The peers to offer a message to, in order: first the one `first_peer` picks among the
+    peers `recorded` in the drain order (the same for the same message however many peers are
+    ready now, so a hand-off retried after a crash goes where the first one went), then the
+    `current` ones from there on."""
+    peers = list(current)
+    start = first_peer(queue_id, len(peers)) if peers else 0
+    out = peers[start:] + peers[:start]
+    if recorded:
+        preferred = recorded[first_peer(queue_id, len(recorded))]
+        out = [preferred, *(p for p in out if p != preferred)]
+    return out
+
+
 class Listeners(Protocol):
     """The SMTP server, as far as draining needs it."""
 
@@ -251,8 +324,15 @@ class Drainer:
 
     def __init__(self, *, config: Callable[[], RelayConfig], spool: Spool, queue: DeliveryQueue,
                  listeners: Listeners, readiness: DrainReadiness,
-                 registry: CollectorRegistry, ledger: HandoffLedger) -> None:
+                 registry: CollectorRegistry, ledger: HandoffLedger,
+                 order_path: Path | None = None, fsync: bool = True) -> None:
         self._config = config
+        self._order_path = order_path
+        self._fsync = fsync
+        self._recorded: list[str] = []
+        """The peers of the drain order as first given (kept in `order_path`)."""
+        self._restored = False
+        """Started with a kept drain order and no token yet: drained, nothing handed off."""
         self._spool = spool
         self._ledger = ledger
         self._taking: dict[str, asyncio.Future[None]] = {}
@@ -280,6 +360,11 @@ class Drainer:
     def draining(self) -> bool:
         return self._task is not None
 
+    @property
+    def drained(self) -> bool:
+        """Draining, or kept drained by a restored order."""
+        return self._task is not None or self._restored
+
     # ---- authentication -----------------------------------------------------------------
 
     def authorized(self, header: str | None) -> bool:
@@ -291,26 +376,65 @@ class Drainer:
 
     # ---- drain --------------------------------------------------------------------------
 
+    async def restore(self) -> bool:
+        """At start (the delivery queue paused before it, see `read_order`): with a drain order
+        kept from before a restart, stay drained — not ready, listeners closed, no delivery
+        here — until the operator sends the order again (with the token, which is not kept)
+        or calls it off. True when an order was kept."""
+        if self._order_path is None:
+            return False
+        recorded = await asyncio.to_thread(read_order, self._order_path)
+        if recorded is None:
+            self._queue.resume()  # gone since the queue was paused for it
+            return False
+        self._recorded, self._restored = recorded, True
+        log.warning("draining: a drain order was in force before this start; staying drained "
+                    "(no delivery here) until it is sent again or called off")
+        self._readiness.set_draining(True)
+        self.draining_gauge.set(1)
+        await self._listeners.stop_accepting()
+        return True
+
     async def start(self, peers: list[str], token: str) -> None:
         """Drain toward `peers` (base URLs of their ops ports), presenting `token` to them.
-        Again while draining: the peers and token are replaced."""
+        Again while draining: the peers and token are replaced (the peers first given stay
+        the ones each message is offered to first). The order is kept durably before the
+        drain starts."""
+        if self._order_path is not None:
+            recorded = await asyncio.to_thread(read_order, self._order_path)
+            if recorded:
+                self._recorded = recorded
+            else:
+                self._recorded = list(peers)
+                await asyncio.to_thread(write_order, self._order_path, self._recorded,
+                                        fsync=self._fsync)
+        else:
+            self._recorded = self._recorded or list(peers)
         self._peers, self._token = list(peers), token
         if self._task is not None:
             return
         log.info("draining: handing the queue to %d peer(s)", len(peers))
         self._readiness.set_draining(True)
         self.draining_gauge.set(1)
-        await self._listeners.stop_accepting()
+        if not self._restored:
+            await self._listeners.stop_accepting()
+        self._restored = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="drain")
 
     async def stop(self) -> None:
         """Call the drain off: accept mail again, release what was held for hand-off."""
         task, self._task = self._task, None
-        if task is None:
+        restored, self._restored = self._restored, False
+        if task is None and not restored:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._order_path is not None:
+            await asyncio.to_thread(remove_order, self._order_path, fsync=self._fsync)
+        self._recorded = []
+        self._queue.resume()
         for qid in sorted(self._held):
             self._queue.put_back(qid)
         self._held.clear()
@@ -330,7 +454,8 @@ class Drainer:
                 await task
 
     def status(self) -> dict[str, Any]:
-        return {"draining": self.draining, "queued": len(self._spool.queue_ids()),
+        return {"draining": self.drained, "awaitingOrder": self._restored,
+                "queued": len(self._spool.queue_ids()),
                 "sessions": self._listeners.active_sessions,
                 "configHash": self._config().source_hash,
                 "render": self._config().render_id}
@@ -392,9 +517,7 @@ class Drainer:
             return 0
         data = await asyncio.to_thread(self._spool.read, qid)
         envelope = base64.b64encode(msg.to_json()).decode()
-        peers = list(self._peers)
-        start = first_peer(qid, len(peers)) if peers else 0
-        for peer in peers[start:] + peers[:start]:
+        for peer in handoff_order(qid, self._recorded, self._peers):
             if await self._send(http, peer, envelope, data, qid):
                 await self._queue.delete(qid)
                 self._held.discard(qid)
@@ -433,7 +556,7 @@ class Drainer:
         id here, and whether it was taken before (handed over again after the sender crashed
         between our answer and its removal: not stored a second time). ValueError for a
         malformed envelope, RuntimeError when this relay drains itself."""
-        if self.draining:
+        if self.drained:
             raise RuntimeError("this relay is draining; hand the message to another pod")
         try:
             envelope = QueuedMessage.from_json(base64.b64decode(envelope_b64, validate=True))
@@ -493,6 +616,7 @@ def combined(states: list[dict[str, Any]]) -> dict[str, Any]:
     first = states[0]
     out = dict(first)
     out["draining"] = all(bool(s.get("draining")) for s in states)
+    out["awaitingOrder"] = any(bool(s.get("awaitingOrder")) for s in states)
     out["queued"] = sum(int(s.get("queued") or 0) for s in states)
     out["sessions"] = sum(int(s.get("sessions") or 0) for s in states)
     for key in ("configHash", "render"):

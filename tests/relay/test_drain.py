@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import trustme
 
-from mailplane_relay.drain import token_sha256
+from mailplane_relay.drain import handoff_order, token_sha256
 from tests.helpers.pki import client_context, write_server_pair
 from tests.helpers.ports import refusing_port
 from tests.helpers.relayproc import RelayProcess
@@ -246,6 +246,7 @@ class _KillingFront:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(pair.cert_file, pair.key_file)
         self.answers: list[tuple[int, Any]] = []
+        self.kills_left = 1
         front = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -257,9 +258,18 @@ class _KillingFront:
                         "Authorization", "X-Mailplane-Envelope", "Content-Type")})
                 with urllib.request.urlopen(request, timeout=30,
                                             context=client_context(ca)) as resp:
-                    front.answers.append((resp.status, json.loads(resp.read())))
-                victim.kill()  # before answering: the relay never learns of the 200
-                self.close_connection = True
+                    status, answer = resp.status, resp.read()
+                    front.answers.append((status, json.loads(answer)))
+                if front.kills_left > 0:
+                    front.kills_left -= 1
+                    victim.kill()  # before answering: the relay never learns of the 200
+                    self.close_connection = True
+                    return
+                self.send_response(status)  # later hand-offs pass through
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -294,9 +304,13 @@ def test_a_message_handed_over_again_after_a_crash_is_not_stored_twice(
     assert [p.stem for p in a.spooled_files()] == [first]
     assert len(b.spooled_files()) == 3
 
-    # B starts again on the same spool and drains to A itself: the message A already holds is
-    # answered 200 and not stored again; the other two move.
-    b.start()
+    # B starts again on the same spool, still drained (it kept the order, not the token), and
+    # is sent the order again toward A itself (the front, recorded first for each message,
+    # is gone): the message A already holds is answered 200 and not stored again; the other
+    # two move.
+    b.spawn()
+    b.wait_listening()
+    assert b.readyz() == (503, "draining\n")
     assert _admin(b, "POST", "/admin/drain", {"peers": [_peer(a)], "token": TOKEN})[0] == 202
     _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
     assert b.spooled_files() == []
@@ -360,3 +374,76 @@ def test_a_relay_with_several_workers_hands_off_every_workers_spool(
         assert status == 200 and doc["draining"] is False
         _wait(lambda: b.readyz()[0] == 200, "B ready again")
         _wait(lambda: _admin(b, "GET", "/admin/status")[1]["draining"] is False, "undrained")
+
+
+def test_a_relay_killed_while_draining_stays_drained_and_delivers_nothing_itself(
+        relay_factory: Callable[..., RelayProcess], tls_ca: trustme.CA, tmp_path: Path) -> None:
+    with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
+        a = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
+        # B retries at once: restarted without its drain order it would deliver its copies
+        # (one of them already at A) as soon as it recovers its spool.
+        b = relay_factory(smarthost_port=sink.address[1], extra={
+            **_admin_settings(tls_ca, tmp_path),
+            "queue": {"retryInitial": 0.2, "retryMax": 0.2}})
+        a.start()
+        b.start()
+        ids = _send(b, 3, "kept")
+        _wait(lambda: b.metric("mailplane_relay_delivery_attempts_total",
+                               result="deferred") >= 3, "the upstream deferring B's mail")
+        with _KillingFront(tls_ca, tmp_path, _peer(a), b) as front:
+            assert _admin(b, "POST", "/admin/drain",
+                          {"peers": [front.url], "token": TOKEN})[0] == 202
+            _wait(lambda: not b.running, "the draining relay killed after A's 200")
+            assert (b.spool_dir / "drain-order.json").exists()
+            assert len(front.answers) == 1 and front.answers[0][0] == 200
+            assert len(b.spooled_files()) == 3 and len(a.spooled_files()) == 1
+
+            sink.behaviour.data_reply = None  # the upstream recovers
+            b.spawn()
+            b.wait_listening()
+            # Still drained: not ready, no SMTP, no delivery of its own; the token is not kept,
+            # so it waits for the order again.
+            assert b.readyz() == (503, "draining\n")
+            status, doc = _admin(b, "GET", "/admin/status")
+            assert status == 200 and doc["draining"] is True and doc["awaitingOrder"] is True
+            with pytest.raises((ConnectionRefusedError, smtplib.SMTPServerDisconnected)):
+                _send(b, 1, "refused")
+            # A delivers the message it took; B, due at once, delivers none meanwhile.
+            _wait(lambda: len(sink.messages) >= 1 and not a.spooled_files(), "A's delivery")
+            assert b.metric("mailplane_relay_delivery_attempts_total", result="delivered") == 0
+
+            # The operator sends the order again, toward the ready peers it sees now (A
+            # itself): each message still goes first to the peer recorded for it (the front,
+            # which passes hand-offs on now), so the one A took is answered as a duplicate.
+            assert _admin(b, "POST", "/admin/drain",
+                          {"peers": [_peer(a)], "token": TOKEN})[0] == 202
+            _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
+            assert len(front.answers) == 4
+        assert a.metric("mailplane_relay_handoffs_total", direction="received",
+                        result="duplicate") == 1
+        _wait(lambda: len(sink.messages) >= 3 and not a.spooled_files(), "three deliveries")
+        assert b.metric("mailplane_relay_delivery_attempts_total", result="delivered") == 0
+        got = sorted(_message_id(m.data) for m in sink.messages)
+        assert got == sorted(ids)  # each once
+
+        # Called off: the order is gone, B accepts and delivers mail again.
+        status, doc = _admin(b, "DELETE", "/admin/drain")
+        assert status == 200 and doc["draining"] is False
+        assert not (b.spool_dir / "drain-order.json").exists()
+        _wait(lambda: b.readyz()[0] == 200, "B ready again")
+        _send(b, 1, "again")
+        _wait(lambda: len(sink.messages) >= 4, "B delivering again")
+
+
+def test_a_message_goes_first_to_the_peer_recorded_for_it_whichever_peers_are_ready() -> None:
+    recorded = [f"https://10.0.0.{n}:8443" for n in range(1, 4)]
+    for n in range(200):
+        qid = f"01M99CX4YH62E9GJJW{n:02d}"
+        preferred = handoff_order(qid, recorded, recorded)[0]
+        # Whichever subset the operator sees ready, in any order, the first offer is the same.
+        for current in (recorded[:1], recorded[1:], recorded[::-1], []):
+            order = handoff_order(qid, recorded, current)
+            assert order[0] == preferred
+            assert sorted(order) == sorted({preferred, *current})
+    # Without a recorded order: the current peers, each once.
+    assert sorted(handoff_order("x", [], recorded)) == sorted(recorded)

@@ -192,6 +192,7 @@ class DeliveryQueue:
         self._connection_settings = _connection_settings(config().settings.delivery)
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._paused = False
         self._changed = asyncio.Event()
         self.connections_opened = 0  # for tests and benchmarks
 
@@ -395,6 +396,15 @@ class DeliveryQueue:
         self._due[queue_id] = _ON_HOLD  # its heap entry is superseded
         self._changed.set()
         return True
+
+    def pause(self) -> None:
+        """Begin no attempt until :meth:`resume` (a relay restarted while draining: a message
+        it may already have handed to a peer is not delivered here too, drain.py)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._schedule_wake.set()
 
     def put_back(self, queue_id: str) -> None:
         """Undo :meth:`set_aside`: the message is due at once."""
@@ -641,7 +651,7 @@ class DeliveryQueue:
                 heapq.heappop(self._heap)  # superseded entry
             now = self._clock()
             if (self._heap and self._heap[0][0] <= now and len(self._attempts) < MAX_ATTEMPTS
-                    and begun < BEGIN_BATCH):
+                    and begun < BEGIN_BATCH and not self._paused):
                 _, queue_id = heapq.heappop(self._heap)
                 if queue_id in self._attempts:  # its last attempt is still being recorded
                     self._push(queue_id, now + 1.0)
@@ -655,7 +665,7 @@ class DeliveryQueue:
                 continue
             begun = 0
             wait = None
-            if self._heap and len(self._attempts) < MAX_ATTEMPTS:
+            if self._heap and len(self._attempts) < MAX_ATTEMPTS and not self._paused:
                 wait = self._heap[0][0] - now
             self._schedule_wake.clear()
             with contextlib.suppress(TimeoutError):
