@@ -151,6 +151,48 @@ async def test_erasure_while_the_relay_delivers(tmp_path: Path, smtp_sink: Any) 
         await r.stop()
 
 
+@pytest.mark.parametrize("role", ["recipient", "sender"])
+async def test_erasure_while_an_attempt_connects(tmp_path: Path, smtp_sink: Any,
+                                                 role: str) -> None:
+    """The interleaving behind a flaky run of the test above, forced: an attempt holds the
+    envelope and is opening its connection when the erasure runs. Once the erasure has
+    reported done, no transaction names the address (nor carries a message it sent)."""
+    sink = await smtp_sink()
+    r = Relay(tmp_path, make_config(smarthost(sink)))
+    connecting, erased_done = asyncio.Event(), asyncio.Event()
+    real_connect = r.queue._connect
+
+    async def gated_connect(*args: Any, **kwargs: Any) -> Any:
+        connecting.set()
+        await erased_done.wait()  # the connection opens after the erasure reported done
+        return await real_connect(*args, **kwargs)
+
+    r.queue._connect = gated_connect  # type: ignore[method-assign]
+    await r.start()
+    try:
+        erased = ERASED.lower()
+        if role == "recipient":
+            msg = await r.send([erased, "keep@example.org"])
+        else:
+            msg = await r.send(["friend@example.org"], sender=erased)
+        await asyncio.wait_for(connecting.wait(), 10)
+        assert [x.address for x in msg.recipients] != []  # the attempt holds the envelope
+        result = await r.spool.erase_address(ERASED)
+        for qid in result.deleted_ids:
+            r.queue.forget(qid)
+        erased_done.set()
+        if role == "recipient":
+            await r.done(msg)
+            [got] = sink.messages
+            assert got.rcpt_tos == ["keep@example.org"]
+        else:
+            await r.wait(lambda: not r.queue._attempts)
+            assert sink.messages == []
+        assert all(erased not in m.rcpt_tos and m.mail_from != erased for m in sink.messages)
+    finally:
+        await r.stop()
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"

@@ -1182,8 +1182,7 @@ class DeliveryQueue:
             return
         deadline = time.monotonic() + delivery.message_deadline
         # A recipient erased from the message while the work waited is not sent to.
-        live = {id(r) for r in msg.recipients}
-        pending = [r for r in work.recipients if id(r) in live]
+        pending = _live(msg, work.recipients)
         last_reply = "451 4.4.1 No destination host could be reached"
         session = False  # some host gave us a session
         failure: SuspendReason | None = None
@@ -1191,6 +1190,11 @@ class DeliveryQueue:
         if conn is not None:
             try:
                 wire = await self._wire_data(attempt, conn, data)
+                # Erased while the data was prepared: no transaction names the address.
+                pending = _live(msg, pending)
+                if not pending:
+                    self._release(dest, conn, True)
+                    return
                 return_path = self._return_path(cfg, msg, pending)
                 result = await transaction(conn, return_path, pending, wire,
                                            outcomes=outcomes, t=timeouts, reused=True,
@@ -1235,6 +1239,12 @@ class DeliveryQueue:
                               dest.key, exc)
             dest.session_worked()
             wire = await self._wire_data(attempt, conn, data)
+            # Erased while this connection was opened (or the data prepared): the erasure
+            # has reported done, so no transaction may name the address from now on.
+            pending = _live(msg, pending)
+            if not pending:
+                self._release(dest, conn, True)
+                break
             return_path = self._return_path(cfg, msg, pending)
             result = await transaction(conn, return_path, pending, wire, outcomes=outcomes,
                                        t=timeouts, reused=False, deadline=deadline,
@@ -1475,6 +1485,14 @@ class DeliveryQueue:
                 if (not dest.idle and not dest.active and not dest.ready
                         and not dest.suspended(now) and dest.last_used < forget_before):
                     del self._destinations[key]
+
+
+def _live(msg: QueuedMessage, recipients: list[Recipient]) -> list[Recipient]:
+    """The recipients still in the message's envelope: an erasure removes the address's
+    recipients from the envelope object in place (and empties the envelope of a message it
+    deletes), so a work item checks right before each transaction, after every wait."""
+    live = {id(r) for r in msg.recipients}
+    return [r for r in recipients if id(r) in live]
 
 
 def _dsn_extra(msg: QueuedMessage, return_path: str) -> dict[str, Any] | None:
