@@ -838,10 +838,15 @@ class RelayApp:
             health.purge_interval.set(retention.purge_interval)
             try:
                 now = time.time()
+                # Account closure: the tenants are the namespaces of the credentials served (a
+                # configuration of credentials from no namespace has none, and closes none).
+                tenants = {c.namespace for c in self.config().settings.credentials
+                           if c.namespace is not None}
                 await msglog.purge(now=now,
                                    message_log_retention=retention.message_log,
                                    suppression_retention=retention.suppression,
-                                   changes_retention=SUPPRESSION_CHANGES_RETENTION)
+                                   changes_retention=SUPPRESSION_CHANGES_RETENTION,
+                                   open_namespaces=tenants or None)
                 # The proof of the retention promise: the oldest row left, right after a purge.
                 oldest = await msglog.backend.oldest_event()
                 health.oldest_record_age.set(0 if oldest is None else max(0.0, now - oldest))

@@ -29,6 +29,7 @@ from mailplane_relay.store import (
     SuppressionList,
     complaint_hash,
 )
+from mailplane_relay.store.backend import LOG_COLUMNS
 from mailplane_relay.store.erased import erased_since
 from mailplane_relay.store.erasure import complete_if_done, erase_address
 from mailplane_relay.store.messagelog import EARLY_FLUSH_EVENTS
@@ -869,3 +870,52 @@ async def test_postgresql_entries_from_before_scopes_become_pool_wide(
             ("", "portal:team-a:alice"), ("team-b", "portal:team-b:bob")]
     finally:
         await b.close()
+
+
+async def test_a_closed_tenants_own_suppression_entries_and_webhook_events_leave_after_the_window(
+    mlog: MessageLog, backend: StoreBackend, metrics: RelayMetrics
+) -> None:
+    # Account closure (privacy policy §5: account data up to 90 days after closure): a team
+    # whose namespace the relay no longer serves (deleted, or no longer a tenant: none of its
+    # credentials rendered) loses its own suppression entries and its waiting webhook events
+    # once it has been gone for the message log's retention; pool-wide entries stay, and so
+    # does everything of a namespace still served or gone for less.
+    now = 1_800_000_000.0
+    day = 86400.0
+    for ns in ("shop", "gone", "late"):
+        await backend.suppression_upsert(f"x@{ns}.test", "manual", "portal", now - 10 * day,
+                                         namespace=ns)
+    await backend.suppression_upsert("x@gone.test", "hard_bounce", "bounce", now - 10 * day)
+    hooks = [(f"e-{ns}", f"credential:{ns}-app", "bounced", now - day, f"{ns}-app", ns,
+              "a@b.test", "x@dest.test", "Q1", "<m@x>", "550", 1, now) for ns in ("shop", "gone")]
+    delivery = {"event_id": "r1", "ts": now - day, "status": "bounced", "queue_id": "Q1",
+                "credential": "shop-app", "namespace": "shop", "sender": "a@b.test",
+                "recipient": "x@dest.test", "response": "550", "attempt": 1, "size": 100}
+    await backend.write_events([tuple(delivery.get(c) for c in LOG_COLUMNS)], hooks)
+    retention = {"message_log_retention": 90 * day, "suppression_retention": 365 * day,
+                 "changes_retention": day}
+
+    # All three served; "gone" is not served after the first purge, "late" after the second.
+    await mlog.purge(now=now, open_namespaces={"shop", "gone", "late"}, **retention)
+    await mlog.purge(now=now + 50 * day, open_namespaces={"shop", "late"}, **retention)
+    await mlog.purge(now=now + 89 * day, open_namespaces={"shop"}, **retention)
+    assert len(await backend.suppression_list()) == 4
+    assert (await backend.webhook_backlog())[0] == 2
+
+    # "gone" was last served 91 days before this purge: its own entry and event go.
+    await mlog.purge(now=now + 91 * day, open_namespaces={"shop"}, **retention)
+    left = sorted((e["address"], e["namespace"]) for e in await backend.suppression_list())
+    assert left == [("x@gone.test", ""), ("x@late.test", "late"), ("x@shop.test", "shop")]
+    assert (await backend.webhook_backlog())[0] == 1
+    assert sample(metrics, "mailplane_relay_purged_records_total", table="webhook_outbox") == 1
+
+    # A namespace with entries never seen served starts its clock at the first purge that
+    # sees its entries; a purge without the tenants (a relay without namespaces) closes none.
+    await backend.suppression_upsert("y@new.test", "manual", "portal", now + 100 * day,
+                                     namespace="new")
+    await mlog.purge(now=now + 100 * day, open_namespaces={"shop"}, **retention)
+    await mlog.purge(now=now + 150 * day, **retention)
+    assert len(await backend.suppression_list()) == 4
+    await mlog.purge(now=now + 191 * day, open_namespaces={"shop"}, **retention)
+    left = sorted((e["address"], e["namespace"]) for e in await backend.suppression_list())
+    assert left == [("x@gone.test", ""), ("x@shop.test", "shop")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -184,6 +185,14 @@ class StoreBackend(Protocol):
                     changes_before: float) -> tuple[int, int]:
         """Delete log rows and suppression entries older than the cut-offs; suppression
         changes older than ``changes_before``. Returns (log rows, suppression entries)."""
+
+    async def purge_closed_namespaces(self, open_namespaces: Collection[str], *, now: float,
+                                      closed_before: float) -> tuple[int, int]:
+        """Account closure: mark ``open_namespaces`` (the tenants the relay serves) seen at
+        ``now`` (a namespace with team-scoped suppression entries never marked starts at
+        ``now``), then delete the team-scoped suppression entries and the webhook outbox rows
+        of every namespace last seen before ``closed_before``, and forget it. Returns
+        (suppression entries, outbox rows)."""
 
     async def purge_portal(self, before: float) -> dict[str, int]:
         """Delete the portal's audit entries and erasure records older than ``before`` (when

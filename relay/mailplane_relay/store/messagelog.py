@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from pathlib import Path
 
@@ -333,13 +333,26 @@ class MessageLog:
     # ---- retention and search ------------------------------------------------------------
 
     async def purge(self, *, now: float, message_log_retention: float,
-                    suppression_retention: float, changes_retention: float) -> int:
-        """Delete log rows and suppression entries older than their retention."""
+                    suppression_retention: float, changes_retention: float,
+                    open_namespaces: Collection[str] | None = None) -> int:
+        """Delete log rows and suppression entries older than their retention. With
+        ``open_namespaces`` (the tenant namespaces the relay serves now), account closure too:
+        the team-scoped suppression entries and webhook outbox rows of a namespace no longer
+        served for ``message_log_retention`` are deleted (docs/store.md)."""
         n_log, n_supp = await self.backend.purge(
             log_before=now - message_log_retention,
             suppression_before=now - suppression_retention,
             changes_before=now - changes_retention,
         )
+        if open_namespaces is not None:
+            n_closed, n_outbox = await self.backend.purge_closed_namespaces(
+                open_namespaces, now=now, closed_before=now - message_log_retention)
+            n_supp += n_closed
+            self._metrics.purged_records.labels(table="webhook_outbox").inc(n_outbox)
+            if n_closed or n_outbox:
+                log.info("retention purge: removed %d suppression entries and %d webhook "
+                         "events of tenant namespaces closed for the message log's retention",
+                         n_closed, n_outbox)
         self._metrics.purged_records.labels(table="message_log").inc(n_log)
         self._metrics.purged_records.labels(table="suppression").inc(n_supp)
         # The portal's audit log and erasure records follow the message log's retention.

@@ -19,7 +19,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -233,6 +233,11 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
 CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
 -- No address indexes: the outbox holds only events not posted yet (usually few), so an erasure
 -- scans it, and every insert stays cheaper.
+-- Account closure: when each tenant namespace was last served (purge_closed_namespaces).
+CREATE TABLE IF NOT EXISTS tenant_namespaces (
+    namespace text PRIMARY KEY,
+    seen double precision NOT NULL
+);
 -- Outcomes per credential per minute, summed over the pool for the bounce-rate pause.
 CREATE TABLE IF NOT EXISTS reputation_buckets (
     credential text NOT NULL,
@@ -557,6 +562,30 @@ class PostgresBackend:
                                (int(now // 60) - 7 * 24 * 60,))
             await conn.execute("DELETE FROM store_peers WHERE seen < %s", (now - PEER_MEMORY,))
         return n_log, n_supp
+
+    async def purge_closed_namespaces(self, open_namespaces: Collection[str], *, now: float,
+                                      closed_before: float) -> tuple[int, int]:
+        await self._ready()
+        async with self._conn() as conn, conn.transaction():
+            for ns in sorted(set(open_namespaces)):
+                await conn.execute(
+                    "INSERT INTO tenant_namespaces (namespace, seen) VALUES (%s, %s) "
+                    "ON CONFLICT (namespace) DO UPDATE SET seen = "
+                    "greatest(tenant_namespaces.seen, excluded.seen)", (ns, now))
+            await conn.execute("INSERT INTO tenant_namespaces (namespace, seen) "
+                               "SELECT DISTINCT namespace, %s FROM suppression "
+                               "WHERE namespace <> '' ON CONFLICT (namespace) DO NOTHING",
+                               (now,))
+            closed = "SELECT namespace FROM tenant_namespaces WHERE seen < %s"
+            n_supp = (await conn.execute(
+                f"DELETE FROM suppression WHERE namespace <> '' AND namespace IN ({closed})",  # noqa: S608
+                (closed_before,))).rowcount
+            n_out = (await conn.execute(
+                f"DELETE FROM webhook_outbox WHERE namespace IN ({closed})",  # noqa: S608
+                (closed_before,))).rowcount
+            await conn.execute("DELETE FROM tenant_namespaces WHERE seen < %s",
+                               (closed_before,))
+        return n_supp, n_out
 
     async def purge_portal(self, before: float) -> dict[str, int]:
         await self._ready()

@@ -14,7 +14,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +169,8 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt);
 CREATE INDEX IF NOT EXISTS webhook_outbox_ts ON webhook_outbox (ts);
+-- Account closure: when each tenant namespace was last served (purge_closed_namespaces).
+CREATE TABLE IF NOT EXISTS tenant_namespaces (namespace TEXT PRIMARY KEY, seen REAL NOT NULL);
 """ + _SUPPRESSION_TABLE + """
 -- Every change to the suppression list, numbered and timed, written by triggers: whoever writes
 -- (relay workers, the CLI, the purge), each cache reads only the addresses changed since it
@@ -606,6 +608,26 @@ class SqliteBackend:
                              (int(now // 60) - 7 * 24 * 60,))
                 conn.execute("DELETE FROM store_peers WHERE seen < ?", (now - PEER_MEMORY,))
             return counts
+        return await self._run(run)
+
+    async def purge_closed_namespaces(self, open_namespaces: Collection[str], *, now: float,
+                                      closed_before: float) -> tuple[int, int]:
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO tenant_namespaces (namespace, seen) VALUES (?, ?) "
+                    "ON CONFLICT (namespace) DO UPDATE SET seen = excluded.seen",
+                    [(ns, now) for ns in sorted(set(open_namespaces))])
+                conn.execute("INSERT OR IGNORE INTO tenant_namespaces (namespace, seen) "
+                             "SELECT DISTINCT namespace, ? FROM suppression "
+                             "WHERE namespace <> ''", (now,))
+                closed = "SELECT namespace FROM tenant_namespaces WHERE seen < ?"
+                n_supp = conn.execute(f"DELETE FROM suppression WHERE namespace <> '' AND "  # noqa: S608
+                                      f"namespace IN ({closed})", (closed_before,)).rowcount
+                n_out = conn.execute(f"DELETE FROM webhook_outbox WHERE namespace IN ({closed})",  # noqa: S608
+                                     (closed_before,)).rowcount
+                conn.execute("DELETE FROM tenant_namespaces WHERE seen < ?", (closed_before,))
+            return n_supp, n_out
         return await self._run(run)
 
     async def purge_portal(self, before: float) -> dict[str, int]:
