@@ -72,7 +72,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from .config import RelayConfig
 from .control import ControlError, call_worker
 from .rotation import PushRefused
-from .spool import HANDOFF_LEDGER, HELD, QueuedMessage, Spool, SpoolError, valid_queue_id
+from .spool import (
+    HANDOFF_LEDGER,
+    HELD,
+    QueuedMessage,
+    Spool,
+    SpoolDataLost,
+    SpoolError,
+    valid_queue_id,
+)
 
 if TYPE_CHECKING:
     from .delivery import DeliveryQueue
@@ -515,7 +523,15 @@ class Drainer:
         if msg is None:
             self._held.discard(qid)
             return 0
-        data = await asyncio.to_thread(self._spool.read, qid)
+        try:
+            data = await asyncio.to_thread(self._spool.read, qid)
+        except SpoolDataLost as exc:
+            # Torn: its files are gone, nothing is handed off. Its recipients fail and its
+            # sender is told, as when a delivery attempt finds it torn.
+            log.error("drain: %s is lost, not handed off: %s", qid, exc)
+            self._held.discard(qid)
+            await self._queue.lost(msg)
+            return 0
         envelope = base64.b64encode(msg.to_json()).decode()
         for peer in handoff_order(qid, self._recorded, self._peers):
             if await self._send(http, peer, envelope, data, qid):

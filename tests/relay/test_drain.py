@@ -14,6 +14,7 @@ import http.client
 import http.server
 import json
 import smtplib
+import sqlite3
 import ssl
 import threading
 import time
@@ -27,11 +28,13 @@ from typing import Any
 import pytest
 import trustme
 
+from mailplane_relay.delivery.queue import LOST_REPLY
 from mailplane_relay.drain import handoff_order, token_sha256
 from tests.helpers.pki import client_context, write_server_pair
 from tests.helpers.ports import refusing_port
 from tests.helpers.relayproc import RelayProcess
 from tests.helpers.sink import running_sink_in_thread
+from tests.relay.test_delivery_torn import tear
 
 TOKEN = "drain-test-token-0123456789"
 
@@ -447,3 +450,56 @@ def test_a_message_goes_first_to_the_peer_recorded_for_it_whichever_peers_are_re
             assert sorted(order) == sorted({preferred, *current})
     # Without a recorded order: the current peers, each once.
     assert sorted(handoff_order("x", [], recorded)) == sorted(recorded)
+
+
+def test_a_torn_message_found_by_a_hand_off_is_final_and_its_sender_told(
+        relay_factory: Callable[..., RelayProcess], tls_ca: trustme.CA, tmp_path: Path) -> None:
+    """The drain reads a message whose spooled data is torn: it is not handed off (its files
+    are gone), its recipient gets a final bounced record and its sender a failure DSN."""
+    with running_sink_in_thread(data_reply="451 4.3.0 not now") as sink:
+        a = relay_factory(smarthost_port=sink.address[1], extra=_admin_settings(tls_ca, tmp_path))
+        # B retries in an hour: after the first deferral only the drain reads the message.
+        b = relay_factory(smarthost_port=sink.address[1], extra={
+            **_admin_settings(tls_ca, tmp_path),
+            "queue": {"retryInitial": "1h", "retryMax": "2h", "retryJitter": 0.0}})
+        a.start()
+        b.start()
+        with smtplib.SMTP("127.0.0.1", b.ports["submission"], timeout=10) as smtp:
+            smtp.starttls(context=b.client_tls())
+            smtp.login("app", "app-password")
+            msg = EmailMessage()
+            msg["From"] = "app@example.com"
+            msg["To"] = "torn@dest.example"
+            msg["Subject"] = "torn"
+            msg["Message-ID"] = "<torn-drain@example.com>"
+            msg.set_content("queued while the upstream defers\n" * 200)
+            smtp.send_message(msg)
+        _wait(lambda: b.metric("mailplane_relay_delivery_attempts_total",
+                               result="deferred") >= 1, "the upstream deferring B's mail")
+        [path] = b.spooled_files()
+        qid = path.stem
+        tear(path)
+        sink.behaviour.data_reply = None  # the notice may go out (from B, or from A)
+
+        assert _admin(b, "POST", "/admin/drain", {"peers": [_peer(a)], "token": TOKEN})[0] == 202
+        _wait(lambda: any(m.mail_from == "" for m in sink.messages), "the sender's notice")
+        [notice] = sink.messages
+        assert notice.rcpt_tos == ["app@example.com"]
+        assert b"Status: 5.3.0" in notice.data and b"torn-drain" not in notice.data
+        assert (b.spool_dir / "corrupt" / f"{qid}.torn").exists()
+
+        def rows() -> list[Any]:
+            with sqlite3.connect(b.message_log) as conn:
+                return conn.execute("SELECT status, response FROM message_log WHERE "
+                                    "queue_id = ? AND recipient = ?",
+                                    (qid, "torn@dest.example")).fetchall()
+
+        final = _wait(lambda: [r for r in rows() if r[0] == "bounced"], "the final record")
+        assert final == [("bounced", LOST_REPLY)]
+        assert "stays here for now" not in b.log()
+        # The peer got nothing of the torn message (at most the notice).
+        assert a.metric("mailplane_relay_handoffs_total", direction="received",
+                        result="ok") <= 1
+        assert b"torn-drain" not in b"".join(m.data for m in sink.messages)
+        _wait(lambda: _admin(b, "GET", "/admin/drain")[1]["queued"] == 0, "B's queue empty")
+        assert b.spooled_files() == []

@@ -561,6 +561,24 @@ class DeliveryQueue:
         self._due[queue_id] = _IN_ATTEMPT  # its heap entry is superseded
         await self._outcomes.apply(self._config(), msg, outcomes)
 
+    async def lost(self, msg: QueuedMessage) -> None:
+        """The spool found the data of ``msg`` torn (:class:`SpoolDataLost`) outside a delivery
+        attempt (a drain's hand-off read it; the spool already removed its files): every
+        undecided recipient fails with the lost reply, logged as bounced, and the sender gets
+        a failure DSN, as when an attempt finds it torn. KeyError when the queue does not hold
+        it; refused (ValueError) while an attempt runs (that attempt records the loss)."""
+        queue_id = msg.queue_id
+        if queue_id not in self._due:
+            raise KeyError(queue_id)
+        if queue_id in self._attempts:
+            raise ValueError(f"{queue_id} has a delivery attempt in progress")
+        msg.extra[DATA_LOST] = True
+        outcomes = {r.address: RecipientOutcome("bounced", LOST_REPLY, administrative=True)
+                    for r in msg.pending()}
+        self._due[queue_id] = _IN_ATTEMPT  # its heap entry is superseded
+        await self._outcomes.apply(self._config(), msg, outcomes)
+        self._changed.set()
+
     def is_queued(self, queue_id: str) -> bool:
         return queue_id in self._due
 
