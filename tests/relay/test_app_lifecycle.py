@@ -94,6 +94,12 @@ async def test_relay_starts_delivers_and_reports(
                             message_id=None, credential="app", sender="app@example.com",
                             recipient="x@dest.test", response="250 ok", size=1))
     await old.close()
+    # Account closure: a team's own entries, of a namespace last served 100 days ago ("gone")
+    # and of the relay's own tenant ("team-app", served again by this configuration).
+    ago = time.time() - 100 * 86400
+    await store.purge_closed_namespaces(["gone", "team-app"], now=ago, closed_before=0.0)
+    for ns in ("gone", "team-app"):
+        await store.suppression_upsert(f"own@{ns}.test", "manual", "portal", ago, namespace=ns)
     await store.close()
     add_suppression(str(relay.message_log), "stale@dest.test", "hard_bounce",
                               now=time.time() - 400 * 86400)
@@ -114,8 +120,9 @@ async def test_relay_starts_delivers_and_reports(
     await eventually(lambda: relay.metric("mailplane_relay_last_purge_timestamp_seconds") > 0,
                      "the retention purge at start")
     assert relay.metric("mailplane_relay_purged_records_total", table="message_log") == 3
-    assert relay.metric("mailplane_relay_purged_records_total", table="suppression") == 1
-    assert list_suppression(str(relay.message_log)) == []
+    assert relay.metric("mailplane_relay_purged_records_total", table="suppression") == 2
+    assert [(e["address"], e["namespace"]) for e in list_suppression(str(relay.message_log))
+            ] == [("own@team-app.test", "team-app")]
     logs = subprocess.run(
         [*relay_command()[:-1], "logs", "--config", str(relay.config_dir), "--json"],
         capture_output=True, text=True, timeout=30, check=True).stdout
