@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import json
 import smtplib
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -155,7 +156,15 @@ def _run(kube_api: KubeApi, operator_factory: Callable[..., RunningOperator],
         assert kube_api.get(k.PVCS, "mail", "spool-main-1") is not None
 
         # The StatefulSet restarts pod 2 (same volume): its queue follows, then the pool shrinks.
-        relays[2] = Relay.start(volumes[2], tmp_path / "relay2-again.log")
+        # It had died while draining (its kept drain order, peers only, on its volume): it
+        # comes back drained, waiting for the order again, which the operator sends.
+        order = volumes[2].state / "spool" / "drain-order.json"
+        order.write_text(json.dumps(
+            {"peers": [f"https://127.0.0.1:{volumes[0].admin_port}"], "since": 0}))
+        relays[2] = Relay(volumes[2], tmp_path / "relay2-again.log")
+        relays[2].wait(lambda: "listening:" in (tmp_path / "relay2-again.log").read_text(),
+                       "listening")
+        assert relays[2]._get("/readyz")[0] == 503
         kube_api.patch(k.PODS, "mail", "main-2", {"spec": {"containers": [
             {"name": "relay", "image": "mailplane", "ports": [
                 {"name": "http", "containerPort": volumes[2].http_port},
