@@ -56,6 +56,8 @@ class SinkBehaviour:
     drop_at_mail: int = 0  # close the connection at the next N MAIL commands, without a reply
     data_delay: float = 0.0  # seconds before answering the end of DATA
     rcpt_delay: float = 0.0
+    # when set, each RCPT is recorded in rcpt_attempts and then answered once the event is set
+    rcpt_gate: asyncio.Event | None = None
     starttls: bool = False  # offer STARTTLS (certificate for 127.0.0.1/localhost)
     implicit_tls: bool = False  # TLS from the first byte (port 465 style)
     broken_tls: bool = False  # TLS handshakes fail (the sink demands a client certificate)
@@ -130,6 +132,8 @@ class _Handler:
             await asyncio.sleep(b.rcpt_delay)
         self.sink.rcpt_attempts.append(address)
         self.sink._notify()
+        if b.rcpt_gate is not None:
+            await b.rcpt_gate.wait()
         reply = b.rcpt_replies.get(address.lower())
         if reply is not None:
             return reply

@@ -193,6 +193,33 @@ async def test_erasure_while_an_attempt_connects(tmp_path: Path, smtp_sink: Any,
         await r.stop()
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_erasure_while_a_transaction_waits_for_a_reply(
+        tmp_path: Path, smtp_sink: Any, pipelining: bool) -> None:
+    """The erasure runs while the server holds its reply to the transaction's first RCPT.
+    Without PIPELINING the erased recipient gets no RCPT afterwards; with it (every RCPT and
+    DATA already sent) the connection is dropped before the body, so the server discards
+    the transaction, and the next attempt goes to the other recipient alone."""
+    gate = asyncio.Event()
+    sink = await smtp_sink(rcpt_gate=gate, pipelining=pipelining)
+    r = Relay(tmp_path, make_config(smarthost(sink)))
+    await r.start()
+    try:
+        erased = ERASED.lower()
+        first = erased if pipelining else "keep@example.org"
+        msg = await r.send([first, *({erased, "keep@example.org"} - {first})])
+        await sink.wait_for(lambda: sink.rcpt_attempts == [first])
+        await r.spool.erase_address(ERASED)
+        gate.set()
+        await r.done(msg)
+        [got] = sink.messages
+        assert got.rcpt_tos == ["keep@example.org"]
+        if not pipelining:
+            assert sink.rcpt_attempts == ["keep@example.org"]
+    finally:
+        await r.stop()
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"

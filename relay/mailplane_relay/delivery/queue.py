@@ -1217,7 +1217,8 @@ class DeliveryQueue:
                 result = await transaction(conn, return_path, pending, wire,
                                            outcomes=outcomes, t=timeouts, reused=True,
                                            deadline=deadline, on_accepted=dest.taking_mail,
-                                           extra=_dsn_extra(msg, return_path))
+                                           extra=_dsn_extra(msg, return_path),
+                                           live=_Live(msg))
             except ReusedConnectionLost as exc:
                 log.info("delivery: pooled connection to %s failed before the transaction "
                          "(%s); retrying on a fresh connection", conn.remote, exc.reason)
@@ -1267,7 +1268,8 @@ class DeliveryQueue:
             result = await transaction(conn, return_path, pending, wire, outcomes=outcomes,
                                        t=timeouts, reused=False, deadline=deadline,
                                        on_accepted=dest.taking_mail,
-                                       extra=_dsn_extra(msg, return_path))
+                                       extra=_dsn_extra(msg, return_path),
+                                       live=_Live(msg))
             self._release(dest, conn, result.reusable)
             if result.ended:
                 dest.delivered += 1
@@ -1503,6 +1505,22 @@ class DeliveryQueue:
                 if (not dest.idle and not dest.active and not dest.ready
                         and not dest.suspended(now) and dest.last_used < forget_before):
                     del self._destinations[key]
+
+
+class _Live:
+    """Whether a recipient is still in the message's envelope, for a transaction that waits
+    on replies while an erasure may edit the envelope (which only ever shortens it)."""
+
+    def __init__(self, msg: QueuedMessage) -> None:
+        self._msg = msg
+        self._count = -1
+        self._ids: set[int] = set()
+
+    def __call__(self, recipient: Recipient) -> bool:
+        if len(self._msg.recipients) != self._count:
+            self._count = len(self._msg.recipients)
+            self._ids = {id(r) for r in self._msg.recipients}
+        return id(recipient) in self._ids
 
 
 def _live(msg: QueuedMessage, recipients: list[Recipient]) -> list[Recipient]:

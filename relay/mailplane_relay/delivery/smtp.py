@@ -534,7 +534,8 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                       data: bytes, *, outcomes: dict[str, RecipientOutcome], t: Timeouts,
                       reused: bool, deadline: float | None = None,
                       on_accepted: Callable[[], None] | None = None,
-                      extra: dict[str, Any] | None = None) -> TransactionResult:
+                      extra: dict[str, Any] | None = None,
+                      live: Callable[[Recipient], bool] | None = None) -> TransactionResult:
     """One MAIL/RCPT/DATA transaction. Fills ``outcomes`` for the recipients it decided.
     ``deadline`` (a ``time.monotonic()`` value): when it has passed before the body is sent,
     the transaction is abandoned cleanly (the connection is dropped before the final dot, so
@@ -543,7 +544,12 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
     server took recipients and asked for the data (it is taking mail, however slowly).
     ``extra``: the envelope's extra; its RFC 3461 RET and ENVID, and the recipients' NOTIFY
     and ORCPT, go to a server that offers DSN (which then owns the notices: a recipient it
-    accepts is marked ``dsn_passed``). None: no DSN parameter is passed on."""
+    accepts is marked ``dsn_passed``). None: no DSN parameter is passed on.
+    ``live``: whether a recipient is still in the envelope (an erasure may remove it while
+    the transaction waits for a reply): a recipient no longer live gets no RCPT command, and
+    when one the server accepted is gone before the body, the connection is dropped (the
+    server discards the transaction) and the others are deferred. Once the body is on its
+    way the transaction runs to its end."""
     client, remote, tls = conn.client, conn.remote, conn.tls
 
     def all_get(outcome: RecipientOutcome) -> None:
@@ -596,6 +602,7 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                         moved_reply=format_reply(mail.code, mail.message), throttled=True)
                 got_reply = True
                 rcpt_replies: list[aiosmtplib.SMTPResponse] = []
+                sent = list(recipients)  # the recipients named in an RCPT command
                 go: aiosmtplib.SMTPResponse | None = None
                 if pipelining:
                     stage = "rcpt"
@@ -604,7 +611,10 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                     go = await replies.next(t.data)
                 elif mail.code == 250:
                     stage = "rcpt"
-                    for cmd in rcpt_cmds:
+                    sent = []
+                    for rcpt, cmd in zip(recipients, rcpt_cmds, strict=True):
+                        if live is not None and not live(rcpt):
+                            continue  # erased while the transaction waited: never named
                         if deadline is not None and time.monotonic() >= deadline:
                             # Out of time before the data: drop the connection, so that
                             # the server discards the transaction; nobody got the message.
@@ -615,6 +625,7 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                                     "(messageDeadline)", remote, tls=tls)
                             return TransactionResult(reusable=False)
                         replies.write(cmd + b"\r\n")
+                        sent.append(rcpt)
                         rcpt_replies.append(await replies.next(t.rcpt))
                     if any(r.code in (250, 251) for r in rcpt_replies):
                         stage = "data"
@@ -629,7 +640,7 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                         all_get(reply_outcome(mail.code, mail.message, "mail", remote, tls))
                     result.throttled = throttling(mail.code, mail.message, "mail")
                 else:
-                    for r, reply in zip(recipients, rcpt_replies, strict=True):
+                    for r, reply in zip(sent, rcpt_replies, strict=True):
                         if reply.code in (250, 251):
                             accepted.append(r)
                         else:
@@ -637,6 +648,18 @@ async def transaction(conn: Connection, mail_from: str, recipients: list[Recipie
                                                                 "rcpt", remote, tls)
                 final: aiosmtplib.SMTPResponse | None = None
                 if go is not None and go.code == 354:
+                    if live is not None and not all(live(r) for r in accepted):
+                        # An accepted recipient was erased before the body: drop the
+                        # connection so the server discards the transaction; the others wait
+                        # for their next attempt (nothing is recorded for the erased one).
+                        conn.abort()
+                        for r in accepted:
+                            if live(r):
+                                outcomes[r.address] = RecipientOutcome(
+                                    "deferred", "451 4.3.0 Transaction abandoned: a recipient "
+                                    "was erased", remote, tls=tls)
+                        result.reusable = False
+                        return result
                     if accepted and deadline is not None and time.monotonic() >= deadline:
                         # Abandon before the body: dropping the connection makes the server
                         # discard the transaction, so nothing is delivered behind our back.
