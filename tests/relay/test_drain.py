@@ -10,6 +10,7 @@ opens B's listeners again."""
 from __future__ import annotations
 
 import email
+import email.policy
 import http.client
 import http.server
 import json
@@ -486,6 +487,12 @@ def test_a_torn_message_found_by_a_hand_off_is_final_and_its_sender_told(
         [notice] = sink.messages
         assert notice.rcpt_tos == ["app@example.com"]
         assert b"Status: 5.3.0" in notice.data and b"torn-drain" not in notice.data
+        # It says the message is lost (no header part: the headers were in the torn data).
+        parsed = email.message_from_bytes(notice.data, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        parts = list(parsed.iter_parts())
+        assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status"]
+        assert "lost this message" in parts[0].get_content()
         assert (b.spool_dir / "corrupt" / f"{qid}.torn").exists()
 
         def rows() -> list[Any]:
