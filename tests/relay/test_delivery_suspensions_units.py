@@ -78,3 +78,24 @@ def test_quoted_local_parts_and_address_literals_are_not_kept(tmp_path: Path) ->
         assert part not in text, part
     assert entry.reason == ("451 4.4.1 421 4.7.0 <address> and <address>, <address> and "
                             "<address> slow down")
+
+
+def test_the_file_keeps_at_most_max_entries_the_latest_ending(tmp_path: Path) -> None:
+    """Mail to many dead domains cannot grow the file (rewritten whole at every change) without
+    bound: beyond ``max_entries`` the suspensions that end first are left out of it."""
+    now = [1000.0]
+    path = tmp_path / FILE_NAME
+    shared = SharedSuspensions(path, owner="a", clock=lambda: now[0], max_entries=3)
+    for n in range(6):
+        now[0] = 1000.0 + n
+        shared.suspend(f"mx:dead{n}.example", failures=0, delay=lambda step: 60.0,
+                       reason="451 4.4.1 refused", kind="connect")
+    kept = SharedSuspensions(path, owner="b").view()
+    assert sorted(kept) == ["mx:dead3.example", "mx:dead4.example", "mx:dead5.example"]
+    # A suspension in force for longer outlives newer ones that end sooner.
+    shared.suspend("mx:long.example", failures=0, delay=lambda step: 3600.0,
+                   reason="451 4.4.1 refused", kind="connect")
+    shared.suspend("mx:short.example", failures=0, delay=lambda step: 1.0,
+                   reason="451 4.4.1 refused", kind="connect")
+    kept = SharedSuspensions(path, owner="c").view()
+    assert "mx:long.example" in kept and "mx:short.example" not in kept and len(kept) == 3

@@ -53,6 +53,12 @@ _ADDRESS = re.compile(r"<?(?:\"(?:[^\"\\]|\\.)*\"|[^\s<>()\[\]\"',;:]+)"
                       r"@(?:\[[^\]\s]*\]|[^\s<>()\[\]\"',;:]+)>?")
 # Entries whose suspension ended this long ago with no probe outcome are dropped (seconds).
 FORGET_AFTER = 7 * 86400.0
+# At most this many destinations in the file (about 400 bytes each): every change rewrites it
+# whole on the event loop and every worker parses it again, so mail to thousands of dead
+# domains would otherwise cost each suspension tens to hundreds of milliseconds. Beyond it the
+# entries that ended (or end) first are left out: those destinations stay suspended in the
+# worker that suspended them, and lose only the sharing (at most one probe per worker).
+MAX_ENTRIES = 500
 
 
 def without_addresses(reply: str) -> str:
@@ -74,8 +80,10 @@ class SharedSuspensions:
     """The workers' shared record of suspended destinations (one object per worker)."""
 
     def __init__(self, path: Path, *, owner: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 max_entries: int = MAX_ENTRIES) -> None:
         self.path = path
+        self.max_entries = max_entries
         self.owner = owner or f"pid-{os.getpid()}"
         self._clock = clock
         self._lock_path = path.with_name(f".{path.name}.lock")
@@ -138,6 +146,11 @@ class SharedSuspensions:
             now = self._clock()
             entries = {k: v for k, v in entries.items()
                        if max(v.until, v.probe_until) > now - FORGET_AFTER}
+            if len(entries) > self.max_entries:
+                latest = sorted(entries, key=lambda k: max(entries[k].until,
+                                                           entries[k].probe_until))
+                for key in latest[:len(entries) - self.max_entries]:
+                    del entries[key]
             data = json.dumps({"version": 1, "destinations": {
                 k: asdict(v) for k, v in sorted(entries.items())}}, sort_keys=True).encode()
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
