@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -699,3 +699,55 @@ def test_the_status_names_the_relay_and_keeps_the_last_check_time() -> None:
     not_checked = reconcile(models.SendingDomain(d.meta, d.spec, checked.status),
                             checked.secret, None, now=NOW + timedelta(hours=2))
     assert not_checked.status["lastCheckTime"] == format_time(NOW + timedelta(hours=1))
+
+
+def _edited(secret: dict[str, Any], annotation: str = dm.ANN_DKIM_STATE,
+            **changes: Any) -> dict[str, Any]:
+    """The Secret with its state annotation edited by hand (None removes a field)."""
+    state = json.loads(secret["metadata"]["annotations"][annotation])
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+    annotations = {**secret["metadata"]["annotations"], annotation: json.dumps(state)}
+    return {**secret, "metadata": {**secret["metadata"], "annotations": annotations}}
+
+
+def test_a_hand_edited_state_is_read_leniently_where_it_can_be_and_refused_where_not() -> None:
+    _d, switched = _switched()
+    secret = switched.secret
+    assert dm.state_from_secret({}) is None
+    assert dm.state_from_secret({"metadata": {"annotations": {"other": "x"}}}) is None
+    # Dates that are gone count as long past; no published flag means published.
+    old = dm.state_from_secret(_edited(secret, phaseSince=None, retireAt=None))
+    assert old is not None and old.phase_since == datetime.fromtimestamp(0, UTC)
+    assert old.retire_at is None and old.published is True
+    undated = _edited(secret, keys={"mp": {"algorithm": "ed25519", "createdAt": ""},
+                                    "mp-20261127": {"algorithm": "ed25519",
+                                                    "createdAt": "not a date"}})
+    state = dm.state_from_secret(undated)
+    assert state is not None
+    assert {k.created_at for k in state.keys.values()} == {datetime.fromtimestamp(0, UTC)}
+    dual = reconcile(domain(dkim={"selector": "mp", "algorithm": "rsa-2048+ed25519"}), None)
+    for flag, published in ((True, True), (False, False), ("yes", False)):
+        second = dm.state_from_secret(
+            _edited(dual.secret, dm.ANN_DKIM_SECOND_STATE, published=flag),
+            dm.ANN_DKIM_SECOND_STATE)
+        assert second is not None and second.published is published, flag
+    # What cannot be used is refused, never replaced (with the way out in the message).
+    unreadable = (
+        _edited(secret, active="gone"), _edited(secret, next="gone"),
+        _edited(secret, phase=None), _edited(secret, keys=None), _edited(secret, keys=[]),
+        _edited(secret, keys={"mp-20261127": {"createdAt": "2026-11-27T12:00:00Z"}}),
+        {**secret, "metadata": {**secret["metadata"], "annotations": {
+            dm.ANN_DKIM_STATE: "[1, 2]"}}},
+        {**secret, "data": {}},
+    )
+    for broken in unreadable:
+        with pytest.raises(dm.DKIMSecretUnreadable) as caught:
+            dm.state_from_secret(broken)
+        assert str(caught.value) == (
+            "Secret mail/example-com-dkim: the annotation mailplane.io/dkim-state or a key it "
+            "names cannot be read; restore the Secret from a backup, or delete it to generate "
+            "new keys (then publish the new DKIM record listed in status.dnsRecords)")
