@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mailplane_operator.reconcile import domain as dm
 from mailplane_operator.reconcile import models
@@ -751,3 +751,18 @@ def test_a_hand_edited_state_is_read_leniently_where_it_can_be_and_refused_where
             "Secret mail/example-com-dkim: the annotation mailplane.io/dkim-state or a key it "
             "names cannot be read; restore the Secret from a backup, or delete it to generate "
             "new keys (then publish the new DKIM record listed in status.dnsRecords)")
+
+
+def test_a_key_of_another_kind_has_no_dkim_record() -> None:
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    with pytest.raises(ValueError, match=r"^a DKIM key must be RSA or Ed25519$"):
+        dm.dkim_txt_value(pem)
+    assert not dm._usable_key(pem, "ed25519")
+
+
+def test_an_empty_txt_value_is_one_empty_string() -> None:
+    """A TXT record holds at least one character-string (RFC 1035 3.3.14)."""
+    assert dm.split_txt("") == ("",)
+    assert dm.split_txt("a" * 510) == ("a" * 255, "a" * 255)
