@@ -361,6 +361,13 @@ def test_the_returned_state_is_what_the_secret_gives_back() -> None:
         steps.append(reconcile(d, steps[-1].secret, serving(steps[-1]), now=now))
     assert [s.state.phase for s in steps] == [
         "Stable", "Stable", "NextKeyPublished", "Switched", "Stable"]
+    # Retired: the old selector is no longer shown as retiring.
+    assert steps[-1].status["dkim"] == {
+        "phase": "Stable", "activeSelector": "mp-20261227", "algorithm": "rsa-2048",
+        "keyCreatedAt": "2026-12-27T12:00:00Z", "phaseSince": "2027-01-04T12:00:00Z",
+        "second": {"phase": "Stable", "activeSelector": "mp-ed25519-20261227",
+                   "algorithm": "ed25519", "keyCreatedAt": "2026-12-27T12:00:00Z",
+                   "phaseSince": "2027-01-04T12:00:00Z", "signing": True}}
     for result in steps:
         assert dm.state_from_secret(result.secret) == result.state
         assert dm.state_from_secret(result.secret, dm.ANN_DKIM_SECOND_STATE) == result.second
@@ -766,3 +773,8 @@ def test_an_empty_txt_value_is_one_empty_string() -> None:
     """A TXT record holds at least one character-string (RFC 1035 3.3.14)."""
     assert dm.split_txt("") == ("",)
     assert dm.split_txt("a" * 510) == ("a" * 255, "a" * 255)
+
+
+def test_without_its_relay_a_domain_gets_the_default_grace_period() -> None:
+    assert dm.grace_period(None) == 72 * 3600
+    assert dm.grace_period(relay(tenancy={"dnsGracePeriod": "1h"})) == 3600
