@@ -71,6 +71,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .config import RelayConfig
 from .control import ControlError, call_worker
+from .files import replace_durably, sync_dir
 from .rotation import PushRefused
 from .spool import (
     HANDOFF_LEDGER,
@@ -232,13 +233,8 @@ class HandoffLedger:
         return now
 
     def _sync_dir(self) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            sync_dir(self.path.parent)
 
 
 def first_peer(queue_id: str, peers: int) -> int:
@@ -270,15 +266,8 @@ def read_order(path: Path) -> list[str] | None:
 
 def write_order(path: Path, peers: list[str], *, fsync: bool = True) -> None:
     """Keep a drain order durably (blocking): the peers only, never the token."""
-    tmp = path.with_name(f"{ORDER_NAME}.{os.getpid()}.new")
-    with tmp.open("wb") as out:
-        out.write(json.dumps({"peers": peers, "since": round(time.time())}).encode())
-        out.flush()
-        if fsync:
-            os.fsync(out.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _sync_dir(path.parent)
+    order = {"peers": peers, "since": round(time.time())}
+    replace_durably(path, json.dumps(order).encode(), fsync=fsync)
 
 
 def remove_order(path: Path, *, fsync: bool = True) -> None:
@@ -287,15 +276,7 @@ def remove_order(path: Path, *, fsync: bool = True) -> None:
     except FileNotFoundError:
         return
     if fsync:
-        _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_dir(path.parent)
 
 
 def handoff_order(queue_id: str, recorded: list[str], current: list[str]) -> list[str]:

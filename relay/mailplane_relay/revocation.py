@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from .config import Credential, RelayConfig
+from .files import replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,8 @@ class Revocations:
                       type(exc).__name__)
 
     def _save(self) -> None:
-        tmp = self._path.with_suffix(".tmp")
-        # Readable by the relay's user only, like the spool's files, whatever the umask.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "w") as f:
-            os.fchmod(fd, 0o600)  # a .tmp left by a crash keeps its old mode otherwise
-            f.write(json.dumps({k: sorted(v) for k, v in sorted(self._entries.items())}))
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, self._path)
+        doc = {k: sorted(v) for k, v in sorted(self._entries.items())}
+        replace_durably(self._path, json.dumps(doc).encode())
 
     def __len__(self) -> int:
         return len(self._entries)

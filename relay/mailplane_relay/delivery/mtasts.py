@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import re
 import ssl
 import time
@@ -36,6 +35,7 @@ from typing import Literal
 import aiohttp
 
 from ..config import MTASTSSettings
+from ..files import replace_durably
 from ..mx import DNSFailure, MXResolver, ascii_domain
 
 log = logging.getLogger(__name__)
@@ -464,17 +464,6 @@ class MTASTS:
         live = sorted((p for p in merged.values() if p.expires_at > now),
                       key=lambda p: p.expires_at, reverse=True)[:MAX_CACHED]
         data = {"version": 1, "policies": {p.domain: p.to_json() for p in live}}
-        _write_atomically(self.cache_file, json.dumps(data, sort_keys=True).encode())
+        replace_durably(self.cache_file, json.dumps(data, sort_keys=True).encode())
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
