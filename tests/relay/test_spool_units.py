@@ -1329,3 +1329,102 @@ def test_count_messages(tmp_path: Path) -> None:
     (tmp_path / f"{new_queue_id()}.state").write_text("x")
     assert count_messages(tmp_path) == 2
     assert count_messages(str(tmp_path)) == 2
+
+
+# ------------------------------------------------------------------ group state updates
+
+
+async def test_a_group_state_update_syncs_each_file_renames_them_and_syncs_the_directory_once(
+        spool: Spool, journal: Journal) -> None:
+    msgs = [await commit(spool) for _ in range(3)]
+    before = spool.file_fsyncs
+    journal.calls.clear()
+    for n, m in enumerate(msgs):
+        m.attempts = n + 4
+    await spool.save_states(msgs)
+    ops = journal.ops()
+    assert ops == ["fdatasync"] * 3 + ["rename"] * 3 + ["fsync"]
+    synced = [path for op, path in journal.calls if op == "fdatasync"]
+    renamed = [path.split(" -> ") for op, path in journal.calls if op == "rename"]
+    assert [src for src, _ in renamed] == synced  # every file synced is the one renamed
+    assert [dst for _, dst in renamed] == [str(spool.directory / f"{m.queue_id}.state")
+                                           for m in msgs]
+    assert journal.calls[-1] == ("fsync", str(spool.directory))
+    assert spool.file_fsyncs == before + 3
+    for n, m in enumerate(msgs):
+        state = spool.directory / f"{m.queue_id}.state"
+        assert QueuedMessage.from_json(state.read_bytes()).attempts == n + 4
+    assert sorted(names(spool.directory)) == sorted(
+        f"{m.queue_id}{ext}" for m in msgs for ext in (".msg", ".state"))
+    del msgs, m
+    gc.collect()
+    reread = [spool.load(qid) for qid in spool.queue_ids()]
+    assert sorted(r.attempts for r in reread if r is not None) == [4, 5, 6]
+
+
+async def test_a_group_state_update_without_fsync_only_renames(
+        tmp_path: Path, journal: Journal) -> None:
+    s = make(tmp_path, fsync=False)
+    await s.start()
+    try:
+        msgs = [await commit(s) for _ in range(2)]
+        journal.calls.clear()
+        await s.save_states(msgs)
+        assert journal.ops() == ["rename", "rename"]
+    finally:
+        await s.close()
+
+
+async def test_a_group_state_update_skips_removed_messages(spool: Spool) -> None:
+    kept, gone = await commit(spool), await commit(spool)
+    await spool.remove(gone.queue_id)
+    kept.attempts = gone.attempts = 9
+    await spool.save_states([kept, gone])
+    assert names(spool.directory) == sorted([f"{kept.queue_id}.msg", f"{kept.queue_id}.state"])
+    await spool.save_states([gone])  # nothing live: nothing written
+    assert names(spool.directory) == sorted([f"{kept.queue_id}.msg", f"{kept.queue_id}.state"])
+
+
+async def test_a_failed_group_state_update_leaves_no_file_and_keeps_the_envelopes(
+        spool: Spool, journal: Journal) -> None:
+    msgs = [await commit(spool) for _ in range(3)]
+    qids = [m.queue_id for m in msgs]
+    for m in msgs:
+        m.attempts = 7
+    second = f"{qids[1]}.state"
+    journal.fail = lambda op, path: op == "rename" and path.endswith(second)
+    with pytest.raises(SpoolError, match="spool state update of 3 message"):
+        await spool.save_states(msgs)
+    # the first state may stand (it is whole); no temporary file of any of them is left
+    left = names(spool.directory)
+    assert all(n.endswith((".msg", ".state")) and "-" not in n for n in left), left
+    assert f"{qids[1]}.state" not in left and f"{qids[2]}.state" not in left
+    del msgs, m
+    gc.collect()
+    for qid in qids:
+        pinned = spool.load(qid)
+        assert pinned is not None and pinned.attempts == 7
+    journal.fail = lambda op, path: False
+
+
+async def test_a_failed_sync_in_a_group_state_update_renames_nothing(
+        spool: Spool, journal: Journal) -> None:
+    msgs = [await commit(spool) for _ in range(2)]
+    journal.calls.clear()
+    journal.fail = lambda op, path: op == "fdatasync"
+    with pytest.raises(SpoolError):
+        await spool.save_states(msgs)
+    assert "rename" not in journal.ops()
+    assert names(spool.directory) == sorted(f"{m.queue_id}.msg" for m in msgs)
+
+
+async def test_an_older_group_state_write_finishing_last_is_dropped(spool: Spool) -> None:
+    msg = await commit(spool)
+    qid = msg.queue_id
+    msg.attempts = 2
+    spool._write_states([(qid, msg.to_json(), 7)], False)
+    msg.attempts = 1
+    spool._write_states([(qid, msg.to_json(), 3)], False)  # taken earlier, done later
+    state = spool.directory / f"{qid}.state"
+    assert QueuedMessage.from_json(state.read_bytes()).attempts == 2
+    assert names(spool.directory) == [f"{qid}.msg", f"{qid}.state"]
