@@ -438,13 +438,23 @@ def test_an_envelope_round_trips_and_leaves_defaults_out() -> None:
 
 
 @pytest.mark.parametrize("raw, problem", [
-    (b"[]", "envelope is not an object"),
+    (b"[]", "^envelope is not an object$"),
     (json.dumps({"recipients": [{"address": "a@x", "status": "lost"}]}).encode(),
-     "unknown recipient status 'lost'"),
+     "^unknown recipient status 'lost'$"),
 ])
 def test_an_envelope_that_is_not_one_is_refused(raw: bytes, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         QueuedMessage.from_json(raw)
+
+
+def test_values_many_envelopes_share_are_kept_once_in_memory() -> None:
+    # A large queue holds many envelopes of the same sender, domain and listener: each of
+    # these values is one string object, not one per envelope.
+    raw = envelope_of().to_json()
+    first, second = QueuedMessage.from_json(raw), QueuedMessage.from_json(raw)
+    for name in ("sender_domain", "listener", "credential", "mail_from"):
+        assert isinstance(getattr(first, name), str), name
+        assert getattr(first, name) is getattr(second, name), name
 
 
 def test_what_a_recipient_wants_reported() -> None:
@@ -859,6 +869,18 @@ async def test_read_of_a_missing_or_foreign_file_is_a_spool_error(spool: Spool) 
     (spool.directory / f"{msg.queue_id}.msg").write_bytes(b"From: x\r\n")
     with pytest.raises(SpoolError, match="not a spool file"):
         spool.read(msg.queue_id)
+
+
+async def test_read_reads_on_to_the_end_after_a_short_read(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file system may return fewer bytes than asked (a network file system, a signal):
+    # the data is read on to its end, never cut.
+    data = DATA + b"x" * 300 + b"\r\n"
+    msg = await commit(spool, data)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))
+    assert spool.read(msg.queue_id) == data
+    monkeypatch.undo()
 
 
 # ------------------------------------------------------------------ state updates
