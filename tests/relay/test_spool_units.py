@@ -1160,6 +1160,25 @@ async def test_erasure_finds_a_non_ascii_address_and_one_named_only_in_a_state(
     assert b"alias@example.org" not in tree_bytes(spool.directory).lower()
 
 
+async def test_erasure_finds_an_escaped_address_that_casefolds_to_the_ascii_one(
+        spool: Spool) -> None:
+    # The Kelvin sign casefolds to "k": an envelope naming it is stored escaped (\\u212a), so
+    # the quick byte search cannot see it; the escape sends the envelope to the full parse.
+    kelvin = "\u212a@example.net"
+    in_file = await commit(spool, rcpts=(kelvin, "keep@example.org"))
+    in_state = await commit(spool, rcpts=("keep@example.org", "other@example.org"))
+    in_state.recipients[1].address = kelvin
+    await spool.save_state(in_state)
+    ids = (in_file.queue_id, in_state.queue_id)
+    del in_file, in_state
+    gc.collect()
+    report = await spool.erase_address("k@example.net")
+    assert report.recipients_removed == 2 and report.messages_deleted == 0
+    for qid in ids:
+        got = spool.load(qid)
+        assert got is not None and [r.address for r in got.recipients] == ["keep@example.org"]
+
+
 async def test_erasure_of_an_envid_alone_rewrites_the_message(spool: Spool) -> None:
     msg = await commit(spool, rcpts=("keep@example.org",), extra={"envid": "ref gone@x.org"})
     report = await spool.erase_address("GONE@x.org")
@@ -1301,6 +1320,21 @@ def test_adopt_moves_messages_states_and_quarantine_and_removes_the_source(
     assert renames.index(f"{src}/{a.queue_id}.msg -> {dst}/{a.queue_id}.msg") < renames.index(
         f"{src}/{a.queue_id}.state -> {dst}/{a.queue_id}.state")
     assert f"adopted 2 message(s) from {src} into {dst}" in caplog.text
+
+
+def test_adopt_appends_the_hand_off_ledger_durably_and_removes_the_sources(
+        tmp_path: Path, journal: Journal) -> None:
+    # The hand-offs the source took are the target's now: a message handed over again is
+    # still recognised. Appended after a line break (the target's last line may be cut).
+    src, dst = tmp_path / "w1", tmp_path / "w0"
+    src.mkdir()
+    dst.mkdir()
+    (src / "handoffs.log").write_bytes(b"id1 a\nid2 b")
+    (dst / "handoffs.log").write_bytes(b"id0 c")
+    assert adopt(src, dst, fsync=True) == 0
+    assert (dst / "handoffs.log").read_bytes() == b"id0 c\nid1 a\nid2 b"
+    assert not src.exists()
+    assert ("fsync", f"{dst}/handoffs.log") in journal.calls
 
 
 def test_adopt_keeps_a_copy_adopted_before(
