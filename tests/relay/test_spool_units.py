@@ -607,6 +607,22 @@ async def test_an_unreadable_message_file_is_set_aside_with_its_state_file(
         await s.close()
 
 
+async def test_quarantine_moves_each_file_and_names_it_and_where_it_went(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first, second = new_queue_id(), new_queue_id()
+    for qid in (first, second):
+        (tmp_path / f"{qid}.msg").write_bytes(b"GIF89a" + bytes(range(1, 40)))
+    s = make(tmp_path)
+    try:
+        assert await s.start() == []
+    finally:
+        await s.close()
+    assert names(tmp_path / "corrupt") == sorted([f"{first}.msg", f"{second}.msg"])
+    for qid in (first, second):
+        assert (f"spool: {qid}.msg is not a valid message file (ValueError); moved to corrupt/"
+                in caplog.messages)
+
+
 async def test_a_message_file_cut_during_its_zero_fill_is_deleted(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     qid = new_queue_id()
