@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -1500,3 +1501,34 @@ async def test_an_older_group_state_write_finishing_last_is_dropped(spool: Spool
     state = spool.directory / f"{qid}.state"
     assert QueuedMessage.from_json(state.read_bytes()).attempts == 2
     assert names(spool.directory) == [f"{qid}.msg", f"{qid}.state"]
+
+
+# ------------------------------------------------------------------ close
+
+
+async def test_close_waits_for_a_commit_in_flight_ends_its_threads_and_may_be_called_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = make(tmp_path)
+    await s.start()
+    first = await commit(s)  # the spool's threads are running now
+    threads = list(s._executor._threads) if s._executor is not None else []
+    assert threads
+    release = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        release.wait(30)  # the next commit's sync holds until the test lets it go
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    pending = asyncio.ensure_future(commit(s))
+    closing = asyncio.ensure_future(s.close())
+    await asyncio.sleep(0.2)
+    assert not pending.done() and not closing.done()  # close waits for the commit in flight
+    release.set()
+    await closing
+    second = await pending  # it ended durably before close returned
+    assert sorted(names(s.directory)) == sorted([f"{first.queue_id}.msg",
+                                                f"{second.queue_id}.msg"])
+    assert not [t for t in threads if t.is_alive()]  # close waited for its threads
+    await s.close()  # a second close finds nothing left to close
