@@ -1532,3 +1532,15 @@ async def test_close_waits_for_a_commit_in_flight_ends_its_threads_and_may_be_ca
                                                 f"{second.queue_id}.msg"])
     assert not [t for t in threads if t.is_alive()]  # close waited for its threads
     await s.close()  # a second close finds nothing left to close
+
+
+def test_a_queue_ids_random_bits_never_reach_its_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    class AllOnes(random.Random):
+        def getrandbits(self, k: int) -> int:
+            return (1 << k) - 1
+
+    ms = 1_800_000_000_000  # an even millisecond: a random bit spilling into it would show
+    monkeypatch.setattr(time, "time_ns", lambda: ms * 1_000_000 + 999_999)
+    n = queue_id_number(new_queue_id(AllOnes()))
+    assert n >> 50 == ms
+    assert n & ((1 << 50) - 1) == (1 << 50) - 1
