@@ -101,6 +101,11 @@ def build_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     # Our own Events say what happened; kopf's "Handler succeeded" would drown them.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "mailplane-operator"
+    # A deleted object keeps its finalizer until its timers (the credential's rotation check)
+    # have stopped. kopf asks a timer that is mid-run to stop and looks again only after
+    # cancellation_polling, 60 s by default: a credential deleted while its rotation check ran
+    # held its finalizer, and its namespace's deletion, a minute after the relay had refused it.
+    settings.background.cancellation_polling = 1.0
     if config.fast:
         settings.batching.batch_window = 0.01
         settings.batching.idle_timeout = 1.0

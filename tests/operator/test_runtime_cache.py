@@ -13,7 +13,7 @@ import yaml
 from mailplane_operator import kube as k
 from mailplane_operator.dnscheck import DnsChecker
 from mailplane_operator.metrics import OperatorMetrics
-from mailplane_operator.runtime import BoundedCache, OperatorConfig, Runtime
+from mailplane_operator.runtime import BoundedCache, OperatorConfig, Runtime, build_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -57,3 +57,12 @@ def test_the_cli_refuses_a_cache_too_small_to_be_useful(tmp_path: pathlib.Path) 
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "--cache-size must be at least 100" in done.stderr
+
+
+def test_a_deleted_objects_timers_are_looked_at_again_within_a_second() -> None:
+    # kopf releases a deleted object's finalizer only once its timers have stopped, and looks
+    # again after cancellation_polling (60 s by default): a credential deleted while its
+    # rotation check ran held its finalizer a minute after the relay had refused it.
+    credentials = k.Credentials(kopf.ConnectionInfo(server="http://127.0.0.1:1"))
+    settings = build_settings(OperatorConfig(credentials=credentials))
+    assert settings.background.cancellation_polling <= 1.0
